@@ -1,0 +1,332 @@
+"""YAML configuration -> frozen dataclasses.
+
+Every key is checked: an unknown key or a bad value raises ConfigError with the dotted path of
+the key (`servers[1].slo.ttft_s: must be > 0, got -1`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+DEFAULT_METRICS_PORT = 9863
+"""Next to dcgm-exporter's 9400 family but not on it; unassigned in Prometheus's port list."""
+
+MODES = ("efficiency", "target", "budget", "off")
+SERVER_KINDS = (
+    "auto",
+    "vllm",
+    "sglang",
+    "tgi",
+    "llamacpp",
+    "triton",
+    "nim",
+    "lmdeploy",
+    "generic",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class SloConfig:
+    ttft_s: float = 2.0
+    """Limit on the TTFT quantile."""
+    itl_s: float = 0.1
+    """Limit on the inter-token latency quantile."""
+    quantile: float = 0.95
+    max_waiting: float = 32.0
+    """Queue guard: more waiting requests than this raise clocks at once."""
+
+    def validate(self, path: str) -> None:
+        _positive(f"{path}.ttft_s", self.ttft_s)
+        _positive(f"{path}.itl_s", self.itl_s)
+        if not 0.5 <= self.quantile < 1.0:
+            raise ConfigError(f"{path}.quantile: must be in [0.5, 1), got {self.quantile}")
+        if self.max_waiting < 0:
+            raise ConfigError(f"{path}.max_waiting: must be >= 0, got {self.max_waiting}")
+
+
+@dataclass(frozen=True, slots=True)
+class GenericMetricsConfig:
+    """Metric names for `kind: generic`. Counters are rated; gauges are read as they are."""
+
+    generation_tokens: str
+    generation_tokens_type: Literal["counter", "gauge"] = "counter"
+    """`gauge` means the metric already is a tokens-per-second rate."""
+    prompt_tokens: str | None = None
+    running: str | None = None
+    waiting: str | None = None
+    ttft_histogram: str | None = None
+    itl_histogram: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    """Only series carrying all of these label values are read."""
+    realtime: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    name: str
+    url: str
+    kind: str = "auto"
+    gpus: tuple[int | str, ...] | None = None
+    """GPU indices or UUIDs; None discovers them from the server's processes."""
+    slo: SloConfig = field(default_factory=SloConfig)
+    timeout_s: float = 0.5
+    generic: GenericMetricsConfig | None = None
+
+    def validate(self, path: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{path}.name: must not be empty")
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}.url: must start with http:// or https://, got {self.url!r}")
+        if self.kind not in SERVER_KINDS:
+            raise ConfigError(f"{path}.kind: must be one of {', '.join(SERVER_KINDS)}")
+        if self.kind == "generic" and self.generic is None:
+            raise ConfigError(f"{path}.generic: required when kind is generic")
+        _positive(f"{path}.timeout_s", self.timeout_s)
+        self.slo.validate(f"{path}.slo")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """Tuning of the controller. The defaults are meant to work without change."""
+
+    min_clock_mhz: int | None = None
+    """Never lock below this clock (None: the controller's own floor, a share of f_max)."""
+    max_step_down_mhz: int = 45
+    """Slew limit when lowering the clock, per tick."""
+    dither_mhz: int = 15
+    """Amplitude of the small regular probe that keeps the clock model identifiable."""
+    slo_margin: float = 0.85
+    """Aim for latencies below this share of the SLO."""
+    power_limit: Literal["default", "track"] = "default"
+    """`track` also lowers the power limit towards the group's drawn power."""
+
+    def validate(self, path: str) -> None:
+        if self.min_clock_mhz is not None:
+            _positive(f"{path}.min_clock_mhz", self.min_clock_mhz)
+        _positive(f"{path}.max_step_down_mhz", self.max_step_down_mhz)
+        if self.dither_mhz < 0:
+            raise ConfigError(f"{path}.dither_mhz: must be >= 0, got {self.dither_mhz}")
+        if not 0.1 <= self.slo_margin <= 1.0:
+            raise ConfigError(f"{path}.slo_margin: must be in [0.1, 1], got {self.slo_margin}")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    listen_address: str = "127.0.0.1"
+    port: int = DEFAULT_METRICS_PORT
+    web_config_file: str | None = None
+    """Prometheus exporter-toolkit web-config file (TLS, basic auth)."""
+
+    def validate(self, path: str) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{path}.port: must be in [0, 65535], got {self.port}")
+
+
+@dataclass(frozen=True, slots=True)
+class GridConfig:
+    """Electricity price and carbon intensity, for the cost and carbon of a token."""
+
+    price_per_kwh: float | None = None
+    """Flat price, in the currency of `currency`."""
+    price_schedule_per_kwh: tuple[float, ...] | None = None
+    """24 hourly prices in local time (a time-of-use tariff); overrides price_per_kwh."""
+    carbon_g_per_kwh: float | None = None
+    carbon_schedule_g_per_kwh: tuple[float, ...] | None = None
+    """24 hourly carbon intensities in local time; overrides carbon_g_per_kwh."""
+    currency: str = "USD"
+    pue: float = 1.0
+    """Facility power usage effectiveness applied to GPU energy."""
+
+    def validate(self, path: str) -> None:
+        for key in ("price_schedule_per_kwh", "carbon_schedule_g_per_kwh"):
+            schedule = getattr(self, key)
+            if schedule is not None and len(schedule) != 24:
+                raise ConfigError(f"{path}.{key}: needs 24 hourly values, got {len(schedule)}")
+        if self.pue < 1.0:
+            raise ConfigError(f"{path}.pue: must be >= 1, got {self.pue}")
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    """The simulated node used by `gpu_backend: sim` and `powerd demo`."""
+
+    gpu_model: str = "h100-sxm"
+    gpu_profile_file: str | None = None
+    gpus: int = 4
+    model: str = "llama-3.1-8b"
+    tp: int = 2
+    """GPUs per simulated server."""
+    server_kind: str = "vllm"
+    trace: str | None = None
+    """Path of an Azure-format trace; None uses the built-in diurnal pattern."""
+    time_compression: float = 1.0
+    peak_load: float = 0.7
+    state_file: str | None = None
+    """Device state shared with later processes (powerd restore), as on real hardware."""
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        _positive(f"{path}.gpus", self.gpus)
+        _positive(f"{path}.tp", self.tp)
+        if self.gpus % self.tp:
+            raise ConfigError(f"{path}.tp: must divide gpus ({self.gpus}), got {self.tp}")
+        _positive(f"{path}.time_compression", self.time_compression)
+        _positive(f"{path}.peak_load", self.peak_load)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    servers: tuple[ServerConfig, ...] = ()
+    interval_s: float = 1.0
+    mode: str = "efficiency"
+    target_tokens_per_joule: float | None = None
+    node_power_budget_w: float | None = None
+    stale_after_s: float = 10.0
+    dry_run: bool = False
+    state_dir: str = "/var/lib/powerd"
+    gpu_backend: Literal["nvml", "sim"] = "nvml"
+    control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+
+    def validate(self) -> None:
+        _positive("interval_s", self.interval_s)
+        _positive("stale_after_s", self.stale_after_s)
+        if self.mode not in MODES:
+            raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "target" and self.target_tokens_per_joule is None:
+            raise ConfigError("target_tokens_per_joule: required when mode is target")
+        if self.target_tokens_per_joule is not None:
+            _positive("target_tokens_per_joule", self.target_tokens_per_joule)
+        if self.mode == "budget" and self.node_power_budget_w is None:
+            raise ConfigError("node_power_budget_w: required when mode is budget")
+        if self.node_power_budget_w is not None:
+            _positive("node_power_budget_w", self.node_power_budget_w)
+        names = [server.name for server in self.servers]
+        for i, server in enumerate(self.servers):
+            server.validate(f"servers[{i}]")
+            if names.count(server.name) > 1:
+                raise ConfigError(f"servers[{i}].name: {server.name!r} is used twice")
+        self.control.validate("control")
+        self.metrics.validate("metrics")
+        self.grid.validate("grid")
+        self.sim.validate("sim")
+
+
+def _positive(path: str, value: float) -> None:
+    if not value > 0 or math.isinf(value):
+        raise ConfigError(f"{path}: must be a positive number, got {value}")
+
+
+def parse_config(data: object) -> Config:
+    """Build and validate a Config from parsed YAML (a mapping, or None for all defaults)."""
+    if data is None:
+        data = {}
+    config = _build(Config, data, "")
+    config.validate()
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a YAML config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data)
+
+
+def _build(cls: type, data: object, path: str) -> Any:
+    where = path or "the top level"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{key_path}: unknown key (known keys: {known})")
+        kwargs[key] = _convert(hints[key], value, key_path)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        prefix = f"{path}." if path else ""
+        raise ConfigError(f"{prefix}{missing[0]}: required")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: object, path: str) -> Any:
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: bad value {value!r}")
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        item_hint = get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(item_hint, item, f"{path}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return {str(k): str(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)  # type: ignore[arg-type]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if math.isnan(value):
+            raise ConfigError(f"{path}: expected a number, got NaN")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported value {value!r}")

@@ -1,0 +1,45 @@
+"""The GpuBackend protocol: everything the daemon asks of the GPUs.
+
+Reads may return None for a value the device does not report; writes raise a GpuError.
+Setters clamp to the device's constraints and verify by reading back.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from powerd.model import GpuInfo, GpuReading
+
+
+class GpuBackend(Protocol):
+    def devices(self) -> list[GpuInfo]:
+        """Every GPU the backend can see, in index order."""
+        ...
+
+    def read(self, uuid: str) -> GpuReading:
+        """One telemetry reading. Raises GpuLost when the device is gone."""
+        ...
+
+    def set_locked_clocks(self, uuid: str, min_mhz: int, max_mhz: int) -> tuple[int, int]:
+        """Lock the SM clock into [min_mhz, max_mhz] after clamping; returns the applied range."""
+        ...
+
+    def reset_locked_clocks(self, uuid: str) -> None:
+        """Unlock the SM clocks (the driver default)."""
+        ...
+
+    def set_power_limit(self, uuid: str, power_limit_mw: int) -> int:
+        """Set the power limit after clamping to the constraints; returns the limit read back."""
+        ...
+
+    def reset_power_limit(self, uuid: str) -> None:
+        """Set the power limit back to the device's default limit."""
+        ...
+
+    def compute_pids(self, uuid: str) -> list[int]:
+        """PIDs of processes with a compute context on the GPU (empty if unknown)."""
+        ...
+
+    def close(self) -> None:
+        """Release NVML. Does not change any setting."""
+        ...

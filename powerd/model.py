@@ -1,0 +1,212 @@
+"""Frozen value types passed between layers.
+
+Every quantity carries its unit in its name. Values that a sensor or a server could not give
+are None, never a made-up zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Clock event reason bits (nvmlClocksEventReason*), as NVML defines them.
+REASON_GPU_IDLE = 0x1
+REASON_APPLICATIONS_CLOCKS = 0x2
+REASON_SW_POWER_CAP = 0x4
+REASON_HW_SLOWDOWN = 0x8
+REASON_SYNC_BOOST = 0x10
+REASON_SW_THERMAL = 0x20
+REASON_HW_THERMAL = 0x40
+REASON_HW_POWER_BRAKE = 0x80
+REASON_DISPLAY_CLOCK = 0x100
+
+CLOCK_EVENT_REASON_NAMES: dict[int, str] = {
+    REASON_GPU_IDLE: "gpu_idle",
+    REASON_APPLICATIONS_CLOCKS: "applications_clocks_setting",
+    REASON_SW_POWER_CAP: "sw_power_cap",
+    REASON_HW_SLOWDOWN: "hw_slowdown",
+    REASON_SYNC_BOOST: "sync_boost",
+    REASON_SW_THERMAL: "sw_thermal_slowdown",
+    REASON_HW_THERMAL: "hw_thermal_slowdown",
+    REASON_HW_POWER_BRAKE: "hw_power_brake_slowdown",
+    REASON_DISPLAY_CLOCK: "display_clock_setting",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GpuInfo:
+    """Identity and constraints of one GPU, read once at start-up."""
+
+    index: int
+    uuid: str
+    name: str
+    power_limit_min_mw: int
+    power_limit_max_mw: int
+    power_limit_default_mw: int
+    sm_clock_min_mhz: int
+    sm_clock_max_mhz: int
+    supported_sm_clocks_mhz: tuple[int, ...]
+    """Ascending; the values SetGpuLockedClocks accepts exactly."""
+
+    def clamp_clock_mhz(self, clock_mhz: float) -> int:
+        """The highest supported clock at or below clock_mhz (the lowest supported if none)."""
+        best = self.supported_sm_clocks_mhz[0]
+        for supported in self.supported_sm_clocks_mhz:
+            if supported <= clock_mhz:
+                best = supported
+            else:
+                break
+        return best
+
+    def clamp_power_limit_mw(self, power_limit_mw: float) -> int:
+        return int(min(max(power_limit_mw, self.power_limit_min_mw), self.power_limit_max_mw))
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One tick's telemetry of one GPU. Any field the device could not report is None."""
+
+    uuid: str
+    index: int
+    timestamp_s: float
+    power_mw: int | None
+    """nvmlDeviceGetPowerUsage: a 1-s average on Hopper/Ada, instantaneous on A100."""
+    energy_mj: int | None
+    """Total energy counter since driver load."""
+    sm_clock_mhz: int | None
+    power_limit_mw: int | None
+    """Requested (in-band) power limit."""
+    enforced_power_limit_mw: int | None
+    """The limit actually applied, out-of-band limiters included."""
+    clock_event_reasons: int | None
+    temperature_c: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSample:
+    """One scrape of one inference server, turned into rates over the last scrape interval.
+
+    Rates are None on the first scrape and after a reset, until two comparable scrapes exist.
+    """
+
+    server: str
+    kind: str
+    model_name: str
+    up: bool
+    timestamp_s: float
+    scrape_duration_s: float
+    realtime: bool
+    """True when token counters move every iteration; False when they move at request end."""
+    generation_tokens_per_s: float | None = None
+    prompt_tokens_per_s: float | None = None
+    running: float | None = None
+    waiting: float | None = None
+    ttft_p95_s: float | None = None
+    itl_p95_s: float | None = None
+    ttft_mean_s: float | None = None
+    itl_mean_s: float | None = None
+    finished_requests: float | None = None
+    """Requests finished over the window, where the server counts them."""
+    generation_tokens_total: float | None = None
+    """The server's own cumulative generated-token count, where it has one."""
+    error: str | None = None
+    """Why the source is down, one sentence; None when up."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupObservation:
+    """What the controller sees of one GPU group (the GPUs one server spans) over one tick."""
+
+    group: str
+    interval_s: float
+    gpu_count: int
+    energy_j: float | None
+    """Energy of all the group's GPUs over the interval, from the energy counters."""
+    power_w: float | None
+    generation_tokens_per_s: float | None
+    prompt_tokens_per_s: float | None
+    running: float | None
+    waiting: float | None
+    ttft_p95_s: float | None
+    itl_p95_s: float | None
+    sm_clock_mhz: float | None
+    """Mean actual SM clock across the group's GPUs."""
+    clock_event_reasons: int
+    stale: bool
+    """True when the server's signals are missing or older than the configured stale time."""
+    realtime: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GroupDecision:
+    """The controller's setting for one group; applied to every GPU of the group."""
+
+    group: str
+    sm_clock_max_mhz: int
+    """Upper end of the locked SM clock range; the device maximum means 'unlocked'."""
+    power_limit_mw: int | None
+    """Per-GPU power limit; None leaves the default limit."""
+    mode: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    """Per-group figures the exporter publishes."""
+
+    group: str
+    server: str
+    model_name: str
+    gpu_uuids: tuple[str, ...]
+    mode: str
+    sm_clock_max_mhz: int
+    power_limit_mw: int | None
+    tokens_per_joule: float | None
+    energy_per_token_j: float | None
+    generation_tokens_per_s: float | None
+    power_w: float | None
+    ttft_p95_s: float | None
+    itl_p95_s: float | None
+    ttft_slo_s: float
+    itl_slo_s: float
+    slo_met: bool | None
+    slo_attainment: float | None
+    """Fraction of recent ticks whose latency quantiles met the SLO."""
+    target_tokens_per_joule: float | None = None
+    target_reached: bool | None = None
+    observe_only: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GpuStatus:
+    """Per-GPU figures the exporter publishes: the reading plus what powerd set."""
+
+    reading: GpuReading
+    info: GpuInfo
+    configured_power_limit_mw: int | None
+    """The limit powerd asked for (None when it has not set one)."""
+    sm_clock_lock_max_mhz: int | None
+    """Upper end of the locked range powerd set (None when unlocked)."""
+    observe_only: bool
+    observe_only_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything the exporter renders, published once per tick. The exporter reads only this."""
+
+    timestamp_s: float
+    gpus: tuple[GpuStatus, ...] = ()
+    servers: tuple[ServerSample, ...] = ()
+    groups: tuple[GroupStatus, ...] = ()
+    nvml_errors: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Cumulative NVML errors keyed by (operation, kind)."""
+    restores_total: int = 0
+    restore_failures_total: int = 0
+    ticks_total: int = 0
+    loop_duration_s: float | None = None
+    """Duration of the tick that produced this snapshot; the exporter feeds its histogram."""
+    mode: str = "efficiency"
+    dry_run: bool = False
+    grid_price_per_kwh: float | None = None
+    grid_carbon_g_per_kwh: float | None = None
