@@ -166,7 +166,8 @@ class SimConfig:
     gpu_model: str = "h100-sxm"
     gpu_profile_file: str | None = None
     gpus: int = 4
-    model: str = "llama-3.1-8b"
+    model: str | None = None
+    """Model profile name; None picks the 8B model for TP=1 and the 70B model otherwise."""
     tp: int = 2
     """GPUs per simulated server."""
     server_kind: str = "vllm"
@@ -216,11 +217,12 @@ class Config:
             raise ConfigError("node_power_budget_w: required when mode is budget")
         if self.node_power_budget_w is not None:
             _positive("node_power_budget_w", self.node_power_budget_w)
-        names = [server.name for server in self.servers]
+        seen: set[str] = set()
         for i, server in enumerate(self.servers):
             server.validate(f"servers[{i}]")
-            if names.count(server.name) > 1:
+            if server.name in seen:
                 raise ConfigError(f"servers[{i}].name: {server.name!r} is used twice")
+            seen.add(server.name)
         self.control.validate("control")
         self.metrics.validate("metrics")
         self.grid.validate("grid")

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from powerd.config import Config, ConfigError, load_config, parse_config
+from tests.conftest import REPO_ROOT
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(REPO_ROOT / "config" / "powerd.yaml")
+    assert [server.name for server in config.servers] == ["llama-70b", "llama-8b"]
+    assert config.servers[0].gpus == (0, 1, 2, 3)
+    assert config.metrics.port == 9863
+
+
+def test_empty_document_gives_defaults() -> None:
+    assert parse_config(None) == Config()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"control": {"dither": 1}}, "control.dither: unknown key"),
+        ({"interval_s": "fast"}, "interval_s: expected a number"),
+        ({"interval_s": 0}, "interval_s: must be a positive number"),
+        ({"mode": "turbo"}, "mode: must be one of"),
+        ({"mode": "target"}, "target_tokens_per_joule: required"),
+        ({"mode": "budget"}, "node_power_budget_w: required"),
+        ({"dry_run": "yes"}, "dry_run: expected true or false"),
+        ({"gpu_backend": "cuda"}, "gpu_backend: must be one of nvml, sim"),
+        ({"servers": [{"url": "http://x/metrics"}]}, "servers[0].name: required"),
+        ({"servers": [{"name": "a", "url": "ftp://x"}]}, "servers[0].url: must start with"),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "slo": {"ttft_s": -1}}]},
+            "servers[0].slo.ttft_s: must be a positive number",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "slo": {"quantile": 1.5}}]},
+            "servers[0].slo.quantile",
+        ),
+        ({"servers": [{"name": "a", "url": "http://x", "kind": "x"}]}, "servers[0].kind"),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "kind": "generic"}]},
+            "servers[0].generic: required",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "gpus": [0.5]}]},
+            "servers[0].gpus[0]",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]},
+            "servers[1].name: 'a' is used twice",
+        ),
+        ({"metrics": {"port": 70000}}, "metrics.port"),
+        ({"grid": {"price_schedule_per_kwh": [0.1] * 23}}, "grid.price_schedule_per_kwh"),
+        ({"sim": {"gpus": 4, "tp": 3}}, "sim.tp: must divide gpus"),
+        ([1, 2], "the top level: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(data: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert message in str(info.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("servers: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_generic_server_config() -> None:
+    config = parse_config(
+        {
+            "servers": [
+                {
+                    "name": "custom",
+                    "url": "http://127.0.0.1:9000/metrics",
+                    "kind": "generic",
+                    "gpus": ["GPU-abc"],
+                    "generic": {
+                        "generation_tokens": "tok_total",
+                        "labels": {"model": "m"},
+                        "realtime": False,
+                    },
+                }
+            ]
+        }
+    )
+    generic = config.servers[0].generic
+    assert generic is not None
+    assert generic.generation_tokens == "tok_total"
+    assert generic.labels == {"model": "m"}
+    assert generic.realtime is False
