@@ -1,0 +1,156 @@
+"""The actuator over a recording backend: journal first, per-GPU degradation, dry run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from powerd.actuator import Actuator
+from powerd.gpu.errors import GpuLost, NoPermission, NotSupported
+from powerd.journal import Journal
+from powerd.model import GpuInfo, GpuReading, GroupDecision
+
+CLOCKS = tuple(range(345, 1981, 15))
+
+
+def _info(index: int) -> GpuInfo:
+    return GpuInfo(
+        index=index,
+        uuid=f"GPU-{index}",
+        name="NVIDIA H100 80GB HBM3",
+        power_limit_min_mw=200_000,
+        power_limit_max_mw=700_000,
+        power_limit_default_mw=700_000,
+        sm_clock_min_mhz=345,
+        sm_clock_max_mhz=1980,
+        supported_sm_clocks_mhz=CLOCKS,
+    )
+
+
+class RecordingBackend:
+    """Implements GpuBackend in memory and records every write; errors can be armed."""
+
+    def __init__(self, n: int) -> None:
+        self.infos = [_info(i) for i in range(n)]
+        self.writes: list[tuple[str, str, tuple[int, ...]]] = []
+        self.limits = {info.uuid: info.power_limit_default_mw for info in self.infos}
+        self.fail: dict[tuple[str, str], Exception] = {}
+
+    def devices(self) -> list[GpuInfo]:
+        return list(self.infos)
+
+    def read(self, uuid: str) -> GpuReading:
+        return GpuReading(uuid, 0, 0.0, 300_000, 0, 1980, self.limits[uuid], None, 0, 50)
+
+    def _write(self, op: str, uuid: str, *args: int) -> None:
+        error = self.fail.get((op, uuid))
+        if error is not None:
+            raise error
+        self.writes.append((op, uuid, args))
+
+    def set_locked_clocks(self, uuid: str, min_mhz: int, max_mhz: int) -> tuple[int, int]:
+        self._write("lock", uuid, min_mhz, max_mhz)
+        return min_mhz, max_mhz
+
+    def reset_locked_clocks(self, uuid: str) -> None:
+        self._write("unlock", uuid)
+
+    def set_power_limit(self, uuid: str, power_limit_mw: int) -> int:
+        self._write("limit", uuid, power_limit_mw)
+        self.limits[uuid] = power_limit_mw
+        return power_limit_mw
+
+    def reset_power_limit(self, uuid: str) -> None:
+        self._write("reset_limit", uuid)
+        self.limits[uuid] = 700_000
+
+    def compute_pids(self, uuid: str) -> list[int]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def _actuator(tmp_path: Path, n: int = 2, dry_run: bool = False):
+    backend = RecordingBackend(n)
+    journal = Journal(tmp_path / "journal.json")
+    actuator = Actuator(backend, journal, dry_run=dry_run)
+    for info in backend.infos:
+        actuator.track(info)
+    return backend, journal, actuator
+
+
+def _decision(clock_mhz: int, limit_mw: int | None = None) -> GroupDecision:
+    return GroupDecision("g", clock_mhz, limit_mw, "efficiency")
+
+
+def test_journal_is_written_before_the_first_write(tmp_path: Path) -> None:
+    backend, journal, actuator = _actuator(tmp_path)
+    assert not journal.pending()
+    actuator.apply(_decision(1600), ["GPU-0", "GPU-1"])
+    assert journal.pending()
+    assert {entry.uuid for entry in journal.entries()} == {"GPU-0", "GPU-1"}
+    assert backend.writes == [
+        ("lock", "GPU-0", (345, 1590)),
+        ("lock", "GPU-1", (345, 1590)),
+    ], "clock caps are clamped down to a supported clock"
+
+
+def test_unchanged_decision_writes_nothing_and_max_clock_unlocks(tmp_path: Path) -> None:
+    backend, _, actuator = _actuator(tmp_path, n=1)
+    actuator.apply(_decision(1605), ["GPU-0"])
+    actuator.apply(_decision(1605), ["GPU-0"])
+    assert len(backend.writes) == 1
+    actuator.apply(_decision(1980), ["GPU-0"])
+    assert backend.writes[-1] == ("unlock", "GPU-0", ())
+    assert actuator.states["GPU-0"].lock_max_mhz is None
+
+
+def test_power_limit_is_clamped_and_default_means_reset(tmp_path: Path) -> None:
+    backend, _, actuator = _actuator(tmp_path, n=1)
+    actuator.apply(_decision(1980, 100_000), ["GPU-0"])
+    assert backend.writes == [("limit", "GPU-0", (200_000,))]
+    actuator.apply(_decision(1980, 900_000), ["GPU-0"])
+    assert backend.writes[-1] == ("reset_limit", "GPU-0", ())
+
+
+def test_no_permission_degrades_only_that_gpu(tmp_path: Path, caplog) -> None:
+    backend, _, actuator = _actuator(tmp_path)
+    backend.fail[("lock", "GPU-0")] = NoPermission("Insufficient Permissions", uuid="GPU-0")
+    actuator.apply(_decision(1500), ["GPU-0", "GPU-1"])
+    assert actuator.states["GPU-0"].observe_only_reason == "no_permission"
+    assert not actuator.states["GPU-1"].observe_only
+    assert ("lock", "GPU-1", (345, 1500)) in backend.writes
+    assert "observing only" in caplog.text
+    actuator.apply(_decision(1400), ["GPU-0", "GPU-1"])
+    assert not any(w[1] == "GPU-0" for w in backend.writes)
+
+
+def test_clock_lock_not_supported_falls_back_to_power_limit(tmp_path: Path) -> None:
+    backend, _, actuator = _actuator(tmp_path, n=1)
+    backend.fail[("lock", "GPU-0")] = NotSupported("no locked clocks", uuid="GPU-0")
+    actuator.apply(_decision(1500), ["GPU-0"], power_w=400.0, clock_mhz=1980.0)
+    state = actuator.states["GPU-0"]
+    assert not state.clock_lock_supported
+    ops = [w[0] for w in backend.writes]
+    assert ops == ["limit"]
+    limit_mw = backend.writes[0][2][0]
+    assert 200_000 <= limit_mw < 400_000, "a lower clock means a limit below today's power"
+
+
+def test_gpu_lost_is_raised_to_the_daemon(tmp_path: Path) -> None:
+    backend, _, actuator = _actuator(tmp_path, n=1)
+    backend.fail[("lock", "GPU-0")] = GpuLost("fell off the bus", uuid="GPU-0")
+    with pytest.raises(GpuLost):
+        actuator.apply(_decision(1500), ["GPU-0"])
+
+
+def test_dry_run_writes_nothing_and_keeps_the_journal_empty(tmp_path: Path, caplog) -> None:
+    backend, journal, actuator = _actuator(tmp_path, n=1, dry_run=True)
+    with caplog.at_level("INFO"):
+        actuator.apply(_decision(1500, 400_000), ["GPU-0"])
+    assert backend.writes == []
+    assert not journal.pending()
+    assert "would set" in caplog.text
+    assert "1500 MHz" in actuator.states["GPU-0"].would_set
