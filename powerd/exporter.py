@@ -1,0 +1,652 @@
+"""Prometheus exporter: renders the last published Snapshot, serves it over HTTP(S).
+
+The collector never calls NVML or a server; the loop publishes a Snapshot once per tick and a
+scrape renders whatever was published last. Values are converted to Prometheus base units here
+(mW -> W, mJ -> J, MHz -> Hz). A value the daemon does not know (None) is not emitted at all,
+never as a made-up zero.
+
+GPU series carry the labels `gpu` (the index, as a string) and `UUID`, spelled as dcgm-exporter
+spells them, so `* on (UUID)` joins the two. dcgm-exporter's `modelName` is left out of GPU
+series because `promtool check metrics` rejects camelCase label names; the GPU's name is in
+`powerd_gpu_info{gpu,UUID,name,group,server}`, which also maps GPUs to groups for joins.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import logging
+import math
+import platform
+import socket
+import ssl
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+import powerd
+from powerd.config import MODES, MetricsConfig
+from powerd.model import CLOCK_EVENT_REASON_NAMES, GpuStatus, GroupStatus, ServerSample, Snapshot
+from powerd.webconfig import BasicAuth, WebConfig, load_web_config
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""Prometheus text exposition format 0.0.4."""
+
+LOOP_DURATION_BUCKETS_S: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+)
+
+OBSERVE_ONLY_REASONS: tuple[str, ...] = (
+    "no_permission",
+    "not_supported",
+    "gpu_lost",
+    "dry_run",
+    "error",
+    "other",
+)
+"""The fixed set of `reason` label values of powerd_gpu_observe_only."""
+
+_MW_PER_W = 1000.0
+_MJ_PER_J = 1000.0
+_HZ_PER_MHZ = 1e6
+
+
+class ExporterError(RuntimeError):
+    """The exporter could not start (the address is in use or cannot be bound)."""
+
+
+def default_build_info() -> dict[str, str]:
+    """Labels of powerd_build_info: powerd, Python, numba and prometheus_client versions."""
+    info = {"version": powerd.__version__, "python": platform.python_version()}
+    for dist in ("numba", "prometheus-client", "nvidia-ml-py"):
+        try:
+            info[dist.replace("-", "_")] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return info
+
+
+def observe_only_reason_label(reason: str) -> str:
+    """Map a free-text observe-only reason onto OBSERVE_ONLY_REASONS (bounded label values)."""
+    text = reason.strip().lower().replace("-", "_").replace(" ", "_")
+    if text in OBSERVE_ONLY_REASONS:
+        return text
+    if "permission" in text or "privilege" in text:
+        return "no_permission"
+    if "not_supported" in text or "unsupported" in text:
+        return "not_supported"
+    if "lost" in text or "fallen_off" in text:
+        return "gpu_lost"
+    if "dry_run" in text:
+        return "dry_run"
+    if "error" in text or "fail" in text:
+        return "error"
+    return "other"
+
+
+@dataclass
+class _State:
+    """Everything a scrape renders, swapped as a whole under the exporter's lock."""
+
+    snapshot: Snapshot | None = None
+    loop_bucket_counts: list[int] = field(
+        default_factory=lambda: [0] * (len(LOOP_DURATION_BUCKETS_S) + 1)
+    )
+    loop_sum_s: float = 0.0
+    loop_count: int = 0
+    tokens_total: dict[str, float] = field(default_factory=dict)
+    token_timestamp_s: dict[str, float] = field(default_factory=dict)
+
+    def copy(self) -> _State:
+        return _State(
+            snapshot=self.snapshot,
+            loop_bucket_counts=list(self.loop_bucket_counts),
+            loop_sum_s=self.loop_sum_s,
+            loop_count=self.loop_count,
+            tokens_total=dict(self.tokens_total),
+            token_timestamp_s=dict(self.token_timestamp_s),
+        )
+
+
+class Exporter:
+    """Prometheus collector of the last published Snapshot, with its own registry and server.
+
+    publish() is called by the control loop; render() and the HTTP server may run on other
+    threads at the same time.
+    """
+
+    def __init__(self, config: MetricsConfig, *, build_info: dict[str, str] | None = None) -> None:
+        self._config = config
+        self._build_info = dict(build_info) if build_info is not None else default_build_info()
+        self._lock = threading.Lock()
+        self._state = _State()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_SnapshotCollector(self))
+        self._server: _HttpServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+        """The bound port after start() (useful with port 0)."""
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Make snapshot the one scrapes render; feed its loop duration and token counters."""
+        with self._lock:
+            state = self._state.copy()
+            state.snapshot = snapshot
+            duration_s = snapshot.loop_duration_s
+            if duration_s is not None and math.isfinite(duration_s) and duration_s >= 0:
+                index = len(LOOP_DURATION_BUCKETS_S)
+                for i, bound in enumerate(LOOP_DURATION_BUCKETS_S):
+                    if duration_s <= bound:
+                        index = i
+                        break
+                state.loop_bucket_counts[index] += 1
+                state.loop_sum_s += duration_s
+                state.loop_count += 1
+            for sample in snapshot.servers:
+                _accumulate_tokens(state, sample)
+            self._state = state
+
+    def render(self) -> bytes:
+        """The exposition of the last published snapshot, text format 0.0.4."""
+        return generate_latest(self.registry)
+
+    def _current_state(self) -> _State:
+        with self._lock:
+            return self._state
+
+    @property
+    def build_info(self) -> dict[str, str]:
+        return dict(self._build_info)
+
+    def start(self) -> None:
+        """Serve /metrics on config.listen_address:config.port in a background thread.
+
+        Raises WebConfigError (a ConfigError) for a bad web-config file and ExporterError when
+        the address cannot be bound.
+        """
+        if self._server is not None:
+            return
+        web = (
+            load_web_config(self._config.web_config_file)
+            if self._config.web_config_file
+            else WebConfig()
+        )
+        context = web.tls.ssl_context() if web.tls is not None else None
+        host, port = self._config.listen_address, self._config.port
+        server_class = _HttpServer6 if ":" in host else _HttpServer
+        try:
+            server = server_class((host, port), _Handler)
+        except OSError as exc:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise ExporterError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        server.exporter = self
+        server.ssl_context = context
+        server.auth = BasicAuth(web.basic_auth_users)
+        server.extra_headers = dict(web.headers)
+        self._server = server
+        self.port = int(server.server_address[1])
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="powerd-exporter",
+            daemon=True,
+        )
+        self._thread.start()
+        scheme = "https" if context is not None else "http"
+        log.info("serving metrics on %s://%s:%d/metrics", scheme, host, self.port)
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; a no-op when not started."""
+        server, thread = self._server, self._thread
+        self._server = None
+        self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5.0)
+
+
+def _accumulate_tokens(state: _State, sample: ServerSample) -> None:
+    """Keep a generated-token counter per server.
+
+    The server's own cumulative count is used where the sample carries it; otherwise the rate
+    times the time since the previous successful scrape is added, so the counter stays
+    monotonic and `rate()` over it gives back the server's token rate.
+    """
+    name = sample.server
+    if sample.generation_tokens_total is not None:
+        state.tokens_total[name] = float(sample.generation_tokens_total)
+    elif sample.up:
+        total = state.tokens_total.setdefault(name, 0.0)
+        previous_s = state.token_timestamp_s.get(name)
+        rate = sample.generation_tokens_per_s
+        if (
+            previous_s is not None
+            and rate is not None
+            and math.isfinite(rate)
+            and rate >= 0
+            and sample.timestamp_s > previous_s
+        ):
+            state.tokens_total[name] = total + rate * (sample.timestamp_s - previous_s)
+    if sample.up:
+        state.token_timestamp_s[name] = sample.timestamp_s
+
+
+class _Family:
+    """One metric family; samples whose value is None are skipped."""
+
+    def __init__(self, name: str, documentation: str, typ: str = "gauge") -> None:
+        self.metric = Metric(name, documentation, typ)
+        self._suffix = "_total" if typ == "counter" else ""
+
+    def add(self, labels: dict[str, str], value: float | bool | None) -> None:
+        if value is None:
+            return
+        number = float(value)
+        if math.isnan(number):
+            return
+        self.metric.add_sample(self.metric.name + self._suffix, labels, number)
+
+
+class _Families:
+    """Families in first-use order, so the exposition is stable for golden tests."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, _Family] = {}
+
+    def __call__(self, name: str, documentation: str, typ: str = "gauge") -> _Family:
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = _Family(name, documentation, typ)
+        return family
+
+    def metrics(self) -> Iterator[Metric]:
+        for family in self._families.values():
+            if family.metric.samples:
+                yield family.metric
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, exporter: Exporter) -> None:
+        self._exporter = exporter
+
+    def collect(self) -> Iterable[Metric]:
+        state = self._exporter._current_state()
+        families = _Families()
+        _collect_node(families, state, self._exporter.build_info)
+        snapshot = state.snapshot
+        if snapshot is not None:
+            group_of: dict[str, GroupStatus] = {}
+            for group in snapshot.groups:
+                for uuid in group.gpu_uuids:
+                    group_of[uuid] = group
+            for gpu in snapshot.gpus:
+                _collect_gpu(families, gpu, group_of.get(gpu.info.uuid))
+            for sample in snapshot.servers:
+                _collect_server(families, sample, state.tokens_total.get(sample.server))
+            for group in snapshot.groups:
+                _collect_group(families, group)
+        return list(families.metrics())
+
+
+def _collect_node(families: _Families, state: _State, build_info: dict[str, str]) -> None:
+    families("powerd_build_info", "powerd's version and the versions it runs on; always 1.").add(
+        build_info, 1
+    )
+    snapshot = state.snapshot
+    if snapshot is not None:
+        families(
+            "powerd_last_tick_timestamp_seconds",
+            "Unix time of the tick that produced the published snapshot.",
+        ).add({}, snapshot.timestamp_s)
+        families("powerd_ticks", "Control-loop ticks since start.", "counter").add(
+            {}, snapshot.ticks_total
+        )
+        families(
+            "powerd_restores",
+            "Restores of saved GPU settings performed since start.",
+            "counter",
+        ).add({}, snapshot.restores_total)
+        families(
+            "powerd_restore_failures",
+            "Restores of saved GPU settings that failed since start; GPUs may be left changed.",
+            "counter",
+        ).add({}, snapshot.restore_failures_total)
+        errors = families(
+            "powerd_nvml_errors",
+            "NVML calls that failed, by operation and error kind.",
+            "counter",
+        )
+        for (operation, kind), count in sorted(snapshot.nvml_errors.items()):
+            errors.add({"operation": operation, "kind": kind}, count)
+        node_mode = families(
+            "powerd_node_mode", "Configured control mode of the node; 1 for the active one."
+        )
+        for mode in _modes(snapshot.mode):
+            node_mode.add({"mode": mode}, mode == snapshot.mode)
+        families("powerd_dry_run", "1 when powerd decides but does not write GPU settings.").add(
+            {}, snapshot.dry_run
+        )
+        families(
+            "powerd_grid_price_per_kwh", "Electricity price per kilowatt-hour, where configured."
+        ).add({}, snapshot.grid_price_per_kwh)
+        families(
+            "powerd_grid_carbon_grams_per_kwh",
+            "Carbon intensity of grid electricity in grams CO2e per kilowatt-hour, where known.",
+        ).add({}, snapshot.grid_carbon_g_per_kwh)
+        powers_mw = [gpu.reading.power_mw for gpu in snapshot.gpus]
+        if powers_mw and all(power_mw is not None for power_mw in powers_mw):
+            families("powerd_node_power_watts", "Summed power draw of the node's GPUs.").add(
+                {}, sum(p for p in powers_mw if p is not None) / _MW_PER_W
+            )
+    _collect_loop_histogram(families, state)
+
+
+def _collect_loop_histogram(families: _Families, state: _State) -> None:
+    family = families(
+        "powerd_loop_duration_seconds",
+        "Duration of one control-loop tick (sense, decide, act, publish).",
+        "histogram",
+    )
+    cumulative = 0
+    for i, bound in enumerate(LOOP_DURATION_BUCKETS_S):
+        cumulative += state.loop_bucket_counts[i]
+        family.metric.add_sample(
+            "powerd_loop_duration_seconds_bucket", {"le": floatToGoString(bound)}, cumulative
+        )
+    family.metric.add_sample(
+        "powerd_loop_duration_seconds_bucket", {"le": "+Inf"}, state.loop_count
+    )
+    family.metric.add_sample("powerd_loop_duration_seconds_count", {}, state.loop_count)
+    family.metric.add_sample("powerd_loop_duration_seconds_sum", {}, state.loop_sum_s)
+
+
+def _collect_gpu(families: _Families, gpu: GpuStatus, group: GroupStatus | None) -> None:
+    info, reading = gpu.info, gpu.reading
+    labels = {"gpu": str(info.index), "UUID": info.uuid}
+    meta = dict(labels, name=info.name)
+    if group is not None:
+        meta.update(group=group.group, server=group.server)
+    families(
+        "powerd_gpu_info",
+        "GPU identity and the group and server it belongs to; always 1.",
+    ).add(meta, 1)
+    families("powerd_gpu_power_watts", "GPU power draw (NVML power usage).").add(
+        labels, _scaled(reading.power_mw, _MW_PER_W)
+    )
+    families(
+        "powerd_gpu_energy_joules",
+        "GPU energy consumed since the driver loaded (NVML total energy counter).",
+        "counter",
+    ).add(labels, _scaled(reading.energy_mj, _MJ_PER_J))
+    enforced_mw = reading.enforced_power_limit_mw
+    if enforced_mw is None:
+        enforced_mw = reading.power_limit_mw
+    families(
+        "powerd_gpu_power_limit_watts",
+        "Power limit the GPU enforces (the in-band limit where the enforced one is unknown).",
+    ).add(labels, _scaled(enforced_mw, _MW_PER_W))
+    families(
+        "powerd_gpu_configured_power_limit_watts",
+        "Power limit powerd set on the GPU; absent while powerd has not set one.",
+    ).add(labels, _scaled(gpu.configured_power_limit_mw, _MW_PER_W))
+    families("powerd_gpu_default_power_limit_watts", "The GPU's default power limit.").add(
+        labels, info.power_limit_default_mw / _MW_PER_W
+    )
+    families("powerd_gpu_sm_clock_hertz", "Current SM clock of the GPU.").add(
+        labels, _hertz(reading.sm_clock_mhz)
+    )
+    lock_mhz = gpu.sm_clock_lock_max_mhz
+    families(
+        "powerd_gpu_clock_limit_hertz",
+        "Upper end of the locked SM clock range; the device maximum when unlocked.",
+    ).add(labels, (lock_mhz if lock_mhz is not None else info.sm_clock_max_mhz) * _HZ_PER_MHZ)
+    families("powerd_gpu_max_clock_hertz", "The GPU's maximum SM clock.").add(
+        labels, info.sm_clock_max_mhz * _HZ_PER_MHZ
+    )
+    families("powerd_gpu_temperature_celsius", "GPU core temperature.").add(
+        labels, reading.temperature_c
+    )
+    if reading.clock_event_reasons is not None:
+        reasons = families(
+            "powerd_gpu_clock_event_reason",
+            "1 while NVML reports this reason for holding the clocks down, else 0.",
+        )
+        for bit, name in CLOCK_EVENT_REASON_NAMES.items():
+            reasons.add(dict(labels, reason=name), bool(reading.clock_event_reasons & bit))
+    observe = families(
+        "powerd_gpu_observe_only",
+        "1 when powerd only observes this GPU (it cannot or must not write its settings).",
+    )
+    if gpu.observe_only:
+        observe.add(dict(labels, reason=observe_only_reason_label(gpu.observe_only_reason)), 1)
+    else:
+        observe.add(labels, 0)
+
+
+def _collect_server(families: _Families, sample: ServerSample, tokens_total: float | None) -> None:
+    labels = {"server": sample.server, "model_name": sample.model_name, "kind": sample.kind}
+    families("powerd_source_up", "1 when the last scrape of the inference server worked.").add(
+        labels, sample.up
+    )
+    families(
+        "powerd_source_scrape_duration_seconds", "Duration of the last scrape of the server."
+    ).add(labels, sample.scrape_duration_s)
+    families(
+        "powerd_source_realtime",
+        "1 when the server's token counters move every iteration, 0 when at request end.",
+    ).add(labels, sample.realtime)
+    families(
+        "powerd_server_generation_tokens",
+        "Tokens the server generated (its own counter, or its rate integrated by powerd).",
+        "counter",
+    ).add(labels, tokens_total)
+    families(
+        "powerd_server_generation_tokens_per_second",
+        "Generated tokens per second over the last scrape interval.",
+    ).add(labels, sample.generation_tokens_per_s)
+    families(
+        "powerd_server_prompt_tokens_per_second",
+        "Prompt (prefill) tokens per second over the last scrape interval.",
+    ).add(labels, sample.prompt_tokens_per_s)
+    families("powerd_server_requests_running", "Requests the server is running.").add(
+        labels, sample.running
+    )
+    families("powerd_server_requests_waiting", "Requests waiting in the server's queue.").add(
+        labels, sample.waiting
+    )
+    # A quantile label is reserved for summaries (promtool rejects it on gauges), so the
+    # quantile is in the name.
+    families(
+        "powerd_server_ttft_p95_seconds",
+        "95th percentile time to first token over the last scrape interval.",
+    ).add(labels, sample.ttft_p95_s)
+    families(
+        "powerd_server_itl_p95_seconds",
+        "95th percentile inter-token latency over the last scrape interval.",
+    ).add(labels, sample.itl_p95_s)
+    families(
+        "powerd_server_ttft_mean_seconds", "Mean time to first token over the last interval."
+    ).add(labels, sample.ttft_mean_s)
+    families(
+        "powerd_server_itl_mean_seconds", "Mean inter-token latency over the last interval."
+    ).add(labels, sample.itl_mean_s)
+
+
+def _collect_group(families: _Families, group: GroupStatus) -> None:
+    labels = {"group": group.group, "server": group.server, "model_name": group.model_name}
+    families(
+        "powerd_group_tokens_per_joule", "Generated tokens per joule of the group's GPUs."
+    ).add(labels, group.tokens_per_joule)
+    families(
+        "powerd_group_energy_per_token_joules", "GPU energy per generated token of the group."
+    ).add(labels, group.energy_per_token_j)
+    families(
+        "powerd_group_generation_tokens_per_second", "Generated tokens per second of the group."
+    ).add(labels, group.generation_tokens_per_s)
+    families("powerd_group_power_watts", "Summed power draw of the group's GPUs.").add(
+        labels, group.power_w
+    )
+    families(
+        "powerd_group_clock_limit_hertz",
+        "Upper end of the locked SM clock range powerd chose for the group.",
+    ).add(labels, group.sm_clock_max_mhz * _HZ_PER_MHZ)
+    families(
+        "powerd_group_power_limit_watts",
+        "Per-GPU power limit powerd chose for the group; absent when left at the default.",
+    ).add(labels, _scaled(group.power_limit_mw, _MW_PER_W))
+    families("powerd_group_slo_met", "1 when the group's latency quantiles meet the SLO.").add(
+        labels, group.slo_met
+    )
+    families(
+        "powerd_group_slo_attainment_ratio",
+        "Share of recent ticks whose latency quantiles met the SLO (0-1).",
+    ).add(labels, group.slo_attainment)
+    families("powerd_group_ttft_slo_seconds", "The group's time-to-first-token SLO.").add(
+        labels, group.ttft_slo_s
+    )
+    families("powerd_group_itl_slo_seconds", "The group's inter-token latency SLO.").add(
+        labels, group.itl_slo_s
+    )
+    families("powerd_group_target_tokens_per_joule", "Tokens-per-joule target in target mode.").add(
+        labels, group.target_tokens_per_joule
+    )
+    families(
+        "powerd_group_target_reached", "1 when the group reaches its tokens-per-joule target."
+    ).add(labels, group.target_reached)
+    mode_family = families(
+        "powerd_controller_mode", "Controller mode of the group; 1 for the active one."
+    )
+    for mode in _modes(group.mode):
+        mode_family.add(dict(labels, mode=mode), mode == group.mode)
+    families("powerd_group_observe_only", "1 when powerd only observes the group's GPUs.").add(
+        labels, group.observe_only
+    )
+    families(
+        "powerd_group_dry_run", "1 when the group's settings are decided but not written."
+    ).add(labels, group.dry_run)
+
+
+def _modes(active: str) -> tuple[str, ...]:
+    return MODES if active in MODES else (*MODES, active)
+
+
+def _scaled(value: float | None, divisor: float) -> float | None:
+    return None if value is None else value / divisor
+
+
+def _hertz(clock_mhz: float | None) -> float | None:
+    return None if clock_mhz is None else clock_mhz * _HZ_PER_MHZ
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    exporter: Exporter
+    ssl_context: ssl.SSLContext | None
+    auth: BasicAuth
+    extra_headers: dict[str, str]
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, address = self.socket.accept()
+        if self.ssl_context is not None:
+            # The handshake runs in the request's own thread (see _Handler.setup), so a slow
+            # or silent client cannot hold up accept().
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, address
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+
+class _HttpServer6(_HttpServer):
+    address_family = socket.AF_INET6
+
+
+_INDEX_HTML = (
+    b"<!DOCTYPE html><html><head><title>powerd</title></head><body>"
+    b'<h1>powerd</h1><p><a href="/metrics">Metrics</a></p></body></html>\n'
+)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HttpServer
+    protocol_version = "HTTP/1.1"
+    timeout = 30.0
+    server_version = "powerd"
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+
+    def do_GET(self) -> None:
+        self._reply(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._reply(send_body=False)
+
+    def _reply(self, *, send_body: bool) -> None:
+        if not self.server.auth.check(self.headers.get("Authorization")):
+            self._send(
+                401,
+                b"Unauthorized\n",
+                "text/plain; charset=utf-8",
+                send_body,
+                {"WWW-Authenticate": 'Basic realm="powerd"'},
+            )
+            return
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            body = self.server.exporter.render()
+            extra = {}
+            if "gzip" in self.headers.get("Accept-Encoding", ""):
+                body = gzip.compress(body, compresslevel=6)
+                extra["Content-Encoding"] = "gzip"
+            self._send(200, body, CONTENT_TYPE, send_body, extra)
+        elif path == "/":
+            self._send(200, _INDEX_HTML, "text/html; charset=utf-8", send_body, {})
+        else:
+            self._send(404, b"Not found\n", "text/plain; charset=utf-8", send_body, {})
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        send_body: bool,
+        headers: dict[str, str],
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in {**self.server.extra_headers, **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s %s", self.address_string(), format % args)

@@ -1,0 +1,187 @@
+"""`powerd status`: a per-group summary read from a running daemon's /metrics."""
+
+from __future__ import annotations
+
+import base64
+import math
+import socket
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+class StatusError(Exception):
+    """The daemon's metrics could not be read; the message is one sentence."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRow:
+    """One group as the daemon exports it; None where the daemon does not know the value."""
+
+    group: str
+    server: str
+    model_name: str
+    mode: str | None
+    clock_limit_mhz: float | None
+    power_w: float | None
+    tokens_per_s: float | None
+    tokens_per_joule: float | None
+    slo_met: bool | None
+    slo_attainment: float | None
+    observe_only: bool = False
+    dry_run: bool = False
+
+
+def fetch_status(
+    url: str,
+    timeout_s: float = 2.0,
+    auth: tuple[str, str] | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> list[GroupRow]:
+    """Read a daemon's /metrics (url may be the base address or the /metrics URL itself).
+
+    auth is (user, password) for basic auth; ssl_context verifies an https daemon (e.g. made with
+    `ssl.create_default_context(cafile=...)`). Raises StatusError.
+    """
+    metrics_url = _metrics_url(url)
+    request = urllib.request.Request(metrics_url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=ssl_context) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            hint = "wrong user or password" if auth is not None else "it needs a user and password"
+            raise StatusError(f"powerd at {metrics_url} refused the request ({hint}).") from None
+        raise StatusError(f"powerd at {metrics_url} answered HTTP {exc.code}.") from None
+    except urllib.error.URLError as exc:
+        raise StatusError(
+            f"powerd is not reachable at {metrics_url} ({_reason(exc.reason)}); "
+            "is the daemon running?"
+        ) from None
+    except (OSError, TimeoutError) as exc:
+        raise StatusError(
+            f"powerd is not reachable at {metrics_url} ({_reason(exc)}); is the daemon running?"
+        ) from None
+    try:
+        return parse_status(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StatusError(f"{metrics_url} did not return Prometheus metrics ({exc}).") from None
+
+
+def parse_status(text: str) -> list[GroupRow]:
+    """Group rows from an exposition text, in the order the groups first appear."""
+    values: dict[tuple[str, str, str], dict[str, float]] = {}
+    modes: dict[tuple[str, str, str], str] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(("powerd_group_", "powerd_controller_mode")):
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if "group" not in labels:
+                continue
+            key = (labels["group"], labels.get("server", ""), labels.get("model_name", ""))
+            row = values.setdefault(key, {})
+            if sample.name == "powerd_controller_mode":
+                if sample.value == 1.0:
+                    modes[key] = labels.get("mode", "")
+                continue
+            if not math.isnan(sample.value):
+                row[sample.name] = float(sample.value)
+    rows = []
+    for key, row in values.items():
+        clock_hz = row.get("powerd_group_clock_limit_hertz")
+        slo_met = row.get("powerd_group_slo_met")
+        rows.append(
+            GroupRow(
+                group=key[0],
+                server=key[1],
+                model_name=key[2],
+                mode=modes.get(key),
+                clock_limit_mhz=None if clock_hz is None else clock_hz / 1e6,
+                power_w=row.get("powerd_group_power_watts"),
+                tokens_per_s=row.get("powerd_group_generation_tokens_per_second"),
+                tokens_per_joule=row.get("powerd_group_tokens_per_joule"),
+                slo_met=None if slo_met is None else slo_met == 1.0,
+                slo_attainment=row.get("powerd_group_slo_attainment_ratio"),
+                observe_only=row.get("powerd_group_observe_only") == 1.0,
+                dry_run=row.get("powerd_group_dry_run") == 1.0,
+            )
+        )
+    return rows
+
+
+_HEADER = ("GROUP", "MODE", "CLOCK MHz", "WATTS", "TOKENS/S", "TOKENS/J", "SLO")
+
+
+def format_status(rows: list[GroupRow]) -> str:
+    """A fixed-width table, one line per group; '-' marks a value the daemon does not know."""
+    if not rows:
+        return "powerd is running but controls no groups."
+    table = [_HEADER]
+    for row in rows:
+        mode = row.mode or "-"
+        if row.observe_only:
+            mode += " (observe)"
+        elif row.dry_run:
+            mode += " (dry run)"
+        table.append(
+            (
+                row.group,
+                mode,
+                _number(row.clock_limit_mhz, 0),
+                _number(row.power_w, 0),
+                _number(row.tokens_per_s, 0),
+                _number(row.tokens_per_joule, 2),
+                _slo(row.slo_met, row.slo_attainment),
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(_HEADER))]
+    lines = []
+    for line in table:
+        cells = [
+            cell.ljust(width) if i < 2 or i == len(line) - 1 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _slo(met: bool | None, attainment: float | None) -> str:
+    text = "-" if met is None else ("met" if met else "missed")
+    if attainment is not None:
+        text += f" {attainment * 100:.0f}%"
+    return text
+
+
+def _metrics_url(url: str) -> str:
+    if "://" not in url:
+        url = f"http://{url}"
+    parts = urlsplit(url)
+    path = parts.path if parts.path not in ("", "/") else "/metrics"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def _reason(reason: object) -> str:
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(reason, socket.gaierror):
+        return "unknown host"
+    if isinstance(reason, ssl.SSLError):
+        return f"TLS error: {reason.reason or reason}"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror.lower()
+    return str(reason)

@@ -1,0 +1,144 @@
+"""Grafana dashboard and rules use only metrics the exporter actually exposes."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from powerd.config import MetricsConfig
+from powerd.exporter import Exporter
+from tests.unit.test_exporter import BUILD_INFO, full_snapshot
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "config" / "grafana" / "powerd.json"
+RULES = ROOT / "config" / "prometheus" / "powerd.rules.yml"
+
+# Metrics of other exporters the expressions may use.
+EXTERNAL = {"up"}
+_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names referenced by a PromQL (or Grafana label_values) expression."""
+    text = re.sub(r"label_values\(\s*([^,]+?)\s*,\s*\w+\s*\)", r"\1", expr)
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', "", text)
+    text = re.sub(r"\{[^}]*\}", "", text)
+    text = re.sub(r"\[[^\]]*\]", "", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for match in re.finditer(r"(?<![\w.$:])[A-Za-z_:][\w:]*", text):
+        is_call = text[match.end() :].lstrip().startswith("(")
+        if not is_call and match.group(0) not in _KEYWORDS:
+            names.add(match.group(0))
+    return names
+
+
+def test_metric_names_extraction() -> None:
+    assert metric_names(
+        'sum by (le, instance) (rate(powerd_loop_duration_seconds_bucket{instance=~"$i"}'
+        "[$__rate_interval])) / on (job) group_left (x) a:b:c offset 5m > bool 1e6"
+    ) == {"powerd_loop_duration_seconds_bucket", "a:b:c"}
+    assert metric_names('label_values(powerd_build_info{x="y"}, instance)') == {"powerd_build_info"}
+
+
+def exposed_names() -> set[str]:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(full_snapshot())
+    return {
+        sample.name
+        for family in text_string_to_metric_families(exporter.render().decode())
+        for sample in family.samples
+    }
+
+
+def rules() -> list[dict[str, Any]]:
+    data = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    return [rule for group in data["groups"] for rule in group["rules"]]
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return data
+
+
+def dashboard_exprs(data: dict[str, Any]) -> Iterator[str]:
+    for panel in data["panels"]:
+        for target in panel.get("targets", []):
+            yield target["expr"]
+    for variable in data["templating"]["list"]:
+        query = variable["query"]
+        yield query["query"] if isinstance(query, dict) else query
+
+
+def unknown_names(exprs: list[str], known: set[str]) -> list[str]:
+    return sorted({name for expr in exprs for name in metric_names(expr)} - known)
+
+
+def test_rules_and_dashboard_use_only_exposed_metrics() -> None:
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+    known = exposed_names() | EXTERNAL | recorded
+    exprs = [rule["expr"] for rule in rules()] + list(dashboard_exprs(dashboard()))
+    assert unknown_names(exprs, known) == []
+    used = {name for expr in exprs for name in metric_names(expr)}
+    assert {
+        "powerd_gpu_energy_joules_total",
+        "powerd_server_generation_tokens_total",
+        "powerd_gpu_power_watts",
+        "powerd_gpu_clock_limit_hertz",
+        "powerd_group_slo_attainment_ratio",
+        "instance:powerd_tokens_per_joule:rate5m",
+    } <= used
+
+
+def test_a_misspelt_or_missing_metric_is_caught() -> None:
+    known = exposed_names() | EXTERNAL
+    exprs = [
+        "rate(powerd_gpu_energy_joule_total[5m])",
+        "powerd_server_ttft_seconds > 1",
+        "instance:powerd_tokens_per_joule:rate5m",
+        "up == 0",
+    ]
+    assert unknown_names(exprs, known) == [
+        "instance:powerd_tokens_per_joule:rate5m",
+        "powerd_gpu_energy_joule_total",
+        "powerd_server_ttft_seconds",
+    ]
+
+
+def test_dashboard_uses_the_datasource_input() -> None:
+    data = dashboard()
+    assert [i["name"] for i in data["__inputs"]] == ["DS_PROMETHEUS"]
+    assert data["__inputs"][0]["pluginId"] == "prometheus"
+    ids = []
+    for panel in data["panels"]:
+        ids.append(panel["id"])
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"])
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}"
+    assert len(ids) == len(set(ids))
+    titles = " ".join(panel["title"].lower() for panel in data["panels"])
+    for topic in ("tokens per joule", "power against limit", "clock", "slo", "tokens per second"):
+        assert topic in titles, topic

@@ -1,0 +1,552 @@
+"""Exporter: golden exposition, unit conversion, omission of unknown values, HTTP serving.
+
+Regenerate the golden file after an intended change with
+`.venv/bin/python -m tests.unit.test_exporter --regen` and review the diff.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from powerd.config import MODES, MetricsConfig
+from powerd.exporter import (
+    LOOP_DURATION_BUCKETS_S,
+    OBSERVE_ONLY_REASONS,
+    Exporter,
+    ExporterError,
+    default_build_info,
+    observe_only_reason_label,
+)
+from powerd.model import (
+    CLOCK_EVENT_REASON_NAMES,
+    REASON_APPLICATIONS_CLOCKS,
+    REASON_SW_POWER_CAP,
+    GpuInfo,
+    GpuReading,
+    GpuStatus,
+    GroupStatus,
+    ServerSample,
+    Snapshot,
+)
+
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "exporter_small.golden"
+BUILD_INFO = {"version": "0.0.0-test", "python": "3.x"}
+UUIDS = (
+    "GPU-22dbdd79-f55a-92a8-aa39-322198e72ed6",
+    "GPU-5b1a3c1e-0f3e-4a8e-9d0c-6c1f0e2b7a11",
+)
+
+
+def gpu_info(index: int) -> GpuInfo:
+    return GpuInfo(
+        index=index,
+        uuid=UUIDS[index],
+        name="NVIDIA H100 80GB HBM3",
+        power_limit_min_mw=200_000,
+        power_limit_max_mw=700_000,
+        power_limit_default_mw=700_000,
+        sm_clock_min_mhz=345,
+        sm_clock_max_mhz=1980,
+        supported_sm_clocks_mhz=tuple(range(345, 1981, 15)),
+    )
+
+
+def gpu_status(
+    index: int,
+    *,
+    timestamp_s: float,
+    power_mw: int | None,
+    energy_mj: int | None,
+    lock_mhz: int | None,
+    configured_mw: int | None,
+    reasons: int | None = REASON_APPLICATIONS_CLOCKS,
+    observe_only: bool = False,
+    observe_only_reason: str = "",
+) -> GpuStatus:
+    reading = GpuReading(
+        uuid=UUIDS[index],
+        index=index,
+        timestamp_s=timestamp_s,
+        power_mw=power_mw,
+        energy_mj=energy_mj,
+        sm_clock_mhz=1605 if lock_mhz is not None else 1980,
+        power_limit_mw=configured_mw if configured_mw is not None else 700_000,
+        enforced_power_limit_mw=configured_mw if configured_mw is not None else 700_000,
+        clock_event_reasons=reasons,
+        temperature_c=61 + index,
+    )
+    return GpuStatus(
+        reading=reading,
+        info=gpu_info(index),
+        configured_power_limit_mw=configured_mw,
+        sm_clock_lock_max_mhz=lock_mhz,
+        observe_only=observe_only,
+        observe_only_reason=observe_only_reason,
+    )
+
+
+def server_sample(timestamp_s: float, **overrides: object) -> ServerSample:
+    fields: dict[str, object] = {
+        "server": "llama",
+        "kind": "vllm",
+        "model_name": "meta-llama/Llama-3.1-8B-Instruct",
+        "up": True,
+        "timestamp_s": timestamp_s,
+        "scrape_duration_s": 0.004,
+        "realtime": True,
+        "generation_tokens_per_s": 2400.0,
+        "prompt_tokens_per_s": 5100.0,
+        "running": 48.0,
+        "waiting": 2.0,
+        "ttft_p95_s": 0.35,
+        "itl_p95_s": 0.042,
+    }
+    fields.update(overrides)
+    return ServerSample(**fields)  # type: ignore[arg-type]
+
+
+def group_status(**overrides: object) -> GroupStatus:
+    fields: dict[str, object] = {
+        "group": "llama",
+        "server": "llama",
+        "model_name": "meta-llama/Llama-3.1-8B-Instruct",
+        "gpu_uuids": UUIDS,
+        "mode": "efficiency",
+        "sm_clock_max_mhz": 1605,
+        "power_limit_mw": None,
+        "tokens_per_joule": 3.75,
+        "energy_per_token_j": 0.26666666666666666,
+        "generation_tokens_per_s": 2400.0,
+        "power_w": 640.0,
+        "ttft_p95_s": 0.35,
+        "itl_p95_s": 0.042,
+        "ttft_slo_s": 2.0,
+        "itl_slo_s": 0.1,
+        "slo_met": True,
+        "slo_attainment": 0.98,
+    }
+    fields.update(overrides)
+    return GroupStatus(**fields)  # type: ignore[arg-type]
+
+
+def small_snapshots() -> tuple[Snapshot, Snapshot]:
+    """Two consecutive ticks of a node with two GPUs, one server and one group."""
+    snapshots = []
+    for tick, timestamp_s in enumerate((1_700_000_000.0, 1_700_000_001.0), start=1):
+        gpus = (
+            gpu_status(
+                0,
+                timestamp_s=timestamp_s,
+                power_mw=321_500 + tick * 1000,
+                energy_mj=9_000_000_000 + tick * 322_000,
+                lock_mhz=1605,
+                configured_mw=None,
+            ),
+            gpu_status(
+                1,
+                timestamp_s=timestamp_s,
+                power_mw=317_250 + tick * 1000,
+                energy_mj=8_500_000_000 + tick * 318_000,
+                lock_mhz=1605,
+                configured_mw=650_000,
+                reasons=REASON_APPLICATIONS_CLOCKS | REASON_SW_POWER_CAP,
+            ),
+        )
+        snapshots.append(
+            Snapshot(
+                timestamp_s=timestamp_s,
+                gpus=gpus,
+                servers=(server_sample(timestamp_s),),
+                groups=(group_status(),),
+                ticks_total=tick,
+                loop_duration_s=0.0031 * tick,
+            )
+        )
+    return snapshots[0], snapshots[1]
+
+
+def full_snapshot() -> Snapshot:
+    """Every optional field set, so every metric the exporter knows appears."""
+    first, _ = small_snapshots()
+    gpus = (
+        first.gpus[0],
+        replace(
+            first.gpus[1],
+            observe_only=True,
+            observe_only_reason="NoPermission: insufficient permissions",
+            configured_power_limit_mw=650_000,
+        ),
+    )
+    return replace(
+        first,
+        gpus=gpus,
+        servers=(
+            server_sample(
+                first.timestamp_s,
+                ttft_mean_s=0.2,
+                itl_mean_s=0.03,
+                finished_requests=12.0,
+                generation_tokens_total=1_234_567.0,
+            ),
+        ),
+        groups=(
+            group_status(
+                mode="target",
+                power_limit_mw=650_000,
+                target_tokens_per_joule=3.5,
+                target_reached=True,
+                observe_only=False,
+                dry_run=False,
+            ),
+        ),
+        nvml_errors={("set_power_limit", "no_permission"): 3, ("read_energy", "not_supported"): 1},
+        restores_total=1,
+        restore_failures_total=0,
+        mode="target",
+        dry_run=False,
+        grid_price_per_kwh=0.12,
+        grid_carbon_g_per_kwh=380.0,
+    )
+
+
+def small_exporter() -> Exporter:
+    exporter = Exporter(MetricsConfig(port=0), build_info=BUILD_INFO)
+    for snapshot in small_snapshots():
+        exporter.publish(snapshot)
+    return exporter
+
+
+def parse(exposition: bytes) -> dict[str, list[Sample]]:
+    samples: dict[str, list[Sample]] = {}
+    for family in text_string_to_metric_families(exposition.decode("utf-8")):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value(samples: dict[str, list[Sample]], name: str, **labels: str) -> float:
+    matches = [
+        s for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(matches) == 1, f"{name}{labels}: {len(matches)} samples"
+    return float(matches[0].value)
+
+
+def test_golden_exposition() -> None:
+    rendered = small_exporter().render().decode("utf-8")
+    assert GOLDEN.exists(), "run `python -m tests.unit.test_exporter --regen`"
+    assert rendered == GOLDEN.read_text(encoding="utf-8")
+
+
+def test_every_family_has_help_and_a_known_type() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(full_snapshot())
+    families = list(text_string_to_metric_families(exporter.render().decode("utf-8")))
+    assert len(families) > 40
+    for family in families:
+        assert family.name.startswith("powerd_")
+        assert family.documentation, family.name
+        assert family.type in ("gauge", "counter", "histogram"), family.name
+        if family.type == "counter":
+            assert all(s.name == family.name + "_total" for s in family.samples)
+
+
+def test_units_are_converted_to_base_units() -> None:
+    _, second = small_snapshots()
+    samples = parse(small_exporter().render())
+    gpu = second.gpus[1]
+    labels = {"gpu": "1", "UUID": UUIDS[1]}
+    power_mw, energy_mj = gpu.reading.power_mw, gpu.reading.energy_mj
+    assert power_mw is not None and energy_mj is not None
+    assert value(samples, "powerd_gpu_power_watts", **labels) == power_mw / 1000
+    assert value(samples, "powerd_gpu_energy_joules_total", **labels) == pytest.approx(
+        energy_mj / 1000
+    )
+    assert value(samples, "powerd_gpu_sm_clock_hertz", **labels) == 1605e6
+    assert value(samples, "powerd_gpu_clock_limit_hertz", **labels) == 1605e6
+    assert value(samples, "powerd_gpu_max_clock_hertz", **labels) == 1980e6
+    assert value(samples, "powerd_gpu_power_limit_watts", **labels) == 650.0
+    assert value(samples, "powerd_gpu_configured_power_limit_watts", **labels) == 650.0
+    assert value(samples, "powerd_gpu_default_power_limit_watts", **labels) == 700.0
+    assert value(samples, "powerd_group_clock_limit_hertz", group="llama") == 1605e6
+    node_w = sum(g.reading.power_mw or 0 for g in second.gpus) / 1000
+    assert value(samples, "powerd_node_power_watts") == pytest.approx(node_w)
+    assert value(samples, "powerd_server_ttft_p95_seconds") == 0.35
+
+
+def test_gpu_labels_join_with_dcgm_exporter() -> None:
+    samples = parse(small_exporter().render())
+    for sample in samples["powerd_gpu_power_watts"]:
+        assert set(sample.labels) == {"gpu", "UUID"}
+        assert sample.labels["gpu"] in ("0", "1")
+        assert sample.labels["UUID"] in UUIDS
+    info = samples["powerd_gpu_info"]
+    assert {s.labels["group"] for s in info} == {"llama"}
+    assert {s.labels["name"] for s in info} == {"NVIDIA H100 80GB HBM3"}
+
+
+def test_unknown_values_are_not_emitted() -> None:
+    first, _ = small_snapshots()
+    blind = replace(
+        first.gpus[0],
+        reading=replace(
+            first.gpus[0].reading,
+            power_mw=None,
+            energy_mj=None,
+            sm_clock_mhz=None,
+            clock_event_reasons=None,
+            temperature_c=None,
+        ),
+    )
+    snapshot = replace(
+        first,
+        gpus=(blind, first.gpus[1]),
+        servers=(
+            server_sample(first.timestamp_s, up=False, generation_tokens_per_s=None, error="x"),
+        ),
+        groups=(group_status(tokens_per_joule=None, slo_met=None, slo_attainment=None),),
+    )
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(snapshot)
+    samples = parse(exporter.render())
+    for name in (
+        "powerd_gpu_power_watts",
+        "powerd_gpu_energy_joules_total",
+        "powerd_gpu_sm_clock_hertz",
+        "powerd_gpu_temperature_celsius",
+        "powerd_gpu_clock_event_reason",
+    ):
+        assert all(s.labels["gpu"] == "1" for s in samples[name]), name
+    assert "powerd_node_power_watts" not in samples
+    assert "powerd_gpu_configured_power_limit_watts" in samples
+    assert [s.labels["gpu"] for s in samples["powerd_gpu_configured_power_limit_watts"]] == ["1"]
+    for name in (
+        "powerd_group_tokens_per_joule",
+        "powerd_group_slo_met",
+        "powerd_group_slo_attainment_ratio",
+        "powerd_group_target_tokens_per_joule",
+        "powerd_server_generation_tokens_per_second",
+        "powerd_server_generation_tokens_total",
+        "powerd_grid_price_per_kwh",
+    ):
+        assert name not in samples, name
+    assert value(samples, "powerd_source_up", server="llama") == 0.0
+
+
+def test_nothing_published_renders_only_node_metrics() -> None:
+    samples = parse(Exporter(MetricsConfig(), build_info=BUILD_INFO).render())
+    assert value(samples, "powerd_build_info", version="0.0.0-test") == 1.0
+    assert value(samples, "powerd_loop_duration_seconds_count") == 0.0
+    assert not [name for name in samples if name.startswith(("powerd_gpu", "powerd_group"))]
+
+
+def test_clock_event_reasons_one_series_per_named_bit() -> None:
+    samples = parse(small_exporter().render())
+    reasons = {
+        s.labels["reason"]: s.value
+        for s in samples["powerd_gpu_clock_event_reason"]
+        if s.labels["gpu"] == "1"
+    }
+    assert set(reasons) == set(CLOCK_EVENT_REASON_NAMES.values())
+    assert {name for name, v in reasons.items() if v == 1.0} == {
+        CLOCK_EVENT_REASON_NAMES[REASON_APPLICATIONS_CLOCKS],
+        CLOCK_EVENT_REASON_NAMES[REASON_SW_POWER_CAP],
+    }
+
+
+def test_controller_mode_marks_exactly_the_active_mode() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    first, _ = small_snapshots()
+    exporter.publish(replace(first, groups=(group_status(mode="guard"),)))
+    samples = parse(exporter.render())
+    modes = {s.labels["mode"]: s.value for s in samples["powerd_controller_mode"]}
+    assert set(modes) == {*MODES, "guard"}
+    assert [m for m, v in modes.items() if v == 1.0] == ["guard"]
+    node = {s.labels["mode"]: s.value for s in samples["powerd_node_mode"]}
+    assert [m for m, v in node.items() if v == 1.0] == [first.mode]
+
+
+def test_observe_only_reason_is_from_the_fixed_set() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(full_snapshot())
+    samples = parse(exporter.render())
+    observe = {s.labels["gpu"]: s for s in samples["powerd_gpu_observe_only"]}
+    assert observe["0"].value == 0.0 and "reason" not in observe["0"].labels
+    assert observe["1"].value == 1.0 and observe["1"].labels["reason"] == "no_permission"
+    texts = ["GPU is lost", "Not Supported", "weird thing", "dry_run", "write failed"]
+    assert [observe_only_reason_label(t) for t in texts] == [
+        "gpu_lost",
+        "not_supported",
+        "other",
+        "dry_run",
+        "error",
+    ]
+    assert all(observe_only_reason_label(t) in OBSERVE_ONLY_REASONS for t in texts)
+
+
+def test_generation_token_counter_integrates_rate_between_scrapes() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    timeline = [
+        (100.0, True, None),  # first scrape: no rate yet
+        (101.5, True, 200.0),  # +300 over 1.5 s
+        (101.5, True, 200.0),  # same scrape republished: no change
+        (102.5, False, None),  # server down
+        (104.5, True, None),  # back, rate not yet known
+        (105.0, True, 1000.0),  # +500 over 0.5 s
+    ]
+    totals = []
+    for timestamp_s, up, rate in timeline:
+        sample = server_sample(timestamp_s, up=up, generation_tokens_per_s=rate)
+        exporter.publish(Snapshot(timestamp_s=timestamp_s, servers=(sample,)))
+        totals.append(parse(exporter.render()).get("powerd_server_generation_tokens_total"))
+    values = [t[0].value if t else None for t in totals]
+    assert values == [0.0, 300.0, 300.0, 300.0, 300.0, 800.0]
+
+
+def test_generation_token_counter_prefers_the_servers_own_count() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(Snapshot(1.0, servers=(server_sample(1.0, generation_tokens_total=5000.0),)))
+    exporter.publish(Snapshot(2.0, servers=(server_sample(2.0, generation_tokens_total=7400.0),)))
+    samples = parse(exporter.render())
+    assert value(samples, "powerd_server_generation_tokens_total") == 7400.0
+    # The count continues from the server's last value if a later scrape lacks it.
+    exporter.publish(Snapshot(3.0, servers=(server_sample(3.0, generation_tokens_per_s=100.0),)))
+    assert value(parse(exporter.render()), "powerd_server_generation_tokens_total") == 7500.0
+
+
+def test_loop_duration_histogram_accumulates_every_publish() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    durations_s = [0.0005, 0.004, 0.004, 0.3, 5.0]
+    for i, duration_s in enumerate(durations_s):
+        exporter.publish(Snapshot(float(i), loop_duration_s=duration_s))
+    exporter.publish(Snapshot(9.0, loop_duration_s=None))
+    samples = parse(exporter.render())
+    buckets = {
+        float(s.labels["le"]): s.value for s in samples["powerd_loop_duration_seconds_bucket"]
+    }
+    for bound in (*LOOP_DURATION_BUCKETS_S, float("inf")):
+        assert buckets[bound] == sum(1 for d in durations_s if d <= bound)
+    assert value(samples, "powerd_loop_duration_seconds_count") == len(durations_s)
+    assert value(samples, "powerd_loop_duration_seconds_sum") == pytest.approx(sum(durations_s))
+
+
+def test_publish_and_render_from_different_threads() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    first, second = small_snapshots()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def publisher() -> None:
+        i = 0
+        while not stop.is_set():
+            exporter.publish(replace(first if i % 2 else second, ticks_total=i))
+            i += 1
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    try:
+        for _ in range(200):
+            samples = parse(exporter.render())
+            assert len(samples["powerd_gpu_power_watts"]) == 2
+    except BaseException as exc:
+        errors.append(exc)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+
+
+def test_default_build_info_names_versions() -> None:
+    info = default_build_info()
+    assert info["version"]
+    assert info["python"].count(".") == 2
+    assert "numba" in info
+
+
+def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_http_server_serves_metrics_index_and_404() -> None:
+    exporter = small_exporter()
+    exporter.start()
+    try:
+        assert exporter.port
+        base = f"http://127.0.0.1:{exporter.port}"
+        status, headers, body = _get(f"{base}/metrics")
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert body == exporter.render()
+        status, headers, body = _get(f"{base}/metrics", {"Accept-Encoding": "gzip"})
+        assert headers.get("Content-Encoding") == "gzip"
+        assert gzip.decompress(body) == exporter.render()
+        status, _, body = _get(f"{base}/")
+        assert status == 200 and b'href="/metrics"' in body
+        assert _get(f"{base}/nope")[0] == 404
+    finally:
+        exporter.stop()
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    first = small_exporter()
+    first.start()
+    try:
+        second = Exporter(MetricsConfig(port=first.port or 0), build_info=BUILD_INFO)
+        with pytest.raises(ExporterError, match=r"cannot listen on 127\.0\.0\.1:\d+"):
+            second.start()
+    finally:
+        first.stop()
+
+
+def _promtool_or_skip() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is required in CI (apt-get install prometheus)")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    return promtool
+
+
+def test_promtool_check_metrics_accepts_the_exposition() -> None:
+    promtool = _promtool_or_skip()
+    exporter = Exporter(MetricsConfig(), build_info=default_build_info())
+    exporter.publish(full_snapshot())
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=exporter.render(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def _regen() -> None:
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    GOLDEN.write_bytes(small_exporter().render())
+    print(f"wrote {GOLDEN}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--regen"]:
+        _regen()
+    else:
+        sys.exit("usage: python -m tests.unit.test_exporter --regen")

@@ -1,0 +1,313 @@
+"""Web-config parsing, basic auth and TLS on the exporter's HTTP server."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import socket
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from powerd import webconfig
+from powerd.config import ConfigError, MetricsConfig
+from powerd.exporter import Exporter
+from powerd.webconfig import BasicAuth, WebConfigError, load_web_config, parse_web_config
+from tests.unit.test_exporter import small_exporter, small_snapshots
+
+PASSWORD = "correct horse"
+# Cost 4 keeps the tests fast; production hashes use 10-12.
+HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([1, 2], r"the web config: expected a mapping"),
+        ({"tls_config": {}}, r"^tls_config: unknown key \(known keys: basic_auth_users"),
+        ({"tls_server_config": {"cert_file": "a"}}, r"^tls_server_config\.key_file: required"),
+        (
+            {"tls_server_config": {"cert_file": "a", "key_file": "b", "cipher_suites": ["x"]}},
+            r"^tls_server_config\.cipher_suites: not supported by powerd",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "a", "key_file": "b", "cert_fle": "c"}},
+            r"^tls_server_config\.cert_fle: unknown key",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "a", "key_file": "b", "client_auth_type": "Any"}},
+            r"^tls_server_config\.client_auth_type: must be one of NoClientCert",
+        ),
+        (
+            {
+                "tls_server_config": {
+                    "cert_file": "a",
+                    "key_file": "b",
+                    "client_auth_type": "RequireAnyClientCert",
+                }
+            },
+            r"^tls_server_config\.client_auth_type: RequireAnyClientCert is not supported",
+        ),
+        (
+            {
+                "tls_server_config": {
+                    "cert_file": "a",
+                    "key_file": "b",
+                    "client_auth_type": "RequireAndVerifyClientCert",
+                }
+            },
+            r"^tls_server_config\.client_ca_file: required by RequireAndVerifyClientCert",
+        ),
+        (
+            {"tls_server_config": {"cert_file": "a", "key_file": "b", "min_version": "TLS1.2"}},
+            r"^tls_server_config\.min_version: must be one of TLS10",
+        ),
+        (
+            {
+                "tls_server_config": {
+                    "cert_file": "a",
+                    "key_file": "b",
+                    "min_version": "TLS13",
+                    "max_version": "TLS12",
+                }
+            },
+            r"^tls_server_config\.max_version: TLS12 is below min_version TLS13",
+        ),
+        (
+            {"tls_server_config": {"cert_file": 3, "key_file": "b"}},
+            r"^tls_server_config\.cert_file: expected a non-empty string",
+        ),
+        ({"basic_auth_users": {"prom": "hunter2"}}, r"^basic_auth_users\.prom: expected a bcrypt"),
+        ({"basic_auth_users": ["prom"]}, r"^basic_auth_users: expected a mapping"),
+        ({"http_server_config": {"http3": True}}, r"^http_server_config\.http3: unknown key"),
+        (
+            {"http_server_config": {"headers": {"X-A": "a\r\nX-B: b"}}},
+            r"^http_server_config\.headers\.X-A: expected a one-line string",
+        ),
+    ],
+)
+def test_bad_web_config_names_the_key(data: object, message: str) -> None:
+    with pytest.raises(WebConfigError, match=message):
+        parse_web_config(data)
+
+
+def test_web_config_error_is_a_config_error() -> None:
+    assert issubclass(WebConfigError, ConfigError)
+
+
+def test_empty_file_means_plain_http_without_auth(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text("# nothing\n")
+    config = load_web_config(path)
+    assert config.tls is None and config.basic_auth_users == {} and config.headers == {}
+
+
+def test_relative_files_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text(
+        "tls_server_config:\n  cert_file: certs/server.crt\n  key_file: /abs/server.key\n"
+        f"basic_auth_users:\n  prometheus: '{HASH}'\n"
+    )
+    config = load_web_config(path)
+    assert config.tls is not None
+    assert config.tls.cert_file == tmp_path / "certs" / "server.crt"
+    assert config.tls.key_file == Path("/abs/server.key")
+    assert config.tls.min_version == "TLS12"
+    assert config.basic_auth_users == {"prometheus": HASH}
+
+
+def test_unreadable_and_invalid_files_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError, match=r"cannot read web config .*missing\.yml"):
+        load_web_config(tmp_path / "missing.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("basic_auth_users: [\n")
+    with pytest.raises(WebConfigError, match=r"bad\.yml: not valid YAML"):
+        load_web_config(bad)
+
+
+def test_basic_auth_accepts_only_the_right_password() -> None:
+    auth = BasicAuth({"prometheus": HASH})
+    assert auth.check(basic("prometheus", PASSWORD))
+    assert not auth.check(basic("prometheus", PASSWORD + "!"))
+    assert not auth.check(basic("grafana", PASSWORD))
+    assert not auth.check(None)
+    assert not auth.check("Bearer abc")
+    assert not auth.check("Basic !!!not-base64")
+    assert not auth.check("Basic " + base64.b64encode(b"no-colon").decode())
+    assert BasicAuth({}).check(None)
+
+
+def test_basic_auth_caches_bcrypt_by_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = webconfig._checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        calls.append(password)
+        return real(password, hashed)
+
+    monkeypatch.setattr(webconfig, "_checkpw", counting)
+    auth = BasicAuth({"prometheus": HASH}, cache_size=2)
+    for _ in range(5):
+        assert auth.check(basic("prometheus", PASSWORD))
+        assert not auth.check(basic("prometheus", "wrong"))
+    assert len(calls) == 2
+    # A third distinct credential evicts the oldest entry (the right password).
+    assert not auth.check(basic("prometheus", "other"))
+    assert auth.check(basic("prometheus", PASSWORD))
+    assert len(calls) == 4
+
+
+def _get(
+    url: str, headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def _serving(tmp_path: Path, web_config: str) -> Exporter:
+    path = tmp_path / "web.yml"
+    path.write_text(web_config)
+    exporter = Exporter(
+        MetricsConfig(port=0, web_config_file=str(path)), build_info={"version": "t"}
+    )
+    for snapshot in small_snapshots():
+        exporter.publish(snapshot)
+    return exporter
+
+
+def test_http_basic_auth(tmp_path: Path) -> None:
+    exporter = _serving(
+        tmp_path,
+        f"basic_auth_users:\n  prometheus: '{HASH}'\n"
+        "http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n",
+    )
+    exporter.start()
+    try:
+        url = f"http://127.0.0.1:{exporter.port}/metrics"
+        status, headers, _ = _get(url)
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith("Basic realm=")
+        assert _get(url, {"Authorization": basic("prometheus", "nope")})[0] == 401
+        status, headers, body = _get(url, {"Authorization": basic("prometheus", PASSWORD)})
+        assert status == 200
+        assert body == exporter.render()
+        assert headers["X-Content-Type-Options"] == "nosniff"
+    finally:
+        exporter.stop()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl CLI not installed; cannot make a test certificate")
+    folder = tmp_path_factory.mktemp("certs")
+    for name, subject in (("server", "localhost"), ("client", "powerd-test-client")):
+        subprocess.run(
+            [
+                openssl,
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                f"/CN={subject}",
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout",
+                str(folder / f"{name}.key"),
+                "-out",
+                str(folder / f"{name}.crt"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    yield folder
+
+
+def test_tls_serves_metrics_and_a_stalled_client_blocks_nobody(tmp_path: Path, certs: Path) -> None:
+    exporter = _serving(
+        tmp_path,
+        f"tls_server_config:\n  cert_file: {certs / 'server.crt'}\n"
+        f"  key_file: {certs / 'server.key'}\n",
+    )
+    exporter.start()
+    stalled = socket.create_connection(("127.0.0.1", exporter.port or 0))
+    try:
+        context = ssl.create_default_context(cafile=str(certs / "server.crt"))
+        status, _, body = _get(f"https://127.0.0.1:{exporter.port}/metrics", context=context)
+        assert status == 200 and body == exporter.render()
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            _get(f"http://127.0.0.1:{exporter.port}/metrics")
+        untrusting = ssl.create_default_context()
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            _get(f"https://127.0.0.1:{exporter.port}/metrics", context=untrusting)
+    finally:
+        stalled.close()
+        exporter.stop()
+
+
+def test_tls_client_certificates_are_verified(tmp_path: Path, certs: Path) -> None:
+    exporter = _serving(
+        tmp_path,
+        f"tls_server_config:\n  cert_file: {certs / 'server.crt'}\n"
+        f"  key_file: {certs / 'server.key'}\n"
+        "  client_auth_type: RequireAndVerifyClientCert\n"
+        f"  client_ca_file: {certs / 'client.crt'}\n"
+        "  min_version: TLS12\n",
+    )
+    exporter.start()
+    try:
+        url = f"https://127.0.0.1:{exporter.port}/metrics"
+        anonymous = ssl.create_default_context(cafile=str(certs / "server.crt"))
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            _get(url, context=anonymous)
+        known = ssl.create_default_context(cafile=str(certs / "server.crt"))
+        known.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
+        assert _get(url, context=known)[0] == 200
+    finally:
+        exporter.stop()
+
+
+def test_missing_certificate_is_a_clear_error(tmp_path: Path) -> None:
+    exporter = _serving(
+        tmp_path, "tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n"
+    )
+    with pytest.raises(WebConfigError, match=r"^tls_server_config\.cert_file: cannot load .*nope"):
+        exporter.start()
+    assert exporter.port is None
+
+
+def test_bad_web_config_file_stops_start(tmp_path: Path) -> None:
+    exporter = _serving(tmp_path, "basic_auth_users:\n  prometheus: plain\n")
+    with pytest.raises(WebConfigError, match=r"basic_auth_users\.prometheus"):
+        exporter.start()
+
+
+def test_exporter_without_web_config_is_plain_http() -> None:
+    exporter = small_exporter()
+    exporter.start()
+    try:
+        assert _get(f"http://127.0.0.1:{exporter.port}/metrics")[0] == 200
+    finally:
+        exporter.stop()
