@@ -1,0 +1,429 @@
+"""The NVML backend: the only module that talks to pynvml (nvidia-ml-py).
+
+It works over any object with pynvml's functions, constants and NVMLError classes: the real
+`pynvml` module, or the simulator's FakeNvml. Every call goes through one choke point
+(`_call`) that maps NVML's errors into the GpuError hierarchy once and counts them by
+(operation, kind) in `error_counts`, which the exporter publishes.
+
+Reads return None for a value the device does not report; writes raise. Setters read before
+they write (a write that changes nothing is skipped), clamp to the device's constraints, and
+verify by reading back. The power limit uses the v1 setter: nvidia-ml-py 13's
+`nvmlDeviceSetPowerManagementLimit_v2` ignores the C return code (nvml_api.md §0.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from powerd.gpu.errors import (
+    GpuError,
+    GpuLost,
+    GpuUnavailable,
+    InvalidArgument,
+    NoPermission,
+    NotSupported,
+)
+from powerd.model import GpuInfo, GpuReading
+
+log = logging.getLogger(__name__)
+
+POWER_LIMIT_TOLERANCE_MW = 1000
+"""A read-back within 1 W of the request counts as applied, so a driver that rounds the limit
+does not turn every write into an error (and a re-write) on every tick."""
+
+_INIT_FAILURES: dict[str, str] = {
+    "NVMLError_LibraryNotFound": (
+        "NVML is not available: libnvidia-ml.so.1 was not found; is the NVIDIA driver installed?"
+    ),
+    "NVMLError_DriverNotLoaded": (
+        "NVML is not available: the NVIDIA kernel driver is not loaded; "
+        "load it (modprobe nvidia) or reinstall the driver."
+    ),
+    "NVMLError_NoPermission": (
+        "NVML is not available: no permission to open the GPU devices (/dev/nvidia*); "
+        "run as root, or allow them with DeviceAllow= in the unit."
+    ),
+    "NVMLError_LibRmVersionMismatch": (
+        "NVML is not available: the NVIDIA driver was upgraded without reloading the kernel "
+        "module; reboot or reload it."
+    ),
+}
+
+# NVML error class name -> GpuError subclass. FunctionNotFound means the installed driver
+# predates the call, which to powerd is the same as the device lacking the feature.
+_ERROR_CLASSES: tuple[tuple[str, type[GpuError]], ...] = (
+    ("NVMLError_NotSupported", NotSupported),
+    ("NVMLError_FunctionNotFound", NotSupported),
+    ("NVMLError_NoPermission", NoPermission),
+    ("NVMLError_GpuIsLost", GpuLost),
+    ("NVMLError_GpuNotFound", GpuLost),
+    ("NVMLError_InvalidArgument", InvalidArgument),
+    ("NVMLError_Uninitialized", GpuUnavailable),
+    ("NVMLError_DriverNotLoaded", GpuUnavailable),
+    ("NVMLError_LibRmVersionMismatch", GpuUnavailable),
+)
+
+_HINTS: dict[type[GpuError], str] = {
+    NoPermission: " (changing GPU settings needs root or CAP_SYS_ADMIN)",
+    GpuLost: " (the GPU fell off the bus or stopped answering)",
+    GpuUnavailable: " (NVML is not initialised or the driver went away)",
+}
+
+
+class NvmlBackend:
+    """GpuBackend over NVML. `nvml` is a pynvml-compatible module or object (default: the
+    installed pynvml). Construction initialises NVML and raises GpuUnavailable with one
+    sentence naming the cause when it cannot."""
+
+    def __init__(self, nvml: Any = None, *, clock: Callable[[], float] = time.time) -> None:
+        if nvml is None:
+            try:
+                import pynvml
+            except ImportError as exc:
+                raise GpuUnavailable(
+                    "NVML is not available: the nvidia-ml-py package is not installed.",
+                    operation="import pynvml",
+                ) from exc
+            nvml = pynvml
+        self._nvml = nvml
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.error_counts: dict[tuple[str, str], int] = {}
+        """Errors by (NVML function, GpuError kind) since start; read by the exporter."""
+        self._handles: dict[str, Any] = {}
+        self._infos: dict[str, GpuInfo] = {}
+        self._locked_mhz: dict[str, tuple[int, int] | None] = {}
+        """The lock powerd set per GPU (None: unlocked by powerd); absent: unknown, since NVML
+        has no getter for locked clocks."""
+        self._power_fixed: set[str] = set()
+        """GPUs without a settable power limit."""
+        self._closed = False
+        self._init()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def _init(self) -> None:
+        nvml_error = getattr(self._nvml, "NVMLError", None)
+        try:
+            self._nvml.nvmlInit()
+        except Exception as exc:
+            if nvml_error is None or not isinstance(exc, nvml_error):
+                raise
+            message = _INIT_FAILURES.get(type(exc).__name__)
+            if message is None:
+                message = f"NVML is not available: nvmlInit failed ({_nvml_text(exc)})."
+            raise GpuUnavailable(message, operation="nvmlInit") from exc
+
+    def close(self) -> None:
+        """Shut NVML down. Changes no GPU setting; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call("nvmlShutdown", None)
+        except GpuError as exc:
+            log.debug("nvmlShutdown: %s", exc)
+
+    # --- the choke point ------------------------------------------------------------------
+
+    def _call(self, operation: str, uuid: str | None, *args: Any) -> Any:
+        """Call the NVML function named `operation`; NVML errors become GpuErrors (counted)."""
+        fn = getattr(self._nvml, operation, None)
+        if fn is None:
+            raise self._record(
+                NotSupported(
+                    f"{operation} is not provided by this NVML binding",
+                    operation=operation,
+                    uuid=uuid,
+                )
+            )
+        try:
+            return fn(*args)
+        except Exception as exc:
+            mapped = self._map(exc, operation, uuid)
+            if mapped is None:
+                raise
+            raise self._record(mapped) from exc
+
+    def _map(self, exc: Exception, operation: str, uuid: str | None) -> GpuError | None:
+        nvml = self._nvml
+        mismatch = getattr(nvml, "NVMLLibraryMismatchError", None)
+        if mismatch is not None and isinstance(exc, mismatch):
+            return NotSupported(
+                f"{operation}: the NVML library is older than nvidia-ml-py expects",
+                operation=operation,
+                uuid=uuid,
+            )
+        base = getattr(nvml, "NVMLError", None)
+        if base is None or not isinstance(exc, base):
+            return None
+        cls: type[GpuError] = GpuError
+        for name, mapped in _ERROR_CLASSES:
+            nvml_cls = getattr(nvml, name, None)
+            if nvml_cls is not None and isinstance(exc, nvml_cls):
+                cls = mapped
+                break
+        else:
+            unknown = getattr(nvml, "NVMLError_Unknown", None)
+            if unknown is not None and isinstance(exc, unknown) and self._device_gone(uuid):
+                cls = GpuLost
+        where = f" on GPU {uuid}" if uuid else ""
+        message = f"{operation}{where} failed: {_nvml_text(exc)}{_HINTS.get(cls, '')}"
+        return cls(message, operation=operation, uuid=uuid)
+
+    def _device_gone(self, uuid: str | None) -> bool:
+        """After NVML_ERROR_UNKNOWN: does the device still answer a fresh handle lookup?"""
+        if uuid is None:
+            return False
+        try:
+            handle = self._nvml.nvmlDeviceGetHandleByUUID(uuid)
+            self._nvml.nvmlDeviceGetUUID(handle)
+        except Exception:
+            self._handles.pop(uuid, None)
+            return True
+        return False
+
+    def _record(self, error: GpuError) -> GpuError:
+        if isinstance(error, GpuLost) and error.uuid is not None:
+            # A GPU back after a reset needs a fresh handle.
+            self._handles.pop(error.uuid, None)
+        key = (error.operation, error.kind)
+        with self._lock:
+            count = self.error_counts.get(key, 0) + 1
+            self.error_counts[key] = count
+        # The first of each kind is worth a warning; a feature a GPU lacks fails every tick.
+        log.log(logging.WARNING if count == 1 else logging.DEBUG, "%s", error)
+        return error
+
+    # --- devices --------------------------------------------------------------------------
+
+    def devices(self) -> list[GpuInfo]:
+        """Every GPU NVML can open, in index order. A GPU that cannot be opened (no
+        permission, lost) is left out and its error counted."""
+        count = int(self._call("nvmlDeviceGetCount", None))
+        infos: list[GpuInfo] = []
+        for index in range(count):
+            try:
+                handle = self._call("nvmlDeviceGetHandleByIndex", None, index)
+                uuid = _text(self._call("nvmlDeviceGetUUID", None, handle))
+                info = self._describe(index, uuid, handle)
+            except GpuUnavailable:
+                raise
+            except GpuError as exc:
+                log.warning("GPU index %d left out: %s", index, exc)
+                continue
+            self._handles[uuid] = handle
+            self._infos[uuid] = info
+            infos.append(info)
+        return infos
+
+    def _describe(self, index: int, uuid: str, handle: Any) -> GpuInfo:
+        name = _text(self._call("nvmlDeviceGetName", uuid, handle))
+        clocks = self._supported_sm_clocks(uuid, handle)
+        try:
+            min_mw, max_mw = (
+                int(v)
+                for v in self._call("nvmlDeviceGetPowerManagementLimitConstraints", uuid, handle)
+            )
+            default_mw = int(self._call("nvmlDeviceGetPowerManagementDefaultLimit", uuid, handle))
+        except (GpuLost, GpuUnavailable):
+            raise
+        except GpuError:
+            # No settable limit on this device: pin the range to what it enforces now, so
+            # clamping leaves it alone; set_power_limit then refuses with NotSupported.
+            enforced_mw = self._optional("nvmlDeviceGetEnforcedPowerLimit", uuid, handle)
+            min_mw = max_mw = default_mw = int(enforced_mw or 0)
+            self._power_fixed.add(uuid)
+        return GpuInfo(
+            index=index,
+            uuid=uuid,
+            name=name,
+            power_limit_min_mw=min_mw,
+            power_limit_max_mw=max_mw,
+            power_limit_default_mw=default_mw,
+            sm_clock_min_mhz=clocks[0],
+            sm_clock_max_mhz=clocks[-1],
+            supported_sm_clocks_mhz=clocks,
+        )
+
+    def _supported_sm_clocks(self, uuid: str, handle: Any) -> tuple[int, ...]:
+        """Ascending SM clocks supported at the highest memory clock (the one serving runs
+        at); the device's maximum SM clock alone when NVML lists none."""
+        try:
+            memory_mhz = max(
+                int(v) for v in self._call("nvmlDeviceGetSupportedMemoryClocks", uuid, handle)
+            )
+            listed = self._call("nvmlDeviceGetSupportedGraphicsClocks", uuid, handle, memory_mhz)
+            clocks = tuple(sorted({int(v) for v in listed}))
+            if clocks:
+                return clocks
+        except (GpuLost, GpuUnavailable):
+            raise
+        except (GpuError, ValueError):
+            pass  # ValueError: an empty memory-clock list
+        sm = getattr(self._nvml, "NVML_CLOCK_SM", 1)
+        return (int(self._call("nvmlDeviceGetMaxClockInfo", uuid, handle, sm)),)
+
+    def _handle(self, uuid: str) -> Any:
+        handle = self._handles.get(uuid)
+        if handle is None:
+            try:
+                handle = self._call("nvmlDeviceGetHandleByUUID", uuid, uuid)
+            except GpuLost:
+                raise
+            except GpuError as exc:
+                raise GpuLost(
+                    f"GPU {uuid} is not present: {exc}",
+                    operation="nvmlDeviceGetHandleByUUID",
+                    uuid=uuid,
+                ) from exc
+            self._handles[uuid] = handle
+        return handle
+
+    def _info(self, uuid: str) -> GpuInfo:
+        info = self._infos.get(uuid)
+        if info is None:
+            self.devices()
+            info = self._infos.get(uuid)
+            if info is None:
+                raise self._record(
+                    GpuLost(
+                        f"GPU {uuid} is not present",
+                        operation="nvmlDeviceGetHandleByUUID",
+                        uuid=uuid,
+                    )
+                )
+        return info
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def _optional(self, operation: str, uuid: str, *args: Any) -> Any:
+        """The call's result, or None when it fails for any reason but a lost GPU or NVML
+        going away (those raise)."""
+        try:
+            return self._call(operation, uuid, *args)
+        except (GpuLost, GpuUnavailable):
+            raise
+        except GpuError:
+            return None
+
+    def read(self, uuid: str) -> GpuReading:
+        """One telemetry reading; a value the device cannot give is None. Raises GpuLost."""
+        info = self._info(uuid)
+        handle = self._handle(uuid)
+        nvml = self._nvml
+        timestamp_s = self._clock()
+        power_mw = self._optional("nvmlDeviceGetPowerUsage", uuid, handle)
+        energy_mj = self._optional("nvmlDeviceGetTotalEnergyConsumption", uuid, handle)
+        sm_clock_mhz = self._optional(
+            "nvmlDeviceGetClockInfo", uuid, handle, getattr(nvml, "NVML_CLOCK_SM", 1)
+        )
+        power_limit_mw = self._optional("nvmlDeviceGetPowerManagementLimit", uuid, handle)
+        enforced_mw = self._optional("nvmlDeviceGetEnforcedPowerLimit", uuid, handle)
+        reasons = self._optional("nvmlDeviceGetCurrentClocksEventReasons", uuid, handle)
+        temperature_c = self._optional(
+            "nvmlDeviceGetTemperature", uuid, handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
+        )
+        return GpuReading(
+            uuid=uuid,
+            index=info.index,
+            timestamp_s=timestamp_s,
+            power_mw=_int_or_none(power_mw),
+            energy_mj=_int_or_none(energy_mj),
+            sm_clock_mhz=_int_or_none(sm_clock_mhz),
+            power_limit_mw=_int_or_none(power_limit_mw),
+            enforced_power_limit_mw=_int_or_none(enforced_mw),
+            clock_event_reasons=_int_or_none(reasons),
+            temperature_c=_int_or_none(temperature_c),
+        )
+
+    def compute_pids(self, uuid: str) -> list[int]:
+        """PIDs with a compute context on the GPU; empty when NVML cannot list them."""
+        handle = self._handle(uuid)
+        processes = self._optional("nvmlDeviceGetComputeRunningProcesses", uuid, handle)
+        if not processes:
+            return []
+        return sorted({int(p.pid) for p in processes})
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def set_locked_clocks(self, uuid: str, min_mhz: int, max_mhz: int) -> tuple[int, int]:
+        """Lock the SM clock into [min_mhz, max_mhz], each rounded down to a supported clock.
+        Returns the range applied. NVML cannot read a lock back, so the range is remembered;
+        a request for the range already set is not sent again."""
+        info = self._info(uuid)
+        high = info.clamp_clock_mhz(max(min_mhz, max_mhz))
+        low = min(info.clamp_clock_mhz(min(min_mhz, max_mhz)), high)
+        if self._locked_mhz.get(uuid, ()) == (low, high):
+            return low, high
+        handle = self._handle(uuid)
+        # If the call fails the driver's state is no longer known: forget it, so the next
+        # request is sent whatever it is.
+        self._locked_mhz.pop(uuid, None)
+        self._call("nvmlDeviceSetGpuLockedClocks", uuid, handle, low, high)
+        self._locked_mhz[uuid] = (low, high)
+        return low, high
+
+    def reset_locked_clocks(self, uuid: str) -> None:
+        """Unlock the SM clocks. Skipped only when powerd itself unlocked them last."""
+        if uuid in self._locked_mhz and self._locked_mhz[uuid] is None:
+            return
+        handle = self._handle(uuid)
+        self._locked_mhz.pop(uuid, None)
+        self._call("nvmlDeviceResetGpuLockedClocks", uuid, handle)
+        self._locked_mhz[uuid] = None
+
+    def set_power_limit(self, uuid: str, power_limit_mw: int) -> int:
+        """Set the power limit, clamped to the device's constraints; returns the limit read
+        back. Raises GpuError when the read-back differs from what was set by more than
+        POWER_LIMIT_TOLERANCE_MW; a current limit that close already is left alone."""
+        info = self._info(uuid)
+        operation = "nvmlDeviceSetPowerManagementLimit"
+        if uuid in self._power_fixed:
+            raise self._record(
+                NotSupported(
+                    f"GPU {uuid} has no settable power limit", operation=operation, uuid=uuid
+                )
+            )
+        target_mw = info.clamp_power_limit_mw(power_limit_mw)
+        handle = self._handle(uuid)
+        current_mw = self._optional("nvmlDeviceGetPowerManagementLimit", uuid, handle)
+        if current_mw is not None and abs(int(current_mw) - target_mw) <= POWER_LIMIT_TOLERANCE_MW:
+            return int(current_mw)
+        self._call(operation, uuid, handle, target_mw)
+        readback_mw = int(self._call("nvmlDeviceGetPowerManagementLimit", uuid, handle))
+        if abs(readback_mw - target_mw) > POWER_LIMIT_TOLERANCE_MW:
+            raise self._record(
+                GpuError(
+                    f"GPU {uuid}: power limit reads back as {readback_mw} mW after setting "
+                    f"{target_mw} mW",
+                    operation=operation,
+                    uuid=uuid,
+                )
+            )
+        return readback_mw
+
+    def reset_power_limit(self, uuid: str) -> None:
+        """Set the power limit back to the device's default (NVML has no reset call)."""
+        if uuid in self._power_fixed:
+            return
+        self.set_power_limit(uuid, self._info(uuid).power_limit_default_mw)
+
+
+def _nvml_text(exc: Exception) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return type(exc).__name__
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -1,0 +1,371 @@
+"""Saved original GPU settings, and their restore after an exit, a crash or a kill.
+
+Before powerd first changes a GPU it records that GPU's original power limit and clock state
+in a JSON file under the state directory, written atomically (temporary file, fsync, rename,
+fsync of the directory), so a SIGKILL at any instant leaves either the old or the new file.
+`powerd restore` (ExecStopPost=) and the next start read it back and undo the changes in the
+reverse order of the first writes. The file is removed only once every GPU was restored.
+
+NVML has no getter for locked clocks, so the original clock state is recorded as "unknown" and
+restored by resetting the lock (the driver default, which is also the state after a reboot).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from powerd.gpu.backend import GpuBackend
+from powerd.gpu.errors import GpuError, GpuLost, NotSupported
+from powerd.model import GpuInfo
+
+log = logging.getLogger(__name__)
+
+FORMAT = "powerd-journal"
+VERSION = 1
+CLOCK_STATES = ("unknown", "unlocked")
+
+
+class JournalError(Exception):
+    """The journal cannot be written; powerd must not change a GPU it cannot restore."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """The settings one GPU had before powerd first changed it."""
+
+    uuid: str
+    index: int
+    name: str
+    power_limit_mw: int | None
+    """Requested power limit before the first write; None when it could not be read (restore
+    then sets the default limit)."""
+    power_limit_default_mw: int
+    sm_clocks: str
+    """'unknown' (NVML cannot read a lock; restore resets it) or 'unlocked'."""
+    saved_at_s: float
+    """Wall-clock time (Unix seconds) of the save."""
+
+
+@dataclass(slots=True)
+class RestoreReport:
+    """What restore_all did. Every list holds GPU UUIDs, in the order they were handled."""
+
+    restored: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    """GPUs that were gone; their entries stay in the journal for the next attempt."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """UUID -> one-sentence reason; their entries stay in the journal."""
+    clocks_reset: list[str] = field(default_factory=list)
+    """GPUs whose clocks were reset because the journal was corrupt."""
+    errors: list[str] = field(default_factory=list)
+    """Problems not tied to one GPU: a corrupt journal (renamed to *.corrupt, its power limits
+    lost), a journal that cannot be rewritten, a device list that cannot be read."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost and not self.failed and not self.errors
+
+    def summary(self) -> str:
+        """One line for the log and for `powerd restore`."""
+        parts = [f"restored {len(self.restored)} GPU(s)"]
+        if self.lost:
+            parts.append(f"{len(self.lost)} gone ({', '.join(self.lost)})")
+        if self.failed:
+            parts.append(
+                f"{len(self.failed)} failed ("
+                + "; ".join(f"{uuid}: {why}" for uuid, why in self.failed.items())
+                + ")"
+            )
+        parts.extend(self.errors)
+        if self.clocks_reset:
+            parts.append(f"clocks reset on {len(self.clocks_reset)} GPU(s)")
+        return ", ".join(parts)
+
+
+class Journal:
+    """The saved original settings of every GPU powerd has changed, persisted at `path`.
+
+    A corrupt file is renamed to `<path>.corrupt` when first read and reported through
+    `load_error`; it never raises.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.load_error: str | None = None
+        self._entries: list[JournalEntry] = []
+        self._load()
+
+    def pending(self) -> bool:
+        """True when a previous run left settings to restore (or a corrupt journal): the
+        daemon restores before it changes anything."""
+        return bool(self._entries) or self.load_error is not None
+
+    def entries(self) -> list[JournalEntry]:
+        """Saved entries in the order of their first write."""
+        return list(self._entries)
+
+    def get(self, uuid: str) -> JournalEntry | None:
+        for entry in self._entries:
+            if entry.uuid == uuid:
+                return entry
+        return None
+
+    def remember(self, backend: GpuBackend, uuid: str, info: GpuInfo) -> bool:
+        """Save the GPU's current settings as its originals, unless already saved.
+
+        Call before every write; only the first call per GPU reads and saves. Returns True when
+        it saved. Raises JournalError when the file cannot be written (then do not write to
+        the GPU)."""
+        if self.get(uuid) is not None:
+            return False
+        power_limit_mw: int | None = None
+        try:
+            power_limit_mw = backend.read(uuid).power_limit_mw
+        except GpuLost:
+            raise
+        except GpuError as exc:
+            log.warning("GPU %s: cannot read its power limit before changing it: %s", uuid, exc)
+        entry = JournalEntry(
+            uuid=uuid,
+            index=info.index,
+            name=info.name,
+            power_limit_mw=power_limit_mw,
+            power_limit_default_mw=info.power_limit_default_mw,
+            sm_clocks="unknown",
+            saved_at_s=time.time(),
+        )
+        self._write([*self._entries, entry])
+        self._entries.append(entry)
+        log.info(
+            "GPU %s: saved original settings (power limit %s mW, clocks %s)",
+            uuid,
+            power_limit_mw,
+            entry.sm_clocks,
+        )
+        return True
+
+    def _load(self) -> None:
+        try:
+            self._entries = _parse(self.path.read_bytes())
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            problem = f"{self.path} cannot be read ({exc.strerror or exc})"
+        except ValueError as exc:
+            problem = f"{self.path} is corrupt ({exc})"
+        # Keep the evidence, out of the way of the next run's journal.
+        aside = self.path.with_name(self.path.name + ".corrupt")
+        if aside.exists():
+            aside = self.path.with_name(f"{self.path.name}.corrupt.{time.time_ns()}")
+        try:
+            os.replace(self.path, aside)
+            _fsync_dir(self.path.parent)
+            where = f"kept as {aside}"
+        except OSError as move_exc:
+            where = f"could not be moved aside: {move_exc.strerror or move_exc}"
+        self.load_error = f"{problem}; {where}"
+        log.error("restore journal: %s", self.load_error)
+
+    def _write(self, entries: list[JournalEntry]) -> None:
+        document = {
+            "format": FORMAT,
+            "version": VERSION,
+            "pid": os.getpid(),
+            "entries": [asdict(entry) for entry in entries],
+        }
+        data = (json.dumps(document, indent=1, sort_keys=True) + "\n").encode()
+        try:
+            _atomic_write(self.path, data)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot save GPU settings to {self.path}: {exc.strerror or exc}"
+            ) from exc
+
+    def retain(self, remaining: list[JournalEntry]) -> None:
+        """Keep only `remaining` (in first-write order); remove the file when nothing is left.
+        Raises JournalError when the file cannot be rewritten."""
+        if remaining:
+            self._write(remaining)
+        else:
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise JournalError(f"cannot remove {self.path}: {exc.strerror or exc}") from exc
+            with contextlib.suppress(OSError):
+                _fsync_dir(self.path.parent)
+        self._entries = list(remaining)
+
+
+def restore_all(backend: GpuBackend, journal: Journal) -> RestoreReport:
+    """Put back every saved setting, newest first; never raises.
+
+    Per GPU: reset the locked clocks, then set the saved power limit (the default limit when
+    it was unknown). A GPU that is gone or refuses is reported and kept in the journal; the
+    journal file is removed once every GPU was restored. If the journal was corrupt, every
+    GPU's clocks are reset (locking is powerd's doing, a reset is always safe) and power
+    limits are left as they are, since their originals are lost. Logs each GPU; the caller
+    logs `report.summary()`.
+    """
+    report = RestoreReport()
+    if journal.load_error is not None:
+        report.errors.append(journal.load_error)
+        _reset_all_clocks(backend, report)
+        journal.load_error = None
+
+    remaining: list[JournalEntry] = []
+    for entry in reversed(journal.entries()):
+        outcome = _restore_one(backend, entry)
+        if outcome is None:
+            report.restored.append(entry.uuid)
+            continue
+        kind, reason = outcome
+        if kind == "lost":
+            report.lost.append(entry.uuid)
+        else:
+            report.failed[entry.uuid] = reason
+        remaining.append(entry)
+        log.error("GPU %s: not restored: %s", entry.uuid, reason)
+    remaining.reverse()
+    try:
+        journal.retain(remaining)
+    except JournalError as exc:
+        report.errors.append(str(exc))
+        log.error("restore journal: %s", exc)
+    return report
+
+
+def _restore_one(backend: GpuBackend, entry: JournalEntry) -> tuple[str, str] | None:
+    """None when restored, else ('lost' | 'failed', reason)."""
+    try:
+        # NotSupported: the GPU lacks the knob, so powerd cannot have changed it.
+        with contextlib.suppress(NotSupported):
+            backend.reset_locked_clocks(entry.uuid)
+        with contextlib.suppress(NotSupported):
+            if entry.power_limit_mw is None:
+                backend.reset_power_limit(entry.uuid)
+            else:
+                backend.set_power_limit(entry.uuid, entry.power_limit_mw)
+    except GpuLost as exc:
+        return "lost", str(exc)
+    except GpuError as exc:
+        return "failed", str(exc)
+    except Exception as exc:  # a backend bug must not stop the other GPUs' restore
+        log.exception("GPU %s: unexpected error while restoring", entry.uuid)
+        return "failed", f"{type(exc).__name__}: {exc}"
+    log.info(
+        "GPU %s: restored (clocks unlocked, power limit %s)",
+        entry.uuid,
+        f"{entry.power_limit_mw} mW" if entry.power_limit_mw is not None else "default",
+    )
+    return None
+
+
+def _reset_all_clocks(backend: GpuBackend, report: RestoreReport) -> None:
+    try:
+        infos = backend.devices()
+    except GpuError as exc:
+        report.errors.append(f"cannot list the GPUs to reset their clocks: {exc}")
+        return
+    for info in infos:
+        try:
+            backend.reset_locked_clocks(info.uuid)
+        except NotSupported:
+            continue
+        except GpuLost as exc:
+            report.lost.append(info.uuid)
+            log.error("GPU %s: gone: %s", info.uuid, exc)
+            continue
+        except GpuError as exc:
+            report.failed[info.uuid] = str(exc)
+            continue
+        report.clocks_reset.append(info.uuid)
+
+
+def _parse(raw: bytes) -> list[JournalEntry]:
+    """Entries from the file's bytes; ValueError with a short reason when malformed."""
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} file")
+    if document.get("version") != VERSION:
+        raise ValueError(f"version {document.get('version')!r}, expected {VERSION}")
+    items = document.get("entries")
+    if not isinstance(items, list):
+        raise ValueError("'entries' is not a list")
+    entries = [_parse_entry(item, n) for n, item in enumerate(items)]
+    uuids = [entry.uuid for entry in entries]
+    if len(set(uuids)) != len(uuids):
+        raise ValueError("a GPU appears twice")
+    return entries
+
+
+def _parse_entry(item: Any, n: int) -> JournalEntry:
+    if not isinstance(item, dict):
+        raise ValueError(f"entry {n} is not an object")
+
+    def need(key: str, kinds: tuple[type, ...], optional: bool = False) -> Any:
+        value = item.get(key)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"entry {n}: {key!r} is missing or not a {kinds[0].__name__}")
+        return value
+
+    sm_clocks = need("sm_clocks", (str,))
+    if sm_clocks not in CLOCK_STATES:
+        raise ValueError(f"entry {n}: 'sm_clocks' is {sm_clocks!r}")
+    uuid = need("uuid", (str,))
+    if not uuid:
+        raise ValueError(f"entry {n}: empty 'uuid'")
+    return JournalEntry(
+        uuid=uuid,
+        index=need("index", (int,)),
+        name=need("name", (str,)),
+        power_limit_mw=need("power_limit_mw", (int,), optional=True),
+        power_limit_default_mw=need("power_limit_default_mw", (int,)),
+        sm_clocks=sm_clocks,
+        saved_at_s=float(need("saved_at_s", (float, int))),
+    )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

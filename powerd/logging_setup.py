@@ -1,0 +1,122 @@
+"""Log format: one line per event.
+
+Under systemd, stderr goes to journald, which stamps each line itself and reads a leading
+`<N>` as the syslog priority (sd-daemon(3)), so lines carry that prefix and no timestamp.
+Elsewhere lines start with an ISO-8601 timestamp and the level name.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from typing import TextIO
+
+# sd-daemon(3) SD_* priorities.
+_SD_PRIORITY = (
+    (logging.CRITICAL, 2),  # SD_CRIT
+    (logging.ERROR, 3),  # SD_ERR
+    (logging.WARNING, 4),  # SD_WARNING
+    (logging.INFO, 6),  # SD_INFO
+)
+_SD_DEBUG = 7
+
+
+def syslog_priority(levelno: int) -> int:
+    """The sd-daemon priority for a logging level (DEBUG and below are 7)."""
+    for threshold, priority in _SD_PRIORITY:
+        if levelno >= threshold:
+            return priority
+    return _SD_DEBUG
+
+
+def parse_level(level: str | int) -> int:
+    """A logging level from a name ('info', 'DEBUG') or a number; ValueError otherwise."""
+    if isinstance(level, int):
+        return level
+    value = logging.getLevelName(level.strip().upper())
+    if not isinstance(value, int):
+        raise ValueError(f"log level {level!r} is not one of debug, info, warning, error, critical")
+    return value
+
+
+class OneLineFormatter(logging.Formatter):
+    """Formats a record as one line: newlines in the message are escaped, and an exception is
+    summarised as its type, message and innermost frame. With `full_traceback` the traceback
+    follows on extra lines, each with the same prefix."""
+
+    def __init__(self, fmt: str, *, priority_prefix: bool, full_traceback: bool) -> None:
+        super().__init__(fmt, datefmt="%Y-%m-%dT%H:%M:%S%z")
+        self._priority_prefix = priority_prefix
+        self._full_traceback = full_traceback
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().replace("\r", "").replace("\n", "\\n")
+        summary = ""
+        extra_lines: list[str] = []
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            summary = " [" + _exception_summary(exc) + "]"
+            if self._full_traceback:
+                extra_lines = "".join(traceback.format_exception(exc)).rstrip("\n").split("\n")
+        elif record.exc_text:
+            summary = " [" + record.exc_text.strip().splitlines()[-1] + "]"
+        saved_msg, saved_args = record.msg, record.args
+        record.msg, record.args = message + summary, None
+        try:
+            line = logging.Formatter.format(self, _without_exc(record))
+        finally:
+            record.msg, record.args = saved_msg, saved_args
+        prefix = f"<{syslog_priority(record.levelno)}>" if self._priority_prefix else ""
+        lines = [prefix + line] + [prefix + "  " + extra for extra in extra_lines]
+        return "\n".join(lines)
+
+
+def _without_exc(record: logging.LogRecord) -> logging.LogRecord:
+    clone = logging.makeLogRecord(record.__dict__)
+    clone.exc_info = None
+    clone.exc_text = None
+    clone.stack_info = None
+    return clone
+
+
+def _exception_summary(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", "\\n")
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" at {last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
+    return text
+
+
+class _PowerdHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler setup_logging installed, so a second call replaces it."""
+
+
+def setup_logging(
+    level: str | int = "info", *, under_systemd: bool, stream: TextIO | None = None
+) -> logging.Handler:
+    """Configure the root logger; returns the handler installed.
+
+    Calling it again (on reload) replaces the previous handler rather than adding one.
+    """
+    levelno = parse_level(level)
+    if under_systemd:
+        fmt = "%(name)s: %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = _PowerdHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(
+        OneLineFormatter(
+            fmt, priority_prefix=under_systemd, full_traceback=levelno <= logging.DEBUG
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _PowerdHandler)]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(levelno)
+    # numba's compiler logs at DEBUG per pass: thousands of lines that say nothing about powerd.
+    logging.getLogger("numba").setLevel(max(levelno, logging.INFO))
+    return handler

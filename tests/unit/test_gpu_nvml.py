@@ -1,0 +1,389 @@
+"""NvmlBackend over the fake NVML (pynvml's names, units and error classes) and the real
+pynvml on a machine without a driver."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import pynvml
+import pytest
+
+from powerd.gpu.errors import (
+    GpuError,
+    GpuLost,
+    GpuUnavailable,
+    InvalidArgument,
+    NoPermission,
+    NotSupported,
+)
+from powerd.gpu.nvml import NvmlBackend
+from powerd.sim.fake_nvml import FakeNvml
+from powerd.sim.plant import GpuPlant, load_gpu_profile
+
+PROFILE = load_gpu_profile("h100-sxm")
+
+
+def make_fake(n_gpus: int = 2, **kwargs: Any) -> FakeNvml:
+    return FakeNvml(GpuPlant(PROFILE, n_gpus, seed=7), **kwargs)
+
+
+@pytest.fixture
+def fake() -> FakeNvml:
+    return make_fake()
+
+
+@pytest.fixture
+def backend(fake: FakeNvml) -> NvmlBackend:
+    return NvmlBackend(fake, clock=lambda: 1234.5)
+
+
+# --- devices and reads ----------------------------------------------------------------------
+
+
+def test_devices_describe_each_gpu(fake: FakeNvml, backend: NvmlBackend) -> None:
+    infos = backend.devices()
+    assert [i.index for i in infos] == [0, 1]
+    assert [i.uuid for i in infos] == fake.uuids
+    info = infos[0]
+    assert info.name == PROFILE.nvml_name
+    assert info.power_limit_min_mw == round(PROFILE.power_limit_min_w * 1000)
+    assert info.power_limit_max_mw == round(PROFILE.power_limit_max_w * 1000)
+    assert info.power_limit_default_mw == round(PROFILE.power_limit_default_w * 1000)
+    clocks = info.supported_sm_clocks_mhz
+    assert list(clocks) == sorted(set(PROFILE.supported_sm_clocks_mhz))
+    assert (info.sm_clock_min_mhz, info.sm_clock_max_mhz) == (clocks[0], clocks[-1])
+    assert info.sm_clock_max_mhz == PROFILE.sm_clock_max_mhz
+
+
+def test_devices_leave_out_a_lost_gpu(fake: FakeNvml, backend: NvmlBackend) -> None:
+    fake.lose_gpu(0)
+    assert [i.uuid for i in backend.devices()] == [fake.uuids[1]]
+    assert backend.error_counts[("nvmlDeviceGetHandleByIndex", "gpu_lost")] == 1
+
+
+def test_supported_clocks_fall_back_to_the_max_clock(fake: FakeNvml) -> None:
+    fake.disable_feature(0, "supported_clocks")
+    info = NvmlBackend(fake).devices()[0]
+    assert info.supported_sm_clocks_mhz == (PROFILE.sm_clock_max_mhz,)
+
+
+def test_read_returns_units_as_nvml_gives_them(fake: FakeNvml, backend: NvmlBackend) -> None:
+    uuid = fake.uuids[1]
+    reading = backend.read(uuid)
+    assert reading.uuid == uuid
+    assert reading.index == 1
+    assert reading.timestamp_s == 1234.5
+    assert reading.power_mw == fake.plant.power_usage_mw(1)
+    assert reading.energy_mj == fake.plant.energy_mj(1)
+    assert reading.sm_clock_mhz == fake.plant.sm_clock_readback_mhz(1)
+    assert reading.power_limit_mw == round(PROFILE.power_limit_default_w * 1000)
+    assert reading.enforced_power_limit_mw == fake.plant.enforced_power_limit_mw(1)
+    assert reading.clock_event_reasons == fake.plant.clock_event_reasons(1)
+    assert reading.temperature_c == fake.plant.temperature_c(1)
+    assert backend.error_counts == {}
+
+
+def test_unsupported_reads_are_none_and_counted(fake: FakeNvml, backend: NvmlBackend) -> None:
+    uuid = fake.uuids[0]
+    fake.disable_feature(0, "energy")
+    fake.disable_feature(0, "temperature")
+    fake.inject_error(0, "nvmlDeviceGetPowerUsage", pynvml.NVMLError_FunctionNotFound)
+    for _ in range(2):
+        reading = backend.read(uuid)
+        assert reading.energy_mj is None
+        assert reading.temperature_c is None
+        assert reading.sm_clock_mhz is not None
+    assert backend.read(fake.uuids[1]).energy_mj is not None
+    counts = backend.error_counts
+    assert counts[("nvmlDeviceGetTotalEnergyConsumption", "not_supported")] == 2
+    assert counts[("nvmlDeviceGetTemperature", "not_supported")] == 2
+    assert counts[("nvmlDeviceGetPowerUsage", "not_supported")] == 1
+
+
+def test_read_of_a_lost_gpu_raises(fake: FakeNvml, backend: NvmlBackend) -> None:
+    uuid = fake.uuids[0]
+    backend.devices()
+    fake.lose_gpu(0)
+    with pytest.raises(GpuLost) as caught:
+        backend.read(uuid)
+    assert caught.value.uuid == uuid
+    assert caught.value.operation.startswith("nvmlDevice")
+    assert backend.read(fake.uuids[1]).power_mw is not None
+    fake.restore_gpu(0)
+    assert backend.read(uuid).power_mw is not None
+
+
+def test_unknown_uuid_is_a_lost_gpu(backend: NvmlBackend) -> None:
+    with pytest.raises(GpuLost, match="GPU-nope is not present"):
+        backend.read("GPU-nope")
+    with pytest.raises(GpuLost):
+        backend.reset_locked_clocks("GPU-nope")
+
+
+def test_compute_pids(fake: FakeNvml, backend: NvmlBackend) -> None:
+    fake.set_compute_pids(0, [4242, 17, 4242])
+    assert backend.compute_pids(fake.uuids[0]) == [17, 4242]
+    assert backend.compute_pids(fake.uuids[1]) == []
+    fake.disable_feature(0, "processes")
+    assert backend.compute_pids(fake.uuids[0]) == []
+
+
+# --- writes ---------------------------------------------------------------------------------
+
+
+def test_locked_clocks_are_clamped_to_supported_clocks(
+    fake: FakeNvml, backend: NvmlBackend
+) -> None:
+    uuid = fake.uuids[0]
+    info = backend.devices()[0]
+    supported = info.supported_sm_clocks_mhz
+    want_low, want_high = supported[10] + 7, supported[50] + 7
+    applied = backend.set_locked_clocks(uuid, want_low, want_high)
+    assert applied == (supported[10], supported[50])
+    assert fake.writes == [("nvmlDeviceSetGpuLockedClocks", 0, applied)]
+    assert fake.plant.locked_clocks(0) == applied
+    # Out of range and reversed: clamped into the device range, low <= high.
+    applied = backend.set_locked_clocks(uuid, 99999, 1)
+    assert applied == (supported[0], supported[-1])
+
+
+def test_a_write_that_changes_nothing_is_skipped(fake: FakeNvml, backend: NvmlBackend) -> None:
+    uuid = fake.uuids[0]
+    backend.set_locked_clocks(uuid, 1200, 1500)
+    backend.set_locked_clocks(uuid, 1200, 1500)
+    backend.set_power_limit(uuid, 500_000)
+    backend.set_power_limit(uuid, 500_000)
+    backend.reset_locked_clocks(uuid)
+    backend.reset_locked_clocks(uuid)
+    backend.set_power_limit(uuid, round(PROFILE.power_limit_default_w * 1000))
+    backend.reset_power_limit(uuid)
+    assert [name for name, _, _ in fake.writes] == [
+        "nvmlDeviceSetGpuLockedClocks",
+        "nvmlDeviceSetPowerManagementLimit",
+        "nvmlDeviceResetGpuLockedClocks",
+        "nvmlDeviceSetPowerManagementLimit",
+    ]
+
+
+def test_power_limit_is_clamped_and_read_back(fake: FakeNvml, backend: NvmlBackend) -> None:
+    uuid = fake.uuids[1]
+    low_mw = round(PROFILE.power_limit_min_w * 1000)
+    high_mw = round(PROFILE.power_limit_max_w * 1000)
+    assert backend.set_power_limit(uuid, 1) == low_mw
+    assert fake.plant.power_limit_mw(1) == low_mw
+    assert backend.set_power_limit(uuid, 10**9) == high_mw
+    assert backend.set_power_limit(uuid, 432_100) == 432_100
+    assert [args for _, _, args in fake.writes] == [(low_mw,), (high_mw,), (432_100,)]
+    backend.reset_power_limit(uuid)
+    assert fake.plant.power_limit_mw(1) == round(PROFILE.power_limit_default_w * 1000)
+
+
+class _SilentSetterNvml(FakeNvml):
+    """A driver whose setter reports success but changes nothing, like the _v2 setter."""
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle: Any, limit: int) -> None:
+        with self.lock:
+            self._device("nvmlDeviceSetPowerManagementLimit", handle)
+
+
+def test_power_limit_read_back_mismatch_raises() -> None:
+    fake = _SilentSetterNvml(GpuPlant(PROFILE, 1, seed=3))
+    backend = NvmlBackend(fake)
+    uuid = fake.uuids[0]
+    with pytest.raises(GpuError, match="reads back as 700000 mW after setting 450000 mW"):
+        backend.set_power_limit(uuid, 450_000)
+    assert backend.error_counts[("nvmlDeviceSetPowerManagementLimit", "error")] == 1
+
+
+class _RoundingNvml(FakeNvml):
+    """A driver that keeps the power limit in whole watts."""
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle: Any, limit: int) -> None:
+        super().nvmlDeviceSetPowerManagementLimit(handle, round(limit, -3))
+
+
+def test_power_limit_rounded_by_the_driver_is_accepted() -> None:
+    fake = _RoundingNvml(GpuPlant(PROFILE, 1, seed=3))
+    backend = NvmlBackend(fake)
+    uuid = fake.uuids[0]
+    assert backend.set_power_limit(uuid, 432_400) == 432_000
+    assert backend.set_power_limit(uuid, 432_400) == 432_000
+    assert len(fake.writes) == 1
+    assert backend.error_counts == {}
+
+
+def test_locked_clock_state_is_forgotten_after_a_failed_write(
+    fake: FakeNvml, backend: NvmlBackend
+) -> None:
+    uuid = fake.uuids[0]
+    backend.set_locked_clocks(uuid, 1200, 1500)
+    fake.inject_error(0, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout)
+    with pytest.raises(GpuError):
+        backend.reset_locked_clocks(uuid)
+    # Unknown state now: the same lock is sent again rather than assumed.
+    backend.set_locked_clocks(uuid, 1200, 1500)
+    assert [name for name, _, _ in fake.writes].count("nvmlDeviceSetGpuLockedClocks") == 2
+
+
+# --- error mapping --------------------------------------------------------------------------
+
+
+def test_no_permission_when_not_privileged() -> None:
+    fake = make_fake(privileged=False)
+    backend = NvmlBackend(fake)
+    uuid = fake.uuids[0]
+    with pytest.raises(NoPermission, match="root or CAP_SYS_ADMIN") as caught:
+        backend.set_power_limit(uuid, 400_000)
+    assert caught.value.operation == "nvmlDeviceSetPowerManagementLimit"
+    assert caught.value.uuid == uuid
+    with pytest.raises(NoPermission):
+        backend.set_locked_clocks(uuid, 1000, 1500)
+    assert fake.writes == []
+    assert backend.error_counts[("nvmlDeviceSetPowerManagementLimit", "no_permission")] == 1
+    assert backend.error_counts[("nvmlDeviceSetGpuLockedClocks", "no_permission")] == 1
+    # Reads still work without privileges.
+    assert backend.read(uuid).power_mw is not None
+
+
+@pytest.mark.parametrize(
+    ("nvml_error", "expected", "kind"),
+    [
+        (pynvml.NVMLError_InvalidArgument, InvalidArgument, "invalid_argument"),
+        (pynvml.NVMLError_NotSupported, NotSupported, "not_supported"),
+        (pynvml.NVMLError_GpuIsLost, GpuLost, "gpu_lost"),
+        (pynvml.NVMLError_Uninitialized, GpuUnavailable, "unavailable"),
+        (pynvml.NVMLError_NoPermission, NoPermission, "no_permission"),
+        (pynvml.NVMLError_Timeout, GpuError, "error"),
+    ],
+)
+def test_each_nvml_error_maps_to_one_gpu_error(
+    fake: FakeNvml,
+    backend: NvmlBackend,
+    nvml_error: type[pynvml.NVMLError],
+    expected: type[GpuError],
+    kind: str,
+) -> None:
+    uuid = fake.uuids[0]
+    fake.inject_error(0, "nvmlDeviceSetGpuLockedClocks", nvml_error)
+    with pytest.raises(expected) as caught:
+        backend.set_locked_clocks(uuid, 1000, 1500)
+    assert type(caught.value) is expected
+    assert caught.value.kind == kind
+    assert caught.value.operation == "nvmlDeviceSetGpuLockedClocks"
+    assert caught.value.uuid == uuid
+    assert isinstance(caught.value.__cause__, nvml_error)
+    assert backend.error_counts == {("nvmlDeviceSetGpuLockedClocks", kind): 1}
+
+
+def test_disabled_feature_write_is_not_supported(fake: FakeNvml, backend: NvmlBackend) -> None:
+    fake.disable_feature(1, "locked_clocks")
+    with pytest.raises(NotSupported):
+        backend.set_locked_clocks(fake.uuids[1], 1000, 1500)
+    assert backend.set_locked_clocks(fake.uuids[0], 1000, 1500)[1] <= 1500
+
+
+def test_gpu_without_power_limit_control(fake: FakeNvml) -> None:
+    fake.disable_feature(0, "power_limit")
+    backend = NvmlBackend(fake)
+    info = backend.devices()[0]
+    assert info.power_limit_min_mw == info.power_limit_max_mw == info.power_limit_default_mw
+    assert info.power_limit_default_mw == fake.plant.enforced_power_limit_mw(0)
+    with pytest.raises(NotSupported):
+        backend.set_power_limit(info.uuid, 300_000)
+    backend.reset_power_limit(info.uuid)
+    assert fake.writes == []
+
+
+def test_unknown_error_on_a_gpu_that_is_gone_is_gpu_lost(
+    fake: FakeNvml, backend: NvmlBackend
+) -> None:
+    uuid = fake.uuids[0]
+    backend.devices()
+    fake.inject_error(0, "nvmlDeviceSetPowerManagementLimit", pynvml.NVMLError_Unknown)
+    fake.lose_gpu(0)
+    with pytest.raises(GpuLost):
+        backend.set_power_limit(uuid, 400_000)
+    fake.restore_gpu(0)
+    fake.inject_error(0, "nvmlDeviceSetPowerManagementLimit", pynvml.NVMLError_Unknown)
+    with pytest.raises(GpuError) as caught:
+        backend.set_power_limit(uuid, 400_000)
+    assert type(caught.value) is GpuError
+
+
+def test_calls_after_close_are_unavailable(fake: FakeNvml, backend: NvmlBackend) -> None:
+    uuid = fake.uuids[0]
+    backend.set_power_limit(uuid, 450_000)
+    writes_before = list(fake.writes)
+    backend.close()
+    backend.close()
+    assert fake.writes == writes_before
+    assert fake.plant.power_limit_mw(0) == 450_000
+    assert fake.call_counts["nvmlShutdown"] == 1
+    with pytest.raises(GpuUnavailable, match="not initialised"):
+        backend.read(uuid)
+
+
+# --- initialisation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nvml_error", "sentence"),
+    [
+        (
+            pynvml.NVMLError_LibraryNotFound,
+            "NVML is not available: libnvidia-ml.so.1 was not found; "
+            "is the NVIDIA driver installed?",
+        ),
+        (pynvml.NVMLError_DriverNotLoaded, "the NVIDIA kernel driver is not loaded"),
+        (pynvml.NVMLError_NoPermission, "no permission to open the GPU devices"),
+        (
+            pynvml.NVMLError_LibRmVersionMismatch,
+            "upgraded without reloading the kernel module; reboot or reload it",
+        ),
+        (pynvml.NVMLError_Unknown, "NVML is not available: nvmlInit failed (Unknown Error)."),
+    ],
+)
+def test_init_failure_is_one_clear_sentence(
+    fake: FakeNvml, nvml_error: type[pynvml.NVMLError], sentence: str
+) -> None:
+    fake.inject_error(None, "nvmlInit", nvml_error)
+    with pytest.raises(GpuUnavailable) as caught:
+        NvmlBackend(fake)
+    message = str(caught.value)
+    assert sentence in message
+    assert message.startswith("NVML is not available: ")
+    assert "\n" not in message
+    assert caught.value.operation == "nvmlInit"
+
+
+class _NoLibraryModule:
+    """A pynvml-like module on a machine without the NVIDIA library."""
+
+    NVMLError = pynvml.NVMLError
+    NVMLError_LibraryNotFound = pynvml.NVMLError_LibraryNotFound
+
+    def nvmlInit(self) -> None:
+        raise pynvml.NVMLError_LibraryNotFound()
+
+
+def test_init_failure_of_a_module_like_object() -> None:
+    with pytest.raises(GpuUnavailable, match=r"libnvidia-ml\.so\.1 was not found"):
+        NvmlBackend(_NoLibraryModule())
+
+
+def _driver_present() -> bool:
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_driver_present(), reason="this machine has the NVIDIA library")
+def test_real_pynvml_without_a_driver() -> None:
+    with pytest.raises(GpuUnavailable) as caught:
+        NvmlBackend()
+    assert str(caught.value) == (
+        "NVML is not available: libnvidia-ml.so.1 was not found; is the NVIDIA driver installed?"
+    )

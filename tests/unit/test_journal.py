@@ -1,0 +1,312 @@
+"""The restore journal over the fake NVML: save before the first write, restore newest first,
+survive corrupt files, lost GPUs and a SIGKILL of the process that made the changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pynvml
+import pytest
+
+from powerd.gpu.nvml import NvmlBackend
+from powerd.journal import Journal, JournalError, restore_all
+from powerd.model import GpuInfo
+from powerd.sim.fake_nvml import FakeNvml
+from powerd.sim.plant import GpuPlant, load_gpu_profile
+
+PROFILE = load_gpu_profile("h100-sxm")
+DEFAULT_MW = round(PROFILE.power_limit_default_w * 1000)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_node(n_gpus: int = 3, **kwargs: Any) -> tuple[FakeNvml, NvmlBackend, list[GpuInfo]]:
+    fake = FakeNvml(GpuPlant(PROFILE, n_gpus, seed=11), **kwargs)
+    backend = NvmlBackend(fake)
+    return fake, backend, backend.devices()
+
+
+def change(backend: NvmlBackend, journal: Journal, info: GpuInfo, limit_mw: int) -> None:
+    """What the actuator does: remember, then write."""
+    journal.remember(backend, info.uuid, info)
+    backend.set_locked_clocks(info.uuid, info.sm_clock_min_mhz, 1500)
+    backend.set_power_limit(info.uuid, limit_mw)
+
+
+def test_save_then_restore(tmp_path: Path) -> None:
+    fake, backend, infos = make_node()
+    path = tmp_path / "state" / "journal.json"
+    journal = Journal(path)
+    assert not journal.pending()
+    for info in infos:
+        change(backend, journal, info, 400_000)
+    assert path.exists()
+    assert journal.pending()
+    assert [fake.plant.locked_clocks(i) for i in range(3)] == [(345, 1500)] * 3
+    assert all(fake.plant.power_limit_mw(i) == 400_000 for i in range(3))
+
+    report = restore_all(backend, journal)
+
+    assert report.ok, report.summary()
+    assert sorted(report.restored) == sorted(i.uuid for i in infos)
+    assert [fake.plant.locked_clocks(i) for i in range(3)] == [None] * 3
+    assert all(fake.plant.power_limit_mw(i) == DEFAULT_MW for i in range(3))
+    assert not path.exists()
+    assert not journal.pending()
+    assert not Journal(path).pending()
+
+
+def test_original_non_default_limit_comes_back(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(1)
+    backend.set_power_limit(infos[0].uuid, 550_000)  # set by the site before powerd ran
+    journal = Journal(tmp_path / "journal.json")
+    change(backend, journal, infos[0], 300_000)
+    (entry,) = journal.entries()
+    assert entry.power_limit_mw == 550_000
+    assert entry.sm_clocks == "unknown"
+    assert restore_all(backend, journal).ok
+    assert fake.plant.power_limit_mw(0) == 550_000
+
+
+def test_remember_is_idempotent(tmp_path: Path) -> None:
+    _, backend, infos = make_node(1)
+    path = tmp_path / "journal.json"
+    journal = Journal(path)
+    assert journal.remember(backend, infos[0].uuid, infos[0])
+    first = path.read_bytes()
+    backend.set_power_limit(infos[0].uuid, 333_000)
+    assert not journal.remember(backend, infos[0].uuid, infos[0])
+    assert path.read_bytes() == first
+    # A new process reading the same journal keeps the first original too.
+    again = Journal(path)
+    assert not again.remember(backend, infos[0].uuid, infos[0])
+    assert again.entries()[0].power_limit_mw == DEFAULT_MW
+
+
+def test_restore_runs_newest_first(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(3)
+    journal = Journal(tmp_path / "journal.json")
+    order = [infos[1], infos[0], infos[2]]
+    for info in order:
+        change(backend, journal, info, 450_000)
+    fake.writes.clear()
+
+    assert restore_all(backend, journal).ok
+
+    touched: list[int] = []
+    for _, index, _ in fake.writes:
+        if not touched or touched[-1] != index:
+            touched.append(index)
+    assert touched == [2, 0, 1]
+    # Per GPU: clocks first, then the power limit.
+    assert [name for name, index, _ in fake.writes if index == 0] == [
+        "nvmlDeviceResetGpuLockedClocks",
+        "nvmlDeviceSetPowerManagementLimit",
+    ]
+
+
+def test_unreadable_power_limit_restores_the_default(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(1)
+    journal = Journal(tmp_path / "journal.json")
+    fake.inject_error(0, "nvmlDeviceGetPowerManagementLimit", pynvml.NVMLError_Timeout)
+    journal.remember(backend, infos[0].uuid, infos[0])
+    assert journal.entries()[0].power_limit_mw is None
+    backend.set_power_limit(infos[0].uuid, 250_000)
+    assert restore_all(backend, journal).ok
+    assert fake.plant.power_limit_mw(0) == DEFAULT_MW
+
+
+def test_lost_gpu_is_reported_and_kept(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(3)
+    path = tmp_path / "journal.json"
+    journal = Journal(path)
+    for info in infos:
+        change(backend, journal, info, 400_000)
+    fake.lose_gpu(1)
+
+    report = restore_all(backend, journal)
+
+    assert not report.ok
+    assert report.lost == [infos[1].uuid]
+    assert report.restored == [infos[2].uuid, infos[0].uuid]
+    assert "1 gone" in report.summary()
+    assert fake.plant.power_limit_mw(0) == fake.plant.power_limit_mw(2) == DEFAULT_MW
+    assert [e.uuid for e in Journal(path).entries()] == [infos[1].uuid]
+
+    fake.restore_gpu(1)
+    report = restore_all(backend, Journal(path))
+    assert report.ok
+    assert report.restored == [infos[1].uuid]
+    assert not path.exists()
+
+
+def test_refused_restore_is_kept_for_later(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(2)
+    path = tmp_path / "journal.json"
+    journal = Journal(path)
+    for info in infos:
+        change(backend, journal, info, 400_000)
+    fake.set_privileged(False)
+    report = restore_all(backend, journal)
+    assert set(report.failed) == {i.uuid for i in infos}
+    assert all("CAP_SYS_ADMIN" in why for why in report.failed.values())
+    assert len(Journal(path).entries()) == 2
+    fake.set_privileged(True)
+    assert restore_all(backend, Journal(path)).ok
+
+
+def test_gpu_without_a_knob_counts_as_restored(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(1)
+    journal = Journal(tmp_path / "journal.json")
+    journal.remember(backend, infos[0].uuid, infos[0])
+    backend.set_power_limit(infos[0].uuid, 300_000)
+    fake.disable_feature(0, "locked_clocks")
+    report = restore_all(backend, journal)
+    assert report.ok
+    assert fake.plant.power_limit_mw(0) == DEFAULT_MW
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"format": "powerd-journal", "version": 1, "entries": [{"uuid": ',
+        b"\xff\xfe not text",
+        b"[]",
+        b'{"format": "powerd-journal", "version": 99, "entries": []}',
+        b'{"format": "powerd-journal", "version": 1, "entries": [{"uuid": "GPU-1"}]}',
+    ],
+)
+def test_corrupt_journal_is_kept_aside(tmp_path: Path, content: bytes) -> None:
+    fake, backend, infos = make_node(2)
+    backend.set_locked_clocks(infos[0].uuid, 345, 1200)
+    backend.set_power_limit(infos[0].uuid, 300_000)
+    path = tmp_path / "journal.json"
+    path.write_bytes(content)
+
+    journal = Journal(path)
+
+    assert journal.load_error is not None
+    assert "corrupt" in journal.load_error
+    assert journal.pending()
+    assert not path.exists()
+    assert (tmp_path / "journal.json.corrupt").read_bytes() == content
+    load_error = journal.load_error
+
+    report = restore_all(backend, journal)
+
+    assert not report.ok
+    assert report.errors == [load_error]
+    assert "corrupt" in report.summary()
+    # Clocks reset everywhere; power limits left alone (their originals were lost).
+    assert report.clocks_reset == [i.uuid for i in infos]
+    assert fake.plant.locked_clocks(0) is None
+    assert fake.plant.power_limit_mw(0) == 300_000
+    assert not journal.pending()
+
+
+def test_a_second_corrupt_journal_keeps_the_first_aside(tmp_path: Path) -> None:
+    path = tmp_path / "journal.json"
+    path.write_bytes(b"first")
+    Journal(path)
+    path.write_bytes(b"second")
+    assert Journal(path).load_error is not None
+    kept = sorted(p.read_bytes() for p in tmp_path.iterdir())
+    assert kept == [b"first", b"second"]
+
+
+def test_write_failure_leaves_the_previous_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, backend, infos = make_node(2)
+    path = tmp_path / "journal.json"
+    journal = Journal(path)
+    journal.remember(backend, infos[0].uuid, infos[0])
+    before = path.read_bytes()
+
+    real_write = os.write
+
+    def short_then_full_disk(fd: int, data: Any) -> int:
+        if len(data) > 8:
+            real_write(fd, bytes(data[:8]))
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_then_full_disk)
+    with pytest.raises(JournalError, match="No space left on device"):
+        journal.remember(backend, infos[1].uuid, infos[1])
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal.json"]
+    assert [e.uuid for e in journal.entries()] == [infos[0].uuid]
+    assert json.loads(before)["entries"][0]["uuid"] == infos[0].uuid
+
+
+def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
+    _, backend, infos = make_node(1)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    journal = Journal(blocker / "journal.json")
+    with pytest.raises(JournalError, match="cannot save GPU settings to"):
+        journal.remember(backend, infos[0].uuid, infos[0])
+    assert journal.entries() == []
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from powerd.gpu.nvml import NvmlBackend
+    from powerd.journal import Journal
+    from powerd.sim.fake_nvml import FakeNvml
+    from powerd.sim.plant import GpuPlant, load_gpu_profile
+
+    fake = FakeNvml(GpuPlant(load_gpu_profile("h100-sxm"), 2, seed=11), state_file=sys.argv[1])
+    backend = NvmlBackend(fake)
+    journal = Journal(Path(sys.argv[2]))
+    for info in backend.devices():
+        journal.remember(backend, info.uuid, info)
+        backend.set_locked_clocks(info.uuid, info.sm_clock_min_mhz, 1395)
+        backend.set_power_limit(info.uuid, 350000)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_restore_after_sigkill_of_the_writer(tmp_path: Path) -> None:
+    state_file = tmp_path / "devices.json"
+    journal_path = tmp_path / "journal.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(state_file), str(journal_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+    # A new process: the driver kept the settings, the journal kept the originals.
+    fake, backend, _ = make_node(2, state_file=str(state_file))
+    assert [fake.plant.power_limit_mw(i) for i in range(2)] == [350_000, 350_000]
+    assert fake.plant.locked_clocks(0) is not None
+    journal = Journal(journal_path)
+    assert journal.pending()
+    assert [e.power_limit_mw for e in journal.entries()] == [DEFAULT_MW, DEFAULT_MW]
+
+    report = restore_all(backend, journal)
+
+    assert report.ok, report.summary()
+    assert [fake.plant.power_limit_mw(i) for i in range(2)] == [DEFAULT_MW, DEFAULT_MW]
+    assert [fake.plant.locked_clocks(i) for i in range(2)] == [None, None]
+    assert not journal_path.exists()
+    # And a third process sees the restored state.
+    fresh, _, _ = make_node(2, state_file=str(state_file))
+    assert fresh.plant.power_limit_mw(1) == DEFAULT_MW
+    assert fresh.plant.locked_clocks(1) is None

@@ -1,0 +1,97 @@
+"""Log lines: sd-daemon priority prefixes under systemd, timestamps elsewhere, one line each."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from powerd.logging_setup import parse_level, setup_logging, syslog_priority
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_systemd_lines_carry_priority_and_no_timestamp() -> None:
+    out = io.StringIO()
+    setup_logging("debug", under_systemd=True, stream=out)
+    log = logging.getLogger("powerd.test")
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.error("e")
+    log.critical("c")
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "<7>powerd.test: d",
+        "<6>powerd.test: i",
+        "<4>powerd.test: w",
+        "<3>powerd.test: e",
+        "<2>powerd.test: c",
+    ]
+
+
+def test_plain_lines_are_timestamped() -> None:
+    out = io.StringIO()
+    setup_logging("info", under_systemd=False, stream=out)
+    logging.getLogger("powerd.test").info("gpu %s ready", "GPU-1")
+    logging.getLogger("powerd.test").debug("hidden")
+    (line,) = out.getvalue().splitlines()
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} INFO powerd.test: gpu GPU-1 ready", line
+    )
+
+
+def test_one_line_per_event_with_exception_summary() -> None:
+    out = io.StringIO()
+    setup_logging("info", under_systemd=True, stream=out)
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        logging.getLogger("powerd.test").exception("tick failed\nbadly")
+    (line,) = out.getvalue().splitlines()
+    assert line.startswith("<3>powerd.test: tick failed\\nbadly [ValueError: bad\\nvalue at ")
+    assert "test_one_line_per_event_with_exception_summary" in line
+
+
+def test_debug_adds_traceback_lines_with_the_same_priority() -> None:
+    out = io.StringIO()
+    setup_logging("debug", under_systemd=True, stream=out)
+    try:
+        raise KeyError("x")
+    except KeyError:
+        logging.getLogger("powerd.test").error("lookup", exc_info=True)
+    lines = out.getvalue().splitlines()
+    assert len(lines) > 2
+    assert all(line.startswith("<3>") for line in lines)
+    assert "Traceback" in lines[1]
+
+
+def test_second_setup_replaces_the_handler() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    setup_logging("info", under_systemd=False, stream=first)
+    setup_logging("info", under_systemd=True, stream=second)
+    logging.getLogger("powerd.test").info("once")
+    assert first.getvalue() == ""
+    assert second.getvalue() == "<6>powerd.test: once\n"
+
+
+def test_levels() -> None:
+    assert parse_level("warning") == logging.WARNING
+    assert parse_level(" DEBUG ") == logging.DEBUG
+    assert parse_level(15) == 15
+    with pytest.raises(ValueError, match="log level 'loud'"):
+        parse_level("loud")
+    assert syslog_priority(5) == 7
+    assert syslog_priority(logging.WARNING + 5) == 4
