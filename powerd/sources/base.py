@@ -1,0 +1,579 @@
+"""The shared machinery of every source: fetch, parse, extract, compare with the last scrape.
+
+A kind (vllm.py, sglang.py, ...) only says which samples it reads and how they map onto a
+`Reading`: cumulative counters per series, gauges, histograms per series, restart markers. This
+module turns two consecutive Readings into a ServerSample: per-series counter deltas over the
+caller's clock (`now_s`, never wall time), histogram-bucket deltas for quantiles, Δsum/Δcount for
+means, and reset detection (a counter going down, a changed restart marker).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Literal, Protocol
+
+from powerd.config import ServerConfig
+from powerd.model import ServerSample
+from powerd.sources.exposition import (
+    ExpositionError,
+    LabelInfo,
+    Samples,
+    SeriesKey,
+    Wanted,
+    parse_exposition,
+)
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_WINDOW_S = 60.0
+"""Rates over a longer gap than this are not reported; the scrape becomes the new baseline."""
+
+
+class SourceError(Exception):
+    """A server could not be read or understood; str() is one sentence for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResponse:
+    status: int
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Fetcher = Callable[[str, float], FetchResponse]
+"""(url, timeout_s) -> response; raises SourceError or OSError when there is no response."""
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header value by case-insensitive name."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    lowered = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+@dataclass(slots=True)
+class Hist:
+    """One histogram series: cumulative bucket counts by upper bound, count and sum."""
+
+    count: float = 0.0
+    sum: float = 0.0
+    buckets: dict[float, float] = field(default_factory=dict)
+
+
+GenMode = Literal["counter", "gauge", "iterations"]
+
+
+@dataclass(slots=True)
+class Reading:
+    """What one scrape says, before it is compared with the previous one.
+
+    counters: logical name ("generation", "prompt", "finished", "iterations") -> series -> value.
+    A name that is present (even with no series) is read by the kind; a series missing from the
+    previous scrape counts from 0, as servers create series lazily (TGI).
+    gauges: "running", "waiting", "generation_rate" / "prompt_rate" (tokens/s gauges).
+    per_iteration: "generation" / "prompt" -> series -> tokens per engine iteration, keyed like
+    counters["iterations"] (Triton TRT-LLM).
+    hists: "ttft", "itl" -> series -> Hist, in seconds.
+    markers: values whose change means the server restarted; a dict marker is compared per key
+    (per-series `_created` timestamps), so a series that appears is not a restart.
+    clamped: counters whose small decreases are rounding, not restarts (llama.cpp products).
+    """
+
+    realtime: bool
+    gen_mode: GenMode = "counter"
+    prompt_mode: GenMode = "counter"
+    counters: dict[str, dict[SeriesKey, float]] = field(default_factory=dict)
+    gauges: dict[str, float] = field(default_factory=dict)
+    per_iteration: dict[str, dict[SeriesKey, float]] = field(default_factory=dict)
+    hists: dict[str, dict[SeriesKey, Hist]] = field(default_factory=dict)
+    markers: dict[str, object] = field(default_factory=dict)
+    clamped: frozenset[str] = frozenset()
+    model_names: tuple[str, ...] = ()
+    generation_tokens_total: float | None = None
+
+
+class Extractor(Protocol):
+    """One server family: the samples it reads and how they become a Reading."""
+
+    kind: str
+    wanted: Wanted
+
+    def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
+        """Raises SourceError when the body lacks the family's metrics."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers for extractors
+
+
+def _drop(key: SeriesKey, names: frozenset[str]) -> SeriesKey:
+    return tuple(item for item in key if item[0] not in names)
+
+
+def _matches(labels: Mapping[str, str], select: Mapping[str, str] | None) -> bool:
+    if not select:
+        return True
+    return all(labels.get(k) == v for k, v in select.items())
+
+
+def series_values(
+    samples: Samples,
+    name: str,
+    *,
+    mirrors: frozenset[str] = frozenset(),
+    select: Mapping[str, str] | None = None,
+    drop: frozenset[str] = frozenset(),
+) -> dict[SeriesKey, float] | None:
+    """Values of one sample name per series (None when the name is absent).
+
+    Labels in `mirrors` (e.g. SGLang's tp_rank) name copies of one value: they are removed from
+    the key and the copies collapse to their maximum. Labels in `drop` are removed from the key
+    after `select` filtered on them. NaN values are skipped.
+    """
+    rows = samples.get(name)
+    if rows is None:
+        return None
+    removed = mirrors | drop
+    out: dict[SeriesKey, float] = {}
+    for (labels, key, _le), value in rows:
+        if value != value or (select and not _matches(labels, select)):
+            continue
+        if removed:
+            key = _drop(key, removed)
+        old = out.get(key)
+        out[key] = value if old is None or value > old else old
+    return out
+
+
+def gauge_total(
+    samples: Samples,
+    name: str,
+    *,
+    mirrors: frozenset[str] = frozenset(),
+    select: Mapping[str, str] | None = None,
+) -> float | None:
+    """Sum over series of a gauge, mirrors collapsed; None when absent."""
+    values = series_values(samples, name, mirrors=mirrors, select=select)
+    if values is None:
+        return None
+    return float(sum(values.values()))
+
+
+def histogram(
+    samples: Samples,
+    base: str,
+    *,
+    mirrors: frozenset[str] = frozenset(),
+    select: Mapping[str, str] | None = None,
+    scale: float = 1.0,
+) -> dict[SeriesKey, Hist] | None:
+    """The `base_bucket/_sum/_count` series of a histogram; None when it has no buckets.
+
+    `scale` converts units (0.001 for a histogram in milliseconds).
+    """
+    rows = samples.get(base + "_bucket")
+    if rows is None:
+        return None
+    out: dict[SeriesKey, Hist] = {}
+    for (labels, key, le), value in rows:
+        if le != le or value != value or (select and not _matches(labels, select)):
+            continue
+        if mirrors:
+            key = _drop(key, mirrors)
+        hist = out.get(key)
+        if hist is None:
+            hist = out[key] = Hist()
+        bound = le * scale
+        old = hist.buckets.get(bound)
+        hist.buckets[bound] = value if old is None or value > old else old
+    for suffix in ("_sum", "_count"):
+        values = series_values(samples, base + suffix, mirrors=mirrors, select=select)
+        if not values:
+            continue
+        for key, value in values.items():
+            hist = out.get(key)
+            if hist is None:
+                continue
+            if suffix == "_sum":
+                hist.sum = value * scale
+            else:
+                hist.count = value
+    for hist in out.values():
+        if not hist.count and hist.buckets:
+            hist.count = max(hist.buckets.values())
+    return out
+
+
+def label_values(samples: Samples, names: Iterable[str], labels: Iterable[str]) -> tuple[str, ...]:
+    """Distinct values of the first present label of `labels`, across the samples of `names`."""
+    found: dict[str, None] = {}
+    label_list = tuple(labels)
+    for name in names:
+        for (lab, _key, _le), _value in samples.get(name, ()):
+            for label in label_list:
+                value = lab.get(label)
+                if value:
+                    found[value] = None
+                    break
+    return tuple(sorted(found))
+
+
+def first_present(samples: Samples, *names: str) -> str | None:
+    for name in names:
+        if name in samples:
+            return name
+    return None
+
+
+def total(values: Mapping[SeriesKey, float] | None) -> float | None:
+    return None if values is None else float(sum(values.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus's histogram_quantile over (upper bound, cumulative count) pairs.
+
+    Linear interpolation inside the bucket holding the rank; the lowest bucket starts at 0; a
+    rank in the +Inf bucket returns the highest finite bound. None without observations.
+    """
+    if not buckets:
+        return None
+    buckets = sorted(buckets)
+    if not math.isinf(buckets[-1][0]):
+        return None
+    running = 0.0
+    fixed = []
+    for bound, count in buckets:
+        running = max(running, count)
+        fixed.append((bound, running))
+    if len(fixed) < 2:
+        return None
+    observations = fixed[-1][1]
+    if observations <= 0:
+        return None
+    rank = q * observations
+    b = next(i for i, (_bound, count) in enumerate(fixed) if count >= rank)
+    if b == len(fixed) - 1:
+        return fixed[-2][0]
+    if b == 0 and fixed[0][0] <= 0:
+        return fixed[0][0]
+    start, end, count = 0.0, fixed[b][0], fixed[b][1]
+    if b > 0:
+        start = fixed[b - 1][0]
+        count -= fixed[b - 1][1]
+        rank -= fixed[b - 1][1]
+    if count <= 0:
+        return end
+    return start + (end - start) * (rank / count)
+
+
+class _Reset(Exception):
+    """The server restarted between two scrapes."""
+
+
+def _counter_delta(
+    prev: Mapping[SeriesKey, float] | None, cur: Mapping[SeriesKey, float], clamp: bool
+) -> float:
+    delta = 0.0
+    for key, value in cur.items():
+        before = 0.0 if prev is None else prev.get(key, 0.0)
+        if value < before:
+            if clamp:
+                continue
+            raise _Reset
+        delta += value - before
+    return delta
+
+
+def _hist_delta(
+    prev: Mapping[SeriesKey, Hist] | None, cur: Mapping[SeriesKey, Hist]
+) -> tuple[float, float, dict[float, float]]:
+    count = total_sum = 0.0
+    buckets: dict[float, float] = {}
+    for key, hist in cur.items():
+        before = None if prev is None else prev.get(key)
+        if before is not None and hist.count < before.count:
+            raise _Reset
+        count += hist.count - (before.count if before else 0.0)
+        total_sum += hist.sum - (before.sum if before else 0.0)
+        for bound, value in hist.buckets.items():
+            d = value - (before.buckets.get(bound, 0.0) if before else 0.0)
+            if d < 0:
+                raise _Reset
+            buckets[bound] = buckets.get(bound, 0.0) + d
+    return count, total_sum, buckets
+
+
+def _per_iteration_tokens(prev: Reading, cur: Reading, name: str) -> float | None:
+    iterations = cur.counters.get("iterations")
+    per_now = cur.per_iteration.get(name)
+    if iterations is None or per_now is None:
+        return None
+    iter_before = prev.counters.get("iterations", {})
+    per_before = prev.per_iteration.get(name, {})
+    tokens = 0.0
+    for key, value in iterations.items():
+        before = iter_before.get(key)
+        if before is None:
+            continue
+        if value < before:
+            raise _Reset
+        now_tokens = per_now.get(key, 0.0)
+        # The gauge is a snapshot at each scrape; the mean of both ends tracks ramps better.
+        tokens += (value - before) * 0.5 * (now_tokens + per_before.get(key, now_tokens))
+    return tokens
+
+
+def _finite(value: float | None) -> float | None:
+    """None for NaN and infinities: a broken exporter must not feed them to the controller."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Rates and latency figures between two Readings."""
+
+    generation_tokens_per_s: float | None
+    prompt_tokens_per_s: float | None
+    finished_requests: float | None
+    ttft_q_s: float | None
+    itl_q_s: float | None
+    ttft_mean_s: float | None
+    itl_mean_s: float | None
+
+
+def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window | None:
+    """The window between two scrapes dt_s apart; None when the server restarted in between."""
+    if prev.gen_mode != cur.gen_mode or prev.prompt_mode != cur.prompt_mode:
+        return None
+    for name, marker in cur.markers.items():
+        before = prev.markers.get(name)
+        if before is None or marker is None:
+            continue
+        if isinstance(marker, dict) and isinstance(before, dict):
+            # Per-series markers (`_created`): a series that appeared is not a restart.
+            if any(before[k] != v for k, v in marker.items() if k in before):
+                return None
+        elif before != marker:
+            return None
+    try:
+        deltas: dict[str, float] = {}
+        for name, series in cur.counters.items():
+            deltas[name] = _counter_delta(
+                prev.counters.get(name), series, clamp=name in cur.clamped
+            )
+        figures: dict[str, tuple[float | None, float | None]] = {}
+        for name in ("ttft", "itl"):
+            series_h = cur.hists.get(name)
+            if series_h is None:
+                figures[name] = (None, None)
+                continue
+            count, total_sum, buckets = _hist_delta(prev.hists.get(name), series_h)
+            mean = total_sum / count if count > 0 else None
+            q = histogram_quantile(quantile, list(buckets.items())) if count > 0 else None
+            figures[name] = (q, mean)
+        rates: dict[str, float | None] = {}
+        for name, mode in (("generation", cur.gen_mode), ("prompt", cur.prompt_mode)):
+            value: float | None
+            if mode == "gauge":
+                value = cur.gauges.get(name + "_rate")
+            elif mode == "iterations":
+                tokens = _per_iteration_tokens(prev, cur, name)
+                value = None if tokens is None else tokens / dt_s
+            else:
+                value = deltas[name] / dt_s if name in deltas else None
+            rates[name] = value
+    except _Reset:
+        return None
+    return Window(
+        generation_tokens_per_s=rates["generation"],
+        prompt_tokens_per_s=rates["prompt"],
+        finished_requests=deltas.get("finished"),
+        ttft_q_s=figures["ttft"][0],
+        itl_q_s=figures["itl"][0],
+        ttft_mean_s=figures["ttft"][1],
+        itl_mean_s=figures["itl"][1],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The source
+
+
+def _status_error(url: str, status: int, kind: str) -> str:
+    hints = {
+        "sglang": " (SGLang serves /metrics only with --enable-metrics)",
+        "llamacpp": " (llama-server serves /metrics only with --metrics)",
+        "nim": " (NIM for LLMs serves its metrics at /v1/metrics)",
+        "triton": " (Triton serves metrics on --metrics-port, 8002 by default)",
+    }
+    hint = hints.get(kind, "")
+    if status in (404, 501) and not hint:
+        hint = " (is this the server's metrics URL, and are its metrics enabled?)"
+    return f"HTTP {status} from {url}{hint}"
+
+
+def describe_error(exc: BaseException, timeout_s: float) -> str:
+    """One sentence for a failed fetch."""
+    if isinstance(exc, SourceError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout_s:g} s"
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return f"cannot read metrics: {reason}"
+    return f"cannot read metrics: {type(exc).__name__}: {exc}"
+
+
+class Source:
+    """One inference server's metrics endpoint, read once per poll.
+
+    `kind` is the resolved kind ("auto" until the first good scrape of an auto source). poll()
+    never raises: a server that cannot be read gives a sample with up=False and a one-sentence
+    error. Rates compare with the previous good scrape on the caller's clock `now_s`.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        fetch: Fetcher,
+        extractor: Extractor | None,
+        resolve: Callable[[str], Extractor],
+        *,
+        max_window_s: float = DEFAULT_MAX_WINDOW_S,
+        max_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.fetch = fetch
+        self._extractor = extractor
+        self._resolve = resolve
+        self.kind = extractor.kind if extractor is not None else "auto"
+        self.max_window_s = max_window_s
+        self.max_bytes = max_bytes
+        self._labels: dict[str, LabelInfo] = {}
+        self._prev: Reading | None = None
+        self._prev_s: float | None = None
+        self._model_name = ""
+
+    def fetch_response(self) -> FetchResponse:
+        """One HTTP read of the metrics URL; raises on failure (the pool runs this in a thread)."""
+        return self.fetch(self.config.url, self.config.timeout_s)
+
+    def poll(self, now_s: float) -> ServerSample:
+        """Scrape now and return the sample for the window since the previous good scrape."""
+        start = time.perf_counter()
+        result: FetchResponse | BaseException
+        try:
+            result = self.fetch_response()
+        except Exception as exc:
+            result = exc
+        return self.process(result, now_s, time.perf_counter() - start)
+
+    def down(self, now_s: float, error: str, scrape_duration_s: float = 0.0) -> ServerSample:
+        """A sample for a server that could not be read. The rate baseline is kept."""
+        return ServerSample(
+            server=self.name,
+            kind=self.kind,
+            model_name=self._model_name,
+            up=False,
+            timestamp_s=now_s,
+            scrape_duration_s=scrape_duration_s,
+            realtime=self._prev.realtime if self._prev is not None else False,
+            error=error,
+        )
+
+    def process(
+        self, result: FetchResponse | BaseException, now_s: float, scrape_duration_s: float
+    ) -> ServerSample:
+        """Turn one fetch result into a sample; never raises."""
+        if isinstance(result, BaseException):
+            return self.down(
+                now_s, describe_error(result, self.config.timeout_s), scrape_duration_s
+            )
+        try:
+            return self._process(result, now_s, scrape_duration_s)
+        except SourceError as exc:
+            return self.down(now_s, str(exc), scrape_duration_s)
+        except ExpositionError as exc:
+            message = f"{self.config.url} is not a Prometheus exposition: {exc}"
+            return self.down(now_s, message, scrape_duration_s)
+        except Exception as exc:
+            message = f"cannot interpret metrics from {self.config.url}: {type(exc).__name__}"
+            return self.down(now_s, f"{message}: {exc}", scrape_duration_s)
+
+    def _process(
+        self, response: FetchResponse, now_s: float, scrape_duration_s: float
+    ) -> ServerSample:
+        start = time.perf_counter() - scrape_duration_s
+        url = self.config.url
+        if response.status != 200:
+            raise SourceError(_status_error(url, response.status, self.kind))
+        body = response.body
+        if len(body) > self.max_bytes:
+            raise SourceError(
+                f"{url} sent more than {self.max_bytes // (1024 * 1024)} MiB of metrics"
+            )
+        extractor = self._extractor
+        if extractor is None:
+            from powerd.sources.detect import detect_kind
+
+            kind = detect_kind(body, url=url)
+            extractor = self._resolve(kind)
+            self._extractor = extractor
+            self.kind = extractor.kind
+        samples = parse_exposition(body, extractor.wanted, self._labels)
+        try:
+            reading = extractor.extract(samples, response.headers)
+        except SourceError as exc:
+            raise SourceError(f"{url} {exc}") from None
+        if reading.model_names:
+            self._model_name = ",".join(reading.model_names)
+        window: Window | None = None
+        prev, prev_s = self._prev, self._prev_s
+        if prev is not None and prev_s is not None:
+            dt_s = now_s - prev_s
+            if dt_s <= 0:
+                # Two polls at one instant: keep the older baseline and report no rates.
+                return self._sample(reading, None, now_s, time.perf_counter() - start)
+            if dt_s <= self.max_window_s:
+                window = compare(prev, reading, dt_s, self.config.slo.quantile)
+        self._prev, self._prev_s = reading, now_s
+        return self._sample(reading, window, now_s, time.perf_counter() - start)
+
+    def _sample(
+        self, reading: Reading, window: Window | None, now_s: float, scrape_duration_s: float
+    ) -> ServerSample:
+        gauges = reading.gauges
+        if window is not None:
+            window = Window(**{f.name: _finite(getattr(window, f.name)) for f in fields(Window)})
+        return ServerSample(
+            server=self.name,
+            kind=self.kind,
+            model_name=self._model_name,
+            up=True,
+            timestamp_s=now_s,
+            scrape_duration_s=scrape_duration_s,
+            realtime=reading.realtime,
+            generation_tokens_per_s=window.generation_tokens_per_s if window else None,
+            prompt_tokens_per_s=window.prompt_tokens_per_s if window else None,
+            running=_finite(gauges.get("running")),
+            waiting=_finite(gauges.get("waiting")),
+            ttft_p95_s=window.ttft_q_s if window else None,
+            itl_p95_s=window.itl_q_s if window else None,
+            ttft_mean_s=window.ttft_mean_s if window else None,
+            itl_mean_s=window.itl_mean_s if window else None,
+            finished_requests=window.finished_requests if window else None,
+            generation_tokens_total=_finite(reading.generation_tokens_total),
+        )

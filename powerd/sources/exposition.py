@@ -1,0 +1,208 @@
+"""A fast, selective parser for the Prometheus text format 0.0.4 and OpenMetrics 1.0.
+
+A source needs a handful of families out of a scrape that can run to hundreds of kilobytes, so
+the parser splits the body at `# TYPE` lines and skips every family it was not asked for without
+looking at its lines. Lines of the wanted families (and any lines before the first `# TYPE`) are
+parsed strictly: a line that is not a comment, a blank or a well-formed sample is an error that
+names the line.
+
+Both formats are accepted as they are found in the wild:
+- counters typed with `_total` (prometheus_client text format), without it (OpenMetrics, where
+  the family drops the suffix) or with no suffix at all (Rust metrics-exporter-prometheus: TGI);
+- `_created` series, `# EOF`, exemplars after ` # `, sample timestamps (ignored);
+- escaped label values (`\\\\`, `\\"`, `\\n`), NaN, +Inf and -Inf.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+SeriesKey = tuple[tuple[str, str], ...]
+"""A series' labels, sorted, without `le`."""
+
+LabelInfo = tuple[dict[str, str], SeriesKey, float]
+"""(labels, series key without `le`, `le` as a float or NaN when absent). Shared: never mutate."""
+
+Samples = dict[str, list[tuple[LabelInfo, float]]]
+"""Sample name -> [(label info, value)], in body order."""
+
+MAX_LABEL_CACHE = 50_000
+
+_NO_LABELS: LabelInfo = ({}, (), math.nan)
+
+# Fast path: label sets without `}` inside a value; the slow pattern handles quoted `}`.
+_SAMPLE_FAST = re.compile(
+    r"[ \t]*([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?[ \t]+([^ \t\r#]+)"
+    r"(?:[ \t]+[^ \t\r#]+)?[ \t\r]*(?:#.*)?$"
+)
+_SAMPLE_SLOW = re.compile(
+    r'[ \t]*([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[^"}]|"(?:[^"\\]|\\.)*")*)\})?[ \t]+([^ \t\r#]+)'
+    r"(?:[ \t]+[^ \t\r#]+)?[ \t\r]*(?:#.*)?$"
+)
+_LABELS_FULL = re.compile(
+    r'[ \t]*(?:[a-zA-Z_][a-zA-Z0-9_]*[ \t]*=[ \t]*"(?:[^"\\]|\\.)*"[ \t]*(?:,[ \t]*)?)*'
+)
+_LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"((?:[^"\\]|\\.)*)"')
+_ESCAPE = re.compile(r"\\(.)")
+_ESCAPES = {"n": "\n", "\\": "\\", '"': '"'}
+_TYPE_SPLIT = "\n# TYPE "
+_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+
+
+class ExpositionError(ValueError):
+    """The body is not a Prometheus exposition; the message names the first bad line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    """The sample names a parse keeps, and the `# TYPE` family names that can hold them."""
+
+    samples: frozenset[str]
+    families: frozenset[str]
+
+    @classmethod
+    def of(cls, names: Iterable[str]) -> Wanted:
+        samples = frozenset(names)
+        families = set(samples)
+        for name in samples:
+            for suffix in _SUFFIXES:
+                if name.endswith(suffix):
+                    families.add(name[: -len(suffix)])
+        return cls(samples, frozenset(families))
+
+
+def _unescape(value: str) -> str:
+    return _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), "\\" + m.group(1)), value)
+
+
+def parse_labels(raw: str) -> dict[str, str] | None:
+    """The label set inside `{...}`, or None when it is malformed."""
+    if _LABELS_FULL.fullmatch(raw) is None:
+        return None
+    if "\\" in raw:
+        return {k: _unescape(v) for k, v in _LABEL_PAIR.findall(raw)}
+    return dict(_LABEL_PAIR.findall(raw))
+
+
+def _label_info(raw: str, cache: dict[str, LabelInfo]) -> LabelInfo | None:
+    info = cache.get(raw)
+    if info is not None:
+        return info
+    labels = parse_labels(raw)
+    if labels is None:
+        return None
+    le_text = labels.get("le")
+    if le_text is None:
+        le = math.nan
+        key: SeriesKey = tuple(sorted(labels.items()))
+    else:
+        try:
+            le = float(le_text)
+        except ValueError:
+            return None
+        key = tuple(sorted(item for item in labels.items() if item[0] != "le"))
+    if len(cache) >= MAX_LABEL_CACHE:
+        cache.clear()
+    info = (labels, key, le)
+    cache[raw] = info
+    return info
+
+
+def _line_number(text: str, line: str) -> int:
+    pos = text.find(line)
+    return text.count("\n", 0, pos) + 1 if pos >= 0 else 0
+
+
+def _bad(text: str, line: str, why: str) -> ExpositionError:
+    shown = line if len(line) <= 120 else line[:117] + "..."
+    return ExpositionError(f"line {_line_number(text, line)}: {why}: {shown!r}")
+
+
+def _parse_lines(
+    text: str,
+    lines: list[str],
+    wanted: frozenset[str] | None,
+    cache: dict[str, LabelInfo],
+    out: Samples,
+) -> bool:
+    """Parse sample lines into out; returns False once `# EOF` was read."""
+    fast = _SAMPLE_FAST.match
+    for line in lines:
+        if not line or line[0] == "#":
+            if line.startswith("# EOF"):
+                return False
+            continue
+        m = fast(line)
+        if m is None:
+            m = _SAMPLE_SLOW.match(line)
+            if m is None:
+                if line.isspace():
+                    continue
+                raise _bad(text, line, "not a sample, comment or blank line")
+        name = m.group(1)
+        if wanted is not None and name not in wanted:
+            continue
+        raw = m.group(2)
+        if raw is None or not raw.strip():
+            info = _NO_LABELS
+        else:
+            found = _label_info(raw, cache)
+            if found is None:
+                m = _SAMPLE_SLOW.match(line)
+                raw = m.group(2) if m is not None else None
+                found = _label_info(raw, cache) if raw is not None else None
+                if m is None or found is None:
+                    raise _bad(text, line, "malformed labels")
+            info = found
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            raise _bad(text, line, "value is not a number") from None
+        samples = out.get(name)
+        if samples is None:
+            out[name] = [(info, value)]
+        else:
+            samples.append((info, value))
+    return True
+
+
+def parse_exposition(
+    body: bytes | str,
+    wanted: Wanted | None = None,
+    cache: dict[str, LabelInfo] | None = None,
+) -> Samples:
+    """Parse the samples of the wanted families (all samples when wanted is None).
+
+    Raises ExpositionError("line N: why: 'line'") for a line of a read family that is not a
+    sample, a comment or a blank. `cache` maps raw label text to parsed labels across scrapes of
+    one server (it is bounded); pass the same dict on every call to skip re-parsing labels.
+    """
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    if "\x00" in text:
+        raise ExpositionError(f"line {text.count(chr(10), 0, text.find(chr(0))) + 1}: NUL byte")
+    if cache is None:
+        cache = {}
+    out: Samples = {}
+    names = None if wanted is None else wanted.samples
+    chunks = ("\n" + text if text.startswith("# TYPE ") else text).split(_TYPE_SPLIT)
+    if not _parse_lines(text, chunks[0].split("\n"), names, cache, out):
+        return out
+    families = None if wanted is None else wanted.families
+    for chunk in chunks[1:]:
+        end = chunk.find(" ")
+        if families is not None and chunk[:end] not in families:
+            continue
+        first = chunk.find("\n")
+        if first < 0:
+            continue
+        if not _parse_lines(text, chunk[first + 1 :].split("\n"), names, cache, out):
+            return out
+    return out
+
+
+def sample_names(body: bytes | str) -> set[str]:
+    """Every sample name in a body, after checking every line (for kind detection)."""
+    return set(parse_exposition(body))

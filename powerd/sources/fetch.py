@@ -1,0 +1,89 @@
+"""HTTP GET of a metrics URL with an overall deadline and a size bound (urllib only)."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+import urllib.error
+import urllib.request
+from email.message import Message
+
+from powerd.sources.base import MAX_BODY_BYTES, FetchResponse, SourceError
+
+# Text 0.0.4 only: prometheus_client 0.22+ answers an OpenMetrics request with sample names whose
+# ':' became '_' while # TYPE keeps it (prometheus/client_python#1177), breaking `vllm:` names.
+ACCEPT = "text/plain;version=0.0.4;q=1,*/*;q=0.1"
+_CHUNK_BYTES = 64 * 1024
+
+# Inference servers run on this node: never send their scrapes through an http_proxy.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _headers(message: Message | None) -> dict[str, str]:
+    if message is None:
+        return {}
+    return {key.lower(): value for key, value in message.items()}
+
+
+def _socket(response: object) -> socket.socket | None:
+    raw = getattr(getattr(response, "fp", None), "raw", None)
+    sock = getattr(raw, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _read(response: object, url: str, deadline: float, timeout_s: float, max_bytes: int) -> bytes:
+    # read1 returns after one recv, so a server that drips bytes cannot hold the read past the
+    # deadline; each recv waits at most the time left.
+    read = getattr(response, "read1", None) or response.read  # type: ignore[attr-defined]
+    sock = _socket(response)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SourceError(f"timed out after {timeout_s:g} s reading {url}")
+        if sock is not None:
+            sock.settimeout(left)
+        chunk = read(_CHUNK_BYTES)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > max_bytes:
+            raise SourceError(f"{url} sent more than {max_bytes // (1024 * 1024)} MiB of metrics")
+        parts.append(chunk)
+
+
+def http_fetch(url: str, timeout_s: float, max_bytes: int = MAX_BODY_BYTES) -> FetchResponse:
+    """GET url as given; the whole exchange is bounded by timeout_s and the body by max_bytes.
+
+    Returns non-2xx answers as responses (the source words the error); raises SourceError when
+    there is no answer: refused, unresolvable, timed out, too big.
+    """
+    deadline = time.monotonic() + timeout_s
+    try:
+        request = urllib.request.Request(url, headers={"Accept": ACCEPT, "User-Agent": "powerd"})
+        with _OPENER.open(request, timeout=timeout_s) as response:
+            body = _read(response, url, deadline, timeout_s, max_bytes)
+            return FetchResponse(response.status, body, _headers(response.headers))
+    except urllib.error.HTTPError as exc:
+        try:
+            body = exc.read(min(max_bytes, 64 * 1024))
+        except (OSError, ValueError):
+            body = b""
+        return FetchResponse(exc.code, body, _headers(exc.headers))
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            raise SourceError(f"timed out after {timeout_s:g} s connecting to {url}") from None
+        text = getattr(reason, "strerror", None) or str(reason)
+        raise SourceError(f"cannot connect to {url}: {text}") from None
+    except TimeoutError:
+        raise SourceError(f"timed out after {timeout_s:g} s reading {url}") from None
+    except http.client.HTTPException as exc:
+        what = type(exc).__name__
+        raise SourceError(f"broken HTTP answer from {url}: {what}") from None
+    except ValueError as exc:
+        raise SourceError(f"bad metrics URL {url!r}: {exc}") from None
+    except OSError as exc:
+        raise SourceError(f"cannot read {url}: {exc.strerror or exc}") from None

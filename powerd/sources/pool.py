@@ -1,0 +1,79 @@
+"""Concurrent scraping under a deadline, so one slow or hung server never delays the tick."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from types import TracebackType
+
+from powerd.model import ServerSample
+from powerd.sources.base import FetchResponse, Source
+
+_FetchResult = tuple["FetchResponse | BaseException", float]
+
+
+def _timed_fetch(source: Source) -> _FetchResult:
+    start = time.perf_counter()
+    try:
+        result: FetchResponse | BaseException = source.fetch_response()
+    except Exception as exc:
+        result = exc
+    return result, time.perf_counter() - start
+
+
+class ScrapePool:
+    """Fetches every source in worker threads and interprets the answers in the caller's thread.
+
+    poll_all waits at most deadline_s wall-clock seconds. A source whose fetch has not answered
+    by then is reported down ("timed out after X s") and is not fetched again until that fetch
+    ends; an answer that arrives after its deadline is dropped, so rates only ever use scrapes
+    stamped with the tick they belong to.
+    """
+
+    def __init__(self, sources: list[Source], max_workers: int = 8) -> None:
+        self.sources = list(sources)
+        workers = max(1, min(max_workers, len(self.sources) or 1))
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="powerd-scrape")
+        self._inflight: dict[int, tuple[Future[_FetchResult], float]] = {}
+
+    def poll_all(self, now_s: float, deadline_s: float) -> list[ServerSample]:
+        """One sample per source, in order, within deadline_s seconds of wall time."""
+        start = time.monotonic()
+        fresh: dict[int, Future[_FetchResult]] = {}
+        for i, source in enumerate(self.sources):
+            pending = self._inflight.get(i)
+            if pending is not None:
+                if not pending[0].done():
+                    continue
+                del self._inflight[i]
+            submitted = self._executor.submit(_timed_fetch, source)
+            fresh[i] = submitted
+            self._inflight[i] = (submitted, start)
+        if fresh:
+            wait(fresh.values(), timeout=max(0.0, deadline_s))
+        samples = []
+        for i, source in enumerate(self.sources):
+            future = fresh.get(i)
+            if future is not None and future.done():
+                del self._inflight[i]
+                result, duration = future.result()
+                samples.append(source.process(result, now_s, duration))
+                continue
+            elapsed = time.monotonic() - self._inflight[i][1]
+            samples.append(source.down(now_s, f"timed out after {elapsed:.3g} s", elapsed))
+        return samples
+
+    def close(self) -> None:
+        """Stop the workers; fetches still hanging end on their own timeout."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> ScrapePool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

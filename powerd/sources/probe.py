@@ -1,0 +1,75 @@
+"""`powerd probe URL`: what powerd reads from one server, from two scrapes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from powerd.config import ServerConfig
+from powerd.sources.base import Fetcher, SourceError
+from powerd.sources.fetch import http_fetch
+from powerd.sources.registry import make_source
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe(
+    url: str,
+    kind: str = "auto",
+    interval_s: float = 2.0,
+    fetch: Fetcher = http_fetch,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Scrape url twice, interval_s apart, and report the kind and the rates between.
+
+    Raises SourceError with one sentence when the server cannot be read or recognised.
+    """
+    if kind == "generic":
+        raise SourceError("probe cannot read kind generic; it needs metric names from a config")
+    if not interval_s > 0:
+        raise SourceError(f"probe interval must be a positive number of seconds, got {interval_s}")
+    config = ServerConfig(name="probe", url=url, kind=kind, timeout_s=PROBE_TIMEOUT_S)
+    source = make_source(config, fetch)
+    first = source.poll(clock())
+    if not first.up:
+        raise SourceError(first.error or f"cannot read {url}")
+    sleep(interval_s)
+    second = source.poll(clock())
+    if not second.up:
+        raise SourceError(second.error or f"cannot read {url}")
+    if second.generation_tokens_per_s is None:
+        raise SourceError(f"{url} restarted between the two scrapes; probe again")
+    return {
+        "kind": source.kind,
+        "realtime": second.realtime,
+        "generation_tokens_per_s": second.generation_tokens_per_s,
+        "prompt_tokens_per_s": second.prompt_tokens_per_s,
+        "running": second.running,
+        "waiting": second.waiting,
+        "ttft_p95_s": second.ttft_p95_s,
+        "itl_p95_s": second.itl_p95_s,
+    }
+
+
+def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}{unit}"
+
+
+def format_probe(result: dict[str, Any]) -> str:
+    """Human text for a probe result, one figure per line."""
+    cadence = "per engine step" if result["realtime"] else "at request end"
+    lines = [
+        f"kind:                 {result['kind']} (token counters move {cadence})",
+        f"generation tokens/s:  {_fmt(result['generation_tokens_per_s'], '')}",
+        f"prompt tokens/s:      {_fmt(result.get('prompt_tokens_per_s'), '')}",
+        f"running requests:     {_fmt(result.get('running'), '', 0)}",
+        f"waiting requests:     {_fmt(result.get('waiting'), '', 0)}",
+        f"TTFT p95:             {_fmt(result.get('ttft_p95_s'), ' s', 3)}",
+        f"inter-token p95:      {_fmt(result.get('itl_p95_s'), ' s', 4)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""SGLang (`--enable-metrics`, `python/sglang/srt/metrics/collector.py`).
+
+Token figures, best first:
+1. `sglang:realtime_tokens_total{mode="decode"}` (newer builds; the scheduler adds to it every
+   log interval): a counter, rated like any other. Prompt tokens are `mode="prefill_compute"`,
+   the prefill work actually computed (prefix-cache hits are `prefill_cache` and cost nothing).
+2. `sglang:gen_throughput`: a gauge in tokens/s that each scheduler recomputes every
+   `decode_log_interval` (40) decode steps. It keeps its last value when decoding stops, so it is
+   read as 0 while `num_running_reqs` is 0.
+3. `sglang:generation_tokens_total`: added in `observe_one_finished_request()`, i.e. at request
+   end, so it arrives in request-sized steps (realtime=False).
+
+Labels: 2024 builds (v0.3) named the model in `name` and the queue gauges
+`sglang:num_requests_running` / `sglang:num_requests_waiting`; later ones use `model_name`,
+`sglang:num_running_reqs` and `sglang:num_queue_reqs`. Both spellings are read. Scheduler metrics
+carry `tp_rank`, `pp_rank`, `moe_ep_rank` and, with DP attention, `dp_rank`. The TP (and PP, EP)
+ranks of one data-parallel shard mirror one scheduler's numbers, so summing them would multiply
+every figure by the TP size: they collapse to their maximum, which equals rank 0's value while
+the mirrors agree and stays monotonic if one of them lags a scrape behind. DP ranks (and
+everything else) are summed. The tokenizer's histograms (TTFT, ITL) carry no rank labels.
+Reference: shared/reference/inference_server_metrics.md sections 3 and 10.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from powerd.sources.base import (
+    Reading,
+    SourceError,
+    first_present,
+    gauge_total,
+    histogram,
+    label_values,
+    series_values,
+    total,
+)
+from powerd.sources.exposition import Samples, Wanted
+from powerd.sources.vllm import MODEL_LABELS, hist_names, start_time_marker
+
+MIRRORS = frozenset({"tp_rank", "pp_rank", "moe_ep_rank"})
+_MODE = frozenset({"mode"})
+P = "sglang:"
+_RUNNING = (P + "num_running_reqs", P + "num_requests_running")
+_WAITING = (P + "num_queue_reqs", P + "num_requests_waiting")
+
+
+class SglangExtractor:
+    kind = "sglang"
+
+    def __init__(self) -> None:
+        self.wanted = Wanted.of(
+            [
+                P + "realtime_tokens_total",
+                P + "gen_throughput",
+                P + "generation_tokens_total",
+                P + "prompt_tokens_total",
+                P + "num_requests_total",
+                P + "num_running_reqs",
+                P + "num_queue_reqs",
+                P + "num_requests_running",
+                P + "num_requests_waiting",
+                "process_start_time_seconds",
+                *hist_names(
+                    P + "time_to_first_token_seconds",
+                    P + "inter_token_latency_seconds",
+                    P + "time_per_output_token_seconds",
+                ),
+            ]
+        )
+
+    def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
+        running = gauge_total(samples, _RUNNING[0], mirrors=MIRRORS)
+        if running is None:
+            running = gauge_total(samples, _RUNNING[1], mirrors=MIRRORS)
+        finished_tokens = series_values(samples, P + "generation_tokens_total", mirrors=MIRRORS)
+        reading = Reading(realtime=True)
+        if P + "realtime_tokens_total" in samples:
+            for name, mode in (("generation", "decode"), ("prompt", "prefill_compute")):
+                reading.counters[name] = (
+                    series_values(
+                        samples,
+                        P + "realtime_tokens_total",
+                        mirrors=MIRRORS,
+                        select={"mode": mode},
+                        drop=_MODE,
+                    )
+                    or {}
+                )
+        elif P + "gen_throughput" in samples:
+            reading.gen_mode = "gauge"
+            rate = gauge_total(samples, P + "gen_throughput", mirrors=MIRRORS) or 0.0
+            # The gauge holds its last value once decoding stops.
+            reading.gauges["generation_rate"] = rate if running else 0.0
+        elif finished_tokens is not None:
+            reading.realtime = False
+            reading.counters["generation"] = finished_tokens
+        else:
+            raise SourceError(
+                "has no sglang:realtime_tokens_total, sglang:gen_throughput or "
+                "sglang:generation_tokens_total (is it an SGLang server with --enable-metrics?)"
+            )
+        if "prompt" not in reading.counters:
+            prompt = series_values(samples, P + "prompt_tokens_total", mirrors=MIRRORS)
+            if prompt is not None:
+                reading.counters["prompt"] = prompt
+        reading.generation_tokens_total = total(finished_tokens)
+        finished = series_values(samples, P + "num_requests_total", mirrors=MIRRORS)
+        if finished is not None:
+            reading.counters["finished"] = finished
+        if running is not None:
+            reading.gauges["running"] = running
+        waiting = gauge_total(samples, _WAITING[0], mirrors=MIRRORS)
+        if waiting is None:
+            waiting = gauge_total(samples, _WAITING[1], mirrors=MIRRORS)
+        if waiting is not None:
+            reading.gauges["waiting"] = waiting
+        ttft = histogram(samples, P + "time_to_first_token_seconds", mirrors=MIRRORS)
+        if ttft is not None:
+            reading.hists["ttft"] = ttft
+        itl_name = first_present(
+            samples,
+            P + "inter_token_latency_seconds_bucket",
+            P + "time_per_output_token_seconds_bucket",
+        )
+        if itl_name is not None:
+            itl = histogram(samples, itl_name[: -len("_bucket")], mirrors=MIRRORS)
+            if itl is not None:
+                reading.hists["itl"] = itl
+        reading.markers["start"] = start_time_marker(samples)
+        reading.model_names = label_values(
+            samples,
+            (*_RUNNING, P + "gen_throughput", P + "generation_tokens_total"),
+            MODEL_LABELS,
+        )
+        return reading
+
+
+def sglang_extractor() -> SglangExtractor:
+    return SglangExtractor()

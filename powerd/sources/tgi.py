@@ -1,0 +1,62 @@
+"""Hugging Face text-generation-inference (`router/src/server.rs`, /metrics on the main port).
+
+TGI renders its metrics with the Rust metrics-exporter-prometheus: counters carry no `_total`
+(`tgi_request_success`), there is no model label, and a series exists only once it was first
+recorded, so a fresh server may serve an almost empty body. There is no token counter: the
+generated tokens are the `_sum` of the `tgi_request_generated_tokens` histogram (and prompt
+tokens of `tgi_request_input_length`), recorded once per finished request, so the rate moves in
+request-sized steps (realtime=False). There is no TTFT; the inter-token figure is
+`tgi_request_mean_time_per_token_duration` (inference time / generated tokens per request, which
+includes the prefill). Queue: `tgi_queue_size`; running: `tgi_batch_current_size`.
+Reference: shared/reference/inference_server_metrics.md section 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from powerd.sources.base import Reading, gauge_total, histogram, series_values, total
+from powerd.sources.exposition import Samples, Wanted
+from powerd.sources.vllm import hist_names
+
+_ITL = "tgi_request_mean_time_per_token_duration"
+
+
+class TgiExtractor:
+    kind = "tgi"
+
+    def __init__(self) -> None:
+        self.wanted = Wanted.of(
+            [
+                "tgi_request_generated_tokens_sum",
+                "tgi_request_input_length_sum",
+                "tgi_request_success",
+                "tgi_request_success_total",
+                "tgi_batch_current_size",
+                "tgi_queue_size",
+                *hist_names(_ITL),
+            ]
+        )
+
+    def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
+        reading = Reading(realtime=False)
+        generated = series_values(samples, "tgi_request_generated_tokens_sum") or {}
+        reading.counters["generation"] = generated
+        reading.generation_tokens_total = total(generated) if generated else None
+        reading.counters["prompt"] = series_values(samples, "tgi_request_input_length_sum") or {}
+        reading.counters["finished"] = (
+            series_values(samples, "tgi_request_success")
+            or series_values(samples, "tgi_request_success_total")
+            or {}
+        )
+        for gauge, name in (("running", "tgi_batch_current_size"), ("waiting", "tgi_queue_size")):
+            value = gauge_total(samples, name)
+            if value is not None:
+                reading.gauges[gauge] = value
+        itl = histogram(samples, _ITL)
+        reading.hists["itl"] = itl or {}
+        return reading
+
+
+def tgi_extractor() -> TgiExtractor:
+    return TgiExtractor()

@@ -1,0 +1,142 @@
+"""NVIDIA Triton with the TensorRT-LLM backend (:8002/metrics, `tensorrtllm_backend` README).
+
+Since 23.11 the batch manager's statistics are gauges `nv_trt_llm_*_metrics` (the first releases
+named them `nv_trt_llm_*_statistics`; both are read), labelled `model`, `version` and one
+dimension label. There is no token counter. Each engine iteration gives one token to every
+generation request (without speculative decoding), so
+
+    generation tokens/s = Δ iteration_counter / Δt × generation_requests
+
+per model, with `generation_requests` (`inflight_batcher_specific_metric`) averaged over the two
+scrapes because it is a snapshot; V1 (non-inflight) models report
+`v1_specific_metric="total_generation_tokens"` instead. Prompt tokens use `total_context_tokens`
+the same way. Running: `request_type="active"`; waiting: `request_type="waiting"` where the
+build reports it.
+
+TTFT comes from `nv_inference_first_response_histogram_ms` (in ms; opt-in with
+`--metrics-config histogram_latencies=true`). Triton reports it per model, and with an ensemble
+or BLS front the same requests show under several models (the `tensorrt_llm` model may read 0,
+tensorrtllm_backend#49), so the model with the most first responses is read, not the sum;
+finished requests come from the same model's `nv_inference_request_success`.
+Reference: shared/reference/inference_server_metrics.md section 6.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from powerd.sources.base import (
+    Reading,
+    SourceError,
+    gauge_total,
+    histogram,
+    label_values,
+    series_values,
+)
+from powerd.sources.exposition import Samples, Wanted
+from powerd.sources.vllm import hist_names
+
+_GENERAL = ("nv_trt_llm_general_metrics", "nv_trt_llm_general_statistics")
+_BATCHER = ("nv_trt_llm_inflight_batcher_metrics", "nv_trt_llm_inflight_batcher_statistics")
+_V1 = ("nv_trt_llm_v1_metrics", "nv_trt_llm_v1_statistics")
+_REQUESTS = ("nv_trt_llm_request_metrics", "nv_trt_llm_request_statistics")
+_FIRST_RESPONSE = "nv_inference_first_response_histogram_ms"
+_SUCCESS = "nv_inference_request_success"
+
+
+def _first(samples: Samples, names: tuple[str, ...]) -> str:
+    for name in names:
+        if name in samples:
+            return name
+    return names[0]
+
+
+def _per_iteration(
+    samples: Samples, batcher_metric: str, v1_metric: str
+) -> dict[tuple[tuple[str, str], ...], float] | None:
+    values = series_values(
+        samples,
+        _first(samples, _BATCHER),
+        select={"inflight_batcher_specific_metric": batcher_metric},
+        drop=frozenset({"inflight_batcher_specific_metric"}),
+    )
+    if values:
+        return values
+    return series_values(
+        samples,
+        _first(samples, _V1),
+        select={"v1_specific_metric": v1_metric},
+        drop=frozenset({"v1_specific_metric"}),
+    )
+
+
+class TritonExtractor:
+    kind = "triton"
+
+    def __init__(self) -> None:
+        self.wanted = Wanted.of(
+            [*_GENERAL, *_BATCHER, *_V1, *_REQUESTS, _SUCCESS, *hist_names(_FIRST_RESPONSE)]
+        )
+
+    def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
+        general = _first(samples, _GENERAL)
+        iterations = series_values(
+            samples,
+            general,
+            select={"general_type": "iteration_counter"},
+            drop=frozenset({"general_type"}),
+        )
+        if not iterations:
+            raise SourceError(
+                'has no nv_trt_llm_general_metrics{general_type="iteration_counter"} '
+                "(is it Triton with the TensorRT-LLM backend?)"
+            )
+        reading = Reading(realtime=True, gen_mode="iterations", prompt_mode="iterations")
+        reading.counters["iterations"] = iterations
+        for name, batcher, v1 in (
+            ("generation", "generation_requests", "total_generation_tokens"),
+            ("prompt", "total_context_tokens", "total_context_tokens"),
+        ):
+            per = _per_iteration(samples, batcher, v1)
+            if per is not None:
+                reading.per_iteration[name] = per
+        requests = _first(samples, _REQUESTS)
+        for gauge, request_type in (("running", "active"), ("waiting", "waiting")):
+            value = gauge_total(samples, requests, select={"request_type": request_type})
+            if value is not None and _has(samples, requests, "request_type", request_type):
+                reading.gauges[gauge] = value
+        ttft_model = _busiest_model(samples, _FIRST_RESPONSE + "_count")
+        if ttft_model is not None:
+            ttft = histogram(samples, _FIRST_RESPONSE, select={"model": ttft_model}, scale=0.001)
+            if ttft:
+                reading.hists["ttft"] = ttft
+        success_model = _busiest_model(samples, _SUCCESS, prefer=ttft_model)
+        if success_model is not None:
+            finished = series_values(samples, _SUCCESS, select={"model": success_model})
+            if finished is not None:
+                reading.counters["finished"] = finished
+        reading.model_names = label_values(samples, (general,), ("model",))
+        return reading
+
+
+def _has(samples: Samples, name: str, label: str, value: str) -> bool:
+    return any(labels.get(label) == value for (labels, _k, _le), _v in samples.get(name, ()))
+
+
+def _busiest_model(samples: Samples, name: str, prefer: str | None = None) -> str | None:
+    """The model with the highest value of a per-model counter; `prefer` wins ties."""
+    counts: dict[str, float] = {}
+    for (labels, _key, _le), value in samples.get(name, ()):
+        model = labels.get("model")
+        if model is not None and value == value:
+            counts[model] = counts.get(model, 0.0) + value
+    if not counts:
+        return None
+    top = max(counts.values())
+    if prefer is not None and counts.get(prefer) == top:
+        return prefer
+    return min(model for model, count in counts.items() if count == top)
+
+
+def triton_extractor() -> TritonExtractor:
+    return TritonExtractor()

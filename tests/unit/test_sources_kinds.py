@@ -1,0 +1,398 @@
+"""Every server family on its fixture pair (scrapes 2 s apart), against hand-computed figures.
+
+Quantiles follow Prometheus's histogram_quantile: rank = q x count of the window, linear
+interpolation inside the bucket that holds the rank, from the bucket-count deltas of the pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from powerd.config import GenericMetricsConfig, ServerConfig, SloConfig
+from powerd.model import ServerSample
+from powerd.sources import FetchResponse, SourceError, detect_kind, make_source
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
+T0, T1 = 100.0, 102.0
+
+
+def load(name: str) -> tuple[bytes, dict[str, str]]:
+    """A fixture body and the response headers its `# fixture-header:` comments name."""
+    body = (FIXTURES / name).read_bytes()
+    headers = {}
+    for line in body.decode().splitlines():
+        if line.startswith("# fixture-header: "):
+            key, _, value = line.removeprefix("# fixture-header: ").partition(": ")
+            headers[key] = value
+    return body, headers
+
+
+class Replay:
+    """A fetcher that serves a list of (body, headers) in turn."""
+
+    def __init__(self, responses: list[tuple[bytes, Mapping[str, str]]]) -> None:
+        self.responses = list(responses)
+        self.urls: list[str] = []
+
+    def __call__(self, url: str, timeout_s: float) -> FetchResponse:
+        self.urls.append(url)
+        body, headers = self.responses.pop(0)
+        return FetchResponse(200, body, headers)
+
+
+def pair(prefix: str, kind: str = "auto", **config: object) -> tuple[ServerSample, ServerSample]:
+    replay = Replay([load(f"{prefix}_a.txt"), load(f"{prefix}_b.txt")])
+    cfg = ServerConfig(name=prefix, url="http://127.0.0.1:8000/metrics", kind=kind, **config)  # type: ignore[arg-type]
+    source = make_source(cfg, replay)
+    return source.poll(T0), source.poll(T1)
+
+
+def interp(lo: float, hi: float, rank: float, below: float, inside: float) -> float:
+    return lo + (hi - lo) * (rank - below) / inside
+
+
+def test_vllm_v1_data_parallel_sums_engines() -> None:
+    first, s = pair("vllm_v1")
+    assert first.up and first.generation_tokens_per_s is None
+    assert first.running == 18.0 and first.waiting == 2.0
+    assert s.kind == "vllm" and s.realtime and s.up and s.error is None
+    assert s.model_name == "meta-llama/Llama-3.1-8B-Instruct"
+    assert s.timestamp_s == T1
+    # engine 0: +600, engine 1: +400 generated tokens over 2 s.
+    assert s.generation_tokens_per_s == pytest.approx((600 + 400) / 2)
+    assert s.prompt_tokens_per_s == pytest.approx((1000 + 600) / 2)
+    assert s.running == 12 + 9 and s.waiting == 3 + 1
+    assert s.finished_requests == pytest.approx(4 + 1 + 3)
+    assert s.generation_tokens_total == 10600 + 8400
+    # TTFT: 20 first tokens; cumulative deltas 18 at le=0.5, 20 at le=0.75; rank 19.
+    assert s.ttft_p95_s == pytest.approx(interp(0.5, 0.75, 0.95 * 20, 18, 2))
+    assert s.ttft_mean_s == pytest.approx((2.4 + 1.6) / 20)
+    # ITL comes from inter_token_latency_seconds, not the deprecated TPOT histogram:
+    # 980 observations, 900 by le=0.05, 960 by le=0.075; rank 931.
+    assert s.itl_p95_s == pytest.approx(interp(0.05, 0.075, 0.95 * 980, 900, 60))
+    assert s.itl_mean_s == pytest.approx((17.64 + 11.76) / 980)
+
+
+def test_openmetrics_body_reads_like_the_text_format() -> None:
+    _, text = pair("vllm_v1")
+    _, om = pair("vllm_openmetrics")
+    for field in (
+        "generation_tokens_per_s",
+        "prompt_tokens_per_s",
+        "running",
+        "waiting",
+        "ttft_p95_s",
+        "itl_p95_s",
+        "finished_requests",
+    ):
+        assert getattr(om, field) == pytest.approx(getattr(text, field)), field
+
+
+def test_configured_quantile_is_used() -> None:
+    _, s = pair("vllm_v1", slo=SloConfig(quantile=0.5))
+    # rank 10 of 20: cumulative 10 at le=0.1 exactly.
+    assert s.ttft_p95_s == pytest.approx(0.1)
+    # rank 490 of 980: 400 by le=0.025, 900 by le=0.05.
+    assert s.itl_p95_s == pytest.approx(interp(0.025, 0.05, 490, 400, 500))
+
+
+def test_vllm_v0_names() -> None:
+    _, s = pair("vllm_v0")
+    assert s.kind == "vllm"
+    assert s.generation_tokens_per_s == pytest.approx(600 / 2)
+    assert s.prompt_tokens_per_s == pytest.approx(1500 / 2)
+    assert s.ttft_p95_s == pytest.approx(interp(0.25, 0.5, 0.95 * 3, 1, 2))
+    assert s.ttft_mean_s == pytest.approx(1.05 / 3)
+    # V0's vllm:time_per_output_token_seconds: 297 tokens all in (0.025, 0.05].
+    assert s.itl_p95_s == pytest.approx(interp(0.025, 0.05, 0.95 * 297, 0, 297))
+    assert s.itl_mean_s == pytest.approx(11.88 / 297)
+    assert s.finished_requests == 3
+
+
+def test_vllm_v0_without_counters_reads_the_throughput_gauges() -> None:
+    def strip(name: str) -> bytes:
+        body, _ = load(name)
+        lines = body.decode().splitlines(keepends=True)
+        return "".join(x for x in lines if "_tokens_total" not in x).encode()
+
+    replay = Replay([(strip("vllm_v0_a.txt"), {}), (strip("vllm_v0_b.txt"), {})])
+    source = make_source(ServerConfig(name="v0", url="http://h:8000/metrics", kind="vllm"), replay)
+    source.poll(T0)
+    s = source.poll(T1)
+    assert s.generation_tokens_per_s == pytest.approx(310.5)
+    assert s.prompt_tokens_per_s == pytest.approx(700.2)
+    assert s.generation_tokens_total is None
+
+
+def test_nim_unprefixed_vllm_names() -> None:
+    _, s = pair("nim")
+    assert s.kind == "nim" and s.realtime
+    assert s.model_name == "meta/llama-3.1-8b-instruct"
+    assert s.generation_tokens_per_s == pytest.approx(600 / 2)
+    assert s.prompt_tokens_per_s == pytest.approx(1000 / 2)
+    assert s.ttft_p95_s == pytest.approx(interp(0.1, 0.25, 0.95 * 4, 0, 4))
+    assert s.itl_p95_s == pytest.approx(interp(0.025, 0.05, 0.95 * 596, 100, 496))
+    assert s.finished_requests == 4
+
+
+def test_lmdeploy_sums_engines_and_prefers_iter_token_latency() -> None:
+    _, s = pair("lmdeploy")
+    assert s.kind == "lmdeploy" and s.realtime
+    assert s.generation_tokens_per_s == pytest.approx((300 + 200) / 2)
+    assert s.prompt_tokens_per_s == pytest.approx((800 + 400) / 2)
+    assert s.running == 7 and s.waiting == 1
+    assert s.ttft_p95_s == pytest.approx(interp(0.25, 0.5, 0.95 * 2, 0, 2))
+    # lmdeploy:iter_token_latency: 498 observations in (0.025, 0.05]; TPOT would say ~0.1.
+    assert s.itl_p95_s == pytest.approx(interp(0.025, 0.05, 0.95 * 498, 0, 498))
+    assert s.itl_mean_s == pytest.approx((11.1 + 7.32) / 498)
+    assert s.finished_requests == 2
+
+
+def test_sglang_tp_mirrors_collapse_and_dp_ranks_sum() -> None:
+    _, s = pair("sglang")
+    assert s.kind == "sglang" and s.realtime
+    # realtime_tokens_total{mode="decode"}: dp 0 +900, dp 1 +700 (tp 3 lagged at 149950 in the
+    # first scrape: the max over mirrors keeps 150000). Summing the TP mirrors would double it.
+    assert s.generation_tokens_per_s == pytest.approx((900 + 700) / 2)
+    assert s.prompt_tokens_per_s == pytest.approx((1200 + 800) / 2)
+    assert s.running == 24 + 20 and s.waiting == 5 + 2
+    assert s.finished_requests == 12
+    # generation_tokens_total moved by a request-sized step; it is reported, not rated.
+    assert s.generation_tokens_total == 7557572 + 3200
+    assert s.ttft_p95_s == pytest.approx(interp(0.8, 1.0, 0.95 * 12, 11, 1))
+    assert s.ttft_mean_s == pytest.approx(4.2 / 12)
+    assert s.itl_p95_s == pytest.approx(interp(0.03, 0.035, 0.95 * 1600, 1500, 80))
+    assert s.itl_mean_s == pytest.approx(40.0 / 1600)
+
+
+def test_sglang_without_realtime_counter_uses_gen_throughput_gated_by_running() -> None:
+    body_a, _ = load("sglang_a.txt")
+    body_b, _ = load("sglang_b.txt")
+
+    def without_realtime(body: bytes, idle: bool = False) -> bytes:
+        lines = body.decode().splitlines(keepends=True)
+        kept = [x for x in lines if "realtime_tokens" not in x]
+        if idle:
+            kept = [
+                x.replace("} 24.0", "} 0.0").replace("} 20.0", "} 0.0")
+                if x.startswith("sglang:num_running_reqs")
+                else x
+                for x in kept
+            ]
+        return "".join(kept).encode()
+
+    replay = Replay(
+        [
+            (without_realtime(body_a), {}),
+            (without_realtime(body_b), {}),
+            (without_realtime(body_b, idle=True), {}),
+        ]
+    )
+    cfg = ServerConfig(name="sg", url="http://h:30000/metrics", kind="sglang")
+    source = make_source(cfg, replay)
+    source.poll(T0)
+    busy = source.poll(T1)
+    assert busy.generation_tokens_per_s == pytest.approx(430.5 + 361.2)
+    assert busy.prompt_tokens_per_s == pytest.approx(2000 / 2)
+    idle = source.poll(T1 + 2)
+    assert idle.running == 0
+    assert idle.generation_tokens_per_s == 0.0
+
+
+def test_sglang_v03_name_label_and_old_gauges() -> None:
+    _, s = pair("sglang_old")
+    assert s.kind == "sglang"
+    assert s.model_name == "meta-llama/Llama-3.2-3B-Instruct"
+    assert s.generation_tokens_per_s == pytest.approx(251.37)
+    assert s.prompt_tokens_per_s == pytest.approx(900 / 2)
+    assert s.running == 9 and s.waiting == 2
+    assert s.ttft_p95_s == pytest.approx(interp(0.1, 0.25, 0.95 * 2, 0, 2))
+    assert s.itl_p95_s == pytest.approx(interp(0.02, 0.025, 0.95 * 640, 100, 540))
+    assert s.finished_requests is None
+
+
+def test_tgi_histogram_sums_and_no_ttft() -> None:
+    _, s = pair("tgi")
+    assert s.kind == "tgi" and not s.realtime
+    assert s.model_name == ""
+    assert s.generation_tokens_per_s == pytest.approx(1200 / 2)
+    assert s.prompt_tokens_per_s == pytest.approx(3000 / 2)
+    assert s.finished_requests == 6
+    assert s.running == 12 and s.waiting == 3
+    assert s.ttft_p95_s is None and s.ttft_mean_s is None
+    lo, hi = 1e-4 * 1.5**14, 1e-4 * 1.5**15
+    assert s.itl_p95_s == pytest.approx(interp(lo, hi, 0.95 * 6, 4, 2))
+    assert s.itl_mean_s == pytest.approx(0.18 / 6)
+    assert s.generation_tokens_total == 9323
+
+
+def test_tgi_fresh_server_with_lazy_series_reads_zero() -> None:
+    fresh = b"# TYPE tgi_queue_size gauge\ntgi_queue_size 0\n"
+    body_b, _ = load("tgi_b.txt")
+    replay = Replay([(fresh, {}), (fresh, {}), (body_b, {})])
+    source = make_source(ServerConfig(name="t", url="http://h/metrics", kind="tgi"), replay)
+    source.poll(T0)
+    s = source.poll(T1)
+    assert s.up and s.generation_tokens_per_s == 0.0 and s.finished_requests == 0.0
+    # Series created since the last scrape count from zero.
+    later = source.poll(T1 + 10)
+    assert later.generation_tokens_per_s == pytest.approx(9323 / 10)
+
+
+def test_llamacpp_busy_slot_decodes_and_restart_header() -> None:
+    _, s = pair("llamacpp")
+    assert s.kind == "llamacpp" and s.realtime
+    assert s.generation_tokens_per_s == pytest.approx((20400 * 2.51961 - 20000 * 2.5) / 2)
+    assert s.prompt_tokens_per_s == pytest.approx(1000 / 2)
+    assert s.running == 3 and s.waiting == 1
+    assert s.ttft_p95_s is None and s.itl_p95_s is None
+    assert s.generation_tokens_total == 46778
+
+    body_a, headers = load("llamacpp_a.txt")
+    body_b, _ = load("llamacpp_b.txt")
+    replay = Replay(
+        [
+            (body_a, headers),
+            (body_b, {"process-start-time-unix": "1752003600"}),
+            (body_b, {"Process-Start-Time-Unix": "1752003600"}),
+        ]
+    )
+    source = make_source(ServerConfig(name="l", url="http://h:8080/metrics"), replay)
+    source.poll(T0)
+    restarted = source.poll(T1)
+    assert restarted.up and restarted.generation_tokens_per_s is None
+    assert source.poll(T1 + 1).generation_tokens_per_s == 0.0
+
+
+def test_llamacpp_rounding_of_the_product_is_not_a_restart() -> None:
+    body = "llamacpp:n_decode_total {d}\nllamacpp:n_busy_slots_per_decode {p}\n"
+    replay = Replay(
+        [
+            (body.format(d="1.23456e+06", p="3.12346").encode(), {}),
+            (body.format(d="1.23456e+06", p="3.12345").encode(), {}),
+        ]
+    )
+    source = make_source(ServerConfig(name="l", url="http://h/metrics", kind="llamacpp"), replay)
+    source.poll(T0)
+    s = source.poll(T1)
+    assert s.generation_tokens_per_s == 0.0
+
+
+def test_llamacpp_without_decode_counters_falls_back_to_request_end_counters() -> None:
+    body = "llamacpp:tokens_predicted_total {n}\nllamacpp:requests_processing 1\n"
+    replay = Replay([(body.format(n=100).encode(), {}), (body.format(n=300).encode(), {})])
+    source = make_source(ServerConfig(name="l", url="http://h/metrics", kind="llamacpp"), replay)
+    source.poll(T0)
+    s = source.poll(T1)
+    assert not s.realtime and s.generation_tokens_per_s == pytest.approx(100.0)
+
+
+def test_triton_trtllm_iterations_times_generation_requests() -> None:
+    _, s = pair("triton")
+    assert s.kind == "triton" and s.realtime
+    assert s.model_name == "tensorrt_llm"
+    # 100 iterations in 2 s, generation_requests 30 then 34 (mean 32).
+    assert s.generation_tokens_per_s == pytest.approx(100 * 32 / 2)
+    assert s.prompt_tokens_per_s == pytest.approx(100 * (0 + 512) / 2 / 2)
+    assert s.running == 36 and s.waiting == 5
+    # TTFT from the ensemble (the tensorrt_llm model reads 0), in ms: 10 first responses,
+    # 8 by le=500 ms, 10 by le=2000 ms.
+    assert s.ttft_p95_s == pytest.approx(interp(0.5, 2.0, 0.95 * 10, 8, 2))
+    assert s.ttft_mean_s == pytest.approx(6.2 / 10)
+    assert s.finished_requests == 10
+    assert s.generation_tokens_total is None
+
+
+def test_generic_kind_from_config() -> None:
+    generic = GenericMetricsConfig(
+        generation_tokens="myllm_output_tokens_total",
+        prompt_tokens="myllm_input_tokens",
+        running="myllm_active_requests",
+        waiting="myllm_queued_requests",
+        ttft_histogram="myllm_first_token_seconds",
+        labels={"pool": "prod"},
+        realtime=False,
+    )
+    _, s = pair("generic", kind="generic", generic=generic)
+    assert s.kind == "generic" and not s.realtime
+    # The canary series (7 -> 999) is filtered out by the label selector.
+    assert s.generation_tokens_per_s == pytest.approx((900 + 300) / 2)
+    assert s.prompt_tokens_per_s == pytest.approx(2000 / 2)
+    assert s.running == 6 + 1 and s.waiting == 0
+    assert s.ttft_p95_s == pytest.approx(interp(0.5, 1.0, 0.95 * 10, 6, 4))
+    assert s.ttft_mean_s == pytest.approx(2.5 / 10)
+    assert s.model_name == "qwen2.5-7b"
+
+
+def test_generic_gauge_rate() -> None:
+    generic = GenericMetricsConfig(generation_tokens="tps", generation_tokens_type="gauge")
+    replay = Replay([(b"tps 40\n", {}), (b"tps 55.5\n", {})])
+    cfg = ServerConfig(name="g", url="http://h/m", kind="generic", generic=generic)
+    source = make_source(cfg, replay)
+    assert source.poll(T0).generation_tokens_per_s is None
+    assert source.poll(T1).generation_tokens_per_s == 55.5
+
+
+def test_generic_missing_metric_is_a_clear_error() -> None:
+    generic = GenericMetricsConfig(generation_tokens="nope_total")
+    replay = Replay([(b"other 1\n", {})])
+    cfg = ServerConfig(name="g", url="http://h/m", kind="generic", generic=generic)
+    s = make_source(cfg, replay).poll(T0)
+    assert not s.up
+    assert s.error == "http://h/m has no nope_total (check generic.generation_tokens)"
+
+
+@pytest.mark.parametrize(
+    ("fixture", "kind"),
+    [
+        ("vllm_v1_a.txt", "vllm"),
+        ("vllm_openmetrics_a.txt", "vllm"),
+        ("vllm_v0_a.txt", "vllm"),
+        ("vllm_restart_b.txt", "vllm"),
+        ("sglang_a.txt", "sglang"),
+        ("sglang_old_a.txt", "sglang"),
+        ("tgi_a.txt", "tgi"),
+        ("llamacpp_a.txt", "llamacpp"),
+        ("triton_a.txt", "triton"),
+        ("nim_a.txt", "nim"),
+        ("lmdeploy_a.txt", "lmdeploy"),
+    ],
+)
+def test_detect_kind(fixture: str, kind: str) -> None:
+    assert detect_kind(load(fixture)[0]) == kind
+
+
+def test_detect_kind_errors() -> None:
+    with pytest.raises(SourceError, match="not a Prometheus exposition: line 1"):
+        detect_kind(b"<!DOCTYPE html><html></html>")
+    with pytest.raises(SourceError, match="no metrics of a known inference server"):
+        detect_kind(load("generic_a.txt")[0])
+    with pytest.raises(SourceError, match="serves no metrics yet"):
+        detect_kind(b"# nothing here\n")
+
+
+def test_triton_vllm_backend_is_vllm() -> None:
+    body = (
+        b'nv_inference_count{model="vllm_model",version="1"} 5\n'
+        b'vllm:generation_tokens_total{model="vllm_model",version="1"} 10\n'
+    )
+    assert detect_kind(body) == "vllm"
+
+
+def test_auto_resolves_kind_on_first_scrape() -> None:
+    replay = Replay([load("sglang_a.txt"), load("sglang_b.txt")])
+    source = make_source(ServerConfig(name="a", url="http://h:30000/metrics"), replay)
+    assert source.kind == "auto"
+    source.poll(T0)
+    assert source.kind == "sglang"
+    assert source.poll(T1).generation_tokens_per_s == pytest.approx(800.0)
+
+
+def test_wrong_kind_is_reported() -> None:
+    replay = Replay([load("tgi_a.txt")])
+    s = make_source(ServerConfig(name="w", url="http://h/metrics", kind="vllm"), replay).poll(T0)
+    assert not s.up
+    assert s.error == "http://h/metrics has no vllm:generation_tokens_total (is it a vLLM server?)"
