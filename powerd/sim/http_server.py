@@ -1,0 +1,114 @@
+"""A simulated server's metrics endpoint on real HTTP (a ThreadingHTTPServer in a daemon thread)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+RenderFn = Callable[[], tuple[bytes, str, dict[str, str]]]
+
+
+class SimServerHttp:
+    """Serves `render()` (body, content type, extra headers) on GET `path`; 404 elsewhere.
+
+    port 0 picks a free port; `url` is valid after start(). `restart()` calls `on_restart`
+    (the simulated server restarts: its counters start again from zero).
+    """
+
+    def __init__(
+        self,
+        render: RenderFn,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        path: str = "/metrics",
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {path!r}")
+        self.render = render
+        self.host = host
+        self.port = port
+        self.path = path
+        self.on_restart = on_restart
+        self.requests_served = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.path}"
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def start(self) -> SimServerHttp:
+        """Bind and serve in a daemon thread; returns self. A second start is a no-op."""
+        if self._server is not None:
+            return self
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] != owner.path:
+                    self._send(404, b"404 page not found\n", "text/plain; charset=utf-8", {})
+                    return
+                try:
+                    body, content_type, headers = owner.render()
+                except Exception as exc:  # a broken render must not kill the server thread
+                    log.exception("rendering %s failed", owner.url)
+                    self._send(500, f"{exc}\n".encode(), "text/plain; charset=utf-8", {})
+                    return
+                owner.requests_served += 1
+                self._send(200, body, content_type, headers)
+
+            def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str]) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                log.debug("%s %s", owner.url, format % args)
+
+        server = ThreadingHTTPServer((self.host, self.port), Handler)
+        server.daemon_threads = True
+        self.port = int(server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name=f"sim-http-{self.port}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket (idempotent)."""
+        server, thread = self._server, self._thread
+        self._server = None
+        self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5.0)
+
+    def restart(self) -> None:
+        """Simulate a server process restart (counters reset); the endpoint stays up."""
+        if self.on_restart is not None:
+            self.on_restart()
+
+    def __enter__(self) -> SimServerHttp:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,294 @@
+"""Every server kind's metrics text, parsed back with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from powerd.sim.engine import EngineBank, EngineMetrics, EngineView
+from powerd.sim.exposition import (
+    SERVER_KINDS,
+    SGLANG_TTFT_BUCKETS,
+    VLLM_ITL_BUCKETS,
+    VLLM_TTFT_BUCKETS,
+    histogram_bounds,
+    metrics_path,
+    render_metrics,
+)
+from powerd.sim.models import get_model_profile
+from powerd.sim.node import SimServer
+from powerd.sim.plant import load_gpu_profile
+
+H100 = load_gpu_profile("h100-sxm")
+LLAMA_8B = get_model_profile("llama-3.1-8b")
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def loaded_bank(kind: str, until_s: float = 6.0) -> EngineBank:
+    """A server mid-run: some requests finished, some in flight, some waiting."""
+    bank = EngineBank(H100, LLAMA_8B, 1, 1, hist_bounds=histogram_bounds(kind), seed=2)
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0.0, 8.0, 160))
+    bank.feed(t, rng.integers(50, 2000, t.size), rng.integers(5, 300, t.size))
+    k = 0
+    while bank.now_s < until_s - 1e-9:
+        k += 1
+        bank.run_until(min(k * 0.05, until_s), 1980.0)
+    return bank
+
+
+def parse(body: bytes) -> dict[str, tuple[str, list[Sample]]]:
+    return {f.name: (f.type, f.samples) for f in text_string_to_metric_families(body.decode())}
+
+
+def value(samples: list[Sample], name: str, **labels: str) -> float:
+    hits = [
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(hits) == 1, (name, labels, samples)
+    return hits[0]
+
+
+def bucket_bounds(samples: list[Sample], name: str) -> list[float]:
+    return [float(s.labels["le"]) for s in samples if s.name == name and s.labels["le"] != "+Inf"]
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_every_kind_parses_and_reports_the_load(kind: str) -> None:
+    bank = loaded_bank(kind)
+    snap = bank.snapshot(0)
+    assert snap.values["requests_success"] > 10 and snap.values["num_running"] > 0
+    body, content_type, headers = render_metrics(snap, kind, MODEL, triton_histograms=True)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    families = parse(body)
+    assert len(families) >= 8
+    for typ, samples in families.values():
+        assert typ in ("counter", "gauge", "histogram")
+        assert samples
+        assert all(np.isfinite(s.value) for s in samples)
+    assert ("Process-Start-Time-Unix" in headers) == (kind == "llamacpp")
+
+
+def test_vllm_names_labels_and_buckets() -> None:
+    snap = loaded_bank("vllm").snapshot(0)
+    fam = parse(render_metrics(snap, "vllm", MODEL)[0])
+    labels = {"model_name": MODEL, "engine": "0"}
+    typ, samples = fam["vllm:generation_tokens"]
+    assert typ == "counter"
+    assert (
+        value(samples, "vllm:generation_tokens_total", **labels) == snap.values["generation_tokens"]
+    )
+    # prometheus_client writes a counter's _created sample as a gauge family of its own.
+    typ, samples = fam["vllm:generation_tokens_created"]
+    assert typ == "gauge"
+    assert value(samples, "vllm:generation_tokens_created", **labels) == snap.start_time_unix
+    _, samples = fam["vllm:prompt_tokens"]
+    assert value(samples, "vllm:prompt_tokens_total", **labels) == snap.values["prompt_tokens"]
+    for name, key in (
+        ("vllm:num_requests_running", "num_running"),
+        ("vllm:num_requests_waiting", "num_waiting"),
+        ("vllm:kv_cache_usage_perc", "kv_usage"),
+    ):
+        typ, samples = fam[name]
+        assert typ == "gauge" and value(samples, name, **labels) == snap.values[key]
+    _, samples = fam["vllm:request_success"]
+    assert (
+        value(samples, "vllm:request_success_total", finished_reason="stop")
+        == snap.values["requests_success"]
+    )
+    _, samples = fam["vllm:time_to_first_token_seconds_created"]
+    assert value(samples, "vllm:time_to_first_token_seconds_created") == snap.start_time_unix
+    typ, samples = fam["vllm:time_to_first_token_seconds"]
+    assert typ == "histogram"
+    assert bucket_bounds(samples, "vllm:time_to_first_token_seconds_bucket") == list(
+        VLLM_TTFT_BUCKETS
+    )
+    ttft_count = value(samples, "vllm:time_to_first_token_seconds_count", **labels)
+    assert ttft_count == snap.histograms["ttft_s"].count >= snap.values["requests_success"]
+    _, samples = fam["vllm:inter_token_latency_seconds"]
+    assert bucket_bounds(samples, "vllm:inter_token_latency_seconds_bucket") == list(
+        VLLM_ITL_BUCKETS
+    )
+    itl = snap.histograms["itl_s"]
+    assert value(samples, "vllm:inter_token_latency_seconds_count") == itl.count
+    assert value(samples, "vllm:inter_token_latency_seconds_sum") == pytest.approx(itl.sum)
+    assert fam["vllm:iteration_tokens_total"][0] == "histogram"
+    assert "process_start_time_seconds" in fam
+
+
+def test_sglang_token_counters_move_at_request_end() -> None:
+    snap = loaded_bank("sglang").snapshot(0)
+    fam = parse(render_metrics(snap, "sglang", MODEL)[0])
+    labels = {"model_name": MODEL, "tp_rank": "0"}
+    _, samples = fam["sglang:generation_tokens"]
+    finished = value(samples, "sglang:generation_tokens_total", **labels)
+    assert finished == snap.values["finished_generation_tokens"]
+    assert finished < snap.values["generation_tokens"]  # tokens of running requests are missing
+    _, samples = fam["sglang:realtime_tokens"]
+    decode = value(samples, "sglang:realtime_tokens_total", mode="decode")
+    assert 0 < decode <= snap.values["generation_tokens"]
+    assert value(samples, "sglang:realtime_tokens_total", mode="prefill_compute") > 0
+    _, samples = fam["sglang:gen_throughput"]
+    assert value(samples, "sglang:gen_throughput", **labels) > 0
+    _, samples = fam["sglang:num_queue_reqs"]
+    assert value(samples, "sglang:num_queue_reqs") == snap.values["num_waiting"]
+    _, samples = fam["sglang:time_to_first_token_seconds"]
+    assert bucket_bounds(samples, "sglang:time_to_first_token_seconds_bucket") == [
+        float(x) for x in SGLANG_TTFT_BUCKETS
+    ]
+    assert not any(s.name.endswith("_created") for _, ss in fam.values() for s in ss)
+
+
+def test_tgi_counters_have_no_total_suffix() -> None:
+    snap = loaded_bank("tgi").snapshot(0)
+    text = render_metrics(snap, "tgi", MODEL)[0].decode()
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[0] != "#"}
+    assert not any(name.endswith("_total") for name in names)
+    arrived = int(snap.values["requests_arrived"])
+    assert f"# TYPE tgi_request_count counter\ntgi_request_count {arrived}\n" in text
+    fam = parse(text.encode())
+    _, samples = fam["tgi_request_generated_tokens"]
+    assert value(samples, "tgi_request_generated_tokens_count") == snap.values["requests_success"]
+    assert (
+        value(samples, "tgi_request_generated_tokens_sum")
+        == snap.values["finished_generation_tokens"]
+    )
+    assert len(bucket_bounds(samples, "tgi_request_generated_tokens_bucket")) == 100
+    _, samples = fam["tgi_queue_size"]
+    assert value(samples, "tgi_queue_size") == snap.values["num_waiting"]
+    _, samples = fam["tgi_batch_current_size"]
+    assert value(samples, "tgi_batch_current_size") == snap.values["num_running"]
+    _, samples = fam["tgi_request_duration"]
+    assert len(bucket_bounds(samples, "tgi_request_duration_bucket")) == 35
+    assert "model_name" not in text
+
+
+def test_llamacpp_counters_header_and_scrape_reset() -> None:
+    bank = loaded_bank("llamacpp")
+    server = SimServer("llamacpp-0", "llamacpp", MODEL, (0,), EngineView(bank, 0))
+    body, content_type, headers = server.render()
+    assert content_type == "text/plain; version=0.0.4"
+    assert headers["Process-Start-Time-Unix"] == str(int(bank.start_time_unix[0]))
+    text = body.decode()
+    assert (
+        "# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total " in text
+    )
+    fam = parse(body)
+    snap = bank.snapshot(0)
+    assert (
+        value(fam["llamacpp:tokens_predicted"][1], "llamacpp:tokens_predicted_total")
+        == (snap.values["finished_generation_tokens"])
+    )
+    assert (
+        value(fam["llamacpp:n_decode"][1], "llamacpp:n_decode_total") == snap.values["iterations"]
+    )
+    assert (
+        value(fam["llamacpp:requests_deferred"][1], "llamacpp:requests_deferred")
+        == (snap.values["num_waiting"])
+    )
+    assert (
+        value(fam["llamacpp:predicted_tokens_seconds"][1], "llamacpp:predicted_tokens_seconds") > 0
+    )
+    again = parse(server.render()[0])
+    assert (
+        value(again["llamacpp:predicted_tokens_seconds"][1], "llamacpp:predicted_tokens_seconds")
+        == 0
+    )
+    assert (
+        value(again["llamacpp:tokens_predicted"][1], "llamacpp:tokens_predicted_total")
+        == (snap.values["finished_generation_tokens"])
+    )
+
+
+def test_triton_gauges_and_opt_in_histogram() -> None:
+    snap = loaded_bank("triton").snapshot(0)
+    plain = parse(render_metrics(snap, "triton", MODEL)[0])
+    assert "nv_inference_first_response_histogram_ms" not in plain
+    typ, samples = plain["nv_trt_llm_general_metrics"]
+    assert typ == "gauge"
+    assert (
+        value(samples, "nv_trt_llm_general_metrics", general_type="iteration_counter")
+        == (snap.values["iterations"])
+    )
+    _, samples = plain["nv_trt_llm_request_metrics"]
+    assert (
+        value(samples, "nv_trt_llm_request_metrics", request_type="waiting")
+        == snap.values["num_waiting"]
+    )
+    assert (
+        value(samples, "nv_trt_llm_request_metrics", request_type="active")
+        == snap.values["num_running"]
+    )
+    _, samples = plain["nv_trt_llm_inflight_batcher_metrics"]
+    assert (
+        value(
+            samples,
+            "nv_trt_llm_inflight_batcher_metrics",
+            inflight_batcher_specific_metric="generation_requests",
+            model="tensorrt_llm",
+            version="1",
+        )
+        == snap.values["iter_generation_requests"]
+    )
+    text = render_metrics(snap, "triton", MODEL, triton_histograms=True)[0].decode()
+    assert "\nnv_inference_count{" in text and "nv_inference_count_total" not in text
+    hist = parse(text.encode())["nv_inference_first_response_histogram_ms"][1]
+    assert bucket_bounds(hist, "nv_inference_first_response_histogram_ms_bucket") == [
+        100.0,
+        500.0,
+        2000.0,
+        5000.0,
+    ]
+    assert value(hist, "nv_inference_first_response_histogram_ms_sum") == pytest.approx(
+        snap.histograms["ttft_s"].sum * 1e3
+    )
+
+
+def test_nim_uses_vllm_names_without_prefix() -> None:
+    snap = loaded_bank("nim").snapshot(0)
+    fam = parse(render_metrics(snap, "nim", MODEL)[0])
+    assert not any(name.startswith("vllm:") for name in fam)
+    assert (
+        value(fam["generation_tokens"][1], "generation_tokens_total", model_name=MODEL)
+        == (snap.values["generation_tokens"])
+    )
+    assert (
+        value(fam["num_requests_waiting"][1], "num_requests_waiting") == snap.values["num_waiting"]
+    )
+    assert fam["time_per_output_token_seconds"][0] == "histogram"
+    assert metrics_path("nim") == "/v1/metrics" and metrics_path("vllm") == "/metrics"
+
+
+def test_lmdeploy_has_engine_label_and_no_created_series() -> None:
+    snap = loaded_bank("lmdeploy").snapshot(0)
+    fam = parse(render_metrics(snap, "lmdeploy", MODEL)[0])
+    assert (
+        value(
+            fam["lmdeploy:generation_tokens"][1],
+            "lmdeploy:generation_tokens_total",
+            model_name=MODEL,
+            engine="0",
+        )
+        == snap.values["generation_tokens"]
+    )
+    assert not any(s.name.endswith("_created") for _, ss in fam.values() for s in ss)
+    _, samples = fam["lmdeploy:request_prompt_tokens"]
+    assert bucket_bounds(samples, "lmdeploy:request_prompt_tokens_bucket")[-1] == 2000.0
+
+
+def test_a_fresh_server_renders_zeros() -> None:
+    bank = EngineBank(H100, LLAMA_8B, 1, 1)
+    snap: EngineMetrics = bank.snapshot(0)
+    for kind in SERVER_KINDS:
+        fam = parse(render_metrics(snap, kind, MODEL)[0])
+        assert fam
+
+
+def test_unknown_kind_is_rejected() -> None:
+    snap = EngineBank(H100, LLAMA_8B, 1, 1).snapshot(0)
+    with pytest.raises(ValueError, match="unknown server kind"):
+        render_metrics(snap, "ollama", MODEL)

@@ -1,0 +1,203 @@
+"""The simulated node: engines and plant together, clones, determinism, HTTP, real time."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from powerd.sim.http_server import SimServerHttp
+from powerd.sim.models import get_model_profile
+from powerd.sim.node import RealTimeDriver, SimNode, serve_node
+from powerd.sim.plant import S_TIME_S, load_gpu_profile
+from powerd.sim.traces import Arrivals, synthetic
+
+H100 = load_gpu_profile("h100-sxm")
+LLAMA_8B = get_model_profile("llama-3.1-8b")
+LLAMA_70B = get_model_profile("llama-3.1-70b")
+
+
+def load(rate_per_s: float = 10.0, duration_s: float = 120.0, seed: int = 0) -> Arrivals:
+    return synthetic("constant", duration_s=duration_s, mean_rate_per_s=rate_per_s, seed=seed)
+
+
+def make_node(seed: int = 0, kind: str = "vllm", gpus: int = 2, tp: int = 1, **kw) -> SimNode:
+    model = LLAMA_70B if tp > 1 else LLAMA_8B
+    return SimNode(
+        H100, gpus, model, tp, kw.pop("arrivals", load()), seed=seed, server_kind=kind, **kw
+    )
+
+
+def test_advance_moves_servers_and_gpus_together() -> None:
+    node = make_node()
+    e0 = node.totals()["energy_j"]
+    node.advance(20.0)
+    totals = node.totals()
+    assert node.now_s == pytest.approx(20.0)
+    np.testing.assert_allclose(node.plant.state[:, S_TIME_S], 20.0, atol=1e-6)
+    assert totals["generated_tokens"] > 0 and totals["requests_finished"] > 0
+    assert totals["energy_j"] > e0
+    # Serving GPUs draw more than ctx-idle (52 + 70 W) and stay under the 700 W limit.
+    power_w = (totals["energy_j"] - e0) / 20.0 / node.n_gpus
+    assert 150.0 < power_w < 700.0
+    finished = node.finished_requests()
+    assert finished.shape == (int(totals["requests_finished"]), 2)
+    assert np.all(finished[:, 0] > 0) and np.all(finished[:, 1] >= 0)
+    records = node.finished_records()
+    np.testing.assert_array_equal(records["ttft_s"], finished[:, 0])
+
+
+def test_servers_map_to_tp_groups() -> None:
+    node = make_node(gpus=4, tp=2, arrivals=load(rate_per_s=2.0, duration_s=10.0))
+    assert [s.gpu_indices for s in node.servers] == [(0, 1), (2, 3)]
+    assert [s.name for s in node.servers] == ["vllm-0", "vllm-1"]
+    assert node.servers[0].model_name == "meta-llama/Llama-3.1-70B-Instruct"
+    with pytest.raises(ValueError, match="must divide"):
+        SimNode(H100, 3, LLAMA_70B, 2, load())
+    with pytest.raises(ValueError, match="unknown server kind"):
+        SimNode(H100, 2, LLAMA_8B, 1, load(), server_kind="ollama")
+
+
+def test_same_seed_same_run() -> None:
+    a, b, c = make_node(seed=5), make_node(seed=5), make_node(seed=6)
+    for node in (a, b, c):
+        for _ in range(10):
+            node.advance(1.0)
+    assert a.totals() == b.totals()
+    np.testing.assert_array_equal(a.finished_requests(), b.finished_requests())
+    assert a.totals()["energy_j"] != c.totals()["energy_j"]
+
+
+def test_clone_is_independent_and_evolves_identically() -> None:
+    node = make_node(seed=1)
+    node.advance(5.0)
+    twin = node.clone()
+    assert twin.lock is not node.lock and twin.plant is not node.plant
+    twin.advance(10.0)
+    assert node.now_s == pytest.approx(5.0)
+    twin_totals = twin.totals()
+    twin.plant.set_locked_clocks(0, 900, 900, dead_time_s=0.0)
+    twin.servers[0].restart()
+    assert node.plant.locked_clocks(0) is None
+    assert node.servers[0].engine.metrics().values["generation_tokens"] > 0
+    node.advance(10.0)
+    assert node.totals() == twin_totals
+    np.testing.assert_array_equal(node.finished_requests(), twin.finished_requests())
+    fresh = make_node(seed=1)
+    fresh.advance(5.0)
+    fresh.advance(10.0)
+    assert fresh.totals() == node.totals()
+
+
+def test_lower_clock_lock_saves_energy_at_the_same_tokens() -> None:
+    """Load-following throughput: a moderate clock lock keeps tokens/s and cuts joules."""
+    arrivals = synthetic("constant", duration_s=60.0, mean_rate_per_s=6.0, seed=9)
+    runs = {}
+    for clock in (None, 1500):
+        node = SimNode(H100, 1, LLAMA_8B, 1, arrivals, seed=2)
+        if clock is not None:
+            node.plant.set_locked_clocks(0, clock, clock, dead_time_s=0.0)
+        node.advance(75.0)
+        runs[clock] = node.totals()
+    assert runs[1500]["requests_finished"] == runs[None]["requests_finished"] == len(arrivals)
+    assert runs[1500]["generated_tokens"] == runs[None]["generated_tokens"]
+    assert runs[1500]["energy_j"] < 0.9 * runs[None]["energy_j"]
+
+
+def test_restart_resets_exposed_counters_but_not_ground_truth() -> None:
+    node = make_node()
+    node.advance(5.0)
+    server = node.servers[0]
+    before = node.totals()
+    assert server.engine.metrics().values["generation_tokens"] > 0
+    server.restart()
+    assert server.engine.metrics().values["generation_tokens"] == 0
+    assert node.totals() == before
+    node.advance(2.0)
+    assert node.totals()["generated_tokens"] > before["generated_tokens"]
+
+
+def parse(text: str) -> dict[str, list]:
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_http_serves_each_server_on_localhost() -> None:
+    node = make_node(kind="vllm")
+    node.advance(3.0)
+    endpoints = serve_node(node)
+    try:
+        assert len(endpoints) == len(node.servers)
+        for server, http in zip(node.servers, endpoints, strict=True):
+            assert http.url.startswith("http://127.0.0.1:") and http.url.endswith("/metrics")
+            with urllib.request.urlopen(http.url, timeout=5) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                fam = parse(resp.read().decode())
+            tokens = [s.value for s in fam["vllm:generation_tokens"] if s.name.endswith("_total")]
+            assert tokens == [server.engine.metrics().values["generation_tokens"]]
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(endpoints[0].url.replace("/metrics", "/health"), timeout=5)
+        assert err.value.code == 404
+        endpoints[0].restart()
+        with urllib.request.urlopen(endpoints[0].url, timeout=5) as resp:
+            fam = parse(resp.read().decode())
+        assert [s.value for s in fam["vllm:generation_tokens"] if s.name.endswith("_total")] == [0]
+    finally:
+        for http in endpoints:
+            http.stop()
+
+
+def test_nim_and_llamacpp_over_http() -> None:
+    for kind, path in (("nim", "/v1/metrics"), ("llamacpp", "/metrics")):
+        node = make_node(kind=kind, gpus=1)
+        node.advance(3.0)
+        (http,) = serve_node(node)
+        try:
+            assert http.url.endswith(path)
+            with urllib.request.urlopen(http.url, timeout=5) as resp:
+                body = resp.read().decode()
+                if kind == "llamacpp":
+                    assert int(resp.headers["Process-Start-Time-Unix"]) > 0
+            assert parse(body)
+            if kind == "nim":
+                with pytest.raises(urllib.error.HTTPError):
+                    urllib.request.urlopen(http.url.replace("/v1/metrics", "/metrics"), timeout=5)
+        finally:
+            http.stop()
+
+
+def test_render_errors_become_500_not_a_dead_server() -> None:
+    calls = []
+
+    def render() -> tuple[bytes, str, dict[str, str]]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return b"up 1\n", "text/plain; version=0.0.4", {}
+
+    with SimServerHttp(render) as http:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(http.url, timeout=5)
+        assert err.value.code == 500
+        with urllib.request.urlopen(http.url, timeout=5) as resp:
+            assert resp.read() == b"up 1\n"
+    assert not http.running
+
+
+def test_real_time_driver_advances_with_compression() -> None:
+    node = make_node()
+    driver = RealTimeDriver(node, time_compression=20.0, period_s=0.02)
+    driver.start()
+    try:
+        time.sleep(0.5)
+    finally:
+        driver.stop()
+    simulated = node.now_s
+    assert driver.error is None and not driver.running
+    assert 5.0 < simulated < 20.0
+    time.sleep(0.1)
+    assert node.now_s == simulated
