@@ -1,0 +1,279 @@
+"""A real Prometheus server scrapes a running `powerd demo` and answers PromQL about it.
+
+Prometheus (Debian's `prometheus` package) runs on loopback with a 1-s scrape interval and its
+TSDB in tmp; the demo runs the production daemon on a simulated 4-GPU node. While the demo is
+still serving, the test queries Prometheus's HTTP API for the key series and checks that the
+rate of the energy counter matches the reported power.
+
+The simulated power sensor carries a per-board gain error ~U(0.95, 1.05), fixed for the run,
+while the energy counter integrates the true power (dvfs_plant_model.md §(e)): per GPU the two
+legitimately differ by up to 5 % before any measurement error, so the per-GPU check divides the
+reported power by the board's gain, and the node-wide sum (where the gains average out) is held
+to the 5 % without correction.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from powerd import __version__
+from tests.conftest import REPO_ROOT, require_program
+from tests.integration.helpers import powerd_env
+
+pytestmark = pytest.mark.slow
+
+GPUS = 4
+TP = 2
+SEED = 0
+GPU_MODEL = "h100-sxm"
+DEMO_DURATION_S = 50.0
+"""Longer than the test needs: it stops the demo with SIGTERM once the queries are done."""
+RATE_WINDOW = "20s"
+SAMPLES_NEEDED = 24
+"""Successful scrapes (1 s apart) before querying: the 20-s window plus margin."""
+TOLERANCE = 0.05
+"""The issue's bound on |reported power / energy-counter rate - 1|."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (bind port 0, then close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, timeout_s: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        return bytes(response.read())
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    alive: Callable[[], str | None],
+) -> None:
+    """Poll condition every 0.25 s; fail naming `what`, or at once when alive() reports a death."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        dead = alive()
+        if dead is not None:
+            pytest.fail(f"{dead} while waiting for {what}")
+        try:
+            if condition():
+                return
+        except (OSError, urllib.error.URLError, ValueError):
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class PromApi:
+    """Prometheus's HTTP API v1 at a base URL."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def ready(self) -> bool:
+        return http_get(f"{self.base_url}/-/ready", timeout_s=2.0).startswith(b"Prometheus")
+
+    def query(self, expr: str, at_s: float | None = None) -> list[dict[str, Any]]:
+        """The instant vector of expr (at unix time at_s, default now) as the API returns it."""
+        params = {"query": expr}
+        if at_s is not None:
+            params["time"] = f"{at_s:.3f}"
+        url = f"{self.base_url}/api/v1/query?{urllib.parse.urlencode(params)}"
+        body = json.loads(http_get(url))
+        assert body["status"] == "success", f"{expr}: {body}"
+        assert body["data"]["resultType"] == "vector", f"{expr}: {body['data']['resultType']}"
+        return list(body["data"]["result"])
+
+    def scalar(self, expr: str, at_s: float | None = None) -> float:
+        result = self.query(expr, at_s)
+        assert len(result) == 1, f"{expr}: expected one series, got {result}"
+        return float(result[0]["value"][1])
+
+    def by_label(self, expr: str, label: str, at_s: float | None = None) -> dict[str, float]:
+        return {
+            series["metric"][label]: float(series["value"][1]) for series in self.query(expr, at_s)
+        }
+
+
+def write_prometheus_config(path: Path, metrics_port: int) -> None:
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "powerd",
+                "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+            }
+        ],
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def board_gains() -> dict[str, float]:
+    """The simulated boards' power-sensor gains by `gpu` label (the demo's plant, same seed)."""
+    from powerd.sim.plant import GpuPlant, load_gpu_profile
+
+    plant = GpuPlant(load_gpu_profile(GPU_MODEL), GPUS, seed=SEED)
+    return {str(i): plant.board_gain(i) for i in range(GPUS)}
+
+
+def test_prometheus_scrapes_demo_and_energy_rate_matches_power(tmp_path: Path) -> None:
+    prometheus_bin = require_program("prometheus")
+    metrics_port = free_port()
+    web_port = free_port()
+    config_file = tmp_path / "prometheus.yml"
+    write_prometheus_config(config_file, metrics_port)
+    prom_log = (tmp_path / "prometheus.log").open("wb")
+    demo_log = (tmp_path / "demo.log").open("wb")
+    prometheus: subprocess.Popen[bytes] | None = None
+    demo: subprocess.Popen[bytes] | None = None
+
+    def logs() -> str:
+        prom_log.flush()
+        demo_log.flush()
+        return (
+            f"\n--- demo ---\n{(tmp_path / 'demo.log').read_text(errors='replace')[-4000:]}"
+            f"\n--- prometheus ---\n"
+            f"{(tmp_path / 'prometheus.log').read_text(errors='replace')[-2000:]}"
+        )
+
+    def alive() -> str | None:
+        for name, process in (("prometheus", prometheus), ("powerd demo", demo)):
+            if process is not None and process.poll() is not None:
+                return f"{name} exited with status {process.returncode}{logs()}"
+        return None
+
+    try:
+        prometheus = subprocess.Popen(
+            [
+                prometheus_bin,
+                f"--config.file={config_file}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+                "--log.level=warn",
+            ],
+            stdout=prom_log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+        demo = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "powerd.cli",
+                "demo",
+                f"--duration={DEMO_DURATION_S}",
+                f"--metrics-port={metrics_port}",
+                f"--gpus={GPUS}",
+                f"--tp={TP}",
+                f"--gpu-model={GPU_MODEL}",
+                f"--seed={SEED}",
+                "--quiet",
+            ],
+            stdout=demo_log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=powerd_env(),
+        )
+        api = PromApi(f"http://127.0.0.1:{web_port}")
+        wait_until(api.ready, 30.0, "Prometheus /-/ready", alive)
+
+        def scraped_long_enough() -> bool:
+            counts = api.query('count_over_time(powerd_gpu_energy_joules_total{gpu="0"}[60s])')
+            return bool(counts) and float(counts[0]["value"][1]) >= SAMPLES_NEEDED
+
+        wait_until(scraped_long_enough, DEMO_DURATION_S, f"{SAMPLES_NEEDED} scrapes", alive)
+        # One evaluation time for every query, so the windows below cover the same samples.
+        at_s = time.time()
+
+        assert api.scalar('up{job="powerd"}', at_s) == 1.0
+
+        build = api.query("powerd_build_info", at_s)
+        assert len(build) == 1, build
+        assert build[0]["metric"]["version"] == __version__
+        assert float(build[0]["value"][1]) == 1.0
+
+        power_series = api.query("powerd_gpu_power_watts", at_s)
+        assert sorted(s["metric"]["gpu"] for s in power_series) == [str(i) for i in range(GPUS)]
+        uuids = {s["metric"]["UUID"] for s in power_series}
+        assert len(uuids) == GPUS and all(u.startswith("GPU-") for u in uuids), uuids
+        for series in power_series:
+            # Between bare idle and the H100-SXM's 700 W default limit (dvfs_plant_model.md).
+            assert 30.0 < float(series["value"][1]) < 710.0, series
+
+        tpj = api.by_label("powerd_group_tokens_per_joule", "group", at_s)
+        assert len(tpj) == GPUS // TP, tpj
+        assert all(value > 0.0 for value in tpj.values()), tpj
+        generated = api.scalar("sum(powerd_server_generation_tokens_total)", at_s)
+        assert generated > 0.0
+
+        energy_rate_w = api.by_label(
+            f"rate(powerd_gpu_energy_joules_total[{RATE_WINDOW}])", "gpu", at_s
+        )
+        mean_power_w = api.by_label(
+            f"avg_over_time(powerd_gpu_power_watts[{RATE_WINDOW}])", "gpu", at_s
+        )
+        assert sorted(energy_rate_w) == sorted(mean_power_w) == [str(i) for i in range(GPUS)]
+        node_rate_w = api.scalar(f"sum(rate(powerd_gpu_energy_joules_total[{RATE_WINDOW}]))", at_s)
+        node_power_w = api.scalar(
+            f"sum(avg_over_time(powerd_gpu_power_watts[{RATE_WINDOW}]))", at_s
+        )
+        assert node_rate_w == pytest.approx(sum(energy_rate_w.values()), rel=1e-9)
+
+        gains = board_gains()
+        report = [f"node: power {node_power_w:.1f} W, energy rate {node_rate_w:.1f} W"]
+        for gpu in sorted(energy_rate_w):
+            raw = mean_power_w[gpu] / energy_rate_w[gpu] - 1.0
+            corrected = mean_power_w[gpu] / gains[gpu] / energy_rate_w[gpu] - 1.0
+            report.append(
+                f"gpu {gpu}: power {mean_power_w[gpu]:.1f} W, energy rate "
+                f"{energy_rate_w[gpu]:.1f} W, gain {gains[gpu]:.4f}, "
+                f"raw {raw:+.2%}, gain-corrected {corrected:+.2%}"
+            )
+        print("\n".join(report))
+        assert node_power_w == pytest.approx(node_rate_w, rel=TOLERANCE), report
+        for gpu in sorted(energy_rate_w):
+            assert mean_power_w[gpu] / gains[gpu] == pytest.approx(
+                energy_rate_w[gpu], rel=TOLERANCE
+            ), report
+
+        assert alive() is None, "the demo stopped serving before the queries finished"
+        # SIGTERM is how systemd stops powerd: the loop ends, GPUs are restored, the demo
+        # prints its summary and exits 0.
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(timeout=60.0)
+        assert demo.returncode == 0, logs()
+        assert "tokens per joule" in (tmp_path / "demo.log").read_text(), logs()
+    finally:
+        stop(demo)
+        stop(prometheus)
+        prom_log.close()
+        demo_log.close()
