@@ -70,9 +70,9 @@ class Actuator:
     ) -> None:
         """Apply one group decision to each of the group's GPUs.
 
-        `power_w` and `clock_mhz` are the group's mean per-GPU power and SM clock now, used to
-        derive a power limit for GPUs whose clocks cannot be locked. Raises GpuLost for a GPU that vanished; other GPU
-        errors degrade that GPU and are logged.
+        `power_w` and `clock_mhz` are the group's mean per-GPU power and SM clock now, used
+        to derive a power limit for GPUs whose clocks cannot be locked. Raises GpuLost for a
+        GPU that vanished; other GPU errors degrade that GPU and are logged.
         """
         for uuid in uuids:
             state = self.states[uuid]
@@ -135,9 +135,7 @@ class Actuator:
                 state.lock_max_mhz = want_lock
             except NotSupported:
                 state.clock_lock_supported = False
-                log.warning(
-                    "GPU %s cannot lock clocks; falling back to its power limit", info.uuid
-                )
+                log.warning("GPU %s cannot lock clocks; falling back to its power limit", info.uuid)
                 self._apply_one(state, decision, power_w, clock_mhz)
                 return
         if want_limit != state.power_limit_mw:

@@ -2,18 +2,1044 @@
 
 Kernels are pure functions over arrays (no globals, no I/O) compiled with cache=True. Other
 layers that need compiled loops (the simulator) use `jit` from here.
+
+The controller works on a structure of arrays over G groups. Row constants below name the rows
+of each array; NaN marks a value the sensors or the server did not give.
+
+- obs[N_OBS, G]: one tick's observation per group.
+- params[N_PAR, G]: device and SLO constraints per group.
+- clocks[G, K]: supported SM clocks per group, ascending, padded with NaN; n_clocks[G] counts them.
+- knobs[N_KNOB]: mode and tuning shared by all groups.
+- state[N_ST, G]: per-group controller state (zeros before the first tick).
+- efit[G, N_EFIT]: exponentially weighted normal equations of the power model
+  P = b0 + b1*gen_tps + b2*prompt_tps + b3*x + b4*x^2 (per GPU, x the clock below f_max),
+  fitted with forgetting: at fixed demand, power vs clock is energy per token vs clock.
+- cells[G, L, C, N_CELL]: per group x demand bin x clock bin, weighted sums of the inter-token
+  latency and of SLO violations seen there (the learned latency-vs-clock map).
+- out[N_OUT, G]: the decision (clock cap, power limit or NaN for the default, reason code, target
+  reached as 0/1 or NaN).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numba
+import numpy as np
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def jit(func: F) -> F:
     """Compile a pure numerical function with numba (nopython, cached on disk)."""
-    return numba.njit(cache=True, nogil=True)(func)  # type: ignore[no-any-return]
+    return numba.njit(cache=True, nogil=True)(func)  # type: ignore[return-value]
+
+
+# Observation rows.
+OBS_INTERVAL_S = 0
+OBS_GPU_COUNT = 1
+OBS_ENERGY_J = 2
+OBS_POWER_W = 3
+OBS_GEN_TPS = 4
+OBS_PROMPT_TPS = 5
+OBS_RUNNING = 6
+OBS_WAITING = 7
+OBS_TTFT_P95_S = 8
+OBS_ITL_P95_S = 9
+OBS_SM_CLOCK_MHZ = 10
+OBS_REASONS = 11
+OBS_STALE = 12
+OBS_REALTIME = 13
+N_OBS = 14
+
+# Parameter rows.
+PAR_CLOCK_MAX_MHZ = 0
+PAR_FLOOR_MHZ = 1
+PAR_ITL_SLO_S = 2
+PAR_TTFT_SLO_S = 3
+PAR_MAX_WAITING = 4
+PAR_PL_MIN_MW = 5
+PAR_PL_MAX_MW = 6
+PAR_PL_DEFAULT_MW = 7
+N_PAR = 8
+
+# Knob indices.
+KNOB_MODE = 0
+KNOB_SLO_MARGIN = 1
+KNOB_STEP_DOWN_MHZ = 2
+KNOB_DITHER_MHZ = 3
+KNOB_TARGET_TPJ = 4
+KNOB_BUDGET_W = 5
+KNOB_TRACK_LIMIT = 6
+N_KNOB = 7
+
+MODE_EFFICIENCY = 0
+MODE_TARGET = 1
+MODE_BUDGET = 2
+MODE_OFF = 3
+
+# State rows.
+ST_READY = 0
+ST_BASE_MHZ = 1
+"""The chosen clock cap before the dither."""
+ST_CAP_MHZ = 2
+"""The cap last emitted."""
+ST_LIMIT_MW = 3
+ST_HOLD = 4
+"""Ticks left during which the cap is not lowered (hysteresis after a raise)."""
+ST_TICK = 5
+ST_SETTLED = 6
+"""Ticks since the base last moved."""
+ST_DEMAND_TPS = 7
+ST_PROMPT_TPS = 8
+ST_ITL_S = 9
+ST_TTFT_S = 10
+ST_WAITING = 11
+ST_TOKENS_EW = 12
+ST_ENERGY_EW = 13
+ST_TPJ = 14
+ST_TARGET_MHZ = 15
+ST_POWER_W = 16
+"""Per-GPU power, smoothed."""
+ST_POWER_PEAK_W = 17
+ST_KAPPA = 18
+"""Learned knee of the latency roofline as a share of f_max."""
+ST_SLOPE_W_PER_MHZ = 19
+"""Learned d(power per GPU)/d(clock) at fixed demand."""
+ST_SLOPE_T = 20
+"""t-statistic of that slope."""
+ST_SLO_MIN_MHZ = 21
+"""Predicted lowest clock meeting the latency SLO with margin."""
+ST_LOAD_BIN = 22
+ST_PRESSURE = 23
+"""1 when the group raised or holds for its SLO this tick."""
+ST_ENERGY_OPT_MHZ = 24
+"""Clock of least power at the current demand from the learned power model (NaN: none)."""
+ST_QUEUE_TREND = 25
+"""Smoothed change of the waiting count per tick."""
+N_ST = 26
+
+# Power-model fit layout: normal matrix (EFIT_N x EFIT_N), right-hand side, sum of y^2, sum of
+# weights. Regressors: 1, gen ktok/s, prompt ktok/s, x = (clock - f_max) in GHz, x^2.
+EFIT_N = 5
+EFIT_X = 3
+EFIT_XX = 4
+EFIT_B = EFIT_N * EFIT_N
+EFIT_YY = EFIT_B + EFIT_N
+EFIT_W = EFIT_YY + 1
+N_EFIT = EFIT_W + 1
+
+# A fitted power model: coefficients, residual variance, clock block of the inverse normal matrix.
+FIT_THETA = 0
+FIT_SIGMA2 = EFIT_N
+FIT_V_X = EFIT_N + 1
+FIT_V_X_XX = EFIT_N + 2
+FIT_V_XX = EFIT_N + 3
+FIT_WORK = EFIT_N + 4
+N_FIT = FIT_WORK + 2 * EFIT_N
+
+# Cell fields.
+CELL_W_ITL = 0
+CELL_ITL_SUM = 1
+CELL_W = 2
+CELL_VIOL_SUM = 3
+N_CELL = 4
+
+DEFAULT_LOAD_BINS = 12
+DEFAULT_CLOCK_BINS = 16
+
+# Output rows.
+OUT_CAP_MHZ = 0
+OUT_LIMIT_MW = 1
+OUT_REASON = 2
+OUT_TARGET_REACHED = 3
+N_OUT = 4
+
+REASON_STEADY = 0
+REASON_LOWER = 1
+REASON_RAISE_ITL = 2
+REASON_RAISE_TTFT = 3
+REASON_RAISE_QUEUE = 4
+REASON_STALE = 5
+REASON_OFF = 6
+REASON_HOLD = 7
+REASON_ENERGY = 8
+REASON_TARGET = 9
+REASON_ENERGY_FLOOR = 10
+
+# Tuning that is not user-facing.
+_LOWER_BAND = 0.03
+"""Lower only when latencies are this share below the margin line (hysteresis band)."""
+_RAISE_AIM = 1.0 - _LOWER_BAND
+"""A raise past the margin line aims into the hysteresis band, not below it."""
+_MISS_AIM = 0.9
+"""A raise after a real SLO miss aims this far below the margin line."""
+_HOLD_RAISE_TICKS = 4.0
+_HOLD_QUEUE_TICKS = 8.0
+_QUEUE_EARLY = 0.25
+"""A queue above this share of max_waiting that still grows raises the clock."""
+_QUEUE_SLACK = 0.1
+_QUEUE_MIN = 2.0
+_QUEUE_TREND = 0.5
+"""Requests per tick of sustained queue growth that raise the clock."""
+_ITL_ALPHA = 0.3
+_CELL_DECAY = 0.99
+_EFIT_DECAY = 0.98
+_EFIT_MIN_W = 10.0
+_ENERGY_BLOCK_T = -1.0
+"""Power rises significantly as the clock falls: do not lower further (left side of the U)."""
+_ENERGY_RAISE_T = -2.0
+_CURVATURE_T = 3.0
+_POWER_RESOLUTION = 0.005
+_KAPPA_PRIOR = 0.7
+"""Knee near 0.6-0.7 f_max for small-batch decode (dvfs_plant_model.md section 6c)."""
+_KAPPA_PRIOR_W = 3.0
+_KAPPA_MIN = 0.2
+_KAPPA_MAX = 1.5
+_W_MIN_ITL = 0.8
+_VIOL_MIN_W = 1.0
+_VIOL_BLOCK = 0.3
+_TPJ_DECAY = 0.9
+_TARGET_BAND = 0.03
+_TARGET_TOL = 0.02
+_LIMIT_HEADROOM = 1.25
+_LIMIT_HEADROOM_W = 30.0
+_PEAK_DECAY = 0.99
+_BUDGET_NEED_HEADROOM = 1.15
+_BUDGET_NEED_W = 20.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _finite(x: float) -> bool:
+    return not math.isnan(x) and not math.isinf(x)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pow4(x: float) -> float:
+    x2 = x * x
+    return x2 * x2
+
+
+@numba.njit(cache=True, nogil=True)
+def _root4(x: float) -> float:
+    return math.sqrt(math.sqrt(x))
+
+
+@numba.njit(cache=True, nogil=True)
+def clamp_clock_down(clocks: np.ndarray, n: int, clock_mhz: float) -> float:
+    """The highest of clocks[:n] at or below clock_mhz (the lowest if none); clock_mhz if n == 0."""
+    if n <= 0:
+        return clock_mhz
+    target = clock_mhz + 1e-6
+    if target < clocks[0]:
+        return float(clocks[0])
+    lo = 0
+    hi = n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if clocks[mid] <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return float(clocks[lo])
+
+
+@numba.njit(cache=True, nogil=True)
+def clamp_clock_up(clocks: np.ndarray, n: int, clock_mhz: float) -> float:
+    """The lowest of clocks[:n] at or above clock_mhz (the highest if none); clock_mhz if n == 0."""
+    if n <= 0:
+        return clock_mhz
+    target = clock_mhz - 1e-6
+    if target > clocks[n - 1]:
+        return float(clocks[n - 1])
+    lo = 0
+    hi = n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if clocks[mid] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(clocks[lo])
+
+
+@numba.njit(cache=True, nogil=True)
+def roofline_ratio(kappa: float, f_max: float, f_to: float, f_from: float) -> float:
+    """t(f_to)/t(f_from) for t(f) = [1 + (kappa*f_max/f)^4]^(1/4) (plant model section 6c, p=4)."""
+    a = _pow4(kappa * f_max / f_to)
+    b = _pow4(kappa * f_max / f_from)
+    return _root4((1.0 + a) / (1.0 + b))
+
+
+@numba.njit(cache=True, nogil=True)
+def roofline_inverse(
+    kappa: float, f_max: float, f_from: float, latency_from: float, aim: float
+) -> float:
+    """The lowest clock whose roofline latency, anchored at latency_from at f_from, is <= aim.
+
+    Returns +inf when no clock reaches aim (the memory-bound floor of the roofline is above it).
+    """
+    q = _pow4(aim / latency_from) * (1.0 + _pow4(kappa * f_max / f_from))
+    if q <= 1.0:
+        return math.inf
+    return kappa * f_max / _root4(q - 1.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def load_bin(demand_tps: float, n_bins: int) -> int:
+    """Demand bin: one octave of generated tokens/s per bin, from 16 tok/s (bin 0 below)."""
+    if not demand_tps >= 32.0:
+        return 0
+    b = int(math.floor(math.log2(demand_tps / 16.0)))
+    if b > n_bins - 1:
+        return n_bins - 1
+    return b
+
+
+@numba.njit(cache=True, nogil=True)
+def fit_kappa(cells_l: np.ndarray, floor_mhz: float, width_mhz: float, f_max: float) -> float:
+    """Knee share kappa of the latency roofline from one demand bin's cells, shrunk to a prior.
+
+    Fits y = A + B*x with x = (f_max/f)^4 and y = latency^4 over the cells with data; kappa is
+    (B/A)^(1/4). Too little spread in clock gives the prior.
+    """
+    sw = 0.0
+    sx = 0.0
+    sy = 0.0
+    sxx = 0.0
+    sxy = 0.0
+    x_lo = math.inf
+    x_hi = -math.inf
+    y_ref = 0.0
+    n_clock_bins = cells_l.shape[0]
+    for c in range(n_clock_bins):
+        w = cells_l[c, CELL_W_ITL]
+        if w < _W_MIN_ITL:
+            continue
+        latency = cells_l[c, CELL_ITL_SUM] / w
+        if not latency > 0.0:
+            continue
+        if y_ref == 0.0:
+            y_ref = latency
+        f = floor_mhz + (c + 0.5) * width_mhz
+        x = _pow4(f_max / f)
+        y = _pow4(latency / y_ref)
+        sw += w
+        sx += w * x
+        sy += w * y
+        sxx += w * x * x
+        sxy += w * x * y
+        x_lo = min(x_lo, x)
+        x_hi = max(x_hi, x)
+    # Clocks less than ~10 % apart do not pin the knee down against p95 noise.
+    if sw <= 0.0 or x_hi - x_lo < 0.5 * x_lo:
+        return _KAPPA_PRIOR
+    mx = sx / sw
+    my = sy / sw
+    var = sxx / sw - mx * mx
+    if var <= 0.0:
+        return _KAPPA_PRIOR
+    slope = (sxy / sw - mx * my) / var
+    intercept = my - slope * mx
+    if slope <= 0.0:
+        kappa = _KAPPA_MIN
+    elif intercept <= 0.0:
+        kappa = _KAPPA_MAX
+    else:
+        kappa = min(max(_root4(slope / intercept), _KAPPA_MIN), _KAPPA_MAX)
+    evidence = min(sw, 30.0)
+    return (evidence * kappa + _KAPPA_PRIOR_W * _KAPPA_PRIOR) / (evidence + _KAPPA_PRIOR_W)
+
+
+@numba.njit(cache=True, nogil=True)
+def _cholesky_solve(chol: np.ndarray, rhs: np.ndarray, x: np.ndarray) -> None:
+    """Write to x the solution of L L^T x = rhs for a lower-triangular L (x may not alias rhs)."""
+    n = rhs.shape[0]
+    for i in range(n):
+        s = rhs[i]
+        for k in range(i):
+            s -= chol[i, k] * x[k]
+        x[i] = s / chol[i, i]
+    for i in range(n - 1, -1, -1):
+        s = x[i]
+        for k in range(i + 1, n):
+            s -= chol[k, i] * x[k]
+        x[i] = s / chol[i, i]
+
+
+@numba.njit(cache=True, nogil=True)
+def power_fit(efit_g: np.ndarray, chol: np.ndarray, fit: np.ndarray) -> bool:
+    """Fit the power model from its normal equations into fit[N_FIT]; False without enough data.
+
+    fit holds the coefficients, the residual variance and the clock block of the inverse normal
+    matrix (for the variance of the slope at any clock). chol: float64[EFIT_N, EFIT_N] work space.
+    """
+    fit[FIT_SIGMA2] = math.nan
+    w = efit_g[EFIT_W]
+    if w < _EFIT_MIN_W:
+        return False
+    for i in range(EFIT_N):
+        for j in range(EFIT_N):
+            chol[i, j] = 0.0
+    for i in range(EFIT_N):
+        for j in range(i + 1):
+            s = efit_g[i * EFIT_N + j]
+            # Ridge on the slopes, not the intercept: a regressor that never varies reads as 0.
+            if i == j and i > 0:
+                s += 1e-4 * w
+            for k in range(j):
+                s -= chol[i, k] * chol[j, k]
+            if i == j:
+                if s <= 0.0:
+                    return False
+                chol[i, i] = math.sqrt(s)
+            else:
+                chol[i, j] = s / chol[j, j]
+    theta = fit[FIT_THETA : FIT_THETA + EFIT_N]
+    _cholesky_solve(chol, efit_g[EFIT_B : EFIT_B + EFIT_N], theta)
+    rss = efit_g[EFIT_YY]
+    for i in range(EFIT_N):
+        rss -= 2.0 * theta[i] * efit_g[EFIT_B + i]
+        for j in range(EFIT_N):
+            rss += theta[i] * efit_g[i * EFIT_N + j] * theta[j]
+    # Columns X and XX of the inverse: solve against the unit vectors.
+    unit = fit[FIT_WORK : FIT_WORK + EFIT_N]
+    col = fit[FIT_WORK + EFIT_N : FIT_WORK + 2 * EFIT_N]
+    for i in range(EFIT_N):
+        unit[i] = 0.0
+    unit[EFIT_X] = 1.0
+    _cholesky_solve(chol, unit, col)
+    fit[FIT_V_X] = col[EFIT_X]
+    fit[FIT_V_X_XX] = col[EFIT_XX]
+    unit[EFIT_X] = 0.0
+    unit[EFIT_XX] = 1.0
+    _cholesky_solve(chol, unit, col)
+    fit[FIT_V_XX] = col[EFIT_XX]
+    # Energy counters resolve power to about 1 %: a perfect fit must not make noise significant.
+    mean_y = efit_g[EFIT_B] / w
+    fit[FIT_SIGMA2] = max(max(rss, 0.0) / max(w - EFIT_N, 1.0), (_POWER_RESOLUTION * mean_y) ** 2)
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def power_slope_at(fit: np.ndarray, clock_mhz: float, f_max: float) -> tuple[float, float]:
+    """d(power per GPU)/d(clock) in W/MHz at clock_mhz from the fitted model, and its t-statistic.
+
+    (0, 0) when the model is not fitted.
+    """
+    sigma2 = fit[FIT_SIGMA2]
+    if not _finite(sigma2):
+        return 0.0, 0.0
+    x = (clock_mhz - f_max) / 1000.0
+    slope = fit[FIT_THETA + EFIT_X] + 2.0 * x * fit[FIT_THETA + EFIT_XX]
+    var = sigma2 * (fit[FIT_V_X] + 4.0 * x * fit[FIT_V_X_XX] + 4.0 * x * x * fit[FIT_V_XX])
+    # y is in W/100 and x in GHz.
+    slope_w_per_mhz = slope * 100.0 / 1000.0
+    if var <= 0.0:
+        return slope_w_per_mhz, 0.0
+    return slope_w_per_mhz, slope / math.sqrt(var)
+
+
+@numba.njit(cache=True, nogil=True)
+def power_vertex_mhz(fit: np.ndarray, f_max: float) -> float:
+    """The clock of least power of the fitted quadratic, or NaN unless its curvature is significant."""
+    sigma2 = fit[FIT_SIGMA2]
+    curvature = fit[FIT_THETA + EFIT_XX]
+    if not _finite(sigma2) or not curvature > 0.0:
+        return math.nan
+    var = sigma2 * fit[FIT_V_XX]
+    if var > 0.0 and curvature / math.sqrt(var) < _CURVATURE_T:
+        return math.nan
+    return f_max + 1000.0 * (-fit[FIT_THETA + EFIT_X] / (2.0 * curvature))
+
+
+@numba.njit(cache=True, nogil=True)
+def water_fill(room: np.ndarray, weight: np.ndarray, amount: float, alloc: np.ndarray) -> None:
+    """Share amount in proportion to weight, no entry above its room; writes alloc (same length)."""
+    n = room.shape[0]
+    ratio = np.empty(n)
+    total_w = 0.0
+    for i in range(n):
+        alloc[i] = 0.0
+        if weight[i] > 0.0 and room[i] > 0.0:
+            ratio[i] = room[i] / weight[i]
+            total_w += weight[i]
+        else:
+            ratio[i] = math.inf
+    order = np.argsort(ratio, kind="mergesort")
+    left = amount
+    for k in range(n):
+        i = order[k]
+        if not ratio[i] < math.inf or total_w <= 0.0 or left <= 0.0:
+            break
+        share = left * weight[i] / total_w
+        if share >= room[i]:
+            alloc[i] = room[i]
+            left -= room[i]
+        else:
+            alloc[i] = share
+            left -= share
+        total_w -= weight[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def allocate_budget(
+    budget_mw: float,
+    gpu_count: np.ndarray,
+    limit_min_mw: np.ndarray,
+    limit_max_mw: np.ndarray,
+    need_mw: np.ndarray,
+    fixed_mw: np.ndarray,
+    weight: np.ndarray,
+    limit_mw: np.ndarray,
+) -> bool:
+    """Per-GPU power limits whose sum over all GPUs stays within budget_mw.
+
+    Groups with a finite fixed_mw keep that per-GPU limit (stale groups at their default) and
+    count against the budget. The rest get at least their minimum; the remainder goes first to
+    each group's need (per GPU), in proportion to weight when it does not cover every need, and
+    what is left over after all needs is shared in proportion to the headroom up to the maximum.
+    Writes limit_mw (whole mW); returns False when even the minimums exceed the budget.
+    """
+    n = gpu_count.shape[0]
+    left = budget_mw
+    for i in range(n):
+        if _finite(fixed_mw[i]):
+            left -= fixed_mw[i] * gpu_count[i]
+        else:
+            left -= limit_min_mw[i] * gpu_count[i]
+    if left < 0.0:
+        for i in range(n):
+            limit_mw[i] = fixed_mw[i] if _finite(fixed_mw[i]) else limit_min_mw[i]
+        return False
+    room = np.zeros(n)
+    w = np.zeros(n)
+    total_room = 0.0
+    for i in range(n):
+        if not _finite(fixed_mw[i]):
+            need = min(max(need_mw[i], limit_min_mw[i]), limit_max_mw[i])
+            room[i] = (need - limit_min_mw[i]) * gpu_count[i]
+            w[i] = room[i] * weight[i]
+            total_room += room[i]
+    alloc = np.zeros(n)
+    if left <= total_room:
+        water_fill(room, w, left, alloc)
+        for i in range(n):
+            if not _finite(fixed_mw[i]):
+                limit_mw[i] = math.floor(limit_min_mw[i] + alloc[i] / gpu_count[i])
+            else:
+                limit_mw[i] = fixed_mw[i]
+        return True
+    left -= total_room
+    total_head = 0.0
+    for i in range(n):
+        if not _finite(fixed_mw[i]):
+            alloc[i] = limit_min_mw[i] * gpu_count[i] + room[i]
+            total_head += limit_max_mw[i] * gpu_count[i] - alloc[i]
+    share = 1.0 if total_head <= left else left / total_head
+    for i in range(n):
+        if _finite(fixed_mw[i]):
+            limit_mw[i] = fixed_mw[i]
+        else:
+            head = limit_max_mw[i] * gpu_count[i] - alloc[i]
+            per_gpu = (alloc[i] + share * head) / gpu_count[i]
+            limit_mw[i] = math.floor(min(per_gpu, limit_max_mw[i]))
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _ewma(old: float, new: float, alpha: float) -> float:
+    if not _finite(new):
+        return old
+    if not _finite(old):
+        return new
+    return old + alpha * (new - old)
+
+
+@numba.njit(cache=True, nogil=True)
+def _reset_group(g: int, f_max: float, state: np.ndarray) -> None:
+    for r in range(N_ST):
+        state[r, g] = math.nan
+    state[ST_READY, g] = 1.0
+    state[ST_BASE_MHZ, g] = f_max
+    state[ST_CAP_MHZ, g] = f_max
+    state[ST_TARGET_MHZ, g] = f_max
+    state[ST_HOLD, g] = 0.0
+    state[ST_TICK, g] = 0.0
+    state[ST_SETTLED, g] = 0.0
+    state[ST_TOKENS_EW, g] = 0.0
+    state[ST_ENERGY_EW, g] = 0.0
+    state[ST_KAPPA, g] = _KAPPA_PRIOR
+    state[ST_SLOPE_W_PER_MHZ, g] = 0.0
+    state[ST_SLOPE_T, g] = 0.0
+    state[ST_LOAD_BIN, g] = 0.0
+    state[ST_PRESSURE, g] = 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_step(
+    g: int,
+    obs: np.ndarray,
+    params: np.ndarray,
+    clocks: np.ndarray,
+    n_clocks: np.ndarray,
+    knobs: np.ndarray,
+    state: np.ndarray,
+    efit: np.ndarray,
+    cells: np.ndarray,
+    out: np.ndarray,
+    chol: np.ndarray,
+    fit: np.ndarray,
+) -> None:
+    mode = int(knobs[KNOB_MODE])
+    margin = knobs[KNOB_SLO_MARGIN]
+    step_down = knobs[KNOB_STEP_DOWN_MHZ]
+    dither = knobs[KNOB_DITHER_MHZ]
+    row = clocks[g]
+    n = int(n_clocks[g])
+    f_max = params[PAR_CLOCK_MAX_MHZ, g]
+    floor_mhz = min(params[PAR_FLOOR_MHZ, g], f_max)
+    if state[ST_READY, g] < 0.5:
+        _reset_group(g, f_max, state)
+    state[ST_TICK, g] += 1.0
+    tick = int(state[ST_TICK, g])
+    out[OUT_TARGET_REACHED, g] = math.nan
+    prev_cap = state[ST_CAP_MHZ, g]
+    clock_step = f_max - clamp_clock_down(row, n, f_max - 1.0)
+    if not clock_step > 0.0:
+        clock_step = 15.0
+
+    if obs[OBS_STALE, g] > 0.5:
+        state[ST_BASE_MHZ, g] = f_max
+        state[ST_CAP_MHZ, g] = f_max
+        state[ST_TARGET_MHZ, g] = f_max
+        state[ST_HOLD, g] = 0.0
+        state[ST_SETTLED, g] = 0.0
+        state[ST_LIMIT_MW, g] = math.nan
+        state[ST_PRESSURE, g] = 1.0
+        out[OUT_CAP_MHZ, g] = f_max
+        out[OUT_LIMIT_MW, g] = math.nan
+        out[OUT_REASON, g] = REASON_STALE
+        return
+
+    # Sense.
+    interval_s = obs[OBS_INTERVAL_S, g]
+    if not (interval_s > 0.0 and _finite(interval_s)):
+        interval_s = 1.0
+    gpu_count = obs[OBS_GPU_COUNT, g]
+    if not gpu_count >= 1.0:
+        gpu_count = 1.0
+    f_now = obs[OBS_SM_CLOCK_MHZ, g]
+    if not (f_now > 0.0 and _finite(f_now)):
+        f_now = prev_cap
+    realtime = obs[OBS_REALTIME, g] > 0.5
+    weight = 1.0 if realtime else 0.3
+    energy_j = obs[OBS_ENERGY_J, g]
+    if energy_j >= 0.0 and _finite(energy_j):
+        power_gpu_w = energy_j / interval_s / gpu_count
+    elif obs[OBS_POWER_W, g] >= 0.0 and _finite(obs[OBS_POWER_W, g]):
+        power_gpu_w = obs[OBS_POWER_W, g] / gpu_count
+    else:
+        power_gpu_w = math.nan
+    gen_tps = obs[OBS_GEN_TPS, g]
+    if not gen_tps >= 0.0:
+        gen_tps = math.nan
+    prompt_tps = obs[OBS_PROMPT_TPS, g]
+    if not prompt_tps >= 0.0:
+        prompt_tps = 0.0 if _finite(gen_tps) else math.nan
+    itl = obs[OBS_ITL_P95_S, g]
+    if not itl > 0.0:
+        itl = math.nan
+    ttft = obs[OBS_TTFT_P95_S, g]
+    if not ttft > 0.0:
+        ttft = math.nan
+    waiting = obs[OBS_WAITING, g]
+    running = obs[OBS_RUNNING, g]
+
+    # Counters that move at request end are lumpy: smooth them harder (inference_server_metrics).
+    alpha_d = 0.5 if realtime else 0.2
+    demand = _ewma(state[ST_DEMAND_TPS, g], gen_tps, alpha_d)
+    state[ST_DEMAND_TPS, g] = demand
+    state[ST_PROMPT_TPS, g] = _ewma(state[ST_PROMPT_TPS, g], prompt_tps, alpha_d)
+    itl_s = _ewma(state[ST_ITL_S, g], itl, _ITL_ALPHA)
+    ttft_s = _ewma(state[ST_TTFT_S, g], ttft, _ITL_ALPHA)
+    state[ST_ITL_S, g] = itl_s
+    state[ST_TTFT_S, g] = ttft_s
+    waiting_prev = state[ST_WAITING, g]
+    state[ST_WAITING, g] = waiting
+    queue_trend = state[ST_QUEUE_TREND, g]
+    if _finite(waiting) and _finite(waiting_prev):
+        queue_trend = _ewma(queue_trend, waiting - waiting_prev, 0.5)
+    elif not _finite(waiting):
+        queue_trend = math.nan
+    state[ST_QUEUE_TREND, g] = queue_trend
+    if _finite(power_gpu_w):
+        state[ST_POWER_W, g] = _ewma(state[ST_POWER_W, g], power_gpu_w, 0.3)
+        peak = state[ST_POWER_PEAK_W, g]
+        if not _finite(peak):
+            peak = power_gpu_w
+        state[ST_POWER_PEAK_W, g] = max(power_gpu_w, peak * _PEAK_DECAY)
+        if _finite(gen_tps):
+            state[ST_TOKENS_EW, g] = _TPJ_DECAY * state[ST_TOKENS_EW, g] + gen_tps * interval_s
+            state[ST_ENERGY_EW, g] = (
+                _TPJ_DECAY * state[ST_ENERGY_EW, g] + power_gpu_w * gpu_count * interval_s
+            )
+            if state[ST_ENERGY_EW, g] > 0.0:
+                state[ST_TPJ, g] = state[ST_TOKENS_EW, g] / state[ST_ENERGY_EW, g]
+
+    itl_slo = params[PAR_ITL_SLO_S, g]
+    ttft_slo = params[PAR_TTFT_SLO_S, g]
+    max_waiting = params[PAR_MAX_WAITING, g]
+    itl_line = margin * itl_slo
+    ttft_line = margin * ttft_slo
+    # Over the margin line: one tick past halfway to the SLO, or a smoothed excess (p95s from
+    # few requests are noisy; the margin is there to absorb that noise).
+    itl_over = _finite(itl) and (
+        itl > 0.5 * (itl_line + itl_slo) or (itl > itl_line and itl_s > itl_line)
+    )
+    ttft_over = _finite(ttft) and (
+        ttft > 0.5 * (ttft_line + ttft_slo) or (ttft > ttft_line and ttft_s > ttft_line)
+    )
+    queue_over = waiting > max_waiting
+    # A queue that keeps growing means the clock is below what the demand needs.
+    queue_growing = waiting >= _QUEUE_MIN and queue_trend >= _QUEUE_TREND
+    # Only real SLO misses mark a cell unsafe; the margin line is crossed by noise near the optimum.
+    violated = (
+        (_finite(itl) and itl > itl_slo)
+        or (_finite(ttft) and ttft > ttft_slo)
+        or queue_over
+        or queue_growing
+    )
+
+    # Learn: latency and violations per (demand bin, clock bin); the power model.
+    n_load = cells.shape[1]
+    n_cbin = cells.shape[2]
+    width = (f_max - floor_mhz) / n_cbin
+    if width < 1.0:
+        width = 1.0
+    lb = load_bin(demand, n_load)
+    state[ST_LOAD_BIN, g] = lb
+    cb = int((f_now - floor_mhz) / width)
+    cb = min(max(cb, 0), n_cbin - 1)
+    cl = cells[g, lb]
+    for c in range(n_cbin):
+        for k in range(N_CELL):
+            cl[c, k] *= _CELL_DECAY
+    if _finite(itl):
+        cl[cb, CELL_W_ITL] += weight
+        cl[cb, CELL_ITL_SUM] += weight * itl
+    cl[cb, CELL_W] += 1.0
+    if violated:
+        cl[cb, CELL_VIOL_SUM] += 1.0
+    if _finite(power_gpu_w) and _finite(gen_tps):
+        ef = efit[g]
+        for k in range(N_EFIT):
+            ef[k] *= _EFIT_DECAY
+        # Units keep the normal matrix well conditioned: ktok/s, GHz below f_max, W/100.
+        phi = fit[FIT_WORK : FIT_WORK + EFIT_N]
+        phi[0] = 1.0
+        phi[1] = gen_tps / 1000.0
+        phi[2] = prompt_tps / 1000.0
+        phi[EFIT_X] = (f_now - f_max) / 1000.0
+        phi[EFIT_XX] = phi[EFIT_X] * phi[EFIT_X]
+        y = power_gpu_w / 100.0
+        for i in range(EFIT_N):
+            for j in range(EFIT_N):
+                ef[i * EFIT_N + j] += weight * phi[i] * phi[j]
+            ef[EFIT_B + i] += weight * phi[i] * y
+        ef[EFIT_YY] += weight * y * y
+        ef[EFIT_W] += weight
+    kappa = fit_kappa(cl, floor_mhz, width, f_max)
+    state[ST_KAPPA, g] = kappa
+    power_fit(efit[g], chol, fit)
+    energy_opt = power_vertex_mhz(fit, f_max)
+    state[ST_ENERGY_OPT_MHZ, g] = energy_opt
+    if not (energy_opt >= floor_mhz and energy_opt <= f_max):
+        energy_opt = math.nan
+
+    # Lowest clock meeting the latency lines, from the learned roofline and 1/f prefill.
+    slo_min = floor_mhz
+    # Smoothed latencies for lowering (a single p95 is noisy); NaN when none came this tick.
+    itl_ref = itl_s if _finite(itl) else math.nan
+    ttft_ref = ttft_s if _finite(ttft) else math.nan
+    if _finite(itl_ref):
+        slo_min = max(
+            slo_min, roofline_inverse(kappa, f_max, f_now, itl_ref, itl_line * (1 - _LOWER_BAND))
+        )
+    if _finite(ttft_ref):
+        slo_min = max(slo_min, f_now * ttft_ref / (ttft_line * (1 - _LOWER_BAND)))
+    state[ST_SLO_MIN_MHZ, g] = min(slo_min, f_max) if _finite(slo_min) else f_max
+
+    base = state[ST_BASE_MHZ, g]
+    if not _finite(base):
+        base = f_max
+    base = min(max(base, floor_mhz), f_max)
+    hold = state[ST_HOLD, g]
+    reason = REASON_STEADY
+    new_base = base
+    slope, slope_t = power_slope_at(fit, base, f_max)
+    state[ST_SLOPE_W_PER_MHZ, g] = slope
+    state[ST_SLOPE_T, g] = slope_t
+
+    # Guards: raise within this tick, to a safe clock.
+    raise_to = -math.inf
+    raise_reason = REASON_STEADY
+    raise_hold = 0.0
+    if queue_over:
+        raise_to = f_max
+        raise_reason = REASON_RAISE_QUEUE
+        raise_hold = _HOLD_QUEUE_TICKS
+    elif (
+        waiting >= max(1.0, _QUEUE_EARLY * max_waiting)
+        and _finite(waiting_prev)
+        and waiting >= waiting_prev + 1.0
+    ):
+        raise_to = f_now + 0.5 * (f_max - f_now)
+        raise_reason = REASON_RAISE_QUEUE
+        raise_hold = _HOLD_RAISE_TICKS
+    elif queue_growing:
+        raise_to = f_now + 0.25 * (f_max - f_now)
+        raise_reason = REASON_RAISE_QUEUE
+        raise_hold = _HOLD_RAISE_TICKS
+    if itl_over:
+        if itl > itl_slo:
+            # A real miss: at least halfway to f_max, further if the roofline says so.
+            f_req = max(
+                f_now + 0.5 * (f_max - f_now),
+                roofline_inverse(kappa, f_max, f_now, itl, _MISS_AIM * itl_line),
+            )
+        elif itl > 0.5 * (itl_line + itl_slo):
+            # Sized on the smoothed value: one noisy p95 near the line must not cost a big jump;
+            # if the excess is real, the next ticks raise again (and a miss jumps at once).
+            f_req = roofline_inverse(kappa, f_max, f_now, itl_s, _RAISE_AIM * itl_line)
+        else:
+            # A smoothed excess over the line: remove the excess, no more.
+            f_req = roofline_inverse(kappa, f_max, f_now, itl_s, itl_line)
+        if f_req > raise_to:
+            raise_to = f_req
+            raise_reason = REASON_RAISE_ITL
+        raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+    if ttft_over:
+        if ttft > ttft_slo:
+            f_req = f_max
+        elif ttft > 0.5 * (ttft_line + ttft_slo):
+            f_req = f_now * ttft_s / (_RAISE_AIM * ttft_line)
+        else:
+            f_req = f_now * ttft_s / ttft_line
+        if f_req > raise_to:
+            raise_to = f_req
+            raise_reason = REASON_RAISE_TTFT
+        raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+
+    if raise_to > -math.inf:
+        # Never below a clock bin that the learned map says violates at this load.
+        c_req = int((min(raise_to, f_max) - floor_mhz) / width)
+        c_req = min(max(c_req, 0), n_cbin - 1)
+        for c in range(c_req, n_cbin):
+            w = cl[c, CELL_W]
+            if w >= _VIOL_MIN_W and cl[c, CELL_VIOL_SUM] / w >= _VIOL_BLOCK:
+                raise_to = max(raise_to, floor_mhz + (c + 1) * width)
+            else:
+                break
+        raise_to = max(raise_to, max(base, f_now) + clock_step)
+        raise_to = min(raise_to, f_max)
+        new_base = max(base, clamp_clock_up(row, n, raise_to))
+        hold = max(hold, raise_hold)
+        reason = raise_reason
+    elif hold > 0.0:
+        hold -= 1.0
+        reason = REASON_HOLD
+    else:
+        slack = True
+        if _finite(itl_ref):
+            slack = itl_ref <= itl_line * (1 - _LOWER_BAND) and itl <= itl_line
+        elif running > 0.5:
+            # Requests in flight and no latency seen: no evidence of slack.
+            slack = False
+        if _finite(ttft_ref) and (ttft_ref > ttft_line * (1 - _LOWER_BAND) or ttft > ttft_line):
+            slack = False
+        if waiting > _QUEUE_SLACK * max_waiting or (
+            waiting > 0.0 and _finite(waiting_prev) and waiting > waiting_prev
+        ):
+            slack = False
+        if base < f_max and (
+            slope_t < _ENERGY_RAISE_T or (_finite(energy_opt) and base < energy_opt - clock_step)
+        ):
+            new_base = min(f_max, clamp_clock_up(row, n, base + clock_step))
+            reason = REASON_ENERGY
+        elif slack:
+            bound = max(floor_mhz, slo_min)
+            if _finite(energy_opt):
+                bound = max(bound, min(energy_opt, base))
+            cn = int((max(base - step_down, bound) - floor_mhz) / width)
+            cn = min(max(cn, 0), n_cbin - 1)
+            w = cl[cn, CELL_W]
+            if w >= _VIOL_MIN_W and cl[cn, CELL_VIOL_SUM] / w >= _VIOL_BLOCK:
+                bound = max(bound, floor_mhz + (cn + 1) * width)
+            f_next = clamp_clock_up(row, n, max(base - step_down, bound))
+            if f_next >= base:
+                # A clock table coarser than the slew limit: one supported step at a time.
+                below = clamp_clock_down(row, n, base - 1.0)
+                if below < base and below >= bound:
+                    f_next = below
+            if f_next < base:
+                # Left side of the U: power would rise again below here.
+                if power_slope_at(fit, f_next, f_max)[1] < _ENERGY_BLOCK_T:
+                    reason = REASON_ENERGY_FLOOR
+                else:
+                    new_base = f_next
+                    reason = REASON_LOWER
+    state[ST_HOLD, g] = hold
+    state[ST_PRESSURE, g] = 1.0 if (raise_to > -math.inf or hold > 0.0) else 0.0
+    if new_base == base:
+        state[ST_SETTLED, g] += 1.0
+    else:
+        state[ST_SETTLED, g] = 0.0
+    state[ST_BASE_MHZ, g] = new_base
+
+    if mode == MODE_OFF:
+        state[ST_BASE_MHZ, g] = f_max
+        state[ST_TARGET_MHZ, g] = f_max
+        state[ST_HOLD, g] = 0.0
+        state[ST_CAP_MHZ, g] = f_max
+        state[ST_LIMIT_MW, g] = math.nan
+        out[OUT_CAP_MHZ, g] = f_max
+        out[OUT_LIMIT_MW, g] = math.nan
+        out[OUT_REASON, g] = REASON_OFF
+        return
+
+    cap_base = new_base
+    if mode == MODE_TARGET:
+        target_tpj = knobs[KNOB_TARGET_TPJ]
+        tgt = state[ST_TARGET_MHZ, g]
+        if not _finite(tgt):
+            tgt = f_max
+        tpj = state[ST_TPJ, g]
+        if _finite(tpj) and _finite(target_tpj) and reason != REASON_HOLD:
+            if tpj < target_tpj:
+                gap = (target_tpj - tpj) / target_tpj
+                tgt -= min(step_down, max(clock_step, gap * f_max))
+            elif tpj > target_tpj * (1.0 + _TARGET_BAND):
+                tgt += clock_step
+            out[OUT_TARGET_REACHED, g] = 1.0 if tpj >= target_tpj * (1.0 - _TARGET_TOL) else 0.0
+        tgt = min(max(tgt, new_base), f_max)
+        state[ST_TARGET_MHZ, g] = tgt
+        cap_base = clamp_clock_down(row, n, tgt)
+        if cap_base > new_base and reason == REASON_STEADY:
+            reason = REASON_TARGET
+
+    # A small regular dither keeps the clock models identifiable; only when settled and slack.
+    cap = cap_base
+    if (
+        dither > 0.0
+        and (reason == REASON_STEADY or reason == REASON_ENERGY_FLOOR)
+        and state[ST_SETTLED, g] >= 2.0
+        and state[ST_PRESSURE, g] < 0.5
+    ):
+        if tick % 2 == 0:
+            # Rounded towards the base: a coarse clock table gets no dither rather than a big one.
+            cap = clamp_clock_down(row, n, min(f_max, cap_base + dither))
+        elif _finite(itl_ref) or running <= 0.5:
+            if not _finite(itl_ref) or roofline_ratio(
+                kappa, f_max, cap_base - dither, f_now
+            ) * itl_ref <= itl_line * (1 - 0.5 * _LOWER_BAND):
+                cap = clamp_clock_up(row, n, max(floor_mhz, cap_base - dither))
+    # Slew limit on the way down; up is immediate.
+    cap = clamp_clock_down(row, n, cap)
+    lowest = clamp_clock_up(row, n, prev_cap - step_down)
+    if lowest >= prev_cap:
+        lowest = clamp_clock_down(row, n, prev_cap - 1.0)
+    if cap < lowest:
+        cap = lowest
+    cap = min(cap, f_max)
+    state[ST_CAP_MHZ, g] = cap
+    out[OUT_CAP_MHZ, g] = cap
+    out[OUT_REASON, g] = reason
+
+    limit = math.nan
+    if knobs[KNOB_TRACK_LIMIT] > 0.5 and mode != MODE_BUDGET:
+        peak = state[ST_POWER_PEAK_W, g]
+        if _finite(peak) and state[ST_PRESSURE, g] < 0.5:
+            limit = peak * _LIMIT_HEADROOM + _LIMIT_HEADROOM_W
+            limit = min(max(limit * 1000.0, params[PAR_PL_MIN_MW, g]), params[PAR_PL_MAX_MW, g])
+            limit = math.floor(limit)
+    state[ST_LIMIT_MW, g] = limit
+    out[OUT_LIMIT_MW, g] = limit
+
+
+@numba.njit(cache=True, nogil=True)
+def controller_step(
+    obs: np.ndarray,
+    params: np.ndarray,
+    clocks: np.ndarray,
+    n_clocks: np.ndarray,
+    knobs: np.ndarray,
+    state: np.ndarray,
+    efit: np.ndarray,
+    cells: np.ndarray,
+    out: np.ndarray,
+) -> bool:
+    """One control tick for every group: estimate -> decide -> clamp.
+
+    Updates state, efit and cells in place and writes out. Returns False only in budget mode when
+    the per-GPU minimum limits alone exceed the node budget (all groups then sit at the minimum).
+    """
+    n_groups = obs.shape[1]
+    chol = np.zeros((EFIT_N, EFIT_N))
+    fit = np.zeros(N_FIT)
+    for g in range(n_groups):
+        _group_step(g, obs, params, clocks, n_clocks, knobs, state, efit, cells, out, chol, fit)
+    if int(knobs[KNOB_MODE]) != MODE_BUDGET:
+        return True
+    gpu_count = np.empty(n_groups)
+    need = np.empty(n_groups)
+    fixed = np.empty(n_groups)
+    weight = np.empty(n_groups)
+    limit = np.empty(n_groups)
+    tpj_sum = 0.0
+    tpj_n = 0
+    for g in range(n_groups):
+        tpj = state[ST_TPJ, g]
+        if _finite(tpj) and tpj > 0.0:
+            tpj_sum += tpj
+            tpj_n += 1
+    tpj_mean = tpj_sum / tpj_n if tpj_n > 0 else math.nan
+    for g in range(n_groups):
+        count = obs[OBS_GPU_COUNT, g]
+        gpu_count[g] = count if count >= 1.0 else 1.0
+        fixed[g] = math.nan
+        if obs[OBS_STALE, g] > 0.5:
+            fixed[g] = params[PAR_PL_DEFAULT_MW, g]
+        if state[ST_PRESSURE, g] > 0.5:
+            need[g] = params[PAR_PL_MAX_MW, g]
+        else:
+            p = state[ST_POWER_W, g]
+            if _finite(p):
+                need[g] = (p * _BUDGET_NEED_HEADROOM + _BUDGET_NEED_W) * 1000.0
+            else:
+                need[g] = params[PAR_PL_DEFAULT_MW, g]
+        # Marginal tokens per watt: the more efficient group gets more of a short budget.
+        tpj = state[ST_TPJ, g]
+        if _finite(tpj_mean) and _finite(tpj) and tpj > 0.0:
+            weight[g] = min(max(tpj / tpj_mean, 0.5), 2.0)
+        else:
+            weight[g] = 1.0
+    ok = allocate_budget(
+        knobs[KNOB_BUDGET_W] * 1000.0,
+        gpu_count,
+        params[PAR_PL_MIN_MW],
+        params[PAR_PL_MAX_MW],
+        need,
+        fixed,
+        weight,
+        limit,
+    )
+    for g in range(n_groups):
+        if obs[OBS_STALE, g] > 0.5:
+            out[OUT_LIMIT_MW, g] = math.nan
+        else:
+            out[OUT_LIMIT_MW, g] = limit[g]
+        state[ST_LIMIT_MW, g] = out[OUT_LIMIT_MW, g]
+    return ok

@@ -1,0 +1,181 @@
+"""The `powerd` command: parses arguments, builds objects, and hands over. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from powerd import __version__
+from powerd.config import DEFAULT_METRICS_PORT, SERVER_KINDS, ConfigError, load_config
+
+EX_CONFIG = 78
+"""sysexits.h EX_CONFIG: systemd shows it as 'CONFIG' and Restart=on-failure still applies."""
+
+log = logging.getLogger("powerd")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"powerd: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="powerd", description="GPU power controller for LLM inference nodes."
+    )
+    parser.add_argument("--version", action="version", version=f"powerd {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("POWERD_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the daemon on this node's GPUs")
+    run.add_argument("--config", default="/etc/powerd/powerd.yaml")
+    run.add_argument("--dry-run", action="store_true", help="decide and export, write nothing")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config")
+    check.set_defaults(func=_cmd_check_config)
+
+    restore = sub.add_parser("restore", help="put back every GPU setting powerd changed")
+    restore.add_argument("--config", default="/etc/powerd/powerd.yaml")
+    restore.set_defaults(func=_cmd_restore)
+
+    demo = sub.add_parser("demo", help="run the daemon on a simulated node, then compare")
+    demo.add_argument("--gpus", type=int, default=4)
+    demo.add_argument("--tp", type=int, default=2, help="GPUs per simulated server")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds of wall time")
+    demo.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    demo.add_argument("--server-kind", default="vllm", choices=SERVER_KINDS[1:-1])
+    demo.add_argument("--gpu-model", default="h100-sxm")
+    demo.add_argument("--gpu-profile", default=None, help="a GPU profile YAML file")
+    demo.add_argument("--model", default=None)
+    demo.add_argument("--trace", default="azure-conv")
+    demo.add_argument("--time-compression", type=float, default=10.0)
+    demo.add_argument("--peak-load", type=float, default=0.7)
+    demo.add_argument("--mode", default="efficiency")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true", help="no line per tick")
+    demo.set_defaults(func=_cmd_demo)
+
+    probe = sub.add_parser("probe", help="read one inference server's signals and print them")
+    probe.add_argument("url")
+    probe.add_argument("--kind", default="auto", choices=SERVER_KINDS)
+    probe.add_argument("--interval", type=float, default=2.0)
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(func=_cmd_probe)
+
+    status = sub.add_parser("status", help="show the running daemon's groups")
+    status.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics")
+    status.set_defaults(func=_cmd_status)
+
+    bench = sub.add_parser("bench", help="compare control policies on the simulated node")
+    from powerd.bench.cli import add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    from powerd.logging_setup import setup_logging
+    from powerd.systemd import under_systemd
+
+    setup_logging(args.log_level, under_systemd=under_systemd())
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: OK ({len(config.servers)} servers, mode {config.mode})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from powerd.runtime import run_daemon
+
+    _setup_logging(args)
+    config = load_config(args.config)
+    if args.dry_run:
+        config = replace(config, dry_run=True)
+    return run_daemon(config, config_path=Path(args.config))
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from powerd.runtime import restore_node
+
+    _setup_logging(args)
+    return restore_node(load_config(args.config))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from powerd.demo import DemoOptions, run_demo
+
+    _setup_logging(args)
+    options = DemoOptions(
+        gpus=args.gpus,
+        tp=args.tp,
+        duration_s=args.duration,
+        metrics_port=args.metrics_port,
+        server_kind=args.server_kind,
+        gpu_model=args.gpu_model,
+        gpu_profile_file=args.gpu_profile,
+        model=args.model,
+        trace=args.trace,
+        time_compression=args.time_compression,
+        peak_load=args.peak_load,
+        mode=args.mode,
+        seed=args.seed,
+        quiet=args.quiet,
+    )
+    return run_demo(options)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from powerd.sources import SourceError
+    from powerd.sources.probe import format_probe, probe
+
+    try:
+        result = probe(args.url, kind=args.kind, interval_s=args.interval)
+    except SourceError as exc:
+        print(f"powerd probe: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result) if args.json else format_probe(result))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from powerd.status import StatusError, fetch_status, format_status
+
+    try:
+        rows = fetch_status(args.url)
+    except StatusError as exc:
+        print(f"powerd status: {exc}", file=sys.stderr)
+        return 1
+    print(format_status(rows))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from powerd.bench.cli import run_bench_command
+
+    _setup_logging(args)
+    return run_bench_command(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,508 @@
+"""The composition root and the loop: sense -> decide -> act -> publish.
+
+`Daemon.tick(now_s)` is one pass and takes its time from the caller, so the same code runs in
+real time (`run_forever`) and in virtual time (the benchmark). Signal handlers only set flags;
+the loop acts on them between ticks.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+from powerd.actuator import Actuator
+from powerd.config import Config, ConfigError, ServerConfig, load_config
+from powerd.control.policy import Controller, GroupSpec, Policy
+from powerd.gpu.backend import GpuBackend
+from powerd.gpu.errors import GpuError, GpuLost
+from powerd.grid.signals import GridSignal
+from powerd.journal import Journal, restore_all
+from powerd.model import (
+    GpuInfo,
+    GpuReading,
+    GpuStatus,
+    GroupDecision,
+    GroupObservation,
+    GroupStatus,
+    ServerSample,
+    Snapshot,
+)
+from powerd.sources import Fetcher, ScrapePool, Source, http_fetch, make_source
+from powerd.sources.gpumap import discover_server_gpus
+
+log = logging.getLogger(__name__)
+
+SLO_WINDOW_TICKS = 300
+"""Ticks over which a group's SLO attainment is reported (5 minutes at the default 1 s)."""
+EFFICIENCY_WINDOW_TICKS = 10
+"""Ticks over which tokens per joule is reported, to smooth counter quantisation."""
+
+
+@dataclass(slots=True)
+class Group:
+    """The GPUs one inference server spans, with what the daemon remembers of them."""
+
+    spec: GroupSpec
+    source: Source
+    uuids: list[str]
+    last_good_sample_s: float | None = None
+    last_sample: ServerSample | None = None
+    slo_history: deque[bool] = field(default_factory=lambda: deque(maxlen=SLO_WINDOW_TICKS))
+    efficiency_window: deque[tuple[float, float]] = field(
+        default_factory=lambda: deque(maxlen=EFFICIENCY_WINDOW_TICKS)
+    )
+    """(tokens, joules) per tick."""
+    decision: GroupDecision | None = None
+
+
+class Daemon:
+    """Owns the GPUs, sources, controller and exporter of one node and runs the loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        backend: GpuBackend,
+        *,
+        journal: Journal | None = None,
+        publish: Callable[[Snapshot], None] | None = None,
+        fetch: Fetcher = http_fetch,
+        policy_factory: Callable[[Config, Sequence[GroupSpec]], Policy] | None = None,
+        notifier: _Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.journal = journal
+        self._publish = publish
+        self._fetch = fetch
+        self._policy_factory = policy_factory
+        self._notifier = notifier
+        self.actuator = Actuator(backend, journal, dry_run=config.dry_run)
+        self.infos: dict[str, GpuInfo] = {info.uuid: info for info in backend.devices()}
+        for info in self.infos.values():
+            self.actuator.track(info)
+        self._prev_energy_mj: dict[str, int] = {}
+        self._prev_tick_s: float | None = None
+        self.ticks_total = 0
+        self.restores_total = 0
+        self.restore_failures_total = 0
+        self.grid = GridSignal(config.grid)
+        self.groups: list[Group] = self._build_groups(config)
+        self.policy: Policy = self._make_policy(config)
+        self._pool = ScrapePool([group.source for group in self.groups])
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self.last_snapshot: Snapshot | None = None
+
+    # ----------------------------------------------------------------- construction
+
+    def _make_policy(self, config: Config) -> Policy:
+        specs = [group.spec for group in self.groups]
+        if self._policy_factory is not None:
+            return self._policy_factory(config, specs)
+        return Controller(config, specs)
+
+    def _build_groups(self, config: Config) -> list[Group]:
+        groups = []
+        claimed: set[str] = set()
+        for server in config.servers:
+            uuids = self._resolve_gpus(server)
+            overlap = claimed.intersection(uuids)
+            if overlap:
+                log.error(
+                    "server %s: GPUs %s already belong to another server; it is observed only",
+                    server.name,
+                    ", ".join(sorted(overlap)),
+                )
+                uuids = []
+            claimed.update(uuids)
+            spec = GroupSpec(
+                name=server.name,
+                server=server.name,
+                gpus=tuple(self.infos[uuid] for uuid in uuids),
+                slo=server.slo,
+            )
+            groups.append(Group(spec, make_source(server, self._fetch), uuids))
+        return groups
+
+    def _resolve_gpus(self, server: ServerConfig) -> list[str]:
+        by_index = {info.index: info.uuid for info in self.infos.values()}
+        if server.gpus is None:
+            try:
+                return discover_server_gpus(server.url, self.backend.compute_pids, list(self.infos))
+            except Exception as exc:  # discovery is best effort; the server is still observed
+                log.warning(
+                    "server %s: cannot discover its GPUs (%s); set `gpus:` for it in the config",
+                    server.name,
+                    exc,
+                )
+                return []
+        uuids = []
+        for gpu in server.gpus:
+            uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
+            if uuid is None or uuid not in self.infos:
+                raise ConfigError(f"servers: {server.name}: no GPU {gpu!r} on this node")
+            uuids.append(uuid)
+        return uuids
+
+    # ----------------------------------------------------------------- one tick
+
+    def warmup(self) -> None:
+        """Compile the controller's kernels (before READY=1)."""
+        warmup = getattr(self.policy, "warmup", None)
+        if warmup is not None:
+            warmup()
+
+    def tick(self, now_s: float) -> Snapshot:
+        """One pass: read GPUs and servers, decide, act, publish. Returns the snapshot."""
+        started = time.perf_counter()
+        interval_s = (
+            self.config.interval_s if self._prev_tick_s is None else now_s - self._prev_tick_s
+        )
+        self._prev_tick_s = now_s
+        readings = self._read_gpus(now_s)
+        samples = self._pool.poll_all(now_s, deadline_s=max(0.05, self.config.interval_s * 0.6))
+        observations = [
+            self._observe(group, sample, readings, now_s, interval_s)
+            for group, sample in zip(self.groups, samples, strict=True)
+        ]
+        decisions = self.policy.decide(now_s, observations)
+        for group, decision, observation in zip(self.groups, decisions, observations, strict=True):
+            group.decision = decision
+            self._act(group, decision, observation)
+        self.ticks_total += 1
+        snapshot = self._snapshot(now_s, readings, samples, observations)
+        snapshot = _with_duration(snapshot, time.perf_counter() - started)
+        self.last_snapshot = snapshot
+        if self._publish is not None:
+            self._publish(snapshot)
+        return snapshot
+
+    def _read_gpus(self, now_s: float) -> dict[str, GpuReading]:
+        readings = {}
+        for uuid in list(self.infos):
+            try:
+                readings[uuid] = self.backend.read(uuid)
+            except GpuLost as exc:
+                self._drop_gpu(uuid, exc)
+            except GpuError as exc:
+                log.warning("GPU %s: read failed: %s", uuid, exc)
+        return readings
+
+    def _drop_gpu(self, uuid: str, exc: Exception) -> None:
+        log.error("GPU %s is lost (%s); dropping it and keeping the others", uuid, exc)
+        self.infos.pop(uuid, None)
+        self.actuator.forget(uuid)
+        self._prev_energy_mj.pop(uuid, None)
+        for group in self.groups:
+            if uuid in group.uuids:
+                group.uuids.remove(uuid)
+
+    def _observe(
+        self,
+        group: Group,
+        sample: ServerSample,
+        readings: dict[str, GpuReading],
+        now_s: float,
+        interval_s: float,
+    ) -> GroupObservation:
+        group.last_sample = sample
+        if sample.up and sample.generation_tokens_per_s is not None:
+            group.last_good_sample_s = now_s
+        stale = (
+            group.last_good_sample_s is None
+            or now_s - group.last_good_sample_s > self.config.stale_after_s
+        )
+        energy_j: float | None = 0.0
+        power_w: float | None = 0.0
+        clocks = []
+        reasons = 0
+        for uuid in group.uuids:
+            reading = readings.get(uuid)
+            delta_j = self._energy_delta_j(uuid, reading)
+            if reading is None:
+                energy_j = power_w = None
+                continue
+            if energy_j is not None:
+                if delta_j is None and reading.power_mw is not None:
+                    delta_j = reading.power_mw / 1000.0 * interval_s
+                energy_j = None if delta_j is None else energy_j + delta_j
+            if power_w is not None:
+                power_w = None if reading.power_mw is None else power_w + reading.power_mw / 1e3
+            if reading.sm_clock_mhz is not None:
+                clocks.append(reading.sm_clock_mhz)
+            reasons |= reading.clock_event_reasons or 0
+        if not group.uuids:
+            energy_j = power_w = None
+        tokens_per_s = sample.generation_tokens_per_s if sample.up else None
+        if energy_j is not None and tokens_per_s is not None:
+            group.efficiency_window.append((tokens_per_s * interval_s, energy_j))
+        if sample.up and not stale:
+            group.slo_history.append(self._slo_met(group, sample) is not False)
+        return GroupObservation(
+            group=group.spec.name,
+            interval_s=interval_s,
+            gpu_count=len(group.uuids),
+            energy_j=energy_j,
+            power_w=power_w,
+            generation_tokens_per_s=tokens_per_s,
+            prompt_tokens_per_s=sample.prompt_tokens_per_s if sample.up else None,
+            running=sample.running if sample.up else None,
+            waiting=sample.waiting if sample.up else None,
+            ttft_p95_s=sample.ttft_p95_s if sample.up else None,
+            itl_p95_s=sample.itl_p95_s if sample.up else None,
+            sm_clock_mhz=sum(clocks) / len(clocks) if clocks else None,
+            clock_event_reasons=reasons,
+            stale=stale,
+            realtime=sample.realtime,
+        )
+
+    def _energy_delta_j(self, uuid: str, reading: GpuReading | None) -> float | None:
+        if reading is None or reading.energy_mj is None:
+            return None
+        previous = self._prev_energy_mj.get(uuid)
+        self._prev_energy_mj[uuid] = reading.energy_mj
+        if previous is None or reading.energy_mj < previous:
+            return None  # first reading, or the counter restarted with a driver reload
+        return (reading.energy_mj - previous) / 1000.0
+
+    @staticmethod
+    def _slo_met(group: Group, sample: ServerSample) -> bool | None:
+        slo = group.spec.slo
+        checks = []
+        if sample.ttft_p95_s is not None:
+            checks.append(sample.ttft_p95_s <= slo.ttft_s)
+        if sample.itl_p95_s is not None:
+            checks.append(sample.itl_p95_s <= slo.itl_s)
+        if sample.waiting is not None:
+            checks.append(sample.waiting <= slo.max_waiting)
+        return all(checks) if checks else None
+
+    def _act(self, group: Group, decision: GroupDecision, observation: GroupObservation) -> None:
+        per_gpu_power_w = (
+            observation.power_w / observation.gpu_count
+            if observation.power_w is not None and observation.gpu_count
+            else None
+        )
+        try:
+            self.actuator.apply(
+                decision, list(group.uuids), per_gpu_power_w, observation.sm_clock_mhz
+            )
+        except GpuLost as exc:
+            self._drop_gpu(exc.uuid or "", exc)
+
+    # ----------------------------------------------------------------- publishing
+
+    def _snapshot(
+        self,
+        now_s: float,
+        readings: dict[str, GpuReading],
+        samples: list[ServerSample],
+        observations: list[GroupObservation],
+    ) -> Snapshot:
+        gpus = []
+        for uuid, reading in readings.items():
+            state = self.actuator.states.get(uuid)
+            if state is None:
+                continue
+            gpus.append(
+                GpuStatus(
+                    reading=reading,
+                    info=state.info,
+                    configured_power_limit_mw=state.power_limit_mw,
+                    sm_clock_lock_max_mhz=state.lock_max_mhz,
+                    observe_only=state.observe_only or self.actuator.dry_run,
+                    observe_only_reason=state.observe_only_reason
+                    or ("dry_run" if self.actuator.dry_run else ""),
+                )
+            )
+        states = {s["group"]: s for s in _group_states(self.policy)}
+        groups = []
+        for group, observation in zip(self.groups, observations, strict=True):
+            tokens = sum(t for t, _ in group.efficiency_window)
+            joules = sum(j for _, j in group.efficiency_window)
+            policy_state = states.get(group.spec.name, {})
+            decision = group.decision
+            sample = group.last_sample
+            groups.append(
+                GroupStatus(
+                    group=group.spec.name,
+                    server=group.spec.server,
+                    model_name=sample.model_name if sample else "",
+                    gpu_uuids=tuple(group.uuids),
+                    mode=decision.mode if decision else self.config.mode,
+                    sm_clock_max_mhz=decision.sm_clock_max_mhz if decision else 0,
+                    power_limit_mw=decision.power_limit_mw if decision else None,
+                    tokens_per_joule=tokens / joules if joules > 0 else None,
+                    energy_per_token_j=joules / tokens if tokens > 0 else None,
+                    generation_tokens_per_s=observation.generation_tokens_per_s,
+                    power_w=observation.power_w,
+                    ttft_p95_s=observation.ttft_p95_s,
+                    itl_p95_s=observation.itl_p95_s,
+                    ttft_slo_s=group.spec.slo.ttft_s,
+                    itl_slo_s=group.spec.slo.itl_s,
+                    slo_met=self._slo_met(group, sample) if sample and sample.up else None,
+                    slo_attainment=(
+                        sum(group.slo_history) / len(group.slo_history)
+                        if group.slo_history
+                        else None
+                    ),
+                    target_tokens_per_joule=policy_state.get("target_tokens_per_joule"),
+                    target_reached=policy_state.get("target_reached"),
+                    observe_only=not group.uuids
+                    or all(self.actuator.states[u].observe_only for u in group.uuids),
+                    dry_run=self.actuator.dry_run,
+                )
+            )
+        errors = getattr(self.backend, "error_counts", {})
+        return Snapshot(
+            timestamp_s=now_s,
+            gpus=tuple(gpus),
+            servers=tuple(samples),
+            groups=tuple(groups),
+            nvml_errors=dict(errors),
+            restores_total=self.restores_total,
+            restore_failures_total=self.restore_failures_total,
+            ticks_total=self.ticks_total,
+            mode=self.config.mode,
+            dry_run=self.actuator.dry_run,
+            grid_price_per_kwh=self.grid.price_per_kwh(),
+            grid_carbon_g_per_kwh=self.grid.carbon_g_per_kwh(),
+        )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def restore(self) -> bool:
+        """Put back every GPU setting powerd changed. True when all were restored."""
+        if self.journal is None:
+            return True
+        report = restore_all(self.backend, self.journal)
+        self.restores_total += 1
+        if not report.ok:
+            self.restore_failures_total += 1
+        for state in self.actuator.states.values():
+            state.lock_max_mhz = None
+            state.power_limit_mw = None
+        return report.ok
+
+    def reload(self, config_path: str | Path) -> bool:
+        """Re-read the config; apply it when valid, keep the old one otherwise."""
+        try:
+            config = load_config(config_path)
+            groups = self._build_groups(config)
+        except ConfigError as exc:
+            log.error("reload: invalid config, keeping the running one: %s", exc)
+            return False
+        if config.metrics != self.config.metrics:
+            log.warning("reload: metrics settings change only at restart")
+        self._pool.close()
+        self.config = config
+        self.actuator.dry_run = config.dry_run
+        self.grid = GridSignal(config.grid)
+        self.groups = groups
+        specs = [group.spec for group in groups]
+        reconfigure = getattr(self.policy, "reconfigure", None)
+        if reconfigure is not None and self._policy_factory is None:
+            reconfigure(config, specs)
+        else:
+            self.policy = self._make_policy(config)
+        self._pool = ScrapePool([group.source for group in groups])
+        log.info("reload: applied %s (%d servers)", config_path, len(groups))
+        return True
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def request_reload(self, *_: object) -> None:
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self._stop.set()
+
+        def hup(signum: int, frame: FrameType | None) -> None:
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    def run_forever(
+        self,
+        *,
+        config_path: str | Path | None = None,
+        on_tick: Callable[[Snapshot], None] | None = None,
+        duration_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Tick every interval until stopped (a signal, or duration_s elapsed), then restore."""
+        started = clock()
+        next_tick = started
+        try:
+            while not self._stop.is_set():
+                if self._reload.is_set():
+                    self._reload.clear()
+                    if self._notifier:
+                        self._notifier.reloading()
+                    if config_path is not None:
+                        self.reload(config_path)
+                    if self._notifier:
+                        self._notifier.ready()
+                now = clock()
+                if duration_s is not None and now - started >= duration_s:
+                    break
+                try:
+                    snapshot = self.tick(now)
+                except GpuError as exc:
+                    log.error("tick failed: %s", exc)
+                else:
+                    if self._notifier:
+                        self._notifier.watchdog()
+                        self._notifier.status(_status_line(snapshot))
+                    if on_tick is not None:
+                        on_tick(snapshot)
+                next_tick += self.config.interval_s
+                delay = next_tick - clock()
+                if delay < 0:
+                    next_tick = clock()
+                    delay = 0
+                self._stop.wait(delay)
+        finally:
+            if self._notifier:
+                self._notifier.stopping()
+            self._pool.close()
+            self.restore()
+
+
+class _Notifier(Protocol):
+    """The part of powerd.systemd.Notifier the loop uses."""
+
+    def ready(self) -> None: ...
+    def reloading(self) -> None: ...
+    def stopping(self) -> None: ...
+    def watchdog(self) -> None: ...
+    def status(self, text: str) -> None: ...
+
+
+def _group_states(policy: Policy) -> list[dict]:
+    group_state = getattr(policy, "group_state", None)
+    return list(group_state()) if group_state is not None else []
+
+
+def _with_duration(snapshot: Snapshot, duration_s: float) -> Snapshot:
+    return replace(snapshot, loop_duration_s=duration_s)
+
+
+def _status_line(snapshot: Snapshot) -> str:
+    parts = []
+    for group in snapshot.groups:
+        tpj = f"{group.tokens_per_joule:.2f}" if group.tokens_per_joule is not None else "-"
+        parts.append(f"{group.group}: {group.sm_clock_max_mhz} MHz {tpj} tok/J")
+    return "; ".join(parts) or "no servers"

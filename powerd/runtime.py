@@ -1,0 +1,120 @@
+"""Start-up and shut-down of the production daemon: `powerd run` and `powerd restore`.
+
+The order matters and is the contract with systemd: NVML first (a node without a driver
+exits at once with one sentence), then any restore a previous run left pending, then the
+kernels are compiled and the metrics port bound, and only then READY=1.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from powerd import __version__
+from powerd.config import Config
+from powerd.daemon import Daemon
+from powerd.exporter import Exporter
+from powerd.gpu.backend import GpuBackend
+from powerd.gpu.errors import GpuUnavailable
+from powerd.journal import Journal, restore_all
+from powerd.systemd import Notifier
+
+log = logging.getLogger("powerd")
+
+JOURNAL_FILE = "journal.json"
+
+
+def journal_for(config: Config) -> Journal:
+    return Journal(Path(config.state_dir) / JOURNAL_FILE)
+
+
+def open_backend(config: Config) -> GpuBackend:
+    """The real NVML, or a fake NVML over the simulated GPUs' state file (`gpu_backend: sim`)."""
+    from powerd.gpu.nvml import NvmlBackend
+
+    if config.gpu_backend == "sim":
+        from powerd.simulation import detached_fake_nvml
+
+        return NvmlBackend(detached_fake_nvml(config.sim))
+    return NvmlBackend()
+
+
+def restore_node(config: Config) -> int:
+    """`powerd restore`: put back every GPU setting recorded in the journal. Exit status."""
+    journal = journal_for(config)
+    if not journal.pending():
+        log.info("nothing to restore: %s holds no saved settings", journal.path)
+        return 0
+    try:
+        backend = open_backend(config)
+    except GpuUnavailable as exc:
+        print(f"powerd restore: {exc}", file=sys.stderr)
+        return 1
+    try:
+        report = restore_all(backend, journal)
+    finally:
+        backend.close()
+    log.info("restore: %s", report.summary())
+    return 0 if report.ok else 1
+
+
+def run_daemon(config: Config, *, config_path: Path) -> int:
+    """`powerd run`: the daemon until SIGTERM/SIGINT; every GPU restored on the way out."""
+    notifier = Notifier()
+    simulation = None
+    try:
+        if config.gpu_backend == "sim":
+            from powerd.simulation import server_configs, start_simulation
+
+            simulation = start_simulation(config.sim)
+            backend: GpuBackend = simulation.backend
+            if not config.servers:
+                config = replace(config, servers=server_configs(simulation.node, simulation.urls()))
+        else:
+            from powerd.gpu.nvml import NvmlBackend
+
+            backend = NvmlBackend()
+    except GpuUnavailable as exc:
+        print(f"powerd: {exc}", file=sys.stderr)
+        return 1
+
+    journal = journal_for(config)
+    if journal.pending():
+        log.warning("a previous run did not finish; restoring the GPU settings it left")
+        report = restore_all(backend, journal)
+        log.info("restore: %s", report.summary())
+
+    exporter = Exporter(config.metrics, build_info={"version": __version__})
+    daemon = Daemon(
+        config,
+        backend,
+        journal=None if config.dry_run else journal,
+        publish=exporter.publish,
+        notifier=notifier,
+    )
+    daemon.install_signal_handlers()
+    daemon.warmup()
+    exporter.start()
+    log.info(
+        "powerd %s: %d GPUs, %d servers, mode %s%s, metrics on %s:%d",
+        __version__,
+        len(daemon.infos),
+        len(daemon.groups),
+        config.mode,
+        " (dry run)" if config.dry_run else "",
+        config.metrics.listen_address,
+        exporter.port,
+    )
+    if simulation is not None:
+        simulation.driver.start()
+    notifier.ready()
+    try:
+        daemon.run_forever(config_path=config_path)
+    finally:
+        exporter.stop()
+        backend.close()
+        if simulation is not None:
+            simulation.stop()
+    return 0

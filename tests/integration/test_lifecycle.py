@@ -1,0 +1,171 @@
+"""`powerd run` as systemd runs it, on a simulated node whose GPU state lives in a file."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import (
+    NotifySocket,
+    changed_gpus,
+    powerd,
+    powerd_env,
+    start_powerd,
+    write_sim_config,
+)
+
+pytestmark = pytest.mark.slow
+
+# A sustained load makes the controller lock clocks below the maximum within seconds.
+LOCKING_SIM = {
+    "gpus": 2,
+    "tp": 1,
+    "model": "llama-3.1-8b",
+    "trace": "constant",
+    "peak_load": 0.3,
+}
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        output, _ = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    return output
+
+
+def test_notify_protocol_reload_and_restore_on_exit(tmp_path: Path) -> None:
+    config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(tmp_path / "g")})
+    state_file = tmp_path / "g"
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = powerd_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000")
+    env["WATCHDOG_PID"] = ""
+    process = start_powerd("run", "--config", str(config), env=env)
+    try:
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1")
+        _wait_until(lambda: bool(changed_gpus(state_file)), 60, "powerd to lock a clock")
+        process.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1")
+        output = _stop(process)
+        notify.wait_for("STOPPING=1")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+    assert process.returncode == 0, output
+    fields = [m.split("\n")[0] for m in notify.messages]
+    order = [f for f in fields if f in ("READY=1", "RELOADING=1", "STOPPING=1")]
+    assert order == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], fields
+    assert "WATCHDOG=1" in fields[fields.index("READY=1") :]
+    assert changed_gpus(state_file) == {}, "every GPU is back at its defaults after exit"
+
+
+def test_sigkill_then_restore_brings_every_gpu_back(tmp_path: Path) -> None:
+    state_file = tmp_path / "g"
+    config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(state_file)})
+    process = start_powerd("run", "--config", str(config))
+    try:
+        _wait_until(lambda: bool(changed_gpus(state_file)), 90, "powerd to lock a clock")
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+    assert changed_gpus(state_file), "a SIGKILLed daemon leaves its settings behind"
+    result = powerd("restore", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert changed_gpus(state_file) == {}
+    again = powerd("restore", "--config", str(config))
+    assert again.returncode == 0, "a second restore has nothing to do and succeeds"
+
+
+def test_restart_restores_then_resumes_control(tmp_path: Path) -> None:
+    state_file = tmp_path / "g"
+    config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(state_file)})
+    first = start_powerd("run", "--config", str(config))
+    try:
+        _wait_until(lambda: bool(changed_gpus(state_file)), 90, "powerd to lock a clock")
+    finally:
+        first.kill()
+        first.communicate(timeout=30)
+    left_behind = changed_gpus(state_file)
+    assert left_behind
+    second = start_powerd("run", "--config", str(config))
+    try:
+        # The restore runs before the kernels compile, so the defaults are seen in between.
+        _wait_until(lambda: not changed_gpus(state_file), 60, "the restart to restore")
+        _wait_until(lambda: bool(changed_gpus(state_file)), 90, "control to resume")
+        output = _stop(second)
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert "previous run did not finish" in output
+    assert second.returncode == 0, output
+    assert changed_gpus(state_file) == {}
+
+
+def test_sighup_with_an_invalid_config_keeps_the_running_one(tmp_path: Path) -> None:
+    config = write_sim_config(tmp_path)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    process = start_powerd(
+        "run", "--config", str(config), env=powerd_env(NOTIFY_SOCKET=str(notify.path))
+    )
+    try:
+        notify.wait_for("READY=1")
+        config.write_text("interval_s: -1\n")
+        process.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        notify.wait_for("READY=1")
+        time.sleep(1.0)
+        assert process.poll() is None, "an invalid config on reload does not stop the daemon"
+        output = _stop(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+    assert "invalid config, keeping the running one" in output
+    assert "interval_s" in output
+    assert process.returncode == 0
+
+
+def test_run_without_nvidia_driver_is_one_clear_sentence(tmp_path: Path) -> None:
+    config = tmp_path / "powerd.yaml"
+    config.write_text(f"state_dir: {tmp_path}\n")
+    result = powerd("run", "--config", str(config))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and "NVML is not available" in lines[-1], result.stderr
+
+
+def test_bad_config_exits_78_and_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "powerd.yaml"
+    config.write_text("servers:\n  - name: a\n    url: http://x\n    slo: {ttft_s: zero}\n")
+    for command in (("check-config", str(config)), ("run", "--config", str(config))):
+        result = powerd(*command)
+        assert result.returncode == 78
+        assert "servers[0].slo.ttft_s" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_check_config_accepts_the_example() -> None:
+    result = powerd("check-config", "config/powerd.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
