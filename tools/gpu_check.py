@@ -1,0 +1,1290 @@
+#!/usr/bin/env python3
+"""Check a real NVIDIA machine's NVML against what powerd assumes, and against the plant model.
+
+    python tools/gpu_check.py --out out/gpu-check            # read-only (the default)
+    python tools/gpu_check.py --out out/gpu-check --sweep    # also steps clocks and limits
+
+Default run: READ-ONLY. It reads every NVML value the daemon uses on every GPU, samples them
+every 25 ms while idle and while a compute-bound and a memory-bound PyTorch load run at the
+current settings (skipped, with a note, when torch or CUDA is missing), and checks the sensor
+semantics of dvfs_plant_model.md §2: the energy counter against the integral of the power
+readings, the averaging window and lag of nvmlDeviceGetPowerUsage (fitted against the
+POWER_INSTANT series), the publication periods, and the clock read-back. It writes
+`calibration.csv` (each figure measured here next to the same procedure run on the simulated
+plant with the matching profile) and `summary.json` to --out. It never changes a setting.
+
+--sweep (explicit only) locks a series of SM clocks and steps the power limit (§6 "calibrate
+first"), fits v_min, f_v and the dynamic power of the compute load, κ from the memory load,
+the lock dead time and the cap loop's settling time, and restores every setting it touched in
+a `finally` block, also on error, SIGINT or SIGTERM.
+
+Runs on Python 3.12 with only nvidia-ml-py and numpy (torch optional); the simulated column
+needs powerd importable and is skipped otherwise. `--simulate PROFILE` runs the whole check
+against the fake NVML instead of a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import functools
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+REASON_SW_POWER_CAP = 0x4
+PRE_S = 4.0
+"""Idle seconds sampled before each load starts: the window fit looks back up to 3 s."""
+POST_S = 3.0
+"""Seconds sampled after each load stops."""
+SETTLE_S = 2.0
+"""Seconds at the start of a load excluded from its means."""
+SIM_STEP_S = 0.005
+
+SERIES = ("usage_mw", "energy_mj", "instant_mw", "average_mw", "sm_mhz", "temp_c", "reasons")
+
+
+# ---------------------------------------------------------------------------------------------
+# Clocks and loads: real ones, and simulated ones that drive the fake NVML in virtual time
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+class Load(Protocol):
+    """A workload on every GPU. `start` must return at once; `stop` returns iterations/s."""
+
+    def open_context(self) -> None: ...
+
+    def start(self, kind: str) -> None: ...
+
+    def stop(self) -> dict[int, float]: ...
+
+
+class TorchLoad:
+    """BF16 8192² matmuls ("compute") or 1-GiB device copies ("memory"), one thread per GPU."""
+
+    def __init__(self, nvml_uuids: list[str]) -> None:
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # the order NVML uses
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch is installed but CUDA is not available")
+        self.torch = torch
+        self.devices: dict[int, int] = {}
+        for d in range(torch.cuda.device_count()):
+            uuid = getattr(torch.cuda.get_device_properties(d), "uuid", None)
+            text = f"GPU-{uuid}" if uuid is not None else None
+            index = nvml_uuids.index(text) if text in nvml_uuids else d
+            if index < len(nvml_uuids):
+                self.devices[index] = d
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._counts: dict[int, int] = {}
+        self._started = 0.0
+
+    @classmethod
+    def create(cls, nvml_uuids: list[str]) -> tuple[TorchLoad | None, str]:
+        try:
+            return cls(nvml_uuids), ""
+        except ImportError:
+            return None, "torch is not importable: loads skipped, idle readings only"
+        except Exception as exc:  # any CUDA initialisation failure means: no loads
+            return None, f"loads skipped: {exc}"
+
+    def open_context(self) -> None:
+        for d in self.devices.values():
+            self.torch.empty(1, device=f"cuda:{d}")
+            self.torch.cuda.synchronize(d)
+
+    def _work(self, index: int, d: int, kind: str) -> None:
+        torch = self.torch
+        with torch.cuda.device(d):
+            if kind == "compute":
+                a = torch.randn(8192, 8192, device=f"cuda:{d}", dtype=torch.bfloat16)
+                b = torch.randn_like(a)
+                out = torch.empty_like(a)
+
+                def op() -> None:
+                    torch.matmul(a, b, out=out)
+
+            else:
+                x = torch.empty(1 << 28, device=f"cuda:{d}", dtype=torch.float32)
+                y = torch.empty_like(x)
+
+                def op() -> None:
+                    y.copy_(x)
+
+            n = 0
+            while not self._stop.is_set():
+                for _ in range(8):
+                    op()
+                torch.cuda.synchronize(d)
+                n += 8
+            self._counts[index] = n
+
+    def start(self, kind: str) -> None:
+        self._stop.clear()
+        self._counts = {}
+        self._started = time.monotonic()
+        self._threads = [
+            threading.Thread(target=self._work, args=(i, d, kind), daemon=True)
+            for i, d in self.devices.items()
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> dict[int, float]:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        span = max(time.monotonic() - self._started, 1e-9)
+        return {i: n / span for i, n in self._counts.items()}
+
+
+class SimNode:
+    """The fake NVML's plant advanced in virtual time; it is both the Clock and the Load.
+
+    Loads: "compute" a = 1.0, m = 0.25; "memory" (a copy kernel) a = 0.15, m = 0.85 [A].
+    Iteration rates of the TorchLoad kernels come from the roofline of §6(c) at the plant's
+    actual clock.
+    """
+
+    LOADS: ClassVar[dict[str, tuple[float, float]]] = {
+        "compute": (1.0, 0.25),
+        "memory": (0.15, 0.85),
+    }
+
+    def __init__(self, fake: Any) -> None:
+        self.fake = fake
+        self.plant = fake.plant
+        n = self.plant.n_gpus
+        self.activity = np.zeros(n)
+        self.mem_util = np.zeros(n)
+        self.ctx = np.zeros(n)
+        self._kind = ""
+        self._iterations = np.zeros(n)
+        self._started = 0.0
+
+    def now(self) -> float:
+        with self.fake.lock:
+            return float(self.plant.now_s)
+
+    def sleep(self, seconds: float) -> None:
+        from powerd.sim.roofline import iteration_time_s, roofline_terms_s
+
+        p = self.plant.profile
+        # The TorchLoad kernels: a BF16 8192³ matmul, a 1-GiB float32 copy (read + write).
+        bytes_moved, flops = (
+            (3 * 8192**2 * 2, 2 * 8192**3)
+            if self._kind == "compute"
+            else (
+                2 << 30,
+                0,
+            )
+        )
+        t_m, t_cs = roofline_terms_s(
+            float(bytes_moved), float(flops), p.hbm_bandwidth_tb_s, p.peak_tflops, p.kappa0
+        )
+        with self.fake.lock:
+            remaining = seconds
+            while remaining > 1e-9:
+                dt = min(SIM_STEP_S, remaining)
+                self.plant.step(dt, self.activity, self.mem_util, self.ctx)
+                if self._kind:
+                    for i, f in enumerate(self.plant.clock_mhz()):
+                        self._iterations[i] += dt / iteration_time_s(
+                            t_m, t_cs, float(f), float(p.sm_clock_max_mhz)
+                        )
+                remaining -= dt
+
+    def open_context(self) -> None:
+        self.ctx[:] = 1.0
+
+    def start(self, kind: str) -> None:
+        a, m = self.LOADS[kind]
+        self._kind = kind
+        self.activity[:] = a
+        self.mem_util[:] = m
+        self.ctx[:] = 1.0
+        self._iterations[:] = 0.0
+        self._started = self.now()
+
+    def stop(self) -> dict[int, float]:
+        span = max(self.now() - self._started, 1e-9)
+        rates = {i: float(n / span) for i, n in enumerate(self._iterations)}
+        self._kind = ""
+        self.activity[:] = 0.0
+        self.mem_util[:] = 0.0
+        return rates
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading NVML
+
+
+def _call(nvml: Any, errors: dict[str, str], name: str, *args: Any) -> Any:
+    """nvml.<name>(*args), or None with the error class recorded (first one per name)."""
+    try:
+        return getattr(nvml, name)(*args)
+    except nvml.NVMLError as exc:
+        errors.setdefault(name, type(exc).__name__)
+        return None
+
+
+def inventory(nvml: Any, handle: Any, index: int) -> dict[str, Any]:
+    """Every static and slow value the daemon reads, for one GPU."""
+    errors: dict[str, str] = {}
+
+    def c(name: str, *args: Any) -> Any:
+        return _call(nvml, errors, name, handle, *args)
+
+    mem_clocks = c("nvmlDeviceGetSupportedMemoryClocks") or []
+    graphics = c("nvmlDeviceGetSupportedGraphicsClocks", mem_clocks[0]) if mem_clocks else None
+    reasons = c("nvmlDeviceGetCurrentClocksEventReasons")
+    supported = c("nvmlDeviceGetSupportedClocksEventReasons")
+    info: dict[str, Any] = {
+        "index": index,
+        "name": c("nvmlDeviceGetName"),
+        "uuid": c("nvmlDeviceGetUUID"),
+        "power_usage_mw": c("nvmlDeviceGetPowerUsage"),
+        "energy_mj": c("nvmlDeviceGetTotalEnergyConsumption"),
+        "power_limit_mw": c("nvmlDeviceGetPowerManagementLimit"),
+        "power_limit_constraints_mw": c("nvmlDeviceGetPowerManagementLimitConstraints"),
+        "power_limit_default_mw": c("nvmlDeviceGetPowerManagementDefaultLimit"),
+        "enforced_power_limit_mw": c("nvmlDeviceGetEnforcedPowerLimit"),
+        "sm_clock_mhz": c("nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM),
+        "sm_clock_max_mhz": c("nvmlDeviceGetMaxClockInfo", nvml.NVML_CLOCK_SM),
+        "mem_clock_mhz": c("nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_MEM),
+        "supported_memory_clocks_mhz": mem_clocks,
+        "supported_sm_clocks_mhz": graphics,
+        "clock_event_reasons": None if reasons is None else hex(reasons),
+        "supported_clock_event_reasons": None if supported is None else hex(supported),
+        "temperature_c": c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU),
+        "persistence_mode": c("nvmlDeviceGetPersistenceMode"),
+    }
+    fields = _call(
+        nvml,
+        errors,
+        "nvmlDeviceGetFieldValues",
+        handle,
+        [nvml.NVML_FI_DEV_POWER_INSTANT, nvml.NVML_FI_DEV_POWER_AVERAGE],
+    )
+    info["power_instant_mw"] = info["power_average_mw"] = None
+    if fields is not None:
+        for key, v in zip(("power_instant_mw", "power_average_mw"), fields, strict=True):
+            info[key] = v.value.uiVal if v.nvmlReturn == nvml.NVML_SUCCESS else None
+    info["errors"] = errors
+    return info
+
+
+@dataclass
+class Series:
+    """Samples of one GPU over one phase; t in seconds from the phase start."""
+
+    t: list[float] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SERIES})
+
+    def array(self, key: str) -> np.ndarray:
+        return np.asarray(self.values[key], dtype=float)
+
+    def times(self) -> np.ndarray:
+        return np.asarray(self.t, dtype=float)
+
+
+def _read_sample(nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, float]:
+    nan = math.nan
+
+    def c(name: str, *args: Any) -> float:
+        value = _call(nvml, errors, name, handle, *args)
+        return nan if value is None else float(value)
+
+    out = {
+        "usage_mw": c("nvmlDeviceGetPowerUsage"),
+        "energy_mj": c("nvmlDeviceGetTotalEnergyConsumption"),
+        "sm_mhz": c("nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM),
+        "temp_c": c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU),
+        "reasons": c("nvmlDeviceGetCurrentClocksEventReasons"),
+        "instant_mw": nan,
+        "average_mw": nan,
+    }
+    fields = _call(
+        nvml,
+        errors,
+        "nvmlDeviceGetFieldValues",
+        handle,
+        [nvml.NVML_FI_DEV_POWER_INSTANT, nvml.NVML_FI_DEV_POWER_AVERAGE],
+    )
+    if fields is not None:
+        for key, v in zip(("instant_mw", "average_mw"), fields, strict=True):
+            if v.nvmlReturn == nvml.NVML_SUCCESS:
+                out[key] = float(v.value.uiVal)
+    return out
+
+
+def sample(
+    nvml: Any,
+    handles: list[Any],
+    clock: Clock,
+    duration_s: float,
+    interval_s: float,
+    events: list[tuple[float, Callable[[], None]]] | None = None,
+    errors: dict[str, str] | None = None,
+) -> list[Series]:
+    """Sample every GPU each interval_s for duration_s, running events at their offsets."""
+    errors = {} if errors is None else errors
+    pending = sorted(events or [], key=lambda e: e[0])
+    series = [Series() for _ in handles]
+    t0 = clock.now()
+    next_t = 0.0
+    while True:
+        now = clock.now() - t0
+        while pending and pending[0][0] <= now + 1e-6:
+            pending.pop(0)[1]()
+        if now > duration_s:
+            break
+        for s, h in zip(series, handles, strict=True):
+            values = _read_sample(nvml, h, errors)
+            s.t.append(clock.now() - t0)
+            for key in SERIES:
+                s.values[key].append(values[key])
+        next_t += interval_s
+        wait = next_t - (clock.now() - t0)
+        if pending:
+            wait = min(wait, pending[0][0] - (clock.now() - t0))
+        clock.sleep(max(wait, 0.0))
+    for _, action in pending:
+        action()
+    return series
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis (pure functions of sampled series)
+
+
+def _held(t: np.ndarray, values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    idx = np.clip(np.searchsorted(t, grid, side="right") - 1, 0, len(t) - 1)
+    return values[idx]
+
+
+def update_period_s(t: np.ndarray, values: np.ndarray) -> float | None:
+    """Median time between changes of a published value (the sensor's publication period)."""
+    ok = np.isfinite(values)
+    t, values = t[ok], values[ok]
+    changes = t[1:][np.diff(values) != 0]
+    if len(changes) < 3:
+        return None
+    return float(np.median(np.diff(changes)))
+
+
+def estimate_average_window(
+    t: np.ndarray, instant_mw: np.ndarray, usage_mw: np.ndarray
+) -> tuple[float, float, float] | None:
+    """(window_s, lag_s, relative rms) such that usage(t) ≈ mean of instant over
+    [t − lag − window, t − lag]; window 0 means usage is the instant reading itself.
+
+    Needs a load step inside the series (the phases sample 2 s of idle before the load)."""
+    ok = np.isfinite(instant_mw) & np.isfinite(usage_mw)
+    if ok.sum() < 20:
+        return None
+    t, inst, use = t[ok], instant_mw[ok], usage_mw[ok]
+    dt = float(np.median(np.diff(t)))
+    grid = np.arange(t[0], t[-1], dt)
+    inst_g, use_g = _held(t, inst, grid), _held(t, use, grid)
+    csum = np.concatenate(([0.0], np.cumsum(inst_g)))
+    max_shift = round(3.0 / dt)
+    if len(grid) <= max_shift + 10:
+        return None
+    target = use_g[max_shift:]
+    scale = float(np.mean(np.abs(target))) or 1.0
+    best: tuple[float, float, float] | None = None
+    for window_s in np.arange(0.0, 2.0001, 0.05):
+        k = round(window_s / dt)
+        for lag_s in np.arange(0.0, 1.0001, 0.05):
+            lag = round(lag_s / dt)
+            end = np.arange(max_shift, len(grid)) - lag  # inclusive index of the window's end
+            model = inst_g[end] if k == 0 else (csum[end + 1] - csum[end + 1 - k]) / k
+            rms = float(np.sqrt(np.mean((model - target) ** 2))) / scale
+            if best is None or rms < best[2] - 1e-12:
+                best = (float(round(window_s, 2)), float(round(lag_s, 2)), rms)
+    return best
+
+
+def energy_vs_power(
+    t: np.ndarray, energy_mj: np.ndarray, power_mw: np.ndarray
+) -> tuple[float, float] | None:
+    """(counter J, ∫power J) over the span where both are known; power held between samples."""
+    ok = np.isfinite(energy_mj) & np.isfinite(power_mw)
+    if ok.sum() < 10:
+        return None
+    t, e, p = t[ok], energy_mj[ok], power_mw[ok]
+    counted = (e[-1] - e[0]) / 1000.0
+    integral = float(np.sum(p[:-1] * np.diff(t))) / 1000.0
+    return float(counted), integral
+
+
+@dataclass
+class PhaseStats:
+    power_w: float | None
+    """Mean from the energy counter over the load interior (None when unavailable)."""
+    usage_w: float | None
+    sm_mhz: float | None
+    temp_end_c: float | None
+    reasons: int
+    energy_ratio: float | None
+    """Energy counter over ∫POWER_INSTANT dt for the whole phase."""
+    window: tuple[float, float, float] | None
+    instant_period_s: float | None
+    energy_period_s: float | None
+    clock_on_table: float | None
+
+
+def analyse(series: Series, start_s: float, stop_s: float, table: list[int] | None) -> PhaseStats:
+    t = series.times()
+    interior = (t >= start_s + SETTLE_S) & (t <= stop_s)
+    energy = series.array("energy_mj")
+    usage = series.array("usage_mw")
+    instant = series.array("instant_mw")
+    sm = series.array("sm_mhz")
+
+    def mean(values: np.ndarray) -> float | None:
+        v = values[interior & np.isfinite(values)]
+        return float(np.mean(v)) if len(v) else None
+
+    power_w = None
+    ti, ei = t[interior], energy[interior]
+    good = np.isfinite(ei)
+    if good.sum() >= 2 and ti[good][-1] > ti[good][0]:
+        power_w = float((ei[good][-1] - ei[good][0]) / 1000.0 / (ti[good][-1] - ti[good][0]))
+    ratio = None
+    ev = energy_vs_power(t, energy, instant)
+    if ev is not None and ev[1] > 0:
+        ratio = ev[0] / ev[1]
+    reasons = series.array("reasons")
+    bits = 0
+    for r in reasons[interior & np.isfinite(reasons)]:
+        bits |= int(r)
+    on_table = None
+    if table:
+        v = sm[np.isfinite(sm)]
+        on_table = float(np.mean(np.isin(v, table))) if len(v) else None
+    temp = series.array("temp_c")
+    temp_end = temp[interior & np.isfinite(temp)]
+    usage_w = mean(usage)
+    sm_mean = mean(sm)
+    return PhaseStats(
+        power_w=power_w,
+        usage_w=None if usage_w is None else usage_w / 1000.0,
+        sm_mhz=sm_mean,
+        temp_end_c=float(temp_end[-1]) if len(temp_end) else None,
+        reasons=bits,
+        energy_ratio=ratio,
+        window=estimate_average_window(t, instant, usage),
+        instant_period_s=update_period_s(t, instant),
+        energy_period_s=update_period_s(t, energy),
+        clock_on_table=on_table,
+    )
+
+
+def settle_time_s(t: np.ndarray, values: np.ndarray) -> tuple[float, float]:
+    """(final value, time after which the 0.5-s running mean stays within max(5 %, 30) of it);
+    the final value is the mean of the second half."""
+    ok = np.isfinite(values)
+    t, values = t[ok], values[ok]
+    if len(values) < 4:
+        return math.nan, math.nan
+    final = float(np.mean(values[len(values) // 2 :]))
+    dt = float(np.median(np.diff(t)))
+    k = max(round(0.5 / dt), 1)
+    smooth = np.convolve(values, np.ones(k) / k, mode="full")[: len(values)]
+    smooth[: k - 1] = values[: k - 1]
+    off = np.abs(smooth - final) > max(0.05 * abs(final), 30.0)
+    return final, float(t[np.nonzero(off)[0][-1]] - t[0]) if off.any() else 0.0
+
+
+def fit_power_curve(
+    clock_mhz: np.ndarray, power_w: np.ndarray, f_max: float
+) -> tuple[float, float, float, float] | None:
+    """Least-squares fit of P(f) = A + D·g(f), g(f) = (f/f_max)·v(f)² with the §6(b) v(f);
+    returns (v_min, f_v_mhz, A_w, D_w) or None with fewer than 4 points."""
+    ok = np.isfinite(clock_mhz) & np.isfinite(power_w)
+    f, p = clock_mhz[ok], power_w[ok]
+    if len(f) < 4:
+        return None
+    best: tuple[float, float, float, float, float] | None = None
+    for v_min in np.arange(0.5, 1.0001, 0.01):
+        for f_v in np.arange(0.3 * f_max, 0.96 * f_max, 15.0):
+            x = np.clip((f - f_v) / (f_max - f_v), 0.0, 1.0)
+            g = f / f_max * (v_min + (1.0 - v_min) * x) ** 2
+            design = np.column_stack([np.ones_like(g), g])
+            coef, *_ = np.linalg.lstsq(design, p, rcond=None)
+            err = float(np.sum((design @ coef - p) ** 2))
+            if best is None or err < best[4]:
+                best = (float(v_min), float(f_v), float(coef[0]), float(coef[1]), err)
+    assert best is not None
+    return best[:4]
+
+
+def fit_roofline_ratio(clock_mhz: np.ndarray, rate_per_s: np.ndarray, f_max: float) -> float | None:
+    """t_cs/t_m of t(f) = [t_m^4 + (t_cs·f_max/f)^4]^(1/4) fitted to iteration rates (κ for a
+    pure copy kernel, §6(c))."""
+    ok = np.isfinite(clock_mhz) & np.isfinite(rate_per_s) & (rate_per_s > 0)
+    f, t = clock_mhz[ok], 1.0 / rate_per_s[ok]
+    if len(f) < 3:
+        return None
+    best: tuple[float, float] | None = None
+    for ratio in np.arange(0.0, 3.0001, 0.01):
+        shape = (1.0 + (ratio * f_max / f) ** 4) ** 0.25
+        t_m = float(np.sum(t * shape) / np.sum(shape * shape))
+        err = float(np.sum((t_m * shape - t) ** 2))
+        if best is None or err < best[1]:
+            best = (float(ratio), err)
+    return None if best is None else best[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The check
+
+
+@dataclass
+class CheckResult:
+    inventory: list[dict[str, Any]]
+    phases: dict[str, list[PhaseStats]]
+    rates: dict[str, dict[int, float]]
+    notes: list[str]
+    errors: dict[str, str]
+    sweep: list[dict[str, Any]] | None = None
+
+
+def measure(
+    nvml: Any,
+    *,
+    clock: Clock,
+    load: Load | None,
+    duration_s: float,
+    interval_s: float,
+    gpus: list[int] | None = None,
+    sweep: bool = False,
+    log: Callable[[str], None] = print,
+) -> CheckResult:
+    """Run the whole procedure against one NVML (real or fake). Writes settings only with
+    sweep=True, and then restores them before returning or raising."""
+    nvml.nvmlInit()
+    try:
+        count = nvml.nvmlDeviceGetCount()
+        indices = list(range(count)) if gpus is None else [i for i in gpus if i < count]
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+        inv = [inventory(nvml, h, i) for h, i in zip(handles, indices, strict=True)]
+        notes: list[str] = []
+        errors: dict[str, str] = {}
+        phases: dict[str, list[PhaseStats]] = {}
+        rates: dict[str, dict[int, float]] = {}
+        log(f"{len(handles)} GPU(s): {', '.join(str(g['name']) for g in inv)}")
+        log("sampling idle (5 s)")
+        idle = sample(nvml, handles, clock, 5.0, interval_s, errors=errors)
+        phases["idle"] = [
+            analyse(s, 0.0, 5.0, g["supported_sm_clocks_mhz"])
+            for s, g in zip(idle, inv, strict=True)
+        ]
+        if load is None:
+            notes.append("no load ran: compute/memory figures are missing")
+        else:
+            load.open_context()
+            log("sampling idle with a CUDA context (3 s)")
+            ctx = sample(nvml, handles, clock, 3.0, interval_s, errors=errors)
+            phases["ctx_idle"] = [
+                analyse(s, 0.0, 3.0, g["supported_sm_clocks_mhz"])
+                for s, g in zip(ctx, inv, strict=True)
+            ]
+            for kind in ("compute", "memory"):
+                log(f"{kind} load ({duration_s:.0f} s)")
+                out: dict[int, float] = {}
+                stop_at = PRE_S + duration_s
+
+                def finish(out: dict[int, float] = out, load: Load = load) -> None:
+                    out.update(load.stop())
+
+                series = sample(
+                    nvml,
+                    handles,
+                    clock,
+                    stop_at + POST_S,
+                    interval_s,
+                    events=[
+                        (PRE_S, functools.partial(load.start, kind)),
+                        (stop_at, finish),
+                    ],
+                    errors=errors,
+                )
+                phases[kind] = [
+                    analyse(s, PRE_S, stop_at, g["supported_sm_clocks_mhz"])
+                    for s, g in zip(series, inv, strict=True)
+                ]
+                rates[kind] = {
+                    indices[k]: out.get(indices[k], math.nan) for k in range(len(indices))
+                }
+        result = CheckResult(inv, phases, rates, notes, errors)
+        if sweep:
+            if load is None:
+                notes.append("--sweep needs a load; sweep skipped")
+            else:
+                result.sweep = run_sweep(nvml, handles, inv, clock, load, interval_s, log)
+        return result
+    finally:
+        nvml.nvmlShutdown()
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt like SIGINT, so `finally` restores on either."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_sweep(
+    nvml: Any,
+    handles: list[Any],
+    inv: list[dict[str, Any]],
+    clock: Clock,
+    load: Load,
+    interval_s: float,
+    log: Callable[[str], None],
+    hold_s: float = 5.0,
+) -> list[dict[str, Any]]:
+    """Step locked clocks and power limits on every GPU; restore every setting in `finally`."""
+    originals = [nvml.nvmlDeviceGetPowerManagementLimit(h) for h in handles]
+    rows: list[dict[str, Any]] = []
+    table = inv[0]["supported_sm_clocks_mhz"] or []
+    f_max = int(inv[0]["sm_clock_max_mhz"])
+    fractions = (0.4, 0.55, 0.7, 0.8, 0.9, 1.0)
+    picks = sorted({min(table, key=lambda c: abs(c - f_max * x)) for x in fractions})
+    touched_clocks = touched_limits = False
+    try:
+        with _signals_raise():
+            for f in picks:
+                prev = [nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM) for h in handles]
+                load.start("compute")
+                clock.sleep(1.0)
+                before = [nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM) for h in handles]
+                t_set = clock.now()
+                touched_clocks = True
+                for h in handles:
+                    nvml.nvmlDeviceSetGpuLockedClocks(h, f, f)
+                dead = [math.nan] * len(handles)
+                while clock.now() - t_set < 1.0 and any(math.isnan(d) for d in dead):
+                    for k, h in enumerate(handles):
+                        now_mhz = nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM)
+                        if math.isnan(dead[k]) and now_mhz != before[k]:
+                            dead[k] = clock.now() - t_set
+                    clock.sleep(0.005)
+                compute = _hold(nvml, handles, clock, hold_s, interval_s)
+                compute_rate = load.stop()
+                load.start("memory")
+                memory = _hold(nvml, handles, clock, hold_s, interval_s)
+                memory_rate = load.stop()
+                for k in range(len(handles)):
+                    rows.append(
+                        {
+                            "gpu": inv[k]["index"],
+                            "kind": "clock",
+                            "locked_mhz": f,
+                            "clock_before_mhz": prev[k],
+                            "dead_time_s": dead[k] if f != before[k] else math.nan,
+                            "compute_power_w": compute[k][0],
+                            "compute_sm_mhz": compute[k][1],
+                            "compute_rate_per_s": compute_rate.get(inv[k]["index"], math.nan),
+                            "memory_power_w": memory[k][0],
+                            "memory_sm_mhz": memory[k][1],
+                            "memory_rate_per_s": memory_rate.get(inv[k]["index"], math.nan),
+                        }
+                    )
+                log(f"locked {f} MHz: compute {compute[0][0]:.0f} W at {compute[0][1]:.0f} MHz")
+            for h in handles:
+                nvml.nvmlDeviceResetGpuLockedClocks(h)
+            lo = [g["power_limit_constraints_mw"][0] for g in inv]
+            load.start("compute")
+            for step, frac in enumerate((1.0, 0.45, 1.0)):
+                touched_limits = True
+                for k, h in enumerate(handles):
+                    target = max(lo[k], int(originals[k] * frac))
+                    nvml.nvmlDeviceSetPowerManagementLimit(h, target)
+                series = sample(nvml, handles, clock, hold_s, min(interval_s, 0.02))
+                for k, s in enumerate(series):
+                    final, settle = settle_time_s(s.times(), s.array("sm_mhz"))
+                    rows.append(
+                        {
+                            "gpu": inv[k]["index"],
+                            "kind": "power_limit",
+                            "step": step,
+                            "power_limit_mw": max(lo[k], int(originals[k] * frac)),
+                            "settled_sm_mhz": final,
+                            "settle_s": settle,
+                        }
+                    )
+            load.stop()
+    finally:
+        with _signals_ignored():
+            with contextlib.suppress(Exception):
+                load.stop()
+            for k, h in enumerate(handles):
+                # NVML cannot read a lock back, so a lock set before the sweep ends up reset.
+                if touched_clocks:
+                    try:
+                        nvml.nvmlDeviceResetGpuLockedClocks(h)
+                    except nvml.NVMLError as exc:
+                        log(f"GPU {inv[k]['index']}: could not reset locked clocks: {exc}")
+                if touched_limits:
+                    try:
+                        nvml.nvmlDeviceSetPowerManagementLimit(h, originals[k])
+                    except nvml.NVMLError as exc:
+                        log(f"GPU {inv[k]['index']}: could not restore the power limit: {exc}")
+    return rows
+
+
+def _hold(
+    nvml: Any, handles: list[Any], clock: Clock, hold_s: float, interval_s: float
+) -> list[tuple[float, float]]:
+    """(mean power from the energy counter, mean SM clock) per GPU over hold_s."""
+    series = sample(nvml, handles, clock, hold_s, interval_s)
+    out = []
+    for s in series:
+        e, t = s.array("energy_mj"), s.times()
+        ok = np.isfinite(e)
+        power = (
+            (e[ok][-1] - e[ok][0]) / 1000.0 / (t[ok][-1] - t[ok][0]) if ok.sum() > 1 else math.nan
+        )
+        sm = s.array("sm_mhz")
+        out.append((float(power), float(np.nanmean(sm)) if np.isfinite(sm).any() else math.nan))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated counterpart and the outputs
+
+
+def simulate_like(
+    inv: list[dict[str, Any]],
+    *,
+    duration_s: float,
+    interval_s: float,
+    sweep: bool,
+    notes: list[str],
+    seed: int = 0,
+) -> CheckResult | None:
+    """The same procedure on the plant with the profile matching the device name."""
+    try:
+        from powerd.sim.fake_nvml import FakeNvml
+        from powerd.sim.plant import GpuPlant, find_gpu_profile
+    except ImportError as exc:
+        notes.append(f"simulated column skipped: powerd's simulator is not importable ({exc})")
+        return None
+    names = {g["name"] for g in inv}
+    profile = find_gpu_profile(str(inv[0]["name"]))
+    if profile is None:
+        notes.append(f"simulated column skipped: no plant profile for {inv[0]['name']!r}")
+        return None
+    if len(names) > 1:
+        notes.append(f"mixed GPU models {sorted(map(str, names))}; simulated all as {profile.name}")
+    plant = GpuPlant(profile, len(inv), seed=seed)
+    for k, g in enumerate(inv):
+        limit = g.get("power_limit_mw")
+        if isinstance(limit, int) and (
+            profile.power_limit_min_w * 1000 <= limit <= profile.power_limit_max_w * 1000
+        ):
+            plant.set_power_limit_mw(k, limit, dead_time_s=0.0)
+    fake = FakeNvml(plant)
+    node = SimNode(fake)
+    return measure(
+        fake,
+        clock=node,
+        load=node,
+        duration_s=duration_s,
+        interval_s=interval_s,
+        sweep=sweep,
+        log=lambda _: None,
+    )
+
+
+def _sweep_fits(rows: list[dict[str, Any]], gpu: int, f_max: float) -> dict[str, float | None]:
+    clocks = [r for r in rows if r["gpu"] == gpu and r["kind"] == "clock"]
+    limits = [r for r in rows if r["gpu"] == gpu and r["kind"] == "power_limit"]
+    out: dict[str, float | None] = {}
+    f = np.array([r["compute_sm_mhz"] for r in clocks], dtype=float)
+    p = np.array([r["compute_power_w"] for r in clocks], dtype=float)
+    fit = fit_power_curve(f, p, f_max)
+    out["v_min"], out["f_v_mhz"], out["p_rest_w"], out["p_dynamic_compute_w"] = (
+        fit if fit is not None else (None, None, None, None)
+    )
+    fm = np.array([r["memory_sm_mhz"] for r in clocks], dtype=float)
+    rate = np.array([r["memory_rate_per_s"] for r in clocks], dtype=float)
+    out["kappa_copy"] = fit_roofline_ratio(fm, rate, f_max)
+    dead = np.array([r["dead_time_s"] for r in clocks], dtype=float)
+    out["lock_dead_time_s"] = float(np.nanmedian(dead)) if np.isfinite(dead).any() else None
+    settle = [r["settle_s"] for r in limits if r["step"] > 0]
+    out["cap_settle_s"] = float(max(settle)) if settle else None
+    return out
+
+
+CSV_FIELDS = ["gpu", "uuid", "name", "parameter", "measured", "simulated", "unit", "note"]
+
+
+def calibration_rows(real: CheckResult, sim: CheckResult | None) -> list[dict[str, Any]]:
+    """Rows of calibration.csv: each figure in the plant's terms, measured and simulated."""
+    rows: list[dict[str, Any]] = []
+
+    def stats(result: CheckResult | None, phase: str, k: int) -> PhaseStats | None:
+        if result is None or phase not in result.phases or k >= len(result.phases[phase]):
+            return None
+        return result.phases[phase][k]
+
+    def r_th(result: CheckResult | None, k: int) -> float | None:
+        idle, comp = stats(result, "idle", k), stats(result, "compute", k)
+        if not idle or not comp or None in (idle.temp_end_c, comp.temp_end_c):
+            return None
+        if idle.power_w is None or comp.power_w is None or comp.power_w - idle.power_w < 50:
+            return None
+        return (comp.temp_end_c - idle.temp_end_c) / (comp.power_w - idle.power_w)  # type: ignore[operator]
+
+    specs: list[tuple[str, str, Callable[[CheckResult | None, int], Any], str, str]] = [
+        (
+            "p_bare_idle_w",
+            "idle",
+            lambda r, k: _get(stats(r, "idle", k), "power_w"),
+            "W",
+            "energy-counter mean; bare idle only if no process holds a context (§1)",
+        ),
+        (
+            "p_ctx_idle_w",
+            "ctx_idle",
+            lambda r, k: _get(stats(r, "ctx_idle", k), "power_w"),
+            "W",
+            "P_st + P_clk at f_max (§6(b))",
+        ),
+        (
+            "p_compute_w",
+            "compute",
+            lambda r, k: _get(stats(r, "compute", k), "power_w"),
+            "W",
+            "BF16 matmul at the current settings; plant a=1.0, m=0.25",
+        ),
+        (
+            "sm_clock_compute_mhz",
+            "compute",
+            lambda r, k: _get(stats(r, "compute", k), "sm_mhz"),
+            "MHz",
+            "below f_max when the cap binds (§1: 1.59-1.75 GHz on H100 at 700 W)",
+        ),
+        (
+            "reasons_compute",
+            "compute",
+            lambda r, k: _hex(_get(stats(r, "compute", k), "reasons")),
+            "bits",
+            "OR of clock-event reasons under load (0x4 SW power cap)",
+        ),
+        (
+            "p_memory_w",
+            "memory",
+            lambda r, k: _get(stats(r, "memory", k), "power_w"),
+            "W",
+            "1-GiB device copy; plant a=0.15, m=0.85",
+        ),
+        (
+            "sm_clock_memory_mhz",
+            "memory",
+            lambda r, k: _get(stats(r, "memory", k), "sm_mhz"),
+            "MHz",
+            "",
+        ),
+        (
+            "power_usage_window_s",
+            "compute",
+            lambda r, k: _win(stats(r, "compute", k), 0),
+            "s",
+            "boxcar of POWER_INSTANT that best explains GetPowerUsage (§2: 1 s Hopper/Ada, 0 A100)",
+        ),
+        (
+            "power_usage_lag_s",
+            "compute",
+            lambda r, k: _win(stats(r, "compute", k), 1),
+            "s",
+            "extra delay of that boxcar",
+        ),
+        (
+            "instant_update_period_s",
+            "compute",
+            lambda r, k: _get(stats(r, "compute", k), "instant_period_s"),
+            "s",
+            "§2: 100 ms",
+        ),
+        (
+            "energy_update_period_s",
+            "compute",
+            lambda r, k: _get(stats(r, "compute", k), "energy_period_s"),
+            "s",
+            "§2: about 100 ms",
+        ),
+        (
+            "energy_over_instant_integral",
+            "compute",
+            lambda r, k: _get(stats(r, "compute", k), "energy_ratio"),
+            "ratio",
+            "counter delta / ∫POWER_INSTANT dt; the per-board gain error is ±5 % (§2 [S8])",
+        ),
+        (
+            "r_th_apparent_k_per_w",
+            "compute",
+            r_th,
+            "K/W",
+            "ΔT/ΔP after the load: a lower bound of R_th (slow lag 120 s, §6(d))",
+        ),
+        (
+            "clock_on_table_fraction",
+            "compute",
+            lambda r, k: _get(stats(r, "compute", k), "clock_on_table"),
+            "fraction",
+            "SM clock read-backs found in the supported-clocks list",
+        ),
+        ("compute_iterations_per_s", "compute", lambda r, k: _rate(r, "compute", k), "1/s", ""),
+        ("memory_iterations_per_s", "memory", lambda r, k: _rate(r, "memory", k), "1/s", ""),
+    ]
+    for k, g in enumerate(real.inventory):
+        base = {"gpu": g["index"], "uuid": g["uuid"], "name": g["name"]}
+        for name, phase, getter, unit, note in specs:
+            if phase not in real.phases:
+                continue
+            rows.append(
+                {
+                    **base,
+                    "parameter": name,
+                    "measured": getter(real, k),
+                    "simulated": getter(sim, k),
+                    "unit": unit,
+                    "note": note,
+                }
+            )
+        if real.sweep is not None:
+            f_max = float(g["sm_clock_max_mhz"] or 1.0)
+            got = _sweep_fits(real.sweep, g["index"], f_max)
+            simulated = _sweep_fits(sim.sweep, k, f_max) if sim and sim.sweep else {}
+            for name, unit in (
+                ("v_min", "1"),
+                ("f_v_mhz", "MHz"),
+                ("p_rest_w", "W"),
+                ("p_dynamic_compute_w", "W"),
+                ("kappa_copy", "1"),
+                ("lock_dead_time_s", "s"),
+                ("cap_settle_s", "s"),
+            ):
+                rows.append(
+                    {
+                        **base,
+                        "parameter": name,
+                        "measured": got.get(name),
+                        "simulated": simulated.get(name),
+                        "unit": unit,
+                        "note": "--sweep fit",
+                    }
+                )
+    return rows
+
+
+def _get(obj: Any, name: str) -> Any:
+    return None if obj is None else getattr(obj, name)
+
+
+def _hex(value: Any) -> str | None:
+    return None if value is None else hex(int(value))
+
+
+def _win(stats: PhaseStats | None, k: int) -> float | None:
+    return None if stats is None or stats.window is None else stats.window[k]
+
+
+def _rate(result: CheckResult | None, kind: str, k: int) -> float | None:
+    if result is None or kind not in result.rates:
+        return None
+    values = list(result.rates[kind].values())
+    return values[k] if k < len(values) else None
+
+
+def checks(real: CheckResult, sim: CheckResult | None) -> list[dict[str, Any]]:
+    """Pass/fail statements about the sensor semantics the daemon relies on."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, gpu: int, ok: bool | None, detail: str) -> None:
+        out.append({"check": name, "gpu": gpu, "ok": ok, "detail": detail})
+
+    expect_window: float | None = None
+    if sim is not None:
+        expect = _win(sim.phases.get("compute", [None])[0], 0) if "compute" in sim.phases else None
+        expect_window = expect
+    for k, g in enumerate(real.inventory):
+        for phase in ("compute", "memory"):
+            st = real.phases.get(phase)
+            if not st:
+                continue
+            ratio = st[k].energy_ratio
+            add(
+                f"energy_counter_vs_power_{phase}",
+                g["index"],
+                None if ratio is None else abs(ratio - 1.0) <= 0.10,
+                f"counter/∫instant = {ratio}; within 10 % expected (5 % typical)",
+            )
+        comp = real.phases.get("compute")
+        if comp:
+            window = comp[k].window
+            if window is not None and expect_window is not None:
+                add(
+                    "power_usage_window",
+                    g["index"],
+                    abs(window[0] - expect_window) <= 0.3,
+                    f"measured {window[0]} s (lag {window[1]} s), plant {expect_window} s",
+                )
+            period = comp[k].instant_period_s
+            add(
+                "instant_publication_period",
+                g["index"],
+                None if period is None else abs(period - 0.1) <= 0.03,
+                f"{period} s; 0.1 s expected",
+            )
+            on_table = comp[k].clock_on_table
+            add(
+                "clock_readback_on_table",
+                g["index"],
+                None if on_table is None else on_table >= 0.99,
+                f"{on_table} of samples",
+            )
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, PhaseStats):
+        return _jsonable(value.__dict__)
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    return value
+
+
+def write_outputs(
+    out_dir: Path, real: CheckResult, sim: CheckResult | None, meta: dict[str, Any]
+) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = calibration_rows(real, sim)
+    with open(out_dir / "calibration.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in CSV_FIELDS})
+    summary = {
+        **meta,
+        "gpus": real.inventory,
+        "phases": {k: v for k, v in real.phases.items()},
+        "iterations_per_s": real.rates,
+        "simulated_phases": None if sim is None else sim.phases,
+        "checks": checks(real, sim),
+        "notes": real.notes,
+        "nvml_errors": real.errors,
+        "sweep": real.sweep,
+        "simulated_sweep": None if sim is None else sim.sweep,
+    }
+    summary = _jsonable(summary)
+    with open(out_dir / "summary.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1, sort_keys=True, allow_nan=False)
+        f.write("\n")
+    return summary
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return "" if value is None else value
+
+
+def run_check(
+    nvml: Any,
+    out_dir: Path,
+    *,
+    clock: Clock,
+    load: Load | None,
+    sweep: bool = False,
+    duration_s: float = 20.0,
+    interval_s: float = 0.025,
+    gpus: list[int] | None = None,
+    simulate: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure `nvml`, run the same procedure on the plant, write the outputs; the summary."""
+    started = time.time()
+    real = measure(
+        nvml,
+        clock=clock,
+        load=load,
+        duration_s=duration_s,
+        interval_s=interval_s,
+        gpus=gpus,
+        sweep=sweep,
+        log=log,
+    )
+    sim = None
+    if simulate:
+        log("running the same procedure on the simulated plant")
+        sim = simulate_like(
+            real.inventory,
+            duration_s=duration_s,
+            interval_s=interval_s,
+            sweep=sweep,
+            notes=real.notes,
+        )
+    meta = {
+        "tool": "powerd tools/gpu_check.py",
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "started_unix_s": started,
+        "read_only": not sweep,
+        "duration_s": duration_s,
+        "sample_interval_s": interval_s,
+    }
+    return write_outputs(out_dir, real, sim, meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="out/gpu-check", help="output directory")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="step locked clocks and power limits (restores them afterwards)",
+    )
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load")
+    parser.add_argument("--interval", type=float, default=0.025, help="sampling interval, s")
+    parser.add_argument("--gpus", default="", help="comma-separated NVML indices (default all)")
+    parser.add_argument("--no-load", action="store_true", help="idle readings only")
+    parser.add_argument(
+        "--simulate",
+        metavar="PROFILE",
+        help="check the simulated node (fake NVML) instead of a GPU",
+    )
+    args = parser.parse_args(argv)
+    if not 0.005 <= args.interval <= 0.1:
+        parser.error("--interval must lie within [0.005, 0.1] s")
+    if args.duration < 5.0:
+        parser.error("--duration must be at least 5 s")
+    gpus = [int(x) for x in args.gpus.split(",") if x.strip()] or None
+    out_dir = Path(args.out)
+
+    if args.simulate:
+        _import_powerd()
+        from powerd.sim.fake_nvml import FakeNvml
+        from powerd.sim.plant import GpuPlant, load_gpu_profile
+
+        fake = FakeNvml(GpuPlant(load_gpu_profile(args.simulate), 2, seed=1))
+        node = SimNode(fake)
+        nvml: Any = fake
+        clock: Clock = node
+        load: Load | None = None if args.no_load else node
+    else:
+        import pynvml
+
+        nvml = pynvml
+        clock = RealClock()
+        load = None
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            print(f"gpu_check: NVML is not usable on this machine: {exc}", file=sys.stderr)
+            return 2
+        try:
+            uuids = [
+                pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+                for i in range(pynvml.nvmlDeviceGetCount())
+            ]
+        finally:
+            pynvml.nvmlShutdown()
+        note = "loads disabled by --no-load"
+        if not args.no_load:
+            load, note = TorchLoad.create(uuids)
+        if load is None:
+            print(f"gpu_check: {note}", file=sys.stderr)
+        _import_powerd()
+    summary = run_check(
+        nvml,
+        out_dir,
+        clock=clock,
+        load=load,
+        sweep=args.sweep,
+        duration_s=args.duration,
+        interval_s=args.interval,
+        gpus=gpus,
+    )
+    failed = [c for c in summary["checks"] if c["ok"] is False]
+    for c in summary["checks"]:
+        mark = {True: "ok  ", False: "FAIL", None: "n/a "}[c["ok"]]
+        print(f"{mark} GPU {c['gpu']} {c['check']}: {c['detail']}")
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {out_dir / 'calibration.csv'} and {out_dir / 'summary.json'}")
+    return 1 if failed else 0
+
+
+def _import_powerd() -> None:
+    """Make the repository's powerd importable when run as tools/gpu_check.py from a checkout."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.append(root)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
