@@ -35,7 +35,14 @@ from powerd.model import (
     ServerSample,
     Snapshot,
 )
-from powerd.sources import Fetcher, ScrapePool, Source, http_fetch, make_source
+from powerd.sources import (
+    Fetcher,
+    InlineScrapePool,
+    ScrapePool,
+    Source,
+    http_fetch,
+    make_source,
+)
 from powerd.sources.gpumap import discover_server_gpus
 
 log = logging.getLogger(__name__)
@@ -76,7 +83,10 @@ class Daemon:
         fetch: Fetcher = http_fetch,
         policy_factory: Callable[[Config, Sequence[GroupSpec]], Policy] | None = None,
         notifier: _Notifier | None = None,
+        inline_scrape: bool = False,
     ) -> None:
+        """`inline_scrape` polls the sources one after another in the calling thread, for
+        virtual time with in-process fetchers; otherwise they are scraped concurrently."""
         self.config = config
         self.backend = backend
         self.journal = journal
@@ -84,6 +94,7 @@ class Daemon:
         self._fetch = fetch
         self._policy_factory = policy_factory
         self._notifier = notifier
+        self._inline_scrape = inline_scrape
         self.actuator = Actuator(backend, journal, dry_run=config.dry_run)
         self.infos: dict[str, GpuInfo] = {info.uuid: info for info in backend.devices()}
         for info in self.infos.values():
@@ -96,7 +107,7 @@ class Daemon:
         self.grid = GridSignal(config.grid)
         self.groups: list[Group] = self._build_groups(config)
         self.policy: Policy = self._make_policy(config)
-        self._pool = ScrapePool([group.source for group in self.groups])
+        self._pool = self._make_pool()
         self._stop = threading.Event()
         self._reload = threading.Event()
         self.last_snapshot: Snapshot | None = None
@@ -108,6 +119,10 @@ class Daemon:
         if self._policy_factory is not None:
             return self._policy_factory(config, specs)
         return Controller(config, specs)
+
+    def _make_pool(self) -> ScrapePool | InlineScrapePool:
+        sources = [group.source for group in self.groups]
+        return InlineScrapePool(sources) if self._inline_scrape else ScrapePool(sources)
 
     def _build_groups(self, config: Config) -> list[Group]:
         groups = []
@@ -403,6 +418,12 @@ class Daemon:
         if config.metrics != self.config.metrics:
             log.warning("reload: metrics settings change only at restart")
         self._pool.close()
+        if config.dry_run and not self.actuator.dry_run:
+            # Dry run promises untouched GPUs: put back what the wet run changed.
+            self.restore()
+        else:
+            claimed = {uuid for group in groups for uuid in group.uuids}
+            self._release([u for g in self.groups for u in g.uuids if u not in claimed])
         self.config = config
         self.actuator.dry_run = config.dry_run
         self.grid = GridSignal(config.grid)
@@ -413,9 +434,24 @@ class Daemon:
             reconfigure(config, specs)
         else:
             self.policy = self._make_policy(config)
-        self._pool = ScrapePool([group.source for group in groups])
+        self._pool = self._make_pool()
         log.info("reload: applied %s (%d servers)", config_path, len(groups))
         return True
+
+    def _release(self, uuids: list[str]) -> None:
+        """Return GPUs no server claims any more to their default clocks and limit."""
+        for uuid in uuids:
+            info = self.infos.get(uuid)
+            if info is None:
+                continue
+            default = GroupDecision(
+                group="", sm_clock_max_mhz=info.sm_clock_max_mhz, power_limit_mw=None, mode="off"
+            )
+            try:
+                self.actuator.apply(default, [uuid])
+            except GpuLost as exc:
+                self._drop_gpu(uuid, exc)
+            log.info("GPU %s: no configured server uses it any more; back to its defaults", uuid)
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()

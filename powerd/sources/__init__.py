@@ -11,7 +11,7 @@ from __future__ import annotations
 from powerd.sources.base import Fetcher, FetchResponse, Source, SourceError
 from powerd.sources.detect import detect_kind
 from powerd.sources.fetch import http_fetch
-from powerd.sources.pool import ScrapePool
+from powerd.sources.pool import InlineScrapePool, ScrapePool
 from powerd.sources.probe import format_probe, probe
 from powerd.sources.registry import KINDS, make_source
 
@@ -19,6 +19,7 @@ __all__ = [
     "KINDS",
     "FetchResponse",
     "Fetcher",
+    "InlineScrapePool",
     "ScrapePool",
     "Source",
     "SourceError",

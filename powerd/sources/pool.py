@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from types import TracebackType
 
@@ -77,3 +78,20 @@ class ScrapePool:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class InlineScrapePool:
+    """ScrapePool's interface, polling each source in the caller's thread, in order.
+
+    For virtual time (the benchmark, golden runs): with in-process fetchers there is nothing
+    to wait for, and no wall-clock deadline can make a run depend on the machine's load.
+    """
+
+    def __init__(self, sources: Sequence[Source]) -> None:
+        self.sources = list(sources)
+
+    def poll_all(self, now_s: float, deadline_s: float) -> list[ServerSample]:
+        return [source.poll(now_s) for source in self.sources]
+
+    def close(self) -> None:
+        pass
