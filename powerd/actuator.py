@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NoPermission, NotSupported
-from powerd.journal import Journal
+from powerd.journal import Journal, JournalError
 from powerd.model import GpuInfo, GroupDecision
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,10 @@ class Actuator:
                 self._apply_one(state, decision, power_w, clock_mhz)
             except GpuLost:
                 raise
+            except JournalError as exc:
+                # Without its originals saved, a GPU must not be changed: nothing could undo it.
+                state.observe_only_reason = "journal_error"
+                log.error("GPU %s: %s; observing only", uuid, exc)
             except NoPermission as exc:
                 state.observe_only_reason = "no_permission"
                 log.error(

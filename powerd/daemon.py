@@ -256,6 +256,7 @@ class Daemon:
             reasons |= reading.clock_event_reasons or 0
         if not group.uuids:
             energy_j = power_w = None
+            group.efficiency_window.clear()  # no GPUs left: no efficiency to report
         tokens_per_s = sample.generation_tokens_per_s if sample.up else None
         if energy_j is not None and tokens_per_s is not None:
             group.efficiency_window.append((tokens_per_s * interval_s, energy_j))

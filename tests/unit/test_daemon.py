@@ -1,0 +1,468 @@
+"""The daemon's per-GPU degradation and fail-safes, on a simulated node in virtual time.
+
+Every test runs the production daemon, actuator, controller (default config), NVML backend and
+sources; NVML is the FakeNvml over the GPU plant and the servers are the simulated node's,
+read in-process. Each tick advances the node by one simulated second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from powerd.config import Config, ControlConfig, load_config
+from powerd.control import kernels
+from powerd.sim.fake_nvml import FakeNvml
+from powerd.sim.node import SimNode
+from powerd.simulation import server_configs
+from tests.unit.daemon_helpers import (
+    HTTP_PREFIX,
+    RESET_CLOCKS,
+    SET_CLOCKS,
+    SET_LIMIT,
+    SMALL_NODE,
+    make_rig,
+    metric_lines,
+    metric_value,
+)
+
+KINDS = ("vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmdeploy")
+
+
+def _locked(rig: Any, index: int) -> tuple[int, int] | None:
+    return rig.node.plant.locked_clocks(index)
+
+
+def _default_limit_mw(rig: Any) -> int:
+    return round(rig.node.plant.profile.power_limit_default_w * 1000)
+
+
+# ------------------------------------------------------------------------ stale signals
+
+
+@pytest.mark.parametrize("fault", ["down", "garbage"])
+def test_stale_server_puts_its_gpus_back_to_defaults_and_control_resumes(
+    tmp_path: Path, fault: str
+) -> None:
+    stale_after_s = 5.0
+    rig = make_rig(
+        tmp_path,
+        record=True,
+        stale_after_s=stale_after_s,
+        control=ControlConfig(power_limit="track"),
+    )
+    default_mw = _default_limit_mw(rig)
+    # Both groups under control: GPU 0 locked below f_max and with a lowered limit.
+    rig.run(15)
+    rig.run_until(
+        lambda s: _locked(rig, 0) is not None and rig.node.plant.power_limit_mw(0) < default_mw,
+        max_ticks=60,
+    )
+    last_good_s = rig.node.now_s
+    getattr(rig.fetch, fault).add("vllm-0")
+    outage_start = len(rig.fake.writes)
+
+    # Within stale_after_s the group is held, not reset.
+    for _ in range(int(stale_after_s)):
+        rig.run(1)
+        assert rig.node.now_s - last_good_s <= stale_after_s
+        assert not rig.recorder.observations[-1][0].stale
+        assert rig.snapshots[-1].servers[0].up is False
+        assert rig.snapshots[-1].servers[0].error
+    assert RESET_CLOCKS not in [fn for fn, _ in rig.writes_to(0, outage_start)]
+
+    # Past it: the group's GPU goes back to its defaults, the other group stays controlled.
+    rig.run(1)
+    assert rig.recorder.observations[-1][0].stale
+    assert _locked(rig, 0) is None
+    assert rig.node.plant.power_limit_mw(0) == default_mw
+    assert (RESET_CLOCKS, ()) in rig.writes_to(0, outage_start)
+    assert (SET_LIMIT, (default_mw,)) in rig.writes_to(0, outage_start)
+    stale_start = len(rig.fake.writes)
+    rig.run(10)
+    assert rig.writes_to(0, stale_start) == [], "a stale group's GPUs must be left alone"
+    assert all(not obs[1].stale for obs in rig.recorder.observations[-10:])
+    assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(1, outage_start))
+
+    # The server answers again: control of its GPU resumes.
+    getattr(rig.fetch, fault).clear()
+    recovered = len(rig.fake.writes)
+    rig.run_until(lambda s: any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0, recovered)), 30)
+    assert not rig.recorder.observations[-1][0].stale
+    assert rig.snapshots[-1].servers[0].up
+
+
+# ------------------------------------------------------------------------ GPU lost
+
+
+def test_lost_gpu_is_dropped_and_the_others_stay_controlled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(tmp_path)
+    rig.run(20)
+    lost = rig.uuid(1)
+    assert rig.writes_to(1), "GPU 1 was controlled before it was lost"
+    assert {g.info.uuid for g in rig.snapshots[-1].gpus} == {rig.uuid(0), lost}
+
+    rig.fake.lose_gpu(1)
+    before = len(rig.fake.writes)
+    with caplog.at_level(logging.ERROR, logger="powerd.daemon"):
+        snapshot = rig.run(1)
+    assert [g.info.uuid for g in snapshot.gpus] == [rig.uuid(0)]
+    assert any(lost in r.getMessage() and "lost" in r.getMessage() for r in caplog.records)
+    assert snapshot.nvml_errors, "the lost GPU's error is counted"
+    group1 = snapshot.groups[1]
+    assert group1.gpu_uuids == () and group1.observe_only
+    assert group1.tokens_per_joule is None, "no GPUs, no efficiency figure"
+    assert snapshot.servers[1].up, "its server is still read"
+
+    rig.run(25)
+    for s in rig.snapshots[-25:]:
+        assert [g.info.uuid for g in s.gpus] == [rig.uuid(0)]
+        assert s.gpus[0].reading.power_mw is not None
+    assert rig.writes_to(1, before) == []
+    assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0, before))
+    assert rig.snapshots[-1].groups[0].tokens_per_joule is not None
+    text = rig.metrics()
+    assert metric_lines(text, "powerd_gpu_power_watts", UUID=lost) == []
+    assert len(metric_lines(text, "powerd_gpu_power_watts", UUID=rig.uuid(0))) == 1
+
+    # Exit: the remaining GPU is restored, the lost one stays in the journal for later.
+    assert rig.daemon.restore() is False
+    assert _locked(rig, 0) is None
+    assert rig.daemon.journal is not None
+    assert [e.uuid for e in rig.daemon.journal.entries()] == [lost]
+
+
+# ------------------------------------------------------------------------ no permission
+
+
+def test_unprivileged_daemon_observes_only_and_keeps_exporting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(
+        tmp_path,
+        nvml_factory=lambda node: FakeNvml(node.plant, lock=node.lock, privileged=False),
+    )
+    with caplog.at_level(logging.ERROR):
+        rig.run(40)
+    assert rig.fake.writes == []
+    # Each GPU refused once, then was left alone.
+    refused = sorted(i for _, i, _, err in rig.fake.failed_writes if err.endswith("NoPermission"))
+    assert refused == [0, 1]
+    permission_logs = [r for r in caplog.records if "no permission" in r.getMessage()]
+    assert len(permission_logs) == 2
+    assert all("CAP_SYS_ADMIN" in r.getMessage() for r in permission_logs)
+
+    snapshot = rig.snapshots[-1]
+    assert snapshot.ticks_total == 40
+    assert all(g.observe_only and g.observe_only_reason == "no_permission" for g in snapshot.gpus)
+    assert all(g.observe_only for g in snapshot.groups)
+    assert all(g.tokens_per_joule is not None and g.tokens_per_joule > 0 for g in snapshot.groups)
+    text = rig.metrics()
+    for i in (0, 1):
+        lines = metric_lines(
+            text, "powerd_gpu_observe_only", UUID=rig.uuid(i), reason="no_permission"
+        )
+        assert len(lines) == 1 and metric_value(lines[0]) == 1.0
+    assert metric_value(metric_lines(text, "powerd_ticks_total")[0]) == 40
+    assert all(_locked(rig, i) is None for i in (0, 1))
+
+
+def test_permission_revoked_mid_run_stops_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(tmp_path)
+    rig.run(20)
+    assert rig.fake.writes, "the privileged daemon wrote settings"
+    rig.fake.set_privileged(False)
+    before = len(rig.fake.writes)
+    with caplog.at_level(logging.ERROR):
+        rig.run(30)
+    assert len(rig.fake.writes) == before
+    assert len(rig.fake.failed_writes) <= 2
+    assert all(g.observe_only_reason == "no_permission" for g in rig.snapshots[-1].gpus)
+    assert rig.snapshots[-1].ticks_total == 50
+
+
+# ------------------------------------------------------------------------ no clock locking
+
+
+def test_gpu_without_clock_locking_is_controlled_by_its_power_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_lock_on_gpu0(node: SimNode) -> FakeNvml:
+        fake = FakeNvml(node.plant, lock=node.lock)
+        fake.disable_feature(0, "locked_clocks")
+        return fake
+
+    rig = make_rig(tmp_path, record=True, nvml_factory=no_lock_on_gpu0)
+    default_mw = _default_limit_mw(rig)
+    with caplog.at_level(logging.WARNING, logger="powerd.actuator"):
+        rig.run_until(lambda s: any(fn == SET_LIMIT for fn, _ in rig.writes_to(0)), 60)
+    wanted = [d[0].sm_clock_max_mhz for d in rig.recorder.decisions]
+    assert min(wanted) < 1980, "the controller asked for a lower clock"
+    limits = [args[0] for fn, args in rig.writes_to(0) if fn == SET_LIMIT]
+    assert limits and all(limit < default_mw for limit in limits)
+    assert not any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0))
+    assert "cannot lock clocks" in caplog.text
+    assert rig.node.plant.power_limit_mw(0) < default_mw
+
+    rig.run(20)
+    unsupported = [f for f in rig.fake.failed_writes if f[1] == 0 and f[0] == SET_CLOCKS]
+    assert len(unsupported) == 1, "clock locking is tried once, not on every tick"
+    assert not rig.snapshots[-1].gpus[0].observe_only
+    # GPU 1 keeps its locked clocks and its default limit.
+    assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(1))
+    assert not any(fn == SET_LIMIT for fn, _ in rig.writes_to(1))
+
+
+# ------------------------------------------------------------------------ dry run
+
+
+def test_dry_run_decides_logs_and_exports_but_never_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(tmp_path, record=True, dry_run=True)
+    with caplog.at_level(logging.INFO, logger="powerd.actuator"):
+        rig.run(40)
+    assert rig.fake.writes == [] and rig.fake.failed_writes == []
+    assert not rig.journal_path.exists()
+    lowered = [d.sm_clock_max_mhz for ds in rig.recorder.decisions for d in ds]
+    assert min(lowered) < 1980, "the controller decided something to write"
+    would = [r.getMessage() for r in caplog.records if "would set" in r.getMessage()]
+    assert any(f"clock<={min(lowered)} MHz" in m for m in would)
+    assert all(_locked(rig, i) is None for i in (0, 1))
+
+    snapshot = rig.snapshots[-1]
+    assert snapshot.dry_run and all(g.dry_run for g in snapshot.groups)
+    assert all(g.observe_only_reason == "dry_run" for g in snapshot.gpus)
+    text = rig.metrics()
+    assert metric_value(metric_lines(text, "powerd_dry_run")[0]) == 1.0
+    assert len(metric_lines(text, "powerd_gpu_observe_only", reason="dry_run")) == 2
+    assert rig.daemon.restore() is True
+    assert not rig.journal_path.exists()
+
+
+# ------------------------------------------------------------------------ reload
+
+
+def _config_data(node: SimNode, itl_s: tuple[float, float] = (0.1, 0.1)) -> dict[str, Any]:
+    return {
+        "stale_after_s": 10,
+        "servers": [
+            {
+                "name": server.name,
+                "url": f"{HTTP_PREFIX}{server.name}/metrics",
+                "kind": "auto",
+                "gpus": list(server.gpu_indices),
+                "slo": {"itl_s": itl},
+            }
+            for server, itl in zip(node.servers, itl_s, strict=True)
+        ],
+    }
+
+
+def test_reload_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "powerd.yaml"
+
+    def configure(node: SimNode) -> Config:
+        path.write_text(yaml.safe_dump(_config_data(node)))
+        return load_config(path)
+
+    rig = make_rig(tmp_path, configure=configure)
+    rig.run(10)
+    running = rig.daemon.config
+    assert all(s.up for s in rig.snapshots[-1].servers)
+
+    def broken(mutate: Any) -> dict[str, Any]:
+        data = _config_data(rig.node)
+        mutate(data)
+        return data
+
+    cases = [
+        (broken(lambda d: d["servers"][1]["slo"].update(itl_s=-0.05)), "servers[1].slo.itl_s"),
+        (broken(lambda d: d.update(stale_after=5)), "stale_after"),
+        (broken(lambda d: d["servers"][0].update(gpus=[7])), "vllm-0"),
+    ]
+    for data, key in cases:
+        path.write_text(yaml.safe_dump(data))
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="powerd.daemon"):
+            assert rig.daemon.reload(path) is False
+        assert key in caplog.text
+        assert rig.daemon.config is running
+        snapshot = rig.run(2)
+        assert all(s.up and s.generation_tokens_per_s for s in snapshot.servers)
+    path.write_text("servers: [name: {\n")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="powerd.daemon"):
+        assert rig.daemon.reload(path) is False
+    assert "not valid YAML" in caplog.text and rig.daemon.config is running
+
+    path.write_text(yaml.safe_dump(_config_data(rig.node, itl_s=(0.1, 0.05))))
+    assert rig.daemon.reload(path) is True
+    assert rig.daemon.config.servers[1].slo.itl_s == 0.05
+    snapshot = rig.run(3)
+    assert [g.itl_slo_s for g in snapshot.groups] == [0.1, 0.05]
+    params = rig.daemon.policy.arrays.params  # type: ignore[attr-defined]
+    assert list(params[kernels.PAR_ITL_SLO_S]) == [0.1, 0.05]
+    assert all(s.up for s in snapshot.servers)
+
+
+def test_reload_without_a_server_puts_its_gpus_back_to_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "powerd.yaml"
+
+    def configure(node: SimNode) -> Config:
+        path.write_text(yaml.safe_dump(_config_data(node)))
+        return load_config(path)
+
+    rig = make_rig(tmp_path, configure=configure)
+    rig.run(15)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
+    data = _config_data(rig.node)
+    data["servers"] = data["servers"][:1]
+    path.write_text(yaml.safe_dump(data))
+    before = len(rig.fake.writes)
+    assert rig.daemon.reload(path) is True
+    assert _locked(rig, 1) is None, "GPUs no server claims any more are released"
+    assert rig.writes_to(1, before) == [(RESET_CLOCKS, ())]
+    rig.run(10)
+    assert rig.writes_to(1, before) == [(RESET_CLOCKS, ())], "and then left alone"
+    assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0, before))
+    assert [g.group for g in rig.snapshots[-1].groups] == ["vllm-0"]
+
+
+def test_reload_into_dry_run_restores_the_gpus_and_then_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "powerd.yaml"
+
+    def configure(node: SimNode) -> Config:
+        path.write_text(yaml.safe_dump(_config_data(node)))
+        return load_config(path)
+
+    rig = make_rig(tmp_path, configure=configure)
+    rig.run(15)
+    rig.run_until(lambda s: _locked(rig, 0) is not None or _locked(rig, 1) is not None, 60)
+    assert rig.journal_path.exists()
+    data = _config_data(rig.node)
+    data["dry_run"] = True
+    path.write_text(yaml.safe_dump(data))
+    assert rig.daemon.reload(path) is True
+    assert _locked(rig, 0) is None and _locked(rig, 1) is None
+    assert not rig.journal_path.exists()
+    before = len(rig.fake.writes)
+    snapshot = rig.run(20)
+    assert len(rig.fake.writes) == before
+    assert snapshot.dry_run and all(g.observe_only_reason == "dry_run" for g in snapshot.gpus)
+    assert all(_locked(rig, i) is None for i in (0, 1))
+
+
+# ------------------------------------------------------------------------ every server kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_server_kind_end_to_end(tmp_path: Path, kind: str) -> None:
+    sim = dataclasses.replace(SMALL_NODE, server_kind=kind)
+
+    def configure(node: SimNode) -> Config:
+        auto, explicit = server_configs(node)
+        servers = (dataclasses.replace(auto, kind="auto"), explicit)
+        assert explicit.kind == kind
+        return Config(servers=servers, sim=sim)
+
+    rig = make_rig(tmp_path, sim=sim, configure=configure)
+    snapshot = rig.run(30)
+    assert [s.kind for s in snapshot.servers] == [kind, kind]
+    for sample in snapshot.servers:
+        assert sample.up, sample.error
+    for group in snapshot.groups:
+        rates = [
+            s.generation_tokens_per_s
+            for snap in rig.snapshots[-5:]
+            for s in snap.servers
+            if s.server == group.server
+        ]
+        assert all(r is not None and r >= 0 for r in rates), rates
+        assert sum(rates) > 0  # type: ignore[arg-type]
+        tpj = group.tokens_per_joule
+        assert tpj is not None and math.isfinite(tpj) and tpj > 0
+
+
+# ------------------------------------------------------------------------ energy counter reset
+
+
+class ReloadingNvml(FakeNvml):
+    """A FakeNvml whose energy counters can restart from zero, as after a driver reload."""
+
+    def __init__(self, node: SimNode) -> None:
+        super().__init__(node.plant, lock=node.lock)
+        self.energy_offset_mj: dict[int, int] = {}
+
+    def reload_driver(self, index: int) -> None:
+        with self.lock:
+            self.energy_offset_mj[index] = self.plant.energy_mj(index)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int:
+        value = super().nvmlDeviceGetTotalEnergyConsumption(handle)
+        return value - self.energy_offset_mj.get(self.handle_index(handle), 0)
+
+
+def test_energy_counter_going_backwards_never_gives_negative_energy(tmp_path: Path) -> None:
+    fakes: list[ReloadingNvml] = []
+
+    def factory(node: SimNode) -> FakeNvml:
+        fakes.append(ReloadingNvml(node))
+        return fakes[0]
+
+    rig = make_rig(tmp_path, record=True, nvml_factory=factory)
+    rig.run(20)
+    fakes[0].reload_driver(0)
+    rig.run(1)
+    before_mj = rig.snapshots[-2].gpus[0].reading.energy_mj
+    after_mj = rig.snapshots[-1].gpus[0].reading.energy_mj
+    assert before_mj is not None and after_mj is not None and after_mj < before_mj
+    observation = rig.recorder.observations[-1][0]
+    assert observation.energy_j is None or observation.energy_j >= 0
+    if observation.energy_j is not None:
+        # The fallback is the group's power over the 1-s interval.
+        assert observation.power_w is not None
+        assert observation.energy_j == pytest.approx(observation.power_w * 1.0, rel=1e-6)
+    rig.run(10)
+    for obs in rig.recorder.observations[-11:]:
+        for o in obs:
+            assert o.energy_j is None or (math.isfinite(o.energy_j) and o.energy_j >= 0)
+    group0 = rig.snapshots[-1].groups[0]
+    assert group0.tokens_per_joule is not None and 0 < group0.tokens_per_joule < 100
+    # After the reset the counter deltas are used again.
+    last = rig.recorder.observations[-1][0]
+    assert last.energy_j is not None and last.energy_j > 0
+
+
+# ------------------------------------------------------------------------ journal unwritable
+
+
+def test_unwritable_journal_leaves_gpus_untouched_and_the_daemon_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(tmp_path)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    assert rig.daemon.journal is not None
+    rig.daemon.journal.path = blocker / "journal.json"
+    with caplog.at_level(logging.ERROR, logger="powerd.actuator"):
+        rig.run(30)
+    assert rig.fake.writes == [], "no GPU setting without its original saved first"
+    journal_logs = [r.getMessage() for r in caplog.records if "journal.json" in r.getMessage()]
+    assert len(journal_logs) == 2, "one line per GPU, not one per tick"
+    snapshot = rig.snapshots[-1]
+    assert snapshot.ticks_total == 30
+    assert all(g.observe_only for g in snapshot.gpus)
+    assert len(metric_lines(rig.metrics(), "powerd_gpu_observe_only", reason="error")) == 2
