@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from powerd import __version__
@@ -110,9 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     _setup_logging(args)
     config = load_config(args.config)
-    if args.dry_run:
-        config = replace(config, dry_run=True)
-    return run_daemon(config, config_path=Path(args.config))
+    return run_daemon(config, config_path=Path(args.config), force_dry_run=args.dry_run)
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:

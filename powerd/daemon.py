@@ -84,9 +84,12 @@ class Daemon:
         policy_factory: Callable[[Config, Sequence[GroupSpec]], Policy] | None = None,
         notifier: _Notifier | None = None,
         inline_scrape: bool = False,
+        config_transform: Callable[[Config], Config] | None = None,
     ) -> None:
         """`inline_scrape` polls the sources one after another in the calling thread, for
-        virtual time with in-process fetchers; otherwise they are scraped concurrently."""
+        virtual time with in-process fetchers; otherwise they are scraped concurrently.
+        `config_transform` is applied to every config read on reload, so what the command
+        line or the environment added at start-up (--dry-run, simulated servers) stays."""
         self.config = config
         self.backend = backend
         self.journal = journal
@@ -95,6 +98,7 @@ class Daemon:
         self._policy_factory = policy_factory
         self._notifier = notifier
         self._inline_scrape = inline_scrape
+        self._config_transform = config_transform
         self.actuator = Actuator(backend, journal, dry_run=config.dry_run)
         self.infos: dict[str, GpuInfo] = {info.uuid: info for info in backend.devices()}
         for info in self.infos.values():
@@ -412,6 +416,8 @@ class Daemon:
         """Re-read the config; apply it when valid, keep the old one otherwise."""
         try:
             config = load_config(config_path)
+            if self._config_transform is not None:
+                config = self._config_transform(config)
             groups = self._build_groups(config)
         except ConfigError as exc:
             log.error("reload: invalid config, keeping the running one: %s", exc)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from powerd import __version__
-from powerd.config import Config
+from powerd.config import Config, ServerConfig
 from powerd.daemon import Daemon
 from powerd.exporter import Exporter
 from powerd.gpu.backend import GpuBackend
@@ -60,18 +60,21 @@ def restore_node(config: Config) -> int:
     return 0 if report.ok else 1
 
 
-def run_daemon(config: Config, *, config_path: Path) -> int:
-    """`powerd run`: the daemon until SIGTERM/SIGINT; every GPU restored on the way out."""
+def run_daemon(config: Config, *, config_path: Path, force_dry_run: bool = False) -> int:
+    """`powerd run`: the daemon until SIGTERM/SIGINT; every GPU restored on the way out.
+
+    `force_dry_run` (--dry-run) holds for every config read, reloads included.
+    """
     notifier = Notifier()
     simulation = None
+    simulated_servers: tuple[ServerConfig, ...] = ()
     try:
         if config.gpu_backend == "sim":
             from powerd.simulation import server_configs, start_simulation
 
             simulation = start_simulation(config.sim)
             backend: GpuBackend = simulation.backend
-            if not config.servers:
-                config = replace(config, servers=server_configs(simulation.node, simulation.urls()))
+            simulated_servers = server_configs(simulation.node, simulation.urls())
         else:
             from powerd.gpu.nvml import NvmlBackend
 
@@ -80,6 +83,14 @@ def run_daemon(config: Config, *, config_path: Path) -> int:
         print(f"powerd: {exc}", file=sys.stderr)
         return 1
 
+    def transform(config: Config) -> Config:
+        if force_dry_run:
+            config = replace(config, dry_run=True)
+        if simulation is not None and not config.servers:
+            config = replace(config, servers=simulated_servers)
+        return config
+
+    config = transform(config)
     journal = journal_for(config)
     if journal.pending():
         log.warning("a previous run did not finish; restoring the GPU settings it left")
@@ -90,9 +101,10 @@ def run_daemon(config: Config, *, config_path: Path) -> int:
     daemon = Daemon(
         config,
         backend,
-        journal=None if config.dry_run else journal,
+        journal=journal,
         publish=exporter.publish,
         notifier=notifier,
+        config_transform=transform,
     )
     daemon.install_signal_handlers()
     daemon.warmup()

@@ -64,6 +64,9 @@ class Notifier:
                 self._socket = socket.socket(
                     socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                 )
+                # A full receive queue must never stall the loop (and with it the watchdog
+                # and the restore on exit): a message that cannot go now is dropped.
+                self._socket.setblocking(False)
             self._socket.sendto(message, self._address)
         except OSError as exc:
             if not self._warned:

@@ -169,3 +169,32 @@ def test_check_config_accepts_the_example() -> None:
     result = powerd("check-config", "config/powerd.yaml")
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+def test_dry_run_writes_nothing_even_across_a_reload(tmp_path: Path) -> None:
+    state_file = tmp_path / "g"
+    config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(state_file)})
+    notify = NotifySocket(tmp_path / "notify.sock")
+    process = start_powerd(
+        "run",
+        "--dry-run",
+        "--config",
+        str(config),
+        env=powerd_env(NOTIFY_SOCKET=str(notify.path)),
+    )
+    try:
+        notify.wait_for("READY=1")
+        time.sleep(3.0)
+        process.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING=1")
+        notify.wait_for("READY=1")
+        time.sleep(3.0)
+        assert changed_gpus(state_file) == {}
+        output = _stop(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+    assert process.returncode == 0, output
+    assert "would set" in output
+    assert not (tmp_path / "state" / "journal.json").exists()

@@ -107,3 +107,26 @@ def test_under_systemd() -> None:
     assert under_systemd({"JOURNAL_STREAM": "8:12345"})
     assert not under_systemd({})
     assert not under_systemd({"INVOCATION_ID": ""})
+
+
+def test_a_full_notify_queue_never_blocks(tmp_path) -> None:
+    import socket as socket_module
+    import threading
+
+    from powerd.systemd import Notifier
+
+    path = tmp_path / "full.sock"
+    receiver = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_DGRAM)
+    receiver.bind(str(path))
+    notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+    done = threading.Event()
+
+    def flood() -> None:
+        for i in range(500):
+            notifier.status(f"tick {i}")
+        done.set()
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    assert done.wait(5.0), "sending to a socket nobody reads must not block"
+    receiver.close()
