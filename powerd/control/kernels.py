@@ -3,6 +3,19 @@
 Kernels are pure functions over arrays (no globals, no I/O) compiled with cache=True. Other
 layers that need compiled loops (the simulator) use `jit` from here.
 
+The controller (controller_step) per group and tick:
+- estimates requests' mean inter-token latency by Little's law (running / tokens per second,
+  averaged over a request's life), falling back to the server's ITL quantile;
+- learns online, per demand bin, the latency-vs-clock roofline knee (from cells of latency per
+  clock bin), a power model quadratic in the clock at fixed demand (energy per token vs clock),
+  the prefill capacity per MHz, and the clocks recently blamed for SLO misses;
+- raises at once on a latency past the margin line (sized by the roofline), a miss (at least
+  halfway to f_max), a full or growing queue, or a one-tick quantile spike (one step); holds;
+- lowers only with slack, at most max_step_down per tick, never below the floor, the latency
+  bound, the prefill-headroom bound, the learned safe clock or the energy optimum;
+- dithers by dither_mhz when settled, clamps to supported clocks, applies the mode (target,
+  budget, off) and returns to defaults at once when the observation is stale.
+
 The controller works on a structure of arrays over G groups. Row constants below name the rows
 of each array; NaN marks a value the sensors or the server did not give.
 
@@ -14,8 +27,10 @@ of each array; NaN marks a value the sensors or the server did not give.
 - efit[G, N_EFIT]: exponentially weighted normal equations of the power model
   P = b0 + b1*gen_tps + b2*prompt_tps + b3*x + b4*x^2 (per GPU, x the clock below f_max),
   fitted with forgetting: at fixed demand, power vs clock is energy per token vs clock.
-- cells[G, L, C, N_CELL]: per group x demand bin x clock bin, weighted sums of the inter-token
-  latency and of SLO violations seen there (the learned latency-vs-clock map).
+- cells[G, L, C, N_CELL]: per group x demand bin x clock bin, weighted sums of the requests'
+  inter-token latency (the learned latency-vs-clock map).
+- misses[G, L, N_MISS]: per group and demand bin, the recent SLO misses and the highest clock
+  blamed for them (the learned safe clock).
 - out[N_OUT, G]: the decision (clock cap, power limit or NaN for the default, reason code, target
   reached as 0/1 or NaN).
 """
@@ -119,7 +134,23 @@ ST_ENERGY_OPT_MHZ = 24
 """Clock of least power at the current demand from the learned power model (NaN: none)."""
 ST_QUEUE_TREND = 25
 """Smoothed change of the waiting count per tick."""
-N_ST = 26
+ST_SAFE_MHZ = 26
+"""Lowest clock above every recent SLO miss at the current demand (-inf: none)."""
+ST_RUNNING_EW = 27
+ST_GEN_EW = 28
+ST_ITL_EST_S = 29
+"""Per-request mean inter-token latency estimated from running / tokens per second (NaN: none)."""
+ST_CLOCK_EW = 30
+"""Actual clock averaged like the ITL estimate (the clock that estimate belongs to)."""
+ST_PROMPT_EW = 31
+"""Prompt tokens/s, smoothed over tens of seconds."""
+ST_PREFILL_K = 32
+"""Learned prefill capacity per MHz (prompt tokens/s per MHz while requests wait)."""
+ST_PREFILL_MIN_MHZ = 33
+"""Lowest clock keeping prefill headroom for bursts (NaN: not learned yet)."""
+ST_CLOCK_HISTORY = 34
+"""The actual clocks of the last few ticks (newest first), for blaming lagging signals."""
+N_ST = ST_CLOCK_HISTORY + 3
 
 # Power-model fit layout: normal matrix (EFIT_N x EFIT_N), right-hand side, sum of y^2, sum of
 # weights. Regressors: 1, gen ktok/s, prompt ktok/s, x = (clock - f_max) in GHz, x^2.
@@ -143,9 +174,15 @@ N_FIT = FIT_WORK + 2 * EFIT_N
 # Cell fields.
 CELL_W_ITL = 0
 CELL_ITL_SUM = 1
-CELL_W = 2
-CELL_VIOL_SUM = 3
-N_CELL = 4
+N_CELL = 2
+
+# Miss record fields (per group and demand bin).
+MISS_COUNT = 0
+"""SLO misses blamed on a clock at this demand, decayed to MISS_TICK."""
+MISS_MHZ = 1
+"""Highest clock blamed for those misses."""
+MISS_TICK = 2
+N_MISS = 3
 
 DEFAULT_LOAD_BINS = 12
 DEFAULT_CLOCK_BINS = 16
@@ -172,19 +209,26 @@ REASON_ENERGY_FLOOR = 10
 # Tuning that is not user-facing.
 _LOWER_BAND = 0.03
 """Lower only when latencies are this share below the margin line (hysteresis band)."""
-_RAISE_AIM = 1.0 - _LOWER_BAND
-"""A raise past the margin line aims into the hysteresis band, not below it."""
 _MISS_AIM = 0.9
 """A raise after a real SLO miss aims this far below the margin line."""
 _HOLD_RAISE_TICKS = 4.0
+_CLOCK_HISTORY_TICKS = 4
+"""This tick and the three before: requests' ITL averages over about that long."""
 _HOLD_QUEUE_TICKS = 8.0
-_QUEUE_EARLY = 0.25
-"""A queue above this share of max_waiting that still grows raises the clock."""
+_HOLD_QUEUE_GROWING_TICKS = 1.0
 _QUEUE_SLACK = 0.1
-_QUEUE_MIN = 2.0
+_QUEUE_MIN = 0.25
+"""Share of max_waiting a queue must reach before its growth counts (admission queues of a
+request or two are normal in continuous batching)."""
 _QUEUE_TREND = 0.5
 """Requests per tick of sustained queue growth that raise the clock."""
 _ITL_ALPHA = 0.3
+_PROMPT_ALPHA = 0.05
+_PREFILL_UTIL = 0.6
+"""Prefill is compute-bound (capacity ~ f): keep the smoothed prompt load at most this share of
+the learned capacity, so a burst drains within the TTFT budget instead of queueing."""
+_TPOT_ALPHA = 0.2
+"""About 5 ticks: the life of a typical request's decode (a few hundred tokens at 10-50 ms)."""
 _CELL_DECAY = 0.99
 _EFIT_DECAY = 0.98
 _EFIT_MIN_W = 10.0
@@ -193,14 +237,18 @@ _ENERGY_BLOCK_T = -1.0
 _ENERGY_RAISE_T = -2.0
 _CURVATURE_T = 3.0
 _POWER_RESOLUTION = 0.005
+_RIDGE = 1e-6
+"""Per unit weight; far below what the dither gives x (about 1e-4), enough for a constant one."""
 _KAPPA_PRIOR = 0.7
 """Knee near 0.6-0.7 f_max for small-batch decode (dvfs_plant_model.md section 6c)."""
 _KAPPA_PRIOR_W = 3.0
 _KAPPA_MIN = 0.2
 _KAPPA_MAX = 1.5
 _W_MIN_ITL = 0.8
-_VIOL_MIN_W = 1.0
-_VIOL_BLOCK = 0.3
+_MISS_DECAY = 0.99
+"""A clock blamed for an SLO miss stays suspect for ~70 ticks per miss (bursts cause misses
+too; a clock that keeps missing is avoided for longer)."""
+_MISS_ACTIVE = 0.5
 _TPJ_DECAY = 0.9
 _TARGET_BAND = 0.03
 _TARGET_TOL = 0.02
@@ -292,7 +340,7 @@ def load_bin(demand_tps: float, n_bins: int) -> int:
     """Demand bin: one octave of generated tokens/s per bin, from 16 tok/s (bin 0 below)."""
     if not demand_tps >= 32.0:
         return 0
-    b = int(math.floor(math.log2(demand_tps / 16.0)))
+    b = math.floor(math.log2(demand_tps / 16.0))
     if b > n_bins - 1:
         return n_bins - 1
     return b
@@ -370,6 +418,36 @@ def _cholesky_solve(chol: np.ndarray, rhs: np.ndarray, x: np.ndarray) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
+def _miss_weight(record: np.ndarray, tick: float) -> float:
+    if record[MISS_COUNT] <= 0.0:
+        return 0.0
+    return record[MISS_COUNT] * _MISS_DECAY ** (tick - record[MISS_TICK])
+
+
+@numba.njit(cache=True, nogil=True)
+def record_miss(record: np.ndarray, clock_mhz: float, tick: float) -> None:
+    """Blame an SLO miss on clock_mhz in a demand bin's record (decaying count, highest clock)."""
+    weight = _miss_weight(record, tick)
+    if weight < _MISS_ACTIVE:
+        record[MISS_MHZ] = clock_mhz
+    record[MISS_COUNT] = weight + 1.0
+    record[MISS_TICK] = tick
+    record[MISS_MHZ] = max(record[MISS_MHZ], clock_mhz)
+
+
+@numba.njit(cache=True, nogil=True)
+def learned_safe_mhz(misses_g: np.ndarray, load: int, clock_step_mhz: float, tick: float) -> float:
+    """One clock step above the highest recent miss at this demand bin or any lower one (a clock
+    that missed at a lower demand misses at this one too); -inf when there is none."""
+    safe = -math.inf
+    for lb in range(load + 1):
+        record = misses_g[lb]
+        if record[MISS_COUNT] > 0.0 and _miss_weight(record, tick) >= _MISS_ACTIVE:
+            safe = max(safe, record[MISS_MHZ] + clock_step_mhz)
+    return safe
+
+
+@numba.njit(cache=True, nogil=True)
 def power_fit(efit_g: np.ndarray, chol: np.ndarray, fit: np.ndarray) -> bool:
     """Fit the power model from its normal equations into fit[N_FIT]; False without enough data.
 
@@ -388,7 +466,7 @@ def power_fit(efit_g: np.ndarray, chol: np.ndarray, fit: np.ndarray) -> bool:
             s = efit_g[i * EFIT_N + j]
             # Ridge on the slopes, not the intercept: a regressor that never varies reads as 0.
             if i == j and i > 0:
-                s += 1e-4 * w
+                s += _RIDGE * w
             for k in range(j):
                 s -= chol[i, k] * chol[j, k]
             if i == j:
@@ -444,7 +522,7 @@ def power_slope_at(fit: np.ndarray, clock_mhz: float, f_max: float) -> tuple[flo
 
 @numba.njit(cache=True, nogil=True)
 def power_vertex_mhz(fit: np.ndarray, f_max: float) -> float:
-    """The clock of least power of the fitted quadratic, or NaN unless its curvature is significant."""
+    """The clock of least power of the fitted quadratic; NaN unless its curvature is significant."""
     sigma2 = fit[FIT_SIGMA2]
     curvature = fit[FIT_THETA + EFIT_XX]
     if not _finite(sigma2) or not curvature > 0.0:
@@ -589,6 +667,7 @@ def _group_step(
     state: np.ndarray,
     efit: np.ndarray,
     cells: np.ndarray,
+    misses: np.ndarray,
     out: np.ndarray,
     chol: np.ndarray,
     fit: np.ndarray,
@@ -649,9 +728,9 @@ def _group_step(
     prompt_tps = obs[OBS_PROMPT_TPS, g]
     if not prompt_tps >= 0.0:
         prompt_tps = 0.0 if _finite(gen_tps) else math.nan
-    itl = obs[OBS_ITL_P95_S, g]
-    if not itl > 0.0:
-        itl = math.nan
+    itl_p95 = obs[OBS_ITL_P95_S, g]
+    if not itl_p95 > 0.0:
+        itl_p95 = math.nan
     ttft = obs[OBS_TTFT_P95_S, g]
     if not ttft > 0.0:
         ttft = math.nan
@@ -663,9 +742,32 @@ def _group_step(
     demand = _ewma(state[ST_DEMAND_TPS, g], gen_tps, alpha_d)
     state[ST_DEMAND_TPS, g] = demand
     state[ST_PROMPT_TPS, g] = _ewma(state[ST_PROMPT_TPS, g], prompt_tps, alpha_d)
-    itl_s = _ewma(state[ST_ITL_S, g], itl, _ITL_ALPHA)
-    ttft_s = _ewma(state[ST_TTFT_S, g], ttft, _ITL_ALPHA)
+    # Per-request inter-token latency by Little's law: every running request gets one token per
+    # iteration, so running / tokens-per-second is the mean iteration time all of them share,
+    # and its average over a request's life (a few seconds) is that request's mean ITL. The
+    # servers' token-level ITL quantile is dominated by chunked-prefill stalls a request
+    # averages out; it stays a tail guard, and the signal where the estimate is unavailable.
+    tpot = math.nan
+    f_itl = f_now
+    if realtime and running >= 1.0 and gen_tps > 0.0:
+        run_ew = _ewma(state[ST_RUNNING_EW, g], running, _TPOT_ALPHA)
+        gen_ew = _ewma(state[ST_GEN_EW, g], gen_tps, _TPOT_ALPHA)
+        state[ST_RUNNING_EW, g] = run_ew
+        state[ST_GEN_EW, g] = gen_ew
+        tpot = run_ew / gen_ew
+        # The estimate averages the last few ticks, so it belongs to their average clock.
+        clock_ew = _ewma(state[ST_CLOCK_EW, g], f_now, _TPOT_ALPHA)
+        state[ST_CLOCK_EW, g] = clock_ew
+    if _finite(tpot):
+        itl = tpot
+        itl_s = tpot
+        f_itl = clock_ew
+    else:
+        itl = itl_p95
+        itl_s = _ewma(state[ST_ITL_S, g], itl_p95, _ITL_ALPHA)
     state[ST_ITL_S, g] = itl_s
+    state[ST_ITL_EST_S, g] = tpot
+    ttft_s = _ewma(state[ST_TTFT_S, g], ttft, _ITL_ALPHA)
     state[ST_TTFT_S, g] = ttft_s
     waiting_prev = state[ST_WAITING, g]
     state[ST_WAITING, g] = waiting
@@ -675,6 +777,18 @@ def _group_step(
     elif not _finite(waiting):
         queue_trend = math.nan
     state[ST_QUEUE_TREND, g] = queue_trend
+    prompt_ew = _ewma(state[ST_PROMPT_EW, g], prompt_tps, _PROMPT_ALPHA)
+    state[ST_PROMPT_EW, g] = prompt_ew
+    prefill_k = state[ST_PREFILL_K, g]
+    if waiting >= 1.0 and prompt_tps > 0.0:
+        # Requests wait while prompts are processed: the prefill budget is the bottleneck, or
+        # close to it. The highest such rate per MHz approaches the capacity from below.
+        prefill_k = max(prompt_tps / f_now, prefill_k) if _finite(prefill_k) else prompt_tps / f_now
+    state[ST_PREFILL_K, g] = prefill_k
+    prefill_min = math.nan
+    if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew):
+        prefill_min = prompt_ew / (prefill_k * _PREFILL_UTIL)
+    state[ST_PREFILL_MIN_MHZ, g] = prefill_min
     if _finite(power_gpu_w):
         state[ST_POWER_W, g] = _ewma(state[ST_POWER_W, g], power_gpu_w, 0.3)
         peak = state[ST_POWER_PEAK_W, g]
@@ -694,24 +808,25 @@ def _group_step(
     max_waiting = params[PAR_MAX_WAITING, g]
     itl_line = margin * itl_slo
     ttft_line = margin * ttft_slo
-    # Over the margin line: one tick past halfway to the SLO, or a smoothed excess (p95s from
-    # few requests are noisy; the margin is there to absorb that noise).
-    itl_over = _finite(itl) and (
-        itl > 0.5 * (itl_line + itl_slo) or (itl > itl_line and itl_s > itl_line)
-    )
-    ttft_over = _finite(ttft) and (
-        ttft > 0.5 * (ttft_line + ttft_slo) or (ttft > ttft_line and ttft_s > ttft_line)
-    )
+    # Smoothed latencies decide. One tick's p95 comes from few requests and coarse histogram
+    # buckets; past the SLO it nudges the clock up, no more.
+    itl_hard = _finite(itl) and itl_s > itl_slo
+    itl_high = _finite(itl) and itl_s > itl_line
+    ttft_hard = _finite(ttft) and ttft_s > ttft_slo
+    ttft_high = _finite(ttft) and ttft_s > ttft_line
+    spike_itl = itl_p95 > itl_slo or itl > itl_slo
+    spike_ttft = ttft > ttft_slo
     queue_over = waiting > max_waiting
     # A queue that keeps growing means the clock is below what the demand needs.
-    queue_growing = waiting >= _QUEUE_MIN and queue_trend >= _QUEUE_TREND
-    # Only real SLO misses mark a cell unsafe; the margin line is crossed by noise near the optimum.
-    violated = (
-        (_finite(itl) and itl > itl_slo)
-        or (_finite(ttft) and ttft > ttft_slo)
-        or queue_over
-        or queue_growing
+    queue_growing = (
+        waiting >= max(2.0, _QUEUE_MIN * max_waiting)
+        and _finite(waiting_prev)
+        and waiting > waiting_prev
+        and queue_trend >= _QUEUE_TREND
     )
+    # Only real SLO misses mark a clock unsafe; the margin line is crossed by noise near the
+    # optimum.
+    violated = itl_hard or ttft_hard or queue_over
 
     # Learn: latency and violations per (demand bin, clock bin); the power model.
     n_load = cells.shape[1]
@@ -719,20 +834,35 @@ def _group_step(
     width = (f_max - floor_mhz) / n_cbin
     if width < 1.0:
         width = 1.0
-    lb = load_bin(demand, n_load)
+    # Bin on the slower token-rate average where there is one: prefill-heavy ticks dip.
+    lb = load_bin(state[ST_GEN_EW, g] if _finite(state[ST_GEN_EW, g]) else demand, n_load)
     state[ST_LOAD_BIN, g] = lb
-    cb = int((f_now - floor_mhz) / width)
+    cb = int((f_itl - floor_mhz) / width)
     cb = min(max(cb, 0), n_cbin - 1)
     cl = cells[g, lb]
+    # The shape is fitted before this tick joins the cells: a load jump within the demand bin
+    # must not bend the model the decision below relies on.
+    kappa = fit_kappa(cl, floor_mhz, width, f_max)
+    state[ST_KAPPA, g] = kappa
     for c in range(n_cbin):
-        for k in range(N_CELL):
-            cl[c, k] *= _CELL_DECAY
+        cl[c, CELL_W_ITL] *= _CELL_DECAY
+        cl[c, CELL_ITL_SUM] *= _CELL_DECAY
     if _finite(itl):
         cl[cb, CELL_W_ITL] += weight
         cl[cb, CELL_ITL_SUM] += weight * itl
-    cl[cb, CELL_W] += 1.0
-    if violated:
-        cl[cb, CELL_VIOL_SUM] += 1.0
+    # Latency and queue signals lag the clock by a few ticks: blame the highest recent clock.
+    recent = f_now
+    for r in range(ST_CLOCK_HISTORY, ST_CLOCK_HISTORY + _CLOCK_HISTORY_TICKS - 1):
+        if _finite(state[r, g]):
+            recent = max(recent, state[r, g])
+    for r in range(ST_CLOCK_HISTORY + _CLOCK_HISTORY_TICKS - 2, ST_CLOCK_HISTORY, -1):
+        state[r, g] = state[r - 1, g]
+    state[ST_CLOCK_HISTORY, g] = f_now
+    # A miss at f_max says nothing about the clock (the load alone did it).
+    if violated and recent < f_max - clock_step:
+        record_miss(misses[g, lb], recent, float(tick))
+    safe_mhz = learned_safe_mhz(misses[g], lb, clock_step, float(tick))
+    state[ST_SAFE_MHZ, g] = safe_mhz
     if _finite(power_gpu_w) and _finite(gen_tps):
         ef = efit[g]
         for k in range(N_EFIT):
@@ -751,8 +881,6 @@ def _group_step(
             ef[EFIT_B + i] += weight * phi[i] * y
         ef[EFIT_YY] += weight * y * y
         ef[EFIT_W] += weight
-    kappa = fit_kappa(cl, floor_mhz, width, f_max)
-    state[ST_KAPPA, g] = kappa
     power_fit(efit[g], chol, fit)
     energy_opt = power_vertex_mhz(fit, f_max)
     state[ST_ENERGY_OPT_MHZ, g] = energy_opt
@@ -766,7 +894,7 @@ def _group_step(
     ttft_ref = ttft_s if _finite(ttft) else math.nan
     if _finite(itl_ref):
         slo_min = max(
-            slo_min, roofline_inverse(kappa, f_max, f_now, itl_ref, itl_line * (1 - _LOWER_BAND))
+            slo_min, roofline_inverse(kappa, f_max, f_itl, itl_ref, itl_line * (1 - _LOWER_BAND))
         )
     if _finite(ttft_ref):
         slo_min = max(slo_min, f_now * ttft_ref / (ttft_line * (1 - _LOWER_BAND)))
@@ -791,59 +919,49 @@ def _group_step(
         raise_to = f_max
         raise_reason = REASON_RAISE_QUEUE
         raise_hold = _HOLD_QUEUE_TICKS
-    elif (
-        waiting >= max(1.0, _QUEUE_EARLY * max_waiting)
-        and _finite(waiting_prev)
-        and waiting >= waiting_prev + 1.0
-    ):
-        raise_to = f_now + 0.5 * (f_max - f_now)
-        raise_reason = REASON_RAISE_QUEUE
-        raise_hold = _HOLD_RAISE_TICKS
     elif queue_growing:
-        raise_to = f_now + 0.25 * (f_max - f_now)
+        # In proportion to how full the queue is against the guard: bursts of a few requests
+        # are routine, a queue near the guard is nearly a miss.
+        raise_to = f_now + min(1.0, waiting / max(max_waiting, 1.0)) * (f_max - f_now)
         raise_reason = REASON_RAISE_QUEUE
-        raise_hold = _HOLD_RAISE_TICKS
-    if itl_over:
-        if itl > itl_slo:
-            # A real miss: at least halfway to f_max, further if the roofline says so.
-            f_req = max(
-                f_now + 0.5 * (f_max - f_now),
-                roofline_inverse(kappa, f_max, f_now, itl, _MISS_AIM * itl_line),
-            )
-        elif itl > 0.5 * (itl_line + itl_slo):
-            # Sized on the smoothed value: one noisy p95 near the line must not cost a big jump;
-            # if the excess is real, the next ticks raise again (and a miss jumps at once).
-            f_req = roofline_inverse(kappa, f_max, f_now, itl_s, _RAISE_AIM * itl_line)
-        else:
-            # A smoothed excess over the line: remove the excess, no more.
-            f_req = roofline_inverse(kappa, f_max, f_now, itl_s, itl_line)
+        raise_hold = _HOLD_QUEUE_GROWING_TICKS
+    if itl_hard:
+        # A miss: at least halfway to f_max, further if the roofline says so.
+        f_req = max(
+            f_now + 0.5 * (f_max - f_now),
+            roofline_inverse(kappa, f_max, f_itl, itl_s, _MISS_AIM * itl_line),
+        )
         if f_req > raise_to:
             raise_to = f_req
             raise_reason = REASON_RAISE_ITL
         raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
-    if ttft_over:
-        if ttft > ttft_slo:
-            f_req = f_max
-        elif ttft > 0.5 * (ttft_line + ttft_slo):
-            f_req = f_now * ttft_s / (_RAISE_AIM * ttft_line)
-        else:
-            f_req = f_now * ttft_s / ttft_line
+    elif itl_high:
+        # Over the margin line: remove the excess, no more.
+        f_req = roofline_inverse(kappa, f_max, f_itl, itl_s, itl_line)
+        if f_req > raise_to:
+            raise_to = f_req
+            raise_reason = REASON_RAISE_ITL
+        raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+    if ttft_hard:
+        raise_to = f_max
+        raise_reason = REASON_RAISE_TTFT
+        raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+    elif ttft_high:
+        # Prefill is compute-bound: TTFT scales as 1/f (dvfs_plant_model section 4).
+        f_req = f_now * ttft_s / ttft_line
         if f_req > raise_to:
             raise_to = f_req
             raise_reason = REASON_RAISE_TTFT
         raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+    if raise_to == -math.inf and (spike_itl or spike_ttft):
+        # One clock step: the tail is partly the clock's (prefill stalls scale as 1/f), and
+        # requests' averages say the rest is fine.
+        raise_to = max(base, f_now) + clock_step
+        raise_reason = REASON_RAISE_ITL if spike_itl else REASON_RAISE_TTFT
 
     if raise_to > -math.inf:
-        # Never below a clock bin that the learned map says violates at this load.
-        c_req = int((min(raise_to, f_max) - floor_mhz) / width)
-        c_req = min(max(c_req, 0), n_cbin - 1)
-        for c in range(c_req, n_cbin):
-            w = cl[c, CELL_W]
-            if w >= _VIOL_MIN_W and cl[c, CELL_VIOL_SUM] / w >= _VIOL_BLOCK:
-                raise_to = max(raise_to, floor_mhz + (c + 1) * width)
-            else:
-                break
-        raise_to = max(raise_to, max(base, f_now) + clock_step)
+        # Never to a clock that recently missed the SLO at this load.
+        raise_to = max(raise_to, safe_mhz, max(base, f_now) + clock_step)
         raise_to = min(raise_to, f_max)
         new_base = max(base, clamp_clock_up(row, n, raise_to))
         hold = max(hold, raise_hold)
@@ -873,11 +991,9 @@ def _group_step(
             bound = max(floor_mhz, slo_min)
             if _finite(energy_opt):
                 bound = max(bound, min(energy_opt, base))
-            cn = int((max(base - step_down, bound) - floor_mhz) / width)
-            cn = min(max(cn, 0), n_cbin - 1)
-            w = cl[cn, CELL_W]
-            if w >= _VIOL_MIN_W and cl[cn, CELL_VIOL_SUM] / w >= _VIOL_BLOCK:
-                bound = max(bound, floor_mhz + (cn + 1) * width)
+            bound = max(bound, safe_mhz)
+            if _finite(prefill_min):
+                bound = max(bound, prefill_min)
             f_next = clamp_clock_up(row, n, max(base - step_down, bound))
             if f_next >= base:
                 # A clock table coarser than the slew limit: one supported step at a time.
@@ -934,18 +1050,22 @@ def _group_step(
     cap = cap_base
     if (
         dither > 0.0
-        and (reason == REASON_STEADY or reason == REASON_ENERGY_FLOOR)
+        and reason in (REASON_STEADY, REASON_ENERGY_FLOOR)
         and state[ST_SETTLED, g] >= 2.0
         and state[ST_PRESSURE, g] < 0.5
     ):
         if tick % 2 == 0:
             # Rounded towards the base: a coarse clock table gets no dither rather than a big one.
             cap = clamp_clock_down(row, n, min(f_max, cap_base + dither))
-        elif _finite(itl_ref) or running <= 0.5:
-            if not _finite(itl_ref) or roofline_ratio(
-                kappa, f_max, cap_base - dither, f_now
-            ) * itl_ref <= itl_line * (1 - 0.5 * _LOWER_BAND):
-                cap = clamp_clock_up(row, n, max(floor_mhz, cap_base - dither))
+        elif (not _finite(itl_ref) and running <= 0.5) or (
+            _finite(itl_ref)
+            and roofline_ratio(kappa, f_max, cap_base - dither, f_itl) * itl_ref
+            <= itl_line * (1 - 0.5 * _LOWER_BAND)
+        ):
+            low = max(floor_mhz, safe_mhz, cap_base - dither)
+            if _finite(prefill_min):
+                low = max(low, min(prefill_min, cap_base))
+            cap = clamp_clock_up(row, n, low)
     # Slew limit on the way down; up is immediate.
     cap = clamp_clock_down(row, n, cap)
     lowest = clamp_clock_up(row, n, prev_cap - step_down)
@@ -979,18 +1099,22 @@ def controller_step(
     state: np.ndarray,
     efit: np.ndarray,
     cells: np.ndarray,
+    misses: np.ndarray,
     out: np.ndarray,
 ) -> bool:
     """One control tick for every group: estimate -> decide -> clamp.
 
-    Updates state, efit and cells in place and writes out. Returns False only in budget mode when
-    the per-GPU minimum limits alone exceed the node budget (all groups then sit at the minimum).
+    Updates state, efit, cells and misses in place and writes out. Returns False only in budget
+    mode when the per-GPU minimum limits alone exceed the node budget (all groups then sit at the
+    minimum).
     """
     n_groups = obs.shape[1]
     chol = np.zeros((EFIT_N, EFIT_N))
     fit = np.zeros(N_FIT)
     for g in range(n_groups):
-        _group_step(g, obs, params, clocks, n_clocks, knobs, state, efit, cells, out, chol, fit)
+        _group_step(
+            g, obs, params, clocks, n_clocks, knobs, state, efit, cells, misses, out, chol, fit
+        )
     if int(knobs[KNOB_MODE]) != MODE_BUDGET:
         return True
     gpu_count = np.empty(n_groups)

@@ -1,0 +1,373 @@
+"""The controller around the kernels: value types in, arrays through controller_step, decisions out.
+
+Everything numerical lives in kernels.py; this module only maps GroupObservation and config
+values onto the kernel arrays and back, and keeps learned state across reconfiguration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from powerd.config import Config, SloConfig
+from powerd.control import kernels as k
+from powerd.model import GpuInfo, GroupDecision, GroupObservation
+
+_MODE_CODES = {
+    "efficiency": k.MODE_EFFICIENCY,
+    "target": k.MODE_TARGET,
+    "budget": k.MODE_BUDGET,
+    "off": k.MODE_OFF,
+}
+
+REASON_NAMES: dict[int, str] = {
+    k.REASON_STEADY: "steady",
+    k.REASON_LOWER: "lower: latency slack",
+    k.REASON_RAISE_ITL: "raise: inter-token latency",
+    k.REASON_RAISE_TTFT: "raise: time to first token",
+    k.REASON_RAISE_QUEUE: "raise: queue",
+    k.REASON_STALE: "stale: default clocks",
+    k.REASON_OFF: "off: observe only",
+    k.REASON_HOLD: "hold after raise",
+    k.REASON_ENERGY: "raise: energy optimum above",
+    k.REASON_TARGET: "target: above efficient point",
+    k.REASON_ENERGY_FLOOR: "hold: energy optimum",
+}
+
+_FLOOR_SHARE = 0.5
+"""Default floor as a share of f_max: the plant model is low-fidelity below (dvfs_plant_model 6)."""
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One controlled group: the GPUs one inference server spans, and its SLO."""
+
+    name: str
+    server: str
+    gpus: tuple[GpuInfo, ...]
+    slo: SloConfig
+
+
+class Policy(Protocol):
+    """Anything that turns one tick's observations into one decision per group."""
+
+    name: str
+
+    def decide(
+        self, now_s: float, observations: Sequence[GroupObservation]
+    ) -> list[GroupDecision]: ...
+
+
+@dataclass
+class KernelArrays:
+    """The structure of arrays controller_step works on (layouts in kernels.py)."""
+
+    obs: np.ndarray
+    params: np.ndarray
+    clocks: np.ndarray
+    n_clocks: np.ndarray
+    knobs: np.ndarray
+    state: np.ndarray
+    efit: np.ndarray
+    cells: np.ndarray
+    misses: np.ndarray
+    out: np.ndarray
+
+    def step(self) -> bool:
+        """Run one controller_step over all groups; False when a node budget is infeasible."""
+        return bool(
+            k.controller_step(
+                self.obs,
+                self.params,
+                self.clocks,
+                self.n_clocks,
+                self.knobs,
+                self.state,
+                self.efit,
+                self.cells,
+                self.misses,
+                self.out,
+            )
+        )
+
+    def copy(self) -> KernelArrays:
+        return KernelArrays(
+            self.obs.copy(),
+            self.params.copy(),
+            self.clocks.copy(),
+            self.n_clocks.copy(),
+            self.knobs.copy(),
+            self.state.copy(),
+            self.efit.copy(),
+            self.cells.copy(),
+            self.misses.copy(),
+            self.out.copy(),
+        )
+
+
+def group_clocks(gpus: Sequence[GpuInfo]) -> tuple[int, ...]:
+    """SM clocks all the group's GPUs support, ascending (the first GPU's list if none shared)."""
+    if not gpus:
+        raise ValueError("a GPU group needs at least one GPU")
+    shared = set(gpus[0].supported_sm_clocks_mhz)
+    for gpu in gpus[1:]:
+        shared &= set(gpu.supported_sm_clocks_mhz)
+    if not shared:
+        shared = set(gpus[0].supported_sm_clocks_mhz)
+    return tuple(sorted(shared))
+
+
+def group_floor_mhz(clocks: Sequence[int], f_max: int, min_clock_mhz: int | None) -> int:
+    """The lowest clock the controller may lock: the configured floor or half f_max, rounded up."""
+    wanted = min_clock_mhz if min_clock_mhz is not None else _FLOOR_SHARE * f_max
+    for clock in clocks:
+        if clock >= wanted:
+            return min(clock, f_max)
+    return f_max
+
+
+def _num(value: Any) -> float:
+    """A finite float, or NaN for None and anything that is not a finite number."""
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return x if math.isfinite(x) else math.nan
+
+
+def build_arrays(
+    config: Config,
+    groups: Sequence[GroupSpec],
+    load_bins: int = k.DEFAULT_LOAD_BINS,
+    clock_bins: int = k.DEFAULT_CLOCK_BINS,
+) -> KernelArrays:
+    """Fresh kernel arrays for these groups under this config (no learned state)."""
+    names = [spec.name for spec in groups]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"group {name!r} is listed twice")
+    n_groups = len(groups)
+    clock_lists = [group_clocks(spec.gpus) for spec in groups]
+    width = max((len(c) for c in clock_lists), default=1) or 1
+    params = np.full((k.N_PAR, n_groups), np.nan)
+    clocks = np.full((n_groups, width), np.nan)
+    n_clocks = np.zeros(n_groups, dtype=np.int64)
+    for g, (spec, supported) in enumerate(zip(groups, clock_lists, strict=True)):
+        f_max = supported[-1] if supported else min(gpu.sm_clock_max_mhz for gpu in spec.gpus)
+        clocks[g, : len(supported)] = supported
+        n_clocks[g] = len(supported)
+        params[k.PAR_CLOCK_MAX_MHZ, g] = f_max
+        params[k.PAR_FLOOR_MHZ, g] = group_floor_mhz(
+            supported or (f_max,), f_max, config.control.min_clock_mhz
+        )
+        params[k.PAR_ITL_SLO_S, g] = spec.slo.itl_s
+        params[k.PAR_TTFT_SLO_S, g] = spec.slo.ttft_s
+        params[k.PAR_MAX_WAITING, g] = spec.slo.max_waiting
+        params[k.PAR_PL_MIN_MW, g] = max(gpu.power_limit_min_mw for gpu in spec.gpus)
+        params[k.PAR_PL_MAX_MW, g] = min(gpu.power_limit_max_mw for gpu in spec.gpus)
+        params[k.PAR_PL_DEFAULT_MW, g] = min(gpu.power_limit_default_mw for gpu in spec.gpus)
+    knobs = np.zeros(k.N_KNOB)
+    knobs[k.KNOB_MODE] = _MODE_CODES[config.mode]
+    knobs[k.KNOB_SLO_MARGIN] = config.control.slo_margin
+    knobs[k.KNOB_STEP_DOWN_MHZ] = config.control.max_step_down_mhz
+    knobs[k.KNOB_DITHER_MHZ] = config.control.dither_mhz
+    knobs[k.KNOB_TARGET_TPJ] = _num(config.target_tokens_per_joule)
+    knobs[k.KNOB_BUDGET_W] = _num(config.node_power_budget_w)
+    knobs[k.KNOB_TRACK_LIMIT] = 1.0 if config.control.power_limit == "track" else 0.0
+    return KernelArrays(
+        obs=np.full((k.N_OBS, n_groups), np.nan),
+        params=params,
+        clocks=clocks,
+        n_clocks=n_clocks,
+        knobs=knobs,
+        state=np.zeros((k.N_ST, n_groups)),
+        efit=np.zeros((n_groups, k.N_EFIT)),
+        cells=np.zeros((n_groups, load_bins, clock_bins, k.N_CELL)),
+        misses=np.zeros((n_groups, load_bins, k.N_MISS)),
+        out=np.full((k.N_OUT, n_groups), np.nan),
+    )
+
+
+def fill_observations(
+    obs: np.ndarray, groups: Sequence[GroupSpec], observations: Sequence[GroupObservation]
+) -> None:
+    """Write observations into obs by group name; a group without one is marked stale."""
+    by_name = {o.group: o for o in observations}
+    obs.fill(np.nan)
+    for g, spec in enumerate(groups):
+        o = by_name.get(spec.name)
+        if o is None:
+            obs[k.OBS_STALE, g] = 1.0
+            obs[k.OBS_GPU_COUNT, g] = len(spec.gpus)
+            continue
+        obs[k.OBS_INTERVAL_S, g] = _num(o.interval_s)
+        count = _num(o.gpu_count)
+        obs[k.OBS_GPU_COUNT, g] = count if count >= 1 else len(spec.gpus)
+        obs[k.OBS_ENERGY_J, g] = _num(o.energy_j)
+        obs[k.OBS_POWER_W, g] = _num(o.power_w)
+        obs[k.OBS_GEN_TPS, g] = _num(o.generation_tokens_per_s)
+        obs[k.OBS_PROMPT_TPS, g] = _num(o.prompt_tokens_per_s)
+        obs[k.OBS_RUNNING, g] = _num(o.running)
+        obs[k.OBS_WAITING, g] = _num(o.waiting)
+        obs[k.OBS_TTFT_P95_S, g] = _num(o.ttft_p95_s)
+        obs[k.OBS_ITL_P95_S, g] = _num(o.itl_p95_s)
+        obs[k.OBS_SM_CLOCK_MHZ, g] = _num(o.sm_clock_mhz)
+        reasons = _num(o.clock_event_reasons)
+        obs[k.OBS_REASONS, g] = reasons if reasons == reasons else 0.0
+        obs[k.OBS_STALE, g] = 1.0 if o.stale else 0.0
+        obs[k.OBS_REALTIME, g] = 1.0 if o.realtime else 0.0
+
+
+def _opt_float(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+class Controller:
+    """powerd's own policy: learned clock-vs-latency and power models, SLO guards, modes.
+
+    decide() returns one GroupDecision per group, in the order of `groups`.
+    """
+
+    name = "powerd"
+
+    def __init__(
+        self,
+        config: Config,
+        groups: Sequence[GroupSpec],
+        load_bins: int = k.DEFAULT_LOAD_BINS,
+        clock_bins: int = k.DEFAULT_CLOCK_BINS,
+    ) -> None:
+        if load_bins < 1 or clock_bins < 2:
+            raise ValueError("the controller needs at least 1 load bin and 2 clock bins")
+        self._load_bins = load_bins
+        self._clock_bins = clock_bins
+        self._config = config
+        self._groups: tuple[GroupSpec, ...] = tuple(groups)
+        self.arrays = build_arrays(config, self._groups, load_bins, clock_bins)
+        self._budget_ok = True
+
+    @property
+    def groups(self) -> tuple[GroupSpec, ...]:
+        return self._groups
+
+    def warmup(self) -> None:
+        """Compile every kernel (numba caches on disk), on copies so no state changes."""
+        if self._groups:
+            arrays = self.arrays.copy()
+        else:
+            gpu = GpuInfo(0, "warmup", "warmup", 100_000, 700_000, 700_000, 345, 1980, (345, 1980))
+            spec = GroupSpec("warmup", "warmup", (gpu,), SloConfig())
+            arrays = build_arrays(self._config, (spec,), self._load_bins, self._clock_bins)
+        arrays.obs.fill(np.nan)
+        arrays.obs[k.OBS_STALE] = 1.0
+        arrays.step()
+        arrays.obs[k.OBS_STALE] = 0.0
+        arrays.knobs[k.KNOB_MODE] = k.MODE_BUDGET
+        arrays.knobs[k.KNOB_BUDGET_W] = 1e9
+        arrays.step()
+
+    def decide(self, now_s: float, observations: Sequence[GroupObservation]) -> list[GroupDecision]:
+        """One decision per group (same order as the groups) from this tick's observations."""
+        arrays = self.arrays
+        fill_observations(arrays.obs, self._groups, observations)
+        self._budget_ok = arrays.step()
+        decisions = []
+        mode = self._config.mode
+        for g, spec in enumerate(self._groups):
+            cap = round(float(arrays.out[k.OUT_CAP_MHZ, g]))
+            limit = arrays.out[k.OUT_LIMIT_MW, g]
+            reason = REASON_NAMES.get(int(arrays.out[k.OUT_REASON, g]), "steady")
+            if mode == "budget" and not self._budget_ok:
+                reason += "; budget below the minimum limits"
+            decisions.append(
+                GroupDecision(
+                    group=spec.name,
+                    sm_clock_max_mhz=cap,
+                    power_limit_mw=None if math.isnan(limit) else int(limit),
+                    mode=mode,
+                    reason=reason,
+                )
+            )
+        return decisions
+
+    def reconfigure(self, config: Config, groups: Sequence[GroupSpec]) -> None:
+        """Apply a new config (SIGHUP); remaining groups on unchanged clocks keep their learning."""
+        old = self.arrays
+        old_index = {spec.name: g for g, spec in enumerate(self._groups)}
+        new_groups = tuple(groups)
+        new = build_arrays(config, new_groups, self._load_bins, self._clock_bins)
+        for g, spec in enumerate(new_groups):
+            i = old_index.get(spec.name)
+            if i is None:
+                continue
+            same_clocks = (
+                old.params[k.PAR_CLOCK_MAX_MHZ, i] == new.params[k.PAR_CLOCK_MAX_MHZ, g]
+                and old.params[k.PAR_FLOOR_MHZ, i] == new.params[k.PAR_FLOOR_MHZ, g]
+                and old.n_clocks[i] == new.n_clocks[g]
+            )
+            if not same_clocks:
+                continue
+            new.state[:, g] = old.state[:, i]
+            new.efit[g] = old.efit[i]
+            new.cells[g] = old.cells[i]
+            new.misses[g] = old.misses[i]
+        self._config = config
+        self._groups = new_groups
+        self.arrays = new
+
+    def group_state(self) -> list[dict[str, Any]]:
+        """Per group: mode, target and whether it is reached, floor, and the learned figures."""
+        arrays = self.arrays
+        mode = self._config.mode
+        result = []
+        for g, spec in enumerate(self._groups):
+            st = arrays.state[:, g]
+            f_max = float(arrays.params[k.PAR_CLOCK_MAX_MHZ, g])
+            reached = arrays.out[k.OUT_TARGET_REACHED, g]
+            kappa = st[k.ST_KAPPA]
+            ready = st[k.ST_READY] > 0.5
+            result.append(
+                {
+                    "group": spec.name,
+                    "server": spec.server,
+                    "mode": mode,
+                    "target_tokens_per_joule": self._config.target_tokens_per_joule
+                    if mode == "target"
+                    else None,
+                    "target_reached": None
+                    if mode != "target" or math.isnan(reached)
+                    else bool(reached > 0.5),
+                    "floor_mhz": int(arrays.params[k.PAR_FLOOR_MHZ, g]),
+                    "max_clock_mhz": int(f_max),
+                    "sm_clock_max_mhz": _opt_int(st[k.ST_CAP_MHZ]) if ready else None,
+                    "base_clock_mhz": _opt_int(st[k.ST_BASE_MHZ]) if ready else None,
+                    "power_limit_mw": _opt_int(st[k.ST_LIMIT_MW]) if ready else None,
+                    "tokens_per_joule": _opt_float(st[k.ST_TPJ]) if ready else None,
+                    "itl_estimate_s": _opt_float(st[k.ST_ITL_EST_S]) if ready else None,
+                    "knee_mhz": _opt_float(kappa * f_max) if ready else None,
+                    "slo_min_clock_mhz": _opt_float(st[k.ST_SLO_MIN_MHZ]) if ready else None,
+                    "power_slope_w_per_mhz": _opt_float(st[k.ST_SLOPE_W_PER_MHZ])
+                    if ready
+                    else None,
+                    "power_slope_t": _opt_float(st[k.ST_SLOPE_T]) if ready else None,
+                    "energy_opt_clock_mhz": _opt_float(st[k.ST_ENERGY_OPT_MHZ]) if ready else None,
+                    "safe_clock_mhz": _opt_float(st[k.ST_SAFE_MHZ]) if ready else None,
+                    "prefill_min_clock_mhz": _opt_float(st[k.ST_PREFILL_MIN_MHZ])
+                    if ready
+                    else None,
+                    "load_bin": _opt_int(st[k.ST_LOAD_BIN]) if ready else None,
+                    "hold_ticks": _opt_int(st[k.ST_HOLD]) if ready else None,
+                    "budget_feasible": self._budget_ok if mode == "budget" else None,
+                }
+            )
+        return result
+
+
+def _opt_int(x: float) -> int | None:
+    return round(x) if math.isfinite(x) else None

@@ -1,0 +1,127 @@
+"""`powerd bench` arguments, errors and output files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from powerd.bench.cli import add_bench_arguments, run_bench_command, setup_from_args
+from powerd.bench.policies import POLICY_NAMES
+from powerd.bench.report import matplotlib_available
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="powerd bench")
+    add_bench_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults() -> None:
+    args = _parse()
+    setup = setup_from_args(args)
+    assert args.policies == ",".join(POLICY_NAMES)
+    assert setup.trace == "azure-conv"
+    assert setup.duration_s == 3600.0
+    assert (setup.gpus, setup.tp, setup.gpu_model) == (4, 1, "h100-sxm")
+    assert setup.model_name == "llama-3.1-8b"
+    assert setup.peak_load == 0.7
+    assert setup.server_kind == "vllm"
+    assert setup.seed == 0
+
+
+def test_every_option_parses() -> None:
+    args = _parse(
+        "--trace", "diurnal", "--rate-scale", "1.5", "--duration", "120", "--gpu-model", "h200",
+        "--model", "llama-3.1-70b", "--gpus", "8", "--tp", "4", "--server-kind", "sglang",
+        "--policies", "default,powerd,oracle", "--seed", "7", "--json", "/tmp/x.json",
+        "--markdown", "/tmp/x.md", "--plot", "/tmp/x.png", "--ttft-slo", "3", "--itl-slo",
+        "0.05", "--oracle-window", "30", "--workers", "1",
+    )  # fmt: skip
+    setup = setup_from_args(args)
+    assert setup.trace == "diurnal" and setup.duration_s == 120.0
+    assert setup.peak_load is None and setup.rate_scale == 1.5
+    assert setup.gpu_profile().name == "h200"
+    assert (setup.gpus, setup.tp, setup.model_name) == (8, 4, "llama-3.1-70b")
+    assert setup.server_kind == "sglang" and setup.seed == 7
+    assert (setup.slo.ttft_s, setup.slo.itl_s) == (3.0, 0.05)
+    assert setup.oracle.window_s == 30.0 and setup.workers == 1
+    assert (args.json, args.markdown, args.plot) == ("/tmp/x.json", "/tmp/x.md", "/tmp/x.png")
+
+
+def test_peak_load_overrides_rate_scale() -> None:
+    setup = setup_from_args(_parse("--rate-scale", "2", "--peak-load", "0.5"))
+    assert setup.peak_load == 0.5
+    assert "peak load 0.50" in setup.load_description()
+
+
+def test_gpu_profile_file(tmp_path: Path) -> None:
+    from powerd.sim.plant import PROFILE_DIR
+
+    path = tmp_path / "mine.yaml"
+    path.write_text((PROFILE_DIR / "a100-sxm4-80gb.yaml").read_text())
+    setup = setup_from_args(_parse("--gpu-profile", str(path)))
+    assert setup.gpu_profile().sm_clock_max_mhz == 1410
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policies", "default,turbo"], "unknown policy 'turbo'"),
+        (["--gpus", "4", "--tp", "3"], "--tp (3) must divide --gpus (4)"),
+        (["--gpu-model", "b300"], "unknown GPU profile 'b300'"),
+        (["--model", "gpt-9"], "unknown model profile 'gpt-9'"),
+        (["--duration", "0"], "--duration must be positive"),
+        (["--peak-load", "-1"], "--peak-load must be positive"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_sentence(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_bench_command(_parse(*argv)) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("powerd bench: ") and err.count("\n") == 1
+
+
+def test_missing_trace_file(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _parse("--trace", "/nonexistent/trace.csv", "--duration", "10", "--gpus", "1",
+                  "--policies", "default", "--workers", "1", "--quiet")  # fmt: skip
+    assert run_bench_command(args) != 0
+    assert "/nonexistent/trace.csv" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(matplotlib_available(), reason="matplotlib is installed")
+def test_plot_without_matplotlib_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_bench_command(_parse("--plot", "/tmp/never.png")) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert not Path("/tmp/never.png").exists()
+
+
+def test_command_prints_the_table_and_writes_json_and_markdown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from powerd.cli import main
+
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    argv = [
+        "bench", "--trace", "diurnal", "--duration", "30", "--gpus", "1",
+        "--policies", "default,slo-lowest-clock,static-clock", "--workers", "1",
+        "--json", str(out_json), "--markdown", str(out_md),
+    ]  # fmt: skip
+    if matplotlib_available():
+        argv += ["--plot", str(tmp_path / "b.png")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "static-clock" in captured.out and "wall time:" in captured.out
+    assert "default:" in captured.err  # progress lines
+    doc = json.loads(out_json.read_text())
+    assert list(doc["policies"]) == ["default", "slo-lowest-clock", "static-clock"]
+    assert doc["powerd_share_of_oracle_saving"] is None
+    markdown = out_md.read_text()
+    assert markdown.startswith("# powerd bench")
+    assert "| default |" in markdown and "| static-clock |" in markdown
+    if matplotlib_available():
+        assert (tmp_path / "b.png").stat().st_size > 0

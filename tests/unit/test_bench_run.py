@@ -1,0 +1,176 @@
+"""`powerd bench` on a short run: every policy, ground truth, JSON schema, determinism."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from powerd.bench.oracle import OracleOptions
+from powerd.bench.policies import DefaultPolicy, PowerdPolicy
+from powerd.bench.report import to_json
+from powerd.bench.results import BenchResult
+from powerd.bench.runner import (
+    ATTAINMENT_TOLERANCE,
+    BenchSetup,
+    build_template_node,
+    meets_slo,
+    run_bench,
+    run_policy,
+)
+from powerd.config import SloConfig
+
+SETUP = BenchSetup(
+    trace="diurnal",
+    duration_s=150.0,
+    gpus=2,
+    tp=1,
+    peak_load=0.8,
+    slo=SloConfig(ttft_s=2.0, itl_s=0.1),
+    workers=1,
+    oracle=OracleOptions(window_s=30.0, tail_s=10.0),
+    zeus_warmup_s=1.0,
+    zeus_profile_s=2.0,
+)
+
+
+@pytest.fixture(scope="module")
+def bench() -> BenchResult:
+    return run_bench(SETUP)
+
+
+def test_json_schema_is_exactly_the_documented_one(bench: BenchResult) -> None:
+    doc = json.loads(json.dumps(to_json(bench), allow_nan=False))
+    assert set(doc) == {
+        "trace", "gpu_model", "model", "gpus", "duration_s", "slo", "policies",
+        "powerd_share_of_oracle_saving",
+    }  # fmt: skip
+    assert isinstance(doc["trace"], str) and doc["trace"] == "diurnal"
+    assert doc["gpu_model"] == "h100-sxm" and doc["model"] == "llama-3.1-8b"
+    assert doc["gpus"] == 2 and doc["duration_s"] == 150.0
+    assert doc["slo"] == {"ttft_p95_s": 2.0, "itl_p95_s": 0.1}
+    assert list(doc["policies"]) == [
+        "default", "static-power-cap", "util-governor", "static-clock", "slo-lowest-clock",
+        "powerd", "oracle",
+    ]  # fmt: skip
+    keys = {
+        "energy_j", "generated_tokens", "tokens_per_joule", "slo_attainment", "ttft_p95_s",
+        "itl_p95_s", "mean_power_w",
+    }  # fmt: skip
+    for name, entry in doc["policies"].items():
+        assert set(entry) == keys, name
+        assert isinstance(entry["generated_tokens"], int)
+        for key in keys - {"generated_tokens"}:
+            assert isinstance(entry[key], float), (name, key)
+        assert entry["energy_j"] > 0 and entry["generated_tokens"] > 0
+        assert entry["tokens_per_joule"] == pytest.approx(
+            entry["generated_tokens"] / entry["energy_j"]
+        )
+        assert entry["mean_power_w"] == pytest.approx(entry["energy_j"] / 150.0)
+        assert 0.0 <= entry["slo_attainment"] <= 1.0
+    share = doc["powerd_share_of_oracle_saving"]
+    assert isinstance(share, float)
+    p = doc["policies"]
+    expected = (p["default"]["energy_j"] - p["powerd"]["energy_j"]) / (
+        p["default"]["energy_j"] - p["oracle"]["energy_j"]
+    )
+    assert share == pytest.approx(expected)
+
+
+def test_default_runs_at_maximum_clocks(bench: BenchResult) -> None:
+    series = bench.policies["default"].series
+    f_max = 1980
+    assert len(series.time_s) == 150
+    # Unlocked with a context open the clock sits at f_max; only the power cap may briefly
+    # pull it down during large prefills.
+    assert np.median(series.clock_mhz) == pytest.approx(f_max, abs=1)
+    assert np.mean(series.clock_mhz) > 0.97 * f_max
+    node = build_template_node(SETUP)
+    run_policy(replace(SETUP, duration_s=20.0), node, DefaultPolicy())
+    plant = node.plant
+    for i in range(plant.n_gpus):
+        assert plant.locked_clocks(i) is None
+        assert plant.power_limit_mw(i) == plant.profile.power_limit_default_w * 1000
+
+
+def test_oracle_uses_no_more_energy_than_any_policy_meeting_the_slo(bench: BenchResult) -> None:
+    default = bench.policies["default"]
+    oracle = bench.policies["oracle"]
+    assert meets_slo(oracle, default)
+    contenders = [p for p in bench.policies.values() if p.name != "oracle"]
+    contenders += list(bench.sweep.values())
+    meeting = [p for p in contenders if meets_slo(p, default)]
+    assert default in meeting
+    for p in meeting:
+        assert oracle.energy_j <= p.energy_j, p.name
+    assert oracle.energy_j < 0.9 * default.energy_j
+
+
+def test_static_clock_is_the_least_energy_sweep_point_meeting_the_slo(bench: BenchResult) -> None:
+    default = bench.policies["default"]
+    static = bench.policies["static-clock"]
+    assert static.slo_attainment >= default.slo_attainment - ATTAINMENT_TOLERANCE
+    feasible = [r for r in bench.sweep.values() if meets_slo(r, default)]
+    assert static.energy_j == min(r.energy_j for r in feasible)
+    assert len(bench.sweep) >= 8
+    # The sweep found SLO-breaking clocks too, so the SLO constrained the choice.
+    assert any(not meets_slo(r, default) for r in bench.sweep.values())
+
+
+def test_baselines_act(bench: BenchResult) -> None:
+    p = bench.policies
+    for result in p.values():
+        assert len(result.series.time_s) == 150, result.name
+        assert result.series.time_s[-1] == 150.0
+        assert result.series.energy_j.sum() == pytest.approx(result.energy_j, rel=1e-9)
+    assert p["static-power-cap"].notes.endswith(" W") or "profiling" in p["static-power-cap"].notes
+    for name in ("util-governor", "slo-lowest-clock", "static-clock", "powerd"):
+        assert p[name].energy_j < p["default"].energy_j, name
+
+
+def test_same_seed_same_result_other_seed_other_arrivals() -> None:
+    setup = replace(SETUP, duration_s=40.0, oracle=OracleOptions(window_s=20.0, tail_s=5.0))
+    names = ["default", "powerd", "oracle"]
+    first = run_bench(setup, names)
+    second = run_bench(setup, names)
+    for name in names:
+        assert to_json(first)["policies"][name] == to_json(second)["policies"][name], name
+    other = run_bench(replace(setup, seed=1), ["default"])
+    assert other.policies["default"].energy_j != first.policies["default"].energy_j
+
+
+def test_parallel_workers_give_the_same_result_as_one() -> None:
+    setup = replace(SETUP, duration_s=30.0, workers=1)
+    names = ["default", "slo-lowest-clock", "static-clock"]
+    serial = run_bench(setup, names)
+    parallel = run_bench(replace(setup, workers=2), names)
+    assert to_json(serial) == to_json(parallel)
+
+
+def test_json_and_markdown_files(tmp_path: Path, bench: BenchResult) -> None:
+    from powerd.bench.report import write_json, write_markdown
+
+    write_json(bench, tmp_path / "out.json")
+    write_markdown(bench, tmp_path / "out.md")
+    assert json.loads((tmp_path / "out.json").read_text())["gpus"] == 2
+    markdown = (tmp_path / "out.md").read_text()
+    assert "| oracle |" in markdown and "| powerd |" in markdown
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmdeploy"])
+def test_powerd_reads_each_server_kind_end_to_end(kind: str) -> None:
+    setup = replace(SETUP, duration_s=15.0, gpus=1, server_kind=kind)
+    node = build_template_node(setup)
+    policy = PowerdPolicy(setup.sim_config(), setup.slo)
+    result = run_policy(setup, node, policy)
+    assert policy.daemon is not None and policy.daemon.last_snapshot is not None
+    (server,) = policy.daemon.last_snapshot.servers
+    assert server.kind == kind
+    assert server.up and server.error is None
+    assert server.generation_tokens_per_s is not None
+    # Kinds that count tokens at request end (TGI) may show none in the last tick.
+    assert server.generation_tokens_per_s > 0 or (server.generation_tokens_total or 0) > 0
+    assert result.generated_tokens > 0
