@@ -348,6 +348,7 @@ class Daemon:
         for group, observation in zip(self.groups, observations, strict=True):
             tokens = sum(t for t, _ in group.efficiency_window)
             joules = sum(j for _, j in group.efficiency_window)
+            energy_per_token_j = joules / tokens if tokens > 0 else None
             policy_state = states.get(group.spec.name, {})
             decision = group.decision
             sample = group.last_sample
@@ -361,7 +362,7 @@ class Daemon:
                     sm_clock_max_mhz=decision.sm_clock_max_mhz if decision else 0,
                     power_limit_mw=decision.power_limit_mw if decision else None,
                     tokens_per_joule=tokens / joules if joules > 0 else None,
-                    energy_per_token_j=joules / tokens if tokens > 0 else None,
+                    energy_per_token_j=energy_per_token_j,
                     generation_tokens_per_s=observation.generation_tokens_per_s,
                     power_w=observation.power_w,
                     ttft_p95_s=observation.ttft_p95_s,
@@ -379,6 +380,12 @@ class Daemon:
                     observe_only=not group.uuids
                     or all(self.actuator.states[u].observe_only for u in group.uuids),
                     dry_run=self.actuator.dry_run,
+                    cost_per_million_tokens=_per_million(
+                        self.grid.cost_per_token, energy_per_token_j
+                    ),
+                    carbon_g_per_million_tokens=_per_million(
+                        self.grid.carbon_g_per_token, energy_per_token_j
+                    ),
                 )
             )
         errors = getattr(self.backend, "error_counts", {})
@@ -395,6 +402,7 @@ class Daemon:
             dry_run=self.actuator.dry_run,
             grid_price_per_kwh=self.grid.price_per_kwh(),
             grid_carbon_g_per_kwh=self.grid.carbon_g_per_kwh(),
+            grid_currency=self.config.grid.currency,
         )
 
     # ----------------------------------------------------------------- lifecycle
@@ -537,6 +545,15 @@ class _Notifier(Protocol):
 def _group_states(policy: Policy) -> list[dict]:
     group_state = getattr(policy, "group_state", None)
     return list(group_state()) if group_state is not None else []
+
+
+def _per_million(
+    per_token: Callable[[float], float | None], energy_per_token_j: float | None
+) -> float | None:
+    if energy_per_token_j is None:
+        return None
+    value = per_token(energy_per_token_j)
+    return None if value is None else value * 1e6
 
 
 def _with_duration(snapshot: Snapshot, duration_s: float) -> Snapshot:

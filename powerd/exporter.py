@@ -306,7 +306,7 @@ class _SnapshotCollector(Collector):
             for sample in snapshot.servers:
                 _collect_server(families, sample, state.tokens_total.get(sample.server))
             for group in snapshot.groups:
-                _collect_group(families, group)
+                _collect_group(families, group, snapshot.grid_currency)
         return list(families.metrics())
 
 
@@ -494,8 +494,16 @@ def _collect_server(families: _Families, sample: ServerSample, tokens_total: flo
     ).add(labels, sample.itl_mean_s)
 
 
-def _collect_group(families: _Families, group: GroupStatus) -> None:
+def _collect_group(families: _Families, group: GroupStatus, currency: str) -> None:
     labels = {"group": group.group, "server": group.server, "model_name": group.model_name}
+    families(
+        "powerd_group_cost_per_million_tokens",
+        "Electricity cost of a million generated tokens (GPU energy x PUE x grid price).",
+    ).add({**labels, "currency": currency}, group.cost_per_million_tokens)
+    families(
+        "powerd_group_carbon_grams_per_million_tokens",
+        "Grams CO2e of a million generated tokens (GPU energy x PUE x grid intensity).",
+    ).add(labels, group.carbon_g_per_million_tokens)
     families(
         "powerd_group_tokens_per_joule", "Generated tokens per joule of the group's GPUs."
     ).add(labels, group.tokens_per_joule)

@@ -175,6 +175,10 @@ class GroupStatus:
     target_reached: bool | None = None
     observe_only: bool = False
     dry_run: bool = False
+    cost_per_million_tokens: float | None = None
+    """Electricity cost of a million tokens at the facility (GPU energy x PUE x price)."""
+    carbon_g_per_million_tokens: float | None = None
+    """Grams CO2e of a million tokens at the facility (GPU energy x PUE x intensity)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,3 +214,4 @@ class Snapshot:
     dry_run: bool = False
     grid_price_per_kwh: float | None = None
     grid_carbon_g_per_kwh: float | None = None
+    grid_currency: str = "USD"

@@ -210,6 +210,8 @@ def full_snapshot() -> Snapshot:
                 target_reached=True,
                 observe_only=False,
                 dry_run=False,
+                cost_per_million_tokens=0.0115,
+                carbon_g_per_million_tokens=36.5,
             ),
         ),
         nvml_errors={("set_power_limit", "no_permission"): 3, ("read_energy", "not_supported"): 1},
