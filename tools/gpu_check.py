@@ -256,6 +256,23 @@ def _call(nvml: Any, errors: dict[str, str], name: str, *args: Any) -> Any:
         return None
 
 
+def _power_fields(nvml: Any, handle: Any, errors: dict[str, str]) -> tuple[Any, Any]:
+    """(POWER_INSTANT, POWER_AVERAGE) in mW from one GetFieldValues; None for a failed field."""
+    fields = _call(
+        nvml,
+        errors,
+        "nvmlDeviceGetFieldValues",
+        handle,
+        [nvml.NVML_FI_DEV_POWER_INSTANT, nvml.NVML_FI_DEV_POWER_AVERAGE],
+    )
+    if fields is None:
+        return None, None
+    instant, average = (
+        v.value.uiVal if v.nvmlReturn == nvml.NVML_SUCCESS else None for v in fields
+    )
+    return instant, average
+
+
 def inventory(nvml: Any, handle: Any, index: int) -> dict[str, Any]:
     """Every static and slow value the daemon reads, for one GPU."""
     errors: dict[str, str] = {}
@@ -287,17 +304,7 @@ def inventory(nvml: Any, handle: Any, index: int) -> dict[str, Any]:
         "temperature_c": c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU),
         "persistence_mode": c("nvmlDeviceGetPersistenceMode"),
     }
-    fields = _call(
-        nvml,
-        errors,
-        "nvmlDeviceGetFieldValues",
-        handle,
-        [nvml.NVML_FI_DEV_POWER_INSTANT, nvml.NVML_FI_DEV_POWER_AVERAGE],
-    )
-    info["power_instant_mw"] = info["power_average_mw"] = None
-    if fields is not None:
-        for key, v in zip(("power_instant_mw", "power_average_mw"), fields, strict=True):
-            info[key] = v.value.uiVal if v.nvmlReturn == nvml.NVML_SUCCESS else None
+    info["power_instant_mw"], info["power_average_mw"] = _power_fields(nvml, handle, errors)
     info["errors"] = errors
     return info
 
@@ -329,20 +336,10 @@ def _read_sample(nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, fl
         "sm_mhz": c("nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM),
         "temp_c": c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU),
         "reasons": c("nvmlDeviceGetCurrentClocksEventReasons"),
-        "instant_mw": nan,
-        "average_mw": nan,
     }
-    fields = _call(
-        nvml,
-        errors,
-        "nvmlDeviceGetFieldValues",
-        handle,
-        [nvml.NVML_FI_DEV_POWER_INSTANT, nvml.NVML_FI_DEV_POWER_AVERAGE],
-    )
-    if fields is not None:
-        for key, v in zip(("instant_mw", "average_mw"), fields, strict=True):
-            if v.nvmlReturn == nvml.NVML_SUCCESS:
-                out[key] = float(v.value.uiVal)
+    instant, average = _power_fields(nvml, handle, errors)
+    out["instant_mw"] = nan if instant is None else float(instant)
+    out["average_mw"] = nan if average is None else float(average)
     return out
 
 
@@ -892,32 +889,33 @@ def calibration_rows(real: CheckResult, sim: CheckResult | None) -> list[dict[st
             return None
         return (comp.temp_end_c - idle.temp_end_c) / (comp.power_w - idle.power_w)  # type: ignore[operator]
 
-    specs: list[tuple[str, str, Callable[[CheckResult | None, int], Any], str, str]] = [
+    # A getter is the name of a PhaseStats field of the row's phase, or a function of (result, k).
+    specs: list[tuple[str, str, str | Callable[[CheckResult | None, int], Any], str, str]] = [
         (
             "p_bare_idle_w",
             "idle",
-            lambda r, k: _get(stats(r, "idle", k), "power_w"),
+            "power_w",
             "W",
             "energy-counter mean; bare idle only if no process holds a context (§1)",
         ),
         (
             "p_ctx_idle_w",
             "ctx_idle",
-            lambda r, k: _get(stats(r, "ctx_idle", k), "power_w"),
+            "power_w",
             "W",
             "P_st + P_clk at f_max (§6(b))",
         ),
         (
             "p_compute_w",
             "compute",
-            lambda r, k: _get(stats(r, "compute", k), "power_w"),
+            "power_w",
             "W",
             "BF16 matmul at the current settings; plant a=1.0, m=0.25",
         ),
         (
             "sm_clock_compute_mhz",
             "compute",
-            lambda r, k: _get(stats(r, "compute", k), "sm_mhz"),
+            "sm_mhz",
             "MHz",
             "below f_max when the cap binds (§1: 1.59-1.75 GHz on H100 at 700 W)",
         ),
@@ -931,14 +929,14 @@ def calibration_rows(real: CheckResult, sim: CheckResult | None) -> list[dict[st
         (
             "p_memory_w",
             "memory",
-            lambda r, k: _get(stats(r, "memory", k), "power_w"),
+            "power_w",
             "W",
             "1-GiB device copy; plant a=0.15, m=0.85",
         ),
         (
             "sm_clock_memory_mhz",
             "memory",
-            lambda r, k: _get(stats(r, "memory", k), "sm_mhz"),
+            "sm_mhz",
             "MHz",
             "",
         ),
@@ -959,21 +957,21 @@ def calibration_rows(real: CheckResult, sim: CheckResult | None) -> list[dict[st
         (
             "instant_update_period_s",
             "compute",
-            lambda r, k: _get(stats(r, "compute", k), "instant_period_s"),
+            "instant_period_s",
             "s",
             "§2: 100 ms",
         ),
         (
             "energy_update_period_s",
             "compute",
-            lambda r, k: _get(stats(r, "compute", k), "energy_period_s"),
+            "energy_period_s",
             "s",
             "§2: about 100 ms",
         ),
         (
             "energy_over_instant_integral",
             "compute",
-            lambda r, k: _get(stats(r, "compute", k), "energy_ratio"),
+            "energy_ratio",
             "ratio",
             "counter delta / ∫POWER_INSTANT dt; the per-board gain error is ±5 % (§2 [S8])",
         ),
@@ -987,28 +985,31 @@ def calibration_rows(real: CheckResult, sim: CheckResult | None) -> list[dict[st
         (
             "clock_on_table_fraction",
             "compute",
-            lambda r, k: _get(stats(r, "compute", k), "clock_on_table"),
+            "clock_on_table",
             "fraction",
             "SM clock read-backs found in the supported-clocks list",
         ),
         ("compute_iterations_per_s", "compute", lambda r, k: _rate(r, "compute", k), "1/s", ""),
         ("memory_iterations_per_s", "memory", lambda r, k: _rate(r, "memory", k), "1/s", ""),
     ]
+
+    def value(
+        result: CheckResult | None,
+        phase: str,
+        getter: str | Callable[[CheckResult | None, int], Any],
+        k: int,
+    ) -> Any:
+        if isinstance(getter, str):
+            return _get(stats(result, phase, k), getter)
+        return getter(result, k)
+
     for k, g in enumerate(real.inventory):
-        base = {"gpu": g["index"], "uuid": g["uuid"], "name": g["name"]}
-        for name, phase, getter, unit, note in specs:
-            if phase not in real.phases:
-                continue
-            rows.append(
-                {
-                    **base,
-                    "parameter": name,
-                    "measured": getter(real, k),
-                    "simulated": getter(sim, k),
-                    "unit": unit,
-                    "note": note,
-                }
-            )
+        # (parameter, measured, simulated, unit, note)
+        found = [
+            (name, value(real, phase, getter, k), value(sim, phase, getter, k), unit, note)
+            for name, phase, getter, unit, note in specs
+            if phase in real.phases
+        ]
         if real.sweep is not None:
             f_max = float(g["sm_clock_max_mhz"] or 1.0)
             got = _sweep_fits(real.sweep, g["index"], f_max)
@@ -1022,16 +1023,19 @@ def calibration_rows(real: CheckResult, sim: CheckResult | None) -> list[dict[st
                 ("lock_dead_time_s", "s"),
                 ("cap_settle_s", "s"),
             ):
-                rows.append(
-                    {
-                        **base,
-                        "parameter": name,
-                        "measured": got.get(name),
-                        "simulated": simulated.get(name),
-                        "unit": unit,
-                        "note": "--sweep fit",
-                    }
-                )
+                found.append((name, got.get(name), simulated.get(name), unit, "--sweep fit"))
+        base = {"gpu": g["index"], "uuid": g["uuid"], "name": g["name"]}
+        for name, measured, simulated_value, unit, note in found:
+            rows.append(
+                {
+                    **base,
+                    "parameter": name,
+                    "measured": measured,
+                    "simulated": simulated_value,
+                    "unit": unit,
+                    "note": note,
+                }
+            )
     return rows
 
 

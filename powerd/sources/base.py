@@ -233,6 +233,16 @@ def first_present(samples: Samples, *names: str) -> str | None:
     return None
 
 
+def first_histogram(
+    samples: Samples, *bases: str, mirrors: frozenset[str] = frozenset()
+) -> dict[SeriesKey, Hist] | None:
+    """The histogram of the first of `bases` that has `_bucket` series; None when none has."""
+    name = first_present(samples, *(base + "_bucket" for base in bases))
+    if name is None:
+        return None
+    return histogram(samples, name[: -len("_bucket")], mirrors=mirrors)
+
+
 def total(values: Mapping[SeriesKey, float] | None) -> float | None:
     return None if values is None else float(sum(values.values()))
 

@@ -23,9 +23,7 @@ from powerd.sources.base import (
     total,
 )
 from powerd.sources.exposition import Samples, SeriesKey, Wanted
-from powerd.sources.vllm import MODEL_LABELS, hist_names
-
-_HIST_SUFFIXES = ("_bucket", "_sum", "_count")
+from powerd.sources.vllm import HIST_SUFFIXES, MODEL_LABELS, hist_names
 
 
 def spellings(name: str) -> tuple[str, ...]:
@@ -36,7 +34,7 @@ def spellings(name: str) -> tuple[str, ...]:
 
 
 def histogram_base(name: str) -> str:
-    for suffix in _HIST_SUFFIXES:
+    for suffix in HIST_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name

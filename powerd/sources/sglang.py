@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from powerd.sources.base import (
     Reading,
     SourceError,
-    first_present,
+    first_histogram,
     gauge_total,
     histogram,
     label_values,
@@ -43,6 +43,15 @@ _MODE = frozenset({"mode"})
 P = "sglang:"
 _RUNNING = (P + "num_running_reqs", P + "num_requests_running")
 _WAITING = (P + "num_queue_reqs", P + "num_requests_waiting")
+
+
+def _first_gauge(samples: Samples, names: tuple[str, ...]) -> float | None:
+    """The gauge total of the first spelling in `names` that is present, ranks collapsed."""
+    for name in names:
+        value = gauge_total(samples, name, mirrors=MIRRORS)
+        if value is not None:
+            return value
+    return None
 
 
 class SglangExtractor:
@@ -70,9 +79,7 @@ class SglangExtractor:
         )
 
     def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
-        running = gauge_total(samples, _RUNNING[0], mirrors=MIRRORS)
-        if running is None:
-            running = gauge_total(samples, _RUNNING[1], mirrors=MIRRORS)
+        running = _first_gauge(samples, _RUNNING)
         finished_tokens = series_values(samples, P + "generation_tokens_total", mirrors=MIRRORS)
         reading = Reading(realtime=True)
         if P + "realtime_tokens_total" in samples:
@@ -110,23 +117,20 @@ class SglangExtractor:
             reading.counters["finished"] = finished
         if running is not None:
             reading.gauges["running"] = running
-        waiting = gauge_total(samples, _WAITING[0], mirrors=MIRRORS)
-        if waiting is None:
-            waiting = gauge_total(samples, _WAITING[1], mirrors=MIRRORS)
+        waiting = _first_gauge(samples, _WAITING)
         if waiting is not None:
             reading.gauges["waiting"] = waiting
         ttft = histogram(samples, P + "time_to_first_token_seconds", mirrors=MIRRORS)
         if ttft is not None:
             reading.hists["ttft"] = ttft
-        itl_name = first_present(
+        itl = first_histogram(
             samples,
-            P + "inter_token_latency_seconds_bucket",
-            P + "time_per_output_token_seconds_bucket",
+            P + "inter_token_latency_seconds",
+            P + "time_per_output_token_seconds",
+            mirrors=MIRRORS,
         )
-        if itl_name is not None:
-            itl = histogram(samples, itl_name[: -len("_bucket")], mirrors=MIRRORS)
-            if itl is not None:
-                reading.hists["itl"] = itl
+        if itl is not None:
+            reading.hists["itl"] = itl
         reading.markers["start"] = start_time_marker(samples)
         reading.model_names = label_values(
             samples,

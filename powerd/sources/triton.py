@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from powerd.sources.base import (
     Reading,
     SourceError,
+    first_present,
     gauge_total,
     histogram,
     label_values,
@@ -45,10 +46,7 @@ _SUCCESS = "nv_inference_request_success"
 
 
 def _first(samples: Samples, names: tuple[str, ...]) -> str:
-    for name in names:
-        if name in samples:
-            return name
-    return names[0]
+    return first_present(samples, *names) or names[0]
 
 
 def _per_iteration(

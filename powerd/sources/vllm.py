@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from powerd.sources.base import (
     Reading,
     SourceError,
-    first_present,
+    first_histogram,
     gauge_total,
     histogram,
     label_values,
@@ -31,7 +31,7 @@ from powerd.sources.base import (
 )
 from powerd.sources.exposition import Samples, Wanted
 
-_HIST_SUFFIXES = ("_bucket", "_sum", "_count")
+HIST_SUFFIXES = ("_bucket", "_sum", "_count")
 MODEL_LABELS = ("model_name", "model", "name")
 
 
@@ -44,7 +44,7 @@ def start_time_marker(samples: Samples) -> object:
 
 
 def hist_names(*bases: str) -> list[str]:
-    return [base + suffix for base in bases for suffix in _HIST_SUFFIXES]
+    return [base + suffix for base in bases for suffix in HIST_SUFFIXES]
 
 
 class CounterServerExtractor:
@@ -112,11 +112,9 @@ class CounterServerExtractor:
         ttft = histogram(samples, self.ttft_histogram)
         if ttft is not None:
             reading.hists["ttft"] = ttft
-        itl_name = first_present(samples, *(name + "_bucket" for name in self.itl_histograms))
-        if itl_name is not None:
-            itl = histogram(samples, itl_name[: -len("_bucket")])
-            if itl is not None:
-                reading.hists["itl"] = itl
+        itl = first_histogram(samples, *self.itl_histograms)
+        if itl is not None:
+            reading.hists["itl"] = itl
         reading.markers["start"] = start_time_marker(samples)
         created = series_values(samples, p + "generation_tokens_created")
         if created:
