@@ -11,6 +11,8 @@ The controller (controller_step) per group and tick:
   the prefill capacity per MHz, and the clocks recently blamed for SLO misses;
 - raises at once on a latency past the margin line (sized by the roofline), a miss (at least
   halfway to f_max), a full or growing queue, or a one-tick quantile spike (one step); holds;
+- boosts one tick's cap, without moving the chosen clock, while requests wait and the prompt
+  rate nears the learned prefill capacity (a prompt burst: queueing scales as 1/f);
 - lowers only with slack, at most max_step_down per tick, never below the floor, the latency
   bound, the prefill-headroom bound, the learned safe clock or the energy optimum;
 - dithers by dither_mhz when settled, clamps to supported clocks, applies the mode (target,
@@ -227,6 +229,9 @@ _PROMPT_ALPHA = 0.05
 _PREFILL_UTIL = 0.6
 """Prefill is compute-bound (capacity ~ f): keep the smoothed prompt load at most this share of
 the learned capacity, so a burst drains within the TTFT budget instead of queueing."""
+_PREFILL_BURST = 0.8
+"""A tick with requests waiting and a prompt rate past this share of the learned prefill capacity
+boosts the clock for that tick."""
 _TPOT_ALPHA = 0.2
 """About 5 ticks: the life of a typical request's decode (a few hundred tokens at 10-50 ms)."""
 _CELL_DECAY = 0.99
@@ -911,6 +916,18 @@ def _group_step(
     state[ST_SLOPE_W_PER_MHZ, g] = slope
     state[ST_SLOPE_T, g] = slope_t
 
+    # A prompt burst: requests wait while prefill runs near its learned capacity, so their TTFT
+    # grows as 1/f. Boost this tick's cap only, to keep the burst at _PREFILL_BURST of the
+    # capacity; the chosen clock does not move. Without a queue the burst is absorbed.
+    boost = -math.inf
+    if (
+        waiting >= 1.0
+        and _finite(prefill_k)
+        and prefill_k > 0.0
+        and prompt_tps > _PREFILL_BURST * prefill_k * f_now
+    ):
+        boost = min(prompt_tps / (prefill_k * _PREFILL_BURST), f_max)
+
     # Guards: raise within this tick, to a safe clock.
     raise_to = -math.inf
     raise_reason = REASON_STEADY
@@ -1074,7 +1091,12 @@ def _group_step(
     if cap < lowest:
         cap = lowest
     cap = min(cap, f_max)
+    # The slew limit applies to the chosen cap, not to a burst's one-tick boost.
     state[ST_CAP_MHZ, g] = cap
+    if boost > cap:
+        cap = clamp_clock_up(row, n, boost)
+        if reason in (REASON_STEADY, REASON_LOWER, REASON_ENERGY_FLOOR, REASON_HOLD):
+            reason = REASON_RAISE_TTFT
     out[OUT_CAP_MHZ, g] = cap
     out[OUT_REASON, g] = reason
 

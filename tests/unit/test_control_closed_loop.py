@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from powerd.config import Config, ControlConfig, SloConfig
-from powerd.control.policy import Controller, GroupSpec
+from powerd.control.policy import Controller, GroupSpec, group_floor_mhz
 from powerd.model import GpuInfo, GroupObservation
 
 F_MAX = 1980.0
 CLOCKS = tuple(range(345, 1981, 15))
 GPU = GpuInfo(0, "GPU-plant", "H100-SXM", 200_000, 700_000, 700_000, 345, 1980, CLOCKS)
-FLOOR_MHZ = 990  # half of f_max, the controller's default floor
+FLOOR_MHZ = group_floor_mhz(CLOCKS, int(F_MAX), None)  # the controller's default floor
 
 
 def voltage_share(clock_mhz: float) -> float:

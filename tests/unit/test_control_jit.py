@@ -102,7 +102,7 @@ def main() -> None:
     from numba.core import config as numba_config
 
     result = scenario()
-    result["jit_disabled"] = bool(numba_config.DISABLE_JIT)
+    result["jit_disabled"] = bool(numba_config.DISABLE_JIT)  # type: ignore[attr-defined]
     print(json.dumps(result))
 
 
