@@ -3,6 +3,11 @@
 The benchmark judges every policy by the simulator's truth (true energy, every finished
 request's latencies), never by what a controller could measure. Baselines other than powerd
 act on the plant's own setters, so they see the same actuation dead time as NVML writes.
+
+Requests still unfinished when a run ends are judged by one rule for every policy: one whose
+TTFT already exceeds the TTFT SLO (its first token came late, or it has none at an age past
+the SLO) is a certain miss and counts as one; the others (on time so far) are not counted. So
+a policy cannot raise its attainment by leaving late work unfinished.
 """
 
 from __future__ import annotations
@@ -40,6 +45,28 @@ def finished_count(node: SimNode) -> int:
     return len(node.finished_requests())
 
 
+def unfinished_ttft_s(node: SimNode) -> tuple[np.ndarray, np.ndarray]:
+    """(arrival s, TTFT lower bound s) of every request arrived and not finished: its TTFT
+    when it has its first token, else its age now (its TTFT can only be larger)."""
+    from powerd.sim import engine as eng
+
+    with node.lock:
+        bank = node.bank
+        allocated = np.ones(bank.capacity, dtype=bool)
+        allocated[bank.free_stack[: int(bank.node_i[eng.NI_FREE_TOP])]] = False
+        arrival = bank.req_f[allocated, eng.RF_ARRIVAL].copy()
+        first = bank.req_f[allocated, eng.RF_FIRST]
+        started = bank.req_i[allocated, eng.R_GEN_DONE] > 0
+        now_s = bank.now_s
+    return arrival, np.where(started, first - arrival, now_s - arrival)
+
+
+def late_unfinished(node: SimNode, slo: SloConfig) -> int:
+    """Requests arrived and not finished whose TTFT already exceeds the TTFT SLO (certain
+    misses)."""
+    return int((unfinished_ttft_s(node)[1] > slo.ttft_s).sum())
+
+
 def slo_met(ttft_s: np.ndarray, itl_s: np.ndarray, slo: SloConfig) -> np.ndarray:
     """Per request: both the TTFT and the mean inter-token latency within the SLO."""
     return (ttft_s <= slo.ttft_s) & (itl_s <= slo.itl_s)
@@ -55,18 +82,26 @@ class Outcome:
     met: int
     ttft_p95_s: float
     itl_p95_s: float
+    late_unfinished: int = 0
+    """Unfinished requests already past the TTFT SLO: misses (see the module docstring)."""
+
+    @property
+    def judged(self) -> int:
+        """Requests with a verdict: the finished and the certain misses among the rest."""
+        return self.finished + self.late_unfinished
 
     @property
     def attainment(self) -> float:
-        return self.met / self.finished if self.finished else 1.0
+        return self.met / self.judged if self.judged else 1.0
 
     @property
     def misses(self) -> int:
-        return self.finished - self.met
+        return self.judged - self.met
 
 
 def outcome(node: SimNode, slo: SloConfig) -> Outcome:
-    """The whole run's ground truth so far."""
+    """The whole run's ground truth so far, unfinished requests judged as the module
+    docstring says."""
     ttft, itl = latencies(node)
     met = slo_met(ttft, itl, slo)
     return Outcome(
@@ -76,6 +111,7 @@ def outcome(node: SimNode, slo: SloConfig) -> Outcome:
         met=int(met.sum()),
         ttft_p95_s=float(np.quantile(ttft, 0.95)) if len(ttft) else 0.0,
         itl_p95_s=float(np.quantile(itl, 0.95)) if len(itl) else 0.0,
+        late_unfinished=late_unfinished(node, slo),
     )
 
 

@@ -84,10 +84,11 @@ def _candidate(clock: int, energy: float, misses: int, window_misses: int = 0) -
 
 
 def _reference(n: int, missed_at: list[int], energy_per_request: float = 1.0) -> Reference:
-    """Default finishing one request per second from t = 1, missing those at missed_at."""
+    """Default finishing one request per second from t = 1, missing those at missed_at (each
+    miss certain at its finish)."""
     finish = np.arange(1.0, n + 1.0)
     missed = np.isin(np.arange(1, n + 1), missed_at)
-    return Reference(finish, np.cumsum(missed), energy_per_request)
+    return Reference(finish, finish[missed], energy_per_request)
 
 
 def test_reference_counts_requests_in_a_half_open_span() -> None:
