@@ -1,4 +1,4 @@
-"""`powerd bench`: arguments and the command (the lead's powerd/cli.py mounts these)."""
+"""`powerd bench`: its arguments and the command; powerd/cli.py mounts them."""
 
 from __future__ import annotations
 
