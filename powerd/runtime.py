@@ -7,7 +7,9 @@ kernels are compiled and the metrics port bound, and only then READY=1.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +26,46 @@ from powerd.systemd import Notifier
 log = logging.getLogger("powerd")
 
 JOURNAL_FILE = "journal.json"
+LOCK_FILE = "powerd.lock"
+
+
+class RunLock:
+    """An exclusive lock on the state directory, held while a daemon runs.
+
+    Two daemons on one node would fight over the same GPUs, and a restore while a daemon runs
+    would be undone at its next tick. The lock is an flock, so the kernel drops it when the
+    holder dies: a SIGKILLed daemon never blocks the restore that follows it.
+    """
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        """The PID written by the holder, or '?'."""
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def journal_for(config: Config) -> Journal:
@@ -43,6 +85,25 @@ def open_backend(config: Config) -> GpuBackend:
 
 def restore_node(config: Config) -> int:
     """`powerd restore`: put back every GPU setting recorded in the journal. Exit status."""
+    lock = RunLock(config.state_dir)
+    try:
+        if not lock.acquire():
+            print(
+                f"powerd restore: powerd is running (pid {lock.holder()}); stop it instead, "
+                "which restores every GPU (systemctl stop powerd)",
+                file=sys.stderr,
+            )
+            return 1
+    except OSError as exc:
+        print(f"powerd restore: cannot use the state directory: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _restore_journal(config)
+    finally:
+        lock.release()
+
+
+def _restore_journal(config: Config) -> int:
     journal = journal_for(config)
     if not journal.pending():
         log.info("nothing to restore: %s holds no saved settings", journal.path)
@@ -65,6 +126,25 @@ def run_daemon(config: Config, *, config_path: Path, force_dry_run: bool = False
 
     `force_dry_run` (--dry-run) holds for every config read, reloads included.
     """
+    lock = RunLock(config.state_dir)
+    try:
+        if not lock.acquire():
+            print(
+                f"powerd: another powerd is running (pid {lock.holder()}) with its state in "
+                f"{config.state_dir}; two would fight over the same GPUs",
+                file=sys.stderr,
+            )
+            return 1
+    except OSError as exc:
+        print(f"powerd: cannot use the state directory: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _run_locked(config, config_path=config_path, force_dry_run=force_dry_run)
+    finally:
+        lock.release()
+
+
+def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> int:
     notifier = Notifier()
     simulation = None
     simulated_servers: tuple[ServerConfig, ...] = ()

@@ -198,3 +198,29 @@ def test_dry_run_writes_nothing_even_across_a_reload(tmp_path: Path) -> None:
     assert process.returncode == 0, output
     assert "would set" in output
     assert not (tmp_path / "state" / "journal.json").exists()
+
+
+def test_restore_and_a_second_daemon_refuse_while_powerd_runs(tmp_path: Path) -> None:
+    state_file = tmp_path / "g"
+    config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(state_file)})
+    notify = NotifySocket(tmp_path / "notify.sock")
+    process = start_powerd(
+        "run", "--config", str(config), env=powerd_env(NOTIFY_SOCKET=str(notify.path))
+    )
+    try:
+        notify.wait_for("READY=1")
+        _wait_until(lambda: bool(changed_gpus(state_file)), 60, "powerd to lock a clock")
+        restore = powerd("restore", "--config", str(config))
+        assert restore.returncode == 1
+        assert f"powerd is running (pid {process.pid})" in restore.stderr
+        assert changed_gpus(state_file), "the running daemon's settings were left to it"
+        second = powerd("run", "--config", str(config))
+        assert second.returncode == 1
+        assert "another powerd is running" in second.stderr
+        output = _stop(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+    assert process.returncode == 0, output
+    assert changed_gpus(state_file) == {}
