@@ -87,7 +87,11 @@ SI_ITER_GEN_REQS = 6
 SI_ITER_CTX_REQS = 7
 SI_ITER_CTX_TOKENS = 8
 SI_SG_STEPS = 9
-N_SI = 10
+SI_DONE_GEN_REQS = 10
+SI_DONE_CTX_REQS = 11
+SI_DONE_CTX_TOKENS = 12
+"""The last completed iteration's batch, which TensorRT-LLM's iteration stats report."""
+N_SI = 13
 # Servers, float64[S, N_SF]
 SF_BUSY_UNTIL = 0
 SF_MARK = 1
@@ -641,6 +645,9 @@ def _complete_iteration(
     metrics[s, M_PROMPT_TOKENS] += pf_this
     metrics[s, M_GEN_TOKENS] += gen_this
     metrics[s, M_ITERATIONS] += 1.0
+    srv_i[s, SI_DONE_GEN_REQS] = srv_i[s, SI_ITER_GEN_REQS]
+    srv_i[s, SI_DONE_CTX_REQS] = srv_i[s, SI_ITER_CTX_REQS]
+    srv_i[s, SI_DONE_CTX_TOKENS] = srv_i[s, SI_ITER_CTX_TOKENS]
     metrics[s, M_BUSY_SLOTS] += n_seqs
     metrics[s, M_BUSY_S] += t1 - srv_f[s, SF_ITER_START]
     _observe(
@@ -1151,9 +1158,9 @@ class EngineBank:
             kv_capacity_tokens=cap,
             kv_usage=used / cap if cap > 0 else 0.0,
             max_batch=float(self.cfg[C_MAX_BATCH]),
-            iter_generation_requests=float(self.srv_i[s, SI_ITER_GEN_REQS]),
-            iter_context_requests=float(self.srv_i[s, SI_ITER_CTX_REQS]),
-            iter_context_tokens=float(self.srv_i[s, SI_ITER_CTX_TOKENS]),
+            iter_generation_requests=float(self.srv_i[s, SI_DONE_GEN_REQS]),
+            iter_context_requests=float(self.srv_i[s, SI_DONE_CTX_REQS]),
+            iter_context_tokens=float(self.srv_i[s, SI_DONE_CTX_TOKENS]),
             now_s=self.now_s,
         )
         hists: dict[str, HistogramSnapshot] = {}
