@@ -2,8 +2,9 @@
 
 The controlled run is the production loop against the fake NVML and the simulated servers'
 HTTP /metrics. The comparison replays the very same requests on an identical node with the
-controller off (maximum clocks, default power limit), in virtual time, and both are measured
-from the simulator's ground truth: true energy and every finished request's latencies.
+controller off (maximum clocks, default power limit), in virtual time, and both are judged as
+the benchmark judges a policy (powerd.bench.measure): the simulator's true energy, every
+finished request's latencies, and requests still waiting past the TTFT SLO as misses.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from powerd import __version__
+from powerd.bench.measure import Outcome, outcome
 from powerd.config import Config, MetricsConfig, SimConfig, SloConfig
 from powerd.daemon import Daemon
 from powerd.exporter import Exporter
@@ -45,36 +45,6 @@ class DemoOptions:
     mode: str = "efficiency"
     seed: int = 0
     quiet: bool = False
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    energy_j: float
-    generated_tokens: float
-    finished_requests: int
-    slo_attainment: float
-    ttft_p95_s: float
-    itl_p95_s: float
-
-    @property
-    def tokens_per_joule(self) -> float:
-        return self.generated_tokens / self.energy_j if self.energy_j > 0 else 0.0
-
-
-def summarize(node: SimNode, slo: SloConfig) -> RunSummary:
-    """Ground-truth totals of a node's run and its requests' SLO attainment."""
-    totals = node.totals()
-    finished = node.finished_requests()
-    ttft, itl = finished[:, 0], finished[:, 1]
-    met = (ttft <= slo.ttft_s) & (itl <= slo.itl_s)
-    return RunSummary(
-        energy_j=float(totals["energy_j"]),
-        generated_tokens=float(totals["generated_tokens"]),
-        finished_requests=len(finished),
-        slo_attainment=float(met.mean()) if len(finished) else 1.0,
-        ttft_p95_s=float(np.quantile(ttft, 0.95)) if len(finished) else 0.0,
-        itl_p95_s=float(np.quantile(itl, 0.95)) if len(finished) else 0.0,
-    )
 
 
 def sim_config_for(options: DemoOptions, state_file: str | None = None) -> SimConfig:
@@ -126,11 +96,11 @@ def run_demo(options: DemoOptions) -> int:
             exporter.stop()
             simulation.stop()
         elapsed_s = simulation.node.now_s
-        controlled = summarize(simulation.node, DEMO_SLO)
+        controlled = outcome(simulation.node, DEMO_SLO)
 
     baseline_node = build_node(replace(sim, state_file=None), options.duration_s)
     _advance(baseline_node, elapsed_s)
-    uncontrolled = summarize(baseline_node, DEMO_SLO)
+    uncontrolled = outcome(baseline_node, DEMO_SLO)
     print(format_summary(controlled, uncontrolled, elapsed_s))
     return 0
 
@@ -156,7 +126,7 @@ def _print_tick(snapshot: Snapshot) -> None:
     print(f"[{snapshot.ticks_total:4d}] " + " | ".join(parts), flush=True)
 
 
-def format_summary(controlled: RunSummary, uncontrolled: RunSummary, duration_s: float) -> str:
+def format_summary(controlled: Outcome, uncontrolled: Outcome, duration_s: float) -> str:
     def row(name: str, c: str, u: str) -> str:
         return f"  {name:<24}{c:>14}{u:>16}"
 
@@ -166,8 +136,8 @@ def format_summary(controlled: RunSummary, uncontrolled: RunSummary, duration_s:
         else 0.0
     )
     lines = [
-        f"\nSummary over {duration_s:.0f} s of the same load ({controlled.finished_requests} "
-        f"vs {uncontrolled.finished_requests} requests finished):",
+        f"\nSummary over {duration_s:.0f} s of the same load ({controlled.finished} "
+        f"vs {uncontrolled.finished} requests finished):",
         row("", "powerd", "controller off"),
         row(
             "tokens per joule",
@@ -186,8 +156,8 @@ def format_summary(controlled: RunSummary, uncontrolled: RunSummary, duration_s:
         row("ITL p95 (s)", f"{controlled.itl_p95_s:.4f}", f"{uncontrolled.itl_p95_s:.4f}"),
         row(
             "requests within SLO",
-            f"{controlled.slo_attainment:.1%}",
-            f"{uncontrolled.slo_attainment:.1%}",
+            f"{controlled.attainment:.1%}",
+            f"{uncontrolled.attainment:.1%}",
         ),
         f"  tokens per joule: {gain:+.1f} % with powerd",
     ]

@@ -95,6 +95,10 @@ class Outcome:
         return self.met / self.judged if self.judged else 1.0
 
     @property
+    def tokens_per_joule(self) -> float:
+        return self.generated_tokens / self.energy_j if self.energy_j > 0 else 0.0
+
+    @property
     def misses(self) -> int:
         return self.judged - self.met
 
