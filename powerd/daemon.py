@@ -468,12 +468,6 @@ class Daemon:
                 self._drop_gpu(uuid, exc)
             log.info("GPU %s: no configured server uses it any more; back to its defaults", uuid)
 
-    def request_stop(self, *_: object) -> None:
-        self._stop.set()
-
-    def request_reload(self, *_: object) -> None:
-        self._reload.set()
-
     def install_signal_handlers(self) -> None:
         def stop(signum: int, frame: FrameType | None) -> None:
             self._stop.set()

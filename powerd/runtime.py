@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,6 +69,24 @@ class RunLock:
             self._fd = None
 
 
+def _holding_run_lock(config: Config, body: Callable[[], int], *, program: str, busy: str) -> int:
+    """Run `body` holding the state directory's RunLock; its exit status, or 1 with one
+    sentence (`busy`, with {pid} filled in) when another process holds the lock."""
+    lock = RunLock(config.state_dir)
+    try:
+        acquired = lock.acquire()
+    except OSError as exc:
+        print(f"{program}: cannot use the state directory: {exc}", file=sys.stderr)
+        return 1
+    if not acquired:
+        print(f"{program}: {busy.replace('{pid}', lock.holder())}", file=sys.stderr)
+        return 1
+    try:
+        return body()
+    finally:
+        lock.release()
+
+
 def journal_for(config: Config) -> Journal:
     return Journal(Path(config.state_dir) / JOURNAL_FILE)
 
@@ -85,22 +104,13 @@ def open_backend(config: Config) -> GpuBackend:
 
 def restore_node(config: Config) -> int:
     """`powerd restore`: put back every GPU setting recorded in the journal. Exit status."""
-    lock = RunLock(config.state_dir)
-    try:
-        if not lock.acquire():
-            print(
-                f"powerd restore: powerd is running (pid {lock.holder()}); stop it instead, "
-                "which restores every GPU (systemctl stop powerd)",
-                file=sys.stderr,
-            )
-            return 1
-    except OSError as exc:
-        print(f"powerd restore: cannot use the state directory: {exc}", file=sys.stderr)
-        return 1
-    try:
-        return _restore_journal(config)
-    finally:
-        lock.release()
+    return _holding_run_lock(
+        config,
+        lambda: _restore_journal(config),
+        program="powerd restore",
+        busy="powerd is running (pid {pid}); stop it instead, which restores every GPU "
+        "(systemctl stop powerd)",
+    )
 
 
 def _restore_journal(config: Config) -> int:
@@ -126,22 +136,13 @@ def run_daemon(config: Config, *, config_path: Path, force_dry_run: bool = False
 
     `force_dry_run` (--dry-run) holds for every config read, reloads included.
     """
-    lock = RunLock(config.state_dir)
-    try:
-        if not lock.acquire():
-            print(
-                f"powerd: another powerd is running (pid {lock.holder()}) with its state in "
-                f"{config.state_dir}; two would fight over the same GPUs",
-                file=sys.stderr,
-            )
-            return 1
-    except OSError as exc:
-        print(f"powerd: cannot use the state directory: {exc}", file=sys.stderr)
-        return 1
-    try:
-        return _run_locked(config, config_path=config_path, force_dry_run=force_dry_run)
-    finally:
-        lock.release()
+    return _holding_run_lock(
+        config,
+        lambda: _run_locked(config, config_path=config_path, force_dry_run=force_dry_run),
+        program="powerd",
+        busy="another powerd is running (pid {pid}) with its state in "
+        f"{config.state_dir}; two would fight over the same GPUs",
+    )
 
 
 def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> int:
