@@ -39,6 +39,16 @@ def _wait_until(predicate, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _run_until_it_locks_then_sigkill(config: Path, state_file: Path) -> None:
+    """Start `powerd run`, wait until it has changed a GPU, then SIGKILL it."""
+    process = start_powerd("run", "--config", str(config))
+    try:
+        _wait_until(lambda: bool(changed_gpus(state_file)), 90, "powerd to lock a clock")
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+
+
 def _stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
     if process.poll() is None:
         process.send_signal(sig)
@@ -82,12 +92,7 @@ def test_notify_protocol_reload_and_restore_on_exit(tmp_path: Path) -> None:
 def test_sigkill_then_restore_brings_every_gpu_back(tmp_path: Path) -> None:
     state_file = tmp_path / "g"
     config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(state_file)})
-    process = start_powerd("run", "--config", str(config))
-    try:
-        _wait_until(lambda: bool(changed_gpus(state_file)), 90, "powerd to lock a clock")
-    finally:
-        process.kill()
-        process.communicate(timeout=30)
+    _run_until_it_locks_then_sigkill(config, state_file)
     assert changed_gpus(state_file), "a SIGKILLed daemon leaves its settings behind"
     result = powerd("restore", "--config", str(config))
     assert result.returncode == 0, result.stderr
@@ -99,12 +104,7 @@ def test_sigkill_then_restore_brings_every_gpu_back(tmp_path: Path) -> None:
 def test_restart_restores_then_resumes_control(tmp_path: Path) -> None:
     state_file = tmp_path / "g"
     config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(state_file)})
-    first = start_powerd("run", "--config", str(config))
-    try:
-        _wait_until(lambda: bool(changed_gpus(state_file)), 90, "powerd to lock a clock")
-    finally:
-        first.kill()
-        first.communicate(timeout=30)
+    _run_until_it_locks_then_sigkill(config, state_file)
     left_behind = changed_gpus(state_file)
     assert left_behind
     second = start_powerd("run", "--config", str(config))
