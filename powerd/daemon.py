@@ -282,6 +282,7 @@ class Daemon:
             clock_event_reasons=reasons,
             stale=stale,
             realtime=sample.realtime,
+            ttft_slowest_s=sample.ttft_slowest_s if sample.up else None,
         )
 
     def _energy_delta_j(self, uuid: str, reading: GpuReading | None) -> float | None:

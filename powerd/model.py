@@ -104,6 +104,8 @@ class ServerSample:
     itl_p95_s: float | None = None
     ttft_mean_s: float | None = None
     itl_mean_s: float | None = None
+    ttft_slowest_s: float | None = None
+    """Mean TTFT of the slowest histogram bucket's requests over the window (sum-placed)."""
     finished_requests: float | None = None
     """Requests finished over the window, where the server counts them."""
     generation_tokens_total: float | None = None
@@ -134,6 +136,8 @@ class GroupObservation:
     stale: bool
     """True when the server's signals are missing or older than the configured stale time."""
     realtime: bool = True
+    ttft_slowest_s: float | None = None
+    """The slowest first tokens' latency over the tick (see ServerSample.ttft_slowest_s)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -306,6 +306,30 @@ def _counter_delta(
     return delta
 
 
+def slowest_bucket_mean(total_sum: float, buckets: list[tuple[float, float]]) -> float | None:
+    """The mean of the observations in the highest non-empty bucket of a histogram window.
+
+    buckets are (upper bound, cumulative count) pairs ending at +Inf. The window's sum less
+    every lower observation at its bucket's midpoint (the lowest bucket starts at 0), shared
+    among the top bucket's observations and clamped to its bounds. Where histogram_quantile
+    reads a lone slow request anywhere in a wide bucket (vLLM's TTFT buckets run 1 s to 2.5 s)
+    as near the bucket's top, the sum places it. None without observations.
+    """
+    per_bucket: list[tuple[float, float, float]] = []
+    lower = cumulative = 0.0
+    for bound, count in sorted(buckets):
+        count = max(count, cumulative)
+        per_bucket.append((lower, bound, count - cumulative))
+        lower, cumulative = bound, count
+    top = next((i for i in range(len(per_bucket) - 1, -1, -1) if per_bucket[i][2] > 0), None)
+    if top is None:
+        return None
+    low_s, high_s, n_top = per_bucket[top]
+    below = sum(n * (lo + hi) / 2 for lo, hi, n in per_bucket[:top])
+    estimate = max((total_sum - below) / n_top, low_s)
+    return estimate if math.isinf(high_s) else min(estimate, high_s)
+
+
 def _hist_delta(
     prev: Mapping[SeriesKey, Hist] | None, cur: Mapping[SeriesKey, Hist]
 ) -> tuple[float, float, dict[float, float]]:
@@ -361,6 +385,7 @@ class Window:
     itl_q_s: float | None
     ttft_mean_s: float | None
     itl_mean_s: float | None
+    ttft_slowest_s: float | None = None
 
 
 def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window | None:
@@ -383,16 +408,22 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
             deltas[name] = _counter_delta(
                 prev.counters.get(name), series, clamp=name in cur.clamped
             )
-        figures: dict[str, tuple[float | None, float | None]] = {}
+        figures: dict[str, tuple[float | None, float | None, float | None]] = {}
         for name in ("ttft", "itl"):
             series_h = cur.hists.get(name)
             if series_h is None:
-                figures[name] = (None, None)
+                figures[name] = (None, None, None)
                 continue
             count, total_sum, buckets = _hist_delta(prev.hists.get(name), series_h)
-            mean = total_sum / count if count > 0 else None
-            q = histogram_quantile(quantile, list(buckets.items())) if count > 0 else None
-            figures[name] = (q, mean)
+            if count > 0:
+                pairs = list(buckets.items())
+                figures[name] = (
+                    histogram_quantile(quantile, pairs),
+                    total_sum / count,
+                    slowest_bucket_mean(total_sum, pairs),
+                )
+            else:
+                figures[name] = (None, None, None)
         rates: dict[str, float | None] = {}
         for name, mode in (("generation", cur.gen_mode), ("prompt", cur.prompt_mode)):
             value: float | None
@@ -414,6 +445,7 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
         itl_q_s=figures["itl"][0],
         ttft_mean_s=figures["ttft"][1],
         itl_mean_s=figures["itl"][1],
+        ttft_slowest_s=figures["ttft"][2],
     )
 
 
@@ -583,6 +615,7 @@ class Source:
             ttft_p95_s=window.ttft_q_s if window else None,
             itl_p95_s=window.itl_q_s if window else None,
             ttft_mean_s=window.ttft_mean_s if window else None,
+            ttft_slowest_s=window.ttft_slowest_s if window else None,
             itl_mean_s=window.itl_mean_s if window else None,
             finished_requests=window.finished_requests if window else None,
             generation_tokens_total=_finite(reading.generation_tokens_total),

@@ -6,6 +6,7 @@ interpolation inside the bucket that holds the rank, from the bucket-count delta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -396,3 +397,28 @@ def test_wrong_kind_is_reported() -> None:
     s = make_source(ServerConfig(name="w", url="http://h/metrics", kind="vllm"), replay).poll(T0)
     assert not s.up
     assert s.error == "http://h/metrics has no vllm:generation_tokens_total (is it a vLLM server?)"
+
+
+def test_slowest_bucket_mean_places_a_lone_slow_request_by_the_sum() -> None:
+    from powerd.sources.base import histogram_quantile, slowest_bucket_mean
+
+    # Nine first tokens in (0.08, 0.1] and one at 1.2 s, in vLLM's wide (1.0, 2.5] bucket.
+    buckets = [(0.08, 0.0), (0.1, 9.0), (1.0, 9.0), (2.5, 10.0), (math.inf, 10.0)]
+    assert slowest_bucket_mean(9 * 0.09 + 1.2, buckets) == pytest.approx(1.2)
+    # The p95 rank (9.5 of 10) reads the same request halfway up the bucket, past 1.7 s.
+    assert histogram_quantile(0.95, buckets) == pytest.approx(1.75)
+    # Clamped to the bucket's bounds when the midpoints misplace the rest.
+    assert slowest_bucket_mean(9 * 0.1 + 0.5, buckets) == pytest.approx(1.0)
+    assert slowest_bucket_mean(9 * 0.09 + 9.0, buckets) == pytest.approx(2.5)
+    # Two in the +Inf bucket share what is left; never below its lower bound.
+    inf_top = [(1.0, 3.0), (2.5, 3.0), (math.inf, 5.0)]
+    assert slowest_bucket_mean(3 * 0.5 + 2 * 4.0, inf_top) == pytest.approx(4.0)
+    assert slowest_bucket_mean(1.0, inf_top) == pytest.approx(2.5)
+    assert slowest_bucket_mean(0.0, [(1.0, 0.0), (math.inf, 0.0)]) is None
+
+
+def test_sample_carries_the_slowest_first_token_estimate() -> None:
+    _, s = pair("vllm_v1")
+    assert s.ttft_slowest_s is not None
+    assert s.ttft_mean_s is not None
+    assert s.ttft_mean_s <= s.ttft_slowest_s
