@@ -104,8 +104,9 @@ class ControlConfig:
 
     min_clock_mhz: int | None = None
     """Never lock below this clock (None: the controller's own floor, a share of f_max)."""
-    max_step_down_mhz: int = 45
-    """Slew limit when lowering the clock, per tick."""
+    max_step_down_mhz: int = 240
+    """Slew limit when lowering the clock, per tick. Within it the controller comes down three
+    clock steps a tick, or after a raise a quarter of the way back to the clock before it."""
     dither_mhz: int = 15
     """Amplitude of the small regular probe that keeps the clock model identifiable."""
     slo_margin: float = 0.85

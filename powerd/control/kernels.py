@@ -13,8 +13,9 @@ The controller (controller_step) per group and tick:
   halfway to f_max), a full or growing queue, or a one-tick quantile spike (one step); holds;
 - boosts one tick's cap, without moving the chosen clock, while requests wait and the prompt
   rate nears the learned prefill capacity (a prompt burst: queueing scales as 1/f);
-- lowers only with slack, at most max_step_down per tick, never below the floor, the latency
-  bound, the prefill-headroom bound, the learned safe clock or the energy optimum;
+- lowers only with slack, by three clock steps per tick (after a raise, a quarter of the way
+  back to the clock before it; never more than max_step_down), never below the floor, the
+  latency bound, the prefill-headroom bound, the learned safe clock or the energy optimum;
 - dithers by dither_mhz when settled, clamps to supported clocks, applies the mode (target,
   budget, off) and returns to defaults at once when the observation is stale.
 
@@ -69,7 +70,8 @@ OBS_SM_CLOCK_MHZ = 10
 OBS_REASONS = 11
 OBS_STALE = 12
 OBS_REALTIME = 13
-N_OBS = 14
+OBS_TTFT_SLOWEST_S = 14
+N_OBS = 15
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -150,7 +152,13 @@ ST_PREFILL_K = 32
 """Learned prefill capacity per MHz (prompt tokens/s per MHz while requests wait)."""
 ST_PREFILL_MIN_MHZ = 33
 """Lowest clock keeping prefill headroom for bursts (NaN: not learned yet)."""
-ST_CLOCK_HISTORY = 34
+ST_TTFT_WORK = 34
+"""The slowest recent first token as TTFT x clock (MHz s), decaying: prefill time scales as 1/f,
+so this over the TTFT budget is the lowest clock that would have served it in time."""
+ST_RAISED_FROM_MHZ = 35
+"""The chosen clock before the current raise episode (NaN: none): the descent back to it is
+geometric, below it cautious."""
+ST_CLOCK_HISTORY = 36
 """The actual clocks of the last few ticks (newest first), for blaming lagging signals."""
 N_ST = ST_CLOCK_HISTORY + 3
 
@@ -232,6 +240,13 @@ the learned capacity, so a burst drains within the TTFT budget instead of queuei
 _PREFILL_BURST = 0.8
 """A tick with requests waiting and a prompt rate past this share of the learned prefill capacity
 boosts the clock for that tick."""
+_TTFT_WORK_DECAY = 0.98
+"""About 50 ticks: long prompts come back within a minute or two when they come at all."""
+_TTFT_WORK_AIM = 0.9
+"""Serve the slowest recent first token within this share of the TTFT SLO."""
+_DESCENT_SHARE = 0.25
+"""With slack after a raise, lower by this share of the way back per tick (at least three clock
+steps, at most max_step_down): the same slack at a high clock costs the most."""
 _TPOT_ALPHA = 0.2
 """About 5 ticks: the life of a typical request's decode (a few hundred tokens at 10-50 ms)."""
 _CELL_DECAY = 0.99
@@ -736,7 +751,11 @@ def _group_step(
     itl_p95 = obs[OBS_ITL_P95_S, g]
     if not itl_p95 > 0.0:
         itl_p95 = math.nan
-    ttft = obs[OBS_TTFT_P95_S, g]
+    # The slowest first tokens of the tick, where the server's histogram gives them: its p95
+    # reads a lone slow request as near the top of a wide bucket (1-2.5 s in vLLM's).
+    ttft = obs[OBS_TTFT_SLOWEST_S, g]
+    if not ttft > 0.0:
+        ttft = obs[OBS_TTFT_P95_S, g]
     if not ttft > 0.0:
         ttft = math.nan
     waiting = obs[OBS_WAITING, g]
@@ -774,6 +793,11 @@ def _group_step(
     state[ST_ITL_EST_S, g] = tpot
     ttft_s = _ewma(state[ST_TTFT_S, g], ttft, _ITL_ALPHA)
     state[ST_TTFT_S, g] = ttft_s
+    ttft_work = state[ST_TTFT_WORK, g] * _TTFT_WORK_DECAY
+    if _finite(ttft):
+        f_prefill = state[ST_CLOCK_EW, g] if _finite(state[ST_CLOCK_EW, g]) else f_now
+        ttft_work = max(ttft_work, ttft * f_prefill) if _finite(ttft_work) else ttft * f_prefill
+    state[ST_TTFT_WORK, g] = ttft_work
     waiting_prev = state[ST_WAITING, g]
     state[ST_WAITING, g] = waiting
     queue_trend = state[ST_QUEUE_TREND, g]
@@ -831,7 +855,9 @@ def _group_step(
     )
     # Only real SLO misses mark a clock unsafe; the margin line is crossed by noise near the
     # optimum.
-    violated = itl_hard or ttft_hard or queue_over
+    # A smoothed latency stays past the SLO for a few ticks after the raise that answered it:
+    # only a tick whose own signal misses blames the clock.
+    violated = (itl_hard and itl > itl_slo) or (ttft_hard and ttft > ttft_slo) or queue_over
 
     # Learn: latency and violations per (demand bin, clock bin); the power model.
     n_load = cells.shape[1]
@@ -903,6 +929,10 @@ def _group_step(
         )
     if _finite(ttft_ref):
         slo_min = max(slo_min, f_now * ttft_ref / (ttft_line * (1 - _LOWER_BAND)))
+    ttft_min = math.nan
+    if _finite(ttft_work) and ttft_slo > 0.0:
+        ttft_min = ttft_work / (_TTFT_WORK_AIM * ttft_slo)
+        slo_min = max(slo_min, ttft_min)
     state[ST_SLO_MIN_MHZ, g] = min(slo_min, f_max) if _finite(slo_min) else f_max
 
     base = state[ST_BASE_MHZ, g]
@@ -912,6 +942,7 @@ def _group_step(
     hold = state[ST_HOLD, g]
     reason = REASON_STEADY
     new_base = base
+    descent = min(step_down, 3.0 * clock_step)
     slope, slope_t = power_slope_at(fit, base, f_max)
     state[ST_SLOPE_W_PER_MHZ, g] = slope
     state[ST_SLOPE_T, g] = slope_t
@@ -970,15 +1001,23 @@ def _group_step(
             raise_to = f_req
             raise_reason = REASON_RAISE_TTFT
         raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+    nudge = False
+    if raise_to == -math.inf and spike_ttft and ttft_min > max(base, f_now):
+        # A first token came late: the clock that would have served it in time, at once.
+        raise_to = ttft_min
+        raise_reason = REASON_RAISE_TTFT
     if raise_to == -math.inf and (spike_itl or spike_ttft):
         # One clock step: the tail is partly the clock's (prefill stalls scale as 1/f), and
         # requests' averages say the rest is fine.
         raise_to = max(base, f_now) + clock_step
         raise_reason = REASON_RAISE_ITL if spike_itl else REASON_RAISE_TTFT
+        nudge = True
 
     if raise_to > -math.inf:
-        # Never to a clock that recently missed the SLO at this load.
-        raise_to = max(raise_to, safe_mhz, max(base, f_now) + clock_step)
+        if not nudge:
+            # Never to a clock that recently missed the SLO at this load.
+            raise_to = max(raise_to, safe_mhz)
+        raise_to = max(raise_to, max(base, f_now) + clock_step)
         raise_to = min(raise_to, f_max)
         new_base = max(base, clamp_clock_up(row, n, raise_to))
         hold = max(hold, raise_hold)
@@ -1011,7 +1050,13 @@ def _group_step(
             bound = max(bound, safe_mhz)
             if _finite(prefill_min):
                 bound = max(bound, prefill_min)
-            f_next = clamp_clock_up(row, n, max(base - step_down, bound))
+            # Back down from a raise for a burst that has passed, the descent is geometric:
+            # the clock held before it served this load.
+            raised_from = state[ST_RAISED_FROM_MHZ, g]
+            if _finite(raised_from) and base > raised_from:
+                gap = base - max(bound, raised_from)
+                descent = min(step_down, max(descent, _DESCENT_SHARE * gap))
+            f_next = clamp_clock_up(row, n, max(base - descent, bound))
             if f_next >= base:
                 # A clock table coarser than the slew limit: one supported step at a time.
                 below = clamp_clock_down(row, n, base - 1.0)
@@ -1026,6 +1071,10 @@ def _group_step(
                     reason = REASON_LOWER
     state[ST_HOLD, g] = hold
     state[ST_PRESSURE, g] = 1.0 if (raise_to > -math.inf or hold > 0.0) else 0.0
+    if new_base > base and not _finite(state[ST_RAISED_FROM_MHZ, g]):
+        state[ST_RAISED_FROM_MHZ, g] = base
+    elif new_base <= state[ST_RAISED_FROM_MHZ, g]:
+        state[ST_RAISED_FROM_MHZ, g] = math.nan
     if new_base == base:
         state[ST_SETTLED, g] += 1.0
     else:
@@ -1053,7 +1102,7 @@ def _group_step(
         if _finite(tpj) and _finite(target_tpj) and reason != REASON_HOLD:
             if tpj < target_tpj:
                 gap = (target_tpj - tpj) / target_tpj
-                tgt -= min(step_down, max(clock_step, gap * f_max))
+                tgt -= min(descent, max(clock_step, gap * f_max))
             elif tpj > target_tpj * (1.0 + _TARGET_BAND):
                 tgt += clock_step
             out[OUT_TARGET_REACHED, g] = 1.0 if tpj >= target_tpj * (1.0 - _TARGET_TOL) else 0.0
@@ -1085,7 +1134,7 @@ def _group_step(
             cap = clamp_clock_up(row, n, low)
     # Slew limit on the way down; up is immediate.
     cap = clamp_clock_down(row, n, cap)
-    lowest = clamp_clock_up(row, n, prev_cap - step_down)
+    lowest = clamp_clock_up(row, n, prev_cap - descent)
     if lowest >= prev_cap:
         lowest = clamp_clock_down(row, n, prev_cap - 1.0)
     if cap < lowest:

@@ -222,6 +222,7 @@ def fill_observations(
         obs[k.OBS_REASONS, g] = reasons if reasons == reasons else 0.0
         obs[k.OBS_STALE, g] = 1.0 if o.stale else 0.0
         obs[k.OBS_REALTIME, g] = 1.0 if o.realtime else 0.0
+        obs[k.OBS_TTFT_SLOWEST_S, g] = _num(o.ttft_slowest_s)
 
 
 def _opt_float(x: float) -> float | None:
