@@ -283,6 +283,11 @@ class Daemon:
             stale=stale,
             realtime=sample.realtime,
             ttft_slowest_s=sample.ttft_slowest_s if sample.up else None,
+            finished_requests_per_s=(
+                sample.finished_requests / interval_s
+                if sample.up and sample.finished_requests is not None and interval_s > 0
+                else None
+            ),
         )
 
     def _energy_delta_j(self, uuid: str, reading: GpuReading | None) -> float | None:

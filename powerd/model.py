@@ -138,6 +138,8 @@ class GroupObservation:
     realtime: bool = True
     ttft_slowest_s: float | None = None
     """The slowest first tokens' latency over the tick (see ServerSample.ttft_slowest_s)."""
+    finished_requests_per_s: float | None = None
+    """Requests the server finished per second over the tick, where it counts them."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,14 +8,18 @@ The controller (controller_step) per group and tick:
   averaged over a request's life), falling back to the server's ITL quantile;
 - learns online, per demand bin, the latency-vs-clock roofline knee (from cells of latency per
   clock bin), a power model quadratic in the clock at fixed demand (energy per token vs clock),
-  the prefill capacity per MHz, and the clocks recently blamed for SLO misses;
+  the prefill capacity per MHz, prompt tokens per request, the slowest recent first token
+  (as TTFT x clock) and the clocks recently blamed for SLO misses;
 - raises at once on a latency past the margin line (sized by the roofline), a miss (at least
-  halfway to f_max), a full or growing queue, or a one-tick quantile spike (one step); holds;
+  halfway to f_max), a full or growing queue, a queue whose prompts would take past 0.4 of
+  the TTFT SLO to prefill or a late first token (both to the clock that serves them in time:
+  prefill time scales as 1/f), or a one-tick quantile spike (one step); holds;
 - boosts one tick's cap, without moving the chosen clock, while requests wait and the prompt
   rate nears the learned prefill capacity (a prompt burst: queueing scales as 1/f);
 - lowers only with slack, by three clock steps per tick (after a raise, a quarter of the way
   back to the clock before it; never more than max_step_down), never below the floor, the
-  latency bound, the prefill-headroom bound, the learned safe clock or the energy optimum;
+  latency bound, the clock the slowest recent first token needs, the prefill-headroom bound,
+  the learned safe clock or the energy optimum;
 - dithers by dither_mhz when settled, clamps to supported clocks, applies the mode (target,
   budget, off) and returns to defaults at once when the observation is stale.
 
@@ -71,7 +75,8 @@ OBS_REASONS = 11
 OBS_STALE = 12
 OBS_REALTIME = 13
 OBS_TTFT_SLOWEST_S = 14
-N_OBS = 15
+OBS_FINISHED_RPS = 15
+N_OBS = 16
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -158,7 +163,12 @@ so this over the TTFT budget is the lowest clock that would have served it in ti
 ST_RAISED_FROM_MHZ = 35
 """The chosen clock before the current raise episode (NaN: none): the descent back to it is
 geometric, below it cautious."""
-ST_CLOCK_HISTORY = 36
+ST_FINISHED_EW = 36
+"""Finished requests per second, smoothed like the prompt rate (their ratio: prompt tokens
+per request)."""
+ST_QUEUE_WAIT_S = 37
+"""Estimated wait of the queue's last request: its prompt tokens over the prefill capacity."""
+ST_CLOCK_HISTORY = 38
 """The actual clocks of the last few ticks (newest first), for blaming lagging signals."""
 N_ST = ST_CLOCK_HISTORY + 3
 
@@ -244,6 +254,9 @@ _TTFT_WORK_DECAY = 0.98
 """About 50 ticks: long prompts come back within a minute or two when they come at all."""
 _TTFT_WORK_AIM = 0.9
 """Serve the slowest recent first token within this share of the TTFT SLO."""
+_QUEUE_WAIT_SHARE = 0.4
+"""Raise at once when the waiting requests' prefill would take longer than this share of the
+TTFT SLO at the current clock."""
 _DESCENT_SHARE = 0.25
 """With slack after a raise, lower by this share of the way back per tick (at least three clock
 steps, at most max_step_down): the same slack at a high clock costs the most."""
@@ -814,6 +827,20 @@ def _group_step(
         # close to it. The highest such rate per MHz approaches the capacity from below.
         prefill_k = max(prompt_tps / f_now, prefill_k) if _finite(prefill_k) else prompt_tps / f_now
     state[ST_PREFILL_K, g] = prefill_k
+    finished_ew = _ewma(state[ST_FINISHED_EW, g], obs[OBS_FINISHED_RPS, g], _PROMPT_ALPHA)
+    state[ST_FINISHED_EW, g] = finished_ew
+    # The queue in time: waiting requests x prompt tokens per request over the prefill capacity
+    # at this clock (NaN until both are learned).
+    queue_wait_s = math.nan
+    if (
+        _finite(prefill_k)
+        and prefill_k > 0.0
+        and finished_ew > 0.0
+        and _finite(prompt_ew)
+        and waiting >= 0.0
+    ):
+        queue_wait_s = waiting * (prompt_ew / finished_ew) / (prefill_k * f_now)
+    state[ST_QUEUE_WAIT_S, g] = queue_wait_s
     prefill_min = math.nan
     if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew):
         prefill_min = prompt_ew / (prefill_k * _PREFILL_UTIL)
@@ -973,6 +1000,14 @@ def _group_step(
         raise_to = f_now + min(1.0, waiting / max(max_waiting, 1.0)) * (f_max - f_now)
         raise_reason = REASON_RAISE_QUEUE
         raise_hold = _HOLD_QUEUE_GROWING_TICKS
+    wait_budget_s = _QUEUE_WAIT_SHARE * ttft_slo
+    if queue_wait_s > wait_budget_s:
+        # Prefill is compute-bound: the clock that drains this queue within the budget.
+        f_req = f_now * queue_wait_s / wait_budget_s
+        if f_req > raise_to:
+            raise_to = f_req
+            raise_reason = REASON_RAISE_QUEUE
+            raise_hold = max(raise_hold, _HOLD_QUEUE_GROWING_TICKS)
     if itl_hard:
         # A miss: at least halfway to f_max, further if the roofline says so.
         f_req = max(

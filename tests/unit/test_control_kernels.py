@@ -16,7 +16,7 @@ from powerd.config import Config, ControlConfig, SloConfig
 from powerd.control import kernels as k
 from powerd.control import policy
 from powerd.control.policy import Controller, GroupSpec, Policy, group_floor_mhz
-from powerd.model import GpuInfo, GroupObservation
+from powerd.model import GpuInfo, GroupDecision, GroupObservation
 
 H100_CLOCKS = tuple(range(345, 1981, 15))
 ODD_CLOCKS = (600, 810, 1005, 1200, 1410, 1500, 1650, 1755, 1980)
@@ -696,3 +696,34 @@ def test_the_slowest_first_token_estimate_outranks_the_bucketed_p95() -> None:
     )[0]
     assert "first token" not in decision.reason
     assert decision.sm_clock_max_mhz <= low + 15
+
+
+def queue_decision(finished_per_s: float) -> tuple[int, GroupDecision]:
+    """Lowered on slack ticks finishing `finished_per_s` requests at 6000 prompt tokens/s, then
+    six requests wait: a tick with one waiting teaches the prefill capacity first."""
+    controller = Controller(Config(), [spec()])
+    low = drive(controller, 40, finished_requests_per_s=finished_per_s)[-1]
+    controller.decide(
+        40.0, [obs(waiting=1.0, finished_requests_per_s=finished_per_s, sm_clock_mhz=low)]
+    )
+    decision = controller.decide(
+        41.0, [obs(waiting=6.0, finished_requests_per_s=finished_per_s, sm_clock_mhz=low)]
+    )[0]
+    return low, decision
+
+
+def test_a_queue_of_long_prompts_raises_to_the_clock_that_drains_it_in_time() -> None:
+    """5 requests/s at 6000 prompt tokens/s: 1200 tokens each. Six waiting are 7200 tokens; at
+    the learned 6000 tokens/s at this clock that is 1.2 s of prefill, past 0.4 x the 2-s TTFT
+    SLO: the clock goes up by 1.2 / 0.8 within the tick (prefill time scales as 1/f)."""
+    low, decision = queue_decision(5.0)
+    assert decision.reason == "raise: queue"
+    assert 1.5 * low <= decision.sm_clock_max_mhz <= 1.5 * low + 15
+
+
+def test_a_queue_of_short_prompts_is_no_reason_to_raise() -> None:
+    """120 tokens each: 0.12 s of prefill. Only the one-tick burst boost (prefill at its learned
+    capacity while requests wait) lifts this tick's cap; the chosen clock stays."""
+    low, decision = queue_decision(50.0)
+    assert "queue" not in decision.reason
+    assert decision.sm_clock_max_mhz <= 1.25 * low + 15
