@@ -11,7 +11,7 @@ The controller (controller_step) per group and tick:
   the prefill capacity per MHz, prompt tokens per request, the slowest recent first token
   (as TTFT x clock) and the clocks recently blamed for SLO misses;
 - raises at once on a latency past the margin line (sized by the roofline), a miss (at least
-  halfway to f_max), a full or growing queue, a queue whose prompts would take past 0.4 of
+  halfway to f_max), a full or growing queue, a queue whose prompts would take past 0.35 of
   the TTFT SLO to prefill or a late first token (both to the clock that serves them in time:
   prefill time scales as 1/f), or a one-tick quantile spike (one step); holds;
 - boosts one tick's cap, without moving the chosen clock, while requests wait and the prompt
@@ -169,7 +169,8 @@ per request)."""
 ST_QUEUE_WAIT_S = 37
 """Estimated wait of the queue's last request: its prompt tokens over the prefill capacity."""
 ST_CLOCK_HISTORY = 38
-"""The actual clocks of the last few ticks (newest first), for blaming lagging signals."""
+"""The clocks the last few ticks allowed (the higher of cap and actual clock, newest first),
+for blaming lagging signals."""
 N_ST = ST_CLOCK_HISTORY + 3
 
 # Power-model fit layout: normal matrix (EFIT_N x EFIT_N), right-hand side, sum of y^2, sum of
@@ -254,7 +255,7 @@ _TTFT_WORK_DECAY = 0.98
 """About 50 ticks: long prompts come back within a minute or two when they come at all."""
 _TTFT_WORK_AIM = 0.9
 """Serve the slowest recent first token within this share of the TTFT SLO."""
-_QUEUE_WAIT_SHARE = 0.4
+_QUEUE_WAIT_SHARE = 0.35
 """Raise at once when the waiting requests' prefill would take longer than this share of the
 TTFT SLO at the current clock."""
 _DESCENT_SHARE = 0.25
@@ -909,13 +910,16 @@ def _group_step(
         cl[cb, CELL_W_ITL] += weight
         cl[cb, CELL_ITL_SUM] += weight * itl
     # Latency and queue signals lag the clock by a few ticks: blame the highest recent clock.
-    recent = f_now
+    # The cap counts, not only the clock reached: a GPU below an unlocked cap was held by its
+    # power limit, and a miss then says nothing about the clock.
+    allowed = max(f_now, prev_cap) if _finite(prev_cap) else f_now
+    recent = allowed
     for r in range(ST_CLOCK_HISTORY, ST_CLOCK_HISTORY + _CLOCK_HISTORY_TICKS - 1):
         if _finite(state[r, g]):
             recent = max(recent, state[r, g])
     for r in range(ST_CLOCK_HISTORY + _CLOCK_HISTORY_TICKS - 2, ST_CLOCK_HISTORY, -1):
         state[r, g] = state[r - 1, g]
-    state[ST_CLOCK_HISTORY, g] = f_now
+    state[ST_CLOCK_HISTORY, g] = allowed
     # A miss at f_max says nothing about the clock (the load alone did it).
     if violated and recent < f_max - clock_step:
         record_miss(misses[g, lb], recent, float(tick))

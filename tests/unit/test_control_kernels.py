@@ -714,11 +714,15 @@ def queue_decision(finished_per_s: float) -> tuple[int, GroupDecision]:
 
 def test_a_queue_of_long_prompts_raises_to_the_clock_that_drains_it_in_time() -> None:
     """5 requests/s at 6000 prompt tokens/s: 1200 tokens each. Six waiting are 7200 tokens; at
-    the learned 6000 tokens/s at this clock that is 1.2 s of prefill, past 0.4 x the 2-s TTFT
-    SLO: the clock goes up by 1.2 / 0.8 within the tick (prefill time scales as 1/f)."""
+    the learned 6000 tokens/s at this clock that is 1.2 s of prefill, past the queue's share of
+    the 2-s TTFT SLO: within the tick the clock goes up by 1.2 s over that budget (prefill time
+    scales as 1/f)."""
     low, decision = queue_decision(5.0)
+    budget_s = k._QUEUE_WAIT_SHARE * SLO.ttft_s
+    assert budget_s < 1.2
     assert decision.reason == "raise: queue"
-    assert 1.5 * low <= decision.sm_clock_max_mhz <= 1.5 * low + 15
+    needed = low * 1.2 / budget_s
+    assert needed <= decision.sm_clock_max_mhz <= needed + 15
 
 
 def test_a_queue_of_short_prompts_is_no_reason_to_raise() -> None:
@@ -727,3 +731,16 @@ def test_a_queue_of_short_prompts_is_no_reason_to_raise() -> None:
     low, decision = queue_decision(50.0)
     assert "queue" not in decision.reason
     assert decision.sm_clock_max_mhz <= 1.25 * low + 15
+
+
+def test_a_miss_under_an_unlocked_cap_teaches_no_safe_clock() -> None:
+    """A full queue at the floor is blamed on the floor. After the raise to f_max the GPUs run
+    at 1935 MHz, held by their power limit, and the queue is still full: those misses happened
+    with the clock unlocked, so they say nothing about any clock."""
+    controller, low = lowered()
+    decision = controller.decide(100.0, [obs(waiting=100.0, sm_clock_mhz=low)])[0]
+    assert decision.sm_clock_max_mhz == 1980
+    for t in range(4):
+        controller.decide(101.0 + t, [obs(waiting=100.0, sm_clock_mhz=1935)])
+    safe = controller.group_state()[0]["safe_clock_mhz"]
+    assert safe is not None and safe <= low + 15
