@@ -166,9 +166,7 @@ geometric, below it cautious."""
 ST_FINISHED_EW = 36
 """Finished requests per second, smoothed like the prompt rate (their ratio: prompt tokens
 per request)."""
-ST_QUEUE_WAIT_S = 37
-"""Estimated wait of the queue's last request: its prompt tokens over the prefill capacity."""
-ST_CLOCK_HISTORY = 38
+ST_CLOCK_HISTORY = 37
 """The clocks the last few ticks allowed (the higher of cap and actual clock, newest first),
 for blaming lagging signals."""
 N_ST = ST_CLOCK_HISTORY + 3
@@ -841,7 +839,6 @@ def _group_step(
         and waiting >= 0.0
     ):
         queue_wait_s = waiting * (prompt_ew / finished_ew) / (prefill_k * f_now)
-    state[ST_QUEUE_WAIT_S, g] = queue_wait_s
     prefill_min = math.nan
     if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew):
         prefill_min = prompt_ew / (prefill_k * _PREFILL_UTIL)
