@@ -251,22 +251,26 @@ def total(values: Mapping[SeriesKey, float] | None) -> float | None:
 # Windows
 
 
+def _monotone(buckets: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) pairs sorted by bound, each count at least the one below
+    (a scrape can catch a bucket before the one under it has caught up)."""
+    running = 0.0
+    fixed = []
+    for bound, count in sorted(buckets):
+        running = max(running, count)
+        fixed.append((bound, running))
+    return fixed
+
+
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
     """Prometheus's histogram_quantile over (upper bound, cumulative count) pairs.
 
     Linear interpolation inside the bucket holding the rank; the lowest bucket starts at 0; a
     rank in the +Inf bucket returns the highest finite bound. None without observations.
     """
-    if not buckets:
+    fixed = _monotone(buckets)
+    if not fixed or not math.isinf(fixed[-1][0]):
         return None
-    buckets = sorted(buckets)
-    if not math.isinf(buckets[-1][0]):
-        return None
-    running = 0.0
-    fixed = []
-    for bound, count in buckets:
-        running = max(running, count)
-        fixed.append((bound, running))
     if len(fixed) < 2:
         return None
     observations = fixed[-1][1]
@@ -317,8 +321,7 @@ def slowest_bucket_mean(total_sum: float, buckets: list[tuple[float, float]]) ->
     """
     per_bucket: list[tuple[float, float, float]] = []
     lower = cumulative = 0.0
-    for bound, count in sorted(buckets):
-        count = max(count, cumulative)
+    for bound, count in _monotone(buckets):
         per_bucket.append((lower, bound, count - cumulative))
         lower, cumulative = bound, count
     top = next((i for i in range(len(per_bucket) - 1, -1, -1) if per_bucket[i][2] > 0), None)
@@ -408,22 +411,21 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
             deltas[name] = _counter_delta(
                 prev.counters.get(name), series, clamp=name in cur.clamped
             )
-        figures: dict[str, tuple[float | None, float | None, float | None]] = {}
+        figures: dict[str, tuple[float | None, float | None]] = {}
+        ttft_slowest_s: float | None = None
         for name in ("ttft", "itl"):
             series_h = cur.hists.get(name)
             if series_h is None:
-                figures[name] = (None, None, None)
+                figures[name] = (None, None)
                 continue
             count, total_sum, buckets = _hist_delta(prev.hists.get(name), series_h)
-            if count > 0:
-                pairs = list(buckets.items())
-                figures[name] = (
-                    histogram_quantile(quantile, pairs),
-                    total_sum / count,
-                    slowest_bucket_mean(total_sum, pairs),
-                )
-            else:
-                figures[name] = (None, None, None)
+            if count <= 0:
+                figures[name] = (None, None)
+                continue
+            pairs = list(buckets.items())
+            figures[name] = (histogram_quantile(quantile, pairs), total_sum / count)
+            if name == "ttft":
+                ttft_slowest_s = slowest_bucket_mean(total_sum, pairs)
         rates: dict[str, float | None] = {}
         for name, mode in (("generation", cur.gen_mode), ("prompt", cur.prompt_mode)):
             value: float | None
@@ -445,7 +447,7 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
         itl_q_s=figures["itl"][0],
         ttft_mean_s=figures["ttft"][1],
         itl_mean_s=figures["itl"][1],
-        ttft_slowest_s=figures["ttft"][2],
+        ttft_slowest_s=ttft_slowest_s,
     )
 
 
