@@ -45,13 +45,13 @@ def powerd_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def powerd(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def powerd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "powerd.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env=kwargs.pop("env", powerd_env()),  # type: ignore[arg-type]
+        env=powerd_env() if env is None else env,
         cwd=REPO_ROOT,
         check=False,
     )
