@@ -283,6 +283,7 @@ class Daemon:
             stale=stale,
             realtime=sample.realtime,
             ttft_slowest_s=sample.ttft_slowest_s if sample.up else None,
+            prompt_tokens_weighted_mean=sample.prompt_tokens_weighted_mean if sample.up else None,
             finished_requests_per_s=(
                 sample.finished_requests / interval_s
                 if sample.up and sample.finished_requests is not None and interval_s > 0

@@ -108,6 +108,9 @@ class ServerSample:
     """Mean TTFT of the slowest histogram bucket's requests over the window (sum-placed)."""
     finished_requests: float | None = None
     """Requests finished over the window, where the server counts them."""
+    prompt_tokens_weighted_mean: float | None = None
+    """E[P^2]/E[P] of recent finished requests' prompt lengths P (tokens): the prefill a new
+    request waits behind on average; None where the server has no prompt-length histogram."""
     generation_tokens_total: float | None = None
     """The server's own cumulative generated-token count, where it has one."""
     error: str | None = None
@@ -140,6 +143,8 @@ class GroupObservation:
     """The slowest first tokens' latency over the tick (see ServerSample.ttft_slowest_s)."""
     finished_requests_per_s: float | None = None
     """Requests the server finished per second over the tick, where it counts them."""
+    prompt_tokens_weighted_mean: float | None = None
+    """See ServerSample.prompt_tokens_weighted_mean."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
-from typing import Literal, Protocol
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Protocol
 
 from powerd.config import ServerConfig
 from powerd.model import ServerSample
@@ -29,6 +29,9 @@ from powerd.sources.exposition import (
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_WINDOW_S = 60.0
 """Rates over a longer gap than this are not reported; the scrape becomes the new baseline."""
+PROMPT_MIX_HALF_LIFE_S = 300.0
+"""The prompt-length mix is read over the last minutes of finished requests."""
+PROMPT_MIX_MIN_REQUESTS = 20.0
 
 
 class SourceError(Exception):
@@ -80,7 +83,8 @@ class Reading:
     gauges: "running", "waiting", "generation_rate" / "prompt_rate" (tokens/s gauges).
     per_iteration: "generation" / "prompt" -> series -> tokens per engine iteration, keyed like
     counters["iterations"] (Triton TRT-LLM).
-    hists: "ttft", "itl" -> series -> Hist, in seconds.
+    hists: "ttft", "itl" -> series -> Hist, in seconds; "prompt_len" -> series -> Hist of
+    finished requests' prompt lengths in tokens.
     markers: values whose change means the server restarted; a dict marker is compared per key
     (per-series `_created` timestamps), so a series that appears is not a restart.
     clamped: counters whose small decreases are rounding, not restarts (llama.cpp products).
@@ -333,6 +337,61 @@ def slowest_bucket_mean(total_sum: float, buckets: list[tuple[float, float]]) ->
     return estimate if math.isinf(high_s) else min(estimate, high_s)
 
 
+def token_weighted_mean(total_sum: float, buckets: list[tuple[float, float]]) -> float | None:
+    """E[P^2] / E[P] of a histogram of sizes P: the mean size of the item a unit belongs to.
+
+    For prompt lengths this is the prefill a new request waits behind on average in a
+    first-come queue (the residual-work term of the Pollaczek-Khinchine formula), which a long
+    tail raises far above the mean. Inside a bucket sizes are taken as uniform, scaled so the
+    first moment matches the histogram's sum; the +Inf bucket is placed by the sum as in
+    slowest_bucket_mean. None without observations.
+    """
+    per_bucket: list[tuple[float, float, float]] = []
+    lower = cumulative = 0.0
+    for bound, count in _monotone(buckets):
+        if count > cumulative:
+            per_bucket.append((lower, bound, count - cumulative))
+        lower, cumulative = bound, max(count, cumulative)
+    if not per_bucket or total_sum <= 0.0:
+        return None
+    first = second = 0.0
+    finite = [(lo, hi, n) for lo, hi, n in per_bucket if not math.isinf(hi)]
+    for lo, hi, n in finite:
+        first += n * (lo + hi) / 2.0
+        second += n * (lo * lo + lo * hi + hi * hi) / 3.0
+    if len(finite) < len(per_bucket):
+        lo, _hi, n = per_bucket[-1]
+        mean = max((total_sum - first) / n, lo)
+        first += n * mean
+        second += n * mean * mean
+    # Uniform placement inside a wide bucket is off by up to its width: rescale to the sum.
+    scale = min(max(total_sum / first, 0.5), 2.0)
+    return second * scale * scale / total_sum
+
+
+@dataclass(slots=True)
+class DecayingHistogram:
+    """Cumulative bucket counts and sum of recent observations, each weighing half as much
+    every half_life_s."""
+
+    half_life_s: float
+    count: float = 0.0
+    sum: float = 0.0
+    buckets: dict[float, float] = field(default_factory=dict)
+
+    def add(
+        self, dt_s: float, count: float, total_sum: float, buckets: Mapping[float, float]
+    ) -> None:
+        values = (count, total_sum, *buckets.values())
+        if not all(math.isfinite(v) and v >= 0.0 for v in values):
+            return  # a garbage window must not poison the mix for good
+        keep = 0.5 ** (max(dt_s, 0.0) / self.half_life_s)
+        self.count = self.count * keep + count
+        self.sum = self.sum * keep + total_sum
+        for bound in set(self.buckets) | set(buckets):
+            self.buckets[bound] = self.buckets.get(bound, 0.0) * keep + buckets.get(bound, 0.0)
+
+
 def _hist_delta(
     prev: Mapping[SeriesKey, Hist] | None, cur: Mapping[SeriesKey, Hist]
 ) -> tuple[float, float, dict[float, float]]:
@@ -389,6 +448,8 @@ class Window:
     ttft_mean_s: float | None
     itl_mean_s: float | None
     ttft_slowest_s: float | None = None
+    prompt_len: tuple[float, float, dict[float, float]] | None = None
+    """Finished requests' prompt lengths over the window: count, sum, cumulative buckets."""
 
 
 def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window | None:
@@ -426,6 +487,9 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
             figures[name] = (histogram_quantile(quantile, pairs), total_sum / count)
             if name == "ttft":
                 ttft_slowest_s = slowest_bucket_mean(total_sum, pairs)
+        prompt_len = None
+        if "prompt_len" in cur.hists:
+            prompt_len = _hist_delta(prev.hists.get("prompt_len"), cur.hists["prompt_len"])
         rates: dict[str, float | None] = {}
         for name, mode in (("generation", cur.gen_mode), ("prompt", cur.prompt_mode)):
             value: float | None
@@ -448,6 +512,7 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
         ttft_mean_s=figures["ttft"][1],
         itl_mean_s=figures["itl"][1],
         ttft_slowest_s=ttft_slowest_s,
+        prompt_len=prompt_len,
     )
 
 
@@ -510,6 +575,7 @@ class Source:
         self._prev: Reading | None = None
         self._prev_s: float | None = None
         self._model_name = ""
+        self._prompt_mix = DecayingHistogram(PROMPT_MIX_HALF_LIFE_S)
 
     def fetch_response(self) -> FetchResponse:
         """One HTTP read of the metrics URL; raises on failure (the pool runs this in a thread)."""
@@ -593,6 +659,8 @@ class Source:
                 return self._sample(reading, None, now_s, time.perf_counter() - start)
             if dt_s <= self.max_window_s:
                 window = compare(prev, reading, dt_s, self.config.slo.quantile)
+            if window is not None and window.prompt_len is not None:
+                self._prompt_mix.add(dt_s, *window.prompt_len)
         self._prev, self._prev_s = reading, now_s
         return self._sample(reading, window, now_s, time.perf_counter() - start)
 
@@ -601,7 +669,16 @@ class Source:
     ) -> ServerSample:
         gauges = reading.gauges
         if window is not None:
-            window = Window(**{f.name: _finite(getattr(window, f.name)) for f in fields(Window)})
+            figures: dict[str, Any] = {
+                f.name: _finite(getattr(window, f.name))
+                for f in fields(Window)
+                if f.name != "prompt_len"
+            }
+            window = replace(window, **figures)
+        mix = self._prompt_mix
+        prompt_weighted = None
+        if mix.count >= PROMPT_MIX_MIN_REQUESTS:
+            prompt_weighted = _finite(token_weighted_mean(mix.sum, list(mix.buckets.items())))
         return ServerSample(
             server=self.name,
             kind=self.kind,
@@ -620,5 +697,6 @@ class Source:
             ttft_slowest_s=window.ttft_slowest_s if window else None,
             itl_mean_s=window.itl_mean_s if window else None,
             finished_requests=window.finished_requests if window else None,
+            prompt_tokens_weighted_mean=prompt_weighted,
             generation_tokens_total=_finite(reading.generation_tokens_total),
         )

@@ -4,10 +4,11 @@ TGI renders its metrics with the Rust metrics-exporter-prometheus: counters carr
 (`tgi_request_success`), there is no model label, and a series exists only once it was first
 recorded, so a fresh server may serve an almost empty body. There is no token counter: the
 generated tokens are the `_sum` of the `tgi_request_generated_tokens` histogram (and prompt
-tokens of `tgi_request_input_length`), recorded once per finished request, so the rate moves in
-request-sized steps (realtime=False). There is no TTFT; the inter-token figure is
-`tgi_request_mean_time_per_token_duration` (inference time / generated tokens per request, which
-includes the prefill). Queue: `tgi_queue_size`; running: `tgi_batch_current_size`.
+tokens of `tgi_request_input_length`, whose buckets give the prompt-length mix), recorded once
+per finished request, so the rate moves in request-sized steps (realtime=False). There is no
+TTFT; the inter-token figure is `tgi_request_mean_time_per_token_duration` (inference time /
+generated tokens per request, which includes the prefill). Queue: `tgi_queue_size`; running:
+`tgi_batch_current_size`.
 Reference: shared/reference/inference_server_metrics.md section 4.
 """
 
@@ -29,7 +30,7 @@ class TgiExtractor:
         self.wanted = Wanted.of(
             [
                 "tgi_request_generated_tokens_sum",
-                "tgi_request_input_length_sum",
+                *hist_names("tgi_request_input_length"),
                 "tgi_request_success",
                 "tgi_request_success_total",
                 "tgi_batch_current_size",
@@ -55,6 +56,9 @@ class TgiExtractor:
                 reading.gauges[gauge] = value
         itl = histogram(samples, _ITL)
         reading.hists["itl"] = itl or {}
+        prompt_len = histogram(samples, "tgi_request_input_length")
+        if prompt_len is not None:
+            reading.hists["prompt_len"] = prompt_len
         return reading
 
 

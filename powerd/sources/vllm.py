@@ -6,7 +6,8 @@ real time. Series carry `model_name` and, since about v0.10, `engine` (the data-
 every series is rated on its own and the rates are summed, over engines and over model names
 (LoRA adapters in V0). Inter-token latency is `vllm:inter_token_latency_seconds`; until it was
 renamed (deprecated in 0.11, removed in 2026) it was `vllm:time_per_output_token_seconds`, which
-is also the V0 name. V0 servers without token counters are read through their
+is also the V0 name. `vllm:request_prompt_tokens` (observed at each request's end) gives the
+prompt-length mix. V0 servers without token counters are read through their
 `vllm:avg_generation_throughput_toks_per_s` gauges. Triton's vllm_backend re-exports `vllm:*`
 with a `model` label instead of `model_name`.
 
@@ -64,6 +65,7 @@ class CounterServerExtractor:
         self.throughput_gauges = throughput_gauges
         self.itl_histograms = tuple(p + name for name in itl_histograms)
         self.ttft_histogram = p + "time_to_first_token_seconds"
+        self.prompt_histogram = p + "request_prompt_tokens"
         names = [
             p + "generation_tokens_total",
             p + "generation_tokens_created",
@@ -72,7 +74,7 @@ class CounterServerExtractor:
             p + "num_requests_running",
             p + "num_requests_waiting",
             "process_start_time_seconds",
-            *hist_names(self.ttft_histogram, *self.itl_histograms),
+            *hist_names(self.ttft_histogram, self.prompt_histogram, *self.itl_histograms),
         ]
         if throughput_gauges:
             names += [
@@ -112,6 +114,9 @@ class CounterServerExtractor:
         ttft = histogram(samples, self.ttft_histogram)
         if ttft is not None:
             reading.hists["ttft"] = ttft
+        prompt_len = histogram(samples, self.prompt_histogram)
+        if prompt_len is not None:
+            reading.hists["prompt_len"] = prompt_len
         itl = first_histogram(samples, *self.itl_histograms)
         if itl is not None:
             reading.hists["itl"] = itl

@@ -422,3 +422,75 @@ def test_sample_carries_the_slowest_first_token_estimate() -> None:
     assert s.ttft_slowest_s is not None
     assert s.ttft_mean_s is not None
     assert s.ttft_mean_s <= s.ttft_slowest_s
+
+
+def test_token_weighted_mean_of_a_prompt_length_histogram() -> None:
+    from powerd.sources.base import token_weighted_mean
+
+    # Ten prompts spread evenly over (1000, 2000]: E[P^2]/E[P] = (7/3 M) / 1500.
+    even = [(1000.0, 0.0), (2000.0, 10.0), (math.inf, 10.0)]
+    assert token_weighted_mean(15_000.0, even) == pytest.approx(7e6 / 3 / 1500)
+    # Ninety short prompts and ten of 10,000 tokens in the +Inf bucket (placed by the sum): the
+    # tail lifts the figure far past the 1450-token mean, to within 1 % of the exact 7052.
+    tail = [(1000.0, 90.0), (math.inf, 100.0)]
+    weighted = token_weighted_mean(90 * 500.0 + 10 * 10_000.0, tail)
+    assert weighted is not None and weighted > 4 * 1450
+    assert weighted == pytest.approx((90 * 500.0**2 + 10 * 1e8) / 145_000, rel=0.01)
+    assert token_weighted_mean(0.0, [(1000.0, 0.0), (math.inf, 0.0)]) is None
+
+
+def test_decaying_histogram_halves_old_observations_every_half_life() -> None:
+    from powerd.sources.base import DecayingHistogram
+
+    mix = DecayingHistogram(half_life_s=300.0)
+    mix.add(1.0, 40.0, 40_000.0, {1000.0: 40.0, math.inf: 40.0})
+    mix.add(300.0, 10.0, 50_000.0, {1000.0: 0.0, math.inf: 10.0})
+    assert mix.count == pytest.approx(30.0)
+    assert mix.sum == pytest.approx(70_000.0)
+    assert mix.buckets == pytest.approx({1000.0: 20.0, math.inf: 30.0})
+    # A garbage window (NaN sum) is skipped, not carried forever.
+    mix.add(1.0, 5.0, math.nan, {math.inf: 5.0})
+    assert mix.count == pytest.approx(30.0) and mix.sum == pytest.approx(70_000.0)
+
+
+@pytest.mark.parametrize("kind", ["vllm", "nim", "lmdeploy", "tgi"])
+def test_prompt_mix_from_the_simulated_server(kind: str) -> None:
+    """A simulated server's prompt-length histogram (request_prompt_tokens, TGI's
+    tgi_request_input_length), read through a Source, gives the finished requests' E[P^2]/E[P]
+    within the bucket approximation."""
+    import numpy as np
+
+    from powerd.sim.engine import EngineBank
+    from powerd.sim.exposition import histogram_bounds, render_metrics
+    from powerd.sim.models import get_model_profile
+    from powerd.sim.plant import load_gpu_profile
+
+    bank = EngineBank(
+        load_gpu_profile("h100-sxm"),
+        get_model_profile("llama-3.1-8b"),
+        1,
+        1,
+        hist_bounds=histogram_bounds(kind),
+        seed=3,
+    )
+    rng = np.random.default_rng(1)
+    t = np.sort(rng.uniform(0.0, 8.0, 200))
+    bank.feed(t, rng.integers(50, 4000, t.size), rng.integers(5, 100, t.size))
+
+    def scrape_at(until_s: float) -> tuple[bytes, Mapping[str, str]]:
+        while bank.now_s < until_s - 1e-9:
+            bank.run_until(min(bank.now_s + 0.05, until_s), 1980.0)
+        body, _type, headers = render_metrics(bank.snapshot(0), kind, "m")
+        return body, headers
+
+    bodies = [scrape_at(0.5)]
+    done_before = len(bank.finished_requests())
+    bodies.append(scrape_at(10.0))
+    prompts = bank.finished_requests()["prompt_tokens"][done_before:].astype(float)
+    assert prompts.size >= 100
+    cfg = ServerConfig(name="v", url="http://127.0.0.1:8000/metrics", kind=kind)
+    source = make_source(cfg, Replay(bodies))
+    assert source.poll(T0).prompt_tokens_weighted_mean is None
+    sample = source.poll(T1)
+    exact = float((prompts**2).sum() / prompts.sum())
+    assert sample.prompt_tokens_weighted_mean == pytest.approx(exact, rel=0.1)
