@@ -18,8 +18,10 @@ The controller (controller_step) per group and tick:
   rate nears the learned prefill capacity (a prompt burst: queueing scales as 1/f);
 - lowers only with slack, by three clock steps per tick (after a raise, a quarter of the way
   back to the clock before it; never more than max_step_down), never below the floor, the
-  latency bound, the clock the slowest recent first token needs, the prefill-headroom bound,
-  the learned safe clock or the energy optimum;
+  latency bound, the clock the slowest recent first token needs, the prefill-headroom bound
+  (prefill as a first-come queue: the capacity at which a new request's mean wait, from the
+  prompt load and the server's prompt-length mix, is 0.1 of the TTFT SLO), the learned safe
+  clock (above recent misses, late first tokens included) or the energy optimum;
 - dithers by dither_mhz when settled, clamps to supported clocks, applies the mode (target,
   budget, off) and returns to defaults at once when the observation is stale.
 
@@ -76,7 +78,8 @@ OBS_STALE = 12
 OBS_REALTIME = 13
 OBS_TTFT_SLOWEST_S = 14
 OBS_FINISHED_RPS = 15
-N_OBS = 16
+OBS_PROMPT_WEIGHTED_TOKENS = 16
+N_OBS = 17
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -246,6 +249,9 @@ _PROMPT_ALPHA = 0.05
 _PREFILL_UTIL = 0.6
 """Prefill is compute-bound (capacity ~ f): keep the smoothed prompt load at most this share of
 the learned capacity, so a burst drains within the TTFT budget instead of queueing."""
+_PREFILL_WAIT_SHARE = 0.1
+"""Keep a new request's mean wait for prefill, predicted from the server's prompt-length mix, at
+this share of the TTFT SLO (where the server has no prompt-length histogram, _PREFILL_UTIL)."""
 _PREFILL_BURST = 0.8
 """A tick with requests waiting and a prompt rate past this share of the learned prefill capacity
 boosts the clock for that tick."""
@@ -840,8 +846,18 @@ def _group_step(
     ):
         queue_wait_s = waiting * (prompt_ew / finished_ew) / (prefill_k * f_now)
     prefill_min = math.nan
+    weighted = obs[OBS_PROMPT_WEIGHTED_TOKENS, g]
+    wait_s = _PREFILL_WAIT_SHARE * params[PAR_TTFT_SLO_S, g]
     if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew):
-        prefill_min = prompt_ew / (prefill_k * _PREFILL_UTIL)
+        if weighted > 0.0 and wait_s > 0.0 and prompt_ew > 0.0:
+            # Prefill as a first-come queue: at prompt load a and capacity c (tokens/s) a new
+            # request waits a*L / (2c(c - a)) on average (Pollaczek-Khinchine), L the prompt
+            # mix's E[P^2]/E[P]; the capacity that keeps that wait at wait_s, at this clock.
+            load = prompt_ew
+            need_tps = 0.5 * (load + math.sqrt(load * load + 2.0 * load * weighted / wait_s))
+            prefill_min = need_tps / prefill_k
+        else:
+            prefill_min = prompt_ew / (prefill_k * _PREFILL_UTIL)
     state[ST_PREFILL_MIN_MHZ, g] = prefill_min
     if _finite(power_gpu_w):
         state[ST_POWER_W, g] = _ewma(state[ST_POWER_W, g], power_gpu_w, 0.3)
@@ -881,8 +897,9 @@ def _group_step(
     # Only real SLO misses mark a clock unsafe; the margin line is crossed by noise near the
     # optimum.
     # A smoothed latency stays past the SLO for a few ticks after the raise that answered it:
-    # only a tick whose own signal misses blames the clock.
-    violated = (itl_hard and itl > itl_slo) or (ttft_hard and ttft > ttft_slo) or queue_over
+    # only a tick whose own signal misses blames the clock. A first token past the SLO is a
+    # miss on its own (the slowest bucket's mean is past it, so at least one request was).
+    violated = (itl_hard and itl > itl_slo) or ttft > ttft_slo or queue_over
 
     # Learn: latency and violations per (demand bin, clock bin); the power model.
     n_load = cells.shape[1]

@@ -744,3 +744,48 @@ def test_a_miss_under_an_unlocked_cap_teaches_no_safe_clock() -> None:
         controller.decide(101.0 + t, [obs(waiting=100.0, sm_clock_mhz=1935)])
     safe = controller.group_state()[0]["safe_clock_mhz"]
     assert safe is not None and safe <= low + 15
+
+
+def prefill_bound(weighted: float | None) -> tuple[int, float]:
+    """Lowered at 6000 prompt tokens/s; one tick with a request waiting teaches the prefill
+    capacity (6000 tokens/s at this clock). Returns the clock and the prefill-headroom bound."""
+    controller = Controller(Config(), [spec()])
+    low = drive(controller, 40, prompt_tokens_weighted_mean=weighted)[-1]
+    controller.decide(
+        40.0, [obs(waiting=1.0, sm_clock_mhz=low, prompt_tokens_weighted_mean=weighted)]
+    )
+    bound = controller.group_state()[0]["prefill_min_clock_mhz"]
+    assert bound is not None
+    return low, bound
+
+
+@pytest.mark.parametrize("weighted", [1000.0, 8000.0])
+def test_prefill_headroom_is_the_queue_capacity_for_the_prompt_mix(weighted: float) -> None:
+    """Prefill as a first-come queue at load a = 6000 tokens/s: a new request waits
+    a*L / (2c(c - a)) on average at capacity c (Pollaczek-Khinchine, L = E[P^2]/E[P]). The bound
+    is the clock whose capacity makes that 0.1 of the 2-s TTFT SLO."""
+    low, bound = prefill_bound(weighted)
+    a, wait_s = 6000.0, k._PREFILL_WAIT_SHARE * SLO.ttft_s
+    c = bound * 6000.0 / low
+    assert a * weighted / (2 * c * (c - a)) == pytest.approx(wait_s, rel=1e-6)
+
+
+def test_a_longer_prompt_tail_needs_more_prefill_headroom() -> None:
+    _, short_tail = prefill_bound(1000.0)
+    _, long_tail = prefill_bound(8000.0)
+    assert long_tail > 1.5 * short_tail
+
+
+def test_without_a_prompt_mix_the_prefill_headroom_is_a_utilisation() -> None:
+    low, bound = prefill_bound(None)
+    assert bound == pytest.approx(low / k._PREFILL_UTIL)
+
+
+def test_a_lone_late_first_token_teaches_the_safe_clock() -> None:
+    """One first token at 2.6 s leaves the smoothed TTFT under the SLO, but a request missed:
+    the clocks allowed over the last few ticks are not safe at this demand."""
+    controller, low = lowered()
+    assert controller.group_state()[0]["safe_clock_mhz"] is None
+    controller.decide(100.0, [obs(sm_clock_mhz=low, ttft_slowest_s=2.6)])
+    safe = controller.group_state()[0]["safe_clock_mhz"]
+    assert safe is not None and safe > low
