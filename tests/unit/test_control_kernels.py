@@ -789,3 +789,12 @@ def test_a_lone_late_first_token_teaches_the_safe_clock() -> None:
     controller.decide(100.0, [obs(sm_clock_mhz=low, ttft_slowest_s=2.6)])
     safe = controller.group_state()[0]["safe_clock_mhz"]
     assert safe is not None and safe > low
+
+
+@pytest.mark.parametrize("weighted", [1e15, 1e-9])
+def test_an_absurd_prompt_mix_keeps_the_clock_within_the_device(weighted: float) -> None:
+    _, bound = prefill_bound(weighted)
+    controller = Controller(Config(), [spec()])
+    caps = drive(controller, 30, prompt_tokens_weighted_mean=weighted, waiting=1.0)
+    assert all(FLOOR_MHZ <= cap <= 1980 for cap in caps)
+    assert math.isfinite(bound) and bound > 0
