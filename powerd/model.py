@@ -109,8 +109,9 @@ class ServerSample:
     finished_requests: float | None = None
     """Requests finished over the window, where the server counts them."""
     prompt_tokens_weighted_mean: float | None = None
-    """E[P^2]/E[P] of recent finished requests' prompt lengths P (tokens): the prefill a new
-    request waits behind on average; None where the server has no prompt-length histogram."""
+    """E[P^2]/E[P] of recent finished requests' prompt lengths P (tokens): the mean length of
+    the prompt a prompt token belongs to, which sets how long a new request waits behind
+    prefill; None where the server has no prompt-length histogram."""
     generation_tokens_total: float | None = None
     """The server's own cumulative generated-token count, where it has one."""
     error: str | None = None

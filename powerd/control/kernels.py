@@ -852,7 +852,7 @@ def _group_step(
         if weighted > 0.0 and wait_s > 0.0 and prompt_ew > 0.0:
             # Prefill as a first-come queue: at prompt load a and capacity c (tokens/s) a new
             # request waits a*L / (2c(c - a)) on average (Pollaczek-Khinchine), L the prompt
-            # mix's E[P^2]/E[P]; the capacity that keeps that wait at wait_s, at this clock.
+            # mix's E[P^2]/E[P]. The capacity that keeps that wait at wait_s, as a clock.
             load = prompt_ew
             need_tps = 0.5 * (load + math.sqrt(load * load + 2.0 * load * weighted / wait_s))
             prefill_min = need_tps / prefill_k

@@ -340,9 +340,9 @@ def slowest_bucket_mean(total_sum: float, buckets: list[tuple[float, float]]) ->
 def token_weighted_mean(total_sum: float, buckets: list[tuple[float, float]]) -> float | None:
     """E[P^2] / E[P] of a histogram of sizes P: the mean size of the item a unit belongs to.
 
-    For prompt lengths this is the prefill a new request waits behind on average in a
-    first-come queue (the residual-work term of the Pollaczek-Khinchine formula), which a long
-    tail raises far above the mean. Inside a bucket sizes are taken as uniform, scaled so the
+    For prompt lengths it sets how long a new request waits behind prefill in a first-come
+    queue (twice the mean residual work in the Pollaczek-Khinchine formula), and a long tail
+    raises it far above the mean. Inside a bucket sizes are taken as uniform, scaled so the
     first moment matches the histogram's sum; the +Inf bucket is placed by the sum as in
     slowest_bucket_mean. None without observations.
     """
