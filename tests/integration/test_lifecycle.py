@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,21 @@ def _run_until_it_locks_then_sigkill(config: Path, state_file: Path) -> None:
         process.communicate(timeout=30)
 
 
+@contextmanager
+def _run_with_notify(
+    tmp_path: Path, *args: str, **env: str
+) -> Iterator[tuple[subprocess.Popen[str], NotifySocket]]:
+    """`powerd run *args` with a systemd notify socket; killed if the test leaves it running."""
+    notify = NotifySocket(tmp_path / "notify.sock")
+    process = start_powerd("run", *args, env=powerd_env(NOTIFY_SOCKET=str(notify.path), **env))
+    try:
+        yield process, notify
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+
+
 def _stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
     if process.poll() is None:
         process.send_signal(sig)
@@ -63,11 +80,9 @@ def _stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
 def test_notify_protocol_reload_and_restore_on_exit(tmp_path: Path) -> None:
     config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(tmp_path / "g")})
     state_file = tmp_path / "g"
-    notify = NotifySocket(tmp_path / "notify.sock")
-    env = powerd_env(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC="2000000")
-    env["WATCHDOG_PID"] = ""
-    process = start_powerd("run", "--config", str(config), env=env)
-    try:
+    with _run_with_notify(
+        tmp_path, "--config", str(config), WATCHDOG_USEC="2000000", WATCHDOG_PID=""
+    ) as (process, notify):
         notify.wait_for("READY=1")
         notify.wait_for("WATCHDOG=1")
         _wait_until(lambda: bool(changed_gpus(state_file)), 60, "powerd to lock a clock")
@@ -77,10 +92,6 @@ def test_notify_protocol_reload_and_restore_on_exit(tmp_path: Path) -> None:
         notify.wait_for("WATCHDOG=1")
         output = _stop(process)
         notify.wait_for("STOPPING=1")
-    finally:
-        if process.poll() is None:
-            process.kill()
-        notify.close()
     assert process.returncode == 0, output
     fields = [m.split("\n")[0] for m in notify.messages]
     order = [f for f in fields if f in ("READY=1", "RELOADING=1", "STOPPING=1")]
@@ -123,11 +134,7 @@ def test_restart_restores_then_resumes_control(tmp_path: Path) -> None:
 
 def test_sighup_with_an_invalid_config_keeps_the_running_one(tmp_path: Path) -> None:
     config = write_sim_config(tmp_path)
-    notify = NotifySocket(tmp_path / "notify.sock")
-    process = start_powerd(
-        "run", "--config", str(config), env=powerd_env(NOTIFY_SOCKET=str(notify.path))
-    )
-    try:
+    with _run_with_notify(tmp_path, "--config", str(config)) as (process, notify):
         notify.wait_for("READY=1")
         config.write_text("interval_s: -1\n")
         process.send_signal(signal.SIGHUP)
@@ -136,10 +143,6 @@ def test_sighup_with_an_invalid_config_keeps_the_running_one(tmp_path: Path) -> 
         time.sleep(1.0)
         assert process.poll() is None, "an invalid config on reload does not stop the daemon"
         output = _stop(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        notify.close()
     assert "invalid config, keeping the running one" in output
     assert "interval_s" in output
     assert process.returncode == 0
@@ -174,15 +177,7 @@ def test_check_config_accepts_the_example() -> None:
 def test_dry_run_writes_nothing_even_across_a_reload(tmp_path: Path) -> None:
     state_file = tmp_path / "g"
     config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(state_file)})
-    notify = NotifySocket(tmp_path / "notify.sock")
-    process = start_powerd(
-        "run",
-        "--dry-run",
-        "--config",
-        str(config),
-        env=powerd_env(NOTIFY_SOCKET=str(notify.path)),
-    )
-    try:
+    with _run_with_notify(tmp_path, "--dry-run", "--config", str(config)) as (process, notify):
         notify.wait_for("READY=1")
         time.sleep(3.0)
         process.send_signal(signal.SIGHUP)
@@ -191,10 +186,6 @@ def test_dry_run_writes_nothing_even_across_a_reload(tmp_path: Path) -> None:
         time.sleep(3.0)
         assert changed_gpus(state_file) == {}
         output = _stop(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        notify.close()
     assert process.returncode == 0, output
     assert "would set" in output
     assert not (tmp_path / "state" / "journal.json").exists()
@@ -203,11 +194,7 @@ def test_dry_run_writes_nothing_even_across_a_reload(tmp_path: Path) -> None:
 def test_restore_and_a_second_daemon_refuse_while_powerd_runs(tmp_path: Path) -> None:
     state_file = tmp_path / "g"
     config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(state_file)})
-    notify = NotifySocket(tmp_path / "notify.sock")
-    process = start_powerd(
-        "run", "--config", str(config), env=powerd_env(NOTIFY_SOCKET=str(notify.path))
-    )
-    try:
+    with _run_with_notify(tmp_path, "--config", str(config)) as (process, notify):
         notify.wait_for("READY=1")
         _wait_until(lambda: bool(changed_gpus(state_file)), 60, "powerd to lock a clock")
         restore = powerd("restore", "--config", str(config))
@@ -218,9 +205,5 @@ def test_restore_and_a_second_daemon_refuse_while_powerd_runs(tmp_path: Path) ->
         assert second.returncode == 1
         assert "another powerd is running" in second.stderr
         output = _stop(process)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        notify.close()
     assert process.returncode == 0, output
     assert changed_gpus(state_file) == {}
