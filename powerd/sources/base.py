@@ -314,6 +314,27 @@ def _counter_delta(
     return delta
 
 
+def _bucket_counts(buckets: list[tuple[float, float]]) -> list[tuple[float, float, float]]:
+    """(lower bound, upper bound, observations) of each non-empty bucket, lowest first, from
+    (upper bound, cumulative count) pairs; the lowest bucket starts at 0."""
+    counts = []
+    lower = cumulative = 0.0
+    for bound, count in _monotone(buckets):
+        if count > cumulative:
+            counts.append((lower, bound, count - cumulative))
+        lower, cumulative = bound, count
+    return counts
+
+
+def _top_mean(total_sum: float, counts: list[tuple[float, float, float]]) -> float:
+    """The mean of the highest bucket's observations: the sum less every lower observation at
+    its bucket's midpoint, shared among them and clamped to the bucket's bounds."""
+    low, high, n_top = counts[-1]
+    below = sum(n * (lo + hi) / 2 for lo, hi, n in counts[:-1])
+    estimate = max((total_sum - below) / n_top, low)
+    return estimate if math.isinf(high) else min(estimate, high)
+
+
 def slowest_bucket_mean(total_sum: float, buckets: list[tuple[float, float]]) -> float | None:
     """The mean of the observations in the highest non-empty bucket of a histogram window.
 
@@ -323,18 +344,8 @@ def slowest_bucket_mean(total_sum: float, buckets: list[tuple[float, float]]) ->
     reads a lone slow request anywhere in a wide bucket (vLLM's TTFT buckets run 1 s to 2.5 s)
     as near the bucket's top, the sum places it. None without observations.
     """
-    per_bucket: list[tuple[float, float, float]] = []
-    lower = cumulative = 0.0
-    for bound, count in _monotone(buckets):
-        per_bucket.append((lower, bound, count - cumulative))
-        lower, cumulative = bound, count
-    top = next((i for i in range(len(per_bucket) - 1, -1, -1) if per_bucket[i][2] > 0), None)
-    if top is None:
-        return None
-    low_s, high_s, n_top = per_bucket[top]
-    below = sum(n * (lo + hi) / 2 for lo, hi, n in per_bucket[:top])
-    estimate = max((total_sum - below) / n_top, low_s)
-    return estimate if math.isinf(high_s) else min(estimate, high_s)
+    counts = _bucket_counts(buckets)
+    return _top_mean(total_sum, counts) if counts else None
 
 
 def token_weighted_mean(total_sum: float, buckets: list[tuple[float, float]]) -> float | None:
@@ -346,24 +357,18 @@ def token_weighted_mean(total_sum: float, buckets: list[tuple[float, float]]) ->
     first moment matches the histogram's sum; the +Inf bucket is placed by the sum as in
     slowest_bucket_mean. None without observations.
     """
-    per_bucket: list[tuple[float, float, float]] = []
-    lower = cumulative = 0.0
-    for bound, count in _monotone(buckets):
-        if count > cumulative:
-            per_bucket.append((lower, bound, count - cumulative))
-        lower, cumulative = bound, max(count, cumulative)
-    if not per_bucket or total_sum <= 0.0:
+    counts = _bucket_counts(buckets)
+    if not counts or total_sum <= 0.0:
         return None
     first = second = 0.0
-    finite = [(lo, hi, n) for lo, hi, n in per_bucket if not math.isinf(hi)]
-    for lo, hi, n in finite:
-        first += n * (lo + hi) / 2.0
-        second += n * (lo * lo + lo * hi + hi * hi) / 3.0
-    if len(finite) < len(per_bucket):
-        lo, _hi, n = per_bucket[-1]
-        mean = max((total_sum - first) / n, lo)
-        first += n * mean
-        second += n * mean * mean
+    for lo, hi, n in counts:
+        if math.isinf(hi):
+            mean = _top_mean(total_sum, counts)
+            first += n * mean
+            second += n * mean * mean
+        else:
+            first += n * (lo + hi) / 2.0
+            second += n * (lo * lo + lo * hi + hi * hi) / 3.0
     # Uniform placement inside a wide bucket is off by up to its width: rescale to the sum.
     scale = min(max(total_sum / first, 0.5), 2.0)
     return second * scale * scale / total_sum
