@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from powerd.bench import measure
 from powerd.bench.oracle import Oracle, OracleOptions
 from powerd.bench.policies import (
@@ -186,10 +188,16 @@ def run_policy(setup: BenchSetup, node: SimNode, policy: BenchPolicy) -> PolicyR
 
 
 def run_oracle(setup: BenchSetup, node: SimNode) -> PolicyResult:
+    return _run_oracle(setup, node)[0]
+
+
+def _run_oracle(setup: BenchSetup, node: SimNode) -> tuple[PolicyResult, SimNode]:
+    """The oracle's result and the node at the end of its committed trajectory."""
     started = time.perf_counter()
     oracle = Oracle(setup.slo, setup.interval_s, setup.oracle)
     final, recorder = oracle.run(node, setup.duration_s)
-    return _result("oracle", final, setup, recorder, time.perf_counter() - started, oracle.notes())
+    wall_s = time.perf_counter() - started
+    return _result("oracle", final, setup, recorder, wall_s, oracle.notes()), final
 
 
 @dataclass(frozen=True)
@@ -232,10 +240,18 @@ def _template(setup: BenchSetup) -> SimNode:
 
 def run_job(setup: BenchSetup, job: Job) -> PolicyResult:
     """Run one job on a copy of the template node."""
+    return run_job_records(setup, job)[0]
+
+
+def run_job_records(setup: BenchSetup, job: Job) -> tuple[PolicyResult, np.ndarray]:
+    """Run one job on a copy of the template node; also its finished requests, one record
+    each (engine.FINISHED_DTYPE: server, arrival, TTFT, mean ITL, queue, e2e, tokens)."""
     node = _template(setup).clone()
     if job.kind == "oracle":
-        return run_oracle(setup, node)
-    return run_policy(setup, node, _make_policy(setup, job))
+        result, node = _run_oracle(setup, node)
+    else:
+        result = run_policy(setup, node, _make_policy(setup, job))
+    return result, node.finished_records()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ from powerd.bench.results import BenchResult
 from powerd.bench.runner import (
     ATTAINMENT_TOLERANCE,
     BenchSetup,
+    Job,
     build_template_node,
     meets_slo,
     run_bench,
+    run_job_records,
     run_policy,
 )
 from powerd.config import SloConfig
@@ -129,6 +131,16 @@ def test_baselines_act(bench: BenchResult) -> None:
     assert p["static-power-cap"].notes.endswith(" W") or "profiling" in p["static-power-cap"].notes
     for name in ("util-governor", "slo-lowest-clock", "static-clock", "powerd"):
         assert p[name].energy_j < p["default"].energy_j, name
+
+
+@pytest.mark.parametrize("kind", ["default", "oracle"])
+def test_job_records_are_the_requests_its_result_counts(kind: str) -> None:
+    # The oracle commits clones of the node it is given: the records must come from the end of
+    # its committed trajectory, not from the node it started with.
+    setup = replace(SETUP, duration_s=60.0)
+    result, records = run_job_records(setup, Job(kind))
+    assert len(records) == result.finished_requests > 0
+    assert records["arrival_s"].max() < setup.duration_s
 
 
 def test_same_seed_same_result_other_seed_other_arrivals() -> None:
