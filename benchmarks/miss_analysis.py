@@ -47,38 +47,36 @@ def missed(records: np.ndarray, setup: BenchSetup) -> np.ndarray:
 def by_segment(
     setup: BenchSetup, runs: dict[str, tuple[PolicyResult, np.ndarray]], n_segments: int
 ) -> list[str]:
-    """Misses, energy (kJ) and mean clock cap per segment, one line per segment."""
+    """Misses, energy (kJ) and mean clock cap per segment, one line per segment; the request
+    count is default's finished requests that arrived in the segment."""
     edges = np.linspace(0.0, setup.duration_s, n_segments + 1)
-    names = list(runs)
-    lines = [
-        "segment (s)    requests  misses "
-        + " / ".join(names)
-        + "   energy kJ "
-        + " / ".join(names)
-        + "   clock MHz "
-        + " / ".join(names)
+    names = " / ".join(runs)
+    per_run = [
+        (
+            records["arrival_s"],
+            missed(records, setup),
+            np.asarray(result.series.time_s),
+            np.asarray(result.series.energy_j),
+            np.asarray(result.series.clock_mhz),
+        )
+        for result, records in runs.values()
     ]
+    default_arrival = runs["default"][1]["arrival_s"]
+    lines = [f"segment (s)    requests  misses {names}   energy kJ {names}   clock MHz {names}"]
     for t0, t1 in itertools.pairwise(edges):
         counts, energies, clocks = [], [], []
-        n_requests = 0
-        for result, records in runs.values():
-            arrived = (records["arrival_s"] >= t0) & (records["arrival_s"] < t1)
-            n_requests = int(arrived.sum())
-            counts.append(str(int((missed(records, setup) & arrived).sum())))
-            series = result.series
-            times = np.asarray(series.time_s)
+        for arrival, miss, times, energy_j, clock_mhz in per_run:
+            arrived = (arrival >= t0) & (arrival < t1)
+            counts.append(str(int((miss & arrived).sum())))
             in_segment = (times >= t0) & (times < t1)
-            energies.append(f"{np.sum(np.asarray(series.energy_j)[in_segment]) / 1e3:.1f}")
-            clocks.append(f"{np.mean(np.asarray(series.clock_mhz)[in_segment]):.0f}")
+            energies.append(f"{energy_j[in_segment].sum() / 1e3:.1f}")
+            clocks.append(f"{clock_mhz[in_segment].mean():.0f}")
+        n_requests = int(((default_arrival >= t0) & (default_arrival < t1)).sum())
         lines.append(
             f"{t0:5.0f}-{t1:<5.0f}  {n_requests:9d}  "
-            + " / ".join(counts)
-            + "   "
-            + " / ".join(energies)
-            + "   "
-            + " / ".join(clocks)
+            f"{' / '.join(counts)}   {' / '.join(energies)}   {' / '.join(clocks)}"
         )
-    totals = [str(int(missed(records, setup).sum())) for _, records in runs.values()]
+    totals = [str(int(miss.sum())) for _, miss, *_ in per_run]
     lines.append("whole run             misses " + " / ".join(totals))
     return lines
 
