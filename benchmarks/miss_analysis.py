@@ -96,7 +96,8 @@ def extra_misses(setup: BenchSetup, policy: np.ndarray, default: np.ndarray) -> 
     )
     default_missed = missed(default, setup)
     met_by_default = (match >= 0) & ~default_missed[np.maximum(match, 0)]
-    extra = missed(policy, setup) & met_by_default
+    policy_missed = missed(policy, setup)
+    extra = policy_missed & met_by_default
     late_first = policy["ttft_s"] > setup.slo.ttft_s
     causes = {
         "queued": extra & late_first & (policy["queue_s"] >= QUEUED_MIN_S),
@@ -105,7 +106,7 @@ def extra_misses(setup: BenchSetup, policy: np.ndarray, default: np.ndarray) -> 
     }
     lines = [
         f"misses default met: {int(extra.sum())} "
-        f"(of {int(missed(policy, setup).sum())}; default missed {int(default_missed.sum())})"
+        f"(of {int(policy_missed.sum())}; default missed {int(default_missed.sum())})"
     ]
     for cause, chosen in causes.items():
         if not chosen.any():
