@@ -67,6 +67,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="the oracle's window (default 30 s)",
     )  # fmt: skip
     parser.add_argument(
+        "--oracle-slack", type=float, default=OracleOptions().slack, metavar="X",
+        help="misses the oracle may spend beyond default's, as a share of default's finished "
+        f"requests (default {OracleOptions().slack}, inside the 0.5-point tolerance; 0: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--workers", type=int, default=workers_default(), metavar="N",
         help="processes running policies in parallel (default 2)",
     )  # fmt: skip
@@ -85,6 +90,8 @@ def setup_from_args(args: argparse.Namespace) -> BenchSetup:
         raise ValueError("--ttft-slo and --itl-slo must be positive")
     if not args.oracle_window > 0:
         raise ValueError(f"--oracle-window must be positive, got {args.oracle_window}")
+    if not 0.0 <= args.oracle_slack < 1.0:
+        raise ValueError(f"--oracle-slack must be in [0, 1), got {args.oracle_slack}")
     peak = args.peak_load
     if peak is None and args.rate_scale is None:
         peak = 0.7
@@ -102,7 +109,9 @@ def setup_from_args(args: argparse.Namespace) -> BenchSetup:
         rate_scale=args.rate_scale if args.rate_scale is not None else 1.0,
         slo=SloConfig(ttft_s=args.ttft_slo, itl_s=args.itl_slo),
         workers=args.workers,
-        oracle=replace(OracleOptions(), window_s=float(args.oracle_window)),
+        oracle=replace(
+            OracleOptions(), window_s=float(args.oracle_window), slack=float(args.oracle_slack)
+        ),
     )
     setup.validate()
     setup.gpu_profile()  # a bad profile name or file fails here, before any work

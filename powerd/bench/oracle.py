@@ -218,6 +218,7 @@ class Oracle:
             return ""
         clocks = [c for _, c in self.chosen]
         return (
-            f"{self.options.window_s:.0f}-s windows, clocks {min(clocks)}-{max(clocks)} MHz, "
+            f"{self.options.window_s:.0f}-s windows, slack {100 * self.options.slack:.1f} % of "
+            f"requests, clocks {min(clocks)}-{max(clocks)} MHz, "
             f"mean {sum(clocks) / len(clocks):.0f}"
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from powerd.bench.cli import add_bench_arguments, run_bench_command, setup_from_args
+from powerd.bench.oracle import OracleOptions
 from powerd.bench.policies import POLICY_NAMES
 from powerd.bench.report import matplotlib_available
 
@@ -30,6 +31,7 @@ def test_defaults() -> None:
     assert setup.peak_load == 0.7
     assert setup.server_kind == "vllm"
     assert setup.seed == 0
+    assert setup.oracle == OracleOptions()
 
 
 def test_every_option_parses() -> None:
@@ -38,7 +40,7 @@ def test_every_option_parses() -> None:
         "--model", "llama-3.1-70b", "--gpus", "8", "--tp", "4", "--server-kind", "sglang",
         "--policies", "default,powerd,oracle", "--seed", "7", "--json", "/tmp/x.json",
         "--markdown", "/tmp/x.md", "--plot", "/tmp/x.png", "--ttft-slo", "3", "--itl-slo",
-        "0.05", "--oracle-window", "30", "--workers", "1",
+        "0.05", "--oracle-window", "30", "--oracle-slack", "0", "--workers", "1",
     )  # fmt: skip
     setup = setup_from_args(args)
     assert setup.trace == "diurnal" and setup.duration_s == 120.0
@@ -47,7 +49,7 @@ def test_every_option_parses() -> None:
     assert (setup.gpus, setup.tp, setup.model_name) == (8, 4, "llama-3.1-70b")
     assert setup.server_kind == "sglang" and setup.seed == 7
     assert (setup.slo.ttft_s, setup.slo.itl_s) == (3.0, 0.05)
-    assert setup.oracle.window_s == 30.0 and setup.workers == 1
+    assert setup.oracle.window_s == 30.0 and setup.oracle.slack == 0.0 and setup.workers == 1
     assert (args.json, args.markdown, args.plot) == ("/tmp/x.json", "/tmp/x.md", "/tmp/x.png")
 
 
@@ -75,6 +77,7 @@ def test_gpu_profile_file(tmp_path: Path) -> None:
         (["--model", "gpt-9"], "unknown model profile 'gpt-9'"),
         (["--duration", "0"], "--duration must be positive"),
         (["--peak-load", "-1"], "--peak-load must be positive"),
+        (["--oracle-slack", "-0.1"], "--oracle-slack must be in [0, 1)"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_sentence(

@@ -3,6 +3,8 @@ counts unfinished requests already past the TTFT SLO as misses."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -59,6 +61,16 @@ def test_oracle_keeps_within_its_miss_budget_counting_certain_misses() -> None:
     out = measure.outcome(final, SETUP.slo)
     # The committed count (misses as they became certain) is the run's own truth at the end.
     assert oracle.misses == out.misses
+
+
+def test_an_oracle_without_slack_misses_no_more_than_default_and_says_so() -> None:
+    setup = replace(SETUP, oracle=replace(SETUP.oracle, slack=0.0))
+    template = build_template_node(setup)
+    reference = reference_run(template.clone(), setup.duration_s, setup.slo, setup.interval_s)
+    oracle = Oracle(setup.slo, setup.interval_s, setup.oracle)
+    oracle.run(template.clone(), setup.duration_s)
+    assert oracle.misses <= len(reference.miss_s)
+    assert "slack 0.0 % of requests" in oracle.notes()
 
 
 def test_unfinished_requests_past_the_ttft_slo_are_certain_misses_for_every_policy() -> None:
