@@ -63,8 +63,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="mean inter-token latency per request, default 0.1 s",
     )  # fmt: skip
     parser.add_argument(
-        "--oracle-window", type=float, default=30.0, metavar="S",
-        help="the oracle's window (default 30 s)",
+        "--oracle-window", type=float, default=OracleOptions().window_s, metavar="S",
+        help=f"the oracle's window (default {OracleOptions().window_s:.0f} s)",
     )  # fmt: skip
     parser.add_argument(
         "--oracle-slack", type=float, default=OracleOptions().slack, metavar="X",
