@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 
 from powerd.bench.oracle import OracleOptions
 from powerd.bench.policies import POLICY_NAMES, parse_policies
@@ -23,6 +22,7 @@ from powerd.config import SERVER_KINDS, SloConfig
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `powerd bench`."""
+    oracle = OracleOptions()
     parser.add_argument(
         "--trace", default="azure-conv", help="a trace file or a name: azure-conv, diurnal, step, "
         "burst, constant (default: azure-conv)",
@@ -63,13 +63,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="mean inter-token latency per request, default 0.1 s",
     )  # fmt: skip
     parser.add_argument(
-        "--oracle-window", type=float, default=OracleOptions().window_s, metavar="S",
-        help=f"the oracle's window (default {OracleOptions().window_s:.0f} s)",
+        "--oracle-window", type=float, default=oracle.window_s, metavar="S",
+        help=f"the oracle's window (default {oracle.window_s:.0f} s)",
     )  # fmt: skip
     parser.add_argument(
-        "--oracle-slack", type=float, default=OracleOptions().slack, metavar="X",
+        "--oracle-slack", type=float, default=oracle.slack, metavar="X",
         help="misses the oracle may spend beyond default's, as a share of default's finished "
-        f"requests (default {OracleOptions().slack}, inside the 0.5-point tolerance; 0: none)",
+        f"requests (default {oracle.slack}, inside the 0.5-point tolerance; 0: none)",
     )  # fmt: skip
     parser.add_argument(
         "--workers", type=int, default=workers_default(), metavar="N",
@@ -109,9 +109,7 @@ def setup_from_args(args: argparse.Namespace) -> BenchSetup:
         rate_scale=args.rate_scale if args.rate_scale is not None else 1.0,
         slo=SloConfig(ttft_s=args.ttft_slo, itl_s=args.itl_slo),
         workers=args.workers,
-        oracle=replace(
-            OracleOptions(), window_s=float(args.oracle_window), slack=float(args.oracle_slack)
-        ),
+        oracle=OracleOptions(window_s=float(args.oracle_window), slack=float(args.oracle_slack)),
     )
     setup.validate()
     setup.gpu_profile()  # a bad profile name or file fails here, before any work
