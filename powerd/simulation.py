@@ -85,18 +85,25 @@ def detached_fake_nvml(sim: SimConfig) -> FakeNvml:
 
 
 def inprocess_fetch(node: SimNode) -> Callable[[str, float], FetchResponse]:
-    """A fetcher that reads `sim://NAME/metrics` straight from the node's servers."""
-    servers = {server.name: server for server in node.servers}
+    """A fetcher that reads `sim://NAME/PATH` straight from the node's servers: PATH (query
+    string aside) is one of the server's routes (its metrics path; /v1/loads on SGLang),
+    anything else answers 404 as the HTTP endpoint does."""
+    routes = {server.name: server.routes() for server in node.servers}
 
     def fetch(url: str, timeout_s: float) -> FetchResponse:
         if not url.startswith(INPROCESS_SCHEME):
             raise SourceError(f"{url}: not a simulated server URL")
-        name = url[len(INPROCESS_SCHEME) :].split("/", 1)[0]
-        server = servers.get(name)
-        if server is None:
+        name, _, rest = url[len(INPROCESS_SCHEME) :].partition("/")
+        server_routes = routes.get(name)
+        if server_routes is None:
             raise SourceError(f"{url}: no simulated server named {name!r}")
+        render = server_routes.get("/" + rest.split("?", 1)[0])
+        if render is None:
+            return FetchResponse(
+                404, b"404 page not found\n", {"Content-Type": "text/plain; charset=utf-8"}
+            )
         with node.lock:
-            body, content_type, headers = server.render()
+            body, content_type, headers = render()
         return FetchResponse(200, body, {"Content-Type": content_type, **headers})
 
     return fetch
@@ -108,7 +115,8 @@ def server_configs(
     """One ServerConfig per simulated server, pointing at its HTTP URL or in-process URL."""
     configs = []
     for server in node.servers:
-        url = (urls or {}).get(server.name) or f"{INPROCESS_SCHEME}{server.name}/metrics"
+        inprocess = f"{INPROCESS_SCHEME}{server.name}{server.metrics_path}"
+        url = (urls or {}).get(server.name) or inprocess
         configs.append(
             ServerConfig(
                 name=server.name,

@@ -190,19 +190,7 @@ def batch_state(server: object) -> BatchState:
     done = bank.req_i[idx, eng.R_DONE]
     decoding = done >= need
     ctx = (done + bank.req_i[idx, eng.R_GEN_DONE])[decoding]
-    pending = float((need - done)[~decoding].sum())
-    first_token = bank.req_i[idx, eng.R_GEN_DONE] > 0
-    waiting_first = idx[~first_token]
-    oldest = float(bank.req_f[waiting_first, eng.RF_ARRIVAL].min()) if len(waiting_first) else None
-    r = int(bank.srv_i[s, eng.SI_WQ_HEAD])
-    for _ in range(int(bank.srv_i[s, eng.SI_WQ_LEN])):
-        if r < 0:
-            break
-        pending += float(bank.req_i[r, eng.R_NEED] - bank.req_i[r, eng.R_DONE])
-        if bank.req_i[r, eng.R_GEN_DONE] == 0:
-            arrival = float(bank.req_f[r, eng.RF_ARRIVAL])
-            oldest = arrival if oldest is None else min(oldest, arrival)
-        r = int(bank.req_i[r, eng.R_NEXT])
+    pending, oldest = bank.prefill_backlog(s)
     return BatchState(int(decoding.sum()), float(ctx.sum()), pending, oldest)
 
 

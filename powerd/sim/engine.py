@@ -1145,6 +1145,44 @@ class EngineBank:
     def num_waiting(self, s: int) -> int:
         return int(self.srv_i[s, SI_WQ_LEN])
 
+    def waiting_requests(self, s: int) -> np.ndarray:
+        """Pool indices of server s's waiting queue, the next to be admitted first."""
+        n = int(self.srv_i[s, SI_WQ_LEN])
+        out = np.empty(n, dtype=np.int64)
+        r = int(self.srv_i[s, SI_WQ_HEAD])
+        k = 0
+        while k < n and r >= 0:
+            out[k] = r
+            k += 1
+            r = int(self.req_i[r, R_NEXT])
+        return out[:k]
+
+    def prefill_backlog_parts(self, s: int) -> tuple[float, float, float | None]:
+        """Server s's prompt work not yet prefilled, in tokens: (the running requests'
+        unprefilled remainders, the waiting queue's), and the arrival time (simulated s) of
+        the oldest request still without its first token, or None.
+
+        A waiting request holds no KV (a preempted one recomputes prompt and output), so the
+        waiting queue's tokens are also its sequence lengths.
+        """
+        n_run = int(self.srv_i[s, SI_RUN_N])
+        idx = self.run_idx[s, :n_run]
+        remaining = self.req_i[idx, R_NEED] - self.req_i[idx, R_DONE]
+        running = float(remaining[remaining > 0].sum())
+        no_token = idx[self.req_i[idx, R_GEN_DONE] == 0]
+        queue = self.waiting_requests(s)
+        queued = float((self.req_i[queue, R_NEED] - self.req_i[queue, R_DONE]).sum())
+        no_token = np.concatenate([no_token, queue[self.req_i[queue, R_GEN_DONE] == 0]])
+        oldest = float(self.req_f[no_token, RF_ARRIVAL].min()) if no_token.size else None
+        return running, queued, oldest
+
+    def prefill_backlog(self, s: int) -> tuple[float, float | None]:
+        """Prompt tokens server s still has to prefill (the running requests' remainders plus
+        the waiting queue), and the arrival time (simulated s) of the oldest request still
+        without its first token, or None."""
+        running, queued, oldest = self.prefill_backlog_parts(s)
+        return running + queued, oldest
+
     def snapshot(self, s: int) -> EngineMetrics:
         """Server s's metrics now (a copy)."""
         row = self.metrics[s]
@@ -1219,6 +1257,12 @@ class EngineView:
     @property
     def num_waiting(self) -> int:
         return self.bank.num_waiting(self.index)
+
+    def prefill_backlog(self) -> tuple[float, float | None]:
+        return self.bank.prefill_backlog(self.index)
+
+    def prefill_backlog_parts(self) -> tuple[float, float, float | None]:
+        return self.bank.prefill_backlog_parts(self.index)
 
     def reset_counters(self, start_time_unix: float | None = None) -> None:
         self.bank.reset_counters(self.index, start_time_unix)

@@ -11,8 +11,10 @@ themselves; the others are written as their exporters write text.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
 
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
@@ -33,6 +35,11 @@ CONTENT_TYPE_PROMETHEUS_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
 # llama.cpp sets exactly this (server-context.cpp); metrics-exporter-prometheus and prometheus-cpp
 # answer with the 0.0.4 text type.
 CONTENT_TYPE_LLAMACPP = "text/plain; version=0.0.4"
+
+SGLANG_LOADS_PATH = "/v1/loads"
+SGLANG_VERSION = "0.5.8"
+"""What a simulated SGLang reports as its version (a release that serves /v1/loads)."""
+CONTENT_TYPE_JSON = "application/json"
 
 # fmt: off
 # vllm/v1/metrics/loggers.py
@@ -489,6 +496,49 @@ def _lmdeploy(m: EngineMetrics, model_name: str) -> list[Metric]:
         h["queue_s"],
     )
     return f.out
+
+
+def render_sglang_loads(
+    engine_metrics: EngineMetrics,
+    waiting_uncached_tokens: float,
+    waiting_queue_tokens: float,
+    *,
+    now_unix: float | None = None,
+    version: str = SGLANG_VERSION,
+) -> tuple[bytes, str, dict[str, str]]:
+    """(body, content type, extra headers) of SGLang's `GET /v1/loads` for one server (a
+    single data-parallel rank, dp_rank 0).
+
+    waiting_uncached_tokens: prompt tokens still to prefill (running remainders plus the
+    waiting queue; the simulator has no prefix cache). waiting_queue_tokens: the waiting
+    queue's sequence lengths, which num_total_tokens adds to the KV tokens in use.
+    gen_throughput is the engine's SGLang gen_throughput gauge (decode tokens per second over
+    the last decode log interval), the figure sglang:gen_throughput reports.
+    """
+    now = time.time() if now_unix is None else now_unix
+    v = engine_metrics.values
+    used = int(v["kv_used_tokens"])
+    rank = {
+        "dp_rank": 0,
+        "timestamp": now,
+        "num_running_reqs": int(v["num_running"]),
+        "num_waiting_reqs": int(v["num_waiting"]),
+        "num_waiting_uncached_tokens": int(waiting_uncached_tokens),
+        "num_used_tokens": used,
+        "num_total_tokens": used + int(waiting_queue_tokens),
+        "max_total_num_tokens": int(v["kv_capacity_tokens"]),
+        "max_running_requests": int(v["max_batch"]),
+        "token_usage": float(v["kv_usage"]),
+        "gen_throughput": float(v["gen_throughput_tokens_per_s"]),
+        "cache_hit_rate": 0.0,
+        "utilization": 0.0,
+    }
+    document = {
+        "timestamp": datetime.fromtimestamp(now, tz=timezone.utc).isoformat(),
+        "version": version,
+        "loads": [rank],
+    }
+    return json.dumps(document, separators=(",", ":")).encode(), CONTENT_TYPE_JSON, {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""A simulated server's metrics endpoint on real HTTP (a ThreadingHTTPServer in a daemon thread)."""
+"""A simulated server's endpoints on real HTTP (a ThreadingHTTPServer in a daemon thread)."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
@@ -13,10 +13,12 @@ RenderFn = Callable[[], tuple[bytes, str, dict[str, str]]]
 
 
 class SimServerHttp:
-    """Serves `render()` (body, content type, extra headers) on GET `path`; 404 elsewhere.
+    """Serves `render()` (body, content type, extra headers) on GET `path` and each of
+    `extra_routes` on its own path; 404 elsewhere. Routing ignores the query string.
 
-    port 0 picks a free port; `url` is valid after start(). `restart()` calls `on_restart`
-    (the simulated server restarts: its counters start again from zero).
+    port 0 picks a free port; `url` (of `path`) is valid after start(). `restart()` calls
+    `on_restart` (the simulated server restarts: its counters start again from zero).
+    `requests_served` counts the GETs answered 200, on any path.
     """
 
     def __init__(
@@ -26,14 +28,20 @@ class SimServerHttp:
         port: int = 0,
         path: str = "/metrics",
         on_restart: Callable[[], None] | None = None,
+        extra_routes: Mapping[str, RenderFn] | None = None,
     ) -> None:
-        if not path.startswith("/"):
-            raise ValueError(f"path must start with '/', got {path!r}")
+        extra = dict(extra_routes or {})
+        for route in (path, *extra):
+            if not route.startswith("/"):
+                raise ValueError(f"path must start with '/', got {route!r}")
+        if path in extra:
+            raise ValueError(f"path {path!r} is also in extra_routes")
         self.render = render
         self.host = host
         self.port = port
         self.path = path
         self.on_restart = on_restart
+        self.extra_routes: dict[str, RenderFn] = extra
         self.requests_served = 0
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -57,13 +65,15 @@ class SimServerHttp:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] != owner.path:
+                path = self.path.split("?", 1)[0]
+                render = owner.render if path == owner.path else owner.extra_routes.get(path)
+                if render is None:
                     self._send(404, b"404 page not found\n", "text/plain; charset=utf-8", {})
                     return
                 try:
-                    body, content_type, headers = owner.render()
+                    body, content_type, headers = render()
                 except Exception as exc:  # a broken render must not kill the server thread
-                    log.exception("rendering %s failed", owner.url)
+                    log.exception("rendering %s of %s failed", path, owner.url)
                     self._send(500, f"{exc}\n".encode(), "text/plain; charset=utf-8", {})
                     return
                 owner.requests_served += 1

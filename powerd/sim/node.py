@@ -33,8 +33,15 @@ from powerd.sim.engine import (
     build_config,
     engine_run_until,
 )
-from powerd.sim.exposition import SERVER_KINDS, histogram_bounds, metrics_path, render_metrics
-from powerd.sim.http_server import SimServerHttp
+from powerd.sim.exposition import (
+    SERVER_KINDS,
+    SGLANG_LOADS_PATH,
+    histogram_bounds,
+    metrics_path,
+    render_metrics,
+    render_sglang_loads,
+)
+from powerd.sim.http_server import RenderFn, SimServerHttp
 from powerd.sim.models import ModelProfile, served_model_name
 from powerd.sim.plant import S_CLOCK_MHZ, GpuPlant, GpuProfile, plant_step
 from powerd.sim.traces import Arrivals
@@ -151,6 +158,20 @@ class SimServer:
         )
         if self.kind == "llamacpp":
             self.engine.reset_scrape_bucket()
+        return out
+
+    def render_loads(self) -> tuple[bytes, str, dict[str, str]]:
+        """(body, content type, headers) of SGLang's GET /v1/loads of this server. Call under
+        the node lock."""
+        running, queued, _ = self.engine.prefill_backlog_parts()
+        return render_sglang_loads(self.engine.metrics(), running + queued, queued)
+
+    def routes(self) -> dict[str, RenderFn]:
+        """Every GET path this server answers (query string aside) and its renderer: the
+        metrics path, and /v1/loads on SGLang. Call the renderers under the node lock."""
+        out: dict[str, RenderFn] = {self.metrics_path: self.render}
+        if self.kind == "sglang":
+            out[SGLANG_LOADS_PATH] = self.render_loads
         return out
 
     def restart(self) -> None:
@@ -381,19 +402,33 @@ class RealTimeDriver:
 
 
 def serve_node(node: SimNode, host: str = "127.0.0.1") -> list[SimServerHttp]:
-    """Start one HTTP endpoint per server of `node` (rendering under the node lock)."""
+    """Start one HTTP endpoint per server of `node` serving its routes (rendering under the
+    node lock); each endpoint's `url` is the metrics URL."""
+
+    def locked(render: RenderFn) -> RenderFn:
+        def call() -> tuple[bytes, str, dict[str, str]]:
+            with node.lock:
+                return render()
+
+        return call
+
     out: list[SimServerHttp] = []
     for server in node.servers:
-
-        def render(s: SimServer = server) -> tuple[bytes, str, dict[str, str]]:
-            with node.lock:
-                return s.render()
 
         def restart(s: SimServer = server) -> None:
             with node.lock:
                 s.restart()
 
+        routes = server.routes()
+        render = routes.pop(server.metrics_path)
+        extra = {path: locked(fn) for path, fn in routes.items()}
         out.append(
-            SimServerHttp(render, host=host, path=server.metrics_path, on_restart=restart).start()
+            SimServerHttp(
+                locked(render),
+                host=host,
+                path=server.metrics_path,
+                on_restart=restart,
+                extra_routes=extra,
+            ).start()
         )
     return out

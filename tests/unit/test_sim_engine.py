@@ -18,6 +18,7 @@ from powerd.sim.engine import (
     M_GEN_TOKENS,
     M_PREEMPTIONS,
     M_PROMPT_TOKENS,
+    RF_ARRIVAL,
     SI_KV_USED,
     EngineBank,
     build_config,
@@ -220,6 +221,32 @@ def test_copy_is_independent() -> None:
     run(bank, 5.0, 1980.0)
     np.testing.assert_array_equal(bank.metrics, twin.metrics)
     np.testing.assert_array_equal(bank.finished_requests(), twin.finished_requests())
+
+
+def test_prefill_backlog_counts_the_prompts_not_yet_prefilled() -> None:
+    bank = make_bank()
+    assert bank.prefill_backlog(0) == (0.0, None)
+    assert bank.waiting_requests(0).size == 0
+    n, prompt = 64, 6000
+    arrival_s = np.arange(n) * 1e-3
+    bank.feed(arrival_s, np.full(n, prompt), np.full(n, 50))
+    run(bank, 0.2, 1980.0, step_s=0.05)
+    running, queued, oldest = bank.prefill_backlog_parts(0)
+    assert bank.metrics[0, M_PREEMPTIONS] == 0
+    assert bank.num_waiting(0) > 0
+    # Every prompt token arrived is either prefilled (the prompt counter) or still pending.
+    assert running + queued == n * prompt - bank.metrics[0, M_PROMPT_TOKENS]
+    assert queued == bank.num_waiting(0) * prompt
+    # FCFS: the oldest request without a first token comes right after those that have one.
+    first_tokens = int(bank.snapshot(0).histograms["ttft_s"].count)
+    assert 0 < first_tokens < n and oldest == arrival_s[first_tokens]
+    assert bank.prefill_backlog(0) == (running + queued, oldest)
+    queue = bank.waiting_requests(0)
+    assert queue.size == bank.num_waiting(0)
+    assert np.all(np.diff(bank.req_f[queue, RF_ARRIVAL]) > 0)
+    run(bank, 120.0, 1980.0, step_s=1.0)
+    assert len(bank.finished_requests()) == n
+    assert bank.prefill_backlog(0) == (0.0, None)
 
 
 def test_feed_rejects_unsorted_or_past_arrivals() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
+
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +19,7 @@ from powerd.sim.exposition import (
     histogram_bounds,
     metrics_path,
     render_metrics,
+    render_sglang_loads,
 )
 from powerd.sim.models import get_model_profile
 from powerd.sim.node import SimServer
@@ -261,6 +265,91 @@ def test_nim_uses_vllm_names_without_prefix() -> None:
     )
     assert fam["time_per_output_token_seconds"][0] == "histogram"
     assert metrics_path("nim") == "/v1/metrics" and metrics_path("vllm") == "/metrics"
+
+
+LOADS_INT_FIELDS = (
+    "dp_rank",
+    "num_running_reqs",
+    "num_waiting_reqs",
+    "num_waiting_uncached_tokens",
+    "num_used_tokens",
+    "num_total_tokens",
+    "max_total_num_tokens",
+    "max_running_requests",
+)
+LOADS_FLOAT_FIELDS = ("timestamp", "token_usage", "gen_throughput", "cache_hit_rate", "utilization")
+
+
+def bursting_sglang_bank() -> EngineBank:
+    """An SGLang server decoding a steady load when a burst of 48 long prompts arrives."""
+    bank = EngineBank(H100, LLAMA_8B, 1, 1, hist_bounds=histogram_bounds("sglang"), seed=2)
+    steady_s = np.arange(0.0, 6.0, 0.1)
+    t = np.concatenate([steady_s, np.full(48, 6.0)])
+    prompts = np.concatenate([np.full(steady_s.size, 500), np.full(48, 8000)])
+    bank.feed(t, prompts, np.full(t.size, 200))
+    for k in range(1, 122):
+        bank.run_until(k * 0.05, 1980.0)
+    return bank
+
+
+def test_sglang_loads_json_shape_types_and_values() -> None:
+    bank = bursting_sglang_bank()
+    snap = bank.snapshot(0)
+    running, queued, _ = bank.prefill_backlog_parts(0)
+    now_unix = 1736678400.123
+    body, content_type, headers = render_sglang_loads(
+        snap, running + queued, queued, now_unix=now_unix
+    )
+    assert content_type == "application/json" and headers == {}
+    document = json.loads(body)
+    assert set(document) == {"timestamp", "version", "loads"}
+    stamp = datetime.fromisoformat(document["timestamp"])
+    assert stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0
+    assert stamp.timestamp() == pytest.approx(now_unix, abs=1e-6)
+    assert isinstance(document["version"], str) and document["version"]
+    (rank,) = document["loads"]
+    assert set(rank) == set(LOADS_INT_FIELDS) | set(LOADS_FLOAT_FIELDS)
+    for key in LOADS_INT_FIELDS:
+        assert type(rank[key]) is int, key
+    for key in LOADS_FLOAT_FIELDS:
+        assert type(rank[key]) is float, key
+    v = snap.values
+    assert rank["dp_rank"] == 0 and rank["timestamp"] == now_unix
+    assert rank["num_running_reqs"] == v["num_running"] > 0
+    assert rank["num_waiting_reqs"] == v["num_waiting"] > 0
+    assert rank["num_waiting_uncached_tokens"] == bank.prefill_backlog(0)[0] > 0
+    assert rank["num_used_tokens"] == v["kv_used_tokens"] > 0
+    assert rank["num_total_tokens"] == v["kv_used_tokens"] + queued > rank["num_used_tokens"]
+    assert rank["max_total_num_tokens"] == v["kv_capacity_tokens"]
+    assert rank["max_running_requests"] == v["max_batch"]
+    assert rank["token_usage"] == v["kv_usage"]
+    assert rank["gen_throughput"] == v["gen_throughput_tokens_per_s"] > 0
+    assert rank["cache_hit_rate"] == 0.0 and rank["utilization"] == 0.0
+    server = SimServer("sglang-0", "sglang", MODEL, (0,), EngineView(bank, 0))
+    served = json.loads(server.render_loads()[0])["loads"][0]
+    assert {k: served[k] for k in LOADS_INT_FIELDS} == {k: rank[k] for k in LOADS_INT_FIELDS}
+
+
+def test_sglang_loads_of_an_idle_server_has_no_backlog() -> None:
+    bank = EngineBank(H100, LLAMA_8B, 1, 1, hist_bounds=histogram_bounds("sglang"))
+    server = SimServer("sglang-0", "sglang", MODEL, (0,), EngineView(bank, 0))
+    (rank,) = json.loads(server.render_loads()[0])["loads"]
+    assert rank["num_waiting_uncached_tokens"] == 0
+    assert rank["num_running_reqs"] == rank["num_waiting_reqs"] == 0
+    assert rank["num_used_tokens"] == rank["num_total_tokens"] == 0
+    assert rank["max_total_num_tokens"] == bank.snapshot(0).values["kv_capacity_tokens"] > 0
+
+
+@pytest.mark.parametrize("kind", SERVER_KINDS)
+def test_routes_are_the_metrics_path_and_loads_on_sglang_only(kind: str) -> None:
+    server = SimServer(f"{kind}-0", kind, MODEL, (0,), EngineView(loaded_bank(kind, 1.0), 0))
+    routes = server.routes()
+    expected = {metrics_path(kind), "/v1/loads"} if kind == "sglang" else {metrics_path(kind)}
+    assert set(routes) == expected
+    body, content_type, _ = routes[metrics_path(kind)]()
+    assert content_type.startswith("text/plain; version=0.0.4") and parse(body)
+    if kind == "sglang":
+        assert json.loads(routes["/v1/loads"]()[0])["loads"][0]["num_running_reqs"] > 0
 
 
 def test_lmdeploy_has_engine_label_and_no_created_series() -> None:

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from powerd.bench.measure import batch_state
 from powerd.sim.http_server import SimServerHttp
 from powerd.sim.models import get_model_profile
 from powerd.sim.node import RealTimeDriver, SimNode, serve_node
 from powerd.sim.plant import S_TIME_S, load_gpu_profile
 from powerd.sim.traces import Arrivals, synthetic
+from powerd.simulation import inprocess_fetch, server_configs
+from powerd.sources import SourceError
 
 H100 = load_gpu_profile("h100-sxm")
 LLAMA_8B = get_model_profile("llama-3.1-8b")
@@ -168,6 +173,116 @@ def test_nim_and_llamacpp_over_http() -> None:
                     urllib.request.urlopen(http.url.replace("/v1/metrics", "/metrics"), timeout=5)
         finally:
             http.stop()
+
+
+def long_prompt_burst(n: int = 40, prompt_tokens: int = 8000, at_s: float = 1.0) -> Arrivals:
+    """Steady short requests, then n long prompts at once."""
+    steady = load(rate_per_s=5.0, duration_s=10.0)
+    time_s = np.concatenate([steady.time_s, np.full(n, at_s)])
+    order = np.argsort(time_s, kind="stable")
+    prompts = np.concatenate([steady.prompt_tokens, np.full(n, prompt_tokens)])
+    gens = np.concatenate([steady.gen_tokens, np.full(n, 100)])
+    return Arrivals(time_s[order], prompts[order], gens[order], steady.duration_s)
+
+
+def loads_of(fetch, url: str) -> dict:
+    response = fetch(url, 1.0)
+    assert response.status == 200 and response.headers["Content-Type"] == "application/json"
+    (rank,) = json.loads(response.body)["loads"]
+    return rank
+
+
+def test_loads_backlog_is_the_benchmarks_pending_prefill() -> None:
+    node = make_node(kind="sglang", gpus=1, arrivals=long_prompt_burst())
+    fetch = inprocess_fetch(node)
+    url = "sim://sglang-0/v1/loads?include=core"
+    assert loads_of(fetch, url)["num_waiting_uncached_tokens"] == 0
+    backlogs = []
+    for _ in range(30):
+        node.advance(0.1)
+        rank = loads_of(fetch, url)
+        pending = batch_state(node.servers[0]).pending_prefill_tokens
+        assert rank["num_waiting_uncached_tokens"] == pending
+        backlogs.append(pending)
+    assert max(backlogs) > 100_000  # the burst waited ...
+    node.advance(30.0)
+    rank = loads_of(fetch, url)
+    assert rank["num_waiting_uncached_tokens"] == 0  # ... and was served
+    assert rank["num_waiting_reqs"] == 0
+
+
+def test_inprocess_fetch_routes_by_path() -> None:
+    sglang = make_node(kind="sglang", gpus=1)
+    sglang.advance(2.0)
+    fetch = inprocess_fetch(sglang)
+    assert loads_of(fetch, "sim://sglang-0/v1/loads?include=core")["max_running_requests"] > 0
+    metrics = fetch("sim://sglang-0/metrics", 1.0)
+    assert metrics.status == 200 and "sglang:num_running_reqs" in parse(metrics.body.decode())
+    for path in ("/health", "/v1/loads/x", "/", ""):
+        missing = fetch(f"sim://sglang-0{path}", 1.0)
+        assert (missing.status, missing.body) == (404, b"404 page not found\n"), path
+    with pytest.raises(SourceError, match="no simulated server"):
+        fetch("sim://sglang-9/v1/loads", 1.0)
+    vllm = make_node(kind="vllm", gpus=1)
+    fetch = inprocess_fetch(vllm)
+    assert fetch("sim://vllm-0/v1/loads?include=core", 1.0).status == 404
+    assert fetch("sim://vllm-0/metrics?x=1", 1.0).status == 200
+
+
+def test_inprocess_urls_name_each_kinds_metrics_path() -> None:
+    node = make_node(kind="nim", gpus=1)
+    (config,) = server_configs(node)
+    assert config.url == "sim://nim-0/v1/metrics"
+    fetch = inprocess_fetch(node)
+    assert fetch(config.url, 1.0).status == 200
+    assert fetch("sim://nim-0/metrics", 1.0).status == 404
+
+
+def test_loads_over_http_on_sglang_only() -> None:
+    node = make_node(kind="sglang", gpus=1, arrivals=long_prompt_burst(at_s=0.5))
+    node.advance(1.0)
+    (http,) = serve_node(node)
+    try:
+        loads_url = http.url.replace("/metrics", "/v1/loads?include=core")
+        with urllib.request.urlopen(loads_url, timeout=5) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "application/json"
+            document = json.loads(resp.read())
+        (rank,) = document["loads"]
+        assert rank["num_waiting_uncached_tokens"] > 0 and rank["num_waiting_reqs"] > 0
+        with node.lock:
+            assert rank["num_waiting_uncached_tokens"] == node.bank.prefill_backlog(0)[0]
+        with urllib.request.urlopen(http.url, timeout=5) as resp:
+            assert "sglang:num_queue_reqs" in parse(resp.read().decode())
+    finally:
+        http.stop()
+    node = make_node(kind="vllm", gpus=1)
+    (http,) = serve_node(node)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(http.url.replace("/metrics", "/v1/loads"), timeout=5)
+        assert err.value.code == 404
+    finally:
+        http.stop()
+
+
+def test_http_extra_routes_ignore_the_query_and_must_be_paths() -> None:
+    def page(text: bytes) -> Callable[[], tuple[bytes, str, dict[str, str]]]:
+        return lambda: (text, "text/plain", {})
+
+    with SimServerHttp(page(b"m\n"), extra_routes={"/other": page(b"o\n")}) as http:
+        base = http.url.removesuffix("/metrics")
+        for path, body in (("/metrics", b"m\n"), ("/other?a=1", b"o\n"), ("/other", b"o\n")):
+            with urllib.request.urlopen(base + path, timeout=5) as resp:
+                assert resp.read() == body
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + "/others", timeout=5)
+        assert err.value.code == 404
+        assert http.requests_served == 3
+    with pytest.raises(ValueError, match="must start with '/'"):
+        SimServerHttp(page(b""), extra_routes={"other": page(b"")})
+    with pytest.raises(ValueError, match="also in extra_routes"):
+        SimServerHttp(page(b""), extra_routes={"/metrics": page(b"")})
 
 
 def test_render_errors_become_500_not_a_dead_server() -> None:
