@@ -113,8 +113,17 @@ class ControlConfig:
     """Aim for latencies below this share of the SLO."""
     power_limit: Literal["default", "track"] = "default"
     """`track` also lowers the power limit towards the group's drawn power."""
+    prefill_guard_interval_s: float = 0.25
+    """Between ticks, read this often the prompt backlog of servers that report one (SGLang's
+    /v1/loads) and raise a group's clock cap at once when it would not be prefilled within a
+    share of the TTFT SLO; 0 turns this off, as does a tick interval under twice this."""
 
     def validate(self, path: str) -> None:
+        interval = self.prefill_guard_interval_s
+        if interval != 0 and not 0.05 <= interval <= 10.0:
+            raise ConfigError(
+                f"{path}.prefill_guard_interval_s: must be 0 (off) or in [0.05, 10], got {interval}"
+            )
         if self.min_clock_mhz is not None:
             _positive(f"{path}.min_clock_mhz", self.min_clock_mhz)
         _positive(f"{path}.max_step_down_mhz", self.max_step_down_mhz)

@@ -44,6 +44,7 @@ from powerd.sources import (
     make_source,
 )
 from powerd.sources.gpumap import discover_server_gpus
+from powerd.sources.loads import PromptBacklogProbe
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,14 @@ class Group:
     )
     """(tokens, joules) per tick."""
     decision: GroupDecision | None = None
+    backlog_probe: PromptBacklogProbe | None = None
+    """Reads the server's prompt backlog between ticks (SGLang only; None until its kind is
+    known to be one)."""
+    prompt_backlog_tokens: float | None = None
+    """The backlog at the last read between ticks."""
+    guard_raised_from_mhz: int | None = None
+    """The cap the controller chose, while a guard raise since the last tick holds above it."""
+    guard_raises_total: int = 0
 
 
 class Daemon:
@@ -261,6 +270,12 @@ class Daemon:
         if not group.uuids:
             energy_j = power_w = None
             group.efficiency_window.clear()  # no GPUs left: no efficiency to report
+        sm_clock_mhz = sum(clocks) / len(clocks) if clocks else None
+        if sm_clock_mhz is not None and group.guard_raised_from_mhz is not None:
+            # The controller learns its prefill capacity and blames misses per clock it chose;
+            # a raise between ticks held only part of the interval and is not its choice.
+            sm_clock_mhz = min(sm_clock_mhz, group.guard_raised_from_mhz)
+        group.guard_raised_from_mhz = None
         tokens_per_s = sample.generation_tokens_per_s if sample.up else None
         if energy_j is not None and tokens_per_s is not None:
             group.efficiency_window.append((tokens_per_s * interval_s, energy_j))
@@ -278,7 +293,7 @@ class Daemon:
             waiting=sample.waiting if sample.up else None,
             ttft_p95_s=sample.ttft_p95_s if sample.up else None,
             itl_p95_s=sample.itl_p95_s if sample.up else None,
-            sm_clock_mhz=sum(clocks) / len(clocks) if clocks else None,
+            sm_clock_mhz=sm_clock_mhz,
             clock_event_reasons=reasons,
             stale=stale,
             realtime=sample.realtime,
@@ -324,6 +339,60 @@ class Daemon:
             )
         except GpuLost as exc:
             self._drop_gpu(exc.uuid or "", exc)
+
+    # ----------------------------------------------------------------- between ticks
+
+    def guard(self, now_s: float) -> int:
+        """Read the prompt backlog of servers that report one and raise at once the cap of
+        groups whose backlog would not be prefilled in time at the cap last decided. Only
+        raises; the next tick decides again. Returns the number of groups raised."""
+        prefill_guard = getattr(self.policy, "prefill_guard", None)
+        if prefill_guard is None or not self.guards_backlog:
+            return 0
+        backlogs: dict[str, float] = {}
+        for group in self.groups:
+            probe = self._backlog_probe(group)
+            if probe is None or group.decision is None or not group.uuids:
+                continue
+            backlog = probe.read(now_s)
+            group.prompt_backlog_tokens = backlog
+            if backlog is not None:
+                backlogs[group.spec.name] = backlog
+        raised = prefill_guard(backlogs) if backlogs else {}
+        count = 0
+        for group in self.groups:
+            cap_mhz = raised.get(group.spec.name)
+            decision = group.decision
+            if cap_mhz is None or decision is None:
+                continue
+            try:
+                self.actuator.apply(replace(decision, sm_clock_max_mhz=cap_mhz), list(group.uuids))
+            except GpuLost as exc:
+                self._drop_gpu(exc.uuid or "", exc)
+                continue
+            if group.guard_raised_from_mhz is None:
+                group.guard_raised_from_mhz = decision.sm_clock_max_mhz
+            group.guard_raises_total += 1
+            count += 1
+        return count
+
+    def _backlog_probe(self, group: Group) -> PromptBacklogProbe | None:
+        if group.backlog_probe is None and group.source.kind == "sglang":
+            server = group.source.config
+            # A read that takes longer than the interval between reads is of no use.
+            timeout_s = min(server.timeout_s, self.config.control.prefill_guard_interval_s)
+            probe = PromptBacklogProbe(server.name, server.url, self._fetch, timeout_s)
+            group.backlog_probe = probe
+        return group.backlog_probe
+
+    @property
+    def guards_backlog(self) -> bool:
+        """Whether guard() can act: it is on, fits twice between ticks, and a server is, or
+        may turn out to be, SGLang."""
+        guard_s = self.config.control.prefill_guard_interval_s
+        return 0 < guard_s <= self.config.interval_s / 2 and any(
+            group.source.kind in ("sglang", "auto") for group in self.groups
+        )
 
     # ----------------------------------------------------------------- publishing
 
@@ -392,6 +461,12 @@ class Daemon:
                     ),
                     carbon_g_per_million_tokens=_per_million(
                         self.grid.carbon_g_per_token, energy_per_token_j
+                    ),
+                    prompt_backlog_tokens=group.prompt_backlog_tokens,
+                    prefill_guard_raises_total=(
+                        group.guard_raises_total
+                        if group.backlog_probe is not None and group.backlog_probe.supported
+                        else None
                     ),
                 )
             )
@@ -521,16 +596,33 @@ class Daemon:
                     if on_tick is not None:
                         on_tick(snapshot)
                 next_tick += self.config.interval_s
-                delay = next_tick - clock()
-                if delay < 0:
+                if next_tick < clock():
                     next_tick = clock()
-                    delay = 0
-                self._stop.wait(delay)
+                self._wait_until(next_tick, clock)
         finally:
             if self._notifier:
                 self._notifier.stopping()
             self._pool.close()
             self.restore()
+
+    def _wait_until(self, deadline_s: float, clock: Callable[[], float]) -> None:
+        """Sleep until deadline_s on `clock` or a stop, running guard() every guard interval."""
+        step_s = self.config.control.prefill_guard_interval_s
+        guarding = self.guards_backlog
+        while not self._stop.is_set():
+            left_s = deadline_s - clock()
+            if left_s <= 0:
+                return
+            if not guarding or left_s <= step_s / 2:
+                self._stop.wait(left_s)
+                return
+            if self._stop.wait(min(step_s, left_s)):
+                return
+            if deadline_s - clock() > step_s / 2:
+                try:
+                    self.guard(clock())
+                except GpuError as exc:
+                    log.error("guard failed: %s", exc)
 
 
 class _Notifier(Protocol):

@@ -191,6 +191,11 @@ class GroupStatus:
     """Electricity cost of a million tokens at the facility (GPU energy x PUE x price)."""
     carbon_g_per_million_tokens: float | None = None
     """Grams CO2e of a million tokens at the facility (GPU energy x PUE x intensity)."""
+    prompt_backlog_tokens: float | None = None
+    """Prompt tokens the server still had to prefill at the last read between ticks (None:
+    the server does not report it)."""
+    prefill_guard_raises_total: int | None = None
+    """Raises of the cap between ticks for that backlog (None: the server reports none)."""
 
 
 @dataclass(frozen=True, slots=True)

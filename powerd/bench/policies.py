@@ -276,8 +276,11 @@ class PowerdPolicy:
     interval_s: float = 1.0
     name: str = "powerd"
     daemon: Daemon | None = None
+    samples_per_interval: int = 1
+    """Between ticks the daemon reads prompt backlogs every guard interval (SGLang servers)."""
     _clock_sum: float = 0.0
     _steps: int = 0
+    _part: int = 0
 
     def start(self, node: SimNode) -> None:
         sim = replace(self.sim, state_file=None)
@@ -293,14 +296,24 @@ class PowerdPolicy:
         daemon = Daemon(config, backend, fetch=inprocess_fetch(node), inline_scrape=True)
         daemon.warmup()
         self.daemon = daemon
+        guard_s = config.control.prefill_guard_interval_s
+        if daemon.guards_backlog:
+            self.samples_per_interval = max(round(self.interval_s / guard_s), 1)
 
     def step(self, node: SimNode, now_s: float) -> None:
         if self.daemon is None:
             raise RuntimeError("PowerdPolicy.step before start")
         snapshot = self.daemon.tick(now_s)
+        self._part = 0
         for group in snapshot.groups:
             self._clock_sum += group.sm_clock_max_mhz
             self._steps += 1
+
+    def sample(self, node: SimNode) -> None:
+        """The daemon between ticks; the last part of an interval ends where the next tick is."""
+        self._part += 1
+        if self.daemon is not None and self._part < self.samples_per_interval:
+            self.daemon.guard(node.now_s)
 
     def notes(self) -> str:
         mean = self._clock_sum / self._steps if self._steps else 0.0

@@ -259,6 +259,10 @@ _TTFT_WORK_DECAY = 0.98
 """About 50 ticks: long prompts come back within a minute or two when they come at all."""
 _TTFT_WORK_AIM = 0.9
 """Serve the slowest recent first token within this share of the TTFT SLO."""
+_GUARD_TTFT_SHARE = 0.15
+"""Between ticks, where a server reports the prompt work it still has to prefill: raise the cap
+at once to the clock that prefills it within this share of the TTFT SLO. A burst's queue forms
+within a second at a lowered clock and outlasts a raise at the next tick."""
 _QUEUE_WAIT_SHARE = 0.35
 """Raise at once when the waiting requests' prefill would take longer than this share of the
 TTFT SLO at the current clock."""
@@ -1291,3 +1295,38 @@ def controller_step(
             out[OUT_LIMIT_MW, g] = limit[g]
         state[ST_LIMIT_MW, g] = out[OUT_LIMIT_MW, g]
     return ok
+
+
+@numba.njit(cache=True, nogil=True)
+def prefill_guard(
+    backlog_tokens: np.ndarray,
+    params: np.ndarray,
+    clocks: np.ndarray,
+    n_clocks: np.ndarray,
+    state: np.ndarray,
+    out: np.ndarray,
+    raise_mhz: np.ndarray,
+) -> None:
+    """Between ticks: per group, the supported clock cap that prefills backlog_tokens[g] (prompt
+    tokens the server still has to prefill; NaN: unknown) within _GUARD_TTFT_SHARE of the TTFT
+    SLO at the learned prefill capacity, f_max at most, when that is above the cap the last
+    tick emitted. Writes it to raise_mhz[g], NaN where the cap stands; reads the rest."""
+    for g in range(backlog_tokens.shape[0]):
+        raise_mhz[g] = math.nan
+        backlog = backlog_tokens[g]
+        prefill_k = state[ST_PREFILL_K, g]
+        cap = out[OUT_CAP_MHZ, g]
+        budget_s = _GUARD_TTFT_SHARE * params[PAR_TTFT_SLO_S, g]
+        f_max = params[PAR_CLOCK_MAX_MHZ, g]
+        if not (
+            state[ST_READY, g] > 0.5
+            and backlog > 0.0
+            and prefill_k > 0.0
+            and budget_s > 0.0
+            and cap < f_max
+        ):
+            continue
+        # Prefill is compute-bound: its rate is the learned capacity per MHz times the clock.
+        need = min(backlog / (prefill_k * budget_s), f_max)
+        if need > cap:
+            raise_mhz[g] = clamp_clock_up(clocks[g], n_clocks[g], need)

@@ -7,7 +7,7 @@ values onto the kernel arrays and back, and keeps learned state across reconfigu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -93,6 +93,20 @@ class KernelArrays:
                 self.out,
             )
         )
+
+    def prefill_guard(self, backlog_tokens: np.ndarray) -> np.ndarray:
+        """Run prefill_guard over all groups: the cap to raise each to now, NaN where none."""
+        raise_mhz = np.full(backlog_tokens.shape[0], np.nan)
+        k.prefill_guard(
+            backlog_tokens,
+            self.params,
+            self.clocks,
+            self.n_clocks,
+            self.state,
+            self.out,
+            raise_mhz,
+        )
+        return raise_mhz
 
     def copy(self) -> KernelArrays:
         return KernelArrays(
@@ -274,6 +288,7 @@ class Controller:
         arrays.knobs[k.KNOB_MODE] = k.MODE_BUDGET
         arrays.knobs[k.KNOB_BUDGET_W] = 1e9
         arrays.step()
+        arrays.prefill_guard(np.ones(arrays.obs.shape[1]))
 
     def decide(self, now_s: float, observations: Sequence[GroupObservation]) -> list[GroupDecision]:
         """One decision per group (same order as the groups) from this tick's observations."""
@@ -298,6 +313,22 @@ class Controller:
                 )
             )
         return decisions
+
+    def prefill_guard(self, backlog_tokens: Mapping[str, float]) -> dict[str, int]:
+        """Caps to raise now, by group name: where a group's prompt backlog (tokens its server
+        still has to prefill, by group name) would outlast the guard's share of the TTFT SLO at
+        the cap last decided. Nothing in budget and off modes: between ticks a node budget is
+        not re-shared and an observing daemon does not act."""
+        if self._config.mode not in ("efficiency", "target") or not backlog_tokens:
+            return {}
+        names = [spec.name for spec in self._groups]
+        backlog = np.array([_num(backlog_tokens.get(name)) for name in names])
+        raise_mhz = self.arrays.prefill_guard(backlog)
+        return {
+            name: round(float(mhz))
+            for name, mhz in zip(names, raise_mhz, strict=True)
+            if math.isfinite(mhz)
+        }
 
     def reconfigure(self, config: Config, groups: Sequence[GroupSpec]) -> None:
         """Apply a new config (SIGHUP); remaining groups on unchanged clocks keep their learning."""

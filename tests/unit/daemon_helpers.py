@@ -7,7 +7,7 @@ are simulated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,15 +40,17 @@ class SwitchableFetch:
     """The in-process fetch of a node, with per-server faults.
 
     `down`: server names whose fetch raises (connection refused). `garbage`: server names that
-    answer 200 with a body that is not a Prometheus exposition.
+    answer 200 with a body that is not a Prometheus exposition. `urls`: every URL fetched.
     """
 
     def __init__(self, node: SimNode) -> None:
         self._inner = inprocess_fetch(node)
         self.down: set[str] = set()
         self.garbage: set[str] = set()
+        self.urls: list[str] = []
 
     def __call__(self, url: str, timeout_s: float) -> FetchResponse:
+        self.urls.append(url)
         if url.startswith(HTTP_PREFIX):
             url = INPROCESS_SCHEME + url[len(HTTP_PREFIX) :]
         name = url[len(INPROCESS_SCHEME) :].split("/", 1)[0]
@@ -77,6 +79,9 @@ class RecordingController:
 
     def group_state(self) -> list[dict[str, Any]]:
         return self.controller.group_state()
+
+    def prefill_guard(self, backlog_tokens: Mapping[str, float]) -> dict[str, int]:
+        return self.controller.prefill_guard(backlog_tokens)
 
     def warmup(self) -> None:
         self.controller.warmup()

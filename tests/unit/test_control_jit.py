@@ -1,8 +1,9 @@
 """The compiled kernels and the same code run as plain Python (NUMBA_DISABLE_JIT=1) agree.
 
 The scenario drives every path: closed loops on both test plants, a load step, a stale server,
-the queue guard, then budget, target and off modes after reconfiguration. The plain-Python run
-happens in a subprocess because numba reads NUMBA_DISABLE_JIT when it is first imported.
+the queue guard, the prefill guard between ticks, then budget, target and off modes after
+reconfiguration. The plain-Python run happens in a subprocess because numba reads
+NUMBA_DISABLE_JIT when it is first imported.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def scenario() -> dict[str, Any]:
     controller = Controller(configs[0][1], specs)
     clocks = [F_MAX] * len(plants)
     decisions: list[list[Any]] = []
+    guards: list[list[Any]] = []
     states: list[list[Any]] = []
     for tick in range(220):
         for start, config in configs[1:]:
@@ -52,17 +54,24 @@ def scenario() -> dict[str, Any]:
                 o = GroupObservation(**{**_fields(o), "stale": True})
             if i == 1 and tick == 90:
                 o = GroupObservation(**{**_fields(o), "waiting": 50.0})
+            if o.generation_tokens_per_s is not None:
+                # Prompts at twice the output rate: the prefill capacity is learned while
+                # requests wait, which the guard between ticks scales from.
+                prompt_tps = 2.0 * o.generation_tokens_per_s
+                o = GroupObservation(**{**_fields(o), "prompt_tokens_per_s": prompt_tps})
             observations.append(o)
         for i, d in enumerate(controller.decide(float(tick), observations)):
             clocks[i] = d.sm_clock_max_mhz
             decisions.append([tick, d.group, d.sm_clock_max_mhz, d.power_limit_mw, d.reason])
+        backlogs = {spec.name: 4000.0 * (tick % 5) * (i + 1) for i, spec in enumerate(specs)}
+        guards.append([tick, sorted(controller.prefill_guard(backlogs).items())])
         states.append(
             [
                 [v for key, v in sorted(s.items()) if isinstance(v, (int, float)) or v is None]
                 for s in controller.group_state()
             ]
         )
-    return {"decisions": decisions, "states": states}
+    return {"decisions": decisions, "states": states, "guards": guards}
 
 
 def _fields(o: GroupObservation) -> dict[str, Any]:
@@ -85,6 +94,8 @@ def test_jitted_and_plain_python_agree() -> None:
     plain = json.loads(proc.stdout)
     assert plain["jit_disabled"] is True
     assert plain["decisions"] == jitted["decisions"]
+    assert plain["guards"] == jitted["guards"]
+    assert any(raised for _, raised in jitted["guards"]), "the prefill guard never raised"
     assert len(plain["states"]) == len(jitted["states"])
     for row_jit, row_plain in zip(jitted["states"], plain["states"], strict=True):
         for group_jit, group_plain in zip(row_jit, row_plain, strict=True):

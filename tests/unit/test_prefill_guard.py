@@ -1,0 +1,307 @@
+"""The prefill guard: SGLang's /v1/loads read between ticks, and the raise it may trigger."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from powerd.config import Config, ConfigError, ControlConfig, SimConfig, parse_config
+from powerd.control import kernels as k
+from powerd.control.policy import Controller
+from powerd.sources import FetchResponse, SourceError
+from powerd.sources.loads import (
+    RETRY_AFTER_ERROR_S,
+    PromptBacklogProbe,
+    loads_url,
+    parse_prompt_backlog,
+)
+from tests.unit.daemon_helpers import SET_CLOCKS, Rig, make_rig, metric_lines, metric_value
+from tests.unit.test_control_kernels import H100_CLOCKS, obs, spec
+
+# ------------------------------------------------------------------------ /v1/loads
+
+
+def _loads(*ranks: str) -> bytes:
+    return (
+        '{"timestamp": "2026-12-01T00:00:00+00:00", "loads": [' + ",".join(ranks) + "]}"
+    ).encode()
+
+
+def test_backlog_is_the_uncached_waiting_tokens_summed_over_ranks() -> None:
+    body = _loads(
+        '{"dp_rank": 0, "num_waiting_uncached_tokens": 4096, "num_used_tokens": 10,'
+        ' "num_total_tokens": 99999}',
+        '{"dp_rank": 1, "num_waiting_uncached_tokens": 904.0}',
+    )
+    assert parse_prompt_backlog(body) == 5000.0
+
+
+def test_builds_without_the_uncached_field_give_total_less_used() -> None:
+    body = _loads(
+        '{"dp_rank": 0, "num_used_tokens": 12000, "num_total_tokens": 15000}',
+        '{"dp_rank": 1, "num_used_tokens": 500, "num_total_tokens": 400}',
+    )
+    assert parse_prompt_backlog(body) == 3000.0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>502 Bad Gateway</html>",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'{"loads": []}',
+        b'{"loads": {"dp_rank": 0}}',
+        _loads("3"),
+        _loads('{"dp_rank": 0}'),
+        _loads('{"num_waiting_uncached_tokens": -1}'),
+        _loads('{"num_waiting_uncached_tokens": NaN}'),
+        _loads('{"num_waiting_uncached_tokens": "12"}'),
+        _loads('{"num_waiting_uncached_tokens": true}'),
+        _loads('{"num_total_tokens": 10}'),
+    ],
+)
+def test_anything_else_is_a_clear_source_error(body: bytes) -> None:
+    with pytest.raises(SourceError) as info:
+        parse_prompt_backlog(body)
+    assert str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "loads"),
+    [
+        ("http://10.0.0.5:30000/metrics", "http://10.0.0.5:30000/v1/loads?include=core"),
+        ("https://[::1]:30000/metrics?x=1", "https://[::1]:30000/v1/loads?include=core"),
+        ("sim://sglang-0/metrics", "sim://sglang-0/v1/loads?include=core"),
+    ],
+)
+def test_loads_url_is_on_the_metrics_host(metrics: str, loads: str) -> None:
+    assert loads_url(metrics) == loads
+
+
+class _Fetch:
+    def __init__(self, *answers: FetchResponse | Exception) -> None:
+        self.answers = list(answers)
+        self.urls: list[str] = []
+
+    def __call__(self, url: str, timeout_s: float) -> FetchResponse:
+        self.urls.append(url)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_probe_stops_asking_a_server_without_v1_loads(caplog: pytest.LogCaptureFixture) -> None:
+    fetch = _Fetch(FetchResponse(404, b"Not Found"))
+    probe = PromptBacklogProbe("sglang-0", "http://h:30000/metrics", fetch, 0.25)
+    with caplog.at_level(logging.INFO):
+        assert probe.read(0.0) is None
+        assert probe.read(1.0) is None
+    assert not probe.supported
+    assert fetch.urls == ["http://h:30000/v1/loads?include=core"]
+    assert "not served" in caplog.text
+
+
+def test_probe_pauses_after_a_failure_logs_once_and_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = FetchResponse(200, _loads('{"num_waiting_uncached_tokens": 7}'))
+    fetch = _Fetch(
+        SourceError("cannot connect to x: Connection refused"),
+        FetchResponse(200, b"garbage"),
+        good,
+    )
+    probe = PromptBacklogProbe("sglang-0", "http://h:30000/metrics", fetch, 0.25)
+    with caplog.at_level(logging.INFO):
+        assert probe.read(0.0) is None
+        assert probe.read(RETRY_AFTER_ERROR_S / 2) is None  # paused: not fetched
+        assert len(fetch.urls) == 1
+        assert probe.read(RETRY_AFTER_ERROR_S) is None  # garbage this time
+        assert probe.read(2 * RETRY_AFTER_ERROR_S) == 7.0
+    assert probe.supported
+    assert len(fetch.urls) == 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "Connection refused" in warnings[0].getMessage()
+    assert "answers again" in caplog.text
+
+
+# ------------------------------------------------------------------------ the raise
+
+
+def _learned(config: Config | None = None) -> tuple[Controller, int, float]:
+    """A controller that learned ~10 prompt tokens/s per MHz at f_max, then came down under a
+    light prompt load. Returns it, its cap and the learned capacity per MHz."""
+    controller = Controller(config or Config(), [spec()])
+    cap = 1980
+    for t in range(3):
+        cap = controller.decide(
+            float(t), [obs(prompt_tokens_per_s=20000.0, waiting=2.0, sm_clock_mhz=cap)]
+        )[0].sm_clock_max_mhz
+    for t in range(60):
+        cap = controller.decide(10.0 + t, [obs(prompt_tokens_per_s=2000.0, sm_clock_mhz=cap)])[
+            0
+        ].sm_clock_max_mhz
+    prefill_k = float(controller.arrays.state[k.ST_PREFILL_K, 0])
+    return controller, cap, prefill_k
+
+
+def test_a_backlog_past_the_share_of_the_ttft_slo_raises_to_the_clock_that_prefills_it() -> None:
+    controller, cap, prefill_k = _learned()
+    assert cap < 1500 and prefill_k == pytest.approx(20000.0 / 1980.0)
+    budget_s = k._GUARD_TTFT_SHARE * spec().slo.ttft_s
+    # Just within the budget at the cap: nothing to do.
+    assert controller.prefill_guard({"g0": 0.9 * prefill_k * cap * budget_s}) == {}
+    backlog = 1.2 * prefill_k * cap * budget_s
+    need = backlog / (prefill_k * budget_s)
+    raised = controller.prefill_guard({"g0": backlog})
+    step_up = min(c for c in H100_CLOCKS if c >= need)
+    assert raised == {"g0": step_up}
+    # More than f_max could do: f_max. Unknown groups and unknown backlogs are ignored.
+    assert controller.prefill_guard({"g0": 1e9, "nope": 1e9}) == {"g0": 1980}
+    assert controller.prefill_guard({"g0": math.nan}) == {}
+    # The guard reads the controller's state and leaves it as it was.
+    before = controller.arrays.state.copy()
+    controller.prefill_guard({"g0": backlog})
+    np.testing.assert_array_equal(controller.arrays.state, before)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [Config(mode="off"), Config(mode="budget", node_power_budget_w=2000.0)],
+)
+def test_no_raise_between_ticks_in_off_and_budget_modes(config: Config) -> None:
+    controller, _, _ = _learned(config)
+    assert controller.prefill_guard({"g0": 1e9}) == {}
+
+
+def test_a_fresh_controller_never_raises() -> None:
+    controller = Controller(Config(), [spec()])
+    assert controller.prefill_guard({"g0": 1e9}) == {}
+
+
+# ------------------------------------------------------------------------ config
+
+
+def test_guard_interval_config() -> None:
+    assert Config().control.prefill_guard_interval_s == 0.25
+    assert parse_config({"control": {"prefill_guard_interval_s": 0}}).control == ControlConfig(
+        prefill_guard_interval_s=0
+    )
+    for bad in (-1, 0.01, 11):
+        with pytest.raises(ConfigError, match="prefill_guard_interval_s"):
+            parse_config({"control": {"prefill_guard_interval_s": bad}})
+
+
+# ------------------------------------------------------------------------ in the daemon
+
+SGLANG_NODE = SimConfig(
+    gpu_model="a100-sxm4-80gb",
+    gpus=2,
+    tp=1,
+    model="llama-3.1-8b",
+    server_kind="sglang",
+    trace="constant",
+    peak_load=0.6,
+)
+"""Two A100s with an 8B SGLang server each: long prompts prefill slowly enough to queue."""
+
+
+def _run_with_guard(rig: Rig, seconds: int, parts: int = 4) -> list[tuple[float, int, int]]:
+    """Tick every second and guard in between; (time, group, cap after it) of every raise
+    (an unlocked GPU runs up to f_max)."""
+    raises: list[tuple[float, int, int]] = []
+    for _ in range(seconds):
+        for _part in range(parts - 1):
+            rig.node.advance(1.0 / parts)
+            before = [g.guard_raises_total for g in rig.daemon.groups]
+            rig.daemon.guard(rig.node.now_s)
+            for i, group in enumerate(rig.daemon.groups):
+                if group.guard_raises_total > before[i]:
+                    f_max = rig.node.plant.profile.sm_clock_max_mhz
+                    raises.append((rig.node.now_s, i, _locked(rig, i) or f_max))
+        rig.node.advance(1.0 / parts)
+        rig.snapshots.append(rig.daemon.tick(rig.node.now_s))
+    return raises
+
+
+def _locked(rig: Rig, index: int) -> int | None:
+    """The upper end of GPU index's locked clock range, None when unlocked."""
+    lock = rig.node.plant.locked_clocks(index)
+    return None if lock is None else lock[1]
+
+
+def test_guard_raises_an_sglang_groups_cap_between_ticks_and_the_tick_decides_again(
+    tmp_path: Path,
+) -> None:
+    rig = make_rig(tmp_path, sim=SGLANG_NODE, record=True)
+    raises = _run_with_guard(rig, 240)
+    assert raises, "no prompt backlog ever called for a raise"
+    decisions = rig.recorder.decisions
+    for when, group, locked in raises:
+        tick = int(when) - 1  # the decision in force: the last tick's
+        chosen = decisions[tick][group].sm_clock_max_mhz
+        assert locked > chosen, (when, group, locked, chosen)
+        # The next tick credits its figures to the cap the controller chose.
+        observed = rig.recorder.observations[tick + 1][group].sm_clock_mhz
+        assert observed is not None and observed <= chosen + 1e-6
+    # Each tick applies the controller's own decision again.
+    f_max = rig.node.plant.profile.sm_clock_max_mhz
+    for i, decision in enumerate(decisions[-1]):
+        expected = None if decision.sm_clock_max_mhz >= f_max else decision.sm_clock_max_mhz
+        assert _locked(rig, i) == expected
+    text = rig.metrics()
+    counts = [
+        metric_value(line) for line in metric_lines(text, "powerd_group_prefill_guard_raises_total")
+    ]
+    assert sum(counts) == sum(g.guard_raises_total for g in rig.daemon.groups) == len(raises)
+    assert metric_lines(text, "powerd_group_prompt_backlog_tokens")
+
+
+def test_guard_leaves_vllm_groups_alone_and_never_asks_for_v1_loads(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, sim=replace(SGLANG_NODE, server_kind="vllm"))
+    assert not rig.daemon.guards_backlog
+    assert _run_with_guard(rig, 60) == []
+    assert rig.fetch.urls and not [url for url in rig.fetch.urls if "/v1/loads" in url]
+    assert not metric_lines(rig.metrics(), "powerd_group_prefill_guard_raises_total")
+
+
+def test_an_sglang_server_without_v1_loads_is_asked_once(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, sim=SGLANG_NODE)
+    asked: list[str] = []
+    inner = rig.fetch.__call__
+
+    def fetch(url: str, timeout_s: float) -> FetchResponse:
+        asked.append(url)
+        if "/v1/loads" in url:
+            return FetchResponse(404, b"Not Found")
+        return inner(url, timeout_s)
+
+    rig.daemon._fetch = fetch
+    assert _run_with_guard(rig, 30) == []
+    loads = [url for url in asked if "/v1/loads" in url]
+    assert len(loads) == len(rig.daemon.groups)
+    assert all(
+        g.backlog_probe is not None and not g.backlog_probe.supported for g in rig.daemon.groups
+    )
+    # The groups are still controlled at each tick.
+    assert any(fn == SET_CLOCKS for fn, _, _ in rig.fake.writes)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"control": ControlConfig(prefill_guard_interval_s=0)},
+        {"interval_s": 0.4},  # too short a tick for two reads between ticks
+    ],
+)
+def test_guard_is_off_at_zero_or_with_short_ticks(tmp_path: Path, fields: dict) -> None:
+    rig = make_rig(tmp_path, sim=SGLANG_NODE, **fields)
+    assert not rig.daemon.guards_backlog
+    assert _run_with_guard(rig, 120) == []
+    assert not [url for url in rig.fetch.urls if "/v1/loads" in url]
