@@ -804,6 +804,11 @@ def _group_step(
         # The estimate averages the last few ticks, so it belongs to their average clock.
         clock_ew = _ewma(state[ST_CLOCK_EW, g], f_now, _TPOT_ALPHA)
         state[ST_CLOCK_EW, g] = clock_ew
+    elif realtime and running >= 1.0 and not _finite(gen_tps):
+        # No token count this tick (a counter the server adds to in batches stood still): the
+        # requests' mean ITL is what it last was, not the token-level quantile.
+        tpot = state[ST_ITL_EST_S, g]
+        clock_ew = state[ST_CLOCK_EW, g]
     if _finite(tpot):
         itl = tpot
         itl_s = tpot

@@ -88,6 +88,9 @@ class Reading:
     markers: values whose change means the server restarted; a dict marker is compared per key
     (per-series `_created` timestamps), so a series that appears is not a restart.
     clamped: counters whose small decreases are rounding, not restarts (llama.cpp products).
+    flushed: counters the server adds to in batches every few engine steps (SGLang's
+    realtime_tokens): their rate is taken over the time since they last moved, and is unknown
+    (None) while they stand still with requests running.
     """
 
     realtime: bool
@@ -99,6 +102,7 @@ class Reading:
     hists: dict[str, dict[SeriesKey, Hist]] = field(default_factory=dict)
     markers: dict[str, object] = field(default_factory=dict)
     clamped: frozenset[str] = frozenset()
+    flushed: frozenset[str] = frozenset()
     model_names: tuple[str, ...] = ()
     generation_tokens_total: float | None = None
 
@@ -581,6 +585,8 @@ class Source:
         self._prev_s: float | None = None
         self._model_name = ""
         self._prompt_mix = DecayingHistogram(PROMPT_MIX_HALF_LIFE_S)
+        self._flush_marks: dict[str, tuple[float, float]] = {}
+        """Flushed counter -> (its total when it last moved, when)."""
 
     def fetch_response(self) -> FetchResponse:
         """One HTTP read of the metrics URL; raises on failure (the pool runs this in a thread)."""
@@ -666,8 +672,40 @@ class Source:
                 window = compare(prev, reading, dt_s, self.config.slo.quantile)
             if window is not None and window.prompt_len is not None:
                 self._prompt_mix.add(dt_s, *window.prompt_len)
+        if window is None:
+            self._flush_marks.clear()
+        if reading.flushed:
+            window = self._flushed_rates(reading, window, now_s)
         self._prev, self._prev_s = reading, now_s
         return self._sample(reading, window, now_s, time.perf_counter() - start)
+
+    def _flushed_rates(
+        self, reading: Reading, window: Window | None, now_s: float
+    ) -> Window | None:
+        """The window with the rates of flushed counters taken since each last moved."""
+        running = reading.gauges.get("running")
+        rates: dict[str, float | None] = {}
+        for name in reading.flushed:
+            total = sum(reading.counters.get(name, {}).values())
+            mark = self._flush_marks.get(name)
+            if window is None or mark is None or total < mark[0]:
+                self._flush_marks[name] = (total, now_s)
+                continue
+            if total > mark[0]:
+                rates[name] = (total - mark[0]) / (now_s - mark[1])
+                self._flush_marks[name] = (total, now_s)
+            elif running:
+                rates[name] = None  # generating, but the batch is not counted yet
+            else:
+                rates[name] = 0.0
+                self._flush_marks[name] = (total, now_s)
+        if window is None or not rates:
+            return window
+        return replace(
+            window,
+            generation_tokens_per_s=rates.get("generation", window.generation_tokens_per_s),
+            prompt_tokens_per_s=rates.get("prompt", window.prompt_tokens_per_s),
+        )
 
     def _sample(
         self, reading: Reading, window: Window | None, now_s: float, scrape_duration_s: float

@@ -83,6 +83,9 @@ class SglangExtractor:
         finished_tokens = series_values(samples, P + "generation_tokens_total", mirrors=MIRRORS)
         reading = Reading(realtime=True)
         if P + "realtime_tokens_total" in samples:
+            # The scheduler adds a batch's decode tokens every decode_log_interval (40) steps,
+            # about once a second: per-second deltas alternate between nothing and double.
+            reading.flushed = frozenset({"generation"})
             for name, mode in (("generation", "decode"), ("prompt", "prefill_compute")):
                 reading.counters[name] = (
                     series_values(

@@ -798,3 +798,20 @@ def test_an_absurd_prompt_mix_keeps_the_clock_within_the_device(weighted: float)
     caps = drive(controller, 30, prompt_tokens_weighted_mean=weighted, waiting=1.0)
     assert all(FLOOR_MHZ <= cap <= 1980 for cap in caps)
     assert math.isfinite(bound) and bound > 0
+
+
+def test_a_tick_without_a_token_count_keeps_the_requests_itl_estimate() -> None:
+    """SGLang counts decode tokens in batches: a tick with none counted while requests run
+    says nothing about their inter-token latency, and the token-level quantile (chunked-prefill
+    stalls) must not stand in for it."""
+    controller, _ = lowered()
+    state = controller.arrays.state
+    estimate = float(state[k.ST_ITL_EST_S, 0])
+    smoothed = float(state[k.ST_ITL_S, 0])
+    assert estimate == pytest.approx(40.0 / 3000.0, rel=0.05)
+    decision = controller.decide(
+        100.0, [obs(generation_tokens_per_s=None, itl_p95_s=0.09, sm_clock_mhz=FLOOR_MHZ)]
+    )[0]
+    assert float(state[k.ST_ITL_EST_S, 0]) == estimate
+    assert float(state[k.ST_ITL_S, 0]) == pytest.approx(smoothed)
+    assert not decision.reason.startswith("raise")

@@ -390,8 +390,12 @@ def test_every_server_kind_end_to_end(tmp_path: Path, kind: str) -> None:
             for s in snap.servers
             if s.server == group.server
         ]
-        assert all(r is not None and r >= 0 for r in rates), rates
-        assert sum(rates) > 0  # type: ignore[arg-type]
+        # SGLang counts decode tokens in batches about once a second: a tick between two
+        # batches has no rate (None), never a false zero.
+        known = [r for r in rates if r is not None]
+        assert all(r >= 0 for r in known) and len(known) >= len(rates) // 2 + 1, rates
+        assert kind == "sglang" or len(known) == len(rates), rates
+        assert sum(known) > 0
         tpj = group.tokens_per_joule
         assert tpj is not None and math.isfinite(tpj) and tpj > 0
 

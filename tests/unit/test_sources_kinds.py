@@ -169,6 +169,45 @@ def test_sglang_tp_mirrors_collapse_and_dp_ranks_sum() -> None:
     assert s.itl_mean_s == pytest.approx(40.0 / 1600)
 
 
+def _sglang_decode_plus(body: bytes, tokens: float, idle: bool = False) -> bytes:
+    """The fixture with `tokens` more decode tokens on every rank (mirrors alike)."""
+    out = []
+    for line in body.decode().splitlines(keepends=True):
+        if line.startswith("sglang:realtime_tokens_total") and 'mode="decode"' in line:
+            head, value = line.rsplit(" ", 1)
+            line = f"{head} {float(value) + tokens}\n"
+        if idle and line.startswith("sglang:num_running_reqs"):
+            line = line.rsplit(" ", 1)[0] + " 0.0\n"
+        out.append(line)
+    return "".join(out).encode()
+
+
+def test_sglang_decode_tokens_are_rated_since_the_counter_last_moved() -> None:
+    """The scheduler adds decode tokens every 40 steps: a scrape in between says nothing about
+    the rate (None while requests run), and the next batch covers the time since the last."""
+    body_a, _ = load("sglang_a.txt")
+    body_b, _ = load("sglang_b.txt")
+    replay = Replay(
+        [
+            (body_a, {}),
+            (body_b, {}),
+            (body_b, {}),
+            (_sglang_decode_plus(body_b, 1000.0), {}),
+            (_sglang_decode_plus(body_b, 1000.0, idle=True), {}),
+            (_sglang_decode_plus(body_b, 1300.0), {}),
+        ]
+    )
+    source = make_source(ServerConfig(name="sg", url="http://h:30000/metrics"), replay)
+    samples = [source.poll(t) for t in (T0, T1, T1 + 1, T1 + 2, T1 + 3, T1 + 4)]
+    rates = [s.generation_tokens_per_s for s in samples]
+    assert rates[1] == pytest.approx((900 + 700) / 2)
+    assert rates[2] is None  # 44 requests running, no batch counted yet
+    assert rates[3] == pytest.approx(2 * 1000.0 / 2)  # two ranks' batches over 2 s
+    assert rates[4] == 0.0  # idle and standing still
+    assert rates[5] == pytest.approx(2 * 300.0 / 1)  # counted from the idle scrape
+    assert all(s.up for s in samples)
+
+
 def test_sglang_without_realtime_counter_uses_gen_throughput_gated_by_running() -> None:
     body_a, _ = load("sglang_a.txt")
     body_b, _ = load("sglang_b.txt")
