@@ -13,6 +13,7 @@ import pytest
 from powerd.config import Config, ConfigError, ControlConfig, SimConfig, parse_config
 from powerd.control import kernels as k
 from powerd.control.policy import Controller
+from powerd.model import Snapshot
 from powerd.sources import FetchResponse, SourceError
 from powerd.sources.loads import (
     RETRY_AFTER_ERROR_S,
@@ -305,3 +306,39 @@ def test_guard_is_off_at_zero_or_with_short_ticks(tmp_path: Path, fields: dict) 
     assert not rig.daemon.guards_backlog
     assert _run_with_guard(rig, 120) == []
     assert not [url for url in rig.fetch.urls if "/v1/loads" in url]
+
+
+@pytest.mark.parametrize("kind", ["sglang", "vllm"])
+def test_run_forever_guards_between_ticks_only_where_a_server_may_report_a_backlog(
+    tmp_path: Path, kind: str
+) -> None:
+    rig = make_rig(
+        tmp_path,
+        sim=replace(SGLANG_NODE, server_kind=kind),
+        interval_s=0.5,
+        control=ControlConfig(prefill_guard_interval_s=0.1),
+    )
+    daemon = rig.daemon
+    events: list[str] = []
+    tick, guard = daemon.tick, daemon.guard
+
+    def counted_tick(now_s: float) -> Snapshot:
+        events.append("tick")
+        return tick(now_s)
+
+    def counted_guard(now_s: float) -> int:
+        events.append("guard")
+        return guard(now_s)
+
+    daemon.tick = counted_tick  # type: ignore[method-assign]
+    daemon.guard = counted_guard  # type: ignore[method-assign]
+    daemon.run_forever(duration_s=1.2)
+    assert events.count("tick") >= 2
+    if kind == "vllm":
+        assert "guard" not in events
+        return
+    # Three or four reads between two ticks (real time: the machine may be busy), none before
+    # the first tick.
+    assert events[0] == "tick"
+    between = [len(run) for run in "".join(e[0] for e in events).split("t")[1:-1]]
+    assert between and all(2 <= n <= 4 for n in between), events

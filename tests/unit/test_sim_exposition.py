@@ -304,7 +304,8 @@ def test_sglang_loads_json_shape_types_and_values() -> None:
     document = json.loads(body)
     assert set(document) == {"timestamp", "version", "loads"}
     stamp = datetime.fromisoformat(document["timestamp"])
-    assert stamp.utcoffset() is not None and stamp.utcoffset().total_seconds() == 0
+    offset = stamp.utcoffset()
+    assert offset is not None and offset.total_seconds() == 0
     assert stamp.timestamp() == pytest.approx(now_unix, abs=1e-6)
     assert isinstance(document["version"], str) and document["version"]
     (rank,) = document["loads"]
