@@ -242,7 +242,9 @@ class Daemon:
         interval_s: float,
     ) -> GroupObservation:
         group.last_sample = sample
-        if sample.up and sample.generation_tokens_per_s is not None:
+        # A server running requests whose token counter has not moved this tick (SGLang counts
+        # a batch every 40 steps, seconds apart on a slow model) is live, not stale.
+        if sample.up and (sample.generation_tokens_per_s is not None or sample.running):
             group.last_good_sample_s = now_s
         stale = (
             group.last_good_sample_s is None
@@ -352,8 +354,11 @@ class Daemon:
         backlogs: dict[str, float] = {}
         for group in self.groups:
             probe = self._backlog_probe(group)
-            if probe is None or group.decision is None or not group.uuids:
+            decision = group.decision
+            if probe is None or decision is None or not group.uuids:
                 continue
+            if decision.sm_clock_max_mhz >= min(gpu.sm_clock_max_mhz for gpu in group.spec.gpus):
+                continue  # already at f_max: nothing to raise, no read needed
             backlog = probe.read(now_s)
             group.prompt_backlog_tokens = backlog
             if backlog is not None:

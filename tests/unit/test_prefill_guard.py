@@ -342,3 +342,24 @@ def test_run_forever_guards_between_ticks_only_where_a_server_may_report_a_backl
     assert events[0] == "tick"
     between = [len(run) for run in "".join(e[0] for e in events).split("t")[1:-1]]
     assert between and all(2 <= n <= 4 for n in between), events
+
+
+def test_a_running_server_between_counted_batches_is_not_stale(tmp_path: Path) -> None:
+    """A slow model's SGLang counts a batch of decode tokens only every several seconds: the
+    ticks in between have no rate, and the group must not go back to default clocks."""
+    rig = make_rig(tmp_path, sim=SGLANG_NODE, stale_after_s=3.0)
+    rig.run(30)
+    group = rig.daemon.groups[0]
+    sample = group.last_sample
+    assert sample is not None and sample.up
+    silent = replace(sample, generation_tokens_per_s=None, running=12.0)
+    readings = rig.daemon._read_gpus(rig.node.now_s)
+    for t in range(10):
+        now_s = rig.node.now_s + 1.0 + t
+        observation = rig.daemon._observe(group, silent, readings, now_s, 1.0)
+        assert not observation.stale
+    idle = replace(sample, generation_tokens_per_s=None, running=0.0)
+    observations = [
+        rig.daemon._observe(group, idle, readings, rig.node.now_s + 11.0 + t, 1.0) for t in range(5)
+    ]
+    assert observations[-1].stale
