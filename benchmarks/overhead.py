@@ -2,8 +2,9 @@
 
 Three processes, so that only the daemon is measured:
 
-- `--role serve`: a simulated node (8 GPUs, TP 2, so 4 vLLM servers) advancing in real time
-  and serving each server's /metrics over HTTP, as real inference servers would;
+- `--role serve`: a simulated node (8 GPUs, TP 2, so 4 servers, vLLM unless `--server-kind`)
+  advancing in real time and serving each server's endpoints over HTTP, as real inference
+  servers would;
 - `--role daemon` (the measured one): the production `Daemon` with its exporter, reading an
   8-GPU fake NVML (`NvmlBackend(FakeNvml(plant))`) and scraping the 4 servers over HTTP every
   tick. Its plant is stepped once per tick (one compiled call, timed on its own thread's CPU
@@ -16,7 +17,7 @@ It also reports, for reference, the RSS of a bare interpreter, of `import numba`
 `import numba` with powerd's controller kernels loaded (`--role numba-baseline`).
 
 Usage: python benchmarks/overhead.py [--duration 90] [--gpus 8] [--tp 2] [--interval 1.0]
-       [--cold-cache] [--json]
+       [--server-kind vllm|sglang|...] [--cold-cache] [--json]
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def role_serve(args: argparse.Namespace) -> int:
         time_compression=args.time_compression,
         peak_load=args.peak_load,
         seed=args.seed,
+        server_kind=args.server_kind,
     )
     node = build_node(sim)
     node.advance(0.1)  # compile the node's kernels before the servers are announced
@@ -212,6 +214,7 @@ def _child(role: str, args: argparse.Namespace, *extra: str) -> list[str]:
         f"--time-compression={args.time_compression}",
         f"--peak-load={args.peak_load}",
         f"--seed={args.seed}",
+        f"--server-kind={args.server_kind}",
         *extra,
     ]
 
@@ -383,6 +386,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-compression", type=float, default=1.0)
     parser.add_argument("--peak-load", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--server-kind",
+        default="vllm",
+        help="what the servers present themselves as (sglang: the daemon also reads /v1/loads "
+        "four times a second between ticks)",
+    )
     parser.add_argument(
         "--cold-cache", action="store_true", help="the daemon compiles its kernels from scratch"
     )
