@@ -370,11 +370,15 @@ class Daemon:
             decision = group.decision
             if cap_mhz is None or decision is None:
                 continue
-            try:
-                self.actuator.apply(replace(decision, sm_clock_max_mhz=cap_mhz), list(group.uuids))
-            except GpuLost as exc:
-                self._drop_gpu(exc.uuid or "", exc)
-                continue
+            # A dry run counts the raises it would make (exported) without logging each one:
+            # at four reads a second they would bury the tick's decisions.
+            if not self.actuator.dry_run:
+                try:
+                    raised_decision = replace(decision, sm_clock_max_mhz=cap_mhz)
+                    self.actuator.apply(raised_decision, list(group.uuids))
+                except GpuLost as exc:
+                    self._drop_gpu(exc.uuid or "", exc)
+                    continue
             if group.guard_raised_from_mhz is None:
                 group.guard_raised_from_mhz = decision.sm_clock_max_mhz
             group.guard_raises_total += 1

@@ -363,3 +363,29 @@ def test_a_running_server_between_counted_batches_is_not_stale(tmp_path: Path) -
         rig.daemon._observe(group, idle, readings, rig.node.now_s + 11.0 + t, 1.0) for t in range(5)
     ]
     assert observations[-1].stale
+
+
+def test_a_dry_run_counts_the_raises_it_would_make_and_writes_and_logs_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(tmp_path, sim=SGLANG_NODE, dry_run=True)
+    guard = rig.daemon.guard
+    logged_by_guard: list[str] = []
+
+    def watched_guard(now_s: float) -> int:
+        before = len(caplog.records)
+        raised = guard(now_s)
+        logged_by_guard.extend(r.getMessage() for r in caplog.records[before:])
+        return raised
+
+    rig.daemon.guard = watched_guard  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO):
+        _run_with_guard(rig, 120)
+    raises = sum(g.guard_raises_total for g in rig.daemon.groups)
+    assert raises > 0
+    assert rig.fake.writes == []
+    assert logged_by_guard == []
+    assert any("would set" in r.getMessage() for r in caplog.records)  # the ticks still say
+    text = rig.metrics()
+    exported = metric_lines(text, "powerd_group_prefill_guard_raises_total")
+    assert sum(metric_value(line) for line in exported) == raises
