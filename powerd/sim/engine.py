@@ -1258,9 +1258,6 @@ class EngineView:
     def num_waiting(self) -> int:
         return self.bank.num_waiting(self.index)
 
-    def prefill_backlog(self) -> tuple[float, float | None]:
-        return self.bank.prefill_backlog(self.index)
-
     def prefill_backlog_parts(self) -> tuple[float, float, float | None]:
         return self.bank.prefill_backlog_parts(self.index)
 

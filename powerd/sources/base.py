@@ -672,8 +672,6 @@ class Source:
                 window = compare(prev, reading, dt_s, self.config.slo.quantile)
             if window is not None and window.prompt_len is not None:
                 self._prompt_mix.add(dt_s, *window.prompt_len)
-        if window is None:
-            self._flush_marks.clear()
         if reading.flushed:
             window = self._flushed_rates(reading, window, now_s)
         self._prev, self._prev_s = reading, now_s
