@@ -358,7 +358,9 @@ class Daemon:
             if probe is None or decision is None or not group.uuids:
                 continue
             if decision.sm_clock_max_mhz >= min(gpu.sm_clock_max_mhz for gpu in group.spec.gpus):
-                continue  # already at f_max: nothing to raise, no read needed
+                # Already at f_max: nothing to raise, no read needed, and no stale figure kept.
+                group.prompt_backlog_tokens = None
+                continue
             backlog = probe.read(now_s)
             group.prompt_backlog_tokens = backlog
             if backlog is not None:

@@ -550,7 +550,8 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
         mode_family.add(dict(labels, mode=mode), mode == group.mode)
     families(
         "powerd_group_prompt_backlog_tokens",
-        "Prompt tokens the group's server still had to prefill at the last read between ticks.",
+        "Prompt tokens the group's server still had to prefill at the last read between ticks; "
+        "absent while the group's clock cap is at its maximum (not read then).",
     ).add(labels, group.prompt_backlog_tokens)
     families(
         "powerd_group_prefill_guard_raises",

@@ -389,3 +389,22 @@ def test_a_dry_run_counts_the_raises_it_would_make_and_writes_and_logs_none(
     text = rig.metrics()
     exported = metric_lines(text, "powerd_group_prefill_guard_raises_total")
     assert sum(metric_value(line) for line in exported) == raises
+
+
+def test_the_backlog_gauge_goes_away_while_the_group_is_at_f_max(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, sim=SGLANG_NODE)
+    _run_with_guard(rig, 120)
+    read = [g for g in rig.daemon.groups if g.prompt_backlog_tokens is not None]
+    assert read, "no backlog was ever read below f_max"
+    group = read[0]
+    assert group.decision is not None
+    f_max = min(gpu.sm_clock_max_mhz for gpu in group.spec.gpus)
+    group.decision = replace(group.decision, sm_clock_max_mhz=f_max)
+    rig.daemon.guard(rig.node.now_s)
+    assert group.prompt_backlog_tokens is None
+    rig.snapshots.append(rig.daemon.tick(rig.node.now_s))
+    text = rig.metrics()
+    assert not metric_lines(text, "powerd_group_prompt_backlog_tokens", group=group.spec.name)
+    others = [g for g in read[1:] if g.prompt_backlog_tokens is not None]
+    for other in others:
+        assert metric_lines(text, "powerd_group_prompt_backlog_tokens", group=other.spec.name)
