@@ -139,10 +139,18 @@ class MetricsConfig:
     port: int = DEFAULT_METRICS_PORT
     web_config_file: str | None = None
     """Prometheus exporter-toolkit web-config file (TLS, basic auth)."""
+    final_scrape_wait_s: float = 20.0
+    """On a clean stop, after restoring the GPUs, wait up to this long for Prometheus to scrape
+    the restored settings once more (only when a scrape is due within it); 0 turns it off."""
 
     def validate(self, path: str) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{path}.port: must be in [0, 65535], got {self.port}")
+        # The unit's TimeoutStopSec is 30 s; the restore before the wait takes well under one.
+        if not 0 <= self.final_scrape_wait_s <= 25:
+            raise ConfigError(
+                f"{path}.final_scrape_wait_s: must be in [0, 25], got {self.final_scrape_wait_s}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

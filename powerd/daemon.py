@@ -508,10 +508,43 @@ class Daemon:
         self.restores_total += 1
         if not report.ok:
             self.restore_failures_total += 1
-        for state in self.actuator.states.values():
-            state.lock_max_mhz = None
-            state.power_limit_mw = None
+        # A GPU that could not be restored keeps what powerd last set, and says so.
+        kept = set(report.failed) | set(report.lost)
+        for uuid, state in self.actuator.states.items():
+            if uuid not in kept:
+                state.lock_max_mhz = None
+                state.power_limit_mw = None
         return report.ok
+
+    def publish_restored(self, now_s: float) -> None:
+        """Publish the last snapshot again with the GPUs read anew after restore(): a final
+        scrape then shows what the GPUs were left with."""
+        last = self.last_snapshot
+        if last is None or self._publish is None:
+            return
+        readings = self._read_gpus(now_s)
+        gpus = []
+        for gpu in last.gpus:
+            uuid = gpu.info.uuid
+            state = self.actuator.states.get(uuid)
+            gpus.append(
+                replace(
+                    gpu,
+                    reading=readings.get(uuid, gpu.reading),
+                    configured_power_limit_mw=None if state is None else state.power_limit_mw,
+                    sm_clock_lock_max_mhz=None if state is None else state.lock_max_mhz,
+                )
+            )
+        self._publish(
+            replace(
+                last,
+                timestamp_s=now_s,
+                gpus=tuple(gpus),
+                restores_total=self.restores_total,
+                restore_failures_total=self.restore_failures_total,
+                loop_duration_s=None,
+            )
+        )
 
     def reload(self, config_path: str | Path) -> bool:
         """Re-read the config; apply it when valid, keep the old one otherwise."""
@@ -615,6 +648,7 @@ class Daemon:
                 self._notifier.stopping()
             self._pool.close()
             self.restore()
+            self.publish_restored(clock())
 
     def _wait_until(self, deadline_s: float, clock: Callable[[], float]) -> None:
         """Sleep until deadline_s on `clock` or a stop, running guard() every guard interval."""

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import itertools
 import logging
 import math
 import platform
 import socket
 import ssl
+import statistics
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -127,6 +131,54 @@ class _State:
         )
 
 
+class ScrapeTimes:
+    """When scrapes of /metrics began rendering (monotonic seconds): how often Prometheus
+    comes, and whether it has come since a given moment. Thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, keep: int = 8) -> None:
+        self._clock = clock
+        self._starts: deque[float] = deque(maxlen=keep)
+        self._changed = threading.Condition()
+
+    def now_s(self) -> float:
+        return self._clock()
+
+    def record(self, started_s: float) -> None:
+        with self._changed:
+            self._starts.append(started_s)
+            self._changed.notify_all()
+
+    def interval_s(self) -> float | None:
+        """The median time between recent scrapes; None before the second one."""
+        with self._changed:
+            starts = list(self._starts)
+        if len(starts) < 2:
+            return None
+        return statistics.median(b - a for a, b in itertools.pairwise(starts))
+
+    def next_wait_s(self, limit_s: float) -> float:
+        """How long to wait for the next scrape, from the rhythm of the last ones (a quarter of
+        an interval of grace): 0 when the rhythm is unknown or the wait would pass limit_s."""
+        interval_s = self.interval_s()
+        if interval_s is None or limit_s <= 0:
+            return 0.0
+        with self._changed:
+            last_s = self._starts[-1]
+        wait_s = max(last_s + interval_s - self._clock(), 0.0) + 0.25 * interval_s
+        return wait_s if wait_s <= limit_s else 0.0
+
+    def wait_since(self, since_s: float, timeout_s: float) -> bool:
+        """Block until a scrape has begun at or after since_s, at most timeout_s."""
+        deadline_s = self._clock() + timeout_s
+        with self._changed:
+            while not (self._starts and self._starts[-1] >= since_s):
+                left_s = deadline_s - self._clock()
+                if left_s <= 0:
+                    return False
+                self._changed.wait(left_s)
+            return True
+
+
 class Exporter:
     """Prometheus collector of the last published Snapshot, with its own registry and server.
 
@@ -145,10 +197,13 @@ class Exporter:
         self._thread: threading.Thread | None = None
         self.port: int | None = None
         """The bound port after start() (useful with port 0)."""
+        self.scrapes = ScrapeTimes()
+        self._published_s = self.scrapes.now_s()
 
     def publish(self, snapshot: Snapshot) -> None:
         """Make snapshot the one scrapes render; feed its loop duration and token counters."""
         with self._lock:
+            self._published_s = self.scrapes.now_s()
             state = self._state.copy()
             state.snapshot = snapshot
             duration_s = snapshot.loop_duration_s
@@ -168,6 +223,12 @@ class Exporter:
     def render(self) -> bytes:
         """The exposition of the last published snapshot, text format 0.0.4."""
         return generate_latest(self.registry)
+
+    def wait_for_scrape(self, timeout_s: float) -> bool:
+        """Block until a scrape has rendered what was published last, at most timeout_s."""
+        with self._lock:
+            published_s = self._published_s
+        return self.scrapes.wait_since(published_s, timeout_s)
 
     def _current_state(self) -> _State:
         with self._lock:
@@ -638,7 +699,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = urlsplit(self.path).path
         if path == "/metrics":
+            started_s = self.server.exporter.scrapes.now_s()
             body = self.server.exporter.render()
+            self.server.exporter.scrapes.record(started_s)
             extra = {}
             if "gzip" in self.headers.get("Accept-Encoding", ""):
                 body = gzip.compress(body, compresslevel=6)

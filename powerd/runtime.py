@@ -205,9 +205,23 @@ def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> in
     notifier.ready()
     try:
         daemon.run_forever(config_path=config_path)
+        _await_final_scrape(exporter, daemon.config.metrics.final_scrape_wait_s)
     finally:
         exporter.stop()
         backend.close()
         if simulation is not None:
             simulation.stop()
     return 0
+
+
+def _await_final_scrape(exporter: Exporter, limit_s: float) -> None:
+    """Let Prometheus see the restored GPUs once before the series stop (a stop otherwise
+    leaves the last throttled values as the evidence PowerdGpuLeftThrottled reads)."""
+    wait_s = exporter.scrapes.next_wait_s(limit_s)
+    if wait_s <= 0:
+        return
+    log.info("waiting up to %.1f s for a last scrape of the restored settings", wait_s)
+    if exporter.wait_for_scrape(wait_s):
+        log.info("the restored settings were scraped; exiting")
+    else:
+        log.info("no scrape came; exiting")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.helpers import (
     NotifySocket,
@@ -98,6 +102,64 @@ def test_notify_protocol_reload_and_restore_on_exit(tmp_path: Path) -> None:
     assert order == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], fields
     assert "WATCHDOG=1" in fields[fields.index("READY=1") :]
     assert changed_gpus(state_file) == {}, "every GPU is back at its defaults after exit"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _throttled(exposition: bytes) -> bool:
+    """Whether a scrape shows a GPU's clock limit below its maximum."""
+    values: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(exposition.decode()):
+        for sample in family.samples:
+            if sample.name in ("powerd_gpu_clock_limit_hertz", "powerd_gpu_max_clock_hertz"):
+                values.setdefault(sample.labels["UUID"], {})[sample.name] = sample.value
+    assert values, "no GPU clock series in the scrape"
+    return any(
+        v["powerd_gpu_clock_limit_hertz"] < v["powerd_gpu_max_clock_hertz"] for v in values.values()
+    )
+
+
+def test_a_clean_stop_waits_for_prometheus_to_see_the_gpus_restored(tmp_path: Path) -> None:
+    """After SIGTERM the GPUs are restored and one more scrape shows it, so the last values
+    Prometheus keeps of a deliberately stopped powerd are not throttled ones."""
+    state_file = tmp_path / "g"
+    port = _free_port()
+    config = write_sim_config(
+        tmp_path, metrics={"port": port}, sim={**LOCKING_SIM, "state_file": str(state_file)}
+    )
+    scrapes: list[bytes] = []
+    stop = threading.Event()
+
+    def scrape_every_second() -> None:
+        while not stop.wait(1.0):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    scrapes.append(r.read())
+            except OSError:
+                pass
+
+    process = start_powerd("run", "--config", str(config))
+    scraper = threading.Thread(target=scrape_every_second, daemon=True)
+    try:
+        _wait_until(lambda: bool(changed_gpus(state_file)), 90, "powerd to lock a clock")
+        scraper.start()
+        _wait_until(lambda: len(scrapes) >= 3 and _throttled(scrapes[-1]), 30, "a scrape of a lock")
+        before = len(scrapes)
+        output = _stop(process)
+    finally:
+        stop.set()
+        scraper.join(timeout=10)
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert changed_gpus(state_file) == {}
+    assert len(scrapes) > before, output
+    assert not _throttled(scrapes[-1]), "the last scrape shows every GPU restored"
+    assert "restored settings were scraped" in output, output
 
 
 def test_sigkill_then_restore_brings_every_gpu_back(tmp_path: Path) -> None:

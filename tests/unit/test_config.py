@@ -55,6 +55,8 @@ def test_empty_document_gives_defaults() -> None:
             "servers[1].name: 'a' is used twice",
         ),
         ({"metrics": {"port": 70000}}, "metrics.port"),
+        ({"metrics": {"final_scrape_wait_s": 40}}, "metrics.final_scrape_wait_s"),
+        ({"metrics": {"final_scrape_wait_s": -1}}, "metrics.final_scrape_wait_s"),
         ({"grid": {"price_schedule_per_kwh": [0.1] * 23}}, "grid.price_schedule_per_kwh"),
         ({"sim": {"gpus": 4, "tp": 3}}, "sim.tp: must divide gpus"),
         ([1, 2], "the top level: expected a mapping"),

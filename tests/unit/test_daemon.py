@@ -365,6 +365,47 @@ def test_reload_into_dry_run_restores_the_gpus_and_then_writes_nothing(tmp_path:
     assert all(_locked(rig, i) is None for i in (0, 1))
 
 
+# ------------------------------------------------------------------------ the last scrape
+
+
+def _limits(rig: Any) -> dict[str, tuple[float, float]]:
+    """Per GPU UUID: (exported clock limit, exported maximum clock), in Hz."""
+    text = rig.metrics()
+    out = {}
+    for i in range(len(rig.fake.uuids)):
+        uuid = rig.uuid(i)
+        limit = metric_lines(text, "powerd_gpu_clock_limit_hertz", UUID=uuid)
+        maximum = metric_lines(text, "powerd_gpu_max_clock_hertz", UUID=uuid)
+        out[uuid] = (metric_value(limit[0]), metric_value(maximum[0]))
+    return out
+
+
+def test_a_stop_publishes_the_gpus_as_restore_left_them(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    rig.run_until(lambda s: _locked(rig, 0) is not None or _locked(rig, 1) is not None, 90)
+    assert any(limit < maximum for limit, maximum in _limits(rig).values())
+    rig.daemon.run_forever(duration_s=0.0, clock=lambda: rig.node.now_s)
+    assert _locked(rig, 0) is None and _locked(rig, 1) is None
+    assert all(limit == maximum for limit, maximum in _limits(rig).values())
+    text = rig.metrics()
+    assert not metric_lines(text, "powerd_gpu_configured_power_limit_watts")
+    assert metric_value(metric_lines(text, "powerd_restores_total")[0]) == 1
+    assert metric_value(metric_lines(text, "powerd_restore_failures_total")[0]) == 0
+
+
+def test_a_gpu_restore_could_not_put_back_still_shows_its_limit(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path)
+    rig.run_until(lambda s: _locked(rig, 0) is not None, 90)
+    rig.fake.set_privileged(False)
+    rig.daemon.run_forever(duration_s=0.0, clock=lambda: rig.node.now_s)
+    locked = _locked(rig, 0)
+    assert locked is not None, "the restore was refused"
+    limit_hz, maximum_hz = _limits(rig)[rig.uuid(0)]
+    assert limit_hz == locked[1] * 1e6 < maximum_hz
+    text = rig.metrics()
+    assert metric_value(metric_lines(text, "powerd_restore_failures_total")[0]) == 1
+
+
 # ------------------------------------------------------------------------ every server kind
 
 

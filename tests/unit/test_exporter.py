@@ -27,6 +27,7 @@ from powerd.exporter import (
     OBSERVE_ONLY_REASONS,
     Exporter,
     ExporterError,
+    ScrapeTimes,
     default_build_info,
     observe_only_reason_label,
 )
@@ -503,6 +504,59 @@ def test_http_server_serves_metrics_index_and_404() -> None:
         status, _, body = _get(f"{base}/")
         assert status == 200 and b'href="/metrics"' in body
         assert _get(f"{base}/nope")[0] == 404
+    finally:
+        exporter.stop()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_scrape_rhythm_says_how_long_to_wait_for_the_next_scrape() -> None:
+    clock = _Clock()
+    times = ScrapeTimes(clock)
+    assert times.interval_s() is None and times.next_wait_s(20.0) == 0.0
+    for start_s in (100.0, 115.0, 130.2, 144.9):
+        times.record(start_s)
+    assert times.interval_s() == pytest.approx(15.0)
+    clock.now_s = 150.0  # the next scrape is due at 159.9
+    assert times.next_wait_s(20.0) == pytest.approx(9.9 + 0.25 * 15.0)
+    assert times.next_wait_s(10.0) == 0.0, "not due within the limit: no wait"
+    assert times.next_wait_s(0.0) == 0.0
+    clock.now_s = 170.0  # overdue: a quarter interval of grace
+    assert times.next_wait_s(20.0) == pytest.approx(3.75)
+
+
+def test_scrape_wait_ends_at_a_scrape_begun_since_or_at_the_timeout() -> None:
+    times = ScrapeTimes()
+    since_s = times.now_s()
+    times.record(since_s - 1.0)  # begun before: does not count
+    assert times.wait_since(since_s, 0.05) is False
+    timer = threading.Timer(0.1, lambda: times.record(times.now_s()))
+    timer.start()
+    try:
+        assert times.wait_since(since_s, 5.0) is True
+    finally:
+        timer.cancel()
+
+
+def test_wait_for_scrape_waits_for_one_rendering_the_last_publish() -> None:
+    exporter = small_exporter()
+    exporter.start()
+    try:
+        url = f"http://127.0.0.1:{exporter.port}/metrics"
+        assert _get(url)[0] == 200
+        assert exporter.wait_for_scrape(0.05) is True, "it rendered the last publish"
+        exporter.publish(Snapshot(timestamp_s=1.0))
+        assert exporter.wait_for_scrape(0.05) is False, "that scrape came before the publish"
+        timer = threading.Timer(0.2, lambda: _get(url))
+        timer.start()
+        assert exporter.wait_for_scrape(5.0) is True
+        timer.join()
     finally:
         exporter.stop()
 
