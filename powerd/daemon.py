@@ -419,12 +419,13 @@ class Daemon:
             state = self.actuator.states.get(uuid)
             if state is None:
                 continue
+            lock_mhz, limit_mw = self._device_settings(uuid)
             gpus.append(
                 GpuStatus(
                     reading=reading,
                     info=state.info,
-                    configured_power_limit_mw=state.power_limit_mw,
-                    sm_clock_lock_max_mhz=state.lock_max_mhz,
+                    configured_power_limit_mw=limit_mw,
+                    sm_clock_lock_max_mhz=lock_mhz,
                     observe_only=state.observe_only or self.actuator.dry_run,
                     observe_only_reason=state.observe_only_reason
                     or ("dry_run" if self.actuator.dry_run else ""),
@@ -498,6 +499,14 @@ class Daemon:
             grid_currency=self.config.grid.currency,
         )
 
+    def _device_settings(self, uuid: str) -> tuple[int | None, int | None]:
+        """(locked clock maximum MHz, power limit mW) powerd has set on the GPU, None for each
+        left at its default. A dry run sets nothing: its decisions are the groups' figures."""
+        state = self.actuator.states.get(uuid)
+        if state is None or self.actuator.dry_run:
+            return None, None
+        return state.lock_max_mhz, state.power_limit_mw
+
     # ----------------------------------------------------------------- lifecycle
 
     def restore(self) -> bool:
@@ -526,13 +535,13 @@ class Daemon:
         gpus = []
         for gpu in last.gpus:
             uuid = gpu.info.uuid
-            state = self.actuator.states.get(uuid)
+            lock_mhz, limit_mw = self._device_settings(uuid)
             gpus.append(
                 replace(
                     gpu,
                     reading=readings.get(uuid, gpu.reading),
-                    configured_power_limit_mw=None if state is None else state.power_limit_mw,
-                    sm_clock_lock_max_mhz=None if state is None else state.lock_max_mhz,
+                    configured_power_limit_mw=limit_mw,
+                    sm_clock_lock_max_mhz=lock_mhz,
                 )
             )
         self._publish(

@@ -223,6 +223,18 @@ def test_gpu_without_clock_locking_is_controlled_by_its_power_limit(
     assert not any(fn == SET_LIMIT for fn, _ in rig.writes_to(1))
 
 
+def _limits(rig: Any) -> dict[str, tuple[float, float]]:
+    """Per GPU UUID: (exported clock limit, exported maximum clock), in Hz."""
+    text = rig.metrics()
+    out = {}
+    for i in range(len(rig.fake.uuids)):
+        uuid = rig.uuid(i)
+        limit = metric_lines(text, "powerd_gpu_clock_limit_hertz", UUID=uuid)
+        maximum = metric_lines(text, "powerd_gpu_max_clock_hertz", UUID=uuid)
+        out[uuid] = (metric_value(limit[0]), metric_value(maximum[0]))
+    return out
+
+
 # ------------------------------------------------------------------------ dry run
 
 
@@ -246,6 +258,12 @@ def test_dry_run_decides_logs_and_exports_but_never_writes(
     text = rig.metrics()
     assert metric_value(metric_lines(text, "powerd_dry_run")[0]) == 1.0
     assert len(metric_lines(text, "powerd_gpu_observe_only", reason="dry_run")) == 2
+    # The GPUs' series say what the GPUs have (nothing set); the groups' what powerd decided.
+    assert all(limit == maximum for limit, maximum in _limits(rig).values())
+    assert not metric_lines(text, "powerd_gpu_configured_power_limit_watts")
+    decided = [d.sm_clock_max_mhz for d in rig.recorder.decisions[-1]]
+    exported = [metric_value(line) for line in metric_lines(text, "powerd_group_clock_limit_hertz")]
+    assert sorted(exported) == sorted(mhz * 1e6 for mhz in decided)
     assert rig.daemon.restore() is True
     assert not rig.journal_path.exists()
 
@@ -366,18 +384,6 @@ def test_reload_into_dry_run_restores_the_gpus_and_then_writes_nothing(tmp_path:
 
 
 # ------------------------------------------------------------------------ the last scrape
-
-
-def _limits(rig: Any) -> dict[str, tuple[float, float]]:
-    """Per GPU UUID: (exported clock limit, exported maximum clock), in Hz."""
-    text = rig.metrics()
-    out = {}
-    for i in range(len(rig.fake.uuids)):
-        uuid = rig.uuid(i)
-        limit = metric_lines(text, "powerd_gpu_clock_limit_hertz", UUID=uuid)
-        maximum = metric_lines(text, "powerd_gpu_max_clock_hertz", UUID=uuid)
-        out[uuid] = (metric_value(limit[0]), metric_value(maximum[0]))
-    return out
 
 
 def test_a_stop_publishes_the_gpus_as_restore_left_them(tmp_path: Path) -> None:
