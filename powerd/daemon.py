@@ -74,8 +74,8 @@ class Group:
     known to be one)."""
     prompt_backlog_tokens: float | None = None
     """The backlog at the last read between ticks."""
-    guard_raised_from_mhz: int | None = None
-    """The cap the controller chose, while a guard raise since the last tick holds above it."""
+    guard_raises: list[tuple[float, int]] = field(default_factory=list)
+    """(time, cap) of each raise between ticks since the last tick."""
     guard_raises_total: int = 0
 
 
@@ -273,11 +273,18 @@ class Daemon:
             energy_j = power_w = None
             group.efficiency_window.clear()  # no GPUs left: no efficiency to report
         sm_clock_mhz = sum(clocks) / len(clocks) if clocks else None
-        if sm_clock_mhz is not None and group.guard_raised_from_mhz is not None:
-            # The controller learns its prefill capacity and blames misses per clock it chose;
-            # a raise between ticks held only part of the interval and is not its choice.
-            sm_clock_mhz = min(sm_clock_mhz, group.guard_raised_from_mhz)
-        group.guard_raised_from_mhz = None
+        interval_cap_mhz = None
+        if sm_clock_mhz is not None and group.guard_raises and group.decision is not None:
+            # The reading is an instant under the last raise between ticks. The controller
+            # judges the cap it chose (its latency model, the clocks misses blame); the prompt
+            # work of the interval was done at the caps in force over it.
+            chosen_mhz = group.decision.sm_clock_max_mhz
+            interval_cap_mhz = min(
+                sm_clock_mhz,
+                _mean_cap_mhz(chosen_mhz, group.guard_raises, now_s - interval_s, now_s),
+            )
+            sm_clock_mhz = min(sm_clock_mhz, chosen_mhz)
+        group.guard_raises.clear()
         tokens_per_s = sample.generation_tokens_per_s if sample.up else None
         if energy_j is not None and tokens_per_s is not None:
             group.efficiency_window.append((tokens_per_s * interval_s, energy_j))
@@ -301,6 +308,7 @@ class Daemon:
             realtime=sample.realtime,
             ttft_slowest_s=sample.ttft_slowest_s if sample.up else None,
             prompt_tokens_weighted_mean=sample.prompt_tokens_weighted_mean if sample.up else None,
+            interval_clock_cap_mhz=interval_cap_mhz,
             finished_requests_per_s=(
                 sample.finished_requests / interval_s
                 if sample.up and sample.finished_requests is not None and interval_s > 0
@@ -381,8 +389,7 @@ class Daemon:
                 except GpuLost as exc:
                     self._drop_gpu(exc.uuid or "", exc)
                     continue
-            if group.guard_raised_from_mhz is None:
-                group.guard_raised_from_mhz = decision.sm_clock_max_mhz
+                group.guard_raises.append((now_s, cap_mhz))
             group.guard_raises_total += 1
             count += 1
         return count
@@ -687,6 +694,23 @@ class _Notifier(Protocol):
     def stopping(self) -> None: ...
     def watchdog(self) -> None: ...
     def status(self, text: str) -> None: ...
+
+
+def _mean_cap_mhz(
+    chosen_mhz: float, raises: Sequence[tuple[float, int]], start_s: float, end_s: float
+) -> float:
+    """The time-weighted clock cap over [start_s, end_s]: chosen_mhz, then each raise's cap
+    from its time on."""
+    if end_s <= start_s:
+        return float(raises[-1][1]) if raises else chosen_mhz
+    total = 0.0
+    since_s, cap_mhz = start_s, float(chosen_mhz)
+    for when_s, raised_mhz in raises:
+        when_s = min(max(when_s, since_s), end_s)
+        total += cap_mhz * (when_s - since_s)
+        since_s, cap_mhz = when_s, float(raised_mhz)
+    total += cap_mhz * (end_s - since_s)
+    return total / (end_s - start_s)
 
 
 def _group_states(policy: Policy) -> list[dict]:

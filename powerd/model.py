@@ -146,6 +146,9 @@ class GroupObservation:
     """Requests the server finished per second over the tick, where it counts them."""
     prompt_tokens_weighted_mean: float | None = None
     """See ServerSample.prompt_tokens_weighted_mean."""
+    interval_clock_cap_mhz: float | None = None
+    """The time-weighted clock cap over the interval where raises between ticks moved it
+    (None otherwise): the clock the interval's prompt work was done at."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,8 @@ OBS_REALTIME = 13
 OBS_TTFT_SLOWEST_S = 14
 OBS_FINISHED_RPS = 15
 OBS_PROMPT_WEIGHTED_TOKENS = 16
-N_OBS = 17
+OBS_INTERVAL_CAP_MHZ = 17
+N_OBS = 18
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -259,7 +260,7 @@ _TTFT_WORK_DECAY = 0.98
 """About 50 ticks: long prompts come back within a minute or two when they come at all."""
 _TTFT_WORK_AIM = 0.9
 """Serve the slowest recent first token within this share of the TTFT SLO."""
-_GUARD_TTFT_SHARE = 0.15
+_GUARD_TTFT_SHARE = 0.3
 """Between ticks, where a server reports the prompt work it still has to prefill: raise the cap
 at once to the clock that prefills it within this share of the TTFT SLO. A burst's queue forms
 within a second at a lowered clock and outlasts a raise at the next tick."""
@@ -839,7 +840,12 @@ def _group_step(
     if waiting >= 1.0 and prompt_tps > 0.0:
         # Requests wait while prompts are processed: the prefill budget is the bottleneck, or
         # close to it. The highest such rate per MHz approaches the capacity from below.
-        prefill_k = max(prompt_tps / f_now, prefill_k) if _finite(prefill_k) else prompt_tps / f_now
+        # Raises between ticks did part of the interval's prompt work above the cap chosen.
+        f_work = obs[OBS_INTERVAL_CAP_MHZ, g]
+        if not f_work > 0.0:
+            f_work = f_now
+        rate_per_mhz = prompt_tps / f_work
+        prefill_k = max(rate_per_mhz, prefill_k) if _finite(prefill_k) else rate_per_mhz
     state[ST_PREFILL_K, g] = prefill_k
     finished_ew = _ewma(state[ST_FINISHED_EW, g], obs[OBS_FINISHED_RPS, g], _PROMPT_ALPHA)
     state[ST_FINISHED_EW, g] = finished_ew

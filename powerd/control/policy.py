@@ -239,6 +239,7 @@ def fill_observations(
         obs[k.OBS_TTFT_SLOWEST_S, g] = _num(o.ttft_slowest_s)
         obs[k.OBS_PROMPT_WEIGHTED_TOKENS, g] = _num(o.prompt_tokens_weighted_mean)
         obs[k.OBS_FINISHED_RPS, g] = _num(o.finished_requests_per_s)
+        obs[k.OBS_INTERVAL_CAP_MHZ, g] = _num(o.interval_clock_cap_mhz)
 
 
 def _opt_float(x: float) -> float | None:

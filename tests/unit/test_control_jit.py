@@ -56,9 +56,17 @@ def scenario() -> dict[str, Any]:
                 o = GroupObservation(**{**_fields(o), "waiting": 50.0})
             if o.generation_tokens_per_s is not None:
                 # Prompts at twice the output rate: the prefill capacity is learned while
-                # requests wait, which the guard between ticks scales from.
+                # requests wait, which the guard between ticks scales from; some intervals
+                # had a raise between ticks.
                 prompt_tps = 2.0 * o.generation_tokens_per_s
-                o = GroupObservation(**{**_fields(o), "prompt_tokens_per_s": prompt_tps})
+                raised = clocks[i] + 150.0 if tick % 3 == 0 else None
+                o = GroupObservation(
+                    **{
+                        **_fields(o),
+                        "prompt_tokens_per_s": prompt_tps,
+                        "interval_clock_cap_mhz": raised,
+                    }
+                )
             observations.append(o)
         for i, d in enumerate(controller.decide(float(tick), observations)):
             clocks[i] = d.sm_clock_max_mhz

@@ -815,3 +815,16 @@ def test_a_tick_without_a_token_count_keeps_the_requests_itl_estimate() -> None:
     assert float(state[k.ST_ITL_EST_S, 0]) == estimate
     assert float(state[k.ST_ITL_S, 0]) == pytest.approx(smoothed)
     assert not decision.reason.startswith("raise")
+
+
+def test_prefill_capacity_is_learned_at_the_clock_the_prompt_work_ran_at() -> None:
+    """A raise between ticks did part of the interval's prefill above the chosen cap: the
+    capacity per MHz is the rate over the interval's clock, not over the chosen one."""
+    plain = Controller(Config(), [spec()])
+    raised = Controller(Config(), [spec()])
+    for t in range(3):
+        seen = obs(prompt_tokens_per_s=15000.0, waiting=2.0, sm_clock_mhz=1200.0)
+        plain.decide(float(t), [seen])
+        raised.decide(float(t), [replace(seen, interval_clock_cap_mhz=1500.0)])
+    assert plain.arrays.state[k.ST_PREFILL_K, 0] == pytest.approx(15000.0 / 1200.0)
+    assert raised.arrays.state[k.ST_PREFILL_K, 0] == pytest.approx(15000.0 / 1500.0)

@@ -13,6 +13,7 @@ import pytest
 from powerd.config import Config, ConfigError, ControlConfig, SimConfig, parse_config
 from powerd.control import kernels as k
 from powerd.control.policy import Controller
+from powerd.daemon import _mean_cap_mhz
 from powerd.model import Snapshot
 from powerd.sources import FetchResponse, SourceError
 from powerd.sources.loads import (
@@ -248,9 +249,16 @@ def test_guard_raises_an_sglang_groups_cap_between_ticks_and_the_tick_decides_ag
         tick = int(when) - 1  # the decision in force: the last tick's
         chosen = decisions[tick][group].sm_clock_max_mhz
         assert locked > chosen, (when, group, locked, chosen)
-        # The next tick credits its figures to the cap the controller chose.
-        observed = rig.recorder.observations[tick + 1][group].sm_clock_mhz
-        assert observed is not None and observed <= chosen + 1e-6
+        # The next tick judges the cap the controller chose, and credits the interval's prompt
+        # work to the caps in force over it.
+        start_s = float(int(when))
+        held = [(w, c) for w, g, c in raises if g == group and start_s < w < start_s + 1.0]
+        mean_cap = _mean_cap_mhz(chosen, held, start_s, start_s + 1.0)
+        assert chosen < mean_cap < max(c for _, c in held)
+        seen = rig.recorder.observations[tick + 1][group]
+        assert seen.sm_clock_mhz is not None and seen.sm_clock_mhz <= chosen
+        assert seen.interval_clock_cap_mhz is not None
+        assert seen.sm_clock_mhz <= seen.interval_clock_cap_mhz <= mean_cap + 1e-6
     # Each tick applies the controller's own decision again.
     f_max = rig.node.plant.profile.sm_clock_max_mhz
     for i, decision in enumerate(decisions[-1]):
@@ -408,3 +416,13 @@ def test_the_backlog_gauge_goes_away_while_the_group_is_at_f_max(tmp_path: Path)
     others = [g for g in read[1:] if g.prompt_backlog_tokens is not None]
     for other in others:
         assert metric_lines(text, "powerd_group_prompt_backlog_tokens", group=other.spec.name)
+
+
+def test_mean_cap_weights_each_cap_by_the_time_it_held() -> None:
+    assert _mean_cap_mhz(1000, [], 0.0, 1.0) == 1000
+    assert _mean_cap_mhz(1000, [(0.25, 1400), (0.75, 1200)], 0.0, 1.0) == pytest.approx(
+        0.25 * 1000 + 0.5 * 1400 + 0.25 * 1200
+    )
+    # Raises stamped outside the interval are clipped to it.
+    assert _mean_cap_mhz(1000, [(-1.0, 1400)], 0.0, 1.0) == 1400
+    assert _mean_cap_mhz(1000, [(0.5, 1400)], 1.0, 1.0) == 1400
