@@ -202,9 +202,20 @@ class Daemon:
             for group, sample in zip(self.groups, samples, strict=True)
         ]
         decisions = self.policy.decide(now_s, observations)
-        for group, decision, observation in zip(self.groups, decisions, observations, strict=True):
+        for group, decision in zip(self.groups, decisions, strict=True):
             group.decision = decision
-            self._act(group, decision, observation)
+        # A backlog the decision does not know about is still there: the guard's raise holds
+        # from the tick on, not from its next read.
+        raised = self._raised_caps(now_s)
+        for group, decision, observation in zip(self.groups, decisions, observations, strict=True):
+            cap_mhz = raised.get(group.spec.name)
+            applied = decision
+            if cap_mhz is not None:
+                group.guard_raises_total += 1
+                if not self.actuator.dry_run:
+                    applied = replace(decision, sm_clock_max_mhz=cap_mhz)
+                    group.guard_raises.append((now_s, cap_mhz))
+            self._act(group, applied, observation)
         self.ticks_total += 1
         snapshot = self._snapshot(now_s, readings, samples, observations)
         snapshot = _with_duration(snapshot, time.perf_counter() - started)
@@ -356,24 +367,7 @@ class Daemon:
         """Read the prompt backlog of servers that report one and raise at once the cap of
         groups whose backlog would not be prefilled in time at the cap last decided. Only
         raises; the next tick decides again. Returns the number of groups raised."""
-        prefill_guard = getattr(self.policy, "prefill_guard", None)
-        if prefill_guard is None or not self.guards_backlog:
-            return 0
-        backlogs: dict[str, float] = {}
-        for group in self.groups:
-            probe = self._backlog_probe(group)
-            decision = group.decision
-            if probe is None or decision is None or not group.uuids:
-                continue
-            if decision.sm_clock_max_mhz >= min(gpu.sm_clock_max_mhz for gpu in group.spec.gpus):
-                # Already at f_max: nothing to raise, no read needed, and no stale figure kept.
-                group.prompt_backlog_tokens = None
-                continue
-            backlog = probe.read(now_s)
-            group.prompt_backlog_tokens = backlog
-            if backlog is not None:
-                backlogs[group.spec.name] = backlog
-        raised = prefill_guard(backlogs) if backlogs else {}
+        raised = self._raised_caps(now_s)
         count = 0
         for group in self.groups:
             cap_mhz = raised.get(group.spec.name)
@@ -393,6 +387,28 @@ class Daemon:
             group.guard_raises_total += 1
             count += 1
         return count
+
+    def _raised_caps(self, now_s: float) -> dict[str, int]:
+        """Read the prompt backlogs and return the cap each group whose backlog would not be
+        prefilled in time at its decided cap needs, by group name."""
+        prefill_guard = getattr(self.policy, "prefill_guard", None)
+        if prefill_guard is None or not self.guards_backlog:
+            return {}
+        backlogs: dict[str, float] = {}
+        for group in self.groups:
+            probe = self._backlog_probe(group)
+            decision = group.decision
+            if probe is None or decision is None or not group.uuids:
+                continue
+            if decision.sm_clock_max_mhz >= min(gpu.sm_clock_max_mhz for gpu in group.spec.gpus):
+                # Already at f_max: nothing to raise, no read needed, and no stale figure kept.
+                group.prompt_backlog_tokens = None
+                continue
+            backlog = probe.read(now_s)
+            group.prompt_backlog_tokens = backlog
+            if backlog is not None:
+                backlogs[group.spec.name] = backlog
+        return prefill_guard(backlogs) if backlogs else {}
 
     def _backlog_probe(self, group: Group) -> PromptBacklogProbe | None:
         if group.backlog_probe is None and group.source.kind == "sglang":
