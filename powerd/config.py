@@ -113,7 +113,7 @@ class ControlConfig:
     """Aim for latencies below this share of the SLO."""
     power_limit: Literal["default", "track"] = "default"
     """`track` also lowers the power limit towards the group's drawn power."""
-    prefill_guard_interval_s: float = 0.25
+    prefill_guard_interval_s: float = 0.33
     """At each tick and this often between ticks, read the prompt backlog of servers that report
     one (SGLang's /v1/loads) and raise a group's clock cap at once when it would not be
     prefilled within a share of the TTFT SLO; 0 turns this off, as does a tick interval under

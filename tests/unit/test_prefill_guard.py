@@ -191,7 +191,7 @@ def test_a_fresh_controller_never_raises() -> None:
 
 
 def test_guard_interval_config() -> None:
-    assert Config().control.prefill_guard_interval_s == 0.25
+    assert Config().control.prefill_guard_interval_s == 0.33
     assert parse_config({"control": {"prefill_guard_interval_s": 0}}).control == ControlConfig(
         prefill_guard_interval_s=0
     )
