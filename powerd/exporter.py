@@ -157,15 +157,18 @@ class ScrapeTimes:
         return statistics.median(b - a for a, b in itertools.pairwise(starts))
 
     def next_wait_s(self, limit_s: float) -> float:
-        """How long to wait for the next scrape, from the rhythm of the last ones (a quarter of
-        an interval of grace): 0 when the rhythm is unknown or the wait would pass limit_s."""
+        """How long to wait for a scrape, from the rhythm of the last ones: 0 when the rhythm is
+        unknown or the next scrape is not due (with a quarter interval of grace) within limit_s;
+        else until one interval after it, at most limit_s, in case it began too early to count."""
         interval_s = self.interval_s()
         if interval_s is None or limit_s <= 0:
             return 0.0
         with self._changed:
             last_s = self._starts[-1]
-        wait_s = max(last_s + interval_s - self._clock(), 0.0) + 0.25 * interval_s
-        return wait_s if wait_s <= limit_s else 0.0
+        due_s = max(last_s + interval_s - self._clock(), 0.0)
+        if due_s + 0.25 * interval_s > limit_s:
+            return 0.0
+        return min(due_s + 1.25 * interval_s, limit_s)
 
     def wait_since(self, since_s: float, timeout_s: float) -> bool:
         """Block until a scrape has begun at or after since_s, at most timeout_s."""

@@ -524,11 +524,13 @@ def test_scrape_rhythm_says_how_long_to_wait_for_the_next_scrape() -> None:
         times.record(start_s)
     assert times.interval_s() == pytest.approx(15.0)
     clock.now_s = 150.0  # the next scrape is due at 159.9
-    assert times.next_wait_s(20.0) == pytest.approx(9.9 + 0.25 * 15.0)
-    assert times.next_wait_s(10.0) == 0.0, "not due within the limit: no wait"
+    # Up to one interval past it (that one may have begun before the last publish).
+    assert times.next_wait_s(30.0) == pytest.approx(9.9 + 1.25 * 15.0)
+    assert times.next_wait_s(20.0) == 20.0
+    assert times.next_wait_s(13.0) == 0.0, "not due within the limit: no wait"
     assert times.next_wait_s(0.0) == 0.0
-    clock.now_s = 170.0  # overdue: a quarter interval of grace
-    assert times.next_wait_s(20.0) == pytest.approx(3.75)
+    clock.now_s = 170.0  # overdue
+    assert times.next_wait_s(20.0) == pytest.approx(1.25 * 15.0)
 
 
 def test_scrape_wait_ends_at_a_scrape_begun_since_or_at_the_timeout() -> None:
