@@ -70,12 +70,12 @@ class Group:
     """(tokens, joules) per tick."""
     decision: GroupDecision | None = None
     backlog_probe: PromptBacklogProbe | None = None
-    """Reads the server's prompt backlog between ticks (SGLang only; None until its kind is
-    known to be one)."""
+    """Reads the server's prompt backlog (SGLang only; None until its kind is known to be
+    one)."""
     prompt_backlog_tokens: float | None = None
-    """The backlog at the last read between ticks."""
+    """The backlog at the last read."""
     guard_raises: list[tuple[float, int]] = field(default_factory=list)
-    """(time, cap) of each raise between ticks since the last tick."""
+    """(time, cap) of each raise for the backlog applied since the last tick's observation."""
     guard_raises_total: int = 0
 
 
@@ -211,10 +211,9 @@ class Daemon:
             cap_mhz = raised.get(group.spec.name)
             applied = decision
             if cap_mhz is not None:
-                group.guard_raises_total += 1
                 if not self.actuator.dry_run:
                     applied = replace(decision, sm_clock_max_mhz=cap_mhz)
-                    group.guard_raises.append((now_s, cap_mhz))
+                self._note_raise(group, cap_mhz, now_s)
             self._act(group, applied, observation)
         self.ticks_total += 1
         snapshot = self._snapshot(now_s, readings, samples, observations)
@@ -286,7 +285,7 @@ class Daemon:
         sm_clock_mhz = sum(clocks) / len(clocks) if clocks else None
         interval_cap_mhz = None
         if sm_clock_mhz is not None and group.guard_raises and group.decision is not None:
-            # The reading is an instant under the last raise between ticks. The controller
+            # The reading is an instant under the last raise for the backlog. The controller
             # judges the cap it chose (its latency model, the clocks misses blame); the prompt
             # work of the interval was done at the caps in force over it.
             chosen_mhz = group.decision.sm_clock_max_mhz
@@ -383,10 +382,16 @@ class Daemon:
                 except GpuLost as exc:
                     self._drop_gpu(exc.uuid or "", exc)
                     continue
-                group.guard_raises.append((now_s, cap_mhz))
-            group.guard_raises_total += 1
+            self._note_raise(group, cap_mhz, now_s)
             count += 1
         return count
+
+    def _note_raise(self, group: Group, cap_mhz: int, now_s: float) -> None:
+        """Count a raise for the backlog; keep it for the next observation where it was applied
+        (a dry run applies none)."""
+        group.guard_raises_total += 1
+        if not self.actuator.dry_run:
+            group.guard_raises.append((now_s, cap_mhz))
 
     def _raised_caps(self, now_s: float) -> dict[str, int]:
         """Read the prompt backlogs and return the cap each group whose backlog would not be

@@ -614,12 +614,13 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
         mode_family.add(dict(labels, mode=mode), mode == group.mode)
     families(
         "powerd_group_prompt_backlog_tokens",
-        "Prompt tokens the group's server still had to prefill at the last read between ticks; "
+        "Prompt tokens the group's server still had to prefill at the last read; "
         "absent while the group's clock cap is at its maximum (not read then).",
     ).add(labels, group.prompt_backlog_tokens)
     families(
         "powerd_group_prefill_guard_raises",
-        "Raises of the group's clock cap between ticks for a prompt backlog its server reported.",
+        "Raises of the group's clock cap, at ticks and between them, for a prompt backlog its "
+        "server reported.",
         "counter",
     ).add(labels, group.prefill_guard_raises_total)
     families("powerd_group_observe_only", "1 when powerd only observes the group's GPUs.").add(

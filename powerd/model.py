@@ -147,7 +147,7 @@ class GroupObservation:
     prompt_tokens_weighted_mean: float | None = None
     """See ServerSample.prompt_tokens_weighted_mean."""
     interval_clock_cap_mhz: float | None = None
-    """The time-weighted clock cap over the interval where raises between ticks moved it
+    """The time-weighted clock cap over the interval where raises for the backlog moved it
     (None otherwise): the clock the interval's prompt work was done at."""
 
 
@@ -195,10 +195,11 @@ class GroupStatus:
     carbon_g_per_million_tokens: float | None = None
     """Grams CO2e of a million tokens at the facility (GPU energy x PUE x intensity)."""
     prompt_backlog_tokens: float | None = None
-    """Prompt tokens the server still had to prefill at the last read between ticks (None:
-    the server does not report it)."""
+    """Prompt tokens the server still had to prefill at the last read (None: the server does not
+    report it, or the group is at its maximum clock and it is not read)."""
     prefill_guard_raises_total: int | None = None
-    """Raises of the cap between ticks for that backlog (None: the server reports none)."""
+    """Raises of the cap for that backlog, at ticks and between them (None: the server reports
+    none)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -261,9 +261,10 @@ _TTFT_WORK_DECAY = 0.98
 _TTFT_WORK_AIM = 0.9
 """Serve the slowest recent first token within this share of the TTFT SLO."""
 _GUARD_TTFT_SHARE = 0.3
-"""Between ticks, where a server reports the prompt work it still has to prefill: raise the cap
-at once to the clock that prefills it within this share of the TTFT SLO. A burst's queue forms
-within a second at a lowered clock and outlasts a raise at the next tick."""
+"""Where a server reports the prompt work it still has to prefill (read at ticks and between
+them): raise the cap at once to the clock that prefills it within this share of the TTFT SLO.
+A burst's queue forms within a second at a lowered clock and outlasts a raise at the next
+tick."""
 _QUEUE_WAIT_SHARE = 0.35
 """Raise at once when the waiting requests' prefill would take longer than this share of the
 TTFT SLO at the current clock."""
@@ -840,7 +841,7 @@ def _group_step(
     if waiting >= 1.0 and prompt_tps > 0.0:
         # Requests wait while prompts are processed: the prefill budget is the bottleneck, or
         # close to it. The highest such rate per MHz approaches the capacity from below.
-        # Raises between ticks did part of the interval's prompt work above the cap chosen.
+        # Raises for the backlog did part of the interval's prompt work above the cap chosen.
         f_work = obs[OBS_INTERVAL_CAP_MHZ, g]
         if not f_work > 0.0:
             f_work = f_now
@@ -1318,10 +1319,10 @@ def prefill_guard(
     out: np.ndarray,
     raise_mhz: np.ndarray,
 ) -> None:
-    """Between ticks: per group, the supported clock cap that prefills backlog_tokens[g] (prompt
-    tokens the server still has to prefill; NaN: unknown) within _GUARD_TTFT_SHARE of the TTFT
-    SLO at the learned prefill capacity, f_max at most, when that is above the cap the last
-    tick emitted. Writes it to raise_mhz[g], NaN where the cap stands; reads the rest."""
+    """At or between ticks: per group, the supported clock cap that prefills backlog_tokens[g]
+    (prompt tokens the server still has to prefill; NaN: unknown) within _GUARD_TTFT_SHARE of
+    the TTFT SLO at the learned prefill capacity, f_max at most, when that is above the cap the
+    last tick emitted. Writes it to raise_mhz[g], NaN where the cap stands; reads the rest."""
     for g in range(backlog_tokens.shape[0]):
         raise_mhz[g] = math.nan
         backlog = backlog_tokens[g]
