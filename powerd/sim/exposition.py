@@ -68,6 +68,12 @@ SGLANG_ITL_BUCKETS = (
     0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.025, 0.030, 0.035, 0.040, 0.060, 0.080,
     0.100, 0.200, 0.400, 0.600, 0.800, 1.000, 2.000, 4.000, 6.000, 8.000,
 )
+# With --collect-tokens-histogram.
+SGLANG_PROMPT_TOKENS_BUCKETS = (
+    100, 300, 500, 700, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000,
+    15000, 20000, 22000, 25000, 30000, 35000, 40000, 66000, 99000, 132000, 300000, 600000, 900000,
+    1100000,
+)
 # fmt: on
 # Triton `--metrics-config histogram_latencies=true`: nv_inference_first_response_histogram_ms.
 TRITON_FIRST_RESPONSE_BUCKETS_MS = (100.0, 500.0, 2000.0, 5000.0)
@@ -128,6 +134,7 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
         b["ttft_s"] = [float(x) for x in SGLANG_TTFT_BUCKETS]
         b["itl_s"] = list(SGLANG_ITL_BUCKETS)
         b["e2e_s"] = [float(x) for x in SGLANG_E2E_BUCKETS]
+        b["prompt_tokens"] = [float(x) for x in SGLANG_PROMPT_TOKENS_BUCKETS]
     elif kind == "tgi":
         for name in (
             "ttft_s",
@@ -365,6 +372,7 @@ def _nim(m: EngineMetrics, model_name: str) -> list[Metric]:
 
 
 def _sglang(m: EngineMetrics, model_name: str) -> list[Metric]:
+    """A server launched with --enable-metrics --collect-tokens-histogram."""
     v, h = m.values, m.histograms
     # SGLang runs prometheus_client in multiprocess mode, which writes no _created series.
     f = _Families(
@@ -424,6 +432,9 @@ def _sglang(m: EngineMetrics, model_name: str) -> list[Metric]:
         "sglang:e2e_request_latency_seconds",
         "Histogram of End-to-end request latency in seconds",
         h["e2e_s"],
+    )
+    f.histogram(
+        "sglang:prompt_tokens_histogram", "Histogram of prompt token length.", h["prompt_tokens"]
     )
     return f.out
 

@@ -17,7 +17,8 @@ carry `tp_rank`, `pp_rank`, `moe_ep_rank` and, with DP attention, `dp_rank`. The
 ranks of one data-parallel shard mirror one scheduler's numbers, so summing them would multiply
 every figure by the TP size: they collapse to their maximum, which equals rank 0's value while
 the mirrors agree and stays monotonic if one of them lags a scrape behind. DP ranks (and
-everything else) are summed. The tokenizer's histograms (TTFT, ITL) carry no rank labels.
+everything else) are summed. The tokenizer's histograms (TTFT, ITL, and the prompt lengths
+`sglang:prompt_tokens_histogram` with `--collect-tokens-histogram`) carry no rank labels.
 Reference: shared/reference/inference_server_metrics.md sections 3 and 10.
 """
 
@@ -74,6 +75,7 @@ class SglangExtractor:
                     P + "time_to_first_token_seconds",
                     P + "inter_token_latency_seconds",
                     P + "time_per_output_token_seconds",
+                    P + "prompt_tokens_histogram",
                 ),
             ]
         )
@@ -134,6 +136,9 @@ class SglangExtractor:
         )
         if itl is not None:
             reading.hists["itl"] = itl
+        prompt_len = histogram(samples, P + "prompt_tokens_histogram", mirrors=MIRRORS)
+        if prompt_len is not None:
+            reading.hists["prompt_len"] = prompt_len
         reading.markers["start"] = start_time_marker(samples)
         reading.model_names = label_values(
             samples,

@@ -492,11 +492,11 @@ def test_decaying_histogram_halves_old_observations_every_half_life() -> None:
     assert mix.count == pytest.approx(30.0) and mix.sum == pytest.approx(70_000.0)
 
 
-@pytest.mark.parametrize("kind", ["vllm", "nim", "lmdeploy", "tgi"])
+@pytest.mark.parametrize("kind", ["vllm", "nim", "lmdeploy", "tgi", "sglang"])
 def test_prompt_mix_from_the_simulated_server(kind: str) -> None:
     """A simulated server's prompt-length histogram (request_prompt_tokens, TGI's
-    tgi_request_input_length), read through a Source, gives the finished requests' E[P^2]/E[P]
-    within the bucket approximation."""
+    tgi_request_input_length, SGLang's prompt_tokens_histogram), read through a Source, gives
+    the finished requests' E[P^2]/E[P] within the bucket approximation."""
     import numpy as np
 
     from powerd.sim.engine import EngineBank
