@@ -89,7 +89,7 @@ class Daemon:
         *,
         journal: Journal | None = None,
         publish: Callable[[Snapshot], None] | None = None,
-        fetch: Fetcher = http_fetch,
+        fetch: Fetcher | None = None,
         policy_factory: Callable[[Config, Sequence[GroupSpec]], Policy] | None = None,
         notifier: _Notifier | None = None,
         inline_scrape: bool = False,
@@ -103,7 +103,9 @@ class Daemon:
         self.backend = backend
         self.journal = journal
         self._publish = publish
-        self._fetch = fetch
+        self._fetch = fetch if fetch is not None else http_fetch
+        self._backlog_fetch = fetch
+        """None: each backlog probe keeps a connection of its own (several reads a second)."""
         self._policy_factory = policy_factory
         self._notifier = notifier
         self._inline_scrape = inline_scrape
@@ -420,7 +422,7 @@ class Daemon:
             server = group.source.config
             # A read that takes longer than the interval between reads is of no use.
             timeout_s = min(server.timeout_s, self.config.control.prefill_guard_interval_s)
-            probe = PromptBacklogProbe(server.name, server.url, self._fetch, timeout_s)
+            probe = PromptBacklogProbe(server.name, server.url, self._backlog_fetch, timeout_s)
             group.backlog_probe = probe
         return group.backlog_probe
 
@@ -596,6 +598,7 @@ class Daemon:
         if config.metrics != self.config.metrics:
             log.warning("reload: metrics settings change only at restart")
         self._pool.close()
+        _close_probes(self.groups)
         if config.dry_run and not self.actuator.dry_run:
             # Dry run promises untouched GPUs: put back what the wet run changed.
             self.restore()
@@ -684,6 +687,7 @@ class Daemon:
             if self._notifier:
                 self._notifier.stopping()
             self._pool.close()
+            _close_probes(self.groups)
             self.restore()
             self.publish_restored(clock())
 
@@ -715,6 +719,12 @@ class _Notifier(Protocol):
     def stopping(self) -> None: ...
     def watchdog(self) -> None: ...
     def status(self, text: str) -> None: ...
+
+
+def _close_probes(groups: Sequence[Group]) -> None:
+    for group in groups:
+        if group.backlog_probe is not None:
+            group.backlog_probe.close()
 
 
 def _mean_cap_mhz(

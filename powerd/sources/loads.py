@@ -20,6 +20,7 @@ import math
 import urllib.parse
 
 from powerd.sources.base import Fetcher, SourceError, describe_error
+from powerd.sources.fetch import KeepAliveFetcher
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,16 @@ class PromptBacklogProbe:
     RETRY_AFTER_ERROR_S; each change between working and failing is logged once.
     """
 
-    def __init__(self, server: str, metrics_url: str, fetch: Fetcher, timeout_s: float) -> None:
+    def __init__(
+        self, server: str, metrics_url: str, fetch: Fetcher | None, timeout_s: float
+    ) -> None:
+        """fetch None: the probe reads over a connection of its own, kept open between reads
+        (close() closes it)."""
         self.server = server
         self.url = loads_url(metrics_url)
+        self._connection: KeepAliveFetcher | None = None
+        if fetch is None:
+            fetch = self._connection = KeepAliveFetcher()
         self.fetch = fetch
         self.timeout_s = timeout_s
         self.supported = True
@@ -125,6 +133,11 @@ class PromptBacklogProbe:
             log.info("%s: %s answers again", self.server, self.url)
             self._failing = False
         return backlog
+
+    def close(self) -> None:
+        """Close the probe's own connection, if it has one."""
+        if self._connection is not None:
+            self._connection.close()
 
     def _failed(self, now_s: float, error: str) -> None:
         if not self._failing:

@@ -133,6 +133,34 @@ def test_probe_pauses_after_a_failure_logs_once_and_recovers(
     assert "answers again" in caplog.text
 
 
+def test_probe_reads_over_one_kept_connection_of_its_own() -> None:
+    from powerd.sim.http_server import SimServerHttp
+
+    backlog = iter(range(100, 1000, 100))
+    connections: list[object] = []
+
+    def render() -> tuple[bytes, str, dict[str, str]]:
+        body = _loads(f'{{"num_waiting_uncached_tokens": {next(backlog)}}}')
+        return body, "application/json", {}
+
+    server = SimServerHttp(lambda: (b"", "text/plain", {}), extra_routes={"/v1/loads": render})
+    server.start()
+    try:
+        probe = PromptBacklogProbe("sglang-0", server.url, None, 1.0)
+        for now_s, want in ((0.0, 100.0), (0.33, 200.0), (0.66, 300.0)):
+            assert probe.read(now_s) == want
+            assert probe._connection is not None
+            connections.append(probe._connection._connection)
+        assert connections[0] is not None and connections.count(connections[0]) == 3
+        probe.close()
+        assert probe._connection._connection is None
+        # A closed probe connects again when read.
+        assert probe.read(1.0) == 400.0
+        probe.close()
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------------ the raise
 
 
@@ -303,7 +331,7 @@ def test_an_sglang_server_without_v1_loads_is_asked_once(tmp_path: Path) -> None
             return FetchResponse(404, b"Not Found")
         return inner(url, timeout_s)
 
-    rig.daemon._fetch = fetch
+    rig.daemon._fetch = rig.daemon._backlog_fetch = fetch
     assert _run_with_guard(rig, 30) == []
     loads = [url for url in asked if "/v1/loads" in url]
     assert len(loads) == len(rig.daemon.groups)

@@ -1,21 +1,35 @@
-"""Real HTTP on 127.0.0.1: http_fetch's bounds, and a hung server that must not hold the tick."""
+"""Real HTTP on 127.0.0.1: the fetchers' bounds and kept connections, and a hung server that must
+not hold the tick."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from powerd.config import ServerConfig
-from powerd.sources import FetchResponse, ScrapePool, SourceError, http_fetch, make_source
+from powerd.sources import (
+    Fetcher,
+    FetchResponse,
+    ScrapePool,
+    SourceError,
+    http_fetch,
+    make_source,
+)
+from powerd.sources.base import MAX_BODY_BYTES
+from powerd.sources.fetch import KeepAliveFetcher
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
 RELEASE = threading.Event()
 HITS: dict[str, int] = {}
+PORTS: list[int] = []
+"""The client port of each answer sent: one port for several answers is one kept connection."""
+HTTP11: set[str] = set()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -41,14 +55,25 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/missing":
             self.send_response(404)
             self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", "19")
             self.end_headers()
             self.wfile.write(b"404 page not found\n")
+        elif self.path == "/moved":
+            self.send_response(302)
+            self.send_header("Location", "/llamacpp_a.txt")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/once":
+            # Answers as if the connection stays open, then closes it (an idle timeout).
+            self._send(b"once\n")
+            self.close_connection = True
         else:
             name = self.path.strip("/")
             body = (FIXTURES / name).read_bytes()
             self._send(body, {"Process-Start-Time-Unix": "1752000000"})
 
     def _send(self, body: bytes, headers: dict[str, str] | None = None) -> None:
+        PORTS.append(self.client_address[1])
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -61,53 +86,104 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+class Handler11(Handler):
+    protocol_version = "HTTP/1.1"
+
+
+@pytest.fixture(scope="module", params=[Handler, Handler11], ids=["http1.0", "http1.1"])
+def server(request: pytest.FixtureRequest) -> Iterator[str]:
     RELEASE.clear()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), request.param)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    if request.param is Handler11:
+        HTTP11.add(url)
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield url
     finally:
         RELEASE.set()
         httpd.shutdown()
         httpd.server_close()
 
 
-def test_http_fetch_reads_body_and_headers(server: str) -> None:
-    response = http_fetch(f"{server}/llamacpp_a.txt", 2.0)
+FetchFactory = Callable[..., Fetcher]
+
+
+def _http_fetch(max_bytes: int = MAX_BODY_BYTES) -> Fetcher:
+    return functools.partial(http_fetch, max_bytes=max_bytes)
+
+
+@pytest.fixture(params=[_http_fetch, KeepAliveFetcher], ids=["http_fetch", "keep-alive"])
+def make_fetch(request: pytest.FixtureRequest) -> FetchFactory:
+    """Both fetchers keep one contract."""
+    factory: FetchFactory = request.param
+    return factory
+
+
+def test_fetch_reads_body_and_headers(server: str, make_fetch: FetchFactory) -> None:
+    response = make_fetch()(f"{server}/llamacpp_a.txt", 2.0)
     assert response.status == 200
     assert response.body == (FIXTURES / "llamacpp_a.txt").read_bytes()
     assert response.headers["process-start-time-unix"] == "1752000000"
 
 
-def test_http_fetch_returns_error_statuses(server: str) -> None:
-    response = http_fetch(f"{server}/missing", 2.0)
+def test_fetch_returns_error_statuses(server: str, make_fetch: FetchFactory) -> None:
+    response = make_fetch()(f"{server}/missing", 2.0)
     assert response.status == 404 and response.body == b"404 page not found\n"
 
 
-def test_http_fetch_bounds_the_size(server: str) -> None:
+def test_fetch_follows_a_redirect(server: str, make_fetch: FetchFactory) -> None:
+    response = make_fetch()(f"{server}/moved", 2.0)
+    assert response.status == 200
+    assert response.body == (FIXTURES / "llamacpp_a.txt").read_bytes()
+
+
+def test_fetch_bounds_the_size(server: str, make_fetch: FetchFactory) -> None:
     with pytest.raises(SourceError, match="sent more than 1 MiB of metrics"):
-        http_fetch(f"{server}/big", 2.0, max_bytes=1024 * 1024)
+        make_fetch(max_bytes=1024 * 1024)(f"{server}/big", 2.0)
 
 
-def test_http_fetch_bounds_the_whole_exchange(server: str) -> None:
+def test_fetch_bounds_the_whole_exchange(server: str, make_fetch: FetchFactory) -> None:
+    fetch = make_fetch()
     start = time.monotonic()
     with pytest.raises(SourceError, match=r"timed out after 0\.3 s"):
-        http_fetch(f"{server}/drip", 0.3)
+        fetch(f"{server}/drip", 0.3)
     assert time.monotonic() - start < 1.5
+    # The half-read answer is not mistaken for the next one.
+    assert fetch(f"{server}/llamacpp_a.txt", 2.0).body == (FIXTURES / "llamacpp_a.txt").read_bytes()
 
 
-def test_http_fetch_refused_port() -> None:
-    with pytest.raises(SourceError, match=r"cannot connect to http://127\.0\.0\.1:9/metrics"):
-        http_fetch("http://127.0.0.1:9/metrics", 1.0)
+def test_fetch_refused_port(make_fetch: FetchFactory) -> None:
+    with pytest.raises(
+        SourceError, match=r"cannot (connect to|read) http://127\.0\.0\.1:9/metrics"
+    ):
+        make_fetch()("http://127.0.0.1:9/metrics", 1.0)
 
 
-def test_http_fetch_bad_url() -> None:
+def test_fetch_bad_url(make_fetch: FetchFactory) -> None:
     with pytest.raises(SourceError):
-        http_fetch("http://[::1/metrics", 1.0)
+        make_fetch()("http://[::1/metrics", 1.0)
+
+
+def test_keep_alive_reuses_one_connection_on_http_1_1(server: str) -> None:
+    fetch = KeepAliveFetcher()
+    del PORTS[:]
+    for _ in range(3):
+        assert fetch(f"{server}/llamacpp_a.txt", 2.0).status == 200
+    ports = set(PORTS)
+    # HTTP/1.0 answers close the connection: one per read there.
+    assert len(ports) == (1 if server in HTTP11 else 3)
+
+
+def test_keep_alive_retries_once_when_the_server_closed_the_kept_connection(server: str) -> None:
+    fetch = KeepAliveFetcher()
+    del PORTS[:]
+    assert fetch(f"{server}/once", 2.0).body == b"once\n"
+    time.sleep(0.05)  # the server's close reaches the client
+    assert fetch(f"{server}/llamacpp_a.txt", 2.0).status == 200
+    assert len(set(PORTS)) == 2
 
 
 def test_source_over_http_uses_the_restart_header(server: str) -> None:
@@ -126,6 +202,7 @@ def test_hung_server_does_not_delay_the_tick(server: str) -> None:
         lambda url, timeout_s: FetchResponse(200, body, {}),
     )
     pool = ScrapePool([hung, fast], max_workers=4)
+    hits_before = HITS.get("/hang", 0)
     try:
         start = time.monotonic()
         samples = pool.poll_all(now_s=100.0, deadline_s=0.3)
@@ -145,7 +222,7 @@ def test_hung_server_does_not_delay_the_tick(server: str) -> None:
         assert not again[0].up and again[0].error is not None
         assert again[0].error.startswith("timed out after")
         assert again[1].up and again[1].generation_tokens_per_s == 0.0
-        assert HITS.get("/hang") == 1
+        assert HITS.get("/hang") == hits_before + 1
     finally:
         RELEASE.set()
         pool.close()
