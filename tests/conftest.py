@@ -1,4 +1,5 @@
-"""Shared test set-up: a private numba cache and the repository's paths."""
+"""Shared test set-up: a private numba cache, untimed property tests and the repository's
+paths."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO_ROOT / ".numba_cache"))
+
+# Speed is measured in benchmarks/: a property test is judged by its result, not by how long
+# one example took on a busy machine (the first may also load or compile a numba kernel).
+settings.register_profile("untimed", deadline=None)
+settings.load_profile("untimed")
 
 
 def require_program(name: str) -> str:
