@@ -147,13 +147,14 @@ def test_probe_reads_over_one_kept_connection_of_its_own() -> None:
     server.start()
     try:
         probe = PromptBacklogProbe("sglang-0", server.url, None, 1.0)
+        own = probe._connection
+        assert own is not None and probe.fetch is own
         for now_s, want in ((0.0, 100.0), (0.33, 200.0), (0.66, 300.0)):
             assert probe.read(now_s) == want
-            assert probe._connection is not None
-            connections.append(probe._connection._connection)
+            connections.append(own._connection)
         assert connections[0] is not None and connections.count(connections[0]) == 3
         probe.close()
-        assert probe._connection._connection is None
+        assert own._connection is None
         # A closed probe connects again when read.
         assert probe.read(1.0) == 400.0
         probe.close()
