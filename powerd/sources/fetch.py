@@ -91,6 +91,8 @@ def _no_answer(exc: Exception, url: str, timeout_s: float) -> SourceError:
         return SourceError(f"broken HTTP answer from {url}: {type(exc).__name__}")
     if isinstance(exc, ValueError):
         return SourceError(f"bad metrics URL {url!r}: {exc}")
+    if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
+        return SourceError(f"cannot connect to {url}: {exc.strerror or exc}")
     if isinstance(exc, OSError):
         return SourceError(f"cannot read {url}: {exc.strerror or exc}")
     return SourceError(f"cannot read {url}: {exc}")
@@ -130,7 +132,8 @@ class KeepAliveFetcher:
                     # The server closed the kept connection (idle timeout, restart).
                     self.close()
             self.close()
-            self._connection = http.client.HTTPConnection(parts.netloc, timeout=timeout_s)
+            connect_s = max(deadline - time.monotonic(), 1e-3)
+            self._connection = http.client.HTTPConnection(parts.netloc, timeout=connect_s)
             self._netloc = parts.netloc
             return self._exchange(url, target, deadline, timeout_s)
         except (TimeoutError, http.client.HTTPException, ValueError, OSError) as exc:

@@ -156,9 +156,7 @@ def test_fetch_bounds_the_whole_exchange(server: str, make_fetch: FetchFactory) 
 
 
 def test_fetch_refused_port(make_fetch: FetchFactory) -> None:
-    with pytest.raises(
-        SourceError, match=r"cannot (connect to|read) http://127\.0\.0\.1:9/metrics"
-    ):
+    with pytest.raises(SourceError, match=r"cannot connect to http://127\.0\.0\.1:9/metrics"):
         make_fetch()("http://127.0.0.1:9/metrics", 1.0)
 
 
