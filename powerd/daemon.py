@@ -95,17 +95,19 @@ class Daemon:
         inline_scrape: bool = False,
         config_transform: Callable[[Config], Config] | None = None,
     ) -> None:
-        """`inline_scrape` polls the sources one after another in the calling thread, for
-        virtual time with in-process fetchers; otherwise they are scraped concurrently.
-        `config_transform` is applied to every config read on reload, so what the command
-        line or the environment added at start-up (--dry-run, simulated servers) stays."""
+        """`fetch` answers every read of a server (tests, the benchmark's in-process servers);
+        without it /metrics is fetched over HTTP and each SGLang backlog probe keeps a
+        connection of its own. `inline_scrape` polls the sources one after another in the
+        calling thread, for virtual time with in-process fetchers; otherwise they are scraped
+        concurrently. `config_transform` is applied to every config read on reload, so what
+        the command line or the environment added at start-up (--dry-run, simulated servers)
+        stays."""
         self.config = config
         self.backend = backend
         self.journal = journal
         self._publish = publish
         self._fetch = fetch if fetch is not None else http_fetch
         self._backlog_fetch = fetch
-        """None: each backlog probe keeps a connection of its own (several reads a second)."""
         self._policy_factory = policy_factory
         self._notifier = notifier
         self._inline_scrape = inline_scrape
