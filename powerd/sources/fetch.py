@@ -84,18 +84,18 @@ def http_fetch(url: str, timeout_s: float, max_bytes: int = MAX_BODY_BYTES) -> F
         raise _no_answer(exc, url, timeout_s) from None
 
 
-def _no_answer(exc: Exception, url: str, timeout_s: float) -> SourceError:
+def _no_answer(
+    exc: OSError | http.client.HTTPException | ValueError, url: str, timeout_s: float
+) -> SourceError:
+    """The sentence for an exchange with url that brought no usable answer."""
     if isinstance(exc, TimeoutError):
         return SourceError(f"timed out after {timeout_s:g} s reading {url}")
     if isinstance(exc, http.client.HTTPException):
         return SourceError(f"broken HTTP answer from {url}: {type(exc).__name__}")
     if isinstance(exc, ValueError):
         return SourceError(f"bad metrics URL {url!r}: {exc}")
-    if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
-        return SourceError(f"cannot connect to {url}: {exc.strerror or exc}")
-    if isinstance(exc, OSError):
-        return SourceError(f"cannot read {url}: {exc.strerror or exc}")
-    return SourceError(f"cannot read {url}: {exc}")
+    refused = isinstance(exc, (ConnectionRefusedError, socket.gaierror))
+    return SourceError(f"cannot {'connect to' if refused else 'read'} {url}: {exc.strerror or exc}")
 
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
