@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 RenderFn = Callable[[], tuple[bytes, str, dict[str, str]]]
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away mid-exchange is routine for a server, not a traceback on
+        # stderr; anything else still is.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 class SimServerHttp:
@@ -18,7 +32,9 @@ class SimServerHttp:
 
     port 0 picks a free port; `url` (of `path`) is valid after start(). `restart()` calls
     `on_restart` (the simulated server restarts: its counters start again from zero).
-    `requests_served` counts the GETs answered 200, on any path.
+    `requests_served` counts the GETs answered 200, on any path; `connections_accepted` the
+    connections they came on (HTTP/1.1: a client may keep one open between requests). stop()
+    closes the open ones too, as a server that exits does.
     """
 
     def __init__(
@@ -43,6 +59,9 @@ class SimServerHttp:
         self.on_restart = on_restart
         self.extra_routes: dict[str, RenderFn] = extra
         self.requests_served = 0
+        self.connections_accepted = 0
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -66,6 +85,17 @@ class SimServerHttp:
             # Headers and body go out in two writes: with Nagle the body waits for the client's
             # delayed ACK of the headers (~40 ms) on a kept-alive connection.
             disable_nagle_algorithm = True
+
+            def setup(self) -> None:
+                super().setup()
+                with owner._open_lock:
+                    owner.connections_accepted += 1
+                    owner._open.add(self.connection)
+
+            def finish(self) -> None:
+                with owner._open_lock:
+                    owner._open.discard(self.connection)
+                super().finish()
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
@@ -94,7 +124,7 @@ class SimServerHttp:
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("%s %s", owner.url, format % args)
 
-        server = ThreadingHTTPServer((self.host, self.port), Handler)
+        server = _QuietServer((self.host, self.port), Handler)
         server.daemon_threads = True
         self.port = int(server.server_address[1])
         self._server = server
@@ -112,6 +142,12 @@ class SimServerHttp:
         if server is not None:
             server.shutdown()
             server.server_close()
+        with self._open_lock:
+            kept = list(self._open)
+        for connection in kept:
+            # Wakes the handler blocked on the kept connection's next request, which then ends.
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
         if thread is not None:
             thread.join(timeout=5.0)
 

@@ -20,6 +20,7 @@ from powerd.sim.plant import S_TIME_S, load_gpu_profile
 from powerd.sim.traces import Arrivals, synthetic
 from powerd.simulation import inprocess_fetch, server_configs
 from powerd.sources import SourceError
+from powerd.sources.fetch import KeepAliveFetcher
 
 H100 = load_gpu_profile("h100-sxm")
 LLAMA_8B = get_model_profile("llama-3.1-8b")
@@ -283,6 +284,18 @@ def test_http_extra_routes_ignore_the_query_and_must_be_paths() -> None:
         SimServerHttp(page(b""), extra_routes={"other": page(b"")})
     with pytest.raises(ValueError, match="also in extra_routes"):
         SimServerHttp(page(b""), extra_routes={"/metrics": page(b"")})
+
+
+def test_a_stopped_server_closes_the_connections_kept_open() -> None:
+    fetch = KeepAliveFetcher()
+    with SimServerHttp(lambda: (b"up 1\n", "text/plain", {})) as http:
+        for _ in range(3):
+            assert fetch(http.url, 5.0).body == b"up 1\n"
+        assert (http.requests_served, http.connections_accepted) == (3, 1)
+    # A server that exits serves nothing more, on a kept connection or a new one.
+    with pytest.raises(SourceError, match="cannot connect"):
+        fetch(http.url, 5.0)
+    fetch.close()
 
 
 def test_render_errors_become_500_not_a_dead_server() -> None:
