@@ -40,9 +40,9 @@ from powerd.sources import (
     InlineScrapePool,
     ScrapePool,
     Source,
-    http_fetch,
     make_source,
 )
+from powerd.sources.fetch import KeepAliveFetcher
 from powerd.sources.gpumap import discover_server_gpus
 from powerd.sources.loads import PromptBacklogProbe
 
@@ -96,18 +96,17 @@ class Daemon:
         config_transform: Callable[[Config], Config] | None = None,
     ) -> None:
         """`fetch` answers every read of a server (tests, the benchmark's in-process servers);
-        without it /metrics is fetched over HTTP and each SGLang backlog probe keeps a
-        connection of its own. `inline_scrape` polls the sources one after another in the
-        calling thread, for virtual time with in-process fetchers; otherwise they are scraped
-        concurrently. `config_transform` is applied to every config read on reload, so what
-        the command line or the environment added at start-up (--dry-run, simulated servers)
-        stays."""
+        without it each server's /metrics and each SGLang backlog probe are read over HTTP, on
+        a connection of their own kept open between reads. `inline_scrape` polls the sources
+        one after another in the calling thread, for virtual time with in-process fetchers;
+        otherwise they are scraped concurrently. `config_transform` is applied to every config
+        read on reload, so what the command line or the environment added at start-up
+        (--dry-run, simulated servers) stays."""
         self.config = config
         self.backend = backend
         self.journal = journal
         self._publish = publish
-        self._fetch = fetch if fetch is not None else http_fetch
-        self._backlog_fetch = fetch
+        self._fetch = fetch
         self._policy_factory = policy_factory
         self._notifier = notifier
         self._inline_scrape = inline_scrape
@@ -161,7 +160,8 @@ class Daemon:
                 gpus=tuple(self.infos[uuid] for uuid in uuids),
                 slo=server.slo,
             )
-            groups.append(Group(spec, make_source(server, self._fetch), uuids))
+            fetch = self._fetch if self._fetch is not None else KeepAliveFetcher()
+            groups.append(Group(spec, make_source(server, fetch), uuids))
         return groups
 
     def _resolve_gpus(self, server: ServerConfig) -> list[str]:
@@ -424,7 +424,7 @@ class Daemon:
             server = group.source.config
             # A read that takes longer than the interval between reads is of no use.
             timeout_s = min(server.timeout_s, self.config.control.prefill_guard_interval_s)
-            probe = PromptBacklogProbe(server.name, server.url, self._backlog_fetch, timeout_s)
+            probe = PromptBacklogProbe(server.name, server.url, self._fetch, timeout_s)
             group.backlog_probe = probe
         return group.backlog_probe
 
@@ -600,7 +600,7 @@ class Daemon:
         if config.metrics != self.config.metrics:
             log.warning("reload: metrics settings change only at restart")
         self._pool.close()
-        _close_probes(self.groups)
+        _close_connections(self.groups)
         if config.dry_run and not self.actuator.dry_run:
             # Dry run promises untouched GPUs: put back what the wet run changed.
             self.restore()
@@ -689,7 +689,7 @@ class Daemon:
             if self._notifier:
                 self._notifier.stopping()
             self._pool.close()
-            _close_probes(self.groups)
+            _close_connections(self.groups)
             self.restore()
             self.publish_restored(clock())
 
@@ -723,8 +723,9 @@ class _Notifier(Protocol):
     def status(self, text: str) -> None: ...
 
 
-def _close_probes(groups: Sequence[Group]) -> None:
+def _close_connections(groups: Sequence[Group]) -> None:
     for group in groups:
+        group.source.close()
         if group.backlog_probe is not None:
             group.backlog_probe.close()
 

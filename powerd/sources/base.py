@@ -592,6 +592,12 @@ class Source:
         """One HTTP read of the metrics URL; raises on failure (the pool runs this in a thread)."""
         return self.fetch(self.config.url, self.config.timeout_s)
 
+    def close(self) -> None:
+        """Close the fetcher's kept connection, if it keeps one (the next read opens another)."""
+        close = getattr(self.fetch, "close", None)
+        if callable(close):
+            close()
+
     def poll(self, now_s: float) -> ServerSample:
         """Scrape now and return the sample for the window since the previous good scrape."""
         start = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Every test runs the production daemon, actuator, controller (default config), NVML backend and
 sources; NVML is the FakeNvml over the GPU plant and the servers are the simulated node's,
-read in-process. Each tick advances the node by one simulated second.
+read in-process (over HTTP where a test says so). Each tick advances the node by one simulated
+second.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import yaml
 
 from powerd.config import Config, ControlConfig, load_config
 from powerd.control import kernels
+from powerd.daemon import Daemon
+from powerd.gpu.nvml import NvmlBackend
 from powerd.sim.fake_nvml import FakeNvml
-from powerd.sim.node import SimNode
-from powerd.simulation import server_configs
+from powerd.sim.node import SimNode, serve_node
+from powerd.simulation import build_node, server_configs
+from powerd.sources.fetch import KeepAliveFetcher
 from tests.unit.daemon_helpers import (
     HTTP_PREFIX,
     RESET_CLOCKS,
@@ -285,6 +289,42 @@ def _config_data(node: SimNode, itl_s: tuple[float, float] = (0.1, 0.1)) -> dict
             for server, itl in zip(node.servers, itl_s, strict=True)
         ],
     }
+
+
+def test_each_server_is_read_over_one_kept_connection_closed_at_reload_and_stop(
+    tmp_path: Path,
+) -> None:
+    node = build_node(SMALL_NODE, 300.0)
+    endpoints = serve_node(node)
+    try:
+        urls = {server.name: http.url for server, http in zip(node.servers, endpoints, strict=True)}
+        servers = [
+            {"name": s.name, "url": s.url, "kind": s.kind, "gpus": list(s.gpus or ())}
+            for s in server_configs(node, urls)
+        ]
+        path = tmp_path / "powerd.yaml"
+        path.write_text(yaml.safe_dump({"servers": servers}))
+        daemon = Daemon(load_config(path), NvmlBackend(FakeNvml(node.plant, lock=node.lock)))
+
+        def tick(n: int) -> None:
+            for _ in range(n):
+                node.advance(1.0)
+                snapshot = daemon.tick(node.now_s)
+            assert all(sample.up for sample in snapshot.servers)
+
+        tick(5)
+        assert [http.requests_served for http in endpoints] == [5, 5]
+        assert [http.connections_accepted for http in endpoints] == [1, 1]
+        before = [group.source.fetch for group in daemon.groups]
+        assert daemon.reload(path)
+        assert all(isinstance(f, KeepAliveFetcher) and f._connection is None for f in before)
+        tick(3)
+        assert [http.connections_accepted for http in endpoints] == [2, 2]
+        daemon.run_forever(duration_s=0.0, clock=lambda: node.now_s)
+        assert all(group.source.fetch._connection is None for group in daemon.groups)  # type: ignore[attr-defined]
+    finally:
+        for http in endpoints:
+            http.stop()
 
 
 def test_reload_keeps_the_old_config_when_invalid_and_applies_a_valid_one(

@@ -332,7 +332,7 @@ def test_an_sglang_server_without_v1_loads_is_asked_once(tmp_path: Path) -> None
             return FetchResponse(404, b"Not Found")
         return inner(url, timeout_s)
 
-    rig.daemon._fetch = rig.daemon._backlog_fetch = fetch
+    rig.daemon._fetch = fetch
     assert _run_with_guard(rig, 30) == []
     loads = [url for url in asked if "/v1/loads" in url]
     assert len(loads) == len(rig.daemon.groups)
