@@ -304,7 +304,9 @@ def test_each_server_is_read_over_one_kept_connection_closed_at_reload_and_stop(
         ]
         path = tmp_path / "powerd.yaml"
         path.write_text(yaml.safe_dump({"servers": servers}))
-        daemon = Daemon(load_config(path), NvmlBackend(FakeNvml(node.plant, lock=node.lock)))
+        # Polled inline, as in the rig: no wall-clock scrape deadline on a busy machine.
+        backend = NvmlBackend(FakeNvml(node.plant, lock=node.lock))
+        daemon = Daemon(load_config(path), backend, inline_scrape=True)
 
         def tick(n: int) -> None:
             for _ in range(n):
