@@ -160,9 +160,13 @@ class Daemon:
                 gpus=tuple(self.infos[uuid] for uuid in uuids),
                 slo=server.slo,
             )
-            fetch = self._fetch if self._fetch is not None else KeepAliveFetcher()
-            groups.append(Group(spec, make_source(server, fetch), uuids))
+            groups.append(Group(spec, make_source(server, self._new_fetcher()), uuids))
         return groups
+
+    def _new_fetcher(self) -> Fetcher:
+        """For one reader of a server: the fetcher given, else a connection of its own kept
+        open between reads (closed with the reader)."""
+        return self._fetch if self._fetch is not None else KeepAliveFetcher()
 
     def _resolve_gpus(self, server: ServerConfig) -> list[str]:
         by_index = {info.index: info.uuid for info in self.infos.values()}
@@ -424,7 +428,7 @@ class Daemon:
             server = group.source.config
             # A read that takes longer than the interval between reads is of no use.
             timeout_s = min(server.timeout_s, self.config.control.prefill_guard_interval_s)
-            probe = PromptBacklogProbe(server.name, server.url, self._fetch, timeout_s)
+            probe = PromptBacklogProbe(server.name, server.url, self._new_fetcher(), timeout_s)
             group.backlog_probe = probe
         return group.backlog_probe
 

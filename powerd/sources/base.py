@@ -49,6 +49,13 @@ Fetcher = Callable[[str, float], FetchResponse]
 """(url, timeout_s) -> response; raises SourceError or OSError when there is no response."""
 
 
+def close_fetcher(fetch: Fetcher) -> None:
+    """Close the fetcher's kept connection, if it keeps one (the next read opens another)."""
+    close = getattr(fetch, "close", None)
+    if callable(close):
+        close()
+
+
 def header(headers: Mapping[str, str], name: str) -> str | None:
     """A header value by case-insensitive name."""
     value = headers.get(name)
@@ -594,9 +601,7 @@ class Source:
 
     def close(self) -> None:
         """Close the fetcher's kept connection, if it keeps one (the next read opens another)."""
-        close = getattr(self.fetch, "close", None)
-        if callable(close):
-            close()
+        close_fetcher(self.fetch)
 
     def poll(self, now_s: float) -> ServerSample:
         """Scrape now and return the sample for the window since the previous good scrape."""

@@ -19,8 +19,7 @@ import logging
 import math
 import urllib.parse
 
-from powerd.sources.base import Fetcher, SourceError, describe_error
-from powerd.sources.fetch import KeepAliveFetcher
+from powerd.sources.base import Fetcher, SourceError, close_fetcher, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +86,9 @@ class PromptBacklogProbe:
     RETRY_AFTER_ERROR_S; each change between working and failing is logged once.
     """
 
-    def __init__(
-        self, server: str, metrics_url: str, fetch: Fetcher | None, timeout_s: float
-    ) -> None:
-        """fetch None: the probe reads over a connection of its own, kept open between reads
-        (close() closes it)."""
+    def __init__(self, server: str, metrics_url: str, fetch: Fetcher, timeout_s: float) -> None:
         self.server = server
         self.url = loads_url(metrics_url)
-        self._connection: KeepAliveFetcher | None = None
-        if fetch is None:
-            fetch = self._connection = KeepAliveFetcher()
         self.fetch = fetch
         self.timeout_s = timeout_s
         self.supported = True
@@ -135,9 +127,8 @@ class PromptBacklogProbe:
         return backlog
 
     def close(self) -> None:
-        """Close the probe's own connection, if it has one."""
-        if self._connection is not None:
-            self._connection.close()
+        """Close the fetcher's kept connection, if it keeps one (the next read opens another)."""
+        close_fetcher(self.fetch)
 
     def _failed(self, now_s: float, error: str) -> None:
         if not self._failing:

@@ -16,6 +16,7 @@ from powerd.control.policy import Controller
 from powerd.daemon import _mean_cap_mhz
 from powerd.model import Snapshot
 from powerd.sources import FetchResponse, SourceError
+from powerd.sources.fetch import KeepAliveFetcher
 from powerd.sources.loads import (
     RETRY_AFTER_ERROR_S,
     PromptBacklogProbe,
@@ -133,7 +134,7 @@ def test_probe_pauses_after_a_failure_logs_once_and_recovers(
     assert "answers again" in caplog.text
 
 
-def test_probe_reads_over_one_kept_connection_of_its_own() -> None:
+def test_probe_reads_over_one_kept_connection() -> None:
     from powerd.sim.http_server import SimServerHttp
 
     backlog = iter(range(100, 1000, 100))
@@ -146,9 +147,8 @@ def test_probe_reads_over_one_kept_connection_of_its_own() -> None:
     server = SimServerHttp(lambda: (b"", "text/plain", {}), extra_routes={"/v1/loads": render})
     server.start()
     try:
-        probe = PromptBacklogProbe("sglang-0", server.url, None, 1.0)
-        own = probe._connection
-        assert own is not None and probe.fetch is own
+        own = KeepAliveFetcher()
+        probe = PromptBacklogProbe("sglang-0", server.url, own, 1.0)
         for now_s, want in ((0.0, 100.0), (0.33, 200.0), (0.66, 300.0)):
             assert probe.read(now_s) == want
             connections.append(own._connection)
