@@ -124,7 +124,7 @@ FF_GEN = 6
 N_FF = 7
 
 # Per-server metrics, float64[S, N_M]. Counters unless noted.
-M_PROMPT_TOKENS = 0  # prefill tokens computed, per iteration (vLLM semantics)
+M_PROMPT_TOKENS = 0  # prefill tokens computed, per iteration (chunk by chunk)
 M_GEN_TOKENS = 1  # tokens generated, per iteration
 M_REQ_ARRIVED = 2
 M_REQ_SUCCESS = 3
@@ -137,7 +137,7 @@ M_FIN_GEN_TOKENS = 9
 M_FIN_E2E_S = 10
 M_FIN_QUEUE_S = 11
 M_FIN_INFERENCE_S = 12
-M_PROMPT_DONE_TOKENS = 13  # added when a request's prefill completes (llama.cpp)
+M_PROMPT_DONE_TOKENS = 13  # a whole prompt, added when its first token comes (vLLM V1)
 M_PROMPT_DONE_S = 14
 M_N_TOKENS_MAX = 15  # largest sequence seen (a high-water mark)
 M_PREFILL_BATCHES = 16

@@ -261,7 +261,9 @@ def _vllm(m: EngineMetrics, model_name: str) -> list[Metric]:
     f.counter(
         "vllm:num_preemptions", "Cumulative number of preemption from the engine.", v["preemptions"]
     )
-    f.counter("vllm:prompt_tokens", "Number of prefill tokens processed.", v["prompt_tokens"])
+    # V1 adds a request's whole prompt in the step that gives its first token
+    # (IterationStats.update_from_output), not chunk by chunk: a long prompt lands at once.
+    f.counter("vllm:prompt_tokens", "Number of prefill tokens processed.", v["prompt_done_tokens"])
     f.counter(
         "vllm:generation_tokens", "Number of generation tokens processed.", v["generation_tokens"]
     )
@@ -341,7 +343,7 @@ def _nim(m: EngineMetrics, model_name: str) -> list[Metric]:
     f.gauge("num_requests_waiting", "Number of requests waiting to be processed.", v["num_waiting"])
     f.gauge("num_request_max", "Max number of concurrently running requests.", v["max_batch"])
     f.gauge("gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage.", v["kv_usage"])
-    f.counter("prompt_tokens", "Number of prefill tokens processed.", v["prompt_tokens"])
+    f.counter("prompt_tokens", "Number of prefill tokens processed.", v["prompt_done_tokens"])
     f.counter("generation_tokens", "Number of generation tokens processed.", v["generation_tokens"])
     f.counter(
         "request_success",
@@ -464,7 +466,9 @@ def _lmdeploy(m: EngineMetrics, model_name: str) -> list[Metric]:
         "GPU KV-cache usage. 1 means 100 percent usage.",
         v["kv_usage"],
     )
-    f.counter("lmdeploy:prompt_tokens", "Number of prefill tokens processed.", v["prompt_tokens"])
+    f.counter(
+        "lmdeploy:prompt_tokens", "Number of prefill tokens processed.", v["prompt_done_tokens"]
+    )
     f.counter(
         "lmdeploy:generation_tokens",
         "Number of generation tokens processed.",

@@ -91,7 +91,8 @@ def test_vllm_names_labels_and_buckets() -> None:
     assert typ == "gauge"
     assert value(samples, "vllm:generation_tokens_created", **labels) == snap.start_time_unix
     _, samples = fam["vllm:prompt_tokens"]
-    assert value(samples, "vllm:prompt_tokens_total", **labels) == snap.values["prompt_tokens"]
+    prompt = value(samples, "vllm:prompt_tokens_total", **labels)
+    assert prompt == snap.values["prompt_done_tokens"] > 0
     for name, key in (
         ("vllm:num_requests_running", "num_running"),
         ("vllm:num_requests_waiting", "num_waiting"),
@@ -122,6 +123,37 @@ def test_vllm_names_labels_and_buckets() -> None:
     assert value(samples, "vllm:inter_token_latency_seconds_sum") == pytest.approx(itl.sum)
     assert fam["vllm:iteration_tokens_total"][0] == "histogram"
     assert "process_start_time_seconds" in fam
+
+
+@pytest.mark.parametrize(
+    ("kind", "counter"),
+    [
+        ("vllm", "vllm:prompt_tokens_total"),
+        ("nim", "prompt_tokens_total"),
+        ("lmdeploy", "lmdeploy:prompt_tokens_total"),
+    ],
+)
+def test_a_chunked_prompt_is_counted_whole_at_its_first_token(kind: str, counter: str) -> None:
+    """vLLM V1 and the servers that copy its logger add a request's prompt in the step that
+    gives its first token, not chunk by chunk."""
+    bank = EngineBank(H100, LLAMA_8B, 1, 1, hist_bounds=histogram_bounds(kind), seed=2)
+    bank.feed(np.array([0.0]), np.array([8192]), np.array([4]))
+    name = counter.removesuffix("_total")
+    seen = []
+    while bank.snapshot(0).histograms["ttft_s"].count == 0:
+        snap = bank.snapshot(0)
+        seen.append(
+            (
+                snap.values["prompt_tokens"],
+                value(parse(render_metrics(snap, kind, MODEL)[0])[name][1], counter),
+            )
+        )
+        bank.run_until(bank.now_s + 0.01, 1980.0)
+    computed_mid_prefill = [c for c, _ in seen if 0 < c < 8192]
+    assert computed_mid_prefill, "the prompt should take several chunks"
+    assert all(exported == 0.0 for _, exported in seen)
+    snap = bank.snapshot(0)
+    assert value(parse(render_metrics(snap, kind, MODEL)[0])[name][1], counter) == 8192.0
 
 
 def test_sglang_token_counters_move_at_request_end() -> None:
