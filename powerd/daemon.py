@@ -324,6 +324,7 @@ class Daemon:
             clock_event_reasons=reasons,
             stale=stale,
             realtime=sample.realtime,
+            prompt_per_chunk=sample.prompt_per_chunk,
             ttft_slowest_s=sample.ttft_slowest_s if sample.up else None,
             prompt_tokens_weighted_mean=sample.prompt_tokens_weighted_mean if sample.up else None,
             interval_clock_cap_mhz=interval_cap_mhz,

@@ -96,6 +96,9 @@ class ServerSample:
     scrape_duration_s: float
     realtime: bool
     """True when token counters move every iteration; False when they move at request end."""
+    prompt_per_chunk: bool = False
+    """True when prompt tokens are counted chunk by chunk as they are prefilled; False when a
+    whole prompt is counted at once (at its first token, or at request end)."""
     generation_tokens_per_s: float | None = None
     prompt_tokens_per_s: float | None = None
     running: float | None = None
@@ -140,6 +143,8 @@ class GroupObservation:
     stale: bool
     """True when the server's signals are missing or older than the configured stale time."""
     realtime: bool = True
+    prompt_per_chunk: bool = False
+    """See ServerSample.prompt_per_chunk."""
     ttft_slowest_s: float | None = None
     """The slowest first tokens' latency over the tick (see ServerSample.ttft_slowest_s)."""
     finished_requests_per_s: float | None = None

@@ -8,14 +8,16 @@ The controller (controller_step) per group and tick:
   averaged over a request's life), falling back to the server's ITL quantile;
 - learns online, per demand bin, the latency-vs-clock roofline knee (from cells of latency per
   clock bin), a power model quadratic in the clock at fixed demand (energy per token vs clock),
-  the prefill capacity per MHz, prompt tokens per request, the slowest recent first token
+  the prefill capacity per MHz (over runs of ticks where a server counts a whole prompt at its
+  first token, as vLLM does), prompt tokens per request, the slowest recent first token
   (as TTFT x clock) and the clocks recently blamed for SLO misses;
 - raises at once on a latency past the margin line (sized by the roofline), a miss (at least
   halfway to f_max), a full or growing queue, a queue whose prompts would take past 0.35 of
   the TTFT SLO to prefill or a late first token (both to the clock that serves them in time:
   prefill time scales as 1/f), or a one-tick quantile spike (one step); holds;
 - boosts one tick's cap, without moving the chosen clock, while requests wait and the prompt
-  rate nears the learned prefill capacity (a prompt burst: queueing scales as 1/f);
+  rate nears the learned prefill capacity (a prompt burst: queueing scales as 1/f), where the
+  server counts prompt tokens chunk by chunk;
 - lowers only with slack, by three clock steps per tick (after a raise, a quarter of the way
   back to the clock before it; never more than max_step_down), never below the floor, the
   latency bound, the clock the slowest recent first token needs, the prefill-headroom bound
@@ -80,7 +82,8 @@ OBS_TTFT_SLOWEST_S = 14
 OBS_FINISHED_RPS = 15
 OBS_PROMPT_WEIGHTED_TOKENS = 16
 OBS_INTERVAL_CAP_MHZ = 17
-N_OBS = 18
+OBS_PROMPT_PER_CHUNK = 18
+N_OBS = 19
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -173,7 +176,13 @@ per request)."""
 ST_CLOCK_HISTORY = 37
 """The clocks the last few ticks allowed (the higher of cap and actual clock, newest first),
 for blaming lagging signals."""
-N_ST = ST_CLOCK_HISTORY + 3
+ST_PREFILL_RUN = ST_CLOCK_HISTORY + 3
+"""Consecutive ticks, up to the last, with requests waiting (0: none)."""
+ST_PREFILL_TOKENS = ST_PREFILL_RUN + 1
+"""Prompt tokens of the run's last two ticks, newest first."""
+ST_PREFILL_MHZ_S = ST_PREFILL_TOKENS + 2
+"""Clock x seconds of the same two ticks."""
+N_ST = ST_PREFILL_MHZ_S + 2
 
 # Power-model fit layout: normal matrix (EFIT_N x EFIT_N), right-hand side, sum of y^2, sum of
 # weights. Regressors: 1, gen ktok/s, prompt ktok/s, x = (clock - f_max) in GHz, x^2.
@@ -253,6 +262,9 @@ the learned capacity, so a burst drains within the TTFT budget instead of queuei
 _PREFILL_WAIT_SHARE = 0.1
 """Keep a new request's mean wait for prefill, predicted from the server's prompt-length mix, at
 this share of the TTFT SLO (where the server has no prompt-length histogram, _PREFILL_UTIL)."""
+_PREFILL_RATE_TICKS = 3
+"""Where a whole prompt is counted at its first token, learn the prefill capacity from runs of
+this many ticks with requests waiting (at most 3: two ticks are kept)."""
 _PREFILL_BURST = 0.8
 """A tick with requests waiting and a prompt rate past this share of the learned prefill capacity
 boosts the clock for that tick."""
@@ -838,15 +850,39 @@ def _group_step(
     prompt_ew = _ewma(state[ST_PROMPT_EW, g], prompt_tps, _PROMPT_ALPHA)
     state[ST_PROMPT_EW, g] = prompt_ew
     prefill_k = state[ST_PREFILL_K, g]
-    if waiting >= 1.0 and prompt_tps > 0.0:
+    run = state[ST_PREFILL_RUN, g]
+    if waiting >= 1.0 and prompt_tps >= 0.0:
         # Requests wait while prompts are processed: the prefill budget is the bottleneck, or
         # close to it. The highest such rate per MHz approaches the capacity from below.
         # Raises for the backlog did part of the interval's prompt work above the cap chosen.
         f_work = obs[OBS_INTERVAL_CAP_MHZ, g]
         if not f_work > 0.0:
             f_work = f_now
-        rate_per_mhz = prompt_tps / f_work
-        prefill_k = max(rate_per_mhz, prefill_k) if _finite(prefill_k) else rate_per_mhz
+        run = run + 1.0 if run >= 1.0 else 1.0
+        rate_per_mhz = math.nan
+        if obs[OBS_PROMPT_PER_CHUNK, g] > 0.5:
+            if prompt_tps > 0.0:
+                rate_per_mhz = prompt_tps / f_work
+        else:
+            # A whole prompt is counted in the tick of its first token, after ticks of work:
+            # one tick over-reads the capacity by up to that prompt, a run of ticks much less.
+            tokens = prompt_tps * interval_s
+            mhz_s = f_work * interval_s
+            if run >= _PREFILL_RATE_TICKS:
+                for j in range(_PREFILL_RATE_TICKS - 1):
+                    tokens += state[ST_PREFILL_TOKENS + j, g]
+                    mhz_s += state[ST_PREFILL_MHZ_S + j, g]
+                if tokens > 0.0:
+                    rate_per_mhz = tokens / mhz_s
+            state[ST_PREFILL_TOKENS + 1, g] = state[ST_PREFILL_TOKENS, g]
+            state[ST_PREFILL_MHZ_S + 1, g] = state[ST_PREFILL_MHZ_S, g]
+            state[ST_PREFILL_TOKENS, g] = prompt_tps * interval_s
+            state[ST_PREFILL_MHZ_S, g] = f_work * interval_s
+        if _finite(rate_per_mhz):
+            prefill_k = max(rate_per_mhz, prefill_k) if _finite(prefill_k) else rate_per_mhz
+    else:
+        run = 0.0
+    state[ST_PREFILL_RUN, g] = run
     state[ST_PREFILL_K, g] = prefill_k
     finished_ew = _ewma(state[ST_FINISHED_EW, g], obs[OBS_FINISHED_RPS, g], _PROMPT_ALPHA)
     state[ST_FINISHED_EW, g] = finished_ew
@@ -1010,10 +1046,12 @@ def _group_step(
 
     # A prompt burst: requests wait while prefill runs near its learned capacity, so their TTFT
     # grows as 1/f. Boost this tick's cap only, to keep the burst at _PREFILL_BURST of the
-    # capacity; the chosen clock does not move. Without a queue the burst is absorbed.
+    # capacity; the chosen clock does not move. Without a queue the burst is absorbed. Where a
+    # whole prompt is counted at its first token, a tick's count is work already done.
     boost = -math.inf
     if (
-        waiting >= 1.0
+        obs[OBS_PROMPT_PER_CHUNK, g] > 0.5
+        and waiting >= 1.0
         and _finite(prefill_k)
         and prefill_k > 0.0
         and prompt_tps > _PREFILL_BURST * prefill_k * f_now

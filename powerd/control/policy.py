@@ -236,6 +236,7 @@ def fill_observations(
         obs[k.OBS_REASONS, g] = reasons if reasons == reasons else 0.0
         obs[k.OBS_STALE, g] = 1.0 if o.stale else 0.0
         obs[k.OBS_REALTIME, g] = 1.0 if o.realtime else 0.0
+        obs[k.OBS_PROMPT_PER_CHUNK, g] = 1.0 if o.prompt_per_chunk else 0.0
         obs[k.OBS_TTFT_SLOWEST_S, g] = _num(o.ttft_slowest_s)
         obs[k.OBS_PROMPT_WEIGHTED_TOKENS, g] = _num(o.prompt_tokens_weighted_mean)
         obs[k.OBS_FINISHED_RPS, g] = _num(o.finished_requests_per_s)

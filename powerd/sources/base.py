@@ -98,11 +98,14 @@ class Reading:
     flushed: counters the server adds to in batches every few engine steps (SGLang's
     realtime_tokens): their rate is taken over the time since they last moved, and is unknown
     (None) while they stand still with requests running.
+    prompt_per_chunk: prompt tokens are counted as each chunk is prefilled; otherwise a whole
+    prompt lands at once, when its first token comes (vLLM V1) or when the request ends.
     """
 
     realtime: bool
     gen_mode: GenMode = "counter"
     prompt_mode: GenMode = "counter"
+    prompt_per_chunk: bool = False
     counters: dict[str, dict[SeriesKey, float]] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
     per_iteration: dict[str, dict[SeriesKey, float]] = field(default_factory=dict)
@@ -739,6 +742,7 @@ class Source:
             timestamp_s=now_s,
             scrape_duration_s=scrape_duration_s,
             realtime=reading.realtime,
+            prompt_per_chunk=reading.prompt_per_chunk,
             generation_tokens_per_s=window.generation_tokens_per_s if window else None,
             prompt_tokens_per_s=window.prompt_tokens_per_s if window else None,
             running=_finite(gauges.get("running")),

@@ -88,6 +88,7 @@ class SglangExtractor:
             # The scheduler adds a batch's decode tokens every decode_log_interval (40) steps,
             # about once a second: per-second deltas alternate between nothing and double.
             reading.flushed = frozenset({"generation"})
+            reading.prompt_per_chunk = True
             for name, mode in (("generation", "decode"), ("prompt", "prefill_compute")):
                 reading.counters[name] = (
                     series_values(

@@ -89,7 +89,9 @@ class TritonExtractor:
                 'has no nv_trt_llm_general_metrics{general_type="iteration_counter"} '
                 "(is it Triton with the TensorRT-LLM backend?)"
             )
-        reading = Reading(realtime=True, gen_mode="iterations", prompt_mode="iterations")
+        reading = Reading(
+            realtime=True, gen_mode="iterations", prompt_mode="iterations", prompt_per_chunk=True
+        )
         reading.counters["iterations"] = iterations
         for name, batcher, v1 in (
             ("generation", "generation_requests", "total_generation_tokens"),

@@ -2,14 +2,16 @@
 
 vLLM V1 (`vllm/v1/metrics/loggers.py`) increments `vllm:generation_tokens_total` and
 `vllm:prompt_tokens_total` in `PrometheusStatLogger.record()` on every engine step, so rates are
-real time. Series carry `model_name` and, since about v0.10, `engine` (the data-parallel index):
-every series is rated on its own and the rates are summed, over engines and over model names
-(LoRA adapters in V0). Inter-token latency is `vllm:inter_token_latency_seconds`; until it was
-renamed (deprecated in 0.11, removed in 2026) it was `vllm:time_per_output_token_seconds`, which
-is also the V0 name. `vllm:request_prompt_tokens` (observed at each request's end) gives the
-prompt-length mix. V0 servers without token counters are read through their
-`vllm:avg_generation_throughput_toks_per_s` gauges. Triton's vllm_backend re-exports `vllm:*`
-with a `model` label instead of `model_name`.
+real time; a request's prompt is added whole in the step of its first token
+(`IterationStats.update_from_output`), so a prompt prefilled in chunks over several ticks lands
+in one (`prompt_per_chunk` False). Series carry `model_name` and, since about v0.10, `engine`
+(the data-parallel index): every series is rated on its own and the rates are summed, over
+engines and over model names (LoRA adapters in V0). Inter-token latency is
+`vllm:inter_token_latency_seconds`; until it was renamed (deprecated in 0.11, removed in 2026) it
+was `vllm:time_per_output_token_seconds`, which is also the V0 name. `vllm:request_prompt_tokens`
+(observed at each request's end) gives the prompt-length mix. V0 servers without token counters
+are read through their `vllm:avg_generation_throughput_toks_per_s` gauges. Triton's vllm_backend
+re-exports `vllm:*` with a `model` label instead of `model_name`.
 
 A restart shows as a changed `process_start_time_seconds` (absent with --api-server-count > 1),
 a changed `vllm:generation_tokens_created`, or a counter that went down.

@@ -65,6 +65,9 @@ def scenario() -> dict[str, Any]:
                         **_fields(o),
                         "prompt_tokens_per_s": prompt_tps,
                         "interval_clock_cap_mhz": raised,
+                        # Both ways of counting prompts: chunk by chunk, and whole at the
+                        # first token (learned over runs of ticks).
+                        "prompt_per_chunk": i == 1,
                     }
                 )
             observations.append(o)

@@ -53,6 +53,7 @@ def obs(group: str = "g0", **kw: object) -> GroupObservation:
         "clock_event_reasons": 0,
         "stale": False,
         "realtime": True,
+        "prompt_per_chunk": True,
     }
     values.update(kw)
     return GroupObservation(**values)  # type: ignore[arg-type]
@@ -189,6 +190,20 @@ def test_prompt_burst_boosts_one_tick_without_moving_the_chosen_clock() -> None:
     assert calm.sm_clock_max_mhz <= base + 15
 
 
+def test_no_burst_boost_where_a_prompt_is_counted_at_its_first_token() -> None:
+    """There a tick's prompt count is prefill already done: boosting for it comes too late."""
+    controller, low = lowered()
+    decisions = [
+        controller.decide(100.0 + t, [obs(waiting=1.0, sm_clock_mhz=low, prompt_per_chunk=False)])[
+            0
+        ]
+        for t in range(4)
+    ]
+    assert not math.isnan(controller.arrays.state[k.ST_PREFILL_K, 0])
+    assert all(d.sm_clock_max_mhz <= low + 15 for d in decisions)
+    assert not any("time to first token" in d.reason for d in decisions)
+
+
 def learn_and_exceed(itl_at: Callable[[float], float]) -> tuple[float, int]:
     """Descend with requests' ITL itl_at(clock); then one tick lifts it just past the margin line.
 
@@ -298,6 +313,39 @@ def test_prefill_headroom_learned_from_a_saturated_queue_bounds_the_descent() ->
     headroom = controller.group_state()[0]["prefill_min_clock_mhz"]
     assert headroom == pytest.approx(10000.0 / (20000.0 / 1980.0 * 0.6), rel=0.02)
     assert headroom - 15 <= min(caps[-30:]) <= headroom + 45
+
+
+def learned_prefill_per_mhz(ticks: list[tuple[float, float]], per_chunk: bool) -> float:
+    """The prefill capacity (prompt tokens/s per MHz) learned at f_max from (waiting, prompt
+    tokens/s) ticks."""
+    controller = Controller(Config(), [spec()])
+    for t, (waiting, prompt_tps) in enumerate(ticks):
+        controller.decide(
+            float(t),
+            [
+                obs(
+                    waiting=waiting,
+                    prompt_tokens_per_s=prompt_tps,
+                    sm_clock_mhz=1980,
+                    prompt_per_chunk=per_chunk,
+                )
+            ],
+        )
+    return float(controller.arrays.state[k.ST_PREFILL_K, 0])
+
+
+def test_a_prompt_counted_whole_at_its_first_token_is_learned_over_three_ticks() -> None:
+    """vLLM counts a chunked prompt in the tick of its first token: 30k tokens after two ticks of
+    none are three ticks of prefill, not a capacity of 30k tokens/s."""
+    lumped = [(2.0, 0.0), (2.0, 0.0), (2.0, 30000.0)]
+    assert learned_prefill_per_mhz(lumped, per_chunk=True) == pytest.approx(30000.0 / 1980)
+    assert learned_prefill_per_mhz(lumped, per_chunk=False) == pytest.approx(10000.0 / 1980)
+    # A tick without a queue ends the run: prefill may have idled in it.
+    broken = [(2.0, 0.0), (0.0, 0.0), (2.0, 0.0), (2.0, 30000.0)]
+    assert math.isnan(learned_prefill_per_mhz(broken, per_chunk=False))
+    assert learned_prefill_per_mhz([*broken, (2.0, 15000.0)], per_chunk=False) == pytest.approx(
+        15000.0 / 1980
+    )
 
 
 def test_a_sudden_queue_raises_within_one_tick_in_proportion() -> None:

@@ -60,6 +60,8 @@ def test_vllm_v1_data_parallel_sums_engines() -> None:
     assert first.up and first.generation_tokens_per_s is None
     assert first.running == 18.0 and first.waiting == 2.0
     assert s.kind == "vllm" and s.realtime and s.up and s.error is None
+    # V1 counts a whole prompt in the step of its first token.
+    assert not s.prompt_per_chunk
     assert s.model_name == "meta-llama/Llama-3.1-8B-Instruct"
     assert s.timestamp_s == T1
     # engine 0: +600, engine 1: +400 generated tokens over 2 s.
@@ -130,7 +132,7 @@ def test_vllm_v0_without_counters_reads_the_throughput_gauges() -> None:
 
 def test_nim_unprefixed_vllm_names() -> None:
     _, s = pair("nim")
-    assert s.kind == "nim" and s.realtime
+    assert s.kind == "nim" and s.realtime and not s.prompt_per_chunk
     assert s.model_name == "meta/llama-3.1-8b-instruct"
     assert s.generation_tokens_per_s == pytest.approx(600 / 2)
     assert s.prompt_tokens_per_s == pytest.approx(1000 / 2)
@@ -141,7 +143,7 @@ def test_nim_unprefixed_vllm_names() -> None:
 
 def test_lmdeploy_sums_engines_and_prefers_iter_token_latency() -> None:
     _, s = pair("lmdeploy")
-    assert s.kind == "lmdeploy" and s.realtime
+    assert s.kind == "lmdeploy" and s.realtime and not s.prompt_per_chunk
     assert s.generation_tokens_per_s == pytest.approx((300 + 200) / 2)
     assert s.prompt_tokens_per_s == pytest.approx((800 + 400) / 2)
     assert s.running == 7 and s.waiting == 1
@@ -154,7 +156,8 @@ def test_lmdeploy_sums_engines_and_prefers_iter_token_latency() -> None:
 
 def test_sglang_tp_mirrors_collapse_and_dp_ranks_sum() -> None:
     _, s = pair("sglang")
-    assert s.kind == "sglang" and s.realtime
+    # realtime_tokens_total{mode="prefill_compute"} moves chunk by chunk.
+    assert s.kind == "sglang" and s.realtime and s.prompt_per_chunk
     # realtime_tokens_total{mode="decode"}: dp 0 +900, dp 1 +700 (tp 3 lagged at 149950 in the
     # first scrape: the max over mirrors keeps 150000). Summing the TP mirrors would double it.
     assert s.generation_tokens_per_s == pytest.approx((900 + 700) / 2)
@@ -237,6 +240,8 @@ def test_sglang_without_realtime_counter_uses_gen_throughput_gated_by_running() 
     busy = source.poll(T1)
     assert busy.generation_tokens_per_s == pytest.approx(430.5 + 361.2)
     assert busy.prompt_tokens_per_s == pytest.approx(2000 / 2)
+    # sglang:prompt_tokens_total moves at request end.
+    assert not busy.prompt_per_chunk
     idle = source.poll(T1 + 2)
     assert idle.running == 0
     assert idle.generation_tokens_per_s == 0.0
@@ -256,7 +261,7 @@ def test_sglang_v03_name_label_and_old_gauges() -> None:
 
 def test_tgi_histogram_sums_and_no_ttft() -> None:
     _, s = pair("tgi")
-    assert s.kind == "tgi" and not s.realtime
+    assert s.kind == "tgi" and not s.realtime and not s.prompt_per_chunk
     assert s.model_name == ""
     assert s.generation_tokens_per_s == pytest.approx(1200 / 2)
     assert s.prompt_tokens_per_s == pytest.approx(3000 / 2)
@@ -332,7 +337,7 @@ def test_llamacpp_without_decode_counters_falls_back_to_request_end_counters() -
 
 def test_triton_trtllm_iterations_times_generation_requests() -> None:
     _, s = pair("triton")
-    assert s.kind == "triton" and s.realtime
+    assert s.kind == "triton" and s.realtime and s.prompt_per_chunk
     assert s.model_name == "tensorrt_llm"
     # 100 iterations in 2 s, generation_requests 30 then 34 (mean 32).
     assert s.generation_tokens_per_s == pytest.approx(100 * 32 / 2)
