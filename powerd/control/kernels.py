@@ -22,7 +22,8 @@ The controller (controller_step) per group and tick:
   back to the clock before it; never more than max_step_down), never below the floor, the
   latency bound, the clock the slowest recent first token needs, the prefill-headroom bound
   (prefill as a first-come queue: the capacity at which a new request's mean wait, from the
-  prompt load and the server's prompt-length mix, is 0.1 of the TTFT SLO), the learned safe
+  prompt load and the server's prompt-length mix, is 0.1 of the TTFT SLO; where prompts are
+  counted whole, once four capacity samples are in), the learned safe
   clock (above recent misses, late first tokens included) or the energy optimum;
 - dithers by dither_mhz when settled, clamps to supported clocks, applies the mode (target,
   budget, off) and returns to defaults at once when the observation is stale.
@@ -182,7 +183,9 @@ ST_PREFILL_TOKENS = ST_PREFILL_RUN + 1
 """Prompt tokens of the run's last two ticks, newest first."""
 ST_PREFILL_MHZ_S = ST_PREFILL_TOKENS + 2
 """Clock x seconds of the same two ticks."""
-N_ST = ST_PREFILL_MHZ_S + 2
+ST_PREFILL_SAMPLES = ST_PREFILL_MHZ_S + 2
+"""Capacity samples taken from runs of ticks so far (0: none)."""
+N_ST = ST_PREFILL_SAMPLES + 1
 
 # Power-model fit layout: normal matrix (EFIT_N x EFIT_N), right-hand side, sum of y^2, sum of
 # weights. Regressors: 1, gen ktok/s, prompt ktok/s, x = (clock - f_max) in GHz, x^2.
@@ -265,6 +268,9 @@ this share of the TTFT SLO (where the server has no prompt-length histogram, _PR
 _PREFILL_RATE_TICKS = 3
 """Where a whole prompt is counted at its first token, learn the prefill capacity from runs of
 this many ticks with requests waiting (at most 3: two ticks are kept)."""
+_PREFILL_MIN_SAMPLES = 4.0
+"""There, the headroom bound waits for this many samples: the first runs with a queue, in a
+quiet start, read the capacity low and would hold the clocks high for tens of minutes."""
 _PREFILL_BURST = 0.8
 """A tick with requests waiting and a prompt rate past this share of the learned prefill capacity
 boosts the clock for that tick."""
@@ -874,6 +880,8 @@ def _group_step(
                     mhz_s += state[ST_PREFILL_MHZ_S + j, g]
                 if tokens > 0.0:
                     rate_per_mhz = tokens / mhz_s
+                    samples = state[ST_PREFILL_SAMPLES, g]
+                    state[ST_PREFILL_SAMPLES, g] = samples + 1.0 if samples >= 1.0 else 1.0
             state[ST_PREFILL_TOKENS + 1, g] = state[ST_PREFILL_TOKENS, g]
             state[ST_PREFILL_MHZ_S + 1, g] = state[ST_PREFILL_MHZ_S, g]
             state[ST_PREFILL_TOKENS, g] = prompt_tps * interval_s
@@ -900,7 +908,10 @@ def _group_step(
     prefill_min = math.nan
     weighted = obs[OBS_PROMPT_WEIGHTED_TOKENS, g]
     wait_s = _PREFILL_WAIT_SHARE * params[PAR_TTFT_SLO_S, g]
-    if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew):
+    learned = (
+        obs[OBS_PROMPT_PER_CHUNK, g] > 0.5 or state[ST_PREFILL_SAMPLES, g] >= _PREFILL_MIN_SAMPLES
+    )
+    if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew) and learned:
         if weighted > 0.0 and wait_s > 0.0 and prompt_ew > 0.0:
             # Prefill as a first-come queue: at prompt load a and capacity c (tokens/s) a new
             # request waits a*L / (2c(c - a)) on average (Pollaczek-Khinchine), L the prompt

@@ -348,6 +348,27 @@ def test_a_prompt_counted_whole_at_its_first_token_is_learned_over_three_ticks()
     )
 
 
+def test_where_prompts_are_counted_whole_the_headroom_waits_for_four_samples() -> None:
+    """The first runs with a queue read the capacity low; per-chunk counters bind at once."""
+    bounds: dict[bool, list[object]] = {}
+    for per_chunk in (True, False):
+        controller = Controller(Config(), [spec()])
+        bounds[per_chunk] = []
+        for t in range(8):
+            tick = obs(
+                waiting=2.0,
+                prompt_tokens_per_s=10000.0,
+                sm_clock_mhz=1980,
+                prompt_per_chunk=per_chunk,
+            )
+            controller.decide(float(t), [tick])
+            bounds[per_chunk].append(controller.group_state()[0]["prefill_min_clock_mhz"])
+    assert all(b is not None for b in bounds[True])
+    # Samples from the third tick on (runs of three): the fourth comes at the sixth tick.
+    assert bounds[False][:5] == [None] * 5
+    assert all(b is not None for b in bounds[False][5:])
+
+
 def test_a_sudden_queue_raises_within_one_tick_in_proportion() -> None:
     raised = []
     for waiting in (10.0, 16.0, 28.0):
