@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,27 +88,54 @@ def changed_gpus(state_file: Path) -> dict[str, tuple[int | None, tuple[int, int
 
 
 class NotifySocket:
-    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET.
+
+    A thread drains it as systemd does: powerd drops a notification rather than block when the
+    receive queue is full (net.unix.max_dgram_qlen, often 10), so a reader that only reads
+    while waiting would lose what was sent in between.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
         self.messages: list[str] = []
+        self._seen = 0
+        self._arrived = threading.Condition()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="notify-socket", daemon=True)
+        self._reader.start()
 
-    def wait_for(self, field: str, timeout_s: float = 90.0) -> str:
-        """Collect datagrams until one contains `field` (e.g. READY=1); return it."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+    def _read(self) -> None:
+        while not self._closed.is_set():
             try:
                 data = self.sock.recv(4096).decode()
             except TimeoutError:
-                break
-            self.messages.append(data)
-            if field in data.split("\n"):
-                return data
-        raise AssertionError(f"no {field} within {timeout_s} s; got {self.messages}")
+                continue
+            except OSError:
+                return
+            with self._arrived:
+                self.messages.append(data)
+                self._arrived.notify_all()
+
+    def wait_for(self, field: str, timeout_s: float = 90.0) -> str:
+        """The next datagram, after the one last returned, that contains `field` (e.g.
+        READY=1)."""
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while True:
+                while self._seen < len(self.messages):
+                    data = self.messages[self._seen]
+                    self._seen += 1
+                    if field in data.split("\n"):
+                        return data
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {field} within {timeout_s} s; got {self.messages}")
+                self._arrived.wait(remaining)
 
     def close(self) -> None:
+        self._closed.set()
+        self._reader.join(timeout=2.0)
         self.sock.close()
