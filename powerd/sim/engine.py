@@ -550,6 +550,7 @@ def _complete_iteration(
     n_run = srv_i[s, SI_RUN_N]
     gen_this = 0
     pf_this = 0
+    pf_done_this = 0
     n_seqs = 0
     last_itl = -1.0
     last_bucket = 0
@@ -570,6 +571,7 @@ def _complete_iteration(
                         req_f[r, RF_FIRST] = t1
                         _observe(hist_c, hist_s, hist_b, s, H_TTFT, t1 - req_f[r, RF_ARRIVAL], 1.0)
                         metrics[s, M_PROMPT_DONE_TOKENS] += req_i[r, R_PROMPT]
+                        pf_done_this += req_i[r, R_PROMPT]
                         metrics[s, M_PROMPT_DONE_S] += t1 - req_f[r, RF_SCHED]
                         metrics[s, M_LC_PROMPT_TOKENS] += req_i[r, R_PROMPT]
                         metrics[s, M_LC_PROMPT_S] += t1 - req_f[r, RF_SCHED]
@@ -650,9 +652,9 @@ def _complete_iteration(
     srv_i[s, SI_DONE_CTX_TOKENS] = srv_i[s, SI_ITER_CTX_TOKENS]
     metrics[s, M_BUSY_SLOTS] += n_seqs
     metrics[s, M_BUSY_S] += t1 - srv_f[s, SF_ITER_START]
-    _observe(
-        hist_c, hist_s, hist_b, s, H_ITER_TOKENS, float(pf_this + srv_i[s, SI_ITER_GEN_REQS]), 1.0
-    )
+    # vLLM V1 observes the step's IterationStats: whole prompts at their first token, plus the
+    # tokens the step generated.
+    _observe(hist_c, hist_s, hist_b, s, H_ITER_TOKENS, float(pf_done_this + gen_this), 1.0)
     if pf_this > 0:
         metrics[s, M_PREFILL_BATCHES] += 1.0
         metrics[s, M_RT_PREFILL_TOKENS] += pf_this

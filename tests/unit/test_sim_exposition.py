@@ -121,7 +121,12 @@ def test_vllm_names_labels_and_buckets() -> None:
     itl = snap.histograms["itl_s"]
     assert value(samples, "vllm:inter_token_latency_seconds_count") == itl.count
     assert value(samples, "vllm:inter_token_latency_seconds_sum") == pytest.approx(itl.sum)
-    assert fam["vllm:iteration_tokens_total"][0] == "histogram"
+    typ, samples = fam["vllm:iteration_tokens_total"]
+    assert typ == "histogram"
+    # Each step observes its whole prompts (at their first token) plus its generated tokens.
+    assert value(samples, "vllm:iteration_tokens_total_sum", **labels) == (
+        snap.values["prompt_done_tokens"] + snap.values["generation_tokens"]
+    )
     assert "process_start_time_seconds" in fam
 
 
