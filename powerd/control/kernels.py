@@ -856,6 +856,7 @@ def _group_step(
     prompt_ew = _ewma(state[ST_PROMPT_EW, g], prompt_tps, _PROMPT_ALPHA)
     state[ST_PROMPT_EW, g] = prompt_ew
     prefill_k = state[ST_PREFILL_K, g]
+    per_chunk = obs[OBS_PROMPT_PER_CHUNK, g] > 0.5
     run = state[ST_PREFILL_RUN, g]
     if waiting >= 1.0 and prompt_tps >= 0.0:
         # Requests wait while prompts are processed: the prefill budget is the bottleneck, or
@@ -866,7 +867,7 @@ def _group_step(
             f_work = f_now
         run = run + 1.0 if run >= 1.0 else 1.0
         rate_per_mhz = math.nan
-        if obs[OBS_PROMPT_PER_CHUNK, g] > 0.5:
+        if per_chunk:
             if prompt_tps > 0.0:
                 rate_per_mhz = prompt_tps / f_work
         else:
@@ -908,9 +909,7 @@ def _group_step(
     prefill_min = math.nan
     weighted = obs[OBS_PROMPT_WEIGHTED_TOKENS, g]
     wait_s = _PREFILL_WAIT_SHARE * params[PAR_TTFT_SLO_S, g]
-    learned = (
-        obs[OBS_PROMPT_PER_CHUNK, g] > 0.5 or state[ST_PREFILL_SAMPLES, g] >= _PREFILL_MIN_SAMPLES
-    )
+    learned = per_chunk or state[ST_PREFILL_SAMPLES, g] >= _PREFILL_MIN_SAMPLES
     if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew) and learned:
         if weighted > 0.0 and wait_s > 0.0 and prompt_ew > 0.0:
             # Prefill as a first-come queue: at prompt load a and capacity c (tokens/s) a new
@@ -1061,7 +1060,7 @@ def _group_step(
     # whole prompt is counted at its first token, a tick's count is work already done.
     boost = -math.inf
     if (
-        obs[OBS_PROMPT_PER_CHUNK, g] > 0.5
+        per_chunk
         and waiting >= 1.0
         and _finite(prefill_k)
         and prefill_k > 0.0

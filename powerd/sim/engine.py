@@ -570,7 +570,6 @@ def _complete_iteration(
                     if req_i[r, R_GEN_DONE] == 1:
                         req_f[r, RF_FIRST] = t1
                         _observe(hist_c, hist_s, hist_b, s, H_TTFT, t1 - req_f[r, RF_ARRIVAL], 1.0)
-                        metrics[s, M_PROMPT_DONE_TOKENS] += req_i[r, R_PROMPT]
                         pf_done_this += req_i[r, R_PROMPT]
                         metrics[s, M_PROMPT_DONE_S] += t1 - req_f[r, RF_SCHED]
                         metrics[s, M_LC_PROMPT_TOKENS] += req_i[r, R_PROMPT]
@@ -645,6 +644,7 @@ def _complete_iteration(
     srv_i[s, SI_RUN_N] = keep
 
     metrics[s, M_PROMPT_TOKENS] += pf_this
+    metrics[s, M_PROMPT_DONE_TOKENS] += pf_done_this
     metrics[s, M_GEN_TOKENS] += gen_this
     metrics[s, M_ITERATIONS] += 1.0
     srv_i[s, SI_DONE_GEN_REQS] = srv_i[s, SI_ITER_GEN_REQS]
