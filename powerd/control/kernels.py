@@ -190,7 +190,7 @@ N_ST = ST_PREFILL_SAMPLES + 1
 # Power-model fit layout: normal matrix (EFIT_N x EFIT_N), right-hand side, sum of y^2, sum of
 # weights. Regressors: 1, gen ktok/s, prompt ktok/s, x = (clock - f_max) in GHz, x^2.
 EFIT_N = 5
-EFIT_X = 3
+EFIT_X = 3  # the clock regressors come last: power_fit relies on it
 EFIT_XX = 4
 EFIT_B = EFIT_N * EFIT_N
 EFIT_YY = EFIT_B + EFIT_N
@@ -204,7 +204,7 @@ FIT_V_X = EFIT_N + 1
 FIT_V_X_XX = EFIT_N + 2
 FIT_V_XX = EFIT_N + 3
 FIT_WORK = EFIT_N + 4
-N_FIT = FIT_WORK + 2 * EFIT_N
+N_FIT = FIT_WORK + EFIT_N
 
 # Cell fields.
 CELL_W_ITL = 0
@@ -464,32 +464,16 @@ def fit_kappa(cells_l: np.ndarray, floor_mhz: float, width_mhz: float, f_max: fl
 
 
 @numba.njit(cache=True, nogil=True)
-def _cholesky_solve(chol: np.ndarray, rhs: np.ndarray, x: np.ndarray) -> None:
-    """Write to x the solution of L L^T x = rhs for a lower-triangular L (x may not alias rhs)."""
-    n = rhs.shape[0]
-    for i in range(n):
-        s = rhs[i]
-        for k in range(i):
-            s -= chol[i, k] * x[k]
-        x[i] = s / chol[i, i]
-    for i in range(n - 1, -1, -1):
-        s = x[i]
-        for k in range(i + 1, n):
-            s -= chol[k, i] * x[k]
-        x[i] = s / chol[i, i]
-
-
-@numba.njit(cache=True, nogil=True)
-def _miss_weight(record: np.ndarray, tick: float) -> float:
-    if record[MISS_COUNT] <= 0.0:
+def _miss_weight(count: float, miss_tick: float, tick: float) -> float:
+    if count <= 0.0:
         return 0.0
-    return record[MISS_COUNT] * _MISS_DECAY ** (tick - record[MISS_TICK])
+    return count * _MISS_DECAY ** (tick - miss_tick)
 
 
 @numba.njit(cache=True, nogil=True)
 def record_miss(record: np.ndarray, clock_mhz: float, tick: float) -> None:
     """Blame an SLO miss on clock_mhz in a demand bin's record (decaying count, highest clock)."""
-    weight = _miss_weight(record, tick)
+    weight = _miss_weight(record[MISS_COUNT], record[MISS_TICK], tick)
     if weight < _MISS_ACTIVE:
         record[MISS_MHZ] = clock_mhz
     record[MISS_COUNT] = weight + 1.0
@@ -502,10 +486,11 @@ def learned_safe_mhz(misses_g: np.ndarray, load: int, clock_step_mhz: float, tic
     """One clock step above the highest recent miss at this demand bin or any lower one (a clock
     that missed at a lower demand misses at this one too); -inf when there is none."""
     safe = -math.inf
+    # Scalar reads, not a view per bin: this runs for every group every tick.
     for lb in range(load + 1):
-        record = misses_g[lb]
-        if record[MISS_COUNT] > 0.0 and _miss_weight(record, tick) >= _MISS_ACTIVE:
-            safe = max(safe, record[MISS_MHZ] + clock_step_mhz)
+        count = misses_g[lb, MISS_COUNT]
+        if count > 0.0 and _miss_weight(count, misses_g[lb, MISS_TICK], tick) >= _MISS_ACTIVE:
+            safe = max(safe, misses_g[lb, MISS_MHZ] + clock_step_mhz)
     return safe
 
 
@@ -537,26 +522,33 @@ def power_fit(efit_g: np.ndarray, chol: np.ndarray, fit: np.ndarray) -> bool:
                 chol[i, i] = math.sqrt(s)
             else:
                 chol[i, j] = s / chol[j, j]
-    theta = fit[FIT_THETA : FIT_THETA + EFIT_N]
-    _cholesky_solve(chol, efit_g[EFIT_B : EFIT_B + EFIT_N], theta)
+    # theta from L L^T theta = b: forward, then back substitution (scalar reads, no views).
+    for i in range(EFIT_N):
+        s = efit_g[EFIT_B + i]
+        for k in range(i):
+            s -= chol[i, k] * fit[FIT_THETA + k]
+        fit[FIT_THETA + i] = s / chol[i, i]
+    for i in range(EFIT_N - 1, -1, -1):
+        s = fit[FIT_THETA + i]
+        for k in range(i + 1, EFIT_N):
+            s -= chol[k, i] * fit[FIT_THETA + k]
+        fit[FIT_THETA + i] = s / chol[i, i]
     rss = efit_g[EFIT_YY]
     for i in range(EFIT_N):
-        rss -= 2.0 * theta[i] * efit_g[EFIT_B + i]
+        theta_i = fit[FIT_THETA + i]
+        rss -= 2.0 * theta_i * efit_g[EFIT_B + i]
         for j in range(EFIT_N):
-            rss += theta[i] * efit_g[i * EFIT_N + j] * theta[j]
-    # Columns X and XX of the inverse: solve against the unit vectors.
-    unit = fit[FIT_WORK : FIT_WORK + EFIT_N]
-    col = fit[FIT_WORK + EFIT_N : FIT_WORK + 2 * EFIT_N]
-    for i in range(EFIT_N):
-        unit[i] = 0.0
-    unit[EFIT_X] = 1.0
-    _cholesky_solve(chol, unit, col)
-    fit[FIT_V_X] = col[EFIT_X]
-    fit[FIT_V_X_XX] = col[EFIT_XX]
-    unit[EFIT_X] = 0.0
-    unit[EFIT_XX] = 1.0
-    _cholesky_solve(chol, unit, col)
-    fit[FIT_V_XX] = col[EFIT_XX]
+            rss += theta_i * efit_g[i * EFIT_N + j] * fit[FIT_THETA + j]
+    # The clock block of the inverse, A^-1 = L^-T L^-1: X and XX are the last two regressors,
+    # so it needs only the trailing 2 x 2 block of L (the unit-vector solves, written out).
+    l_x = chol[EFIT_X, EFIT_X]
+    l_xx = chol[EFIT_XX, EFIT_XX]
+    l_cross = chol[EFIT_XX, EFIT_X]
+    inv_x = 1.0 / l_x
+    v_x_xx = (-(l_cross * inv_x) / l_xx) / l_xx
+    fit[FIT_V_X] = (inv_x - l_cross * v_x_xx) / l_x
+    fit[FIT_V_X_XX] = v_x_xx
+    fit[FIT_V_XX] = (1.0 / l_xx) / l_xx
     # Energy counters resolve power to about 1 %: a perfect fit must not make noise significant.
     mean_y = efit_g[EFIT_B] / w
     fit[FIT_SIGMA2] = max(max(rss, 0.0) / max(w - EFIT_N, 1.0), (_POWER_RESOLUTION * mean_y) ** 2)

@@ -737,6 +737,29 @@ def test_power_model_finds_the_clock_of_least_power() -> None:
     assert math.isnan(k.power_vertex_mhz(fit, 1980.0))
 
 
+def test_power_fit_matches_the_ridge_solution_and_its_inverse_normal_matrix() -> None:
+    """Coefficients and the clock block of the inverse are those of the ridged normal equations."""
+    rng = np.random.default_rng(1)
+    phis = rng.normal(size=(200, k.EFIT_N))
+    phis[:, 0] = 1.0
+    phis[:, k.EFIT_XX] = phis[:, k.EFIT_X] ** 2
+    y = phis @ np.array([1.2, 0.3, -0.1, 0.05, 0.4]) + rng.normal(0.0, 0.01, 200)
+    efit = np.zeros(k.N_EFIT)
+    efit[: k.EFIT_B] = (phis.T @ phis).ravel()
+    efit[k.EFIT_B : k.EFIT_B + k.EFIT_N] = phis.T @ y
+    efit[k.EFIT_YY] = y @ y
+    efit[k.EFIT_W] = 200.0
+    fit = np.zeros(k.N_FIT)
+    assert k.power_fit(efit, np.zeros((k.EFIT_N, k.EFIT_N)), fit)
+    ridged = phis.T @ phis + np.diag([0.0] + [1e-6 * 200.0] * (k.EFIT_N - 1))
+    inverse = np.linalg.inv(ridged)
+    theta = inverse @ (phis.T @ y)
+    np.testing.assert_allclose(fit[k.FIT_THETA : k.FIT_THETA + k.EFIT_N], theta, rtol=1e-9)
+    assert fit[k.FIT_V_X] == pytest.approx(inverse[k.EFIT_X, k.EFIT_X], rel=1e-9)
+    assert fit[k.FIT_V_X_XX] == pytest.approx(inverse[k.EFIT_X, k.EFIT_XX], rel=1e-9)
+    assert fit[k.FIT_V_XX] == pytest.approx(inverse[k.EFIT_XX, k.EFIT_XX], rel=1e-9)
+
+
 def test_a_late_first_token_raises_to_the_clock_that_serves_it_and_bounds_the_descent() -> None:
     """TTFT of a long prompt scales as 1/f: 2.4 s near the floor (about 1000 MHz) needs about
     2.4 x 1000 / (0.9 x 2 s) = 1330 MHz. The controller goes there within the tick, and the
