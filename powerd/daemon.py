@@ -326,6 +326,8 @@ class Daemon:
             realtime=sample.realtime,
             prompt_per_chunk=sample.prompt_per_chunk,
             ttft_slowest_s=sample.ttft_slowest_s if sample.up else None,
+            kv_cache_usage=sample.kv_cache_usage if sample.up else None,
+            preemptions=sample.preemptions if sample.up else None,
             prompt_tokens_weighted_mean=sample.prompt_tokens_weighted_mean if sample.up else None,
             interval_clock_cap_mhz=interval_cap_mhz,
             finished_requests_per_s=(

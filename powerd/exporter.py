@@ -556,6 +556,14 @@ def _collect_server(families: _Families, sample: ServerSample, tokens_total: flo
     families(
         "powerd_server_itl_mean_seconds", "Mean inter-token latency over the last interval."
     ).add(labels, sample.itl_mean_s)
+    families(
+        "powerd_server_kv_cache_usage_ratio",
+        "Share of the server's KV cache in use (its fullest engine's), 0-1.",
+    ).add(labels, sample.kv_cache_usage)
+    families(
+        "powerd_server_preemptions",
+        "Requests the server preempted for KV space over the last scrape interval.",
+    ).add(labels, sample.preemptions)
 
 
 def _collect_group(families: _Families, group: GroupStatus, currency: str) -> None:

@@ -109,6 +109,10 @@ class ServerSample:
     itl_mean_s: float | None = None
     ttft_slowest_s: float | None = None
     """Mean TTFT of the slowest histogram bucket's requests over the window (sum-placed)."""
+    kv_cache_usage: float | None = None
+    """Share of the KV cache in use now, 0-1 (the fullest engine's), where the server says."""
+    preemptions: float | None = None
+    """Requests the server preempted over the window (evicted for KV space), where it counts."""
     finished_requests: float | None = None
     """Requests finished over the window, where the server counts them."""
     prompt_tokens_weighted_mean: float | None = None
@@ -147,6 +151,10 @@ class GroupObservation:
     """See ServerSample.prompt_per_chunk."""
     ttft_slowest_s: float | None = None
     """The slowest first tokens' latency over the tick (see ServerSample.ttft_slowest_s)."""
+    kv_cache_usage: float | None = None
+    """See ServerSample.kv_cache_usage."""
+    preemptions: float | None = None
+    """See ServerSample.preemptions."""
     finished_requests_per_s: float | None = None
     """Requests the server finished per second over the tick, where it counts them."""
     prompt_tokens_weighted_mean: float | None = None

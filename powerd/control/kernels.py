@@ -14,7 +14,9 @@ The controller (controller_step) per group and tick:
 - raises at once on a latency past the margin line (sized by the roofline), a miss (at least
   halfway to f_max), a full or growing queue, a queue whose prompts would take past 0.35 of
   the TTFT SLO to prefill or a late first token (both to the clock that serves them in time:
-  prefill time scales as 1/f), or a one-tick quantile spike (one step); holds;
+  prefill time scales as 1/f), a KV cache at 0.9 or more full (in proportion: a lower clock
+  keeps more requests running at once) or a preemption (to f_max), or a one-tick quantile
+  spike (one step); holds;
 - boosts one tick's cap, without moving the chosen clock, while requests wait and the prompt
   rate nears the learned prefill capacity (a prompt burst: queueing scales as 1/f), where the
   server counts prompt tokens chunk by chunk;
@@ -84,7 +86,9 @@ OBS_FINISHED_RPS = 15
 OBS_PROMPT_WEIGHTED_TOKENS = 16
 OBS_INTERVAL_CAP_MHZ = 17
 OBS_PROMPT_PER_CHUNK = 18
-N_OBS = 19
+OBS_KV_USAGE = 19
+OBS_PREEMPTIONS = 20
+N_OBS = 21
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -240,6 +244,7 @@ REASON_HOLD = 7
 REASON_ENERGY = 8
 REASON_TARGET = 9
 REASON_ENERGY_FLOOR = 10
+REASON_RAISE_KV = 11
 
 # Tuning that is not user-facing.
 _LOWER_BAND = 0.03
@@ -283,6 +288,10 @@ _GUARD_TTFT_SHARE = 0.3
 them): raise the cap at once to the clock that prefills it within this share of the TTFT SLO.
 A burst's queue forms within a second at a lowered clock and outlasts a raise at the next
 tick."""
+_KV_FULL = 0.9
+"""KV-cache usage from which the clock rises: a lower clock keeps each request longer, so more
+run at once and hold more KV, and a server out of KV evicts requests to recompute their
+prompts later, which stalls it whatever the clock (a preemption raises to f_max)."""
 _QUEUE_WAIT_SHARE = 0.35
 """Raise at once when the waiting requests' prefill would take longer than this share of the
 TTFT SLO at the current clock."""
@@ -794,6 +803,9 @@ def _group_step(
         ttft = math.nan
     waiting = obs[OBS_WAITING, g]
     running = obs[OBS_RUNNING, g]
+    kv_usage = obs[OBS_KV_USAGE, g]
+    kv_full = kv_usage >= _KV_FULL
+    preempted = obs[OBS_PREEMPTIONS, g] > 0.0
 
     # Counters that move at request end are lumpy: smooth them harder (inference_server_metrics).
     alpha_d = 0.5 if realtime else 0.2
@@ -953,7 +965,7 @@ def _group_step(
     # A smoothed latency stays past the SLO for a few ticks after the raise that answered it:
     # only a tick whose own signal misses blames the clock. A first token past the SLO is a
     # miss on its own (the slowest bucket's mean is past it, so at least one request was).
-    violated = (itl_hard and itl > itl_slo) or ttft > ttft_slo or queue_over
+    violated = (itl_hard and itl > itl_slo) or ttft > ttft_slo or queue_over or preempted
 
     # Learn: latency and violations per (demand bin, clock bin); the power model.
     n_load = cells.shape[1]
@@ -1064,7 +1076,11 @@ def _group_step(
     raise_to = -math.inf
     raise_reason = REASON_STEADY
     raise_hold = 0.0
-    if queue_over:
+    if preempted:
+        raise_to = f_max
+        raise_reason = REASON_RAISE_KV
+        raise_hold = _HOLD_QUEUE_TICKS
+    elif queue_over:
         raise_to = f_max
         raise_reason = REASON_RAISE_QUEUE
         raise_hold = _HOLD_QUEUE_TICKS
@@ -1074,6 +1090,15 @@ def _group_step(
         raise_to = f_now + min(1.0, waiting / max(max_waiting, 1.0)) * (f_max - f_now)
         raise_reason = REASON_RAISE_QUEUE
         raise_hold = _HOLD_QUEUE_GROWING_TICKS
+    if kv_full and not preempted:
+        # In proportion to how close to full, at least a clock step a tick: faster decode
+        # finishes requests sooner, and the cache drains as they finish.
+        share = min(1.0, (kv_usage - _KV_FULL) / (1.0 - _KV_FULL))
+        f_req = f_now + share * (f_max - f_now)
+        if f_req > raise_to:
+            raise_to = f_req
+            raise_reason = REASON_RAISE_KV
+            raise_hold = max(raise_hold, _HOLD_QUEUE_GROWING_TICKS)
     wait_budget_s = _QUEUE_WAIT_SHARE * ttft_slo
     if queue_wait_s > wait_budget_s:
         # Prefill is compute-bound: the clock that drains this queue within the budget.

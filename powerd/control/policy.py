@@ -36,6 +36,7 @@ REASON_NAMES: dict[int, str] = {
     k.REASON_ENERGY: "raise: energy optimum above",
     k.REASON_TARGET: "target: above efficient point",
     k.REASON_ENERGY_FLOOR: "hold: energy optimum",
+    k.REASON_RAISE_KV: "raise: KV cache full",
 }
 
 _FLOOR_SHARE = 0.5
@@ -238,6 +239,8 @@ def fill_observations(
         obs[k.OBS_REALTIME, g] = 1.0 if o.realtime else 0.0
         obs[k.OBS_PROMPT_PER_CHUNK, g] = 1.0 if o.prompt_per_chunk else 0.0
         obs[k.OBS_TTFT_SLOWEST_S, g] = _num(o.ttft_slowest_s)
+        obs[k.OBS_KV_USAGE, g] = _num(o.kv_cache_usage)
+        obs[k.OBS_PREEMPTIONS, g] = _num(o.preemptions)
         obs[k.OBS_PROMPT_WEIGHTED_TOKENS, g] = _num(o.prompt_tokens_weighted_mean)
         obs[k.OBS_FINISHED_RPS, g] = _num(o.finished_requests_per_s)
         obs[k.OBS_INTERVAL_CAP_MHZ, g] = _num(o.interval_clock_cap_mhz)

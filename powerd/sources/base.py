@@ -261,6 +261,16 @@ def first_histogram(
     return histogram(samples, name[: -len("_bucket")], mirrors=mirrors)
 
 
+def gauge_max(samples: Samples, *names: str, mirrors: frozenset[str] = frozenset()) -> float | None:
+    """The largest value over series of the first of names present (a per-engine fraction such
+    as KV-cache usage: the fullest engine is the one that runs out); None when none is."""
+    for name in names:
+        values = series_values(samples, name, mirrors=mirrors)
+        if values:
+            return float(max(values.values()))
+    return None
+
+
 def total(values: Mapping[SeriesKey, float] | None) -> float | None:
     return None if values is None else float(sum(values.values()))
 
@@ -467,6 +477,7 @@ class Window:
     ttft_mean_s: float | None
     itl_mean_s: float | None
     ttft_slowest_s: float | None = None
+    preemptions: float | None = None
     prompt_len: tuple[float, float, dict[float, float]] | None = None
     """Finished requests' prompt lengths over the window: count, sum, cumulative buckets."""
 
@@ -531,6 +542,7 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
         ttft_mean_s=figures["ttft"][1],
         itl_mean_s=figures["itl"][1],
         ttft_slowest_s=ttft_slowest_s,
+        preemptions=deltas.get("preemptions"),
         prompt_len=prompt_len,
     )
 
@@ -751,6 +763,8 @@ class Source:
             itl_p95_s=window.itl_q_s if window else None,
             ttft_mean_s=window.ttft_mean_s if window else None,
             ttft_slowest_s=window.ttft_slowest_s if window else None,
+            kv_cache_usage=_finite(gauges.get("kv_usage")),
+            preemptions=window.preemptions if window else None,
             itl_mean_s=window.itl_mean_s if window else None,
             finished_requests=window.finished_requests if window else None,
             prompt_tokens_weighted_mean=prompt_weighted,

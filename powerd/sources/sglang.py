@@ -30,6 +30,7 @@ from powerd.sources.base import (
     Reading,
     SourceError,
     first_histogram,
+    gauge_max,
     gauge_total,
     histogram,
     label_values,
@@ -70,6 +71,7 @@ class SglangExtractor:
                 P + "num_queue_reqs",
                 P + "num_requests_running",
                 P + "num_requests_waiting",
+                P + "token_usage",
                 "process_start_time_seconds",
                 *hist_names(
                     P + "time_to_first_token_seconds",
@@ -126,6 +128,9 @@ class SglangExtractor:
         waiting = _first_gauge(samples, _WAITING)
         if waiting is not None:
             reading.gauges["waiting"] = waiting
+        kv_usage = gauge_max(samples, P + "token_usage", mirrors=MIRRORS)
+        if kv_usage is not None:
+            reading.gauges["kv_usage"] = kv_usage
         ttft = histogram(samples, P + "time_to_first_token_seconds", mirrors=MIRRORS)
         if ttft is not None:
             reading.hists["ttft"] = ttft

@@ -26,6 +26,7 @@ from powerd.sources.base import (
     Reading,
     SourceError,
     first_histogram,
+    gauge_max,
     gauge_total,
     histogram,
     label_values,
@@ -75,6 +76,9 @@ class CounterServerExtractor:
             p + "request_success_total",
             p + "num_requests_running",
             p + "num_requests_waiting",
+            p + "kv_cache_usage_perc",
+            p + "gpu_cache_usage_perc",
+            p + "num_preemptions_total",
             "process_start_time_seconds",
             *hist_names(self.ttft_histogram, self.prompt_histogram, *self.itl_histograms),
         ]
@@ -113,6 +117,12 @@ class CounterServerExtractor:
         waiting = gauge_total(samples, p + "num_requests_waiting")
         if waiting is not None:
             reading.gauges["waiting"] = waiting
+        kv_usage = gauge_max(samples, p + "kv_cache_usage_perc", p + "gpu_cache_usage_perc")
+        if kv_usage is not None:
+            reading.gauges["kv_usage"] = kv_usage
+        preemptions = series_values(samples, p + "num_preemptions_total")
+        if preemptions is not None:
+            reading.counters["preemptions"] = preemptions
         ttft = histogram(samples, self.ttft_histogram)
         if ttft is not None:
             reading.hists["ttft"] = ttft

@@ -920,3 +920,31 @@ def test_prefill_capacity_is_learned_at_the_clock_the_prompt_work_ran_at() -> No
         raised.decide(float(t), [replace(seen, interval_clock_cap_mhz=1500.0)])
     assert plain.arrays.state[k.ST_PREFILL_K, 0] == pytest.approx(15000.0 / 1200.0)
     assert raised.arrays.state[k.ST_PREFILL_K, 0] == pytest.approx(15000.0 / 1500.0)
+
+
+def test_a_preemption_raises_to_f_max_and_teaches_the_safe_clock() -> None:
+    """A server out of KV evicts requests to recompute later: more clock, fewer at once."""
+    controller, low = lowered()
+    decision = controller.decide(
+        100.0, [obs(preemptions=3.0, kv_cache_usage=0.99, sm_clock_mhz=low)]
+    )[0]
+    assert decision.sm_clock_max_mhz == 1980
+    assert "KV" in decision.reason
+    safe = controller.group_state()[0]["safe_clock_mhz"]
+    assert safe is not None and safe > low
+
+
+def test_a_nearly_full_kv_cache_raises_in_proportion_and_stops_the_descent() -> None:
+    controller, low = lowered()
+    calm = controller.decide(100.0, [obs(kv_cache_usage=0.85, sm_clock_mhz=low)])[0]
+    assert calm.sm_clock_max_mhz <= low + 15
+    decision = controller.decide(101.0, [obs(kv_cache_usage=0.95, sm_clock_mhz=low)])[0]
+    half_way = low + 0.5 * (1980 - low)
+    assert half_way - 15 <= decision.sm_clock_max_mhz <= half_way + 15
+    assert "KV" in decision.reason
+    # At the line: up a clock step a tick until the cache drains below it, never down.
+    caps = [decision.sm_clock_max_mhz]
+    for t in range(10):
+        tick = obs(kv_cache_usage=0.9, sm_clock_mhz=caps[-1])
+        caps.append(controller.decide(102.0 + t, [tick])[0].sm_clock_max_mhz)
+    assert np.all(np.diff(caps) >= 15)

@@ -73,6 +73,9 @@ def test_vllm_v1_data_parallel_sums_engines() -> None:
     # TTFT: 20 first tokens; cumulative deltas 18 at le=0.5, 20 at le=0.75; rank 19.
     assert s.ttft_p95_s == pytest.approx(interp(0.5, 0.75, 0.95 * 20, 18, 2))
     assert s.ttft_mean_s == pytest.approx((2.4 + 1.6) / 20)
+    # KV usage is the fullest engine's; preemptions add up over engines.
+    assert first.kv_cache_usage == 0.41 and first.preemptions is None
+    assert s.kv_cache_usage == 0.62 and s.preemptions == 3.0
     # ITL comes from inter_token_latency_seconds, not the deprecated TPOT histogram:
     # 980 observations, 900 by le=0.05, 960 by le=0.075; rank 931.
     assert s.itl_p95_s == pytest.approx(interp(0.05, 0.075, 0.95 * 980, 900, 60))
@@ -134,6 +137,7 @@ def test_nim_unprefixed_vllm_names() -> None:
     _, s = pair("nim")
     assert s.kind == "nim" and s.realtime and not s.prompt_per_chunk
     assert s.model_name == "meta/llama-3.1-8b-instruct"
+    assert s.kv_cache_usage == 0.12  # gpu_cache_usage_perc, unprefixed
     assert s.generation_tokens_per_s == pytest.approx(600 / 2)
     assert s.prompt_tokens_per_s == pytest.approx(1000 / 2)
     assert s.ttft_p95_s == pytest.approx(interp(0.1, 0.25, 0.95 * 4, 0, 4))
@@ -147,6 +151,7 @@ def test_lmdeploy_sums_engines_and_prefers_iter_token_latency() -> None:
     assert s.generation_tokens_per_s == pytest.approx((300 + 200) / 2)
     assert s.prompt_tokens_per_s == pytest.approx((800 + 400) / 2)
     assert s.running == 7 and s.waiting == 1
+    assert s.kv_cache_usage == 0.2  # lmdeploy:gpu_cache_usage_perc, the fuller engine
     assert s.ttft_p95_s == pytest.approx(interp(0.25, 0.5, 0.95 * 2, 0, 2))
     # lmdeploy:iter_token_latency: 498 observations in (0.025, 0.05]; TPOT would say ~0.1.
     assert s.itl_p95_s == pytest.approx(interp(0.025, 0.05, 0.95 * 498, 0, 498))
@@ -170,6 +175,8 @@ def test_sglang_tp_mirrors_collapse_and_dp_ranks_sum() -> None:
     assert s.ttft_mean_s == pytest.approx(4.2 / 12)
     assert s.itl_p95_s == pytest.approx(interp(0.03, 0.035, 0.95 * 1600, 1500, 80))
     assert s.itl_mean_s == pytest.approx(40.0 / 1600)
+    # token_usage: the fullest DP rank's (its TP mirrors alike).
+    assert s.kv_cache_usage == 0.58
 
 
 def _sglang_decode_plus(body: bytes, tokens: float, idle: bool = False) -> bytes:
