@@ -35,6 +35,8 @@ class TgiExtractor:
                 "tgi_request_success_total",
                 "tgi_batch_current_size",
                 "tgi_queue_size",
+                "tgi_batch_current_max_tokens",
+                "tgi_batch_max_total_tokens",
                 *hist_names(_ITL),
             ]
         )
@@ -54,6 +56,12 @@ class TgiExtractor:
             value = gauge_total(samples, name)
             if value is not None:
                 reading.gauges[gauge] = value
+        # The tokens the running batch may grow to, of all the server can hold: TGI admits a
+        # request only when its whole budget fits, so this is its KV-cache usage.
+        reserved = gauge_total(samples, "tgi_batch_current_max_tokens")
+        capacity = gauge_total(samples, "tgi_batch_max_total_tokens")
+        if reserved is not None and capacity:
+            reading.gauges["kv_usage"] = reserved / capacity
         itl = histogram(samples, _ITL)
         reading.hists["itl"] = itl or {}
         prompt_len = histogram(samples, "tgi_request_input_length")

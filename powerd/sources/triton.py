@@ -43,6 +43,7 @@ _V1 = ("nv_trt_llm_v1_metrics", "nv_trt_llm_v1_statistics")
 _REQUESTS = ("nv_trt_llm_request_metrics", "nv_trt_llm_request_statistics")
 _FIRST_RESPONSE = "nv_inference_first_response_histogram_ms"
 _SUCCESS = "nv_inference_request_success"
+_KV_BLOCKS = ("nv_trt_llm_kv_cache_block_metrics", "nv_trt_llm_kv_cache_block_statistics")
 
 
 def _first(samples: Samples, names: tuple[str, ...]) -> str:
@@ -73,7 +74,15 @@ class TritonExtractor:
 
     def __init__(self) -> None:
         self.wanted = Wanted.of(
-            [*_GENERAL, *_BATCHER, *_V1, *_REQUESTS, _SUCCESS, *hist_names(_FIRST_RESPONSE)]
+            [
+                *_GENERAL,
+                *_BATCHER,
+                *_V1,
+                *_REQUESTS,
+                *_KV_BLOCKS,
+                _SUCCESS,
+                *hist_names(_FIRST_RESPONSE),
+            ]
         )
 
     def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
@@ -105,6 +114,9 @@ class TritonExtractor:
             value = gauge_total(samples, requests, select={"request_type": request_type})
             if value is not None and _has(samples, requests, "request_type", request_type):
                 reading.gauges[gauge] = value
+        kv_usage = _kv_usage(samples)
+        if kv_usage is not None:
+            reading.gauges["kv_usage"] = kv_usage
         ttft_model = _busiest_model(samples, _FIRST_RESPONSE + "_count")
         if ttft_model is not None:
             ttft = histogram(samples, _FIRST_RESPONSE, select={"model": ttft_model}, scale=0.001)
@@ -117,6 +129,18 @@ class TritonExtractor:
                 reading.counters["finished"] = finished
         reading.model_names = label_values(samples, (general,), ("model",))
         return reading
+
+
+def _kv_usage(samples: Samples) -> float | None:
+    """Used over max KV-cache blocks of the fullest model (None without both)."""
+    blocks = _first(samples, _KV_BLOCKS)
+    per_model: dict[str, dict[str, float]] = {}
+    for (labels, _key, _le), value in samples.get(blocks, ()):
+        kind = labels.get("kv_cache_block_type")
+        if kind in ("used", "max") and value == value:
+            per_model.setdefault(labels.get("model", ""), {})[kind] = value
+    usages = [b["used"] / b["max"] for b in per_model.values() if b.get("max") and "used" in b]
+    return max(usages) if usages else None
 
 
 def _has(samples: Samples, name: str, label: str, value: str) -> bool:

@@ -274,6 +274,7 @@ def test_tgi_histogram_sums_and_no_ttft() -> None:
     assert s.prompt_tokens_per_s == pytest.approx(3000 / 2)
     assert s.finished_requests == 6
     assert s.running == 12 and s.waiting == 3
+    assert s.kv_cache_usage == pytest.approx(9216 / 36864)  # the batch's reserved tokens
     assert s.ttft_p95_s is None and s.ttft_mean_s is None
     lo, hi = 1e-4 * 1.5**14, 1e-4 * 1.5**15
     assert s.itl_p95_s == pytest.approx(interp(lo, hi, 0.95 * 6, 4, 2))
@@ -350,6 +351,7 @@ def test_triton_trtllm_iterations_times_generation_requests() -> None:
     assert s.generation_tokens_per_s == pytest.approx(100 * 32 / 2)
     assert s.prompt_tokens_per_s == pytest.approx(100 * (0 + 512) / 2 / 2)
     assert s.running == 36 and s.waiting == 5
+    assert s.kv_cache_usage == pytest.approx(812 / 6239)  # used of max KV-cache blocks
     # TTFT from the ensemble (the tensorrt_llm model reads 0), in ms: 10 first responses,
     # 8 by le=500 ms, 10 by le=2000 ms.
     assert s.ttft_p95_s == pytest.approx(interp(0.5, 2.0, 0.95 * 10, 8, 2))
