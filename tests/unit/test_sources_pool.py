@@ -209,7 +209,9 @@ def test_hung_server_does_not_delay_the_tick(server: str) -> None:
         assert [s.server for s in samples] == ["hung", "fast"]
         assert samples[1].up and samples[1].running == 18.0
         assert not samples[0].up
-        assert samples[0].error is not None and samples[0].error.startswith("timed out after 0.3")
+        # The time it has been hanging, at least the deadline (more on a busy machine).
+        assert samples[0].error is not None and samples[0].error.startswith("timed out after ")
+        assert float(samples[0].error.split()[3]) >= 0.3
         assert samples[0].timestamp_s == 100.0
 
         # The hung fetch is still running: the next tick neither waits for it nor stacks a
