@@ -526,44 +526,57 @@ def _collect_server(families: _Families, sample: ServerSample, tokens_total: flo
         "Tokens the server generated (its own counter, or its rate integrated by powerd).",
         "counter",
     ).add(labels, tokens_total)
-    families(
-        "powerd_server_generation_tokens_per_second",
-        "Generated tokens per second over the last scrape interval.",
-    ).add(labels, sample.generation_tokens_per_s)
-    families(
-        "powerd_server_prompt_tokens_per_second",
-        "Prompt (prefill) tokens per second over the last scrape interval.",
-    ).add(labels, sample.prompt_tokens_per_s)
-    families("powerd_server_requests_running", "Requests the server is running.").add(
-        labels, sample.running
-    )
-    families("powerd_server_requests_waiting", "Requests waiting in the server's queue.").add(
-        labels, sample.waiting
-    )
-    # A quantile label is reserved for summaries (promtool rejects it on gauges), so the
-    # quantile is in the name.
-    families(
-        "powerd_server_ttft_p95_seconds",
-        "95th percentile time to first token over the last scrape interval.",
-    ).add(labels, sample.ttft_p95_s)
-    families(
-        "powerd_server_itl_p95_seconds",
-        "95th percentile inter-token latency over the last scrape interval.",
-    ).add(labels, sample.itl_p95_s)
-    families(
-        "powerd_server_ttft_mean_seconds", "Mean time to first token over the last interval."
-    ).add(labels, sample.ttft_mean_s)
-    families(
-        "powerd_server_itl_mean_seconds", "Mean inter-token latency over the last interval."
-    ).add(labels, sample.itl_mean_s)
-    families(
-        "powerd_server_kv_cache_usage_ratio",
-        "Share of the server's KV cache in use (its fullest engine's), 0-1.",
-    ).add(labels, sample.kv_cache_usage)
-    families(
-        "powerd_server_preemptions",
-        "Requests the server preempted for KV space over the last scrape interval.",
-    ).add(labels, sample.preemptions)
+    for name, help_text, value in (
+        (
+            "powerd_server_generation_tokens_per_second",
+            "Generated tokens per second over the last scrape interval.",
+            sample.generation_tokens_per_s,
+        ),
+        (
+            "powerd_server_prompt_tokens_per_second",
+            "Prompt (prefill) tokens per second over the last scrape interval.",
+            sample.prompt_tokens_per_s,
+        ),
+        ("powerd_server_requests_running", "Requests the server is running.", sample.running),
+        (
+            "powerd_server_requests_waiting",
+            "Requests waiting in the server's queue.",
+            sample.waiting,
+        ),
+        # A quantile label is reserved for summaries (promtool rejects it on gauges), so the
+        # quantile is in the name.
+        (
+            "powerd_server_ttft_p95_seconds",
+            "95th percentile time to first token over the last scrape interval.",
+            sample.ttft_p95_s,
+        ),
+        (
+            "powerd_server_itl_p95_seconds",
+            "95th percentile inter-token latency over the last scrape interval.",
+            sample.itl_p95_s,
+        ),
+        (
+            "powerd_server_ttft_mean_seconds",
+            "Mean time to first token over the last interval.",
+            sample.ttft_mean_s,
+        ),
+        (
+            "powerd_server_itl_mean_seconds",
+            "Mean inter-token latency over the last interval.",
+            sample.itl_mean_s,
+        ),
+        (
+            "powerd_server_kv_cache_usage_ratio",
+            "Share of the server's KV cache in use (its fullest engine's), 0-1.",
+            sample.kv_cache_usage,
+        ),
+        (
+            "powerd_server_preemptions",
+            "Requests the server preempted for KV space over the last scrape interval.",
+            sample.preemptions,
+        ),
+    ):
+        families(name, help_text).add(labels, value)
 
 
 def _collect_group(families: _Families, group: GroupStatus, currency: str) -> None:
