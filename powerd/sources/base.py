@@ -465,6 +465,13 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _share(value: float | None) -> float | None:
+    """A 0-1 share, or None for anything else: a usage of 40 is a percent or garbage, and read
+    as a share it would hold the clocks at their maximum."""
+    value = _finite(value)
+    return value if value is not None and 0.0 <= value <= 1.0 else None
+
+
 @dataclass(frozen=True, slots=True)
 class Window:
     """Rates and latency figures between two Readings."""
@@ -763,7 +770,7 @@ class Source:
             itl_p95_s=window.itl_q_s if window else None,
             ttft_mean_s=window.ttft_mean_s if window else None,
             ttft_slowest_s=window.ttft_slowest_s if window else None,
-            kv_cache_usage=_finite(gauges.get("kv_usage")),
+            kv_cache_usage=_share(gauges.get("kv_usage")),
             preemptions=window.preemptions if window else None,
             itl_mean_s=window.itl_mean_s if window else None,
             finished_requests=window.finished_requests if window else None,

@@ -82,6 +82,27 @@ def test_vllm_v1_data_parallel_sums_engines() -> None:
     assert s.itl_mean_s == pytest.approx((17.64 + 11.76) / 980)
 
 
+@pytest.mark.parametrize("usage", ["42", "-0.5", "NaN", "+Inf"])
+def test_a_kv_usage_that_is_not_a_share_is_not_read(usage: str) -> None:
+    """Read as a share, a percent (or garbage) past 0.9 would hold the clocks at f_max."""
+    body, headers = load("vllm_v1_b.txt")
+    bad = body.replace(
+        b'vllm:kv_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.62',
+        b'vllm:kv_cache_usage_perc{engine="0",model_name="meta-llama/Llama-3.1-8B-Instruct"} '
+        + usage.encode(),
+    )
+    assert bad != body
+    replay = Replay([load("vllm_v1_a.txt"), (bad, headers)])
+    source = make_source(ServerConfig(name="v", url="http://127.0.0.1:8000/metrics"), replay)
+    source.poll(T0)
+    s = source.poll(T1)
+    assert s.up and s.generation_tokens_per_s is not None
+    # A NaN series is skipped and a negative one is below the other engine's share, which
+    # stands; a value past 1 is the fullest and makes the reading unknown.
+    expected = 0.33 if usage in ("-0.5", "NaN") else None
+    assert s.kv_cache_usage == expected
+
+
 def test_openmetrics_body_reads_like_the_text_format() -> None:
     _, text = pair("vllm_v1")
     _, om = pair("vllm_openmetrics")
