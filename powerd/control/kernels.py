@@ -1076,13 +1076,9 @@ def _group_step(
     raise_to = -math.inf
     raise_reason = REASON_STEADY
     raise_hold = 0.0
-    if preempted:
+    if preempted or queue_over:
         raise_to = f_max
-        raise_reason = REASON_RAISE_KV
-        raise_hold = _HOLD_QUEUE_TICKS
-    elif queue_over:
-        raise_to = f_max
-        raise_reason = REASON_RAISE_QUEUE
+        raise_reason = REASON_RAISE_KV if preempted else REASON_RAISE_QUEUE
         raise_hold = _HOLD_QUEUE_TICKS
     elif queue_growing:
         # In proportion to how full the queue is against the guard: bursts of a few requests
@@ -1090,7 +1086,7 @@ def _group_step(
         raise_to = f_now + min(1.0, waiting / max(max_waiting, 1.0)) * (f_max - f_now)
         raise_reason = REASON_RAISE_QUEUE
         raise_hold = _HOLD_QUEUE_GROWING_TICKS
-    if kv_full and not preempted:
+    if kv_full:
         # In proportion to how close to full, at least a clock step a tick: faster decode
         # finishes requests sooner, and the cache drains as they finish.
         share = min(1.0, (kv_usage - _KV_FULL) / (1.0 - _KV_FULL))

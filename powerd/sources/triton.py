@@ -134,12 +134,18 @@ class TritonExtractor:
 def _kv_usage(samples: Samples) -> float | None:
     """Used over max KV-cache blocks of the fullest model (None without both)."""
     blocks = _first(samples, _KV_BLOCKS)
-    per_model: dict[str, dict[str, float]] = {}
-    for (labels, _key, _le), value in samples.get(blocks, ()):
-        kind = labels.get("kv_cache_block_type")
-        if kind in ("used", "max") and value == value:
-            per_model.setdefault(labels.get("model", ""), {})[kind] = value
-    usages = [b["used"] / b["max"] for b in per_model.values() if b.get("max") and "used" in b]
+    counts = {
+        kind: series_values(
+            samples,
+            blocks,
+            select={"kv_cache_block_type": kind},
+            drop=frozenset({"kv_cache_block_type"}),
+        )
+        or {}
+        for kind in ("used", "max")
+    }
+    used, most = counts["used"], counts["max"]
+    usages = [used[key] / most[key] for key in used.keys() & most.keys() if most[key] > 0]
     return max(usages) if usages else None
 
 
