@@ -40,6 +40,7 @@ from powerd.sources import (
     InlineScrapePool,
     ScrapePool,
     Source,
+    first_token_blind_warning,
     make_source,
 )
 from powerd.sources.fetch import KeepAliveFetcher
@@ -52,6 +53,8 @@ SLO_WINDOW_TICKS = 300
 """Ticks over which a group's SLO attainment is reported (5 minutes at the default 1 s)."""
 EFFICIENCY_WINDOW_TICKS = 10
 """Ticks over which tokens per joule is reported, to smooth counter quantisation."""
+BLIND_WARN_READS = 3
+"""Reads of a generating server without either latency histogram before that is logged."""
 
 
 @dataclass(slots=True)
@@ -77,6 +80,8 @@ class Group:
     guard_raises: list[tuple[float, int]] = field(default_factory=list)
     """(time, cap) of each raise for the backlog applied since the last tick's observation."""
     guard_raises_total: int = 0
+    blind_reads: int = 0
+    """Consecutive reads of a generating server that exported neither latency histogram."""
 
 
 class Daemon:
@@ -329,6 +334,7 @@ class Daemon:
             kv_cache_usage=sample.kv_cache_usage if sample.up else None,
             preemptions=sample.preemptions if sample.up else None,
             prompt_tokens_weighted_mean=sample.prompt_tokens_weighted_mean if sample.up else None,
+            first_token_blind=self._first_token_blind(group, sample),
             interval_clock_cap_mhz=interval_cap_mhz,
             finished_requests_per_s=(
                 sample.finished_requests / interval_s
@@ -336,6 +342,20 @@ class Daemon:
                 else None
             ),
         )
+
+    @staticmethod
+    def _first_token_blind(group: Group, sample: ServerSample) -> bool:
+        """Whether the server exports neither a TTFT nor a prompt-length histogram; logged once
+        a server that generates tokens has gone BLIND_WARN_READS reads without either (a
+        fresh server may create its series at its first request)."""
+        blind = sample.up and not sample.exports_ttft and not sample.exports_prompt_lengths
+        if not blind:
+            group.blind_reads = 0
+        elif (sample.generation_tokens_per_s or 0.0) > 0.0:
+            group.blind_reads += 1
+            if group.blind_reads == BLIND_WARN_READS:
+                log.warning("%s", first_token_blind_warning(group.spec.name, sample.kind))
+        return blind
 
     def _energy_delta_j(self, uuid: str, reading: GpuReading | None) -> float | None:
         if reading is None or reading.energy_mj is None:

@@ -521,6 +521,19 @@ def _collect_server(families: _Families, sample: ServerSample, tokens_total: flo
         "powerd_source_realtime",
         "1 when the server's token counters move every iteration, 0 when at request end.",
     ).add(labels, sample.realtime)
+    for name, help_text, exported in (
+        (
+            "powerd_source_exports_ttft",
+            "1 when the server exports a time-to-first-token histogram.",
+            sample.exports_ttft,
+        ),
+        (
+            "powerd_source_exports_prompt_lengths",
+            "1 when the server exports a prompt-length histogram (its prompt mix).",
+            sample.exports_prompt_lengths,
+        ),
+    ):
+        families(name, help_text).add(labels, exported if sample.up else None)
     families(
         "powerd_server_generation_tokens",
         "Tokens the server generated (its own counter, or its rate integrated by powerd).",

@@ -121,8 +121,19 @@ class ServerSample:
     prefill; None where the server has no prompt-length histogram."""
     generation_tokens_total: float | None = None
     """The server's own cumulative generated-token count, where it has one."""
+    exports_ttft: bool = False
+    """The server exports a time-to-first-token histogram (before any request comes, too)."""
+    exports_prompt_lengths: bool = False
+    """The server exports a prompt-length histogram (the prompt mix)."""
     error: str | None = None
     """Why the source is down, one sentence; None when up."""
+
+
+BLIND_PREFILL_SHARE = 0.7
+"""Where a server exports neither a TTFT nor a prompt-length histogram, its group's clocks stay
+at or above this share of their maximum: prefill runs at 1/0.7 of its fastest at worst, while
+decode keeps most of its saving (its energy knee sits near 0.6-0.7 f_max, dvfs_plant_model.md
+section 6c)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +170,9 @@ class GroupObservation:
     """Requests the server finished per second over the tick, where it counts them."""
     prompt_tokens_weighted_mean: float | None = None
     """See ServerSample.prompt_tokens_weighted_mean."""
+    first_token_blind: bool = False
+    """The server exports neither a TTFT nor a prompt-length histogram: first-token latency can
+    be neither seen nor modelled."""
     interval_clock_cap_mhz: float | None = None
     """The time-weighted clock cap over the interval where raises for the backlog moved it
     (None otherwise): the clock the interval's prompt work was done at."""

@@ -88,7 +88,8 @@ OBS_INTERVAL_CAP_MHZ = 17
 OBS_PROMPT_PER_CHUNK = 18
 OBS_KV_USAGE = 19
 OBS_PREEMPTIONS = 20
-N_OBS = 21
+OBS_FIRST_TOKEN_BLIND = 21
+N_OBS = 22
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -99,7 +100,8 @@ PAR_MAX_WAITING = 4
 PAR_PL_MIN_MW = 5
 PAR_PL_MAX_MW = 6
 PAR_PL_DEFAULT_MW = 7
-N_PAR = 8
+PAR_BLIND_MIN_MHZ = 8
+N_PAR = 9
 
 # Knob indices.
 KNOB_MODE = 0
@@ -924,6 +926,12 @@ def _group_step(
             prefill_min = need_tps / prefill_k
         else:
             prefill_min = prompt_ew / (prefill_k * _PREFILL_UTIL)
+    if obs[OBS_FIRST_TOKEN_BLIND, g] > 0.5:
+        # The server exports neither a TTFT histogram nor its prompt mix: first tokens can be
+        # neither seen nor modelled, so keep prefill at least this fast.
+        blind_min = params[PAR_BLIND_MIN_MHZ, g]
+        if not prefill_min >= blind_min:
+            prefill_min = blind_min
     state[ST_PREFILL_MIN_MHZ, g] = prefill_min
     if _finite(power_gpu_w):
         state[ST_POWER_W, g] = _ewma(state[ST_POWER_W, g], power_gpu_w, 0.3)

@@ -15,7 +15,7 @@ import numpy as np
 
 from powerd.config import Config, SloConfig
 from powerd.control import kernels as k
-from powerd.model import GpuInfo, GroupDecision, GroupObservation
+from powerd.model import BLIND_PREFILL_SHARE, GpuInfo, GroupDecision, GroupObservation
 
 _MODE_CODES = {
     "efficiency": k.MODE_EFFICIENCY,
@@ -187,6 +187,9 @@ def build_arrays(
         params[k.PAR_PL_MIN_MW, g] = max(gpu.power_limit_min_mw for gpu in spec.gpus)
         params[k.PAR_PL_MAX_MW, g] = min(gpu.power_limit_max_mw for gpu in spec.gpus)
         params[k.PAR_PL_DEFAULT_MW, g] = min(gpu.power_limit_default_mw for gpu in spec.gpus)
+        params[k.PAR_BLIND_MIN_MHZ, g] = group_floor_mhz(
+            supported or (f_max,), f_max, math.ceil(BLIND_PREFILL_SHARE * f_max)
+        )
     knobs = np.zeros(k.N_KNOB)
     knobs[k.KNOB_MODE] = _MODE_CODES[config.mode]
     knobs[k.KNOB_SLO_MARGIN] = config.control.slo_margin
@@ -241,6 +244,7 @@ def fill_observations(
         obs[k.OBS_TTFT_SLOWEST_S, g] = _num(o.ttft_slowest_s)
         obs[k.OBS_KV_USAGE, g] = _num(o.kv_cache_usage)
         obs[k.OBS_PREEMPTIONS, g] = _num(o.preemptions)
+        obs[k.OBS_FIRST_TOKEN_BLIND, g] = 1.0 if o.first_token_blind else 0.0
         obs[k.OBS_PROMPT_WEIGHTED_TOKENS, g] = _num(o.prompt_tokens_weighted_mean)
         obs[k.OBS_FINISHED_RPS, g] = _num(o.finished_requests_per_s)
         obs[k.OBS_INTERVAL_CAP_MHZ, g] = _num(o.interval_clock_cap_mhz)

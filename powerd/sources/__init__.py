@@ -8,7 +8,13 @@ generic; detect_kind recognises a family from one scrape.
 
 from __future__ import annotations
 
-from powerd.sources.base import Fetcher, FetchResponse, Source, SourceError
+from powerd.sources.base import (
+    Fetcher,
+    FetchResponse,
+    Source,
+    SourceError,
+    first_token_blind_warning,
+)
 from powerd.sources.detect import detect_kind
 from powerd.sources.fetch import http_fetch
 from powerd.sources.pool import InlineScrapePool, ScrapePool
@@ -24,6 +30,7 @@ __all__ = [
     "Source",
     "SourceError",
     "detect_kind",
+    "first_token_blind_warning",
     "format_probe",
     "http_fetch",
     "make_source",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
 from powerd.config import ServerConfig
-from powerd.model import ServerSample
+from powerd.model import BLIND_PREFILL_SHARE, ServerSample
 from powerd.sources.exposition import (
     ExpositionError,
     LabelInfo,
@@ -558,6 +558,26 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
 # The source
 
 
+LATENCY_HISTOGRAM_HINTS: dict[str, str] = {
+    "triton": "; start tritonserver with --metrics-config histogram_latencies=true for its TTFT"
+    " histogram (nv_inference_first_response_histogram_ms)",
+    "sglang": "; start SGLang with --collect-tokens-histogram for its prompt-length histogram",
+    "llamacpp": "; llama-server exports neither",
+    "generic": "; set `generic.ttft_histogram` if the server exports one",
+}
+"""Per server kind: how to make it export a TTFT or prompt-length histogram, after '; '."""
+
+
+def first_token_blind_warning(server: str, kind: str) -> str:
+    """What a server exporting neither a TTFT nor a prompt-length histogram costs, and the fix."""
+    return (
+        f"server {server} ({kind}) exports no time-to-first-token histogram and no "
+        "prompt-length histogram: powerd can neither see nor model its first-token latency, so "
+        f"it keeps the group's clocks at or above {100 * BLIND_PREFILL_SHARE:.0f} % of their "
+        f"maximum{LATENCY_HISTOGRAM_HINTS.get(kind, '')}"
+    )
+
+
 def _status_error(url: str, status: int, kind: str) -> str:
     hints = {
         "sglang": " (SGLang serves /metrics only with --enable-metrics)",
@@ -776,4 +796,6 @@ class Source:
             finished_requests=window.finished_requests if window else None,
             prompt_tokens_weighted_mean=prompt_weighted,
             generation_tokens_total=_finite(reading.generation_tokens_total),
+            exports_ttft="ttft" in reading.hists,
+            exports_prompt_lengths="prompt_len" in reading.hists,
         )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from powerd.config import ServerConfig
-from powerd.sources.base import Fetcher, SourceError
+from powerd.sources.base import Fetcher, SourceError, first_token_blind_warning
 from powerd.sources.fetch import http_fetch
 from powerd.sources.registry import make_source
 
@@ -43,6 +43,7 @@ def probe(
     if second.generation_tokens_per_s is None:
         raise SourceError(f"{url} restarted between the two scrapes; probe again")
     return {
+        "url": url,
         "kind": source.kind,
         "realtime": second.realtime,
         "generation_tokens_per_s": second.generation_tokens_per_s,
@@ -51,6 +52,9 @@ def probe(
         "waiting": second.waiting,
         "ttft_p95_s": second.ttft_p95_s,
         "itl_p95_s": second.itl_p95_s,
+        "kv_cache_usage": second.kv_cache_usage,
+        "exports_ttft": second.exports_ttft,
+        "exports_prompt_lengths": second.exports_prompt_lengths,
     }
 
 
@@ -63,13 +67,22 @@ def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
 def format_probe(result: dict[str, Any]) -> str:
     """Human text for a probe result, one figure per line."""
     cadence = "per engine step" if result["realtime"] else "at request end"
+    ttft = _fmt(result.get("ttft_p95_s"), " s", 3)
+    if not result.get("exports_ttft", True):
+        ttft = "not exported"
+    kv = result.get("kv_cache_usage")
     lines = [
         f"kind:                 {result['kind']} (token counters move {cadence})",
         f"generation tokens/s:  {_fmt(result['generation_tokens_per_s'], '')}",
         f"prompt tokens/s:      {_fmt(result.get('prompt_tokens_per_s'), '')}",
         f"running requests:     {_fmt(result.get('running'), '', 0)}",
         f"waiting requests:     {_fmt(result.get('waiting'), '', 0)}",
-        f"TTFT p95:             {_fmt(result.get('ttft_p95_s'), ' s', 3)}",
+        f"TTFT p95:             {ttft}",
         f"inter-token p95:      {_fmt(result.get('itl_p95_s'), ' s', 4)}",
+        f"KV cache in use:      {_fmt(None if kv is None else 100 * kv, ' %')}",
+        "prompt-length mix:    "
+        + ("exported" if result.get("exports_prompt_lengths", True) else "not exported"),
     ]
+    if not result.get("exports_ttft", True) and not result.get("exports_prompt_lengths", True):
+        lines.append("warning: " + first_token_blind_warning(result["url"], result["kind"]))
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from powerd.config import Config, ControlConfig, SloConfig
 from powerd.control import kernels as k
 from powerd.control import policy
 from powerd.control.policy import Controller, GroupSpec, Policy, group_floor_mhz
-from powerd.model import GpuInfo, GroupDecision, GroupObservation
+from powerd.model import BLIND_PREFILL_SHARE, GpuInfo, GroupDecision, GroupObservation
 
 H100_CLOCKS = tuple(range(345, 1981, 15))
 ODD_CLOCKS = (600, 810, 1005, 1200, 1410, 1500, 1650, 1755, 1980)
@@ -948,3 +948,21 @@ def test_a_nearly_full_kv_cache_raises_in_proportion_and_stops_the_descent() -> 
         tick = obs(kv_cache_usage=0.9, sm_clock_mhz=caps[-1])
         caps.append(controller.decide(102.0 + t, [tick])[0].sm_clock_max_mhz)
     assert np.all(np.diff(caps) >= 15)
+
+
+def test_a_server_that_shows_first_tokens_neither_way_keeps_the_blind_minimum() -> None:
+    blind_min = group_floor_mhz(H100_CLOCKS, 1980, math.ceil(BLIND_PREFILL_SHARE * 1980))
+    blind = drive(Controller(Config(), [spec()]), 100, first_token_blind=True)
+    assert min(blind) == blind_min
+    assert blind[-1] <= blind_min + 15  # it settles there, give or take the dither
+    assert blind_min - 15 < BLIND_PREFILL_SHARE * 1980 <= blind_min
+    # The same slack from a server that does show them goes lower.
+    seeing = drive(Controller(Config(), [spec()]), 100)
+    assert min(seeing) < blind_min - 200
+    # A queue still raises above it, at once.
+    controller = Controller(Config(), [spec()])
+    caps = drive(controller, 60, first_token_blind=True)
+    decision = controller.decide(
+        100.0, [obs(waiting=40.0, sm_clock_mhz=caps[-1], first_token_blind=True)]
+    )[0]
+    assert decision.sm_clock_max_mhz == 1980

@@ -21,6 +21,7 @@ from powerd.config import Config, ControlConfig, load_config
 from powerd.control import kernels
 from powerd.daemon import Daemon
 from powerd.gpu.nvml import NvmlBackend
+from powerd.model import BLIND_PREFILL_SHARE
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.node import SimNode, serve_node
 from powerd.simulation import build_node, server_configs
@@ -559,3 +560,30 @@ def test_unwritable_journal_leaves_gpus_untouched_and_the_daemon_running(
     assert snapshot.ticks_total == 30
     assert all(g.observe_only for g in snapshot.gpus)
     assert len(metric_lines(rig.metrics(), "powerd_gpu_observe_only", reason="error")) == 2
+
+
+# ------------------------------------------------------------------------ blind servers
+
+
+@pytest.mark.parametrize(("kind", "blind"), [("llamacpp", True), ("vllm", False)])
+def test_a_server_showing_first_tokens_neither_way_is_named_once_and_kept_fast(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, blind: bool
+) -> None:
+    rig = make_rig(tmp_path, sim=dataclasses.replace(SMALL_NODE, server_kind=kind), record=True)
+    with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
+        rig.run(60)
+    warnings = [r.getMessage() for r in caplog.records if "first-token" in r.getMessage()]
+    observed = [obs.first_token_blind for tick in rig.recorder.observations for obs in tick]
+    caps = [d.sm_clock_max_mhz for tick in rig.recorder.decisions[5:] for d in tick]
+    exported = metric_lines(rig.metrics(), "powerd_source_exports_ttft")
+    blind_min = BLIND_PREFILL_SHARE * 1980
+    if blind:
+        assert sorted(w.split(" ", 2)[1] for w in warnings) == ["llamacpp-0", "llamacpp-1"]
+        assert "llama-server exports neither" in warnings[0]
+        assert all(observed)
+        assert min(caps) >= blind_min
+        assert [metric_value(line) for line in exported] == [0.0, 0.0]
+    else:
+        assert warnings == [] and not any(observed)
+        assert min(caps) < blind_min  # half load on an 8B model: far below it
+        assert [metric_value(line) for line in exported] == [1.0, 1.0]

@@ -114,6 +114,8 @@ def server_sample(timestamp_s: float, **overrides: object) -> ServerSample:
         "waiting": 2.0,
         "ttft_p95_s": 0.35,
         "itl_p95_s": 0.042,
+        "exports_ttft": True,
+        "exports_prompt_lengths": True,
     }
     fields.update(overrides)
     return ServerSample(**fields)  # type: ignore[arg-type]

@@ -53,12 +53,19 @@ def test_probe_vllm_pair() -> None:
         "waiting": 4.0,
         "ttft_p95_s": pytest.approx(0.625),
         "itl_p95_s": pytest.approx(0.0629166, rel=1e-5),
+        "url": "http://127.0.0.1:8000/metrics",
+        "kv_cache_usage": pytest.approx(0.62),
+        "exports_ttft": True,
+        "exports_prompt_lengths": False,
     }
     json.dumps(result)
     text = format_probe(result)
     assert "kind:                 vllm (token counters move per engine step)" in text
     assert "generation tokens/s:  500.0" in text
     assert "TTFT p95:             0.625 s" in text
+    assert "KV cache in use:      62.0 %" in text
+    assert "prompt-length mix:    not exported" in text
+    assert "warning" not in text  # its TTFT histogram shows first tokens
 
 
 def test_probe_tgi_reports_request_end_counters() -> None:
@@ -73,7 +80,50 @@ def test_probe_tgi_reports_request_end_counters() -> None:
     )
     assert result["realtime"] is False and result["ttft_p95_s"] is None
     text = format_probe(result)
-    assert "at request end" in text and "TTFT p95:             n/a" in text
+    assert "at request end" in text and "TTFT p95:             not exported" in text
+    # Its prompt-length histogram sizes the prefill headroom: nothing to warn about.
+    assert "prompt-length mix:    exported" in text and "warning" not in text
+
+
+def triton_fetch(with_first_response: bool):  # type: ignore[no-untyped-def]
+    """Triton's scrapes, as served without `--metrics-config histogram_latencies=true`."""
+    bodies = []
+    for name in ("triton_a.txt", "triton_b.txt"):
+        lines = (FIXTURES / name).read_text().splitlines(keepends=True)
+        if not with_first_response:
+            lines = [line for line in lines if "first_response" not in line]
+        bodies.append("".join(lines).encode())
+    return lambda url, timeout_s: FetchResponse(200, bodies.pop(0), {})
+
+
+@pytest.mark.parametrize(
+    ("fetch", "hint"),
+    [
+        (triton_fetch(with_first_response=False), "--metrics-config histogram_latencies=true"),
+        (replay("llamacpp_a.txt", "llamacpp_b.txt"), "llama-server exports neither"),
+    ],
+)
+def test_probe_warns_where_first_tokens_can_be_neither_seen_nor_modelled(
+    fetch: object, hint: str
+) -> None:
+    clock = Clock()
+    result = probe("http://h/metrics", fetch=fetch, sleep=clock.sleep, clock=clock)  # type: ignore[arg-type]
+    assert result["exports_ttft"] is False and result["exports_prompt_lengths"] is False
+    text = format_probe(result)
+    assert "TTFT p95:             not exported" in text
+    warning = text.splitlines()[-1]
+    assert warning.startswith(
+        f"warning: server http://h/metrics ({result['kind']}) exports no time-to-first-token "
+        "histogram and no prompt-length histogram"
+    )
+    assert "at or above 70 % of their maximum" in warning and hint in warning
+
+
+def test_probe_of_triton_with_its_latency_histograms_does_not_warn() -> None:
+    clock = Clock()
+    result = probe("http://h/metrics", fetch=triton_fetch(True), sleep=clock.sleep, clock=clock)
+    assert result["exports_ttft"] is True
+    assert "warning" not in format_probe(result)
 
 
 def test_probe_unreadable_or_unknown_server() -> None:
