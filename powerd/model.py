@@ -122,9 +122,10 @@ class ServerSample:
     generation_tokens_total: float | None = None
     """The server's own cumulative generated-token count, where it has one."""
     exports_ttft: bool = False
-    """The server exports a time-to-first-token histogram (before any request comes, too)."""
+    """The scrape has a time-to-first-token histogram (some servers create theirs at their
+    first request)."""
     exports_prompt_lengths: bool = False
-    """The server exports a prompt-length histogram (the prompt mix)."""
+    """The scrape has a prompt-length histogram (the prompt mix)."""
     error: str | None = None
     """Why the source is down, one sentence; None when up."""
 

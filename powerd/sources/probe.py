@@ -67,9 +67,8 @@ def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
 def format_probe(result: dict[str, Any]) -> str:
     """Human text for a probe result, one figure per line."""
     cadence = "per engine step" if result["realtime"] else "at request end"
-    ttft = _fmt(result.get("ttft_p95_s"), " s", 3)
-    if not result.get("exports_ttft", True):
-        ttft = "not exported"
+    seen, modelled = result["exports_ttft"], result["exports_prompt_lengths"]
+    ttft = _fmt(result.get("ttft_p95_s"), " s", 3) if seen else "not exported"
     kv = result.get("kv_cache_usage")
     lines = [
         f"kind:                 {result['kind']} (token counters move {cadence})",
@@ -80,9 +79,8 @@ def format_probe(result: dict[str, Any]) -> str:
         f"TTFT p95:             {ttft}",
         f"inter-token p95:      {_fmt(result.get('itl_p95_s'), ' s', 4)}",
         f"KV cache in use:      {_fmt(None if kv is None else 100 * kv, ' %')}",
-        "prompt-length mix:    "
-        + ("exported" if result.get("exports_prompt_lengths", True) else "not exported"),
+        f"prompt-length mix:    {'exported' if modelled else 'not exported'}",
     ]
-    if not result.get("exports_ttft", True) and not result.get("exports_prompt_lengths", True):
+    if not seen and not modelled:
         lines.append("warning: " + first_token_blind_warning(result["url"], result["kind"]))
     return "\n".join(lines)
