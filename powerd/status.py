@@ -13,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from powerd.model import BLIND_PREFILL_SHARE
+
 
 class StatusError(Exception):
     """The daemon's metrics could not be read; the message is one sentence."""
@@ -34,6 +36,8 @@ class GroupRow:
     slo_attainment: float | None
     observe_only: bool = False
     dry_run: bool = False
+    first_token_blind: bool = False
+    """Its server exports neither a TTFT nor a prompt-length histogram."""
 
 
 def fetch_status(
@@ -80,7 +84,13 @@ def parse_status(text: str) -> list[GroupRow]:
     """Group rows from an exposition text, in the order the groups first appear."""
     values: dict[tuple[str, str, str], dict[str, float]] = {}
     modes: dict[tuple[str, str, str], str] = {}
+    exported: dict[str, list[float]] = {}
+    """Per server: its powerd_source_exports_* values."""
     for family in text_string_to_metric_families(text):
+        if family.name in _EXPORTS:
+            for sample in family.samples:
+                exported.setdefault(sample.labels.get("server", ""), []).append(sample.value)
+            continue
         if not family.name.startswith(("powerd_group_", "powerd_controller_mode")):
             continue
         for sample in family.samples:
@@ -113,12 +123,19 @@ def parse_status(text: str) -> list[GroupRow]:
                 slo_attainment=row.get("powerd_group_slo_attainment_ratio"),
                 observe_only=row.get("powerd_group_observe_only") == 1.0,
                 dry_run=row.get("powerd_group_dry_run") == 1.0,
+                first_token_blind=exported.get(key[1], [1.0]) == [0.0, 0.0],
             )
         )
     return rows
 
 
+_EXPORTS = ("powerd_source_exports_ttft", "powerd_source_exports_prompt_lengths")
 _HEADER = ("GROUP", "MODE", "CLOCK MHz", "WATTS", "TOKENS/S", "TOKENS/J", "SLO")
+_BLIND_NOTE = (
+    "blind: the server exports neither a TTFT nor a prompt-length histogram, so its clocks stay "
+    f"at or above {100 * BLIND_PREFILL_SHARE:.0f} % of their maximum (`powerd probe URL` shows "
+    "what it exports)"
+)
 
 
 def format_status(rows: list[GroupRow]) -> str:
@@ -128,10 +145,13 @@ def format_status(rows: list[GroupRow]) -> str:
     table = [_HEADER]
     for row in rows:
         mode = row.mode or "-"
-        if row.observe_only:
-            mode += " (observe)"
-        elif row.dry_run:
-            mode += " (dry run)"
+        tags = ["observe"] if row.observe_only else []
+        if row.dry_run and not row.observe_only:
+            tags.append("dry run")
+        if row.first_token_blind and not row.observe_only:
+            tags.append("blind")
+        if tags:
+            mode += f" ({', '.join(tags)})"
         table.append(
             (
                 row.group,
@@ -151,6 +171,8 @@ def format_status(rows: list[GroupRow]) -> str:
             for i, (cell, width) in enumerate(zip(line, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
+    if any(row.first_token_blind and not row.observe_only for row in rows):
+        lines += ["", _BLIND_NOTE]
     return "\n".join(lines)
 
 

@@ -149,3 +149,25 @@ def test_basic_auth(tmp_path: Path) -> None:
         assert [row.group for row in fetch_status(url, auth=("ops", "s3cret"))] == ["llama"]
     finally:
         exporter.stop()
+
+
+def test_a_group_whose_server_shows_first_tokens_neither_way_is_marked_blind() -> None:
+    snapshot = full_snapshot()
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(snapshot)
+    seeing = parse_status(exporter.render().decode())
+    assert [row.first_token_blind for row in seeing] == [False]
+    assert "blind" not in format_status(seeing)
+
+    blind_server = replace(snapshot.servers[0], exports_ttft=False, exports_prompt_lengths=False)
+    exporter.publish(replace(snapshot, servers=(blind_server,)))
+    rows = parse_status(exporter.render().decode())
+    assert [row.first_token_blind for row in rows] == [True]
+    lines = format_status(rows).splitlines()
+    assert lines[1].split()[:3] == ["llama", "target", "(blind)"]
+    assert lines[-1].startswith("blind: the server exports neither a TTFT nor a prompt-length")
+    assert "70 % of their maximum" in lines[-1]
+    # One of the two is enough to see or model first tokens.
+    half = replace(blind_server, exports_prompt_lengths=True)
+    exporter.publish(replace(snapshot, servers=(half,)))
+    assert [row.first_token_blind for row in parse_status(exporter.render().decode())] == [False]
