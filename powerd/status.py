@@ -84,12 +84,12 @@ def parse_status(text: str) -> list[GroupRow]:
     """Group rows from an exposition text, in the order the groups first appear."""
     values: dict[tuple[str, str, str], dict[str, float]] = {}
     modes: dict[tuple[str, str, str], str] = {}
-    exported: dict[str, list[float]] = {}
-    """Per server: its powerd_source_exports_* values."""
+    exports: dict[str, dict[str, float]] = {}
+    """Per server: its powerd_source_exports_* values by metric name."""
     for family in text_string_to_metric_families(text):
         if family.name in _EXPORTS:
             for sample in family.samples:
-                exported.setdefault(sample.labels.get("server", ""), []).append(sample.value)
+                exports.setdefault(sample.labels.get("server", ""), {})[family.name] = sample.value
             continue
         if not family.name.startswith(("powerd_group_", "powerd_controller_mode")):
             continue
@@ -123,7 +123,9 @@ def parse_status(text: str) -> list[GroupRow]:
                 slo_attainment=row.get("powerd_group_slo_attainment_ratio"),
                 observe_only=row.get("powerd_group_observe_only") == 1.0,
                 dry_run=row.get("powerd_group_dry_run") == 1.0,
-                first_token_blind=exported.get(key[1], [1.0]) == [0.0, 0.0],
+                first_token_blind=all(
+                    exports.get(key[1], {}).get(name) == 0.0 for name in _EXPORTS
+                ),
             )
         )
     return rows
