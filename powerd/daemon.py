@@ -345,10 +345,10 @@ class Daemon:
 
     @staticmethod
     def _first_token_blind(group: Group, sample: ServerSample) -> bool:
-        """Whether the server exports neither a TTFT nor a prompt-length histogram; logged once
-        a server that generates tokens has gone BLIND_WARN_READS reads without either (a
-        fresh server may create its series at its first request)."""
-        blind = sample.up and not sample.exports_ttft and not sample.exports_prompt_lengths
+        """sample.first_token_blind, logged once a server that generates tokens has gone
+        BLIND_WARN_READS reads without either histogram (a fresh server may create its series
+        at its first request)."""
+        blind = sample.first_token_blind
         if not blind:
             group.blind_reads = 0
         elif (sample.generation_tokens_per_s or 0.0) > 0.0:

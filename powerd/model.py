@@ -129,6 +129,12 @@ class ServerSample:
     error: str | None = None
     """Why the source is down, one sentence; None when up."""
 
+    @property
+    def first_token_blind(self) -> bool:
+        """Read, with neither a TTFT nor a prompt-length histogram: first-token latency can be
+        neither seen nor modelled (its group keeps BLIND_PREFILL_SHARE of its maximum clock)."""
+        return self.up and not self.exports_ttft and not self.exports_prompt_lengths
+
 
 BLIND_PREFILL_SHARE = 0.7
 """Where a server exports neither a TTFT nor a prompt-length histogram, its group's clocks stay

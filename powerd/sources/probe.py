@@ -55,6 +55,7 @@ def probe(
         "kv_cache_usage": second.kv_cache_usage,
         "exports_ttft": second.exports_ttft,
         "exports_prompt_lengths": second.exports_prompt_lengths,
+        "first_token_blind": second.first_token_blind,
     }
 
 
@@ -67,9 +68,9 @@ def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
 def format_probe(result: dict[str, Any]) -> str:
     """Human text for a probe result, one figure per line."""
     cadence = "per engine step" if result["realtime"] else "at request end"
-    seen, modelled = result["exports_ttft"], result["exports_prompt_lengths"]
-    ttft = _fmt(result.get("ttft_p95_s"), " s", 3) if seen else "not exported"
+    ttft = _fmt(result.get("ttft_p95_s"), " s", 3) if result["exports_ttft"] else "not exported"
     kv = result.get("kv_cache_usage")
+    mix = "exported" if result["exports_prompt_lengths"] else "not exported"
     lines = [
         f"kind:                 {result['kind']} (token counters move {cadence})",
         f"generation tokens/s:  {_fmt(result['generation_tokens_per_s'], '')}",
@@ -79,8 +80,8 @@ def format_probe(result: dict[str, Any]) -> str:
         f"TTFT p95:             {ttft}",
         f"inter-token p95:      {_fmt(result.get('itl_p95_s'), ' s', 4)}",
         f"KV cache in use:      {_fmt(None if kv is None else 100 * kv, ' %')}",
-        f"prompt-length mix:    {'exported' if modelled else 'not exported'}",
+        f"prompt-length mix:    {mix}",
     ]
-    if not seen and not modelled:
+    if result["first_token_blind"]:
         lines.append("warning: " + first_token_blind_warning(result["url"], result["kind"]))
     return "\n".join(lines)

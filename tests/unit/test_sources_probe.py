@@ -57,6 +57,7 @@ def test_probe_vllm_pair() -> None:
         "kv_cache_usage": pytest.approx(0.62),
         "exports_ttft": True,
         "exports_prompt_lengths": False,
+        "first_token_blind": False,
     }
     json.dumps(result)
     text = format_probe(result)
@@ -109,6 +110,7 @@ def test_probe_warns_where_first_tokens_can_be_neither_seen_nor_modelled(
     clock = Clock()
     result = probe("http://h/metrics", fetch=fetch, sleep=clock.sleep, clock=clock)  # type: ignore[arg-type]
     assert result["exports_ttft"] is False and result["exports_prompt_lengths"] is False
+    assert result["first_token_blind"] is True
     text = format_probe(result)
     assert "TTFT p95:             not exported" in text
     warning = text.splitlines()[-1]
