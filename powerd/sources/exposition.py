@@ -2,9 +2,10 @@
 
 A source needs a handful of families out of a scrape that can run to hundreds of kilobytes, so
 the parser splits the body at `# TYPE` lines and skips every family it was not asked for without
-looking at its lines. Lines of the wanted families (and any lines before the first `# TYPE`) are
-parsed strictly: a line that is not a comment, a blank or a well-formed sample is an error that
-names the line.
+looking at its lines, and the bucket lines of a histogram read only for its sum or count. The
+other lines of the wanted families (and any lines before the first `# TYPE`) are parsed
+strictly: a line that is not a comment, a blank or a well-formed sample is an error that names
+the line.
 
 Both formats are accepted as they are found in the wild:
 - counters typed with `_total` (prometheus_client text format), without it (OpenMetrics, where
@@ -127,13 +128,17 @@ def _parse_lines(
     wanted: frozenset[str] | None,
     cache: dict[str, LabelInfo],
     out: Samples,
+    unread_prefix: str | None = None,
 ) -> bool:
-    """Parse sample lines into out; returns False once `# EOF` was read."""
+    """Parse sample lines into out; returns False once `# EOF` was read. Lines that start with
+    `unread_prefix` (the buckets of a histogram read only for its sum or count) are skipped."""
     fast = _SAMPLE_FAST.match
     for line in lines:
         if not line or line[0] == "#":
             if line.startswith("# EOF"):
                 return False
+            continue
+        if unread_prefix is not None and line.startswith(unread_prefix):
             continue
         m = fast(line)
         if m is None:
@@ -193,12 +198,14 @@ def parse_exposition(
     families = None if wanted is None else wanted.families
     for chunk in chunks[1:]:
         end = chunk.find(" ")
-        if families is not None and chunk[:end] not in families:
+        family = chunk[:end]
+        if families is not None and family not in families:
             continue
         first = chunk.find("\n")
         if first < 0:
             continue
-        if not _parse_lines(text, chunk[first + 1 :].split("\n"), names, cache, out):
+        unread = None if names is None or family + "_bucket" in names else family + "_bucket{"
+        if not _parse_lines(text, chunk[first + 1 :].split("\n"), names, cache, out, unread):
             return out
     return out
 

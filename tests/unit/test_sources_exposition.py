@@ -72,6 +72,25 @@ keep 1
         parse_exposition(body)
 
 
+def test_buckets_of_a_histogram_read_for_its_sum_are_skipped() -> None:
+    body = b"""# TYPE h histogram
+h_bucket{le="1"} 2
+h_bucket{le="not parsed"
+h_bucket{le="+Inf"} 3
+h_sum 4.5
+h_count 3
+"""
+    samples = parse_exposition(body, Wanted.of(["h_sum", "h_count"]))
+    assert set(samples) == {"h_sum", "h_count"}
+    assert samples["h_sum"][0][1] == 4.5
+    # Read for its buckets, the same histogram is parsed line by line.
+    with pytest.raises(ExpositionError, match="line 3"):
+        parse_exposition(body, Wanted.of(["h_bucket", "h_sum"]))
+    bad_sum = body.replace(b"h_sum 4.5", b"h_sum{ 4.5")
+    with pytest.raises(ExpositionError, match="line 5"):
+        parse_exposition(bad_sum, Wanted.of(["h_sum"]))
+
+
 def test_escaped_label_values_braces_and_spaces() -> None:
     body = (
         'm{path="C:\\\\dir",quote="say \\"hi\\"",nl="a\\nb",brace="}{",space="a b"} 1\n'
