@@ -199,7 +199,8 @@ H_PROMPT_TOKENS = 8
 H_GEN_TOKENS = 9
 H_ITER_TOKENS = 10
 H_MEAN_TPT = 11
-N_H = 12
+H_NEXT_BATCH = 12  # requests admitted by one iteration (TGI's tgi_batch_next_size)
+N_H = 13
 HISTOGRAM_NAMES: tuple[str, ...] = (
     "ttft_s",
     "itl_s",
@@ -213,6 +214,7 @@ HISTOGRAM_NAMES: tuple[str, ...] = (
     "generation_tokens",
     "iteration_tokens",
     "mean_time_per_token_s",
+    "next_batch_size",
 )
 
 DISPATCH_POLICIES = {"least_loaded": 0, "round_robin": 1}
@@ -391,6 +393,9 @@ def _start_iteration(
     gpu_map: np.ndarray,
     gpu_f: np.ndarray,
     metrics: np.ndarray,
+    hist_c: np.ndarray,
+    hist_s: np.ndarray,
+    hist_b: np.ndarray,
     rng: np.ndarray,
 ) -> bool:
     """Schedule and launch the next iteration of server s at t0; False when there is no work."""
@@ -431,6 +436,7 @@ def _start_iteration(
         b -= tok
 
     # Admit waiting requests (FCFS) while budget, batch bound and KV cache allow.
+    admitted = 0
     while srv_i[s, SI_WQ_LEN] > 0 and b > 0 and n_run < max_batch:
         r = srv_i[s, SI_WQ_HEAD]
         tok = min(req_i[r, R_NEED] - req_i[r, R_DONE], b)
@@ -445,6 +451,9 @@ def _start_iteration(
         if req_i[r, R_STARTED] == 0:
             req_i[r, R_STARTED] = 1
             req_f[r, RF_SCHED] = t0
+            admitted += 1
+    if admitted > 0:
+        _observe(hist_c, hist_s, hist_b, s, H_NEXT_BATCH, float(admitted), 1.0)
     srv_i[s, SI_RUN_N] = n_run
     if n_run == 0:
         srv_i[s, SI_BUSY] = 0
@@ -808,6 +817,9 @@ def engine_run_until(
                 gpu_map,
                 gpu_f,
                 metrics,
+                hist_c,
+                hist_s,
+                hist_b,
                 rng,
             )
         else:
@@ -832,6 +844,9 @@ def engine_run_until(
                     gpu_map,
                     gpu_f,
                     metrics,
+                    hist_c,
+                    hist_s,
+                    hist_b,
                     rng,
                 )
     span = t_end - t_start
@@ -1208,8 +1223,8 @@ class EngineBank:
             nb = int(self._nb[h])
             cum = np.cumsum(self.hist_c[s, h, : nb + 1])
             hists[name] = HistogramSnapshot(
-                bounds=tuple(float(x) for x in self.hist_b[h, :nb]),
-                cumulative_counts=tuple(float(x) for x in cum),
+                bounds=tuple(self.hist_b[h, :nb].tolist()),
+                cumulative_counts=tuple(cum.tolist()),
                 sum=float(self.hist_s[s, h]),
             )
         return EngineMetrics(values, hists, float(self.start_time_unix[s]))

@@ -11,6 +11,7 @@ themselves; the others are written as their exporters write text.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -80,6 +81,8 @@ TRITON_FIRST_RESPONSE_BUCKETS_MS = (100.0, 500.0, 2000.0, 5000.0)
 # TGI's --max-input-tokens / --max-total-tokens defaults (4095 / 4096) size its token buckets.
 TGI_MAX_INPUT_TOKENS = 4095
 TGI_MAX_TOTAL_TOKENS = 4096
+# tgi_batch_next_size has a bucket for every batch size from 1 to 1024 (router/src/server.rs).
+TGI_BATCH_SIZE_BUCKETS = 1024
 # LMDeploy hard-codes max_model_len = 4096 for its token histograms.
 LMDEPLOY_MAX_MODEL_LEN = 4096
 TRITON_MODEL = "tensorrt_llm"
@@ -129,6 +132,7 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
         "generation_tokens": list(tokens),
         "iteration_tokens": [float(x) for x in VLLM_ITERATION_TOKENS_BUCKETS],
         "mean_time_per_token_s": list(VLLM_ITL_BUCKETS),
+        "next_batch_size": [float(x) for x in VLLM_ITERATION_TOKENS_BUCKETS],
     }
     if kind == "sglang":
         b["ttft_s"] = [float(x) for x in SGLANG_TTFT_BUCKETS]
@@ -150,6 +154,7 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
             b[name] = tgi_duration_buckets()
         b["prompt_tokens"] = _linear_buckets(TGI_MAX_INPUT_TOKENS)
         b["generation_tokens"] = _linear_buckets(TGI_MAX_TOTAL_TOKENS)
+        b["next_batch_size"] = [float(x + 1) for x in range(TGI_BATCH_SIZE_BUCKETS)]
     elif kind == "triton":
         b["ttft_s"] = [ms / 1000.0 for ms in TRITON_FIRST_RESPONSE_BUCKETS_MS]
     elif kind == "lmdeploy":
@@ -567,6 +572,12 @@ def _rust_number(v: float) -> str:
     return np.format_float_positional(v, trim="-")
 
 
+@functools.lru_cache(maxsize=64)
+def _rust_bucket_prefixes(name: str, bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """`name_bucket{le="..."} ` for every finite bound, as TGI renders them."""
+    return tuple(f'{name}_bucket{{le="{_rust_number(b)}"}} ' for b in bounds)
+
+
 def _tgi(m: EngineMetrics) -> bytes:
     v, h = m.values, m.histograms
     lines: list[str] = []
@@ -590,7 +601,8 @@ def _tgi(m: EngineMetrics) -> bytes:
     scalar("tgi_batch_current_size", "gauge", v["num_running"])
     scalar("tgi_batch_current_max_tokens", "gauge", v["kv_used_tokens"])
     scalar("tgi_batch_max_total_tokens", "gauge", v["kv_capacity_tokens"])
-    # Request-level histograms are recorded once per finished request (server.rs).
+    # Request-level histograms are recorded once per finished request (server.rs); the size of
+    # each batch of queued requests admitted, when the queue hands it over (queue.rs).
     for name, slot in (
         ("tgi_request_queue_duration", "queue_s"),
         ("tgi_request_inference_duration", "inference_s"),
@@ -598,11 +610,16 @@ def _tgi(m: EngineMetrics) -> bytes:
         ("tgi_request_mean_time_per_token_duration", "mean_time_per_token_s"),
         ("tgi_request_input_length", "prompt_tokens"),
         ("tgi_request_generated_tokens", "generation_tokens"),
+        ("tgi_batch_next_size", "next_batch_size"),
     ):
         hist = h[slot]
         lines.append(f"# TYPE {name} histogram")
-        for b, c in zip(hist.bounds, hist.cumulative_counts[:-1], strict=True):
-            lines.append(f'{name}_bucket{{le="{_rust_number(b)}"}} {_rust_number(c)}')
+        prefixes = _rust_bucket_prefixes(name, hist.bounds)
+        counts = hist.cumulative_counts
+        lines.extend(
+            prefix + (str(int(c)) if c.is_integer() else _rust_number(c))
+            for prefix, c in zip(prefixes, counts[:-1], strict=True)
+        )
         lines.append(f'{name}_bucket{{le="+Inf"}} {_rust_number(hist.count)}')
         lines.append(f"{name}_sum {_rust_number(hist.sum)}")
         lines.append(f"{name}_count {_rust_number(hist.count)}")

@@ -205,6 +205,21 @@ def test_tgi_counters_have_no_total_suffix() -> None:
     assert value(samples, "tgi_batch_current_size") == snap.values["num_running"]
     _, samples = fam["tgi_request_duration"]
     assert len(bucket_bounds(samples, "tgi_request_duration_bucket")) == 35
+    # Every request admitted to a batch is in tgi_batch_next_size once, in batches that carry
+    # prefill, with a bucket for each batch size 1..1024.
+    _, samples = fam["tgi_batch_next_size"]
+    assert snap.values["preemptions"] == 0
+    admitted = snap.values["requests_arrived"] - snap.values["num_waiting"]
+    assert value(samples, "tgi_batch_next_size_sum") == admitted > 0
+    assert 0 < value(samples, "tgi_batch_next_size_count") <= snap.values["prefill_batches"]
+    assert bucket_bounds(samples, "tgi_batch_next_size_bucket") == [
+        float(x) for x in range(1, 1025)
+    ]
+    _, samples = fam["tgi_batch_inference_count"]
+    calls = sum(
+        value(samples, "tgi_batch_inference_count_total", method=m) for m in ("prefill", "decode")
+    )
+    assert calls == snap.values["iterations"]
     assert "model_name" not in text
 
 
