@@ -77,14 +77,15 @@ class Hist:
     buckets: dict[float, float] = field(default_factory=dict)
 
 
-GenMode = Literal["counter", "gauge", "iterations"]
+GenMode = Literal["counter", "gauge", "iterations", "admissions"]
 
 
 @dataclass(slots=True)
 class Reading:
     """What one scrape says, before it is compared with the previous one.
 
-    counters: logical name ("generation", "prompt", "finished", "iterations") -> series -> value.
+    counters: logical name ("generation", "prompt", "finished", "iterations", "admitted") ->
+    series -> value.
     A name that is present (even with no series) is read by the kind; a series missing from the
     previous scrape counts from 0, as servers create series lazily (TGI).
     gauges: "running", "waiting", "generation_rate" / "prompt_rate" (tokens/s gauges).
@@ -100,6 +101,10 @@ class Reading:
     (None) while they stand still with requests running.
     prompt_per_chunk: prompt tokens are counted as each chunk is prefilled; otherwise a whole
     prompt lands at once, when its first token comes (vLLM V1) or when the request ends.
+    prompt_mode "admissions": the server counts the requests it admits to prefill
+    (counters["admitted"]) but their prompt tokens only when each ends (counters["prompt"]); the
+    prompt rate is the admissions times the mean prompt of the recent prompt-length mix, and
+    the request-end count until that mix is known or where admissions are not counted (TGI).
     """
 
     realtime: bool
@@ -451,7 +456,9 @@ def _per_iteration_tokens(prev: Reading, cur: Reading, name: str) -> float | Non
     for key, value in iterations.items():
         before = iter_before.get(key)
         if before is None:
-            continue
+            if "iterations" not in prev.counters:
+                continue
+            before = 0.0  # a series created since the last scrape counts from zero
         if value < before:
             raise _Reset
         now_tokens = per_now.get(key, 0.0)
@@ -487,6 +494,8 @@ class Window:
     preemptions: float | None = None
     prompt_len: tuple[float, float, dict[float, float]] | None = None
     """Finished requests' prompt lengths over the window: count, sum, cumulative buckets."""
+    admitted_per_s: float | None = None
+    """Requests admitted to prefill per second (prompt_mode "admissions")."""
 
 
 def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window | None:
@@ -535,7 +544,7 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
             elif mode == "iterations":
                 tokens = _per_iteration_tokens(prev, cur, name)
                 value = None if tokens is None else tokens / dt_s
-            else:
+            else:  # counter; "admissions" starts from the request-end count (Source._process)
                 value = deltas[name] / dt_s if name in deltas else None
             rates[name] = value
     except _Reset:
@@ -551,6 +560,7 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
         ttft_slowest_s=ttft_slowest_s,
         preemptions=deltas.get("preemptions"),
         prompt_len=prompt_len,
+        admitted_per_s=deltas["admitted"] / dt_s if "admitted" in deltas else None,
     )
 
 
@@ -725,10 +735,20 @@ class Source:
                 window = compare(prev, reading, dt_s, self.config.slo.quantile)
             if window is not None and window.prompt_len is not None:
                 self._prompt_mix.add(dt_s, *window.prompt_len)
+            if window is not None and reading.prompt_mode == "admissions":
+                window = self._admitted_prompt_rate(window)
         if reading.flushed:
             window = self._flushed_rates(reading, window, now_s)
         self._prev, self._prev_s = reading, now_s
         return self._sample(reading, window, now_s, time.perf_counter() - start)
+
+    def _admitted_prompt_rate(self, window: Window) -> Window:
+        """The window's prompt rate as admissions x the recent mix's mean prompt."""
+        mix = self._prompt_mix
+        admitted = window.admitted_per_s
+        if admitted is None or mix.count < PROMPT_MIX_MIN_REQUESTS:
+            return window
+        return replace(window, prompt_tokens_per_s=admitted * mix.sum / mix.count)
 
     def _flushed_rates(
         self, reading: Reading, window: Window | None, now_s: float

@@ -2,13 +2,16 @@
 
 TGI renders its metrics with the Rust metrics-exporter-prometheus: counters carry no `_total`
 (`tgi_request_success`), there is no model label, and a series exists only once it was first
-recorded, so a fresh server may serve an almost empty body. There is no token counter: the
-generated tokens are the `_sum` of the `tgi_request_generated_tokens` histogram (and prompt
-tokens of `tgi_request_input_length`, whose buckets give the prompt-length mix), recorded once
-per finished request, so the rate moves in request-sized steps (realtime=False). There is no
-TTFT; the inter-token figure is `tgi_request_mean_time_per_token_duration` (inference time /
-generated tokens per request, which includes the prefill). Queue: `tgi_queue_size`; running:
-`tgi_batch_current_size`.
+recorded, so a fresh server may serve an almost empty body. There is no token counter. The
+batching task counts every forward call, `tgi_batch_inference_count{method="prefill|decode"}`,
+and each call gives one token to every request of the running batch (`tgi_batch_current_size`),
+so generated tokens/s = Δ calls / Δt x the batch (a snapshot, averaged over the two scrapes), as
+for Triton; the `_sum` of `tgi_request_generated_tokens`, recorded once per finished request,
+is the exported total. Prompt tokens are the `_sum` of `tgi_request_input_length` (whose
+buckets give the prompt-length mix), recorded when a request ends.
+There is no TTFT; the inter-token figure is `tgi_request_mean_time_per_token_duration`
+(inference time / generated tokens per request, which includes the prefill). Queue:
+`tgi_queue_size`; running: `tgi_batch_current_size`.
 Reference: shared/reference/inference_server_metrics.md section 4.
 """
 
@@ -33,6 +36,9 @@ class TgiExtractor:
                 *hist_names("tgi_request_input_length"),
                 "tgi_request_success",
                 "tgi_request_success_total",
+                "tgi_batch_inference_count",
+                "tgi_batch_inference_count_total",
+                "tgi_batch_next_size_sum",
                 "tgi_batch_current_size",
                 "tgi_queue_size",
                 "tgi_batch_current_max_tokens",
@@ -42,11 +48,21 @@ class TgiExtractor:
         )
 
     def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
-        reading = Reading(realtime=False)
+        reading = Reading(realtime=True, gen_mode="iterations", prompt_mode="admissions")
         generated = series_values(samples, "tgi_request_generated_tokens_sum") or {}
         reading.counters["generation"] = generated
+        calls = gauge_total(samples, "tgi_batch_inference_count")
+        if calls is None:
+            calls = gauge_total(samples, "tgi_batch_inference_count_total")
+        batch = gauge_total(samples, "tgi_batch_current_size")
+        # Before its first forward call a server has neither series: no calls, no tokens yet.
+        reading.counters["iterations"] = {} if calls is None else {(): calls}
+        reading.per_iteration["generation"] = {} if batch is None else {(): batch}
         reading.generation_tokens_total = total(generated) if generated else None
         reading.counters["prompt"] = series_values(samples, "tgi_request_input_length_sum") or {}
+        admitted = series_values(samples, "tgi_batch_next_size_sum")
+        if admitted is not None:
+            reading.counters["admitted"] = admitted
         reading.counters["finished"] = (
             series_values(samples, "tgi_request_success")
             or series_values(samples, "tgi_request_success_total")

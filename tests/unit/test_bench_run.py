@@ -183,6 +183,6 @@ def test_powerd_reads_each_server_kind_end_to_end(kind: str) -> None:
     assert server.kind == kind
     assert server.up and server.error is None
     assert server.generation_tokens_per_s is not None
-    # Kinds that count tokens at request end (TGI) may show none in the last tick.
+    # Kinds that count tokens at request end may show none in the last tick.
     assert server.generation_tokens_per_s > 0 or (server.generation_tokens_total or 0) > 0
     assert result.generated_tokens > 0

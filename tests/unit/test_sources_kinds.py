@@ -287,11 +287,13 @@ def test_sglang_v03_name_label_and_old_gauges() -> None:
     assert s.finished_requests is None
 
 
-def test_tgi_histogram_sums_and_no_ttft() -> None:
+def test_tgi_forward_calls_and_no_ttft() -> None:
     _, s = pair("tgi")
-    assert s.kind == "tgi" and not s.realtime and not s.prompt_per_chunk
+    assert s.kind == "tgi" and s.realtime and not s.prompt_per_chunk
     assert s.model_name == ""
-    assert s.generation_tokens_per_s == pytest.approx(1200 / 2)
+    # 8 prefill and 150 decode calls, each a token for every request of the batch (10, then 12).
+    assert s.generation_tokens_per_s == pytest.approx((8 + 150) * (10 + 12) / 2 / 2)
+    # 6 finished requests are too few for a prompt mix: prompts as they end.
     assert s.prompt_tokens_per_s == pytest.approx(3000 / 2)
     assert s.finished_requests == 6
     assert s.running == 12 and s.waiting == 3
@@ -311,9 +313,13 @@ def test_tgi_fresh_server_with_lazy_series_reads_zero() -> None:
     source.poll(T0)
     s = source.poll(T1)
     assert s.up and s.generation_tokens_per_s == 0.0 and s.finished_requests == 0.0
-    # Series created since the last scrape count from zero.
+    # Series created since the last scrape count from zero: every forward call of b, each a
+    # token for the 12 requests of the batch (b's gauge; fresh had none).
     later = source.poll(T1 + 10)
-    assert later.generation_tokens_per_s == pytest.approx(9323 / 10)
+    assert later.generation_tokens_per_s == pytest.approx((160 + 8171) * 12 / 10)
+    # 50 finished requests make a prompt mix (mean 33000 / 50): prompts are now the requests
+    # admitted to prefill (166) at that mean, not the 33000 tokens of the requests that ended.
+    assert later.prompt_tokens_per_s == pytest.approx(166 / 10 * 33000 / 50)
 
 
 def test_llamacpp_busy_slot_decodes_and_restart_header() -> None:

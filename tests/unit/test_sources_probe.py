@@ -69,7 +69,7 @@ def test_probe_vllm_pair() -> None:
     assert "warning" not in text  # its TTFT histogram shows first tokens
 
 
-def test_probe_tgi_reports_request_end_counters() -> None:
+def test_probe_tgi_counts_tokens_per_forward_call() -> None:
     clock = Clock()
     result = probe(
         "http://h:80/metrics",
@@ -79,9 +79,9 @@ def test_probe_tgi_reports_request_end_counters() -> None:
         sleep=clock.sleep,
         clock=clock,
     )
-    assert result["realtime"] is False and result["ttft_p95_s"] is None
+    assert result["realtime"] is True and result["ttft_p95_s"] is None
     text = format_probe(result)
-    assert "at request end" in text and "TTFT p95:             not exported" in text
+    assert "per engine step" in text and "TTFT p95:             not exported" in text
     # Its prompt-length histogram sizes the prefill headroom: nothing to warn about.
     assert "prompt-length mix:    exported" in text and "warning" not in text
 
