@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
+# One cache per content of the modules with kernels (tools/numba_cache_dir.py says why).
+export NUMBA_CACHE_DIR ?= $(shell $(PYTHON) tools/numba_cache_dir.py)
 
 .PHONY: demo test lint typecheck unit golden bench gpu-check clean
 

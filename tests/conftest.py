@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from tools.numba_cache_dir import numba_cache_dir
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
-os.environ.setdefault("NUMBA_CACHE_DIR", str(REPO_ROOT / ".numba_cache"))
+os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir(REPO_ROOT)))
 
 # Speed is measured in benchmarks/: a property test is judged by its result, not by how long
 # one example took on a busy machine (the first may also load or compile a numba kernel).

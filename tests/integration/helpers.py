@@ -14,6 +14,7 @@ import yaml
 
 from powerd.sim.device_state import DeviceStateFile
 from tests.conftest import REPO_ROOT
+from tools.numba_cache_dir import numba_cache_dir
 
 
 def write_sim_config(tmp_path: Path, **overrides: object) -> Path:
@@ -40,7 +41,7 @@ def write_sim_config(tmp_path: Path, **overrides: object) -> Path:
 
 def powerd_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("NUMBA_CACHE_DIR", str(REPO_ROOT / ".numba_cache"))
+    env.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir(REPO_ROOT)))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
