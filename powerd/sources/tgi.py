@@ -2,13 +2,18 @@
 
 TGI renders its metrics with the Rust metrics-exporter-prometheus: counters carry no `_total`
 (`tgi_request_success`), there is no model label, and a series exists only once it was first
-recorded, so a fresh server may serve an almost empty body. There is no token counter. The
-batching task counts every forward call, `tgi_batch_inference_count{method="prefill|decode"}`,
-and each call gives one token to every request of the running batch (`tgi_batch_current_size`),
-so generated tokens/s = Δ calls / Δt x the batch (a snapshot, averaged over the two scrapes), as
-for Triton; the `_sum` of `tgi_request_generated_tokens`, recorded once per finished request,
-is the exported total. Prompt tokens are the `_sum` of `tgi_request_input_length` (whose
-buckets give the prompt-length mix), recorded when a request ends.
+recorded, so a fresh server may serve an almost empty body.
+
+There is no token counter: `tgi_request_generated_tokens` and `tgi_request_input_length` are
+histograms observed when a request ends (their `_sum` is the exported total; the prompt buckets
+give the prompt-length mix). Rates come from what the batching task records as it runs:
+- generated tokens/s = Δ forward calls (`tgi_batch_inference_count{method="prefill|decode"}`)
+  / Δt x the running batch (`tgi_batch_current_size`, a snapshot averaged over the two scrapes),
+  as for Triton: each call gives a token to every request of the batch. TGI 3 with chunked
+  prefill sends the running batch along with each prefill; older backends pause it, and there a
+  prefill call reads one token per running request high.
+- prompt tokens/s = requests admitted to prefill (`tgi_batch_next_size_sum`, observed per batch
+  the queue hands over) x the recent mix's mean prompt (prompt_mode "admissions" in base.py).
 There is no TTFT; the inter-token figure is `tgi_request_mean_time_per_token_duration`
 (inference time / generated tokens per request, which includes the prefill). Queue:
 `tgi_queue_size`; running: `tgi_batch_current_size`.
