@@ -132,7 +132,7 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
         "generation_tokens": list(tokens),
         "iteration_tokens": [float(x) for x in VLLM_ITERATION_TOKENS_BUCKETS],
         "mean_time_per_token_s": list(VLLM_ITL_BUCKETS),
-        "next_batch_size": [float(x) for x in VLLM_ITERATION_TOKENS_BUCKETS],
+        "next_batch_size": [float(x) for x in VLLM_ITERATION_TOKENS_BUCKETS],  # served by TGI only
     }
     if kind == "sglang":
         b["ttft_s"] = [float(x) for x in SGLANG_TTFT_BUCKETS]
