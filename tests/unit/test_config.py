@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from powerd.config import Config, ConfigError, load_config, parse_config
 from tests.conftest import REPO_ROOT
@@ -13,6 +14,24 @@ def test_example_config_is_valid() -> None:
     assert [server.name for server in config.servers] == ["llama-70b", "llama-8b"]
     assert config.servers[0].gpus == (0, 1, 2, 3)
     assert config.metrics.port == 9863
+
+
+def test_commented_server_examples_are_valid() -> None:
+    """Every server the example shows commented out loads as it is written."""
+    lines = (REPO_ROOT / "config" / "powerd.yaml").read_text().splitlines()
+    start = lines.index("servers:")
+    items: list[str] = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("  "):
+            break
+        if line.startswith("  # ") and (line.startswith("  # -") or line.startswith("  #   ")):
+            items.append("  " + line[4:])
+    examples = yaml.safe_load("\n".join(items))
+    assert [server["name"] for server in examples] == ["custom", "trtllm"]
+    config = parse_config({"servers": examples})
+    trtllm = config.servers[1].generic
+    assert trtllm is not None and not trtllm.realtime
+    assert trtllm.ttft_histogram == "trtllm_time_to_first_token_seconds"
 
 
 def test_empty_document_gives_defaults() -> None:
