@@ -16,9 +16,11 @@ _PREFIXES = (
     ("tgi_", "tgi"),
 )
 # NIM for LLMs serves vLLM's names without the prefix.
-_NIM_NAMES = frozenset(
-    {"generation_tokens_total", "num_requests_running", "time_to_first_token_seconds_count"}
-)
+_NIM_NAMES = frozenset({"generation_tokens_total", "num_requests_running"})
+# trtllm-serve (TensorRT-LLM's OpenAI server) names its metrics `trtllm_*`; earlier releases
+# served a few request histograms under vLLM's unprefixed names and no token counter.
+_TRTLLM_SERVE_PREFIX = "trtllm_"
+_UNPREFIXED_TTFT = "time_to_first_token_seconds_count"
 
 
 def detect_kind(body: bytes | str, url: str = "the server") -> str:
@@ -36,6 +38,12 @@ def detect_kind(body: bytes | str, url: str = "the server") -> str:
             return kind
     if names & _NIM_NAMES:
         return "nim"
+    if _UNPREFIXED_TTFT in names or any(n.startswith(_TRTLLM_SERVE_PREFIX) for n in names):
+        raise SourceError(
+            f"{url} looks like TensorRT-LLM's trtllm-serve, which has no kind of its own: set "
+            "kind: generic and name its trtllm_* metrics (config/powerd.yaml has an example; "
+            "releases without trtllm_generation_tokens_total cannot be read)"
+        )
     if not names:
         raise SourceError(f"{url} serves no metrics yet; set kind explicitly or retry later")
     shown = ", ".join(sorted(names)[:3])

@@ -453,6 +453,14 @@ def test_detect_kind_errors() -> None:
         detect_kind(load("generic_a.txt")[0])
     with pytest.raises(SourceError, match="serves no metrics yet"):
         detect_kind(b"# nothing here\n")
+    # trtllm-serve, current (trtllm_*) and early (a TTFT histogram under vLLM's unprefixed name,
+    # no token counter, which NIM always has).
+    for body in (
+        b'trtllm_generation_tokens_total{model_name="m",engine_type="trtllm"} 5\n',
+        b'time_to_first_token_seconds_count{model_name="m",engine_type="undefined"} 5\n',
+    ):
+        with pytest.raises(SourceError, match=r"trtllm-serve.*kind: generic"):
+            detect_kind(body)
 
 
 def test_triton_vllm_backend_is_vllm() -> None:
