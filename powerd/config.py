@@ -30,6 +30,7 @@ SERVER_KINDS = (
     "triton",
     "nim",
     "lmdeploy",
+    "trtllm",
     "generic",
 )
 

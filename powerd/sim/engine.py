@@ -200,7 +200,8 @@ H_GEN_TOKENS = 9
 H_ITER_TOKENS = 10
 H_MEAN_TPT = 11
 H_NEXT_BATCH = 12  # requests admitted by one iteration (TGI's tgi_batch_next_size)
-N_H = 13
+H_TTFT_AT_END = 13  # time to first token, observed when the request ends (trtllm-serve)
+N_H = 14
 HISTOGRAM_NAMES: tuple[str, ...] = (
     "ttft_s",
     "itl_s",
@@ -215,6 +216,7 @@ HISTOGRAM_NAMES: tuple[str, ...] = (
     "iteration_tokens",
     "mean_time_per_token_s",
     "next_batch_size",
+    "ttft_at_end_s",
 )
 
 DISPATCH_POLICIES = {"least_loaded": 0, "round_robin": 1}
@@ -629,6 +631,7 @@ def _complete_iteration(
             obs[H_PROMPT_TOKENS] = prompt
             obs[H_GEN_TOKENS] = gen
             obs[H_MEAN_TPT] = (t1 - sched) / gen
+            obs[H_TTFT_AT_END] = first - arrival
             if gen > 1:
                 obs[H_TPOT] = (t1 - first) / (gen - 1)
             for h in range(N_H):

@@ -30,7 +30,16 @@ from prometheus_client.utils import floatToGoString
 
 from powerd.sim.engine import EngineMetrics, HistogramSnapshot
 
-SERVER_KINDS: tuple[str, ...] = ("vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmdeploy")
+SERVER_KINDS: tuple[str, ...] = (
+    "vllm",
+    "sglang",
+    "tgi",
+    "llamacpp",
+    "triton",
+    "nim",
+    "lmdeploy",
+    "trtllm",
+)
 
 CONTENT_TYPE_PROMETHEUS_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
 # llama.cpp sets exactly this (server-context.cpp); metrics-exporter-prometheus and prometheus-cpp
@@ -83,6 +92,19 @@ TGI_MAX_INPUT_TOKENS = 4095
 TGI_MAX_TOTAL_TOKENS = 4096
 # tgi_batch_next_size has a bucket for every batch size from 1 to 1024 (router/src/server.rs).
 TGI_BATCH_SIZE_BUCKETS = 1024
+# trtllm-serve's default buckets (tensorrt_llm/metrics/collector.py).
+TRTLLM_TTFT_BUCKETS: tuple[float, ...] = (
+    *(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0),
+    *(2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0),
+)
+TRTLLM_TPOT_BUCKETS: tuple[float, ...] = (
+    *(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5),
+    *(5.0, 7.5, 10.0, 20.0, 40.0, 80.0),
+)
+TRTLLM_LATENCY_BUCKETS: tuple[float, ...] = (
+    *(0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0),
+    *(120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
+)
 # LMDeploy hard-codes max_model_len = 4096 for its token histograms.
 LMDEPLOY_MAX_MODEL_LEN = 4096
 TRITON_MODEL = "tensorrt_llm"
@@ -133,6 +155,7 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
         "iteration_tokens": [float(x) for x in VLLM_ITERATION_TOKENS_BUCKETS],
         "mean_time_per_token_s": list(VLLM_ITL_BUCKETS),
         "next_batch_size": [float(x) for x in VLLM_ITERATION_TOKENS_BUCKETS],  # served by TGI only
+        "ttft_at_end_s": list(TRTLLM_TTFT_BUCKETS),  # served by trtllm-serve only
     }
     if kind == "sglang":
         b["ttft_s"] = [float(x) for x in SGLANG_TTFT_BUCKETS]
@@ -157,6 +180,10 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
         b["next_batch_size"] = [float(x + 1) for x in range(TGI_BATCH_SIZE_BUCKETS)]
     elif kind == "triton":
         b["ttft_s"] = [ms / 1000.0 for ms in TRITON_FIRST_RESPONSE_BUCKETS_MS]
+    elif kind == "trtllm":
+        b["tpot_s"] = list(TRTLLM_TPOT_BUCKETS)
+        b["e2e_s"] = list(TRTLLM_LATENCY_BUCKETS)
+        b["queue_s"] = list(TRTLLM_LATENCY_BUCKETS)
     elif kind == "lmdeploy":
         b["prompt_tokens"] = build_1_2_5_buckets(LMDEPLOY_MAX_MODEL_LEN)
         b["generation_tokens"] = build_1_2_5_buckets(LMDEPLOY_MAX_MODEL_LEN)
@@ -164,9 +191,10 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
 
 
 def metrics_path(kind: str) -> str:
-    """The HTTP path server `kind` serves its metrics on (NIM: /v1/metrics)."""
+    """The HTTP path server `kind` serves its metrics on (NIM: /v1/metrics, trtllm-serve:
+    /prometheus/metrics)."""
     _check_kind(kind)
-    return "/v1/metrics" if kind == "nim" else "/metrics"
+    return {"nim": "/v1/metrics", "trtllm": "/prometheus/metrics"}.get(kind, "/metrics")
 
 
 def _check_kind(kind: str) -> None:
@@ -374,6 +402,53 @@ def _nim(m: EngineMetrics, model_name: str) -> list[Metric]:
         "request_generation_tokens",
         "Number of generation tokens processed.",
         h["generation_tokens"],
+    )
+    return f.out
+
+
+def _trtllm(m: EngineMetrics, model_name: str) -> list[Metric]:
+    """trtllm-serve with return_perf_metrics and enable_iter_perf_stats on (collector.py)."""
+    v, h = m.values, m.histograms
+    f = _Families(["model_name", "engine_type"], [model_name, "trtllm"], m.start_time_unix)
+    f.gauge("trtllm_num_requests_running", "Number of active requests", v["num_running"])
+    f.gauge("trtllm_num_requests_waiting", "Number of queued requests", v["num_waiting"])
+    f.gauge("trtllm_kv_cache_utilization", "KV cache utilization", v["kv_usage"])
+    # log_request_metrics_dict: every per-request figure is recorded when the request ends.
+    f.counter(
+        "trtllm_request_success",
+        "Count of successfully processed requests.",
+        [(("stop",), v["requests_success"])],
+        extra_labels=["finished_reason"],
+    )
+    f.counter(
+        "trtllm_prompt_tokens",
+        "Cumulative number of prompt (input) tokens processed.",
+        v["finished_prompt_tokens"],
+    )
+    f.counter(
+        "trtllm_generation_tokens",
+        "Cumulative number of generation (output) tokens produced.",
+        v["finished_generation_tokens"],
+    )
+    f.histogram(
+        "trtllm_time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+        h["ttft_at_end_s"],
+    )
+    f.histogram(
+        "trtllm_time_per_output_token_seconds",
+        "Histogram of time per output token in seconds.",
+        h["tpot_s"],
+    )
+    f.histogram(
+        "trtllm_e2e_request_latency_seconds",
+        "Histogram of end to end request latency in seconds.",
+        h["e2e_s"],
+    )
+    f.histogram(
+        "trtllm_request_queue_time_seconds",
+        "Histogram of time spent in WAITING phase for request.",
+        h["queue_s"],
     )
     return f.out
 
@@ -847,6 +922,9 @@ def render_metrics(
         return _render_client(_vllm(engine_metrics, model_name)), CONTENT_TYPE_PROMETHEUS_0_0_4, {}
     if kind == "nim":
         return _render_client(_nim(engine_metrics, model_name)), CONTENT_TYPE_PROMETHEUS_0_0_4, {}
+    if kind == "trtllm":
+        families = _trtllm(engine_metrics, model_name)
+        return _render_client(families), CONTENT_TYPE_PROMETHEUS_0_0_4, {}
     if kind == "sglang":
         body = _render_client(_sglang(engine_metrics, model_name))
         return body, CONTENT_TYPE_PROMETHEUS_0_0_4, {}

@@ -14,12 +14,12 @@ _PREFIXES = (
     ("llamacpp:", "llamacpp"),
     ("vllm:", "vllm"),
     ("tgi_", "tgi"),
+    ("trtllm_", "trtllm"),
 )
 # NIM for LLMs serves vLLM's names without the prefix.
 _NIM_NAMES = frozenset({"generation_tokens_total", "num_requests_running"})
-# trtllm-serve (TensorRT-LLM's OpenAI server) names its metrics `trtllm_*`; earlier releases
-# served a few request histograms under vLLM's unprefixed names and no token counter.
-_TRTLLM_SERVE_PREFIX = "trtllm_"
+# trtllm-serve releases before the `trtllm_` names served a few request histograms under
+# vLLM's unprefixed names and no token counter.
 _UNPREFIXED_TTFT = "time_to_first_token_seconds_count"
 
 
@@ -38,17 +38,16 @@ def detect_kind(body: bytes | str, url: str = "the server") -> str:
             return kind
     if names & _NIM_NAMES:
         return "nim"
-    if _UNPREFIXED_TTFT in names or any(n.startswith(_TRTLLM_SERVE_PREFIX) for n in names):
+    if _UNPREFIXED_TTFT in names:
         raise SourceError(
-            f"{url} looks like TensorRT-LLM's trtllm-serve, which has no kind of its own: set "
-            "kind: generic and name its trtllm_* metrics (config/powerd.yaml has an example; "
-            "releases without trtllm_generation_tokens_total cannot be read)"
+            f"{url} looks like an early trtllm-serve, which exports no token counter; powerd "
+            "reads releases with the trtllm_* metrics (kind: trtllm)"
         )
     if not names:
         raise SourceError(f"{url} serves no metrics yet; set kind explicitly or retry later")
     shown = ", ".join(sorted(names)[:3])
     raise SourceError(
         f"{url} serves no metrics of a known inference server (vLLM, SGLang, TGI, llama.cpp, "
-        f"Triton TensorRT-LLM, NIM, LMDeploy; first names seen: {shown}); "
+        f"Triton TensorRT-LLM, NIM, LMDeploy, trtllm-serve; first names seen: {shown}); "
         "set kind: generic and name its metrics"
     )

@@ -14,6 +14,7 @@ from powerd.sources.nim import nim_extractor
 from powerd.sources.sglang import sglang_extractor
 from powerd.sources.tgi import tgi_extractor
 from powerd.sources.triton import triton_extractor
+from powerd.sources.trtllm import trtllm_extractor
 from powerd.sources.vllm import vllm_extractor
 
 _FACTORIES: dict[str, Callable[[], Extractor]] = {
@@ -24,6 +25,7 @@ _FACTORIES: dict[str, Callable[[], Extractor]] = {
     "triton": triton_extractor,
     "nim": nim_extractor,
     "lmdeploy": lmdeploy_extractor,
+    "trtllm": trtllm_extractor,
 }
 KINDS = (*_FACTORIES, "generic")
 

@@ -1,4 +1,4 @@
-"""vLLM, and the servers that copy its metric names (NIM for LLMs, LMDeploy).
+"""vLLM, and the servers that copy its metric names (NIM for LLMs, LMDeploy, trtllm-serve).
 
 vLLM V1 (`vllm/v1/metrics/loggers.py`) increments `vllm:generation_tokens_total` and
 `vllm:prompt_tokens_total` in `PrometheusStatLogger.record()` on every engine step, so rates are
@@ -61,11 +61,15 @@ class CounterServerExtractor:
         itl_histograms: tuple[str, ...],
         server: str,
         throughput_gauges: bool = False,
+        realtime: bool = True,
+        kv_gauges: tuple[str, ...] = ("kv_cache_usage_perc", "gpu_cache_usage_perc"),
     ) -> None:
         self.kind = kind
         self.prefix = p = prefix
         self.server = server
         self.throughput_gauges = throughput_gauges
+        self.realtime = realtime
+        self.kv_gauges = tuple(p + name for name in kv_gauges)
         self.itl_histograms = tuple(p + name for name in itl_histograms)
         self.ttft_histogram = p + "time_to_first_token_seconds"
         self.prompt_histogram = p + "request_prompt_tokens"
@@ -76,8 +80,7 @@ class CounterServerExtractor:
             p + "request_success_total",
             p + "num_requests_running",
             p + "num_requests_waiting",
-            p + "kv_cache_usage_perc",
-            p + "gpu_cache_usage_perc",
+            *self.kv_gauges,
             p + "num_preemptions_total",
             "process_start_time_seconds",
             *hist_names(self.ttft_histogram, self.prompt_histogram, *self.itl_histograms),
@@ -93,7 +96,7 @@ class CounterServerExtractor:
         p = self.prefix
         generation = series_values(samples, p + "generation_tokens_total")
         running = gauge_total(samples, p + "num_requests_running")
-        reading = Reading(realtime=True)
+        reading = Reading(realtime=self.realtime)
         if generation is not None:
             reading.counters["generation"] = generation
             reading.generation_tokens_total = total(generation)
@@ -117,7 +120,7 @@ class CounterServerExtractor:
         waiting = gauge_total(samples, p + "num_requests_waiting")
         if waiting is not None:
             reading.gauges["waiting"] = waiting
-        kv_usage = gauge_max(samples, p + "kv_cache_usage_perc", p + "gpu_cache_usage_perc")
+        kv_usage = gauge_max(samples, *self.kv_gauges)
         if kv_usage is not None:
             reading.gauges["kv_usage"] = kv_usage
         preemptions = series_values(samples, p + "num_preemptions_total")

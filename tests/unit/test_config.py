@@ -29,9 +29,9 @@ def test_commented_server_examples_are_valid() -> None:
     examples = yaml.safe_load("\n".join(items))
     assert [server["name"] for server in examples] == ["custom", "trtllm"]
     config = parse_config({"servers": examples})
-    trtllm = config.servers[1].generic
-    assert trtllm is not None and not trtllm.realtime
-    assert trtllm.ttft_histogram == "trtllm_time_to_first_token_seconds"
+    custom, trtllm = config.servers
+    assert custom.generic is not None and custom.generic.waiting == "my_server_queue_length"
+    assert trtllm.kind == "trtllm" and trtllm.url.endswith("/prometheus/metrics")
 
 
 def test_empty_document_gives_defaults() -> None:

@@ -37,7 +37,7 @@ from tests.unit.daemon_helpers import (
     metric_value,
 )
 
-KINDS = ("vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmdeploy")
+KINDS = ("vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmdeploy", "trtllm")
 
 
 def _locked(rig: Any, index: int) -> tuple[int, int] | None:

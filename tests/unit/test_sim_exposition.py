@@ -14,6 +14,7 @@ from powerd.sim.engine import EngineBank, EngineMetrics, EngineView
 from powerd.sim.exposition import (
     SERVER_KINDS,
     SGLANG_TTFT_BUCKETS,
+    TRTLLM_TTFT_BUCKETS,
     VLLM_ITL_BUCKETS,
     VLLM_TTFT_BUCKETS,
     histogram_bounds,
@@ -317,6 +318,28 @@ def test_nim_uses_vllm_names_without_prefix() -> None:
     )
     assert fam["time_per_output_token_seconds"][0] == "histogram"
     assert metrics_path("nim") == "/v1/metrics" and metrics_path("vllm") == "/metrics"
+
+
+def test_trtllm_serve_records_requests_when_they_end() -> None:
+    snap = loaded_bank("trtllm").snapshot(0)
+    fam = parse(render_metrics(snap, "trtllm", MODEL)[0])
+    assert metrics_path("trtllm") == "/prometheus/metrics"
+    labels = {"model_name": MODEL, "engine_type": "trtllm"}
+    finished = snap.values["requests_success"]
+    assert 0 < finished < snap.values["requests_arrived"]
+    # Tokens and first tokens count finished requests only, as collector.py logs them.
+    _, samples = fam["trtllm_generation_tokens"]
+    generated = value(samples, "trtllm_generation_tokens_total", **labels)
+    assert generated == snap.values["finished_generation_tokens"]
+    assert generated < snap.values["generation_tokens"]
+    _, samples = fam["trtllm_time_to_first_token_seconds"]
+    assert value(samples, "trtllm_time_to_first_token_seconds_count", **labels) == finished
+    assert snap.histograms["ttft_s"].count > finished  # first tokens of running requests
+    assert bucket_bounds(samples, "trtllm_time_to_first_token_seconds_bucket") == list(
+        TRTLLM_TTFT_BUCKETS
+    )
+    _, samples = fam["trtllm_kv_cache_utilization"]
+    assert value(samples, "trtllm_kv_cache_utilization", **labels) == snap.values["kv_usage"]
 
 
 LOADS_INT_FIELDS = (

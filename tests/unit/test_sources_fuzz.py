@@ -15,7 +15,18 @@ from powerd.sources import FetchResponse, make_source
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
 BODIES = {p.name: p.read_bytes() for p in sorted(FIXTURES.glob("*.txt"))}
-KINDS = ["auto", "vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmdeploy", "generic"]
+KINDS = [
+    "auto",
+    "vllm",
+    "sglang",
+    "tgi",
+    "llamacpp",
+    "triton",
+    "nim",
+    "lmdeploy",
+    "trtllm",
+    "generic",
+]
 GENERIC = GenericMetricsConfig(
     generation_tokens="vllm:generation_tokens_total",
     prompt_tokens="myllm_input_tokens",

@@ -305,6 +305,25 @@ def test_tgi_forward_calls_and_no_ttft() -> None:
     assert s.generation_tokens_total == 9323
 
 
+def test_trtllm_serve_counts_at_request_end() -> None:
+    first, s = pair("trtllm")
+    assert first.up and first.generation_tokens_per_s is None
+    assert s.kind == "trtllm" and not s.realtime and not s.prompt_per_chunk
+    assert s.model_name == "meta-llama/Llama-3.1-8B-Instruct"
+    assert s.generation_tokens_per_s == pytest.approx(3200 / 2)
+    assert s.prompt_tokens_per_s == pytest.approx(16000 / 2)
+    assert s.finished_requests == 8 + 2  # over finished_reason
+    assert s.running == 11 and s.waiting == 2
+    assert s.kv_cache_usage == pytest.approx(0.38)  # trtllm_kv_cache_utilization
+    # TTFT: 10 first tokens, 8 by le=1.0, 10 by le=2.5; rank 9.5.
+    assert s.ttft_p95_s == pytest.approx(interp(1.0, 2.5, 0.95 * 10, 8, 2))
+    assert s.ttft_mean_s == pytest.approx((36.3 - 31.5) / 10)
+    # Inter-token: each request's mean time per output token.
+    assert s.itl_mean_s == pytest.approx((5.68 - 5.1) / 10)
+    assert s.exports_ttft and not s.exports_prompt_lengths and not s.first_token_blind
+    assert s.generation_tokens_total == 33200
+
+
 def test_tgi_fresh_server_with_lazy_series_reads_zero() -> None:
     fresh = b"# TYPE tgi_queue_size gauge\ntgi_queue_size 0\n"
     body_b, _ = load("tgi_b.txt")
@@ -440,6 +459,7 @@ def test_generic_missing_metric_is_a_clear_error() -> None:
         ("triton_a.txt", "triton"),
         ("nim_a.txt", "nim"),
         ("lmdeploy_a.txt", "lmdeploy"),
+        ("trtllm_a.txt", "trtllm"),
     ],
 )
 def test_detect_kind(fixture: str, kind: str) -> None:
@@ -453,14 +473,10 @@ def test_detect_kind_errors() -> None:
         detect_kind(load("generic_a.txt")[0])
     with pytest.raises(SourceError, match="serves no metrics yet"):
         detect_kind(b"# nothing here\n")
-    # trtllm-serve, current (trtllm_*) and early (a TTFT histogram under vLLM's unprefixed name,
-    # no token counter, which NIM always has).
-    for body in (
-        b'trtllm_generation_tokens_total{model_name="m",engine_type="trtllm"} 5\n',
-        b'time_to_first_token_seconds_count{model_name="m",engine_type="undefined"} 5\n',
-    ):
-        with pytest.raises(SourceError, match=r"trtllm-serve.*kind: generic"):
-            detect_kind(body)
+    # An early trtllm-serve: a TTFT histogram under vLLM's unprefixed name and no token counter
+    # (which NIM always has).
+    with pytest.raises(SourceError, match="early trtllm-serve, which exports no token counter"):
+        detect_kind(b'time_to_first_token_seconds_count{model_name="m"} 5\n')
 
 
 def test_triton_vllm_backend_is_vllm() -> None:
