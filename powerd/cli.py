@@ -11,7 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from powerd import __version__
-from powerd.config import DEFAULT_METRICS_PORT, SERVER_KINDS, ConfigError, load_config
+from powerd.config import (
+    DEFAULT_METRICS_PORT,
+    NAMED_SERVER_KINDS,
+    SERVER_KINDS,
+    ConfigError,
+    load_config,
+)
 
 EX_CONFIG = 78
 """sysexits.h EX_CONFIG: systemd shows it as 'CONFIG' and Restart=on-failure still applies."""
@@ -60,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--tp", type=int, default=2, help="GPUs per simulated server")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds of wall time")
     demo.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
-    demo.add_argument("--server-kind", default="vllm", choices=SERVER_KINDS[1:-1])
+    demo.add_argument("--server-kind", default="vllm", choices=NAMED_SERVER_KINDS)
     demo.add_argument("--gpu-model", default="h100-sxm")
     demo.add_argument("--gpu-profile", default=None, help="a GPU profile YAML file")
     demo.add_argument("--model", default=None)

@@ -21,18 +21,9 @@ DEFAULT_METRICS_PORT = 9863
 """Next to dcgm-exporter's 9400 family but not on it; unassigned in Prometheus's port list."""
 
 MODES = ("efficiency", "target", "budget", "off")
-SERVER_KINDS = (
-    "auto",
-    "vllm",
-    "sglang",
-    "tgi",
-    "llamacpp",
-    "triton",
-    "nim",
-    "lmdeploy",
-    "trtllm",
-    "generic",
-)
+NAMED_SERVER_KINDS = ("vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmdeploy", "trtllm")
+"""The servers read by their own metric names; the simulator serves each of them."""
+SERVER_KINDS = ("auto", *NAMED_SERVER_KINDS, "generic")
 
 
 class ConfigError(ValueError):

@@ -17,7 +17,7 @@ from powerd.bench.report import (
     write_plot,
 )
 from powerd.bench.runner import BenchSetup, run_bench, workers_default
-from powerd.config import SERVER_KINDS, SloConfig
+from powerd.config import NAMED_SERVER_KINDS, SloConfig
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=4, metavar="N")
     parser.add_argument("--tp", type=int, default=1, metavar="N", help="GPUs per server")
     parser.add_argument(
-        "--server-kind", default="vllm", choices=SERVER_KINDS[1:-1],
+        "--server-kind", default="vllm", choices=NAMED_SERVER_KINDS,
         help="what the simulated servers present themselves as (powerd reads that source)",
     )  # fmt: skip
     parser.add_argument(

@@ -28,18 +28,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from powerd.config import NAMED_SERVER_KINDS
 from powerd.sim.engine import EngineMetrics, HistogramSnapshot
 
-SERVER_KINDS: tuple[str, ...] = (
-    "vllm",
-    "sglang",
-    "tgi",
-    "llamacpp",
-    "triton",
-    "nim",
-    "lmdeploy",
-    "trtllm",
-)
+SERVER_KINDS: tuple[str, ...] = NAMED_SERVER_KINDS
 
 CONTENT_TYPE_PROMETHEUS_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
 # llama.cpp sets exactly this (server-context.cpp); metrics-exporter-prometheus and prometheus-cpp

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from powerd.config import Config, ControlConfig, load_config
+from powerd.config import NAMED_SERVER_KINDS, Config, ControlConfig, load_config
 from powerd.control import kernels
 from powerd.daemon import Daemon
 from powerd.gpu.nvml import NvmlBackend
@@ -37,7 +37,7 @@ from tests.unit.daemon_helpers import (
     metric_value,
 )
 
-KINDS = ("vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmdeploy", "trtllm")
+KINDS = NAMED_SERVER_KINDS
 
 
 def _locked(rig: Any, index: int) -> tuple[int, int] | None:

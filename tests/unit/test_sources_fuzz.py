@@ -9,24 +9,13 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from powerd.config import GenericMetricsConfig, ServerConfig
+from powerd.config import SERVER_KINDS, GenericMetricsConfig, ServerConfig
 from powerd.model import ServerSample
 from powerd.sources import FetchResponse, make_source
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
 BODIES = {p.name: p.read_bytes() for p in sorted(FIXTURES.glob("*.txt"))}
-KINDS = [
-    "auto",
-    "vllm",
-    "sglang",
-    "tgi",
-    "llamacpp",
-    "triton",
-    "nim",
-    "lmdeploy",
-    "trtllm",
-    "generic",
-]
+KINDS = list(SERVER_KINDS)
 GENERIC = GenericMetricsConfig(
     generation_tokens="vllm:generation_tokens_total",
     prompt_tokens="myllm_input_tokens",
