@@ -329,7 +329,7 @@ def test_trtllm_serve_counts_at_request_end() -> None:
 def test_trtllm_prompt_count_that_appears_starts_a_new_baseline() -> None:
     """Before its first prefill a trtllm-serve has no per-iteration histogram, and prompts are
     read as requests end; a window across the switch would subtract one count from the other."""
-    bodies = []
+    bodies: list[tuple[bytes, Mapping[str, str]]] = []
     for name, keep in (("trtllm_a.txt", False), ("trtllm_b.txt", True), ("trtllm_b.txt", True)):
         lines = (FIXTURES / name).read_text().splitlines(keepends=True)
         if not keep:
