@@ -499,13 +499,8 @@ class Window:
 
 
 def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window | None:
-    """The window between two scrapes dt_s apart; None when the server restarted in between or
-    a token count changed its meaning (a counter that appeared since, e.g. per-chunk prompts)."""
-    if (
-        prev.gen_mode != cur.gen_mode
-        or prev.prompt_mode != cur.prompt_mode
-        or prev.prompt_per_chunk != cur.prompt_per_chunk
-    ):
+    """The window between two scrapes dt_s apart; None when the server restarted in between."""
+    if prev.gen_mode != cur.gen_mode or prev.prompt_mode != cur.prompt_mode:
         return None
     for name, marker in cur.markers.items():
         before = prev.markers.get(name)

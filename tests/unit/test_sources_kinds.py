@@ -308,12 +308,11 @@ def test_tgi_forward_calls_and_no_ttft() -> None:
 def test_trtllm_serve_counts_at_request_end() -> None:
     first, s = pair("trtllm")
     assert first.up and first.generation_tokens_per_s is None
-    assert s.kind == "trtllm" and not s.realtime
+    assert s.kind == "trtllm" and not s.realtime and not s.prompt_per_chunk
     assert s.model_name == "meta-llama/Llama-3.1-8B-Instruct"
     assert s.generation_tokens_per_s == pytest.approx(3200 / 2)
-    # Prompt tokens from the context tokens of each iteration (not trtllm_prompt_tokens_total,
-    # +16000 as requests ended).
-    assert s.prompt_per_chunk and s.prompt_tokens_per_s == pytest.approx(15500 / 2)
+    # Prompts as requests end (trtllm_prefill_batch_tokens, per iteration, is not read).
+    assert s.prompt_tokens_per_s == pytest.approx(16000 / 2)
     assert s.finished_requests == 8 + 2  # over finished_reason
     assert s.running == 11 and s.waiting == 2
     assert s.kv_cache_usage == pytest.approx(0.38)  # trtllm_kv_cache_utilization
@@ -324,26 +323,6 @@ def test_trtllm_serve_counts_at_request_end() -> None:
     assert s.itl_mean_s == pytest.approx((5.68 - 5.1) / 10)
     assert s.exports_ttft and not s.exports_prompt_lengths and not s.first_token_blind
     assert s.generation_tokens_total == 33200
-
-
-def test_trtllm_prompt_count_that_appears_starts_a_new_baseline() -> None:
-    """Before its first prefill a trtllm-serve has no per-iteration histogram, and prompts are
-    read as requests end; a window across the switch would subtract one count from the other."""
-    bodies: list[tuple[bytes, Mapping[str, str]]] = []
-    for name, keep in (("trtllm_a.txt", False), ("trtllm_b.txt", True), ("trtllm_b.txt", True)):
-        lines = (FIXTURES / name).read_text().splitlines(keepends=True)
-        if not keep:
-            lines = [line for line in lines if "prefill_batch_tokens" not in line]
-        bodies.append(("".join(lines).encode(), {}))
-    source = make_source(
-        ServerConfig(name="t", url="http://h/prometheus/metrics", kind="trtllm"), Replay(bodies)
-    )
-    before = source.poll(T0)
-    assert before.up and not before.prompt_per_chunk
-    switched = source.poll(T1)
-    assert switched.up and switched.prompt_per_chunk
-    assert switched.prompt_tokens_per_s is None and switched.generation_tokens_per_s is None
-    assert source.poll(T1 + 2).prompt_tokens_per_s == 0.0
 
 
 def test_tgi_fresh_server_with_lazy_series_reads_zero() -> None:
