@@ -201,8 +201,7 @@ H_ITER_TOKENS = 10
 H_MEAN_TPT = 11
 H_NEXT_BATCH = 12  # requests admitted by one iteration (TGI's tgi_batch_next_size)
 H_TTFT_AT_END = 13  # time to first token, observed when the request ends (trtllm-serve)
-H_PREFILL_BATCH = 14  # prompt tokens of an iteration that carries prefill (trtllm-serve)
-N_H = 15
+N_H = 14
 HISTOGRAM_NAMES: tuple[str, ...] = (
     "ttft_s",
     "itl_s",
@@ -218,7 +217,6 @@ HISTOGRAM_NAMES: tuple[str, ...] = (
     "mean_time_per_token_s",
     "next_batch_size",
     "ttft_at_end_s",
-    "prefill_batch_tokens",
 )
 
 DISPATCH_POLICIES = {"least_loaded": 0, "round_robin": 1}
@@ -672,7 +670,6 @@ def _complete_iteration(
     if pf_this > 0:
         metrics[s, M_PREFILL_BATCHES] += 1.0
         metrics[s, M_RT_PREFILL_TOKENS] += pf_this
-        _observe(hist_c, hist_s, hist_b, s, H_PREFILL_BATCH, float(pf_this), 1.0)
     else:
         metrics[s, M_DECODE_BATCHES] += 1.0
     # SGLang logs decode statistics every decode_log_interval decode batches.

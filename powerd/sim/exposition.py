@@ -97,7 +97,6 @@ TRTLLM_LATENCY_BUCKETS: tuple[float, ...] = (
     *(0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0),
     *(120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0),
 )
-TRTLLM_PREFILL_BATCH_TOKENS_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 # LMDeploy hard-codes max_model_len = 4096 for its token histograms.
 LMDEPLOY_MAX_MODEL_LEN = 4096
 TRITON_MODEL = "tensorrt_llm"
@@ -149,7 +148,6 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
         "mean_time_per_token_s": list(VLLM_ITL_BUCKETS),
         "next_batch_size": [float(x) for x in VLLM_ITERATION_TOKENS_BUCKETS],  # served by TGI only
         "ttft_at_end_s": list(TRTLLM_TTFT_BUCKETS),  # served by trtllm-serve only
-        "prefill_batch_tokens": list(TRTLLM_PREFILL_BATCH_TOKENS_BUCKETS),  # the same
     }
     if kind == "sglang":
         b["ttft_s"] = [float(x) for x in SGLANG_TTFT_BUCKETS]
@@ -443,12 +441,6 @@ def _trtllm(m: EngineMetrics, model_name: str) -> list[Metric]:
         "trtllm_request_queue_time_seconds",
         "Histogram of time spent in WAITING phase for request.",
         h["queue_s"],
-    )
-    # log_iteration_stats: the context tokens of every iteration that has some.
-    f.histogram(
-        "trtllm_prefill_batch_tokens",
-        "Histogram of total context tokens per iteration.",
-        h["prefill_batch_tokens"],
     )
     return f.out
 
