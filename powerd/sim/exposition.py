@@ -31,8 +31,6 @@ from prometheus_client.utils import floatToGoString
 from powerd.config import NAMED_SERVER_KINDS
 from powerd.sim.engine import EngineMetrics, HistogramSnapshot
 
-SERVER_KINDS: tuple[str, ...] = NAMED_SERVER_KINDS
-
 CONTENT_TYPE_PROMETHEUS_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
 # llama.cpp sets exactly this (server-context.cpp); metrics-exporter-prometheus and prometheus-cpp
 # answer with the 0.0.4 text type.
@@ -131,7 +129,7 @@ def _linear_buckets(max_value: int, n: int = 100) -> list[float]:
 
 def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[float]]:
     """Bucket bounds of every engine histogram slot as server `kind` reports them (seconds)."""
-    _check_kind(kind)
+    check_server_kind(kind)
     tokens = build_1_2_5_buckets(max_model_len)
     b: dict[str, list[float]] = {
         "ttft_s": list(VLLM_TTFT_BUCKETS),
@@ -185,13 +183,15 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
 def metrics_path(kind: str) -> str:
     """The HTTP path server `kind` serves its metrics on (NIM: /v1/metrics, trtllm-serve:
     /prometheus/metrics)."""
-    _check_kind(kind)
+    check_server_kind(kind)
     return {"nim": "/v1/metrics", "trtllm": "/prometheus/metrics"}.get(kind, "/metrics")
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in SERVER_KINDS:
-        raise ValueError(f"unknown server kind {kind!r}; known: {', '.join(SERVER_KINDS)}")
+def check_server_kind(kind: str) -> None:
+    """Raise ValueError naming the kinds the simulator serves when it serves no `kind`."""
+    if kind not in NAMED_SERVER_KINDS:
+        known = ", ".join(NAMED_SERVER_KINDS)
+        raise ValueError(f"unknown server kind {kind!r}; known: {known}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -908,7 +908,7 @@ def render_metrics(
     repository name (`tensorrt_llm`) instead and TGI/llama.cpp carry no model label.
     triton_histograms adds Triton's opt-in nv_inference_first_response_histogram_ms.
     """
-    _check_kind(kind)
+    check_server_kind(kind)
     now = time.time() if now_unix is None else now_unix
     if kind == "vllm":
         return _render_client(_vllm(engine_metrics, model_name)), CONTENT_TYPE_PROMETHEUS_0_0_4, {}

@@ -34,8 +34,8 @@ from powerd.sim.engine import (
     engine_run_until,
 )
 from powerd.sim.exposition import (
-    SERVER_KINDS,
     SGLANG_LOADS_PATH,
+    check_server_kind,
     histogram_bounds,
     metrics_path,
     render_metrics,
@@ -205,10 +205,7 @@ class SimNode:
     ) -> None:
         if tp < 1 or n_gpus < 1 or n_gpus % tp:
             raise ValueError(f"tp ({tp}) must divide n_gpus ({n_gpus}), both at least 1")
-        if server_kind not in SERVER_KINDS:
-            raise ValueError(
-                f"unknown server kind {server_kind!r}; known: {', '.join(SERVER_KINDS)}"
-            )
+        check_server_kind(server_kind)
         if not (math.isfinite(substep_s) and 0 < substep_s <= 0.05):
             raise ValueError(f"substep_s must be in (0, 0.05] s, got {substep_s!r}")
         self.profile = profile

@@ -23,8 +23,7 @@ from powerd.bench.runner import (
     run_job_records,
     run_policy,
 )
-from powerd.config import SloConfig
-from powerd.sim.exposition import SERVER_KINDS
+from powerd.config import NAMED_SERVER_KINDS, SloConfig
 
 SETUP = BenchSetup(
     trace="diurnal",
@@ -173,7 +172,7 @@ def test_json_and_markdown_files(tmp_path: Path, bench: BenchResult) -> None:
     assert "| oracle |" in markdown and "| powerd |" in markdown
 
 
-@pytest.mark.parametrize("kind", SERVER_KINDS)
+@pytest.mark.parametrize("kind", NAMED_SERVER_KINDS)
 def test_powerd_reads_each_server_kind_end_to_end(kind: str) -> None:
     setup = replace(SETUP, duration_s=15.0, gpus=1, server_kind=kind)
     node = build_template_node(setup)

@@ -10,9 +10,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from powerd.config import NAMED_SERVER_KINDS
 from powerd.sim.engine import EngineBank, EngineMetrics, EngineView
 from powerd.sim.exposition import (
-    SERVER_KINDS,
     SGLANG_TTFT_BUCKETS,
     TRTLLM_TTFT_BUCKETS,
     VLLM_ITL_BUCKETS,
@@ -62,7 +62,7 @@ def bucket_bounds(samples: list[Sample], name: str) -> list[float]:
     return [float(s.labels["le"]) for s in samples if s.name == name and s.labels["le"] != "+Inf"]
 
 
-@pytest.mark.parametrize("kind", SERVER_KINDS)
+@pytest.mark.parametrize("kind", NAMED_SERVER_KINDS)
 def test_every_kind_parses_and_reports_the_load(kind: str) -> None:
     bank = loaded_bank(kind)
     snap = bank.snapshot(0)
@@ -416,7 +416,7 @@ def test_sglang_loads_of_an_idle_server_has_no_backlog() -> None:
     assert rank["max_total_num_tokens"] == bank.snapshot(0).values["kv_capacity_tokens"] > 0
 
 
-@pytest.mark.parametrize("kind", SERVER_KINDS)
+@pytest.mark.parametrize("kind", NAMED_SERVER_KINDS)
 def test_routes_are_the_metrics_path_and_loads_on_sglang_only(kind: str) -> None:
     server = SimServer(f"{kind}-0", kind, MODEL, (0,), EngineView(loaded_bank(kind, 1.0), 0))
     routes = server.routes()
@@ -448,7 +448,7 @@ def test_lmdeploy_has_engine_label_and_no_created_series() -> None:
 def test_a_fresh_server_renders_zeros() -> None:
     bank = EngineBank(H100, LLAMA_8B, 1, 1)
     snap: EngineMetrics = bank.snapshot(0)
-    for kind in SERVER_KINDS:
+    for kind in NAMED_SERVER_KINDS:
         fam = parse(render_metrics(snap, kind, MODEL)[0])
         assert fam
 
