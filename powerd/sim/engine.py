@@ -201,7 +201,9 @@ H_ITER_TOKENS = 10
 H_MEAN_TPT = 11
 H_NEXT_BATCH = 12  # requests admitted by one iteration (TGI's tgi_batch_next_size)
 H_TTFT_AT_END = 13  # time to first token, observed when the request ends (trtllm-serve)
-N_H = 14
+H_FORWARD_PREFILL = 14  # duration of each iteration with prompt work (TGI's method="prefill")
+H_FORWARD_DECODE = 15  # duration of each decode-only iteration (TGI's method="decode")
+N_H = 16
 HISTOGRAM_NAMES: tuple[str, ...] = (
     "ttft_s",
     "itl_s",
@@ -217,6 +219,8 @@ HISTOGRAM_NAMES: tuple[str, ...] = (
     "mean_time_per_token_s",
     "next_batch_size",
     "ttft_at_end_s",
+    "forward_prefill_s",
+    "forward_decode_s",
 )
 
 DISPATCH_POLICIES = {"least_loaded": 0, "round_robin": 1}
@@ -663,15 +667,18 @@ def _complete_iteration(
     srv_i[s, SI_DONE_CTX_REQS] = srv_i[s, SI_ITER_CTX_REQS]
     srv_i[s, SI_DONE_CTX_TOKENS] = srv_i[s, SI_ITER_CTX_TOKENS]
     metrics[s, M_BUSY_SLOTS] += n_seqs
-    metrics[s, M_BUSY_S] += t1 - srv_f[s, SF_ITER_START]
+    iteration_s = t1 - srv_f[s, SF_ITER_START]
+    metrics[s, M_BUSY_S] += iteration_s
     # vLLM V1 observes the step's IterationStats: whole prompts at their first token, plus the
     # tokens the step generated.
     _observe(hist_c, hist_s, hist_b, s, H_ITER_TOKENS, float(pf_done_this + gen_this), 1.0)
     if pf_this > 0:
         metrics[s, M_PREFILL_BATCHES] += 1.0
         metrics[s, M_RT_PREFILL_TOKENS] += pf_this
+        _observe(hist_c, hist_s, hist_b, s, H_FORWARD_PREFILL, iteration_s, 1.0)
     else:
         metrics[s, M_DECODE_BATCHES] += 1.0
+        _observe(hist_c, hist_s, hist_b, s, H_FORWARD_DECODE, iteration_s, 1.0)
     # SGLang logs decode statistics every decode_log_interval decode batches.
     metrics[s, M_SG_PENDING_DECODE] += gen_this
     if srv_i[s, SI_ITER_GEN_REQS] > 0:

@@ -146,6 +146,8 @@ def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[f
         "mean_time_per_token_s": list(VLLM_ITL_BUCKETS),
         "next_batch_size": [float(x) for x in VLLM_ITERATION_TOKENS_BUCKETS],  # served by TGI only
         "ttft_at_end_s": list(TRTLLM_TTFT_BUCKETS),  # served by trtllm-serve only
+        "forward_prefill_s": tgi_duration_buckets(),  # served by TGI only
+        "forward_decode_s": tgi_duration_buckets(),  # served by TGI only
     }
     if kind == "sglang":
         b["ttft_s"] = [float(x) for x in SGLANG_TTFT_BUCKETS]
@@ -640,9 +642,12 @@ def _rust_number(v: float) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _rust_bucket_prefixes(name: str, bounds: tuple[float, ...]) -> tuple[str, ...]:
-    """`name_bucket{le="..."} ` for every finite bound, as TGI renders them."""
-    return tuple(f'{name}_bucket{{le="{_rust_number(b)}"}} ' for b in bounds)
+def _rust_bucket_prefixes(
+    name: str, bounds: tuple[float, ...], labels: str = ""
+) -> tuple[str, ...]:
+    """`name_bucket{labels,le="..."} ` for every finite bound, as TGI renders them."""
+    before = f"{labels}," if labels else ""
+    return tuple(f'{name}_bucket{{{before}le="{_rust_number(b)}"}} ' for b in bounds)
 
 
 def _tgi(m: EngineMetrics) -> bytes:
@@ -670,26 +675,33 @@ def _tgi(m: EngineMetrics) -> bytes:
     scalar("tgi_batch_max_total_tokens", "gauge", v["kv_capacity_tokens"])
     # Request-level histograms are recorded once per finished request (server.rs); the size of
     # each batch of queued requests admitted, when the queue hands it over (queue.rs).
-    for name, slot in (
-        ("tgi_request_queue_duration", "queue_s"),
-        ("tgi_request_inference_duration", "inference_s"),
-        ("tgi_request_duration", "e2e_s"),
-        ("tgi_request_mean_time_per_token_duration", "mean_time_per_token_s"),
-        ("tgi_request_input_length", "prompt_tokens"),
-        ("tgi_request_generated_tokens", "generation_tokens"),
-        ("tgi_batch_next_size", "next_batch_size"),
+    # The forward pass of every prefill and decode call, as its batching task times them
+    # (backend.rs): an iteration with prompt work is a prefill call.
+    for name, slot, labels in (
+        ("tgi_request_queue_duration", "queue_s", ""),
+        ("tgi_request_inference_duration", "inference_s", ""),
+        ("tgi_request_duration", "e2e_s", ""),
+        ("tgi_request_mean_time_per_token_duration", "mean_time_per_token_s", ""),
+        ("tgi_request_input_length", "prompt_tokens", ""),
+        ("tgi_request_generated_tokens", "generation_tokens", ""),
+        ("tgi_batch_next_size", "next_batch_size", ""),
+        ("tgi_batch_forward_duration", "forward_prefill_s", 'method="prefill"'),
+        ("tgi_batch_forward_duration", "forward_decode_s", 'method="decode"'),
     ):
         hist = h[slot]
-        lines.append(f"# TYPE {name} histogram")
-        prefixes = _rust_bucket_prefixes(name, hist.bounds)
+        if not lines[-1].startswith(name):
+            lines.append(f"# TYPE {name} histogram")
+        prefixes = _rust_bucket_prefixes(name, hist.bounds, labels)
         counts = hist.cumulative_counts
         lines.extend(
             prefix + (str(int(c)) if c.is_integer() else _rust_number(c))
             for prefix, c in zip(prefixes, counts[:-1], strict=True)
         )
-        lines.append(f'{name}_bucket{{le="+Inf"}} {_rust_number(hist.count)}')
-        lines.append(f"{name}_sum {_rust_number(hist.sum)}")
-        lines.append(f"{name}_count {_rust_number(hist.count)}")
+        series = f"{{{labels}}}" if labels else ""
+        inf_labels = f"{labels}," if labels else ""
+        lines.append(f'{name}_bucket{{{inf_labels}le="+Inf"}} {_rust_number(hist.count)}')
+        lines.append(f"{name}_sum{series} {_rust_number(hist.sum)}")
+        lines.append(f"{name}_count{series} {_rust_number(hist.count)}")
     return ("\n".join(lines) + "\n").encode()
 
 

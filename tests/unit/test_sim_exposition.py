@@ -58,8 +58,14 @@ def value(samples: list[Sample], name: str, **labels: str) -> float:
     return hits[0]
 
 
-def bucket_bounds(samples: list[Sample], name: str) -> list[float]:
-    return [float(s.labels["le"]) for s in samples if s.name == name and s.labels["le"] != "+Inf"]
+def bucket_bounds(samples: list[Sample], name: str, **labels: str) -> list[float]:
+    return [
+        float(s.labels["le"])
+        for s in samples
+        if s.name == name
+        and s.labels["le"] != "+Inf"
+        and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
 
 
 @pytest.mark.parametrize("kind", NAMED_SERVER_KINDS)
@@ -221,6 +227,18 @@ def test_tgi_counters_have_no_total_suffix() -> None:
         value(samples, "tgi_batch_inference_count_total", method=m) for m in ("prefill", "decode")
     )
     assert calls == snap.values["iterations"]
+    # Each call's forward pass is timed, per method: every iteration once, together the time the
+    # engine was busy, with TGI's 35 duration buckets for each method.
+    _, samples = fam["tgi_batch_forward_duration"]
+    for method, batches in (("prefill", "prefill_batches"), ("decode", "decode_batches")):
+        count = value(samples, "tgi_batch_forward_duration_count", method=method)
+        assert count == snap.values[batches] > 0
+        bounds = bucket_bounds(samples, "tgi_batch_forward_duration_bucket", method=method)
+        assert len(bounds) == 35
+    forward_s = sum(
+        value(samples, "tgi_batch_forward_duration_sum", method=m) for m in ("prefill", "decode")
+    )
+    assert forward_s == pytest.approx(snap.values["busy_s"])
     assert "model_name" not in text
 
 
