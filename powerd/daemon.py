@@ -333,6 +333,7 @@ class Daemon:
             ttft_slowest_s=sample.ttft_slowest_s if sample.up else None,
             kv_cache_usage=sample.kv_cache_usage if sample.up else None,
             preemptions=sample.preemptions if sample.up else None,
+            prefill_busy_s=sample.prefill_busy_s if sample.up else None,
             prompt_tokens_weighted_mean=sample.prompt_tokens_weighted_mean if sample.up else None,
             first_token_blind=self._first_token_blind(group, sample),
             interval_clock_cap_mhz=interval_cap_mhz,

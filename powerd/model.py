@@ -115,6 +115,9 @@ class ServerSample:
     """Requests the server preempted over the window (evicted for KV space), where it counts."""
     finished_requests: float | None = None
     """Requests finished over the window, where the server counts them."""
+    prefill_busy_s: float | None = None
+    """Seconds the server spent in prefill forward passes over the window, where it times them
+    (TGI): prompt tokens over these seconds are its prefill capacity."""
     prompt_tokens_weighted_mean: float | None = None
     """E[P^2]/E[P] of recent finished requests' prompt lengths P (tokens): the mean length of
     the prompt a prompt token belongs to, which sets how long a new request waits behind
@@ -173,6 +176,8 @@ class GroupObservation:
     """See ServerSample.kv_cache_usage."""
     preemptions: float | None = None
     """See ServerSample.preemptions."""
+    prefill_busy_s: float | None = None
+    """See ServerSample.prefill_busy_s."""
     finished_requests_per_s: float | None = None
     """Requests the server finished per second over the tick, where it counts them."""
     prompt_tokens_weighted_mean: float | None = None

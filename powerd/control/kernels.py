@@ -9,8 +9,9 @@ The controller (controller_step) per group and tick:
 - learns online, per demand bin, the latency-vs-clock roofline knee (from cells of latency per
   clock bin), a power model quadratic in the clock at fixed demand (energy per token vs clock),
   the prefill capacity per MHz (over runs of ticks where a server counts a whole prompt at its
-  first token, as vLLM does), prompt tokens per request, the slowest recent first token
-  (as TTFT x clock) and the clocks recently blamed for SLO misses;
+  first token, as vLLM does; where the server times its prefill passes, as TGI does, prompt
+  tokens over clock x seconds of prefill over minutes), prompt tokens per request, the slowest
+  recent first token (as TTFT x clock) and the clocks recently blamed for SLO misses;
 - raises at once on a latency past the margin line (sized by the roofline), a miss (at least
   halfway to f_max), a full or growing queue, a queue whose prompts would take past 0.35 of
   the TTFT SLO to prefill or a late first token (both to the clock that serves them in time:
@@ -25,7 +26,7 @@ The controller (controller_step) per group and tick:
   latency bound, the clock the slowest recent first token needs, the prefill-headroom bound
   (prefill as a first-come queue: the capacity at which a new request's mean wait, from the
   prompt load and the server's prompt-length mix, is 0.1 of the TTFT SLO; where prompts are
-  counted whole, once four capacity samples are in), the learned safe
+  counted whole, once four capacity samples or 5 s of timed prefill are in), the learned safe
   clock (above recent misses, late first tokens included) or the energy optimum;
 - dithers by dither_mhz when settled, clamps to supported clocks, applies the mode (target,
   budget, off) and returns to defaults at once when the observation is stale.
@@ -89,7 +90,8 @@ OBS_PROMPT_PER_CHUNK = 18
 OBS_KV_USAGE = 19
 OBS_PREEMPTIONS = 20
 OBS_FIRST_TOKEN_BLIND = 21
-N_OBS = 22
+OBS_PREFILL_BUSY_S = 22
+N_OBS = 23
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -191,7 +193,13 @@ ST_PREFILL_MHZ_S = ST_PREFILL_TOKENS + 2
 """Clock x seconds of the same two ticks."""
 ST_PREFILL_SAMPLES = ST_PREFILL_MHZ_S + 2
 """Capacity samples taken from runs of ticks so far (0: none)."""
-N_ST = ST_PREFILL_SAMPLES + 1
+ST_TIMED_TOKENS = ST_PREFILL_SAMPLES + 1
+"""Where the server times its prefill passes: prompt tokens, decaying (_TIMED_HALF_LIFE_S)."""
+ST_TIMED_S = ST_TIMED_TOKENS + 1
+"""Seconds of prefill passes over the same decaying window."""
+ST_TIMED_MHZ_S = ST_TIMED_S + 1
+"""Clock x seconds of those passes."""
+N_ST = ST_TIMED_MHZ_S + 1
 
 # Power-model fit layout: normal matrix (EFIT_N x EFIT_N), right-hand side, sum of y^2, sum of
 # weights. Regressors: 1, gen ktok/s, prompt ktok/s, x = (clock - f_max) in GHz, x^2.
@@ -278,6 +286,12 @@ this many ticks with requests waiting (at most 3: two ticks are kept)."""
 _PREFILL_MIN_SAMPLES = 4.0
 """There, the headroom bound waits for this many samples: the first runs with a queue, in a
 quiet start, read the capacity low and would hold the clocks high for tens of minutes."""
+_TIMED_HALF_LIFE_S = 300.0
+"""Where the server times its prefill passes (TGI), the capacity is the prompt tokens over the
+clock x seconds of prefill of a window with this half-life: minutes, so that prompts counted
+as they are admitted (at the mix's mean length) or as they end average out."""
+_TIMED_MIN_S = 5.0
+"""Seconds of timed prefill before that capacity is used."""
 _PREFILL_BURST = 0.8
 """A tick with requests waiting and a prompt rate past this share of the learned prefill capacity
 boosts the clock for that tick."""
@@ -719,6 +733,9 @@ def _reset_group(g: int, f_max: float, state: np.ndarray) -> None:
     state[ST_SLOPE_T, g] = 0.0
     state[ST_LOAD_BIN, g] = 0.0
     state[ST_PRESSURE, g] = 0.0
+    state[ST_TIMED_TOKENS, g] = 0.0
+    state[ST_TIMED_S, g] = 0.0
+    state[ST_TIMED_MHZ_S, g] = 0.0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -864,7 +881,25 @@ def _group_step(
     prefill_k = state[ST_PREFILL_K, g]
     per_chunk = obs[OBS_PROMPT_PER_CHUNK, g] > 0.5
     run = state[ST_PREFILL_RUN, g]
-    if waiting >= 1.0 and prompt_tps >= 0.0:
+    busy_s = obs[OBS_PREFILL_BUSY_S, g]
+    timed = busy_s >= 0.0 and prompt_tps >= 0.0
+    if timed:
+        # The server times its prefill passes: tokens per second of prefill is the capacity
+        # itself, from every tick with prompt work rather than from ticks with a queue.
+        f_work = obs[OBS_INTERVAL_CAP_MHZ, g]
+        if not f_work > 0.0:
+            f_work = f_now
+        keep = 0.5 ** (interval_s / _TIMED_HALF_LIFE_S)
+        timed_tokens = state[ST_TIMED_TOKENS, g] * keep + prompt_tps * interval_s
+        timed_s = state[ST_TIMED_S, g] * keep + busy_s
+        timed_mhz_s = state[ST_TIMED_MHZ_S, g] * keep + busy_s * f_work
+        state[ST_TIMED_TOKENS, g] = timed_tokens
+        state[ST_TIMED_S, g] = timed_s
+        state[ST_TIMED_MHZ_S, g] = timed_mhz_s
+        if timed_s >= _TIMED_MIN_S and timed_tokens > 0.0:
+            prefill_k = timed_tokens / timed_mhz_s
+        run = 0.0
+    elif waiting >= 1.0 and prompt_tps >= 0.0:
         # Requests wait while prompts are processed: the prefill budget is the bottleneck, or
         # close to it. The highest such rate per MHz approaches the capacity from below.
         # Raises for the backlog did part of the interval's prompt work above the cap chosen.
@@ -915,7 +950,11 @@ def _group_step(
     prefill_min = math.nan
     weighted = obs[OBS_PROMPT_WEIGHTED_TOKENS, g]
     wait_s = _PREFILL_WAIT_SHARE * params[PAR_TTFT_SLO_S, g]
-    learned = per_chunk or state[ST_PREFILL_SAMPLES, g] >= _PREFILL_MIN_SAMPLES
+    learned = (
+        per_chunk
+        or state[ST_PREFILL_SAMPLES, g] >= _PREFILL_MIN_SAMPLES
+        or state[ST_TIMED_S, g] >= _TIMED_MIN_S
+    )
     if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew) and learned:
         if weighted > 0.0 and wait_s > 0.0 and prompt_ew > 0.0:
             # Prefill as a first-come queue: at prompt load a and capacity c (tokens/s) a new

@@ -244,6 +244,7 @@ def fill_observations(
         obs[k.OBS_TTFT_SLOWEST_S, g] = _num(o.ttft_slowest_s)
         obs[k.OBS_KV_USAGE, g] = _num(o.kv_cache_usage)
         obs[k.OBS_PREEMPTIONS, g] = _num(o.preemptions)
+        obs[k.OBS_PREFILL_BUSY_S, g] = _num(o.prefill_busy_s)
         obs[k.OBS_FIRST_TOKEN_BLIND, g] = 1.0 if o.first_token_blind else 0.0
         obs[k.OBS_PROMPT_WEIGHTED_TOKENS, g] = _num(o.prompt_tokens_weighted_mean)
         obs[k.OBS_FINISHED_RPS, g] = _num(o.finished_requests_per_s)

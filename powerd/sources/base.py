@@ -496,6 +496,8 @@ class Window:
     """Finished requests' prompt lengths over the window: count, sum, cumulative buckets."""
     admitted_per_s: float | None = None
     """Requests admitted to prefill per second (prompt_mode "admissions")."""
+    prefill_busy_s: float | None = None
+    """Seconds of prefill forward passes over the window, where the server times them."""
 
 
 def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window | None:
@@ -561,6 +563,7 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
         preemptions=deltas.get("preemptions"),
         prompt_len=prompt_len,
         admitted_per_s=deltas["admitted"] / dt_s if "admitted" in deltas else None,
+        prefill_busy_s=deltas.get("prefill_busy_s"),
     )
 
 
@@ -812,6 +815,7 @@ class Source:
             ttft_slowest_s=window.ttft_slowest_s if window else None,
             kv_cache_usage=_share(gauges.get("kv_usage")),
             preemptions=window.preemptions if window else None,
+            prefill_busy_s=window.prefill_busy_s if window else None,
             itl_mean_s=window.itl_mean_s if window else None,
             finished_requests=window.finished_requests if window else None,
             prompt_tokens_weighted_mean=prompt_weighted,

@@ -14,6 +14,9 @@ give the prompt-length mix). Rates come from what the batching task records as i
   prefill call reads one token per running request high.
 - prompt tokens/s = requests admitted to prefill (`tgi_batch_next_size_sum`, observed per batch
   the queue hands over) x the recent mix's mean prompt (prompt_mode "admissions" in base.py).
+- seconds of prefill = Δ`tgi_batch_forward_duration_sum{method="prefill"}` (every prefill call's
+  forward pass, timed by the batching task): prompt tokens over them are the prefill capacity,
+  learned from every tick with prompt work, with or without a queue.
 There is no TTFT; the inter-token figure is `tgi_request_mean_time_per_token_duration`
 (inference time / generated tokens per request, which includes the prefill). Queue:
 `tgi_queue_size`; running: `tgi_batch_current_size`.
@@ -44,6 +47,7 @@ class TgiExtractor:
                 "tgi_batch_inference_count",
                 "tgi_batch_inference_count_total",
                 "tgi_batch_next_size_sum",
+                "tgi_batch_forward_duration_sum",
                 "tgi_batch_current_size",
                 "tgi_queue_size",
                 "tgi_batch_current_max_tokens",
@@ -68,6 +72,16 @@ class TgiExtractor:
         admitted = series_values(samples, "tgi_batch_next_size_sum")
         if admitted is not None:
             reading.counters["admitted"] = admitted
+        # A series created since the last scrape counts from zero; a server without it (before
+        # its first prefill call, or a TGI that does not time them) gives no prefill time.
+        prefill_s = series_values(
+            samples,
+            "tgi_batch_forward_duration_sum",
+            select={"method": "prefill"},
+            drop=frozenset({"method"}),
+        )
+        if prefill_s:
+            reading.counters["prefill_busy_s"] = prefill_s
         reading.counters["finished"] = (
             series_values(samples, "tgi_request_success")
             or series_values(samples, "tgi_request_success_total")

@@ -922,6 +922,33 @@ def test_prefill_capacity_is_learned_at_the_clock_the_prompt_work_ran_at() -> No
     assert raised.arrays.state[k.ST_PREFILL_K, 0] == pytest.approx(15000.0 / 1500.0)
 
 
+def test_a_server_that_times_its_prefill_gives_the_capacity_without_a_queue() -> None:
+    """TGI times its prefill passes: 0.5 s of prefill a second at 1200 MHz for 6000 prompt
+    tokens/s (counted whole, 12000 every other tick) is a capacity of 10 tokens/s per MHz,
+    learned once 5 s of prefill are in, with no request ever waiting."""
+    controller = Controller(Config(), [spec()])
+    state = controller.arrays.state
+    for t in range(16):
+        seen = obs(
+            prompt_tokens_per_s=12000.0 if t % 2 else 0.0,
+            prefill_busy_s=0.5,
+            sm_clock_mhz=1200.0,
+            prompt_per_chunk=False,
+        )
+        controller.decide(float(t), [seen])
+        if t < 9:  # under 5 s of prefill
+            assert math.isnan(float(state[k.ST_PREFILL_K, 0]))
+    assert float(state[k.ST_PREFILL_K, 0]) == pytest.approx(6000.0 / (0.5 * 1200.0), rel=0.01)
+    assert controller.group_state()[0]["prefill_min_clock_mhz"] is not None
+    # Without the timing, whole prompts counted with no queue teach nothing.
+    untimed = Controller(Config(), [spec()])
+    for t in range(16):
+        seen = obs(prompt_tokens_per_s=6000.0, sm_clock_mhz=1200.0, prompt_per_chunk=False)
+        untimed.decide(float(t), [seen])
+    assert math.isnan(float(untimed.arrays.state[k.ST_PREFILL_K, 0]))
+    assert untimed.group_state()[0]["prefill_min_clock_mhz"] is None
+
+
 def test_a_preemption_raises_to_f_max_and_teaches_the_safe_clock() -> None:
     """A server out of KV evicts requests to recompute later: more clock, fewer at once."""
     controller, low = lowered()

@@ -76,6 +76,7 @@ def test_vllm_v1_data_parallel_sums_engines() -> None:
     # KV usage is the fullest engine's; preemptions add up over engines.
     assert first.kv_cache_usage == 0.41 and first.preemptions is None
     assert s.kv_cache_usage == 0.62 and s.preemptions == 3.0
+    assert s.prefill_busy_s is None  # vLLM does not time its steps
     # ITL comes from inter_token_latency_seconds, not the deprecated TPOT histogram:
     # 980 observations, 900 by le=0.05, 960 by le=0.075; rank 931.
     assert s.itl_p95_s == pytest.approx(interp(0.05, 0.075, 0.95 * 980, 900, 60))
@@ -303,6 +304,24 @@ def test_tgi_forward_calls_and_no_ttft() -> None:
     assert s.itl_p95_s == pytest.approx(interp(lo, hi, 0.95 * 6, 4, 2))
     assert s.itl_mean_s == pytest.approx(0.18 / 6)
     assert s.generation_tokens_total == 9323
+    # Its prefill passes are timed: 6.4 - 6.08 s of the 2-s window (decode's are not read).
+    assert s.prefill_busy_s == pytest.approx(0.32)
+
+
+def test_tgi_without_timed_prefill_gives_no_prefill_time() -> None:
+    """A TGI that does not time its forward passes (or has not yet run a prefill) gives no
+    prefill seconds, not zero: zero would read as a server that never prefills."""
+    bodies: list[tuple[bytes, Mapping[str, str]]] = []
+    for name in ("tgi_a.txt", "tgi_b.txt"):
+        body, headers = load(name)
+        lines = body.decode().splitlines(keepends=True)
+        kept = "".join(line for line in lines if "tgi_batch_forward_duration" not in line)
+        bodies.append((kept.encode(), headers))
+    source = make_source(ServerConfig(name="t", url="http://h/metrics", kind="tgi"), Replay(bodies))
+    source.poll(T0)
+    s = source.poll(T1)
+    assert s.up and s.generation_tokens_per_s is not None
+    assert s.prefill_busy_s is None
 
 
 def test_trtllm_serve_counts_at_request_end() -> None:
@@ -340,6 +359,7 @@ def test_tgi_fresh_server_with_lazy_series_reads_zero() -> None:
     # 50 finished requests make a prompt mix (mean 33000 / 50): prompts are now the requests
     # admitted to prefill (166) at that mean, not the 33000 tokens of the requests that ended.
     assert later.prompt_tokens_per_s == pytest.approx(166 / 10 * 33000 / 50)
+    assert later.prefill_busy_s == pytest.approx(6.4)
 
 
 def test_llamacpp_busy_slot_decodes_and_restart_header() -> None:
