@@ -669,6 +669,14 @@ def _tgi(m: EngineMetrics) -> bytes:
     lines.append(
         f'tgi_batch_inference_count{{method="decode"}} {_rust_number(v["decode_batches"])}'
     )
+    # Every generation sent (a request's tokens from one forward call) is observed with the
+    # tokens past its first (backend.rs); without --speculate that is none, in bucket 0.
+    generations = _rust_number(v["generation_tokens"])
+    lines.append("# TYPE tgi_request_skipped_tokens histogram")
+    lines.append(f'tgi_request_skipped_tokens_bucket{{le="0"}} {generations}')
+    lines.append(f'tgi_request_skipped_tokens_bucket{{le="+Inf"}} {generations}')
+    lines.append("tgi_request_skipped_tokens_sum 0")
+    lines.append(f"tgi_request_skipped_tokens_count {generations}")
     scalar("tgi_queue_size", "gauge", v["num_waiting"])
     scalar("tgi_batch_current_size", "gauge", v["num_running"])
     scalar("tgi_batch_current_max_tokens", "gauge", v["kv_used_tokens"])

@@ -7,11 +7,13 @@ recorded, so a fresh server may serve an almost empty body.
 There is no token counter: `tgi_request_generated_tokens` and `tgi_request_input_length` are
 histograms observed when a request ends (their `_sum` is the exported total; the prompt buckets
 give the prompt-length mix). Rates come from what the batching task records as it runs:
-- generated tokens/s = Δ forward calls (`tgi_batch_inference_count{method="prefill|decode"}`)
-  / Δt x the running batch (`tgi_batch_current_size`, a snapshot averaged over the two scrapes),
-  as for Triton: each call gives a token to every request of the batch. TGI 3 with chunked
-  prefill sends the running batch along with each prefill; older backends pause it, and there a
-  prefill call reads one token per running request high.
+- generated tokens = Δ(`tgi_request_skipped_tokens_count` + `_sum`): every generation sent (a
+  request's tokens from one forward call) is observed with the number of its tokens past the
+  first, so count + sum are the tokens generated, speculated ones (`--speculate`) included.
+  Where the series is missing with forward calls counted, Δ forward calls
+  (`tgi_batch_inference_count{method="prefill|decode"}`) x the running batch
+  (`tgi_batch_current_size`, a snapshot averaged over the two scrapes), as for Triton: each
+  call gives a token to every request of the batch.
 - prompt tokens/s = requests admitted to prefill (`tgi_batch_next_size_sum`, observed per batch
   the queue hands over) x the recent mix's mean prompt (prompt_mode "admissions" in base.py).
 - seconds of prefill = Δ`tgi_batch_forward_duration_sum{method="prefill"}` (every prefill call's
@@ -27,7 +29,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from powerd.sources.base import Reading, gauge_total, histogram, series_values, total
+from powerd.sources.base import (
+    GenMode,
+    Reading,
+    gauge_total,
+    histogram,
+    series_values,
+    total,
+)
 from powerd.sources.exposition import Samples, Wanted
 from powerd.sources.vllm import hist_names
 
@@ -41,6 +50,8 @@ class TgiExtractor:
         self.wanted = Wanted.of(
             [
                 "tgi_request_generated_tokens_sum",
+                "tgi_request_skipped_tokens_count",
+                "tgi_request_skipped_tokens_sum",
                 *hist_names("tgi_request_input_length"),
                 "tgi_request_success",
                 "tgi_request_success_total",
@@ -57,17 +68,29 @@ class TgiExtractor:
         )
 
     def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
-        reading = Reading(realtime=True, gen_mode="iterations", prompt_mode="admissions")
-        generated = series_values(samples, "tgi_request_generated_tokens_sum") or {}
-        reading.counters["generation"] = generated
         calls = gauge_total(samples, "tgi_batch_inference_count")
         if calls is None:
             calls = gauge_total(samples, "tgi_batch_inference_count_total")
-        batch = gauge_total(samples, "tgi_batch_current_size")
-        # Before its first forward call a server has neither series: no calls, no tokens yet.
-        reading.counters["iterations"] = {} if calls is None else {(): calls}
-        reading.per_iteration["generation"] = {} if batch is None else {(): batch}
-        reading.generation_tokens_total = total(generated) if generated else None
+        sent = gauge_total(samples, "tgi_request_skipped_tokens_count")
+        speculated = gauge_total(samples, "tgi_request_skipped_tokens_sum")
+        # Before its first forward call a server has none of these series: no tokens yet, and
+        # the generations' series counts from zero once created.
+        if sent is not None and speculated is not None:
+            exact: float | None = sent + speculated
+        else:
+            exact = None if calls is not None else 0.0
+        gen_mode: GenMode = "counter" if exact is not None else "iterations"
+        reading = Reading(realtime=True, gen_mode=gen_mode, prompt_mode="admissions")
+        if exact is not None:
+            reading.counters["generation"] = {(): exact}
+            reading.generation_tokens_total = exact
+        else:
+            generated = series_values(samples, "tgi_request_generated_tokens_sum") or {}
+            reading.counters["generation"] = generated
+            reading.generation_tokens_total = total(generated) if generated else None
+            batch = gauge_total(samples, "tgi_batch_current_size")
+            reading.counters["iterations"] = {(): calls} if calls is not None else {}
+            reading.per_iteration["generation"] = {} if batch is None else {(): batch}
         reading.counters["prompt"] = series_values(samples, "tgi_request_input_length_sum") or {}
         admitted = series_values(samples, "tgi_batch_next_size_sum")
         if admitted is not None:

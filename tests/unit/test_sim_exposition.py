@@ -227,6 +227,12 @@ def test_tgi_counters_have_no_total_suffix() -> None:
         value(samples, "tgi_batch_inference_count_total", method=m) for m in ("prefill", "decode")
     )
     assert calls == snap.values["iterations"]
+    # Every generation sent is in tgi_request_skipped_tokens, none speculated: its count is
+    # the tokens generated so far, running requests' included.
+    _, samples = fam["tgi_request_skipped_tokens"]
+    sent = value(samples, "tgi_request_skipped_tokens_count")
+    assert sent == snap.values["generation_tokens"] > snap.values["finished_generation_tokens"]
+    assert value(samples, "tgi_request_skipped_tokens_sum") == 0
     # Each call's forward pass is timed, per method: every iteration once, together the time the
     # engine was busy, with TGI's 35 duration buckets for each method.
     _, samples = fam["tgi_batch_forward_duration"]

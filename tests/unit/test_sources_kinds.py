@@ -288,12 +288,21 @@ def test_sglang_v03_name_label_and_old_gauges() -> None:
     assert s.finished_requests is None
 
 
-def test_tgi_forward_calls_and_no_ttft() -> None:
+def without(name: str, family: str) -> tuple[bytes, Mapping[str, str]]:
+    """A fixture with one family's lines left out."""
+    body, headers = load(name)
+    lines = body.decode().splitlines(keepends=True)
+    return "".join(line for line in lines if family not in line).encode(), headers
+
+
+def test_tgi_generations_and_no_ttft() -> None:
     _, s = pair("tgi")
     assert s.kind == "tgi" and s.realtime and not s.prompt_per_chunk
     assert s.model_name == ""
-    # 8 prefill and 150 decode calls, each a token for every request of the batch (10, then 12).
-    assert s.generation_tokens_per_s == pytest.approx((8 + 150) * (10 + 12) / 2 / 2)
+    # 1738 generations sent (a request's tokens from one forward call) and 262 more tokens
+    # accepted from speculation (--speculate 2).
+    assert s.generation_tokens_per_s == pytest.approx((1738 + 262) / 2)
+    assert s.generation_tokens_total == 88738 + 12262
     # 6 finished requests are too few for a prompt mix: prompts as they end.
     assert s.prompt_tokens_per_s == pytest.approx(3000 / 2)
     assert s.finished_requests == 6
@@ -303,20 +312,25 @@ def test_tgi_forward_calls_and_no_ttft() -> None:
     lo, hi = 1e-4 * 1.5**14, 1e-4 * 1.5**15
     assert s.itl_p95_s == pytest.approx(interp(lo, hi, 0.95 * 6, 4, 2))
     assert s.itl_mean_s == pytest.approx(0.18 / 6)
-    assert s.generation_tokens_total == 9323
     # Its prefill passes are timed: 6.4 - 6.08 s of the 2-s window (decode's are not read).
     assert s.prefill_busy_s == pytest.approx(0.32)
+
+
+def test_tgi_without_generations_counts_forward_calls_times_the_batch() -> None:
+    bodies = [without(name, "tgi_request_skipped_tokens") for name in ("tgi_a.txt", "tgi_b.txt")]
+    source = make_source(ServerConfig(name="t", url="http://h/metrics", kind="tgi"), Replay(bodies))
+    source.poll(T0)
+    s = source.poll(T1)
+    assert s.realtime
+    # 8 prefill and 150 decode calls, each a token for every request of the batch (10, then 12).
+    assert s.generation_tokens_per_s == pytest.approx((8 + 150) * (10 + 12) / 2 / 2)
+    assert s.generation_tokens_total == 9323  # the finished requests'
 
 
 def test_tgi_without_timed_prefill_gives_no_prefill_time() -> None:
     """A TGI that does not time its forward passes (or has not yet run a prefill) gives no
     prefill seconds, not zero: zero would read as a server that never prefills."""
-    bodies: list[tuple[bytes, Mapping[str, str]]] = []
-    for name in ("tgi_a.txt", "tgi_b.txt"):
-        body, headers = load(name)
-        lines = body.decode().splitlines(keepends=True)
-        kept = "".join(line for line in lines if "tgi_batch_forward_duration" not in line)
-        bodies.append((kept.encode(), headers))
+    bodies = [without(name, "tgi_batch_forward_duration") for name in ("tgi_a.txt", "tgi_b.txt")]
     source = make_source(ServerConfig(name="t", url="http://h/metrics", kind="tgi"), Replay(bodies))
     source.poll(T0)
     s = source.poll(T1)
@@ -352,10 +366,9 @@ def test_tgi_fresh_server_with_lazy_series_reads_zero() -> None:
     source.poll(T0)
     s = source.poll(T1)
     assert s.up and s.generation_tokens_per_s == 0.0 and s.finished_requests == 0.0
-    # Series created since the last scrape count from zero: every forward call of b, each a
-    # token for the 12 requests of the batch (b's gauge; fresh had none).
+    # Series created since the last scrape count from zero: every generation of b.
     later = source.poll(T1 + 10)
-    assert later.generation_tokens_per_s == pytest.approx((160 + 8171) * 12 / 10)
+    assert later.generation_tokens_per_s == pytest.approx((88738 + 12262) / 10)
     # 50 finished requests make a prompt mix (mean 33000 / 50): prompts are now the requests
     # admitted to prefill (166) at that mean, not the 33000 tokens of the requests that ended.
     assert later.prompt_tokens_per_s == pytest.approx(166 / 10 * 33000 / 50)
