@@ -42,6 +42,8 @@ def probe(
         raise SourceError(second.error or f"cannot read {url}")
     if second.generation_tokens_per_s is None:
         raise SourceError(f"{url} restarted between the two scrapes; probe again")
+    window_s = second.timestamp_s - first.timestamp_s
+    busy_s = second.prefill_busy_s
     return {
         "url": url,
         "kind": source.kind,
@@ -56,6 +58,7 @@ def probe(
         "exports_ttft": second.exports_ttft,
         "exports_prompt_lengths": second.exports_prompt_lengths,
         "first_token_blind": second.first_token_blind,
+        "prefill_busy_share": busy_s / window_s if busy_s is not None and window_s > 0 else None,
     }
 
 
@@ -71,6 +74,8 @@ def format_probe(result: dict[str, Any]) -> str:
     ttft = _fmt(result.get("ttft_p95_s"), " s", 3) if result["exports_ttft"] else "not exported"
     kv = result.get("kv_cache_usage")
     mix = "exported" if result["exports_prompt_lengths"] else "not exported"
+    busy = result.get("prefill_busy_share")
+    prefill = "not timed" if busy is None else f"{100 * busy:.1f} % of the time"
     lines = [
         f"kind:                 {result['kind']} (token counters move {cadence})",
         f"generation tokens/s:  {_fmt(result['generation_tokens_per_s'], '')}",
@@ -81,6 +86,7 @@ def format_probe(result: dict[str, Any]) -> str:
         f"inter-token p95:      {_fmt(result.get('itl_p95_s'), ' s', 4)}",
         f"KV cache in use:      {_fmt(None if kv is None else 100 * kv, ' %')}",
         f"prompt-length mix:    {mix}",
+        f"prefill passes:       {prefill}",
     ]
     if result["first_token_blind"]:
         lines.append("warning: " + first_token_blind_warning(result["url"], result["kind"]))

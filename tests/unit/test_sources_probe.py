@@ -58,6 +58,7 @@ def test_probe_vllm_pair() -> None:
         "exports_ttft": True,
         "exports_prompt_lengths": False,
         "first_token_blind": False,
+        "prefill_busy_share": None,
     }
     json.dumps(result)
     text = format_probe(result)
@@ -66,6 +67,7 @@ def test_probe_vllm_pair() -> None:
     assert "TTFT p95:             0.625 s" in text
     assert "KV cache in use:      62.0 %" in text
     assert "prompt-length mix:    not exported" in text
+    assert "prefill passes:       not timed" in text
     assert "warning" not in text  # its TTFT histogram shows first tokens
 
 
@@ -84,6 +86,9 @@ def test_probe_tgi_counts_tokens_per_forward_call() -> None:
     assert "per engine step" in text and "TTFT p95:             not exported" in text
     # Its prompt-length histogram sizes the prefill headroom: nothing to warn about.
     assert "prompt-length mix:    exported" in text and "warning" not in text
+    # It times its prefill passes (0.32 s of the 2 s), from which the capacity is learned.
+    assert result["prefill_busy_share"] == pytest.approx(0.16)
+    assert "prefill passes:       16.0 % of the time" in text
 
 
 def triton_fetch(with_first_response: bool):  # type: ignore[no-untyped-def]
