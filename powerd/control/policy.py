@@ -405,6 +405,9 @@ class Controller:
                     "prefill_min_clock_mhz": _opt_float(st[k.ST_PREFILL_MIN_MHZ])
                     if ready
                     else None,
+                    "prefill_tokens_per_s_per_mhz": _opt_float(st[k.ST_PREFILL_K])
+                    if ready
+                    else None,
                     "load_bin": _opt_int(st[k.ST_LOAD_BIN]) if ready else None,
                     "hold_ticks": _opt_int(st[k.ST_HOLD]) if ready else None,
                     "budget_feasible": self._budget_ok if mode == "budget" else None,
