@@ -685,6 +685,7 @@ def _tgi(m: EngineMetrics) -> bytes:
     # each batch of queued requests admitted, when the queue hands it over (queue.rs).
     # The forward pass of every prefill and decode call, as its batching task times them
     # (backend.rs): an iteration with prompt work is a prefill call.
+    typed: set[str] = set()
     for name, slot, labels in (
         ("tgi_request_queue_duration", "queue_s", ""),
         ("tgi_request_inference_duration", "inference_s", ""),
@@ -697,8 +698,9 @@ def _tgi(m: EngineMetrics) -> bytes:
         ("tgi_batch_forward_duration", "forward_decode_s", 'method="decode"'),
     ):
         hist = h[slot]
-        if not lines[-1].startswith(name):
+        if name not in typed:
             lines.append(f"# TYPE {name} histogram")
+            typed.add(name)
         prefixes = _rust_bucket_prefixes(name, hist.bounds, labels)
         counts = hist.cumulative_counts
         lines.extend(

@@ -13,7 +13,8 @@ give the prompt-length mix). Rates come from what the batching task records as i
   Where the series is missing with forward calls counted, Δ forward calls
   (`tgi_batch_inference_count{method="prefill|decode"}`) x the running batch
   (`tgi_batch_current_size`, a snapshot averaged over the two scrapes), as for Triton: each
-  call gives a token to every request of the batch.
+  call gives a token to every request of the batch (on backends that pause the running batch
+  for a prefill call, one token per running request too many).
 - prompt tokens/s = requests admitted to prefill (`tgi_batch_next_size_sum`, observed per batch
   the queue hands over) x the recent mix's mean prompt (prompt_mode "admissions" in base.py).
 - seconds of prefill = Δ`tgi_batch_forward_duration_sum{method="prefill"}` (every prefill call's
