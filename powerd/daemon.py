@@ -534,6 +534,7 @@ class Daemon:
                     carbon_g_per_million_tokens=_per_million(
                         self.grid.carbon_g_per_token, energy_per_token_j
                     ),
+                    decision_reason=decision.reason_label if decision else "",
                     prompt_backlog_tokens=group.prompt_backlog_tokens,
                     prefill_guard_raises_total=(
                         group.guard_raises_total

@@ -37,7 +37,14 @@ from prometheus_client.utils import floatToGoString
 
 import powerd
 from powerd.config import MODES, MetricsConfig
-from powerd.model import CLOCK_EVENT_REASON_NAMES, GpuStatus, GroupStatus, ServerSample, Snapshot
+from powerd.model import (
+    CLOCK_EVENT_REASON_NAMES,
+    DECISION_REASONS,
+    GpuStatus,
+    GroupStatus,
+    ServerSample,
+    Snapshot,
+)
 from powerd.webconfig import BasicAuth, WebConfig, load_web_config
 
 log = logging.getLogger(__name__)
@@ -646,6 +653,14 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
     )
     for mode in _modes(group.mode):
         mode_family.add(dict(labels, mode=mode), mode == group.mode)
+    if group.decision_reason:
+        reason_family = families(
+            "powerd_group_decision_reason",
+            "Why the controller set the group's clock and power limit as it did this tick; 1 for "
+            "the current reason.",
+        )
+        for reason in _reasons(group.decision_reason):
+            reason_family.add(dict(labels, reason=reason), reason == group.decision_reason)
     families(
         "powerd_group_prompt_backlog_tokens",
         "Prompt tokens the group's server still had to prefill at the last read; "
@@ -667,6 +682,10 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
 
 def _modes(active: str) -> tuple[str, ...]:
     return MODES if active in MODES else (*MODES, active)
+
+
+def _reasons(current: str) -> tuple[str, ...]:
+    return DECISION_REASONS if current in DECISION_REASONS else (*DECISION_REASONS, current)
 
 
 def _scaled(value: float | None, divisor: float) -> float | None:

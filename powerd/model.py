@@ -31,6 +31,23 @@ CLOCK_EVENT_REASON_NAMES: dict[int, str] = {
     REASON_DISPLAY_CLOCK: "display_clock_setting",
 }
 
+DECISION_REASONS: tuple[str, ...] = (
+    "steady",
+    "lower_slack",
+    "raise_itl",
+    "raise_ttft",
+    "raise_queue",
+    "raise_kv",
+    "raise_energy",
+    "hold_after_raise",
+    "hold_energy",
+    "target",
+    "stale",
+    "off",
+)
+"""Why powerd's controller set a group as it did, one word each: the label values of
+powerd_group_decision_reason (GroupDecision.reason_label)."""
+
 
 @dataclass(frozen=True, slots=True)
 class GpuInfo:
@@ -201,6 +218,9 @@ class GroupDecision:
     """Per-GPU power limit; None leaves the default limit."""
     mode: str
     reason: str = ""
+    """Why, in words."""
+    reason_label: str = ""
+    """Why, as one of DECISION_REASONS ("" from a policy that does not say)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +256,9 @@ class GroupStatus:
     prompt_backlog_tokens: float | None = None
     """Prompt tokens the server still had to prefill at the last read (None: the server does not
     report it, or the group is at its maximum clock and it is not read)."""
+    decision_reason: str = ""
+    """The controller's reason for the group's setting this tick (DECISION_REASONS; "" where
+    the policy gives none)."""
     prefill_guard_raises_total: int | None = None
     """Raises of the cap for that backlog, at ticks and between them (None: the server reports
     none)."""

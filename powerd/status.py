@@ -38,6 +38,8 @@ class GroupRow:
     dry_run: bool = False
     first_token_blind: bool = False
     """Its server exports neither a TTFT nor a prompt-length histogram."""
+    reason: str | None = None
+    """Why the controller set the group as it did at the last tick (model.DECISION_REASONS)."""
 
 
 def fetch_status(
@@ -84,6 +86,7 @@ def parse_status(text: str) -> list[GroupRow]:
     """Group rows from an exposition text, in the order the groups first appear."""
     values: dict[tuple[str, str, str], dict[str, float]] = {}
     modes: dict[tuple[str, str, str], str] = {}
+    reasons: dict[tuple[str, str, str], str] = {}
     exports: dict[str, dict[str, float]] = {}
     """Per server: its powerd_source_exports_* values by metric name."""
     for family in text_string_to_metric_families(text):
@@ -102,6 +105,10 @@ def parse_status(text: str) -> list[GroupRow]:
             if sample.name == "powerd_controller_mode":
                 if sample.value == 1.0:
                     modes[key] = labels.get("mode", "")
+                continue
+            if sample.name == "powerd_group_decision_reason":
+                if sample.value == 1.0:
+                    reasons[key] = labels.get("reason", "")
                 continue
             if not math.isnan(sample.value):
                 row[sample.name] = float(sample.value)
@@ -126,13 +133,14 @@ def parse_status(text: str) -> list[GroupRow]:
                 first_token_blind=all(
                     exports.get(key[1], {}).get(name) == 0.0 for name in _EXPORTS
                 ),
+                reason=reasons.get(key),
             )
         )
     return rows
 
 
 _EXPORTS = ("powerd_source_exports_ttft", "powerd_source_exports_prompt_lengths")
-_HEADER = ("GROUP", "MODE", "CLOCK MHz", "WATTS", "TOKENS/S", "TOKENS/J", "SLO")
+_HEADER = ("GROUP", "MODE", "CLOCK MHz", "WATTS", "TOKENS/S", "TOKENS/J", "SLO", "WHY")
 _BLIND_NOTE = (
     "blind: the server exports neither a TTFT nor a prompt-length histogram, so its clocks stay "
     f"at or above {100 * BLIND_PREFILL_SHARE:.0f} % of their maximum (`powerd probe URL` shows "
@@ -163,13 +171,14 @@ def format_status(rows: list[GroupRow]) -> str:
                 _number(row.tokens_per_s, 0),
                 _number(row.tokens_per_joule, 2),
                 _slo(row.slo_met, row.slo_attainment),
+                row.reason or "-",
             )
         )
     widths = [max(len(line[i]) for line in table) for i in range(len(_HEADER))]
     lines = []
     for line in table:
         cells = [
-            cell.ljust(width) if i < 2 or i == len(line) - 1 else cell.rjust(width)
+            cell.ljust(width) if i < 2 or i >= len(line) - 2 else cell.rjust(width)
             for i, (cell, width) in enumerate(zip(line, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())

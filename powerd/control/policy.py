@@ -24,20 +24,22 @@ _MODE_CODES = {
     "off": k.MODE_OFF,
 }
 
-REASON_NAMES: dict[int, str] = {
-    k.REASON_STEADY: "steady",
-    k.REASON_LOWER: "lower: latency slack",
-    k.REASON_RAISE_ITL: "raise: inter-token latency",
-    k.REASON_RAISE_TTFT: "raise: time to first token",
-    k.REASON_RAISE_QUEUE: "raise: queue",
-    k.REASON_STALE: "stale: default clocks",
-    k.REASON_OFF: "off: observe only",
-    k.REASON_HOLD: "hold after raise",
-    k.REASON_ENERGY: "raise: energy optimum above",
-    k.REASON_TARGET: "target: above efficient point",
-    k.REASON_ENERGY_FLOOR: "hold: energy optimum",
-    k.REASON_RAISE_KV: "raise: KV cache full",
+REASONS: dict[int, tuple[str, str]] = {
+    k.REASON_STEADY: ("steady", "steady"),
+    k.REASON_LOWER: ("lower_slack", "lower: latency slack"),
+    k.REASON_RAISE_ITL: ("raise_itl", "raise: inter-token latency"),
+    k.REASON_RAISE_TTFT: ("raise_ttft", "raise: time to first token"),
+    k.REASON_RAISE_QUEUE: ("raise_queue", "raise: queue"),
+    k.REASON_STALE: ("stale", "stale: default clocks"),
+    k.REASON_OFF: ("off", "off: observe only"),
+    k.REASON_HOLD: ("hold_after_raise", "hold after raise"),
+    k.REASON_ENERGY: ("raise_energy", "raise: energy optimum above"),
+    k.REASON_TARGET: ("target", "target: above efficient point"),
+    k.REASON_ENERGY_FLOOR: ("hold_energy", "hold: energy optimum"),
+    k.REASON_RAISE_KV: ("raise_kv", "raise: KV cache full"),
 }
+"""The kernel's reason codes: (label, one of model.DECISION_REASONS; words)."""
+REASON_NAMES: dict[int, str] = {code: words for code, (_, words) in REASONS.items()}
 
 _FLOOR_SHARE = 0.5
 """Default floor as a share of f_max: the plant model is low-fidelity below (dvfs_plant_model 6)."""
@@ -310,7 +312,7 @@ class Controller:
         for g, spec in enumerate(self._groups):
             cap = round(float(arrays.out[k.OUT_CAP_MHZ, g]))
             limit = arrays.out[k.OUT_LIMIT_MW, g]
-            reason = REASON_NAMES.get(int(arrays.out[k.OUT_REASON, g]), "steady")
+            label, reason = REASONS.get(int(arrays.out[k.OUT_REASON, g]), REASONS[k.REASON_STEADY])
             if mode == "budget" and not self._budget_ok:
                 reason += "; budget below the minimum limits"
             decisions.append(
@@ -320,6 +322,7 @@ class Controller:
                     power_limit_mw=None if math.isnan(limit) else int(limit),
                     mode=mode,
                     reason=reason,
+                    reason_label=label,
                 )
             )
         return decisions

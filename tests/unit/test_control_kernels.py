@@ -16,7 +16,13 @@ from powerd.config import Config, ControlConfig, SloConfig
 from powerd.control import kernels as k
 from powerd.control import policy
 from powerd.control.policy import Controller, GroupSpec, Policy, group_floor_mhz
-from powerd.model import BLIND_PREFILL_SHARE, GpuInfo, GroupDecision, GroupObservation
+from powerd.model import (
+    BLIND_PREFILL_SHARE,
+    DECISION_REASONS,
+    GpuInfo,
+    GroupDecision,
+    GroupObservation,
+)
 
 H100_CLOCKS = tuple(range(345, 1981, 15))
 ODD_CLOCKS = (600, 810, 1005, 1200, 1410, 1500, 1650, 1755, 1980)
@@ -994,3 +1000,15 @@ def test_a_server_that_shows_first_tokens_neither_way_keeps_the_blind_minimum() 
         100.0, [obs(waiting=40.0, sm_clock_mhz=caps[-1], first_token_blind=True)]
     )[0]
     assert decision.sm_clock_max_mhz == 1980
+
+
+def test_every_kernel_reason_has_one_of_the_exported_labels() -> None:
+    codes = {v for name, v in vars(k).items() if name.startswith("REASON_")}
+    assert set(policy.REASONS) == codes
+    labels = [label for label, _ in policy.REASONS.values()]
+    assert sorted(labels) == sorted(DECISION_REASONS)
+    # A queue raise says so in both forms.
+    controller = Controller(Config(), [spec()])
+    drive(controller, 20)
+    decision = controller.decide(20.0, [obs(waiting=60.0, sm_clock_mhz=1200.0)])[0]
+    assert decision.reason_label == "raise_queue" and "queue" in decision.reason

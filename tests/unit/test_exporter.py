@@ -33,6 +33,7 @@ from powerd.exporter import (
 )
 from powerd.model import (
     CLOCK_EVENT_REASON_NAMES,
+    DECISION_REASONS,
     REASON_APPLICATIONS_CLOCKS,
     REASON_SW_POWER_CAP,
     GpuInfo,
@@ -215,6 +216,7 @@ def full_snapshot() -> Snapshot:
                 dry_run=False,
                 cost_per_million_tokens=0.0115,
                 carbon_g_per_million_tokens=36.5,
+                decision_reason="raise_queue",
             ),
         ),
         nvml_errors={("set_power_limit", "no_permission"): 3, ("read_energy", "not_supported"): 1},
@@ -382,6 +384,19 @@ def test_controller_mode_marks_exactly_the_active_mode() -> None:
     assert [m for m, v in modes.items() if v == 1.0] == ["guard"]
     node = {s.labels["mode"]: s.value for s in samples["powerd_node_mode"]}
     assert [m for m, v in node.items() if v == 1.0] == [first.mode]
+
+
+def test_decision_reason_marks_exactly_the_current_reason() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    first, _ = small_snapshots()
+    exporter.publish(replace(first, groups=(group_status(decision_reason="raise_kv"),)))
+    samples = parse(exporter.render())
+    reasons = {s.labels["reason"]: s.value for s in samples["powerd_group_decision_reason"]}
+    assert set(reasons) == set(DECISION_REASONS)
+    assert [r for r, v in reasons.items() if v == 1.0] == ["raise_kv"]
+    # A policy that gives no reason publishes no series.
+    exporter.publish(first)
+    assert "powerd_group_decision_reason" not in parse(exporter.render())
 
 
 def test_observe_only_reason_is_from_the_fixed_set() -> None:

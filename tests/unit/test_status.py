@@ -26,7 +26,7 @@ def _free_port() -> int:
 def test_fetch_status_reads_every_group() -> None:
     first, _ = small_snapshots()
     groups = (
-        group_status(),
+        group_status(decision_reason="lower_slack"),
         group_status(
             group="qwen",
             server="qwen",
@@ -58,7 +58,8 @@ def test_fetch_status_reads_every_group() -> None:
     assert llama.tokens_per_joule == 3.75
     assert llama.slo_met is True and llama.slo_attainment == 0.98
     assert llama.model_name == "meta-llama/Llama-3.1-8B-Instruct"
-    assert qwen.mode == "off" and qwen.observe_only
+    assert llama.reason == "lower_slack"
+    assert qwen.mode == "off" and qwen.observe_only and qwen.reason is None
     assert qwen.tokens_per_joule is None and qwen.power_w is None
     assert qwen.slo_met is False
 
@@ -82,9 +83,20 @@ def test_format_status_is_a_table_with_one_line_per_group() -> None:
         "TOKENS/S",
         "TOKENS/J",
         "SLO",
+        "WHY",
     ]
-    assert lines[1].split() == ["llama", "target", "1,605", "640", "2,400", "3.75", "met", "98%"]
-    assert lines[2].split() == ["idle", "-", "(dry", "run)", "-", "-", "-", "-", "-"]
+    assert lines[1].split() == [
+        "llama",
+        "target",
+        "1,605",
+        "640",
+        "2,400",
+        "3.75",
+        "met",
+        "98%",
+        "raise_queue",
+    ]
+    assert lines[2].split() == ["idle", "-", "(dry", "run)", "-", "-", "-", "-", "-", "-"]
     # Numbers are right-aligned under their headers.
     for header, cell in (("CLOCK MHz", "1,605"), ("TOKENS/J", "3.75")):
         assert lines[0].index(header) + len(header) == lines[1].index(cell) + len(cell)
