@@ -125,6 +125,18 @@ def test_a_misspelt_or_missing_metric_is_caught() -> None:
     ]
 
 
+def test_dashboard_panels_lie_on_the_grid_without_overlapping() -> None:
+    cells: dict[tuple[int, int], int] = {}
+    for panel in dashboard()["panels"]:
+        grid = panel["gridPos"]
+        assert all(type(grid[key]) is int for key in ("x", "y", "w", "h")), panel["title"]
+        assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] >= 0 and grid["x"] + grid["w"] <= 24
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, (panel["title"], cells[(x, y)])
+                cells[(x, y)] = panel["id"]
+
+
 def test_dashboard_uses_the_datasource_input() -> None:
     data = dashboard()
     assert [i["name"] for i in data["__inputs"]] == ["DS_PROMETHEUS"]
