@@ -9,6 +9,7 @@ through the fake NVML, the servers through their own /metrics exposition.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -33,6 +34,12 @@ class BenchPolicy(Protocol):
     def notes(self) -> str:
         """What the policy chose, in a few words, for the table."""
         ...
+
+
+def decision_shares(policy: object) -> dict[str, float]:
+    """The policy's share of group-ticks by decision reason, where it keeps one (powerd)."""
+    shares = getattr(policy, "decision_shares", None)
+    return dict(shares()) if callable(shares) else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +288,7 @@ class PowerdPolicy:
     _clock_sum: float = 0.0
     _steps: int = 0
     _part: int = 0
+    _reasons: Counter[str] = field(default_factory=Counter)
 
     def start(self, node: SimNode) -> None:
         sim = replace(self.sim, state_file=None)
@@ -308,6 +316,7 @@ class PowerdPolicy:
         for group in snapshot.groups:
             self._clock_sum += group.sm_clock_max_mhz
             self._steps += 1
+            self._reasons[group.decision_reason or "none"] += 1
 
     def sample(self, node: SimNode) -> None:
         """The daemon between ticks; the last part of an interval ends where the next tick is."""
@@ -318,6 +327,11 @@ class PowerdPolicy:
     def notes(self) -> str:
         mean = self._clock_sum / self._steps if self._steps else 0.0
         return f"mean cap {mean:.0f} MHz"
+
+    def decision_shares(self) -> dict[str, float]:
+        """Share of group-ticks by the controller's reason for its setting, most held first."""
+        total = sum(self._reasons.values())
+        return {reason: n / total for reason, n in self._reasons.most_common()} if total else {}
 
 
 POLICY_NAMES: tuple[str, ...] = (

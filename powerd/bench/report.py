@@ -111,6 +111,19 @@ def _share_line(result: BenchResult) -> str:
     return f"powerd's share of the oracle's saving: {share:.2f}"
 
 
+def decisions_line(result: BenchResult) -> str:
+    """powerd's share of group-ticks by decision reason, one line; "" when it did not run."""
+    powerd = result.policies.get("powerd")
+    if powerd is None or not powerd.decisions:
+        return ""
+    shares = ", ".join(
+        f"{reason} {100 * share:.1f} %"
+        for reason, share in powerd.decisions.items()
+        if share >= 0.001
+    )
+    return f"powerd's decisions by reason (share of group-ticks): {shares}"
+
+
 def format_table(result: BenchResult) -> str:
     """The console table, with the headline, the share of the oracle's saving and wall time."""
     header = [name for name, _ in _COLUMNS]
@@ -130,6 +143,9 @@ def format_table(result: BenchResult) -> str:
     if by_load_text:
         lines += ["", "Mean SM clock and tokens per joule by load quartile (default's load):"]
         lines += ["", by_load_text]
+    decisions = decisions_line(result)
+    if decisions:
+        lines += ["", decisions]
     lines += ["", f"wall time: {result.wall_s:.1f} s"]
     return "\n".join(lines)
 
@@ -219,6 +235,9 @@ def format_markdown(result: BenchResult) -> str:
         ]
         for name, cells in table.items():
             lines.append(f"| {name} | " + " | ".join(f"{c:.0f} / {t:.2f}" for c, t in cells) + " |")
+    decisions = decisions_line(result)
+    if decisions:
+        lines += ["", decisions + "."]
     lines += ["", f"Wall time: {result.wall_s:.1f} s.", ""]
     return "\n".join(lines)
 

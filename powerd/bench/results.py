@@ -62,6 +62,9 @@ class PolicyResult:
     series: Series = field(default_factory=Series.empty)
     notes: str = ""
     """What the policy chose (a clock, a limit), for the table."""
+    decisions: dict[str, float] = field(default_factory=dict)
+    """Share of group-ticks by the controller's reason for its setting (model.DECISION_REASONS),
+    for policies that give one (powerd); empty for the others."""
 
     @property
     def tokens_per_joule(self) -> float:

@@ -32,6 +32,7 @@ from powerd.bench.policies import (
     StaticPowerCapPolicy,
     UtilGovernorPolicy,
     coarse_grid_mhz,
+    decision_shares,
     refine_around,
 )
 from powerd.bench.results import BenchInfo, BenchResult, PolicyResult
@@ -159,6 +160,7 @@ def _result(
     recorder: measure.Recorder,
     wall_s: float,
     notes: str,
+    decisions: dict[str, float] | None = None,
 ) -> PolicyResult:
     out = measure.outcome(node, setup.slo)
     return PolicyResult(
@@ -173,6 +175,7 @@ def _result(
         wall_s=wall_s,
         series=recorder.series(),
         notes=notes,
+        decisions=decisions or {},
     )
 
 
@@ -182,8 +185,9 @@ def run_policy(setup: BenchSetup, node: SimNode, policy: BenchPolicy) -> PolicyR
     recorder = measure.Recorder(node)
     policy.start(node)
     measure.drive(node, setup.duration_s, setup.interval_s, policy, recorder)
+    wall_s = time.perf_counter() - started
     return _result(
-        policy.name, node, setup, recorder, time.perf_counter() - started, policy.notes()
+        policy.name, node, setup, recorder, wall_s, policy.notes(), decision_shares(policy)
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from powerd.bench.oracle import OracleOptions
 from powerd.bench.policies import DefaultPolicy, PowerdPolicy
-from powerd.bench.report import to_json
+from powerd.bench.report import format_table, to_json
 from powerd.bench.results import BenchResult
 from powerd.bench.runner import (
     ATTAINMENT_TOLERANCE,
@@ -24,6 +24,7 @@ from powerd.bench.runner import (
     run_policy,
 )
 from powerd.config import NAMED_SERVER_KINDS, SloConfig
+from powerd.model import DECISION_REASONS
 
 SETUP = BenchSetup(
     trace="diurnal",
@@ -160,6 +161,17 @@ def test_parallel_workers_give_the_same_result_as_one() -> None:
     serial = run_bench(setup, names)
     parallel = run_bench(replace(setup, workers=2), names)
     assert to_json(serial) == to_json(parallel)
+
+
+def test_powerd_says_why_it_set_the_clocks(bench: BenchResult) -> None:
+    decisions = bench.policies["powerd"].decisions
+    assert set(decisions) <= set(DECISION_REASONS) and decisions
+    assert sum(decisions.values()) == pytest.approx(1.0)
+    assert list(decisions.values()) == sorted(decisions.values(), reverse=True)
+    assert all(not p.decisions for name, p in bench.policies.items() if name != "powerd")
+    line = next(x for x in format_table(bench).splitlines() if x.startswith("powerd's decisions"))
+    top, share = next(iter(decisions.items()))
+    assert f"{top} {100 * share:.1f} %" in line
 
 
 def test_json_and_markdown_files(tmp_path: Path, bench: BenchResult) -> None:
