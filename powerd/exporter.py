@@ -414,7 +414,7 @@ def _collect_node(families: _Families, state: _State, build_info: dict[str, str]
         node_mode = families(
             "powerd_node_mode", "Configured control mode of the node; 1 for the active one."
         )
-        for mode in _modes(snapshot.mode):
+        for mode in _known_and(MODES, snapshot.mode):
             node_mode.add({"mode": mode}, mode == snapshot.mode)
         families("powerd_dry_run", "1 when powerd decides but does not write GPU settings.").add(
             {}, snapshot.dry_run
@@ -651,7 +651,7 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
     mode_family = families(
         "powerd_controller_mode", "Controller mode of the group; 1 for the active one."
     )
-    for mode in _modes(group.mode):
+    for mode in _known_and(MODES, group.mode):
         mode_family.add(dict(labels, mode=mode), mode == group.mode)
     if group.decision_reason:
         reason_family = families(
@@ -659,7 +659,7 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
             "Why the controller set the group's clock and power limit as it did this tick; 1 for "
             "the current reason.",
         )
-        for reason in _reasons(group.decision_reason):
+        for reason in _known_and(DECISION_REASONS, group.decision_reason):
             reason_family.add(dict(labels, reason=reason), reason == group.decision_reason)
     families(
         "powerd_group_prompt_backlog_tokens",
@@ -680,12 +680,9 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
     ).add(labels, group.dry_run)
 
 
-def _modes(active: str) -> tuple[str, ...]:
-    return MODES if active in MODES else (*MODES, active)
-
-
-def _reasons(current: str) -> tuple[str, ...]:
-    return DECISION_REASONS if current in DECISION_REASONS else (*DECISION_REASONS, current)
+def _known_and(known: tuple[str, ...], current: str) -> tuple[str, ...]:
+    """The label values of a state set: the known ones, and the current one if it is not."""
+    return known if current in known else (*known, current)
 
 
 def _scaled(value: float | None, divisor: float) -> float | None:

@@ -85,8 +85,8 @@ def fetch_status(
 def parse_status(text: str) -> list[GroupRow]:
     """Group rows from an exposition text, in the order the groups first appear."""
     values: dict[tuple[str, str, str], dict[str, float]] = {}
-    modes: dict[tuple[str, str, str], str] = {}
-    reasons: dict[tuple[str, str, str], str] = {}
+    chosen: dict[str, dict[tuple[str, str, str], str]] = {name: {} for name in _STATE_SETS}
+    """Per state-set family: the label value that is 1, by group."""
     exports: dict[str, dict[str, float]] = {}
     """Per server: its powerd_source_exports_* values by metric name."""
     for family in text_string_to_metric_families(text):
@@ -102,13 +102,10 @@ def parse_status(text: str) -> list[GroupRow]:
                 continue
             key = (labels["group"], labels.get("server", ""), labels.get("model_name", ""))
             row = values.setdefault(key, {})
-            if sample.name == "powerd_controller_mode":
+            label = _STATE_SETS.get(sample.name)
+            if label is not None:
                 if sample.value == 1.0:
-                    modes[key] = labels.get("mode", "")
-                continue
-            if sample.name == "powerd_group_decision_reason":
-                if sample.value == 1.0:
-                    reasons[key] = labels.get("reason", "")
+                    chosen[sample.name][key] = labels.get(label, "")
                 continue
             if not math.isnan(sample.value):
                 row[sample.name] = float(sample.value)
@@ -121,7 +118,7 @@ def parse_status(text: str) -> list[GroupRow]:
                 group=key[0],
                 server=key[1],
                 model_name=key[2],
-                mode=modes.get(key),
+                mode=chosen["powerd_controller_mode"].get(key),
                 clock_limit_mhz=None if clock_hz is None else clock_hz / 1e6,
                 power_w=row.get("powerd_group_power_watts"),
                 tokens_per_s=row.get("powerd_group_generation_tokens_per_second"),
@@ -133,13 +130,15 @@ def parse_status(text: str) -> list[GroupRow]:
                 first_token_blind=all(
                     exports.get(key[1], {}).get(name) == 0.0 for name in _EXPORTS
                 ),
-                reason=reasons.get(key),
+                reason=chosen["powerd_group_decision_reason"].get(key),
             )
         )
     return rows
 
 
 _EXPORTS = ("powerd_source_exports_ttft", "powerd_source_exports_prompt_lengths")
+_STATE_SETS = {"powerd_controller_mode": "mode", "powerd_group_decision_reason": "reason"}
+"""Families with one series per value of a label, 1 for the current one: the label's name."""
 _HEADER = ("GROUP", "MODE", "CLOCK MHz", "WATTS", "TOKENS/S", "TOKENS/J", "SLO", "WHY")
 _BLIND_NOTE = (
     "blind: the server exports neither a TTFT nor a prompt-length histogram, so its clocks stay "

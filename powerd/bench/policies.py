@@ -36,12 +36,6 @@ class BenchPolicy(Protocol):
         ...
 
 
-def decision_shares(policy: object) -> dict[str, float]:
-    """The policy's share of group-ticks by decision reason, where it keeps one (powerd)."""
-    shares = getattr(policy, "decision_shares", None)
-    return dict(shares()) if callable(shares) else {}
-
-
 # ---------------------------------------------------------------------------------------------
 # default and a fixed clock
 

@@ -32,7 +32,6 @@ from powerd.bench.policies import (
     StaticPowerCapPolicy,
     UtilGovernorPolicy,
     coarse_grid_mhz,
-    decision_shares,
     refine_around,
 )
 from powerd.bench.results import BenchInfo, BenchResult, PolicyResult
@@ -186,9 +185,8 @@ def run_policy(setup: BenchSetup, node: SimNode, policy: BenchPolicy) -> PolicyR
     policy.start(node)
     measure.drive(node, setup.duration_s, setup.interval_s, policy, recorder)
     wall_s = time.perf_counter() - started
-    return _result(
-        policy.name, node, setup, recorder, wall_s, policy.notes(), decision_shares(policy)
-    )
+    decisions = policy.decision_shares() if isinstance(policy, PowerdPolicy) else {}
+    return _result(policy.name, node, setup, recorder, wall_s, policy.notes(), decisions)
 
 
 def run_oracle(setup: BenchSetup, node: SimNode) -> PolicyResult:

@@ -881,14 +881,14 @@ def _group_step(
     prefill_k = state[ST_PREFILL_K, g]
     per_chunk = obs[OBS_PROMPT_PER_CHUNK, g] > 0.5
     run = state[ST_PREFILL_RUN, g]
+    # Raises for the backlog did part of the interval's prompt work above the cap chosen.
+    f_work = obs[OBS_INTERVAL_CAP_MHZ, g]
+    if not f_work > 0.0:
+        f_work = f_now
     busy_s = obs[OBS_PREFILL_BUSY_S, g]
-    timed = busy_s >= 0.0 and prompt_tps >= 0.0
-    if timed:
+    if busy_s >= 0.0 and prompt_tps >= 0.0:
         # The server times its prefill passes: tokens per second of prefill is the capacity
         # itself, from every tick with prompt work rather than from ticks with a queue.
-        f_work = obs[OBS_INTERVAL_CAP_MHZ, g]
-        if not f_work > 0.0:
-            f_work = f_now
         keep = 0.5 ** (interval_s / _TIMED_HALF_LIFE_S)
         timed_tokens = state[ST_TIMED_TOKENS, g] * keep + prompt_tps * interval_s
         timed_s = state[ST_TIMED_S, g] * keep + busy_s
@@ -902,10 +902,6 @@ def _group_step(
     elif waiting >= 1.0 and prompt_tps >= 0.0:
         # Requests wait while prompts are processed: the prefill budget is the bottleneck, or
         # close to it. The highest such rate per MHz approaches the capacity from below.
-        # Raises for the backlog did part of the interval's prompt work above the cap chosen.
-        f_work = obs[OBS_INTERVAL_CAP_MHZ, g]
-        if not f_work > 0.0:
-            f_work = f_now
         run = run + 1.0 if run >= 1.0 else 1.0
         rate_per_mhz = math.nan
         if per_chunk:

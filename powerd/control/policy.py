@@ -39,7 +39,6 @@ REASONS: dict[int, tuple[str, str]] = {
     k.REASON_RAISE_KV: ("raise_kv", "raise: KV cache full"),
 }
 """The kernel's reason codes: (label, one of model.DECISION_REASONS; words)."""
-REASON_NAMES: dict[int, str] = {code: words for code, (_, words) in REASONS.items()}
 
 _FLOOR_SHARE = 0.5
 """Default floor as a share of f_max: the plant model is low-fidelity below (dvfs_plant_model 6)."""

@@ -30,14 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from powerd.sources.base import (
-    GenMode,
-    Reading,
-    gauge_total,
-    histogram,
-    series_values,
-    total,
-)
+from powerd.sources.base import Reading, gauge_total, histogram, series_values, total
 from powerd.sources.exposition import Samples, Wanted
 from powerd.sources.vllm import hist_names
 
@@ -74,23 +67,19 @@ class TgiExtractor:
             calls = gauge_total(samples, "tgi_batch_inference_count_total")
         sent = gauge_total(samples, "tgi_request_skipped_tokens_count")
         speculated = gauge_total(samples, "tgi_request_skipped_tokens_sum")
-        # Before its first forward call a server has none of these series: no tokens yet, and
-        # the generations' series counts from zero once created.
         if sent is not None and speculated is not None:
-            exact: float | None = sent + speculated
+            reading = _generations(sent + speculated)
+        elif calls is None:
+            # Before its first forward call a server has none of these series: no tokens yet,
+            # and the generations' series counts from zero once created.
+            reading = _generations(0.0)
         else:
-            exact = None if calls is not None else 0.0
-        gen_mode: GenMode = "counter" if exact is not None else "iterations"
-        reading = Reading(realtime=True, gen_mode=gen_mode, prompt_mode="admissions")
-        if exact is not None:
-            reading.counters["generation"] = {(): exact}
-            reading.generation_tokens_total = exact
-        else:
+            reading = Reading(realtime=True, gen_mode="iterations", prompt_mode="admissions")
             generated = series_values(samples, "tgi_request_generated_tokens_sum") or {}
             reading.counters["generation"] = generated
             reading.generation_tokens_total = total(generated) if generated else None
             batch = gauge_total(samples, "tgi_batch_current_size")
-            reading.counters["iterations"] = {(): calls} if calls is not None else {}
+            reading.counters["iterations"] = {(): calls}
             reading.per_iteration["generation"] = {} if batch is None else {(): batch}
         reading.counters["prompt"] = series_values(samples, "tgi_request_input_length_sum") or {}
         admitted = series_values(samples, "tgi_batch_next_size_sum")
@@ -127,6 +116,14 @@ class TgiExtractor:
         if prompt_len is not None:
             reading.hists["prompt_len"] = prompt_len
         return reading
+
+
+def _generations(tokens: float) -> Reading:
+    """A reading whose generated tokens are the server's own count of them."""
+    reading = Reading(realtime=True, gen_mode="counter", prompt_mode="admissions")
+    reading.counters["generation"] = {(): tokens}
+    reading.generation_tokens_total = tokens
+    return reading
 
 
 def tgi_extractor() -> TgiExtractor:

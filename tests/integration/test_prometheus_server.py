@@ -104,16 +104,20 @@ class PromApi:
     def ready(self) -> bool:
         return http_get(f"{self.base_url}/-/ready", timeout_s=2.0).startswith(b"Prometheus")
 
-    def query(self, expr: str, at_s: float | None = None) -> list[dict[str, Any]]:
-        """The instant vector of expr (at unix time at_s, default now) as the API returns it."""
+    def _result(self, expr: str, at_s: float | None, result_type: str) -> list[dict[str, Any]]:
+        """The result of an instant query of expr (at unix time at_s, default now)."""
         params = {"query": expr}
         if at_s is not None:
             params["time"] = f"{at_s:.3f}"
         url = f"{self.base_url}/api/v1/query?{urllib.parse.urlencode(params)}"
         body = json.loads(http_get(url))
         assert body["status"] == "success", f"{expr}: {body}"
-        assert body["data"]["resultType"] == "vector", f"{expr}: {body['data']['resultType']}"
+        assert body["data"]["resultType"] == result_type, f"{expr}: {body['data']['resultType']}"
         return list(body["data"]["result"])
+
+    def query(self, expr: str, at_s: float | None = None) -> list[dict[str, Any]]:
+        """The instant vector of expr as the API returns it."""
+        return self._result(expr, at_s, "vector")
 
     def scalar(self, expr: str, at_s: float | None = None) -> float:
         result = self.query(expr, at_s)
@@ -130,16 +134,11 @@ class PromApi:
     ) -> dict[str, dict[float, float]]:
         """The raw samples of a range selector: series label value (or "") -> scrape time ->
         value."""
-        params = {"query": selector, "time": f"{at_s:.3f}"}
-        url = f"{self.base_url}/api/v1/query?{urllib.parse.urlencode(params)}"
-        body = json.loads(http_get(url))
-        assert body["status"] == "success", f"{selector}: {body}"
-        assert body["data"]["resultType"] == "matrix", f"{selector}: {body['data']['resultType']}"
         return {
             (series["metric"][label] if label else ""): {
                 float(ts): float(value) for ts, value in series["values"]
             }
-            for series in body["data"]["result"]
+            for series in self._result(selector, at_s, "matrix")
         }
 
 
