@@ -47,8 +47,21 @@ def _read(response: object, url: str, deadline: float, timeout_s: float, max_byt
             raise SourceError(f"timed out after {timeout_s:g} s reading {url}")
         if sock is not None:
             sock.settimeout(left)
-        chunk = read(_CHUNK_BYTES)
+        try:
+            chunk = read(_CHUNK_BYTES)
+        except http.client.IncompleteRead:
+            # A chunked body that ends before its last (empty) chunk.
+            raise SourceError(
+                f"{url} closed the connection after {size} bytes of a chunked body, before its end"
+            ) from None
         if not chunk:
+            # read1 returns b"" at end of stream even when Content-Length bytes are missing
+            # (read() would raise IncompleteRead): a cut body must not be parsed as a whole one.
+            missing = getattr(response, "length", None)
+            if missing:
+                raise SourceError(
+                    f"{url} closed the connection after {size} of {size + missing} bytes"
+                )
             return b"".join(parts)
         size += len(chunk)
         if size > max_bytes:
@@ -60,7 +73,8 @@ def http_fetch(url: str, timeout_s: float, max_bytes: int = MAX_BODY_BYTES) -> F
     """GET url as given; the whole exchange is bounded by timeout_s and the body by max_bytes.
 
     Returns non-2xx answers as responses (the source words the error); raises SourceError when
-    there is no answer: refused, unresolvable, timed out, too big.
+    there is no whole answer: refused, unresolvable, timed out, too big, cut short (fewer bytes
+    than Content-Length, or a chunked body without its last chunk).
     """
     deadline = time.monotonic() + timeout_s
     try:

@@ -1,0 +1,155 @@
+"""Bodies cut short on the wire (a server or proxy that closes early) are errors, never scrapes.
+
+A raw-socket server on 127.0.0.1 sends each canned answer on its own terms: a Content-Length it
+does not honour, a chunked body without its last chunk, a kept connection that breaks mid-body.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from powerd.config import ServerConfig
+from powerd.sources import Fetcher, SourceError, http_fetch, make_source
+from powerd.sources.fetch import KeepAliveFetcher
+
+FULL = (
+    b"# TYPE vllm:generation_tokens_total counter\n"
+    b'vllm:generation_tokens_total{engine="0",model_name="m"} 123456.0\n'
+    b'vllm:generation_tokens_total{engine="1",model_name="m"} 654321.0\n'
+)
+CUT = FULL.index(b"123456") + 2
+"""Inside the first value: parsed, the cut body would read that counter as 12."""
+LATER = FULL.replace(b"123456.0", b"124456.0").replace(b"654321.0", b"655321.0")
+
+
+def fixed(body: bytes, sent: int | None = None) -> bytes:
+    """An answer with Content-Length len(body) of which `sent` bytes are sent (all by default)."""
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body[:sent]
+
+
+def chunked(*chunks: bytes, last: bool = True) -> bytes:
+    """A chunked answer; last=False leaves out the closing zero-length chunk."""
+    out = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for chunk in chunks:
+        out += f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    return out + (b"0\r\n\r\n" if last else b"")
+
+
+class Server:
+    """Serves queued (answer, close-after) pairs, several per connection while none closes."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[bytes, bool]] = []
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/metrics"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    request += data
+                answer, close = self.answers.pop(0)
+                conn.sendall(answer)
+                if close:
+                    return
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+FETCHERS: list[Callable[[], Fetcher]] = [lambda: functools.partial(http_fetch), KeepAliveFetcher]
+
+
+@pytest.fixture(params=FETCHERS, ids=["http_fetch", "keep-alive"])
+def fetch(request: pytest.FixtureRequest) -> Fetcher:
+    factory: Callable[[], Fetcher] = request.param
+    return factory()
+
+
+def test_a_body_short_of_its_content_length_is_an_error(server: Server, fetch: Fetcher) -> None:
+    server.answers = [(fixed(FULL, CUT), True)]
+    with pytest.raises(SourceError) as caught:
+        fetch(server.url, 2.0)
+    assert str(caught.value) == (
+        f"{server.url} closed the connection after {CUT} of {len(FULL)} bytes"
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        chunked(FULL)[: -len(b"0\r\n\r\n") - 20],  # inside the chunk's data
+        chunked(FULL, last=False),  # after a whole chunk, before the next size line
+        chunked(FULL[:CUT], FULL[CUT:], last=False)[:-2],  # without the chunk's CRLF
+    ],
+    ids=["mid-chunk", "between-chunks", "before-crlf"],
+)
+def test_a_chunked_body_without_its_last_chunk_is_an_error(
+    server: Server, fetch: Fetcher, answer: bytes
+) -> None:
+    server.answers = [(answer, True)]
+    with pytest.raises(SourceError) as caught:
+        fetch(server.url, 2.0)
+    message = str(caught.value)
+    assert message.startswith(f"{server.url} closed the connection after ")
+    assert "bytes of a chunked body, before its end" in message
+
+
+def test_a_whole_chunked_body_is_read(server: Server, fetch: Fetcher) -> None:
+    server.answers = [(chunked(FULL[:CUT], FULL[CUT:]), True)]
+    assert fetch(server.url, 2.0).body == FULL
+
+
+def test_keep_alive_closes_a_connection_cut_mid_body(server: Server) -> None:
+    fetch = KeepAliveFetcher()
+    server.answers = [(fixed(FULL), False), (fixed(FULL, CUT), True), (fixed(LATER), False)]
+    assert fetch(server.url, 2.0).body == FULL
+    with pytest.raises(SourceError, match=f"after {CUT} of {len(FULL)} bytes"):
+        fetch(server.url, 2.0)
+    assert fetch._connection is None
+    assert fetch(server.url, 2.0).body == LATER
+    assert server.connections == 2
+
+
+def test_a_cut_scrape_is_down_and_leaves_the_baseline_alone(server: Server) -> None:
+    """Parsed, the cut body would read engine 0's counter as 12: a restart, then a rate of
+    hundreds of thousands of tokens per second from that baseline."""
+    server.answers = [(fixed(FULL), False), (fixed(FULL, CUT), True), (fixed(LATER), False)]
+    config = ServerConfig(name="v", url=server.url, kind="vllm")
+    source = make_source(config, KeepAliveFetcher())
+    assert source.poll(0.0).up
+    cut = source.poll(1.0)
+    assert not cut.up and cut.error is not None and f"{CUT} of {len(FULL)} bytes" in cut.error
+    assert source.poll(2.0).generation_tokens_per_s == pytest.approx(2000.0 / 2.0)
