@@ -3,8 +3,9 @@
 A kind (vllm.py, sglang.py, ...) only says which samples it reads and how they map onto a
 `Reading`: cumulative counters per series, gauges, histograms per series, restart markers. This
 module turns two consecutive Readings into a ServerSample: per-series counter deltas over the
-caller's clock (`now_s`, never wall time), histogram-bucket deltas for quantiles, Δsum/Δcount for
-means, and reset detection (a counter going down, a changed restart marker).
+caller's clock (the times the answers came, on it; never wall time), histogram-bucket deltas for
+quantiles, Δsum/Δcount for means, and reset detection (a counter going down, a changed restart
+marker).
 """
 
 from __future__ import annotations
@@ -621,7 +622,8 @@ class Source:
 
     `kind` is the resolved kind ("auto" until the first good scrape of an auto source). poll()
     never raises: a server that cannot be read gives a sample with up=False and a one-sentence
-    error. Rates compare with the previous good scrape on the caller's clock `now_s`.
+    error. Rates compare with the previous good scrape on the caller's clock: the time each
+    answer came (`answered_s` of process(), `now_s` when not given).
     """
 
     def __init__(
@@ -682,15 +684,26 @@ class Source:
         )
 
     def process(
-        self, result: FetchResponse | BaseException, now_s: float, scrape_duration_s: float
+        self,
+        result: FetchResponse | BaseException,
+        now_s: float,
+        scrape_duration_s: float,
+        answered_s: float | None = None,
     ) -> ServerSample:
-        """Turn one fetch result into a sample; never raises."""
+        """Turn one fetch result into a sample stamped now_s (the tick); never raises.
+
+        answered_s: when the answer came, on now_s's clock (now_s when not given). Rates are
+        taken between the answered_s of good scrapes: a server that answers 20 ms into one tick
+        and 300 ms into the next has counted for 1.28 s, not 1 s.
+        """
         if isinstance(result, BaseException):
             return self.down(
                 now_s, describe_error(result, self.config.timeout_s), scrape_duration_s
             )
         try:
-            return self._process(result, now_s, scrape_duration_s)
+            return self._process(
+                result, now_s, scrape_duration_s, now_s if answered_s is None else answered_s
+            )
         except SourceError as exc:
             return self.down(now_s, str(exc), scrape_duration_s)
         except ExpositionError as exc:
@@ -701,7 +714,7 @@ class Source:
             return self.down(now_s, f"{message}: {exc}", scrape_duration_s)
 
     def _process(
-        self, response: FetchResponse, now_s: float, scrape_duration_s: float
+        self, response: FetchResponse, now_s: float, scrape_duration_s: float, answered_s: float
     ) -> ServerSample:
         start = time.perf_counter() - scrape_duration_s
         url = self.config.url
@@ -730,7 +743,7 @@ class Source:
         window: Window | None = None
         prev, prev_s = self._prev, self._prev_s
         if prev is not None and prev_s is not None:
-            dt_s = now_s - prev_s
+            dt_s = answered_s - prev_s
             if dt_s <= 0:
                 # Two polls at one instant: keep the older baseline and report no rates.
                 return self._sample(reading, None, now_s, time.perf_counter() - start)
@@ -741,8 +754,8 @@ class Source:
             if window is not None and reading.prompt_mode == "admissions":
                 window = self._admitted_prompt_rate(window)
         if reading.flushed:
-            window = self._flushed_rates(reading, window, now_s)
-        self._prev, self._prev_s = reading, now_s
+            window = self._flushed_rates(reading, window, answered_s)
+        self._prev, self._prev_s = reading, answered_s
         return self._sample(reading, window, now_s, time.perf_counter() - start)
 
     def _admitted_prompt_rate(self, window: Window) -> Window:
@@ -754,7 +767,7 @@ class Source:
         return replace(window, prompt_tokens_per_s=admitted * mix.sum / mix.count)
 
     def _flushed_rates(
-        self, reading: Reading, window: Window | None, now_s: float
+        self, reading: Reading, window: Window | None, answered_s: float
     ) -> Window | None:
         """The window with the rates of flushed counters taken since each last moved."""
         running = reading.gauges.get("running")
@@ -763,16 +776,16 @@ class Source:
             total = sum(reading.counters.get(name, {}).values())
             mark = self._flush_marks.get(name)
             if window is None or mark is None or total < mark[0]:
-                self._flush_marks[name] = (total, now_s)
+                self._flush_marks[name] = (total, answered_s)
                 continue
             if total > mark[0]:
-                rates[name] = (total - mark[0]) / (now_s - mark[1])
-                self._flush_marks[name] = (total, now_s)
+                rates[name] = (total - mark[0]) / (answered_s - mark[1])
+                self._flush_marks[name] = (total, answered_s)
             elif running:
                 rates[name] = None  # generating, but the batch is not counted yet
             else:
                 rates[name] = 0.0
-                self._flush_marks[name] = (total, now_s)
+                self._flush_marks[name] = (total, answered_s)
         if window is None or not rates:
             return window
         return replace(

@@ -10,7 +10,8 @@ from types import TracebackType
 from powerd.model import ServerSample
 from powerd.sources.base import FetchResponse, Source
 
-_FetchResult = tuple["FetchResponse | BaseException", float]
+_FetchResult = tuple["FetchResponse | BaseException", float, float]
+"""(answer or error, seconds the fetch took, time.monotonic() when it ended)."""
 
 
 def _timed_fetch(source: Source) -> _FetchResult:
@@ -19,7 +20,7 @@ def _timed_fetch(source: Source) -> _FetchResult:
         result: FetchResponse | BaseException = source.fetch_response()
     except Exception as exc:
         result = exc
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, time.monotonic()
 
 
 class ScrapePool:
@@ -28,7 +29,9 @@ class ScrapePool:
     poll_all waits at most deadline_s wall-clock seconds. A source whose fetch has not answered
     by then is reported down ("timed out after X s") and is not fetched again until that fetch
     ends; an answer that arrives after its deadline is dropped, so rates only ever use scrapes
-    stamped with the tick they belong to.
+    stamped with the tick they belong to. Each sample is stamped now_s; its rates are taken
+    between the times the server answered (now_s plus the wall time from the start of
+    poll_all to the end of the fetch), as the server's counters were read then.
     """
 
     def __init__(self, sources: list[Source], max_workers: int = 8) -> None:
@@ -57,8 +60,9 @@ class ScrapePool:
             future = fresh.get(i)
             if future is not None and future.done():
                 del self._inflight[i]
-                result, duration = future.result()
-                samples.append(source.process(result, now_s, duration))
+                result, duration, ended = future.result()
+                answered_s = now_s + (ended - start)
+                samples.append(source.process(result, now_s, duration, answered_s))
                 continue
             elapsed = time.monotonic() - self._inflight[i][1]
             samples.append(source.down(now_s, f"timed out after {elapsed:.3g} s", elapsed))

@@ -261,3 +261,27 @@ def test_many_sources_are_polled_concurrently() -> None:
         samples = pool.poll_all(1.0, 2.0)
         assert time.monotonic() - start < 0.9
         assert all(s.up for s in samples)
+
+
+def test_rates_run_between_the_times_the_server_answered() -> None:
+    """vLLM and SGLang serve /metrics from the event loop that runs generation, so an answer
+    can come 20 ms into one tick and 300 ms into the next: over the tick clock a steady
+    1000 tokens/s would read 1280, 720, 1280."""
+    t0 = time.monotonic()
+    latencies_s = iter([0.02, 0.3] * 4)
+
+    def fetch(url: str, timeout_s: float) -> FetchResponse:
+        time.sleep(next(latencies_s))
+        tokens = 1000.0 * (time.monotonic() - t0)  # the counter as the server reads it
+        return FetchResponse(200, f"vllm:generation_tokens_total {tokens:.3f}\n".encode(), {})
+
+    source = make_source(ServerConfig(name="v", url="http://x/metrics", kind="vllm"), fetch)
+    samples = []
+    with ScrapePool([source]) as pool:
+        start = time.monotonic()
+        for tick in range(5):
+            time.sleep(max(0.0, start + tick - time.monotonic()))
+            samples.extend(pool.poll_all(100.0 + tick, deadline_s=0.6))
+    assert [s.timestamp_s for s in samples] == [100.0, 101.0, 102.0, 103.0, 104.0]
+    rates = [s.generation_tokens_per_s for s in samples[1:]]
+    assert rates == [pytest.approx(1000.0, rel=0.05)] * 4

@@ -97,6 +97,20 @@ def test_rates_use_the_callers_clock() -> None:
     assert src.poll(5000.25).generation_tokens_per_s == pytest.approx(2400.0)
 
 
+def test_rates_run_between_the_answers_while_samples_keep_the_tick() -> None:
+    """A server answering 20 ms into one tick and 300 ms into the next counted for 1.28 s."""
+    src = source_of([])
+    counter = "vllm:generation_tokens_total {v}\n"
+    answers = [(10.0, 10.02, 0.0), (11.0, 11.30, 1280.0), (12.0, 12.02, 2000.0)]
+    samples = [
+        src.process(FetchResponse(200, counter.format(v=v).encode(), {}), now_s, 0.01, answered_s)
+        for now_s, answered_s, v in answers
+    ]
+    assert [s.timestamp_s for s in samples] == [10.0, 11.0, 12.0]
+    assert samples[1].generation_tokens_per_s == pytest.approx(1000.0)
+    assert samples[2].generation_tokens_per_s == pytest.approx(1000.0)
+
+
 def test_same_instant_keeps_the_older_baseline() -> None:
     src = source_of(
         [
