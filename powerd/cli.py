@@ -86,7 +86,23 @@ def _parser() -> argparse.ArgumentParser:
     probe.set_defaults(func=_cmd_probe)
 
     status = sub.add_parser("status", help="show the running daemon's groups")
-    status.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics")
+    status.add_argument(
+        "--url",
+        help="the daemon's metrics URL (default: from --config, else "
+        f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics)",
+    )
+    status.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the daemon's config: its metrics address, port and web config",
+    )
+    status.add_argument("--user", help="basic-auth user (with --password-file)")
+    status.add_argument(
+        "--password-file", metavar="FILE", help="file holding the basic-auth password"
+    )
+    status.add_argument(
+        "--ca-file", metavar="FILE", help="CA certificate(s) to verify an https daemon"
+    )
     status.set_defaults(func=_cmd_status)
 
     bench = sub.add_parser("bench", help="compare control policies on the simulated node")
@@ -162,10 +178,17 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from powerd.status import StatusError, fetch_status, format_status
+    from powerd.status import StatusError, endpoint, fetch_status, format_status
 
     try:
-        rows = fetch_status(args.url)
+        target = endpoint(
+            args.url,
+            metrics=load_config(args.config).metrics if args.config else None,
+            user=args.user,
+            password_file=args.password_file,
+            ca_file=args.ca_file,
+        )
+        rows = fetch_status(target.url, auth=target.auth, ssl_context=target.ssl_context)
     except StatusError as exc:
         print(f"powerd status: {exc}", file=sys.stderr)
         return 1

@@ -3,21 +3,84 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import math
 import socket
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from powerd.config import DEFAULT_METRICS_PORT, MetricsConfig
 from powerd.model import BLIND_PREFILL_SHARE
+from powerd.webconfig import WebConfig, load_web_config
+
+DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics"
+
+_IDENTITY_FAMILY = "powerd_build_info"
+"""Exported by every powerd from its start, so its absence means another exporter answered."""
+
+_WILDCARD_HOSTS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+"""A daemon listening on every address is reached on the loopback one."""
 
 
 class StatusError(Exception):
     """The daemon's metrics could not be read; the message is one sentence."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where and how to read a daemon's /metrics."""
+
+    url: str
+    auth: tuple[str, str] | None = None
+    """(user, password) for basic auth."""
+    ssl_context: ssl.SSLContext | None = None
+    """Verifies an https daemon; None: the system's CAs."""
+
+
+def endpoint(
+    url: str | None = None,
+    *,
+    metrics: MetricsConfig | None = None,
+    user: str | None = None,
+    password_file: str | Path | None = None,
+    ca_file: str | Path | None = None,
+) -> Endpoint:
+    """The endpoint `powerd status` reads, from its options.
+
+    metrics is the config's metrics section: it gives the address (listen_address, port) and,
+    through web_config_file, the scheme; without ca_file an https daemon is then trusted by the
+    certificate it serves (tls_server_config.cert_file). url overrides the address. Neither
+    given: DEFAULT_URL. Raises StatusError for an unreadable file or a user without a password
+    file (and the reverse), WebConfigError (a ConfigError) for a bad web config.
+    """
+    if (user is None) != (password_file is None):
+        raise StatusError("--user and --password-file go together.")
+    auth = None
+    if user is not None and password_file is not None:
+        auth = (user, _read_password(Path(password_file)))
+    trusted_cert = None
+    if metrics is not None:
+        web = load_web_config(metrics.web_config_file) if metrics.web_config_file else WebConfig()
+        if web.tls is not None:
+            trusted_cert = web.tls.cert_file
+        if url is None:
+            url = _config_url(metrics, tls=web.tls is not None)
+    context = None
+    if ca_file is not None:
+        context = _client_context(Path(ca_file), "--ca-file")
+    elif trusted_cert is not None:
+        context = _client_context(trusted_cert, "tls_server_config.cert_file")
+        # The daemon's own certificate is the trust anchor even when a CA issued it.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return Endpoint(url=url or DEFAULT_URL, auth=auth, ssl_context=context)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,45 +114,69 @@ def fetch_status(
 ) -> list[GroupRow]:
     """Read a daemon's /metrics (url may be the base address or the /metrics URL itself).
 
-    auth is (user, password) for basic auth; ssl_context verifies an https daemon (e.g. made with
-    `ssl.create_default_context(cafile=...)`). Raises StatusError.
+    auth is (user, password) for basic auth, else the user:password@ in url if any; ssl_context
+    verifies an https daemon (e.g. made with `ssl.create_default_context(cafile=...)`). No
+    http_proxy is used. Raises StatusError, also when the endpoint answers with metrics that are
+    not powerd's.
     """
-    metrics_url = _metrics_url(url)
+    metrics_url, url_auth = _metrics_url(url)
+    auth = auth if auth is not None else url_auth
     request = urllib.request.Request(metrics_url)
     if auth is not None:
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
         request.add_header("Authorization", f"Basic {token}")
+    # The daemon is on this node or the operator's network, never behind the http_proxy that
+    # the environment may name for the internet.
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=ssl_context)
+    )
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s, context=ssl_context) as response:
+        with opener.open(request, timeout=timeout_s) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
-            hint = "wrong user or password" if auth is not None else "it needs a user and password"
+            hint = (
+                "wrong user or password"
+                if auth is not None
+                else "it needs a user and password: give --user and --password-file"
+            )
             raise StatusError(f"powerd at {metrics_url} refused the request ({hint}).") from None
         raise StatusError(f"powerd at {metrics_url} answered HTTP {exc.code}.") from None
     except urllib.error.URLError as exc:
+        raise _unreachable(metrics_url, exc.reason) from None
+    except (http.client.InvalidURL, ValueError) as exc:
+        raise StatusError(f"{url!r} is not a usable URL ({exc}).") from None
+    except http.client.HTTPException as exc:
         raise StatusError(
-            f"powerd is not reachable at {metrics_url} ({_reason(exc.reason)}); "
-            "is the daemon running?"
+            f"{metrics_url} did not answer in HTTP ({type(exc).__name__}); is that the right "
+            "port and scheme?"
         ) from None
-    except (OSError, TimeoutError) as exc:
-        raise StatusError(
-            f"powerd is not reachable at {metrics_url} ({_reason(exc)}); is the daemon running?"
-        ) from None
+    except OSError as exc:
+        raise _unreachable(metrics_url, exc) from None
     try:
-        return parse_status(body.decode("utf-8"))
+        families = list(text_string_to_metric_families(body.decode("utf-8")))
     except (ValueError, UnicodeDecodeError) as exc:
         raise StatusError(f"{metrics_url} did not return Prometheus metrics ({exc}).") from None
+    if not any(family.name == _IDENTITY_FAMILY for family in families):
+        raise StatusError(
+            f"{metrics_url} is not powerd's metrics endpoint (its metrics have no "
+            f"{_IDENTITY_FAMILY}); is that the right address and port?"
+        )
+    return _rows(families)
 
 
 def parse_status(text: str) -> list[GroupRow]:
     """Group rows from an exposition text, in the order the groups first appear."""
+    return _rows(text_string_to_metric_families(text))
+
+
+def _rows(families: Iterable[Metric]) -> list[GroupRow]:
     values: dict[tuple[str, str, str], dict[str, float]] = {}
     chosen: dict[str, dict[tuple[str, str, str], str]] = {name: {} for name in _STATE_SETS}
     """Per state-set family: the label value that is 1, by group."""
     exports: dict[str, dict[str, float]] = {}
     """Per server: its powerd_source_exports_* values by metric name."""
-    for family in text_string_to_metric_families(text):
+    for family in families:
         if family.name in _EXPORTS:
             for sample in family.samples:
                 exports.setdefault(sample.labels.get("server", ""), {})[family.name] = sample.value
@@ -197,15 +284,44 @@ def _slo(met: bool | None, attainment: float | None) -> str:
     return text
 
 
-def _metrics_url(url: str) -> str:
+def _metrics_url(url: str) -> tuple[str, tuple[str, str] | None]:
+    """The /metrics URL without credentials, and the (user, password) it carried."""
     if "://" not in url:
         url = f"http://{url}"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise StatusError(f"{url!r} is not a valid URL ({exc}).") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StatusError(f"{url!r} is not an http:// or https:// URL with a host.")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    netloc = host if port is None else f"{host}:{port}"
+    auth = None
+    if parts.username is not None:
+        auth = (unquote(parts.username), unquote(parts.password or ""))
     path = parts.path if parts.path not in ("", "/") else "/metrics"
-    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+    return urlunsplit((parts.scheme, netloc, path, parts.query, "")), auth
+
+
+def _unreachable(metrics_url: str, reason: object) -> StatusError:
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return StatusError(
+            f"powerd at {metrics_url} is not trusted ({_reason(reason)}); give --ca-file, or "
+            "--url with a name its certificate carries."
+        )
+    if isinstance(reason, ssl.SSLError):
+        return StatusError(
+            f"powerd at {metrics_url} failed TLS ({_reason(reason)}); does it serve https?"
+        )
+    return StatusError(
+        f"powerd is not reachable at {metrics_url} ({_reason(reason)}); is the daemon running?"
+    )
 
 
 def _reason(reason: object) -> str:
+    if isinstance(reason, ssl.SSLCertVerificationError) and reason.verify_message:
+        return f"TLS error: {reason.verify_message}"
     if isinstance(reason, ConnectionRefusedError):
         return "connection refused"
     if isinstance(reason, (socket.timeout, TimeoutError)):
@@ -217,3 +333,26 @@ def _reason(reason: object) -> str:
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror.lower()
     return str(reason)
+
+
+def _config_url(metrics: MetricsConfig, *, tls: bool) -> str:
+    host = _WILDCARD_HOSTS.get(metrics.listen_address, metrics.listen_address)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{metrics.port}/metrics"
+
+
+def _read_password(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StatusError(f"cannot read the password file {path}: {_reason(exc)}.") from None
+    # Files written by `echo` end in a newline that is not part of the password.
+    return text.rstrip("\r\n")
+
+
+def _client_context(ca_file: Path, what: str) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise StatusError(f"cannot load {what} {ca_file}: {_reason(exc)}.") from None

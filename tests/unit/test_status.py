@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import socketserver
 import threading
+import urllib.request
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -11,10 +13,24 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from powerd.config import MetricsConfig
+from powerd.cli import main
+from powerd.config import DEFAULT_METRICS_PORT, MetricsConfig, load_config
 from powerd.exporter import Exporter
-from powerd.status import GroupRow, StatusError, fetch_status, format_status, parse_status
+from powerd.status import (
+    GroupRow,
+    StatusError,
+    endpoint,
+    fetch_status,
+    format_status,
+    parse_status,
+)
 from tests.unit.test_exporter import BUILD_INFO, full_snapshot, group_status, small_snapshots
+from tests.unit.test_webconfig import make_certs
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def _free_port() -> int:
@@ -134,12 +150,10 @@ def test_not_metrics_is_a_clear_error() -> None:
             fetch_status(f"http://127.0.0.1:{exporter.port}/other")
     finally:
         exporter.stop()
-    server = HTTPServer(("127.0.0.1", 0), _HtmlHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server, url = _serve(_HtmlHandler)
     try:
         with pytest.raises(StatusError, match=r"/metrics did not return Prometheus metrics"):
-            fetch_status(f"http://127.0.0.1:{server.server_address[1]}")
+            fetch_status(url)
     finally:
         server.shutdown()
         server.server_close()
@@ -183,3 +197,198 @@ def test_a_group_whose_server_shows_first_tokens_neither_way_is_marked_blind() -
     half = replace(blind_server, exports_prompt_lengths=True)
     exporter.publish(replace(snapshot, servers=(half,)))
     assert [row.first_token_blind for row in parse_status(exporter.render().decode())] == [False]
+
+
+def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[HTTPServer, str]:
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/metrics"
+
+
+def _config(tmp_path: Path, port: int, web_config: Path | None = None) -> Path:
+    web = f"\n  web_config_file: {web_config}" if web_config is not None else ""
+    path = tmp_path / "powerd.yaml"
+    path.write_text(
+        "servers:\n  - {name: llama, url: 'http://127.0.0.1:8000/metrics', gpus: [0]}\n"
+        f"metrics:\n  listen_address: 127.0.0.1\n  port: {port}{web}\n"
+    )
+    return path
+
+
+def _status(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["status", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_an_http_proxy_in_the_environment_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    dead = f"http://127.0.0.1:{_free_port()}"
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, dead)
+    # urlopen's shared opener reads the environment once, when it is first built.
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    exporter = Exporter(MetricsConfig(port=0), build_info=BUILD_INFO)
+    exporter.publish(small_snapshots()[1])
+    exporter.start()
+    try:
+        assert [row.group for row in fetch_status(f"127.0.0.1:{exporter.port}")] == ["llama"]
+    finally:
+        exporter.stop()
+
+
+def test_config_gives_the_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exporter = Exporter(MetricsConfig(port=0), build_info=BUILD_INFO)
+    exporter.publish(small_snapshots()[1])
+    exporter.start()
+    try:
+        code, out, err = _status(capsys, "--config", str(_config(tmp_path, exporter.port or 0)))
+    finally:
+        exporter.stop()
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1].split()[0] == "llama"
+    wildcard = MetricsConfig(listen_address="::", port=9999)
+    assert endpoint(metrics=wildcard).url == "http://[::1]:9999/metrics"
+    assert endpoint("http://node:1/metrics", metrics=wildcard).url == "http://node:1/metrics"
+    assert endpoint().url == f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics"
+
+
+def test_tls_from_the_config_or_a_ca_file(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    web = tmp_path / "web.yml"
+    web.write_text(
+        f"tls_server_config:\n  cert_file: {certs / 'server.crt'}\n"
+        f"  key_file: {certs / 'server.key'}\n"
+    )
+    exporter = Exporter(MetricsConfig(port=0, web_config_file=str(web)), build_info=BUILD_INFO)
+    exporter.publish(small_snapshots()[1])
+    exporter.start()
+    url = f"https://127.0.0.1:{exporter.port}/metrics"
+    try:
+        config = _config(tmp_path, exporter.port or 0, web)
+        assert endpoint(metrics=load_config(config).metrics).url == url
+        code, out, err = _status(capsys, "--config", str(config))
+        assert (code, err) == (0, "") and "llama" in out
+        code, out, err = _status(capsys, "--url", url, "--ca-file", str(certs / "server.crt"))
+        assert (code, err) == (0, "") and "llama" in out
+        code, out, err = _status(capsys, "--url", url, "--ca-file", str(certs / "client.crt"))
+        assert code == 1 and len(err.splitlines()) == 1
+        assert err.startswith(f"powerd status: powerd at {url} is not trusted (TLS error: ")
+        code, out, err = _status(capsys, "--url", url, "--ca-file", str(tmp_path / "none.crt"))
+        assert code == 1 and err.startswith("powerd status: cannot load --ca-file ")
+        code, out, err = _status(capsys, "--url", url.replace("https", "http"))
+        assert code == 1 and len(err.splitlines()) == 1, err
+    finally:
+        exporter.stop()
+
+
+def test_basic_auth_from_a_password_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    web = tmp_path / "web.yml"
+    web.write_text(f"basic_auth_users:\n  ops: '{hashed}'\n")
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope\n")
+    exporter = Exporter(MetricsConfig(port=0, web_config_file=str(web)), build_info=BUILD_INFO)
+    exporter.publish(small_snapshots()[1])
+    exporter.start()
+    port = exporter.port
+    try:
+        config = str(_config(tmp_path, port or 0, web))
+        code, out, err = _status(capsys, "--config", config)
+        assert code == 1
+        assert "needs a user and password: give --user and --password-file" in err
+        code, out, err = _status(
+            capsys, "--config", config, "--user", "ops", "--password-file", str(password)
+        )
+        assert (code, err) == (0, "") and "llama" in out
+        code, out, err = _status(
+            capsys, "--config", config, "--user", "ops", "--password-file", str(wrong)
+        )
+        assert code == 1 and "wrong user or password" in err
+        code, out, err = _status(capsys, "--url", f"http://ops:s3cret@127.0.0.1:{port}")
+        assert (code, err) == (0, "") and "llama" in out
+        code, out, err = _status(capsys, "--config", config, "--user", "ops")
+        assert (code, err) == (1, "powerd status: --user and --password-file go together.\n")
+        code, out, err = _status(
+            capsys, "--config", config, "--user", "ops", "--password-file", str(tmp_path / "x")
+        )
+        assert code == 1 and err.startswith("powerd status: cannot read the password file ")
+    finally:
+        exporter.stop()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1", "http://127.0.0.1:99999/metrics", "http://h:port/", "ftp://h/", "http://"],
+)
+def test_a_bad_url_is_one_line_and_a_failure(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _status(capsys, "--url", url)
+    assert code == 1 and out == ""
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("powerd status: ") and "URL" in err
+
+
+class _NotHttpHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+
+def test_a_port_that_does_not_speak_http_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    server = socketserver.TCPServer(("127.0.0.1", 0), _NotHttpHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, _, err = _status(capsys, "--url", f"127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "did not answer in HTTP" in err
+
+
+DCGM_TEXT = (
+    "# HELP DCGM_FI_DEV_POWER_USAGE Power draw (in W).\n"
+    "# TYPE DCGM_FI_DEV_POWER_USAGE gauge\n"
+    'DCGM_FI_DEV_POWER_USAGE{gpu="0",UUID="GPU-1",modelName="NVIDIA H100"} 312.5\n'
+)
+
+
+class _DcgmHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = DCGM_TEXT.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_another_exporters_metrics_are_not_powerds(capsys: pytest.CaptureFixture[str]) -> None:
+    server, url = _serve(_DcgmHandler)
+    try:
+        with pytest.raises(StatusError, match=r"is not powerd's metrics endpoint"):
+            fetch_status(url)
+        code, out, err = _status(capsys, "--url", url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 1 and out == ""
+    assert err == (
+        f"powerd status: {url} is not powerd's metrics endpoint (its metrics have no "
+        "powerd_build_info); is that the right address and port?\n"
+    )
+    # A powerd with nothing published yet is still powerd.
+    exporter = Exporter(MetricsConfig(port=0), build_info=BUILD_INFO)
+    exporter.start()
+    try:
+        assert fetch_status(f"127.0.0.1:{exporter.port}") == []
+    finally:
+        exporter.stop()

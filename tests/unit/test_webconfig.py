@@ -212,10 +212,15 @@ def test_http_basic_auth(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    yield make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def make_certs(folder: Path) -> Path:
+    """Self-signed server.crt/.key (localhost, 127.0.0.1) and client.crt/.key in folder; skips
+    the test without the openssl CLI."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl CLI not installed; cannot make a test certificate")
-    folder = tmp_path_factory.mktemp("certs")
     for name, subject in (("server", "localhost"), ("client", "powerd-test-client")):
         subprocess.run(
             [
@@ -242,7 +247,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             capture_output=True,
             timeout=30,
         )
-    yield folder
+    return folder
 
 
 def test_tls_serves_metrics_and_a_stalled_client_blocks_nobody(tmp_path: Path, certs: Path) -> None:
