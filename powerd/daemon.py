@@ -517,6 +517,7 @@ class Daemon:
                     itl_p95_s=observation.itl_p95_s,
                     ttft_slo_s=group.spec.slo.ttft_s,
                     itl_slo_s=group.spec.slo.itl_s,
+                    slo_quantile=group.spec.slo.quantile,
                     slo_met=self._slo_met(group, sample) if sample and sample.up else None,
                     slo_attainment=(
                         sum(group.slo_history) / len(group.slo_history)

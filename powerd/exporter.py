@@ -563,16 +563,18 @@ def _collect_server(families: _Families, sample: ServerSample, tokens_total: flo
             "Requests waiting in the server's queue.",
             sample.waiting,
         ),
-        # A quantile label is reserved for summaries (promtool rejects it on gauges), so the
-        # quantile is in the name.
+        # The quantile is the configured slo.quantile. A quantile label is reserved for
+        # summaries (promtool rejects it on gauges), so its value is powerd_group_slo_quantile.
         (
-            "powerd_server_ttft_p95_seconds",
-            "95th percentile time to first token over the last scrape interval.",
+            "powerd_server_ttft_slo_quantile_seconds",
+            "Time to first token at the SLO's quantile (powerd_group_slo_quantile) over the "
+            "last scrape interval.",
             sample.ttft_p95_s,
         ),
         (
-            "powerd_server_itl_p95_seconds",
-            "95th percentile inter-token latency over the last scrape interval.",
+            "powerd_server_itl_slo_quantile_seconds",
+            "Inter-token latency at the SLO's quantile (powerd_group_slo_quantile) over the "
+            "last scrape interval.",
             sample.itl_p95_s,
         ),
         (
@@ -642,6 +644,11 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
     families("powerd_group_itl_slo_seconds", "The group's inter-token latency SLO.").add(
         labels, group.itl_slo_s
     )
+    families(
+        "powerd_group_slo_quantile",
+        "Latency quantile the group's SLOs limit (e.g. 0.95); the quantile of its server's "
+        "*_slo_quantile_seconds.",
+    ).add(labels, group.slo_quantile)
     families("powerd_group_target_tokens_per_joule", "Tokens-per-joule target in target mode.").add(
         labels, group.target_tokens_per_joule
     )

@@ -262,6 +262,8 @@ class GroupStatus:
     prefill_guard_raises_total: int | None = None
     """Raises of the cap for that backlog, at ticks and between them (None: the server reports
     none)."""
+    slo_quantile: float | None = None
+    """The latency quantile ttft_slo_s and itl_slo_s limit (slo.quantile), 0.5-1."""
 
 
 @dataclass(frozen=True, slots=True)

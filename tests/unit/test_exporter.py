@@ -141,6 +141,7 @@ def group_status(**overrides: object) -> GroupStatus:
         "itl_slo_s": 0.1,
         "slo_met": True,
         "slo_attainment": 0.98,
+        "slo_quantile": 0.95,
     }
     fields.update(overrides)
     return GroupStatus(**fields)  # type: ignore[arg-type]
@@ -291,7 +292,18 @@ def test_units_are_converted_to_base_units() -> None:
     assert value(samples, "powerd_group_clock_limit_hertz", group="llama") == 1605e6
     node_w = sum(g.reading.power_mw or 0 for g in second.gpus) / 1000
     assert value(samples, "powerd_node_power_watts") == pytest.approx(node_w)
-    assert value(samples, "powerd_server_ttft_p95_seconds") == 0.35
+    assert value(samples, "powerd_server_ttft_slo_quantile_seconds") == 0.35
+
+
+def test_latency_series_are_named_for_the_quantile_they_hold() -> None:
+    snapshot = full_snapshot()
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(replace(snapshot, groups=(replace(snapshot.groups[0], slo_quantile=0.99),)))
+    samples = parse(exporter.render())
+    assert [name for name in samples if "p95" in name or "p99" in name] == []
+    assert value(samples, "powerd_server_ttft_slo_quantile_seconds", server="llama") == 0.35
+    assert value(samples, "powerd_server_itl_slo_quantile_seconds", server="llama") == 0.042
+    assert value(samples, "powerd_group_slo_quantile", group="llama", server="llama") == 0.99
 
 
 def test_gpu_labels_join_with_dcgm_exporter() -> None:
