@@ -12,6 +12,7 @@ from powerd.bench.report import (
     PLOT_MISSING,
     format_table,
     matplotlib_available,
+    prepare_output,
     write_json,
     write_markdown,
     write_plot,
@@ -130,6 +131,18 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.plot and not matplotlib_available():
         print(f"powerd bench: {PLOT_MISSING}", file=sys.stderr)
         return 2
+    for option, path in (
+        ("--json", args.json),
+        ("--markdown", args.markdown),
+        ("--plot", args.plot),
+    ):
+        if not path:
+            continue
+        try:
+            prepare_output(path)
+        except OSError as exc:
+            print(f"powerd bench: {option} {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
 
     def progress(message: str) -> None:
         if not args.quiet:

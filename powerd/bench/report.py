@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,19 @@ def to_json(result: BenchResult) -> dict[str, Any]:
     }
 
 
+def prepare_output(path: str | Path) -> None:
+    """Create the folder `path` will be written to, and check that a file can be made there,
+    so a long run does not end in an error that loses it; OSError otherwise."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {target.parent}")
+
+
 def write_json(result: BenchResult, path: str | Path) -> None:
+    prepare_output(path)
     Path(path).write_text(json.dumps(to_json(result), indent=2) + "\n", encoding="utf-8")
 
 
@@ -243,6 +256,7 @@ def format_markdown(result: BenchResult) -> str:
 
 
 def write_markdown(result: BenchResult, path: str | Path) -> None:
+    prepare_output(path)
     Path(path).write_text(format_markdown(result), encoding="utf-8")
 
 
@@ -294,5 +308,6 @@ def write_plot(result: BenchResult, path: str | Path, bucket_s: float = 30.0) ->
     axes[0].legend(loc="upper right", fontsize=8, ncol=4)
     axes[0].set_title(_headline(result), fontsize=9)
     fig.tight_layout()
+    prepare_output(path)
     fig.savefig(str(path), dpi=110)
     plt.close(fig)

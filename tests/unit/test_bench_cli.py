@@ -128,3 +128,28 @@ def test_command_prints_the_table_and_writes_json_and_markdown(
     assert "| default |" in markdown and "| static-clock |" in markdown
     if matplotlib_available():
         assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_output_files_go_into_folders_made_for_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make bench` on a fresh clone writes into out/, which does not exist yet."""
+    out_json = tmp_path / "out" / "new" / "bench.json"
+    args = _parse("--trace", "constant", "--duration", "10", "--gpus", "1", "--policies",
+                  "default", "--workers", "1", "--quiet", "--json", str(out_json))  # fmt: skip
+    assert run_bench_command(args) == 0
+    assert list(json.loads(out_json.read_text())["policies"]) == ["default"]
+
+
+def test_an_output_path_that_cannot_be_written_fails_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = _parse("--duration", "10", "--gpus", "1", "--policies", "default", "--workers", "1",
+                  "--quiet", "--markdown", str(blocker / "b.md"))  # fmt: skip
+    assert run_bench_command(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "", "nothing was run"
+    assert captured.err.startswith(f"powerd bench: --markdown {blocker / 'b.md'}: ")
+    assert captured.err.count("\n") == 1
