@@ -559,6 +559,7 @@ class Daemon:
             grid_price_per_kwh=self.grid.price_per_kwh(),
             grid_carbon_g_per_kwh=self.grid.carbon_g_per_kwh(),
             grid_currency=self.config.grid.currency,
+            grid_pue=self.config.grid.pue,
         )
 
     def _device_settings(self, uuid: str) -> tuple[int | None, int | None]:

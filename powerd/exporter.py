@@ -426,6 +426,12 @@ def _collect_node(families: _Families, state: _State, build_info: dict[str, str]
             "powerd_grid_carbon_grams_per_kwh",
             "Carbon intensity of grid electricity in grams CO2e per kilowatt-hour, where known.",
         ).add({}, snapshot.grid_carbon_g_per_kwh)
+        if snapshot.grid_price_per_kwh is not None or snapshot.grid_carbon_g_per_kwh is not None:
+            families(
+                "powerd_grid_pue",
+                "Facility power usage effectiveness: the factor from GPU energy to the energy "
+                "that price and carbon apply to.",
+            ).add({}, snapshot.grid_pue)
         powers_mw = [gpu.reading.power_mw for gpu in snapshot.gpus]
         if powers_mw and all(power_mw is not None for power_mw in powers_mw):
             families("powerd_node_power_watts", "Summed power draw of the node's GPUs.").add(

@@ -300,3 +300,5 @@ class Snapshot:
     grid_price_per_kwh: float | None = None
     grid_carbon_g_per_kwh: float | None = None
     grid_currency: str = "USD"
+    grid_pue: float = 1.0
+    """Facility power usage effectiveness that cost and carbon apply to GPU energy."""

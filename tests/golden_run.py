@@ -38,7 +38,7 @@ SIM = SimConfig(
     seed=0,
 )
 SLO = SloConfig(ttft_s=2.0, itl_s=0.1)
-GRID = GridConfig(price_per_kwh=0.12, carbon_g_per_kwh=380.0)
+GRID = GridConfig(price_per_kwh=0.12, carbon_g_per_kwh=380.0, pue=1.3)
 
 PLACEHOLDER = "<normalised>"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from powerd.config import MetricsConfig
 from powerd.exporter import Exporter
 from tests.unit.test_exporter import BUILD_INFO, full_snapshot
+from tests.unit.test_prometheus_rules import promtool
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "config" / "grafana" / "powerd.json"
@@ -154,3 +156,60 @@ def test_dashboard_uses_the_datasource_input() -> None:
     titles = " ".join(panel["title"].lower() for panel in data["panels"])
     for topic in ("tokens per joule", "power against limit", "clock", "slo", "tokens per second"):
         assert topic in titles, topic
+
+
+def panel(data: dict[str, Any], title: str) -> dict[str, Any]:
+    (found,) = [p for p in data["panels"] if p["title"] == title]
+    return found
+
+
+def test_cost_stat_prices_the_energy_at_the_facility_as_the_exporter_does(tmp_path: Path) -> None:
+    """The stat's PromQL, run by promtool on 5 minutes of counters: 1000 J/s of GPU energy and
+    4000 tokens/s give 0.25 J per token; times PUE 1.3 and 0.12 per kWh (as
+    grid/signals.py prices a token) that is 0.25 x 1.3 / 3.6e6 x 0.12 x 1e6 per million."""
+    (target,) = panel(dashboard(), "Cost per million tokens")["targets"]
+    expr = target["expr"].replace('instance=~"$instance"', 'instance=~".+"')
+    node = 'job="powerd",instance="n1:9863"'
+    tests = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'powerd_gpu_energy_joules_total{{{node},gpu="0",UUID="GPU-a"}}',
+                        "values": "0+60000x10",
+                    },
+                    {
+                        "series": f'powerd_server_generation_tokens_total{{{node},server="s"}}',
+                        "values": "0+240000x10",
+                    },
+                    {"series": f"powerd_grid_price_per_kwh{{{node}}}", "values": "0.12x10"},
+                    {"series": f"powerd_grid_pue{{{node}}}", "values": "1.3x10"},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "10m",
+                        "exp_samples": [
+                            {
+                                "labels": f"{{{node}}}",
+                                "value": 0.25 * 1.3 / 3.6e6 * 0.12 * 1e6,
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "cost.test.yml"
+    test_file.write_text(yaml.safe_dump(tests), encoding="utf-8")
+    result = subprocess.run(
+        [promtool(), "test", "rules", str(test_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -227,6 +227,7 @@ def full_snapshot() -> Snapshot:
         dry_run=False,
         grid_price_per_kwh=0.12,
         grid_carbon_g_per_kwh=380.0,
+        grid_pue=1.3,
     )
 
 
@@ -363,6 +364,18 @@ def test_unknown_values_are_not_emitted() -> None:
     ):
         assert name not in samples, name
     assert value(samples, "powerd_source_up", server="llama") == 0.0
+
+
+def test_grid_pue_is_exported_with_a_price_or_carbon_intensity() -> None:
+    snapshot = full_snapshot()
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    for price, carbon, pue in ((0.12, 380.0, 1.3), (0.12, None, 1.3), (None, 380.0, 1.0)):
+        exporter.publish(
+            replace(snapshot, grid_price_per_kwh=price, grid_carbon_g_per_kwh=carbon, grid_pue=pue)
+        )
+        assert value(parse(exporter.render()), "powerd_grid_pue") == pue
+    exporter.publish(replace(snapshot, grid_price_per_kwh=None, grid_carbon_g_per_kwh=None))
+    assert "powerd_grid_pue" not in parse(exporter.render())
 
 
 def test_nothing_published_renders_only_node_metrics() -> None:

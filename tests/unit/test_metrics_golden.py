@@ -125,6 +125,7 @@ def test_golden_run_exercises_every_part_of_the_exposition(run: GoldenRun) -> No
     for name in (
         "powerd_grid_price_per_kwh",
         "powerd_grid_carbon_grams_per_kwh",
+        "powerd_grid_pue",
         "powerd_gpu_energy_joules_total",
         "powerd_gpu_clock_event_reason",
         "powerd_server_generation_tokens_total",
