@@ -2,11 +2,15 @@
 
 The actuator is the only place that writes GPU settings. Before the first write to a GPU it
 saves the GPU's original settings in the journal, so any later exit (clean, crash, SIGKILL)
-can restore them. A GPU that refuses a write is degraded on its own:
+can restore them. The power limit a GPU had before powerd (an operator's `nvidia-smi -pl`, a
+rack budget) is the ceiling of every limit powerd sets and what it puts back when it wants none.
+A GPU that refuses a write is degraded on its own:
 
-- NoPermission: that GPU becomes observe-only (logged once, exported as a metric).
+- NoPermission: that GPU becomes observe-only (logged once, exported as a metric), after one
+  attempt to put back what powerd had set on it, so no throttle outlives its control.
 - NotSupported for locked clocks: that GPU is controlled through its power limit instead.
-- GpuLost: the daemon drops the GPU (raised to the caller, which owns the GPU list).
+- GpuLost: the daemon drops the GPU (raised to the caller, which owns the GPU list, once the
+  group's other GPUs have had the decision).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ class GpuControlState:
     lock_max_mhz: int | None = None
     """Upper end of the locked range we set; None when unlocked."""
     power_limit_mw: int | None = None
-    """Limit we set; None when at the default."""
+    """Limit we set; None when at the limit the GPU had before powerd."""
+    baseline_limit_mw: int | None = None
+    """The limit the GPU had before powerd changed it; None until first needed."""
     observe_only_reason: str = ""
     """Non-empty when writes are off for this GPU (e.g. no_permission)."""
     clock_lock_supported: bool = True
@@ -48,8 +54,21 @@ class Actuator:
     def __init__(self, backend: GpuBackend, journal: Journal | None, *, dry_run: bool) -> None:
         self._backend = backend
         self._journal = journal
-        self.dry_run = dry_run
+        self._dry_run = dry_run
         self.states: dict[str, GpuControlState] = {}
+
+    @property
+    def dry_run(self) -> bool:
+        return self._dry_run
+
+    @dry_run.setter
+    def dry_run(self, dry_run: bool) -> None:
+        if self._dry_run and not dry_run:
+            # A dry run wrote nothing: the GPUs are as found, whatever it would have set.
+            for state in self.states.values():
+                state.lock_max_mhz = state.power_limit_mw = None
+                state.would_set = ""
+        self._dry_run = dry_run
 
     def track(self, info: GpuInfo) -> GpuControlState:
         """Start tracking a GPU (idempotent)."""
@@ -71,17 +90,19 @@ class Actuator:
         """Apply one group decision to each of the group's GPUs.
 
         `power_w` and `clock_mhz` are the group's mean per-GPU power and SM clock now, used
-        to derive a power limit for GPUs whose clocks cannot be locked. Raises GpuLost for a
-        GPU that vanished; other GPU errors degrade that GPU and are logged.
+        to derive a power limit for GPUs whose clocks cannot be locked. Raises GpuLost for the
+        first GPU that vanished, after the others had the decision; other GPU errors degrade
+        that GPU and are logged.
         """
+        lost: GpuLost | None = None
         for uuid in uuids:
             state = self.states[uuid]
             if state.observe_only:
                 continue
             try:
                 self._apply_one(state, decision, power_w, clock_mhz)
-            except GpuLost:
-                raise
+            except GpuLost as exc:
+                lost = lost or exc
             except JournalError as exc:
                 # Without its originals saved, a GPU must not be changed: nothing could undo it.
                 state.observe_only_reason = "journal_error"
@@ -94,8 +115,11 @@ class Actuator:
                     uuid,
                     exc,
                 )
+                self._put_back(state)
             except GpuError as exc:
                 log.warning("GPU %s: %s failed: %s", uuid, exc.operation or "write", exc)
+        if lost is not None:
+            raise lost
 
     def _apply_one(
         self,
@@ -110,8 +134,6 @@ class Actuator:
         want_limit = decision.power_limit_mw
         if want_limit is not None:
             want_limit = info.clamp_power_limit_mw(want_limit)
-            if want_limit >= info.power_limit_default_mw:
-                want_limit = None
         if not state.clock_lock_supported and want_lock is not None:
             # Without locked clocks, a power limit is the only way to lower the clock: the
             # dynamic power falls roughly with f^3 along the voltage curve above the knee.
@@ -119,6 +141,8 @@ class Actuator:
             if fallback is not None:
                 want_limit = fallback if want_limit is None else min(want_limit, fallback)
             want_lock = None
+        if want_limit is not None and want_limit >= self._baseline_limit_mw(state):
+            want_limit = None
 
         if self.dry_run:
             state.would_set = f"clock<={want_lock or info.sm_clock_max_mhz} MHz, " + (
@@ -145,11 +169,7 @@ class Actuator:
         if want_limit != state.power_limit_mw:
             self._remember(info)
             try:
-                if want_limit is None:
-                    self._backend.reset_power_limit(info.uuid)
-                else:
-                    self._backend.set_power_limit(info.uuid, want_limit)
-                state.power_limit_mw = want_limit
+                self._write_limit(state, want_limit)
             except NotSupported:
                 if not state.clock_lock_supported:
                     state.observe_only_reason = "not_supported"
@@ -161,6 +181,61 @@ class Actuator:
     def _remember(self, info: GpuInfo) -> None:
         if self._journal is not None:
             self._journal.remember(self._backend, info.uuid, info)
+
+    def _baseline_limit_mw(self, state: GpuControlState) -> int:
+        """The limit the GPU had before powerd: saved in the journal once powerd wrote to the
+        GPU, read from it before that; the default while it cannot be read."""
+        if state.baseline_limit_mw is not None:
+            return state.baseline_limit_mw
+        uuid = state.info.uuid
+        entry = self._journal.get(uuid) if self._journal is not None else None
+        limit_mw: int | None
+        if entry is not None:
+            limit_mw = entry.power_limit_mw or state.info.power_limit_default_mw
+        else:
+            try:
+                limit_mw = self._backend.read(uuid).power_limit_mw
+            except GpuLost:
+                raise
+            except GpuError as exc:
+                log.warning("GPU %s: cannot read its power limit: %s", uuid, exc)
+                return state.info.power_limit_default_mw
+        if limit_mw is None:
+            return state.info.power_limit_default_mw
+        state.baseline_limit_mw = state.info.clamp_power_limit_mw(limit_mw)
+        return state.baseline_limit_mw
+
+    def _write_limit(self, state: GpuControlState, limit_mw: int | None) -> None:
+        """Set limit_mw, or with None the limit the GPU had before powerd."""
+        uuid = state.info.uuid
+        baseline_mw = self._baseline_limit_mw(state)
+        if limit_mw is not None:
+            self._backend.set_power_limit(uuid, limit_mw)
+        elif baseline_mw == state.info.power_limit_default_mw:
+            self._backend.reset_power_limit(uuid)
+        else:
+            self._backend.set_power_limit(uuid, baseline_mw)
+        state.power_limit_mw = limit_mw
+
+    def _put_back(self, state: GpuControlState) -> None:
+        """One attempt to undo what powerd set on a GPU it can no longer control."""
+        uuid = state.info.uuid
+        if state.lock_max_mhz is None and state.power_limit_mw is None:
+            return
+        try:
+            if state.lock_max_mhz is not None:
+                self._backend.reset_locked_clocks(uuid)
+                state.lock_max_mhz = None
+            if state.power_limit_mw is not None:
+                self._write_limit(state, None)
+        except GpuError as exc:
+            log.error(
+                "GPU %s: cannot put back its settings (%s); `powerd restore` does at exit",
+                uuid,
+                exc,
+            )
+            return
+        log.info("GPU %s: its clocks and power limit are back as found", uuid)
 
 
 def _power_limit_for_clock(

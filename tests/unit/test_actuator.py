@@ -154,3 +154,46 @@ def test_dry_run_writes_nothing_and_keeps_the_journal_empty(tmp_path: Path, capl
     assert not journal.pending()
     assert "would set" in caplog.text
     assert "1500 MHz" in actuator.states["GPU-0"].would_set
+
+
+def test_a_limit_set_before_powerd_is_the_ceiling_and_what_comes_back(tmp_path: Path) -> None:
+    backend, journal, actuator = _actuator(tmp_path, n=1)
+    backend.limits["GPU-0"] = 400_000  # an operator's cap, set before powerd started
+    actuator.apply(_decision(1980, 600_000), ["GPU-0"])
+    assert backend.writes == [], "a share above the operator's cap changes nothing"
+    actuator.apply(_decision(1980, 300_000), ["GPU-0"])
+    assert backend.writes == [("limit", "GPU-0", (300_000,))]
+    assert journal.get("GPU-0") is not None
+    assert journal.get("GPU-0").power_limit_mw == 400_000
+    actuator.apply(_decision(1980, None), ["GPU-0"])
+    assert backend.writes[-1] == ("limit", "GPU-0", (400_000,)), "back to the cap, not 700 W"
+    assert backend.limits["GPU-0"] == 400_000
+
+
+def test_a_refused_gpu_is_unlocked_and_its_limit_put_back_at_once(tmp_path: Path) -> None:
+    backend, _, actuator = _actuator(tmp_path, n=1)
+    actuator.apply(_decision(1500, 300_000), ["GPU-0"])
+    backend.fail[("limit", "GPU-0")] = NoPermission("Insufficient Permissions", uuid="GPU-0")
+    actuator.apply(_decision(1500, 250_000), ["GPU-0"])
+    state = actuator.states["GPU-0"]
+    assert state.observe_only_reason == "no_permission"
+    assert backend.writes[-1] == ("reset_limit", "GPU-0", ())
+    assert ("unlock", "GPU-0", ()) in backend.writes, "no lock outlives its control"
+    assert state.lock_max_mhz is None and state.power_limit_mw is None
+
+
+def test_a_lost_gpu_does_not_keep_the_decision_from_the_rest_of_its_group(tmp_path: Path) -> None:
+    backend, _, actuator = _actuator(tmp_path, n=3)
+    backend.fail[("lock", "GPU-0")] = GpuLost("fell off the bus", uuid="GPU-0")
+    with pytest.raises(GpuLost) as raised:
+        actuator.apply(_decision(1500), ["GPU-0", "GPU-1", "GPU-2"])
+    assert raised.value.uuid == "GPU-0"
+    assert [w[1] for w in backend.writes] == ["GPU-1", "GPU-2"]
+
+
+def test_leaving_dry_run_writes_what_the_dry_run_only_would_have(tmp_path: Path) -> None:
+    backend, _, actuator = _actuator(tmp_path, n=1, dry_run=True)
+    actuator.apply(_decision(1500), ["GPU-0"])
+    actuator.dry_run = False
+    actuator.apply(_decision(1500), ["GPU-0"])
+    assert backend.writes == [("lock", "GPU-0", (345, 1500))]

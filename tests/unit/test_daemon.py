@@ -191,7 +191,8 @@ def test_permission_revoked_mid_run_stops_writes(
     with caplog.at_level(logging.ERROR):
         rig.run(30)
     assert len(rig.fake.writes) == before
-    assert len(rig.fake.failed_writes) <= 2
+    # Per GPU: the refused write, and one attempt to put back what powerd had set.
+    assert len(rig.fake.failed_writes) <= 2 * len(rig.snapshots[-1].gpus)
     assert all(g.observe_only_reason == "no_permission" for g in rig.snapshots[-1].gpus)
     assert rig.snapshots[-1].ticks_total == 50
 
