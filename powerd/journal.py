@@ -243,23 +243,30 @@ def restore_all(backend: GpuBackend, journal: Journal) -> RestoreReport:
 
 
 def _restore_one(backend: GpuBackend, entry: JournalEntry) -> tuple[str, str] | None:
-    """None when restored, else ('lost' | 'failed', reason)."""
-    try:
-        # NotSupported: the GPU lacks the knob, so powerd cannot have changed it.
-        with contextlib.suppress(NotSupported):
-            backend.reset_locked_clocks(entry.uuid)
-        with contextlib.suppress(NotSupported):
-            if entry.power_limit_mw is None:
-                backend.reset_power_limit(entry.uuid)
-            else:
-                backend.set_power_limit(entry.uuid, entry.power_limit_mw)
-    except GpuLost as exc:
-        return "lost", str(exc)
-    except GpuError as exc:
-        return "failed", str(exc)
-    except Exception as exc:  # a backend bug must not stop the other GPUs' restore
-        log.exception("GPU %s: unexpected error while restoring", entry.uuid)
-        return "failed", f"{type(exc).__name__}: {exc}"
+    """None when restored, else ('lost' | 'failed', reason). Each knob is tried whatever the
+    other's outcome: a clock reset that fails must not keep the power limit from coming back."""
+
+    def put_limit_back() -> None:
+        if entry.power_limit_mw is None:
+            backend.reset_power_limit(entry.uuid)
+        else:
+            backend.set_power_limit(entry.uuid, entry.power_limit_mw)
+
+    failures: list[str] = []
+    for knob in (lambda: backend.reset_locked_clocks(entry.uuid), put_limit_back):
+        try:
+            knob()
+        except NotSupported:
+            continue  # the GPU lacks the knob, so powerd cannot have changed it
+        except GpuLost as exc:
+            return "lost", str(exc)
+        except GpuError as exc:
+            failures.append(str(exc))
+        except Exception as exc:  # a backend bug must not stop the other GPUs' restore
+            log.exception("GPU %s: unexpected error while restoring", entry.uuid)
+            failures.append(f"{type(exc).__name__}: {exc}")
+    if failures:
+        return "failed", "; ".join(failures)
     log.info(
         "GPU %s: restored (clocks unlocked, power limit %s)",
         entry.uuid,

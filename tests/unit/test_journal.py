@@ -161,6 +161,17 @@ def test_refused_restore_is_kept_for_later(tmp_path: Path) -> None:
     assert restore_all(backend, Journal(path)).ok
 
 
+def test_a_failed_clock_reset_does_not_keep_the_limit_from_coming_back(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(1)
+    journal = Journal(tmp_path / "journal.json")
+    change(backend, journal, infos[0], 400_000)
+    fake.inject_error(0, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Unknown)
+    report = restore_all(backend, journal)
+    assert set(report.failed) == {infos[0].uuid}
+    assert fake.plant.power_limit_mw(0) == DEFAULT_MW, "the limit came back all the same"
+    assert restore_all(backend, Journal(tmp_path / "journal.json")).ok, "kept for the next try"
+
+
 def test_gpu_without_a_knob_counts_as_restored(tmp_path: Path) -> None:
     fake, backend, infos = make_node(1)
     journal = Journal(tmp_path / "journal.json")
