@@ -33,6 +33,9 @@ DEFAULT_MAX_WINDOW_S = 60.0
 PROMPT_MIX_HALF_LIFE_S = 300.0
 """The prompt-length mix is read over the last minutes of finished requests."""
 PROMPT_MIX_MIN_REQUESTS = 20.0
+ROUNDING_MARGIN = 10.0
+"""A flushed counter with rounding is rated once it moved this many times the rounding of both
+ends of the window, so rounding is at most a tenth of the rate."""
 
 
 class SourceError(Exception):
@@ -97,9 +100,14 @@ class Reading:
     markers: values whose change means the server restarted; a dict marker is compared per key
     (per-series `_created` timestamps), so a series that appears is not a restart.
     clamped: counters whose small decreases are rounding, not restarts (llama.cpp products).
-    flushed: counters the server adds to in batches every few engine steps (SGLang's
-    realtime_tokens): their rate is taken over the time since they last moved, and is unknown
-    (None) while they stand still with requests running.
+    flushed: counters whose every change is not worth a rate: SGLang adds realtime_tokens in
+    batches every few engine steps, llama.cpp prints values rounded (see rounding). Their rate
+    is taken over the time since the baseline was last taken, once they moved measurably; it is
+    unknown (None) until then while requests run, 0 when none run (a new baseline), and None
+    with a new baseline when they have not moved measurably within the source's max_window_s.
+    rounding: flushed counter -> the most its total can be off through the server's printing
+    (0 when it prints exactly); a change is measurable once it is ROUNDING_MARGIN times the
+    rounding of both ends.
     prompt_per_chunk: prompt tokens are counted as each chunk is prefilled; otherwise a whole
     prompt lands at once, when its first token comes (vLLM V1) or when the request ends.
     prompt_mode "admissions": the server counts the requests it admits to prefill
@@ -119,6 +127,7 @@ class Reading:
     markers: dict[str, object] = field(default_factory=dict)
     clamped: frozenset[str] = frozenset()
     flushed: frozenset[str] = frozenset()
+    rounding: dict[str, float] = field(default_factory=dict)
     model_names: tuple[str, ...] = ()
     generation_tokens_total: float | None = None
 
@@ -649,8 +658,8 @@ class Source:
         self._prev_s: float | None = None
         self._model_name = ""
         self._prompt_mix = DecayingHistogram(PROMPT_MIX_HALF_LIFE_S)
-        self._flush_marks: dict[str, tuple[float, float]] = {}
-        """Flushed counter -> (its total when it last moved, when)."""
+        self._flush_marks: dict[str, tuple[float, float, float]] = {}
+        """Flushed counter -> (its total at the baseline, when, its rounding then)."""
 
     def fetch_response(self) -> FetchResponse:
         """One HTTP read of the metrics URL; raises on failure (the pool runs this in a thread)."""
@@ -769,23 +778,32 @@ class Source:
     def _flushed_rates(
         self, reading: Reading, window: Window | None, answered_s: float
     ) -> Window | None:
-        """The window with the rates of flushed counters taken since each last moved."""
+        """The window with the rates of flushed counters taken since their baselines."""
         running = reading.gauges.get("running")
         rates: dict[str, float | None] = {}
         for name in reading.flushed:
             total = sum(reading.counters.get(name, {}).values())
+            rounding = reading.rounding.get(name, 0.0)
             mark = self._flush_marks.get(name)
-            if window is None or mark is None or total < mark[0]:
-                self._flush_marks[name] = (total, answered_s)
+            new_mark = (total, answered_s, rounding)
+            if window is None or mark is None:
+                self._flush_marks[name] = new_mark
                 continue
-            if total > mark[0]:
-                rates[name] = (total - mark[0]) / (answered_s - mark[1])
-                self._flush_marks[name] = (total, answered_s)
-            elif running:
-                rates[name] = None  # generating, but the batch is not counted yet
-            else:
+            moved = total - mark[0]
+            noise = mark[2] + rounding
+            if moved < -noise:
+                self._flush_marks[name] = new_mark  # counted again from a lower value
+                continue
+            if moved > 0.0 and moved >= ROUNDING_MARGIN * noise:
+                rates[name] = moved / (answered_s - mark[1])
+            elif not running:
                 rates[name] = 0.0
-                self._flush_marks[name] = (total, answered_s)
+            elif answered_s - mark[1] <= self.max_window_s:
+                rates[name] = None  # generating, but not counted (measurably) yet
+                continue
+            else:
+                rates[name] = None
+            self._flush_marks[name] = new_mark
         if window is None or not rates:
             return window
         return replace(

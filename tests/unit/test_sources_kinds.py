@@ -7,6 +7,7 @@ interpolation inside the bucket that holds the rank, from the bucket-count delta
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -412,6 +413,48 @@ def test_llamacpp_rounding_of_the_product_is_not_a_restart() -> None:
     source.poll(T0)
     s = source.poll(T1)
     assert s.generation_tokens_per_s == 0.0
+
+
+def _llamacpp_printed(decodes: int, busy_slots: int, processing: int) -> bytes:
+    """The decode figures as llama-server prints them: n_busy_slots_per_decode is a float32
+    ratio, and every value goes through a std::stringstream (6 significant digits)."""
+
+    def f32(x: float) -> float:
+        return float(struct.unpack("f", struct.pack("f", x))[0])
+
+    per_decode = f32(f32(busy_slots) / max(f32(decodes), 1.0))
+    return (
+        f"llamacpp:n_decode_total {decodes:g}\n"
+        f"llamacpp:n_busy_slots_per_decode {per_decode:g}\n"
+        f"llamacpp:requests_processing {processing}\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("decodes", "most_s_between_rates"), [(20_000, 1), (1_234_567, 6), (12_345_678, 45)]
+)
+def test_llamacpp_rounded_product_is_rated_only_when_it_moved_measurably(
+    decodes: int, most_s_between_rates: int
+) -> None:
+    """33 decodes/s with 4 busy slots: 132 tokens/s. Past 1e6 decodes the printed product
+    moves in steps of tens (1e6) to hundreds (1e7) of tokens, which made 1-s rates of 0, 123,
+    148 or 370 tokens/s; a rate is now given only where the rounding is a tenth of it at most."""
+    busy = int(decodes * 3.7)
+    responses = []
+    for _ in range(120):
+        responses.append((_llamacpp_printed(decodes, busy, 4), {}))
+        decodes, busy = decodes + 33, busy + 33 * 4
+    responses.append((_llamacpp_printed(decodes, busy, 0), {}))
+    cfg = ServerConfig(name="l", url="http://h/metrics", kind="llamacpp")
+    source = make_source(cfg, Replay(responses))
+    rates = [source.poll(T0 + t).generation_tokens_per_s for t in range(len(responses))]
+    rated = [t for t, rate in enumerate(rates[:-1]) if rate is not None]
+    assert [rates[t] for t in rated] == [pytest.approx(132.0, rel=0.1)] * len(rated)
+    assert rated and max(b - a for a, b in zip([0, *rated], rated, strict=False)) <= (
+        most_s_between_rates
+    )
+    assert rates[-1] is not None  # idle: 0, or the last tokens since the baseline
+    assert rates[-1] == 0.0 or rates[-1] == pytest.approx(132.0, rel=0.1)
 
 
 def test_llamacpp_without_decode_counters_falls_back_to_request_end_counters() -> None:
