@@ -76,6 +76,32 @@ OBSERVE_ONLY_REASONS: tuple[str, ...] = (
 )
 """The fixed set of `reason` label values of powerd_gpu_observe_only."""
 
+NVML_TICK_OPERATIONS: tuple[str, ...] = (
+    "nvmlDeviceGetHandleByUUID",
+    "nvmlDeviceGetPowerUsage",
+    "nvmlDeviceGetTotalEnergyConsumption",
+    "nvmlDeviceGetClockInfo",
+    "nvmlDeviceGetPowerManagementLimit",
+    "nvmlDeviceGetEnforcedPowerLimit",
+    "nvmlDeviceGetCurrentClocksEventReasons",
+    "nvmlDeviceGetTemperature",
+    "nvmlDeviceSetGpuLockedClocks",
+    "nvmlDeviceResetGpuLockedClocks",
+    "nvmlDeviceSetPowerManagementLimit",
+)
+"""The NVML calls of a tick's reads and writes (gpu/nvml.py), the `operation` values of
+powerd_nvml_errors_total known before any error."""
+
+NVML_ERROR_KINDS: tuple[str, ...] = (
+    "error",
+    "not_supported",
+    "no_permission",
+    "gpu_lost",
+    "invalid_argument",
+    "unavailable",
+)
+"""The GpuError kinds (gpu/errors.py), the `kind` values of powerd_nvml_errors_total."""
+
 _MW_PER_W = 1000.0
 _MJ_PER_J = 1000.0
 _HZ_PER_MHZ = 1e6
@@ -409,7 +435,11 @@ def _collect_node(families: _Families, state: _State, build_info: dict[str, str]
             "NVML calls that failed, by operation and error kind.",
             "counter",
         )
-        for (operation, kind), count in sorted(snapshot.nvml_errors.items()):
+        # A counter that appears at its first error hides that error from rate() and
+        # increase(), so the pairs a tick can produce start at 0.
+        counts = dict.fromkeys(itertools.product(NVML_TICK_OPERATIONS, NVML_ERROR_KINDS), 0)
+        counts.update(snapshot.nvml_errors)
+        for (operation, kind), count in sorted(counts.items()):
             errors.add({"operation": operation, "kind": kind}, count)
         node_mode = families(
             "powerd_node_mode", "Configured control mode of the node; 1 for the active one."

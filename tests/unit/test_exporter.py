@@ -7,6 +7,7 @@ Regenerate the golden file after an intended change with
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ from prometheus_client.samples import Sample
 from powerd.config import MODES, MetricsConfig
 from powerd.exporter import (
     LOOP_DURATION_BUCKETS_S,
+    NVML_ERROR_KINDS,
+    NVML_TICK_OPERATIONS,
     OBSERVE_ONLY_REASONS,
     Exporter,
     ExporterError,
@@ -31,6 +34,8 @@ from powerd.exporter import (
     default_build_info,
     observe_only_reason_label,
 )
+from powerd.gpu import errors as gpu_errors
+from powerd.gpu.nvml import NvmlBackend
 from powerd.model import (
     CLOCK_EVENT_REASON_NAMES,
     DECISION_REASONS,
@@ -43,6 +48,8 @@ from powerd.model import (
     ServerSample,
     Snapshot,
 )
+from powerd.sim.fake_nvml import FakeNvml
+from powerd.sim.plant import GpuPlant, load_gpu_profile
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "exporter_small.golden"
 BUILD_INFO = {"version": "0.0.0-test", "python": "3.x"}
@@ -376,6 +383,57 @@ def test_grid_pue_is_exported_with_a_price_or_carbon_intensity() -> None:
         assert value(parse(exporter.render()), "powerd_grid_pue") == pue
     exporter.publish(replace(snapshot, grid_price_per_kwh=None, grid_carbon_g_per_kwh=None))
     assert "powerd_grid_pue" not in parse(exporter.render())
+
+
+def nvml_error_counts(exporter: Exporter) -> dict[tuple[str, str], float]:
+    return {
+        (s.labels["operation"], s.labels["kind"]): s.value
+        for s in parse(exporter.render())["powerd_nvml_errors_total"]
+    }
+
+
+def test_nvml_error_counters_exist_at_zero_before_the_first_error() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(Snapshot(1.0))
+    known = set(itertools.product(NVML_TICK_OPERATIONS, NVML_ERROR_KINDS))
+    assert nvml_error_counts(exporter) == dict.fromkeys(known, 0.0)
+    failed = {("nvmlDeviceSetGpuLockedClocks", "no_permission"): 2, ("nvmlDeviceGetCount", "x"): 1}
+    exporter.publish(Snapshot(2.0, nvml_errors=failed))
+    counts = nvml_error_counts(exporter)
+    assert set(counts) == known | set(failed)
+    assert {pair: n for pair, n in counts.items() if n} == failed
+
+
+class _RecordingNvml:
+    """An NVML module that notes which of its functions are looked up."""
+
+    def __init__(self, nvml: object) -> None:
+        self._nvml = nvml
+        self.functions: set[str] = set()
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("nvml"):
+            self.functions.add(name)
+        return getattr(self._nvml, name)
+
+
+def test_the_zeroed_nvml_operations_and_kinds_are_the_backends() -> None:
+    nvml = _RecordingNvml(FakeNvml(GpuPlant(load_gpu_profile("h100-sxm"), 1, seed=7)))
+    backend = NvmlBackend(nvml)
+    (info,) = backend.devices()
+    nvml.functions.clear()
+    backend.read(info.uuid)
+    backend.set_locked_clocks(info.uuid, info.sm_clock_min_mhz, 1500)
+    backend.reset_locked_clocks(info.uuid)
+    backend.set_power_limit(info.uuid, info.power_limit_default_mw - 100_000)
+    # Handles are cached; a GPU back from a reset is looked up again by UUID.
+    assert nvml.functions | {"nvmlDeviceGetHandleByUUID"} == set(NVML_TICK_OPERATIONS)
+    kinds = {
+        cls.kind
+        for cls in vars(gpu_errors).values()
+        if isinstance(cls, type) and issubclass(cls, gpu_errors.GpuError)
+    }
+    assert set(NVML_ERROR_KINDS) == kinds
 
 
 def test_nothing_published_renders_only_node_metrics() -> None:
