@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,9 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
+from powerd.daemon import EFFICIENCY_WINDOW_TICKS
+
 RULES_DIR = Path(__file__).resolve().parents[2] / "config" / "prometheus"
 RULES = RULES_DIR / "powerd.rules.yml"
 RULES_TEST = RULES_DIR / "powerd.rules.test.yml"
+DASHBOARD = RULES_DIR.parent / "grafana" / "powerd.json"
 
 
 def load(path: Path) -> Any:
@@ -95,3 +99,20 @@ def test_recording_rule_names_follow_the_convention() -> None:
             assert level in ("instance", "group")
             assert metric.startswith("powerd_")
             assert operation == "rate5m"
+
+
+def test_the_window_said_of_the_group_gauges_is_the_daemons() -> None:
+    header = " ".join(
+        RULES.read_text(encoding="utf-8").split("\ngroups:")[0].replace("#", " ").split()
+    )
+    assert f"over its last {EFFICIENCY_WINDOW_TICKS} ticks" in header
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    legends = {
+        target["expr"].split("{")[0]: target.get("legendFormat", "")
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    }
+    assert (
+        legends["powerd_group_tokens_per_joule"]
+        == f"{{{{group}}}} ({EFFICIENCY_WINDOW_TICKS} ticks)"
+    )
