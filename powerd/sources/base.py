@@ -108,6 +108,10 @@ class Reading:
     rounding: flushed counter -> the most its total can be off through the server's printing
     (0 when it prints exactly); a change is measurable once it is ROUNDING_MARGIN times the
     rounding of both ends.
+    request_copies: a label whose values may each count the same requests in hists["ttft"] and
+    counters["finished"] (Triton's models: an ensemble or BLS front and its tensorrt_llm model).
+    A window reads those two figures from one value at both of its ends: the one with the most
+    first tokens in the window, then the most finished requests, then the lowest.
     prompt_per_chunk: prompt tokens are counted as each chunk is prefilled; otherwise a whole
     prompt lands at once, when its first token comes (vLLM V1) or when the request ends.
     prompt_mode "admissions": the server counts the requests it admits to prefill
@@ -128,6 +132,7 @@ class Reading:
     clamped: frozenset[str] = frozenset()
     flushed: frozenset[str] = frozenset()
     rounding: dict[str, float] = field(default_factory=dict)
+    request_copies: str | None = None
     model_names: tuple[str, ...] = ()
     generation_tokens_total: float | None = None
 
@@ -477,6 +482,50 @@ def _per_iteration_tokens(prev: Reading, cur: Reading, name: str) -> float | Non
     return tokens
 
 
+def _one_copy(prev: Reading, cur: Reading, label: str) -> tuple[Reading, Reading]:
+    """Both readings with hists["ttft"] and counters["finished"] cut to one value of `label`
+    (Reading.request_copies), chosen by what it counted between them."""
+
+    def only(series: Mapping[SeriesKey, Any] | None, value: str) -> dict[SeriesKey, Any]:
+        return {k: v for k, v in (series or {}).items() if dict(k).get(label, "") == value}
+
+    def rank(value: str) -> tuple[float, float, str]:
+        try:
+            first_tokens = finished = 0.0
+            if "ttft" in cur.hists:
+                first_tokens = _hist_delta(
+                    only(prev.hists.get("ttft"), value), only(cur.hists["ttft"], value)
+                )[0]
+            if "finished" in cur.counters:
+                finished = _counter_delta(
+                    only(prev.counters.get("finished"), value),
+                    only(cur.counters["finished"], value),
+                    clamp=False,
+                )
+        except _Reset:
+            return (math.inf, math.inf, value)  # this copy restarted: read another
+        return (-first_tokens, -finished, value)
+
+    found = {
+        dict(key).get(label, "")
+        for series in (cur.hists.get("ttft", {}), cur.counters.get("finished", {}))
+        for key in series
+    }
+    if not found:
+        return prev, cur
+    value = min(found, key=rank)
+
+    def cut(reading: Reading) -> Reading:
+        hists, counters = dict(reading.hists), dict(reading.counters)
+        if "ttft" in hists:
+            hists["ttft"] = only(hists["ttft"], value)
+        if "finished" in counters:
+            counters["finished"] = only(counters["finished"], value)
+        return replace(reading, hists=hists, counters=counters)
+
+    return cut(prev), cut(cur)
+
+
 def _finite(value: float | None) -> float | None:
     """None for NaN and infinities: a broken exporter must not feed them to the controller."""
     return value if value is not None and math.isfinite(value) else None
@@ -524,6 +573,8 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
                 return None
         elif before != marker:
             return None
+    if cur.request_copies is not None:
+        prev, cur = _one_copy(prev, cur, cur.request_copies)
     try:
         deltas: dict[str, float] = {}
         for name, series in cur.counters.items():

@@ -16,8 +16,11 @@ build reports it.
 TTFT comes from `nv_inference_first_response_histogram_ms` (in ms; opt-in with
 `--metrics-config histogram_latencies=true`). Triton reports it per model, and with an ensemble
 or BLS front the same requests show under several models (the `tensorrt_llm` model may read 0,
-tensorrtllm_backend#49), so the model with the most first responses is read, not the sum;
-finished requests come from the same model's `nv_inference_request_success`.
+tensorrtllm_backend#49), so one model is read, not the sum: each window takes the model with the
+most first responses in that window (Reading.request_copies), at both of its ends, and finished
+requests from the same model's `nv_inference_request_success`. A choice by lifetime count would
+flip between models whose counts cross, and the window of a flip would hold the other model's
+whole history.
 Reference: shared/reference/inference_server_metrics.md section 6.
 """
 
@@ -117,16 +120,13 @@ class TritonExtractor:
         kv_usage = _kv_usage(samples)
         if kv_usage is not None:
             reading.gauges["kv_usage"] = kv_usage
-        ttft_model = _busiest_model(samples, _FIRST_RESPONSE + "_count")
-        if ttft_model is not None:
-            ttft = histogram(samples, _FIRST_RESPONSE, select={"model": ttft_model}, scale=0.001)
-            if ttft:
-                reading.hists["ttft"] = ttft
-        success_model = _busiest_model(samples, _SUCCESS, prefer=ttft_model)
-        if success_model is not None:
-            finished = series_values(samples, _SUCCESS, select={"model": success_model})
-            if finished is not None:
-                reading.counters["finished"] = finished
+        reading.request_copies = "model"
+        ttft = histogram(samples, _FIRST_RESPONSE, scale=0.001)
+        if ttft:
+            reading.hists["ttft"] = ttft
+        finished = series_values(samples, _SUCCESS)
+        if finished:
+            reading.counters["finished"] = finished
         reading.model_names = label_values(samples, (general,), ("model",))
         return reading
 
@@ -151,21 +151,6 @@ def _kv_usage(samples: Samples) -> float | None:
 
 def _has(samples: Samples, name: str, label: str, value: str) -> bool:
     return any(labels.get(label) == value for (labels, _k, _le), _v in samples.get(name, ()))
-
-
-def _busiest_model(samples: Samples, name: str, prefer: str | None = None) -> str | None:
-    """The model with the highest value of a per-model counter; `prefer` wins ties."""
-    counts: dict[str, float] = {}
-    for (labels, _key, _le), value in samples.get(name, ()):
-        model = labels.get("model")
-        if model is not None and value == value:
-            counts[model] = counts.get(model, 0.0) + value
-    if not counts:
-        return None
-    top = max(counts.values())
-    if prefer is not None and counts.get(prefer) == top:
-        return prefer
-    return min(model for model, count in counts.items() if count == top)
 
 
 def triton_extractor() -> TritonExtractor:

@@ -483,6 +483,57 @@ def test_triton_trtllm_iterations_times_generation_requests() -> None:
     assert s.generation_tokens_total is None
 
 
+def _triton_two_models(iterations: int, a_fast: int, b_fast: int, b_slow: int) -> bytes:
+    """Two models on one Triton, both serving 50-ms first tokens; llama_b also has b_slow
+    4-s first tokens from long ago."""
+
+    def first_response(model: str, fast: int, slow: int) -> str:
+        labels = f'model="{model}",version="1"'
+        name = "nv_inference_first_response_histogram_ms"
+        return (
+            f"{name}_count{{{labels}}} {fast + slow}\n"
+            f"{name}_sum{{{labels}}} {fast * 50 + slow * 4000}\n"
+            f'{name}_bucket{{{labels},le="100"}} {fast}\n'
+            f'{name}_bucket{{{labels},le="5000"}} {fast + slow}\n'
+            f'{name}_bucket{{{labels},le="+Inf"}} {fast + slow}\n'
+        )
+
+    general = "nv_trt_llm_general_metrics"
+    return (
+        "# TYPE nv_inference_request_success counter\n"
+        f'nv_inference_request_success{{model="llama_a",version="1"}} {a_fast}\n'
+        f'nv_inference_request_success{{model="llama_b",version="1"}} {b_fast + b_slow}\n'
+        "# TYPE nv_inference_first_response_histogram_ms histogram\n"
+        + first_response("llama_a", a_fast, 0)
+        + first_response("llama_b", b_fast, b_slow)
+        + f"# TYPE {general} gauge\n"
+        + f'{general}{{general_type="iteration_counter",model="llama_a",version="1"}} '
+        + f"{iterations}\n"
+        + f'{general}{{general_type="iteration_counter",model="llama_b",version="1"}} '
+        + f"{iterations}\n"
+    ).encode()
+
+
+def test_triton_reads_one_model_at_both_ends_of_a_window() -> None:
+    """The lifetime counts cross (5000 > 4999, 5010 < 5011, 5025 > 5020): chosen by them, the
+    window of each flip held the other model's whole history (p95 3.6 s, 5011 requests)."""
+    replay = Replay(
+        [
+            (_triton_two_models(1000, a_fast=5000, b_fast=4099, b_slow=900), {}),
+            (_triton_two_models(1050, a_fast=5010, b_fast=4111, b_slow=900), {}),
+            (_triton_two_models(1100, a_fast=5025, b_fast=4120, b_slow=900), {}),
+        ]
+    )
+    source = make_source(ServerConfig(name="t", url="http://h/metrics", kind="triton"), replay)
+    source.poll(T0)
+    flip, back = source.poll(T0 + 1), source.poll(T0 + 2)
+    # The model with the most first responses in each window: llama_b (12), then llama_a (15).
+    assert flip.finished_requests == 12 and back.finished_requests == 15
+    for s in (flip, back):
+        assert s.ttft_mean_s == pytest.approx(0.05)
+        assert s.ttft_p95_s is not None and s.ttft_p95_s < 0.1
+
+
 def test_generic_kind_from_config() -> None:
     generic = GenericMetricsConfig(
         generation_tokens="myllm_output_tokens_total",
