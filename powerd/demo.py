@@ -14,7 +14,6 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from powerd import __version__
 from powerd.bench.measure import Outcome, outcome
 from powerd.config import Config, MetricsConfig, SimConfig, SloConfig
 from powerd.daemon import Daemon
@@ -75,7 +74,7 @@ def run_demo(options: DemoOptions) -> int:
             metrics=MetricsConfig(port=options.metrics_port),
             sim=sim,
         )
-        exporter = Exporter(config.metrics, build_info={"version": __version__})
+        exporter = Exporter(config.metrics)
         journal = Journal(Path(tmp) / "journal.json")
         daemon = Daemon(config, simulation.backend, journal=journal, publish=exporter.publish)
         daemon.install_signal_handlers()

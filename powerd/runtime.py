@@ -178,7 +178,7 @@ def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> in
         report = restore_all(backend, journal)
         log.info("restore: %s", report.summary())
 
-    exporter = Exporter(config.metrics, build_info={"version": __version__})
+    exporter = Exporter(config.metrics)
     daemon = Daemon(
         config,
         backend,

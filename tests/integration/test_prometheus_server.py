@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import platform
 import signal
 import socket
 import subprocess
@@ -277,6 +278,9 @@ def test_prometheus_scrapes_demo_and_energy_rate_matches_power(tmp_path: Path) -
         build = api.query("powerd_build_info", at_s)
         assert len(build) == 1, build
         assert build[0]["metric"]["version"] == __version__
+        # As its HELP says: the versions it runs on, too.
+        assert build[0]["metric"]["python"] == platform.python_version()
+        assert {"numba", "prometheus_client"} <= set(build[0]["metric"]), build
         assert float(build[0]["value"][1]) == 1.0
 
         power_series = api.query("powerd_gpu_power_watts", at_s)
