@@ -249,22 +249,72 @@ def parse_config(data: object) -> Config:
     """Build and validate a Config from parsed YAML (a mapping, or None for all defaults)."""
     if data is None:
         data = {}
-    config = _build(Config, data, "")
+    config = _build(Config, _mode_from_yaml_bool(data), "")
     config.validate()
     return config
 
 
+def _mode_from_yaml_bool(data: object) -> object:
+    """`mode: off` unquoted is the boolean false in YAML 1.1 (what PyYAML reads): take it as
+    the mode "off" the example documents."""
+    if isinstance(data, Mapping) and data.get("mode") is False:
+        return {**data, "mode": "off"}
+    return data
+
+
 def load_config(path: str | Path) -> Config:
     """Read, parse and validate a YAML config file."""
+    return parse_config(read_yaml(path))
+
+
+def read_yaml(path: str | Path) -> object:
+    """The parsed YAML document of a config file; ConfigError naming the file when it cannot
+    be read, is not UTF-8, is not YAML, or repeats a key within one mapping."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping; PyYAML keeps the last one
+    silently, which drops what the first one set."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the constructor below says so
+            if first is not None:
+                raise _DuplicateKey(
+                    f"line {line}: key {key!r} is given twice (first on line {first}); "
+                    "YAML would keep only the last one"
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _build(cls: type, data: object, path: str) -> Any:
@@ -339,6 +389,11 @@ def _convert(hint: Any, value: object, path: str) -> Any:
             raise ConfigError(f"{path}: expected a number, got NaN")
         return float(value)
     if hint is str:
+        if isinstance(value, bool):
+            raise ConfigError(
+                f"{path}: expected a string, got {value!r} (YAML reads unquoted yes, no, on "
+                "and off as true or false: quote the value)"
+            )
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value

@@ -73,6 +73,7 @@ def test_empty_document_gives_defaults() -> None:
             {"servers": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]},
             "servers[1].name: 'a' is used twice",
         ),
+        ({"mode": True}, "mode: expected a string, got True (YAML reads unquoted"),
         ({"metrics": {"port": 70000}}, "metrics.port"),
         ({"metrics": {"final_scrape_wait_s": 40}}, "metrics.final_scrape_wait_s"),
         ({"metrics": {"final_scrape_wait_s": -1}}, "metrics.final_scrape_wait_s"),
@@ -94,6 +95,53 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("servers: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "powerd.yaml"
+    path.write_bytes(b"interval_s: 1\n# price in \x80 (Windows-1252)\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: not UTF-8 (byte 0x80 on line 2); save it as UTF-8"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("interval_s: 1\nmode: efficiency\nmode: off\n", "line 3: key 'mode' is given twice"),
+        (
+            "servers:\n  - name: a\n    url: http://x\n    slo: {ttft_s: 1}\n"
+            "    slo: {itl_s: 0.05}\n",
+            "line 5: key 'slo' is given twice (first on line 4)",
+        ),
+        ("slo: {a: 1, a: 2}\n", "line 1: key 'a' is given twice"),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_it_and_its_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "powerd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+
+
+def test_yaml_merge_keys_may_override_what_they_merge(tmp_path: Path) -> None:
+    path = tmp_path / "powerd.yaml"
+    path.write_text(
+        "servers:\n  - &a {name: a, url: 'http://x', slo: {ttft_s: 1.0}}\n  - <<: *a\n    name: b\n"
+    )
+    config = load_config(path)
+    assert [s.name for s in config.servers] == ["a", "b"]
+    assert config.servers[1].slo.ttft_s == 1.0
+
+
+def test_unquoted_mode_off_is_the_mode_off(tmp_path: Path) -> None:
+    """YAML 1.1 reads `off` as false; the example documents `mode: off`."""
+    path = tmp_path / "powerd.yaml"
+    path.write_text("mode: off\n")
+    assert load_config(path).mode == "off"
 
 
 def test_generic_server_config() -> None:
