@@ -88,6 +88,21 @@ class ServerConfig:
             raise ConfigError(f"{path}.generic: required when kind is generic")
         _positive(f"{path}.timeout_s", self.timeout_s)
         self.slo.validate(f"{path}.slo")
+        if self.gpus is None:
+            return
+        if not self.gpus:
+            raise ConfigError(
+                f"{path}.gpus: must list at least one GPU; leave the key out to discover them"
+            )
+        seen: set[int | str] = set()
+        for i, gpu in enumerate(self.gpus):
+            if isinstance(gpu, int) and gpu < 0:
+                raise ConfigError(f"{path}.gpus[{i}]: a GPU index must be >= 0, got {gpu}")
+            if isinstance(gpu, str) and not gpu.strip():
+                raise ConfigError(f"{path}.gpus[{i}]: a GPU UUID must not be empty")
+            if gpu in seen:
+                raise ConfigError(f"{path}.gpus[{i}]: GPU {gpu!r} is listed twice")
+            seen.add(gpu)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,11 +244,19 @@ class Config:
         if self.node_power_budget_w is not None:
             _positive("node_power_budget_w", self.node_power_budget_w)
         seen: set[str] = set()
+        owners: dict[int | str, str] = {}
         for i, server in enumerate(self.servers):
             server.validate(f"servers[{i}]")
             if server.name in seen:
                 raise ConfigError(f"servers[{i}].name: {server.name!r} is used twice")
             seen.add(server.name)
+            for j, gpu in enumerate(server.gpus or ()):
+                owner = owners.setdefault(gpu, server.name)
+                if owner != server.name:
+                    raise ConfigError(
+                        f"servers[{i}].gpus[{j}]: GPU {gpu!r} already belongs to server "
+                        f"{owner!r}; a GPU can serve one group only"
+                    )
         self.control.validate("control")
         self.metrics.validate("metrics")
         self.grid.validate("grid")

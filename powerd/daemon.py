@@ -55,6 +55,9 @@ EFFICIENCY_WINDOW_TICKS = 10
 """Ticks over which tokens per joule is reported, to smooth counter quantisation."""
 BLIND_WARN_READS = 3
 """Reads of a generating server without either latency histogram before that is logged."""
+DISCOVERY_RETRY_S = 10.0
+"""How often the GPUs of a server that has none yet are looked for again: at boot a server
+that is still loading its model does not listen, and discovery finds nothing."""
 
 
 @dataclass(slots=True)
@@ -82,6 +85,12 @@ class Group:
     guard_raises_total: int = 0
     blind_reads: int = 0
     """Consecutive reads of a generating server that exported neither latency histogram."""
+
+    @property
+    def controlled(self) -> bool:
+        """Whether the group had GPUs when it was built or discovered: only those are the
+        policy's groups (one whose GPUs were all lost since stays one)."""
+        return bool(self.spec.gpus)
 
 
 class Daemon:
@@ -131,34 +140,41 @@ class Daemon:
         self._pool = self._make_pool()
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._next_discovery_s: float | None = None
         self.last_snapshot: Snapshot | None = None
 
     # ----------------------------------------------------------------- construction
 
     def _make_policy(self, config: Config) -> Policy:
-        specs = [group.spec for group in self.groups]
+        specs = [group.spec for group in self.groups if group.controlled]
         if self._policy_factory is not None:
             return self._policy_factory(config, specs)
         return Controller(config, specs)
+
+    def _reconfigure_policy(self, config: Config) -> None:
+        """Give the policy the controlled groups of self.groups under `config`; the controller
+        keeps what it learned of groups that stay."""
+        reconfigure = getattr(self.policy, "reconfigure", None)
+        if reconfigure is not None and self._policy_factory is None:
+            reconfigure(config, [group.spec for group in self.groups if group.controlled])
+        else:
+            self.policy = self._make_policy(config)
 
     def _make_pool(self) -> ScrapePool | InlineScrapePool:
         sources = [group.source for group in self.groups]
         return InlineScrapePool(sources) if self._inline_scrape else ScrapePool(sources)
 
     def _build_groups(self, config: Config) -> list[Group]:
+        """One group per server. A server whose GPUs are unknown (discovery failed) or taken
+        by an earlier server is observed only: it has no GPUs and the policy never sees it."""
         groups = []
         claimed: set[str] = set()
         for server in config.servers:
-            uuids = self._resolve_gpus(server)
-            overlap = claimed.intersection(uuids)
-            if overlap:
-                log.error(
-                    "server %s: GPUs %s already belong to another server; it is observed only",
-                    server.name,
-                    ", ".join(sorted(overlap)),
+            uuids, why = self._claim_gpus(server, claimed)
+            if not uuids:
+                log.warning(
+                    "server %s: observed only, its GPUs are not controlled: %s", server.name, why
                 )
-                uuids = []
-            claimed.update(uuids)
             spec = GroupSpec(
                 name=server.name,
                 server=server.name,
@@ -168,30 +184,74 @@ class Daemon:
             groups.append(Group(spec, make_source(server, self._new_fetcher()), uuids))
         return groups
 
+    def _claim_gpus(self, server: ServerConfig, claimed: set[str]) -> tuple[list[str], str]:
+        """The server's GPUs, added to `claimed`; or none and why, when they cannot be found
+        or one of them is in `claimed` already."""
+        uuids, why = self._resolve_gpus(server)
+        overlap = claimed.intersection(uuids)
+        if overlap:
+            return [], f"GPUs {', '.join(sorted(overlap))} already belong to another server"
+        claimed.update(uuids)
+        return uuids, why
+
     def _new_fetcher(self) -> Fetcher:
         """For one reader of a server: the fetcher given, else a connection of its own kept
         open between reads (closed with the reader)."""
         return self._fetch if self._fetch is not None else KeepAliveFetcher()
 
-    def _resolve_gpus(self, server: ServerConfig) -> list[str]:
+    def _resolve_gpus(self, server: ServerConfig) -> tuple[list[str], str]:
+        """The UUIDs of the server's GPUs, and why when there are none. ConfigError for a
+        configured GPU this node does not have."""
         by_index = {info.index: info.uuid for info in self.infos.values()}
         if server.gpus is None:
             try:
-                return discover_server_gpus(server.url, self.backend.compute_pids, list(self.infos))
-            except Exception as exc:  # discovery is best effort; the server is still observed
-                log.warning(
-                    "server %s: cannot discover its GPUs (%s); set `gpus:` for it in the config",
-                    server.name,
-                    exc,
+                found = discover_server_gpus(
+                    server.url, self.backend.compute_pids, list(self.infos)
                 )
-                return []
+            except Exception as exc:  # discovery is best effort; the server is still observed
+                found, why = [], f"cannot discover them ({exc})"
+            else:
+                why = "discovery found none"
+            if not found:
+                return [], (
+                    f"{why}; looking again every {DISCOVERY_RETRY_S:g} s "
+                    "(set `gpus:` for it in the config to skip discovery)"
+                )
+            return found, ""
         uuids = []
         for gpu in server.gpus:
             uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
             if uuid is None or uuid not in self.infos:
                 raise ConfigError(f"servers: {server.name}: no GPU {gpu!r} on this node")
             uuids.append(uuid)
-        return uuids
+        return uuids, ""
+
+    def _rediscover(self, now_s: float) -> None:
+        """Every DISCOVERY_RETRY_S, look again for the GPUs of servers that have none and are
+        to be discovered; hand those found to the policy."""
+        if self._next_discovery_s is None:
+            self._next_discovery_s = now_s + DISCOVERY_RETRY_S
+        if now_s < self._next_discovery_s:
+            return
+        self._next_discovery_s = now_s + DISCOVERY_RETRY_S
+        waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
+        if not waiting:
+            return
+        claimed = {uuid for group in self.groups for uuid in group.uuids}
+        found = False
+        for group in waiting:
+            uuids, why = self._claim_gpus(group.source.config, claimed)
+            if not uuids:
+                log.debug("server %s: still observed only: %s", group.spec.name, why)
+                continue
+            group.uuids = uuids
+            group.spec = replace(group.spec, gpus=tuple(self.infos[uuid] for uuid in uuids))
+            log.info(
+                "server %s: found its GPUs %s; controlling them", group.spec.name, ", ".join(uuids)
+            )
+            found = True
+        if found:
+            self._reconfigure_policy(self.config)
 
     # ----------------------------------------------------------------- one tick
 
@@ -208,19 +268,25 @@ class Daemon:
             self.config.interval_s if self._prev_tick_s is None else now_s - self._prev_tick_s
         )
         self._prev_tick_s = now_s
+        self._rediscover(now_s)
         readings = self._read_gpus(now_s)
         samples = self._pool.poll_all(now_s, deadline_s=max(0.05, self.config.interval_s * 0.6))
         observations = [
             self._observe(group, sample, readings, now_s, interval_s)
             for group, sample in zip(self.groups, samples, strict=True)
         ]
-        decisions = self.policy.decide(now_s, observations)
-        for group, decision in zip(self.groups, decisions, strict=True):
+        controlled = [
+            (group, observation)
+            for group, observation in zip(self.groups, observations, strict=True)
+            if group.controlled
+        ]
+        decisions = self.policy.decide(now_s, [observation for _, observation in controlled])
+        for (group, _), decision in zip(controlled, decisions, strict=True):
             group.decision = decision
         # A backlog the decision does not know about is still there: the guard's raise holds
         # from the tick on, not from its next read.
         raised = self._raised_caps(now_s)
-        for group, decision, observation in zip(self.groups, decisions, observations, strict=True):
+        for (group, observation), decision in zip(controlled, decisions, strict=True):
             cap_mhz = raised.get(group.spec.name)
             applied = decision
             if cap_mhz is not None:
@@ -642,12 +708,7 @@ class Daemon:
         self.actuator.dry_run = config.dry_run
         self.grid = GridSignal(config.grid)
         self.groups = groups
-        specs = [group.spec for group in groups]
-        reconfigure = getattr(self.policy, "reconfigure", None)
-        if reconfigure is not None and self._policy_factory is None:
-            reconfigure(config, specs)
-        else:
-            self.policy = self._make_policy(config)
+        self._reconfigure_policy(config)
         self._pool = self._make_pool()
         log.info("reload: applied %s (%d servers)", config_path, len(groups))
         return True

@@ -73,6 +73,31 @@ def test_empty_document_gives_defaults() -> None:
             {"servers": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]},
             "servers[1].name: 'a' is used twice",
         ),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "gpus": []}]},
+            "servers[0].gpus: must list at least one GPU; leave the key out to discover them",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "gpus": [-1]}]},
+            "servers[0].gpus[0]: a GPU index must be >= 0, got -1",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "gpus": [0, 0]}]},
+            "servers[0].gpus[1]: GPU 0 is listed twice",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "gpus": ["GPU-1", "GPU-1"]}]},
+            "servers[0].gpus[1]: GPU 'GPU-1' is listed twice",
+        ),
+        (
+            {
+                "servers": [
+                    {"name": "a", "url": "http://x", "gpus": [0, 1]},
+                    {"name": "b", "url": "http://y", "gpus": [2, 1]},
+                ]
+            },
+            "servers[1].gpus[1]: GPU 1 already belongs to server 'a'",
+        ),
         ({"mode": True}, "mode: expected a string, got True (YAML reads unquoted"),
         ({"metrics": {"port": 70000}}, "metrics.port"),
         ({"metrics": {"final_scrape_wait_s": 40}}, "metrics.final_scrape_wait_s"),

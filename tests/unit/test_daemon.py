@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from powerd import daemon as daemon_module
 from powerd.config import NAMED_SERVER_KINDS, Config, ControlConfig, load_config
 from powerd.control import kernels
 from powerd.daemon import Daemon
@@ -25,6 +26,7 @@ from powerd.model import BLIND_PREFILL_SHARE
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.node import SimNode, serve_node
 from powerd.simulation import build_node, server_configs
+from powerd.sources import SourceError
 from powerd.sources.fetch import KeepAliveFetcher
 from tests.unit.daemon_helpers import (
     HTTP_PREFIX,
@@ -588,3 +590,80 @@ def test_a_server_showing_first_tokens_neither_way_is_named_once_and_kept_fast(
         assert warnings == [] and not any(observed)
         assert min(caps) < blind_min  # half load on an 8B model: far below it
         assert [metric_value(line) for line in exported] == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------------ servers without GPUs
+
+
+def _two_servers(node: SimNode, second_gpus: tuple[int | str, ...] | None) -> Config:
+    first, second = server_configs(node)
+    return Config(servers=(first, dataclasses.replace(second, gpus=second_gpus)))
+
+
+def test_a_server_whose_gpu_another_server_has_is_observed_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GPU 0 by index for one server and by UUID for the other (validation cannot tell)."""
+    uuid0 = FakeNvml(build_node(SMALL_NODE).plant).uuids[0]
+    with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
+        rig = make_rig(tmp_path, configure=lambda node: _two_servers(node, (uuid0,)), record=True)
+        rig.run(40)
+    warnings = [r.getMessage() for r in caplog.records if "observed only" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("server vllm-1: observed only")
+    assert uuid0 in warnings[0]
+    assert [spec.name for spec in rig.recorder.controller.groups] == ["vllm-0"]
+    snapshot = rig.snapshots[-1]
+    assert snapshot.groups[1].observe_only and snapshot.groups[1].gpu_uuids == ()
+    assert snapshot.servers[1].up, "its server is still read"
+    assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0))
+    assert rig.writes_to(1) == [], "GPU 1 belongs to no server"
+
+
+def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At boot the server does not listen yet, so discovery fails; it is looked for again."""
+    found: list[str] = []
+
+    def discover(url: str, compute_pids: Any, uuids: list[str]) -> list[str]:
+        if not found:
+            raise SourceError("nothing on this node listens on port 8001")
+        return list(found)
+
+    monkeypatch.setattr(daemon_module, "discover_server_gpus", discover)
+    with caplog.at_level(logging.DEBUG, logger="powerd.daemon"):
+        rig = make_rig(tmp_path, configure=lambda node: _two_servers(node, None), record=True)
+        rig.run(3 * round(daemon_module.DISCOVERY_RETRY_S))
+    warnings = [r for r in caplog.records if "observed only" in r.getMessage()]
+    assert len([r for r in warnings if r.levelno == logging.WARNING]) == 1, "logged once"
+    assert "port 8001" in warnings[0].getMessage()
+    assert [spec.name for spec in rig.recorder.controller.groups] == ["vllm-0"]
+    assert rig.writes_to(1) == []
+
+    found.append(rig.uuid(1))
+    rig.run(round(daemon_module.DISCOVERY_RETRY_S))
+    assert [spec.name for spec in rig.recorder.controller.groups] == ["vllm-0", "vllm-1"]
+    assert rig.daemon.groups[1].uuids == [rig.uuid(1)]
+    before = len(rig.fake.writes)
+    rig.run_until(lambda s: any(fn == SET_CLOCKS for fn, _ in rig.writes_to(1, before)), 60)
+    assert not rig.snapshots[-1].groups[1].observe_only
+
+
+def test_reload_adding_a_server_on_a_taken_gpu_keeps_the_daemon_running(tmp_path: Path) -> None:
+    path = tmp_path / "powerd.yaml"
+
+    def configure(node: SimNode) -> Config:
+        data = _config_data(node)
+        data["servers"] = data["servers"][:1]
+        path.write_text(yaml.safe_dump(data))
+        return load_config(path)
+
+    rig = make_rig(tmp_path, configure=configure)
+    rig.run(5)
+    data = _config_data(rig.node)
+    data["servers"][1]["gpus"] = [rig.uuid(0)]
+    path.write_text(yaml.safe_dump(data))
+    assert rig.daemon.reload(path) is True
+    snapshot = rig.run(5)
+    assert [g.group for g in snapshot.groups] == ["vllm-0", "vllm-1"]
+    assert snapshot.groups[1].observe_only and not snapshot.groups[0].observe_only
