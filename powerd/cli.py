@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,9 @@ from powerd.config import (
     SERVER_KINDS,
     ConfigError,
     load_config,
+    load_restore_config,
 )
+from powerd.logging_setup import LEVEL_ENV, LEVEL_NAMES
 
 EX_CONFIG = 78
 """sysexits.h EX_CONFIG: systemd shows it as 'CONFIG' and Restart=on-failure still applies."""
@@ -45,20 +46,44 @@ def _parser() -> argparse.ArgumentParser:
         prog="powerd", description="GPU power controller for LLM inference nodes."
     )
     parser.add_argument("--version", action="version", version=f"powerd {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("POWERD_LOG_LEVEL", "INFO"))
+    level_help = f"default: ${LEVEL_ENV}, else info"
+    parser.add_argument("--log-level", type=str.lower, choices=LEVEL_NAMES, help=level_help)
+    # Also after the subcommand (`powerd restore --log-level debug`); SUPPRESS keeps a value
+    # given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVEL_NAMES,
+        default=argparse.SUPPRESS,
+        help=level_help,
+    )
     sub = parser.add_subparsers(dest="command")
 
-    run = sub.add_parser("run", help="run the daemon on this node's GPUs")
+    run = sub.add_parser("run", parents=[common], help="run the daemon on this node's GPUs")
     run.add_argument("--config", default="/etc/powerd/powerd.yaml")
     run.add_argument("--dry-run", action="store_true", help="decide and export, write nothing")
     run.set_defaults(func=_cmd_run)
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check = sub.add_parser("check-config", parents=[common], help="validate a config file and exit")
     check.add_argument("config")
     check.set_defaults(func=_cmd_check_config)
 
-    restore = sub.add_parser("restore", help="put back every GPU setting powerd changed")
-    restore.add_argument("--config", default="/etc/powerd/powerd.yaml")
+    restore = sub.add_parser(
+        "restore", parents=[common], help="put back every GPU setting powerd changed"
+    )
+    restore.add_argument(
+        "--config",
+        default="/etc/powerd/powerd.yaml",
+        help="read for state_dir, gpu_backend and sim only; when it is invalid, what can be "
+        "read of those (defaults otherwise), with a warning",
+    )
+    restore.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="the saved settings' folder (overrides the config's)",
+    )
     restore.set_defaults(func=_cmd_restore)
 
     demo = sub.add_parser("demo", help="run the daemon on a simulated node, then compare")
@@ -78,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no line per tick")
     demo.set_defaults(func=_cmd_demo)
 
-    probe = sub.add_parser("probe", help="read one inference server's signals and print them")
+    probe = sub.add_parser(
+        "probe", parents=[common], help="read one inference server's signals and print them"
+    )
     probe.add_argument("url")
     probe.add_argument("--kind", default="auto", choices=SERVER_KINDS)
     probe.add_argument("--interval", type=float, default=2.0)
@@ -105,7 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(func=_cmd_status)
 
-    bench = sub.add_parser("bench", help="compare control policies on the simulated node")
+    bench = sub.add_parser(
+        "bench", parents=[common], help="compare control policies on the simulated node"
+    )
     from powerd.bench.cli import add_bench_arguments
 
     add_bench_arguments(bench)
@@ -138,7 +167,10 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     from powerd.runtime import restore_node
 
     _setup_logging(args)
-    return restore_node(load_config(args.config))
+    config, problems = load_restore_config(args.config, state_dir=args.state_dir)
+    for problem in problems:
+        log.warning("%s", problem)
+    return restore_node(config)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -290,22 +290,95 @@ def load_config(path: str | Path) -> Config:
     return parse_config(read_yaml(path))
 
 
-def read_yaml(path: str | Path) -> object:
+RESTORE_KEYS = ("state_dir", "gpu_backend", "sim")
+"""What `powerd restore` reads of a config: where the journal is and which GPUs to open."""
+
+
+def load_restore_config(
+    path: str | Path, *, state_dir: str | None = None
+) -> tuple[Config, list[str]]:
+    """The config `powerd restore` works with, read so that nothing but the RESTORE_KEYS can
+    keep the GPUs from being put back: the whole file when it is valid; otherwise each of
+    RESTORE_KEYS alone, its default where it is missing or bad, and every other key left at
+    its default. `state_dir` (--state-dir) replaces the file's. Never raises ConfigError;
+    returns the config and one sentence per problem met, for warnings."""
+    try:
+        config = load_config(path)
+        problems: list[str] = []
+    except ConfigError as exc:
+        error = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+        config, problems = _restore_keys(path, error)
+    if state_dir is not None:
+        config = dataclasses.replace(config, state_dir=state_dir)
+    return config, problems
+
+
+def _restore_keys(path: str | Path, error: str) -> tuple[Config, list[str]]:
+    default = Config()
+    try:
+        data = read_yaml(path, strict=False)
+    except ConfigError:
+        data = None
+    if not isinstance(data, Mapping):
+        using = f"state_dir {default.state_dir}, gpu_backend {default.gpu_backend}"
+        return default, [f"{error}; restoring with the defaults ({using})"]
+    problems = [f"{error}; reading only {', '.join(RESTORE_KEYS)} from it"]
+    hints = get_type_hints(Config)
+    values: dict[str, Any] = {}
+    for key in ("state_dir", "gpu_backend"):
+        if key not in data:
+            continue
+        try:
+            values[key] = _convert(hints[key], data[key], key)
+        except ConfigError as exc:
+            problems.append(f"{exc}; using the default {key} {getattr(default, key)}")
+    if "sim" in data:
+        values["sim"] = _lenient_sim(data["sim"], problems)
+    return dataclasses.replace(default, **values), problems
+
+
+def _lenient_sim(data: object, problems: list[str]) -> SimConfig:
+    """SimConfig from the keys of `data` that are valid on their own; the defaults, with the
+    state file kept, when together they are not."""
+    if not isinstance(data, Mapping):
+        problems.append(f"sim: expected a mapping, got {type(data).__name__}; using the defaults")
+        return SimConfig()
+    hints = get_type_hints(SimConfig)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in hints:
+            continue
+        try:
+            values[key] = _convert(hints[key], value, f"sim.{key}")
+        except ConfigError as exc:
+            problems.append(f"{exc}; using its default")
+    sim = SimConfig(**values)
+    try:
+        sim.validate("sim")
+    except ConfigError as exc:
+        problems.append(f"{exc}; using the default sim settings but its state_file")
+        sim = SimConfig(state_file=sim.state_file)
+    return sim
+
+
+def read_yaml(path: str | Path, *, strict: bool = True) -> object:
     """The parsed YAML document of a config file; ConfigError naming the file when it cannot
-    be read, is not UTF-8, is not YAML, or repeats a key within one mapping."""
+    be read, is not UTF-8, is not YAML, or repeats a key within one mapping. Not `strict`,
+    bytes that are not UTF-8 become U+FFFD and the last of a repeated key wins (plain
+    PyYAML), so what is still legible can be read."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8", errors="strict" if strict else "replace")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(
             f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); save it as UTF-8"
         ) from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        return yaml.load(text, Loader=_UniqueKeyLoader if strict else yaml.SafeLoader)
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:

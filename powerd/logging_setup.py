@@ -8,9 +8,15 @@ Elsewhere lines start with an ISO-8601 timestamp and the level name.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
+from collections.abc import Mapping
 from typing import TextIO
+
+LEVEL_NAMES = ("debug", "info", "warning", "error", "critical")
+LEVEL_ENV = "POWERD_LOG_LEVEL"
+"""The log level when --log-level is not given."""
 
 # sd-daemon(3) SD_* priorities.
 _SD_PRIORITY = (
@@ -36,7 +42,7 @@ def parse_level(level: str | int) -> int:
         return level
     value = logging.getLevelName(level.strip().upper())
     if not isinstance(value, int):
-        raise ValueError(f"log level {level!r} is not one of debug, info, warning, error, critical")
+        raise ValueError(f"log level {level!r} is not one of {', '.join(LEVEL_NAMES)}")
     return value
 
 
@@ -94,13 +100,29 @@ class _PowerdHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def setup_logging(
-    level: str | int = "info", *, under_systemd: bool, stream: TextIO | None = None
+    level: str | int | None = "info",
+    *,
+    under_systemd: bool,
+    stream: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> logging.Handler:
     """Configure the root logger; returns the handler installed.
 
+    `level` None takes $POWERD_LOG_LEVEL, or INFO when it is unset; a value there that is no
+    level is logged as a warning and INFO used, so a typo in the unit's environment never
+    stops a command (`powerd restore` least of all). A bad `level` raises ValueError.
     Calling it again (on reload) replaces the previous handler rather than adding one.
     """
-    levelno = parse_level(level)
+    problem = None
+    if level is None:
+        raw = (os.environ if environ is None else environ).get(LEVEL_ENV, "").strip()
+        try:
+            levelno = parse_level(raw) if raw else logging.INFO
+        except ValueError as exc:
+            levelno = logging.INFO
+            problem = f"{LEVEL_ENV}: {exc}; logging at info"
+    else:
+        levelno = parse_level(level)
     if under_systemd:
         fmt = "%(name)s: %(message)s"
     else:
@@ -119,4 +141,6 @@ def setup_logging(
     root.setLevel(levelno)
     # numba's compiler logs at DEBUG per pass: thousands of lines that say nothing about powerd.
     logging.getLogger("numba").setLevel(max(levelno, logging.INFO))
+    if problem is not None:
+        logging.getLogger("powerd").warning("%s", problem)
     return handler

@@ -95,3 +95,26 @@ def test_levels() -> None:
         parse_level("loud")
     assert syslog_priority(5) == 7
     assert syslog_priority(logging.WARNING + 5) == 4
+
+
+@pytest.mark.parametrize(
+    ("environ", "level", "warned"),
+    [
+        ({}, logging.INFO, False),
+        ({"POWERD_LOG_LEVEL": "debug"}, logging.DEBUG, False),
+        ({"POWERD_LOG_LEVEL": "loud"}, logging.INFO, True),
+        ({"POWERD_LOG_LEVEL": " "}, logging.INFO, False),
+    ],
+)
+def test_the_environment_level_falls_back_to_info_with_a_warning(
+    environ: dict[str, str], level: int, warned: bool
+) -> None:
+    """A typo in the unit's Environment= must not stop `powerd restore` (ExecStopPost)."""
+    stream = io.StringIO()
+    setup_logging(None, under_systemd=True, stream=stream, environ=environ)
+    assert logging.getLogger().level == level
+    expected = (
+        "<4>powerd: POWERD_LOG_LEVEL: log level 'loud' is not one of debug, info, warning, "
+        "error, critical; logging at info\n"
+    )
+    assert stream.getvalue() == (expected if warned else "")

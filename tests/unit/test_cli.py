@@ -1,0 +1,124 @@
+"""The `powerd` command run in-process, as systemd and a sysadmin call it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from powerd.actuator import Actuator
+from powerd.cli import main
+from powerd.config import SimConfig
+from powerd.gpu.nvml import NvmlBackend
+from powerd.journal import Journal
+from powerd.model import GroupDecision
+from powerd.simulation import detached_fake_nvml
+from tests.integration.helpers import changed_gpus
+
+
+@pytest.fixture(autouse=True)
+def _no_log_level_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("POWERD_LOG_LEVEL", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def _throttled_node(tmp_path: Path) -> tuple[dict[str, object], Path]:
+    """A simulated node whose GPU 0 powerd locked and then left (kill -9): its config data
+    and its device state file."""
+    state_file = tmp_path / "gpus.json"
+    sim = SimConfig(gpus=2, tp=1, state_file=str(state_file))
+    backend = NvmlBackend(detached_fake_nvml(sim))
+    actuator = Actuator(backend, Journal(tmp_path / "state" / "journal.json"), dry_run=False)
+    devices = backend.devices()
+    for info in devices:
+        actuator.track(info)
+    actuator.apply(GroupDecision("g", 1500, None, "efficiency"), [devices[0].uuid])
+    backend.close()
+    assert changed_gpus(state_file)
+    data = {
+        "gpu_backend": "sim",
+        "state_dir": str(tmp_path / "state"),
+        "sim": {"gpus": 2, "tp": 1, "state_file": str(state_file)},
+    }
+    return data, state_file
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda text: text + "interval_s: 1s\n",  # an edit not reloaded yet
+        lambda text: text + "mode: off\nmode: budget\n",
+        lambda text: text.replace("tp: 1", "tp: 3").replace("gpus: 2", "gpus: 2\n  seed: x"),
+        lambda text: "# price in €\n" + text,
+    ],
+    ids=["bad-value", "duplicate-key", "bad-sim", "not-utf8"],
+)
+def test_restore_puts_the_gpus_back_although_the_config_is_invalid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, edit: object
+) -> None:
+    data, state_file = _throttled_node(tmp_path)
+    config = tmp_path / "powerd.yaml"
+    text = edit(yaml.safe_dump(data))  # type: ignore[operator]
+    config.write_bytes(text.encode("cp1252"))
+    with caplog.at_level(logging.WARNING, logger="powerd"):
+        assert main(["restore", "--config", str(config)]) == 0
+    assert changed_gpus(state_file) == {}
+    assert not (tmp_path / "state" / "journal.json").exists()
+    warning = caplog.records[0].getMessage()
+    assert warning.startswith(str(config)), warning
+    assert "reading only state_dir, gpu_backend, sim from it" in warning or (
+        "restoring with the defaults" in warning
+    )
+
+
+def test_restore_with_an_unreadable_config_and_a_state_dir_given(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, state_file = _throttled_node(tmp_path)
+    config = tmp_path / "powerd.yaml"
+    config.write_text(yaml.safe_dump({**data, "state_dir": str(tmp_path / "elsewhere")}))
+    assert main(["restore", "--config", str(config), "--state-dir", str(tmp_path / "state")]) == 0
+    assert changed_gpus(state_file) == {}
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="powerd"):
+        rc = main(
+            ["restore", "--config", str(tmp_path / "missing.yaml"), "--state-dir", str(tmp_path)]
+        )
+    assert rc == 0, "nothing to restore there"
+    assert "cannot read config" in caplog.text and "restoring with the defaults" in caplog.text
+
+
+@pytest.mark.parametrize("level", ["loud", ""])
+def test_a_bad_log_level_in_the_environment_never_stops_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], level: str
+) -> None:
+    monkeypatch.setenv("POWERD_LOG_LEVEL", level)
+    data, state_file = _throttled_node(tmp_path)
+    config = tmp_path / "powerd.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["restore", "--config", str(config)]) == 0
+    assert changed_gpus(state_file) == {}
+    err = capsys.readouterr().err
+    assert ("POWERD_LOG_LEVEL: log level 'loud' is not one of" in err) == (level == "loud")
+    assert "Traceback" not in err
+
+
+def test_log_level_is_checked_and_taken_after_the_subcommand_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--log-level", "loud", "check-config", "x.yaml"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'loud'" in capsys.readouterr().err
+    assert main(["restore", "--log-level", "DEBUG", "--state-dir", str(tmp_path)]) == 0
+    assert logging.getLogger().level == logging.DEBUG
