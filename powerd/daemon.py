@@ -685,14 +685,23 @@ class Daemon:
         )
 
     def reload(self, config_path: str | Path) -> bool:
-        """Re-read the config; apply it when valid, keep the old one otherwise."""
+        """Re-read the config; apply it when valid, keep the old one otherwise (whatever the
+        error: a reload must never stop the daemon). state_dir, gpu_backend and sim keep their
+        running values, and metrics its running server: they change only at restart."""
+        groups: list[Group] = []
         try:
             config = load_config(config_path)
             if self._config_transform is not None:
                 config = self._config_transform(config)
+            config = self._keep_start_up_settings(config)
             groups = self._build_groups(config)
         except ConfigError as exc:
             log.error("reload: invalid config, keeping the running one: %s", exc)
+            _close_connections(groups)
+            return False
+        except Exception:
+            log.exception("reload: cannot apply %s, keeping the running config", config_path)
+            _close_connections(groups)
             return False
         if config.metrics != self.config.metrics:
             log.warning("reload: metrics settings change only at restart")
@@ -712,6 +721,27 @@ class Daemon:
         self._pool = self._make_pool()
         log.info("reload: applied %s (%d servers)", config_path, len(groups))
         return True
+
+    def _keep_start_up_settings(self, config: Config) -> Config:
+        """`config` with the running state_dir, gpu_backend and sim, and a warning for each
+        that differs: the journal, the backend and the simulated node stay as started."""
+        running = self.config
+        if config.state_dir != running.state_dir:
+            log.warning(
+                "reload: state_dir changes only at restart; the saved GPU settings stay in %s "
+                "until then (`powerd restore --state-dir %s` reads them)",
+                running.state_dir,
+                running.state_dir,
+            )
+        if config.gpu_backend != running.gpu_backend:
+            log.warning(
+                "reload: gpu_backend changes only at restart; keeping %s", running.gpu_backend
+            )
+        if running.gpu_backend == "sim" and config.sim != running.sim:
+            log.warning("reload: sim settings change only at restart")
+        return replace(
+            config, state_dir=running.state_dir, gpu_backend=running.gpu_backend, sim=running.sim
+        )
 
     def _release(self, uuids: list[str]) -> None:
         """Return GPUs no server claims any more to their default clocks and limit."""

@@ -667,3 +667,61 @@ def test_reload_adding_a_server_on_a_taken_gpu_keeps_the_daemon_running(tmp_path
     snapshot = rig.run(5)
     assert [g.group for g in snapshot.groups] == ["vllm-0", "vllm-1"]
     assert snapshot.groups[1].observe_only and not snapshot.groups[0].observe_only
+
+
+# ------------------------------------------------------------------------ reload's limits
+
+
+def test_reload_keeps_the_running_config_whatever_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "powerd.yaml"
+
+    def configure(node: SimNode) -> Config:
+        path.write_text(yaml.safe_dump(_config_data(node)))
+        return load_config(path)
+
+    rig = make_rig(tmp_path, configure=configure)
+    rig.run(3)
+    running = rig.daemon.config
+    path.write_bytes(b"# price in \x80 (Windows-1252)\ninterval_s: 1\n")
+    with caplog.at_level(logging.ERROR, logger="powerd.daemon"):
+        assert rig.daemon.reload(path) is False
+    assert "not UTF-8" in caplog.text and str(path) in caplog.text
+    assert rig.daemon.config is running
+
+    def broken(config: Config) -> Config:
+        raise RuntimeError("an error nobody foresaw")
+
+    path.write_text(yaml.safe_dump(_config_data(rig.node)))
+    rig.daemon._config_transform = broken
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="powerd.daemon"):
+        assert rig.daemon.reload(path) is False
+    assert "keeping the running config" in caplog.text
+    assert rig.daemon.config is running
+    assert all(s.up for s in rig.run(2).servers)
+
+
+def test_reload_keeps_state_dir_and_gpu_backend_as_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "powerd.yaml"
+
+    def configure(node: SimNode) -> Config:
+        path.write_text(yaml.safe_dump({**_config_data(node), "state_dir": str(tmp_path / "a")}))
+        return load_config(path)
+
+    rig = make_rig(tmp_path, configure=configure)
+    rig.run(3)
+    data = {**_config_data(rig.node), "state_dir": str(tmp_path / "b"), "gpu_backend": "sim"}
+    data["servers"][0]["slo"]["itl_s"] = 0.05
+    path.write_text(yaml.safe_dump(data))
+    with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
+        assert rig.daemon.reload(path) is True
+    config = rig.daemon.config
+    assert config.state_dir == str(tmp_path / "a") and config.gpu_backend == "nvml"
+    assert config.servers[0].slo.itl_s == 0.05, "the rest is applied"
+    assert "state_dir changes only at restart" in caplog.text
+    assert f"restore --state-dir {tmp_path / 'a'}" in caplog.text
+    assert "gpu_backend changes only at restart" in caplog.text
