@@ -20,6 +20,10 @@ import yaml
 DEFAULT_METRICS_PORT = 9863
 """Next to dcgm-exporter's 9400 family but not on it; unassigned in Prometheus's port list."""
 
+INTERVAL_RANGE_S = (0.1, 10.0)
+"""Bounds of interval_s: below, the loop spins; above, a stale server or a missed SLO goes
+unanswered for too long (and the unit's WatchdogSec=30 wants more than one tick per period)."""
+
 MODES = ("efficiency", "target", "budget", "off")
 NAMED_SERVER_KINDS = ("vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmdeploy", "trtllm")
 """The servers read by their own metric names; the simulator serves each of them."""
@@ -231,8 +235,17 @@ class Config:
     sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> None:
-        _positive("interval_s", self.interval_s)
+        low_s, high_s = INTERVAL_RANGE_S
+        if not low_s <= self.interval_s <= high_s:
+            raise ConfigError(
+                f"interval_s: must be in [{low_s:g}, {high_s:g}], got {self.interval_s}"
+            )
         _positive("stale_after_s", self.stale_after_s)
+        if self.stale_after_s < self.interval_s:
+            raise ConfigError(
+                f"stale_after_s: must be at least interval_s ({self.interval_s:g}), "
+                f"got {self.stale_after_s:g}"
+            )
         if self.mode not in MODES:
             raise ConfigError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "target" and self.target_tokens_per_joule is None:
@@ -250,6 +263,12 @@ class Config:
             if server.name in seen:
                 raise ConfigError(f"servers[{i}].name: {server.name!r} is used twice")
             seen.add(server.name)
+            # A scrape that outlasts the tick delays every decision behind it.
+            if server.timeout_s > self.interval_s:
+                raise ConfigError(
+                    f"servers[{i}].timeout_s: must be at most interval_s ({self.interval_s:g}), "
+                    f"got {server.timeout_s:g}"
+                )
             for j, gpu in enumerate(server.gpus or ()):
                 owner = owners.setdefault(gpu, server.name)
                 if owner != server.name:

@@ -8,6 +8,7 @@ the loop acts on them between ticks.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -141,6 +142,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._next_discovery_s: float | None = None
+        self._last_tick_ok = False
         self.last_snapshot: Snapshot | None = None
 
     # ----------------------------------------------------------------- construction
@@ -796,8 +798,10 @@ class Daemon:
                 try:
                     snapshot = self.tick(now)
                 except GpuError as exc:
+                    self._last_tick_ok = False
                     log.error("tick failed: %s", exc)
                 else:
+                    self._last_tick_ok = True
                     if self._notifier:
                         self._notifier.watchdog()
                         self._notifier.status(_status_line(snapshot))
@@ -816,23 +820,41 @@ class Daemon:
             self.publish_restored(clock())
 
     def _wait_until(self, deadline_s: float, clock: Callable[[], float]) -> None:
-        """Sleep until deadline_s on `clock` or a stop, running guard() every guard interval."""
-        step_s = self.config.control.prefill_guard_interval_s
-        guarding = self.guards_backlog
+        """Sleep until deadline_s on `clock` or a stop, running guard() every guard interval
+        and, after a good tick, pinging the watchdog every half of its timeout
+        (sd_watchdog_enabled(3)), so no tick interval is too long for WatchdogSec."""
+        guard_step_s = self.config.control.prefill_guard_interval_s if self.guards_backlog else 0.0
+        ping_step_s = self._watchdog_step_s() if self._last_tick_ok else None
+        now_s = clock()
+        next_guard_s = now_s + guard_step_s
+        next_ping_s = now_s + ping_step_s if ping_step_s else math.inf
         while not self._stop.is_set():
-            left_s = deadline_s - clock()
+            left_s = deadline_s - now_s
             if left_s <= 0:
                 return
-            if not guarding or left_s <= step_s / 2:
-                self._stop.wait(left_s)
+            wake_s = min(deadline_s, next_ping_s)
+            # A guard read due in the last half step before the tick is left to the tick.
+            if guard_step_s and left_s > guard_step_s / 2:
+                wake_s = min(wake_s, next_guard_s)
+            if self._stop.wait(max(0.0, wake_s - now_s)) or wake_s == deadline_s:
                 return
-            if self._stop.wait(min(step_s, left_s)):
-                return
-            if deadline_s - clock() > step_s / 2:
-                try:
-                    self.guard(clock())
-                except GpuError as exc:
-                    log.error("guard failed: %s", exc)
+            now_s = clock()
+            if ping_step_s and now_s >= next_ping_s and self._notifier:
+                self._notifier.watchdog()
+                next_ping_s = now_s + ping_step_s
+            if guard_step_s and now_s >= next_guard_s:
+                next_guard_s = now_s + guard_step_s
+                if deadline_s - now_s > guard_step_s / 2:
+                    try:
+                        self.guard(now_s)
+                    except GpuError as exc:
+                        log.error("guard failed: %s", exc)
+                    now_s = clock()
+
+    def _watchdog_step_s(self) -> float | None:
+        """Half the systemd watchdog timeout, or None without a watchdog."""
+        timeout_s = self._notifier.watchdog_interval_s() if self._notifier else None
+        return timeout_s / 2 if timeout_s else None
 
 
 class _Notifier(Protocol):
@@ -843,6 +865,7 @@ class _Notifier(Protocol):
     def stopping(self) -> None: ...
     def watchdog(self) -> None: ...
     def status(self, text: str) -> None: ...
+    def watchdog_interval_s(self) -> float | None: ...
 
 
 def _close_connections(groups: Sequence[Group]) -> None:

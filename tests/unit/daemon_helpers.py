@@ -143,6 +143,7 @@ def make_rig(
     record: bool = False,
     nvml_factory: Callable[[SimNode], FakeNvml] | None = None,
     configure: Callable[[SimNode], Config] | None = None,
+    notifier: Any = None,
     **config_fields: Any,
 ) -> Rig:
     """A node built from `sim`, a FakeNvml over its plant, and a Daemon with a journal in
@@ -150,7 +151,8 @@ def make_rig(
     deadline can turn a server down on a busy machine.
 
     The config has one server per simulated server (in-process URLs, default SLO) plus
-    `config_fields`, unless `configure` builds it. `nvml_factory` replaces the plain FakeNvml.
+    `config_fields`, unless `configure` builds it. `nvml_factory` replaces the plain FakeNvml;
+    `notifier` stands for systemd's.
     """
     node = build_node(sim, duration_s)
     fake = nvml_factory(node) if nvml_factory is not None else FakeNvml(node.plant, lock=node.lock)
@@ -177,6 +179,7 @@ def make_rig(
         publish=exporter.publish,
         fetch=fetch,
         policy_factory=factory,
+        notifier=notifier,
         inline_scrape=True,
     )
     return Rig(node, fake, backend, daemon, fetch, journal_path, exporter, recorders)

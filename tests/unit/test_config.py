@@ -44,7 +44,10 @@ def test_empty_document_gives_defaults() -> None:
         ({"bogus": 1}, "bogus: unknown key"),
         ({"control": {"dither": 1}}, "control.dither: unknown key"),
         ({"interval_s": "fast"}, "interval_s: expected a number"),
-        ({"interval_s": 0}, "interval_s: must be a positive number"),
+        ({"interval_s": 0}, "interval_s: must be in [0.1, 10], got 0"),
+        ({"interval_s": 0.000001}, "interval_s: must be in [0.1, 10]"),
+        ({"interval_s": 40}, "interval_s: must be in [0.1, 10], got 40"),
+        ({"interval_s": 5, "stale_after_s": 2}, "stale_after_s: must be at least interval_s (5)"),
         ({"mode": "turbo"}, "mode: must be one of"),
         ({"mode": "target"}, "target_tokens_per_joule: required"),
         ({"mode": "budget"}, "node_power_budget_w: required"),
@@ -72,6 +75,10 @@ def test_empty_document_gives_defaults() -> None:
         (
             {"servers": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]},
             "servers[1].name: 'a' is used twice",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "timeout_s": 2}]},
+            "servers[0].timeout_s: must be at most interval_s (1), got 2",
         ),
         (
             {"servers": [{"name": "a", "url": "http://x", "gpus": []}]},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -725,3 +726,38 @@ def test_reload_keeps_state_dir_and_gpu_backend_as_started(
     assert "state_dir changes only at restart" in caplog.text
     assert f"restore --state-dir {tmp_path / 'a'}" in caplog.text
     assert "gpu_backend changes only at restart" in caplog.text
+
+
+# ------------------------------------------------------------------------ watchdog
+
+
+class _Notifier:
+    def __init__(self, watchdog_s: float | None) -> None:
+        self._watchdog_s = watchdog_s
+        self.pings: list[float] = []
+
+    def ready(self) -> None: ...
+    def reloading(self) -> None: ...
+    def stopping(self) -> None: ...
+    def status(self, text: str) -> None: ...
+
+    def watchdog(self) -> None:
+        self.pings.append(time.monotonic())
+
+    def watchdog_interval_s(self) -> float | None:
+        return self._watchdog_s
+
+
+def test_the_watchdog_is_pinged_between_ticks_at_half_its_timeout(tmp_path: Path) -> None:
+    """A tick interval longer than WatchdogSec must not get the daemon killed."""
+    notifier = _Notifier(watchdog_s=0.4)
+    rig = make_rig(tmp_path, notifier=notifier, interval_s=1.0)
+    rig.daemon.run_forever(duration_s=0.5)  # one tick, then a wait of 1 s
+    assert len(notifier.pings) >= 4, notifier.pings
+    gaps = [b - a for a, b in zip(notifier.pings, notifier.pings[1:], strict=False)]
+    assert max(gaps) < 0.4, gaps
+
+    quiet = _Notifier(watchdog_s=None)
+    rig = make_rig(tmp_path / "quiet", notifier=quiet, interval_s=1.0)
+    rig.daemon.run_forever(duration_s=0.5)
+    assert len(quiet.pings) == 1, "without a watchdog timeout, only after the tick"
