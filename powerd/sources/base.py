@@ -33,6 +33,13 @@ DEFAULT_MAX_WINDOW_S = 60.0
 PROMPT_MIX_HALF_LIFE_S = 300.0
 """The prompt-length mix is read over the last minutes of finished requests."""
 PROMPT_MIX_MIN_REQUESTS = 20.0
+STALE_REPORT_S = 5.0
+"""How long an engine report (Reading.report) and every counter must stand still, once the
+requests the report counted have ended, before the server is read as idle. SGLang publishes its
+scheduler gauges every 40 decode steps (seconds apart on a slow model) and, in many builds, not
+again once idle (sglang#26495: num_running_reqs held at 24 for 30 s; builds without an idle
+report hold it for good): a few seconds lets a report that is due arrive, and still sees an
+idle server as idle within a few ticks."""
 ROUNDING_MARGIN = 10.0
 """A flushed counter with rounding is rated once it moved this many times the rounding of both
 ends of the window, so rounding is at most a tenth of the rate."""
@@ -103,8 +110,9 @@ class Reading:
     flushed: counters whose every change is not worth a rate: SGLang adds realtime_tokens in
     batches every few engine steps, llama.cpp prints values rounded (see rounding). Their rate
     is taken over the time since the baseline was last taken, once they moved measurably; it is
-    unknown (None) until then while requests run, 0 when none run (a new baseline), and None
-    with a new baseline when they have not moved measurably within the source's max_window_s.
+    unknown (None) until then while requests run and 0 when none run (a new baseline). A counter
+    with rounding that has not moved measurably within the source's max_window_s also gets a new
+    baseline.
     rounding: flushed counter -> the most its total can be off through the server's printing
     (0 when it prints exactly); a change is measurable once it is ROUNDING_MARGIN times the
     rounding of both ends.
@@ -112,6 +120,11 @@ class Reading:
     counters["finished"] (Triton's models: an ensemble or BLS front and its tensorrt_llm model).
     A window reads those two figures from one value at both of its ends: the one with the most
     first tokens in the window, then the most finished requests, then the lowest.
+    report: the gauges a server publishes together from its engine loop, every few steps and not
+    necessarily once idle (SGLang's scheduler: running, waiting, token usage, gen_throughput);
+    None where gauges are read live. A report that stayed bit-identical while at least its
+    `running` requests finished is stale once no counter has moved for STALE_REPORT_S: nothing
+    runs, and generation reads 0.
     prompt_per_chunk: prompt tokens are counted as each chunk is prefilled; otherwise a whole
     prompt lands at once, when its first token comes (vLLM V1) or when the request ends.
     prompt_mode "admissions": the server counts the requests it admits to prefill
@@ -133,6 +146,7 @@ class Reading:
     flushed: frozenset[str] = frozenset()
     rounding: dict[str, float] = field(default_factory=dict)
     request_copies: str | None = None
+    report: tuple[float | None, ...] | None = None
     model_names: tuple[str, ...] = ()
     generation_tokens_total: float | None = None
 
@@ -711,6 +725,12 @@ class Source:
         self._prompt_mix = DecayingHistogram(PROMPT_MIX_HALF_LIFE_S)
         self._flush_marks: dict[str, tuple[float, float, float]] = {}
         """Flushed counter -> (its total at the baseline, when, its rounding then)."""
+        self._report: tuple[float | None, ...] | None = None
+        self._report_finished = 0.0
+        """Finished requests when the engine report last changed."""
+        self._totals: dict[str, float | None] = {}
+        self._moved_s: float | None = None
+        """When a counter or the engine report last changed."""
 
     def fetch_response(self) -> FetchResponse:
         """One HTTP read of the metrics URL; raises on failure (the pool runs this in a thread)."""
@@ -813,8 +833,11 @@ class Source:
                 self._prompt_mix.add(dt_s, *window.prompt_len)
             if window is not None and reading.prompt_mode == "admissions":
                 window = self._admitted_prompt_rate(window)
+        stale = self._stale_report(reading, answered_s)
         if reading.flushed:
-            window = self._flushed_rates(reading, window, answered_s)
+            window = self._flushed_rates(reading, window, answered_s, stale)
+        if stale and window is not None:
+            window = replace(window, generation_tokens_per_s=0.0)
         self._prev, self._prev_s = reading, answered_s
         return self._sample(reading, window, now_s, time.perf_counter() - start)
 
@@ -826,8 +849,33 @@ class Source:
             return window
         return replace(window, prompt_tokens_per_s=admitted * mix.sum / mix.count)
 
+    def _stale_report(self, reading: Reading, answered_s: float) -> bool:
+        """Whether the reading's engine report is stale (Reading.report); follows its changes."""
+        report = reading.report
+        if report is None:
+            self._report = None
+            return False
+        finished = sum(reading.counters.get("finished", {}).values())
+        totals: dict[str, float | None] = {
+            name: sum(series.values()) for name, series in reading.counters.items()
+        }
+        totals["generation_tokens_total"] = reading.generation_tokens_total
+        if report != self._report:
+            self._report, self._report_finished = report, finished
+            self._moved_s = answered_s
+        elif totals != self._totals or self._moved_s is None:
+            self._moved_s = answered_s
+        self._totals = totals
+        running = reading.gauges.get("running") or 0.0
+        return (
+            running > 0.0
+            and "finished" in reading.counters
+            and finished - self._report_finished >= running
+            and answered_s - self._moved_s > STALE_REPORT_S
+        )
+
     def _flushed_rates(
-        self, reading: Reading, window: Window | None, answered_s: float
+        self, reading: Reading, window: Window | None, answered_s: float, stale: bool
     ) -> Window | None:
         """The window with the rates of flushed counters taken since their baselines."""
         running = reading.gauges.get("running")
@@ -847,13 +895,12 @@ class Source:
                 continue
             if moved > 0.0 and moved >= ROUNDING_MARGIN * noise:
                 rates[name] = moved / (answered_s - mark[1])
-            elif not running:
+            elif not running or stale:
                 rates[name] = 0.0
-            elif answered_s - mark[1] <= self.max_window_s:
-                rates[name] = None  # generating, but not counted (measurably) yet
-                continue
             else:
-                rates[name] = None
+                rates[name] = None  # generating, but not counted (measurably) yet
+                if not (noise > 0.0 and answered_s - mark[1] > self.max_window_s):
+                    continue
             self._flush_marks[name] = new_mark
         if window is None or not rates:
             return window

@@ -10,6 +10,16 @@ Token figures, best first:
 3. `sglang:generation_tokens_total`: added in `observe_one_finished_request()`, i.e. at request
    end, so it arrives in request-sized steps (realtime=False).
 
+The scheduler sets its gauges (num_running_reqs, num_queue_reqs, token_usage, gen_throughput)
+only when it logs prefill or decode statistics, so once a batch drains they can keep their
+last busy values: for 30 s until the idle report of recent builds (sglang#26495, #31517), or for
+good in builds without one (sglang#4244 for gen_throughput). They are the Reading's engine
+report: once it stayed bit-identical while the requests it counted as running finished, and no
+counter has moved for base.STALE_REPORT_S, the server is idle and generation reads 0, where it
+read as gen_throughput's last value, or as unknown (None) with a realtime counter standing
+still. A batch between two logs also leaves the gauges and the decode counter standing still,
+but it finishes fewer requests than it runs, or it logs again.
+
 Labels: 2024 builds (v0.3) named the model in `name` and the queue gauges
 `sglang:num_requests_running` / `sglang:num_requests_waiting`; later ones use `model_name`,
 `sglang:num_running_reqs` and `sglang:num_queue_reqs`. Both spellings are read. Scheduler metrics
@@ -84,6 +94,7 @@ class SglangExtractor:
 
     def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
         running = _first_gauge(samples, _RUNNING)
+        gen_throughput = gauge_total(samples, P + "gen_throughput", mirrors=MIRRORS)
         finished_tokens = series_values(samples, P + "generation_tokens_total", mirrors=MIRRORS)
         reading = Reading(realtime=True)
         if P + "realtime_tokens_total" in samples:
@@ -102,11 +113,10 @@ class SglangExtractor:
                     )
                     or {}
                 )
-        elif P + "gen_throughput" in samples:
+        elif gen_throughput is not None:
             reading.gen_mode = "gauge"
-            rate = gauge_total(samples, P + "gen_throughput", mirrors=MIRRORS) or 0.0
             # The gauge holds its last value once decoding stops.
-            reading.gauges["generation_rate"] = rate if running else 0.0
+            reading.gauges["generation_rate"] = gen_throughput if running else 0.0
         elif finished_tokens is not None:
             reading.realtime = False
             reading.counters["generation"] = finished_tokens
@@ -131,6 +141,7 @@ class SglangExtractor:
         kv_usage = gauge_max(samples, P + "token_usage", mirrors=MIRRORS)
         if kv_usage is not None:
             reading.gauges["kv_usage"] = kv_usage
+        reading.report = (running, waiting, kv_usage, gen_throughput)
         ttft = histogram(samples, P + "time_to_first_token_seconds", mirrors=MIRRORS)
         if ttft is not None:
             reading.hists["ttft"] = ttft

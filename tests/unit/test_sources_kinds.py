@@ -277,6 +277,69 @@ def test_sglang_without_realtime_counter_uses_gen_throughput_gated_by_running() 
     assert idle.generation_tokens_per_s == 0.0
 
 
+def _sglang_scheduler(
+    running: int, gen_throughput: float, finished: int, decode: float | None = None
+) -> bytes:
+    """An SGLang body: the scheduler's gauges as last logged, the tokenizer's request count
+    (live) and, with `decode`, the realtime token counter."""
+    labels = 'model_name="m",engine_type="unified",tp_rank="0",pp_rank="0"'
+    body = (
+        f"sglang:num_running_reqs{{{labels}}} {running}\n"
+        f"sglang:num_queue_reqs{{{labels}}} 0\n"
+        f"sglang:token_usage{{{labels}}} 0.31\n"
+        f"sglang:gen_throughput{{{labels}}} {gen_throughput}\n"
+        f'sglang:num_requests_total{{model_name="m"}} {finished}\n'
+    )
+    if decode is not None:
+        body += (
+            f'sglang:realtime_tokens_total{{{labels},mode="decode"}} {decode}\n'
+            f'sglang:realtime_tokens_total{{{labels},mode="prefill_compute"}} 9000\n'
+        )
+    return body.encode()
+
+
+def _sglang_rates(bodies: list[bytes]) -> list[float | None]:
+    cfg = ServerConfig(name="sg", url="http://h:30000/metrics", kind="sglang")
+    source = make_source(cfg, Replay([(body, {}) for body in bodies]))
+    return [source.poll(T0 + t).generation_tokens_per_s for t in range(len(bodies))]
+
+
+def test_sglang_stale_gauges_after_a_drained_batch_read_idle() -> None:
+    """The last scheduler log said 24 requests run at 861.5 tokens/s; they all finished after
+    it, and the scheduler has logged nothing since (sglang#26495: for 30 s; older builds: for
+    good). Once nothing has moved for STALE_REPORT_S the server reads as idle."""
+    from powerd.sources.base import STALE_REPORT_S
+
+    wait = int(STALE_REPORT_S)  # scrapes 1 s apart that still count as "just moved"
+    busy = [_sglang_scheduler(24, 850.0, 100), _sglang_scheduler(24, 861.5, 104)]
+    drained = [_sglang_scheduler(24, 861.5, 128)] * 10  # the last change: scrape 2
+    rates = _sglang_rates(busy + drained)
+    assert rates[1 : 3 + wait] == [861.5] * (2 + wait)
+    assert rates[3 + wait :] == [0.0] * (len(rates) - 3 - wait)
+
+    # With the realtime counter: unknown (None) while it stands still, then idle.
+    busy = [_sglang_scheduler(24, 0.0, 100 + 2 * t, decode=1000 + 850 * t) for t in range(3)]
+    drained = [_sglang_scheduler(24, 0.0, 128, decode=1000 + 850 * 3)] * 10  # last change: 3
+    after = [_sglang_scheduler(8, 400.0, 128, decode=1000 + 850 * 3 + 400)]
+    rates = _sglang_rates(busy + drained + after)
+    assert rates[1:4] == [850.0] * 3
+    assert rates[4 : 4 + wait] == [None] * wait
+    assert rates[4 + wait : -1] == [0.0] * (len(rates) - 5 - wait)
+    assert rates[-1] == 400.0  # a new batch, counted from the last idle scrape
+
+
+def test_sglang_batch_between_two_logs_is_not_read_idle() -> None:
+    """A slow batch between two scheduler logs leaves the gauges and the decode counter
+    standing still too, but fewer requests finish than run: it stays unknown, never 0."""
+    busy = [_sglang_scheduler(24, 0.0, 100, decode=1000 + 850 * t) for t in range(2)]
+    between = [_sglang_scheduler(24, 0.0, 123, decode=1000 + 850)] * 20
+    rates = _sglang_rates(busy + between)
+    assert rates[2:] == [None] * len(between)
+    busy = [_sglang_scheduler(24, 850.0, 100), _sglang_scheduler(24, 861.5, 104)]
+    between = [_sglang_scheduler(24, 861.5, 127)] * 20
+    assert _sglang_rates(busy + between)[2:] == [861.5] * len(between)
+
+
 def test_sglang_v03_name_label_and_old_gauges() -> None:
     _, s = pair("sglang_old")
     assert s.kind == "sglang"
