@@ -7,7 +7,10 @@ the key (`servers[1].slo.ttft_s: must be > 0, got -1`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
+import re
+import socket
 import types
 import typing
 from collections.abc import Mapping
@@ -156,6 +159,7 @@ class MetricsConfig:
     the restored settings once more (only when a scrape is due within it); 0 turns it off."""
 
     def validate(self, path: str) -> None:
+        _check_listen_address(f"{path}.listen_address", self.listen_address)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{path}.port: must be in [0, 65535], got {self.port}")
         # The unit's TimeoutStopSec is 30 s; the restore before the wait takes well under one.
@@ -285,6 +289,28 @@ class Config:
 def _positive(path: str, value: float) -> None:
     if not value > 0 or math.isinf(value):
         raise ConfigError(f"{path}: must be a positive number, got {value}")
+
+
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _check_listen_address(path: str, address: str) -> None:
+    """An IP address, empty (every IPv4 interface), or a host name that resolves here."""
+    if address == "":
+        return
+    try:
+        ipaddress.ip_address(address)
+        return
+    except ValueError:
+        pass
+    # A name whose last label is all digits is a mistyped address, not a host (RFC 3696 2).
+    last_label = address.rstrip(".").rsplit(".", 1)[-1]
+    if len(address) > 253 or not _HOST_NAME.fullmatch(address) or last_label.isdigit():
+        raise ConfigError(f"{path}: not an IP address or a host name, got {address!r}")
+    try:
+        socket.getaddrinfo(address, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"{path}: cannot resolve {address!r}: {exc}") from None
 
 
 def parse_config(data: object) -> Config:

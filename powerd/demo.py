@@ -10,6 +10,7 @@ finished request's latencies, and requests still waiting past the TTFT SLO as mi
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 from powerd.bench.measure import Outcome, outcome
 from powerd.config import Config, MetricsConfig, SimConfig, SloConfig
 from powerd.daemon import Daemon
-from powerd.exporter import Exporter
+from powerd.exporter import Exporter, ExporterError
 from powerd.journal import Journal
 from powerd.model import Snapshot
 from powerd.sim.node import SimNode
@@ -63,8 +64,15 @@ def sim_config_for(options: DemoOptions, state_file: str | None = None) -> SimCo
 
 
 def run_demo(options: DemoOptions) -> int:
+    """Run the demo; exit status, 1 with one sentence when the metrics port cannot be bound."""
     with tempfile.TemporaryDirectory(prefix="powerd-demo-") as tmp:
         sim = sim_config_for(options, state_file=str(Path(tmp) / "gpus.json"))
+        exporter = Exporter(MetricsConfig(port=options.metrics_port))
+        try:
+            exporter.start()
+        except ExporterError as exc:
+            print(f"powerd demo: {exc} (--metrics-port)", file=sys.stderr)
+            return 1
         simulation = start_simulation(sim, duration_s=options.duration_s)
         config = Config(
             servers=server_configs(simulation.node, simulation.urls(), DEMO_SLO),
@@ -74,12 +82,10 @@ def run_demo(options: DemoOptions) -> int:
             metrics=MetricsConfig(port=options.metrics_port),
             sim=sim,
         )
-        exporter = Exporter(config.metrics)
         journal = Journal(Path(tmp) / "journal.json")
         daemon = Daemon(config, simulation.backend, journal=journal, publish=exporter.publish)
         daemon.install_signal_handlers()
         daemon.warmup()
-        exporter.start()
         simulation.driver.start()
         print(
             f"powerd demo: {options.gpus} simulated {sim.gpu_model} GPUs, "

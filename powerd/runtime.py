@@ -2,7 +2,8 @@
 
 The order matters and is the contract with systemd: NVML first (a node without a driver
 exits at once with one sentence), then any restore a previous run left pending, then the
-kernels are compiled and the metrics port bound, and only then READY=1.
+metrics port is bound (a taken port also exits with one sentence) and the kernels are
+compiled, and only then READY=1.
 """
 
 from __future__ import annotations
@@ -14,15 +15,19 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from powerd import __version__
 from powerd.config import Config, ServerConfig
 from powerd.daemon import Daemon
-from powerd.exporter import Exporter
+from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuUnavailable
 from powerd.journal import Journal, restore_all
 from powerd.systemd import Notifier
+
+if TYPE_CHECKING:
+    from powerd.simulation import RunningSimulation
 
 log = logging.getLogger("powerd")
 
@@ -147,7 +152,7 @@ def run_daemon(config: Config, *, config_path: Path, force_dry_run: bool = False
 
 def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> int:
     notifier = Notifier()
-    simulation = None
+    simulation: RunningSimulation | None = None
     simulated_servers: tuple[ServerConfig, ...] = ()
     try:
         if config.gpu_backend == "sim":
@@ -171,14 +176,42 @@ def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> in
             config = replace(config, servers=simulated_servers)
         return config
 
-    config = transform(config)
-    journal = journal_for(config)
-    if journal.pending():
-        log.warning("a previous run did not finish; restoring the GPU settings it left")
-        report = restore_all(backend, journal)
-        log.info("restore: %s", report.summary())
+    try:
+        config = transform(config)
+        journal = journal_for(config)
+        if journal.pending():
+            log.warning("a previous run did not finish; restoring the GPU settings it left")
+            report = restore_all(backend, journal)
+            log.info("restore: %s", report.summary())
+        # Bound before the kernels compile: a taken port is told at once, not seconds later.
+        exporter = Exporter(config.metrics)
+        try:
+            exporter.start()
+        except ExporterError as exc:
+            print(f"powerd: {exc} (metrics.listen_address, metrics.port)", file=sys.stderr)
+            return 1
+        try:
+            _serve(config, config_path, backend, journal, exporter, notifier, transform, simulation)
+        finally:
+            exporter.stop()
+    finally:
+        backend.close()
+        if simulation is not None:
+            simulation.stop()
+    return 0
 
-    exporter = Exporter(config.metrics)
+
+def _serve(
+    config: Config,
+    config_path: Path,
+    backend: GpuBackend,
+    journal: Journal,
+    exporter: Exporter,
+    notifier: Notifier,
+    transform: Callable[[Config], Config],
+    simulation: RunningSimulation | None,
+) -> None:
+    """Build the daemon, signal READY and run it until it stops (GPUs restored)."""
     daemon = Daemon(
         config,
         backend,
@@ -189,7 +222,6 @@ def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> in
     )
     daemon.install_signal_handlers()
     daemon.warmup()
-    exporter.start()
     log.info(
         "powerd %s: %d GPUs, %d servers, mode %s%s, metrics on %s:%d",
         __version__,
@@ -203,15 +235,8 @@ def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> in
     if simulation is not None:
         simulation.driver.start()
     notifier.ready()
-    try:
-        daemon.run_forever(config_path=config_path)
-        _await_final_scrape(exporter, daemon.config.metrics.final_scrape_wait_s)
-    finally:
-        exporter.stop()
-        backend.close()
-        if simulation is not None:
-            simulation.stop()
-    return 0
+    daemon.run_forever(config_path=config_path)
+    _await_final_scrape(exporter, daemon.config.metrics.final_scrape_wait_s)
 
 
 def _await_final_scrape(exporter: Exporter, limit_s: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +123,43 @@ def test_log_level_is_checked_and_taken_after_the_subcommand_too(
     assert "invalid choice: 'loud'" in capsys.readouterr().err
     assert main(["restore", "--log-level", "DEBUG", "--state-dir", str(tmp_path)]) == 0
     assert logging.getLogger().level == logging.DEBUG
+
+
+# ------------------------------------------------------------------------ run and demo
+
+
+@pytest.fixture()
+def taken_port() -> Iterator[int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def test_run_with_its_metrics_port_taken_is_one_line(
+    tmp_path: Path, taken_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "powerd.yaml"
+    data = {
+        "gpu_backend": "sim",
+        "state_dir": str(tmp_path / "state"),
+        "metrics": {"port": taken_port},
+        "sim": {"gpus": 2, "tp": 1, "trace": "constant", "state_file": str(tmp_path / "g")},
+    }
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"powerd: cannot listen on 127.0.0.1:{taken_port}" in err
+    assert "Traceback" not in err
+
+
+def test_demo_with_its_metrics_port_taken_is_one_line(
+    taken_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--duration", "2", "--gpus", "2", "--metrics-port", str(taken_port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"powerd demo: cannot listen on 127.0.0.1:{taken_port}")
+    assert err.count("\n") == 1

@@ -106,6 +106,8 @@ def test_empty_document_gives_defaults() -> None:
             "servers[1].gpus[1]: GPU 1 already belongs to server 'a'",
         ),
         ({"mode": True}, "mode: expected a string, got True (YAML reads unquoted"),
+        ({"metrics": {"listen_address": "not an address"}}, "metrics.listen_address: not an IP"),
+        ({"metrics": {"listen_address": "10.0.0.300"}}, "metrics.listen_address"),
         ({"metrics": {"port": 70000}}, "metrics.port"),
         ({"metrics": {"final_scrape_wait_s": 40}}, "metrics.final_scrape_wait_s"),
         ({"metrics": {"final_scrape_wait_s": -1}}, "metrics.final_scrape_wait_s"),
