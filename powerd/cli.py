@@ -150,7 +150,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from powerd.runtime import check_config
+
     config = load_config(args.config)
+    check_config(config)
     print(f"{args.config}: OK ({len(config.servers)} servers, mode {config.mode})")
     return 0
 

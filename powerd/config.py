@@ -214,6 +214,13 @@ class SimConfig:
     seed: int = 0
 
     def validate(self, path: str) -> None:
+        """The values alone; the names of GPU and model profiles and the trace are checked
+        where the simulator is known (powerd.runtime.check_config)."""
+        if self.server_kind not in NAMED_SERVER_KINDS:
+            raise ConfigError(
+                f"{path}.server_kind: must be one of {', '.join(NAMED_SERVER_KINDS)}, "
+                f"got {self.server_kind!r}"
+            )
         _positive(f"{path}.gpus", self.gpus)
         _positive(f"{path}.tp", self.tp)
         if self.gpus % self.tp:

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from powerd import __version__
-from powerd.config import Config, ServerConfig
+from powerd.config import Config, ConfigError, ServerConfig, SimConfig
 from powerd.daemon import Daemon
 from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuUnavailable
 from powerd.journal import Journal, restore_all
 from powerd.systemd import Notifier
+from powerd.webconfig import load_web_config
 
 if TYPE_CHECKING:
     from powerd.simulation import RunningSimulation
@@ -92,6 +93,49 @@ def _holding_run_lock(config: Config, body: Callable[[], int], *, program: str, 
         lock.release()
 
 
+def check_config(config: Config) -> None:
+    """What `powerd run` would refuse beyond Config.validate, as a ConfigError naming the key:
+    a web-config file that cannot be read, is invalid, or names a certificate that does not
+    load; and with `gpu_backend: sim`, what check_sim_config refuses."""
+    if config.metrics.web_config_file:
+        try:
+            web = load_web_config(config.metrics.web_config_file)
+            if web.tls is not None:
+                web.tls.ssl_context()
+        except ConfigError as exc:
+            raise ConfigError(f"metrics.web_config_file: {exc}") from None
+    if config.gpu_backend == "sim":
+        check_sim_config(config.sim)
+
+
+def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None:
+    """ConfigError when the simulator has no such GPU profile, model profile or trace; the
+    message names the key (sim.gpu_model, ...), or its entry in `keys` (a command-line
+    option) where given."""
+    from powerd.sim.models import get_model_profile
+    from powerd.sim.traces import TRACE_NAMES
+    from powerd.simulation import gpu_profile_for, model_name_for
+
+    def name(key: str) -> str:
+        return (keys or {}).get(key, f"sim.{key}")
+
+    try:
+        gpu_profile_for(sim)
+    except ValueError as exc:
+        key = "gpu_profile_file" if sim.gpu_profile_file else "gpu_model"
+        raise ConfigError(f"{name(key)}: {exc}") from None
+    try:
+        get_model_profile(model_name_for(sim))
+    except ValueError as exc:
+        raise ConfigError(f"{name('model')}: {exc}") from None
+    trace = sim.trace
+    known = (*TRACE_NAMES, "azure_conv")
+    if trace is not None and trace.strip() not in known and not Path(trace).is_file():
+        raise ConfigError(
+            f"{name('trace')}: {trace!r} is neither a file nor one of {', '.join(TRACE_NAMES)}"
+        )
+
+
 def journal_for(config: Config) -> Journal:
     return Journal(Path(config.state_dir) / JOURNAL_FILE)
 
@@ -139,8 +183,11 @@ def _restore_journal(config: Config) -> int:
 def run_daemon(config: Config, *, config_path: Path, force_dry_run: bool = False) -> int:
     """`powerd run`: the daemon until SIGTERM/SIGINT; every GPU restored on the way out.
 
-    `force_dry_run` (--dry-run) holds for every config read, reloads included.
+    `force_dry_run` (--dry-run) holds for every config read, reloads included. ConfigError for
+    what check_config refuses; exit status 1 with one sentence when NVML or the metrics
+    address cannot be had.
     """
+    check_config(config)
     return _holding_run_lock(
         config,
         lambda: _run_locked(config, config_path=config_path, force_dry_run=force_dry_run),

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from powerd.actuator import Actuator
-from powerd.cli import main
+from powerd.cli import EX_CONFIG, main
 from powerd.config import SimConfig
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal
@@ -123,6 +123,50 @@ def test_log_level_is_checked_and_taken_after_the_subcommand_too(
     assert "invalid choice: 'loud'" in capsys.readouterr().err
     assert main(["restore", "--log-level", "DEBUG", "--state-dir", str(tmp_path)]) == 0
     assert logging.getLogger().level == logging.DEBUG
+
+
+# ------------------------------------------------------------------------ check-config
+
+
+def _check(tmp_path: Path, data: dict[str, object], capsys: pytest.CaptureFixture[str]) -> str:
+    path = tmp_path / "powerd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check-config", str(path)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_check_config_refuses_what_run_would(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "web.yml"
+    err = _check(tmp_path, {"metrics": {"web_config_file": str(missing)}}, capsys)
+    assert err.startswith(f"powerd: metrics.web_config_file: cannot read web config {missing}")
+    missing.write_text("basic_auth_users: {prom: not-a-bcrypt-hash}\n")
+    assert "metrics.web_config_file: " in _check(
+        tmp_path, {"metrics": {"web_config_file": str(missing)}}, capsys
+    )
+    missing.write_text(
+        f"tls_server_config: {{cert_file: {tmp_path}/c.pem, key_file: {tmp_path}/k.pem}}\n"
+    )
+    assert "tls_server_config.cert_file" in _check(
+        tmp_path, {"metrics": {"web_config_file": str(missing)}}, capsys
+    )
+    sim = {"gpu_backend": "sim"}
+    assert "sim.gpu_model: unknown GPU profile 'nope'" in _check(
+        tmp_path, {**sim, "sim": {"gpu_model": "nope"}}, capsys
+    )
+    assert "sim.model: unknown model profile 'nope'" in _check(
+        tmp_path, {**sim, "sim": {"model": "nope"}}, capsys
+    )
+    assert "sim.trace: '/missing.csv' is neither a file" in _check(
+        tmp_path, {**sim, "sim": {"trace": "/missing.csv"}}, capsys
+    )
+    assert "sim.server_kind" in _check(tmp_path, {"sim": {"server_kind": "nope"}}, capsys)
+    assert "metrics.listen_address" in _check(
+        tmp_path, {"metrics": {"listen_address": "not an address"}}, capsys
+    )
 
 
 # ------------------------------------------------------------------------ run and demo

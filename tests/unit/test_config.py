@@ -113,6 +113,7 @@ def test_empty_document_gives_defaults() -> None:
         ({"metrics": {"final_scrape_wait_s": -1}}, "metrics.final_scrape_wait_s"),
         ({"grid": {"price_schedule_per_kwh": [0.1] * 23}}, "grid.price_schedule_per_kwh"),
         ({"sim": {"gpus": 4, "tp": 3}}, "sim.tp: must divide gpus"),
+        ({"sim": {"server_kind": "nope"}}, "sim.server_kind: must be one of vllm"),
         ([1, 2], "the top level: expected a mapping"),
     ],
 )
