@@ -12,6 +12,7 @@ from pathlib import Path
 from powerd import __version__
 from powerd.config import (
     DEFAULT_METRICS_PORT,
+    MODES,
     NAMED_SERVER_KINDS,
     SERVER_KINDS,
     ConfigError,
@@ -86,19 +87,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     restore.set_defaults(func=_cmd_restore)
 
-    demo = sub.add_parser("demo", help="run the daemon on a simulated node, then compare")
-    demo.add_argument("--gpus", type=int, default=4)
-    demo.add_argument("--tp", type=int, default=2, help="GPUs per simulated server")
-    demo.add_argument("--duration", type=float, default=60.0, help="seconds of wall time")
-    demo.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run the daemon on a simulated node, then compare"
+    )
+    demo.add_argument("--gpus", type=_positive_int, default=4)
+    demo.add_argument("--tp", type=_positive_int, default=2, help="GPUs per simulated server")
+    demo.add_argument("--duration", type=_positive_float, default=60.0, help="seconds of wall time")
+    demo.add_argument(
+        "--metrics-port", type=_port, default=DEFAULT_METRICS_PORT, help="0: any free port"
+    )
     demo.add_argument("--server-kind", default="vllm", choices=NAMED_SERVER_KINDS)
     demo.add_argument("--gpu-model", default="h100-sxm")
     demo.add_argument("--gpu-profile", default=None, help="a GPU profile YAML file")
     demo.add_argument("--model", default=None)
     demo.add_argument("--trace", default="azure-conv")
-    demo.add_argument("--time-compression", type=float, default=10.0)
-    demo.add_argument("--peak-load", type=float, default=0.7)
-    demo.add_argument("--mode", default="efficiency")
+    demo.add_argument("--time-compression", type=_positive_float, default=10.0)
+    demo.add_argument("--peak-load", type=_positive_float, default=0.7)
+    demo.add_argument("--mode", default="efficiency", choices=MODES)
+    demo.add_argument(
+        "--target-tokens-per-joule",
+        type=_positive_float,
+        default=None,
+        metavar="X",
+        help="the target of --mode target",
+    )
+    demo.add_argument(
+        "--node-power-budget-w",
+        type=_positive_float,
+        default=None,
+        metavar="W",
+        help="the budget of --mode budget",
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no line per tick")
     demo.set_defaults(func=_cmd_demo)
@@ -140,6 +159,36 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -193,9 +242,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         time_compression=args.time_compression,
         peak_load=args.peak_load,
         mode=args.mode,
+        target_tokens_per_joule=args.target_tokens_per_joule,
+        node_power_budget_w=args.node_power_budget_w,
         seed=args.seed,
         quiet=args.quiet,
     )
+    try:
+        options.validate()
+    except ValueError as exc:
+        print(f"powerd demo: {exc}", file=sys.stderr)
+        return 2
     return run_demo(options)
 
 

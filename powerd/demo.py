@@ -14,15 +14,19 @@ import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from powerd.bench.measure import Outcome, outcome
-from powerd.config import Config, MetricsConfig, SimConfig, SloConfig
+from powerd.config import MODES, Config, ConfigError, MetricsConfig, SimConfig, SloConfig
 from powerd.daemon import Daemon
 from powerd.exporter import Exporter, ExporterError
 from powerd.journal import Journal
 from powerd.model import Snapshot
 from powerd.sim.node import SimNode
 from powerd.simulation import build_node, server_configs, start_simulation
+
+if TYPE_CHECKING:
+    from powerd.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,61 @@ class DemoOptions:
     time_compression: float = 10.0
     peak_load: float = 0.7
     mode: str = "efficiency"
+    target_tokens_per_joule: float | None = None
+    node_power_budget_w: float | None = None
     seed: int = 0
     quiet: bool = False
+
+    def validate(self) -> None:
+        """ValueError naming the command-line option when the demo cannot run as asked."""
+        from powerd.runtime import check_sim_config
+
+        if self.mode not in MODES:
+            raise ValueError(f"--mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "target" and self.target_tokens_per_joule is None:
+            raise ValueError("--mode target needs --target-tokens-per-joule")
+        if self.mode == "budget" and self.node_power_budget_w is None:
+            raise ValueError("--mode budget needs --node-power-budget-w")
+        if self.gpus < 1 or self.tp < 1 or self.gpus % self.tp:
+            raise ValueError(f"--tp ({self.tp}) must divide --gpus ({self.gpus})")
+        for option, value in (
+            ("--duration", self.duration_s),
+            ("--time-compression", self.time_compression),
+            ("--peak-load", self.peak_load),
+        ):
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{option}: must be a positive number, got {value}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port: must be in [0, 65535], got {self.metrics_port}")
+        check_sim_config(sim_config_for(self), keys=_SIM_OPTIONS)
+        try:
+            demo_config(self, sim_config_for(self), servers=(), state_dir="").validate()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+
+_SIM_OPTIONS = {
+    "gpu_model": "--gpu-model",
+    "gpu_profile_file": "--gpu-profile",
+    "model": "--model",
+    "trace": "--trace",
+}
+
+
+def demo_config(
+    options: DemoOptions, sim: SimConfig, *, servers: tuple[ServerConfig, ...], state_dir: str
+) -> Config:
+    """The daemon's config for the demo's simulated node."""
+    return Config(
+        servers=servers,
+        mode=options.mode,
+        target_tokens_per_joule=options.target_tokens_per_joule,
+        node_power_budget_w=options.node_power_budget_w,
+        state_dir=state_dir,
+        gpu_backend="sim",
+        metrics=MetricsConfig(port=options.metrics_port),
+        sim=sim,
+    )
 
 
 def sim_config_for(options: DemoOptions, state_file: str | None = None) -> SimConfig:
@@ -64,7 +121,8 @@ def sim_config_for(options: DemoOptions, state_file: str | None = None) -> SimCo
 
 
 def run_demo(options: DemoOptions) -> int:
-    """Run the demo; exit status, 1 with one sentence when the metrics port cannot be bound."""
+    """Run the demo (options.validate() first); exit status, 1 with one sentence when the
+    metrics port cannot be bound."""
     with tempfile.TemporaryDirectory(prefix="powerd-demo-") as tmp:
         sim = sim_config_for(options, state_file=str(Path(tmp) / "gpus.json"))
         exporter = Exporter(MetricsConfig(port=options.metrics_port))
@@ -74,14 +132,8 @@ def run_demo(options: DemoOptions) -> int:
             print(f"powerd demo: {exc} (--metrics-port)", file=sys.stderr)
             return 1
         simulation = start_simulation(sim, duration_s=options.duration_s)
-        config = Config(
-            servers=server_configs(simulation.node, simulation.urls(), DEMO_SLO),
-            mode=options.mode,
-            state_dir=tmp,
-            gpu_backend="sim",
-            metrics=MetricsConfig(port=options.metrics_port),
-            sim=sim,
-        )
+        servers = server_configs(simulation.node, simulation.urls(), DEMO_SLO)
+        config = demo_config(options, sim, servers=servers, state_dir=tmp)
         journal = Journal(Path(tmp) / "journal.json")
         daemon = Daemon(config, simulation.backend, journal=journal, publish=exporter.publish)
         daemon.install_signal_handlers()

@@ -207,3 +207,43 @@ def test_demo_with_its_metrics_port_taken_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"powerd demo: cannot listen on 127.0.0.1:{taken_port}")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tp", "0"], "argument --tp: must be at least 1, got 0"),
+        (["--gpus", "0"], "argument --gpus: must be at least 1, got 0"),
+        (["--mode", "bogus"], "argument --mode: invalid choice: 'bogus'"),
+        (["--metrics-port", "70000"], "argument --metrics-port: must be in [0, 65535]"),
+        (["--duration", "0"], "argument --duration: must be a positive number, got 0"),
+        (["--peak-load", "nan"], "argument --peak-load: must be a positive number"),
+    ],
+)
+def test_demo_argument_errors_are_argparse_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mode", "budget"], "--mode budget needs --node-power-budget-w"),
+        (["--mode", "target"], "--mode target needs --target-tokens-per-joule"),
+        (["--gpus", "3", "--tp", "2"], "--tp (2) must divide --gpus (3)"),
+        (["--trace", "/missing.csv"], "--trace: '/missing.csv' is neither a file"),
+        (["--gpu-model", "nope"], "--gpu-model: unknown GPU profile 'nope'"),
+        (["--model", "nope"], "--model: unknown model profile 'nope'"),
+    ],
+)
+def test_demo_options_that_cannot_run_are_refused_in_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"powerd demo: {message}") and err.count("\n") == 1
