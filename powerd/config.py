@@ -185,12 +185,20 @@ class GridConfig:
     """Facility power usage effectiveness applied to GPU energy."""
 
     def validate(self, path: str) -> None:
+        for key in ("price_per_kwh", "carbon_g_per_kwh"):
+            value = getattr(self, key)
+            if value is not None:
+                _non_negative(f"{path}.{key}", value)
         for key in ("price_schedule_per_kwh", "carbon_schedule_g_per_kwh"):
             schedule = getattr(self, key)
-            if schedule is not None and len(schedule) != 24:
+            if schedule is None:
+                continue
+            if len(schedule) != 24:
                 raise ConfigError(f"{path}.{key}: needs 24 hourly values, got {len(schedule)}")
-        if self.pue < 1.0:
-            raise ConfigError(f"{path}.pue: must be >= 1, got {self.pue}")
+            for hour, value in enumerate(schedule):
+                _non_negative(f"{path}.{key}[{hour}]", value)
+        if not 1.0 <= self.pue < math.inf:
+            raise ConfigError(f"{path}.pue: must be a finite number >= 1, got {self.pue}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +304,11 @@ class Config:
 def _positive(path: str, value: float) -> None:
     if not value > 0 or math.isinf(value):
         raise ConfigError(f"{path}: must be a positive number, got {value}")
+
+
+def _non_negative(path: str, value: float) -> None:
+    if not 0 <= value < math.inf:
+        raise ConfigError(f"{path}: must be a finite number >= 0, got {value}")
 
 
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")

@@ -34,6 +34,18 @@ def test_commented_server_examples_are_valid() -> None:
     assert trtllm.kind == "trtllm" and trtllm.url.endswith("/prometheus/metrics")
 
 
+def test_commented_sim_example_is_valid_and_checked() -> None:
+    """The example's `sim:` section, uncommented, is what check-config accepts."""
+    from powerd.runtime import check_sim_config
+
+    lines = (REPO_ROOT / "config" / "powerd.yaml").read_text().splitlines()
+    start = lines.index("# sim:")
+    block = [line[2:] for line in lines[start:] if line.startswith("# ")]
+    config = parse_config({"gpu_backend": "sim", **yaml.safe_load("\n".join(block))})
+    assert config.sim.server_kind == "vllm" and config.sim.state_file is not None
+    check_sim_config(config.sim)
+
+
 def test_empty_document_gives_defaults() -> None:
     assert parse_config(None) == Config()
 
@@ -112,6 +124,14 @@ def test_empty_document_gives_defaults() -> None:
         ({"metrics": {"final_scrape_wait_s": 40}}, "metrics.final_scrape_wait_s"),
         ({"metrics": {"final_scrape_wait_s": -1}}, "metrics.final_scrape_wait_s"),
         ({"grid": {"price_schedule_per_kwh": [0.1] * 23}}, "grid.price_schedule_per_kwh"),
+        ({"grid": {"price_per_kwh": -0.1}}, "grid.price_per_kwh: must be a finite number >= 0"),
+        ({"grid": {"price_per_kwh": float("inf")}}, "grid.price_per_kwh: must be a finite"),
+        ({"grid": {"carbon_g_per_kwh": -1}}, "grid.carbon_g_per_kwh: must be a finite number"),
+        (
+            {"grid": {"carbon_schedule_g_per_kwh": [100.0] * 23 + [-1]}},
+            "grid.carbon_schedule_g_per_kwh[23]: must be a finite number >= 0",
+        ),
+        ({"grid": {"pue": float("inf")}}, "grid.pue: must be a finite number >= 1, got inf"),
         ({"sim": {"gpus": 4, "tp": 3}}, "sim.tp: must divide gpus"),
         ({"sim": {"server_kind": "nope"}}, "sim.server_kind: must be one of vllm"),
         ([1, 2], "the top level: expected a mapping"),
