@@ -6,7 +6,12 @@ real time; a request's prompt is added whole in the step of its first token
 (`IterationStats.update_from_output`), so a prompt prefilled in chunks over several ticks lands
 in one (`prompt_per_chunk` False). Series carry `model_name` and, since about v0.10, `engine`
 (the data-parallel index): every series is rated on its own and the rates are summed, over
-engines and over model names (LoRA adapters in V0). Inter-token latency is
+engines and over model names (LoRA adapters in V0). The prompt rate stands for prefill work,
+and `vllm:prompt_tokens_total` counts every prompt token, prefix-cache hits and KV-connector
+transfers included: where a build exports `vllm:prompt_tokens_by_source_total` (sources
+local_compute, local_cache_hit and external_kv_transfer, adding up to the total), the prompt
+rate is its `local_compute` series, the tokens vLLM's own logger rates as computed. A decode
+instance of a prefill/decode split then shows no prefill work. Inter-token latency is
 `vllm:inter_token_latency_seconds`; until it was renamed (deprecated in 0.11, removed in 2026) it
 was `vllm:time_per_output_token_seconds`, which is also the V0 name. `vllm:request_prompt_tokens`
 (observed at each request's end) gives the prompt-length mix. V0 servers without token counters
@@ -36,6 +41,7 @@ from powerd.sources.base import (
 from powerd.sources.exposition import Samples, Wanted
 
 HIST_SUFFIXES = ("_bucket", "_sum", "_count")
+_SOURCE = frozenset({"source"})
 MODEL_LABELS = ("model_name", "model", "name")
 
 
@@ -77,6 +83,7 @@ class CounterServerExtractor:
             p + "generation_tokens_total",
             p + "generation_tokens_created",
             p + "prompt_tokens_total",
+            p + "prompt_tokens_by_source_total",
             p + "request_success_total",
             p + "num_requests_running",
             p + "num_requests_waiting",
@@ -109,7 +116,17 @@ class CounterServerExtractor:
                 reading.gauges["prompt_rate"] = prompt_rate
         elif running is None:
             raise SourceError(f"has no {p}generation_tokens_total (is it a {self.server} server?)")
-        prompt = series_values(samples, p + "prompt_tokens_total")
+        prompt = series_values(
+            samples,
+            p + "prompt_tokens_by_source_total",
+            select={"source": "local_compute"},
+            drop=_SOURCE,
+        )
+        # A window between a computed-prompt count and an all-prompt count would rate their
+        # difference: a switch between them is no window, as a restart is.
+        reading.markers["prompt"] = "local_compute" if prompt else "all"
+        if not prompt:
+            prompt = series_values(samples, p + "prompt_tokens_total")
         if prompt is not None:
             reading.counters["prompt"] = prompt
         finished = series_values(samples, p + "request_success_total")

@@ -156,6 +156,62 @@ def test_vllm_v0_without_counters_reads_the_throughput_gauges() -> None:
     assert s.generation_tokens_total is None
 
 
+def test_vllm_prompt_rate_is_the_prefill_computed_not_the_cached() -> None:
+    """prompt_tokens_total adds prefix-cache hits (700 + 400 of the 1600 prompt tokens here)
+    to the tokens prefilled; prompt_tokens_by_source{source="local_compute"} is the work."""
+    _, plain = pair("vllm_v1")
+    _, s = pair("vllm_prefix_cache")
+    assert s.prompt_tokens_per_s == pytest.approx((300 + 200) / 2)
+    assert plain.prompt_tokens_per_s == pytest.approx((1000 + 600) / 2)
+    assert s.generation_tokens_per_s == plain.generation_tokens_per_s
+    assert s.finished_requests == plain.finished_requests
+
+
+def _prompt_sources(prefix: str, t: int, by_source: bool, external: bool = False) -> bytes:
+    """A vLLM-named body at second t: 10000 prompt tokens/s, 1000 of them computed here (the
+    rest prefix-cache hits, or KV transfers from a prefill instance)."""
+    labels = 'engine="0",model_name="m"'
+    computed = 0 if external else 1000 * t
+    body = (
+        f"{prefix}generation_tokens_total{{{labels}}} {500 * t}\n"
+        f"{prefix}prompt_tokens_total{{{labels}}} {10000 * t}\n"
+        f"{prefix}num_requests_running{{{labels}}} 8\n"
+    )
+    if by_source:
+        family = f"{prefix}prompt_tokens_by_source_total"
+        body += (
+            f'{family}{{{labels},source="local_compute"}} {computed}\n'
+            f'{family}{{{labels},source="local_cache_hit"}} {0 if external else 9000 * t}\n'
+            f'{family}{{{labels},source="external_kv_transfer"}} {10000 * t if external else 0}\n'
+        )
+    return body.encode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "prefix"), [("vllm", "vllm:"), ("nim", ""), ("lmdeploy", "lmdeploy:")]
+)
+def test_prompt_rate_by_source_for_the_servers_with_vllm_names(kind: str, prefix: str) -> None:
+    """NIM and LMDeploy read vLLM's names through the same code: the computed prompt where the
+    server exports it, every prompt token otherwise."""
+
+    def rates(*bodies: bytes) -> list[float | None]:
+        cfg = ServerConfig(name="v", url="http://h/metrics", kind=kind)
+        source = make_source(cfg, Replay([(body, {}) for body in bodies]))
+        return [source.poll(T0 + t).prompt_tokens_per_s for t in range(len(bodies))]
+
+    assert rates(*(_prompt_sources(prefix, t, True) for t in (1, 2, 3)))[1:] == [1000.0] * 2
+    assert rates(*(_prompt_sources(prefix, t, False) for t in (1, 2, 3)))[1:] == [10000.0] * 2
+    # A decode instance fed by a prefill instance prefills nothing.
+    decode_only = [_prompt_sources(prefix, t, True, external=True) for t in (1, 2)]
+    assert rates(*decode_only)[1] == 0.0
+    # An upgrade to a build with the sources starts a new baseline rather than rating
+    # computed tokens against all of them.
+    upgraded = [_prompt_sources(prefix, 1, False)] + [
+        _prompt_sources(prefix, t, True) for t in (2, 3)
+    ]
+    assert rates(*upgraded)[1:] == [None, 1000.0]
+
+
 def test_nim_unprefixed_vllm_names() -> None:
     _, s = pair("nim")
     assert s.kind == "nim" and s.realtime and not s.prompt_per_chunk
