@@ -64,17 +64,20 @@ class Server:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            while True:
-                request = b""
-                while b"\r\n\r\n" not in request:
-                    data = conn.recv(65536)
-                    if not data:
+            try:
+                while True:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        request += data
+                    answer, close = self.answers.pop(0)
+                    conn.sendall(answer)
+                    if close:
                         return
-                    request += data
-                answer, close = self.answers.pop(0)
-                conn.sendall(answer)
-                if close:
-                    return
+            except OSError:
+                return  # the client closed or reset its kept connection
 
     def close(self) -> None:
         self._sock.close()
