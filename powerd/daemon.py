@@ -7,11 +7,14 @@ the loop acts on them between ticks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import select
 import signal
-import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -59,6 +62,48 @@ BLIND_WARN_READS = 3
 DISCOVERY_RETRY_S = 10.0
 """How often the GPUs of a server that has none yet are looked for again: at boot a server
 that is still loading its model does not listen, and discovery finds nothing."""
+
+
+class WakeFlag:
+    """A flag that a signal handler may set, and a wait that it ends.
+
+    threading.Event.set() takes a lock that Event.wait() holds for a moment in the main thread,
+    where Python runs signal handlers: a signal landing there would deadlock the daemon. set()
+    here takes no lock; a byte on a non-blocking pipe wakes wait().
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._read_fd, self._write_fd = os.pipe()
+        for fd in (self._read_fd, self._write_fd):
+            os.set_blocking(fd, False)
+        weakref.finalize(self, _close_fds, self._read_fd, self._write_fd)
+
+    def set(self) -> None:
+        self._set = True
+        with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
+            os.write(self._write_fd, b"\0")
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout_s: float) -> bool:
+        """Block until set or timeout_s elapsed; True when set."""
+        if not self._set:
+            # A handler that runs during select() leaves its byte: select() retries and returns.
+            select.select([self._read_fd], [], [], max(0.0, timeout_s))
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read_fd, 4096):
+                pass
+        return self._set
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -139,8 +184,8 @@ class Daemon:
         self.groups: list[Group] = self._build_groups(config)
         self.policy: Policy = self._make_policy(config)
         self._pool = self._make_pool()
-        self._stop = threading.Event()
-        self._reload = threading.Event()
+        self._stop = WakeFlag()
+        self._reload = WakeFlag()
         self._next_discovery_s: float | None = None
         self._last_tick_ok = False
         self.last_snapshot: Snapshot | None = None
@@ -746,7 +791,8 @@ class Daemon:
         )
 
     def _release(self, uuids: list[str]) -> None:
-        """Return GPUs no server claims any more to their default clocks and limit."""
+        """Return GPUs no server claims any more to unlocked clocks and the limit they had
+        before powerd."""
         for uuid in uuids:
             info = self.infos.get(uuid)
             if info is None:
@@ -758,7 +804,7 @@ class Daemon:
                 self.actuator.apply(default, [uuid])
             except GpuLost as exc:
                 self._drop_gpu(uuid, exc)
-            log.info("GPU %s: no configured server uses it any more; back to its defaults", uuid)
+            log.info("GPU %s: no configured server uses it any more; back as found", uuid)
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, frame: FrameType | None) -> None:
