@@ -163,16 +163,22 @@ def restore_node(config: Config) -> int:
 
 
 def _restore_journal(config: Config) -> int:
-    journal = journal_for(config)
-    if not journal.pending():
-        log.info("nothing to restore: %s holds no saved settings", journal.path)
+    path = Path(config.state_dir) / JOURNAL_FILE
+    if not path.exists():
+        log.info("nothing to restore: %s holds no saved settings", path)
         return 0
+    # NVML before the journal: reading a corrupt journal puts it aside, and the clock reset
+    # it calls for must not be lost to an NVML that cannot be opened yet.
     try:
         backend = open_backend(config)
     except GpuUnavailable as exc:
         print(f"powerd restore: {exc}", file=sys.stderr)
         return 1
     try:
+        journal = journal_for(config)
+        if not journal.pending():
+            log.info("nothing to restore: %s holds no saved settings", journal.path)
+            return 0
         report = restore_all(backend, journal)
     finally:
         backend.close()

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from powerd import runtime
 from powerd.actuator import Actuator
 from powerd.cli import EX_CONFIG, main
 from powerd.config import SimConfig
+from powerd.gpu.errors import GpuUnavailable
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal
 from powerd.model import GroupDecision
@@ -97,6 +99,26 @@ def test_restore_with_an_unreadable_config_and_a_state_dir_given(
         )
     assert rc == 0, "nothing to restore there"
     assert "cannot read config" in caplog.text and "restoring with the defaults" in caplog.text
+
+
+def test_a_corrupt_journal_waits_for_nvml_before_it_is_put_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, state_file = _throttled_node(tmp_path)
+    journal = tmp_path / "state" / "journal.json"
+    journal.write_bytes(b"{ cut short")
+    config = tmp_path / "powerd.yaml"
+    config.write_text(yaml.safe_dump(data))
+
+    def no_nvml(config: object) -> None:
+        raise GpuUnavailable("NVML is not loaded yet")
+
+    monkeypatch.setattr(runtime, "open_backend", no_nvml)
+    assert main(["restore", "--config", str(config)]) == 1
+    assert journal.exists(), "kept for the next attempt, which can reset the clocks"
+    monkeypatch.undo()
+    assert main(["restore", "--config", str(config)]) == 1, "a corrupt journal is reported"
+    assert changed_gpus(state_file) == {}, "and every clock was reset"
 
 
 @pytest.mark.parametrize("level", ["loud", ""])
