@@ -2,7 +2,9 @@
 
 TGI renders its metrics with the Rust metrics-exporter-prometheus: counters carry no `_total`
 (`tgi_request_success`), there is no model label, and a series exists only once it was first
-recorded, so a fresh server may serve an almost empty body.
+recorded, so a fresh server may serve an almost empty body: any one TGI series read makes it an
+idle TGI (the v3 router sets `tgi_batch_max_total_tokens` after its warmup, before it serves,
+but other backends need not), and a body with none is not a TGI.
 
 There is no token counter: `tgi_request_generated_tokens` and `tgi_request_input_length` are
 histograms observed when a request ends (their `_sum` is the exported total; the prompt buckets
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from powerd.sources.base import Reading, gauge_total, histogram, series_values, total
+from powerd.sources.base import Reading, SourceError, gauge_total, histogram, series_values, total
 from powerd.sources.exposition import Samples, Wanted
 from powerd.sources.vllm import hist_names
 
@@ -47,6 +49,7 @@ class TgiExtractor:
                 "tgi_request_skipped_tokens_count",
                 "tgi_request_skipped_tokens_sum",
                 *hist_names("tgi_request_input_length"),
+                "tgi_request_count",
                 "tgi_request_success",
                 "tgi_request_success_total",
                 "tgi_batch_inference_count",
@@ -62,6 +65,10 @@ class TgiExtractor:
         )
 
     def extract(self, samples: Samples, headers: Mapping[str, str]) -> Reading:
+        if not samples:
+            raise SourceError(
+                "has no tgi_ metrics (is it text-generation-inference, read on its main port?)"
+            )
         calls = gauge_total(samples, "tgi_batch_inference_count")
         if calls is None:
             calls = gauge_total(samples, "tgi_batch_inference_count_total")

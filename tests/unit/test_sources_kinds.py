@@ -495,6 +495,32 @@ def test_tgi_fresh_server_with_lazy_series_reads_zero() -> None:
     assert later.prefill_busy_s == pytest.approx(6.4)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"", load("vllm_v1_a.txt")[0], b"# TYPE node_load1 gauge\nnode_load1 0.5\n"],
+    ids=["empty", "vllm", "node_exporter"],
+)
+def test_tgi_kind_rejects_a_body_without_tgi_series(body: bytes) -> None:
+    """A wrong port or server is an error, as for every other kind, not an idle TGI."""
+    source = make_source(ServerConfig(name="t", url="http://h/metrics", kind="tgi"), Replay([]))
+    sample = source.process(FetchResponse(200, body, {}), T0, 0.0)
+    assert not sample.up
+    assert sample.error == (
+        "http://h/metrics has no tgi_ metrics (is it text-generation-inference, read on its "
+        "main port?)"
+    )
+
+
+def test_tgi_with_only_its_warmup_gauge_is_idle() -> None:
+    """The v3 router sets tgi_batch_max_total_tokens after warmup, before any request."""
+    warm = b"# TYPE tgi_batch_max_total_tokens gauge\ntgi_batch_max_total_tokens 36864\n"
+    replay = Replay([(warm, {}), (warm, {})])
+    source = make_source(ServerConfig(name="t", url="http://h/metrics", kind="tgi"), replay)
+    assert source.poll(T0).up
+    s = source.poll(T1)
+    assert s.up and s.generation_tokens_per_s == 0.0 and s.finished_requests == 0.0
+
+
 def test_llamacpp_busy_slot_decodes_and_restart_header() -> None:
     _, s = pair("llamacpp")
     assert s.kind == "llamacpp" and s.realtime
