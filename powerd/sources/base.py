@@ -573,6 +573,16 @@ class Window:
     """Seconds of prefill forward passes over the window, where the server times them."""
 
 
+def _no_window_reason(prev: Reading, cur: Reading) -> str:
+    """Why compare(prev, cur) gives no window, in words, for when it gives none."""
+    if prev.gen_mode != cur.gen_mode or prev.prompt_mode != cur.prompt_mode:
+        return "the server changed which token figures it exports between the two scrapes"
+    return (
+        "the server restarted between the two scrapes (its start marker changed or a counter "
+        "went down): probe again"
+    )
+
+
 def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window | None:
     """The window between two scrapes dt_s apart; None when the server restarted in between."""
     if prev.gen_mode != cur.gen_mode or prev.prompt_mode != cur.prompt_mode:
@@ -731,6 +741,8 @@ class Source:
         self._totals: dict[str, float | None] = {}
         self._moved_s: float | None = None
         """When a counter or the engine report last changed."""
+        self.no_rate_reason: str | None = None
+        """Why the last good scrape gave no generation rate, in words; None when it gave one."""
 
     def fetch_response(self) -> FetchResponse:
         """One HTTP read of the metrics URL; raises on failure (the pool runs this in a thread)."""
@@ -821,14 +833,19 @@ class Source:
         if reading.model_names:
             self._model_name = ",".join(reading.model_names)
         window: Window | None = None
+        why = "there is no earlier scrape to compare with"
         prev, prev_s = self._prev, self._prev_s
         if prev is not None and prev_s is not None:
             dt_s = answered_s - prev_s
             if dt_s <= 0:
                 # Two polls at one instant: keep the older baseline and report no rates.
+                self.no_rate_reason = "the two scrapes came at one instant"
                 return self._sample(reading, None, now_s, time.perf_counter() - start)
             if dt_s <= self.max_window_s:
                 window = compare(prev, reading, dt_s, self.config.slo.quantile)
+                why = _no_window_reason(prev, reading)
+            else:
+                why = f"the scrapes were more than {self.max_window_s:g} s apart"
             if window is not None and window.prompt_len is not None:
                 self._prompt_mix.add(dt_s, *window.prompt_len)
             if window is not None and reading.prompt_mode == "admissions":
@@ -838,8 +855,19 @@ class Source:
             window = self._flushed_rates(reading, window, answered_s, stale)
         if stale and window is not None:
             window = replace(window, generation_tokens_per_s=0.0)
+        if window is not None:
+            why = "the server gave no usable generation figure for the window"
+            if "generation" in reading.flushed and window.generation_tokens_per_s is None:
+                why = (
+                    "its token counter has not moved past its rounding while requests ran"
+                    if reading.rounding.get("generation")
+                    else "its token counter has not moved while requests ran (the server adds "
+                    "to it in batches)"
+                ) + ": probe again with a longer --interval"
         self._prev, self._prev_s = reading, answered_s
-        return self._sample(reading, window, now_s, time.perf_counter() - start)
+        sample = self._sample(reading, window, now_s, time.perf_counter() - start)
+        self.no_rate_reason = None if sample.generation_tokens_per_s is not None else why
+        return sample
 
     def _admitted_prompt_rate(self, window: Window) -> Window:
         """The window's prompt rate as admissions x the recent mix's mean prompt."""

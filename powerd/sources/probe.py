@@ -41,7 +41,8 @@ def probe(
     if not second.up:
         raise SourceError(second.error or f"cannot read {url}")
     if second.generation_tokens_per_s is None:
-        raise SourceError(f"{url} restarted between the two scrapes; probe again")
+        reason = source.no_rate_reason or "the server gave no generation figure"
+        raise SourceError(f"{url} gave no generation rate from two scrapes: {reason}")
     window_s = second.timestamp_s - first.timestamp_s
     busy_s = second.prefill_busy_s
     return {

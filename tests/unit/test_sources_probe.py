@@ -154,6 +154,68 @@ def test_probe_unreadable_or_unknown_server() -> None:
         probe("http://h/metrics", interval_s=0)
 
 
+SGLANG = (
+    'sglang:num_running_reqs{{model_name="m",tp_rank="0"}} 24\n'
+    'sglang:realtime_tokens_total{{model_name="m",tp_rank="0",mode="decode"}} {decode}\n'
+    'sglang:realtime_tokens_total{{model_name="m",tp_rank="0",mode="prefill_compute"}} 9000\n'
+)
+LLAMACPP = "llamacpp:n_decode_total {d}\nllamacpp:n_busy_slots_per_decode {p}\n" + (
+    "llamacpp:requests_processing 4\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("bodies", "reason"),
+    [
+        (
+            ["vllm_restart_a.txt", "vllm_restart_b.txt"],
+            "the server restarted between the two scrapes (its start marker changed or a "
+            "counter went down): probe again",
+        ),
+        (
+            [SGLANG.format(decode=5000)] * 2,
+            "its token counter has not moved while requests ran (the server adds to it in "
+            "batches): probe again with a longer --interval",
+        ),
+        (
+            [LLAMACPP.format(d="1.23457e+07", p="3.7"), LLAMACPP.format(d="1.23458e+07", p="3.7")],
+            "its token counter has not moved past its rounding while requests ran: probe again "
+            "with a longer --interval",
+        ),
+    ],
+    ids=["restart", "batched-counter", "rounded-counter"],
+)
+def test_probe_says_why_it_has_no_generation_rate(bodies: list[str], reason: str) -> None:
+    """Not every missing rate is a restart: a counter the server adds to in batches, or one
+    printed rounded, may not have moved between two scrapes with requests running."""
+    texts = [(FIXTURES / b).read_bytes() if b.endswith(".txt") else b.encode() for b in bodies]
+
+    def fetch(url: str, timeout_s: float) -> FetchResponse:
+        return FetchResponse(200, texts.pop(0), {})
+
+    clock = Clock()
+    with pytest.raises(SourceError) as caught:
+        probe("http://h/metrics", fetch=fetch, sleep=clock.sleep, clock=clock)
+    assert (
+        str(caught.value) == f"http://h/metrics gave no generation rate from two scrapes: {reason}"
+    )
+
+
+def test_source_says_why_a_sample_has_no_generation_rate() -> None:
+    from powerd.config import ServerConfig
+    from powerd.sources import make_source
+
+    bodies = [b"vllm:generation_tokens_total 1\n", b"vllm:generation_tokens_total 2\n"]
+    source = make_source(
+        ServerConfig(name="v", url="http://h/metrics", kind="vllm"),
+        lambda url, timeout_s: FetchResponse(200, bodies.pop(0), {}),
+    )
+    source.poll(0.0)
+    assert source.no_rate_reason == "there is no earlier scrape to compare with"
+    source.poll(61.0)
+    assert source.no_rate_reason == "the scrapes were more than 60 s apart"
+
+
 def test_probe_of_a_refused_port_is_one_sentence() -> None:
     with pytest.raises(SourceError, match=r"^cannot connect to http://127\.0\.0\.1:9/metrics"):
         probe("http://127.0.0.1:9/metrics", interval_s=0.01)
