@@ -6,6 +6,7 @@ import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -34,7 +35,7 @@ def _no_log_level_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Itera
     root.setLevel(level)
 
 
-def _throttled_node(tmp_path: Path) -> tuple[dict[str, object], Path]:
+def _throttled_node(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     """A simulated node whose GPU 0 powerd locked and then left (kill -9): its config data
     and its device state file."""
     state_file = tmp_path / "gpus.json"
@@ -72,11 +73,12 @@ def test_restore_puts_the_gpus_back_although_the_config_is_invalid(
     config = tmp_path / "powerd.yaml"
     text = edit(yaml.safe_dump(data))  # type: ignore[operator]
     config.write_bytes(text.encode("cp1252"))
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="powerd"):
         assert main(["restore", "--config", str(config)]) == 0
     assert changed_gpus(state_file) == {}
     assert not (tmp_path / "state" / "journal.json").exists()
-    warning = caplog.records[0].getMessage()
+    warning = next(r for r in caplog.records if r.levelno >= logging.WARNING).getMessage()
     assert warning.startswith(str(config)), warning
     assert "reading only state_dir, gpu_backend, sim from it" in warning or (
         "restoring with the defaults" in warning

@@ -585,7 +585,7 @@ def test_llamacpp_rounded_product_is_rated_only_when_it_moved_measurably(
     moves in steps of tens (1e6) to hundreds (1e7) of tokens, which made 1-s rates of 0, 123,
     148 or 370 tokens/s; a rate is now given only where the rounding is a tenth of it at most."""
     busy = int(decodes * 3.7)
-    responses = []
+    responses: list[tuple[bytes, Mapping[str, str]]] = []
     for _ in range(120):
         responses.append((_llamacpp_printed(decodes, busy, 4), {}))
         decodes, busy = decodes + 33, busy + 33 * 4
