@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from tests.unit.daemon_helpers import (
     SET_CLOCKS,
     SET_LIMIT,
     SMALL_NODE,
+    Rig,
     make_rig,
     metric_lines,
     metric_value,
@@ -296,6 +298,20 @@ def _config_data(node: SimNode, itl_s: tuple[float, float] = (0.1, 0.1)) -> dict
     }
 
 
+def _rig_from_file(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], dict[str, Any]] = lambda data: data
+) -> tuple[Rig, Path]:
+    """A rig whose daemon read its config from a file (what reload reads again): the
+    simulated node's servers, passed through `edit`, as YAML in tmp_path."""
+    path = tmp_path / "powerd.yaml"
+
+    def configure(node: SimNode) -> Config:
+        path.write_text(yaml.safe_dump(edit(_config_data(node))))
+        return load_config(path)
+
+    return make_rig(tmp_path, configure=configure), path
+
+
 def test_each_server_is_read_over_one_kept_connection_closed_at_reload_and_stop(
     tmp_path: Path,
 ) -> None:
@@ -337,13 +353,7 @@ def test_each_server_is_read_over_one_kept_connection_closed_at_reload_and_stop(
 def test_reload_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "powerd.yaml"
-
-    def configure(node: SimNode) -> Config:
-        path.write_text(yaml.safe_dump(_config_data(node)))
-        return load_config(path)
-
-    rig = make_rig(tmp_path, configure=configure)
+    rig, path = _rig_from_file(tmp_path)
     rig.run(10)
     running = rig.daemon.config
     assert all(s.up for s in rig.snapshots[-1].servers)
@@ -384,13 +394,7 @@ def test_reload_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
 
 
 def test_reload_without_a_server_puts_its_gpus_back_to_defaults(tmp_path: Path) -> None:
-    path = tmp_path / "powerd.yaml"
-
-    def configure(node: SimNode) -> Config:
-        path.write_text(yaml.safe_dump(_config_data(node)))
-        return load_config(path)
-
-    rig = make_rig(tmp_path, configure=configure)
+    rig, path = _rig_from_file(tmp_path)
     rig.run(15)
     rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
     data = _config_data(rig.node)
@@ -407,13 +411,7 @@ def test_reload_without_a_server_puts_its_gpus_back_to_defaults(tmp_path: Path) 
 
 
 def test_reload_into_dry_run_restores_the_gpus_and_then_writes_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "powerd.yaml"
-
-    def configure(node: SimNode) -> Config:
-        path.write_text(yaml.safe_dump(_config_data(node)))
-        return load_config(path)
-
-    rig = make_rig(tmp_path, configure=configure)
+    rig, path = _rig_from_file(tmp_path)
     rig.run(15)
     rig.run_until(lambda s: _locked(rig, 0) is not None or _locked(rig, 1) is not None, 60)
     assert rig.journal_path.exists()
@@ -651,15 +649,7 @@ def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(
 
 
 def test_reload_adding_a_server_on_a_taken_gpu_keeps_the_daemon_running(tmp_path: Path) -> None:
-    path = tmp_path / "powerd.yaml"
-
-    def configure(node: SimNode) -> Config:
-        data = _config_data(node)
-        data["servers"] = data["servers"][:1]
-        path.write_text(yaml.safe_dump(data))
-        return load_config(path)
-
-    rig = make_rig(tmp_path, configure=configure)
+    rig, path = _rig_from_file(tmp_path, lambda data: {**data, "servers": data["servers"][:1]})
     rig.run(5)
     data = _config_data(rig.node)
     data["servers"][1]["gpus"] = [rig.uuid(0)]
@@ -676,13 +666,7 @@ def test_reload_adding_a_server_on_a_taken_gpu_keeps_the_daemon_running(tmp_path
 def test_reload_keeps_the_running_config_whatever_fails(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "powerd.yaml"
-
-    def configure(node: SimNode) -> Config:
-        path.write_text(yaml.safe_dump(_config_data(node)))
-        return load_config(path)
-
-    rig = make_rig(tmp_path, configure=configure)
+    rig, path = _rig_from_file(tmp_path)
     rig.run(3)
     running = rig.daemon.config
     path.write_bytes(b"# price in \x80 (Windows-1252)\ninterval_s: 1\n")
@@ -707,13 +691,7 @@ def test_reload_keeps_the_running_config_whatever_fails(
 def test_reload_keeps_state_dir_and_gpu_backend_as_started(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "powerd.yaml"
-
-    def configure(node: SimNode) -> Config:
-        path.write_text(yaml.safe_dump({**_config_data(node), "state_dir": str(tmp_path / "a")}))
-        return load_config(path)
-
-    rig = make_rig(tmp_path, configure=configure)
+    rig, path = _rig_from_file(tmp_path, lambda data: {**data, "state_dir": str(tmp_path / "a")})
     rig.run(3)
     data = {**_config_data(rig.node), "state_dir": str(tmp_path / "b"), "gpu_backend": "sim"}
     data["servers"][0]["slo"]["itl_s"] = 0.05
