@@ -1202,8 +1202,9 @@ def _group_step(
         slack = True
         if _finite(itl_ref):
             slack = itl_ref <= itl_line * (1 - _LOWER_BAND) and itl <= itl_line
-        elif running > 0.5:
-            # Requests in flight and no latency seen: no evidence of slack.
+        elif running > 0.5 or not _finite(running):
+            # Requests in flight and no latency seen, or no signal at all (a server that could
+            # not be read, until it turns stale): no evidence of slack.
             slack = False
         if _finite(ttft_ref) and (ttft_ref > ttft_line * (1 - _LOWER_BAND) or ttft > ttft_line):
             slack = False
@@ -1315,7 +1316,8 @@ def _group_step(
     cap = min(cap, f_max)
     # The slew limit applies to the chosen cap, not to a burst's one-tick boost.
     state[ST_CAP_MHZ, g] = cap
-    if boost > cap:
+    boosted = boost > cap
+    if boosted:
         cap = clamp_clock_up(row, n, boost)
         if reason in (REASON_STEADY, REASON_LOWER, REASON_ENERGY_FLOOR, REASON_HOLD):
             reason = REASON_RAISE_TTFT
@@ -1325,7 +1327,8 @@ def _group_step(
     limit = math.nan
     if knobs[KNOB_TRACK_LIMIT] > 0.5 and mode != MODE_BUDGET:
         peak = state[ST_POWER_PEAK_W, g]
-        if _finite(peak) and state[ST_PRESSURE, g] < 0.5:
+        # A prefill burst draws near the default limit: a boosted tick has no tracked limit.
+        if _finite(peak) and state[ST_PRESSURE, g] < 0.5 and not boosted:
             limit = peak * _LIMIT_HEADROOM + _LIMIT_HEADROOM_W
             limit = min(max(limit * 1000.0, params[PAR_PL_MIN_MW, g]), params[PAR_PL_MAX_MW, g])
             limit = math.floor(limit)

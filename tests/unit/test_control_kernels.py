@@ -1012,3 +1012,21 @@ def test_every_kernel_reason_has_one_of_the_exported_labels() -> None:
     drive(controller, 20)
     decision = controller.decide(20.0, [obs(waiting=60.0, sm_clock_mhz=1200.0)])[0]
     assert decision.reason_label == "raise_queue" and "queue" in decision.reason
+
+
+def test_a_server_that_cannot_be_read_is_no_evidence_of_slack() -> None:
+    controller, low = lowered(ticks=10)
+    blank = obs(sm_clock_mhz=low, running=None, waiting=None, ttft_p95_s=None, itl_p95_s=None)
+    silent = [controller.decide(100.0 + t, [blank])[0].sm_clock_max_mhz for t in range(8)]
+    assert min(silent) >= low, "no signal must not lower the clock before it turns stale"
+
+
+def test_a_boosted_tick_has_no_tracked_power_limit() -> None:
+    config = Config(control=ControlConfig(power_limit="track"))
+    controller, low = lowered(config, ticks=60)
+    quiet = controller.decide(100.0, [obs(sm_clock_mhz=low)])[0]
+    assert quiet.power_limit_mw is not None, "a quiet group tracks its drawn power"
+    controller.decide(101.0, [obs(waiting=1.0, sm_clock_mhz=low)])
+    burst = controller.decide(102.0, [obs(waiting=1.0, sm_clock_mhz=low)])[0]
+    assert burst.sm_clock_max_mhz > low
+    assert burst.power_limit_mw is None, "prefill at the boosted clock draws near the default"
