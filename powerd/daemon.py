@@ -338,7 +338,7 @@ class Daemon:
             applied = decision
             if cap_mhz is not None:
                 if not self.actuator.dry_run:
-                    applied = replace(decision, sm_clock_max_mhz=cap_mhz)
+                    applied = _raised(decision, cap_mhz)
                 self._note_raise(group, cap_mhz, now_s)
             self._act(group, applied, observation)
         self.ticks_total += 1
@@ -396,12 +396,14 @@ class Daemon:
             if reading is None:
                 energy_j = power_w = None
                 continue
+            # A powered GPU never draws 0 W: a 0 is a sensor that failed to read.
+            power_mw = reading.power_mw or None
             if energy_j is not None:
-                if delta_j is None and reading.power_mw is not None:
-                    delta_j = reading.power_mw / 1000.0 * interval_s
+                if delta_j is None and power_mw is not None:
+                    delta_j = power_mw / 1000.0 * interval_s
                 energy_j = None if delta_j is None else energy_j + delta_j
             if power_w is not None:
-                power_w = None if reading.power_mw is None else power_w + reading.power_mw / 1e3
+                power_w = None if power_mw is None else power_w + power_mw / 1e3
             if reading.sm_clock_mhz is not None:
                 clocks.append(reading.sm_clock_mhz)
             reasons |= reading.clock_event_reasons or 0
@@ -472,12 +474,18 @@ class Daemon:
         return blind
 
     def _energy_delta_j(self, uuid: str, reading: GpuReading | None) -> float | None:
+        """The GPU's energy over this tick from its counter; None when the counter cannot say
+        (the caller then takes power x interval)."""
         if reading is None or reading.energy_mj is None:
+            # The next delta would span two ticks and be taken for one.
+            self._prev_energy_mj.pop(uuid, None)
             return None
         previous = self._prev_energy_mj.get(uuid)
         self._prev_energy_mj[uuid] = reading.energy_mj
         if previous is None or reading.energy_mj < previous:
             return None  # first reading, or the counter restarted with a driver reload
+        if reading.energy_mj == previous:
+            return None  # a powered GPU never uses 0 J in a tick: the counter is stuck
         return (reading.energy_mj - previous) / 1000.0
 
     @staticmethod
@@ -522,8 +530,7 @@ class Daemon:
             # at four reads a second they would bury the tick's decisions.
             if not self.actuator.dry_run:
                 try:
-                    raised_decision = replace(decision, sm_clock_max_mhz=cap_mhz)
-                    self.actuator.apply(raised_decision, list(group.uuids))
+                    self.actuator.apply(_raised(decision, cap_mhz), list(group.uuids))
                 except GpuLost as exc:
                     self._drop_gpu(exc.uuid or "", exc)
                     continue
@@ -912,6 +919,13 @@ class _Notifier(Protocol):
     def watchdog(self) -> None: ...
     def status(self, text: str) -> None: ...
     def watchdog_interval_s(self) -> float | None: ...
+
+
+def _raised(decision: GroupDecision, cap_mhz: int) -> GroupDecision:
+    """The decision with its cap raised for a backlog. Outside budget mode a limit comes from
+    tracking the drawn power, which prefill at the raised clock would exceed: it goes."""
+    limit_mw = decision.power_limit_mw if decision.mode == "budget" else None
+    return replace(decision, sm_clock_max_mhz=cap_mhz, power_limit_mw=limit_mw)
 
 
 def _close_connections(groups: Sequence[Group]) -> None:

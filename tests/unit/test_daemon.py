@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pynvml
 import pytest
 import yaml
 
@@ -24,7 +25,7 @@ from powerd.config import NAMED_SERVER_KINDS, Config, ControlConfig, load_config
 from powerd.control import kernels
 from powerd.daemon import Daemon
 from powerd.gpu.nvml import NvmlBackend
-from powerd.model import BLIND_PREFILL_SHARE
+from powerd.model import BLIND_PREFILL_SHARE, GroupDecision
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.node import SimNode, serve_node
 from powerd.simulation import build_node, server_configs
@@ -542,6 +543,56 @@ def test_energy_counter_going_backwards_never_gives_negative_energy(tmp_path: Pa
     assert last.energy_j is not None and last.energy_j > 0
 
 
+def test_a_missed_energy_reading_is_not_counted_twice(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, record=True)
+    rig.run(20)
+    rig.fake.inject_error(0, "nvmlDeviceGetTotalEnergyConsumption", pynvml.NVMLError_Unknown)
+    rig.run(3)
+    for observations in rig.recorder.observations[-3:]:
+        group0 = observations[0]
+        assert group0.energy_j is not None and group0.power_w is not None
+        # Within the tick's power swing, not the two ticks' energy taken for one.
+        assert group0.energy_j < 1.5 * group0.power_w * 1.0
+
+
+class StuckEnergyNvml(FakeNvml):
+    """A FakeNvml whose GPU 0 energy counter stops, and whose power sensor can read 0."""
+
+    stuck_at_mj: int | None = None
+    zero_power = False
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int:
+        value = super().nvmlDeviceGetTotalEnergyConsumption(handle)
+        if self.handle_index(handle) == 0 and self.stuck_at_mj is not None:
+            return self.stuck_at_mj
+        return value
+
+    def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
+        value = super().nvmlDeviceGetPowerUsage(handle)
+        return 0 if self.zero_power and self.handle_index(handle) == 0 else value
+
+
+def test_a_stuck_energy_counter_or_a_zero_power_reading_is_not_taken_for_no_power(
+    tmp_path: Path,
+) -> None:
+    fakes: list[StuckEnergyNvml] = []
+
+    def factory(node: SimNode) -> FakeNvml:
+        fakes.append(StuckEnergyNvml(node.plant, lock=node.lock))
+        return fakes[0]
+
+    rig = make_rig(tmp_path, record=True, nvml_factory=factory)
+    rig.run(20)
+    fakes[0].stuck_at_mj = rig.snapshots[-1].gpus[0].reading.energy_mj
+    rig.run(3)
+    group0 = rig.recorder.observations[-1][0]
+    assert group0.power_w and group0.energy_j == pytest.approx(group0.power_w * 1.0, rel=1e-6)
+    fakes[0].zero_power = True
+    rig.run(2)
+    group0 = rig.recorder.observations[-1][0]
+    assert group0.power_w is None and group0.energy_j is None, "unknown, not 0 W"
+
+
 # ------------------------------------------------------------------------ journal unwritable
 
 
@@ -739,3 +790,11 @@ def test_the_watchdog_is_pinged_between_ticks_at_half_its_timeout(tmp_path: Path
     rig = make_rig(tmp_path / "quiet", notifier=quiet, interval_s=1.0)
     rig.daemon.run_forever(duration_s=0.5)
     assert len(quiet.pings) == 1, "without a watchdog timeout, only after the tick"
+
+
+def test_a_raise_for_a_backlog_drops_a_tracked_limit_but_keeps_a_budget_share() -> None:
+    tracked = GroupDecision("g", 1200, 342_500, "efficiency")
+    raised = daemon_module._raised(tracked, 1980)
+    assert (raised.sm_clock_max_mhz, raised.power_limit_mw) == (1980, None)
+    share = GroupDecision("g", 1200, 342_500, "budget")
+    assert daemon_module._raised(share, 1980).power_limit_mw == 342_500
