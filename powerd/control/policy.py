@@ -310,6 +310,9 @@ class Controller:
         mode = self._config.mode
         for g, spec in enumerate(self._groups):
             cap = round(float(arrays.out[k.OUT_CAP_MHZ, g]))
+            if cap >= arrays.params[k.PAR_CLOCK_MAX_MHZ, g]:
+                # Unlocked: the group's top shared clock would keep a faster model locked.
+                cap = max(cap, *(gpu.sm_clock_max_mhz for gpu in spec.gpus))
             limit = arrays.out[k.OUT_LIMIT_MW, g]
             label, reason = REASONS.get(int(arrays.out[k.OUT_REASON, g]), REASONS[k.REASON_STEADY])
             if mode == "budget" and not self._budget_ok:

@@ -1030,3 +1030,13 @@ def test_a_boosted_tick_has_no_tracked_power_limit() -> None:
     burst = controller.decide(102.0, [obs(waiting=1.0, sm_clock_mhz=low)])[0]
     assert burst.sm_clock_max_mhz > low
     assert burst.power_limit_mw is None, "prefill at the boosted clock draws near the default"
+
+
+def test_an_unlocked_group_of_mixed_models_unlocks_its_fastest_gpu() -> None:
+    a100_clocks = tuple(c for c in H100_CLOCKS if c <= 1410)
+    fast, slow = gpu(0), gpu(1, a100_clocks)
+    mixed = GroupSpec("g0", "srv-g0", (fast, slow), SLO)
+    for config in (Config(mode="off"), Config()):
+        controller = Controller(config, [mixed])
+        stale = controller.decide(0.0, [obs(gpu_count=2, stale=True)])[0]
+        assert stale.sm_clock_max_mhz >= fast.sm_clock_max_mhz, "off and stale mean unlocked"
