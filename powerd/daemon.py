@@ -134,8 +134,8 @@ class Group:
 
     @property
     def controlled(self) -> bool:
-        """Whether the group had GPUs when it was built or discovered: only those are the
-        policy's groups (one whose GPUs were all lost since stays one)."""
+        """Whether the group has GPUs to control: only those are the policy's groups (a group
+        whose last GPU is lost leaves them)."""
         return bool(self.spec.gpus)
 
 
@@ -365,9 +365,18 @@ class Daemon:
         self.infos.pop(uuid, None)
         self.actuator.forget(uuid)
         self._prev_energy_mj.pop(uuid, None)
+        emptied = False
         for group in self.groups:
             if uuid in group.uuids:
                 group.uuids.remove(uuid)
+                if not group.uuids and group.controlled:
+                    # Out of the policy: a group without GPUs must not keep a share of a
+                    # node budget, nor a decision that no GPU takes.
+                    group.spec = replace(group.spec, gpus=())
+                    emptied = True
+                    log.warning("server %s: its last GPU is lost; observed only", group.spec.name)
+        if emptied:
+            self._reconfigure_policy(self.config)
 
     def _observe(
         self,

@@ -23,6 +23,7 @@ import yaml
 from powerd import daemon as daemon_module
 from powerd.config import NAMED_SERVER_KINDS, Config, ControlConfig, load_config
 from powerd.control import kernels
+from powerd.control.policy import Controller
 from powerd.daemon import Daemon
 from powerd.gpu.nvml import NvmlBackend
 from powerd.model import BLIND_PREFILL_SHARE, GroupDecision
@@ -149,6 +150,18 @@ def test_lost_gpu_is_dropped_and_the_others_stay_controlled(
     assert _locked(rig, 0) is None
     assert rig.daemon.journal is not None
     assert [e.uuid for e in rig.daemon.journal.entries()] == [lost]
+
+
+def test_a_group_that_lost_its_last_gpu_leaves_the_budget(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, mode="budget", node_power_budget_w=800.0)
+    rig.run(10)
+    assert isinstance(rig.daemon.policy, Controller)
+    assert len(rig.daemon.policy.groups) == 2
+    rig.fake.lose_gpu(1)
+    rig.run(3)
+    assert [spec.name for spec in rig.daemon.policy.groups] == [rig.daemon.groups[0].spec.name]
+    assert not rig.daemon.groups[1].controlled and rig.snapshots[-1].servers[1].up
+    assert rig.run(1).groups[0].mode == "budget", "the remaining group is still controlled"
 
 
 # ------------------------------------------------------------------------ no permission
