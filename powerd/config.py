@@ -13,6 +13,7 @@ import re
 import socket
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,10 +90,18 @@ class ServerConfig:
             raise ConfigError(f"{path}.name: must not be empty")
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"{path}.url: must start with http:// or https://, got {self.url!r}")
+        try:
+            host = urllib.parse.urlsplit(self.url).hostname
+        except ValueError as exc:
+            raise ConfigError(f"{path}.url: not a URL ({exc}), got {self.url!r}") from None
+        if not host:
+            raise ConfigError(f"{path}.url: names no host, got {self.url!r}")
         if self.kind not in SERVER_KINDS:
             raise ConfigError(f"{path}.kind: must be one of {', '.join(SERVER_KINDS)}")
         if self.kind == "generic" and self.generic is None:
             raise ConfigError(f"{path}.generic: required when kind is generic")
+        if self.kind != "generic" and self.generic is not None:
+            raise ConfigError(f"{path}.generic: read only with kind: generic (kind is {self.kind})")
         _positive(f"{path}.timeout_s", self.timeout_s)
         self.slo.validate(f"{path}.slo")
         if self.gpus is None:
@@ -504,6 +513,13 @@ def _build(cls: type, data: object, path: str) -> Any:
     return cls(**kwargs)
 
 
+def _label_text(value: object, path: str) -> str:
+    """A label name or value as Prometheus writes it: text, or an unquoted YAML number."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return str(value)
+
+
 def _convert(hint: Any, value: object, path: str) -> Any:
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -532,7 +548,7 @@ def _convert(hint: Any, value: object, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        return {str(k): str(v) for k, v in value.items()}
+        return {_label_text(k, path): _label_text(v, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)  # type: ignore[arg-type]
     if hint is bool:

@@ -67,6 +67,34 @@ def test_empty_document_gives_defaults() -> None:
         ({"gpu_backend": "cuda"}, "gpu_backend: must be one of nvml, sim"),
         ({"servers": [{"url": "http://x/metrics"}]}, "servers[0].name: required"),
         ({"servers": [{"name": "a", "url": "ftp://x"}]}, "servers[0].url: must start with"),
+        ({"servers": [{"name": "a", "url": "http://"}]}, "servers[0].url: names no host"),
+        ({"servers": [{"name": "a", "url": "http://[::1/m"}]}, "servers[0].url: not a URL"),
+        (
+            {
+                "servers": [
+                    {
+                        "name": "a",
+                        "url": "http://x",
+                        "kind": "vllm",
+                        "generic": {"generation_tokens": "t"},
+                    }
+                ]
+            },
+            "servers[0].generic: read only with kind: generic (kind is vllm)",
+        ),
+        (
+            {
+                "servers": [
+                    {
+                        "name": "a",
+                        "url": "http://x",
+                        "kind": "generic",
+                        "generic": {"generation_tokens": "t", "labels": {"model": None}},
+                    }
+                ]
+            },
+            "servers[0].generic.labels.model: expected a string, got None",
+        ),
         (
             {"servers": [{"name": "a", "url": "http://x", "slo": {"ttft_s": -1}}]},
             "servers[0].slo.ttft_s: must be a positive number",
