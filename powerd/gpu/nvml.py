@@ -67,6 +67,19 @@ _ERROR_CLASSES: tuple[tuple[str, type[GpuError]], ...] = (
     ("NVMLError_LibRmVersionMismatch", GpuUnavailable),
 )
 
+_CLOCK_EVENT_REASONS = (
+    "nvmlDeviceGetCurrentClocksEventReasons",
+    "nvmlDeviceGetCurrentClocksThrottleReasons",
+)
+"""The same bits under two names: drivers before R535 have only the older one."""
+_RUNNING_PROCESSES = (
+    "nvmlDeviceGetComputeRunningProcesses",
+    "nvmlDeviceGetComputeRunningProcesses_v2",
+)
+"""The binding's call uses the _v3 symbol, which some drivers lack (R470, 535.98)."""
+_PID_MAX = 1 << 22
+"""Linux's largest pid_max."""
+
 _HINTS: dict[type[GpuError], str] = {
     NoPermission: " (changing GPU settings needs root or CAP_SYS_ADMIN)",
     GpuLost: " (the GPU fell off the bus or stopped answering)",
@@ -95,6 +108,8 @@ class NvmlBackend:
         self.error_counts: dict[tuple[str, str], int] = {}
         """Errors by (NVML function, GpuError kind) since start; read by the exporter."""
         self._handles: dict[str, Any] = {}
+        self._chosen: dict[tuple[str, ...], str] = {}
+        """Operations tried in order (_optional_first) -> the one this driver answered."""
         self._infos: dict[str, GpuInfo] = {}
         self._locked_mhz: dict[str, tuple[int, int] | None] = {}
         """The lock powerd set per GPU (None: unlocked by powerd); absent: unknown, since NVML
@@ -266,6 +281,8 @@ class NvmlBackend:
         except (GpuError, ValueError):
             pass  # ValueError: an empty memory-clock list
         sm = getattr(self._nvml, "NVML_CLOCK_SM", 1)
+        # Nothing below f_max is known: the actuator does not lock such a GPU (a lock at f_max
+        # alone would keep it from clocking down when idle).
         return (int(self._call("nvmlDeviceGetMaxClockInfo", uuid, handle, sm)),)
 
     def _handle(self, uuid: str) -> Any:
@@ -324,7 +341,7 @@ class NvmlBackend:
         )
         power_limit_mw = self._optional("nvmlDeviceGetPowerManagementLimit", uuid, handle)
         enforced_mw = self._optional("nvmlDeviceGetEnforcedPowerLimit", uuid, handle)
-        reasons = self._optional("nvmlDeviceGetCurrentClocksEventReasons", uuid, handle)
+        reasons = self._optional_first(_CLOCK_EVENT_REASONS, uuid, handle)
         temperature_c = self._optional(
             "nvmlDeviceGetTemperature", uuid, handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
         )
@@ -344,10 +361,32 @@ class NvmlBackend:
     def compute_pids(self, uuid: str) -> list[int]:
         """PIDs with a compute context on the GPU; empty when NVML cannot list them."""
         handle = self._handle(uuid)
-        processes = self._optional("nvmlDeviceGetComputeRunningProcesses", uuid, handle)
+        processes = self._optional_first(_RUNNING_PROCESSES, uuid, handle)
         if not processes:
             return []
-        return sorted({int(p.pid) for p in processes})
+        # An entry read with another driver's struct layout gives 0 or a garbage PID.
+        return sorted({int(p.pid) for p in processes if 0 < int(p.pid) <= _PID_MAX})
+
+    def _optional_first(self, operations: tuple[str, ...], uuid: str, *args: Any) -> Any:
+        """The result of the first of `operations` this driver provides, remembered once one
+        answered (a driver older than the binding lacks the newer symbols); None as in
+        _optional."""
+        chosen = self._chosen.get(operations)
+        if chosen is not None:
+            return self._optional(chosen, uuid, *args)
+        for operation in operations:
+            try:
+                result = self._call(operation, uuid, *args)
+            except (GpuLost, GpuUnavailable):
+                raise
+            except NotSupported:
+                continue
+            except GpuError:
+                return None
+            self._chosen[operations] = operation
+            return result
+        self._chosen[operations] = operations[0]  # none is supported: one error a read, not n
+        return None
 
     # --- writes ---------------------------------------------------------------------------
 

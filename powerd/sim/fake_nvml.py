@@ -562,6 +562,13 @@ class FakeNvml:
                 self._device("nvmlDeviceGetCurrentClocksEventReasons", handle)
             )
 
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int:
+        """The name drivers before R535 give the same bits."""
+        with self.lock:
+            return self.plant.clock_event_reasons(
+                self._device("nvmlDeviceGetCurrentClocksThrottleReasons", handle)
+            )
+
     def nvmlDeviceGetSupportedClocksEventReasons(self, handle: Any) -> int:
         with self.lock:
             self._device("nvmlDeviceGetSupportedClocksEventReasons", handle)
@@ -600,8 +607,15 @@ class FakeNvml:
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
         """Objects with .pid, .usedGpuMemory (bytes or None), .gpuInstanceId, .computeInstanceId."""
+        return self._processes("nvmlDeviceGetComputeRunningProcesses", handle)
+
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: Any) -> list[Any]:
+        """The call under the symbol drivers without _v3 (R470, 535.98) have."""
+        return self._processes("nvmlDeviceGetComputeRunningProcesses_v2", handle)
+
+    def _processes(self, function: str, handle: Any) -> list[Any]:
         with self.lock:
-            i = self._device("nvmlDeviceGetComputeRunningProcesses", handle)
+            i = self._device(function, handle)
             return [
                 pynvml.nvmlFriendlyObject(
                     {

@@ -387,3 +387,34 @@ def test_real_pynvml_without_a_driver() -> None:
     assert str(caught.value) == (
         "NVML is not available: libnvidia-ml.so.1 was not found; is the NVIDIA driver installed?"
     )
+
+
+def test_a_driver_before_r535_gives_its_clock_event_reasons_under_the_older_name(
+    fake: FakeNvml, backend: NvmlBackend
+) -> None:
+    uuid = fake.uuids[0]
+    fake.inject_error(
+        0,
+        "nvmlDeviceGetCurrentClocksEventReasons",
+        pynvml.NVMLError_FunctionNotFound,
+        persistent=True,
+    )
+    assert backend.read(uuid).clock_event_reasons is not None
+    assert backend.read(uuid).clock_event_reasons is not None
+    failed = backend.error_counts[("nvmlDeviceGetCurrentClocksEventReasons", "not_supported")]
+    assert failed == 1, "the newer name is tried once, then the one that answered is kept"
+
+
+def test_compute_pids_without_the_v3_symbol_and_with_garbage_entries(
+    fake: FakeNvml, backend: NvmlBackend
+) -> None:
+    uuid = fake.uuids[0]
+    fake.set_compute_pids(0, [0, 111, 4242, 3_221_225_472])
+    assert backend.compute_pids(uuid) == [111, 4242], "0 and a misread PID are left out"
+    fake.inject_error(
+        0,
+        "nvmlDeviceGetComputeRunningProcesses",
+        pynvml.NVMLError_FunctionNotFound,
+        persistent=True,
+    )
+    assert NvmlBackend(fake).compute_pids(uuid) == [111, 4242], "the _v2 symbol answers"
