@@ -74,7 +74,14 @@ class Actuator:
         """Start tracking a GPU (idempotent)."""
         state = self.states.get(info.uuid)
         if state is None:
-            state = self.states[info.uuid] = GpuControlState(info)
+            # With no supported clock known below f_max, a lock could only pin the GPU there.
+            lockable = len(info.supported_sm_clocks_mhz) > 1
+            state = self.states[info.uuid] = GpuControlState(info, clock_lock_supported=lockable)
+            if not lockable:
+                log.warning(
+                    "GPU %s lists no supported clocks; controlled through its power limit",
+                    info.uuid,
+                )
         return state
 
     def forget(self, uuid: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,13 @@ def test_leaving_dry_run_writes_what_the_dry_run_only_would_have(tmp_path: Path)
     actuator.dry_run = False
     actuator.apply(_decision(1500), ["GPU-0"])
     assert backend.writes == [("lock", "GPU-0", (345, 1500))]
+
+
+def test_a_gpu_that_lists_no_clocks_is_not_pinned_at_f_max(tmp_path: Path) -> None:
+    backend = RecordingBackend(1)
+    only_max = dataclasses.replace(backend.infos[0], supported_sm_clocks_mhz=(1980,))
+    backend.infos = [only_max]
+    actuator = Actuator(backend, Journal(tmp_path / "journal.json"), dry_run=False)
+    actuator.track(only_max)
+    actuator.apply(_decision(1400), ["GPU-0"], power_w=400.0, clock_mhz=1980.0)
+    assert [op for op, _, _ in backend.writes] == ["limit"], "its power limit, never a lock"
