@@ -253,7 +253,7 @@ class Daemon:
         if server.gpus is None:
             try:
                 found = discover_server_gpus(
-                    server.url, self.backend.compute_pids, list(self.infos)
+                    server.url, self.backend.compute_pids, list(self.infos), gpu_indices=by_index
                 )
             except Exception as exc:  # discovery is best effort; the server is still observed
                 found, why = [], f"cannot discover them ({exc})"

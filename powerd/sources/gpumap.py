@@ -14,7 +14,7 @@ Reference: shared/reference/inference_server_metrics.md section 11.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -89,14 +89,14 @@ def listening_pid(
     return int(pids.pop())
 
 
-def _visible_devices(value: str, gpu_uuids: list[str]) -> list[str]:
+def _visible_devices(value: str, gpu_uuids: list[str], by_index: Mapping[int, str]) -> list[str]:
     found: list[str] = []
     for token in value.split(","):
         token = token.strip()
         if token.isdigit():
-            index = int(token)
-            if index < len(gpu_uuids):
-                found.append(gpu_uuids[index])
+            uuid = by_index.get(int(token))
+            if uuid is not None:
+                found.append(uuid)
         elif token.startswith("GPU-"):
             found += [u for u in gpu_uuids if u.startswith(token)]
     return found
@@ -107,6 +107,7 @@ def discover_server_gpus(
     backend_compute_pids: Callable[[str], list[int]],
     gpu_uuids: list[str],
     *,
+    gpu_indices: Mapping[int, str] | None = None,
     listen_pid: int | None = None,
     net_connections: Callable[[], Iterable[Any]] = _default_connections,
     process: Callable[[int], Any] = psutil.Process,
@@ -114,6 +115,8 @@ def discover_server_gpus(
     """UUIDs (in gpu_uuids order) of the GPUs running processes of the server at url.
 
     backend_compute_pids(uuid) lists the PIDs with a compute context on that GPU (NVML).
+    gpu_indices maps NVML indices to UUIDs, for a CUDA_VISIBLE_DEVICES hint that names GPUs by
+    index (default: positions in gpu_uuids, right only while no GPU is missing from it).
     listen_pid skips the socket lookup when the caller knows the server's PID. The psutil
     functions are injectable for tests. Raises SourceError (one sentence) when the server's
     processes cannot be seen or hold no GPU.
@@ -147,6 +150,7 @@ def discover_server_gpus(
     if found:
         return found
     hinted: list[str] = []
+    by_index = dict(enumerate(gpu_uuids)) if gpu_indices is None else gpu_indices
     for proc in tree:
         try:
             env = proc.environ()
@@ -155,7 +159,8 @@ def discover_server_gpus(
         for key in _ENV_HINTS:
             value = env.get(key)
             if value:
-                hinted += [u for u in _visible_devices(value, gpu_uuids) if u not in hinted]
+                visible = _visible_devices(value, gpu_uuids, by_index)
+                hinted += [u for u in visible if u not in hinted]
         if hinted:
             break
     if hinted:

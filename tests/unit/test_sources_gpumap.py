@@ -165,6 +165,21 @@ def test_cuda_visible_devices_is_only_a_hint() -> None:
     assert table.discover("http://127.0.0.1:8080/metrics") == [UUIDS[0]]
 
 
+def test_cuda_visible_devices_indices_are_nvml_indices_when_a_gpu_is_missing() -> None:
+    proc = FakeProc(10, env={"CUDA_VISIBLE_DEVICES": "2"})
+    table = Table([proc], [listen(8080, 10)], {})
+    present = {0: UUIDS[0], 2: UUIDS[2], 3: UUIDS[3]}  # NVML GPU 1 left out or lost
+    found = discover_server_gpus(
+        "http://127.0.0.1:8080/metrics",
+        table.compute_pids,
+        list(present.values()),
+        gpu_indices=present,
+        net_connections=lambda: table.conns,
+        process=table.process,
+    )
+    assert found == [UUIDS[2]], "index 2 is NVML's GPU 2, not the third GPU still listed"
+
+
 def test_cuda_visible_devices_uuid_prefixes_and_mig() -> None:
     env = {"CUDA_VISIBLE_DEVICES": "GPU-cccc,MIG-xyz,7"}
     table = Table([FakeProc(10, env=env)], [listen(8080, 10)], {})
