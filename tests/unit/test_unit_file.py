@@ -126,3 +126,7 @@ def test_hardening_choices() -> None:
     assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(families)
     after = " ".join(_values("After", section="Unit")).split()
     assert "nvidia-persistenced.service" in after
+    # Ordering alone starts nothing: the daemon that keeps the GPUs initialised (and their
+    # device nodes made) must be pulled in, not only waited for when something else starts it.
+    wants = " ".join(_values("Wants", section="Unit")).split()
+    assert "nvidia-persistenced.service" in wants
