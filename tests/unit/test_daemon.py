@@ -688,7 +688,7 @@ def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(
     """At boot the server does not listen yet, so discovery fails; it is looked for again."""
     found: list[str] = []
 
-    def discover(url: str, compute_pids: Any, uuids: list[str]) -> list[str]:
+    def discover(url: str, compute_pids: Any, uuids: list[str], **_: Any) -> list[str]:
         if not found:
             raise SourceError("nothing on this node listens on port 8001")
         return list(found)
