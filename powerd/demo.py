@@ -73,9 +73,10 @@ class DemoOptions:
                 raise ValueError(f"{option}: must be a positive number, got {value}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"--metrics-port: must be in [0, 65535], got {self.metrics_port}")
-        check_sim_config(sim_config_for(self), keys=_SIM_OPTIONS)
+        sim = sim_config_for(self)
+        check_sim_config(sim, keys=_SIM_OPTIONS)
         try:
-            demo_config(self, sim_config_for(self), servers=(), state_dir="").validate()
+            demo_config(self, sim, servers=(), state_dir="").validate()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
 

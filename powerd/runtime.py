@@ -136,8 +136,12 @@ def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None
         )
 
 
+def journal_path(config: Config) -> Path:
+    return Path(config.state_dir) / JOURNAL_FILE
+
+
 def journal_for(config: Config) -> Journal:
-    return Journal(Path(config.state_dir) / JOURNAL_FILE)
+    return Journal(journal_path(config))
 
 
 def open_backend(config: Config) -> GpuBackend:
@@ -163,7 +167,7 @@ def restore_node(config: Config) -> int:
 
 
 def _restore_journal(config: Config) -> int:
-    path = Path(config.state_dir) / JOURNAL_FILE
+    path = journal_path(config)
     if not path.exists():
         log.info("nothing to restore: %s holds no saved settings", path)
         return 0
