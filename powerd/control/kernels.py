@@ -1285,6 +1285,9 @@ def _group_step(
         cap_base = clamp_clock_down(row, n, tgt)
         if cap_base > new_base and reason == REASON_STEADY:
             reason = REASON_TARGET
+    else:
+        # A switch to target mode (a reload) starts its search from the clock held now.
+        state[ST_TARGET_MHZ, g] = new_base
 
     # A small regular dither keeps the clock models identifiable; only when settled and slack.
     cap = cap_base

@@ -1040,3 +1040,22 @@ def test_an_unlocked_group_of_mixed_models_unlocks_its_fastest_gpu() -> None:
         controller = Controller(config, [mixed])
         stale = controller.decide(0.0, [obs(gpu_count=2, stale=True)])[0]
         assert stale.sm_clock_max_mhz >= fast.sm_clock_max_mhz, "off and stale mean unlocked"
+
+
+def test_a_reload_into_target_mode_starts_from_the_clock_held() -> None:
+    """Efficiency settles low, where 7 tokens/J is met; target mode keeps it met from there."""
+    controller = Controller(Config(mode="efficiency"), [spec()])
+    cap = 1980.0
+    for t in range(150):
+        cap = controller.decide(float(t), [target_plant(cap)])[0].sm_clock_max_mhz
+    settled_mhz = cap
+    assert target_plant(settled_mhz).energy_j < 3000.0 / 7.0
+    controller.reconfigure(Config(mode="target", target_tokens_per_joule=7.0), [spec()])
+    caps = []
+    for t in range(150, 170):
+        cap = controller.decide(float(t), [target_plant(cap)])[0].sm_clock_max_mhz
+        caps.append(cap)
+    # It climbs towards the target's clock a step at a time, never jumping to f_max.
+    assert max(caps) <= 1600
+    assert caps[0] <= settled_mhz + 60
+    assert controller.group_state()[0]["target_reached"] is True
