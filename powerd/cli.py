@@ -150,6 +150,14 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--ca-file", metavar="FILE", help="CA certificate(s) to verify an https daemon"
     )
+    status.add_argument(
+        "--cert-file",
+        metavar="FILE",
+        help="client certificate (PEM) for a daemon that requires one",
+    )
+    status.add_argument(
+        "--key-file", metavar="FILE", help="the client certificate's key, if not in --cert-file"
+    )
     status.set_defaults(func=_cmd_status)
 
     bench = sub.add_parser(
@@ -271,6 +279,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             user=args.user,
             password_file=args.password_file,
             ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
         )
         rows = fetch_status(target.url, auth=target.auth, ssl_context=target.ssl_context)
     except StatusError as exc:

@@ -52,17 +52,23 @@ def endpoint(
     user: str | None = None,
     password_file: str | Path | None = None,
     ca_file: str | Path | None = None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
 ) -> Endpoint:
     """The endpoint `powerd status` reads, from its options.
 
     metrics is the config's metrics section: it gives the address (listen_address, port) and,
     through web_config_file, the scheme; without ca_file an https daemon is then trusted by the
     certificate it serves (tls_server_config.cert_file). url overrides the address. Neither
-    given: DEFAULT_URL. Raises StatusError for an unreadable file or a user without a password
-    file (and the reverse), WebConfigError (a ConfigError) for a bad web config.
+    given: DEFAULT_URL. cert_file (with key_file, unless the key is in the same PEM) is the
+    client certificate for a daemon that requires one (client_auth_type). Raises StatusError
+    for an unreadable file, a user without a password file (and the reverse) or a key without
+    a certificate, WebConfigError (a ConfigError) for a bad web config.
     """
     if (user is None) != (password_file is None):
         raise StatusError("--user and --password-file go together.")
+    if key_file is not None and cert_file is None:
+        raise StatusError("--key-file needs --cert-file.")
     auth = None
     if user is not None and password_file is not None:
         auth = (user, _read_password(Path(password_file)))
@@ -80,6 +86,10 @@ def endpoint(
         context = _client_context(trusted_cert, "tls_server_config.cert_file")
         # The daemon's own certificate is the trust anchor even when a CA issued it.
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    if cert_file is not None:
+        if context is None:
+            context = ssl.create_default_context()
+        _load_client_cert(context, Path(cert_file), None if key_file is None else Path(key_file))
     return Endpoint(url=url or DEFAULT_URL, auth=auth, ssl_context=context)
 
 
@@ -304,15 +314,31 @@ def _metrics_url(url: str) -> tuple[str, tuple[str, str] | None]:
     return urlunsplit((parts.scheme, netloc, path, parts.query, "")), auth
 
 
+_CLIENT_CERT_ALERTS = frozenset(
+    {
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+    }
+)
+"""The server's TLS alerts for a missing or untrusted client certificate (OpenSSL's names)."""
+
+
 def _unreachable(metrics_url: str, reason: object) -> StatusError:
     if isinstance(reason, ssl.SSLCertVerificationError):
         return StatusError(
             f"powerd at {metrics_url} is not trusted ({_reason(reason)}); give --ca-file, or "
             "--url with a name its certificate carries."
         )
+    if isinstance(reason, ssl.SSLError) and reason.reason in _CLIENT_CERT_ALERTS:
+        return StatusError(
+            f"powerd at {metrics_url} refused the client ({_reason(reason)}); it requires a "
+            "client certificate it trusts: give --cert-file (and --key-file)."
+        )
     if isinstance(reason, ssl.SSLError):
         return StatusError(
-            f"powerd at {metrics_url} failed TLS ({_reason(reason)}); does it serve https?"
+            f"powerd at {metrics_url} failed TLS ({_reason(reason)}); does it serve https, "
+            "and does it require a client certificate (--cert-file)?"
         )
     return StatusError(
         f"powerd is not reachable at {metrics_url} ({_reason(reason)}); is the daemon running?"
@@ -356,3 +382,13 @@ def _client_context(ca_file: Path, what: str) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(ca_file))
     except (OSError, ssl.SSLError) as exc:
         raise StatusError(f"cannot load {what} {ca_file}: {_reason(exc)}.") from None
+
+
+def _load_client_cert(context: ssl.SSLContext, cert_file: Path, key_file: Path | None) -> None:
+    try:
+        context.load_cert_chain(str(cert_file), None if key_file is None else str(key_file))
+    except (OSError, ssl.SSLError) as exc:
+        what = f"--cert-file {cert_file}"
+        if key_file is not None:
+            what += f" / --key-file {key_file}"
+        raise StatusError(f"cannot load {what}: {_reason(exc)}.") from None

@@ -284,6 +284,42 @@ def test_tls_from_the_config_or_a_ca_file(
         exporter.stop()
 
 
+def test_a_client_certificate_for_a_daemon_that_requires_one(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    web = tmp_path / "web.yml"
+    web.write_text(
+        f"tls_server_config:\n  cert_file: {certs / 'server.crt'}\n"
+        f"  key_file: {certs / 'server.key'}\n"
+        "  client_auth_type: RequireAndVerifyClientCert\n"
+        f"  client_ca_file: {certs / 'client.crt'}\n"
+    )
+    exporter = Exporter(MetricsConfig(port=0, web_config_file=str(web)), build_info=BUILD_INFO)
+    exporter.publish(small_snapshots()[1])
+    exporter.start()
+    try:
+        config = str(_config(tmp_path, exporter.port or 0, web))
+        code, out, err = _status(capsys, "--config", config)
+        assert code == 1 and len(err.splitlines()) == 1, err
+        # TLS 1.3 gives the server's alert or only a closed connection, as the timing falls.
+        assert "client certificate" in err and "--cert-file" in err, err
+        client = ("--cert-file", str(certs / "client.crt"), "--key-file", str(certs / "client.key"))
+        code, out, err = _status(capsys, "--config", config, *client)
+        assert (code, err) == (0, "") and "llama" in out
+        both = tmp_path / "client.pem"
+        both.write_text((certs / "client.crt").read_text() + (certs / "client.key").read_text())
+        code, out, err = _status(capsys, "--config", config, "--cert-file", str(both))
+        assert (code, err) == (0, "") and "llama" in out
+        cert_only = ("--cert-file", str(certs / "client.crt"))
+        code, out, err = _status(capsys, "--config", config, *cert_only)
+        assert code == 1 and err.startswith("powerd status: cannot load --cert-file "), err
+        key_only = ("--key-file", str(certs / "client.key"))
+        code, out, err = _status(capsys, "--config", config, *key_only)
+        assert (code, err) == (1, "powerd status: --key-file needs --cert-file.\n")
+    finally:
+        exporter.stop()
+
+
 def test_basic_auth_from_a_password_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
