@@ -1,11 +1,14 @@
 """A fast, selective parser for the Prometheus text format 0.0.4 and OpenMetrics 1.0.
 
 A source needs a handful of families out of a scrape that can run to hundreds of kilobytes, so
-the parser splits the body at `# TYPE` lines and skips every family it was not asked for without
-looking at its lines, and the bucket lines of a histogram read only for its sum or count. The
-other lines of the wanted families (and any lines before the first `# TYPE`) are parsed
-strictly: a line that is not a comment, a blank or a well-formed sample is an error that names
-the line.
+the parser splits the body at `# TYPE` lines and skips every family it was not asked for, and
+the bucket lines of a histogram read only for its sum or count. A skipped family's lines are not
+parsed: they are only counted, to find any line that does not start with the family's name. Such
+a line is an untyped sample of another family (the text format starts a new family at a sample
+whose name does not belong to the current one), and it is read when its name is wanted. The
+other lines of the wanted families, any line naming a wanted sample, and any lines before the
+first `# TYPE` are parsed strictly: a line that is not a comment, a blank or a well-formed sample
+is an error that names the line.
 
 Both formats are accepted as they are found in the wild:
 - counters typed with `_total` (prometheus_client text format), without it (OpenMetrics, where
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -39,6 +43,7 @@ _SAMPLE_FAST = re.compile(
     r"[ \t]*([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?[ \t]+([^ \t\r#]+)"
     r"(?:[ \t]+[^ \t\r#]+)?[ \t\r]*(?:#.*)?$"
 )
+_NAME = re.compile(r"[ \t]*([a-zA-Z_:][a-zA-Z0-9_:]*)")
 _SAMPLE_SLOW = re.compile(
     r'[ \t]*([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[^"}]|"(?:[^"\\]|\\.)*")*)\})?[ \t]+([^ \t\r#]+)'
     r"(?:[ \t]+[^ \t\r#]+)?[ \t\r]*(?:#.*)?$"
@@ -63,6 +68,8 @@ class Wanted:
 
     samples: frozenset[str]
     families: frozenset[str]
+    ordered: tuple[str, ...]
+    """The sample names, sorted (to find those that start with a family's name)."""
 
     @classmethod
     def of(cls, names: Iterable[str]) -> Wanted:
@@ -72,7 +79,13 @@ class Wanted:
             for suffix in _SUFFIXES:
                 if name.endswith(suffix):
                     families.add(name[: -len(suffix)])
-        return cls(samples, frozenset(families))
+        return cls(samples, frozenset(families), tuple(sorted(samples)))
+
+    def named_after(self, family: str) -> bool:
+        """Whether a wanted sample name starts with `family` (and so is not told from the
+        family's own lines by its first characters)."""
+        i = bisect_left(self.ordered, family)
+        return i < len(self.ordered) and self.ordered[i].startswith(family)
 
 
 def _unescape(value: str) -> str:
@@ -174,6 +187,45 @@ def _parse_lines(
     return True
 
 
+def _foreign_lines(chunk: str, family: str, wanted: Wanted) -> bool:
+    """Whether a skipped family's chunk may hold a wanted sample of another family: a line that
+    is not a comment or a blank and does not start with the family's name, or any line where a
+    wanted name starts with it. Counts the family's lines without splitting them; only the lines
+    after its last one (the next family's `# HELP`) are looked at."""
+    if not family or wanted.named_after(family):
+        return True
+    own = "\n" + family
+    rest = chunk.count("\n") - chunk.count(own)
+    if rest == 0:
+        return False
+    start = chunk.find("\n", chunk.rfind(own) + 1)
+    if start < 0:
+        return True
+    tail = chunk[start + 1 :].split("\n")
+    return len(tail) != rest or any(line and line[0] != "#" and not line.isspace() for line in tail)
+
+
+def _parse_foreign(
+    text: str,
+    lines: list[str],
+    names: frozenset[str],
+    cache: dict[str, LabelInfo],
+    out: Samples,
+) -> bool:
+    """Parse the lines of a skipped family's chunk that name a wanted sample; returns False once
+    `# EOF` was read."""
+    name = _NAME.match
+    keep: list[str] = []
+    for line in lines:
+        if line.startswith("# EOF"):
+            _parse_lines(text, keep, names, cache, out)
+            return False
+        m = name(line)
+        if m is not None and m.group(1) in names:
+            keep.append(line)
+    return _parse_lines(text, keep, names, cache, out)
+
+
 def parse_exposition(
     body: bytes | str,
     wanted: Wanted | None = None,
@@ -181,9 +233,10 @@ def parse_exposition(
 ) -> Samples:
     """Parse the samples of the wanted families (all samples when wanted is None).
 
-    Raises ExpositionError("line N: why: 'line'") for a line of a read family that is not a
-    sample, a comment or a blank. `cache` maps raw label text to parsed labels across scrapes of
-    one server (it is bounded); pass the same dict on every call to skip re-parsing labels.
+    Raises ExpositionError("line N: why: 'line'") for a line of a read family, or a line that
+    names a wanted sample, that is not a sample, a comment or a blank. `cache` maps raw label
+    text to parsed labels across scrapes of one server (it is bounded); pass the same dict on
+    every call to skip re-parsing labels.
     """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     if "\x00" in text:
@@ -195,14 +248,17 @@ def parse_exposition(
     chunks = ("\n" + text if text.startswith("# TYPE ") else text).split(_TYPE_SPLIT)
     if not _parse_lines(text, chunks[0].split("\n"), names, cache, out):
         return out
-    families = None if wanted is None else wanted.families
     for chunk in chunks[1:]:
-        end = chunk.find(" ")
-        family = chunk[:end]
-        if families is not None and family not in families:
-            continue
         first = chunk.find("\n")
         if first < 0:
+            continue
+        end = chunk.find(" ", 0, first)
+        family = chunk[: first if end < 0 else end]
+        if wanted is not None and family not in wanted.families:
+            if _foreign_lines(chunk, family, wanted) and not _parse_foreign(
+                text, chunk[first + 1 :].split("\n"), wanted.samples, cache, out
+            ):
+                return out
             continue
         unread = None if names is None or family + "_bucket" in names else family + "_bucket{"
         if not _parse_lines(text, chunk[first + 1 :].split("\n"), names, cache, out, unread):

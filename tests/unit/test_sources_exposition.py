@@ -72,6 +72,73 @@ keep 1
         parse_exposition(body)
 
 
+def test_untyped_sample_after_a_skipped_family_is_read() -> None:
+    """A sample whose name does not belong to the current `# TYPE` family starts a new untyped
+    family (a hand-rolled exporter read with kind: generic), whether or not the family before
+    it is read."""
+    body = b"# TYPE foo_total counter\nfoo_total 3\nbar_requests 7\n"
+    for wanted in (["bar_requests"], ["foo_total", "bar_requests"]):
+        samples = parse_exposition(body, Wanted.of(wanted))
+        assert values(samples, "bar_requests") == {(): 7.0}
+    assert "bar_requests" in parse_exposition(body.rstrip(), Wanted.of(["bar_requests"]))
+    odd = [
+        # after HELP lines, and with the skipped family's histogram lines around it
+        b'# HELP h x\n# TYPE h histogram\nh_bucket{le="+Inf"} 1\n# HELP bar_requests y\n'
+        b"bar_requests 7\nh_sum 1\nh_count 1\n",
+        # a name that starts with the skipped family's name
+        b"# TYPE bar gauge\nbar 1\nbar_requests 7\n",
+        # CRLF, and a `# TYPE` line with two spaces or no type
+        b"# TYPE foo gauge\r\nfoo 1\r\n\r\nbar_requests 7\r\n",
+        b"# TYPE  bar_requests gauge\nbar_requests 7\n",
+        b"# TYPE bar_requests\nbar_requests 7\n",
+    ]
+    for text in odd:
+        assert values(parse_exposition(text, Wanted.of(["bar_requests"])), "bar_requests") == {
+            (): 7.0
+        }, text
+    # The skipped family's own lines stay unread; a line naming a wanted sample is strict.
+    junk = b"# TYPE junk gauge\njunk{not parsed\nbar_requests 7\n"
+    assert set(parse_exposition(junk, Wanted.of(["bar_requests"]))) == {"bar_requests"}
+    bad = body.replace(b"bar_requests 7", b'bar_requests{a="1} 7')
+    with pytest.raises(ExpositionError, match="line 3: malformed labels"):
+        parse_exposition(bad, Wanted.of(["bar_requests"]))
+    # Past `# EOF`, nothing is read.
+    ended = b"# TYPE foo gauge\nfoo 1\n# EOF\nbar_requests 7\n"
+    assert parse_exposition(ended, Wanted.of(["bar_requests"])) == {}
+
+
+_NAMES = ["a", "a_total", "a_b", "ab", "b", "b_bucket", "b_sum", "b_count", "c"]
+
+
+@st.composite
+def _expositions(draw: st.DrawFn) -> str:
+    """Well-formed bodies whose samples often do not belong to the `# TYPE` family above."""
+    lines = []
+    for _ in range(draw(st.integers(0, 6))):
+        family = draw(st.sampled_from([None, *_NAMES]))
+        if family is not None:
+            if draw(st.booleans()):
+                lines.append(f"# HELP {family} doc")
+            lines.append(f"# TYPE {family} {draw(st.sampled_from(['gauge', 'counter']))}")
+        for _ in range(draw(st.integers(0, 4))):
+            name = draw(st.sampled_from(_NAMES))
+            label = draw(st.sampled_from(["", '{x="1"}', '{x="2",y="}"}']))
+            if name.endswith("_bucket"):
+                label = '{le="0.5"}'
+            lines.append(f"{name}{label} {draw(st.integers(0, 9))}")
+            if draw(st.integers(0, 5)) == 0:
+                lines.append("")
+    return "\n".join(lines) + draw(st.sampled_from(["", "\n"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_expositions(), st.sets(st.sampled_from(_NAMES), min_size=1))
+def test_selective_parse_reads_what_a_full_parse_reads(text: str, wanted: set[str]) -> None:
+    full = parse_exposition(text)
+    selective = parse_exposition(text, Wanted.of(wanted))
+    assert selective == {name: rows for name, rows in full.items() if name in wanted}
+
+
 def test_buckets_of_a_histogram_read_for_its_sum_are_skipped() -> None:
     body = b"""# TYPE h histogram
 h_bucket{le="1"} 2

@@ -709,6 +709,21 @@ def test_generic_gauge_rate() -> None:
     assert source.poll(T1).generation_tokens_per_s == 55.5
 
 
+def test_generic_reads_untyped_samples_after_another_family() -> None:
+    """A hand-rolled exporter types its process counter and leaves its own figures untyped
+    after it: they are new untyped families, not lines of the typed one."""
+    generic = GenericMetricsConfig(generation_tokens="tokens_out", running="busy")
+    head = b"# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 3\n"
+    replay = Replay(
+        [(head + b"tokens_out 100\nbusy 2\n", {}), (head + b"tokens_out 300\nbusy 3\n", {})]
+    )
+    cfg = ServerConfig(name="g", url="http://h/m", kind="generic", generic=generic)
+    source = make_source(cfg, replay)
+    assert source.poll(T0).up
+    s = source.poll(T1)
+    assert s.up and s.generation_tokens_per_s == pytest.approx(100.0) and s.running == 3
+
+
 def test_generic_missing_metric_is_a_clear_error() -> None:
     generic = GenericMetricsConfig(generation_tokens="nope_total")
     replay = Replay([(b"other 1\n", {})])
