@@ -1,9 +1,19 @@
-"""Recognise a server family from one scrape of its metrics."""
+"""Recognise a server family from one scrape of its metrics.
+
+Detection keys on the names a server family owns. A malformed line elsewhere in the body (a
+third-party collector's) does not hide them: the kind is found, the line is logged once, and the
+source then reads the body as it would with that kind configured, which rejects a bad line only
+in the families it reads. Without a known family, the first malformed line is the error.
+"""
 
 from __future__ import annotations
 
+import logging
+
 from powerd.sources.base import SourceError
-from powerd.sources.exposition import ExpositionError, sample_names
+from powerd.sources.exposition import scan_names
+
+log = logging.getLogger(__name__)
 
 # Checked in order: Triton's vllm_backend re-exports `vllm:*` next to `nv_inference_*`, so the
 # TensorRT-LLM gauges must decide before the vLLM names do.
@@ -24,20 +34,25 @@ _UNPREFIXED_TTFT = "time_to_first_token_seconds_count"
 
 
 def detect_kind(body: bytes | str, url: str = "the server") -> str:
-    """The kind of server that produced a metrics body.
+    """The kind of server that produced a metrics body, from its well-formed samples.
 
-    Raises SourceError (one sentence) when the body is not an exposition or carries no metric
-    family that powerd knows.
+    Raises SourceError (one sentence) when the body carries no metric family that powerd knows:
+    naming its first malformed line when it has one, as the body is then not an exposition.
     """
-    try:
-        names = sample_names(body)
-    except ExpositionError as exc:
-        raise SourceError(f"{url} is not a Prometheus exposition: {exc}") from None
-    for prefix, kind in _PREFIXES:
-        if any(name.startswith(prefix) for name in names):
-            return kind
-    if names & _NIM_NAMES:
-        return "nim"
+    names, bad = scan_names(body)
+    kind = _known_kind(names)
+    if kind is not None:
+        if bad is not None:
+            log.warning(
+                "%s reads as kind %s; its metrics have a malformed line (%s), an error only if "
+                "it is among the lines powerd reads for that kind",
+                url,
+                kind,
+                bad,
+            )
+        return kind
+    if bad is not None:
+        raise SourceError(f"{url} is not a Prometheus exposition: {bad}")
     if _UNPREFIXED_TTFT in names:
         raise SourceError(
             f"{url} looks like an early trtllm-serve, which exports no token counter; powerd "
@@ -51,3 +66,12 @@ def detect_kind(body: bytes | str, url: str = "the server") -> str:
         f"Triton TensorRT-LLM, NIM, LMDeploy, trtllm-serve; first names seen: {shown}); "
         "set kind: generic and name its metrics"
     )
+
+
+def _known_kind(names: set[str]) -> str | None:
+    for prefix, kind in _PREFIXES:
+        if any(name.startswith(prefix) for name in names):
+            return kind
+    if names & _NIM_NAMES:
+        return "nim"
+    return None

@@ -226,6 +226,14 @@ def _parse_foreign(
     return _parse_lines(text, keep, names, cache, out)
 
 
+def _text(body: bytes | str) -> str:
+    """The body as text; raises ExpositionError for a NUL byte (a binary body)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    if "\x00" in text:
+        raise ExpositionError(f"line {text.count(chr(10), 0, text.find(chr(0))) + 1}: NUL byte")
+    return text
+
+
 def parse_exposition(
     body: bytes | str,
     wanted: Wanted | None = None,
@@ -238,9 +246,7 @@ def parse_exposition(
     text to parsed labels across scrapes of one server (it is bounded); pass the same dict on
     every call to skip re-parsing labels.
     """
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    if "\x00" in text:
-        raise ExpositionError(f"line {text.count(chr(10), 0, text.find(chr(0))) + 1}: NUL byte")
+    text = _text(body)
     if cache is None:
         cache = {}
     out: Samples = {}
@@ -266,6 +272,25 @@ def parse_exposition(
     return out
 
 
-def sample_names(body: bytes | str) -> set[str]:
-    """Every sample name in a body, after checking every line (for kind detection)."""
-    return set(parse_exposition(body))
+def scan_names(body: bytes | str) -> tuple[set[str], ExpositionError | None]:
+    """The name of every well-formed sample in a body (up to `# EOF`), and the error for its
+    first line that is not a sample, a comment or a blank (None when every line is one).
+
+    For kind detection, which keys on the names a server family owns whatever else the body
+    holds. A NUL byte makes the whole body unreadable, as for parse_exposition: no names.
+    """
+    try:
+        text = _text(body)
+    except ExpositionError as exc:
+        return set(), exc
+    out: Samples = {}
+    cache: dict[str, LabelInfo] = {}
+    first: ExpositionError | None = None
+    for line in text.split("\n"):
+        try:
+            if not _parse_lines(text, [line], None, cache, out):
+                break
+        except ExpositionError as exc:
+            if first is None:
+                first = exc
+    return set(out), first

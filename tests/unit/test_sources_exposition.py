@@ -16,7 +16,7 @@ from powerd.sources.exposition import (
     Wanted,
     parse_exposition,
     parse_labels,
-    sample_names,
+    scan_names,
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
@@ -260,10 +260,14 @@ def test_fixtures_agree_with_prometheus_client(path: Path) -> None:
         assert value == theirs[key] or (math.isnan(value) and math.isnan(theirs[key]))
 
 
-def test_sample_names_checks_every_line() -> None:
-    assert sample_names(b"# TYPE a gauge\na 1\nb 2\n") == {"a", "b"}
-    with pytest.raises(ExpositionError):
-        sample_names(b"# TYPE a gauge\na 1\n# TYPE b gauge\nb two\n")
+def test_scan_names_checks_every_line_and_keeps_the_good_ones() -> None:
+    assert scan_names(b"# TYPE a gauge\na 1\nb 2\n") == ({"a", "b"}, None)
+    names, bad = scan_names(b"# TYPE a gauge\na 1\n# TYPE b gauge\nb two\nc{ 3\nd 4\n")
+    assert names == {"a", "d"}
+    assert str(bad) == "line 4: value is not a number: 'b two'"
+    assert scan_names(b"a 1\n# EOF\nb{ 2\n") == ({"a"}, None)
+    names, bad = scan_names(b"a 1\n\x00")
+    assert names == set() and str(bad) == "line 2: NUL byte"
 
 
 @settings(max_examples=300, deadline=None)

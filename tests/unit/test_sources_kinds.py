@@ -767,6 +767,41 @@ def test_detect_kind_errors() -> None:
         detect_kind(b'time_to_first_token_seconds_count{model_name="m"} 5\n')
 
 
+def test_detect_kind_keys_on_the_servers_families_past_a_bad_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A third-party collector's malformed line in the same exposition does not hide the
+    server's own families: the kind is found and the line logged, and the source reads the body
+    as it would with that kind configured. The per-tick read stays strict where it reads."""
+    good, _ = load("vllm_v1_a.txt")
+    junk = b'# TYPE thirdparty_queue_depth gauge\nthirdparty_queue_depth{queue="a} 3\n'
+    body = good + junk
+    with caplog.at_level("WARNING", logger="powerd.sources.detect"):
+        assert detect_kind(body, url="http://h/metrics") == "vllm"
+    assert "http://h/metrics reads as kind vllm" in caplog.text
+    assert "line 326: malformed labels" in caplog.text
+    replay = Replay([(body, {}), (load("vllm_v1_b.txt")[0] + junk, {}), (b"<html>\n", {})])
+    source = make_source(ServerConfig(name="v", url="http://h/metrics"), replay)
+    first, second = source.poll(T0), source.poll(T1)
+    assert first.up and second.up and source.kind == "vllm"
+    assert second.generation_tokens_per_s is not None
+    garbage = source.poll(T1 + 1.0)
+    assert not garbage.up
+    assert garbage.error == (
+        "http://h/metrics is not a Prometheus exposition: line 1: not a sample, comment or blank "
+        "line: '<html>'"
+    )
+    # A bad line in a family the kind reads fails the read, naming the line.
+    own = good.replace(b"vllm:num_requests_running{", b"vllm:num_requests_running{x=", 1)
+    source = make_source(ServerConfig(name="v", url="http://h/metrics"), Replay([(own, {})]))
+    bad = source.poll(T0)
+    assert not bad.up and source.kind == "vllm"
+    assert bad.error is not None and "malformed labels: 'vllm:num_requests_running{x=" in bad.error
+    # Without a known family, the bad line is the error, as before.
+    with pytest.raises(SourceError, match="not a Prometheus exposition: line 3: malformed"):
+        detect_kind(b"myllm_tokens 5\n" + junk)
+
+
 def test_triton_vllm_backend_is_vllm() -> None:
     body = (
         b'nv_inference_count{model="vllm_model",version="1"} 5\n'
