@@ -13,6 +13,15 @@ POWER_INSTANT series), the publication periods, and the clock read-back. It writ
 `calibration.csv` (each figure measured here next to the same procedure run on the simulated
 plant with the matching profile) and `summary.json` to --out. It never changes a setting.
 
+The default run also reads through powerd's own code ("powerd_backend" in summary.json): it
+opens NvmlBackend as the daemon does, compares one read() per GPU at idle and under the compute
+load, and its GpuInfo, with the raw calls above; it lists each GPU's compute processes through
+the backend (the list gpumap uses) and through the raw call, flagging PIDs of 0 or at least
+pid_max (a driver whose process struct differs from the binding's), and looks for its own PID
+under load; it records the driver, NVML, CUDA and nvidia-ml-py versions and which symbol of
+each fallback list the backend used. It uses no write method, and is skipped with a note when
+powerd is not importable.
+
 --sweep (explicit only) locks a series of SM clocks and steps the power limit (§6 "calibrate
 first"), fits v_min, f_v and the dynamic power of the compute load, κ from the memory load,
 the lock dead time and the cap loop's settling time, and restores every setting it touched in
@@ -29,6 +38,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import importlib.metadata
 import json
 import math
 import os
@@ -40,6 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -223,7 +234,10 @@ class SimNode:
                 remaining -= dt
 
     def open_context(self) -> None:
+        """Every GPU now runs this process, as NVML lists a process holding a context."""
         self.ctx[:] = 1.0
+        for i in range(self.plant.n_gpus):
+            self.fake.set_compute_pids(i, [os.getpid()])
 
     def start(self, kind: str) -> None:
         a, m = self.LOADS[kind]
@@ -575,6 +589,18 @@ class CheckResult:
     notes: list[str]
     errors: dict[str, str]
     sweep: list[dict[str, Any]] | None = None
+    backend: dict[str, Any] | None = None
+    """The powerd_backend section: powerd's own NVML path next to the raw calls."""
+    backend_checks: list[dict[str, Any]] = field(default_factory=list)
+
+
+def gpus_in_use(load: Load | None) -> list[int] | None:
+    """NVML indices on which the load holds a CUDA context; None when unknown."""
+    if isinstance(load, TorchLoad):
+        return sorted(load.devices)
+    if isinstance(load, SimNode):
+        return list(range(load.plant.n_gpus))
+    return None
 
 
 def measure(
@@ -587,9 +613,11 @@ def measure(
     gpus: list[int] | None = None,
     sweep: bool = False,
     log: Callable[[str], None] = print,
+    backend: BackendSection | None = None,
 ) -> CheckResult:
     """Run the whole procedure against one NVML (real or fake). Writes settings only with
-    sweep=True, and then restores them before returning or raising."""
+    sweep=True, and then restores them before returning or raising. `backend` is compared
+    at idle and halfway through the compute load."""
     nvml.nvmlInit()
     try:
         count = nvml.nvmlDeviceGetCount()
@@ -601,6 +629,8 @@ def measure(
         phases: dict[str, list[PhaseStats]] = {}
         rates: dict[str, dict[int, float]] = {}
         log(f"{len(handles)} GPU(s): {', '.join(str(g['name']) for g in inv)}")
+        if backend is not None:
+            backend.check("idle", indices, None)
         log("sampling idle (5 s)")
         idle = sample(nvml, handles, clock, 5.0, interval_s, errors=errors)
         phases["idle"] = [
@@ -625,17 +655,15 @@ def measure(
                 def finish(out: dict[int, float] = out, load: Load = load) -> None:
                     out.update(load.stop())
 
+                events: list[tuple[float, Callable[[], None]]] = [
+                    (PRE_S, functools.partial(load.start, kind)),
+                    (stop_at, finish),
+                ]
+                if backend is not None and kind == "compute":
+                    check = functools.partial(backend.check, kind, indices, gpus_in_use(load))
+                    events.append((PRE_S + duration_s / 2, check))
                 series = sample(
-                    nvml,
-                    handles,
-                    clock,
-                    stop_at + POST_S,
-                    interval_s,
-                    events=[
-                        (PRE_S, functools.partial(load.start, kind)),
-                        (stop_at, finish),
-                    ],
-                    errors=errors,
+                    nvml, handles, clock, stop_at + POST_S, interval_s, events=events, errors=errors
                 )
                 phases[kind] = [
                     analyse(s, PRE_S, stop_at, g["supported_sm_clocks_mhz"])
@@ -800,6 +828,495 @@ def _hold(
         sm = s.array("sm_mhz")
         out.append((float(power), float(np.nanmean(sm)) if np.isfinite(sm).any() else math.nan))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# powerd's own NVML path (NvmlBackend, gpumap) next to the raw calls
+
+CLOCK_EVENT_REASON_SYMBOLS = (
+    "nvmlDeviceGetCurrentClocksEventReasons",
+    "nvmlDeviceGetCurrentClocksThrottleReasons",
+)
+"""NvmlBackend's order: drivers before R535 have only the older name."""
+PROCESS_SYMBOLS = (
+    "nvmlDeviceGetComputeRunningProcesses",
+    "nvmlDeviceGetComputeRunningProcesses_v2",
+)
+"""NvmlBackend's order: the binding's first function calls the C symbol _v3, which R470 and
+535.98 lack."""
+_FALLBACK_ERRORS = frozenset(
+    {
+        "absent from the binding",
+        "NVMLError_NotSupported",
+        "NVMLError_FunctionNotFound",
+        "NVMLLibraryMismatchError",
+    }
+)
+"""Failures after which NvmlBackend tries the next symbol of a list."""
+PROC_PID_INIT_INO = 0xEFFFFFFC
+"""Inode of the initial PID namespace (include/linux/proc_ns.h)."""
+PID_MAX_FALLBACK = 1 << 22
+"""Linux's largest pid_max, used when /proc/sys/kernel/pid_max cannot be read."""
+READ_ATTEMPTS = 3
+"""Bracketed reads per GPU and phase before a disagreement counts: a value published between
+two reads disagrees once, a defect every time."""
+POWER_TOLERANCE = 0.01
+"""Relative slack for GetPowerUsage, which a driver may compute afresh on every call."""
+STRUCT_32_BYTE_DRIVERS = ((535, 43), (535, 86))
+"""Drivers whose nvmlProcessInfo_t is 32 bytes, where nvidia-ml-py reads 24-byte entries."""
+
+
+def _try_call(nvml: Any, name: str, *args: Any) -> tuple[Any, str | None]:
+    """(nvml.<name>(*args), None), or (None, why): the error class, or absence."""
+    fn = getattr(nvml, name, None)
+    if fn is None:
+        return None, "absent from the binding"
+    mismatch = getattr(nvml, "NVMLLibraryMismatchError", None)
+    caught: tuple[type[BaseException], ...] = (nvml.NVMLError,) + (
+        (mismatch,) if isinstance(mismatch, type) else ()
+    )
+    try:
+        return fn(*args), None
+    except caught as exc:
+        return None, type(exc).__name__
+
+
+def _raw(nvml: Any, errors: dict[str, str], name: str, *args: Any) -> Any:
+    """nvml.<name>(*args), or None with why recorded (first one per name)."""
+    value, why = _try_call(nvml, name, *args)
+    if why is not None:
+        errors.setdefault(name, why)
+    return value
+
+
+def _raw_first(
+    nvml: Any, errors: dict[str, str], names: tuple[str, ...], *args: Any
+) -> tuple[str | None, Any]:
+    """(symbol, value) of the first of `names` this driver provides, tried in NvmlBackend's
+    order; (symbol, None) when it fails otherwise, (None, None) when none is provided."""
+    for name in names:
+        value, why = _try_call(nvml, name, *args)
+        if why is None:
+            return name, value
+        errors.setdefault(name, why)
+        if why not in _FALLBACK_ERRORS:
+            return name, None
+    return None, None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_pid_max() -> int:
+    """/proc/sys/kernel/pid_max: every PID is below it."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text().strip())
+    except (OSError, ValueError):
+        return PID_MAX_FALLBACK
+
+
+def in_host_pid_namespace() -> bool | None:
+    """Whether this process sees host PIDs, which NVML reports; None when unknown."""
+    try:
+        return os.readlink("/proc/self/ns/pid") == f"pid:[{PROC_PID_INIT_INO}]"
+    except OSError:
+        return None
+
+
+def nvml_versions(nvml: Any, errors: dict[str, str]) -> dict[str, Any]:
+    """Driver, NVML and CUDA driver versions as NVML states them, and the binding's version."""
+    cuda = _raw(nvml, errors, "nvmlSystemGetCudaDriverVersion_v2")
+    if cuda is None:
+        cuda = _raw(nvml, errors, "nvmlSystemGetCudaDriverVersion")
+    try:
+        binding: str | None = importlib.metadata.version("nvidia-ml-py")
+    except importlib.metadata.PackageNotFoundError:
+        binding = None
+    return {
+        "driver": _text(_raw(nvml, errors, "nvmlSystemGetDriverVersion")),
+        "nvml": _text(_raw(nvml, errors, "nvmlSystemGetNVMLVersion")),
+        "cuda_driver": None if cuda is None else f"{int(cuda) // 1000}.{int(cuda) % 1000 // 10}",
+        "nvidia_ml_py": binding,
+    }
+
+
+def driver_notes(driver: str | None) -> list[str]:
+    """Known defects of this driver that the backend has to survive."""
+    try:
+        major, minor = (int(x) for x in str(driver).split(".")[:2])
+    except ValueError:
+        return []
+    low, high = STRUCT_32_BYTE_DRIVERS
+    if low <= (major, minor) <= high:
+        return [
+            f"driver {driver}: nvmlProcessInfo_t is 32 bytes here and nvidia-ml-py reads 24, "
+            "so every process entry after the first is garbage"
+        ]
+    return []
+
+
+def _raw_reading(nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, Any]:
+    """The raw calls behind each GpuReading field, under the field's name."""
+
+    def c(name: str, *args: Any) -> Any:
+        return _raw(nvml, errors, name, handle, *args)
+
+    return {
+        "power_mw": c("nvmlDeviceGetPowerUsage"),
+        "energy_mj": c("nvmlDeviceGetTotalEnergyConsumption"),
+        "sm_clock_mhz": c("nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM),
+        "power_limit_mw": c("nvmlDeviceGetPowerManagementLimit"),
+        "enforced_power_limit_mw": c("nvmlDeviceGetEnforcedPowerLimit"),
+        "clock_event_reasons": _raw_first(nvml, errors, CLOCK_EVENT_REASON_SYMBOLS, handle)[1],
+        "temperature_c": c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU),
+    }
+
+
+def agreement(field_name: str, raw: list[Any], powerd: Any) -> bool | None:
+    """Whether powerd's value matches the raw ones read around it: within their range (power:
+    1 % wider), one of them for the reason bits. None when only powerd has a value."""
+    known = [int(v) for v in raw if v is not None]
+    if powerd is None:
+        return not known
+    if not known:
+        return None
+    if field_name == "clock_event_reasons":
+        return int(powerd) in known
+    slack = POWER_TOLERANCE * max(known) if field_name == "power_mw" else 0.0
+    return min(known) - slack <= int(powerd) <= max(known) + slack
+
+
+def compare_reading(
+    backend: Any, nvml: Any, uuid: str, handle: Any, errors: dict[str, str]
+) -> dict[str, Any]:
+    """backend.read(uuid), as a daemon tick does, between two raw readings; up to
+    READ_ATTEMPTS times until no field disagrees."""
+    attempts = 0
+    while True:
+        attempts += 1
+        before = _raw_reading(nvml, handle, errors)
+        reading = backend.read(uuid)
+        after = _raw_reading(nvml, handle, errors)
+        fields: dict[str, dict[str, Any]] = {}
+        for name in before:
+            raw = [before[name], after[name]]
+            value = getattr(reading, name)
+            fields[name] = {"raw": raw, "powerd": value, "ok": agreement(name, raw, value)}
+        if attempts >= READ_ATTEMPTS or not any(f["ok"] is False for f in fields.values()):
+            return {"attempts": attempts, "fields": fields}
+
+
+def compare_device(info: Any, nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, Any]:
+    """GpuInfo from backend.devices() against the raw calls it is built from."""
+
+    def c(name: str, *args: Any) -> Any:
+        return _raw(nvml, errors, name, handle, *args)
+
+    constraints = c("nvmlDeviceGetPowerManagementLimitConstraints")
+    memory_mhz = c("nvmlDeviceGetSupportedMemoryClocks")
+    listed = (
+        c("nvmlDeviceGetSupportedGraphicsClocks", max(int(v) for v in memory_mhz))
+        if memory_mhz
+        else None
+    )
+    clocks = sorted({int(v) for v in listed}) if listed else None
+    raw: dict[str, Any] = {
+        "name": _text(c("nvmlDeviceGetName")),
+        "power_limit_constraints_mw": None
+        if constraints is None
+        else [int(v) for v in constraints],
+        "power_limit_default_mw": c("nvmlDeviceGetPowerManagementDefaultLimit"),
+        "supported_sm_clocks_count": None if clocks is None else len(clocks),
+        "supported_sm_clocks_range_mhz": None if clocks is None else [clocks[0], clocks[-1]],
+    }
+    ours: dict[str, Any] = {
+        "name": info.name,
+        "power_limit_constraints_mw": [info.power_limit_min_mw, info.power_limit_max_mw],
+        "power_limit_default_mw": info.power_limit_default_mw,
+        "supported_sm_clocks_count": len(info.supported_sm_clocks_mhz),
+        "supported_sm_clocks_range_mhz": [
+            info.supported_sm_clocks_mhz[0],
+            info.supported_sm_clocks_mhz[-1],
+        ],
+    }
+    return {
+        name: {
+            "raw": raw[name],
+            "powerd": ours[name],
+            "ok": None if raw[name] is None else raw[name] == ours[name],
+        }
+        for name in raw
+    }
+
+
+def _pids(processes: Any) -> list[int] | None:
+    return None if processes is None else [int(p.pid) for p in processes]
+
+
+def compare_processes(
+    backend: Any, nvml: Any, uuid: str, handle: Any, errors: dict[str, str], pid_max: int
+) -> dict[str, Any]:
+    """backend.compute_pids(uuid), the list gpumap intersects with a server's process tree,
+    between two raw listings. A raw entry of PID 0 or at or above pid_max is one read with
+    another struct layout than the driver's; powerd drops it, so the counts differ."""
+    symbol, before = _raw_first(nvml, errors, PROCESS_SYMBOLS, handle)
+    powerd = sorted(backend.compute_pids(uuid))
+    _, after = _raw_first(nvml, errors, PROCESS_SYMBOLS, handle)
+    listings = [p for p in (_pids(before), _pids(after)) if p is not None]
+    raw = next((p for p in listings if set(p) == set(powerd)), listings[0] if listings else None)
+    invalid = [] if raw is None else [p for p in raw if not 0 < p < pid_max]
+    ok: bool | None
+    if raw is None:
+        ok = None if not powerd else False
+        detail = f"NVML lists no processes here ({errors.get(PROCESS_SYMBOLS[0])}); powerd {powerd}"
+    else:
+        ok = not invalid and set(raw) == set(powerd)
+        detail = f"raw {len(raw)} {raw}, powerd {len(powerd)} {powerd}"
+        if invalid:
+            detail += (
+                f"; PIDs {invalid} are 0 or at least pid_max {pid_max}: the process struct "
+                "of this driver is not the binding's"
+            )
+        elif len(raw) != len(powerd) and set(raw) == set(powerd):
+            detail += "; the raw list repeats a PID"
+    return {
+        "raw_symbol": symbol,
+        "raw_pids": raw,
+        "powerd_pids": powerd,
+        "invalid_raw_pids": invalid,
+        "count_raw": None if raw is None else len(raw),
+        "count_powerd": len(powerd),
+        "not_in_proc": [
+            p for p in (raw or []) if 0 < p < pid_max and not Path(f"/proc/{p}").exists()
+        ],
+        "ok": ok,
+        "detail": detail,
+    }
+
+
+class BackendSection:
+    """powerd's NvmlBackend and GPU-process discovery, read next to the raw calls. Read-only.
+
+    Opened as runtime.open_backend opens it, then only read: devices() once, and per phase
+    one read() per GPU, as a daemon tick does, and compute_pids(), the list gpumap uses."""
+
+    def __init__(
+        self,
+        nvml: Any,
+        *,
+        own_pid: int | None = None,
+        pid_max: int | None = None,
+        host_pid_namespace: bool | None = None,
+    ) -> None:
+        self.nvml = nvml
+        self.own_pid = os.getpid() if own_pid is None else own_pid
+        self.pid_max = read_pid_max() if pid_max is None else pid_max
+        self.host_pid_namespace = (
+            in_host_pid_namespace() if host_pid_namespace is None else host_pid_namespace
+        )
+        self.errors: dict[str, str] = {}
+        self.checks: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.versions: dict[str, Any] = {}
+        self.gpus: dict[int, dict[str, Any]] = {}
+        self.discovery: dict[str, Any] = {}
+        self.open_error: str | None = None
+        self.symbols: dict[str, Any] = {}
+        self.error_counts: dict[str, int] = {}
+        self._backend: Any = None
+        self._discover: Callable[..., list[str]] | None = None
+        self._infos: dict[int, Any] = {}
+        self._probe_handle: Any = None
+
+    @classmethod
+    def create(cls, nvml: Any, **kwargs: Any) -> tuple[BackendSection | None, str]:
+        """An opened section, or None and why when powerd is not importable."""
+        try:
+            from powerd.gpu.nvml import NvmlBackend
+            from powerd.sources.gpumap import discover_server_gpus
+        except ImportError as exc:
+            return None, f"powerd_backend skipped: powerd is not importable ({exc})"
+        section = cls(nvml, **kwargs)
+        section._discover = discover_server_gpus
+        try:
+            # As runtime.open_backend: NvmlBackend() over the installed pynvml, else the fake.
+            section._backend = NvmlBackend(None if isinstance(nvml, ModuleType) else nvml)
+            section.versions = nvml_versions(nvml, section.errors)
+            section.notes += driver_notes(section.versions["driver"])
+            section._infos = {info.index: info for info in section._backend.devices()}
+        except Exception as exc:  # a backend that cannot open is the finding
+            section.open_error = f"{type(exc).__name__}: {exc}"
+            section._add("powerd_backend_open", None, False, section.open_error)
+            section.close()
+            return section, ""
+        section._add(
+            "powerd_backend_open", None, True, f"{len(section._infos)} GPU(s) from devices()"
+        )
+        return section, ""
+
+    def _add(self, name: str, gpu: int | None, ok: bool | None, detail: str) -> None:
+        self.checks.append({"check": name, "gpu": gpu, "ok": ok, "detail": detail})
+
+    def check(self, phase: str, indices: list[int], in_use: list[int] | None) -> None:
+        """Compare reads and process lists of the GPUs `indices` (NVML must be initialised);
+        with `in_use`, the GPUs this process holds a context on, also look for its PID."""
+        if self._backend is None:
+            return
+        try:
+            self._check(phase, indices, in_use)
+        except Exception as exc:  # a crash in powerd's path is the finding, not the end
+            self._add(f"powerd_backend_{phase}", None, False, f"{type(exc).__name__}: {exc}")
+
+    def _check(self, phase: str, indices: list[int], in_use: list[int] | None) -> None:
+        nvml, errors = self.nvml, self.errors
+        for index in indices:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            if self._probe_handle is None:
+                self._probe_handle = handle
+            gpu = self.gpus.setdefault(index, {"index": index, "phases": {}})
+            info = self._infos.get(index)
+            if info is None:
+                self._add(
+                    "powerd_device_info", index, False, "powerd's devices() left this GPU out"
+                )
+                continue
+            gpu["uuid"] = info.uuid
+            if "device" not in gpu:
+                gpu["device"] = compare_device(info, nvml, handle, errors)
+                self._add_fields("powerd_device_info", index, gpu["device"])
+            reads = compare_reading(self._backend, nvml, info.uuid, handle, errors)
+            self._add_fields(f"powerd_read_{phase}", index, reads["fields"], reads["attempts"])
+            processes = compare_processes(
+                self._backend, nvml, info.uuid, handle, errors, self.pid_max
+            )
+            self._add(f"powerd_processes_{phase}", index, processes["ok"], processes["detail"])
+            gpu["phases"][phase] = {"reads": reads, "processes": processes}
+        if in_use is not None:
+            self._find_own_pid(phase, [i for i in indices if i in in_use])
+
+    def _add_fields(
+        self, name: str, index: int, fields: dict[str, dict[str, Any]], attempts: int = 1
+    ) -> None:
+        bad = [k for k, f in fields.items() if f["ok"] is False]
+        if bad:
+            detail = "; ".join(
+                f"{k}: raw {fields[k]['raw']} powerd {fields[k]['powerd']}" for k in bad
+            )
+            self._add(name, index, False, f"{detail} (in each of {attempts} reads)")
+            return
+        skipped = [k for k, f in fields.items() if f["ok"] is None]
+        detail = f"{len(fields) - len(skipped)} fields agree"
+        if skipped:
+            detail += f"; no raw value for {', '.join(skipped)}"
+        self._add(name, index, True, detail)
+
+    def _find_own_pid(self, phase: str, in_use: list[int]) -> None:
+        """This process holds a context on `in_use`: powerd's list, and gpumap's discovery
+        rooted at this process, should both find it there."""
+        assert self._discover is not None
+        infos = self._infos
+        try:
+            found = self._discover(
+                "http://localhost/",
+                self._backend.compute_pids,
+                [info.uuid for info in infos.values()],
+                gpu_indices={i: info.uuid for i, info in infos.items()},
+                listen_pid=self.own_pid,
+            )
+            error = None
+        except Exception as exc:  # gpumap's SourceError: nothing of this process found
+            found, error = [], str(exc)
+        discovered = [i for i, info in infos.items() if info.uuid in found]
+        self.discovery[phase] = {"gpus": discovered, "error": error}
+        for index in in_use:
+            entry = self.gpus.get(index, {}).get("phases", {}).get(phase)
+            if entry is None:
+                continue
+            listed = self.own_pid in entry["processes"]["powerd_pids"]
+            ok: bool | None = listed and index in discovered
+            detail = (
+                f"pid {self.own_pid} {'in' if listed else 'not in'} compute_pids; "
+                f"discovery found GPUs {discovered}" + (f" ({error})" if error else "")
+            )
+            if not listed and self.host_pid_namespace is not True:
+                ok = None
+                detail += "; NVML reports host PIDs and this process is in another PID namespace"
+            entry["own_pid"] = {"pid": self.own_pid, "listed": listed, "ok": ok}
+            self._add("powerd_finds_own_pid", index, ok, detail)
+
+    def close(self) -> None:
+        """Record the symbols the backend used and the errors it counted, then close it (no
+        GPU setting changes); a second call does nothing."""
+        backend, self._backend = self._backend, None
+        if backend is None:
+            return
+        self.symbols = self._symbols(backend)
+        self.error_counts = {f"{op}/{kind}": n for (op, kind), n in backend.error_counts.items()}
+        backend.close()
+
+    def _symbols(self, backend: Any) -> dict[str, Any]:
+        """Per symbol list: what each symbol answers on the first GPU read, and the one the
+        backend settled on (its private record, else the first symbol that answered)."""
+        out: dict[str, Any] = {}
+        chosen = getattr(backend, "_chosen", None)
+        if not isinstance(chosen, dict):
+            chosen = None
+        for group, names in (
+            ("clock_event_reasons", CLOCK_EVENT_REASON_SYMBOLS),
+            ("compute_processes", PROCESS_SYMBOLS),
+        ):
+            probed: dict[str, str] = {}
+            if self._probe_handle is not None:
+                for name in names:
+                    probed[name] = _try_call(self.nvml, name, self._probe_handle)[1] or "ok"
+            used = next(
+                (v for k, v in (chosen or {}).items() if set(k) & set(names)),
+                None,
+            )
+            source = "backend"
+            if used is None:
+                used = next((n for n in names if probed.get(n) == "ok"), None)
+                source = "probe"
+            out[group] = {"probed": probed, "used": used, "used_from": source}
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """The section for summary.json (its checks go with the tool's other checks)."""
+        return {
+            "open_error": self.open_error,
+            "versions": self.versions,
+            "symbols": self.symbols,
+            "pid_max": self.pid_max,
+            "own_pid": self.own_pid,
+            "host_pid_namespace": self.host_pid_namespace,
+            "gpus": [self.gpus[i] for i in sorted(self.gpus)],
+            "discovery": self.discovery,
+            "backend_error_counts": self.error_counts,
+            "raw_errors": self.errors,
+            "notes": self.notes,
+        }
+
+    def lines(self) -> list[str]:
+        """A short human-readable account; the checks are printed with the others."""
+        v = self.versions
+        out = [
+            f"powerd backend: driver {v.get('driver')}, NVML {v.get('nvml')}, "
+            f"CUDA {v.get('cuda_driver')}, nvidia-ml-py {v.get('nvidia_ml_py')}"
+        ]
+        if self.open_error:
+            out.append(f"  NvmlBackend did not open: {self.open_error}")
+        for group, s in self.symbols.items():
+            probed = ", ".join(f"{name} {why}" for name, why in s["probed"].items())
+            out.append(f"  {group}: used {s['used']} (per the {s['used_from']}); {probed}")
+        ns = {True: "host", False: "private", None: "unknown"}[self.host_pid_namespace]
+        out.append(f"  pid {self.own_pid}, pid_max {self.pid_max}, PID namespace {ns}")
+        bad = sum(1 for c in self.checks if c["ok"] is False)
+        out.append(f"  {len(self.checks)} checks, {bad} failed")
+        out += [f"  note: {n}" for n in self.notes]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1105,7 +1622,7 @@ def checks(real: CheckResult, sim: CheckResult | None) -> list[dict[str, Any]]:
                 None if on_table is None else on_table >= 0.99,
                 f"{on_table} of samples",
             )
-    return out
+    return out + real.backend_checks
 
 
 def _jsonable(value: Any) -> Any:
@@ -1143,6 +1660,7 @@ def write_outputs(
         "nvml_errors": real.errors,
         "sweep": real.sweep,
         "simulated_sweep": None if sim is None else sim.sweep,
+        "powerd_backend": real.backend,
     }
     summary = _jsonable(summary)
     with open(out_dir / "summary.json", "w", encoding="utf-8") as f:
@@ -1168,20 +1686,38 @@ def run_check(
     interval_s: float = 0.025,
     gpus: list[int] | None = None,
     simulate: bool = True,
+    powerd_backend: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Measure `nvml`, run the same procedure on the plant, write the outputs; the summary."""
+    """Measure `nvml`, and powerd's own NVML path next to it (`powerd_backend`, skipped with a
+    note when powerd is not importable); run the same procedure on the plant; write the
+    outputs. Returns the summary."""
     started = time.time()
-    real = measure(
-        nvml,
-        clock=clock,
-        load=load,
-        duration_s=duration_s,
-        interval_s=interval_s,
-        gpus=gpus,
-        sweep=sweep,
-        log=log,
-    )
+    section, skipped = BackendSection.create(nvml) if powerd_backend else (None, "")
+    try:
+        real = measure(
+            nvml,
+            clock=clock,
+            load=load,
+            duration_s=duration_s,
+            interval_s=interval_s,
+            gpus=gpus,
+            sweep=sweep,
+            log=log,
+            backend=section,
+        )
+    finally:
+        if section is not None:
+            section.close()
+    if section is not None:
+        if load is None:
+            section.notes.append("no load ran: no read under load, no own-PID check")
+        real.backend, real.backend_checks = section.report(), section.checks
+        for line in section.lines():
+            log(line)
+    elif skipped:
+        real.backend = {"skipped": skipped}
+        real.notes.append(skipped)
     sim = None
     if simulate:
         log("running the same procedure on the simulated plant")
@@ -1276,7 +1812,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c for c in summary["checks"] if c["ok"] is False]
     for c in summary["checks"]:
         mark = {True: "ok  ", False: "FAIL", None: "n/a "}[c["ok"]]
-        print(f"{mark} GPU {c['gpu']} {c['check']}: {c['detail']}")
+        where = "node" if c["gpu"] is None else f"GPU {c['gpu']}"
+        print(f"{mark} {where} {c['check']}: {c['detail']}")
     for note in summary["notes"]:
         print(f"note: {note}")
     print(f"wrote {out_dir / 'calibration.csv'} and {out_dir / 'summary.json'}")

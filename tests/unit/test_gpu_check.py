@@ -1,19 +1,25 @@
-"""tools/gpu_check.py against the fake NVML: read-only by default, restores after --sweep."""
+"""tools/gpu_check.py against the fake NVML: read-only by default, restores after --sweep,
+and compares powerd's own NVML path with the raw calls."""
 
 from __future__ import annotations
 
 import csv
+import ctypes
+import dataclasses
+import importlib.metadata
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pynvml
 import pytest
 
+from powerd.model import GpuReading
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
 
@@ -177,3 +183,258 @@ def test_main_simulate_writes_the_outputs(
     assert code == 0
     assert (tmp_path / "calibration.csv").exists() and (tmp_path / "summary.json").exists()
     assert "wrote" in capsys.readouterr().out
+
+
+# powerd's own NVML path (the powerd_backend section)
+
+
+class _ProcessInfo32(ctypes.Structure):
+    """nvmlProcessInfo_t as drivers 535.43-535.86 write it: 32 bytes."""
+
+    _fields_: ClassVar[list[tuple[str, Any]]] = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
+        ("usedGpuCcProtectedMemory", ctypes.c_ulonglong),
+    ]
+
+
+def _as_binding_reads_them(pids: list[int]) -> list[Any]:
+    """Those drivers' process array as nvidia-ml-py reads it, with 24-byte entries."""
+    assert ctypes.sizeof(_ProcessInfo32) == 32
+    assert ctypes.sizeof(pynvml.c_nvmlProcessInfo_v3_t) == 24
+    written = (_ProcessInfo32 * len(pids))(
+        *(_ProcessInfo32(pid, 1 << 30, 0xFFFFFFFF, 0xFFFFFFFF, 0) for pid in pids)
+    )
+    read = (pynvml.c_nvmlProcessInfo_v3_t * len(pids)).from_buffer(written)
+    return [pynvml.nvmlStructToFriendlyObject(entry) for entry in read]
+
+
+def _backend_run(fake: FakeNvml, node: Any, tmp_path: Path) -> dict[str, Any]:
+    return gpu_check.run_check(
+        fake, tmp_path, clock=node, load=node, duration_s=5.0, simulate=False, log=lambda _: None
+    )
+
+
+def _backend_checks(summary: dict[str, Any]) -> dict[tuple[str, int | None], dict[str, Any]]:
+    return {
+        (c["check"], c["gpu"]): c for c in summary["checks"] if c["check"].startswith("powerd_")
+    }
+
+
+@pytest.fixture
+def host_pids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process sees the PIDs NVML reports, so a missing own PID is a failure."""
+    monkeypatch.setattr(gpu_check, "in_host_pid_namespace", lambda: True)
+
+
+def test_powerd_backend_agrees_with_raw_reads(tmp_path: Path, host_pids: None) -> None:
+    fake, node = _node("h100-sxm")
+    summary = _backend_run(fake, node, tmp_path)
+    assert fake.writes == [] and fake.failed_writes == []
+    assert not any(name.startswith("nvmlDeviceSet") for name in fake.call_counts)
+    section = summary["powerd_backend"]
+    assert section["versions"]["driver"] == fake.driver_version
+    assert section["versions"]["nvidia_ml_py"] == importlib.metadata.version("nvidia-ml-py")
+    assert section["symbols"]["clock_event_reasons"]["used"] == (
+        "nvmlDeviceGetCurrentClocksEventReasons"
+    )
+    assert section["symbols"]["compute_processes"]["used"] == "nvmlDeviceGetComputeRunningProcesses"
+    assert section["symbols"]["compute_processes"]["used_from"] == "backend"
+    assert [g["index"] for g in section["gpus"]] == [0, 1]
+    for gpu in section["gpus"]:
+        assert all(f["ok"] is True for f in gpu["device"].values())
+        assert gpu["device"]["supported_sm_clocks_count"]["powerd"] > 50
+        assert set(gpu["phases"]) == {"idle", "compute"}
+        for phase in gpu["phases"].values():
+            assert phase["reads"]["attempts"] == 1
+            for name, f in phase["reads"]["fields"].items():
+                assert f["ok"] is True and f["raw"] == [f["powerd"], f["powerd"]], name
+        idle, compute = gpu["phases"]["idle"], gpu["phases"]["compute"]
+        assert idle["reads"]["fields"]["power_mw"]["powerd"] < 150_000
+        assert compute["reads"]["fields"]["power_mw"]["powerd"] > 500_000
+        assert compute["reads"]["fields"]["clock_event_reasons"]["powerd"] & 0x4
+        assert idle["processes"]["raw_pids"] == idle["processes"]["powerd_pids"] == []
+        assert compute["processes"]["raw_pids"] == [os.getpid()]
+        assert compute["processes"]["powerd_pids"] == [os.getpid()]
+        assert compute["own_pid"]["ok"] is True
+    assert section["discovery"]["compute"] == {"gpus": [0, 1], "error": None}
+    checks = _backend_checks(summary)
+    for gpu in (0, 1):
+        for name in (
+            "powerd_device_info",
+            "powerd_read_idle",
+            "powerd_read_compute",
+            "powerd_processes_idle",
+            "powerd_processes_compute",
+            "powerd_finds_own_pid",
+        ):
+            assert checks[(name, gpu)]["ok"] is True, checks[(name, gpu)]
+    assert checks[("powerd_backend_open", None)]["ok"] is True
+
+
+def test_a_server_behind_garbled_process_entries_is_flagged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_pids: None
+) -> None:
+    fake, node = _node("h100-sxm")
+    listed = fake.nvmlDeviceGetComputeRunningProcesses
+    other_pid = 1  # another process, first on each GPU, present from the start
+
+    def driver_535_54(handle: Any) -> list[Any]:
+        return _as_binding_reads_them([other_pid, *(p.pid for p in listed(handle))])
+
+    monkeypatch.setattr(fake, "nvmlDeviceGetComputeRunningProcesses", driver_535_54)
+    summary = _backend_run(fake, node, tmp_path)
+    checks = _backend_checks(summary)
+    for gpu in summary["powerd_backend"]["gpus"]:
+        idle, compute = gpu["phases"]["idle"]["processes"], gpu["phases"]["compute"]["processes"]
+        assert idle["ok"] is True and idle["raw_pids"] == [other_pid]
+        assert compute["raw_pids"] == [other_pid, 0]
+        assert compute["powerd_pids"] == [other_pid]
+        assert compute["invalid_raw_pids"] == [0]
+        assert (compute["count_raw"], compute["count_powerd"]) == (2, 1)
+        assert compute["ok"] is False
+        assert checks[("powerd_processes_compute", gpu["index"])]["ok"] is False
+        own = checks[("powerd_finds_own_pid", gpu["index"])]
+        assert own["ok"] is False and "not in compute_pids" in own["detail"]
+        assert checks[("powerd_read_compute", gpu["index"])]["ok"] is True
+
+
+def test_the_second_garbled_entry_reads_as_an_oversize_pid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake, _ = _node("h100-sxm", n=1)
+    monkeypatch.setattr(
+        fake,
+        "nvmlDeviceGetComputeRunningProcesses",
+        lambda handle: _as_binding_reads_them([1, 2, 3]),
+    )
+    section, note = gpu_check.BackendSection.create(fake, own_pid=os.getpid(), pid_max=32768)
+    assert section is not None and note == ""
+    fake.nvmlInit()
+    try:
+        section.check("idle", [0], None)
+    finally:
+        section.close()
+        fake.nvmlShutdown()
+    processes = section.report()["gpus"][0]["phases"]["idle"]["processes"]
+    assert processes["raw_pids"] == [1, 0, 0xFFFFFFFF]
+    assert processes["invalid_raw_pids"] == [0, 0xFFFFFFFF]
+    assert processes["powerd_pids"] == [1]
+    assert "pid_max 32768" in processes["detail"]
+    assert [c["ok"] for c in section.checks if c["check"] == "powerd_processes_idle"] == [False]
+
+
+def test_old_driver_symbols_are_recorded_and_still_agree(tmp_path: Path, host_pids: None) -> None:
+    fake, node = _node("h100-sxm")
+    for i in (0, 1):
+        for name in (
+            "nvmlDeviceGetCurrentClocksEventReasons",
+            "nvmlDeviceGetComputeRunningProcesses",
+        ):
+            fake.inject_error(i, name, pynvml.NVMLError_FunctionNotFound, persistent=True)
+    summary = _backend_run(fake, node, tmp_path)
+    symbols = summary["powerd_backend"]["symbols"]
+    assert symbols["clock_event_reasons"]["used"] == "nvmlDeviceGetCurrentClocksThrottleReasons"
+    assert symbols["clock_event_reasons"]["probed"] == {
+        "nvmlDeviceGetCurrentClocksEventReasons": "NVMLError_FunctionNotFound",
+        "nvmlDeviceGetCurrentClocksThrottleReasons": "ok",
+    }
+    assert symbols["compute_processes"]["used"] == "nvmlDeviceGetComputeRunningProcesses_v2"
+    for gpu in summary["powerd_backend"]["gpus"]:
+        compute = gpu["phases"]["compute"]
+        reasons = compute["reads"]["fields"]["clock_event_reasons"]
+        assert reasons["ok"] is True and reasons["powerd"] is not None
+        assert compute["processes"]["raw_symbol"] == "nvmlDeviceGetComputeRunningProcesses_v2"
+        assert compute["processes"]["powerd_pids"] == [os.getpid()]
+    assert all(c["ok"] is True for c in _backend_checks(summary).values())
+
+
+def test_a_backend_read_that_disagrees_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from powerd.gpu.nvml import NvmlBackend
+
+    read = NvmlBackend.read
+
+    def in_watts(self: NvmlBackend, uuid: str) -> GpuReading:
+        reading = read(self, uuid)
+        assert reading.power_mw is not None
+        return dataclasses.replace(reading, power_mw=reading.power_mw // 1000)
+
+    monkeypatch.setattr(NvmlBackend, "read", in_watts)
+    fake, node = _node("h100-sxm", n=1)
+    summary = _backend_run(fake, node, tmp_path)
+    checks = _backend_checks(summary)
+    for phase in ("idle", "compute"):
+        check = checks[(f"powerd_read_{phase}", 0)]
+        assert check["ok"] is False and "power_mw" in check["detail"]
+        fields = summary["powerd_backend"]["gpus"][0]["phases"][phase]["reads"]
+        assert fields["attempts"] == gpu_check.READ_ATTEMPTS
+        assert [k for k, f in fields["fields"].items() if f["ok"] is not True] == ["power_mw"]
+
+
+def test_main_fails_on_garbled_process_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    listed = FakeNvml.nvmlDeviceGetComputeRunningProcesses
+
+    def driver_535_54(self: FakeNvml, handle: Any) -> list[Any]:
+        return _as_binding_reads_them([1, *(p.pid for p in listed(self, handle))])
+
+    monkeypatch.setattr(FakeNvml, "nvmlDeviceGetComputeRunningProcesses", driver_535_54)
+    code = gpu_check.main(["--simulate", "l40s", "--duration", "5", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL GPU 0 powerd_processes_compute" in out
+    assert "powerd backend: driver" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    failed = {c["check"] for c in summary["checks"] if c["ok"] is False}
+    assert "powerd_processes_compute" in failed
+    assert "powerd_read_idle" not in failed
+
+
+def test_a_backend_that_cannot_open_fails_and_the_rest_runs(tmp_path: Path) -> None:
+    fake, node = _node("h100-sxm", n=1)
+    fake.inject_error(None, "nvmlInit", pynvml.NVMLError_DriverNotLoaded)  # once: the backend's
+    summary = _backend_run(fake, node, tmp_path)
+    open_check = _backend_checks(summary)[("powerd_backend_open", None)]
+    assert open_check["ok"] is False and "GpuUnavailable" in open_check["detail"]
+    assert "kernel driver is not loaded" in summary["powerd_backend"]["open_error"]
+    assert summary["powerd_backend"]["gpus"] == []
+    assert summary["phases"]["compute"][0]["power_w"] > 500.0
+
+
+def test_without_powerd_the_section_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, node = _node("h100-sxm", n=1)
+    monkeypatch.setitem(sys.modules, "powerd.gpu.nvml", None)
+    summary = _backend_run(fake, node, tmp_path)
+    assert "powerd is not importable" in summary["powerd_backend"]["skipped"]
+    assert any("powerd_backend skipped" in n for n in summary["notes"])
+    assert _backend_checks(summary) == {}
+    assert [c for c in summary["checks"] if c["ok"] is not True] == []
+
+
+def test_agreement_brackets_racing_values() -> None:
+    agreement = gpu_check.agreement
+    assert agreement("energy_mj", [100, 120], 110) is True
+    assert agreement("energy_mj", [100, 120], 121) is False
+    assert agreement("sm_clock_mhz", [1980, 1980], 1965) is False
+    assert agreement("power_mw", [500_000, 500_000], 504_000) is True
+    assert agreement("power_mw", [500_000, 500_000], 500) is False
+    assert agreement("clock_event_reasons", [0x1, 0x5], 0x4) is False
+    assert agreement("clock_event_reasons", [0x1, 0x5], 0x5) is True
+    assert agreement("temperature_c", [None, None], None) is True
+    assert agreement("temperature_c", [40, 41], None) is False
+    assert agreement("temperature_c", [None, None], 40) is None
+
+
+def test_driver_notes_name_the_32_byte_process_struct() -> None:
+    assert gpu_check.driver_notes("535.54.03")
+    assert gpu_check.driver_notes("535.86.10")
+    assert gpu_check.driver_notes("535.104.05") == []
+    assert gpu_check.driver_notes("590.48.01") == []
+    assert gpu_check.driver_notes(None) == []
