@@ -1049,7 +1049,7 @@ def test_a_reload_into_target_mode_starts_from_the_clock_held() -> None:
     for t in range(150):
         cap = controller.decide(float(t), [target_plant(cap)])[0].sm_clock_max_mhz
     settled_mhz = cap
-    assert target_plant(settled_mhz).energy_j < 3000.0 / 7.0
+    assert settled_mhz <= 1584, "7 tokens/J is met at 1584 MHz and below"
     controller.reconfigure(Config(mode="target", target_tokens_per_joule=7.0), [spec()])
     caps = []
     for t in range(150, 170):
