@@ -4,7 +4,9 @@ The actuator is the only place that writes GPU settings. Before the first write 
 saves the GPU's original settings in the journal, so any later exit (clean, crash, SIGKILL)
 can restore them. The power limit a GPU had before powerd (an operator's `nvidia-smi -pl`, a
 rack budget) is the ceiling of every limit powerd sets and what it puts back when it wants none.
-A GPU that refuses a write is degraded on its own:
+While that original cannot be read and saved, the GPU's power limit is left alone (its clocks
+need no original read) and the save is tried again at the next decision; so is a GPU whose
+journal could not be written. A GPU that refuses a write is degraded on its own:
 
 - NoPermission: that GPU becomes observe-only (logged once, exported as a metric), after one
   attempt to put back what powerd had set on it, so no throttle outlives its control.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NoPermission, NotSupported
-from powerd.journal import Journal, JournalError
+from powerd.journal import Journal, JournalError, OriginalUnreadable
 from powerd.model import GpuInfo, GroupDecision
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,13 @@ class GpuControlState:
     power_limit_mw: int | None = None
     """Limit we set; None when at the limit the GPU had before powerd."""
     baseline_limit_mw: int | None = None
-    """The limit the GPU had before powerd changed it; None until first needed."""
+    """The limit read from the GPU before the journal held one; None until read."""
+    power_limit_unsaved: bool = False
+    """True while the original power limit cannot be read or saved (warned once): powerd
+    leaves the limit as found until it can."""
     observe_only_reason: str = ""
-    """Non-empty when writes are off for this GPU (e.g. no_permission)."""
+    """Non-empty when writes are off for this GPU (e.g. no_permission). journal_error is
+    tried again at each decision."""
     clock_lock_supported: bool = True
     would_set: str = ""
     """In dry-run mode, the last setting that would have been written."""
@@ -104,7 +110,7 @@ class Actuator:
         lost: GpuLost | None = None
         for uuid in uuids:
             state = self.states[uuid]
-            if state.observe_only:
+            if state.observe_only and state.observe_only_reason != "journal_error":
                 continue
             try:
                 self._apply_one(state, decision, power_w, clock_mhz)
@@ -112,8 +118,9 @@ class Actuator:
                 lost = lost or exc
             except JournalError as exc:
                 # Without its originals saved, a GPU must not be changed: nothing could undo it.
-                state.observe_only_reason = "journal_error"
-                log.error("GPU %s: %s; observing only", uuid, exc)
+                if state.observe_only_reason != "journal_error":
+                    state.observe_only_reason = "journal_error"
+                    log.error("GPU %s: %s; observing only until it can be saved", uuid, exc)
             except NoPermission as exc:
                 state.observe_only_reason = "no_permission"
                 log.error(
@@ -148,8 +155,7 @@ class Actuator:
             if fallback is not None:
                 want_limit = fallback if want_limit is None else min(want_limit, fallback)
             want_lock = None
-        if want_limit is not None and want_limit >= self._baseline_limit_mw(state):
-            want_limit = None
+        want_limit = self._capped_mw(state, want_limit)
 
         if self.dry_run:
             state.would_set = f"clock<={want_lock or info.sm_clock_max_mhz} MHz, " + (
@@ -161,7 +167,7 @@ class Actuator:
             return
 
         if want_lock != state.lock_max_mhz and state.clock_lock_supported:
-            self._remember(info)
+            self._remember(state, power_limit=False)
             try:
                 if want_lock is None:
                     self._backend.reset_locked_clocks(info.uuid)
@@ -173,8 +179,11 @@ class Actuator:
                 log.warning("GPU %s cannot lock clocks; falling back to its power limit", info.uuid)
                 self._apply_one(state, decision, power_w, clock_mhz)
                 return
-        if want_limit != state.power_limit_mw:
-            self._remember(info)
+        if want_limit != state.power_limit_mw and self._save_limit(state):
+            # The saved original, not an earlier read, is the ceiling.
+            want_limit = self._capped_mw(state, want_limit)
+            if want_limit == state.power_limit_mw:
+                return
             try:
                 self._write_limit(state, want_limit)
             except NotSupported:
@@ -185,40 +194,89 @@ class Actuator:
                         info.uuid,
                     )
 
-    def _remember(self, info: GpuInfo) -> None:
-        if self._journal is not None:
-            self._journal.remember(self._backend, info.uuid, info)
+    def _remember(self, state: GpuControlState, *, power_limit: bool) -> None:
+        """Journal the GPU's originals before a write (see Journal.remember)."""
+        if self._journal is None:
+            return
+        self._journal.remember(self._backend, state.info.uuid, state.info, power_limit=power_limit)
+        if state.observe_only_reason == "journal_error":
+            state.observe_only_reason = ""
+            log.info("GPU %s: original settings saved; controlling it again", state.info.uuid)
 
-    def _baseline_limit_mw(self, state: GpuControlState) -> int:
-        """The limit the GPU had before powerd: saved in the journal once powerd wrote to the
-        GPU, read from it before that; the default while it cannot be read."""
-        if state.baseline_limit_mw is not None:
-            return state.baseline_limit_mw
+    def _save_limit(self, state: GpuControlState) -> bool:
+        """Make sure the GPU's original power limit is saved before a limit write. False while
+        it cannot be read or saved, warned once; then the limit must stay as found."""
+        uuid = state.info.uuid
+        problem = ""
+        try:
+            self._remember(state, power_limit=True)
+        except OriginalUnreadable as exc:
+            problem = str(exc)
+        except JournalError as exc:
+            if self._journal is None or self._journal.get(uuid) is None:
+                raise  # nothing saved, so nothing written: the whole GPU waits for the journal
+            problem = str(exc)
+        if not problem and self._baseline_limit_mw(state) is None:
+            problem = "cannot read its power limit"
+        if problem:
+            if not state.power_limit_unsaved:
+                state.power_limit_unsaved = True
+                log.warning(
+                    "GPU %s: %s; its power limit stays as found until its original is saved "
+                    "(tried again at each decision)",
+                    uuid,
+                    problem,
+                )
+            return False
+        if state.power_limit_unsaved:
+            state.power_limit_unsaved = False
+            log.info("GPU %s: original power limit saved; controlling it", uuid)
+        return True
+
+    def _capped_mw(self, state: GpuControlState, limit_mw: int | None) -> int | None:
+        """limit_mw, or None (no limit of powerd's) when it is not below the limit the GPU had
+        before powerd. Kept while that limit is unknown: _save_limit stops the write then."""
+        if limit_mw is None or limit_mw >= state.info.power_limit_max_mw:
+            return None
+        baseline_mw = self._baseline_limit_mw(state)
+        if baseline_mw is not None and limit_mw >= baseline_mw:
+            return None
+        return limit_mw
+
+    def _baseline_limit_mw(self, state: GpuControlState) -> int | None:
+        """The limit the GPU had before powerd, clamped to its range: as saved in the journal,
+        read from the GPU while the journal holds none; None while it cannot be read."""
         uuid = state.info.uuid
         entry = self._journal.get(uuid) if self._journal is not None else None
-        limit_mw: int | None
-        if entry is not None:
-            limit_mw = entry.power_limit_mw or state.info.power_limit_default_mw
-        else:
+        if entry is not None and entry.power_limit_mw is not None:
+            return state.info.clamp_power_limit_mw(entry.power_limit_mw)
+        if state.baseline_limit_mw is None:
             try:
                 limit_mw = self._backend.read(uuid).power_limit_mw
             except GpuLost:
                 raise
-            except GpuError as exc:
-                log.warning("GPU %s: cannot read its power limit: %s", uuid, exc)
-                return state.info.power_limit_default_mw
-        if limit_mw is None:
-            return state.info.power_limit_default_mw
-        state.baseline_limit_mw = state.info.clamp_power_limit_mw(limit_mw)
+            except GpuError:
+                return None
+            if limit_mw is not None:
+                state.baseline_limit_mw = state.info.clamp_power_limit_mw(limit_mw)
         return state.baseline_limit_mw
 
     def _write_limit(self, state: GpuControlState, limit_mw: int | None) -> None:
-        """Set limit_mw, or with None the limit the GPU had before powerd."""
+        """Set limit_mw, or with None the limit the GPU had before powerd (known by then: no
+        limit is written before it is)."""
         uuid = state.info.uuid
-        baseline_mw = self._baseline_limit_mw(state)
         if limit_mw is not None:
             self._backend.set_power_limit(uuid, limit_mw)
-        elif baseline_mw == state.info.power_limit_default_mw:
+            state.power_limit_mw = limit_mw
+            return
+        baseline_mw = self._baseline_limit_mw(state)
+        if baseline_mw is None:
+            raise GpuError(
+                f"GPU {uuid}: its power limit before powerd is not known",
+                operation="set_power_limit",
+                uuid=uuid,
+            )
+        if baseline_mw == state.info.power_limit_default_mw:
             self._backend.reset_power_limit(uuid)
         else:
             self._backend.set_power_limit(uuid, baseline_mw)

@@ -7,7 +7,10 @@ fsync of the directory), so a SIGKILL at any instant leaves either the old or th
 reverse order of the first writes. The file is removed only once every GPU was restored.
 
 NVML has no getter for locked clocks, so the original clock state is recorded as "unknown" and
-restored by resetting the lock (the driver default, which is also the state after a reboot).
+restored by resetting the lock (the driver default, which is also the state after a reboot):
+locking clocks needs nothing read first. Changing the power limit does: its original must be
+read and saved before the first write, and a limit that could not be read yet is saved as
+unknown only while powerd has not changed it, so restore leaves it as found.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,20 @@ from powerd.model import GpuInfo
 log = logging.getLogger(__name__)
 
 FORMAT = "powerd-journal"
-VERSION = 1
+VERSION = 2
+"""Version 1 saved an unreadable power limit as null and restored the default limit for it;
+since version 2 a null limit is one powerd has not changed."""
+READABLE_VERSIONS = (1, VERSION)
 CLOCK_STATES = ("unknown", "unlocked")
 
 
 class JournalError(Exception):
     """The journal cannot be written; powerd must not change a GPU it cannot restore."""
+
+
+class OriginalUnreadable(Exception):
+    """A setting's original value cannot be read now, so it is not saved; powerd must not
+    change that setting until it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +55,8 @@ class JournalEntry:
     index: int
     name: str
     power_limit_mw: int | None
-    """Requested power limit before the first write; None when it could not be read (restore
-    then sets the default limit)."""
+    """Requested power limit before powerd first changed it; None while it could not be read,
+    which powerd never changes (restore leaves it as found)."""
     power_limit_default_mw: int
     sm_clocks: str
     """'unknown' (NVML cannot read a lock; restore resets it) or 'unlocked'."""
@@ -117,36 +128,43 @@ class Journal:
                 return entry
         return None
 
-    def remember(self, backend: GpuBackend, uuid: str, info: GpuInfo) -> bool:
+    def remember(
+        self, backend: GpuBackend, uuid: str, info: GpuInfo, *, power_limit: bool = True
+    ) -> bool:
         """Save the GPU's current settings as its originals, unless already saved.
 
-        Call before every write; only the first call per GPU reads and saves. Returns True when
-        it saved. Raises JournalError when the file cannot be written (then do not write to
-        the GPU)."""
-        if self.get(uuid) is not None:
+        Call before every write, with `power_limit` False when the write is a clock lock (whose
+        original needs no read) and True when it may change the power limit, whose original
+        must then be saved: it is read now unless saved already. Returns True when it wrote
+        the file. Raises OriginalUnreadable when that power limit cannot be read (then do not
+        write it; call again later) and JournalError when the file cannot be written (then do
+        not write to the GPU)."""
+        entry = self.get(uuid)
+        if entry is not None and (entry.power_limit_mw is not None or not power_limit):
             return False
-        power_limit_mw: int | None = None
-        try:
-            power_limit_mw = backend.read(uuid).power_limit_mw
-        except GpuLost:
-            raise
-        except GpuError as exc:
-            log.warning("GPU %s: cannot read its power limit before changing it: %s", uuid, exc)
-        entry = JournalEntry(
-            uuid=uuid,
-            index=info.index,
-            name=info.name,
-            power_limit_mw=power_limit_mw,
-            power_limit_default_mw=info.power_limit_default_mw,
-            sm_clocks="unknown",
-            saved_at_s=time.time(),
-        )
-        self._write([*self._entries, entry])
-        self._entries.append(entry)
+        power_limit_mw, problem = _read_power_limit_mw(backend, uuid)
+        if power_limit_mw is None and power_limit:
+            raise OriginalUnreadable(f"cannot read its power limit ({problem})")
+        if entry is None:
+            entry = JournalEntry(
+                uuid=uuid,
+                index=info.index,
+                name=info.name,
+                power_limit_mw=power_limit_mw,
+                power_limit_default_mw=info.power_limit_default_mw,
+                sm_clocks="unknown",
+                saved_at_s=time.time(),
+            )
+            entries = [*self._entries, entry]
+        else:
+            entry = replace(entry, power_limit_mw=power_limit_mw)
+            entries = [entry if e.uuid == uuid else e for e in self._entries]
+        self._write(entries)
+        self._entries = entries
         log.info(
-            "GPU %s: saved original settings (power limit %s mW, clocks %s)",
+            "GPU %s: saved original settings (power limit %s, clocks %s)",
             uuid,
-            power_limit_mw,
+            "not read, left as found" if power_limit_mw is None else f"{power_limit_mw} mW",
             entry.sm_clocks,
         )
         return True
@@ -207,12 +225,12 @@ class Journal:
 def restore_all(backend: GpuBackend, journal: Journal) -> RestoreReport:
     """Put back every saved setting, newest first; never raises.
 
-    Per GPU: reset the locked clocks, then set the saved power limit (the default limit when
-    it was unknown). A GPU that is gone or refuses is reported and kept in the journal; the
-    journal file is removed once every GPU was restored. If the journal was corrupt, every
-    GPU's clocks are reset (locking is powerd's doing, a reset is always safe) and power
-    limits are left as they are, since their originals are lost. Logs each GPU; the caller
-    logs `report.summary()`.
+    Per GPU: reset the locked clocks, then set the saved power limit (one saved as unknown,
+    which powerd never changed, is left as it is). A GPU that is gone or refuses is reported
+    and kept in the journal; the journal file is removed once every GPU was restored. If the
+    journal was corrupt, every GPU's clocks are reset (locking is powerd's doing, a reset is
+    always safe) and power limits are left as they are, since their originals are lost. Logs
+    each GPU; the caller logs `report.summary()`.
     """
     report = RestoreReport()
     if journal.load_error is not None:
@@ -247,9 +265,7 @@ def _restore_one(backend: GpuBackend, entry: JournalEntry) -> tuple[str, str] | 
     other's outcome: a clock reset that fails must not keep the power limit from coming back."""
 
     def put_limit_back() -> None:
-        if entry.power_limit_mw is None:
-            backend.reset_power_limit(entry.uuid)
-        else:
+        if entry.power_limit_mw is not None:
             backend.set_power_limit(entry.uuid, entry.power_limit_mw)
 
     failures: list[str] = []
@@ -270,9 +286,20 @@ def _restore_one(backend: GpuBackend, entry: JournalEntry) -> tuple[str, str] | 
     log.info(
         "GPU %s: restored (clocks unlocked, power limit %s)",
         entry.uuid,
-        f"{entry.power_limit_mw} mW" if entry.power_limit_mw is not None else "default",
+        f"{entry.power_limit_mw} mW" if entry.power_limit_mw is not None else "left as found",
     )
     return None
+
+
+def _read_power_limit_mw(backend: GpuBackend, uuid: str) -> tuple[int | None, str]:
+    """(the GPU's power limit now, mW, or None with why it could not be read). Raises GpuLost."""
+    try:
+        power_limit_mw = backend.read(uuid).power_limit_mw
+    except GpuLost:
+        raise
+    except GpuError as exc:
+        return None, str(exc)
+    return power_limit_mw, "" if power_limit_mw is not None else "the read gave no value"
 
 
 def _reset_all_clocks(backend: GpuBackend, report: RestoreReport) -> None:
@@ -304,19 +331,20 @@ def _parse(raw: bytes) -> list[JournalEntry]:
         raise ValueError(f"not JSON: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file")
-    if document.get("version") != VERSION:
-        raise ValueError(f"version {document.get('version')!r}, expected {VERSION}")
+    version = document.get("version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        raise ValueError(f"version {version!r}, expected {VERSION}")
     items = document.get("entries")
     if not isinstance(items, list):
         raise ValueError("'entries' is not a list")
-    entries = [_parse_entry(item, n) for n, item in enumerate(items)]
+    entries = [_parse_entry(item, n, version) for n, item in enumerate(items)]
     uuids = [entry.uuid for entry in entries]
     if len(set(uuids)) != len(uuids):
         raise ValueError("a GPU appears twice")
     return entries
 
 
-def _parse_entry(item: Any, n: int) -> JournalEntry:
+def _parse_entry(item: Any, n: int, version: int) -> JournalEntry:
     if not isinstance(item, dict):
         raise ValueError(f"entry {n} is not an object")
 
@@ -334,12 +362,16 @@ def _parse_entry(item: Any, n: int) -> JournalEntry:
     uuid = need("uuid", (str,))
     if not uuid:
         raise ValueError(f"entry {n}: empty 'uuid'")
+    power_limit_mw = need("power_limit_mw", (int,), optional=True)
+    power_limit_default_mw = need("power_limit_default_mw", (int,))
+    if power_limit_mw is None and version == 1:
+        power_limit_mw = power_limit_default_mw
     return JournalEntry(
         uuid=uuid,
         index=need("index", (int,)),
         name=need("name", (str,)),
-        power_limit_mw=need("power_limit_mw", (int,), optional=True),
-        power_limit_default_mw=need("power_limit_default_mw", (int,)),
+        power_limit_mw=power_limit_mw,
+        power_limit_default_mw=power_limit_default_mw,
         sm_clocks=sm_clocks,
         saved_at_s=float(need("saved_at_s", (float, int))),
     )

@@ -9,7 +9,7 @@ import pytest
 
 from powerd.actuator import Actuator
 from powerd.gpu.errors import GpuLost, NoPermission, NotSupported
-from powerd.journal import Journal
+from powerd.journal import Journal, restore_all
 from powerd.model import GpuInfo, GpuReading, GroupDecision
 
 CLOCKS = tuple(range(345, 1981, 15))
@@ -37,12 +37,15 @@ class RecordingBackend:
         self.writes: list[tuple[str, str, tuple[int, ...]]] = []
         self.limits = {info.uuid: info.power_limit_default_mw for info in self.infos}
         self.fail: dict[tuple[str, str], Exception] = {}
+        self.unreadable: set[str] = set()
+        """GPUs whose power limit reads as None, as NvmlBackend.read gives on a timeout."""
 
     def devices(self) -> list[GpuInfo]:
         return list(self.infos)
 
     def read(self, uuid: str) -> GpuReading:
-        return GpuReading(uuid, 0, 0.0, 300_000, 0, 1980, self.limits[uuid], None, 0, 50)
+        limit_mw = None if uuid in self.unreadable else self.limits[uuid]
+        return GpuReading(uuid, 0, 0.0, 300_000, 0, 1980, limit_mw, None, 0, 50)
 
     def _write(self, op: str, uuid: str, *args: int) -> None:
         error = self.fail.get((op, uuid))
@@ -208,3 +211,81 @@ def test_a_gpu_that_lists_no_clocks_is_not_pinned_at_f_max(tmp_path: Path) -> No
     actuator.track(only_max)
     actuator.apply(_decision(1400), ["GPU-0"], power_w=400.0, clock_mhz=1980.0)
     assert [op for op, _, _ in backend.writes] == ["limit"], "its power limit, never a lock"
+
+
+def test_a_power_limit_read_that_fails_is_tried_again_and_the_real_original_restored(
+    tmp_path: Path,
+) -> None:
+    backend, journal, actuator = _actuator(tmp_path, n=1)
+    backend.limits["GPU-0"] = 400_000  # an operator's cap, set before powerd started
+    backend.unreadable.add("GPU-0")
+    actuator.apply(_decision(1500, 300_000), ["GPU-0"])
+    assert backend.writes == [("lock", "GPU-0", (345, 1500))], "clocks need no original read"
+    assert journal.get("GPU-0").power_limit_mw is None
+
+    backend.unreadable.clear()
+    actuator.apply(_decision(1500, 300_000), ["GPU-0"])
+    assert backend.writes[-1] == ("limit", "GPU-0", (300_000,))
+    assert journal.get("GPU-0").power_limit_mw == 400_000
+    actuator.apply(_decision(1500, None), ["GPU-0"])
+    assert backend.writes[-1] == ("limit", "GPU-0", (400_000,)), "back to the cap, not 700 W"
+
+    actuator.apply(_decision(1500, 250_000), ["GPU-0"])
+    assert restore_all(backend, journal).ok
+    assert backend.writes[-1] == ("limit", "GPU-0", (400_000,))
+    assert backend.limits["GPU-0"] == 400_000
+
+
+def test_an_unread_original_is_not_taken_for_the_default_ceiling(tmp_path: Path) -> None:
+    backend, journal, actuator = _actuator(tmp_path, n=1)
+    backend.limits["GPU-0"] = 400_000
+    backend.unreadable.add("GPU-0")
+    for _ in range(3):
+        actuator.apply(_decision(1980, 600_000), ["GPU-0"])
+    assert backend.writes == [], "600 W is above the operator's 400 W cap"
+    backend.unreadable.clear()
+    actuator.apply(_decision(1980, 600_000), ["GPU-0"])
+    assert backend.writes == []
+    assert not journal.pending()
+
+
+def test_an_unreadable_power_limit_is_warned_about_once(tmp_path: Path, caplog) -> None:
+    backend, _, actuator = _actuator(tmp_path)
+    backend.unreadable.add("GPU-0")
+    with caplog.at_level("INFO", logger="powerd.actuator"):
+        for _ in range(5):
+            actuator.apply(_decision(1980, 300_000), ["GPU-0", "GPU-1"])
+        backend.unreadable.clear()
+        actuator.apply(_decision(1980, 300_000), ["GPU-0", "GPU-1"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "GPU-0" in warnings[0] and "cannot read its power limit" in warnings[0]
+    assert any("GPU-0" in r.getMessage() and "saved" in r.getMessage() for r in caplog.records)
+    assert [w for w in backend.writes if w[0] == "limit"] == [
+        ("limit", "GPU-1", (300_000,)),
+        ("limit", "GPU-0", (300_000,)),
+    ]
+
+
+def test_a_gpu_whose_journal_failed_is_tried_again(tmp_path: Path, caplog) -> None:
+    backend, journal, actuator = _actuator(tmp_path)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    journal.path = blocker / "journal.json"
+    with caplog.at_level("ERROR", logger="powerd.actuator"):
+        for _ in range(3):
+            actuator.apply(_decision(1500, 300_000), ["GPU-0", "GPU-1"])
+    assert backend.writes == []
+    assert all(s.observe_only_reason == "journal_error" for s in actuator.states.values())
+    assert len(caplog.records) == 2, "one line per GPU, not one per try"
+
+    blocker.unlink()  # the journal's directory can be made now
+    actuator.apply(_decision(1500, 300_000), ["GPU-0", "GPU-1"])
+    assert not any(s.observe_only for s in actuator.states.values())
+    assert sorted(backend.writes) == [
+        ("limit", "GPU-0", (300_000,)),
+        ("limit", "GPU-1", (300_000,)),
+        ("lock", "GPU-0", (345, 1500)),
+        ("lock", "GPU-1", (345, 1500)),
+    ]
+    assert [e.power_limit_mw for e in journal.entries()] == [700_000, 700_000]

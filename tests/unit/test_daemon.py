@@ -627,6 +627,43 @@ def test_unwritable_journal_leaves_gpus_untouched_and_the_daemon_running(
     assert all(g.observe_only for g in snapshot.gpus)
     assert len(metric_lines(rig.metrics(), "powerd_gpu_observe_only", reason="error")) == 2
 
+    # The journal can be written again: the GPUs are saved and controlled from then on.
+    rig.daemon.journal.path = rig.journal_path
+    rig.run_until(lambda s: not any(g.observe_only for g in s.gpus), max_ticks=5)
+    rig.run_until(lambda s: _locked(rig, 0) is not None or _locked(rig, 1) is not None, 90)
+    assert {e.uuid for e in rig.daemon.journal.entries()} <= {rig.uuid(0), rig.uuid(1)}
+    assert rig.journal_path.exists()
+
+
+def test_a_power_limit_that_cannot_be_read_is_left_alone_until_it_is_saved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(tmp_path, control=ControlConfig(power_limit="track"))
+    site_mw = 600_000
+    rig.backend.set_power_limit(rig.uuid(0), site_mw)  # an operator's cap before powerd
+    start = len(rig.fake.writes)
+    rig.fake.inject_error(
+        0, "nvmlDeviceGetPowerManagementLimit", pynvml.NVMLError_Timeout, persistent=True
+    )
+    with caplog.at_level(logging.WARNING, logger="powerd.actuator"):
+        rig.run_until(lambda s: _locked(rig, 0) is not None, max_ticks=90)
+        rig.run(20)
+    assert SET_LIMIT not in [fn for fn, _ in rig.writes_to(0, start)]
+    assert any(fn == SET_LIMIT for fn, _ in rig.writes_to(1, start)), "GPU 1 is controlled"
+    warnings = [r.getMessage() for r in caplog.records if "power limit" in r.getMessage()]
+    assert len(warnings) == 1 and rig.uuid(0) in warnings[0], "named once, not every tick"
+
+    rig.fake.clear_errors()
+    rig.run_until(lambda s: any(fn == SET_LIMIT for fn, _ in rig.writes_to(0, start)), 30)
+    assert rig.daemon.journal is not None
+    entry = rig.daemon.journal.get(rig.uuid(0))
+    assert entry is not None and entry.power_limit_mw == site_mw
+    assert rig.node.plant.power_limit_mw(0) < site_mw
+
+    assert rig.daemon.restore()
+    assert rig.node.plant.power_limit_mw(0) == site_mw, "the original, not the default"
+    assert rig.node.plant.power_limit_mw(1) == _default_limit_mw(rig)
+
 
 # ------------------------------------------------------------------------ blind servers
 

@@ -16,7 +16,7 @@ import pynvml
 import pytest
 
 from powerd.gpu.nvml import NvmlBackend
-from powerd.journal import Journal, JournalError, restore_all
+from powerd.journal import Journal, JournalError, OriginalUnreadable, restore_all
 from powerd.model import GpuInfo
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
@@ -111,15 +111,87 @@ def test_restore_runs_newest_first(tmp_path: Path) -> None:
     ]
 
 
-def test_unreadable_power_limit_restores_the_default(tmp_path: Path) -> None:
+def test_an_unreadable_power_limit_is_not_saved_as_unknown_but_read_again(tmp_path: Path) -> None:
     fake, backend, infos = make_node(1)
-    journal = Journal(tmp_path / "journal.json")
+    uuid = infos[0].uuid
+    backend.set_power_limit(uuid, 400_000)  # set by the site before powerd ran
+    path = tmp_path / "journal.json"
+    journal = Journal(path)
     fake.inject_error(0, "nvmlDeviceGetPowerManagementLimit", pynvml.NVMLError_Timeout)
-    journal.remember(backend, infos[0].uuid, infos[0])
-    assert journal.entries()[0].power_limit_mw is None
-    backend.set_power_limit(infos[0].uuid, 250_000)
+    with pytest.raises(OriginalUnreadable, match="power limit"):
+        journal.remember(backend, uuid, infos[0])
+    assert journal.entries() == [] and not path.exists()
+
+    assert journal.remember(backend, uuid, infos[0]), "the timeout has cleared"
+    assert journal.entries()[0].power_limit_mw == 400_000
+    backend.set_power_limit(uuid, 250_000)
     assert restore_all(backend, journal).ok
-    assert fake.plant.power_limit_mw(0) == DEFAULT_MW
+    assert fake.plant.power_limit_mw(0) == 400_000, "the original, not the default"
+
+
+def test_clocks_are_saved_without_the_power_limit_and_restore_leaves_it(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(2)
+    path = tmp_path / "journal.json"
+    journal = Journal(path)
+    backend.set_power_limit(infos[0].uuid, 400_000)
+    change(backend, journal, infos[1], 300_000)
+    fake.inject_error(
+        0, "nvmlDeviceGetPowerManagementLimit", pynvml.NVMLError_Timeout, persistent=True
+    )
+    assert journal.remember(backend, infos[0].uuid, infos[0], power_limit=False)
+    backend.set_locked_clocks(infos[0].uuid, infos[0].sm_clock_min_mhz, 1500)
+    assert Journal(path).get(infos[0].uuid) == journal.get(infos[0].uuid)
+    assert journal.entries()[1].power_limit_mw is None
+    with pytest.raises(OriginalUnreadable):
+        journal.remember(backend, infos[0].uuid, infos[0])
+    fake.clear_errors()
+
+    report = restore_all(backend, journal)
+
+    assert report.ok, report.summary()
+    assert fake.plant.locked_clocks(0) is None
+    assert fake.plant.power_limit_mw(0) == 400_000, "powerd never changed it: left as found"
+    assert fake.plant.power_limit_mw(1) == DEFAULT_MW
+
+
+def test_a_power_limit_read_later_is_saved_in_the_gpus_first_place(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(2)
+    path = tmp_path / "journal.json"
+    journal = Journal(path)
+    fake.inject_error(0, "nvmlDeviceGetPowerManagementLimit", pynvml.NVMLError_Timeout)
+    journal.remember(backend, infos[0].uuid, infos[0], power_limit=False)
+    journal.remember(backend, infos[1].uuid, infos[1])
+    assert [e.power_limit_mw for e in journal.entries()] == [None, DEFAULT_MW]
+    saved_at_s = journal.entries()[0].saved_at_s
+
+    assert journal.remember(backend, infos[0].uuid, infos[0])
+    assert not journal.remember(backend, infos[0].uuid, infos[0])
+
+    entries = Journal(path).entries()
+    assert [e.uuid for e in entries] == [infos[0].uuid, infos[1].uuid], "first-write order kept"
+    assert [e.power_limit_mw for e in entries] == [DEFAULT_MW, DEFAULT_MW]
+    assert entries[0].saved_at_s == saved_at_s
+
+
+def test_a_version_1_journal_restores_the_default_for_an_unknown_limit(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(1)
+    uuid = infos[0].uuid
+    backend.set_power_limit(uuid, 250_000)
+    path = tmp_path / "journal.json"
+    entry = {
+        "uuid": uuid,
+        "index": 0,
+        "name": infos[0].name,
+        "power_limit_mw": None,
+        "power_limit_default_mw": DEFAULT_MW,
+        "sm_clocks": "unknown",
+        "saved_at_s": 1.0,
+    }
+    path.write_text(json.dumps({"format": "powerd-journal", "version": 1, "entries": [entry]}))
+    journal = Journal(path)
+    assert journal.load_error is None
+    assert restore_all(backend, journal).ok
+    assert fake.plant.power_limit_mw(0) == DEFAULT_MW, "what version 1 promised for it"
 
 
 def test_lost_gpu_is_reported_and_kept(tmp_path: Path) -> None:
