@@ -1259,11 +1259,10 @@ class BackendSection:
 
     def _symbols(self, backend: Any) -> dict[str, Any]:
         """Per symbol list: what each symbol answers on the first GPU read, and the one the
-        backend settled on (its private record, else the first symbol that answered)."""
+        backend settled on (its symbols_used(), else the first symbol that answered)."""
         out: dict[str, Any] = {}
-        chosen = getattr(backend, "_chosen", None)
-        if not isinstance(chosen, dict):
-            chosen = None
+        symbols_used = getattr(backend, "symbols_used", None)
+        chosen = symbols_used() if callable(symbols_used) else {}
         for group, names in (
             ("clock_event_reasons", CLOCK_EVENT_REASON_SYMBOLS),
             ("compute_processes", PROCESS_SYMBOLS),
@@ -1272,10 +1271,7 @@ class BackendSection:
             if self._probe_handle is not None:
                 for name in names:
                     probed[name] = _try_call(self.nvml, name, self._probe_handle)[1] or "ok"
-            used = next(
-                (v for k, v in (chosen or {}).items() if set(k) & set(names)),
-                None,
-            )
+            used = next((v for k, v in chosen.items() if k in names), None)
             source = "backend"
             if used is None:
                 used = next((n for n in names if probed.get(n) == "ok"), None)

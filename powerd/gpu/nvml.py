@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from powerd.gpu.errors import (
@@ -77,8 +78,9 @@ _RUNNING_PROCESSES = (
     "nvmlDeviceGetComputeRunningProcesses_v2",
 )
 """The binding's call uses the _v3 symbol, which some drivers lack (R470, 535.98)."""
-_PID_MAX = 1 << 22
-"""Linux's largest pid_max."""
+_PID_MAX_PATH = Path("/proc/sys/kernel/pid_max")
+_PID_MAX_LARGEST = 1 << 22
+"""Linux's largest pid_max, for a machine whose own cannot be read."""
 
 _HINTS: dict[type[GpuError], str] = {
     NoPermission: " (changing GPU settings needs root or CAP_SYS_ADMIN)",
@@ -110,6 +112,7 @@ class NvmlBackend:
         self._handles: dict[str, Any] = {}
         self._chosen: dict[tuple[str, ...], str] = {}
         """Operations tried in order (_optional_first) -> the one this driver answered."""
+        self._pid_max = _pid_max()
         self._infos: dict[str, GpuInfo] = {}
         self._locked_mhz: dict[str, tuple[int, int] | None] = {}
         """The lock powerd set per GPU (None: unlocked by powerd); absent: unknown, since NVML
@@ -365,7 +368,12 @@ class NvmlBackend:
         if not processes:
             return []
         # An entry read with another driver's struct layout gives 0 or a garbage PID.
-        return sorted({int(p.pid) for p in processes if 0 < int(p.pid) <= _PID_MAX})
+        return sorted({int(p.pid) for p in processes if 0 < int(p.pid) < self._pid_max})
+
+    def symbols_used(self) -> dict[str, str]:
+        """NVML functions that have older variants -> the variant this driver answered, for
+        those read so far (drivers before R535 lack the newer symbols)."""
+        return {operations[0]: chosen for operations, chosen in self._chosen.items()}
 
     def _optional_first(self, operations: tuple[str, ...], uuid: str, *args: Any) -> Any:
         """The result of the first of `operations` this driver provides, remembered once one
@@ -466,3 +474,11 @@ def _text(value: Any) -> str:
 
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _pid_max() -> int:
+    """The kernel's pid_max: every PID is below it (a read of the host's, also in a container)."""
+    try:
+        return int(_PID_MAX_PATH.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return _PID_MAX_LARGEST

@@ -4,11 +4,13 @@ pynvml on a machine without a driver."""
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 from typing import Any
 
 import pynvml
 import pytest
 
+from powerd.gpu import nvml as nvml_module
 from powerd.gpu.errors import (
     GpuError,
     GpuLost,
@@ -403,6 +405,9 @@ def test_a_driver_before_r535_gives_its_clock_event_reasons_under_the_older_name
     assert backend.read(uuid).clock_event_reasons is not None
     failed = backend.error_counts[("nvmlDeviceGetCurrentClocksEventReasons", "not_supported")]
     assert failed == 1, "the newer name is tried once, then the one that answered is kept"
+    assert backend.symbols_used() == {
+        "nvmlDeviceGetCurrentClocksEventReasons": "nvmlDeviceGetCurrentClocksThrottleReasons"
+    }
 
 
 def test_compute_pids_without_the_v3_symbol_and_with_garbage_entries(
@@ -418,3 +423,15 @@ def test_compute_pids_without_the_v3_symbol_and_with_garbage_entries(
         persistent=True,
     )
     assert NvmlBackend(fake).compute_pids(uuid) == [111, 4242], "the _v2 symbol answers"
+
+
+def test_compute_pids_are_below_the_machines_pid_max(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pid_max = tmp_path / "pid_max"
+    pid_max.write_text("32768\n")
+    monkeypatch.setattr(nvml_module, "_PID_MAX_PATH", pid_max)
+    fake.set_compute_pids(0, [111, 32767, 32768, 4_000_000])
+    assert NvmlBackend(fake).compute_pids(fake.uuids[0]) == [111, 32767]
+    monkeypatch.setattr(nvml_module, "_PID_MAX_PATH", tmp_path / "absent")
+    assert NvmlBackend(fake).compute_pids(fake.uuids[0]) == [111, 32767, 32768, 4_000_000]
