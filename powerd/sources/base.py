@@ -124,7 +124,9 @@ class Reading:
     necessarily once idle (SGLang's scheduler: running, waiting, token usage, gen_throughput);
     None where gauges are read live. A report that stayed bit-identical while at least its
     `running` requests finished is stale once no counter has moved for STALE_REPORT_S: nothing
-    runs, and generation reads 0.
+    runs or waits, generation reads 0, and so do the gauges named in report_gauges.
+    report_gauges: the keys of `gauges` whose values come from `report` ("running", "waiting",
+    "kv_usage"): a stale report's figures, so a sample reads them as an idle server's, 0.
     prompt_per_chunk: prompt tokens are counted as each chunk is prefilled; otherwise a whole
     prompt lands at once, when its first token comes (vLLM V1) or when the request ends.
     prompt_mode "admissions": the server counts the requests it admits to prefill
@@ -147,6 +149,7 @@ class Reading:
     rounding: dict[str, float] = field(default_factory=dict)
     request_copies: str | None = None
     report: tuple[float | None, ...] | None = None
+    report_gauges: frozenset[str] = frozenset()
     model_names: tuple[str, ...] = ()
     generation_tokens_total: float | None = None
 
@@ -865,7 +868,7 @@ class Source:
                     "to it in batches)"
                 ) + ": probe again with a longer --interval"
         self._prev, self._prev_s = reading, answered_s
-        sample = self._sample(reading, window, now_s, time.perf_counter() - start)
+        sample = self._sample(reading, window, now_s, time.perf_counter() - start, stale)
         self.no_rate_reason = None if sample.generation_tokens_per_s is not None else why
         return sample
 
@@ -939,9 +942,18 @@ class Source:
         )
 
     def _sample(
-        self, reading: Reading, window: Window | None, now_s: float, scrape_duration_s: float
+        self,
+        reading: Reading,
+        window: Window | None,
+        now_s: float,
+        scrape_duration_s: float,
+        stale: bool = False,
     ) -> ServerSample:
+        """The sample of a reading and its window; with a stale engine report (Reading.report),
+        the gauges it carries read 0."""
         gauges = reading.gauges
+        if stale:
+            gauges = gauges | dict.fromkeys(reading.report_gauges & gauges.keys(), 0.0)
         if window is not None:
             figures: dict[str, Any] = {
                 f.name: _finite(getattr(window, f.name))

@@ -15,10 +15,12 @@ only when it logs prefill or decode statistics, so once a batch drains they can 
 last busy values: for 30 s until the idle report of recent builds (sglang#26495, #31517), or for
 good in builds without one (sglang#4244 for gen_throughput). They are the Reading's engine
 report: once it stayed bit-identical while the requests it counted as running finished, and no
-counter has moved for base.STALE_REPORT_S, the server is idle and generation reads 0, where it
+counter has moved for base.STALE_REPORT_S, the server is idle: generation reads 0, where it
 read as gen_throughput's last value, or as unknown (None) with a realtime counter standing
-still. A batch between two logs also leaves the gauges and the decode counter standing still,
-but it finishes fewer requests than it runs, or it logs again.
+still; and running, waiting and KV usage read 0, where they read as the last busy log (an idle
+scheduler holds no KV but evictable cache, which token_usage leaves out). A batch between two
+logs also leaves the gauges and the decode counter standing still, but it finishes fewer
+requests than it runs, or it logs again.
 
 Labels: 2024 builds (v0.3) named the model in `name` and the queue gauges
 `sglang:num_requests_running` / `sglang:num_requests_waiting`; later ones use `model_name`,
@@ -55,6 +57,7 @@ _MODE = frozenset({"mode"})
 P = "sglang:"
 _RUNNING = (P + "num_running_reqs", P + "num_requests_running")
 _WAITING = (P + "num_queue_reqs", P + "num_requests_waiting")
+_REPORT_GAUGES = frozenset({"running", "waiting", "kv_usage"})
 
 
 def _first_gauge(samples: Samples, names: tuple[str, ...]) -> float | None:
@@ -142,6 +145,7 @@ class SglangExtractor:
         if kv_usage is not None:
             reading.gauges["kv_usage"] = kv_usage
         reading.report = (running, waiting, kv_usage, gen_throughput)
+        reading.report_gauges = _REPORT_GAUGES
         ttft = histogram(samples, P + "time_to_first_token_seconds", mirrors=MIRRORS)
         if ttft is not None:
             reading.hists["ttft"] = ttft

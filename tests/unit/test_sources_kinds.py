@@ -334,14 +334,18 @@ def test_sglang_without_realtime_counter_uses_gen_throughput_gated_by_running() 
 
 
 def _sglang_scheduler(
-    running: int, gen_throughput: float, finished: int, decode: float | None = None
+    running: int,
+    gen_throughput: float,
+    finished: int,
+    decode: float | None = None,
+    waiting: int = 0,
 ) -> bytes:
     """An SGLang body: the scheduler's gauges as last logged, the tokenizer's request count
     (live) and, with `decode`, the realtime token counter."""
     labels = 'model_name="m",engine_type="unified",tp_rank="0",pp_rank="0"'
     body = (
         f"sglang:num_running_reqs{{{labels}}} {running}\n"
-        f"sglang:num_queue_reqs{{{labels}}} 0\n"
+        f"sglang:num_queue_reqs{{{labels}}} {waiting}\n"
         f"sglang:token_usage{{{labels}}} 0.31\n"
         f"sglang:gen_throughput{{{labels}}} {gen_throughput}\n"
         f'sglang:num_requests_total{{model_name="m"}} {finished}\n'
@@ -354,10 +358,18 @@ def _sglang_scheduler(
     return body.encode()
 
 
-def _sglang_rates(bodies: list[bytes]) -> list[float | None]:
+def _sglang_samples(bodies: list[bytes]) -> list[ServerSample]:
     cfg = ServerConfig(name="sg", url="http://h:30000/metrics", kind="sglang")
     source = make_source(cfg, Replay([(body, {}) for body in bodies]))
-    return [source.poll(T0 + t).generation_tokens_per_s for t in range(len(bodies))]
+    return [source.poll(T0 + t) for t in range(len(bodies))]
+
+
+def _sglang_rates(bodies: list[bytes]) -> list[float | None]:
+    return [s.generation_tokens_per_s for s in _sglang_samples(bodies)]
+
+
+def _report(s: ServerSample) -> tuple[float | None, float | None, float | None]:
+    return (s.running, s.waiting, s.kv_cache_usage)
 
 
 def test_sglang_stale_gauges_after_a_drained_batch_read_idle() -> None:
@@ -384,16 +396,48 @@ def test_sglang_stale_gauges_after_a_drained_batch_read_idle() -> None:
     assert rates[-1] == 400.0  # a new batch, counted from the last idle scrape
 
 
+def test_sglang_stale_gauges_after_a_drained_batch_read_nothing_running() -> None:
+    """The stale report's running, waiting and KV figures reach the sample as an idle
+    server's (0) once it is read as stale, not as the last busy log: the daemon takes running
+    > 0 as a live server and the controller's per-request ITL estimate divides by it."""
+    from powerd.sources.base import STALE_REPORT_S
+
+    wait = int(STALE_REPORT_S)
+    busy = [
+        _sglang_scheduler(24, 850.0, 100, waiting=2),
+        _sglang_scheduler(24, 861.5, 104, waiting=2),
+    ]
+    drained = [_sglang_scheduler(24, 861.5, 128, waiting=2)] * 10  # the last change: scrape 2
+    after = [_sglang_scheduler(8, 400.0, 128, waiting=1)]
+    samples = _sglang_samples(busy + drained + after)
+    assert [_report(s) for s in samples[: 3 + wait]] == [(24.0, 2.0, 0.31)] * (3 + wait)
+    idle = samples[3 + wait : -1]
+    assert [_report(s) for s in idle] == [(0.0, 0.0, 0.0)] * len(idle)
+    assert all(s.up and s.generation_tokens_per_s == 0.0 for s in idle)
+    assert _report(samples[-1]) == (8.0, 1.0, 0.31)  # a new log: read as it is
+
+    # With the realtime counter, likewise.
+    busy = [_sglang_scheduler(24, 0.0, 100 + 2 * t, decode=1000 + 850 * t) for t in range(3)]
+    drained = [_sglang_scheduler(24, 0.0, 128, decode=1000 + 850 * 3)] * 10  # last change: 3
+    samples = _sglang_samples(busy + drained)
+    assert [s.running for s in samples[: 4 + wait]] == [24.0] * (4 + wait)
+    assert [_report(s) for s in samples[4 + wait :]] == [(0.0, 0.0, 0.0)] * (9 - wait)
+
+
 def test_sglang_batch_between_two_logs_is_not_read_idle() -> None:
     """A slow batch between two scheduler logs leaves the gauges and the decode counter
-    standing still too, but fewer requests finish than run: it stays unknown, never 0."""
+    standing still too, but fewer requests finish than run: it stays unknown, never 0, and its
+    requests still read as running."""
     busy = [_sglang_scheduler(24, 0.0, 100, decode=1000 + 850 * t) for t in range(2)]
     between = [_sglang_scheduler(24, 0.0, 123, decode=1000 + 850)] * 20
-    rates = _sglang_rates(busy + between)
-    assert rates[2:] == [None] * len(between)
+    samples = _sglang_samples(busy + between)
+    assert [s.generation_tokens_per_s for s in samples[2:]] == [None] * len(between)
+    assert [s.running for s in samples] == [24.0] * len(samples)
     busy = [_sglang_scheduler(24, 850.0, 100), _sglang_scheduler(24, 861.5, 104)]
     between = [_sglang_scheduler(24, 861.5, 127)] * 20
-    assert _sglang_rates(busy + between)[2:] == [861.5] * len(between)
+    samples = _sglang_samples(busy + between)
+    assert [s.generation_tokens_per_s for s in samples[2:]] == [861.5] * len(between)
+    assert [s.running for s in samples] == [24.0] * len(samples)
 
 
 def test_sglang_v03_name_label_and_old_gauges() -> None:
