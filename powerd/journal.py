@@ -135,16 +135,19 @@ class Journal:
 
         Call before every write, with `power_limit` False when the write is a clock lock (whose
         original needs no read) and True when it may change the power limit, whose original
-        must then be saved: it is read now unless saved already. Returns True when it wrote
-        the file. Raises OriginalUnreadable when that power limit cannot be read (then do not
-        write it; call again later) and JournalError when the file cannot be written (then do
-        not write to the GPU)."""
+        must then be saved: it is read now unless saved already. A limit powerd has not
+        changed is not saved, so restore leaves it as found, an operator's change included.
+        Returns True when it wrote the file. Raises OriginalUnreadable when that power limit
+        cannot be read (then do not write it; call again later) and JournalError when the file
+        cannot be written (then do not write to the GPU)."""
         entry = self.get(uuid)
         if entry is not None and (entry.power_limit_mw is not None or not power_limit):
             return False
-        power_limit_mw, problem = _read_power_limit_mw(backend, uuid)
-        if power_limit_mw is None and power_limit:
-            raise OriginalUnreadable(f"cannot read its power limit ({problem})")
+        power_limit_mw = None
+        if power_limit:
+            power_limit_mw, problem = _read_power_limit_mw(backend, uuid)
+            if power_limit_mw is None:
+                raise OriginalUnreadable(f"cannot read its power limit ({problem})")
         if entry is None:
             entry = JournalEntry(
                 uuid=uuid,
@@ -164,7 +167,7 @@ class Journal:
         log.info(
             "GPU %s: saved original settings (power limit %s, clocks %s)",
             uuid,
-            "not read, left as found" if power_limit_mw is None else f"{power_limit_mw} mW",
+            "unchanged, left as found" if power_limit_mw is None else f"{power_limit_mw} mW",
             entry.sm_clocks,
         )
         return True

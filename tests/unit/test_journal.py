@@ -154,16 +154,33 @@ def test_clocks_are_saved_without_the_power_limit_and_restore_leaves_it(tmp_path
     assert fake.plant.power_limit_mw(1) == DEFAULT_MW
 
 
+def test_an_operators_limit_change_while_powerd_only_locks_clocks_is_kept(
+    tmp_path: Path,
+) -> None:
+    fake, backend, infos = make_node(1)
+    journal = Journal(tmp_path / "journal.json")
+    uuid = infos[0].uuid
+    assert journal.remember(backend, uuid, infos[0], power_limit=False)
+    backend.set_locked_clocks(uuid, infos[0].sm_clock_min_mhz, 1500)
+    backend.set_power_limit(uuid, 500_000)  # nvidia-smi -pl 500 while powerd runs
+
+    assert restore_all(backend, journal).ok
+    assert fake.plant.locked_clocks(0) is None
+    assert fake.plant.power_limit_mw(0) == 500_000, "powerd never changed the limit"
+
+
 def test_a_power_limit_read_later_is_saved_in_the_gpus_first_place(tmp_path: Path) -> None:
     fake, backend, infos = make_node(2)
     path = tmp_path / "journal.json"
     journal = Journal(path)
-    fake.inject_error(0, "nvmlDeviceGetPowerManagementLimit", pynvml.NVMLError_Timeout)
     journal.remember(backend, infos[0].uuid, infos[0], power_limit=False)
     journal.remember(backend, infos[1].uuid, infos[1])
     assert [e.power_limit_mw for e in journal.entries()] == [None, DEFAULT_MW]
     saved_at_s = journal.entries()[0].saved_at_s
 
+    fake.inject_error(0, "nvmlDeviceGetPowerManagementLimit", pynvml.NVMLError_Timeout)
+    with pytest.raises(OriginalUnreadable):
+        journal.remember(backend, infos[0].uuid, infos[0])
     assert journal.remember(backend, infos[0].uuid, infos[0])
     assert not journal.remember(backend, infos[0].uuid, infos[0])
 
