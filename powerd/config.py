@@ -14,6 +14,7 @@ import socket
 import types
 import typing
 import urllib.parse
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,34 +181,77 @@ class MetricsConfig:
 
 @dataclass(frozen=True, slots=True)
 class GridConfig:
-    """Electricity price and carbon intensity, for the cost and carbon of a token."""
+    """Electricity price and carbon intensity, for the cost and carbon of a token.
+
+    Each signal is taken from the first of these that has a value now: `file` (a live value
+    another job keeps up to date), the schedule, the flat value; else it is unknown and no cost
+    or carbon is reported for that time."""
 
     price_per_kwh: float | None = None
     """Flat price, in the currency of `currency`."""
     price_schedule_per_kwh: tuple[float, ...] | None = None
-    """24 hourly prices in local time (a time-of-use tariff); overrides price_per_kwh."""
+    """24 hourly prices in `timezone` (a time-of-use tariff); overrides price_per_kwh."""
+    price_weekend_schedule_per_kwh: tuple[float, ...] | None = None
+    """24 hourly prices for Saturday and Sunday; price_schedule_per_kwh then holds Monday to
+    Friday."""
     carbon_g_per_kwh: float | None = None
     carbon_schedule_g_per_kwh: tuple[float, ...] | None = None
-    """24 hourly carbon intensities in local time; overrides carbon_g_per_kwh."""
+    """24 hourly carbon intensities in `timezone`; overrides carbon_g_per_kwh."""
+    carbon_weekend_schedule_g_per_kwh: tuple[float, ...] | None = None
+    """24 hourly carbon intensities for Saturday and Sunday."""
     currency: str = "USD"
     pue: float = 1.0
     """Facility power usage effectiveness applied to GPU energy."""
+    timezone: str | None = None
+    """IANA time zone of the hourly schedules (Europe/Berlin); None: the system's local time."""
+    file: str | None = None
+    """JSON file of live or forecast values (price_per_kwh, carbon_g_per_kwh) that an
+    operator's job keeps up to date; read again whenever it changes."""
+    max_age_s: float = 7200.0
+    """A value from `file` older than this is stale: the schedule or flat value applies."""
 
     def validate(self, path: str) -> None:
         for key in ("price_per_kwh", "carbon_g_per_kwh"):
             value = getattr(self, key)
             if value is not None:
                 _non_negative(f"{path}.{key}", value)
-        for key in ("price_schedule_per_kwh", "carbon_schedule_g_per_kwh"):
+        for key, weekdays in (
+            ("price_schedule_per_kwh", None),
+            ("price_weekend_schedule_per_kwh", "price_schedule_per_kwh"),
+            ("carbon_schedule_g_per_kwh", None),
+            ("carbon_weekend_schedule_g_per_kwh", "carbon_schedule_g_per_kwh"),
+        ):
             schedule = getattr(self, key)
             if schedule is None:
                 continue
+            if weekdays is not None and getattr(self, weekdays) is None:
+                raise ConfigError(
+                    f"{path}.{key}: needs {weekdays} too (the hours of Monday to Friday)"
+                )
             if len(schedule) != 24:
                 raise ConfigError(f"{path}.{key}: needs 24 hourly values, got {len(schedule)}")
             for hour, value in enumerate(schedule):
                 _non_negative(f"{path}.{key}[{hour}]", value)
         if not 1.0 <= self.pue < math.inf:
             raise ConfigError(f"{path}.pue: must be a finite number >= 1, got {self.pue}")
+        if not self.currency.strip():
+            raise ConfigError(f"{path}.currency: must not be empty")
+        if self.timezone is not None:
+            check_timezone(f"{path}.timezone", self.timezone)
+        if self.file is not None and not self.file.strip():
+            raise ConfigError(f"{path}.file: must not be empty; leave the key out for no file")
+        _positive(f"{path}.max_age_s", self.max_age_s)
+
+
+def check_timezone(path: str, name: str) -> zoneinfo.ZoneInfo:
+    """The IANA time zone `name`; ConfigError naming `path` when there is none such."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise ConfigError(
+            f"{path}: not an IANA time zone name (such as Europe/Berlin, America/Chicago or "
+            f"UTC), got {name!r}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)

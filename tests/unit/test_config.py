@@ -160,6 +160,31 @@ def test_empty_document_gives_defaults() -> None:
             "grid.carbon_schedule_g_per_kwh[23]: must be a finite number >= 0",
         ),
         ({"grid": {"pue": float("inf")}}, "grid.pue: must be a finite number >= 1, got inf"),
+        (
+            {"grid": {"timezone": "Europe/Berln"}},
+            "grid.timezone: not an IANA time zone name (such as Europe/Berlin, America/Chicago "
+            "or UTC), got 'Europe/Berln'",
+        ),
+        ({"grid": {"timezone": ""}}, "grid.timezone: not an IANA time zone name"),
+        ({"grid": {"timezone": 1}}, "grid.timezone: expected a string, got 1"),
+        (
+            {"grid": {"price_weekend_schedule_per_kwh": [0.1] * 24}},
+            "grid.price_weekend_schedule_per_kwh: needs price_schedule_per_kwh too",
+        ),
+        (
+            {
+                "grid": {
+                    "carbon_schedule_g_per_kwh": [300] * 24,
+                    "carbon_weekend_schedule_g_per_kwh": [300] * 23,
+                }
+            },
+            "grid.carbon_weekend_schedule_g_per_kwh: needs 24 hourly values, got 23",
+        ),
+        ({"grid": {"file": ""}}, "grid.file: must not be empty; leave the key out for no file"),
+        ({"grid": {"file": 7}}, "grid.file: expected a string, got 7"),
+        ({"grid": {"max_age_s": 0}}, "grid.max_age_s: must be a positive number, got 0"),
+        ({"grid": {"currency": " "}}, "grid.currency: must not be empty"),
+        ({"grid": {"price_file": "/run/powerd/grid.json"}}, "grid.price_file: unknown key"),
         ({"sim": {"gpus": 4, "tp": 3}}, "sim.tp: must divide gpus"),
         ({"sim": {"server_kind": "nope"}}, "sim.server_kind: must be one of vllm"),
         ([1, 2], "the top level: expected a mapping"),
@@ -169,6 +194,29 @@ def test_bad_values_name_the_key(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert message in str(info.value)
+
+
+def test_grid_with_a_live_file_timezone_and_weekend_schedules() -> None:
+    weekdays = [0.30 if 16 <= hour < 21 else 0.12 for hour in range(24)]
+    config = parse_config(
+        {
+            "grid": {
+                "file": "/run/powerd/grid.json",
+                "max_age_s": 3600,
+                "timezone": "America/Los_Angeles",
+                "currency": "USD",
+                "price_schedule_per_kwh": weekdays,
+                "price_weekend_schedule_per_kwh": [0.12] * 24,
+                "carbon_g_per_kwh": 250,
+            }
+        }
+    )
+    grid = config.grid
+    assert grid.file == "/run/powerd/grid.json" and grid.max_age_s == 3600.0
+    assert grid.timezone == "America/Los_Angeles"
+    assert grid.price_schedule_per_kwh is not None and grid.price_schedule_per_kwh[17] == 0.30
+    assert grid.price_weekend_schedule_per_kwh == (0.12,) * 24
+    assert parse_config(None).grid.max_age_s == 7200.0
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
