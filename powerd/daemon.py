@@ -27,7 +27,7 @@ from powerd.config import Config, ConfigError, ServerConfig, load_config
 from powerd.control.policy import Controller, GroupSpec, Policy
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost
-from powerd.grid.signals import GridSignal
+from powerd.grid.signals import GridSignal, GridState, facility_kwh
 from powerd.journal import Journal, restore_all
 from powerd.model import (
     GpuInfo,
@@ -181,6 +181,10 @@ class Daemon:
         self.restores_total = 0
         self.restore_failures_total = 0
         self.grid = GridSignal(config.grid)
+        # Grid totals by group (and currency); kept across reloads, which rebuild the groups.
+        self._energy_cost_total: dict[tuple[str, str], float] = {}
+        self._energy_credit_total: dict[tuple[str, str], float] = {}
+        self._carbon_g_total: dict[str, float] = {}
         self.groups: list[Group] = self._build_groups(config)
         self.policy: Policy = self._make_policy(config)
         self._pool = self._make_pool()
@@ -322,6 +326,9 @@ class Daemon:
             self._observe(group, sample, readings, now_s, interval_s)
             for group, sample in zip(self.groups, samples, strict=True)
         ]
+        # Counted before acting: a write that fails later does not unspend the energy.
+        grid = self.grid.poll()
+        self._count_grid(observations, grid)
         controlled = [
             (group, observation)
             for group, observation in zip(self.groups, observations, strict=True)
@@ -342,7 +349,7 @@ class Daemon:
                 self._note_raise(group, cap_mhz, now_s)
             self._act(group, applied, observation)
         self.ticks_total += 1
-        snapshot = self._snapshot(now_s, readings, samples, observations)
+        snapshot = self._snapshot(now_s, readings, samples, observations, grid)
         snapshot = _with_duration(snapshot, time.perf_counter() - started)
         self.last_snapshot = snapshot
         if self._publish is not None:
@@ -596,12 +603,35 @@ class Daemon:
 
     # ----------------------------------------------------------------- publishing
 
+    def _count_grid(self, observations: Sequence[GroupObservation], grid: GridState) -> None:
+        """Add each group's GPU energy of the tick, times PUE, at the price and carbon
+        intensity in force, to its totals. A total starts at the first tick with a value in
+        force; a tick without one adds nothing. Energy at a negative price is a credit, kept
+        apart so that both totals only grow (Prometheus counters)."""
+        currency, pue = self.config.grid.currency, self.config.grid.pue
+        price, carbon = grid.price_per_kwh, grid.carbon_g_per_kwh
+        for observation in observations:
+            kwh = None if observation.energy_j is None else facility_kwh(observation.energy_j, pue)
+            if price is not None:
+                key = (observation.group, currency)
+                cost = self._energy_cost_total.setdefault(key, 0.0)
+                credit = self._energy_credit_total.setdefault(key, 0.0)
+                if kwh is not None and price >= 0:
+                    self._energy_cost_total[key] = cost + kwh * price
+                elif kwh is not None:
+                    self._energy_credit_total[key] = credit - kwh * price
+            if carbon is not None:
+                grams = self._carbon_g_total.setdefault(observation.group, 0.0)
+                if kwh is not None:
+                    self._carbon_g_total[observation.group] = grams + kwh * carbon
+
     def _snapshot(
         self,
         now_s: float,
         readings: dict[str, GpuReading],
         samples: list[ServerSample],
         observations: list[GroupObservation],
+        grid: GridState,
     ) -> Snapshot:
         gpus = []
         for uuid, reading in readings.items():
@@ -629,6 +659,7 @@ class Daemon:
             policy_state = states.get(group.spec.name, {})
             decision = group.decision
             sample = group.last_sample
+            grid_key = (group.spec.name, self.config.grid.currency)
             groups.append(
                 GroupStatus(
                     group=group.spec.name,
@@ -659,11 +690,14 @@ class Daemon:
                     or all(self.actuator.states[u].observe_only for u in group.uuids),
                     dry_run=self.actuator.dry_run,
                     cost_per_million_tokens=_per_million(
-                        self.grid.cost_per_token, energy_per_token_j
+                        grid.price_per_kwh, energy_per_token_j, self.config.grid.pue
                     ),
                     carbon_g_per_million_tokens=_per_million(
-                        self.grid.carbon_g_per_token, energy_per_token_j
+                        grid.carbon_g_per_kwh, energy_per_token_j, self.config.grid.pue
                     ),
+                    energy_cost_total=self._energy_cost_total.get(grid_key),
+                    energy_credit_total=self._energy_credit_total.get(grid_key),
+                    carbon_g_total=self._carbon_g_total.get(group.spec.name),
                     decision_reason=decision.reason_label if decision else "",
                     prompt_backlog_tokens=group.prompt_backlog_tokens,
                     prefill_guard_raises_total=(
@@ -685,10 +719,12 @@ class Daemon:
             ticks_total=self.ticks_total,
             mode=self.config.mode,
             dry_run=self.actuator.dry_run,
-            grid_price_per_kwh=self.grid.price_per_kwh(),
-            grid_carbon_g_per_kwh=self.grid.carbon_g_per_kwh(),
+            grid_price_per_kwh=grid.price_per_kwh,
+            grid_carbon_g_per_kwh=grid.carbon_g_per_kwh,
             grid_currency=self.config.grid.currency,
             grid_pue=self.config.grid.pue,
+            grid_signals=grid.signals,
+            grid_file_errors_total=grid.file_errors_total,
         )
 
     def _device_settings(self, uuid: str) -> tuple[int | None, int | None]:
@@ -778,7 +814,7 @@ class Daemon:
             self._release([u for g in self.groups for u in g.uuids if u not in claimed])
         self.config = config
         self.actuator.dry_run = config.dry_run
-        self.grid = GridSignal(config.grid)
+        self.grid = GridSignal(config.grid, previous=self.grid)
         self.groups = groups
         self._reconfigure_policy(config)
         self._pool = self._make_pool()
@@ -967,12 +1003,13 @@ def _group_states(policy: Policy) -> list[dict]:
 
 
 def _per_million(
-    per_token: Callable[[float], float | None], energy_per_token_j: float | None
+    per_kwh: float | None, energy_per_token_j: float | None, pue: float
 ) -> float | None:
-    if energy_per_token_j is None:
+    """Cost or carbon of a million tokens at `per_kwh` of facility energy; None when either
+    is unknown."""
+    if per_kwh is None or energy_per_token_j is None:
         return None
-    value = per_token(energy_per_token_j)
-    return None if value is None else value * 1e6
+    return facility_kwh(energy_per_token_j, pue) * per_kwh * 1e6
 
 
 def _with_duration(snapshot: Snapshot, duration_s: float) -> Snapshot:

@@ -40,6 +40,7 @@ from powerd.config import MODES, MetricsConfig
 from powerd.model import (
     CLOCK_EVENT_REASON_NAMES,
     DECISION_REASONS,
+    GRID_SOURCES,
     GpuStatus,
     GroupStatus,
     ServerSample,
@@ -462,12 +463,37 @@ def _collect_node(families: _Families, state: _State, build_info: dict[str, str]
                 "Facility power usage effectiveness: the factor from GPU energy to the energy "
                 "that price and carbon apply to.",
             ).add({}, snapshot.grid_pue)
+        _collect_grid_signals(families, snapshot)
         powers_mw = [gpu.reading.power_mw for gpu in snapshot.gpus]
         if powers_mw and all(power_mw is not None for power_mw in powers_mw):
             families("powerd_node_power_watts", "Summed power draw of the node's GPUs.").add(
                 {}, sum(p for p in powers_mw if p is not None) / _MW_PER_W
             )
     _collect_loop_histogram(families, state)
+
+
+def _collect_grid_signals(families: _Families, snapshot: Snapshot) -> None:
+    """Where each configured grid signal's value in force comes from, and how old a value from
+    grid.file is."""
+    source_family = families(
+        "powerd_grid_signal_source",
+        "1 for the source of the grid signal's value in force (file, schedule or flat value); "
+        "all 0 while no source has a value.",
+    )
+    age_family = families(
+        "powerd_grid_signal_age_seconds",
+        "Age of a grid signal's value in force from grid.file (since its timestamp or the "
+        "start of its interval); absent for the config's values.",
+    )
+    for status in snapshot.grid_signals:
+        for source in GRID_SOURCES:
+            source_family.add({"signal": status.signal, "source": source}, source == status.source)
+        age_family.add({"signal": status.signal}, status.age_s)
+    families(
+        "powerd_grid_file_errors",
+        "Problems met reading grid.file (unreadable, not JSON, a bad or missing value).",
+        "counter",
+    ).add({}, snapshot.grid_file_errors_total)
 
 
 def _collect_loop_histogram(families: _Families, state: _State) -> None:
@@ -639,6 +665,22 @@ def _collect_server(families: _Families, sample: ServerSample, tokens_total: flo
 
 def _collect_group(families: _Families, group: GroupStatus, currency: str) -> None:
     labels = {"group": group.group, "server": group.server, "model_name": group.model_name}
+    families(
+        "powerd_group_energy_cost",
+        "Electricity cost of the group's GPU energy x PUE at the price in force at each tick, "
+        "at prices >= 0; the net cost is this minus powerd_group_energy_credit_total.",
+        "counter",
+    ).add({**labels, "currency": currency}, group.energy_cost_total)
+    families(
+        "powerd_group_energy_credit",
+        "What the group's GPU energy x PUE earned at negative prices (energy x -price).",
+        "counter",
+    ).add({**labels, "currency": currency}, group.energy_credit_total)
+    families(
+        "powerd_group_carbon_grams",
+        "Grams CO2e of the group's GPU energy x PUE at the carbon intensity in force at each tick.",
+        "counter",
+    ).add(labels, group.carbon_g_total)
     families(
         "powerd_group_cost_per_million_tokens",
         "Electricity cost of a million generated tokens (GPU energy x PUE x grid price).",

@@ -264,6 +264,36 @@ class GroupStatus:
     none)."""
     slo_quantile: float | None = None
     """The latency quantile ttft_slo_s and itl_slo_s limit (slo.quantile), 0.5-1."""
+    energy_cost_total: float | None = None
+    """Electricity cost of the group's GPU energy since start (energy x PUE x the price in
+    force at each tick, at prices >= 0), in the grid currency; None while no price has been in
+    force."""
+    energy_credit_total: float | None = None
+    """What the group's energy earned at negative prices since start (energy x PUE x -price),
+    in the grid currency: the net cost is energy_cost_total - energy_credit_total."""
+    carbon_g_total: float | None = None
+    """Grams CO2e of the group's GPU energy since start, likewise; None while no carbon
+    intensity has been in force."""
+
+
+GRID_SIGNALS: tuple[str, ...] = ("price", "carbon")
+GRID_SOURCES: tuple[str, ...] = ("file", "schedule", "flat")
+"""Where a grid signal's value in force comes from, in the order they are tried."""
+
+
+@dataclass(frozen=True, slots=True)
+class GridSignalStatus:
+    """One grid signal at one moment: its value in force and where that came from."""
+
+    signal: str
+    """One of GRID_SIGNALS."""
+    value: float | None
+    """Currency per kWh (price) or gCO2e per kWh (carbon); None when no source has one now."""
+    source: str | None
+    """One of GRID_SOURCES; None with no value."""
+    age_s: float | None = None
+    """Seconds since a value from the file began to apply (its timestamp, or the start of
+    its interval); None for the config's values."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,3 +332,7 @@ class Snapshot:
     grid_currency: str = "USD"
     grid_pue: float = 1.0
     """Facility power usage effectiveness that cost and carbon apply to GPU energy."""
+    grid_signals: tuple[GridSignalStatus, ...] = ()
+    """The grid signals that have any source configured."""
+    grid_file_errors_total: int | None = None
+    """Problems met reading grid.file since start; None without a file."""

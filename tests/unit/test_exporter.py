@@ -44,6 +44,7 @@ from powerd.model import (
     GpuInfo,
     GpuReading,
     GpuStatus,
+    GridSignalStatus,
     GroupStatus,
     ServerSample,
     Snapshot,
@@ -224,6 +225,9 @@ def full_snapshot() -> Snapshot:
                 dry_run=False,
                 cost_per_million_tokens=0.0115,
                 carbon_g_per_million_tokens=36.5,
+                energy_cost_total=4.25,
+                energy_credit_total=0.5,
+                carbon_g_total=12_600.0,
                 decision_reason="raise_queue",
             ),
         ),
@@ -235,6 +239,11 @@ def full_snapshot() -> Snapshot:
         grid_price_per_kwh=0.12,
         grid_carbon_g_per_kwh=380.0,
         grid_pue=1.3,
+        grid_signals=(
+            GridSignalStatus("price", 0.12, "file", 840.0),
+            GridSignalStatus("carbon", 380.0, "schedule"),
+        ),
+        grid_file_errors_total=2,
     )
 
 
@@ -383,6 +392,73 @@ def test_grid_pue_is_exported_with_a_price_or_carbon_intensity() -> None:
         assert value(parse(exporter.render()), "powerd_grid_pue") == pue
     exporter.publish(replace(snapshot, grid_price_per_kwh=None, grid_carbon_g_per_kwh=None))
     assert "powerd_grid_pue" not in parse(exporter.render())
+
+
+def test_grid_signals_say_their_source_and_the_age_of_a_file_value() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(full_snapshot())
+    samples = parse(exporter.render())
+    sources = {
+        (s.labels["signal"], s.labels["source"]): s.value
+        for s in samples["powerd_grid_signal_source"]
+    }
+    assert sources == {
+        ("price", "file"): 1.0,
+        ("price", "schedule"): 0.0,
+        ("price", "flat"): 0.0,
+        ("carbon", "file"): 0.0,
+        ("carbon", "schedule"): 1.0,
+        ("carbon", "flat"): 0.0,
+    }
+    ages = {s.labels["signal"]: s.value for s in samples["powerd_grid_signal_age_seconds"]}
+    assert ages == {"price": 840.0}
+    assert value(samples, "powerd_grid_file_errors_total") == 2.0
+    # No value in force: the signal is still listed, with no source marked.
+    exporter.publish(
+        replace(
+            full_snapshot(),
+            grid_price_per_kwh=None,
+            grid_signals=(GridSignalStatus("price", None, None),),
+            grid_file_errors_total=None,
+        )
+    )
+    samples = parse(exporter.render())
+    assert {s.labels["source"]: s.value for s in samples["powerd_grid_signal_source"]} == {
+        "file": 0.0,
+        "schedule": 0.0,
+        "flat": 0.0,
+    }
+    for name in (
+        "powerd_grid_signal_age_seconds",
+        "powerd_grid_file_errors_total",
+        "powerd_grid_price_per_kwh",
+    ):
+        assert name not in samples, name
+
+
+def test_group_cost_and_carbon_counters_appear_once_priced() -> None:
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    exporter.publish(full_snapshot())
+    samples = parse(exporter.render())
+    labels = {"group": "llama", "server": "llama", "model_name": "meta-llama/Llama-3.1-8B-Instruct"}
+    for name, expected, extra in (
+        ("powerd_group_energy_cost_total", 4.25, {"currency": "USD"}),
+        ("powerd_group_energy_credit_total", 0.5, {"currency": "USD"}),
+        ("powerd_group_carbon_grams_total", 12_600.0, {}),
+    ):
+        (sample,) = samples[name]
+        assert sample.labels == {**labels, **extra}, name
+        assert sample.value == expected, name
+    # Never priced (no price has been in force): no series, not a made-up 0.
+    exporter.publish(small_snapshots()[0])
+    samples = parse(exporter.render())
+    for name in (
+        "powerd_group_energy_cost_total",
+        "powerd_group_energy_credit_total",
+        "powerd_group_carbon_grams_total",
+        "powerd_grid_signal_source",
+    ):
+        assert name not in samples, name
 
 
 def nvml_error_counts(exporter: Exporter) -> dict[tuple[str, str], float]:
