@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 from collections.abc import Iterator
@@ -163,48 +164,75 @@ def panel(data: dict[str, Any], title: str) -> dict[str, Any]:
     return found
 
 
-def test_cost_stat_prices_the_energy_at_the_facility_as_the_exporter_does(tmp_path: Path) -> None:
-    """The stat's PromQL, run by promtool on 5 minutes of counters: 1000 J/s of GPU energy and
-    4000 tokens/s give 0.25 J per token; times PUE 1.3 and 0.12 per kWh (as
-    grid/signals.py prices a token) that is 0.25 x 1.3 / 3.6e6 x 0.12 x 1e6 per million."""
-    (target,) = panel(dashboard(), "Cost per million tokens")["targets"]
-    expr = target["expr"].replace('instance=~"$instance"', 'instance=~".+"')
+def _promql_round(value: float, to_nearest: float) -> float:
+    """PromQL's round(value, to_nearest), to compare with what promtool computes."""
+    inverse = 1.0 / to_nearest
+    return math.floor(value * inverse + 0.5) / inverse
+
+
+def test_cost_stats_price_each_tick_at_the_price_then_in_force(tmp_path: Path) -> None:
+    """The cost stats' PromQL, run by promtool over an hour in which the price rises from 0.12
+    to 0.30 per kWh: 1000 J/s of GPU energy at PUE 1.3 and 4000 tokens/s, with the counters the
+    daemon keeps (each minute's energy x PUE / 3.6e6 x the price of that minute). The hour's
+    cost is the sum of its minutes' costs, not the hour's energy at the last price."""
+    data = dashboard()
     node = 'job="powerd",instance="n1:9863"'
-    tests = {
-        "rule_files": [str(RULES)],
-        "evaluation_interval": "1m",
-        "tests": [
+    group = f'{node},group="s",server="s",model_name="m"'
+    kwh_per_min = 60_000 * 1.3 / 3.6e6
+    low, high = kwh_per_min * 0.12, kwh_per_min * 0.30
+    tokens_per_min = 240_000
+    # 1-minute samples from 0 to 120m; the price rises after the sample at 90m. The window of
+    # the hour ending at 120m30s holds the samples from 61m to 120m: 29 increments at the low
+    # price and 30 at the high one; both counters are extrapolated alike to the hour.
+    increments = 29 * low + 30 * high
+    per_million = increments / (59 * tokens_per_min) * 1e6
+    total = increments * 60 / 59
+    exprs = {
+        "Cost per million tokens": (1e-6, per_million),
+        "Electricity cost": (1e-6, total),
+    }
+    tests = []
+    for title, (to_nearest, expected) in exprs.items():
+        (target,) = panel(data, title)["targets"]
+        expr = target["expr"].replace('instance=~"$instance"', 'instance=~".+"')
+        expr = expr.replace("$__range", "1h")
+        tests.append(
             {
-                "interval": "1m",
-                "input_series": [
+                "expr": f"round({expr}, {to_nearest})",
+                "eval_time": "120m30s",
+                "exp_samples": [
                     {
-                        "series": f'powerd_gpu_energy_joules_total{{{node},gpu="0",UUID="GPU-a"}}',
-                        "values": "0+60000x10",
-                    },
-                    {
-                        "series": f'powerd_server_generation_tokens_total{{{node},server="s"}}',
-                        "values": "0+240000x10",
-                    },
-                    {"series": f"powerd_grid_price_per_kwh{{{node}}}", "values": "0.12x10"},
-                    {"series": f"powerd_grid_pue{{{node}}}", "values": "1.3x10"},
-                ],
-                "promql_expr_test": [
-                    {
-                        "expr": expr,
-                        "eval_time": "10m",
-                        "exp_samples": [
-                            {
-                                "labels": f"{{{node}}}",
-                                "value": 0.25 * 1.3 / 3.6e6 * 0.12 * 1e6,
-                            }
-                        ],
+                        "labels": f'{{{node},currency="EUR"}}',
+                        "value": _promql_round(expected, to_nearest),
                     }
                 ],
             }
-        ],
+        )
+    series = {
+        f'powerd_gpu_energy_joules_total{{{node},gpu="0",UUID="GPU-a"}}': "0+60000x120",
+        f'powerd_server_generation_tokens_total{{{node},server="s"}}': f"0+{tokens_per_min}x120",
+        f'powerd_group_energy_cost_total{{{group},currency="EUR"}}': (
+            f"0+{low!r}x90 {90 * low + high!r}+{high!r}x29"
+        ),
+        f'powerd_group_energy_credit_total{{{group},currency="EUR"}}': "0x120",
     }
     test_file = tmp_path / "cost.test.yml"
-    test_file.write_text(yaml.safe_dump(tests), encoding="utf-8")
+    test_file.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(RULES)],
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                        "promql_expr_test": tests,
+                    }
+                ],
+            }
+        ),
+        encoding="utf-8",
+    )
     result = subprocess.run(
         [promtool(), "test", "rules", str(test_file)],
         capture_output=True,
@@ -213,3 +241,6 @@ def test_cost_stat_prices_the_energy_at_the_facility_as_the_exporter_does(tmp_pa
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # What pricing the hour's energy at the price in force at its end would have shown.
+    at_last_price = kwh_per_min * 0.30 / tokens_per_min * 1e6
+    assert per_million < 0.8 * at_last_price
