@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,6 +19,7 @@ from powerd.grid.signals import JOULES_PER_KWH, GridSignal
 from powerd.model import GridSignalStatus
 from powerd.sim.node import SimNode
 from powerd.simulation import server_configs
+from tests.conftest import REPO_ROOT
 from tests.unit.daemon_helpers import (
     HTTP_PREFIX,
     SMALL_NODE,
@@ -550,3 +552,39 @@ def test_check_config_refuses_a_grid_that_run_would_refuse(
     # A file that does not exist yet is no error: the operator's job may write it later.
     path.write_text(yaml.safe_dump({"grid": {"file": str(tmp_path / "later.json")}}))
     assert main(["check-config", str(path)]) == 0
+
+
+def test_the_example_configs_grid_section_and_file_format_are_valid(tmp_path: Path) -> None:
+    """What config/powerd.yaml shows commented out under `grid:` loads as it is written, and
+    its grid.json example reads without a problem."""
+    lines = (REPO_ROOT / "config" / "powerd.yaml").read_text().splitlines()
+    start = lines.index("grid:")
+    section = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("  "):
+            break
+        section.append(line)
+    keyed = re.compile(r"^  # ([a-z_]+): (.*)$")
+    uncommented = ["grid:"]
+    for line in section:
+        match = keyed.match(line)
+        if match and "[...]" not in match[2]:
+            uncommented.append(f"  {match[1]}: {match[2]}")
+        elif line.startswith("  #   0."):  # the schedule's second line
+            uncommented.append("    " + line[6:])
+    path = tmp_path / "powerd.yaml"
+    path.write_text("\n".join(uncommented) + "\n")
+    grid = load_config(path).grid
+    assert grid.file == "/run/powerd/grid.json" and grid.max_age_s == 7200
+    assert grid.timezone == "America/Chicago"
+    assert grid.price_schedule_per_kwh is not None and grid.price_schedule_per_kwh[18] == 0.30
+
+    example = json.loads(
+        " ".join(line[6:] for line in section if line.startswith("  #   ") and '"' in line)
+    )
+    grid_json = tmp_path / "grid.json"
+    write_json(grid_json, example)
+    state = GridSignal(GridConfig(file=str(grid_json)), clock=Clock()).poll()
+    assert state.file_errors_total == 0
+    assert state.price == GridSignalStatus("price", 0.094, "file", 1800.0)
+    assert state.carbon == GridSignalStatus("carbon", 312.0, "file", 1500.0)
