@@ -70,8 +70,8 @@ class _Intervals:
 
 class GridFile:
     """Reads grid.file whenever it changes (checked with one stat per refresh) and keeps the
-    last good value of each signal. Each distinct problem is logged once, as a warning, until
-    the file reads clean again; every problem met counts in errors_total."""
+    last good value of each signal. Each distinct problem is logged once, as a warning, for as
+    long as it lasts; every problem met at a read counts in errors_total."""
 
     def __init__(self, path: str, currency: str) -> None:
         self.path = path
