@@ -804,8 +804,9 @@ class Daemon:
             return False
         if config.metrics != self.config.metrics:
             log.warning("reload: metrics settings change only at restart")
+        groups = self._keep_unchanged_groups(config, groups)
         self._pool.close()
-        _close_connections(self.groups)
+        _close_connections([old for old in self.groups if all(old is not g for g in groups)])
         if config.dry_run and not self.actuator.dry_run:
             # Dry run promises untouched GPUs: put back what the wet run changed.
             self.restore()
@@ -820,6 +821,29 @@ class Daemon:
         self._pool = self._make_pool()
         log.info("reload: applied %s (%d servers)", config_path, len(groups))
         return True
+
+    def _keep_unchanged_groups(self, config: Config, groups: list[Group]) -> list[Group]:
+        """`groups`, in which each server whose config and GPUs a reload left as they were keeps
+        its running group (closing the new one's connection): its reader's rates, staleness and
+        SLO history carry on. A new reader has no rate until its second read, so the group
+        would read as stale for a tick and start again from f_max."""
+        servers_before = {server.name: server for server in self.config.servers}
+        servers_now = {server.name: server for server in config.servers}
+        running = {group.spec.name: group for group in self.groups}
+        result = []
+        for group in groups:
+            name = group.spec.name
+            old = running.get(name)
+            if (
+                old is not None
+                and servers_before.get(name) == servers_now[name]
+                and (old.spec, old.uuids) == (group.spec, group.uuids)
+            ):
+                _close_connections([group])
+                result.append(old)
+            else:
+                result.append(group)
+        return result
 
     def _keep_start_up_settings(self, config: Config) -> Config:
         """`config` with the running state_dir, gpu_backend and sim, and a warning for each

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from powerd import daemon as daemon_module
-from powerd.config import NAMED_SERVER_KINDS, Config, ControlConfig, load_config
+from powerd.config import NAMED_SERVER_KINDS, Config, ControlConfig, SimConfig, load_config
 from powerd.control import kernels
 from powerd.control.policy import Controller
 from powerd.daemon import Daemon
@@ -313,7 +313,9 @@ def _config_data(node: SimNode, itl_s: tuple[float, float] = (0.1, 0.1)) -> dict
 
 
 def _rig_from_file(
-    tmp_path: Path, edit: Callable[[dict[str, Any]], dict[str, Any]] = lambda data: data
+    tmp_path: Path,
+    edit: Callable[[dict[str, Any]], dict[str, Any]] = lambda data: data,
+    sim: SimConfig = SMALL_NODE,
 ) -> tuple[Rig, Path]:
     """A rig whose daemon read its config from a file (what reload reads again): the
     simulated node's servers, passed through `edit`, as YAML in tmp_path."""
@@ -323,17 +325,17 @@ def _rig_from_file(
         path.write_text(yaml.safe_dump(edit(_config_data(node))))
         return load_config(path)
 
-    return make_rig(tmp_path, configure=configure), path
+    return make_rig(tmp_path, sim=sim, configure=configure), path
 
 
-def test_each_server_is_read_over_one_kept_connection_closed_at_reload_and_stop(
+def test_each_server_is_read_over_one_kept_connection_renewed_when_its_config_changes(
     tmp_path: Path,
 ) -> None:
     node = build_node(SMALL_NODE, 300.0)
     endpoints = serve_node(node)
     try:
         urls = {server.name: http.url for server, http in zip(node.servers, endpoints, strict=True)}
-        servers = [
+        servers: list[dict[str, Any]] = [
             {"name": s.name, "url": s.url, "kind": s.kind, "gpus": list(s.gpus or ())}
             for s in server_configs(node, urls)
         ]
@@ -354,9 +356,16 @@ def test_each_server_is_read_over_one_kept_connection_closed_at_reload_and_stop(
         assert [http.connections_accepted for http in endpoints] == [1, 1]
         before = [group.source.fetch for group in daemon.groups]
         assert daemon.reload(path)
-        assert all(isinstance(f, KeepAliveFetcher) and f._connection is None for f in before)
+        assert [group.source.fetch for group in daemon.groups] == before, "unchanged: kept"
         tick(3)
-        assert [http.connections_accepted for http in endpoints] == [2, 2]
+        assert [http.connections_accepted for http in endpoints] == [1, 1]
+        servers[0]["slo"] = {"itl_s": 0.08}
+        path.write_text(yaml.safe_dump({"servers": servers}))
+        assert daemon.reload(path)
+        assert isinstance(before[0], KeepAliveFetcher) and before[0]._connection is None
+        assert daemon.groups[1].source.fetch is before[1]
+        tick(3)
+        assert [http.connections_accepted for http in endpoints] == [2, 1]
         daemon.run_forever(duration_s=0.0, clock=lambda: node.now_s)
         assert all(group.source.fetch._connection is None for group in daemon.groups)  # type: ignore[attr-defined]
     finally:
@@ -405,6 +414,21 @@ def test_reload_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     params = rig.daemon.policy.arrays.params  # type: ignore[attr-defined]
     assert list(params[kernels.PAR_ITL_SLO_S]) == [0.1, 0.05]
     assert all(s.up for s in snapshot.servers)
+
+
+def test_a_reload_that_leaves_a_server_as_it_was_keeps_its_group_reading(tmp_path: Path) -> None:
+    """An idle server (no request running, no token counted) reads as live only through the
+    reader's rates, which a new reader has not got until its second read."""
+    rig, path = _rig_from_file(tmp_path, sim=dataclasses.replace(SMALL_NODE, peak_load=1e-6))
+    rig.run(60)
+    before = rig.snapshots[-1].groups
+    assert all(s.running == 0 for s in rig.snapshots[-1].servers), "idle"
+    assert [g.decision_reason for g in before].count("stale") == 0
+    assert rig.daemon.reload(path) is True
+    after = rig.run(1).groups
+    assert [g.decision_reason for g in after].count("stale") == 0, "a new reader has no rate"
+    for old, new in zip(before, after, strict=True):
+        assert new.sm_clock_max_mhz <= old.sm_clock_max_mhz + 150, "no jump to f_max"
 
 
 def test_reload_without_a_server_puts_its_gpus_back_to_defaults(tmp_path: Path) -> None:
