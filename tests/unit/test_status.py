@@ -254,17 +254,24 @@ def test_config_gives_the_address(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert endpoint().url == f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics"
 
 
-def test_tls_from_the_config_or_a_ca_file(
-    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _tls_exporter(tmp_path: Path, certs: Path, more: str = "") -> tuple[Path, Exporter]:
+    """A started exporter serving https with certs' server certificate; `more` adds lines to
+    its tls_server_config. Returns its web config file and the exporter."""
     web = tmp_path / "web.yml"
     web.write_text(
         f"tls_server_config:\n  cert_file: {certs / 'server.crt'}\n"
-        f"  key_file: {certs / 'server.key'}\n"
+        f"  key_file: {certs / 'server.key'}\n{more}"
     )
     exporter = Exporter(MetricsConfig(port=0, web_config_file=str(web)), build_info=BUILD_INFO)
     exporter.publish(small_snapshots()[1])
     exporter.start()
+    return web, exporter
+
+
+def test_tls_from_the_config_or_a_ca_file(
+    tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    web, exporter = _tls_exporter(tmp_path, certs)
     url = f"https://127.0.0.1:{exporter.port}/metrics"
     try:
         config = _config(tmp_path, exporter.port or 0, web)
@@ -287,16 +294,12 @@ def test_tls_from_the_config_or_a_ca_file(
 def test_a_client_certificate_for_a_daemon_that_requires_one(
     tmp_path: Path, certs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    web = tmp_path / "web.yml"
-    web.write_text(
-        f"tls_server_config:\n  cert_file: {certs / 'server.crt'}\n"
-        f"  key_file: {certs / 'server.key'}\n"
+    web, exporter = _tls_exporter(
+        tmp_path,
+        certs,
         "  client_auth_type: RequireAndVerifyClientCert\n"
-        f"  client_ca_file: {certs / 'client.crt'}\n"
+        f"  client_ca_file: {certs / 'client.crt'}\n",
     )
-    exporter = Exporter(MetricsConfig(port=0, web_config_file=str(web)), build_info=BUILD_INFO)
-    exporter.publish(small_snapshots()[1])
-    exporter.start()
     try:
         config = str(_config(tmp_path, exporter.port or 0, web))
         code, out, err = _status(capsys, "--config", config)
