@@ -312,8 +312,11 @@ class Daemon:
         if warmup is not None:
             warmup()
 
-    def tick(self, now_s: float) -> Snapshot:
-        """One pass: read GPUs and servers, decide, act, publish. Returns the snapshot."""
+    def tick(self, now_s: float, *, unix_time_s: float | None = None) -> Snapshot:
+        """One pass: read GPUs and servers, decide, act, publish. Returns the snapshot.
+
+        now_s is the loop's clock (monotonic, or a simulation's virtual time): intervals and
+        rates come from it. The snapshot is stamped with unix_time_s, else now_s."""
         started = time.perf_counter()
         interval_s = (
             self.config.interval_s if self._prev_tick_s is None else now_s - self._prev_tick_s
@@ -349,7 +352,8 @@ class Daemon:
                 self._note_raise(group, cap_mhz, now_s)
             self._act(group, applied, observation)
         self.ticks_total += 1
-        snapshot = self._snapshot(now_s, readings, samples, observations, grid)
+        stamp_s = now_s if unix_time_s is None else unix_time_s
+        snapshot = self._snapshot(stamp_s, readings, samples, observations, grid)
         snapshot = _with_duration(snapshot, time.perf_counter() - started)
         self.last_snapshot = snapshot
         if self._publish is not None:
@@ -627,7 +631,7 @@ class Daemon:
 
     def _snapshot(
         self,
-        now_s: float,
+        timestamp_s: float,
         readings: dict[str, GpuReading],
         samples: list[ServerSample],
         observations: list[GroupObservation],
@@ -709,7 +713,7 @@ class Daemon:
             )
         errors = getattr(self.backend, "error_counts", {})
         return Snapshot(
-            timestamp_s=now_s,
+            timestamp_s=timestamp_s,
             gpus=tuple(gpus),
             servers=tuple(samples),
             groups=tuple(groups),
@@ -753,9 +757,9 @@ class Daemon:
                 state.power_limit_mw = None
         return report.ok
 
-    def publish_restored(self, now_s: float) -> None:
+    def publish_restored(self, now_s: float, *, unix_time_s: float | None = None) -> None:
         """Publish the last snapshot again with the GPUs read anew after restore(): a final
-        scrape then shows what the GPUs were left with."""
+        scrape then shows what the GPUs were left with. Stamped as tick() stamps."""
         last = self.last_snapshot
         if last is None or self._publish is None:
             return
@@ -775,7 +779,7 @@ class Daemon:
         self._publish(
             replace(
                 last,
-                timestamp_s=now_s,
+                timestamp_s=now_s if unix_time_s is None else unix_time_s,
                 gpus=tuple(gpus),
                 restores_total=self.restores_total,
                 restore_failures_total=self.restore_failures_total,
@@ -900,8 +904,10 @@ class Daemon:
         on_tick: Callable[[Snapshot], None] | None = None,
         duration_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        unix_clock: Callable[[], float] = time.time,
     ) -> None:
-        """Tick every interval until stopped (a signal, or duration_s elapsed), then restore."""
+        """Tick every interval on `clock` until stopped (a signal, or duration_s elapsed), then
+        restore. Snapshots are stamped with `unix_clock` (what Prometheus compares to time())."""
         started = clock()
         next_tick = started
         try:
@@ -918,7 +924,7 @@ class Daemon:
                 if duration_s is not None and now - started >= duration_s:
                     break
                 try:
-                    snapshot = self.tick(now)
+                    snapshot = self.tick(now, unix_time_s=unix_clock())
                 except GpuError as exc:
                     self._last_tick_ok = False
                     log.error("tick failed: %s", exc)
@@ -939,7 +945,7 @@ class Daemon:
             self._pool.close()
             _close_connections(self.groups)
             self.restore()
-            self.publish_restored(clock())
+            self.publish_restored(clock(), unix_time_s=unix_clock())
 
     def _wait_until(self, deadline_s: float, clock: Callable[[], float]) -> None:
         """Sleep until deadline_s on `clock` or a stop, running guard() every guard interval

@@ -315,6 +315,7 @@ class Snapshot:
     """Everything the exporter renders, published once per tick. The exporter reads only this."""
 
     timestamp_s: float
+    """Unix time of the tick in a running daemon (a simulation's virtual time in its runs)."""
     gpus: tuple[GpuStatus, ...] = ()
     servers: tuple[ServerSample, ...] = ()
     groups: tuple[GroupStatus, ...] = ()

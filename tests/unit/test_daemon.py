@@ -872,3 +872,15 @@ def test_a_raise_for_a_backlog_drops_a_tracked_limit_but_keeps_a_budget_share() 
     assert (raised.sm_clock_max_mhz, raised.power_limit_mw) == (1980, None)
     share = GroupDecision("g", 1200, 342_500, "budget")
     assert daemon_module._raised(share, 1980).power_limit_mw == 342_500
+
+
+def test_the_running_daemon_stamps_its_ticks_with_unix_time(tmp_path: Path) -> None:
+    """The alert on a stalled loop compares the exported tick time with Prometheus's time()."""
+    rig = make_rig(tmp_path, interval_s=0.1)
+    before_s = time.time()
+    rig.daemon.run_forever(duration_s=0.25)
+    after_s = time.time()
+    text = rig.exporter.render().decode()
+    name = "powerd_last_tick_timestamp_seconds "
+    (stamp,) = [row.removeprefix(name) for row in text.splitlines() if row.startswith(name)]
+    assert before_s <= float(stamp) <= after_s

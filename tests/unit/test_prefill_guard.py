@@ -371,9 +371,9 @@ def test_run_forever_guards_between_ticks_only_where_a_server_may_report_a_backl
     events: list[str] = []
     tick, guard = daemon.tick, daemon.guard
 
-    def counted_tick(now_s: float) -> Snapshot:
+    def counted_tick(now_s: float, *, unix_time_s: float | None = None) -> Snapshot:
         events.append("tick")
-        return tick(now_s)
+        return tick(now_s, unix_time_s=unix_time_s)
 
     def counted_guard(now_s: float) -> int:
         events.append("guard")
