@@ -59,6 +59,10 @@ EFFICIENCY_WINDOW_TICKS = 10
 """Ticks over which tokens per joule is reported, to smooth counter quantisation."""
 BLIND_WARN_READS = 3
 """Reads of a generating server without either latency histogram before that is logged."""
+_MAX_POWER_SHARE = 2.0
+"""An energy delta above this many times the GPU's largest power limit over the interval is
+a counter read wrong (a reading that dipped and came back would count the counter's whole
+history in one tick), not energy: the limit holds the power's average within a second."""
 DISCOVERY_RETRY_S = 10.0
 """How often the GPUs of a server that has none yet are looked for again: at boot a server
 that is still loading its model does not listen, and discovery finds nothing."""
@@ -412,7 +416,7 @@ class Daemon:
         reasons = 0
         for uuid in group.uuids:
             reading = readings.get(uuid)
-            delta_j = self._energy_delta_j(uuid, reading)
+            delta_j = self._energy_delta_j(uuid, reading, interval_s)
             if reading is None:
                 energy_j = power_w = None
                 continue
@@ -493,20 +497,32 @@ class Daemon:
                 log.warning("%s", first_token_blind_warning(group.spec.name, sample.kind))
         return blind
 
-    def _energy_delta_j(self, uuid: str, reading: GpuReading | None) -> float | None:
-        """The GPU's energy over this tick from its counter; None when the counter cannot say
-        (the caller then takes power x interval)."""
+    def _energy_delta_j(
+        self, uuid: str, reading: GpuReading | None, interval_s: float
+    ) -> float | None:
+        """The GPU's energy over this tick of interval_s from its counter; None when the
+        counter cannot say (the caller then takes power x interval). A delta the GPU could not
+        have drawn in the interval (a counter read wrong once) is not believed."""
         if reading is None or reading.energy_mj is None:
             # The next delta would span two ticks and be taken for one.
             self._prev_energy_mj.pop(uuid, None)
             return None
         previous = self._prev_energy_mj.get(uuid)
+        if previous is not None and reading.energy_mj == previous:
+            # A powered GPU never uses 0 J in a tick: the counter is stuck, and the delta when
+            # it moves again would hold the ticks already counted as power x interval.
+            self._prev_energy_mj.pop(uuid)
+            return None
         self._prev_energy_mj[uuid] = reading.energy_mj
         if previous is None or reading.energy_mj < previous:
             return None  # first reading, or the counter restarted with a driver reload
-        if reading.energy_mj == previous:
-            return None  # a powered GPU never uses 0 J in a tick: the counter is stuck
-        return (reading.energy_mj - previous) / 1000.0
+        delta_j = (reading.energy_mj - previous) / 1000.0
+        info = self.infos.get(uuid)
+        if info is not None and info.power_limit_max_mw > 0:
+            most_j = _MAX_POWER_SHARE * info.power_limit_max_mw / 1000.0 * interval_s
+            if delta_j > most_j:
+                return None
+        return delta_j
 
     @staticmethod
     def _slo_met(group: Group, sample: ServerSample) -> bool | None:

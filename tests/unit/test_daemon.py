@@ -630,6 +630,60 @@ def test_a_stuck_energy_counter_or_a_zero_power_reading_is_not_taken_for_no_powe
     assert group0.power_w is None and group0.energy_j is None, "unknown, not 0 W"
 
 
+class GlitchingEnergyNvml(FakeNvml):
+    """A FakeNvml whose GPU 0 energy counter holds months of energy (4e9 J, as on a node up
+    that long) and can read one given value instead."""
+
+    glitch_mj: int | None = None
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int:
+        value = super().nvmlDeviceGetTotalEnergyConsumption(handle)
+        if self.handle_index(handle) != 0:
+            return value
+        return self.glitch_mj if self.glitch_mj is not None else value + 4_000_000_000_000
+
+
+@pytest.mark.parametrize("glitch_mj", [200, 2**64 - 1])
+def test_a_counter_read_wrong_once_is_not_taken_for_energy(tmp_path: Path, glitch_mj: int) -> None:
+    """A reading that dips and comes back would count the counter's whole history in one
+    tick; one of 2^64 - 1 even more. Both are worth power x interval, not the history."""
+    fakes: list[GlitchingEnergyNvml] = []
+
+    def factory(node: SimNode) -> FakeNvml:
+        fakes.append(GlitchingEnergyNvml(node.plant, lock=node.lock))
+        return fakes[0]
+
+    rig = make_rig(tmp_path, record=True, nvml_factory=factory)
+    rig.run(20)
+    fakes[0].glitch_mj = glitch_mj
+    rig.run(1)
+    fakes[0].glitch_mj = None
+    rig.run(5)
+    for observations in rig.recorder.observations[-6:]:
+        group0 = observations[0]
+        assert group0.energy_j is not None and group0.power_w is not None
+        assert group0.energy_j < 1.5 * group0.power_w * 1.0
+
+
+def test_a_stuck_counter_that_moves_again_is_not_counted_twice(tmp_path: Path) -> None:
+    fakes: list[StuckEnergyNvml] = []
+
+    def factory(node: SimNode) -> FakeNvml:
+        fakes.append(StuckEnergyNvml(node.plant, lock=node.lock))
+        return fakes[0]
+
+    rig = make_rig(tmp_path, record=True, nvml_factory=factory)
+    rig.run(20)
+    fakes[0].stuck_at_mj = rig.snapshots[-1].gpus[0].reading.energy_mj
+    rig.run(3)
+    fakes[0].stuck_at_mj = None
+    rig.run(3)
+    for observations in rig.recorder.observations[-6:]:
+        group0 = observations[0]
+        assert group0.energy_j is not None and group0.power_w is not None
+        assert group0.energy_j < 1.5 * group0.power_w * 1.0, "the stuck ticks, counted again"
+
+
 # ------------------------------------------------------------------------ journal unwritable
 
 
