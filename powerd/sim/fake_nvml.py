@@ -6,10 +6,12 @@
 (nvml_api.md §2, §3): every call before nvmlInit raises Uninitialized; setters raise
 NoPermission when not privileged and InvalidArgument outside the device's constraints; a
 pulled GPU raises GpuIsLost on every call. Tests add faults (`disable_feature`, `lose_gpu`,
-`inject_error`) and read `writes`, the record of every successful setting change. It fills the
-gaps of the surveyed fakes (§9): power follows the cap, enforced can differ from requested, the
-SwPowerCap bit, clocks fall under a cap, privilege errors, settings surviving a restart
-(`state_file`) and an energy counter that integrates the power.
+`inject_error`) and read `writes`, the record of every successful setting change (an
+`EntryLog`: bounded, so a long-running simulated node does not grow, yet indexed like a list
+from the first write). It fills the gaps of the surveyed fakes (§9): power follows the cap,
+enforced can differ from requested, the SwPowerCap bit, clocks fall under a cap, privilege
+errors, settings surviving a restart (`state_file`) and an energy counter that integrates the
+power.
 
 Every method holds `lock`; the simulated node advances the plant under the same lock.
 """
@@ -18,10 +20,11 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import operator
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar, overload
 
 import pynvml  # noqa: TID251  raises pynvml's own error classes
 
@@ -52,6 +55,11 @@ FEATURES = frozenset(
     }
 )
 """Names accepted by disable_feature."""
+
+WRITE_LOG_MAX_ENTRIES = 10_000
+"""Entries FakeNvml's `writes`, `failed_writes` and `state_errors` keep unless its
+`write_log_entries` says otherwise (`writes` grows by about 20,000 an hour on a 6-GPU
+simulated node at 1-s ticks)."""
 
 _FEATURE_OF: dict[str, str] = {
     "nvmlDeviceGetPowerUsage": "power_usage",
@@ -92,6 +100,98 @@ _FIELD_FEATURE: dict[int, str] = {
 
 _UNSET = 0xFFFFFFFF
 """gpuInstanceId / computeInstanceId of a process on a GPU without MIG."""
+
+
+T = TypeVar("T")
+
+
+class DroppedEntriesError(IndexError):
+    """An EntryLog was asked for an entry it no longer keeps."""
+
+
+class EntryLog(Sequence[T]):
+    """An append-only log that keeps its last `max_entries` entries under their absolute
+    positions.
+
+    len() counts every entry ever appended, and log[i] and log[i:] index from the first, as on
+    a list, so `since = len(log)` taken before an action finds that action's entries in
+    `log[since:]`. Asking for an entry that was dropped (iterating or comparing the whole log
+    included) raises DroppedEntriesError rather than answering from what is left. clear() starts
+    over from position 0.
+    """
+
+    def __init__(self, max_entries: int = WRITE_LOG_MAX_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._tail: collections.deque[T] = collections.deque(maxlen=max_entries)
+        self._count = 0
+
+    @property
+    def dropped(self) -> int:
+        """How many of the first entries are no longer kept."""
+        return self._count - len(self._tail)
+
+    def append(self, entry: T) -> None:
+        self._tail.append(entry)
+        self._count += 1
+
+    def clear(self) -> None:
+        self._tail.clear()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _check_kept(self, first: int) -> None:
+        if first < self.dropped:
+            raise DroppedEntriesError(
+                f"entry {first} of this log was dropped: it keeps the last {self.max_entries} "
+                f"of {self._count} entries (positions {self.dropped}..{self._count - 1})"
+            )
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            positions = range(*index.indices(self._count))
+            if not positions:
+                return []
+            first = min(positions[0], positions[-1])
+            self._check_kept(first)
+            start = first - self.dropped
+            kept = list(
+                itertools.islice(self._tail, start, start + abs(positions[-1] - positions[0]) + 1)
+            )
+            return [kept[p - first] for p in positions]
+        position = operator.index(index)
+        if position < 0:
+            position += self._count
+        if not 0 <= position < self._count:
+            raise IndexError(f"log index {index} out of range ({self._count} entries)")
+        self._check_kept(position)
+        return self._tail[position - self.dropped]
+
+    def __iter__(self) -> Iterator[T]:
+        self._check_kept(0)
+        return iter(list(self._tail))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EntryLog):
+            return len(self) == len(other) and list(self) == list(other)
+        if isinstance(other, list):
+            return len(self) == len(other) and list(self) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        dropped = f"<{self.dropped} dropped>, " if self.dropped else ""
+        return f"EntryLog({dropped}{list(self._tail)!r})"
 
 
 class FakeHandle:
@@ -174,6 +274,7 @@ class FakeNvml:
         uuids: list[str] | None = None,
         persistence_mode: int = pynvml.NVML_FEATURE_ENABLED,
         driver_version: str = DRIVER_VERSION,
+        write_log_entries: int = WRITE_LOG_MAX_ENTRIES,
     ) -> None:
         n = plant.n_gpus
         if uuids is not None and (len(uuids) != n or len(set(uuids)) != n):
@@ -187,12 +288,14 @@ class FakeNvml:
             if uuids
             else [fake_uuid(plant.seed, i, plant.profile.name) for i in range(n)]
         )
-        self.writes: list[tuple[str, int, tuple[Any, ...]]] = []
+        self.writes: EntryLog[tuple[str, int, tuple[Any, ...]]] = EntryLog(write_log_entries)
         """Every successful setting change: (function name, GPU index, arguments after handle)."""
-        self.failed_writes: list[tuple[str, int, tuple[Any, ...], str]] = []
+        self.failed_writes: EntryLog[tuple[str, int, tuple[Any, ...], str]] = EntryLog(
+            write_log_entries
+        )
         """Setter calls that raised: (function name, index, arguments, error class name)."""
         self.call_counts: collections.Counter[str] = collections.Counter()
-        self.state_errors: list[str] = []
+        self.state_errors: EntryLog[str] = EntryLog(write_log_entries)
         """Why the state file could not be read during a call (surfaced as NVMLError_Unknown)."""
         self._init_count = 0
         self._lost: set[int] = set()

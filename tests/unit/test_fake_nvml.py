@@ -9,7 +9,14 @@ import pynvml
 import pytest
 
 from powerd.model import REASON_SW_POWER_CAP
-from powerd.sim.fake_nvml import FEATURES, FakeNvml, fake_uuid
+from powerd.sim.fake_nvml import (
+    FEATURES,
+    WRITE_LOG_MAX_ENTRIES,
+    DroppedEntriesError,
+    EntryLog,
+    FakeNvml,
+    fake_uuid,
+)
 from powerd.sim.plant import S_SHUTDOWN, GpuPlant, load_gpu_profile
 
 H100 = load_gpu_profile("h100-sxm")
@@ -181,6 +188,61 @@ def test_locked_clocks_validate_like_hardware(fake: FakeNvml) -> None:
         "nvmlDeviceResetGpuLockedClocks",
     ]
     assert fake.writes[0] == ("nvmlDeviceSetGpuLockedClocks", 0, (345, 1410))
+
+
+def test_the_write_log_is_bounded_and_keeps_absolute_positions() -> None:
+    fake = FakeNvml(GpuPlant(H100, 1), write_log_entries=4)
+    fake.nvmlInit()
+    h = fake.nvmlDeviceGetHandleByIndex(0)
+    for mhz in range(1000, 1006):
+        fake.nvmlDeviceSetGpuLockedClocks(h, 345, mhz)
+    log = fake.writes
+    assert len(log) == 6 and log.dropped == 2
+    assert log[2] == ("nvmlDeviceSetGpuLockedClocks", 0, (345, 1002))
+    assert log[-1] == ("nvmlDeviceSetGpuLockedClocks", 0, (345, 1005))
+    assert [args[1] for _, _, args in log[3:]] == [1003, 1004, 1005]
+    assert [args[1] for _, _, args in log[5:1:-2]] == [1005, 1003]
+    assert log[6:] == []
+    assert log != [], "six entries are not none, whatever was dropped"
+    for ask in (lambda: log[1], lambda: log[1:], lambda: list(log), lambda: log == [None] * 6):
+        with pytest.raises(DroppedEntriesError, match=r"entry [01] of this log was dropped"):
+            ask()
+    with pytest.raises(IndexError, match="out of range"):
+        log[6]
+    log.clear()
+    fake.nvmlDeviceResetGpuLockedClocks(h)
+    assert log == [("nvmlDeviceResetGpuLockedClocks", 0, ())]
+
+
+def test_a_long_running_fake_keeps_a_bounded_write_log(fake: FakeNvml) -> None:
+    h = fake.nvmlDeviceGetHandleByIndex(0)
+    n = WRITE_LOG_MAX_ENTRIES + 500
+    for k in range(n):
+        fake.nvmlDeviceSetGpuLockedClocks(h, 345, 1000 + k % 2)
+    fake.set_privileged(False)
+    for _ in range(n):
+        with pytest.raises(pynvml.NVMLError_NoPermission):
+            fake.nvmlDeviceResetGpuLockedClocks(h)
+    for log in (fake.writes, fake.failed_writes):
+        assert len(log) == n and log.dropped == n - WRITE_LOG_MAX_ENTRIES
+    since = len(fake.writes) - 3
+    assert len(fake.writes[since:]) == 3
+
+
+def test_an_entry_log_compares_like_a_list() -> None:
+    log: EntryLog[int] = EntryLog(3)
+    other: EntryLog[int] = EntryLog(5)
+    assert log == [] and log == other and not log and log != ()
+    log.append(1)
+    other.append(1)
+    assert log == [1] and log == other and 1 in log and log.index(1) == 0
+    for k in range(2, 6):
+        log.append(k)
+    assert (
+        log != [1, 2] and log[2:] == [3, 4, 5] and repr(log) == "EntryLog(<2 dropped>, [3, 4, 5])"
+    )
+    with pytest.raises(ValueError, match="at least 1"):
+        EntryLog(0)
 
 
 def test_setters_need_privilege(fake: FakeNvml) -> None:
