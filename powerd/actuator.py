@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NoPermission, NotSupported
 from powerd.journal import Journal, JournalError, OriginalUnreadable
+from powerd.logging_setup import ProblemLog
 from powerd.model import GpuInfo, GroupDecision
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Actuator:
         self._journal = journal
         self._dry_run = dry_run
         self.states: dict[str, GpuControlState] = {}
+        self._write_problems = ProblemLog(log)
 
     @property
     def dry_run(self) -> bool:
@@ -92,6 +94,7 @@ class Actuator:
 
     def forget(self, uuid: str) -> None:
         self.states.pop(uuid, None)
+        self._write_problems.forget(uuid)
 
     def apply(
         self,
@@ -112,8 +115,11 @@ class Actuator:
             state = self.states[uuid]
             if state.observe_only and state.observe_only_reason != "journal_error":
                 continue
+            before = (state.lock_max_mhz, state.power_limit_mw)
             try:
                 self._apply_one(state, decision, power_w, clock_mhz)
+                if (state.lock_max_mhz, state.power_limit_mw) != before:
+                    self._write_problems.cleared(uuid, "GPU %s: settings are written again", uuid)
             except GpuLost as exc:
                 lost = lost or exc
             except JournalError as exc:
@@ -131,7 +137,15 @@ class Actuator:
                 )
                 self._put_back(state)
             except GpuError as exc:
-                log.warning("GPU %s: %s failed: %s", uuid, exc.operation or "write", exc)
+                # Tried again at the next decision; logged when it starts, changes or clears.
+                self._write_problems.problem(
+                    uuid,
+                    logging.WARNING,
+                    "GPU %s: %s failed: %s",
+                    uuid,
+                    exc.operation or "write",
+                    exc,
+                )
         if lost is not None:
             raise lost
 

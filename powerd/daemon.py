@@ -29,6 +29,7 @@ from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost
 from powerd.grid.signals import GridSignal, GridState, facility_kwh
 from powerd.journal import Journal, restore_all
+from powerd.logging_setup import ProblemLog
 from powerd.model import (
     GpuInfo,
     GpuReading,
@@ -63,6 +64,8 @@ _MAX_POWER_SHARE = 2.0
 """An energy delta above this many times the GPU's largest power limit over the interval is
 a counter read wrong (a reading that dipped and came back would count the counter's whole
 history in one tick), not energy: the limit holds the power's average within a second."""
+SERVER_DOWN_READS = 3
+"""Failed reads in a row after which a server is logged as unreadable."""
 DISCOVERY_RETRY_S = 10.0
 """How often the GPUs of a server that has none yet are looked for again: at boot a server
 that is still loading its model does not listen, and discovery finds nothing."""
@@ -180,6 +183,7 @@ class Daemon:
         for info in self.infos.values():
             self.actuator.track(info)
         self._prev_energy_mj: dict[str, int] = {}
+        self._problems = ProblemLog(log)
         self._prev_tick_s: float | None = None
         self.ticks_total = 0
         self.restores_total = 0
@@ -372,7 +376,11 @@ class Daemon:
             except GpuLost as exc:
                 self._drop_gpu(uuid, exc)
             except GpuError as exc:
-                log.warning("GPU %s: read failed: %s", uuid, exc)
+                self._problems.problem(
+                    ("read", uuid), logging.WARNING, "GPU %s: read failed: %s", uuid, exc
+                )
+            else:
+                self._problems.cleared(("read", uuid), "GPU %s: read again", uuid)
         return readings
 
     def _drop_gpu(self, uuid: str, exc: Exception) -> None:
@@ -402,6 +410,7 @@ class Daemon:
         interval_s: float,
     ) -> GroupObservation:
         group.last_sample = sample
+        self._log_server_problem(group, sample)
         # A server running requests whose token counter has not moved this tick (SGLang counts
         # a batch every 40 steps, seconds apart on a slow model) is live, not stale.
         if sample.up and (sample.generation_tokens_per_s is not None or sample.running):
@@ -496,6 +505,22 @@ class Daemon:
             if group.blind_reads == BLIND_WARN_READS:
                 log.warning("%s", first_token_blind_warning(group.spec.name, sample.kind))
         return blind
+
+    def _log_server_problem(self, group: Group, sample: ServerSample) -> None:
+        """A server unreadable for SERVER_DOWN_READS reads in a row is logged with why, and
+        again once it is read (a lone failed scrape is not: it is in powerd_source_up)."""
+        key = ("server", group.spec.name)
+        if sample.up:
+            self._problems.cleared(key, "server %s: read again", group.spec.name)
+            return
+        self._problems.problem(
+            key,
+            logging.WARNING,
+            "server %s: %s",
+            group.spec.name,
+            sample.error or "cannot read its metrics",
+            after=SERVER_DOWN_READS,
+        )
 
     def _energy_delta_j(
         self, uuid: str, reading: GpuReading | None, interval_s: float

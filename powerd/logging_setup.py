@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import TextIO
 
 LEVEL_NAMES = ("debug", "info", "warning", "error", "critical")
@@ -144,3 +146,65 @@ def setup_logging(
     if problem is not None:
         logging.getLogger("powerd").warning("%s", problem)
     return handler
+
+
+class ProblemLog:
+    """Logs a recurring problem (a read that fails every tick) when it starts or changes, a
+    reminder with the count every `remind_s` while it lasts, and one line when it clears: a
+    fault that lasts a day writes a few lines, not one a tick. Keys name what has the problem
+    (a GPU's reads, a server); the formatted message is the problem."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        remind_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._remind_s = remind_s
+        self._clock = clock
+        self._open: dict[Hashable, _Problem] = {}
+
+    def problem(
+        self, key: Hashable, level: int, message: str, *args: object, after: int = 1
+    ) -> None:
+        """`key` has this problem now. Logged at `level` once `key` has had a problem `after`
+        times in a row, and again when the problem's text changes."""
+        text = message % args if args else message
+        now_s = self._clock()
+        known = self._open.get(key)
+        if known is None:
+            known = self._open[key] = _Problem(text, now_s)
+        else:
+            known.count += 1
+        if known.logged_s is None:
+            if known.count >= after:
+                known.text, known.logged_s = text, now_s
+                self._log.log(level, "%s", text)
+        elif known.text != text:
+            known.text, known.since_s, known.logged_s, known.count = text, now_s, now_s, 1
+            self._log.log(level, "%s", text)
+        elif now_s - known.logged_s >= self._remind_s:
+            minutes = (now_s - known.since_s) / 60.0
+            self._log.log(level, "%s (still, %d times in %.0f min)", text, known.count, minutes)
+            known.logged_s = now_s
+
+    def cleared(self, key: Hashable, message: str, *args: object) -> None:
+        """`key` works again: logged at INFO if its problem was logged."""
+        known = self._open.pop(key, None)
+        if known is not None and known.logged_s is not None:
+            self._log.info(message, *args)
+
+    def forget(self, key: Hashable) -> None:
+        """Drop `key` (it is gone) without a line."""
+        self._open.pop(key, None)
+
+
+@dataclass(slots=True)
+class _Problem:
+    text: str
+    since_s: float
+    logged_s: float | None = None
+    """When it was last logged; None while it has not been."""
+    count: int = 1

@@ -938,3 +938,33 @@ def test_the_running_daemon_stamps_its_ticks_with_unix_time(tmp_path: Path) -> N
     name = "powerd_last_tick_timestamp_seconds "
     (stamp,) = [row.removeprefix(name) for row in text.splitlines() if row.startswith(name)]
     assert before_s <= float(stamp) <= after_s
+
+
+def test_lasting_faults_are_logged_when_they_start_and_end_not_every_tick(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(tmp_path)
+    rig.run(20)
+    rig.fake.inject_error(
+        0, "nvmlDeviceGetTemperature", pynvml.NVMLError_Uninitialized, persistent=True
+    )
+    rig.fake.inject_error(
+        1, "nvmlDeviceSetGpuLockedClocks", pynvml.NVMLError_InvalidArgument, persistent=True
+    )
+    rig.fetch.down.add(rig.node.servers[0].name)
+    with caplog.at_level(logging.INFO, logger="powerd"):
+        rig.run(120)
+        rig.fake.clear_errors()
+        rig.fetch.down.clear()
+        rig.run(30)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    uuid0, uuid1, server0 = rig.uuid(0), rig.uuid(1), rig.node.servers[0].name
+    reads = [line for line in lines if line.startswith(f"GPU {uuid0}: read")]
+    assert len(reads) == 2 and "Uninitialized" in reads[0] and reads[1].endswith("read again")
+    writes = [line for line in lines if line.startswith(f"GPU {uuid1}: ")]
+    # A reset between two refused locks writes: each run of refusals is one line, not a tick's.
+    assert "nvmlDeviceSetGpuLockedClocks failed" in writes[0], writes
+    assert len(writes) < 10, writes
+    server = [line for line in lines if line.startswith(f"server {server0}: ")]
+    assert len(server) == 2 and server[0].endswith("Connection refused"), server
+    assert server[1] == f"server {server0}: read again"

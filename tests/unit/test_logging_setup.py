@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from powerd.logging_setup import parse_level, setup_logging, syslog_priority
+from powerd.logging_setup import ProblemLog, parse_level, setup_logging, syslog_priority
 
 
 @pytest.fixture(autouse=True)
@@ -118,3 +118,50 @@ def test_the_environment_level_falls_back_to_info_with_a_warning(
         "error, critical; logging at info\n"
     )
     assert stream.getvalue() == (expected if warned else "")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_a_lasting_problem_is_logged_when_it_starts_changes_is_recalled_and_clears(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = _Clock()
+    problems = ProblemLog(logging.getLogger("powerd.test"), remind_s=600.0, clock=clock)
+    with caplog.at_level(logging.INFO, logger="powerd.test"):
+        for _ in range(300):
+            problems.problem("gpu0", logging.WARNING, "GPU %s: read failed: %s", 0, "Timeout")
+            clock.now_s += 1.0
+        problems.problem("gpu0", logging.WARNING, "GPU %s: read failed: %s", 0, "Timeout")
+        assert [r.getMessage() for r in caplog.records] == ["GPU 0: read failed: Timeout"]
+        clock.now_s = 600.0
+        problems.problem("gpu0", logging.WARNING, "GPU %s: read failed: %s", 0, "Timeout")
+        problems.problem("gpu0", logging.WARNING, "GPU %s: read failed: %s", 0, "Unknown")
+        problems.cleared("gpu0", "GPU %s: read again", 0)
+        problems.cleared("gpu0", "GPU %s: read again", 0)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "GPU 0: read failed: Timeout"),
+        (logging.WARNING, "GPU 0: read failed: Timeout (still, 302 times in 10 min)"),
+        (logging.WARNING, "GPU 0: read failed: Unknown"),
+        (logging.INFO, "GPU 0: read again"),
+    ]
+
+
+def test_a_problem_is_logged_only_once_it_has_lasted_the_reads_asked_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    problems = ProblemLog(logging.getLogger("powerd.test"), clock=_Clock())
+    with caplog.at_level(logging.INFO, logger="powerd.test"):
+        problems.problem("a", logging.WARNING, "server a: timed out", after=3)
+        problems.problem("a", logging.WARNING, "server a: refused", after=3)
+        problems.cleared("a", "server a: read again")
+        assert caplog.records == [], "a short blip is not logged, nor its end"
+        for _ in range(3):
+            problems.problem("a", logging.WARNING, "server a: refused", after=3)
+        problems.cleared("a", "server a: read again")
+    assert [r.getMessage() for r in caplog.records] == ["server a: refused", "server a: read again"]
