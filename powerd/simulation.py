@@ -58,7 +58,13 @@ def build_arrivals(sim: SimConfig, duration_s: float | None) -> Arrivals:
 
 
 def build_node(sim: SimConfig, duration_s: float | None = None) -> SimNode:
-    """A simulated node as the SimConfig describes it, with its load ready to replay."""
+    """A simulated node as the SimConfig describes it, with its load ready to replay.
+
+    With duration_s the load spans that long (the trace cut or repeated to it). Without, the
+    trace repeats for as long as the node runs and the node keeps no per-request records,
+    which would grow without end: the node of `powerd run` with `gpu_backend: sim`.
+    """
+    endless = duration_s is None
     return SimNode(
         gpu_profile_for(sim),
         sim.gpus,
@@ -67,6 +73,8 @@ def build_node(sim: SimConfig, duration_s: float | None = None) -> SimNode:
         build_arrivals(sim, duration_s),
         seed=sim.seed,
         server_kind=sim.server_kind,
+        repeat_arrivals=endless,
+        keep_finished=not endless,
     )
 
 
@@ -151,7 +159,8 @@ class RunningSimulation:
 
 
 def start_simulation(sim: SimConfig, duration_s: float | None = None) -> RunningSimulation:
-    """Build a node, serve its servers on HTTP and open NVML on it.
+    """Build a node (build_node: without duration_s its load never ends), serve its servers
+    on HTTP and open NVML on it.
 
     Simulated time stands still until the caller starts `driver` (after compiling kernels,
     so the load does not run ahead of the controller).

@@ -988,7 +988,8 @@ class EngineBank:
     gpu_map: int64[S, tp] GPU index of each rank (default: consecutive); cfg: build_config(...)
     (default: its defaults); hist_bounds: bucket bounds per HISTOGRAM_NAMES slot (default:
     vLLM's). Arrivals are queued with `feed()`; the dispatch policy (cfg) picks a server per
-    request at its arrival time.
+    request at its arrival time. keep_finished: keep a record of every finished request (for
+    finished_requests); a bank that runs without end keeps none, so it does not grow.
     """
 
     def __init__(
@@ -1004,6 +1005,7 @@ class EngineBank:
         cfg: np.ndarray | None = None,
         hist_bounds: Mapping[str, Sequence[float]] | None = None,
         initial_capacity: int = 1024,
+        keep_finished: bool = True,
     ) -> None:
         if n_servers < 1:
             raise ValueError(f"n_servers must be at least 1, got {n_servers}")
@@ -1058,6 +1060,7 @@ class EngineBank:
         self.node_i[NI_FREE_TOP] = cap
         self.now_s = 0.0
         self.start_time_unix = np.full(n_servers, time.time(), dtype=np.float64)
+        self.keep_finished = keep_finished
         self._finished: list[np.ndarray] = []
         self._pending_t = np.zeros(0, dtype=np.float64)
         self._pending_p = np.zeros(0, dtype=np.int64)
@@ -1098,6 +1101,11 @@ class EngineBank:
         self._pending_p = np.concatenate([self._pending_p, np.asarray(prompt_tokens, np.int64)])
         self._pending_g = np.concatenate([self._pending_g, np.asarray(gen_tokens, np.int64)])
 
+    @property
+    def pending_arrivals(self) -> int:
+        """Arrivals fed and not yet taken by a run."""
+        return int(self._pending_t.size)
+
     def take_arrivals(self, t_end_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pop the fed arrivals with time <= t_end_s, sized into the pool."""
         k = int(np.searchsorted(self._pending_t, t_end_s, side="right"))
@@ -1121,10 +1129,12 @@ class EngineBank:
         )  # fmt: skip
 
     def collect_finished(self) -> None:
-        """Move the records the last kernel call wrote into fin to the finished list."""
+        """Move the records the last kernel call wrote into fin to the finished list (drop
+        them without keep_finished)."""
         n = int(self.node_i[NI_FIN_N])
         if n:
-            self._finished.append(self.fin[:n].copy())
+            if self.keep_finished:
+                self._finished.append(self.fin[:n].copy())
             self.node_i[NI_FIN_N] = 0
 
     def run_until(
@@ -1145,7 +1155,12 @@ class EngineBank:
     # -- results -------------------------------------------------------------------------------
 
     def finished_requests(self) -> np.ndarray:
-        """Every finished request so far, FINISHED_DTYPE records in completion order."""
+        """Every finished request so far, FINISHED_DTYPE records in completion order.
+
+        Raises ValueError on a bank built without keep_finished.
+        """
+        if not self.keep_finished:
+            raise ValueError("this engine bank keeps no finished-request records")
         if not self._finished:
             return np.zeros(0, dtype=FINISHED_DTYPE)
         f = np.concatenate(self._finished)

@@ -183,9 +183,13 @@ class SimNode:
     """n_gpus GPUs of `profile` serving `model` with one server per `tp` GPUs.
 
     `arrivals` is the node's request stream (times from 0); each request goes to the
-    least-loaded server (or round-robin, `dispatch`). engine_options: keyword arguments of
-    engine.build_config (max_batch, chunk_tokens, eta_mem, ...). `lock` guards the node for
-    concurrent readers (HTTP threads, fake NVML) while a driver advances it.
+    least-loaded server (or round-robin, `dispatch`). With repeat_arrivals the stream is replayed
+    end to end, every arrivals.duration_s, for as long as the node runs; it is fed to the servers
+    one replay at a time, so memory does not grow with the run. keep_finished: keep every
+    finished request's record (finished_requests, finished_records); a node that runs without
+    end keeps none. engine_options: keyword arguments of engine.build_config (max_batch,
+    chunk_tokens, eta_mem, ...). `lock` guards the node for concurrent readers (HTTP threads,
+    fake NVML) while a driver advances it.
     """
 
     def __init__(
@@ -202,6 +206,8 @@ class SimNode:
         substep_s: float = 0.01,
         engine_options: Mapping[str, Any] | None = None,
         triton_histograms: bool = False,
+        repeat_arrivals: bool = False,
+        keep_finished: bool = True,
     ) -> None:
         if tp < 1 or n_gpus < 1 or n_gpus % tp:
             raise ValueError(f"tp ({tp}) must divide n_gpus ({n_gpus}), both at least 1")
@@ -229,8 +235,15 @@ class SimNode:
             seed=seed,
             cfg=cfg,
             hist_bounds=histogram_bounds(server_kind, model.max_model_len),
+            keep_finished=keep_finished,
         )
-        self.bank.feed(arrivals.time_s, arrivals.prompt_tokens, arrivals.gen_tokens)
+        self._repeat = repeat_arrivals and len(arrivals) > 0 and arrivals.duration_s > 0
+        self._replays_fed = 0
+        self._last_fed_s = 0.0
+        if self._repeat:
+            self._feed_through(0.0)
+        else:
+            self.bank.feed(arrivals.time_s, arrivals.prompt_tokens, arrivals.gen_tokens)
         self.ctx = np.ones(n_gpus, dtype=np.float64)
         self._clocks = np.zeros(n_gpus, dtype=np.float64)
         self._activity = np.zeros(n_gpus, dtype=np.float64)
@@ -268,11 +281,24 @@ class SimNode:
                 self._advance_call(step)
                 remaining -= step
 
+    def _feed_through(self, t_s: float) -> None:
+        """Feed every replay of the repeated stream that starts at or before t_s."""
+        a = self.arrivals
+        while self._replays_fed * a.duration_s <= t_s:
+            times = a.time_s + self._replays_fed * a.duration_s
+            # An arrival at the very end of the span can round past the next replay's first.
+            np.maximum(times, self._last_fed_s, out=times)
+            self.bank.feed(times, a.prompt_tokens, a.gen_tokens)
+            self._last_fed_s = float(times[-1])
+            self._replays_fed += 1
+
     def _advance_call(self, dt_s: float) -> None:
         bank = self.bank
         t0 = bank.now_s
         t1 = t0 + dt_s
         n_sub = max(math.ceil(dt_s / self.substep_s - 1e-9), 1)
+        if self._repeat:
+            self._feed_through(t1)
         args = bank.kernel_args(*bank.take_arrivals(t1))
         plant = self.plant
         _node_advance(

@@ -13,12 +13,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from powerd.bench.measure import batch_state
+from powerd.config import SimConfig
 from powerd.sim.http_server import SimServerHttp
 from powerd.sim.models import get_model_profile
 from powerd.sim.node import RealTimeDriver, SimNode, serve_node
 from powerd.sim.plant import S_TIME_S, load_gpu_profile
-from powerd.sim.traces import Arrivals, synthetic
-from powerd.simulation import inprocess_fetch, server_configs
+from powerd.sim.traces import Arrivals, synthetic, tile
+from powerd.simulation import build_node, inprocess_fetch, server_configs
 from powerd.sources import SourceError
 from powerd.sources.fetch import KeepAliveFetcher
 
@@ -97,6 +98,37 @@ def test_clone_is_independent_and_evolves_identically() -> None:
     fresh.advance(5.0)
     fresh.advance(10.0)
     assert fresh.totals() == node.totals()
+
+
+def test_a_repeated_stream_replays_as_the_whole_tiled_one() -> None:
+    arrivals = load(rate_per_s=6.0, duration_s=20.0, seed=3)
+    looped = make_node(seed=4, arrivals=arrivals, repeat_arrivals=True)
+    tiled = make_node(seed=4, arrivals=tile(arrivals, 200.0))
+    for node in (looped, tiled):
+        for _ in range(130):
+            node.advance(1.0)
+    assert looped.totals() == tiled.totals()
+    assert looped.totals()["requests_arrived"] > 6 * len(arrivals)
+    np.testing.assert_array_equal(looped.finished_requests(), tiled.finished_requests())
+    assert looped.bank.pending_arrivals <= len(arrivals), "fed one replay at a time"
+
+
+def test_an_endless_node_keeps_its_load_and_no_request_records() -> None:
+    # time_compression 360: the one-hour diurnal trace spans 10 s.
+    sim = SimConfig(gpus=2, tp=1, time_compression=360.0, peak_load=0.5)
+    node = build_node(sim)
+    arrived = []
+    for _ in range(6):
+        node.advance(10.0)
+        arrived.append(node.totals()["requests_arrived"])
+    per_span = np.diff([0.0, *arrived])
+    assert per_span.min() > 0.8 * per_span.max(), f"arrivals per 10-s span: {per_span}"
+    assert node.bank.pending_arrivals <= len(node.arrivals)
+    with pytest.raises(ValueError, match="keeps no finished-request records"):
+        node.finished_requests()
+    bounded = build_node(sim, 30.0)
+    bounded.advance(30.0)
+    assert len(bounded.finished_requests()) == bounded.totals()["requests_finished"] > 0
 
 
 def test_lower_clock_lock_saves_energy_at_the_same_tokens() -> None:
