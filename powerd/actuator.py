@@ -74,6 +74,8 @@ class Actuator:
         if self._dry_run and not dry_run:
             # A dry run wrote nothing: the GPUs are as found, whatever it would have set.
             for state in self.states.values():
+                if state.observe_only_reason == "gpu_lost":
+                    continue  # what a wet run set before it went, which it may still hold
                 state.lock_max_mhz = state.power_limit_mw = None
                 state.would_set = ""
         self._dry_run = dry_run
@@ -92,9 +94,23 @@ class Actuator:
                 )
         return state
 
-    def forget(self, uuid: str) -> None:
-        self.states.pop(uuid, None)
+    def lose(self, uuid: str) -> None:
+        """The GPU is gone: nothing is written to it, and what powerd last set on it (which it
+        may still hold) is kept until it is back (rejoin) or restored."""
+        state = self.states.get(uuid)
+        if state is not None:
+            state.observe_only_reason = "gpu_lost"
         self._write_problems.forget(uuid)
+
+    def rejoin(self, uuid: str) -> None:
+        """A lost GPU answers again: put back what powerd had set on it (it may have been reset
+        or not; a dry run puts it back too, as a switch into one does) and control it from
+        there."""
+        state = self.states.get(uuid)
+        if state is None or state.observe_only_reason != "gpu_lost":
+            return
+        state.observe_only_reason = ""
+        self._put_back(state)
 
     def apply(
         self,

@@ -138,6 +138,8 @@ class Group:
     guard_raises_total: int = 0
     blind_reads: int = 0
     """Consecutive reads of a generating server that exported neither latency histogram."""
+    lost_uuids: list[str] = field(default_factory=list)
+    """Its GPUs that are lost for now: they rejoin it when they answer again."""
 
     @property
     def controlled(self) -> bool:
@@ -180,6 +182,8 @@ class Daemon:
         self._config_transform = config_transform
         self.actuator = Actuator(backend, journal, dry_run=config.dry_run)
         self.infos: dict[str, GpuInfo] = {info.uuid: info for info in backend.devices()}
+        self.lost: dict[str, GpuInfo] = {}
+        """GPUs that went away while powerd ran; looked for again every DISCOVERY_RETRY_S."""
         for info in self.infos.values():
             self.actuator.track(info)
         self._prev_energy_mj: dict[str, int] = {}
@@ -229,7 +233,11 @@ class Daemon:
         groups = []
         claimed: set[str] = set()
         for server in config.servers:
-            uuids, why = self._claim_gpus(server, claimed)
+            claimed_uuids, why = self._claim_gpus(server, claimed)
+            uuids = [uuid for uuid in claimed_uuids if uuid in self.infos]
+            lost = [uuid for uuid in claimed_uuids if uuid in self.lost]
+            if lost and not uuids:
+                why = f"its GPUs {', '.join(lost)} are lost; they rejoin it when they answer"
             if not uuids:
                 log.warning(
                     "server %s: observed only, its GPUs are not controlled: %s", server.name, why
@@ -240,7 +248,8 @@ class Daemon:
                 gpus=tuple(self.infos[uuid] for uuid in uuids),
                 slo=server.slo,
             )
-            groups.append(Group(spec, make_source(server, self._new_fetcher()), uuids))
+            source = make_source(server, self._new_fetcher())
+            groups.append(Group(spec, source, uuids, lost_uuids=lost))
         return groups
 
     def _claim_gpus(self, server: ServerConfig, claimed: set[str]) -> tuple[list[str], str]:
@@ -259,9 +268,9 @@ class Daemon:
         return self._fetch if self._fetch is not None else KeepAliveFetcher()
 
     def _resolve_gpus(self, server: ServerConfig) -> tuple[list[str], str]:
-        """The UUIDs of the server's GPUs, and why when there are none. ConfigError for a
-        configured GPU this node does not have."""
-        by_index = {info.index: info.uuid for info in self.infos.values()}
+        """The UUIDs of the server's GPUs (lost ones included), and why when there are none.
+        ConfigError for a configured GPU this node does not have, nor had."""
+        by_index = {info.index: info.uuid for info in [*self.infos.values(), *self.lost.values()]}
         if server.gpus is None:
             try:
                 found = discover_server_gpus(
@@ -280,7 +289,7 @@ class Daemon:
         uuids = []
         for gpu in server.gpus:
             uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
-            if uuid is None or uuid not in self.infos:
+            if uuid is None or (uuid not in self.infos and uuid not in self.lost):
                 raise ConfigError(f"servers: {server.name}: no GPU {gpu!r} on this node")
             uuids.append(uuid)
         return uuids, ""
@@ -293,11 +302,9 @@ class Daemon:
         if now_s < self._next_discovery_s:
             return
         self._next_discovery_s = now_s + DISCOVERY_RETRY_S
+        found = self._rejoin_lost()
         waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
-        if not waiting:
-            return
-        claimed = {uuid for group in self.groups for uuid in group.uuids}
-        found = False
+        claimed = {uuid for group in self.groups for uuid in [*group.uuids, *group.lost_uuids]}
         for group in waiting:
             uuids, why = self._claim_gpus(group.source.config, claimed)
             if not uuids:
@@ -311,6 +318,29 @@ class Daemon:
             found = True
         if found:
             self._reconfigure_policy(self.config)
+
+    def _rejoin_lost(self) -> bool:
+        """Give each lost GPU that answers again back to its group, with what powerd had set
+        on it put back first. True when a group's GPUs changed."""
+        changed = False
+        for uuid, info in list(self.lost.items()):
+            try:
+                self.backend.read(uuid)
+            except GpuError:
+                continue
+            del self.lost[uuid]
+            self.infos[uuid] = info
+            self.actuator.rejoin(uuid)
+            owner = next((g for g in self.groups if uuid in g.lost_uuids), None)
+            if owner is None:
+                log.info("GPU %s is back; no configured server uses it", uuid)
+                continue
+            owner.lost_uuids.remove(uuid)
+            owner.uuids = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)
+            owner.spec = replace(owner.spec, gpus=tuple(self.infos[u] for u in owner.uuids))
+            log.info("GPU %s is back; controlling it again for %s", uuid, owner.spec.name)
+            changed = True
+        return changed
 
     # ----------------------------------------------------------------- one tick
 
@@ -384,14 +414,22 @@ class Daemon:
         return readings
 
     def _drop_gpu(self, uuid: str, exc: Exception) -> None:
-        log.error("GPU %s is lost (%s); dropping it and keeping the others", uuid, exc)
-        self.infos.pop(uuid, None)
-        self.actuator.forget(uuid)
+        log.error(
+            "GPU %s is lost (%s); keeping the others, and looking for it every %g s",
+            uuid,
+            exc,
+            DISCOVERY_RETRY_S,
+        )
+        info = self.infos.pop(uuid, None)
+        if info is not None:
+            self.lost[uuid] = info
+        self.actuator.lose(uuid)
         self._prev_energy_mj.pop(uuid, None)
         emptied = False
         for group in self.groups:
             if uuid in group.uuids:
                 group.uuids.remove(uuid)
+                group.lost_uuids.append(uuid)
                 if not group.uuids and group.controlled:
                     # Out of the policy: a group without GPUs must not keep a share of a
                     # node budget, nor a decision that no GPU takes.
@@ -679,10 +717,9 @@ class Daemon:
         grid: GridState,
     ) -> Snapshot:
         gpus = []
-        for uuid, reading in readings.items():
-            state = self.actuator.states.get(uuid)
-            if state is None:
-                continue
+        for uuid, state in self.actuator.states.items():
+            # A GPU that could not be read, or is lost, stays in view with what powerd set.
+            reading = readings.get(uuid) or _unread(state.info, timestamp_s)
             lock_mhz, limit_mw = self._device_settings(uuid)
             gpus.append(
                 GpuStatus(
@@ -1042,6 +1079,22 @@ def _raised(decision: GroupDecision, cap_mhz: int) -> GroupDecision:
     tracking the drawn power, which prefill at the raised clock would exceed: it goes."""
     limit_mw = decision.power_limit_mw if decision.mode == "budget" else None
     return replace(decision, sm_clock_max_mhz=cap_mhz, power_limit_mw=limit_mw)
+
+
+def _unread(info: GpuInfo, timestamp_s: float) -> GpuReading:
+    """The reading of a GPU that could not be read: every figure unknown."""
+    return GpuReading(
+        uuid=info.uuid,
+        index=info.index,
+        timestamp_s=timestamp_s,
+        power_mw=None,
+        energy_mj=None,
+        sm_clock_mhz=None,
+        power_limit_mw=None,
+        enforced_power_limit_mw=None,
+        clock_event_reasons=None,
+        temperature_c=None,
+    )
 
 
 def _close_connections(groups: Sequence[Group]) -> None:

@@ -121,12 +121,16 @@ def test_lost_gpu_is_dropped_and_the_others_stay_controlled(
     lost = rig.uuid(1)
     assert rig.writes_to(1), "GPU 1 was controlled before it was lost"
     assert {g.info.uuid for g in rig.snapshots[-1].gpus} == {rig.uuid(0), lost}
+    lock_mhz = rig.snapshots[-1].gpus[1].sm_clock_lock_max_mhz
 
     rig.fake.lose_gpu(1)
     before = len(rig.fake.writes)
     with caplog.at_level(logging.ERROR, logger="powerd.daemon"):
         snapshot = rig.run(1)
-    assert [g.info.uuid for g in snapshot.gpus] == [rig.uuid(0)]
+    assert [g.info.uuid for g in snapshot.gpus] == [rig.uuid(0), lost], "still in view"
+    gone = snapshot.gpus[1]
+    assert gone.observe_only and gone.observe_only_reason == "gpu_lost"
+    assert gone.reading.power_mw is None and gone.sm_clock_lock_max_mhz == lock_mhz
     assert any(lost in r.getMessage() and "lost" in r.getMessage() for r in caplog.records)
     assert snapshot.nvml_errors, "the lost GPU's error is counted"
     group1 = snapshot.groups[1]
@@ -136,7 +140,7 @@ def test_lost_gpu_is_dropped_and_the_others_stay_controlled(
 
     rig.run(25)
     for s in rig.snapshots[-25:]:
-        assert [g.info.uuid for g in s.gpus] == [rig.uuid(0)]
+        assert [g.observe_only_reason for g in s.gpus] == ["", "gpu_lost"]
         assert s.gpus[0].reading.power_mw is not None
     assert rig.writes_to(1, before) == []
     assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0, before))
@@ -144,12 +148,43 @@ def test_lost_gpu_is_dropped_and_the_others_stay_controlled(
     text = rig.metrics()
     assert metric_lines(text, "powerd_gpu_power_watts", UUID=lost) == []
     assert len(metric_lines(text, "powerd_gpu_power_watts", UUID=rig.uuid(0))) == 1
+    assert len(metric_lines(text, "powerd_gpu_observe_only", UUID=lost, reason="gpu_lost")) == 1
 
     # Exit: the remaining GPU is restored, the lost one stays in the journal for later.
     assert rig.daemon.restore() is False
     assert _locked(rig, 0) is None
     assert rig.daemon.journal is not None
     assert [e.uuid for e in rig.daemon.journal.entries()] == [lost]
+
+
+def test_a_lost_gpu_that_answers_again_rejoins_its_group_and_a_reload_still_works(
+    tmp_path: Path,
+) -> None:
+    rig, path = _rig_from_file(tmp_path)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 90)
+    rig.fake.lose_gpu(1)
+    rig.run(2)
+    assert not rig.daemon.groups[1].controlled
+    # A reload that names the lost GPU is applied, an emergency dry run too.
+    data = _config_data(rig.node)
+    data["dry_run"] = True
+    path.write_text(yaml.safe_dump(data))
+    assert rig.daemon.reload(path) is True
+    data["dry_run"] = False
+    path.write_text(yaml.safe_dump(data))
+    assert rig.daemon.reload(path) is True
+    assert rig.daemon.groups[1].lost_uuids == [rig.uuid(1)]
+
+    rig.fake.restore_gpu(1)  # back, still holding the lock powerd set before it went
+    assert _locked(rig, 1) is not None
+    before = len(rig.fake.writes)
+    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 1)
+    assert rig.daemon.groups[1].controlled and rig.daemon.groups[1].lost_uuids == []
+    assert rig.writes_to(1, before)[0] == (RESET_CLOCKS, ()), "what powerd set is put back first"
+    snapshot = rig.run(1)
+    assert [g.observe_only_reason for g in snapshot.gpus] == ["", ""]
+    assert snapshot.groups[1].gpu_uuids == (rig.uuid(1),)
+    assert rig.run_until(lambda s: _locked(rig, 1) is not None, 90), "controlled again"
 
 
 def test_a_group_that_lost_its_last_gpu_leaves_the_budget(tmp_path: Path) -> None:
