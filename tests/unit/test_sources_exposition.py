@@ -237,6 +237,28 @@ def test_label_cache_is_reused_and_bounded(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(cache) <= 10
 
 
+def test_a_label_that_keeps_changing_neither_grows_the_cache_nor_evicts_the_current_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import powerd.sources.exposition as exposition
+
+    real = (FIXTURES / "vllm_v1_a.txt").read_text()
+    served = "meta-llama/Llama-3.1-8B-Instruct"
+    cache: dict = {}
+    for restart in range(200):  # a served-model name that changes at every restart
+        parse_exposition(real.replace(served, f"model-{restart}"), cache=cache)
+    assert len(cache) <= 8192, "a few thousand entries at most, not one set per restart"
+    parsed: list[str] = []
+
+    def counting(raw: str) -> dict[str, str] | None:
+        parsed.append(raw)
+        return parse_labels(raw)
+
+    monkeypatch.setattr(exposition, "parse_labels", counting)
+    parse_exposition(real.replace(served, "model-199"), cache=cache)
+    assert parsed == [], "the current scrape's labels are all still cached"
+
+
 @pytest.mark.parametrize("path", sorted(FIXTURES.glob("*.txt")), ids=lambda p: p.name)
 def test_fixtures_agree_with_prometheus_client(path: Path) -> None:
     """Every sample of every fixture parses to prometheus_client's own reading of it.
