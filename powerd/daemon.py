@@ -67,8 +67,12 @@ history in one tick), not energy: the limit holds the power's average within a s
 SERVER_DOWN_READS = 3
 """Failed reads in a row after which a server is logged as unreadable."""
 DISCOVERY_RETRY_S = 10.0
-"""How often the GPUs of a server that has none yet are looked for again: at boot a server
-that is still loading its model does not listen, and discovery finds nothing."""
+"""How soon the GPUs of a server that has none yet are looked for again (at boot a server
+that is still loading its model does not listen, and discovery finds nothing), and how often
+lost GPUs are."""
+DISCOVERY_RETRY_MAX_S = 60.0
+"""The wait between two discoveries of one server doubles up to this: each scans every
+process's sockets (psutil), which costs more the busier the node."""
 
 
 class WakeFlag:
@@ -140,6 +144,9 @@ class Group:
     """Consecutive reads of a generating server that exported neither latency histogram."""
     lost_uuids: list[str] = field(default_factory=list)
     """Its GPUs that are lost for now: they rejoin it when they answer again."""
+    discovery_wait_s: float = DISCOVERY_RETRY_S
+    next_discovery_s: float | None = None
+    """When its GPUs are looked for again while it has none (None: not scheduled yet)."""
 
     @property
     def controlled(self) -> bool:
@@ -282,8 +289,9 @@ class Daemon:
                 why = "discovery found none"
             if not found:
                 return [], (
-                    f"{why}; looking again every {DISCOVERY_RETRY_S:g} s "
-                    "(set `gpus:` for it in the config to skip discovery)"
+                    f"{why}; looking again after {DISCOVERY_RETRY_S:g} s, then at most every "
+                    f"{DISCOVERY_RETRY_MAX_S:g} s (set `gpus:` for it in the config to skip "
+                    "discovery)"
                 )
             return found, ""
         uuids = []
@@ -295,19 +303,26 @@ class Daemon:
         return uuids, ""
 
     def _rediscover(self, now_s: float) -> None:
-        """Every DISCOVERY_RETRY_S, look again for the GPUs of servers that have none and are
-        to be discovered; hand those found to the policy."""
+        """Every DISCOVERY_RETRY_S, look for the lost GPUs; look again for the GPUs of servers
+        that have none and are to be discovered, each after a wait that doubles up to
+        DISCOVERY_RETRY_MAX_S; hand those found to the policy."""
+        found = False
         if self._next_discovery_s is None:
             self._next_discovery_s = now_s + DISCOVERY_RETRY_S
-        if now_s < self._next_discovery_s:
-            return
-        self._next_discovery_s = now_s + DISCOVERY_RETRY_S
-        found = self._rejoin_lost()
+        if now_s >= self._next_discovery_s:
+            self._next_discovery_s = now_s + DISCOVERY_RETRY_S
+            found = self._rejoin_lost()
         waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
         claimed = {uuid for group in self.groups for uuid in [*group.uuids, *group.lost_uuids]}
         for group in waiting:
+            if group.next_discovery_s is None:
+                group.next_discovery_s = now_s + group.discovery_wait_s
+            if now_s < group.next_discovery_s:
+                continue
             uuids, why = self._claim_gpus(group.source.config, claimed)
             if not uuids:
+                group.discovery_wait_s = min(2 * group.discovery_wait_s, DISCOVERY_RETRY_MAX_S)
+                group.next_discovery_s = now_s + group.discovery_wait_s
                 log.debug("server %s: still observed only: %s", group.spec.name, why)
                 continue
             group.uuids = uuids

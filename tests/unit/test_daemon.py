@@ -837,8 +837,10 @@ def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(
 ) -> None:
     """At boot the server does not listen yet, so discovery fails; it is looked for again."""
     found: list[str] = []
+    attempts: list[str] = []
 
     def discover(url: str, compute_pids: Any, uuids: list[str], **_: Any) -> list[str]:
+        attempts.append(url)
         if not found:
             raise SourceError("nothing on this node listens on port 8001")
         return list(found)
@@ -853,8 +855,10 @@ def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(
     assert [spec.name for spec in rig.recorder.controller.groups] == ["vllm-0"]
     assert rig.writes_to(1) == []
 
+    # At start and 10 s later; the next wait is 20 s (it doubles): not at every tick.
+    assert len(attempts) == 2, attempts
     found.append(rig.uuid(1))
-    rig.run(round(daemon_module.DISCOVERY_RETRY_S))
+    rig.run(round(daemon_module.DISCOVERY_RETRY_MAX_S))
     assert [spec.name for spec in rig.recorder.controller.groups] == ["vllm-0", "vllm-1"]
     assert rig.daemon.groups[1].uuids == [rig.uuid(1)]
     before = len(rig.fake.writes)
