@@ -230,9 +230,14 @@ class Daemon:
         else:
             self.policy = self._make_policy(config)
 
-    def _make_pool(self) -> ScrapePool | InlineScrapePool:
+    def _make_pool(
+        self, after: ScrapePool | InlineScrapePool | None = None
+    ) -> ScrapePool | InlineScrapePool:
+        """A pool over the groups' readers; `after` is the pool it replaces (a reload)."""
         sources = [group.source for group in self.groups]
-        return InlineScrapePool(sources) if self._inline_scrape else ScrapePool(sources)
+        if self._inline_scrape:
+            return InlineScrapePool(sources)
+        return ScrapePool(sources, after=after if isinstance(after, ScrapePool) else None)
 
     def _build_groups(self, config: Config) -> list[Group]:
         """One group per server. A server whose GPUs are unknown (discovery failed) or taken
@@ -915,7 +920,7 @@ class Daemon:
         self.grid = GridSignal(config.grid, previous=self.grid)
         self.groups = groups
         self._reconfigure_policy(config)
-        self._pool = self._make_pool()
+        self._pool = self._make_pool(after=self._pool)
         log.info("reload: applied %s (%d servers)", config_path, len(groups))
         return True
 

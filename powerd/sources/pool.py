@@ -34,11 +34,25 @@ class ScrapePool:
     poll_all to the end of the fetch), as the server's counters were read then.
     """
 
-    def __init__(self, sources: list[Source], max_workers: int = 8) -> None:
+    def __init__(
+        self, sources: list[Source], max_workers: int = 8, *, after: ScrapePool | None = None
+    ) -> None:
+        """`after`: the pool this one replaces (a reload). A fetch of one of `sources` still
+        running there counts as in flight here, so one server's reader (and its kept
+        connection) is never used by two threads at once."""
         self.sources = list(sources)
         workers = max(1, min(max_workers, len(self.sources) or 1))
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="powerd-scrape")
         self._inflight: dict[int, tuple[Future[_FetchResult], float]] = {}
+        if after is not None:
+            running = {
+                id(after.sources[i]): pending
+                for i, pending in after._inflight.items()
+                if not pending[0].done()
+            }
+            for i, source in enumerate(self.sources):
+                if id(source) in running:
+                    self._inflight[i] = running[id(source)]
 
     def poll_all(self, now_s: float, deadline_s: float) -> list[ServerSample]:
         """One sample per source, in order, within deadline_s seconds of wall time."""

@@ -285,3 +285,35 @@ def test_rates_run_between_the_times_the_server_answered() -> None:
     assert [s.timestamp_s for s in samples] == [100.0, 101.0, 102.0, 103.0, 104.0]
     rates = [s.generation_tokens_per_s for s in samples[1:]]
     assert rates == [pytest.approx(1000.0, rel=0.05)] * 4
+
+
+def test_a_pool_that_replaces_another_waits_for_its_fetch_still_running() -> None:
+    """After a reload the kept reader's fetch may still hang in the old pool's thread: the new
+    pool must not start a second one on the same reader (and its kept connection)."""
+    release = threading.Event()
+    calls: list[float] = []
+
+    def hanging(url: str, timeout_s: float) -> FetchResponse:
+        calls.append(time.monotonic())
+        release.wait(5.0)
+        return FetchResponse(200, b"vllm:generation_tokens_total 1\n", {})
+
+    source = make_source(ServerConfig(name="s", url="http://h/metrics", kind="vllm"), hanging)
+    old = ScrapePool([source])
+    try:
+        assert not old.poll_all(0.0, deadline_s=0.05)[0].up
+        old.close()
+        new = ScrapePool([source], after=old)
+        try:
+            sample = new.poll_all(1.0, deadline_s=0.05)[0]
+            assert not sample.up and len(calls) == 1, "no second fetch while the first runs"
+            release.set()
+            deadline = time.monotonic() + 5.0
+            while len(calls) < 2 and time.monotonic() < deadline:
+                new.poll_all(2.0, deadline_s=0.2)
+            assert len(calls) == 2, "fetched again once the first one ended"
+        finally:
+            new.close()
+    finally:
+        release.set()
+        old.close()
