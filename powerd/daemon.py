@@ -919,6 +919,12 @@ class Daemon:
         self.actuator.dry_run = config.dry_run
         self.grid = GridSignal(config.grid, previous=self.grid)
         self.groups = groups
+        names = {group.spec.name for group in groups}
+        for totals in (self._energy_cost_total, self._energy_credit_total):
+            for key in [key for key in totals if key[0] not in names]:
+                del totals[key]
+        for name in [name for name in self._carbon_g_total if name not in names]:
+            del self._carbon_g_total[name]
         self._reconfigure_policy(config)
         self._pool = self._make_pool(after=self._pool)
         log.info("reload: applied %s (%d servers)", config_path, len(groups))

@@ -253,6 +253,10 @@ class Exporter:
                 state.loop_bucket_counts[index] += 1
                 state.loop_sum_s += duration_s
                 state.loop_count += 1
+            servers = {sample.server for sample in snapshot.servers}
+            for totals in (state.tokens_total, state.token_timestamp_s):
+                for name in [name for name in totals if name not in servers]:
+                    del totals[name]  # a server a reload removed: its series is gone too
             for sample in snapshot.servers:
                 _accumulate_tokens(state, sample)
             self._state = state

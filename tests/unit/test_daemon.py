@@ -1011,3 +1011,19 @@ def test_lasting_faults_are_logged_when_they_start_and_end_not_every_tick(
     server = [line for line in lines if line.startswith(f"server {server0}: ")]
     assert len(server) == 2 and server[0].endswith("Connection refused"), server
     assert server[1] == f"server {server0}: read again"
+
+
+def test_a_reload_that_removes_a_server_lets_its_cost_totals_go(tmp_path: Path) -> None:
+    def priced(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "grid": {"price_per_kwh": 0.1, "carbon_g_per_kwh": 300.0}}
+
+    rig, path = _rig_from_file(tmp_path, priced)
+    rig.run(5)
+    names = [server.name for server in rig.node.servers]
+    assert sorted(group for group, _ in rig.daemon._energy_cost_total) == sorted(names)
+    data = priced(_config_data(rig.node))
+    data["servers"] = data["servers"][:1]
+    path.write_text(yaml.safe_dump(data))
+    assert rig.daemon.reload(path) is True
+    assert [group for group, _ in rig.daemon._energy_cost_total] == names[:1]
+    assert list(rig.daemon._carbon_g_total) == names[:1]

@@ -784,3 +784,14 @@ if __name__ == "__main__":
         _regen()
     else:
         sys.exit("usage: python -m tests.unit.test_exporter --regen")
+
+
+def test_a_server_a_reload_removed_leaves_no_token_total_behind() -> None:
+    """Totals are kept per server name: a name no snapshot carries any more is let go."""
+    exporter = Exporter(MetricsConfig(port=0), build_info=BUILD_INFO)
+    first, second = small_snapshots()
+    renamed = replace(first.servers[0], server="renamed")
+    exporter.publish(replace(first, servers=(first.servers[0], renamed)))
+    assert set(exporter._state.tokens_total) == {"llama", "renamed"}
+    exporter.publish(second)
+    assert set(exporter._state.tokens_total) == set(exporter._state.token_timestamp_s) == {"llama"}
