@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pynvml
 import pytest
@@ -568,11 +568,26 @@ def test_every_server_kind_end_to_end(tmp_path: Path, kind: str) -> None:
 # ------------------------------------------------------------------------ energy counter reset
 
 
+_Nvml = TypeVar("_Nvml", bound=FakeNvml)
+
+
+def _rig_over(tmp_path: Path, nvml_class: type[_Nvml]) -> tuple[Rig, _Nvml]:
+    """A recording rig whose NVML is a `nvml_class` over its node's plant, and that NVML."""
+    fakes: list[_Nvml] = []
+
+    def factory(node: SimNode) -> FakeNvml:
+        fakes.append(nvml_class(node.plant, lock=node.lock))
+        return fakes[0]
+
+    rig = make_rig(tmp_path, record=True, nvml_factory=factory)
+    return rig, fakes[0]
+
+
 class ReloadingNvml(FakeNvml):
     """A FakeNvml whose energy counters can restart from zero, as after a driver reload."""
 
-    def __init__(self, node: SimNode) -> None:
-        super().__init__(node.plant, lock=node.lock)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.energy_offset_mj: dict[int, int] = {}
 
     def reload_driver(self, index: int) -> None:
@@ -585,15 +600,9 @@ class ReloadingNvml(FakeNvml):
 
 
 def test_energy_counter_going_backwards_never_gives_negative_energy(tmp_path: Path) -> None:
-    fakes: list[ReloadingNvml] = []
-
-    def factory(node: SimNode) -> FakeNvml:
-        fakes.append(ReloadingNvml(node))
-        return fakes[0]
-
-    rig = make_rig(tmp_path, record=True, nvml_factory=factory)
+    rig, fake = _rig_over(tmp_path, ReloadingNvml)
     rig.run(20)
-    fakes[0].reload_driver(0)
+    fake.reload_driver(0)
     rig.run(1)
     before_mj = rig.snapshots[-2].gpus[0].reading.energy_mj
     after_mj = rig.snapshots[-1].gpus[0].reading.energy_mj
@@ -647,19 +656,13 @@ class StuckEnergyNvml(FakeNvml):
 def test_a_stuck_energy_counter_or_a_zero_power_reading_is_not_taken_for_no_power(
     tmp_path: Path,
 ) -> None:
-    fakes: list[StuckEnergyNvml] = []
-
-    def factory(node: SimNode) -> FakeNvml:
-        fakes.append(StuckEnergyNvml(node.plant, lock=node.lock))
-        return fakes[0]
-
-    rig = make_rig(tmp_path, record=True, nvml_factory=factory)
+    rig, fake = _rig_over(tmp_path, StuckEnergyNvml)
     rig.run(20)
-    fakes[0].stuck_at_mj = rig.snapshots[-1].gpus[0].reading.energy_mj
+    fake.stuck_at_mj = rig.snapshots[-1].gpus[0].reading.energy_mj
     rig.run(3)
     group0 = rig.recorder.observations[-1][0]
     assert group0.power_w and group0.energy_j == pytest.approx(group0.power_w * 1.0, rel=1e-6)
-    fakes[0].zero_power = True
+    fake.zero_power = True
     rig.run(2)
     group0 = rig.recorder.observations[-1][0]
     assert group0.power_w is None and group0.energy_j is None, "unknown, not 0 W"
@@ -682,17 +685,11 @@ class GlitchingEnergyNvml(FakeNvml):
 def test_a_counter_read_wrong_once_is_not_taken_for_energy(tmp_path: Path, glitch_mj: int) -> None:
     """A reading that dips and comes back would count the counter's whole history in one
     tick; one of 2^64 - 1 even more. Both are worth power x interval, not the history."""
-    fakes: list[GlitchingEnergyNvml] = []
-
-    def factory(node: SimNode) -> FakeNvml:
-        fakes.append(GlitchingEnergyNvml(node.plant, lock=node.lock))
-        return fakes[0]
-
-    rig = make_rig(tmp_path, record=True, nvml_factory=factory)
+    rig, fake = _rig_over(tmp_path, GlitchingEnergyNvml)
     rig.run(20)
-    fakes[0].glitch_mj = glitch_mj
+    fake.glitch_mj = glitch_mj
     rig.run(1)
-    fakes[0].glitch_mj = None
+    fake.glitch_mj = None
     rig.run(5)
     for observations in rig.recorder.observations[-6:]:
         group0 = observations[0]
@@ -701,17 +698,11 @@ def test_a_counter_read_wrong_once_is_not_taken_for_energy(tmp_path: Path, glitc
 
 
 def test_a_stuck_counter_that_moves_again_is_not_counted_twice(tmp_path: Path) -> None:
-    fakes: list[StuckEnergyNvml] = []
-
-    def factory(node: SimNode) -> FakeNvml:
-        fakes.append(StuckEnergyNvml(node.plant, lock=node.lock))
-        return fakes[0]
-
-    rig = make_rig(tmp_path, record=True, nvml_factory=factory)
+    rig, fake = _rig_over(tmp_path, StuckEnergyNvml)
     rig.run(20)
-    fakes[0].stuck_at_mj = rig.snapshots[-1].gpus[0].reading.energy_mj
+    fake.stuck_at_mj = rig.snapshots[-1].gpus[0].reading.energy_mj
     rig.run(3)
-    fakes[0].stuck_at_mj = None
+    fake.stuck_at_mj = None
     rig.run(3)
     for observations in rig.recorder.observations[-6:]:
         group0 = observations[0]
