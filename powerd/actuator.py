@@ -100,6 +100,9 @@ class Actuator:
         state = self.states.get(uuid)
         if state is not None:
             state.observe_only_reason = "gpu_lost"
+            if self.dry_run:
+                # A dry run only would have set them: the GPU holds what it was found with.
+                state.lock_max_mhz = state.power_limit_mw = None
         self._write_problems.forget(uuid)
 
     def rejoin(self, uuid: str) -> None:

@@ -1018,3 +1018,20 @@ def test_a_reload_that_removes_a_server_lets_its_cost_totals_go(tmp_path: Path) 
     assert rig.daemon.reload(path) is True
     assert [group for group, _ in rig.daemon._energy_cost_total] == names[:1]
     assert list(rig.daemon._carbon_g_total) == names[:1]
+
+
+def test_a_gpu_lost_and_back_during_a_dry_run_is_not_written(tmp_path: Path) -> None:
+    """A dry run only would have set its figures: the GPU back from a loss keeps what the
+    operator set on it meanwhile."""
+    rig = make_rig(tmp_path, dry_run=True, control=ControlConfig(power_limit="track"))
+    rig.run(60)
+    handle = rig.fake.nvmlDeviceGetHandleByIndex(1)
+    rig.fake.nvmlDeviceSetGpuLockedClocks(handle, rig.node.plant.profile.sm_clock_min_mhz, 1500)
+    rig.fake.nvmlDeviceSetPowerManagementLimit(handle, 450_000)
+    before = len(rig.fake.writes)
+    rig.fake.lose_gpu(1)
+    rig.run(2)
+    rig.fake.restore_gpu(1)
+    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 2)
+    assert rig.writes_to(1, before) == []
+    assert _locked(rig, 1) is not None and rig.node.plant.power_limit_mw(1) == 450_000
