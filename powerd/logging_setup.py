@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -152,7 +153,8 @@ class ProblemLog:
     """Logs a recurring problem (a read that fails every tick) when it starts or changes, a
     reminder with the count every `remind_s` while it lasts, and one line when it clears: a
     fault that lasts a day writes a few lines, not one a tick. Keys name what has the problem
-    (a GPU's reads, a server); the formatted message is the problem."""
+    (a GPU's reads, a server); the formatted message is the problem, its numbers aside ("timed
+    out after 0.52 s" and "... 0.61 s" are one problem)."""
 
     def __init__(
         self,
@@ -182,7 +184,7 @@ class ProblemLog:
             if known.count >= after:
                 known.text, known.logged_s = text, now_s
                 self._log.log(level, "%s", text)
-        elif known.text != text:
+        elif _NUMBERS.sub("#", known.text) != _NUMBERS.sub("#", text):
             known.text, known.since_s, known.logged_s, known.count = text, now_s, now_s, 1
             self._log.log(level, "%s", text)
         elif now_s - known.logged_s >= self._remind_s:
@@ -199,6 +201,9 @@ class ProblemLog:
     def forget(self, key: Hashable) -> None:
         """Drop `key` (it is gone) without a line."""
         self._open.pop(key, None)
+
+
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 
 
 @dataclass(slots=True)

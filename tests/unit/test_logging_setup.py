@@ -165,3 +165,15 @@ def test_a_problem_is_logged_only_once_it_has_lasted_the_reads_asked_for(
             problems.problem("a", logging.WARNING, "server a: refused", after=3)
         problems.cleared("a", "server a: read again")
     assert [r.getMessage() for r in caplog.records] == ["server a: refused", "server a: read again"]
+
+
+def test_numbers_in_a_problem_do_not_make_it_another(caplog: pytest.LogCaptureFixture) -> None:
+    problems = ProblemLog(logging.getLogger("powerd.test"), clock=_Clock())
+    with caplog.at_level(logging.INFO, logger="powerd.test"):
+        for elapsed_s in (0.512, 0.61, 0.7, 1.25):
+            problems.problem("a", logging.WARNING, "server a: timed out after %.3g s", elapsed_s)
+        problems.problem("a", logging.WARNING, "server a: cannot read metrics: refused")
+    assert [r.getMessage() for r in caplog.records] == [
+        "server a: timed out after 0.512 s",
+        "server a: cannot read metrics: refused",
+    ]
