@@ -64,6 +64,9 @@ _MAX_POWER_SHARE = 2.0
 """An energy delta above this many times the GPU's largest power limit over the interval is
 a counter read wrong (a reading that dipped and came back would count the counter's whole
 history in one tick), not energy: the limit holds the power's average within a second."""
+_UNLIMITED_GPU_MAX_W = 1500.0
+"""The most a GPU that reports no power-limit range is taken to draw (today's largest boards
+are limited to 1,000-1,200 W)."""
 SERVER_DOWN_READS = 3
 """Failed reads in a row after which a server is logged as unreadable."""
 DISCOVERY_RETRY_S = 10.0
@@ -601,10 +604,11 @@ class Daemon:
             return None  # first reading, or the counter restarted with a driver reload
         delta_j = (reading.energy_mj - previous) / 1000.0
         info = self.infos.get(uuid)
+        max_w = _UNLIMITED_GPU_MAX_W
         if info is not None and info.power_limit_max_mw > 0:
-            most_j = _MAX_POWER_SHARE * info.power_limit_max_mw / 1000.0 * interval_s
-            if delta_j > most_j:
-                return None
+            max_w = info.power_limit_max_mw / 1000.0
+        if delta_j > _MAX_POWER_SHARE * max_w * interval_s:
+            return None
         return delta_j
 
     @staticmethod

@@ -681,11 +681,27 @@ class GlitchingEnergyNvml(FakeNvml):
         return self.glitch_mj if self.glitch_mj is not None else value + 4_000_000_000_000
 
 
+class NoLimitRangeNvml(GlitchingEnergyNvml):
+    """A GlitchingEnergyNvml whose GPUs report no power-limit range (powerd reads it as 0)."""
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: Any) -> list[int]:
+        raise pynvml.NVMLError_NotSupported()
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> int:
+        raise pynvml.NVMLError_NotSupported()
+
+
+@pytest.mark.parametrize("nvml_class", [GlitchingEnergyNvml, NoLimitRangeNvml])
 @pytest.mark.parametrize("glitch_mj", [200, 2**64 - 1])
-def test_a_counter_read_wrong_once_is_not_taken_for_energy(tmp_path: Path, glitch_mj: int) -> None:
+def test_a_counter_read_wrong_once_is_not_taken_for_energy(
+    tmp_path: Path, glitch_mj: int, nvml_class: type[GlitchingEnergyNvml]
+) -> None:
     """A reading that dips and comes back would count the counter's whole history in one
     tick; one of 2^64 - 1 even more. Both are worth power x interval, not the history."""
-    rig, fake = _rig_over(tmp_path, GlitchingEnergyNvml)
+    rig, fake = _rig_over(tmp_path, nvml_class)
+    assert (nvml_class is NoLimitRangeNvml) == (
+        rig.daemon.infos[rig.uuid(0)].power_limit_max_mw == 0
+    )
     rig.run(20)
     fake.glitch_mj = glitch_mj
     rig.run(1)
