@@ -227,11 +227,28 @@ class Daemon:
     def _reconfigure_policy(self, config: Config) -> None:
         """Give the policy the controlled groups of self.groups under `config`; the controller
         keeps what it learned of groups that stay."""
+        config = self._less_lost_gpus(config)
         reconfigure = getattr(self.policy, "reconfigure", None)
         if reconfigure is not None and self._policy_factory is None:
             reconfigure(config, [group.spec for group in self.groups if group.controlled])
         else:
             self.policy = self._make_policy(config)
+
+    def _less_lost_gpus(self, config: Config) -> Config:
+        """`config` with its node power budget less what the lost GPUs may still draw: a GPU
+        NVML cannot reach may still run at the limit it had (powerd's last, else its own)."""
+        budget_w = config.node_power_budget_w
+        if config.mode != "budget" or budget_w is None or not self.lost:
+            return config
+        reserved_w = 0.0
+        for uuid, info in self.lost.items():
+            state = self.actuator.states.get(uuid)
+            limit_mw = state.power_limit_mw if state is not None else None
+            if limit_mw is None:
+                entry = self.journal.get(uuid) if self.journal is not None else None
+                limit_mw = entry.power_limit_mw if entry is not None else None
+            reserved_w += (limit_mw or info.power_limit_default_mw) / 1000.0
+        return replace(config, node_power_budget_w=max(0.0, budget_w - reserved_w))
 
     def _make_pool(
         self, after: ScrapePool | InlineScrapePool | None = None
@@ -354,6 +371,7 @@ class Daemon:
             del self.lost[uuid]
             self.infos[uuid] = info
             self.actuator.rejoin(uuid)
+            changed = changed or self.config.mode == "budget"  # its reserve is let go
             owner = next((g for g in self.groups if uuid in g.lost_uuids), None)
             if owner is None:
                 log.info("GPU %s is back; no configured server uses it", uuid)
@@ -448,7 +466,8 @@ class Daemon:
             self.lost[uuid] = info
         self.actuator.lose(uuid)
         self._prev_energy_mj.pop(uuid, None)
-        emptied = False
+        # In budget mode the budget now reserves what the GPU may still draw.
+        reconfigure = self.config.mode == "budget"
         for group in self.groups:
             if uuid in group.uuids:
                 group.uuids.remove(uuid)
@@ -457,9 +476,9 @@ class Daemon:
                     # Out of the policy: a group without GPUs must not keep a share of a
                     # node budget, nor a decision that no GPU takes.
                     group.spec = replace(group.spec, gpus=())
-                    emptied = True
+                    reconfigure = True
                     log.warning("server %s: its last GPU is lost; observed only", group.spec.name)
-        if emptied:
+        if reconfigure:
             self._reconfigure_policy(self.config)
 
     def _observe(

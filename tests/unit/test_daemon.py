@@ -1051,3 +1051,22 @@ def test_a_gpu_lost_and_back_during_a_dry_run_is_not_written(tmp_path: Path) -> 
     rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 2)
     assert rig.writes_to(1, before) == []
     assert _locked(rig, 1) is not None and rig.node.plant.power_limit_mw(1) == 450_000
+
+
+def test_in_budget_mode_a_lost_gpu_keeps_its_limit_out_of_the_budget(tmp_path: Path) -> None:
+    """NVML may lose a GPU that still runs at the limit powerd last set: the others share
+    what is left of the node budget, not all of it."""
+    sim = SimConfig(gpus=4, tp=2, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+    rig = make_rig(tmp_path, sim=sim, mode="budget", node_power_budget_w=1400.0)
+    rig.run(60)
+    rig.fake.lose_gpu(1)
+    rig.run(1)
+    held_w = rig.node.plant.power_limit_mw(1) / 1000.0
+    for _ in range(60):
+        rig.run(1)
+        limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in (0, 2, 3)]
+        assert sum(limits_w) + held_w <= 1400.0 + 10.0, (limits_w, held_w)
+    rig.fake.restore_gpu(1)
+    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 5)
+    limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(4)]
+    assert 1400.0 - 60.0 < sum(limits_w) <= 1400.0 + 10.0, limits_w
