@@ -466,20 +466,17 @@ class Daemon:
             self.lost[uuid] = info
         self.actuator.lose(uuid)
         self._prev_energy_mj.pop(uuid, None)
-        # In budget mode the budget now reserves what the GPU may still draw.
-        reconfigure = self.config.mode == "budget"
         for group in self.groups:
             if uuid in group.uuids:
                 group.uuids.remove(uuid)
                 group.lost_uuids.append(uuid)
-                if not group.uuids and group.controlled:
-                    # Out of the policy: a group without GPUs must not keep a share of a
-                    # node budget, nor a decision that no GPU takes.
-                    group.spec = replace(group.spec, gpus=())
-                    reconfigure = True
+                # A group without GPUs leaves the policy: it must not keep a share of a node
+                # budget, nor a decision that no GPU takes.
+                group.spec = replace(group.spec, gpus=tuple(self.infos[u] for u in group.uuids))
+                if not group.uuids:
                     log.warning("server %s: its last GPU is lost; observed only", group.spec.name)
-        if reconfigure:
-            self._reconfigure_policy(self.config)
+        # Also in budget mode, whose budget now reserves what the GPU may still draw.
+        self._reconfigure_policy(self.config)
 
     def _observe(
         self,
@@ -968,7 +965,8 @@ class Daemon:
             if (
                 old is not None
                 and servers_before.get(name) == servers_now[name]
-                and (old.spec, old.uuids) == (group.spec, group.uuids)
+                and (old.spec, old.uuids, old.lost_uuids)
+                == (group.spec, group.uuids, group.lost_uuids)
             ):
                 _close_connections([group])
                 result.append(old)

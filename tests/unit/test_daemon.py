@@ -1070,3 +1070,15 @@ def test_in_budget_mode_a_lost_gpu_keeps_its_limit_out_of_the_budget(tmp_path: P
     rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 5)
     limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(4)]
     assert 1400.0 - 60.0 < sum(limits_w) <= 1400.0 + 10.0, limits_w
+
+
+def test_a_reload_that_changes_nothing_keeps_a_group_with_a_lost_rank(tmp_path: Path) -> None:
+    sim = SimConfig(gpus=4, tp=2, model="llama-3.1-8b", trace="constant", peak_load=0.5)
+    rig, path = _rig_from_file(tmp_path, sim=sim)
+    rig.run(30)
+    rig.fake.lose_gpu(1)
+    rig.run(2)
+    before = list(rig.daemon.groups)
+    assert [info.uuid for info in before[0].spec.gpus] == [rig.uuid(0)]
+    assert rig.daemon.reload(path) is True
+    assert all(new is old for new, old in zip(rig.daemon.groups, before, strict=True))
