@@ -16,6 +16,7 @@ the file gives no value for it.
 from __future__ import annotations
 
 import bisect
+import errno
 import itertools
 import json
 import logging
@@ -24,7 +25,7 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ FILE_KEYS: dict[str, str] = {"price": "price_per_kwh", "carbon": "carbon_g_per_k
 """The file's key of each grid signal."""
 
 _OTHER_KEYS = ("updated_at", "currency")
+_CLOCK_SKEW_S = 300.0
+"""How far `updated_at` may be after the file's mtime (clocks of two hosts) before it is not
+believed."""
 
 
 class _Bad(ValueError):
@@ -81,6 +85,10 @@ class GridFile:
         self._signals: dict[str, _Point | _Intervals] = {}
         self._warned: set[str] = set()
 
+    def states(self, signal: str) -> bool:
+        """Whether the file holds a value of `signal` (in force now or not)."""
+        return signal in self._signals
+
     def value(self, signal: str, now_s: float, max_age_s: float) -> tuple[float, float] | None:
         """(value, age_s) of `signal` in force at now_s; None when the file gives none now
         (never read, left out, stale, or no interval covers now)."""
@@ -95,6 +103,9 @@ class GridFile:
             key: object = ("stat", exc.errno)
             if key != self._key:
                 self._key = key
+                if exc.errno == errno.ENOENT:
+                    # Removing the file is how an operator stops the feed.
+                    self._signals.clear()
                 self._report([f"cannot read it: {exc.strerror or exc}"])
             return
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
@@ -135,6 +146,11 @@ class GridFile:
                 stated_s = _timestamp("updated_at", doc["updated_at"])
             except _Bad as exc:
                 return [str(exc)], notes
+            if stated_s > mtime_s + _CLOCK_SKEW_S:
+                # Nothing is stated after it is written (a local time marked Z, a skewed clock):
+                # such a value would stay fresh for as long as it is ahead.
+                notes.append(f"updated_at is after the file was written; taking {_iso(mtime_s)}")
+                stated_s = mtime_s
         problems = []
         for signal, key in FILE_KEYS.items():
             if key not in doc:
@@ -224,6 +240,10 @@ def _timestamp(where: str, value: object) -> float:
     if moment.tzinfo is None:
         raise _Bad(f"{where}: needs a UTC offset (Z or +01:00), got {value[:40]!r}")
     return moment.timestamp()
+
+
+def _iso(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, timezone.utc).isoformat(timespec="seconds")
 
 
 def _kind(value: object) -> str:

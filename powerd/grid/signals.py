@@ -77,6 +77,8 @@ class GridSignal:
             else:
                 self.file = GridFile(config.file, config.currency)
         self._sources: dict[str, str | None] = dict(previous._sources) if previous else {}
+        self._file_stated: set[str] = set(previous._file_stated) if previous else set()
+        """Signals grid.file has given a value of (kept across a reload)."""
 
     def poll(self) -> GridState:
         """The signals in force now; reads grid.file first if it changed (one stat when not)."""
@@ -119,8 +121,13 @@ class GridSignal:
             flat = config.carbon_g_per_kwh
             weekdays = config.carbon_schedule_g_per_kwh
             weekend = config.carbon_weekend_schedule_g_per_kwh
-        if self.file is None and weekdays is None and flat is None:
-            return None
+        if weekdays is None and flat is None:
+            if self.file is None:
+                return None
+            if self.file.states(signal):
+                self._file_stated.add(signal)
+            elif signal not in self._file_stated:
+                return None  # only the file could give it, and it never has
         status = GridSignalStatus(signal, None, None)
         from_file = (
             self.file.value(signal, now_s, config.max_age_s) if self.file is not None else None

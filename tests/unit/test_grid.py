@@ -165,8 +165,47 @@ def test_file_number_without_updated_at_is_as_old_as_the_file(tmp_path: Path) ->
     write_json(path, {"carbon_g_per_kwh": 250.5})
     os.utime(path, (clock.now_s - 90, clock.now_s - 90))
     assert grid.poll().carbon == GridSignalStatus("carbon", 250.5, "file", 90.0)
-    # A file may state either signal: both are reported, the price without a value.
-    assert grid.poll().price == GridSignalStatus("price", None, None)
+    # Only the file could give a price, and it never has: not a signal of this node (yet).
+    assert grid.poll().price is None
+
+
+def test_a_signal_the_file_stopped_stating_is_reported_without_a_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    grid, path = file_grid(tmp_path, clock)
+    with caplog.at_level(logging.WARNING, logger="powerd.grid"):
+        write_json(path, {"updated_at": iso(MONDAY_NOON), "carbon_g_per_kwh": 250.5})
+        assert grid.poll().price is None and caplog.records == [], "no price ever: no warning"
+        write_json(path, {"updated_at": iso(MONDAY_NOON), "price_per_kwh": 0.3})
+        assert grid.poll().carbon == GridSignalStatus("carbon", None, None)
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == ["grid carbon: no value now"]
+
+
+def test_removing_the_file_stops_its_feed(tmp_path: Path) -> None:
+    clock = Clock()
+    grid, path = file_grid(tmp_path, clock, price_per_kwh=0.5)
+    stated = MONDAY_NOON - timedelta(hours=1)
+    spans = [{"start": iso(stated), "end": iso(stated + timedelta(days=2)), "value": 0.2}]
+    write_json(path, {"price_per_kwh": spans})
+    assert grid.poll().price == GridSignalStatus("price", 0.2, "file", 3600.0)
+    path.unlink()
+    assert grid.poll().price == GridSignalStatus("price", 0.5, "flat")
+
+
+def test_an_updated_at_after_the_file_was_written_is_not_believed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    grid, path = file_grid(tmp_path, clock)
+    written_s = clock.now_s - 60
+    ahead = datetime.fromtimestamp(written_s + 3 * 3600, timezone.utc)
+    write_json(path, {"updated_at": iso(ahead), "price_per_kwh": 0.3})
+    os.utime(path, (written_s, written_s))
+    with caplog.at_level(logging.WARNING, logger="powerd.grid"):
+        price = grid.poll().price
+    assert price == GridSignalStatus("price", 0.3, "file", 60.0), "as old as the file"
+    assert "updated_at is after the file was written" in caplog.text
 
 
 def test_file_intervals_pick_the_one_covering_now(tmp_path: Path) -> None:
