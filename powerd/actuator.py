@@ -46,6 +46,8 @@ class GpuControlState:
     observe_only_reason: str = ""
     """Non-empty when writes are off for this GPU (e.g. no_permission). journal_error is
     tried again at each decision."""
+    reason_before_loss: str = ""
+    """The observe-only reason the GPU had when it was lost, given back when it rejoins."""
     clock_lock_supported: bool = True
     would_set: str = ""
     """In dry-run mode, the last setting that would have been written."""
@@ -99,6 +101,8 @@ class Actuator:
         may still hold) is kept until it is back (rejoin) or restored."""
         state = self.states.get(uuid)
         if state is not None:
+            if state.observe_only_reason != "gpu_lost":
+                state.reason_before_loss = state.observe_only_reason
             state.observe_only_reason = "gpu_lost"
             if self.dry_run:
                 # A dry run only would have set them: the GPU holds what it was found with.
@@ -112,8 +116,9 @@ class Actuator:
         state = self.states.get(uuid)
         if state is None or state.observe_only_reason != "gpu_lost":
             return
-        state.observe_only_reason = ""
-        self._put_back(state)
+        state.observe_only_reason, state.reason_before_loss = state.reason_before_loss, ""
+        if not state.observe_only:
+            self._put_back(state)
 
     def apply(
         self,

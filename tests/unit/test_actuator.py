@@ -131,6 +131,20 @@ def test_no_permission_degrades_only_that_gpu(tmp_path: Path, caplog) -> None:
     assert not any(w[1] == "GPU-0" for w in backend.writes)
 
 
+def test_a_gpu_refused_before_it_was_lost_stays_observed_only_when_back(tmp_path: Path) -> None:
+    backend, _, actuator = _actuator(tmp_path, n=1)
+    backend.fail[("lock", "GPU-0")] = NoPermission("Insufficient Permissions", uuid="GPU-0")
+    actuator.apply(_decision(1500), ["GPU-0"])
+    del backend.fail[("lock", "GPU-0")]
+    actuator.lose("GPU-0")
+    assert actuator.states["GPU-0"].observe_only_reason == "gpu_lost"
+    actuator.rejoin("GPU-0")
+    assert actuator.states["GPU-0"].observe_only_reason == "no_permission"
+    before = len(backend.writes)
+    actuator.apply(_decision(1400), ["GPU-0"])
+    assert len(backend.writes) == before, "no write retried after the loss"
+
+
 def test_clock_lock_not_supported_falls_back_to_power_limit(tmp_path: Path) -> None:
     backend, _, actuator = _actuator(tmp_path, n=1)
     backend.fail[("lock", "GPU-0")] = NotSupported("no locked clocks", uuid="GPU-0")
