@@ -27,7 +27,7 @@ from powerd.config import Config, ConfigError, ServerConfig, load_config
 from powerd.control.policy import Controller, GroupSpec, Policy
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost
-from powerd.grid.signals import GridSignal, GridState, facility_kwh
+from powerd.grid.signals import GridSignal, GridState, at_facility, facility_kwh
 from powerd.journal import Journal, restore_all
 from powerd.logging_setup import ProblemLog
 from powerd.model import (
@@ -1178,9 +1178,8 @@ def _per_million(
 ) -> float | None:
     """Cost or carbon of a million tokens at `per_kwh` of facility energy; None when either
     is unknown."""
-    if per_kwh is None or energy_per_token_j is None:
-        return None
-    return facility_kwh(energy_per_token_j, pue) * per_kwh * 1e6
+    per_token = at_facility(per_kwh, energy_per_token_j, pue)
+    return None if per_token is None else per_token * 1e6
 
 
 def _with_duration(snapshot: Snapshot, duration_s: float) -> Snapshot:

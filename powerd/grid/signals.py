@@ -32,6 +32,14 @@ def facility_kwh(energy_j: float, pue: float) -> float:
     return energy_j * pue / JOULES_PER_KWH
 
 
+def at_facility(per_kwh: float | None, energy_j: float | None, pue: float) -> float | None:
+    """What `energy_j` joules of GPU energy cost (or emit) at `per_kwh` of facility energy;
+    None when either is unknown."""
+    if per_kwh is None or energy_j is None:
+        return None
+    return facility_kwh(energy_j, pue) * per_kwh
+
+
 @dataclass(frozen=True, slots=True)
 class GridState:
     """The grid signals at one moment. A signal with no source configured is None."""
@@ -97,19 +105,6 @@ class GridSignal:
 
     def carbon_g_per_kwh(self) -> float | None:
         return self.poll().carbon_g_per_kwh
-
-    def cost_per_token(self, energy_per_token_j: float) -> float | None:
-        """Cost of one token at the facility (GPU energy x PUE), in the config's currency."""
-        price = self.price_per_kwh()
-        if price is None:
-            return None
-        return facility_kwh(energy_per_token_j, self.config.pue) * price
-
-    def carbon_g_per_token(self, energy_per_token_j: float) -> float | None:
-        carbon = self.carbon_g_per_kwh()
-        if carbon is None:
-            return None
-        return facility_kwh(energy_per_token_j, self.config.pue) * carbon
 
     def _signal(self, signal: str, now_s: float) -> GridSignalStatus | None:
         config = self.config

@@ -15,7 +15,7 @@ import yaml
 from powerd.cli import EX_CONFIG, main
 from powerd.config import Config, GridConfig, load_config
 from powerd.grid.file import GridFile
-from powerd.grid.signals import JOULES_PER_KWH, GridSignal
+from powerd.grid.signals import JOULES_PER_KWH, GridSignal, at_facility
 from powerd.model import GridSignalStatus
 from powerd.sim.node import SimNode
 from powerd.simulation import server_configs
@@ -72,10 +72,11 @@ def hourly(values: dict[int, float], default: float) -> tuple[float, ...]:
 
 def test_flat_price_and_carbon_with_pue() -> None:
     grid = GridSignal(GridConfig(price_per_kwh=0.12, carbon_g_per_kwh=400.0, pue=1.5))
-    # 3.6 J per token is a millionth of a kWh per token.
-    assert grid.cost_per_token(3.6) == pytest.approx(0.12 * 1.5 / 1e6)
-    assert grid.carbon_g_per_token(3.6) == pytest.approx(400.0 * 1.5 / 1e6)
     state = grid.poll()
+    # 3.6 J per token is a millionth of a kWh per token.
+    assert at_facility(state.price_per_kwh, 3.6, 1.5) == pytest.approx(0.12 * 1.5 / 1e6)
+    assert at_facility(state.carbon_g_per_kwh, 3.6, 1.5) == pytest.approx(400.0 * 1.5 / 1e6)
+    assert at_facility(None, 3.6, 1.5) is None and at_facility(0.12, None, 1.5) is None
     assert state.price == GridSignalStatus("price", 0.12, "flat")
     assert state.file_errors_total is None
 
@@ -120,9 +121,10 @@ def test_weekend_schedule_applies_on_saturday_and_sunday_in_the_timezone() -> No
 def test_unknown_price_is_none_never_zero() -> None:
     grid = GridSignal(GridConfig())
     assert grid.price_per_kwh() is None
-    assert grid.cost_per_token(1.0) is None
-    assert grid.carbon_g_per_token(1.0) is None
-    assert grid.poll().signals == ()
+    state = grid.poll()
+    assert at_facility(state.price_per_kwh, 1.0, grid.config.pue) is None
+    assert at_facility(state.carbon_g_per_kwh, 1.0, grid.config.pue) is None
+    assert state.signals == ()
 
 
 # ------------------------------------------------------------------------ the live file
@@ -274,8 +276,9 @@ def test_stale_value_falls_back_to_the_schedule_and_then_to_none(
     no_fallback = GridSignal(GridConfig(file=str(path), max_age_s=600), clock=clock)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="powerd.grid"):
-        assert no_fallback.poll().price == GridSignalStatus("price", None, None)
-        assert no_fallback.cost_per_token(1.0) is None
+        state = no_fallback.poll()
+        assert state.price == GridSignalStatus("price", None, None)
+        assert at_facility(state.price_per_kwh, 1.0, 1.0) is None
     assert "grid price: no value now" in caplog.text
 
 
@@ -312,7 +315,7 @@ def test_negative_price_is_accepted(tmp_path: Path) -> None:
     state = grid.poll()
     assert state.price == GridSignalStatus("price", -0.035, "file", 0.0)
     assert state.file_errors_total == 0
-    assert grid.cost_per_token(3.6) == pytest.approx(-0.035 / 1e6)
+    assert at_facility(state.price_per_kwh, 3.6, grid.config.pue) == pytest.approx(-0.035 / 1e6)
 
 
 def test_garbage_warns_once_and_keeps_the_last_good_value_until_max_age(
