@@ -157,6 +157,11 @@ class Group:
         whose last GPU is lost leaves them)."""
         return bool(self.spec.gpus)
 
+    def set_gpus(self, uuids: list[str], infos: dict[str, GpuInfo]) -> None:
+        """Control `uuids` from now on: the group's GPUs and its spec's, which the policy sees."""
+        self.uuids = uuids
+        self.spec = replace(self.spec, gpus=tuple(infos[uuid] for uuid in uuids))
+
 
 class Daemon:
     """Owns the GPUs, sources, controller and exporter of one node and runs the loop."""
@@ -350,8 +355,7 @@ class Daemon:
                 group.next_discovery_s = now_s + group.discovery_wait_s
                 log.debug("server %s: still observed only: %s", group.spec.name, why)
                 continue
-            group.uuids = uuids
-            group.spec = replace(group.spec, gpus=tuple(self.infos[uuid] for uuid in uuids))
+            group.set_gpus(uuids, self.infos)
             log.info(
                 "server %s: found its GPUs %s; controlling them", group.spec.name, ", ".join(uuids)
             )
@@ -377,8 +381,8 @@ class Daemon:
                 log.info("GPU %s is back; no configured server uses it", uuid)
                 continue
             owner.lost_uuids.remove(uuid)
-            owner.uuids = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)
-            owner.spec = replace(owner.spec, gpus=tuple(self.infos[u] for u in owner.uuids))
+            back = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)
+            owner.set_gpus(back, self.infos)
             log.info("GPU %s is back; controlling it again for %s", uuid, owner.spec.name)
             changed = True
         return changed
@@ -468,11 +472,10 @@ class Daemon:
         self._prev_energy_mj.pop(uuid, None)
         for group in self.groups:
             if uuid in group.uuids:
-                group.uuids.remove(uuid)
                 group.lost_uuids.append(uuid)
                 # A group without GPUs leaves the policy: it must not keep a share of a node
                 # budget, nor a decision that no GPU takes.
-                group.spec = replace(group.spec, gpus=tuple(self.infos[u] for u in group.uuids))
+                group.set_gpus([u for u in group.uuids if u != uuid], self.infos)
                 if not group.uuids:
                     log.warning("server %s: its last GPU is lost; observed only", group.spec.name)
         # Also in budget mode, whose budget now reserves what the GPU may still draw.
