@@ -855,8 +855,6 @@ _FALLBACK_ERRORS = frozenset(
 """Failures after which NvmlBackend tries the next symbol of a list."""
 PROC_PID_INIT_INO = 0xEFFFFFFC
 """Inode of the initial PID namespace (include/linux/proc_ns.h)."""
-PID_MAX_FALLBACK = 1 << 22
-"""Linux's largest pid_max, used when /proc/sys/kernel/pid_max cannot be read."""
 READ_ATTEMPTS = 3
 """Bracketed reads per GPU and phase before a disagreement counts: a value published between
 two reads disagrees once, a defect every time."""
@@ -908,14 +906,6 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def read_pid_max() -> int:
-    """/proc/sys/kernel/pid_max: every PID is below it."""
-    try:
-        return int(Path("/proc/sys/kernel/pid_max").read_text().strip())
-    except (OSError, ValueError):
-        return PID_MAX_FALLBACK
 
 
 def in_host_pid_namespace() -> bool | None:
@@ -1107,13 +1097,13 @@ class BackendSection:
         self,
         nvml: Any,
         *,
+        pid_max: int,
         own_pid: int | None = None,
-        pid_max: int | None = None,
         host_pid_namespace: bool | None = None,
     ) -> None:
         self.nvml = nvml
         self.own_pid = os.getpid() if own_pid is None else own_pid
-        self.pid_max = read_pid_max() if pid_max is None else pid_max
+        self.pid_max = pid_max
         self.host_pid_namespace = (
             in_host_pid_namespace() if host_pid_namespace is None else host_pid_namespace
         )
@@ -1135,10 +1125,11 @@ class BackendSection:
     def create(cls, nvml: Any, **kwargs: Any) -> tuple[BackendSection | None, str]:
         """An opened section, or None and why when powerd is not importable."""
         try:
-            from powerd.gpu.nvml import NvmlBackend
+            from powerd.gpu.nvml import NvmlBackend, pid_max
             from powerd.sources.gpumap import discover_server_gpus
         except ImportError as exc:
             return None, f"powerd_backend skipped: powerd is not importable ({exc})"
+        kwargs.setdefault("pid_max", pid_max())  # the bound powerd's backend reads by
         section = cls(nvml, **kwargs)
         section._discover = discover_server_gpus
         try:

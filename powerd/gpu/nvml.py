@@ -112,7 +112,8 @@ class NvmlBackend:
         self._handles: dict[str, Any] = {}
         self._chosen: dict[tuple[str, ...], str] = {}
         """Operations tried in order (_optional_first) -> the one this driver answered."""
-        self._pid_max = _pid_max()
+        self.pid_max = pid_max()
+        """Every PID is below it: an entry past it is one read with another struct layout."""
         self._infos: dict[str, GpuInfo] = {}
         self._locked_mhz: dict[str, tuple[int, int] | None] = {}
         """The lock powerd set per GPU (None: unlocked by powerd); absent: unknown, since NVML
@@ -368,7 +369,7 @@ class NvmlBackend:
         if not processes:
             return []
         # An entry read with another driver's struct layout gives 0 or a garbage PID.
-        return sorted({int(p.pid) for p in processes if 0 < int(p.pid) < self._pid_max})
+        return sorted({int(p.pid) for p in processes if 0 < int(p.pid) < self.pid_max})
 
     def symbols_used(self) -> dict[str, str]:
         """NVML functions that have older variants -> the variant this driver answered, for
@@ -476,7 +477,7 @@ def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def _pid_max() -> int:
+def pid_max() -> int:
     """The kernel's pid_max: every PID is below it (a read of the host's, also in a container)."""
     try:
         return int(_PID_MAX_PATH.read_text(encoding="ascii").strip())
