@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NoPermission, NotSupported
-from powerd.journal import Journal, JournalError, OriginalUnreadable
+from powerd.journal import Journal, JournalError, OriginalUnreadable, read_power_limit_mw
 from powerd.logging_setup import ProblemLog
 from powerd.model import GpuInfo, GroupDecision
 
@@ -289,12 +289,7 @@ class Actuator:
         if entry is not None and entry.power_limit_mw is not None:
             return state.info.clamp_power_limit_mw(entry.power_limit_mw)
         if state.baseline_limit_mw is None:
-            try:
-                limit_mw = self._backend.read(uuid).power_limit_mw
-            except GpuLost:
-                raise
-            except GpuError:
-                return None
+            limit_mw, _ = read_power_limit_mw(self._backend, uuid)
             if limit_mw is not None:
                 state.baseline_limit_mw = state.info.clamp_power_limit_mw(limit_mw)
         return state.baseline_limit_mw

@@ -145,7 +145,7 @@ class Journal:
             return False
         power_limit_mw = None
         if power_limit:
-            power_limit_mw, problem = _read_power_limit_mw(backend, uuid)
+            power_limit_mw, problem = read_power_limit_mw(backend, uuid)
             if power_limit_mw is None:
                 raise OriginalUnreadable(f"cannot read its power limit ({problem})")
         if entry is None:
@@ -294,7 +294,7 @@ def _restore_one(backend: GpuBackend, entry: JournalEntry) -> tuple[str, str] | 
     return None
 
 
-def _read_power_limit_mw(backend: GpuBackend, uuid: str) -> tuple[int | None, str]:
+def read_power_limit_mw(backend: GpuBackend, uuid: str) -> tuple[int | None, str]:
     """(the GPU's power limit now, mW, or None with why it could not be read). Raises GpuLost."""
     try:
         power_limit_mw = backend.read(uuid).power_limit_mw
