@@ -147,6 +147,9 @@ class Group:
     """Consecutive reads of a generating server that exported neither latency histogram."""
     lost_uuids: list[str] = field(default_factory=list)
     """Its GPUs that are lost for now: they rejoin it when they answer again."""
+    missing_gpus: list[int | str] = field(default_factory=list)
+    """Its configured GPUs (index or UUID) that NVML counts but could not open: looked for
+    every DISCOVERY_RETRY_S, they join it once they open."""
     discovery_wait_s: float = DISCOVERY_RETRY_S
     next_discovery_s: float | None = None
     """When its GPUs are looked for again while it has none (None: not scheduled yet)."""
@@ -199,10 +202,14 @@ class Daemon:
         self.infos: dict[str, GpuInfo] = {info.uuid: info for info in backend.devices()}
         self.lost: dict[str, GpuInfo] = {}
         """GPUs that went away while powerd ran; looked for again every DISCOVERY_RETRY_S."""
+        self.unopened: dict[int, str] = {}
+        """GPUs NVML counts but cannot open (lost before powerd started, no permission), by
+        index, with why; opened again every DISCOVERY_RETRY_S."""
         for info in self.infos.values():
             self.actuator.track(info)
         self._prev_energy_mj: dict[str, int] = {}
         self._problems = ProblemLog(log)
+        self._note_unopened()
         self._prev_tick_s: float | None = None
         self.ticks_total = 0
         self.restores_total = 0
@@ -224,6 +231,9 @@ class Daemon:
     # ----------------------------------------------------------------- construction
 
     def _make_policy(self, config: Config) -> Policy:
+        """A policy over the controlled groups of self.groups under `config` (its budget less
+        what the GPUs out of reach may draw)."""
+        config = self._less_lost_gpus(config)
         specs = [group.spec for group in self.groups if group.controlled]
         if self._policy_factory is not None:
             return self._policy_factory(config, specs)
@@ -232,18 +242,21 @@ class Daemon:
     def _reconfigure_policy(self, config: Config) -> None:
         """Give the policy the controlled groups of self.groups under `config`; the controller
         keeps what it learned of groups that stay."""
-        config = self._less_lost_gpus(config)
         reconfigure = getattr(self.policy, "reconfigure", None)
         if reconfigure is not None and self._policy_factory is None:
-            reconfigure(config, [group.spec for group in self.groups if group.controlled])
+            reconfigure(
+                self._less_lost_gpus(config),
+                [group.spec for group in self.groups if group.controlled],
+            )
         else:
             self.policy = self._make_policy(config)
 
     def _less_lost_gpus(self, config: Config) -> Config:
-        """`config` with its node power budget less what the lost GPUs may still draw: a GPU
-        NVML cannot reach may still run at the limit it had (powerd's last, else its own)."""
+        """`config` with its node power budget less what the GPUs out of reach may still draw:
+        a lost GPU may still run at the limit it had (powerd's last, else its own), one never
+        opened at the node's largest default limit."""
         budget_w = config.node_power_budget_w
-        if config.mode != "budget" or budget_w is None or not self.lost:
+        if config.mode != "budget" or budget_w is None or not (self.lost or self.unopened):
             return config
         reserved_w = 0.0
         for uuid, info in self.lost.items():
@@ -253,6 +266,11 @@ class Daemon:
                 entry = self.journal.get(uuid) if self.journal is not None else None
                 limit_mw = entry.power_limit_mw if entry is not None else None
             reserved_w += (limit_mw or info.power_limit_default_mw) / 1000.0
+        if self.unopened:
+            # A GPU never opened is taken to run at the node's largest default limit.
+            known = [*self.infos.values(), *self.lost.values()]
+            default_mw = max((info.power_limit_default_mw for info in known), default=0)
+            reserved_w += len(self.unopened) * default_mw / 1000.0
         return replace(config, node_power_budget_w=max(0.0, budget_w - reserved_w))
 
     def _make_pool(
@@ -270,11 +288,18 @@ class Daemon:
         groups = []
         claimed: set[str] = set()
         for server in config.servers:
-            claimed_uuids, why = self._claim_gpus(server, claimed)
+            claimed_uuids, why, missing = self._claim_gpus(server, claimed)
             uuids = [uuid for uuid in claimed_uuids if uuid in self.infos]
             lost = [uuid for uuid in claimed_uuids if uuid in self.lost]
             if lost and not uuids:
                 why = f"its GPUs {', '.join(lost)} are lost; they rejoin it when they answer"
+            if missing:
+                log.warning(
+                    "server %s: its GPUs %s cannot be opened (%s); they join it once they do",
+                    server.name,
+                    ", ".join(str(gpu) for gpu in missing),
+                    self._unopened_text(),
+                )
             if not uuids:
                 log.warning(
                     "server %s: observed only, its GPUs are not controlled: %s", server.name, why
@@ -286,27 +311,32 @@ class Daemon:
                 slo=server.slo,
             )
             source = make_source(server, self._new_fetcher())
-            groups.append(Group(spec, source, uuids, lost_uuids=lost))
+            groups.append(Group(spec, source, uuids, lost_uuids=lost, missing_gpus=missing))
         return groups
 
-    def _claim_gpus(self, server: ServerConfig, claimed: set[str]) -> tuple[list[str], str]:
-        """The server's GPUs, added to `claimed`; or none and why, when they cannot be found
-        or one of them is in `claimed` already."""
-        uuids, why = self._resolve_gpus(server)
+    def _claim_gpus(
+        self, server: ServerConfig, claimed: set[str]
+    ) -> tuple[list[str], str, list[int | str]]:
+        """The server's GPUs, added to `claimed`, and those configured that cannot be opened
+        yet; or none and why, when they cannot be found or one of them is in `claimed`
+        already."""
+        uuids, why, missing = self._resolve_gpus(server)
         overlap = claimed.intersection(uuids)
         if overlap:
-            return [], f"GPUs {', '.join(sorted(overlap))} already belong to another server"
+            return [], f"GPUs {', '.join(sorted(overlap))} already belong to another server", []
         claimed.update(uuids)
-        return uuids, why
+        return uuids, why, missing
 
     def _new_fetcher(self) -> Fetcher:
         """For one reader of a server: the fetcher given, else a connection of its own kept
         open between reads (closed with the reader)."""
         return self._fetch if self._fetch is not None else KeepAliveFetcher()
 
-    def _resolve_gpus(self, server: ServerConfig) -> tuple[list[str], str]:
-        """The UUIDs of the server's GPUs (lost ones included), and why when there are none.
-        ConfigError for a configured GPU this node does not have, nor had."""
+    def _resolve_gpus(self, server: ServerConfig) -> tuple[list[str], str, list[int | str]]:
+        """The UUIDs of the server's GPUs (lost ones included), why when there are none, and
+        its configured GPUs that NVML counts but cannot open. ConfigError for a configured GPU
+        this node does not have, nor had, when NVML opens every GPU it counts (else it may be
+        one of those: a GPU off the bus since before powerd started)."""
         by_index = {info.index: info.uuid for info in [*self.infos.values(), *self.lost.values()]}
         if server.gpus is None:
             try:
@@ -318,19 +348,69 @@ class Daemon:
             else:
                 why = "discovery found none"
             if not found:
-                return [], (
+                return (
+                    [],
                     f"{why}; looking again after {DISCOVERY_RETRY_S:g} s, then at most every "
                     f"{DISCOVERY_RETRY_MAX_S:g} s (set `gpus:` for it in the config to skip "
-                    "discovery)"
+                    "discovery)",
+                    [],
                 )
-            return found, ""
-        uuids = []
+            return found, "", []
+        uuids: list[str] = []
+        missing: list[int | str] = []
         for gpu in server.gpus:
             uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
-            if uuid is None or (uuid not in self.infos and uuid not in self.lost):
-                raise ConfigError(f"servers: {server.name}: no GPU {gpu!r} on this node")
-            uuids.append(uuid)
-        return uuids, ""
+            if uuid is not None and (uuid in self.infos or uuid in self.lost):
+                uuids.append(uuid)
+            elif gpu in self.unopened if isinstance(gpu, int) else bool(self.unopened):
+                missing.append(gpu)
+            else:
+                raise ConfigError(
+                    f"servers: {server.name}: no GPU {gpu!r} on this node "
+                    f"(NVML opens {self._opened_text()})"
+                )
+        why = ""
+        if not uuids and missing:
+            why = (
+                f"its GPUs cannot be opened ({self._unopened_text()}); looking for them every "
+                f"{DISCOVERY_RETRY_S:g} s"
+            )
+        return uuids, why, missing
+
+    def _opened_text(self) -> str:
+        """The GPUs NVML opens, for a message: "GPUs 0-3 (GPU-a, ...)"."""
+        known = sorted([*self.infos.values(), *self.lost.values()], key=lambda info: info.index)
+        if not known:
+            return "no GPU"
+        return "GPUs " + ", ".join(f"{info.index} ({info.uuid})" for info in known)
+
+    def _unopened_text(self) -> str:
+        return "; ".join(f"GPU {index}: {why}" for index, why in sorted(self.unopened.items()))
+
+    def _note_unopened(self) -> None:
+        """Take the backend's GPUs that could not be opened at its last devices(), and log
+        each while it lasts (as a lasting problem: a few lines a day)."""
+        known = {info.index for info in [*self.infos.values(), *self.lost.values()]}
+        before = self.unopened
+        self.unopened = {
+            index: why
+            for index, why in self.backend.unopened_indices().items()
+            if index not in known  # a GPU lost while powerd ran is told of as lost
+        }
+        for index, why in self.unopened.items():
+            self._problems.problem(
+                ("unopened", index),
+                logging.ERROR,
+                "GPU %d cannot be opened (%s); it is left as it is and tried again every %g s",
+                index,
+                why,
+                DISCOVERY_RETRY_S,
+            )
+        for index in sorted(before.keys() - self.unopened.keys()):
+            if index in known:
+                self._problems.cleared(("unopened", index), "GPU %d opens now", index)
+            else:
+                self._problems.cleared(("unopened", index), "NVML counts no GPU %d now", index)
 
     def _rediscover(self, now_s: float) -> None:
         """Every DISCOVERY_RETRY_S, look for the lost GPUs; look again for the GPUs of servers
@@ -342,6 +422,7 @@ class Daemon:
         if now_s >= self._next_discovery_s:
             self._next_discovery_s = now_s + DISCOVERY_RETRY_S
             found = self._rejoin_lost()
+            found = self._open_unopened() or found
         waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
         claimed = {uuid for group in self.groups for uuid in [*group.uuids, *group.lost_uuids]}
         for group in waiting:
@@ -349,7 +430,7 @@ class Daemon:
                 group.next_discovery_s = now_s + group.discovery_wait_s
             if now_s < group.next_discovery_s:
                 continue
-            uuids, why = self._claim_gpus(group.source.config, claimed)
+            uuids, why, _ = self._claim_gpus(group.source.config, claimed)
             if not uuids:
                 group.discovery_wait_s = min(2 * group.discovery_wait_s, DISCOVERY_RETRY_MAX_S)
                 group.next_discovery_s = now_s + group.discovery_wait_s
@@ -362,6 +443,44 @@ class Daemon:
             found = True
         if found:
             self._reconfigure_policy(self.config)
+
+    def _open_unopened(self) -> bool:
+        """Enumerate the GPUs again while some could not be opened; give each group its
+        configured GPUs that open now. True when a group's GPUs changed."""
+        if not self.unopened:
+            return False
+        try:
+            infos = self.backend.devices()
+        except GpuError as exc:
+            log.debug("enumerating the GPUs again: %s", exc)
+            return False
+        for info in infos:
+            if info.uuid not in self.infos and info.uuid not in self.lost:
+                self.infos[info.uuid] = info
+                self.actuator.track(info)
+        unopened_before = len(self.unopened)
+        self._note_unopened()
+        # In budget mode each GPU not opened holds a reserve of the budget.
+        changed = self.config.mode == "budget" and len(self.unopened) != unopened_before
+        for group in self.groups:
+            if not group.missing_gpus:
+                continue
+            try:
+                uuids, _, missing = self._resolve_gpus(group.source.config)
+            except ConfigError as exc:
+                self._problems.problem(("missing", group.spec.name), logging.ERROR, "%s", exc)
+                continue
+            group.missing_gpus = missing
+            present = [uuid for uuid in uuids if uuid in self.infos]
+            if present != group.uuids:
+                group.set_gpus(present, self.infos)
+                log.info(
+                    "server %s: its GPUs %s open now; controlling them",
+                    group.spec.name,
+                    ", ".join(present),
+                )
+                changed = True
+        return changed
 
     def _rejoin_lost(self) -> bool:
         """Give each lost GPU that answers again back to its group, with what powerd had set
@@ -839,6 +958,7 @@ class Daemon:
             servers=tuple(samples),
             groups=tuple(groups),
             nvml_errors=dict(errors),
+            gpus_unopened=len(self.unopened),
             restores_total=self.restores_total,
             restore_failures_total=self.restore_failures_total,
             ticks_total=self.ticks_total,
@@ -968,8 +1088,8 @@ class Daemon:
             if (
                 old is not None
                 and servers_before.get(name) == servers_now[name]
-                and (old.spec, old.uuids, old.lost_uuids)
-                == (group.spec, group.uuids, group.lost_uuids)
+                and (old.spec, old.uuids, old.lost_uuids, old.missing_gpus)
+                == (group.spec, group.uuids, group.lost_uuids, group.missing_gpus)
             ):
                 _close_connections([group])
                 result.append(old)

@@ -446,6 +446,11 @@ def _collect_node(families: _Families, state: _State, build_info: dict[str, str]
         counts.update(snapshot.nvml_errors)
         for (operation, kind), count in sorted(counts.items()):
             errors.add({"operation": operation, "kind": kind}, count)
+        families(
+            "powerd_gpus_unopened",
+            "GPUs NVML counts but powerd cannot open (off the bus since before it started, "
+            "no permission): neither read nor controlled; tried again every 10 s.",
+        ).add({}, snapshot.gpus_unopened)
         node_mode = families(
             "powerd_node_mode", "Configured control mode of the node; 1 for the active one."
         )

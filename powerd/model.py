@@ -321,6 +321,8 @@ class Snapshot:
     groups: tuple[GroupStatus, ...] = ()
     nvml_errors: dict[tuple[str, str], int] = field(default_factory=dict)
     """Cumulative NVML errors keyed by (operation, kind)."""
+    gpus_unopened: int = 0
+    """GPUs NVML counts but powerd cannot open (lost before it started, no permission)."""
     restores_total: int = 0
     restore_failures_total: int = 0
     ticks_total: int = 0

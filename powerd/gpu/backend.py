@@ -16,6 +16,11 @@ class GpuBackend(Protocol):
         """Every GPU the backend can see, in index order."""
         ...
 
+    def unopened_indices(self) -> dict[int, str]:
+        """GPUs the driver counted at the last devices() but that could not be opened (lost,
+        no permission), by index, with why."""
+        ...
+
     def read(self, uuid: str) -> GpuReading:
         """One telemetry reading. Raises GpuLost when the device is gone."""
         ...

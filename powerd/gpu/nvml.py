@@ -120,6 +120,7 @@ class NvmlBackend:
         has no getter for locked clocks."""
         self._power_fixed: set[str] = set()
         """GPUs without a settable power limit."""
+        self._unopened: dict[int, str] = {}
         self._closed = False
         self._init()
 
@@ -222,9 +223,10 @@ class NvmlBackend:
 
     def devices(self) -> list[GpuInfo]:
         """Every GPU NVML can open, in index order. A GPU that cannot be opened (no
-        permission, lost) is left out and its error counted."""
+        permission, lost) is left out, its error counted and kept for unopened_indices()."""
         count = int(self._call("nvmlDeviceGetCount", None))
         infos: list[GpuInfo] = []
+        unopened: dict[int, str] = {}
         for index in range(count):
             try:
                 handle = self._call("nvmlDeviceGetHandleByIndex", None, index)
@@ -233,12 +235,17 @@ class NvmlBackend:
             except GpuUnavailable:
                 raise
             except GpuError as exc:
-                log.warning("GPU index %d left out: %s", index, exc)
+                unopened[index] = str(exc)
                 continue
             self._handles[uuid] = handle
             self._infos[uuid] = info
             infos.append(info)
+        self._unopened = unopened
         return infos
+
+    def unopened_indices(self) -> dict[int, str]:
+        """The indices NVML counted at the last devices() but could not open, with why."""
+        return dict(self._unopened)
 
     def _describe(self, index: int, uuid: str, handle: Any) -> GpuInfo:
         name = _text(self._call("nvmlDeviceGetName", uuid, handle))

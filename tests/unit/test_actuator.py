@@ -43,6 +43,9 @@ class RecordingBackend:
     def devices(self) -> list[GpuInfo]:
         return list(self.infos)
 
+    def unopened_indices(self) -> dict[int, str]:
+        return {}
+
     def read(self, uuid: str) -> GpuReading:
         limit_mw = None if uuid in self.unreadable else self.limits[uuid]
         return GpuReading(uuid, 0, 0.0, 300_000, 0, 1980, limit_mw, None, 0, 50)

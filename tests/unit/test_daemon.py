@@ -21,7 +21,14 @@ import pytest
 import yaml
 
 from powerd import daemon as daemon_module
-from powerd.config import NAMED_SERVER_KINDS, Config, ControlConfig, SimConfig, load_config
+from powerd.config import (
+    NAMED_SERVER_KINDS,
+    Config,
+    ConfigError,
+    ControlConfig,
+    SimConfig,
+    load_config,
+)
 from powerd.control import kernels
 from powerd.control.policy import Controller
 from powerd.daemon import Daemon
@@ -185,6 +192,103 @@ def test_a_lost_gpu_that_answers_again_rejoins_its_group_and_a_reload_still_work
     assert [g.observe_only_reason for g in snapshot.gpus] == ["", ""]
     assert snapshot.groups[1].gpu_uuids == (rig.uuid(1),)
     assert rig.run_until(lambda s: _locked(rig, 1) is not None, 90), "controlled again"
+
+
+def _lost_before_start(*indices: int) -> Callable[[SimNode], FakeNvml]:
+    """A FakeNvml whose GPUs `indices` are off the bus before the daemon opens NVML."""
+
+    def factory(node: SimNode) -> FakeNvml:
+        fake = FakeNvml(node.plant, lock=node.lock)
+        for index in indices:
+            fake.lose_gpu(index)
+        return fake
+
+    return factory
+
+
+def test_a_gpu_off_the_bus_at_start_leaves_the_others_controlled_until_it_opens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NVML counts a GPU it cannot open (lost before powerd started): the daemon starts, its
+    server is observed only, the rest is controlled, and the GPU joins once it opens."""
+    with caplog.at_level(logging.ERROR, logger="powerd.daemon"):
+        rig = make_rig(tmp_path, nvml_factory=_lost_before_start(1))
+    assert any("GPU 1 cannot be opened" in r.getMessage() for r in caplog.records)
+    assert rig.daemon.groups[1].missing_gpus == [1] and not rig.daemon.groups[1].controlled
+    rig.run(30)
+    assert rig.writes_to(1) == [], "nothing is written to a GPU that cannot be opened"
+    assert _locked(rig, 0) is not None, "the other GPU is controlled"
+    snapshot = rig.snapshots[-1]
+    assert snapshot.gpus_unopened == 1 and snapshot.groups[1].observe_only
+    assert [g.info.index for g in snapshot.gpus] == [0]
+    assert metric_value(metric_lines(rig.metrics(), "powerd_gpus_unopened")[0]) == 1.0
+
+    rig.fake.restore_gpu(1)
+    with caplog.at_level(logging.INFO, logger="powerd.daemon"):
+        rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 1)
+    assert any("GPU 1 opens now" in r.getMessage() for r in caplog.records)
+    group = rig.daemon.groups[1]
+    assert group.controlled and group.missing_gpus == [] and group.uuids == [rig.uuid(1)]
+    assert rig.run_until(lambda s: _locked(rig, 1) is not None, 90), "controlled once it opens"
+    assert rig.snapshots[-1].gpus_unopened == 0
+    assert metric_value(metric_lines(rig.metrics(), "powerd_gpus_unopened")[0]) == 0.0
+    assert rig.daemon.restore() is True and _locked(rig, 1) is None
+
+
+def test_a_gpu_the_node_does_not_count_is_still_a_config_error(tmp_path: Path) -> None:
+    """Only a GPU NVML counts and cannot open may be the one configured: an index past the
+    node's GPUs is a typo, with or without a GPU off the bus."""
+    for factory in (None, _lost_before_start(1)):
+
+        def configure(node: SimNode) -> Config:
+            servers = server_configs(node)
+            return Config(servers=(dataclasses.replace(servers[0], gpus=(7,)), servers[1]))
+
+        with pytest.raises(ConfigError, match=r"no GPU 7 on this node \(NVML opens GPUs 0 \("):
+            make_rig(tmp_path, nvml_factory=factory, configure=configure)
+
+
+def test_a_gpu_named_by_uuid_may_be_one_that_cannot_be_opened(tmp_path: Path) -> None:
+    fakes: list[FakeNvml] = []
+
+    def factory(node: SimNode) -> FakeNvml:
+        fakes.append(_lost_before_start(1)(node))
+        return fakes[0]
+
+    def configure(node: SimNode) -> Config:
+        servers = server_configs(node)
+        uuid = fakes[0].uuids[1]
+        return Config(servers=(servers[0], dataclasses.replace(servers[1], gpus=(uuid,))))
+
+    rig = make_rig(tmp_path, nvml_factory=factory, configure=configure)
+    assert rig.daemon.groups[1].missing_gpus == [rig.uuid(1)]
+    rig.run(5)
+    rig.fake.restore_gpu(1)
+    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 1)
+    assert rig.daemon.groups[1].uuids == [rig.uuid(1)] and rig.daemon.groups[1].controlled
+
+
+def test_in_budget_mode_a_gpu_that_cannot_be_opened_keeps_a_share_out_of_the_budget(
+    tmp_path: Path,
+) -> None:
+    """A GPU never opened may draw up to its default limit: the others share the rest."""
+    sim = SimConfig(gpus=4, tp=2, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+    rig = make_rig(
+        tmp_path,
+        sim=sim,
+        mode="budget",
+        node_power_budget_w=1400.0,
+        nvml_factory=_lost_before_start(1),
+    )
+    reserve_w = _default_limit_mw(rig) / 1000.0
+    for _ in range(60):
+        rig.run(1)
+        limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in (0, 2, 3)]
+        assert sum(limits_w) + reserve_w <= 1400.0 + 10.0, (limits_w, reserve_w)
+    rig.fake.restore_gpu(1)
+    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 5)
+    limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(4)]
+    assert 1400.0 - 60.0 < sum(limits_w) <= 1400.0 + 10.0, limits_w
 
 
 def test_a_group_that_lost_its_last_gpu_leaves_the_budget(tmp_path: Path) -> None:

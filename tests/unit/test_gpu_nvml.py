@@ -62,6 +62,10 @@ def test_devices_leave_out_a_lost_gpu(fake: FakeNvml, backend: NvmlBackend) -> N
     fake.lose_gpu(0)
     assert [i.uuid for i in backend.devices()] == [fake.uuids[1]]
     assert backend.error_counts[("nvmlDeviceGetHandleByIndex", "gpu_lost")] == 1
+    unopened = backend.unopened_indices()
+    assert list(unopened) == [0] and "lost" in unopened[0]
+    fake.restore_gpu(0)
+    assert len(backend.devices()) == 2 and backend.unopened_indices() == {}
 
 
 def test_supported_clocks_fall_back_to_the_max_clock(fake: FakeNvml) -> None:
