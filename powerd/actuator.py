@@ -4,6 +4,10 @@ The actuator is the only place that writes GPU settings. Before the first write 
 saves the GPU's original settings in the journal, so any later exit (clean, crash, SIGKILL)
 can restore them. The power limit a GPU had before powerd (an operator's `nvidia-smi -pl`, a
 rack budget) is the ceiling of every limit powerd sets and what it puts back when it wants none.
+Once powerd controls a GPU's limit it reads the limit at each decision: one that differs from
+what powerd last left there was set by someone else while powerd ran, and becomes the GPU's
+ceiling and what restore puts back (journaled, warned once per change); powerd never raises a
+GPU above it, nor puts back the limit it replaced.
 While that original cannot be read and saved, the GPU's power limit is left alone (its clocks
 need no original read) and the save is tried again at the next decision; so is a GPU whose
 journal could not be written. A GPU that refuses a write is degraded on its own:
@@ -22,7 +26,13 @@ from dataclasses import dataclass
 
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NoPermission, NotSupported
-from powerd.journal import Journal, JournalError, OriginalUnreadable, read_power_limit_mw
+from powerd.journal import (
+    LIMIT_TOLERANCE_MW,
+    Journal,
+    JournalError,
+    OriginalUnreadable,
+    read_power_limit_mw,
+)
 from powerd.logging_setup import ProblemLog
 from powerd.model import GpuInfo, GroupDecision
 
@@ -39,7 +49,12 @@ class GpuControlState:
     power_limit_mw: int | None = None
     """Limit we set; None when at the limit the GPU had before powerd."""
     baseline_limit_mw: int | None = None
-    """The limit read from the GPU before the journal held one; None until read."""
+    """The limit read from the GPU before the journal held one, or (without a journal) the
+    one an operator set since; None until read."""
+    left_limit_mw: int | None = None
+    """The power limit powerd last left on the GPU (read back after its write), against which
+    an operator's change is told; None while not known (before powerd's first limit write,
+    after a loss), when nothing is taken for an operator's."""
     power_limit_unsaved: bool = False
     """True while the original power limit cannot be read or saved (warned once): powerd
     leaves the limit as found until it can."""
@@ -80,6 +95,7 @@ class Actuator:
                     continue  # what a wet run set before it went, which it may still hold
                 state.lock_max_mhz = state.power_limit_mw = None
                 state.would_set = ""
+                self._left(state, None)
         self._dry_run = dry_run
 
     def track(self, info: GpuInfo) -> GpuControlState:
@@ -104,6 +120,8 @@ class Actuator:
             if state.observe_only_reason != "gpu_lost":
                 state.reason_before_loss = state.observe_only_reason
             state.observe_only_reason = "gpu_lost"
+            # It may come back reset to its default limit, which is no operator's change.
+            self._left(state, None)
             if self.dry_run:
                 # A dry run only would have set them: the GPU holds what it was found with.
                 state.lock_max_mhz = state.power_limit_mw = None
@@ -181,6 +199,8 @@ class Actuator:
         clock_mhz: float | None,
     ) -> None:
         info = state.info
+        if not self.dry_run:
+            self._follow_operator(state)
         unlocked = decision.sm_clock_max_mhz >= info.sm_clock_max_mhz
         want_lock = None if unlocked else info.clamp_clock_mhz(decision.sm_clock_max_mhz)
         want_limit = decision.power_limit_mw
@@ -231,6 +251,47 @@ class Actuator:
                         "GPU %s supports neither locked clocks nor power limits; observing only",
                         info.uuid,
                     )
+
+    def _follow_operator(self, state: GpuControlState) -> None:
+        """Take a power limit set outside powerd since its last write (`nvidia-smi -pl`) as
+        the GPU's new ceiling and the limit to restore. Only while powerd controls the limit
+        (its original saved) and knows what it left there; an unreadable limit is checked
+        again at the next decision. Raises JournalError when the new limit cannot be saved:
+        then nothing is written to the GPU (the caller observes it only) until it can."""
+        uuid = state.info.uuid
+        left_mw = state.left_limit_mw
+        if left_mw is None:
+            return
+        if self._journal is not None:
+            entry = self._journal.get(uuid)
+            if entry is None or entry.power_limit_mw is None:
+                self._left(state, None)  # restored since: the limit is as found again
+                return
+        now_mw, _ = read_power_limit_mw(self._backend, uuid)
+        if now_mw is None or abs(now_mw - left_mw) <= LIMIT_TOLERANCE_MW:
+            return
+        if self._journal is not None:
+            self._journal.adopt_power_limit(uuid, now_mw)
+        else:
+            state.baseline_limit_mw = state.info.clamp_power_limit_mw(now_mw)
+        log.warning(
+            "GPU %s: power limit changed outside powerd to %.0f W (powerd had left %.0f W); "
+            "it is the GPU's ceiling now and what restore puts back",
+            uuid,
+            now_mw / 1000,
+            left_mw / 1000,
+        )
+        state.power_limit_mw = None  # the GPU holds the operator's limit, none of powerd's
+        self._left(state, now_mw)
+        if state.observe_only_reason == "journal_error":
+            state.observe_only_reason = ""
+            log.info("GPU %s: power limit to restore saved; controlling it again", uuid)
+
+    def _left(self, state: GpuControlState, limit_mw: int | None) -> None:
+        """Note the power limit powerd leaves on the GPU (None: not known)."""
+        state.left_limit_mw = limit_mw
+        if self._journal is not None:
+            self._journal.note_power_limit_left(state.info.uuid, limit_mw)
 
     def _remember(self, state: GpuControlState, *, power_limit: bool) -> None:
         """Journal the GPU's originals before a write (see Journal.remember)."""
@@ -298,22 +359,27 @@ class Actuator:
         """Set limit_mw, or with None the limit the GPU had before powerd (known by then: no
         limit is written before it is)."""
         uuid = state.info.uuid
-        if limit_mw is not None:
-            self._backend.set_power_limit(uuid, limit_mw)
-            state.power_limit_mw = limit_mw
-            return
-        baseline_mw = self._baseline_limit_mw(state)
-        if baseline_mw is None:
+        target_mw = limit_mw if limit_mw is not None else self._baseline_limit_mw(state)
+        if target_mw is None:
             raise GpuError(
                 f"GPU {uuid}: its power limit before powerd is not known",
                 operation="set_power_limit",
                 uuid=uuid,
             )
-        if baseline_mw == state.info.power_limit_default_mw:
-            self._backend.reset_power_limit(uuid)
-        else:
-            self._backend.set_power_limit(uuid, baseline_mw)
+        try:
+            if limit_mw is None and target_mw == state.info.power_limit_default_mw:
+                self._backend.reset_power_limit(uuid)
+                left_mw = target_mw
+            else:
+                left_mw = self._backend.set_power_limit(uuid, target_mw)
+        except (GpuLost, NotSupported, NoPermission):
+            raise  # nothing written (or nothing left to read)
+        except GpuError:
+            # It may hold the new limit, the old one or another: what is there now is powerd's.
+            self._left(state, read_power_limit_mw(self._backend, uuid)[0])
+            raise
         state.power_limit_mw = limit_mw
+        self._left(state, left_mw)
 
     def _put_back(self, state: GpuControlState) -> None:
         """One attempt to undo what powerd set on a GPU it can no longer control."""

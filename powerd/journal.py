@@ -10,7 +10,9 @@ NVML has no getter for locked clocks, so the original clock state is recorded as
 restored by resetting the lock (the driver default, which is also the state after a reboot):
 locking clocks needs nothing read first. Changing the power limit does: its original must be
 read and saved before the first write, and a limit that could not be read yet is saved as
-unknown only while powerd has not changed it, so restore leaves it as found.
+unknown only while powerd has not changed it, so restore leaves it as found. A limit someone
+else sets while powerd runs (`nvidia-smi -pl`) replaces the saved one (adopt_power_limit), and
+restore leaves a limit it finds changed since powerd's last write where the operator put it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ VERSION = 2
 since version 2 a null limit is one powerd has not changed."""
 READABLE_VERSIONS = (1, VERSION)
 CLOCK_STATES = ("unknown", "unlocked")
+LIMIT_TOLERANCE_MW = 1000
+"""A power limit read within this of the one powerd last left is that one, not someone else's:
+NVML keeps a limit it is asked to change by less (the backend's read-back tolerance)."""
 
 
 class JournalError(Exception):
@@ -55,8 +60,9 @@ class JournalEntry:
     index: int
     name: str
     power_limit_mw: int | None
-    """Requested power limit before powerd first changed it; None while it could not be read,
-    which powerd never changes (restore leaves it as found)."""
+    """Requested power limit before powerd first changed it, or the one an operator set since
+    (adopt_power_limit); None while it could not be read, which powerd never changes (restore
+    leaves it as found)."""
     power_limit_default_mw: int
     sm_clocks: str
     """'unknown' (NVML cannot read a lock; restore resets it) or 'unlocked'."""
@@ -111,6 +117,8 @@ class Journal:
         self.path = Path(path)
         self.load_error: str | None = None
         self._entries: list[JournalEntry] = []
+        self._left_mw: dict[str, int] = {}
+        """UUID -> the power limit this process last left on the GPU (not persisted)."""
         self._load()
 
     def pending(self) -> bool:
@@ -172,6 +180,35 @@ class Journal:
         )
         return True
 
+    def adopt_power_limit(self, uuid: str, power_limit_mw: int) -> None:
+        """Save power_limit_mw as the GPU's original power limit: it was set outside powerd
+        while powerd ran (an operator's `nvidia-smi -pl`), so it is the GPU's ceiling now and
+        what restore puts back. Raises KeyError when no power limit of the GPU is saved and
+        JournalError when the file cannot be written (the saved limit then stays)."""
+        entry = self.get(uuid)
+        if entry is None or entry.power_limit_mw is None:
+            raise KeyError(uuid)
+        if entry.power_limit_mw == power_limit_mw:
+            return
+        entry = replace(entry, power_limit_mw=power_limit_mw)
+        entries = [entry if e.uuid == uuid else e for e in self._entries]
+        self._write(entries)
+        self._entries = entries
+        log.info("GPU %s: saved %s mW as the power limit to restore", uuid, power_limit_mw)
+
+    def note_power_limit_left(self, uuid: str, power_limit_mw: int | None) -> None:
+        """Remember (in memory only) the power limit this process last left on the GPU, None
+        when it does not know it. restore_all leaves a limit that differs from it as found: it
+        was set outside powerd after powerd's last write."""
+        if power_limit_mw is None:
+            self._left_mw.pop(uuid, None)
+        else:
+            self._left_mw[uuid] = power_limit_mw
+
+    def power_limit_left_mw(self, uuid: str) -> int | None:
+        """What note_power_limit_left last recorded for the GPU, None if nothing."""
+        return self._left_mw.get(uuid)
+
     def _load(self) -> None:
         try:
             self._entries = _parse(self.path.read_bytes())
@@ -223,13 +260,17 @@ class Journal:
             with contextlib.suppress(OSError):
                 _fsync_dir(self.path.parent)
         self._entries = list(remaining)
+        kept = {entry.uuid for entry in remaining}
+        self._left_mw = {uuid: mw for uuid, mw in self._left_mw.items() if uuid in kept}
 
 
 def restore_all(backend: GpuBackend, journal: Journal) -> RestoreReport:
     """Put back every saved setting, newest first; never raises.
 
     Per GPU: reset the locked clocks, then set the saved power limit (one saved as unknown,
-    which powerd never changed, is left as it is). A GPU that is gone or refuses is reported
+    which powerd never changed, is left as it is; so is one that differs from what this
+    process last left on the GPU, see Journal.note_power_limit_left: someone else set it
+    since). A GPU that is gone or refuses is reported
     and kept in the journal; the journal file is removed once every GPU was restored. If the
     journal was corrupt, every GPU's clocks are reset (locking is powerd's doing, a reset is
     always safe) and power limits are left as they are, since their originals are lost. Logs
@@ -243,7 +284,7 @@ def restore_all(backend: GpuBackend, journal: Journal) -> RestoreReport:
 
     remaining: list[JournalEntry] = []
     for entry in reversed(journal.entries()):
-        outcome = _restore_one(backend, entry)
+        outcome = _restore_one(backend, entry, journal.power_limit_left_mw(entry.uuid))
         if outcome is None:
             report.restored.append(entry.uuid)
             continue
@@ -263,13 +304,27 @@ def restore_all(backend: GpuBackend, journal: Journal) -> RestoreReport:
     return report
 
 
-def _restore_one(backend: GpuBackend, entry: JournalEntry) -> tuple[str, str] | None:
+def _restore_one(
+    backend: GpuBackend, entry: JournalEntry, left_mw: int | None
+) -> tuple[str, str] | None:
     """None when restored, else ('lost' | 'failed', reason). Each knob is tried whatever the
-    other's outcome: a clock reset that fails must not keep the power limit from coming back."""
+    other's outcome: a clock reset that fails must not keep the power limit from coming back.
+    `left_mw` is the limit this process last left on the GPU, None if not known."""
+    limit_text = (
+        f"{entry.power_limit_mw} mW" if entry.power_limit_mw is not None else "left as found"
+    )
 
     def put_limit_back() -> None:
-        if entry.power_limit_mw is not None:
-            backend.set_power_limit(entry.uuid, entry.power_limit_mw)
+        nonlocal limit_text
+        if entry.power_limit_mw is None:
+            return
+        if left_mw is not None:
+            now_mw, _ = read_power_limit_mw(backend, entry.uuid)
+            if now_mw is not None and abs(now_mw - left_mw) > LIMIT_TOLERANCE_MW:
+                # Set outside powerd after powerd's last write: the operator's, kept.
+                limit_text = f"left at {now_mw} mW, set outside powerd since it last wrote one"
+                return
+        backend.set_power_limit(entry.uuid, entry.power_limit_mw)
 
     failures: list[str] = []
     for knob in (lambda: backend.reset_locked_clocks(entry.uuid), put_limit_back):
@@ -286,11 +341,7 @@ def _restore_one(backend: GpuBackend, entry: JournalEntry) -> tuple[str, str] | 
             failures.append(f"{type(exc).__name__}: {exc}")
     if failures:
         return "failed", "; ".join(failures)
-    log.info(
-        "GPU %s: restored (clocks unlocked, power limit %s)",
-        entry.uuid,
-        f"{entry.power_limit_mw} mW" if entry.power_limit_mw is not None else "left as found",
-    )
+    log.info("GPU %s: restored (clocks unlocked, power limit %s)", entry.uuid, limit_text)
     return None
 
 
