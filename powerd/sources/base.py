@@ -24,6 +24,7 @@ from powerd.sources.exposition import (
     Samples,
     SeriesKey,
     Wanted,
+    ends_mid_line,
     parse_exposition,
 )
 
@@ -54,6 +55,10 @@ class FetchResponse:
     status: int
     body: bytes
     headers: Mapping[str, str] = field(default_factory=dict)
+    close_delimited: bool = False
+    """True when only the server's closing the connection ended the body (neither a
+    Content-Length nor chunked encoding): HTTP cannot tell a cut body from a whole one, so the
+    body's format has to (a metrics body must not stop inside a line)."""
 
 
 Fetcher = Callable[[str, float], FetchResponse]
@@ -819,6 +824,12 @@ class Source:
         if len(body) > self.max_bytes:
             raise SourceError(
                 f"{url} sent more than {self.max_bytes // (1024 * 1024)} MiB of metrics"
+            )
+        if response.close_delimited and ends_mid_line(body):
+            # Parsed, a cut value would be read as a smaller one: a counter reset, then a rate.
+            raise SourceError(
+                f"{url} closed the connection after {len(body)} bytes of a body without a "
+                "length, inside a line"
             )
         extractor = self._extractor
         if extractor is None:

@@ -241,6 +241,15 @@ def _text(body: bytes | str) -> str:
     return text
 
 
+def ends_mid_line(body: bytes) -> bool:
+    """True when body stops inside a line, so it cannot be a whole exposition: the text format
+    ends every line with a line feed, its last one included, and OpenMetrics ends with `# EOF`
+    (its line feed optional). An empty body is whole: a server with no samples yet."""
+    if not body or body.endswith(b"\n"):
+        return False
+    return body[body.rfind(b"\n") + 1 :].strip() != b"# EOF"
+
+
 def parse_exposition(
     body: bytes | str,
     wanted: Wanted | None = None,

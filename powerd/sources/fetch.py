@@ -34,6 +34,13 @@ def _socket(response: object) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
+def _close_delimited(response: object) -> bool:
+    """True when nothing but the server's close will end the body (no Content-Length, not
+    chunked), so _read cannot tell a cut body from a whole one. Ask before reading: the
+    response's length counts down as it is read."""
+    return getattr(response, "length", 0) is None and not getattr(response, "chunked", False)
+
+
 def _read(response: object, url: str, deadline: float, timeout_s: float, max_bytes: int) -> bytes:
     # read1 returns after one recv, so a server that drips bytes cannot hold the read past the
     # deadline; each recv waits at most the time left.
@@ -74,14 +81,17 @@ def http_fetch(url: str, timeout_s: float, max_bytes: int = MAX_BODY_BYTES) -> F
 
     Returns non-2xx answers as responses (the source words the error); raises SourceError when
     there is no whole answer: refused, unresolvable, timed out, too big, cut short (fewer bytes
-    than Content-Length, or a chunked body without its last chunk).
+    than Content-Length, or a chunked body without its last chunk). A body that only the
+    connection's close ended comes back marked close_delimited: its format must tell whether
+    it is whole.
     """
     deadline = time.monotonic() + timeout_s
     try:
         request = urllib.request.Request(url, headers=_REQUEST_HEADERS)
         with _OPENER.open(request, timeout=timeout_s) as response:
+            close_delimited = _close_delimited(response)
             body = _read(response, url, deadline, timeout_s, max_bytes)
-            return FetchResponse(response.status, body, _headers(response.headers))
+            return FetchResponse(response.status, body, _headers(response.headers), close_delimited)
     except urllib.error.HTTPError as exc:
         try:
             body = exc.read(min(max_bytes, 64 * 1024))
@@ -164,6 +174,7 @@ class KeepAliveFetcher:
             connection.sock.settimeout(max(deadline - time.monotonic(), 1e-3))
         connection.request("GET", target, headers=_REQUEST_HEADERS)
         response = connection.getresponse()
+        close_delimited = _close_delimited(response)
         body = _read(response, url, deadline, timeout_s, self.max_bytes)
         # Done with this answer: the connection takes the next request.
         response.close()
@@ -172,7 +183,7 @@ class KeepAliveFetcher:
         if response.status in _REDIRECTS:
             self.close()
             return http_fetch(url, max(deadline - time.monotonic(), 1e-3), self.max_bytes)
-        return FetchResponse(response.status, body, _headers(response.headers))
+        return FetchResponse(response.status, body, _headers(response.headers), close_delimited)
 
     def close(self) -> None:
         """Close the kept connection, if any (the next call opens a new one)."""

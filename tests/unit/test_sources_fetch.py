@@ -1,7 +1,8 @@
 """Bodies cut short on the wire (a server or proxy that closes early) are errors, never scrapes.
 
 A raw-socket server on 127.0.0.1 sends each canned answer on its own terms: a Content-Length it
-does not honour, a chunked body without its last chunk, a kept connection that breaks mid-body.
+does not honour, a chunked body without its last chunk, a kept connection that breaks mid-body,
+a body with neither a length nor chunks that the close cuts inside a line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from powerd.config import ServerConfig
 from powerd.sources import Fetcher, SourceError, http_fetch, make_source
 from powerd.sources.fetch import KeepAliveFetcher
+from powerd.sources.loads import PromptBacklogProbe
 
 FULL = (
     b"# TYPE vllm:generation_tokens_total counter\n"
@@ -156,3 +158,70 @@ def test_a_cut_scrape_is_down_and_leaves_the_baseline_alone(server: Server) -> N
     cut = source.poll(1.0)
     assert not cut.up and cut.error is not None and f"{CUT} of {len(FULL)} bytes" in cut.error
     assert source.poll(2.0).generation_tokens_per_s == pytest.approx(2000.0 / 2.0)
+
+
+def unframed(body: bytes) -> bytes:
+    """An answer with neither Content-Length nor chunked encoding: the close ends its body."""
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" + body
+
+
+def test_a_body_ended_only_by_the_close_is_marked_so(server: Server, fetch: Fetcher) -> None:
+    server.answers = [(unframed(FULL), True), (fixed(FULL), True), (chunked(FULL), True)]
+    assert [fetch(server.url, 2.0).close_delimited for _ in range(3)] == [True, False, False]
+
+
+@pytest.mark.parametrize("fetcher", FETCHERS, ids=["http_fetch", "keep-alive"])
+def test_a_body_without_a_length_cut_inside_a_line_is_down(
+    server: Server, fetcher: Callable[[], Fetcher]
+) -> None:
+    """Neither a length nor chunks tell the cut: the line it stops in does."""
+    server.answers = [(unframed(FULL), True), (unframed(FULL[:CUT]), True), (unframed(LATER), True)]
+    source = make_source(ServerConfig(name="v", url=server.url, kind="vllm"), fetcher())
+    assert source.poll(0.0).up
+    cut = source.poll(1.0)
+    assert not cut.up
+    assert cut.error == (
+        f"{server.url} closed the connection after {CUT} bytes of a body without a length, "
+        "inside a line"
+    )
+    assert source.poll(2.0).generation_tokens_per_s == pytest.approx(2000.0 / 2.0)
+
+
+OPENMETRICS = (
+    b"# TYPE vllm:generation_tokens counter\n"
+    b'vllm:generation_tokens_total{engine="0",model_name="m"} 123456.0\n'
+    b"# EOF"
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [FULL, OPENMETRICS, OPENMETRICS + b"\n", FULL.replace(b"\n", b"\r\n")],
+    ids=["text", "openmetrics-eof-without-lf", "openmetrics", "crlf"],
+)
+def test_a_whole_body_without_a_length_is_read(server: Server, body: bytes) -> None:
+    server.answers = [(unframed(body), True)]
+    source = make_source(ServerConfig(name="v", url=server.url, kind="vllm"), KeepAliveFetcher())
+    assert source.poll(0.0).up
+
+
+def test_only_a_body_without_a_length_is_held_to_whole_lines(server: Server) -> None:
+    """A server that frames its body and leaves out the last line feed sent all it meant to."""
+    server.answers = [(fixed(FULL.rstrip(b"\n")), True), (chunked(FULL.rstrip(b"\n")), True)]
+    source = make_source(ServerConfig(name="v", url=server.url, kind="vllm"), KeepAliveFetcher())
+    assert source.poll(0.0).up
+    assert source.poll(1.0).up
+
+
+def test_an_empty_body_without_a_length_is_no_cut(server: Server) -> None:
+    server.answers = [(unframed(b""), True)]
+    source = make_source(ServerConfig(name="v", url=server.url, kind="vllm"), KeepAliveFetcher())
+    error = source.poll(0.0).error or ""
+    assert "closed the connection" not in error
+
+
+def test_a_json_answer_without_a_length_is_left_to_its_reader(server: Server) -> None:
+    """SGLang's /v1/loads goes through the same fetcher; JSON needs no final line feed."""
+    server.answers = [(unframed(b'{"loads":[{"num_waiting_uncached_tokens":42}]}'), True)]
+    probe = PromptBacklogProbe("s", server.url, KeepAliveFetcher(), 2.0)
+    assert probe.read(0.0) == 42.0
