@@ -553,6 +553,11 @@ def _collect_gpu(families: _Families, gpu: GpuStatus, group: GroupStatus | None)
         "powerd_gpu_configured_power_limit_watts",
         "Power limit powerd set on the GPU; absent while powerd has not set one.",
     ).add(labels, _scaled(gpu.configured_power_limit_mw, _MW_PER_W))
+    families(
+        "powerd_gpu_power_limit_lowered",
+        "1 while a power limit powerd set holds the GPU below the one it had before powerd "
+        "(an operator's, else its default: what a restore puts back), else 0.",
+    ).add(labels, gpu.configured_power_limit_mw is not None)
     families("powerd_gpu_default_power_limit_watts", "The GPU's default power limit.").add(
         labels, info.power_limit_default_mw / _MW_PER_W
     )

@@ -305,6 +305,7 @@ def test_units_are_converted_to_base_units() -> None:
     assert value(samples, "powerd_gpu_max_clock_hertz", **labels) == 1980e6
     assert value(samples, "powerd_gpu_power_limit_watts", **labels) == 650.0
     assert value(samples, "powerd_gpu_configured_power_limit_watts", **labels) == 650.0
+    assert value(samples, "powerd_gpu_power_limit_lowered", **labels) == 1.0
     assert value(samples, "powerd_gpu_default_power_limit_watts", **labels) == 700.0
     assert value(samples, "powerd_group_clock_limit_hertz", group="llama") == 1605e6
     node_w = sum(g.reading.power_mw or 0 for g in second.gpus) / 1000
@@ -369,6 +370,8 @@ def test_unknown_values_are_not_emitted() -> None:
     assert "powerd_node_power_watts" not in samples
     assert "powerd_gpu_configured_power_limit_watts" in samples
     assert [s.labels["gpu"] for s in samples["powerd_gpu_configured_power_limit_watts"]] == ["1"]
+    # Always there, so that its last value before powerd stopped says what was left.
+    assert [s.value for s in samples["powerd_gpu_power_limit_lowered"]] == [0.0, 1.0]
     for name in (
         "powerd_group_tokens_per_joule",
         "powerd_group_slo_met",
