@@ -22,6 +22,7 @@ journal could not be written. A GPU that refuses a write is degraded on its own:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from powerd.gpu.backend import GpuBackend
@@ -37,6 +38,11 @@ from powerd.logging_setup import ProblemLog
 from powerd.model import GpuInfo, GroupDecision
 
 log = logging.getLogger(__name__)
+
+DRY_RUN_LOG_S = 60.0
+"""In a dry run, each GPU's "would set" is logged at INFO at most this often (the latest;
+every change at DEBUG): the controller moves a settled clock every tick or two, and a day's
+dry run would otherwise log a line per GPU per tick."""
 
 
 @dataclass(slots=True)
@@ -66,6 +72,8 @@ class GpuControlState:
     clock_lock_supported: bool = True
     would_set: str = ""
     """In dry-run mode, the last setting that would have been written."""
+    would_set_logged_s: float | None = None
+    """When a "would set" of this GPU was last logged at INFO (monotonic)."""
 
     @property
     def observe_only(self) -> bool:
@@ -220,7 +228,12 @@ class Actuator:
                 f"limit {want_limit / 1000:.0f} W" if want_limit else "default limit"
             )
             if want_lock != state.lock_max_mhz or want_limit != state.power_limit_mw:
-                log.info("dry run: GPU %s would set %s", info.uuid, state.would_set)
+                now_s = time.monotonic()
+                logged_s = state.would_set_logged_s
+                level = logging.DEBUG
+                if logged_s is None or now_s - logged_s >= DRY_RUN_LOG_S:
+                    level, state.would_set_logged_s = logging.INFO, now_s
+                log.log(level, "dry run: GPU %s would set %s", info.uuid, state.would_set)
             state.lock_max_mhz, state.power_limit_mw = want_lock, want_limit
             return
 

@@ -226,15 +226,20 @@ def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> in
         print(f"powerd: {exc}", file=sys.stderr)
         return 1
 
-    def transform(config: Config) -> Config:
+    def transform(config: Config, *, reload: bool = True) -> Config:
         if force_dry_run:
+            if reload and not config.dry_run:
+                log.warning(
+                    "reload: the config says dry_run: false, but powerd was started with "
+                    "--dry-run, which holds until it is restarted without it"
+                )
             config = replace(config, dry_run=True)
         if simulation is not None and not config.servers:
             config = replace(config, servers=simulated_servers)
         return config
 
     try:
-        config = transform(config)
+        config = transform(config, reload=False)
         journal = journal_for(config)
         if journal.pending():
             log.warning("a previous run did not finish; restoring the GPU settings it left")

@@ -250,6 +250,8 @@ def test_dry_run_writes_nothing_even_across_a_reload(tmp_path: Path) -> None:
         output = _stop(process)
     assert process.returncode == 0, output
     assert "would set" in output
+    assert "started with --dry-run, which holds until it is restarted without it" in output
+    assert output.count("started with --dry-run") == 1, "said at the reload, not at start"
     assert not (tmp_path / "state" / "journal.json").exists()
 
 

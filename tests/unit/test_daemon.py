@@ -406,14 +406,18 @@ def test_dry_run_decides_logs_and_exports_but_never_writes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     rig = make_rig(tmp_path, record=True, dry_run=True)
-    with caplog.at_level(logging.INFO, logger="powerd.actuator"):
+    with caplog.at_level(logging.DEBUG, logger="powerd.actuator"):
         rig.run(40)
     assert rig.fake.writes == [] and rig.fake.failed_writes == []
     assert not rig.journal_path.exists()
     lowered = [d.sm_clock_max_mhz for ds in rig.recorder.decisions for d in ds]
     assert min(lowered) < 1980, "the controller decided something to write"
-    would = [r.getMessage() for r in caplog.records if "would set" in r.getMessage()]
-    assert any(f"clock<={min(lowered)} MHz" in m for m in would)
+    would = [r for r in caplog.records if "would set" in r.getMessage()]
+    assert any(f"clock<={min(lowered)} MHz" in r.getMessage() for r in would)
+    # Each change at DEBUG; at INFO a GPU's first, then at most one a minute (a day's dry run
+    # would otherwise log a line per GPU per tick).
+    assert len(would) > 10
+    assert len([r for r in would if r.levelno == logging.INFO]) == 2
     assert all(_locked(rig, i) is None for i in (0, 1))
 
     snapshot = rig.snapshots[-1]
