@@ -200,11 +200,12 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from powerd.runtime import check_config
+    from powerd.runtime import check_config, check_config_gpus
 
     config = load_config(args.config)
     check_config(config)
-    print(f"{args.config}: OK ({len(config.servers)} servers, mode {config.mode})")
+    gpus = check_config_gpus(config)
+    print(f"{args.config}: OK ({len(config.servers)} servers, mode {config.mode}; {gpus})")
     return 0
 
 

@@ -16,7 +16,7 @@ import signal
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
@@ -118,6 +118,20 @@ class WakeFlag:
 def _close_fds(*fds: int) -> None:
     for fd in fds:
         os.close(fd)
+
+
+def locate_gpu(
+    gpu: int | str, by_index: Mapping[int, str], unopened: Collection[int]
+) -> str | None:
+    """The UUID of a configured GPU (an index or a UUID) among the GPUs `by_index` names; None
+    when it may be one NVML counts but cannot open (its index is in `unopened`, or a UUID
+    while any is). LookupError when the node has no such GPU."""
+    uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
+    if uuid is not None and uuid in by_index.values():
+        return uuid
+    if gpu in unopened if isinstance(gpu, int) else bool(unopened):
+        return None
+    raise LookupError(gpu)
 
 
 @dataclass(slots=True)
@@ -359,16 +373,17 @@ class Daemon:
         uuids: list[str] = []
         missing: list[int | str] = []
         for gpu in server.gpus:
-            uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
-            if uuid is not None and (uuid in self.infos or uuid in self.lost):
-                uuids.append(uuid)
-            elif gpu in self.unopened if isinstance(gpu, int) else bool(self.unopened):
-                missing.append(gpu)
-            else:
+            try:
+                uuid = locate_gpu(gpu, by_index, self.unopened)
+            except LookupError:
                 raise ConfigError(
                     f"servers: {server.name}: no GPU {gpu!r} on this node "
                     f"(NVML opens {self._opened_text()})"
-                )
+                ) from None
+            if uuid is None:
+                missing.append(gpu)
+            else:
+                uuids.append(uuid)
         why = ""
         if not uuids and missing:
             why = (

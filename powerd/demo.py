@@ -85,6 +85,7 @@ _SIM_OPTIONS = {
     "gpu_model": "--gpu-model",
     "gpu_profile_file": "--gpu-profile",
     "model": "--model",
+    "tp": "--tp",
     "trace": "--trace",
 }
 

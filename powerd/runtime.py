@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from powerd import __version__
 from powerd.config import Config, ConfigError, ServerConfig, SimConfig
-from powerd.daemon import Daemon
+from powerd.daemon import Daemon, locate_gpu
 from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuUnavailable
@@ -108,6 +108,32 @@ def check_config(config: Config) -> None:
         check_sim_config(config.sim)
 
 
+def check_config_gpus(config: Config) -> str:
+    """ConfigError when a server names a GPU the node does not count, as `powerd run` would
+    refuse it; the GPUs are those NVML opens (the simulated node's with `gpu_backend: sim`).
+    Returns what was checked, or why the GPUs could not be (NVML not available here)."""
+    try:
+        backend = open_backend(config)
+    except GpuUnavailable as exc:
+        return f"GPUs not checked: {exc}"
+    try:
+        infos = backend.devices()
+        unopened = backend.unopened_indices()
+    finally:
+        backend.close()
+    by_index = {info.index: info.uuid for info in infos}
+    for i, server in enumerate(config.servers):
+        for j, gpu in enumerate(server.gpus or ()):
+            try:
+                locate_gpu(gpu, by_index, unopened)
+            except LookupError:
+                raise ConfigError(
+                    f"servers[{i}].gpus[{j}]: no GPU {gpu!r} on this node "
+                    f"({len(infos) + len(unopened)} GPUs counted)"
+                ) from None
+    return f"{len(infos)} GPUs opened" + (f", {len(unopened)} not" if unopened else "")
+
+
 def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None:
     """ConfigError when the simulator has no such GPU profile, model profile or trace; the
     message names the key (sim.gpu_model, ...), or its entry in `keys` (a command-line
@@ -125,9 +151,13 @@ def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None
         key = "gpu_profile_file" if sim.gpu_profile_file else "gpu_model"
         raise ConfigError(f"{name(key)}: {exc}") from None
     try:
-        get_model_profile(model_name_for(sim))
+        model = get_model_profile(model_name_for(sim))
     except ValueError as exc:
         raise ConfigError(f"{name('model')}: {exc}") from None
+    try:
+        model.kv_capacity_tokens(gpu_profile_for(sim).memory_gb, sim.tp)
+    except ValueError as exc:
+        raise ConfigError(f"{name('model')}: {exc} (give it more GPUs with {name('tp')})") from None
     trace = sim.trace
     known = (*TRACE_NAMES, "azure_conv")
     if trace is not None and trace.strip() not in known and not Path(trace).is_file():

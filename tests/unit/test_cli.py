@@ -7,6 +7,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -188,9 +189,33 @@ def test_check_config_refuses_what_run_would(
         tmp_path, {**sim, "sim": {"trace": "/missing.csv"}}, capsys
     )
     assert "sim.server_kind" in _check(tmp_path, {"sim": {"server_kind": "nope"}}, capsys)
+    assert "sim.model: llama-3.1-70b does not fit on 2 GPU(s) of 48 GiB" in _check(
+        tmp_path, {**sim, "sim": {"gpu_model": "l40s"}}, capsys
+    )
+    server = {"name": "a", "url": "http://127.0.0.1:8000/metrics"}
+    assert "servers[0].gpus[1]: no GPU 9 on this node (4 GPUs counted)" in _check(
+        tmp_path, {**sim, "servers": [{**server, "gpus": [0, 9]}]}, capsys
+    )
     assert "metrics.listen_address" in _check(
         tmp_path, {"metrics": {"listen_address": "not an address"}}, capsys
     )
+
+
+def test_check_config_checks_the_gpus_where_it_can_open_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "powerd.yaml"
+    server = {"name": "a", "url": "http://127.0.0.1:8000/metrics", "gpus": [3]}
+    path.write_text(yaml.safe_dump({"gpu_backend": "sim", "servers": [server]}))
+    assert main(["check-config", str(path)]) == 0
+    assert "OK (1 servers, mode efficiency; 4 GPUs opened)" in capsys.readouterr().out
+    path.write_text(yaml.safe_dump({"servers": [server]}))  # nvml, absent here
+    with mock.patch(
+        "powerd.runtime.open_backend",
+        side_effect=GpuUnavailable("NVML is not available: libnvidia-ml.so.1 was not found"),
+    ):
+        assert main(["check-config", str(path)]) == 0
+    assert "GPUs not checked: NVML is not available" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------ run and demo
