@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--json", action="store_true")
     probe.set_defaults(func=_cmd_probe)
 
-    status = sub.add_parser("status", help="show the running daemon's groups")
+    status = sub.add_parser("status", parents=[common], help="show the running daemon's groups")
     status.add_argument(
         "--url",
         help="the daemon's metrics URL (default: from --config, else "

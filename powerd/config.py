@@ -425,14 +425,14 @@ def load_restore_config(
         problems: list[str] = []
     except ConfigError as exc:
         error = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-        config, problems = _restore_keys(path, error)
+        config, problems = _restore_keys(path, error, state_dir)
     if state_dir is not None:
         config = dataclasses.replace(config, state_dir=state_dir)
     return config, problems
 
 
-def _restore_keys(path: str | Path, error: str) -> tuple[Config, list[str]]:
-    default = Config()
+def _restore_keys(path: str | Path, error: str, state_dir: str | None) -> tuple[Config, list[str]]:
+    default = Config() if state_dir is None else Config(state_dir=state_dir)
     try:
         data = read_yaml(path, strict=False)
     except ConfigError:
@@ -500,7 +500,23 @@ def read_yaml(path: str | Path, *, strict: bool = True) -> object:
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: where and what ("line 2, column 2: expected ',' or ']' ...
+    (while parsing a flow sequence from line 1, column 4)"); its own text spans five."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return " ".join(str(exc).split())
+    mark = exc.problem_mark
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if exc.context:
+        text += f" ({exc.context}"
+        if exc.context_mark is not None:
+            context = exc.context_mark
+            text += f" from line {context.line + 1}, column {context.column + 1}"
+        text += ")"
+    return text
 
 
 class _DuplicateKey(yaml.YAMLError):

@@ -288,9 +288,11 @@ def _number(value: float | None, digits: int) -> str:
 
 
 def _slo(met: bool | None, attainment: float | None) -> str:
+    """Whether the last tick's latency quantiles met the SLO, and the share of recent ticks
+    whose did (not of requests: a tick's p95 misses when a twentieth of its requests do)."""
     text = "-" if met is None else ("met" if met else "missed")
     if attainment is not None:
-        text += f" {attainment * 100:.0f}%"
+        text += f" {attainment * 100:.0f}% of ticks"
     return text
 
 

@@ -101,7 +101,8 @@ def test_restore_with_an_unreadable_config_and_a_state_dir_given(
             ["restore", "--config", str(tmp_path / "missing.yaml"), "--state-dir", str(tmp_path)]
         )
     assert rc == 0, "nothing to restore there"
-    assert "cannot read config" in caplog.text and "restoring with the defaults" in caplog.text
+    assert "cannot read config" in caplog.text
+    assert f"restoring with the defaults (state_dir {tmp_path}, gpu_backend nvml)" in caplog.text
 
 
 def test_a_corrupt_journal_waits_for_nvml_before_it_is_put_aside(
@@ -148,6 +149,9 @@ def test_log_level_is_checked_and_taken_after_the_subcommand_too(
     assert "invalid choice: 'loud'" in capsys.readouterr().err
     assert main(["restore", "--log-level", "DEBUG", "--state-dir", str(tmp_path)]) == 0
     assert logging.getLogger().level == logging.DEBUG
+    # Every subcommand takes it, status included (nothing listens there: exit 1, not usage's 2).
+    url = "http://127.0.0.1:9/metrics"
+    assert main(["status", "--log-level", "warning", "--url", url]) == 1
 
 
 # ------------------------------------------------------------------------ check-config

@@ -226,6 +226,14 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("servers: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    # One line that says where: a reload's log line and check-config's output stay one line.
+    bad.write_text("a: [1\nb: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(bad)
+    assert str(error.value) == (
+        f"{bad}: not valid YAML: line 2, column 2: expected ',' or ']', but got ':' "
+        "(while parsing a flow sequence from line 1, column 4)"
+    )
 
 
 def test_a_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:

@@ -110,6 +110,8 @@ def test_format_status_is_a_table_with_one_line_per_group() -> None:
         "3.75",
         "met",
         "98%",
+        "of",
+        "ticks",
         "raise_queue",
     ]
     assert lines[2].split() == ["idle", "-", "(dry", "run)", "-", "-", "-", "-", "-", "-"]
