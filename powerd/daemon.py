@@ -73,6 +73,10 @@ DISCOVERY_RETRY_S = 10.0
 """How soon the GPUs of a server that has none yet are looked for again (at boot a server
 that is still loading its model does not listen, and discovery finds nothing), and how often
 lost GPUs are."""
+GPU_STEADY_S = 600.0
+"""A GPU back from a loss counts as steady again after answering this long: until then a new
+loss is the same problem (a GPU that flaps logs a reminder every 10 min, not each loss and
+return)."""
 DISCOVERY_RETRY_MAX_S = 60.0
 """The wait between two discoveries of one server doubles up to this: each scans every
 process's sockets (psutil), which costs more the busier the node."""
@@ -223,6 +227,9 @@ class Daemon:
             self.actuator.track(info)
         self._prev_energy_mj: dict[str, int] = {}
         self._problems = ProblemLog(log)
+        self._back_since_s: dict[str, float] = {}
+        """GPUs back from a loss that are not steady yet (GPU_STEADY_S), with when they came
+        back on the loop's clock."""
         self._note_unopened()
         self._prev_tick_s: float | None = None
         self.ticks_total = 0
@@ -436,8 +443,14 @@ class Daemon:
             self._next_discovery_s = now_s + DISCOVERY_RETRY_S
         if now_s >= self._next_discovery_s:
             self._next_discovery_s = now_s + DISCOVERY_RETRY_S
-            found = self._rejoin_lost()
+            found = self._rejoin_lost(now_s)
             found = self._open_unopened() or found
+        for uuid, back_s in list(self._back_since_s.items()):
+            if now_s - back_s >= GPU_STEADY_S:
+                del self._back_since_s[uuid]
+                self._problems.cleared(
+                    ("lost", uuid), "GPU %s has answered for %g min", uuid, GPU_STEADY_S / 60
+                )
         waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
         claimed = {uuid for group in self.groups for uuid in [*group.uuids, *group.lost_uuids]}
         for group in waiting:
@@ -497,7 +510,7 @@ class Daemon:
                 changed = True
         return changed
 
-    def _rejoin_lost(self) -> bool:
+    def _rejoin_lost(self, now_s: float) -> bool:
         """Give each lost GPU that answers again back to its group, with what powerd had set
         on it put back first. True when a group's GPUs changed."""
         changed = False
@@ -506,18 +519,21 @@ class Daemon:
                 self.backend.read(uuid)
             except GpuError:
                 continue
+            # A GPU that flaps is told of when it first comes back, then by the loss's reminder.
+            level = logging.DEBUG if uuid in self._back_since_s else logging.INFO
+            self._back_since_s[uuid] = now_s
             del self.lost[uuid]
             self.infos[uuid] = info
             self.actuator.rejoin(uuid)
             changed = changed or self.config.mode == "budget"  # its reserve is let go
             owner = next((g for g in self.groups if uuid in g.lost_uuids), None)
             if owner is None:
-                log.info("GPU %s is back; no configured server uses it", uuid)
+                log.log(level, "GPU %s is back; no configured server uses it", uuid)
                 continue
             owner.lost_uuids.remove(uuid)
             back = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)
             owner.set_gpus(back, self.infos)
-            log.info("GPU %s is back; controlling it again for %s", uuid, owner.spec.name)
+            log.log(level, "GPU %s is back; controlling it again for %s", uuid, owner.spec.name)
             changed = True
         return changed
 
@@ -593,7 +609,10 @@ class Daemon:
         return readings
 
     def _drop_gpu(self, uuid: str, exc: Exception) -> None:
-        log.error(
+        flapping = uuid in self._back_since_s
+        self._problems.problem(
+            ("lost", uuid),
+            logging.ERROR,
             "GPU %s is lost (%s); keeping the others, and looking for it every %g s",
             uuid,
             exc,
@@ -611,7 +630,11 @@ class Daemon:
                 # budget, nor a decision that no GPU takes.
                 group.set_gpus([u for u in group.uuids if u != uuid], self.infos)
                 if not group.uuids:
-                    log.warning("server %s: its last GPU is lost; observed only", group.spec.name)
+                    log.log(
+                        logging.DEBUG if flapping else logging.WARNING,
+                        "server %s: its last GPU is lost; observed only",
+                        group.spec.name,
+                    )
         # Also in budget mode, whose budget now reserves what the GPU may still draw.
         self._reconfigure_policy(self.config)
 

@@ -194,6 +194,35 @@ def test_a_lost_gpu_that_answers_again_rejoins_its_group_and_a_reload_still_work
     assert rig.run_until(lambda s: _locked(rig, 1) is not None, 90), "controlled again"
 
 
+def test_a_gpu_that_flaps_is_logged_once_until_it_stays_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each loss and return of a flapping GPU is the same problem: one error and one line when
+    it is back, then the reminder, until it has answered for GPU_STEADY_S."""
+    rig = make_rig(tmp_path)
+    rig.run(5)
+    wait = int(daemon_module.DISCOVERY_RETRY_S) + 1
+    with caplog.at_level(logging.INFO, logger="powerd.daemon"):
+        for _ in range(4):
+            rig.fake.lose_gpu(1)
+            rig.run(2)
+            rig.fake.restore_gpu(1)
+            rig.run(wait)
+        assert rig.daemon.groups[1].controlled, "back and controlled after each loss"
+        lost, back = f"GPU {rig.uuid(1)} is lost", f"GPU {rig.uuid(1)} is back"
+        messages = [r.getMessage() for r in caplog.records if r.name == "powerd.daemon"]
+        assert sum(m.startswith(lost) for m in messages) == 1, messages
+        assert sum(m.startswith(back) for m in messages) == 1, messages
+        assert sum("last GPU is lost" in m for m in messages) == 1, messages
+        caplog.clear()
+        rig.run(int(daemon_module.GPU_STEADY_S))
+        assert any("has answered for 10 min" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        rig.fake.lose_gpu(1)
+        rig.run(2)
+        assert any(r.getMessage().startswith(lost) for r in caplog.records), "a new problem"
+
+
 def _lost_before_start(*indices: int) -> Callable[[SimNode], FakeNvml]:
     """A FakeNvml whose GPUs `indices` are off the bus before the daemon opens NVML."""
 
