@@ -130,7 +130,8 @@ class ControlConfig:
     """Never lock below this clock (None: the controller's own floor, a share of f_max)."""
     max_step_down_mhz: int = 240
     """Slew limit when lowering the clock, per tick. Within it the controller comes down three
-    clock steps a tick, or after a raise a quarter of the way back to the clock before it."""
+    clock steps a second, or after a raise a quarter of the way back to the clock before it
+    each second (its time constants are in seconds, whatever interval_s)."""
     dither_mhz: int = 15
     """Amplitude of the small regular probe that keeps the clock model identifiable."""
     slo_margin: float = 0.85

@@ -57,6 +57,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--policies", default=",".join(POLICY_NAMES), metavar="LIST",
         help=f"comma-separated, from: {', '.join(POLICY_NAMES)} (default: all)",
     )  # fmt: skip
+    parser.add_argument(
+        "--interval", type=float, default=1.0, metavar="S",
+        help="control tick of every policy, as the daemon's interval_s (default 1 s)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, metavar="N")
     parser.add_argument("--ttft-slo", type=float, default=2.0, metavar="S", help="default 2 s")
     parser.add_argument(
@@ -109,6 +113,7 @@ def setup_from_args(args: argparse.Namespace) -> BenchSetup:
         peak_load=peak,
         rate_scale=args.rate_scale if args.rate_scale is not None else 1.0,
         slo=SloConfig(ttft_s=args.ttft_slo, itl_s=args.itl_slo),
+        interval_s=float(args.interval),
         workers=args.workers,
         oracle=OracleOptions(window_s=float(args.oracle_window), slack=float(args.oracle_slack)),
     )

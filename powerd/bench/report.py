@@ -110,9 +110,10 @@ def _rows(result: BenchResult) -> list[list[str]]:
 
 def _headline(result: BenchResult) -> str:
     info = result.info
+    tick = f", {info.interval_s:g}-s ticks" if info.interval_s != 1.0 else ""
     return (
         f"{info.trace}, {info.duration_s:.0f} s, {info.gpus} x {info.gpu_model}, "
-        f"{info.model} TP={info.tp} ({info.server_kind}), {info.load}, seed {info.seed}; "
+        f"{info.model} TP={info.tp} ({info.server_kind}), {info.load}, seed {info.seed}{tick}; "
         f"SLO: TTFT <= {info.ttft_slo_s:g} s and mean ITL <= {info.itl_slo_s * 1e3:g} ms"
     )
 

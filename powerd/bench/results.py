@@ -91,6 +91,8 @@ class BenchInfo:
     seed: int
     load: str
     """How the trace was scaled, in words (`peak load 0.70` or `rate x1.5`)."""
+    interval_s: float = 1.0
+    """The control tick of every policy."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from powerd.bench.policies import (
     refine_around,
 )
 from powerd.bench.results import BenchInfo, BenchResult, PolicyResult
-from powerd.config import SimConfig, SloConfig
+from powerd.config import INTERVAL_RANGE_S, SimConfig, SloConfig
 from powerd.sim.models import get_model_profile
 from powerd.sim.node import SimNode
 from powerd.sim.plant import GpuProfile, load_gpu_profile
@@ -85,6 +85,11 @@ class BenchSetup:
             raise ValueError(f"--peak-load must be positive, got {self.peak_load}")
         if not self.rate_scale > 0:
             raise ValueError(f"--rate-scale must be positive, got {self.rate_scale}")
+        low_s, high_s = INTERVAL_RANGE_S
+        if not low_s <= self.interval_s <= high_s:
+            raise ValueError(
+                f"--interval must be in [{low_s:g}, {high_s:g}], got {self.interval_s:g}"
+            )
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
 
@@ -389,6 +394,7 @@ def run_bench(
         server_kind=setup.server_kind,
         seed=setup.seed,
         load=setup.load_description(),
+        interval_s=setup.interval_s,
     )
     return BenchResult(info, ordered, time.perf_counter() - started, dict(sorted(sweep.items())))
 

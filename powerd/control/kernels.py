@@ -17,19 +17,26 @@ The controller (controller_step) per group and tick:
   the TTFT SLO to prefill or a late first token (both to the clock that serves them in time:
   prefill time scales as 1/f), a KV cache at 0.9 or more full (in proportion: a lower clock
   keeps more requests running at once) or a preemption (to f_max), or a one-tick quantile
-  spike (one step); holds;
+  spike (one step); holds for a few seconds;
 - boosts one tick's cap, without moving the chosen clock, while requests wait and the prompt
   rate nears the learned prefill capacity (a prompt burst: queueing scales as 1/f), where the
   server counts prompt tokens chunk by chunk;
-- lowers only with slack, by three clock steps per tick (after a raise, a quarter of the way
-  back to the clock before it; never more than max_step_down), never below the floor, the
-  latency bound, the clock the slowest recent first token needs, the prefill-headroom bound
-  (prefill as a first-come queue: the capacity at which a new request's mean wait, from the
-  prompt load and the server's prompt-length mix, is 0.1 of the TTFT SLO; where prompts are
-  counted whole, once four capacity samples or 5 s of timed prefill are in), the learned safe
-  clock (above recent misses, late first tokens included) or the energy optimum;
+- lowers only with slack, by three clock steps a second (after a raise, a quarter of the way
+  back to the clock before it a second; never more than max_step_down a tick), never below
+  the floor, the latency bound, the clock the slowest recent first token needs, the
+  prefill-headroom bound (prefill as a first-come queue: the capacity at which a new request's
+  mean wait, from the prompt load and the server's prompt-length mix, is 0.1 of the TTFT SLO;
+  where prompts are counted whole, once 4 s of capacity samples or 5 s of timed prefill are
+  in), the learned safe clock (above recent misses, late first tokens included) or the energy
+  optimum;
 - dithers by dither_mhz when settled, clamps to supported clocks, applies the mode (target,
   budget, off) and returns to defaults at once when the observation is stale.
+
+Time constants are in seconds, not ticks: the daemon's tick (interval_s) may be 0.1 to 10 s, and
+each tick's OBS_INTERVAL_S converts them (a smoothing factor a per second becomes
+1 - (1 - a)^interval_s, a decay d per second d^interval_s), so that the controller follows the
+same time course at any tick. At a 1-s tick every conversion is exact: the decisions are those
+of a controller that counts ticks.
 
 The controller works on a structure of arrays over G groups. Row constants below name the rows
 of each array; NaN marks a value the sensors or the server did not give.
@@ -113,12 +120,20 @@ KNOB_DITHER_MHZ = 3
 KNOB_TARGET_TPJ = 4
 KNOB_BUDGET_W = 5
 KNOB_TRACK_LIMIT = 6
-N_KNOB = 7
+KNOB_INTERVAL_S = 7
+"""The configured tick, for a tick whose observation gives no interval (NaN: 1 s)."""
+N_KNOB = 8
 
 MODE_EFFICIENCY = 0
 MODE_TARGET = 1
 MODE_BUDGET = 2
 MODE_OFF = 3
+
+_CLOCK_HISTORY_BUCKETS = 3
+"""Whole seconds of clock history kept before the current one: requests' ITL averages over about
+the current interval and these three seconds."""
+_PREFILL_BUCKETS = 3
+"""Seconds of a prefill run kept: the current one and the two before it."""
 
 # State rows.
 ST_READY = 0
@@ -128,10 +143,10 @@ ST_CAP_MHZ = 2
 """The cap last emitted."""
 ST_LIMIT_MW = 3
 ST_HOLD = 4
-"""Ticks left during which the cap is not lowered (hysteresis after a raise)."""
+"""Seconds left during which the cap is not lowered (hysteresis after a raise)."""
 ST_TICK = 5
 ST_SETTLED = 6
-"""Ticks since the base last moved."""
+"""Seconds since the base last moved."""
 ST_DEMAND_TPS = 7
 ST_PROMPT_TPS = 8
 ST_ITL_S = 9
@@ -158,7 +173,7 @@ ST_PRESSURE = 23
 ST_ENERGY_OPT_MHZ = 24
 """Clock of least power at the current demand from the learned power model (NaN: none)."""
 ST_QUEUE_TREND = 25
-"""Smoothed change of the waiting count per tick."""
+"""Smoothed change of the waiting count per second."""
 ST_SAFE_MHZ = 26
 """Lowest clock above every recent SLO miss at the current demand (-inf: none)."""
 ST_RUNNING_EW = 27
@@ -183,23 +198,34 @@ ST_FINISHED_EW = 36
 """Finished requests per second, smoothed like the prompt rate (their ratio: prompt tokens
 per request)."""
 ST_CLOCK_HISTORY = 37
-"""The clocks the last few ticks allowed (the higher of cap and actual clock, newest first),
-for blaming lagging signals."""
-ST_PREFILL_RUN = ST_CLOCK_HISTORY + 3
-"""Consecutive ticks, up to the last, with requests waiting (0: none)."""
+"""The highest clock each of the last _CLOCK_HISTORY_BUCKETS whole seconds before the current
+one allowed (the higher of cap and actual clock, newest first), for blaming lagging signals."""
+ST_PREFILL_RUN = ST_CLOCK_HISTORY + _CLOCK_HISTORY_BUCKETS
+"""Seconds of consecutive ticks, up to the last, with requests waiting (0: none)."""
 ST_PREFILL_TOKENS = ST_PREFILL_RUN + 1
-"""Prompt tokens of the run's last two ticks, newest first."""
-ST_PREFILL_MHZ_S = ST_PREFILL_TOKENS + 2
-"""Clock x seconds of the same two ticks."""
-ST_PREFILL_SAMPLES = ST_PREFILL_MHZ_S + 2
-"""Capacity samples taken from runs of ticks so far (0: none)."""
+"""Prompt tokens of the run by second: the current second so far, then the two before it."""
+ST_PREFILL_MHZ_S = ST_PREFILL_TOKENS + _PREFILL_BUCKETS
+"""Clock x seconds of the same seconds."""
+ST_PREFILL_SAMPLES = ST_PREFILL_MHZ_S + _PREFILL_BUCKETS
+"""Seconds of ticks that gave a capacity sample from a run so far (0: none)."""
 ST_TIMED_TOKENS = ST_PREFILL_SAMPLES + 1
 """Where the server times its prefill passes: prompt tokens, decaying (_TIMED_HALF_LIFE_S)."""
 ST_TIMED_S = ST_TIMED_TOKENS + 1
 """Seconds of prefill passes over the same decaying window."""
 ST_TIMED_MHZ_S = ST_TIMED_S + 1
 """Clock x seconds of those passes."""
-N_ST = ST_TIMED_MHZ_S + 1
+ST_TIME_S = ST_TIMED_MHZ_S + 1
+"""Seconds of observation since the group's first tick (ticks' intervals added up)."""
+ST_CLOCK_BUCKET_MHZ = ST_TIME_S + 1
+"""The highest clock allowed in the current second so far (NaN: none yet)."""
+ST_CLOCK_BUCKET_S = ST_CLOCK_BUCKET_MHZ + 1
+"""Seconds into the current second of the clock history (ticks shorter than a second share it)."""
+ST_PREFILL_BUCKET_S = ST_CLOCK_BUCKET_S + 1
+"""Seconds in each second of ST_PREFILL_TOKENS (a tick longer than a second fills one alone)."""
+ST_DESCENT_S = ST_PREFILL_BUCKET_S + _PREFILL_BUCKETS
+"""Seconds of descent the base may still take (at most a second, or one tick when longer):
+lets ticks shorter than a second lower by less than a clock step each."""
+N_ST = ST_DESCENT_S + 1
 
 # Power-model fit layout: normal matrix (EFIT_N x EFIT_N), right-hand side, sum of y^2, sum of
 # weights. Regressors: 1, gen ktok/s, prompt ktok/s, x = (clock - f_max) in GHz, x^2.
@@ -227,10 +253,11 @@ N_CELL = 2
 
 # Miss record fields (per group and demand bin).
 MISS_COUNT = 0
-"""SLO misses blamed on a clock at this demand, decayed to MISS_TICK."""
+"""SLO misses blamed on a clock at this demand, decayed to MISS_TIME_S."""
 MISS_MHZ = 1
 """Highest clock blamed for those misses."""
-MISS_TICK = 2
+MISS_TIME_S = 2
+"""ST_TIME_S of the last miss counted."""
 N_MISS = 3
 
 DEFAULT_LOAD_BINS = 12
@@ -256,22 +283,37 @@ REASON_TARGET = 9
 REASON_ENERGY_FLOOR = 10
 REASON_RAISE_KV = 11
 
-# Tuning that is not user-facing.
+# Tuning that is not user-facing. Smoothing factors (_ALPHA) are per second and decays (_DECAY)
+# per second: _alpha_for and _decay_for convert them to a tick of any length.
 _LOWER_BAND = 0.03
 """Lower only when latencies are this share below the margin line (hysteresis band)."""
 _MISS_AIM = 0.9
 """A raise after a real SLO miss aims this far below the margin line."""
-_HOLD_RAISE_TICKS = 4.0
-_CLOCK_HISTORY_TICKS = 4
-"""This tick and the three before: requests' ITL averages over about that long."""
-_HOLD_QUEUE_TICKS = 8.0
-_HOLD_QUEUE_GROWING_TICKS = 1.0
+_HOLD_RAISE_S = 4.0
+"""After a latency raise, seconds during which the clock is not lowered: the signals lag it."""
+_HOLD_QUEUE_S = 8.0
+"""The same after a queue past max_waiting or a preemption."""
+_HOLD_QUEUE_GROWING_S = 1.0
+"""The same after a raise for a growing queue, a full KV cache or a long prefill queue."""
+_DITHER_SETTLED_S = 2.0
+"""Seconds the base must have stood still before the dither."""
+_DITHER_HALF_PERIOD_S = 1.0
+"""The dither alternates up and down every this many seconds (every tick when ticks are
+longer)."""
+_MISS_MIN_GAP_S = 1.0
+"""Misses at one demand bin count at most once a second: a tick shorter than that sees the same
+miss again."""
 _QUEUE_SLACK = 0.1
 _QUEUE_MIN = 0.25
 """Share of max_waiting a queue must reach before its growth counts (admission queues of a
 request or two are normal in continuous batching)."""
 _QUEUE_TREND = 0.5
-"""Requests per tick of sustained queue growth that raise the clock."""
+"""Requests per second of sustained queue growth that raise the clock."""
+_QUEUE_TREND_ALPHA = 0.5
+_DEMAND_ALPHA = 0.5
+_DEMAND_ALPHA_LUMPY = 0.2
+"""For servers whose counters move at request end (not realtime)."""
+_POWER_ALPHA = 0.3
 _ITL_ALPHA = 0.3
 _PROMPT_ALPHA = 0.05
 _PREFILL_UTIL = 0.6
@@ -280,12 +322,13 @@ the learned capacity, so a burst drains within the TTFT budget instead of queuei
 _PREFILL_WAIT_SHARE = 0.1
 """Keep a new request's mean wait for prefill, predicted from the server's prompt-length mix, at
 this share of the TTFT SLO (where the server has no prompt-length histogram, _PREFILL_UTIL)."""
-_PREFILL_RATE_TICKS = 3
+_PREFILL_RATE_S = 3.0
 """Where a whole prompt is counted at its first token, learn the prefill capacity from runs of
-this many ticks with requests waiting (at most 3: two ticks are kept)."""
-_PREFILL_MIN_SAMPLES = 4.0
-"""There, the headroom bound waits for this many samples: the first runs with a queue, in a
-quiet start, read the capacity low and would hold the clocks high for tens of minutes."""
+this many seconds with requests waiting (at most _PREFILL_BUCKETS)."""
+_PREFILL_MIN_SAMPLES_S = 4.0
+"""There, the headroom bound waits for this many seconds of samples: the first runs with a
+queue, in a quiet start, read the capacity low and would hold the clocks high for tens of
+minutes."""
 _TIMED_HALF_LIFE_S = 300.0
 """Where the server times its prefill passes (TGI), the capacity is the prompt tokens over the
 clock x seconds of prefill of a window with this half-life: minutes, so that prompts counted
@@ -296,7 +339,7 @@ _PREFILL_BURST = 0.8
 """A tick with requests waiting and a prompt rate past this share of the learned prefill capacity
 boosts the clock for that tick."""
 _TTFT_WORK_DECAY = 0.98
-"""About 50 ticks: long prompts come back within a minute or two when they come at all."""
+"""About 50 s: long prompts come back within a minute or two when they come at all."""
 _TTFT_WORK_AIM = 0.9
 """Serve the slowest recent first token within this share of the TTFT SLO."""
 _GUARD_TTFT_SHARE = 0.3
@@ -312,13 +355,19 @@ _QUEUE_WAIT_SHARE = 0.35
 """Raise at once when the waiting requests' prefill would take longer than this share of the
 TTFT SLO at the current clock."""
 _DESCENT_SHARE = 0.25
-"""With slack after a raise, lower by this share of the way back per tick (at least three clock
-steps, at most max_step_down): the same slack at a high clock costs the most."""
+"""With slack after a raise, lower by this share of the way back per second (at least
+_DESCENT_STEPS_PER_S, at most max_step_down a tick): the same slack at a high clock costs the
+most."""
+_DESCENT_STEPS_PER_S = 3.0
+"""With slack, lower by this many clock steps a second."""
 _TPOT_ALPHA = 0.2
-"""About 5 ticks: the life of a typical request's decode (a few hundred tokens at 10-50 ms)."""
+"""About 5 s: the life of a typical request's decode (a few hundred tokens at 10-50 ms)."""
 _CELL_DECAY = 0.99
+"""The latency cells forget over about 100 s; a tick adds its seconds of latency (x weight)."""
 _EFIT_DECAY = 0.98
+"""The power model forgets over about 50 s; a tick adds its seconds (x weight)."""
 _EFIT_MIN_W = 10.0
+"""Seconds of (weighted) power samples before the power model is fitted."""
 _ENERGY_BLOCK_T = -1.0
 """Power rises significantly as the clock falls: do not lower further (left side of the U)."""
 _ENERGY_RAISE_T = -2.0
@@ -332,9 +381,10 @@ _KAPPA_PRIOR_W = 3.0
 _KAPPA_MIN = 0.2
 _KAPPA_MAX = 1.5
 _W_MIN_ITL = 0.8
+"""Seconds of (weighted) latency a cell needs to count."""
 _MISS_DECAY = 0.99
-"""A clock blamed for an SLO miss stays suspect for ~70 ticks per miss (bursts cause misses
-too; a clock that keeps missing is avoided for longer)."""
+"""A clock blamed for an SLO miss stays suspect for ~70 s per miss (bursts cause misses too; a
+clock that keeps missing is avoided for longer)."""
 _MISS_ACTIVE = 0.5
 _TPJ_DECAY = 0.9
 _TARGET_BAND = 0.03
@@ -489,42 +539,68 @@ def fit_kappa(cells_l: np.ndarray, floor_mhz: float, width_mhz: float, f_max: fl
 
 
 @numba.njit(cache=True, nogil=True)
-def _miss_weight(count: float, miss_tick: float, tick: float) -> float:
-    if count <= 0.0:
-        return 0.0
-    return count * _MISS_DECAY ** (tick - miss_tick)
+def _alpha_for(alpha: float, interval_s: float) -> float:
+    """The smoothing factor over interval_s of one that is alpha over a second (exactly alpha at
+    1 s)."""
+    if interval_s == 1.0:
+        return alpha
+    return 1.0 - (1.0 - alpha) ** interval_s
 
 
 @numba.njit(cache=True, nogil=True)
-def record_miss(record: np.ndarray, clock_mhz: float, tick: float) -> None:
-    """Blame an SLO miss on clock_mhz in a demand bin's record (decaying count, highest clock)."""
-    weight = _miss_weight(record[MISS_COUNT], record[MISS_TICK], tick)
+def _decay_for(decay: float, interval_s: float) -> float:
+    """What is left after interval_s of a decay that leaves `decay` after a second."""
+    if interval_s == 1.0:
+        return decay
+    return decay**interval_s
+
+
+@numba.njit(cache=True, nogil=True)
+def _miss_weight(count: float, miss_s: float, now_s: float) -> float:
+    if count <= 0.0:
+        return 0.0
+    return count * _MISS_DECAY ** (now_s - miss_s)
+
+
+@numba.njit(cache=True, nogil=True)
+def record_miss(record: np.ndarray, clock_mhz: float, now_s: float, interval_s: float) -> None:
+    """Blame an SLO miss at now_s (seconds) on clock_mhz in a demand bin's record (decaying count,
+    highest clock). A miss within _MISS_MIN_GAP_S of the last one counted (to the nearest tick
+    of interval_s) only raises the clock blamed: a short tick sees the same miss again."""
+    if record[MISS_COUNT] > 0.0 and (
+        now_s - record[MISS_TIME_S] < _MISS_MIN_GAP_S - 0.5 * interval_s
+    ):
+        record[MISS_MHZ] = max(record[MISS_MHZ], clock_mhz)
+        return
+    weight = _miss_weight(record[MISS_COUNT], record[MISS_TIME_S], now_s)
     if weight < _MISS_ACTIVE:
         record[MISS_MHZ] = clock_mhz
     record[MISS_COUNT] = weight + 1.0
-    record[MISS_TICK] = tick
+    record[MISS_TIME_S] = now_s
     record[MISS_MHZ] = max(record[MISS_MHZ], clock_mhz)
 
 
 @numba.njit(cache=True, nogil=True)
-def learned_safe_mhz(misses_g: np.ndarray, load: int, clock_step_mhz: float, tick: float) -> float:
+def learned_safe_mhz(misses_g: np.ndarray, load: int, clock_step_mhz: float, now_s: float) -> float:
     """One clock step above the highest recent miss at this demand bin or any lower one (a clock
     that missed at a lower demand misses at this one too); -inf when there is none."""
     safe = -math.inf
     # Scalar reads, not a view per bin: this runs for every group every tick.
     for lb in range(load + 1):
         count = misses_g[lb, MISS_COUNT]
-        if count > 0.0 and _miss_weight(count, misses_g[lb, MISS_TICK], tick) >= _MISS_ACTIVE:
+        if count > 0.0 and _miss_weight(count, misses_g[lb, MISS_TIME_S], now_s) >= _MISS_ACTIVE:
             safe = max(safe, misses_g[lb, MISS_MHZ] + clock_step_mhz)
     return safe
 
 
 @numba.njit(cache=True, nogil=True)
-def power_fit(efit_g: np.ndarray, chol: np.ndarray, fit: np.ndarray) -> bool:
+def power_fit(efit_g: np.ndarray, chol: np.ndarray, fit: np.ndarray, sample_s: float = 1.0) -> bool:
     """Fit the power model from its normal equations into fit[N_FIT]; False without enough data.
 
-    fit holds the coefficients, the residual variance and the clock block of the inverse normal
-    matrix (for the variance of the slope at any clock). chol: float64[EFIT_N, EFIT_N] work space.
+    fit holds the coefficients, the residual variance (per second of weight) and the clock block
+    of the inverse normal matrix (for the variance of the slope at any clock). chol:
+    float64[EFIT_N, EFIT_N] work space. sample_s: the seconds each sample was weighted by (the
+    tick), so that the residual's degrees of freedom count samples, not seconds.
     """
     fit[FIT_SIGMA2] = math.nan
     w = efit_g[EFIT_W]
@@ -576,7 +652,8 @@ def power_fit(efit_g: np.ndarray, chol: np.ndarray, fit: np.ndarray) -> bool:
     fit[FIT_V_XX] = (1.0 / l_xx) / l_xx
     # Energy counters resolve power to about 1 %: a perfect fit must not make noise significant.
     mean_y = efit_g[EFIT_B] / w
-    fit[FIT_SIGMA2] = max(max(rss, 0.0) / max(w - EFIT_N, 1.0), (_POWER_RESOLUTION * mean_y) ** 2)
+    dof = max(w / sample_s - EFIT_N, 1.0)
+    fit[FIT_SIGMA2] = max(max(rss, 0.0) / dof, (_POWER_RESOLUTION * mean_y) ** 2)
     return True
 
 
@@ -736,6 +813,9 @@ def _reset_group(g: int, f_max: float, state: np.ndarray) -> None:
     state[ST_TIMED_TOKENS, g] = 0.0
     state[ST_TIMED_S, g] = 0.0
     state[ST_TIMED_MHZ_S, g] = 0.0
+    state[ST_TIME_S, g] = 0.0
+    state[ST_CLOCK_BUCKET_S, g] = 0.0
+    state[ST_DESCENT_S, g] = 0.0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -765,7 +845,13 @@ def _group_step(
     if state[ST_READY, g] < 0.5:
         _reset_group(g, f_max, state)
     state[ST_TICK, g] += 1.0
-    tick = int(state[ST_TICK, g])
+    interval_s = obs[OBS_INTERVAL_S, g]
+    if not (interval_s > 0.0 and _finite(interval_s)):
+        interval_s = knobs[KNOB_INTERVAL_S]
+        if not (interval_s > 0.0 and _finite(interval_s)):
+            interval_s = 1.0
+    now_s = state[ST_TIME_S, g] + interval_s
+    state[ST_TIME_S, g] = now_s
     out[OUT_TARGET_REACHED, g] = math.nan
     prev_cap = state[ST_CAP_MHZ, g]
     clock_step = f_max - clamp_clock_down(row, n, f_max - 1.0)
@@ -786,9 +872,6 @@ def _group_step(
         return
 
     # Sense.
-    interval_s = obs[OBS_INTERVAL_S, g]
-    if not (interval_s > 0.0 and _finite(interval_s)):
-        interval_s = 1.0
     gpu_count = obs[OBS_GPU_COUNT, g]
     if not gpu_count >= 1.0:
         gpu_count = 1.0
@@ -827,7 +910,7 @@ def _group_step(
     preempted = obs[OBS_PREEMPTIONS, g] > 0.0
 
     # Counters that move at request end are lumpy: smooth them harder (inference_server_metrics).
-    alpha_d = 0.5 if realtime else 0.2
+    alpha_d = _alpha_for(_DEMAND_ALPHA if realtime else _DEMAND_ALPHA_LUMPY, interval_s)
     demand = _ewma(state[ST_DEMAND_TPS, g], gen_tps, alpha_d)
     state[ST_DEMAND_TPS, g] = demand
     state[ST_PROMPT_TPS, g] = _ewma(state[ST_PROMPT_TPS, g], prompt_tps, alpha_d)
@@ -839,31 +922,33 @@ def _group_step(
     tpot = math.nan
     f_itl = f_now
     if realtime and running >= 1.0 and gen_tps > 0.0:
-        run_ew = _ewma(state[ST_RUNNING_EW, g], running, _TPOT_ALPHA)
-        gen_ew = _ewma(state[ST_GEN_EW, g], gen_tps, _TPOT_ALPHA)
+        alpha_tpot = _alpha_for(_TPOT_ALPHA, interval_s)
+        run_ew = _ewma(state[ST_RUNNING_EW, g], running, alpha_tpot)
+        gen_ew = _ewma(state[ST_GEN_EW, g], gen_tps, alpha_tpot)
         state[ST_RUNNING_EW, g] = run_ew
         state[ST_GEN_EW, g] = gen_ew
         tpot = run_ew / gen_ew
-        # The estimate averages the last few ticks, so it belongs to their average clock.
-        clock_ew = _ewma(state[ST_CLOCK_EW, g], f_now, _TPOT_ALPHA)
+        # The estimate averages the last few seconds, so it belongs to their average clock.
+        clock_ew = _ewma(state[ST_CLOCK_EW, g], f_now, alpha_tpot)
         state[ST_CLOCK_EW, g] = clock_ew
     elif realtime and running >= 1.0 and not _finite(gen_tps):
         # No token count this tick (a counter the server adds to in batches stood still): the
         # requests' mean ITL is what it last was, not the token-level quantile.
         tpot = state[ST_ITL_EST_S, g]
         clock_ew = state[ST_CLOCK_EW, g]
+    alpha_itl = _alpha_for(_ITL_ALPHA, interval_s)
     if _finite(tpot):
         itl = tpot
         itl_s = tpot
         f_itl = clock_ew
     else:
         itl = itl_p95
-        itl_s = _ewma(state[ST_ITL_S, g], itl_p95, _ITL_ALPHA)
+        itl_s = _ewma(state[ST_ITL_S, g], itl_p95, alpha_itl)
     state[ST_ITL_S, g] = itl_s
     state[ST_ITL_EST_S, g] = tpot
-    ttft_s = _ewma(state[ST_TTFT_S, g], ttft, _ITL_ALPHA)
+    ttft_s = _ewma(state[ST_TTFT_S, g], ttft, alpha_itl)
     state[ST_TTFT_S, g] = ttft_s
-    ttft_work = state[ST_TTFT_WORK, g] * _TTFT_WORK_DECAY
+    ttft_work = state[ST_TTFT_WORK, g] * _decay_for(_TTFT_WORK_DECAY, interval_s)
     if _finite(ttft):
         f_prefill = state[ST_CLOCK_EW, g] if _finite(state[ST_CLOCK_EW, g]) else f_now
         ttft_work = max(ttft_work, ttft * f_prefill) if _finite(ttft_work) else ttft * f_prefill
@@ -872,11 +957,16 @@ def _group_step(
     state[ST_WAITING, g] = waiting
     queue_trend = state[ST_QUEUE_TREND, g]
     if _finite(waiting) and _finite(waiting_prev):
-        queue_trend = _ewma(queue_trend, waiting - waiting_prev, 0.5)
+        queue_trend = _ewma(
+            queue_trend,
+            (waiting - waiting_prev) / interval_s,
+            _alpha_for(_QUEUE_TREND_ALPHA, interval_s),
+        )
     elif not _finite(waiting):
         queue_trend = math.nan
     state[ST_QUEUE_TREND, g] = queue_trend
-    prompt_ew = _ewma(state[ST_PROMPT_EW, g], prompt_tps, _PROMPT_ALPHA)
+    alpha_prompt = _alpha_for(_PROMPT_ALPHA, interval_s)
+    prompt_ew = _ewma(state[ST_PROMPT_EW, g], prompt_tps, alpha_prompt)
     state[ST_PROMPT_EW, g] = prompt_ew
     prefill_k = state[ST_PREFILL_K, g]
     per_chunk = obs[OBS_PROMPT_PER_CHUNK, g] > 0.5
@@ -902,35 +992,55 @@ def _group_step(
     elif waiting >= 1.0 and prompt_tps >= 0.0:
         # Requests wait while prompts are processed: the prefill budget is the bottleneck, or
         # close to it. The highest such rate per MHz approaches the capacity from below.
-        run = run + 1.0 if run >= 1.0 else 1.0
+        starting = not run > 0.0
+        run = interval_s if starting else run + interval_s
         rate_per_mhz = math.nan
         if per_chunk:
             if prompt_tps > 0.0:
                 rate_per_mhz = prompt_tps / f_work
         else:
-            # A whole prompt is counted in the tick of its first token, after ticks of work:
-            # one tick over-reads the capacity by up to that prompt, a run of ticks much less.
-            tokens = prompt_tps * interval_s
-            mhz_s = f_work * interval_s
-            if run >= _PREFILL_RATE_TICKS:
-                for j in range(_PREFILL_RATE_TICKS - 1):
+            # A whole prompt is counted in the tick of its first token, after seconds of work:
+            # one second over-reads the capacity by up to that prompt, a run of seconds much
+            # less. The run is kept by second, the current one first (to the nearest tick).
+            if starting:
+                state[ST_PREFILL_TOKENS, g] = 0.0
+                state[ST_PREFILL_MHZ_S, g] = 0.0
+                state[ST_PREFILL_BUCKET_S, g] = 0.0
+            state[ST_PREFILL_TOKENS, g] += prompt_tps * interval_s
+            state[ST_PREFILL_MHZ_S, g] += f_work * interval_s
+            state[ST_PREFILL_BUCKET_S, g] += interval_s
+            enough_s = _PREFILL_RATE_S - 0.5 * min(interval_s, 1.0)
+            if run >= enough_s:
+                tokens = state[ST_PREFILL_TOKENS, g]
+                mhz_s = state[ST_PREFILL_MHZ_S, g]
+                span_s = state[ST_PREFILL_BUCKET_S, g]
+                for j in range(1, _PREFILL_BUCKETS):
+                    if span_s >= enough_s:
+                        break
                     tokens += state[ST_PREFILL_TOKENS + j, g]
                     mhz_s += state[ST_PREFILL_MHZ_S + j, g]
+                    span_s += state[ST_PREFILL_BUCKET_S + j, g]
                 if tokens > 0.0:
                     rate_per_mhz = tokens / mhz_s
                     samples = state[ST_PREFILL_SAMPLES, g]
-                    state[ST_PREFILL_SAMPLES, g] = samples + 1.0 if samples >= 1.0 else 1.0
-            state[ST_PREFILL_TOKENS + 1, g] = state[ST_PREFILL_TOKENS, g]
-            state[ST_PREFILL_MHZ_S + 1, g] = state[ST_PREFILL_MHZ_S, g]
-            state[ST_PREFILL_TOKENS, g] = prompt_tps * interval_s
-            state[ST_PREFILL_MHZ_S, g] = f_work * interval_s
+                    state[ST_PREFILL_SAMPLES, g] = (
+                        samples + interval_s if samples > 0.0 else interval_s
+                    )
+            if state[ST_PREFILL_BUCKET_S, g] >= 1.0 - 0.5 * interval_s:
+                for j in range(_PREFILL_BUCKETS - 1, 0, -1):
+                    state[ST_PREFILL_TOKENS + j, g] = state[ST_PREFILL_TOKENS + j - 1, g]
+                    state[ST_PREFILL_MHZ_S + j, g] = state[ST_PREFILL_MHZ_S + j - 1, g]
+                    state[ST_PREFILL_BUCKET_S + j, g] = state[ST_PREFILL_BUCKET_S + j - 1, g]
+                state[ST_PREFILL_TOKENS, g] = 0.0
+                state[ST_PREFILL_MHZ_S, g] = 0.0
+                state[ST_PREFILL_BUCKET_S, g] = 0.0
         if _finite(rate_per_mhz):
             prefill_k = max(rate_per_mhz, prefill_k) if _finite(prefill_k) else rate_per_mhz
     else:
         run = 0.0
     state[ST_PREFILL_RUN, g] = run
     state[ST_PREFILL_K, g] = prefill_k
-    finished_ew = _ewma(state[ST_FINISHED_EW, g], obs[OBS_FINISHED_RPS, g], _PROMPT_ALPHA)
+    finished_ew = _ewma(state[ST_FINISHED_EW, g], obs[OBS_FINISHED_RPS, g], alpha_prompt)
     state[ST_FINISHED_EW, g] = finished_ew
     # The queue in time: waiting requests x prompt tokens per request over the prefill capacity
     # at this clock (NaN until both are learned).
@@ -948,7 +1058,7 @@ def _group_step(
     wait_s = _PREFILL_WAIT_SHARE * params[PAR_TTFT_SLO_S, g]
     learned = (
         per_chunk
-        or state[ST_PREFILL_SAMPLES, g] >= _PREFILL_MIN_SAMPLES
+        or state[ST_PREFILL_SAMPLES, g] >= _PREFILL_MIN_SAMPLES_S
         or state[ST_TIMED_S, g] >= _TIMED_MIN_S
     )
     if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew) and learned:
@@ -969,15 +1079,18 @@ def _group_step(
             prefill_min = blind_min
     state[ST_PREFILL_MIN_MHZ, g] = prefill_min
     if _finite(power_gpu_w):
-        state[ST_POWER_W, g] = _ewma(state[ST_POWER_W, g], power_gpu_w, 0.3)
+        state[ST_POWER_W, g] = _ewma(
+            state[ST_POWER_W, g], power_gpu_w, _alpha_for(_POWER_ALPHA, interval_s)
+        )
         peak = state[ST_POWER_PEAK_W, g]
         if not _finite(peak):
             peak = power_gpu_w
-        state[ST_POWER_PEAK_W, g] = max(power_gpu_w, peak * _PEAK_DECAY)
+        state[ST_POWER_PEAK_W, g] = max(power_gpu_w, peak * _decay_for(_PEAK_DECAY, interval_s))
         if _finite(gen_tps):
-            state[ST_TOKENS_EW, g] = _TPJ_DECAY * state[ST_TOKENS_EW, g] + gen_tps * interval_s
+            tpj_keep = _decay_for(_TPJ_DECAY, interval_s)
+            state[ST_TOKENS_EW, g] = tpj_keep * state[ST_TOKENS_EW, g] + gen_tps * interval_s
             state[ST_ENERGY_EW, g] = (
-                _TPJ_DECAY * state[ST_ENERGY_EW, g] + power_gpu_w * gpu_count * interval_s
+                tpj_keep * state[ST_ENERGY_EW, g] + power_gpu_w * gpu_count * interval_s
             )
             if state[ST_ENERGY_EW, g] > 0.0:
                 state[ST_TPJ, g] = state[ST_TOKENS_EW, g] / state[ST_ENERGY_EW, g]
@@ -1026,32 +1139,50 @@ def _group_step(
     # must not bend the model the decision below relies on.
     kappa = fit_kappa(cl, floor_mhz, width, f_max)
     state[ST_KAPPA, g] = kappa
+    cell_keep = _decay_for(_CELL_DECAY, interval_s)
     for c in range(n_cbin):
-        cl[c, CELL_W_ITL] *= _CELL_DECAY
-        cl[c, CELL_ITL_SUM] *= _CELL_DECAY
+        cl[c, CELL_W_ITL] *= cell_keep
+        cl[c, CELL_ITL_SUM] *= cell_keep
+    # A tick weighs what its seconds do: the estimate is smoothed over seconds, not ticks.
+    weight_s = weight * interval_s
     if _finite(itl):
-        cl[cb, CELL_W_ITL] += weight
-        cl[cb, CELL_ITL_SUM] += weight * itl
-    # Latency and queue signals lag the clock by a few ticks: blame the highest recent clock.
+        cl[cb, CELL_W_ITL] += weight_s
+        cl[cb, CELL_ITL_SUM] += weight_s * itl
+    # Latency and queue signals lag the clock by a few seconds: blame the highest recent clock.
     # The cap counts, not only the clock reached: a GPU below an unlocked cap was held by its
     # power limit, and a miss then says nothing about the clock.
     allowed = max(f_now, prev_cap) if _finite(prev_cap) else f_now
-    recent = allowed
-    for r in range(ST_CLOCK_HISTORY, ST_CLOCK_HISTORY + _CLOCK_HISTORY_TICKS - 1):
+    bucket = state[ST_CLOCK_BUCKET_MHZ, g]
+    bucket = max(bucket, allowed) if _finite(bucket) else allowed
+    recent = bucket
+    for r in range(ST_CLOCK_HISTORY, ST_CLOCK_HISTORY + _CLOCK_HISTORY_BUCKETS):
         if _finite(state[r, g]):
             recent = max(recent, state[r, g])
-    for r in range(ST_CLOCK_HISTORY + _CLOCK_HISTORY_TICKS - 2, ST_CLOCK_HISTORY, -1):
-        state[r, g] = state[r - 1, g]
-    state[ST_CLOCK_HISTORY, g] = allowed
+    # By whole seconds, to the nearest tick; a tick of several seconds fills several.
+    bucket_s = state[ST_CLOCK_BUCKET_S, g] + interval_s
+    shifts = 0
+    while bucket_s >= 0.5 and shifts < _CLOCK_HISTORY_BUCKETS:
+        for r in range(ST_CLOCK_HISTORY + _CLOCK_HISTORY_BUCKETS - 1, ST_CLOCK_HISTORY, -1):
+            state[r, g] = state[r - 1, g]
+        state[ST_CLOCK_HISTORY, g] = bucket
+        bucket_s -= 1.0
+        shifts += 1
+    if shifts > 0:
+        bucket = math.nan
+        if bucket_s >= 0.5:
+            bucket_s = 0.0
+    state[ST_CLOCK_BUCKET_MHZ, g] = bucket
+    state[ST_CLOCK_BUCKET_S, g] = bucket_s
     # A miss at f_max says nothing about the clock (the load alone did it).
     if violated and recent < f_max - clock_step:
-        record_miss(misses[g, lb], recent, float(tick))
-    safe_mhz = learned_safe_mhz(misses[g], lb, clock_step, float(tick))
+        record_miss(misses[g, lb], recent, now_s, interval_s)
+    safe_mhz = learned_safe_mhz(misses[g], lb, clock_step, now_s)
     state[ST_SAFE_MHZ, g] = safe_mhz
     if _finite(power_gpu_w) and _finite(gen_tps):
         ef = efit[g]
+        efit_keep = _decay_for(_EFIT_DECAY, interval_s)
         for k in range(N_EFIT):
-            ef[k] *= _EFIT_DECAY
+            ef[k] *= efit_keep
         # Units keep the normal matrix well conditioned: ktok/s, GHz below f_max, W/100.
         phi = fit[FIT_WORK : FIT_WORK + EFIT_N]
         phi[0] = 1.0
@@ -1062,11 +1193,11 @@ def _group_step(
         y = power_gpu_w / 100.0
         for i in range(EFIT_N):
             for j in range(EFIT_N):
-                ef[i * EFIT_N + j] += weight * phi[i] * phi[j]
-            ef[EFIT_B + i] += weight * phi[i] * y
-        ef[EFIT_YY] += weight * y * y
-        ef[EFIT_W] += weight
-    power_fit(efit[g], chol, fit)
+                ef[i * EFIT_N + j] += weight_s * phi[i] * phi[j]
+            ef[EFIT_B + i] += weight_s * phi[i] * y
+        ef[EFIT_YY] += weight_s * y * y
+        ef[EFIT_W] += weight_s
+    power_fit(efit[g], chol, fit, interval_s)
     energy_opt = power_vertex_mhz(fit, f_max)
     state[ST_ENERGY_OPT_MHZ, g] = energy_opt
     if not (energy_opt >= floor_mhz and energy_opt <= f_max):
@@ -1094,9 +1225,19 @@ def _group_step(
         base = f_max
     base = min(max(base, floor_mhz), f_max)
     hold = state[ST_HOLD, g]
+    # Holds end at the tick nearest their end.
+    if hold <= 0.5 * interval_s:
+        hold = 0.0
     reason = REASON_STEADY
     new_base = base
-    descent = min(step_down, 3.0 * clock_step)
+    # Seconds of descent: the tick's, and the rest of a second that a short tick's clock steps
+    # did not take.
+    descent_full_s = max(interval_s, 1.0)
+    descent_s = min(state[ST_DESCENT_S, g] + interval_s, descent_full_s)
+    if not descent_s >= 0.0:
+        descent_s = interval_s
+    descent_rate = _DESCENT_STEPS_PER_S * clock_step
+    descent = min(step_down, descent_rate * descent_s)
     slope, slope_t = power_slope_at(fit, base, f_max)
     state[ST_SLOPE_W_PER_MHZ, g] = slope
     state[ST_SLOPE_T, g] = slope_t
@@ -1122,13 +1263,13 @@ def _group_step(
     if preempted or queue_over:
         raise_to = f_max
         raise_reason = REASON_RAISE_KV if preempted else REASON_RAISE_QUEUE
-        raise_hold = _HOLD_QUEUE_TICKS
+        raise_hold = _HOLD_QUEUE_S
     elif queue_growing:
         # In proportion to how full the queue is against the guard: bursts of a few requests
         # are routine, a queue near the guard is nearly a miss.
         raise_to = f_now + min(1.0, waiting / max(max_waiting, 1.0)) * (f_max - f_now)
         raise_reason = REASON_RAISE_QUEUE
-        raise_hold = _HOLD_QUEUE_GROWING_TICKS
+        raise_hold = _HOLD_QUEUE_GROWING_S
     if kv_full:
         # In proportion to how close to full, at least a clock step a tick: faster decode
         # finishes requests sooner, and the cache drains as they finish.
@@ -1137,7 +1278,7 @@ def _group_step(
         if f_req > raise_to:
             raise_to = f_req
             raise_reason = REASON_RAISE_KV
-            raise_hold = max(raise_hold, _HOLD_QUEUE_GROWING_TICKS)
+            raise_hold = max(raise_hold, _HOLD_QUEUE_GROWING_S)
     wait_budget_s = _QUEUE_WAIT_SHARE * ttft_slo
     if queue_wait_s > wait_budget_s:
         # Prefill is compute-bound: the clock that drains this queue within the budget.
@@ -1145,7 +1286,7 @@ def _group_step(
         if f_req > raise_to:
             raise_to = f_req
             raise_reason = REASON_RAISE_QUEUE
-            raise_hold = max(raise_hold, _HOLD_QUEUE_GROWING_TICKS)
+            raise_hold = max(raise_hold, _HOLD_QUEUE_GROWING_S)
     if itl_hard:
         # A miss: at least halfway to f_max, further if the roofline says so.
         f_req = max(
@@ -1155,25 +1296,25 @@ def _group_step(
         if f_req > raise_to:
             raise_to = f_req
             raise_reason = REASON_RAISE_ITL
-        raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+        raise_hold = max(raise_hold, _HOLD_RAISE_S)
     elif itl_high:
         # Over the margin line: remove the excess, no more.
         f_req = roofline_inverse(kappa, f_max, f_itl, itl_s, itl_line)
         if f_req > raise_to:
             raise_to = f_req
             raise_reason = REASON_RAISE_ITL
-        raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+        raise_hold = max(raise_hold, _HOLD_RAISE_S)
     if ttft_hard:
         raise_to = f_max
         raise_reason = REASON_RAISE_TTFT
-        raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+        raise_hold = max(raise_hold, _HOLD_RAISE_S)
     elif ttft_high:
         # Prefill is compute-bound: TTFT scales as 1/f (dvfs_plant_model section 4).
         f_req = f_now * ttft_s / ttft_line
         if f_req > raise_to:
             raise_to = f_req
             raise_reason = REASON_RAISE_TTFT
-        raise_hold = max(raise_hold, _HOLD_RAISE_TICKS)
+        raise_hold = max(raise_hold, _HOLD_RAISE_S)
     nudge = False
     if raise_to == -math.inf and spike_ttft and ttft_min > max(base, f_now):
         # A first token came late: the clock that would have served it in time, at once.
@@ -1196,7 +1337,7 @@ def _group_step(
         hold = max(hold, raise_hold)
         reason = raise_reason
     elif hold > 0.0:
-        hold -= 1.0
+        hold = max(hold - interval_s, 0.0)
         reason = REASON_HOLD
     else:
         slack = True
@@ -1229,9 +1370,10 @@ def _group_step(
             raised_from = state[ST_RAISED_FROM_MHZ, g]
             if _finite(raised_from) and base > raised_from:
                 gap = base - max(bound, raised_from)
-                descent = min(step_down, max(descent, _DESCENT_SHARE * gap))
+                share = _alpha_for(_DESCENT_SHARE, descent_s)
+                descent = min(step_down, max(descent, share * gap))
             f_next = clamp_clock_up(row, n, max(base - descent, bound))
-            if f_next >= base:
+            if f_next >= base and descent_s >= descent_full_s:
                 # A clock table coarser than the slew limit: one supported step at a time.
                 below = clamp_clock_down(row, n, base - 1.0)
                 if below < base and below >= bound:
@@ -1244,13 +1386,16 @@ def _group_step(
                     new_base = f_next
                     reason = REASON_LOWER
     state[ST_HOLD, g] = hold
-    state[ST_PRESSURE, g] = 1.0 if (raise_to > -math.inf or hold > 0.0) else 0.0
+    state[ST_PRESSURE, g] = 1.0 if (raise_to > -math.inf or hold > 0.5 * interval_s) else 0.0
+    if new_base < base:
+        descent_s = max(descent_s - (base - new_base) / descent_rate, 0.0)
+    state[ST_DESCENT_S, g] = descent_s
     if new_base > base and not _finite(state[ST_RAISED_FROM_MHZ, g]):
         state[ST_RAISED_FROM_MHZ, g] = base
     elif new_base <= state[ST_RAISED_FROM_MHZ, g]:
         state[ST_RAISED_FROM_MHZ, g] = math.nan
     if new_base == base:
-        state[ST_SETTLED, g] += 1.0
+        state[ST_SETTLED, g] += interval_s
     else:
         state[ST_SETTLED, g] = 0.0
     state[ST_BASE_MHZ, g] = new_base
@@ -1276,9 +1421,9 @@ def _group_step(
         if _finite(tpj) and _finite(target_tpj) and reason != REASON_HOLD:
             if tpj < target_tpj:
                 gap = (target_tpj - tpj) / target_tpj
-                tgt -= min(descent, max(clock_step, gap * f_max))
+                tgt -= min(descent, max(clock_step, gap * f_max) * interval_s)
             elif tpj > target_tpj * (1.0 + _TARGET_BAND):
-                tgt += clock_step
+                tgt += clock_step * interval_s
             out[OUT_TARGET_REACHED, g] = 1.0 if tpj >= target_tpj * (1.0 - _TARGET_TOL) else 0.0
         tgt = min(max(tgt, new_base), f_max)
         state[ST_TARGET_MHZ, g] = tgt
@@ -1294,10 +1439,12 @@ def _group_step(
     if (
         dither > 0.0
         and reason in (REASON_STEADY, REASON_ENERGY_FLOOR)
-        and state[ST_SETTLED, g] >= 2.0
+        and state[ST_SETTLED, g] >= _DITHER_SETTLED_S - 0.5 * interval_s
         and state[ST_PRESSURE, g] < 0.5
     ):
-        if tick % 2 == 0:
+        # Up and down every _DITHER_HALF_PERIOD_S, or every tick when ticks are longer.
+        half_period_s = max(_DITHER_HALF_PERIOD_S, interval_s)
+        if math.floor(now_s / half_period_s + 0.5) % 2 == 0:
             # Rounded towards the base: a coarse clock table gets no dither rather than a big one.
             cap = clamp_clock_down(row, n, min(f_max, cap_base + dither))
         elif (not _finite(itl_ref) and running <= 0.5) or (

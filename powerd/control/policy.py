@@ -199,6 +199,7 @@ def build_arrays(
     knobs[k.KNOB_TARGET_TPJ] = _num(config.target_tokens_per_joule)
     knobs[k.KNOB_BUDGET_W] = _num(config.node_power_budget_w)
     knobs[k.KNOB_TRACK_LIMIT] = 1.0 if config.control.power_limit == "track" else 0.0
+    knobs[k.KNOB_INTERVAL_S] = config.interval_s
     return KernelArrays(
         obs=np.full((k.N_OBS, n_groups), np.nan),
         params=params,
@@ -414,7 +415,10 @@ class Controller:
                     if ready
                     else None,
                     "load_bin": _opt_int(st[k.ST_LOAD_BIN]) if ready else None,
-                    "hold_ticks": _opt_int(st[k.ST_HOLD]) if ready else None,
+                    # The hold is kept in seconds; ticks of the configured interval left.
+                    "hold_ticks": _opt_int(st[k.ST_HOLD] / self._config.interval_s)
+                    if ready
+                    else None,
                     "budget_feasible": self._budget_ok if mode == "budget" else None,
                 }
             )

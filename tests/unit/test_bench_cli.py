@@ -31,6 +31,7 @@ def test_defaults() -> None:
     assert setup.peak_load == 0.7
     assert setup.server_kind == "vllm"
     assert setup.seed == 0
+    assert setup.interval_s == 1.0
     assert setup.oracle == OracleOptions()
 
 
@@ -41,6 +42,7 @@ def test_every_option_parses() -> None:
         "--policies", "default,powerd,oracle", "--seed", "7", "--json", "/tmp/x.json",
         "--markdown", "/tmp/x.md", "--plot", "/tmp/x.png", "--ttft-slo", "3", "--itl-slo",
         "0.05", "--oracle-window", "30", "--oracle-slack", "0", "--workers", "1",
+        "--interval", "0.5",
     )  # fmt: skip
     setup = setup_from_args(args)
     assert setup.trace == "diurnal" and setup.duration_s == 120.0
@@ -50,6 +52,7 @@ def test_every_option_parses() -> None:
     assert setup.server_kind == "sglang" and setup.seed == 7
     assert (setup.slo.ttft_s, setup.slo.itl_s) == (3.0, 0.05)
     assert setup.oracle.window_s == 30.0 and setup.oracle.slack == 0.0 and setup.workers == 1
+    assert setup.interval_s == 0.5
     assert (args.json, args.markdown, args.plot) == ("/tmp/x.json", "/tmp/x.md", "/tmp/x.png")
 
 
@@ -78,6 +81,7 @@ def test_gpu_profile_file(tmp_path: Path) -> None:
         (["--duration", "0"], "--duration must be positive"),
         (["--peak-load", "-1"], "--peak-load must be positive"),
         (["--oracle-slack", "-0.1"], "--oracle-slack must be in [0, 1)"),
+        (["--interval", "20"], "--interval must be in [0.1, 10]"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_sentence(
