@@ -19,6 +19,7 @@ from powerd.bench.report import (
 )
 from powerd.bench.runner import BenchSetup, run_bench, workers_default
 from powerd.config import NAMED_SERVER_KINDS, SloConfig
+from powerd.sim.traces import trace_label
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,8 +157,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if not args.quiet:
         print(
-            f"powerd bench: {', '.join(policies)} on {setup.gpus} x {setup.gpu_model}, "
-            f"{setup.model_name} TP={setup.tp}, {setup.trace}, {setup.duration_s:.0f} s, "
+            f"powerd bench: {', '.join(policies)} on {setup.gpus} x {setup.gpu_profile().name}, "
+            f"{setup.model_name} TP={setup.tp}, {trace_label(setup.trace)}, "
+            f"{setup.duration_s:.0f} s, "
             f"{setup.workers} worker(s)",
             file=sys.stderr,
         )

@@ -39,7 +39,7 @@ from powerd.config import INTERVAL_RANGE_S, SimConfig, SloConfig
 from powerd.sim.models import get_model_profile
 from powerd.sim.node import SimNode
 from powerd.sim.plant import GpuProfile, load_gpu_profile
-from powerd.sim.traces import Arrivals, resolve_trace, scale_for_peak_load
+from powerd.sim.traces import Arrivals, resolve_trace, scale_for_peak_load, trace_label
 from powerd.simulation import DEFAULT_MODEL_FOR_TP
 
 log = logging.getLogger(__name__)
@@ -383,7 +383,7 @@ def run_bench(
         )
     ordered = {name: results[name] for name in wanted if name in results}
     info = BenchInfo(
-        trace=setup.trace,
+        trace=trace_label(setup.trace),
         gpu_model=profile.name,
         model=setup.model_name,
         gpus=setup.gpus,

@@ -311,6 +311,15 @@ def find_trace_file(file_name: str = AZURE_CONV_FILE) -> Path | None:
     return None
 
 
+def trace_label(name_or_path: str) -> str:
+    """What resolve_trace replays for this name, to label results with: the name, or for
+    "azure-conv" without its file the pattern that stands in for it, saying so."""
+    name = name_or_path.strip()
+    if name in ("azure-conv", "azure_conv") and find_trace_file() is None:
+        return f"diurnal (no {AZURE_CONV_FILE}; set {TRACE_DIR_ENV})"
+    return name
+
+
 def resolve_trace(
     name_or_path: str,
     *,
@@ -329,7 +338,7 @@ def resolve_trace(
     if name in ("azure-conv", "azure_conv"):
         path = find_trace_file()
         if path is None:
-            log.info(
+            log.warning(
                 "trace %s not found (set %s); using the diurnal pattern instead",
                 AZURE_CONV_FILE,
                 TRACE_DIR_ENV,

@@ -100,6 +100,23 @@ def test_missing_trace_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert "/nonexistent/trace.csv" in capsys.readouterr().err
 
 
+def test_a_run_without_the_azure_trace_is_labelled_with_what_it_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from powerd.sim import traces
+
+    monkeypatch.setenv(traces.TRACE_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(traces, "_repo_root", lambda: tmp_path / "repo")
+    out = tmp_path / "r.json"
+    args = _parse("--trace", "azure-conv", "--duration", "10", "--gpus", "1", "--tp", "1",
+                  "--policies", "default", "--workers", "1", "--json", str(out))  # fmt: skip
+    assert run_bench_command(args) == 0
+    label = f"diurnal (no {traces.AZURE_CONV_FILE}; set {traces.TRACE_DIR_ENV})"
+    assert json.loads(out.read_text())["trace"] == label
+    captured = capsys.readouterr()
+    assert label in captured.out and label in captured.err.splitlines()[0]
+
+
 @pytest.mark.skipif(matplotlib_available(), reason="matplotlib is installed")
 def test_plot_without_matplotlib_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_bench_command(_parse("--plot", "/tmp/never.png")) == 2
