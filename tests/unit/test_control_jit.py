@@ -9,10 +9,6 @@ NUMBA_DISABLE_JIT when it is first imported.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,9 +16,8 @@ import pytest
 from powerd.config import Config, SloConfig
 from powerd.control.policy import Controller, GroupSpec
 from powerd.model import GroupObservation
+from tests.unit.plain_python import run_without_jit
 from tests.unit.test_control_closed_loop import F_MAX, GPU, Plant
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def scenario() -> dict[str, Any]:
@@ -91,18 +86,7 @@ def _fields(o: GroupObservation) -> dict[str, Any]:
 
 def test_jitted_and_plain_python_agree() -> None:
     jitted = json.loads(json.dumps(scenario()))
-    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.unit.test_control_jit"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    plain = json.loads(proc.stdout)
+    plain = run_without_jit("tests.unit.test_control_jit")
     assert plain["jit_disabled"] is True
     assert plain["decisions"] == jitted["decisions"]
     assert plain["guards"] == jitted["guards"]

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,8 +20,9 @@ from powerd.config import Config, SloConfig
 from powerd.control import kernels as k
 from powerd.control.policy import Controller, GroupSpec
 from powerd.model import GpuInfo, GroupObservation
+from tests.unit.plain_python import run_without_jit
+from tests.unit.test_control_kernels import obs
 
-REPO = Path(__file__).resolve().parents[2]
 CLOCKS = tuple(range(345, 1981, 15))
 GPU = GpuInfo(0, "GPU-0", "H100", 200_000, 700_000, 700_000, 345, 1980, CLOCKS)
 SLO = SloConfig(itl_s=0.1, ttft_s=2.0, max_waiting=32)
@@ -34,26 +31,8 @@ INTERVALS_S = (0.5, 1.0, 2.0)
 
 def _obs(interval_s: float, clock_mhz: float | None, **kw: Any) -> GroupObservation:
     """A slack observation over interval_s (latencies far below the SLO, no queue)."""
-    values: dict[str, Any] = {
-        "group": "g0",
-        "interval_s": interval_s,
-        "gpu_count": 1,
-        "energy_j": 300.0 * interval_s,
-        "power_w": 300.0,
-        "generation_tokens_per_s": 3000.0,
-        "prompt_tokens_per_s": 6000.0,
-        "running": 40.0,
-        "waiting": 0.0,
-        "ttft_p95_s": 0.2,
-        "itl_p95_s": 0.02,
-        "sm_clock_mhz": clock_mhz,
-        "clock_event_reasons": 0,
-        "stale": False,
-        "realtime": True,
-        "prompt_per_chunk": True,
-    }
-    values.update(kw)
-    return GroupObservation(**values)
+    values: dict[str, Any] = {"energy_j": 300.0 * interval_s, **kw}
+    return obs("g0", interval_s=interval_s, sm_clock_mhz=clock_mhz, **values)
 
 
 class _Loop:
@@ -172,18 +151,7 @@ def test_same_time_course_at_half_one_and_two_second_ticks() -> None:
 
 def test_plain_python_gives_the_same_time_course() -> None:
     jitted = json.loads(json.dumps(scenarios()))
-    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.unit.test_control_seconds"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    plain = json.loads(proc.stdout)
+    plain = run_without_jit("tests.unit.test_control_seconds")
     assert plain.pop("jit_disabled") is True
     check_consistent_in_seconds(plain)
     for dt, figures in jitted.items():
