@@ -231,7 +231,9 @@ class NvmlBackend:
             try:
                 handle = self._call("nvmlDeviceGetHandleByIndex", None, index)
                 uuid = _text(self._call("nvmlDeviceGetUUID", None, handle))
-                info = self._describe(index, uuid, handle)
+                # A GPU described before keeps its description: enumerating again (for a GPU
+                # that could not be opened) must not let a transient error change it.
+                info = self._infos.get(uuid) or self._describe(index, uuid, handle)
             except GpuUnavailable:
                 raise
             except GpuError as exc:
@@ -256,11 +258,10 @@ class NvmlBackend:
                 for v in self._call("nvmlDeviceGetPowerManagementLimitConstraints", uuid, handle)
             )
             default_mw = int(self._call("nvmlDeviceGetPowerManagementDefaultLimit", uuid, handle))
-        except (GpuLost, GpuUnavailable):
-            raise
-        except GpuError:
+        except NotSupported:
             # No settable limit on this device: pin the range to what it enforces now, so
-            # clamping leaves it alone; set_power_limit then refuses with NotSupported.
+            # clamping leaves it alone; set_power_limit then refuses with NotSupported. (Any
+            # other error leaves the GPU unopened for now, to be described again.)
             enforced_mw = self._optional("nvmlDeviceGetEnforcedPowerLimit", uuid, handle)
             min_mw = max_mw = default_mw = int(enforced_mw or 0)
             self._power_fixed.add(uuid)
