@@ -22,7 +22,7 @@ from powerd.config import Config, ConfigError, ServerConfig, SimConfig
 from powerd.daemon import Daemon, locate_gpu
 from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend
-from powerd.gpu.errors import GpuUnavailable
+from powerd.gpu.errors import GpuError, GpuUnavailable
 from powerd.journal import Journal, restore_all
 from powerd.systemd import Notifier
 from powerd.webconfig import load_web_config
@@ -119,6 +119,8 @@ def check_config_gpus(config: Config) -> str:
     try:
         infos = backend.devices()
         unopened = backend.unopened_indices()
+    except GpuError as exc:
+        return f"GPUs not checked: {exc}"
     finally:
         backend.close()
     by_index = {info.index: info.uuid for info in infos}

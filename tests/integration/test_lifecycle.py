@@ -230,10 +230,18 @@ def test_bad_config_exits_78_and_names_the_key(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
-def test_check_config_accepts_the_example() -> None:
-    result = powerd("check-config", "config/powerd.yaml")
+def test_check_config_accepts_the_example(tmp_path: Path) -> None:
+    """The example, its GPUs checked against a simulated node that has them (on a real node
+    check-config checks them against the GPUs NVML opens)."""
+    text = Path("config/powerd.yaml").read_text()
+    assert "\ngpu_backend: nvml\n" in text
+    config = tmp_path / "powerd.yaml"
+    config.write_text(
+        text.replace("\ngpu_backend: nvml\n", "\ngpu_backend: sim\n") + "sim: {gpus: 6, tp: 1}\n"
+    )
+    result = powerd("check-config", str(config))
     assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
+    assert "OK (2 servers, mode efficiency; 6 GPUs opened)" in result.stdout
 
 
 def test_dry_run_writes_nothing_even_across_a_reload(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from powerd import runtime
 from powerd.actuator import Actuator
 from powerd.cli import EX_CONFIG, main
 from powerd.config import SimConfig
-from powerd.gpu.errors import GpuUnavailable
+from powerd.gpu.errors import GpuError, GpuUnavailable
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal
 from powerd.model import GroupDecision
@@ -220,6 +220,12 @@ def test_check_config_checks_the_gpus_where_it_can_open_them(
     ):
         assert main(["check-config", str(path)]) == 0
     assert "GPUs not checked: NVML is not available" in capsys.readouterr().out
+    broken = mock.Mock()
+    broken.devices.side_effect = GpuError("nvmlDeviceGetCount failed: Unknown Error")
+    with mock.patch("powerd.runtime.open_backend", return_value=broken):
+        assert main(["check-config", str(path)]) == 0
+    assert "GPUs not checked: nvmlDeviceGetCount failed" in capsys.readouterr().out
+    broken.close.assert_called_once()
 
 
 # ------------------------------------------------------------------------ run and demo
