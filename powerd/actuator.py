@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from powerd.gpu.backend import GpuBackend
@@ -74,6 +75,8 @@ class GpuControlState:
     """In dry-run mode, the last setting that would have been written."""
     would_set_logged_s: float | None = None
     """When a "would set" of this GPU was last logged at INFO (monotonic)."""
+    would_set_unlogged: bool = False
+    """A change since then was logged at DEBUG only: the setting held is due at INFO."""
 
     @property
     def observe_only(self) -> bool:
@@ -152,13 +155,16 @@ class Actuator:
         uuids: list[str],
         power_w: float | None = None,
         clock_mhz: float | None = None,
+        limits_mw: Mapping[str, int | None] | None = None,
     ) -> None:
         """Apply one group decision to each of the group's GPUs.
 
         `power_w` and `clock_mhz` are the group's mean per-GPU power and SM clock now, used
-        to derive a power limit for GPUs whose clocks cannot be locked. Raises GpuLost for the
-        first GPU that vanished, after the others had the decision; other GPU errors degrade
-        that GPU and are logged.
+        to derive a power limit for GPUs whose clocks cannot be locked. `limits_mw` are the
+        GPUs' power limits as read since powerd's last write (the tick's reading), in which
+        a limit set outside powerd is looked for; without them (between ticks) it is not.
+        Raises GpuLost for the first GPU that vanished, after the others had the decision;
+        other GPU errors degrade that GPU and are logged.
         """
         lost: GpuLost | None = None
         for uuid in uuids:
@@ -167,6 +173,8 @@ class Actuator:
                 continue
             before = (state.lock_max_mhz, state.power_limit_mw)
             try:
+                if limits_mw is not None and uuid in limits_mw and not self.dry_run:
+                    self._follow_operator(state, limits_mw[uuid])
                 self._apply_one(state, decision, power_w, clock_mhz)
                 if (state.lock_max_mhz, state.power_limit_mw) != before:
                     self._write_problems.cleared(uuid, "GPU %s: settings are written again", uuid)
@@ -207,8 +215,6 @@ class Actuator:
         clock_mhz: float | None,
     ) -> None:
         info = state.info
-        if not self.dry_run:
-            self._follow_operator(state)
         unlocked = decision.sm_clock_max_mhz >= info.sm_clock_max_mhz
         want_lock = None if unlocked else info.clamp_clock_mhz(decision.sm_clock_max_mhz)
         want_limit = decision.power_limit_mw
@@ -227,13 +233,16 @@ class Actuator:
             state.would_set = f"clock<={want_lock or info.sm_clock_max_mhz} MHz, " + (
                 f"limit {want_limit / 1000:.0f} W" if want_limit else "default limit"
             )
-            if want_lock != state.lock_max_mhz or want_limit != state.power_limit_mw:
+            changed = want_lock != state.lock_max_mhz or want_limit != state.power_limit_mw
+            if changed or state.would_set_unlogged:
                 now_s = time.monotonic()
                 logged_s = state.would_set_logged_s
-                level = logging.DEBUG
                 if logged_s is None or now_s - logged_s >= DRY_RUN_LOG_S:
-                    level, state.would_set_logged_s = logging.INFO, now_s
-                log.log(level, "dry run: GPU %s would set %s", info.uuid, state.would_set)
+                    state.would_set_logged_s, state.would_set_unlogged = now_s, False
+                    log.info("dry run: GPU %s would set %s", info.uuid, state.would_set)
+                elif changed:
+                    state.would_set_unlogged = True
+                    log.debug("dry run: GPU %s would set %s", info.uuid, state.would_set)
             state.lock_max_mhz, state.power_limit_mw = want_lock, want_limit
             return
 
@@ -265,12 +274,13 @@ class Actuator:
                         info.uuid,
                     )
 
-    def _follow_operator(self, state: GpuControlState) -> None:
-        """Take a power limit set outside powerd since its last write (`nvidia-smi -pl`) as
-        the GPU's new ceiling and the limit to restore. Only while powerd controls the limit
-        (its original saved) and knows what it left there; an unreadable limit is checked
-        again at the next decision. Raises JournalError when the new limit cannot be saved:
-        then nothing is written to the GPU (the caller observes it only) until it can."""
+    def _follow_operator(self, state: GpuControlState, now_mw: int | None) -> None:
+        """Take a power limit set outside powerd since its last write (`nvidia-smi -pl`),
+        read as now_mw, as the GPU's new ceiling and the limit to restore. Only while powerd
+        controls the limit (its original saved) and knows what it left there; an unread limit
+        (None) is looked at again at the next tick. Raises JournalError when the new limit
+        cannot be saved: then nothing is written to the GPU (the caller observes it only)
+        until it can."""
         uuid = state.info.uuid
         left_mw = state.left_limit_mw
         if left_mw is None:
@@ -280,7 +290,6 @@ class Actuator:
             if entry is None or entry.power_limit_mw is None:
                 self._left(state, None)  # restored since: the limit is as found again
                 return
-        now_mw, _ = read_power_limit_mw(self._backend, uuid)
         if now_mw is None or abs(now_mw - left_mw) <= LIMIT_TOLERANCE_MW:
             return
         if self._journal is not None:

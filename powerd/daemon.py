@@ -139,6 +139,16 @@ def locate_gpu(
 
 
 @dataclass(slots=True)
+class _LossEpisode:
+    """A GPU lost and not steady since: the first loss and return are logged, later ones are
+    the ProblemLog's reminder."""
+
+    returns: int = 0
+    back_since_s: float | None = None
+    """When it last came back (the loop's clock); None while it is lost."""
+
+
+@dataclass(slots=True)
 class Group:
     """The GPUs one inference server spans, with what the daemon remembers of them."""
 
@@ -227,9 +237,8 @@ class Daemon:
             self.actuator.track(info)
         self._prev_energy_mj: dict[str, int] = {}
         self._problems = ProblemLog(log)
-        self._back_since_s: dict[str, float] = {}
-        """GPUs back from a loss that are not steady yet (GPU_STEADY_S), with when they came
-        back on the loop's clock."""
+        self._loss_episodes: dict[str, _LossEpisode] = {}
+        """GPUs lost and not steady since (GPU_STEADY_S back): one problem to the log."""
         self._note_unopened()
         self._prev_tick_s: float | None = None
         self.ticks_total = 0
@@ -445,9 +454,10 @@ class Daemon:
             self._next_discovery_s = now_s + DISCOVERY_RETRY_S
             found = self._rejoin_lost(now_s)
             found = self._open_unopened() or found
-        for uuid, back_s in list(self._back_since_s.items()):
-            if now_s - back_s >= GPU_STEADY_S:
-                del self._back_since_s[uuid]
+        for uuid, episode in list(self._loss_episodes.items()):
+            back_s = episode.back_since_s
+            if back_s is not None and now_s - back_s >= GPU_STEADY_S:
+                del self._loss_episodes[uuid]
                 self._problems.cleared(
                     ("lost", uuid), "GPU %s has answered for %g min", uuid, GPU_STEADY_S / 60
                 )
@@ -484,8 +494,7 @@ class Daemon:
             return False
         for info in infos:
             if info.uuid not in self.infos and info.uuid not in self.lost:
-                self.infos[info.uuid] = info
-                self.actuator.track(info)
+                self._take_in(info)
         unopened_before = len(self.unopened)
         self._note_unopened()
         # In budget mode each GPU not opened holds a reserve of the budget.
@@ -498,8 +507,23 @@ class Daemon:
             except ConfigError as exc:
                 self._problems.problem(("missing", group.spec.name), logging.ERROR, "%s", exc)
                 continue
+            others = {
+                uuid
+                for other in self.groups
+                if other is not group
+                for uuid in [*other.uuids, *other.lost_uuids]
+            }
+            taken = [uuid for uuid in uuids if uuid in others]
+            if taken:
+                # Named by index here and by UUID there, say: the first server keeps it, as at
+                # start, and this one waits for nothing more.
+                log.warning(
+                    "server %s: GPUs %s already belong to another server; not taken",
+                    group.spec.name,
+                    ", ".join(taken),
+                )
             group.missing_gpus = missing
-            present = [uuid for uuid in uuids if uuid in self.infos]
+            present = [uuid for uuid in uuids if uuid in self.infos and uuid not in others]
             if present != group.uuids:
                 group.set_gpus(present, self.infos)
                 log.info(
@@ -509,6 +533,18 @@ class Daemon:
                 )
                 changed = True
         return changed
+
+    def _take_in(self, info: GpuInfo) -> None:
+        """Track a GPU that opened after start, first putting back what a previous run left
+        on it (the restore at start could not reach it)."""
+        if self.journal is not None and self.journal.get(info.uuid) is not None:
+            log.info("GPU %s opens now; restoring what a previous run left on it", info.uuid)
+            report = restore_all(self.backend, self.journal, only=[info.uuid])
+            self.restores_total += 1
+            if not report.ok:
+                self.restore_failures_total += 1
+        self.infos[info.uuid] = info
+        self.actuator.track(info)
 
     def _rejoin_lost(self, now_s: float) -> bool:
         """Give each lost GPU that answers again back to its group, with what powerd had set
@@ -520,8 +556,10 @@ class Daemon:
             except GpuError:
                 continue
             # A GPU that flaps is told of when it first comes back, then by the loss's reminder.
-            level = logging.DEBUG if uuid in self._back_since_s else logging.INFO
-            self._back_since_s[uuid] = now_s
+            episode = self._loss_episodes.setdefault(uuid, _LossEpisode())
+            level = logging.INFO if episode.returns == 0 else logging.DEBUG
+            episode.returns += 1
+            episode.back_since_s = now_s
             del self.lost[uuid]
             self.infos[uuid] = info
             self.actuator.rejoin(uuid)
@@ -583,7 +621,7 @@ class Daemon:
                 if not self.actuator.dry_run:
                     applied = _raised(decision, cap_mhz)
                 self._note_raise(group, cap_mhz, now_s)
-            self._act(group, applied, observation)
+            self._act(group, applied, observation, readings)
         self.ticks_total += 1
         stamp_s = now_s if unix_time_s is None else unix_time_s
         snapshot = self._snapshot(stamp_s, readings, samples, observations, grid)
@@ -609,15 +647,23 @@ class Daemon:
         return readings
 
     def _drop_gpu(self, uuid: str, exc: Exception) -> None:
-        flapping = uuid in self._back_since_s
+        episode = self._loss_episodes.get(uuid)
+        flapping = episode is not None
+        if episode is None:
+            episode = self._loss_episodes[uuid] = _LossEpisode()
+        episode.back_since_s = None
+        # The cause without the call that met it: a loss met by a write and one met by a read
+        # are the same problem.
+        cause = str(exc).split(" failed: ", 1)[-1]
         self._problems.problem(
             ("lost", uuid),
             logging.ERROR,
             "GPU %s is lost (%s); keeping the others, and looking for it every %g s",
             uuid,
-            exc,
+            cause,
             DISCOVERY_RETRY_S,
         )
+        log.debug("GPU %s: %s", uuid, exc)
         info = self.infos.pop(uuid, None)
         if info is not None:
             self.lost[uuid] = info
@@ -799,15 +845,29 @@ class Daemon:
             checks.append(sample.waiting <= slo.max_waiting)
         return all(checks) if checks else None
 
-    def _act(self, group: Group, decision: GroupDecision, observation: GroupObservation) -> None:
+    def _act(
+        self,
+        group: Group,
+        decision: GroupDecision,
+        observation: GroupObservation,
+        readings: dict[str, GpuReading],
+    ) -> None:
         per_gpu_power_w = (
             observation.power_w / observation.gpu_count
             if observation.power_w is not None and observation.gpu_count
             else None
         )
+        # The tick's reading shows an operator's limit set since powerd's last write.
+        limits_mw = {
+            uuid: readings[uuid].power_limit_mw for uuid in group.uuids if uuid in readings
+        }
         try:
             self.actuator.apply(
-                decision, list(group.uuids), per_gpu_power_w, observation.sm_clock_mhz
+                decision,
+                list(group.uuids),
+                per_gpu_power_w,
+                observation.sm_clock_mhz,
+                limits_mw=limits_mw,
             )
         except GpuLost as exc:
             self._drop_gpu(exc.uuid or "", exc)

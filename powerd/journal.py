@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -264,8 +265,11 @@ class Journal:
         self._left_mw = {uuid: mw for uuid, mw in self._left_mw.items() if uuid in kept}
 
 
-def restore_all(backend: GpuBackend, journal: Journal) -> RestoreReport:
-    """Put back every saved setting, newest first; never raises.
+def restore_all(
+    backend: GpuBackend, journal: Journal, *, only: Collection[str] | None = None
+) -> RestoreReport:
+    """Put back every saved setting, newest first (with `only`, those of these GPUs, the
+    others kept as they are); never raises.
 
     Per GPU: reset the locked clocks, then set the saved power limit (one saved as unknown,
     which powerd never changed, is left as it is; so is one that differs from what this
@@ -277,13 +281,16 @@ def restore_all(backend: GpuBackend, journal: Journal) -> RestoreReport:
     each GPU; the caller logs `report.summary()`.
     """
     report = RestoreReport()
-    if journal.load_error is not None:
+    if journal.load_error is not None and only is None:
         report.errors.append(journal.load_error)
         _reset_all_clocks(backend, report)
         journal.load_error = None
 
     remaining: list[JournalEntry] = []
     for entry in reversed(journal.entries()):
+        if only is not None and entry.uuid not in only:
+            remaining.append(entry)
+            continue
         outcome = _restore_one(backend, entry, journal.power_limit_left_mw(entry.uuid))
         if outcome is None:
             report.restored.append(entry.uuid)

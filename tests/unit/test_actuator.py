@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,25 @@ def test_dry_run_writes_nothing_and_keeps_the_journal_empty(tmp_path: Path, capl
     assert not journal.pending()
     assert "would set" in caplog.text
     assert "1500 MHz" in actuator.states["GPU-0"].would_set
+
+
+def test_dry_run_logs_the_setting_held_at_info_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from powerd import actuator as actuator_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(actuator_module.time, "monotonic", lambda: clock[0])
+    _, _, actuator = _actuator(tmp_path, n=1, dry_run=True)
+    with caplog.at_level("DEBUG", logger="powerd.actuator"):
+        for at_s, mhz in ((0.0, 1500), (10.0, 1410), (20.0, 1410), (70.0, 1410), (80.0, 1410)):
+            clock[0] = 1000.0 + at_s
+            actuator.apply(_decision(mhz), ["GPU-0"])
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == 2 and "1500 MHz" in info[0]
+    assert "1410 MHz" in info[1], "the setting held since, once the minute is up"
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(debug) == 1 and "1410 MHz" in debug[0]
 
 
 def test_a_limit_set_before_powerd_is_the_ceiling_and_what_comes_back(tmp_path: Path) -> None:

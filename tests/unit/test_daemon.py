@@ -33,6 +33,7 @@ from powerd.control import kernels
 from powerd.control.policy import Controller
 from powerd.daemon import Daemon
 from powerd.gpu.nvml import NvmlBackend
+from powerd.journal import Journal, restore_all
 from powerd.model import BLIND_PREFILL_SHARE, GroupDecision
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.node import SimNode, serve_node
@@ -214,8 +215,13 @@ def test_a_gpu_that_flaps_is_logged_once_until_it_stays_back(
         assert sum(m.startswith(lost) for m in messages) == 1, messages
         assert sum(m.startswith(back) for m in messages) == 1, messages
         assert sum("last GPU is lost" in m for m in messages) == 1, messages
+        # Lost again for longer than the steady time: still the same problem, not "answered".
         caplog.clear()
-        rig.run(int(daemon_module.GPU_STEADY_S))
+        rig.fake.lose_gpu(1)
+        rig.run(int(daemon_module.GPU_STEADY_S) + 5)
+        assert not any("has answered" in r.getMessage() for r in caplog.records)
+        rig.fake.restore_gpu(1)
+        rig.run(wait + int(daemon_module.GPU_STEADY_S))
         assert any("has answered for 10 min" in r.getMessage() for r in caplog.records)
         caplog.clear()
         rig.fake.lose_gpu(1)
@@ -262,6 +268,60 @@ def test_a_gpu_off_the_bus_at_start_leaves_the_others_controlled_until_it_opens(
     assert rig.snapshots[-1].gpus_unopened == 0
     assert metric_value(metric_lines(rig.metrics(), "powerd_gpus_unopened")[0]) == 0.0
     assert rig.daemon.restore() is True and _locked(rig, 1) is None
+
+
+def test_a_gpu_that_opens_late_first_gets_back_what_a_killed_run_left_on_it(
+    tmp_path: Path,
+) -> None:
+    """The restore at start cannot reach a GPU that cannot be opened: what a killed run set on
+    it is put back once it opens, before powerd controls it."""
+    rig = make_rig(tmp_path, mode="budget", node_power_budget_w=500.0)
+    rig.run(40)
+    plant = rig.node.plant
+    left_mw = plant.power_limit_mw(1)
+    assert left_mw < _default_limit_mw(rig), "the killed run left GPU 1 capped"
+    # Killed: nothing restored. powerd starts again (clocks only) while GPU 1 is off the bus.
+    fake = FakeNvml(plant, lock=rig.node.lock)
+    fake.lose_gpu(1)
+    backend = NvmlBackend(fake)
+    journal = Journal(rig.journal_path)
+    assert restore_all(backend, journal).lost == [fake.uuids[1]]
+    config = dataclasses.replace(rig.daemon.config, mode="efficiency", node_power_budget_w=None)
+    again = Daemon(config, backend, journal=journal, fetch=rig.fetch, inline_scrape=True)
+    for _ in range(5):
+        rig.node.advance(1.0)
+        again.tick(rig.node.now_s)
+    assert plant.power_limit_mw(1) == left_mw
+    fake.restore_gpu(1)
+    for _ in range(int(daemon_module.DISCOVERY_RETRY_S) + 3):
+        rig.node.advance(1.0)
+        again.tick(rig.node.now_s)
+    assert again.groups[1].uuids == [fake.uuids[1]]
+    assert plant.power_limit_mw(1) == _default_limit_mw(rig), "the killed run's cap is undone"
+    assert again.restores_total == 1 and again.restore_failures_total == 0
+    entry = journal.get(fake.uuids[1])
+    assert entry is None or entry.power_limit_mw != left_mw, "the killed run's entry is spent"
+
+
+def test_a_gpu_named_twice_that_opens_late_goes_to_one_server(tmp_path: Path) -> None:
+    """One server names GPU 1 by index, another by UUID: as at start, the first keeps it."""
+    sim = SimConfig(gpus=3, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.5)
+    fakes: list[FakeNvml] = []
+
+    def factory(node: SimNode) -> FakeNvml:
+        fakes.append(_lost_before_start(1)(node))
+        return fakes[0]
+
+    def configure(node: SimNode) -> Config:
+        s = server_configs(node)
+        by_uuid = dataclasses.replace(s[2], gpus=(fakes[0].uuids[1],))
+        return Config(servers=(s[0], dataclasses.replace(s[1], gpus=(1,)), by_uuid))
+
+    rig = make_rig(tmp_path, sim=sim, nvml_factory=factory, configure=configure)
+    rig.run(3)
+    rig.fake.restore_gpu(1)
+    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 1)
+    assert [group.uuids for group in rig.daemon.groups] == [[rig.uuid(0)], [rig.uuid(1)], []]
 
 
 def test_a_gpu_the_node_does_not_count_is_still_a_config_error(tmp_path: Path) -> None:
@@ -1204,6 +1264,24 @@ def _check_budget_reserve(rig: Rig, reserve_w: float, budget_w: float = 1400.0) 
     rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 5)
     limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(4)]
     assert budget_w - 60.0 < sum(limits_w) <= budget_w + 10.0, limits_w
+
+
+def test_in_budget_mode_an_operators_cap_set_while_powerd_runs_holds_to_the_stop(
+    tmp_path: Path,
+) -> None:
+    """The daemon's tick reading shows an `nvidia-smi -pl` made while powerd runs: the GPU is
+    never set above it again, and a stop puts it back rather than the limit before it."""
+    sim = SimConfig(gpus=2, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+    rig = make_rig(tmp_path, sim=sim, mode="budget", node_power_budget_w=1000.0)
+    rig.run(30)
+    handle = rig.fake.nvmlDeviceGetHandleByIndex(0)
+    rig.fake.nvmlDeviceSetPowerManagementLimit(handle, 250_000)
+    for _ in range(30):
+        rig.run(1)
+        assert rig.node.plant.power_limit_mw(0) <= 250_000
+    assert rig.daemon.restore() is True
+    assert rig.node.plant.power_limit_mw(0) == 250_000
+    assert rig.node.plant.power_limit_mw(1) == _default_limit_mw(rig)
 
 
 def test_a_reload_that_changes_nothing_keeps_a_group_with_a_lost_rank(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from powerd.actuator import Actuator
+from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal, restore_all
@@ -24,26 +25,34 @@ def _saved_mw(journal: Journal) -> int | None:
     return entry.power_limit_mw
 
 
+def _tick(
+    actuator: Actuator, backend: GpuBackend, decision: GroupDecision, uuids: list[str]
+) -> None:
+    """Apply a decision as a tick does: with the GPUs' limits read before it."""
+    limits_mw = {uuid: backend.read(uuid).power_limit_mw for uuid in uuids}
+    actuator.apply(decision, uuids, limits_mw=limits_mw)
+
+
 def _limits(backend: RecordingBackend) -> list[int]:
     return [args[0] for op, _, args in backend.writes if op == "limit"]
 
 
 def test_an_operator_who_lowers_the_cap_is_never_raised_above(tmp_path: Path) -> None:
     backend, journal, actuator = _actuator(tmp_path, n=1)
-    actuator.apply(_decision(1980, 400_000), ["GPU-0"])  # powerd's share of a node budget
+    _tick(actuator, backend, _decision(1980, 400_000), ["GPU-0"])  # powerd's share of a node budget
     backend.limits["GPU-0"] = 300_000  # nvidia-smi -pl 300
-    actuator.apply(_decision(1980, 400_000), ["GPU-0"])
-    actuator.apply(_decision(1980, 420_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 400_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 420_000), ["GPU-0"])
     assert _limits(backend) == [400_000], "a larger share must not lift the operator's cap"
     assert backend.limits["GPU-0"] == 300_000
     assert _saved_mw(journal) == 300_000
     assert _saved_mw(Journal(journal.path)) == 300_000, "saved for a crash"
 
-    actuator.apply(_decision(1980, 250_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 250_000), ["GPU-0"])
     assert backend.limits["GPU-0"] == 250_000, "below the operator's cap powerd still acts"
-    actuator.apply(_decision(1980, None), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, None), ["GPU-0"])
     assert backend.limits["GPU-0"] == 300_000, "no limit of powerd's: the operator's, not 700 W"
-    actuator.apply(_decision(1980, 260_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 260_000), ["GPU-0"])
     assert restore_all(backend, journal).ok
     assert backend.limits["GPU-0"] == 300_000
 
@@ -53,27 +62,27 @@ def test_an_operator_who_lifts_the_cap_sets_the_new_ceiling_and_what_stop_restor
 ) -> None:
     backend, journal, actuator = _actuator(tmp_path, n=1)
     backend.limits["GPU-0"] = 400_000  # a cap set before powerd started
-    actuator.apply(_decision(1980, 300_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 300_000), ["GPU-0"])
     backend.limits["GPU-0"] = 600_000  # the operator lifts it while powerd runs
-    actuator.apply(_decision(1980, 300_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 300_000), ["GPU-0"])
     assert backend.limits["GPU-0"] == 300_000, "powerd's share holds again under the new cap"
-    actuator.apply(_decision(1980, 500_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 500_000), ["GPU-0"])
     assert backend.limits["GPU-0"] == 500_000, "not held to the 400 W cap the operator lifted"
     assert _saved_mw(journal) == 600_000
-    actuator.apply(_decision(1980, 650_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 650_000), ["GPU-0"])
     assert backend.limits["GPU-0"] == 600_000, "a share above the new cap puts that cap back"
-    actuator.apply(_decision(1980, 300_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 300_000), ["GPU-0"])
     assert restore_all(backend, journal).ok
     assert backend.limits["GPU-0"] == 600_000, "stop puts back the operator's limit, not 400 W"
 
 
 def test_an_operators_change_is_warned_about_once(tmp_path: Path, caplog) -> None:
     backend, _, actuator = _actuator(tmp_path, n=1)
-    actuator.apply(_decision(1980, 400_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 400_000), ["GPU-0"])
     backend.limits["GPU-0"] = 300_000
     with caplog.at_level("INFO", logger="powerd.actuator"):
         for share_mw in (400_000, 420_000, 380_000, 400_000):
-            actuator.apply(_decision(1980, share_mw), ["GPU-0"])
+            _tick(actuator, backend, _decision(1980, share_mw), ["GPU-0"])
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1, warnings
     assert "GPU-0" in warnings[0] and "300 W" in warnings[0] and "400 W" in warnings[0]
@@ -87,7 +96,7 @@ def test_a_limit_set_after_powerds_last_write_is_kept_at_stop(tmp_path: Path) ->
     actuator = Actuator(backend, journal, dry_run=False)
     actuator.track(info)
     budget = GroupDecision("g", info.sm_clock_max_mhz, 400_000, "budget")
-    actuator.apply(budget, [info.uuid])
+    _tick(actuator, backend, budget, [info.uuid])
     assert fake.plant.power_limit_mw(0) == 400_000
     # nvidia-smi -pl 550, then systemctl stop powerd before the next tick
     fake.nvmlDeviceSetPowerManagementLimit(fake.nvmlDeviceGetHandleByIndex(0), 550_000)
@@ -99,9 +108,9 @@ def test_after_a_crash_restore_puts_back_the_saved_limit(tmp_path: Path) -> None
     """A new process knows nothing of what the last one left on the GPU: the saved limit
     (the operator's, once adopted) comes back."""
     backend, journal, actuator = _actuator(tmp_path, n=1)
-    actuator.apply(_decision(1980, 400_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 400_000), ["GPU-0"])
     backend.limits["GPU-0"] = 500_000
-    actuator.apply(_decision(1980, 400_000), ["GPU-0"])  # adopted; 400 W written again
+    _tick(actuator, backend, _decision(1980, 400_000), ["GPU-0"])  # adopted; 400 W written again
     assert restore_all(backend, Journal(journal.path)).ok
     assert backend.limits["GPU-0"] == 500_000
 
@@ -126,12 +135,12 @@ def test_a_limit_that_reads_back_off_after_a_failed_write_is_no_operators(
     journal = Journal(tmp_path / "journal.json")
     actuator = Actuator(backend, journal, dry_run=False)
     actuator.track(backend.infos[0])
-    actuator.apply(_decision(1980, 400_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 400_000), ["GPU-0"])
     backend.off_mw = 5_000
-    actuator.apply(_decision(1980, 300_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 300_000), ["GPU-0"])
     assert backend.limits["GPU-0"] == 305_000
     backend.off_mw = 0
-    actuator.apply(_decision(1980, 300_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 300_000), ["GPU-0"])
     assert backend.limits["GPU-0"] == 300_000
     assert _saved_mw(journal) == 700_000, "still the limit found at start"
 
@@ -139,12 +148,12 @@ def test_a_limit_that_reads_back_off_after_a_failed_write_is_no_operators(
 def test_a_gpu_reset_while_it_was_lost_is_no_operators_change(tmp_path: Path) -> None:
     backend, journal, actuator = _actuator(tmp_path, n=1)
     backend.limits["GPU-0"] = 400_000
-    actuator.apply(_decision(1980, 300_000), ["GPU-0"])
-    actuator.apply(_decision(1980, None), ["GPU-0"])  # back at the 400 W cap
+    _tick(actuator, backend, _decision(1980, 300_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, None), ["GPU-0"])  # back at the 400 W cap
     actuator.lose("GPU-0")
     backend.limits["GPU-0"] = 700_000  # the reset that brought it back
     actuator.rejoin("GPU-0")
-    actuator.apply(_decision(1980, None), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, None), ["GPU-0"])
     assert _saved_mw(journal) == 400_000
     assert restore_all(backend, journal).ok
     assert backend.limits["GPU-0"] == 400_000
@@ -154,9 +163,9 @@ def test_without_a_journal_the_operators_limit_is_the_ceiling(tmp_path: Path) ->
     backend = RecordingBackend(1)
     actuator = Actuator(backend, None, dry_run=False)
     actuator.track(backend.infos[0])
-    actuator.apply(_decision(1980, 400_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 400_000), ["GPU-0"])
     backend.limits["GPU-0"] = 300_000
-    actuator.apply(_decision(1980, 450_000), ["GPU-0"])
-    actuator.apply(_decision(1980, None), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, 450_000), ["GPU-0"])
+    _tick(actuator, backend, _decision(1980, None), ["GPU-0"])
     assert backend.limits["GPU-0"] == 300_000
     assert _limits(backend) == [400_000]
