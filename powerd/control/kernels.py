@@ -359,6 +359,8 @@ _DESCENT_SHARE = 0.25
 _DESCENT_STEPS_PER_S, at most max_step_down a tick): the same slack at a high clock costs the
 most."""
 _DESCENT_STEPS_PER_S = 3.0
+_DESCENT_JITTER = 0.95
+"""Seconds of descent within this share of a full second (or tick) count as the full one."""
 """With slack, lower by this many clock steps a second."""
 _TPOT_ALPHA = 0.2
 """About 5 s: the life of a typical request's decode (a few hundred tokens at 10-50 ms)."""
@@ -1236,6 +1238,10 @@ def _group_step(
     descent_s = min(state[ST_DESCENT_S, g] + interval_s, descent_full_s)
     if not descent_s >= 0.0:
         descent_s = interval_s
+    if descent_s >= _DESCENT_JITTER * descent_full_s:
+        # A real loop's tick is a few ms either side of its interval: one just short of a
+        # second takes the second's steps, not one step fewer after rounding to the table.
+        descent_s = descent_full_s
     descent_rate = _DESCENT_STEPS_PER_S * clock_step
     descent = min(step_down, descent_rate * descent_s)
     slope, slope_t = power_slope_at(fit, base, f_max)

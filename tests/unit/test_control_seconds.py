@@ -136,6 +136,18 @@ def check_consistent_in_seconds(result: dict[str, Any]) -> None:
     assert abs(fast["descent_cap_mhz"] - slow["descent_cap_mhz"]) <= 15
 
 
+def test_a_tick_a_few_ms_either_side_of_a_second_descends_as_one_second_ticks() -> None:
+    """A real loop's ticks jitter around its interval: those just short of a second must not
+    each lose a clock step to rounding (before, 0.998-s ticks came down at two steps a tick)."""
+    for interval_s in (0.998, 1.002):
+        controller = Controller(Config(interval_s=1.0), [GroupSpec("g0", "s0", (GPU,), SLO)])
+        cap: float | None = None
+        for tick in range(1, 13):  # twelve ticks, as the 12 s at one-second ticks
+            now_s = tick * interval_s
+            cap = controller.decide(now_s, [_obs(interval_s, cap)])[0].sm_clock_max_mhz
+        assert cap == descent_cap_mhz(1.0), interval_s
+
+
 def test_conversions_are_exact_at_one_second() -> None:
     for alpha in (0.05, 0.2, 0.3, 0.5):
         assert k._alpha_for(alpha, 1.0) == alpha
