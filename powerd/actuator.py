@@ -161,8 +161,8 @@ class Actuator:
 
         `power_w` and `clock_mhz` are the group's mean per-GPU power and SM clock now, used
         to derive a power limit for GPUs whose clocks cannot be locked. `limits_mw` are the
-        GPUs' power limits as read since powerd's last write (the tick's reading), in which
-        a limit set outside powerd is looked for; without them (between ticks) it is not.
+        GPUs' power limits as the tick read them, in which a limit set outside powerd is
+        looked for even when nothing is to be written (every limit write also reads it first).
         Raises GpuLost for the first GPU that vanished, after the others had the decision;
         other GPU errors degrade that GPU and are logged.
         """
@@ -173,7 +173,7 @@ class Actuator:
                 continue
             before = (state.lock_max_mhz, state.power_limit_mw)
             try:
-                if limits_mw is not None and uuid in limits_mw and not self.dry_run:
+                if limits_mw is not None and limits_mw.get(uuid) is not None and not self.dry_run:
                     self._follow_operator(state, limits_mw[uuid])
                 self._apply_one(state, decision, power_w, clock_mhz)
                 if (state.lock_max_mhz, state.power_limit_mw) != before:
@@ -260,7 +260,8 @@ class Actuator:
                 self._apply_one(state, decision, power_w, clock_mhz)
                 return
         if want_limit != state.power_limit_mw and self._save_limit(state):
-            # The saved original, not an earlier read, is the ceiling.
+            self._follow_operator(state)
+            # The saved original (or the operator's since), not an earlier read, is the ceiling.
             want_limit = self._capped_mw(state, want_limit)
             if want_limit == state.power_limit_mw:
                 return
@@ -274,13 +275,15 @@ class Actuator:
                         info.uuid,
                     )
 
-    def _follow_operator(self, state: GpuControlState, now_mw: int | None) -> None:
-        """Take a power limit set outside powerd since its last write (`nvidia-smi -pl`),
-        read as now_mw, as the GPU's new ceiling and the limit to restore. Only while powerd
-        controls the limit (its original saved) and knows what it left there; an unread limit
-        (None) is looked at again at the next tick. Raises JournalError when the new limit
-        cannot be saved: then nothing is written to the GPU (the caller observes it only)
-        until it can."""
+    def _follow_operator(self, state: GpuControlState, now_mw: int | None = None) -> None:
+        """Take a power limit set outside powerd since its last write (`nvidia-smi -pl`) as
+        the GPU's new ceiling and the limit to restore. `now_mw` is the limit as the tick read
+        it (which shows a change while powerd writes nothing); without it the limit is read
+        now (one call), as before every limit write on any path (a tick, the prefill guard, a
+        reload's release, a put-back), so an operator's limit set after the tick's read is not
+        overwritten unseen. Only while powerd knows what it left there. Raises JournalError
+        when the new limit cannot be saved: then nothing is written to the GPU (the caller
+        observes it only) until it can."""
         uuid = state.info.uuid
         left_mw = state.left_limit_mw
         if left_mw is None:
@@ -290,6 +293,8 @@ class Actuator:
             if entry is None or entry.power_limit_mw is None:
                 self._left(state, None)  # restored since: the limit is as found again
                 return
+        if now_mw is None:
+            now_mw = self._backend.power_limit_mw(uuid)
         if now_mw is None or abs(now_mw - left_mw) <= LIMIT_TOLERANCE_MW:
             return
         if self._journal is not None:
@@ -413,8 +418,10 @@ class Actuator:
                 self._backend.reset_locked_clocks(uuid)
                 state.lock_max_mhz = None
             if state.power_limit_mw is not None:
+                self._follow_operator(state)  # the operator's limit since, if any, stays
+            if state.power_limit_mw is not None:
                 self._write_limit(state, None)
-        except GpuError as exc:
+        except (GpuError, JournalError) as exc:
             log.error(
                 "GPU %s: cannot put back its settings (%s); `powerd restore` does at exit",
                 uuid,

@@ -144,8 +144,12 @@ class _LossEpisode:
     the ProblemLog's reminder."""
 
     returns: int = 0
+    losses: int = 1
     back_since_s: float | None = None
     """When it last came back (the loop's clock); None while it is lost."""
+    lost_since_s: float | None = None
+    """When it was last lost (the loop's clock); None while it is back."""
+    told_still_lost: bool = False
 
 
 @dataclass(slots=True)
@@ -233,8 +237,10 @@ class Daemon:
         self.unopened: dict[int, str] = {}
         """GPUs NVML counts but cannot open (lost before powerd started, no permission), by
         index, with why; opened again every DISCOVERY_RETRY_S."""
-        for info in self.infos.values():
-            self.actuator.track(info)
+        self.restores_total = 0
+        self.restore_failures_total = 0
+        for info in list(self.infos.values()):
+            self._take_in(info)
         self._prev_energy_mj: dict[str, int] = {}
         self._problems = ProblemLog(log)
         self._loss_episodes: dict[str, _LossEpisode] = {}
@@ -242,8 +248,6 @@ class Daemon:
         self._note_unopened()
         self._prev_tick_s: float | None = None
         self.ticks_total = 0
-        self.restores_total = 0
-        self.restore_failures_total = 0
         self.grid = GridSignal(config.grid)
         # Grid totals by group (and currency); kept across reloads, which rebuild the groups.
         self._energy_cost_total: dict[tuple[str, str], float] = {}
@@ -455,6 +459,22 @@ class Daemon:
             found = self._rejoin_lost(now_s)
             found = self._open_unopened() or found
         for uuid, episode in list(self._loss_episodes.items()):
+            lost_s = episode.lost_since_s
+            if (
+                episode.returns
+                and lost_s is not None
+                and not episode.told_still_lost
+                and now_s - lost_s >= GPU_STEADY_S
+            ):
+                # After a flapping episode's quiet losses, say that this one lasts.
+                episode.told_still_lost = True
+                log.error(
+                    "GPU %s is still lost, %g min after its last loss (%d losses since it "
+                    "first went)",
+                    uuid,
+                    GPU_STEADY_S / 60,
+                    episode.losses,
+                )
             back_s = episode.back_since_s
             if back_s is not None and now_s - back_s >= GPU_STEADY_S:
                 del self._loss_episodes[uuid]
@@ -515,15 +535,19 @@ class Daemon:
             }
             taken = [uuid for uuid in uuids if uuid in others]
             if taken:
-                # Named by index here and by UUID there, say: the first server keeps it, as at
-                # start, and this one waits for nothing more.
+                # Named by index here and by UUID there, say: as at start, the server whose
+                # GPUs another one holds is observed only, and waits for nothing more.
                 log.warning(
-                    "server %s: GPUs %s already belong to another server; not taken",
+                    "server %s: observed only, its GPUs are not controlled: GPUs %s already "
+                    "belong to another server",
                     group.spec.name,
                     ", ".join(taken),
                 )
+                uuids, missing = [], []
             group.missing_gpus = missing
-            present = [uuid for uuid in uuids if uuid in self.infos and uuid not in others]
+            present = [uuid for uuid in uuids if uuid in self.infos]
+            # A GPU the group gives up goes back as found, as a reload's release does.
+            self._release([uuid for uuid in group.uuids if uuid not in present])
             if present != group.uuids:
                 group.set_gpus(present, self.infos)
                 log.info(
@@ -535,10 +559,10 @@ class Daemon:
         return changed
 
     def _take_in(self, info: GpuInfo) -> None:
-        """Track a GPU that opened after start, first putting back what a previous run left
-        on it (the restore at start could not reach it)."""
+        """Track a GPU, first putting back what a previous run left on it where the restore
+        at start could not (the GPU was off the bus then, or opened only after it)."""
         if self.journal is not None and self.journal.get(info.uuid) is not None:
-            log.info("GPU %s opens now; restoring what a previous run left on it", info.uuid)
+            log.info("GPU %s: restoring what a previous run left on it", info.uuid)
             report = restore_all(self.backend, self.journal, only=[info.uuid])
             self.restores_total += 1
             if not report.ok:
@@ -559,7 +583,8 @@ class Daemon:
             episode = self._loss_episodes.setdefault(uuid, _LossEpisode())
             level = logging.INFO if episode.returns == 0 else logging.DEBUG
             episode.returns += 1
-            episode.back_since_s = now_s
+            episode.back_since_s, episode.lost_since_s = now_s, None
+            episode.told_still_lost = False
             del self.lost[uuid]
             self.infos[uuid] = info
             self.actuator.rejoin(uuid)
@@ -651,7 +676,10 @@ class Daemon:
         flapping = episode is not None
         if episode is None:
             episode = self._loss_episodes[uuid] = _LossEpisode()
+        else:
+            episode.losses += 1
         episode.back_since_s = None
+        episode.lost_since_s = self._prev_tick_s  # this tick's time
         # The cause without the call that met it: a loss met by a write and one met by a read
         # are the same problem.
         cause = str(exc).split(" failed: ", 1)[-1]
@@ -857,7 +885,7 @@ class Daemon:
             if observation.power_w is not None and observation.gpu_count
             else None
         )
-        # The tick's reading shows an operator's limit set since powerd's last write.
+        # The tick's reading shows an operator's limit even when powerd writes none.
         limits_mw = {
             uuid: readings[uuid].power_limit_mw for uuid in group.uuids if uuid in readings
         }

@@ -355,7 +355,7 @@ def _restore_one(
 def read_power_limit_mw(backend: GpuBackend, uuid: str) -> tuple[int | None, str]:
     """(the GPU's power limit now, mW, or None with why it could not be read). Raises GpuLost."""
     try:
-        power_limit_mw = backend.read(uuid).power_limit_mw
+        power_limit_mw = backend.power_limit_mw(uuid)
     except GpuLost:
         raise
     except GpuError as exc:

@@ -25,6 +25,10 @@ class GpuBackend(Protocol):
         """One telemetry reading. Raises GpuLost when the device is gone."""
         ...
 
+    def power_limit_mw(self, uuid: str) -> int | None:
+        """The power limit now (one call; None when it cannot be read). Raises GpuLost."""
+        ...
+
     def set_locked_clocks(self, uuid: str, min_mhz: int, max_mhz: int) -> tuple[int, int]:
         """Lock the SM clock into [min_mhz, max_mhz] after clamping; returns the applied range."""
         ...

@@ -258,10 +258,12 @@ class NvmlBackend:
                 for v in self._call("nvmlDeviceGetPowerManagementLimitConstraints", uuid, handle)
             )
             default_mw = int(self._call("nvmlDeviceGetPowerManagementDefaultLimit", uuid, handle))
-        except NotSupported:
-            # No settable limit on this device: pin the range to what it enforces now, so
-            # clamping leaves it alone; set_power_limit then refuses with NotSupported. (Any
-            # other error leaves the GPU unopened for now, to be described again.)
+        except (GpuLost, GpuUnavailable):
+            raise
+        except GpuError:
+            # No settable limit on this device (or none readable when it was described): pin
+            # the range to what it enforces now, so clamping leaves it alone; set_power_limit
+            # then refuses with NotSupported. A GPU is described once (devices() keeps it).
             enforced_mw = self._optional("nvmlDeviceGetEnforcedPowerLimit", uuid, handle)
             min_mw = max_mw = default_mw = int(enforced_mw or 0)
             self._power_fixed.add(uuid)
@@ -339,6 +341,11 @@ class NvmlBackend:
             raise
         except GpuError:
             return None
+
+    def power_limit_mw(self, uuid: str) -> int | None:
+        """The power limit now; None when it cannot be read. Raises GpuLost."""
+        handle = self._handle(uuid)
+        return _int_or_none(self._optional("nvmlDeviceGetPowerManagementLimit", uuid, handle))
 
     def read(self, uuid: str) -> GpuReading:
         """One telemetry reading; a value the device cannot give is None. Raises GpuLost."""

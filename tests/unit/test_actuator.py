@@ -47,6 +47,9 @@ class RecordingBackend:
     def unopened_indices(self) -> dict[int, str]:
         return {}
 
+    def power_limit_mw(self, uuid: str) -> int | None:
+        return None if uuid in self.unreadable else self.limits[uuid]
+
     def read(self, uuid: str) -> GpuReading:
         limit_mw = None if uuid in self.unreadable else self.limits[uuid]
         return GpuReading(uuid, 0, 0.0, 300_000, 0, 1980, limit_mw, None, 0, 50)

@@ -215,11 +215,16 @@ def test_a_gpu_that_flaps_is_logged_once_until_it_stays_back(
         assert sum(m.startswith(lost) for m in messages) == 1, messages
         assert sum(m.startswith(back) for m in messages) == 1, messages
         assert sum("last GPU is lost" in m for m in messages) == 1, messages
-        # Lost again for longer than the steady time: still the same problem, not "answered".
+        # Lost again for longer than the steady time: still the same problem, not "answered",
+        # and the log says it lasts.
         caplog.clear()
         rig.fake.lose_gpu(1)
         rig.run(int(daemon_module.GPU_STEADY_S) + 5)
         assert not any("has answered" in r.getMessage() for r in caplog.records)
+        gone = f"GPU {rig.uuid(1)} is still lost"
+        still = [r for r in caplog.records if r.getMessage().startswith(gone)]
+        assert len(still) == 1 and still[0].levelno == logging.ERROR
+        assert "(5 losses since it first went)" in still[0].getMessage()
         rig.fake.restore_gpu(1)
         rig.run(wait + int(daemon_module.GPU_STEADY_S))
         assert any("has answered for 10 min" in r.getMessage() for r in caplog.records)
@@ -314,14 +319,35 @@ def test_a_gpu_named_twice_that_opens_late_goes_to_one_server(tmp_path: Path) ->
 
     def configure(node: SimNode) -> Config:
         s = server_configs(node)
-        by_uuid = dataclasses.replace(s[2], gpus=(fakes[0].uuids[1],))
+        by_uuid = dataclasses.replace(s[2], gpus=(2, fakes[0].uuids[1]))
         return Config(servers=(s[0], dataclasses.replace(s[1], gpus=(1,)), by_uuid))
 
     rig = make_rig(tmp_path, sim=sim, nvml_factory=factory, configure=configure)
-    rig.run(3)
+    rig.run_until(lambda s: _locked(rig, 2) is not None, 60)
     rig.fake.restore_gpu(1)
     rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 1)
     assert [group.uuids for group in rig.daemon.groups] == [[rig.uuid(0)], [rig.uuid(1)], []]
+    assert _locked(rig, 2) is None, "the GPU the third server gave up is back as found"
+    assert not rig.daemon.groups[2].missing_gpus, "it waits for nothing more"
+
+
+def test_a_gpu_whose_restore_at_start_failed_is_restored_when_the_daemon_starts(
+    tmp_path: Path,
+) -> None:
+    rig = make_rig(tmp_path, mode="budget", node_power_budget_w=500.0)
+    rig.run(40)
+    plant = rig.node.plant
+    assert plant.power_limit_mw(1) < _default_limit_mw(rig)
+    # Killed, and the restore at start failed (or the GPU was away just then): the daemon
+    # that starts puts back what is still in the journal before it controls the GPU.
+    journal = Journal(rig.journal_path)
+    assert journal.pending()
+    backend = NvmlBackend(FakeNvml(plant, lock=rig.node.lock))
+    config = dataclasses.replace(rig.daemon.config, mode="efficiency", node_power_budget_w=None)
+    again = Daemon(config, backend, journal=journal, fetch=rig.fetch, inline_scrape=True)
+    assert plant.power_limit_mw(1) == _default_limit_mw(rig)
+    assert plant.locked_clocks(1) is None and not journal.pending()
+    assert again.restores_total == 2 and again.restore_failures_total == 0
 
 
 def test_a_gpu_the_node_does_not_count_is_still_a_config_error(tmp_path: Path) -> None:

@@ -72,17 +72,12 @@ def test_a_transient_error_describing_a_gpu_changes_nothing_for_good(
     fake: FakeNvml, backend: NvmlBackend
 ) -> None:
     """devices() runs again while a GPU cannot be opened: a GPU described before keeps its
-    description, and an error other than NOT_SUPPORTED leaves a GPU unopened for now, not
-    without a settable power limit for the life of the process."""
+    description, so one transient error then does not take its settable power limit away for
+    the life of the process."""
     first = backend.devices()
     fake.inject_error(0, "nvmlDeviceGetPowerManagementLimitConstraints", pynvml.NVMLError_Unknown)
     assert backend.devices() == first
-    fresh = NvmlBackend(fake)
-    fake.inject_error(0, "nvmlDeviceGetPowerManagementLimitConstraints", pynvml.NVMLError_Unknown)
-    assert [info.index for info in fresh.devices()] == [1]
-    assert list(fresh.unopened_indices()) == [0]
-    assert fresh.devices() == first, "described again, with its real power-limit range"
-    assert fresh.set_power_limit(fake.uuids[0], 500_000) == 500_000
+    assert backend.set_power_limit(fake.uuids[0], 500_000) == 500_000
 
 
 def test_supported_clocks_fall_back_to_the_max_clock(fake: FakeNvml) -> None:

@@ -169,3 +169,21 @@ def test_without_a_journal_the_operators_limit_is_the_ceiling(tmp_path: Path) ->
     _tick(actuator, backend, _decision(1980, None), ["GPU-0"])
     assert backend.limits["GPU-0"] == 300_000
     assert _limits(backend) == [400_000]
+
+
+def test_a_limit_set_after_the_ticks_read_is_seen_before_powerd_writes(tmp_path: Path) -> None:
+    """The tick reads the GPUs before it scrapes the servers and decides; an operator's limit
+    set in between, or between ticks when the prefill guard or a reload writes, is read again
+    right before the write, and kept."""
+    backend, journal, actuator = _actuator(tmp_path, n=1)
+    _tick(actuator, backend, _decision(1980, 400_000), ["GPU-0"])
+    read_at_tick = {"GPU-0": backend.limits["GPU-0"]}
+    backend.limits["GPU-0"] = 300_000  # nvidia-smi -pl 300 while the tick scrapes
+    actuator.apply(_decision(1980, 450_000), ["GPU-0"], limits_mw=read_at_tick)
+    assert backend.limits["GPU-0"] == 300_000 and _saved_mw(journal) == 300_000
+    backend.limits["GPU-0"] = 350_000  # and again; then a write between ticks
+    actuator.apply(_decision(1980, 250_000), ["GPU-0"])
+    actuator.apply(_decision(1980, None), ["GPU-0"])
+    assert backend.limits["GPU-0"] == 350_000, "back to the operator's latest, not 300 or 700 W"
+    assert restore_all(backend, journal).ok
+    assert backend.limits["GPU-0"] == 350_000
