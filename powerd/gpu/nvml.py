@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,9 @@ class NvmlBackend:
         has no getter for locked clocks."""
         self._power_fixed: set[str] = set()
         """GPUs without a settable power limit."""
+        self._limits_unread: set[str] = set()
+        """GPUs whose power-limit range could not be read when described (an error other
+        than NOT_SUPPORTED): read again before their limit is set."""
         self._unopened: dict[int, str] = {}
         self._closed = False
         self._init()
@@ -249,24 +253,32 @@ class NvmlBackend:
         """The indices NVML counted at the last devices() but could not open, with why."""
         return dict(self._unopened)
 
+    def _limit_range(self, uuid: str, handle: Any) -> tuple[int, int, int]:
+        """(min, max, default) power limit in mW."""
+        min_mw, max_mw = (
+            int(v) for v in self._call("nvmlDeviceGetPowerManagementLimitConstraints", uuid, handle)
+        )
+        default_mw = int(self._call("nvmlDeviceGetPowerManagementDefaultLimit", uuid, handle))
+        return min_mw, max_mw, default_mw
+
     def _describe(self, index: int, uuid: str, handle: Any) -> GpuInfo:
         name = _text(self._call("nvmlDeviceGetName", uuid, handle))
         clocks = self._supported_sm_clocks(uuid, handle)
         try:
-            min_mw, max_mw = (
-                int(v)
-                for v in self._call("nvmlDeviceGetPowerManagementLimitConstraints", uuid, handle)
-            )
-            default_mw = int(self._call("nvmlDeviceGetPowerManagementDefaultLimit", uuid, handle))
+            min_mw, max_mw, default_mw = self._limit_range(uuid, handle)
         except (GpuLost, GpuUnavailable):
             raise
-        except GpuError:
-            # No settable limit on this device (or none readable when it was described): pin
-            # the range to what it enforces now, so clamping leaves it alone; set_power_limit
-            # then refuses with NotSupported. A GPU is described once (devices() keeps it).
+        except GpuError as exc:
+            # Pin the range to what the GPU enforces now, so clamping leaves it alone. Without
+            # a settable limit (NOT_SUPPORTED) set_power_limit refuses for good; after another
+            # error the range is read again before a limit is set (a restore must not take a
+            # passing error for a GPU without the knob).
             enforced_mw = self._optional("nvmlDeviceGetEnforcedPowerLimit", uuid, handle)
             min_mw = max_mw = default_mw = int(enforced_mw or 0)
-            self._power_fixed.add(uuid)
+            if isinstance(exc, NotSupported):
+                self._power_fixed.add(uuid)
+            else:
+                self._limits_unread.add(uuid)
         return GpuInfo(
             index=index,
             uuid=uuid,
@@ -446,6 +458,8 @@ class NvmlBackend:
         POWER_LIMIT_TOLERANCE_MW; a current limit that close already is left alone."""
         info = self._info(uuid)
         operation = "nvmlDeviceSetPowerManagementLimit"
+        if uuid in self._limits_unread:
+            info = self._read_limit_range(uuid, info)
         if uuid in self._power_fixed:
             raise self._record(
                 NotSupported(
@@ -474,7 +488,29 @@ class NvmlBackend:
         """Set the power limit back to the device's default (NVML has no reset call)."""
         if uuid in self._power_fixed:
             return
-        self.set_power_limit(uuid, self._info(uuid).power_limit_default_mw)
+        info = self._info(uuid)
+        if uuid in self._limits_unread:
+            info = self._read_limit_range(uuid, info)
+        self.set_power_limit(uuid, info.power_limit_default_mw)
+
+    def _read_limit_range(self, uuid: str, info: GpuInfo) -> GpuInfo:
+        """`info` with the power-limit range read now, for a GPU whose range could not be read
+        when it was described. Raises the read's GpuError (NotSupported: none, for good)."""
+        try:
+            min_mw, max_mw, default_mw = self._limit_range(uuid, self._handle(uuid))
+        except NotSupported:
+            self._limits_unread.discard(uuid)
+            self._power_fixed.add(uuid)
+            raise
+        self._limits_unread.discard(uuid)
+        info = replace(
+            info,
+            power_limit_min_mw=min_mw,
+            power_limit_max_mw=max_mw,
+            power_limit_default_mw=default_mw,
+        )
+        self._infos[uuid] = info
+        return info
 
 
 def _nvml_text(exc: Exception) -> str:

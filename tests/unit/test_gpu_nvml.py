@@ -80,6 +80,30 @@ def test_a_transient_error_describing_a_gpu_changes_nothing_for_good(
     assert backend.set_power_limit(fake.uuids[0], 500_000) == 500_000
 
 
+def test_a_limit_range_unread_when_described_is_read_again_before_a_limit_is_set(
+    fake: FakeNvml,
+) -> None:
+    """One passing error on the range read must not make a GPU one without a settable limit:
+    a restore would take the refused write for 'powerd cannot have changed it'."""
+    uuid = fake.uuids[0]
+    fake.inject_error(0, "nvmlDeviceGetPowerManagementLimitConstraints", pynvml.NVMLError_Unknown)
+    backend = NvmlBackend(fake)
+    pinned = backend.devices()[0]
+    assert pinned.power_limit_min_mw == pinned.power_limit_max_mw, "clamping leaves it alone"
+    assert backend.set_power_limit(uuid, 300_000) == 300_000, "the range is read again first"
+    backend.reset_power_limit(uuid)
+    assert backend.power_limit_mw(uuid) == round(PROFILE.power_limit_default_w * 1000)
+    # An error that lasts is an error, not a missing knob.
+    again = NvmlBackend(fake)
+    fake.inject_error(
+        0, "nvmlDeviceGetPowerManagementLimitConstraints", pynvml.NVMLError_Unknown, persistent=True
+    )
+    again.devices()
+    with pytest.raises(GpuError) as error:
+        again.set_power_limit(uuid, 300_000)
+    assert not isinstance(error.value, NotSupported)
+
+
 def test_supported_clocks_fall_back_to_the_max_clock(fake: FakeNvml) -> None:
     fake.disable_feature(0, "supported_clocks")
     info = NvmlBackend(fake).devices()[0]
