@@ -359,9 +359,10 @@ _DESCENT_SHARE = 0.25
 _DESCENT_STEPS_PER_S, at most max_step_down a tick): the same slack at a high clock costs the
 most."""
 _DESCENT_STEPS_PER_S = 3.0
-_DESCENT_JITTER = 0.95
-"""Seconds of descent within this share of a full second (or tick) count as the full one."""
 """With slack, lower by this many clock steps a second."""
+_DESCENT_JITTER = 0.95
+"""Seconds of descent within this share of a second (or of a longer configured tick) count as
+the full one."""
 _TPOT_ALPHA = 0.2
 """About 5 s: the life of a typical request's decode (a few hundred tokens at 10-50 ms)."""
 _CELL_DECAY = 0.99
@@ -1238,10 +1239,14 @@ def _group_step(
     descent_s = min(state[ST_DESCENT_S, g] + interval_s, descent_full_s)
     if not descent_s >= 0.0:
         descent_s = interval_s
-    if descent_s >= _DESCENT_JITTER * descent_full_s:
-        # A real loop's tick is a few ms either side of its interval: one just short of a
-        # second takes the second's steps, not one step fewer after rounding to the table.
-        descent_s = descent_full_s
+    # A real loop's tick is a few ms either side of its interval: one just short of a second
+    # (or of a longer configured tick) takes the full one's steps, not a step fewer after
+    # rounding to the clock table.
+    nominal_s = knobs[KNOB_INTERVAL_S]
+    nominal_s = max(nominal_s, 1.0) if _finite(nominal_s) else 1.0
+    if _DESCENT_JITTER * nominal_s <= descent_s < nominal_s:
+        descent_s = nominal_s
+        descent_full_s = max(descent_full_s, nominal_s)
     descent_rate = _DESCENT_STEPS_PER_S * clock_step
     descent = min(step_down, descent_rate * descent_s)
     slope, slope_t = power_slope_at(fit, base, f_max)
