@@ -544,10 +544,14 @@ class Daemon:
                     ", ".join(taken),
                 )
                 uuids, missing = [], []
+                group.lost_uuids = []
             group.missing_gpus = missing
             present = [uuid for uuid in uuids if uuid in self.infos]
             # A GPU the group gives up goes back as found, as a reload's release does.
-            self._release([uuid for uuid in group.uuids if uuid not in present])
+            self._release(
+                [uuid for uuid in group.uuids if uuid not in present],
+                f"server {group.spec.name} is observed only now",
+            )
             if present != group.uuids:
                 group.set_gpus(present, self.infos)
                 log.info(
@@ -1244,9 +1248,11 @@ class Daemon:
             config, state_dir=running.state_dir, gpu_backend=running.gpu_backend, sim=running.sim
         )
 
-    def _release(self, uuids: list[str]) -> None:
-        """Return GPUs no server claims any more to unlocked clocks and the limit they had
-        before powerd."""
+    def _release(
+        self, uuids: list[str], why: str = "no configured server uses it any more"
+    ) -> None:
+        """Return GPUs powerd no longer controls (`why`) to unlocked clocks and the limit they
+        had before powerd."""
         for uuid in uuids:
             info = self.infos.get(uuid)
             if info is None:
@@ -1258,7 +1264,7 @@ class Daemon:
                 self.actuator.apply(default, [uuid])
             except GpuLost as exc:
                 self._drop_gpu(uuid, exc)
-            log.info("GPU %s: no configured server uses it any more; back as found", uuid)
+            log.info("GPU %s: %s; back as found", uuid, why)
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, frame: FrameType | None) -> None:
