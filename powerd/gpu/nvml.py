@@ -488,10 +488,9 @@ class NvmlBackend:
         """Set the power limit back to the device's default (NVML has no reset call)."""
         if uuid in self._power_fixed:
             return
-        info = self._info(uuid)
-        if uuid in self._limits_unread:
-            info = self._read_limit_range(uuid, info)
-        self.set_power_limit(uuid, info.power_limit_default_mw)
+        # The default as described (for a GPU whose range was unread then, the limit it
+        # enforced, which is what the callers took for its default).
+        self.set_power_limit(uuid, self._info(uuid).power_limit_default_mw)
 
     def _read_limit_range(self, uuid: str, info: GpuInfo) -> GpuInfo:
         """`info` with the power-limit range read now, for a GPU whose range could not be read

@@ -7,6 +7,7 @@ import ctypes
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pynvml
 import pytest
 
@@ -93,6 +94,16 @@ def test_a_limit_range_unread_when_described_is_read_again_before_a_limit_is_set
     assert backend.set_power_limit(uuid, 300_000) == 300_000, "the range is read again first"
     backend.reset_power_limit(uuid)
     assert backend.power_limit_mw(uuid) == round(PROFILE.power_limit_default_w * 1000)
+    # What was taken for its default then (the limit it enforced) is what a reset puts back,
+    # not the device default read since: an operator's 500-W cap stays.
+    fake.nvmlDeviceSetPowerManagementLimit(fake.nvmlDeviceGetHandleByIndex(0), 500_000)
+    idle = np.zeros(fake.plant.n_gpus)
+    fake.plant.step(1.0, idle, idle, idle)  # the board enforces it after its dead time
+    capped = NvmlBackend(fake)
+    fake.inject_error(0, "nvmlDeviceGetPowerManagementLimitConstraints", pynvml.NVMLError_Unknown)
+    assert capped.devices()[0].power_limit_default_mw == 500_000
+    capped.reset_power_limit(uuid)
+    assert capped.power_limit_mw(uuid) == 500_000
     # An error that lasts is an error, not a missing knob.
     again = NvmlBackend(fake)
     fake.inject_error(
