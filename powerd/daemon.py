@@ -458,6 +458,31 @@ class Daemon:
             self._next_discovery_s = now_s + DISCOVERY_RETRY_S
             found = self._rejoin_lost(now_s)
             found = self._open_unopened() or found
+        self._age_loss_episodes(now_s)
+        waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
+        claimed = {uuid for group in self.groups for uuid in [*group.uuids, *group.lost_uuids]}
+        for group in waiting:
+            if group.next_discovery_s is None:
+                group.next_discovery_s = now_s + group.discovery_wait_s
+            if now_s < group.next_discovery_s:
+                continue
+            uuids, why, _ = self._claim_gpus(group.source.config, claimed)
+            if not uuids:
+                group.discovery_wait_s = min(2 * group.discovery_wait_s, DISCOVERY_RETRY_MAX_S)
+                group.next_discovery_s = now_s + group.discovery_wait_s
+                log.debug("server %s: still observed only: %s", group.spec.name, why)
+                continue
+            group.set_gpus(uuids, self.infos)
+            log.info(
+                "server %s: found its GPUs %s; controlling them", group.spec.name, ", ".join(uuids)
+            )
+            found = True
+        if found:
+            self._reconfigure_policy(self.config)
+
+    def _age_loss_episodes(self, now_s: float) -> None:
+        """Say once that a GPU lost again after a flapping episode stays lost; end the episode
+        of a GPU that has answered for GPU_STEADY_S."""
         for uuid, episode in list(self._loss_episodes.items()):
             lost_s = episode.lost_since_s
             if (
@@ -481,26 +506,6 @@ class Daemon:
                 self._problems.cleared(
                     ("lost", uuid), "GPU %s has answered for %g min", uuid, GPU_STEADY_S / 60
                 )
-        waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
-        claimed = {uuid for group in self.groups for uuid in [*group.uuids, *group.lost_uuids]}
-        for group in waiting:
-            if group.next_discovery_s is None:
-                group.next_discovery_s = now_s + group.discovery_wait_s
-            if now_s < group.next_discovery_s:
-                continue
-            uuids, why, _ = self._claim_gpus(group.source.config, claimed)
-            if not uuids:
-                group.discovery_wait_s = min(2 * group.discovery_wait_s, DISCOVERY_RETRY_MAX_S)
-                group.next_discovery_s = now_s + group.discovery_wait_s
-                log.debug("server %s: still observed only: %s", group.spec.name, why)
-                continue
-            group.set_gpus(uuids, self.infos)
-            log.info(
-                "server %s: found its GPUs %s; controlling them", group.spec.name, ", ".join(uuids)
-            )
-            found = True
-        if found:
-            self._reconfigure_policy(self.config)
 
     def _open_unopened(self) -> bool:
         """Enumerate the GPUs again while some could not be opened; give each group its
@@ -522,28 +527,25 @@ class Daemon:
         for group in self.groups:
             if not group.missing_gpus:
                 continue
-            try:
-                uuids, _, missing = self._resolve_gpus(group.source.config)
-            except ConfigError as exc:
-                self._problems.problem(("missing", group.spec.name), logging.ERROR, "%s", exc)
-                continue
             others = {
                 uuid
                 for other in self.groups
                 if other is not group
                 for uuid in [*other.uuids, *other.lost_uuids]
             }
-            taken = [uuid for uuid in uuids if uuid in others]
-            if taken:
+            try:
+                uuids, why, missing = self._claim_gpus(group.source.config, others)
+            except ConfigError as exc:
+                self._problems.problem(("missing", group.spec.name), logging.ERROR, "%s", exc)
+                continue
+            if not uuids and not missing:
                 # Named by index here and by UUID there, say: as at start, the server whose
                 # GPUs another one holds is observed only, and waits for nothing more.
                 log.warning(
-                    "server %s: observed only, its GPUs are not controlled: GPUs %s already "
-                    "belong to another server",
+                    "server %s: observed only, its GPUs are not controlled: %s",
                     group.spec.name,
-                    ", ".join(taken),
+                    why,
                 )
-                uuids, missing = [], []
                 group.lost_uuids = []
             group.missing_gpus = missing
             present = [uuid for uuid in uuids if uuid in self.infos]
