@@ -4,10 +4,11 @@ The actuator is the only place that writes GPU settings. Before the first write 
 saves the GPU's original settings in the journal, so any later exit (clean, crash, SIGKILL)
 can restore them. The power limit a GPU had before powerd (an operator's `nvidia-smi -pl`, a
 rack budget) is the ceiling of every limit powerd sets and what it puts back when it wants none.
-Once powerd controls a GPU's limit it reads the limit at each decision: one that differs from
-what powerd last left there was set by someone else while powerd ran, and becomes the GPU's
-ceiling and what restore puts back (journaled, warned once per change); powerd never raises a
-GPU above it, nor puts back the limit it replaced.
+Once powerd has written a GPU's limit it looks at the limit in each tick's reading and reads
+it again before each limit write: one that differs from what powerd last left there was set by
+someone else while powerd ran, and becomes the GPU's ceiling and what restore puts back
+(journaled, warned once per change); powerd never raises a GPU above it, nor puts back the
+limit it replaced.
 While that original cannot be read and saved, the GPU's power limit is left alone (its clocks
 need no original read) and the save is tried again at the next decision; so is a GPU whose
 journal could not be written. A GPU that refuses a write is degraded on its own:
@@ -26,15 +27,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from powerd.gpu.backend import GpuBackend
+from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NoPermission, NotSupported
-from powerd.journal import (
-    LIMIT_TOLERANCE_MW,
-    Journal,
-    JournalError,
-    OriginalUnreadable,
-    read_power_limit_mw,
-)
+from powerd.journal import Journal, JournalError, OriginalUnreadable, read_power_limit_mw
 from powerd.logging_setup import ProblemLog
 from powerd.model import GpuInfo, GroupDecision
 
@@ -294,8 +289,8 @@ class Actuator:
                 self._left(state, None)  # restored since: the limit is as found again
                 return
         if now_mw is None:
-            now_mw = self._backend.power_limit_mw(uuid)
-        if now_mw is None or abs(now_mw - left_mw) <= LIMIT_TOLERANCE_MW:
+            now_mw, _ = read_power_limit_mw(self._backend, uuid)
+        if now_mw is None or abs(now_mw - left_mw) <= POWER_LIMIT_TOLERANCE_MW:
             return
         if self._journal is not None:
             self._journal.adopt_power_limit(uuid, now_mw)

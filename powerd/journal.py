@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from powerd.gpu.backend import GpuBackend
+from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NotSupported
 from powerd.model import GpuInfo
 
@@ -39,9 +39,6 @@ VERSION = 2
 since version 2 a null limit is one powerd has not changed."""
 READABLE_VERSIONS = (1, VERSION)
 CLOCK_STATES = ("unknown", "unlocked")
-LIMIT_TOLERANCE_MW = 1000
-"""A power limit read within this of the one powerd last left is that one, not someone else's:
-NVML keeps a limit it is asked to change by less (the backend's read-back tolerance)."""
 
 
 class JournalError(Exception):
@@ -327,7 +324,7 @@ def _restore_one(
             return
         if left_mw is not None:
             now_mw, _ = read_power_limit_mw(backend, entry.uuid)
-            if now_mw is not None and abs(now_mw - left_mw) > LIMIT_TOLERANCE_MW:
+            if now_mw is not None and abs(now_mw - left_mw) > POWER_LIMIT_TOLERANCE_MW:
                 # Set outside powerd after powerd's last write: the operator's, kept.
                 limit_text = f"left at {now_mw} mW, set outside powerd since it last wrote one"
                 return

@@ -10,6 +10,11 @@ from typing import Protocol
 
 from powerd.model import GpuInfo, GpuReading
 
+POWER_LIMIT_TOLERANCE_MW = 1000
+"""A power limit read back within 1 W of the one set is that one: a setter counts it as
+applied (a driver that rounds the limit must not turn every write into an error and a
+re-write), and a limit read within it of the one powerd left is powerd's, not someone else's."""
+
 
 class GpuBackend(Protocol):
     def devices(self) -> list[GpuInfo]:

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW
 from powerd.gpu.errors import (
     GpuError,
     GpuLost,
@@ -32,10 +33,6 @@ from powerd.gpu.errors import (
 from powerd.model import GpuInfo, GpuReading
 
 log = logging.getLogger(__name__)
-
-POWER_LIMIT_TOLERANCE_MW = 1000
-"""A read-back within 1 W of the request counts as applied, so a driver that rounds the limit
-does not turn every write into an error (and a re-write) on every tick."""
 
 _INIT_FAILURES: dict[str, str] = {
     "NVMLError_LibraryNotFound": (
