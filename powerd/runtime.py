@@ -137,9 +137,9 @@ def check_config_gpus(config: Config) -> str:
 
 
 def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None:
-    """ConfigError when the simulator has no such GPU profile, model profile or trace; the
-    message names the key (sim.gpu_model, ...), or its entry in `keys` (a command-line
-    option) where given."""
+    """ConfigError when the simulator has no such GPU profile, model profile or trace, or the
+    model does not fit on its GPUs; the message names the key (sim.gpu_model, ...), or its
+    entry in `keys` (a command-line option) where given."""
     from powerd.sim.models import get_model_profile
     from powerd.sim.traces import TRACE_NAMES
     from powerd.simulation import gpu_profile_for, model_name_for
@@ -148,7 +148,7 @@ def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None
         return (keys or {}).get(key, f"sim.{key}")
 
     try:
-        gpu_profile_for(sim)
+        profile = gpu_profile_for(sim)
     except ValueError as exc:
         key = "gpu_profile_file" if sim.gpu_profile_file else "gpu_model"
         raise ConfigError(f"{name(key)}: {exc}") from None
@@ -157,7 +157,7 @@ def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None
     except ValueError as exc:
         raise ConfigError(f"{name('model')}: {exc}") from None
     try:
-        model.kv_capacity_tokens(gpu_profile_for(sim).memory_gb, sim.tp)
+        model.kv_capacity_tokens(profile.memory_gb, sim.tp)
     except ValueError as exc:
         raise ConfigError(f"{name('model')}: {exc} (give it more GPUs with {name('tp')})") from None
     trace = sim.trace

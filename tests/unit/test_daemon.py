@@ -234,13 +234,18 @@ def test_a_gpu_that_flaps_is_logged_once_until_it_stays_back(
         assert any(r.getMessage().startswith(lost) for r in caplog.records), "a new problem"
 
 
-def _lost_before_start(*indices: int) -> Callable[[SimNode], FakeNvml]:
-    """A FakeNvml whose GPUs `indices` are off the bus before the daemon opens NVML."""
+def _lost_before_start(
+    *indices: int, made: list[FakeNvml] | None = None
+) -> Callable[[SimNode], FakeNvml]:
+    """A FakeNvml whose GPUs `indices` are off the bus before the daemon opens NVML; appended
+    to `made` when given (for a config that names its UUIDs)."""
 
     def factory(node: SimNode) -> FakeNvml:
         fake = FakeNvml(node.plant, lock=node.lock)
         for index in indices:
             fake.lose_gpu(index)
+        if made is not None:
+            made.append(fake)
         return fake
 
     return factory
@@ -312,10 +317,7 @@ def test_a_gpu_named_twice_that_opens_late_goes_to_one_server(tmp_path: Path) ->
     """One server names GPU 1 by index, another by UUID: as at start, the first keeps it."""
     sim = SimConfig(gpus=3, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.5)
     fakes: list[FakeNvml] = []
-
-    def factory(node: SimNode) -> FakeNvml:
-        fakes.append(_lost_before_start(1)(node))
-        return fakes[0]
+    factory = _lost_before_start(1, made=fakes)
 
     def configure(node: SimNode) -> Config:
         s = server_configs(node)
@@ -365,10 +367,7 @@ def test_a_gpu_the_node_does_not_count_is_still_a_config_error(tmp_path: Path) -
 
 def test_a_gpu_named_by_uuid_may_be_one_that_cannot_be_opened(tmp_path: Path) -> None:
     fakes: list[FakeNvml] = []
-
-    def factory(node: SimNode) -> FakeNvml:
-        fakes.append(_lost_before_start(1)(node))
-        return fakes[0]
+    factory = _lost_before_start(1, made=fakes)
 
     def configure(node: SimNode) -> Config:
         servers = server_configs(node)
