@@ -141,7 +141,7 @@ def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None
     model does not fit on its GPUs; the message names the key (sim.gpu_model, ...), or its
     entry in `keys` (a command-line option) where given."""
     from powerd.sim.models import get_model_profile
-    from powerd.sim.traces import TRACE_NAMES
+    from powerd.sim.traces import AZURE_CONV_NAMES, TRACE_NAMES
     from powerd.simulation import gpu_profile_for, model_name_for
 
     def name(key: str) -> str:
@@ -161,7 +161,7 @@ def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None
     except ValueError as exc:
         raise ConfigError(f"{name('model')}: {exc} (give it more GPUs with {name('tp')})") from None
     trace = sim.trace
-    known = (*TRACE_NAMES, "azure_conv")
+    known = (*TRACE_NAMES, *AZURE_CONV_NAMES)
     if trace is not None and trace.strip() not in known and not Path(trace).is_file():
         raise ConfigError(
             f"{name('trace')}: {trace!r} is neither a file nor one of {', '.join(TRACE_NAMES)}"

@@ -36,6 +36,8 @@ AZURE_CONV_FILE = "azure_conv_2023.csv"
 TRACE_DIR_ENV = "POWERD_TRACE_DIR"
 SYNTHETIC_PATTERNS = ("diurnal", "step", "burst", "constant")
 TRACE_NAMES = ("azure-conv", *SYNTHETIC_PATTERNS)
+AZURE_CONV_NAMES = ("azure-conv", "azure_conv")
+"""The names of the Azure conversation trace (its file, found by find_trace_file)."""
 
 # Log-normal request lengths fitted to the Azure conversation trace (19,366 requests): prompt
 # median 1020 tokens, σ(ln) 0.99; generated median 129 tokens, σ(ln) 0.86; its ranges bound them.
@@ -315,7 +317,7 @@ def trace_label(name_or_path: str) -> str:
     """What resolve_trace replays for this name, to label results with: the name, or for
     "azure-conv" without its file the pattern that stands in for it, saying so."""
     name = name_or_path.strip()
-    if name in ("azure-conv", "azure_conv") and find_trace_file() is None:
+    if name in AZURE_CONV_NAMES and find_trace_file() is None:
         return f"diurnal (no {AZURE_CONV_FILE}; set {TRACE_DIR_ENV})"
     return name
 
@@ -335,7 +337,7 @@ def resolve_trace(
     compression (default one hour). With duration_s the result is cut or repeated to it.
     """
     name = name_or_path.strip()
-    if name in ("azure-conv", "azure_conv"):
+    if name in AZURE_CONV_NAMES:
         path = find_trace_file()
         if path is None:
             log.warning(
