@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import stat
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +41,9 @@ _OTHER_KEYS = ("updated_at", "currency")
 _CLOCK_SKEW_S = 300.0
 """How far `updated_at` may be after the file's mtime (clocks of two hosts) before it is not
 believed."""
+READ_WAIT_S = 0.1
+"""How long a poll waits for the file system: a stat or read on a hung network mount blocks
+until the server answers, and the tick must not."""
 
 
 class _Bad(ValueError):
@@ -84,6 +89,38 @@ class GridFile:
         self._key: object = None
         self._signals: dict[str, _Point | _Intervals] = {}
         self._warned: set[str] = set()
+        self._reader: threading.Thread | None = None
+        self._reader_started_s = 0.0
+        self._hung = False
+
+    def refresh_bounded(self, wait_s: float = READ_WAIT_S) -> None:
+        """refresh() on a thread of its own, waited for at most `wait_s`. A read that takes
+        longer goes on in the background (its values are taken in when it returns) and no
+        other starts until it has; one still not back at the next call is a problem, counted
+        and warned of once per hang. Never raises."""
+        reader = self._reader
+        if reader is not None and reader.is_alive():
+            if not self._hung:
+                self._hung = True
+                self.errors_total += 1
+                log.warning(
+                    "grid.file %s: no answer from the file system for %.1f s (a hung mount?); "
+                    "keeping the last values read",
+                    self.path,
+                    time.monotonic() - self._reader_started_s,
+                )
+            return
+        if self._hung:
+            self._hung = False
+            log.info(
+                "grid.file %s: the file system answered after %.1f s",
+                self.path,
+                time.monotonic() - self._reader_started_s,
+            )
+        reader = threading.Thread(target=self.refresh, name="powerd-grid-file", daemon=True)
+        self._reader, self._reader_started_s = reader, time.monotonic()
+        reader.start()
+        reader.join(wait_s)
 
     def states(self, signal: str) -> bool:
         """Whether the file holds a value of `signal` (in force now or not)."""
@@ -96,7 +133,8 @@ class GridFile:
         return None if stated is None else stated.at(now_s, max_age_s)
 
     def refresh(self) -> None:
-        """Read the file again if it changed since the last refresh. Never raises."""
+        """Read the file again if it changed since the last refresh; blocks while the file
+        system does (see refresh_bounded). Never raises."""
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -105,7 +143,7 @@ class GridFile:
                 self._key = key
                 if exc.errno == errno.ENOENT:
                     # Removing the file is how an operator stops the feed.
-                    self._signals.clear()
+                    self._signals = {}
                 self._report([f"cannot read it: {exc.strerror or exc}"])
             return
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
@@ -152,9 +190,11 @@ class GridFile:
                 notes.append(f"updated_at is after the file was written; taking {_iso(mtime_s)}")
                 stated_s = mtime_s
         problems = []
+        # Built aside and swapped in whole: value() reads from the tick's thread.
+        signals = dict(self._signals)
         for signal, key in FILE_KEYS.items():
             if key not in doc:
-                self._signals.pop(signal, None)
+                signals.pop(signal, None)
                 continue
             try:
                 if signal == "price" and "currency" in doc and doc["currency"] != self.currency:
@@ -162,9 +202,10 @@ class GridFile:
                         f"currency: the file's prices are in {doc['currency']!r}, grid.currency "
                         f"is {self.currency!r}; ignoring {key}"
                     )
-                self._signals[signal] = _parse_signal(signal, key, doc[key], stated_s)
+                signals[signal] = _parse_signal(signal, key, doc[key], stated_s)
             except _Bad as exc:
                 problems.append(str(exc))
+        self._signals = signals
         return problems, notes
 
     def _report(self, problems: list[str], notes: Sequence[str] = ()) -> None:

@@ -89,10 +89,11 @@ class GridSignal:
         """Signals grid.file has given a value of (kept across a reload)."""
 
     def poll(self) -> GridState:
-        """The signals in force now; reads grid.file first if it changed (one stat when not)."""
+        """The signals in force now; reads grid.file first if it changed (one stat when not),
+        waiting for the file system at most a tenth of a second."""
         now_s = self._clock()
         if self.file is not None:
-            self.file.refresh()
+            self.file.refresh_bounded()
         price, carbon = (self._signal(signal, now_s) for signal in GRID_SIGNALS)
         return GridState(
             price=price,

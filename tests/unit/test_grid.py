@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -368,6 +369,48 @@ def test_the_file_changing_is_picked_up_and_not_read_while_unchanged(
         f"grid.file {path}: cannot read it: No such file or directory"
     ) == 1
     assert "read without problems again" in caplog.text
+
+
+def test_a_hung_file_system_does_not_hold_the_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stat on a dead NFS server blocks until it answers: the poll goes on with the last
+    values, says so once, and takes the file in when the file system answers."""
+    clock = Clock()
+    grid, path = file_grid(tmp_path, clock, price_per_kwh=0.9)
+    write_json(path, {"updated_at": iso(MONDAY_NOON), "price_per_kwh": 0.12})
+    assert grid.poll().price_per_kwh == 0.12
+    answer = threading.Event()
+    real_stat = os.stat
+
+    def hung_stat(name: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(name) == str(path):
+            answer.wait(timeout=30.0)
+        return real_stat(name, *args, **kwargs)
+
+    monkeypatch.setattr("powerd.grid.file.os.stat", hung_stat)
+    write_json(path, {"updated_at": iso(MONDAY_NOON), "price_per_kwh": 0.31})
+    polls: list[float | None] = []
+    with caplog.at_level(logging.INFO, logger="powerd.grid"):
+        poller = threading.Thread(
+            target=lambda: polls.extend(grid.poll().price_per_kwh for _ in range(3))
+        )
+        poller.start()
+        poller.join(timeout=10.0)
+        assert not poller.is_alive(), "a poll waited for the hung file system"
+        assert polls == [0.12, 0.12, 0.12]
+        assert grid.poll().file_errors_total == 1  # one hang, one problem
+        answer.set()
+        for _ in range(100):
+            if grid.poll().price_per_kwh == 0.31:
+                break
+            time.sleep(0.02)
+        assert grid.poll().price_per_kwh == 0.31
+    hung = [
+        r.getMessage() for r in caplog.records if "no answer from the file system" in r.getMessage()
+    ]
+    assert len(hung) == 1 and str(path) in hung[0]
+    assert "the file system answered after" in caplog.text
 
 
 @pytest.mark.parametrize(
