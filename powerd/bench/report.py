@@ -270,10 +270,25 @@ def matplotlib_available() -> bool:
 
 
 def write_plot(result: BenchResult, path: str | Path, bucket_s: float = 30.0) -> None:
-    """Load, clock, power and tokens/J over time, one line per policy, as an image.
+    """Load, clock, power and tokens/J over time, one line per policy, as an image (the
+    format from the path's suffix, PNG by default).
 
     Raises RuntimeError (PLOT_MISSING) when matplotlib is not installed.
     """
+    fig = plot_figure(result, bucket_s)
+    import matplotlib.pyplot as plt
+
+    prepare_output(path)
+    try:
+        fig.savefig(str(path), dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot_figure(result: BenchResult, bucket_s: float = 30.0) -> Any:
+    """The matplotlib Figure of write_plot: four panels sharing the time axis, each series
+    averaged over `bucket_s` (shorter for a run of under 20 buckets, so it still shows a
+    line). Raises RuntimeError (PLOT_MISSING) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -288,10 +303,8 @@ def write_plot(result: BenchResult, path: str | Path, bucket_s: float = 30.0) ->
         if len(s.time_s) == 0:
             continue
         interval = float(s.time_s[1] - s.time_s[0]) if len(s.time_s) > 1 else 1.0
-        bucket = max(1, round(bucket_s / interval))
+        bucket = max(1, min(round(bucket_s / interval), len(s.time_s) // 20))
         n = len(s.time_s) // bucket
-        if n == 0:
-            continue
 
         def mean(values: np.ndarray, b: int = bucket, k: int = n) -> np.ndarray:
             return values[: k * b].reshape(k, b).mean(axis=1)
@@ -309,6 +322,4 @@ def write_plot(result: BenchResult, path: str | Path, bucket_s: float = 30.0) ->
     axes[0].legend(loc="upper right", fontsize=8, ncol=4)
     axes[0].set_title(_headline(result), fontsize=9)
     fig.tight_layout()
-    prepare_output(path)
-    fig.savefig(str(path), dpi=110)
-    plt.close(fig)
+    return fig

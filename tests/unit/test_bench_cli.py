@@ -11,7 +11,6 @@ import pytest
 from powerd.bench.cli import add_bench_arguments, run_bench_command, setup_from_args
 from powerd.bench.oracle import OracleOptions
 from powerd.bench.policies import POLICY_NAMES
-from powerd.bench.report import matplotlib_available
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -117,8 +116,10 @@ def test_a_run_without_the_azure_trace_is_labelled_with_what_it_replayed(
     assert label in captured.out and label in captured.err.splitlines()[0]
 
 
-@pytest.mark.skipif(matplotlib_available(), reason="matplotlib is installed")
-def test_plot_without_matplotlib_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_without_matplotlib_says_so(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("powerd.bench.cli.matplotlib_available", lambda: False)
     assert run_bench_command(_parse("--plot", "/tmp/never.png")) == 2
     assert "needs matplotlib" in capsys.readouterr().err
     assert not Path("/tmp/never.png").exists()
@@ -134,9 +135,8 @@ def test_command_prints_the_table_and_writes_json_and_markdown(
         "bench", "--trace", "diurnal", "--duration", "30", "--gpus", "1",
         "--policies", "default,slo-lowest-clock,static-clock", "--workers", "1",
         "--json", str(out_json), "--markdown", str(out_md),
+        "--plot", str(tmp_path / "b.png"),
     ]  # fmt: skip
-    if matplotlib_available():
-        argv += ["--plot", str(tmp_path / "b.png")]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "static-clock" in captured.out and "wall time:" in captured.out
@@ -147,8 +147,7 @@ def test_command_prints_the_table_and_writes_json_and_markdown(
     markdown = out_md.read_text()
     assert markdown.startswith("# powerd bench")
     assert "| default |" in markdown and "| static-clock |" in markdown
-    if matplotlib_available():
-        assert (tmp_path / "b.png").stat().st_size > 0
+    assert (tmp_path / "b.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_output_files_go_into_folders_made_for_them(

@@ -184,6 +184,40 @@ def test_json_and_markdown_files(tmp_path: Path, bench: BenchResult) -> None:
     assert "| oracle |" in markdown and "| powerd |" in markdown
 
 
+def test_plot_has_load_clock_power_and_tokens_per_joule_over_time_per_policy(
+    bench: BenchResult,
+) -> None:
+    """The issue's --plot: four panels, a line per policy in each, over the whole run (150 s
+    of 30-s buckets would be five points; a short run gets shorter buckets)."""
+    import matplotlib.pyplot as plt
+
+    from powerd.bench.report import plot_figure
+
+    fig = plot_figure(bench)
+    try:
+        axes = fig.get_axes()
+        assert [ax.get_ylabel() for ax in axes] == [
+            "requests in the node",
+            "mean SM clock (MHz)",
+            "node GPU power (W)",
+            "tokens / J",
+        ]
+        for ax in axes:
+            lines = ax.get_lines()
+            assert [line.get_label() for line in lines] == list(bench.policies)
+            for line in lines:
+                t_min = np.asarray(line.get_xdata(), dtype=float)
+                assert len(t_min) >= 20 and t_min[-1] == pytest.approx(
+                    SETUP.duration_s / 60, rel=0.05
+                )
+                assert np.isfinite(np.asarray(line.get_ydata(), dtype=float)).any()
+        clocks = {line.get_label(): line.get_ydata() for line in axes[1].get_lines()}
+        # default runs unlocked at the top clock, powerd below it.
+        assert np.mean(clocks["powerd"]) < np.mean(clocks["default"])
+    finally:
+        plt.close(fig)
+
+
 @pytest.mark.parametrize("kind", NAMED_SERVER_KINDS)
 def test_powerd_reads_each_server_kind_end_to_end(kind: str) -> None:
     setup = replace(SETUP, duration_s=15.0, gpus=1, server_kind=kind)
