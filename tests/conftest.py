@@ -22,13 +22,15 @@ settings.register_profile("untimed", deadline=None)
 settings.load_profile("untimed")
 
 
-def require_program(name: str) -> str:
-    """The path of a system program, or skip; under CI=true a missing program fails."""
+def require_program(name: str, package: str | None = None) -> str:
+    """The path of a system program, or skip; under CI=true a missing program fails (.ci/run
+    installs each from its Debian `package`, by default named as the program)."""
     import shutil
 
     path = shutil.which(name)
     if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI but is not installed")
-        pytest.skip(f"{name} is not installed")
+        missing = f"{name} is not installed (apt-get install {package or name})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{missing}; CI must run this test")
+        pytest.skip(missing)
     return path

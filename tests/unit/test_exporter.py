@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import gzip
 import itertools
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -51,6 +49,7 @@ from powerd.model import (
 )
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
+from tests.conftest import require_program
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "exporter_small.golden"
 BUILD_INFO = {"version": "0.0.0-test", "python": "3.x"}
@@ -753,17 +752,8 @@ def test_port_in_use_is_a_clear_error() -> None:
         first.stop()
 
 
-def _promtool_or_skip() -> str:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is required in CI (apt-get install prometheus)")
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    return promtool
-
-
 def test_promtool_check_metrics_accepts_the_exposition() -> None:
-    promtool = _promtool_or_skip()
+    promtool = require_program("promtool", "prometheus")
     exporter = Exporter(MetricsConfig(), build_info=default_build_info())
     exporter.publish(full_snapshot())
     result = subprocess.run(

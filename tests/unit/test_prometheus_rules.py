@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from powerd.daemon import EFFICIENCY_WINDOW_TICKS
+from tests.conftest import require_program
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "config" / "prometheus"
 RULES = RULES_DIR / "powerd.rules.yml"
@@ -29,12 +27,7 @@ def all_rules() -> list[dict[str, Any]]:
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is required in CI (apt-get install prometheus)")
-        pytest.skip("promtool not installed (apt-get install prometheus)")
-    return path
+    return require_program("promtool", "prometheus")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ Without systemd-analyze the checks are skipped, except under CI=true where they 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,19 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_program
+
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "powerd.service"
 MAX_EXPOSURE = 2.5
 INSTALLED_BINARY = "/usr/local/bin/powerd"
 
 
 def _systemd_analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        reason = "systemd-analyze is not installed (apt-get install systemd)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason + "; CI must check the unit file")
-        pytest.skip(reason)
-    return path
+    return require_program("systemd-analyze", "systemd")
 
 
 def _directives() -> list[tuple[str, str, str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import socket
 import ssl
 import subprocess
@@ -19,6 +18,7 @@ from powerd import webconfig
 from powerd.config import ConfigError, MetricsConfig
 from powerd.exporter import Exporter
 from powerd.webconfig import BasicAuth, WebConfigError, load_web_config, parse_web_config
+from tests.conftest import require_program
 from tests.unit.test_exporter import small_exporter, small_snapshots
 
 PASSWORD = "correct horse"
@@ -218,9 +218,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def make_certs(folder: Path) -> Path:
     """Self-signed server.crt/.key (localhost, 127.0.0.1) and client.crt/.key in folder; skips
     the test without the openssl CLI."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl CLI not installed; cannot make a test certificate")
+    openssl = require_program("openssl")
     for name, subject in (("server", "localhost"), ("client", "powerd-test-client")):
         subprocess.run(
             [
