@@ -159,24 +159,30 @@ class ControlConfig:
             raise ConfigError(f"{path}.slo_margin: must be in [0.1, 1], got {self.slo_margin}")
 
 
+FINAL_SCRAPE_WAIT_MAX_S = 85.0
+"""The unit's TimeoutStopSec is 90 s; restoring the GPUs before the wait takes well under one."""
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     listen_address: str = "127.0.0.1"
     port: int = DEFAULT_METRICS_PORT
     web_config_file: str | None = None
     """Prometheus exporter-toolkit web-config file (TLS, basic auth)."""
-    final_scrape_wait_s: float = 20.0
+    final_scrape_wait_s: float = 75.0
     """On a clean stop, after restoring the GPUs, wait up to this long for Prometheus to scrape
-    the restored settings once more (only when a scrape is due within it); 0 turns it off."""
+    the restored settings once more (only when a scrape is due within it); 0 turns it off. The
+    default covers Prometheus's default 1-min scrape interval (a scrape due in up to 60 s,
+    plus a quarter interval of grace)."""
 
     def validate(self, path: str) -> None:
         _check_listen_address(f"{path}.listen_address", self.listen_address)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{path}.port: must be in [0, 65535], got {self.port}")
-        # The unit's TimeoutStopSec is 30 s; the restore before the wait takes well under one.
-        if not 0 <= self.final_scrape_wait_s <= 25:
+        if not 0 <= self.final_scrape_wait_s <= FINAL_SCRAPE_WAIT_MAX_S:
             raise ConfigError(
-                f"{path}.final_scrape_wait_s: must be in [0, 25], got {self.final_scrape_wait_s}"
+                f"{path}.final_scrape_wait_s: must be in [0, {FINAL_SCRAPE_WAIT_MAX_S:g}], "
+                f"got {self.final_scrape_wait_s}"
             )
 
 

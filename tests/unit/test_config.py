@@ -149,7 +149,7 @@ def test_empty_document_gives_defaults() -> None:
         ({"metrics": {"listen_address": "not an address"}}, "metrics.listen_address: not an IP"),
         ({"metrics": {"listen_address": "10.0.0.300"}}, "metrics.listen_address"),
         ({"metrics": {"port": 70000}}, "metrics.port"),
-        ({"metrics": {"final_scrape_wait_s": 40}}, "metrics.final_scrape_wait_s"),
+        ({"metrics": {"final_scrape_wait_s": 90}}, "metrics.final_scrape_wait_s"),
         ({"metrics": {"final_scrape_wait_s": -1}}, "metrics.final_scrape_wait_s"),
         ({"grid": {"price_schedule_per_kwh": [0.1] * 23}}, "grid.price_schedule_per_kwh"),
         ({"grid": {"price_per_kwh": -0.1}}, "grid.price_per_kwh: must be a finite number >= 0"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from powerd.config import FINAL_SCRAPE_WAIT_MAX_S, MetricsConfig
 from tests.conftest import require_program
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "powerd.service"
@@ -104,6 +105,15 @@ def test_service_contract() -> None:
     assert _values("StateDirectory") == ["powerd"]
     assert _values("CacheDirectory") == ["powerd"]
     assert "NUMBA_CACHE_DIR=/var/cache/powerd" in _values("Environment")
+
+
+def test_a_stop_has_time_for_the_longest_final_scrape_wait() -> None:
+    """systemd kills a stop that outlasts TimeoutStopSec: the wait for the last scrape of the
+    restored GPUs, at its largest, must fit with time to spare for the restore before it."""
+    (timeout,) = _values("TimeoutStopSec")
+    assert int(timeout) >= FINAL_SCRAPE_WAIT_MAX_S + 5
+    # The default wait covers Prometheus's default 1-min scrape_interval.
+    assert 60 * 1.25 <= MetricsConfig().final_scrape_wait_s <= FINAL_SCRAPE_WAIT_MAX_S
 
 
 def test_hardening_choices() -> None:
