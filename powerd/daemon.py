@@ -1102,6 +1102,7 @@ class Daemon:
             grid_pue=self.config.grid.pue,
             grid_signals=grid.signals,
             grid_file_errors_total=grid.file_errors_total,
+            grid_file_problems=grid.file_problems,
         )
 
     def _device_settings(self, uuid: str) -> tuple[int | None, int | None]:

@@ -503,6 +503,11 @@ def _collect_grid_signals(families: _Families, snapshot: Snapshot) -> None:
         "Problems met reading grid.file (unreadable, not JSON, a bad or missing value).",
         "counter",
     ).add({}, snapshot.grid_file_errors_total)
+    families(
+        "powerd_grid_file_problems",
+        "Problems of grid.file as last read, or 1 while its file system does not answer; "
+        "0 when it was read without one or is absent.",
+    ).add({}, snapshot.grid_file_problems)
 
 
 def _collect_loop_histogram(families: _Families, state: _State) -> None:

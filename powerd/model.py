@@ -339,3 +339,5 @@ class Snapshot:
     """The grid signals that have any source configured."""
     grid_file_errors_total: int | None = None
     """Problems met reading grid.file since start; None without a file."""
+    grid_file_problems: int | None = None
+    """Problems of grid.file as last read (or 1 while its file system hangs); None without."""

@@ -86,12 +86,19 @@ class GridFile:
         self.path = path
         self.currency = currency
         self.errors_total = 0
+        self._problems_now = 0
         self._key: object = None
         self._signals: dict[str, _Point | _Intervals] = {}
         self._warned: set[str] = set()
         self._reader: threading.Thread | None = None
         self._reader_started_s = 0.0
         self._hung = False
+
+    @property
+    def problems_now(self) -> int:
+        """Problems of the file as last read, plus one while the file system does not answer:
+        0 when it was read without one (or is absent: removing it stops the feed)."""
+        return self._problems_now + self._hung
 
     def refresh_bounded(self, wait_s: float = READ_WAIT_S) -> None:
         """refresh() on a thread of its own, waited for at most `wait_s`. A read that takes
@@ -142,9 +149,11 @@ class GridFile:
             if key != self._key:
                 self._key = key
                 if exc.errno == errno.ENOENT:
-                    # Removing the file is how an operator stops the feed.
+                    # Removing the file is how an operator stops the feed: no problem.
                     self._signals = {}
-                self._report([f"cannot read it: {exc.strerror or exc}"])
+                    self._report([], ["absent; no values from it until it is written"])
+                else:
+                    self._report([f"cannot read it: {exc.strerror or exc}"])
             return
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         if key == self._key:
@@ -212,6 +221,7 @@ class GridFile:
         """Count each problem and warn of each problem or note not warned of since it last
         went away; say so when the problems are gone."""
         self.errors_total += len(problems)
+        self._problems_now = len(problems)
         current = set(problems) | set(notes)
         for message in (*problems, *notes):
             if message not in self._warned:

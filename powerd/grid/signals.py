@@ -48,6 +48,8 @@ class GridState:
     carbon: GridSignalStatus | None = None
     file_errors_total: int | None = None
     """Problems met reading grid.file since it was first read; None without a file."""
+    file_problems: int | None = None
+    """Problems of grid.file now (GridFile.problems_now); None without a file."""
 
     @property
     def price_per_kwh(self) -> float | None:
@@ -99,6 +101,7 @@ class GridSignal:
             price=price,
             carbon=carbon,
             file_errors_total=None if self.file is None else self.file.errors_total,
+            file_problems=None if self.file is None else self.file.problems_now,
         )
 
     def price_per_kwh(self) -> float | None:

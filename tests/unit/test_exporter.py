@@ -243,6 +243,7 @@ def full_snapshot() -> Snapshot:
             GridSignalStatus("carbon", 380.0, "schedule"),
         ),
         grid_file_errors_total=2,
+        grid_file_problems=1,
     )
 
 
@@ -415,6 +416,7 @@ def test_grid_signals_say_their_source_and_the_age_of_a_file_value() -> None:
     ages = {s.labels["signal"]: s.value for s in samples["powerd_grid_signal_age_seconds"]}
     assert ages == {"price": 840.0}
     assert value(samples, "powerd_grid_file_errors_total") == 2.0
+    assert value(samples, "powerd_grid_file_problems") == 1.0
     # No value in force: the signal is still listed, with no source marked.
     exporter.publish(
         replace(
@@ -422,6 +424,7 @@ def test_grid_signals_say_their_source_and_the_age_of_a_file_value() -> None:
             grid_price_per_kwh=None,
             grid_signals=(GridSignalStatus("price", None, None),),
             grid_file_errors_total=None,
+            grid_file_problems=None,
         )
     )
     samples = parse(exporter.render())
@@ -433,6 +436,7 @@ def test_grid_signals_say_their_source_and_the_age_of_a_file_value() -> None:
     for name in (
         "powerd_grid_signal_age_seconds",
         "powerd_grid_file_errors_total",
+        "powerd_grid_file_problems",
         "powerd_grid_price_per_kwh",
     ):
         assert name not in samples, name

@@ -193,7 +193,9 @@ def test_removing_the_file_stops_its_feed(tmp_path: Path) -> None:
     write_json(path, {"price_per_kwh": spans})
     assert grid.poll().price == GridSignalStatus("price", 0.2, "file", 3600.0)
     path.unlink()
-    assert grid.poll().price == GridSignalStatus("price", 0.5, "flat")
+    state = grid.poll()
+    assert state.price == GridSignalStatus("price", 0.5, "flat")
+    assert (state.file_errors_total, state.file_problems) == (0, 0)
 
 
 def test_an_updated_at_after_the_file_was_written_is_not_believed(
@@ -357,8 +359,8 @@ def test_the_file_changing_is_picked_up_and_not_read_while_unchanged(
 
     monkeypatch.setattr(GridFile, "_parse", counting_parse)
     with caplog.at_level(logging.INFO, logger="powerd.grid"):
-        assert grid.poll().price_per_kwh is None  # no file yet
-        assert grid.poll().file_errors_total == 1  # one problem, not one per tick
+        assert grid.poll().price_per_kwh is None  # no file yet: no feed, and no problem
+        assert grid.poll().file_errors_total == 0
         write_json(path, {"updated_at": iso(MONDAY_NOON), "price_per_kwh": 0.12})
         for _ in range(3):
             assert grid.poll().price_per_kwh == 0.12
@@ -366,7 +368,7 @@ def test_the_file_changing_is_picked_up_and_not_read_while_unchanged(
         assert grid.poll().price_per_kwh == 0.31
     assert len(reads) == 2
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING].count(
-        f"grid.file {path}: cannot read it: No such file or directory"
+        f"grid.file {path}: absent; no values from it until it is written"
     ) == 1
     assert "read without problems again" in caplog.text
 
@@ -400,6 +402,7 @@ def test_a_hung_file_system_does_not_hold_the_tick(
         assert not poller.is_alive(), "a poll waited for the hung file system"
         assert polls == [0.12, 0.12, 0.12]
         assert grid.poll().file_errors_total == 1  # one hang, one problem
+        assert grid.poll().file_problems == 1  # for as long as it lasts
         answer.set()
         for _ in range(100):
             if grid.poll().price_per_kwh == 0.31:
@@ -557,7 +560,9 @@ def test_a_price_change_mid_run_is_priced_tick_by_tick(tmp_path: Path) -> None:
     assert metric_value(line) == 1.0
     (line,) = metric_lines(text, "powerd_grid_signal_age_seconds", signal="carbon")
     assert metric_value(line) == 0.0
-    assert metric_value(metric_lines(text, "powerd_grid_file_errors_total")[0]) == 1.0
+    # No file for the first ticks was no problem: removing it is how the feed stops.
+    assert metric_value(metric_lines(text, "powerd_grid_file_errors_total")[0]) == 0.0
+    assert metric_value(metric_lines(text, "powerd_grid_file_problems")[0]) == 0.0
 
     # The file's last value ages out, with no other source: the totals stay, and stop growing.
     clock.advance(601)
@@ -571,6 +576,25 @@ def test_a_price_change_mid_run_is_priced_tick_by_tick(tmp_path: Path) -> None:
     assert all(
         metric_value(line) == 0.0 for line in metric_lines(text, "powerd_grid_signal_source")
     )
+
+
+def test_a_file_bad_from_the_start_is_a_problem_until_it_is_fixed(tmp_path: Path) -> None:
+    """The alert reads the gauge: the error counter of a file already bad at the first tick
+    is 1 at the first scrape and never moves while the file stays as it is."""
+    clock = Clock()
+    path = tmp_path / "grid.json"
+    write_json(path, '{"price_per_kwh": 0.1')
+    rig = grid_rig(tmp_path, GridConfig(file=str(path), price_per_kwh=0.2), clock)
+    for _ in range(3):
+        rig.run(1)
+        text = rig.metrics()
+        assert metric_value(metric_lines(text, "powerd_grid_file_problems")[0]) == 1.0
+        assert metric_value(metric_lines(text, "powerd_grid_file_errors_total")[0]) == 1.0
+    write_json(path, {"price_per_kwh": 0.1})
+    rig.run(1)
+    text = rig.metrics()
+    assert metric_value(metric_lines(text, "powerd_grid_file_problems")[0]) == 0.0
+    assert metric_value(metric_lines(text, "powerd_grid_price_per_kwh")[0]) == 0.1
 
 
 def test_energy_at_a_negative_price_is_a_credit(tmp_path: Path) -> None:
