@@ -153,6 +153,8 @@ class _State:
     loop_count: int = 0
     tokens_total: dict[str, float] = field(default_factory=dict)
     token_timestamp_s: dict[str, float] = field(default_factory=dict)
+    own_tokens_last: dict[str, float] = field(default_factory=dict)
+    """The server's own token count at its last answer that carried one."""
 
     def copy(self) -> _State:
         return _State(
@@ -162,6 +164,7 @@ class _State:
             loop_count=self.loop_count,
             tokens_total=dict(self.tokens_total),
             token_timestamp_s=dict(self.token_timestamp_s),
+            own_tokens_last=dict(self.own_tokens_last),
         )
 
 
@@ -254,7 +257,7 @@ class Exporter:
                 state.loop_sum_s += duration_s
                 state.loop_count += 1
             servers = {sample.server for sample in snapshot.servers}
-            for totals in (state.tokens_total, state.token_timestamp_s):
+            for totals in (state.tokens_total, state.token_timestamp_s, state.own_tokens_last):
                 for name in [name for name in totals if name not in servers]:
                     del totals[name]  # a server a reload removed: its series is gone too
             for sample in snapshot.servers:
@@ -330,29 +333,44 @@ class Exporter:
 
 
 def _accumulate_tokens(state: _State, sample: ServerSample) -> None:
-    """Keep a generated-token counter per server.
+    """Keep a generated-token counter per server that never goes back.
 
-    The server's own cumulative count is used where the sample carries it; otherwise the rate
-    times the time since the previous successful scrape is added, so the counter stays
-    monotonic and `rate()` over it gives back the server's token rate.
+    It starts at the server's own cumulative count where the first answer carries one (so
+    the two read alike) and grows by that count's increase (all of it after a server
+    restart, which starts it from 0). Where an answer carries no count, the rate times the
+    time since the previous answer is added, so `rate()` over it gives back the server's token
+    rate; an own count that appears only later (TGI creates its token histogram at the first
+    finished request) is followed from there, never jumped to.
     """
     name = sample.server
-    if sample.generation_tokens_total is not None:
-        state.tokens_total[name] = float(sample.generation_tokens_total)
+    total = state.tokens_total.get(name)
+    own = sample.generation_tokens_total
+    if own is not None:
+        own = float(own)
+        last_own = state.own_tokens_last.get(name)
+        if total is None:
+            total = own
+        elif last_own is not None:
+            total += own - last_own if own >= last_own else own
+        else:
+            total += _tokens_since_last_answer(state, sample)
+        state.tokens_total[name] = total
+        state.own_tokens_last[name] = own
     elif sample.up:
-        total = state.tokens_total.setdefault(name, 0.0)
-        previous_s = state.token_timestamp_s.get(name)
-        rate = sample.generation_tokens_per_s
-        if (
-            previous_s is not None
-            and rate is not None
-            and math.isfinite(rate)
-            and rate >= 0
-            and sample.timestamp_s > previous_s
-        ):
-            state.tokens_total[name] = total + rate * (sample.timestamp_s - previous_s)
+        state.own_tokens_last.pop(name, None)
+        state.tokens_total[name] = (total or 0.0) + _tokens_since_last_answer(state, sample)
     if sample.up:
         state.token_timestamp_s[name] = sample.timestamp_s
+
+
+def _tokens_since_last_answer(state: _State, sample: ServerSample) -> float:
+    """The sample's token rate times the time since the server's previous answer; 0 when
+    either is unknown."""
+    previous_s = state.token_timestamp_s.get(sample.server)
+    rate = sample.generation_tokens_per_s
+    if previous_s is None or rate is None or not math.isfinite(rate) or rate < 0:
+        return 0.0
+    return rate * max(sample.timestamp_s - previous_s, 0.0)
 
 
 class _Family:

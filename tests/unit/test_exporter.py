@@ -612,6 +612,27 @@ def test_generation_token_counter_prefers_the_servers_own_count() -> None:
     assert value(parse(exporter.render()), "powerd_server_generation_tokens_total") == 7500.0
 
 
+def test_generation_token_counter_never_goes_back() -> None:
+    """An own count that appears after the rate (TGI's token histogram is created at the
+    first finished request) is followed from there; a restarted server's count from 0 adds."""
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    timeline: list[tuple[float, float | None, float | None]] = [
+        (100.0, None, None),
+        (102.0, 869.0, None),  # +1738 integrated
+        (104.0, 0.0, 180.0),  # the server's own count appears: followed, not jumped to
+        (106.0, 50.0, 280.0),  # +100
+        (108.0, 10.0, 30.0),  # restarted: its 30 new tokens
+    ]
+    values = []
+    for timestamp_s, rate, own in timeline:
+        sample = server_sample(
+            timestamp_s, generation_tokens_per_s=rate, generation_tokens_total=own
+        )
+        exporter.publish(Snapshot(timestamp_s=timestamp_s, servers=(sample,)))
+        values.append(value(parse(exporter.render()), "powerd_server_generation_tokens_total"))
+    assert values == [0.0, 1738.0, 1738.0, 1838.0, 1868.0]
+
+
 def test_loop_duration_histogram_accumulates_every_publish() -> None:
     exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
     durations_s = [0.0005, 0.004, 0.004, 0.3, 5.0]
