@@ -1043,7 +1043,7 @@ class Daemon:
                     model_name=sample.model_name if sample else "",
                     gpu_uuids=tuple(group.uuids),
                     mode=decision.mode if decision else self.config.mode,
-                    sm_clock_max_mhz=decision.sm_clock_max_mhz if decision else 0,
+                    sm_clock_max_mhz=decision.sm_clock_max_mhz if decision else None,
                     power_limit_mw=decision.power_limit_mw if decision else None,
                     tokens_per_joule=tokens / joules if joules > 0 else None,
                     energy_per_token_j=energy_per_token_j,

@@ -740,8 +740,9 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
     )
     families(
         "powerd_group_clock_limit_hertz",
-        "Upper end of the locked SM clock range powerd chose for the group.",
-    ).add(labels, group.sm_clock_max_mhz * _HZ_PER_MHZ)
+        "Upper end of the locked SM clock range powerd chose for the group; absent before its "
+        "first decision (a group observed only).",
+    ).add(labels, _hertz(group.sm_clock_max_mhz))
     families(
         "powerd_group_power_limit_watts",
         "Per-GPU power limit powerd chose for the group; absent when left at the default.",

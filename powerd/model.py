@@ -232,7 +232,9 @@ class GroupStatus:
     model_name: str
     gpu_uuids: tuple[str, ...]
     mode: str
-    sm_clock_max_mhz: int
+    sm_clock_max_mhz: int | None
+    """The clock powerd chose; None before its first decision (observed only, or not yet
+    decided)."""
     power_limit_mw: int | None
     tokens_per_joule: float | None
     energy_per_token_j: float | None

@@ -308,8 +308,9 @@ class PowerdPolicy:
         snapshot = self.daemon.tick(now_s)
         self._part = 0
         for group in snapshot.groups:
-            self._clock_sum += group.sm_clock_max_mhz
-            self._steps += 1
+            if group.sm_clock_max_mhz is not None:
+                self._clock_sum += group.sm_clock_max_mhz
+                self._steps += 1
             self._reasons[group.decision_reason or "none"] += 1
 
     def sample(self, node: SimNode) -> None:

@@ -677,6 +677,7 @@ def test_a_reload_that_leaves_a_server_as_it_was_keeps_its_group_reading(tmp_pat
     after = rig.run(1).groups
     assert [g.decision_reason for g in after].count("stale") == 0, "a new reader has no rate"
     for old, new in zip(before, after, strict=True):
+        assert new.sm_clock_max_mhz is not None and old.sm_clock_max_mhz is not None
         assert new.sm_clock_max_mhz <= old.sm_clock_max_mhz + 150, "no jump to f_max"
 
 
@@ -1051,6 +1052,11 @@ def test_a_server_whose_gpu_another_server_has_is_observed_only(
     assert snapshot.servers[1].up, "its server is still read"
     assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0))
     assert rig.writes_to(1) == [], "GPU 1 belongs to no server"
+    # Nothing was decided for it: no clock limit is exported, rather than a made-up 0 Hz.
+    assert snapshot.groups[1].sm_clock_max_mhz is None
+    text = rig.metrics()
+    assert metric_lines(text, "powerd_group_clock_limit_hertz", group="vllm-0")
+    assert not metric_lines(text, "powerd_group_clock_limit_hertz", group="vllm-1")
 
 
 def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(

@@ -72,7 +72,9 @@ def test_slo_attainment_recovers_within_five_ticks_of_a_load_step() -> None:
     while node.now_s < END_S - 1e-9:
         node.advance(1.0)
         snapshot = daemon.tick(node.now_s)
-        caps.append(snapshot.groups[0].sm_clock_max_mhz)
+        cap_mhz = snapshot.groups[0].sm_clock_max_mhz
+        assert cap_mhz is not None, "a controlled group has a decision every tick"
+        caps.append(cap_mhz)
     f_max = daemon.infos[next(iter(daemon.infos))].sm_clock_max_mhz
     assert caps[int(STEP_S) - 1] < f_max - 300, "at 20 % load the clock is well below f_max"
 

@@ -445,8 +445,9 @@ def test_the_backlog_gauge_goes_away_while_the_group_is_at_f_max(tmp_path: Path)
     _run_with_guard(rig, 120)
     f_max = rig.node.plant.profile.sm_clock_max_mhz
     statuses = [g for snapshot in rig.snapshots for g in snapshot.groups]
-    at_f_max = [g for g in statuses if g.sm_clock_max_mhz >= f_max]
-    below = [g for g in statuses if g.sm_clock_max_mhz < f_max]
+    assert all(g.sm_clock_max_mhz is not None for g in statuses)
+    at_f_max = [g for g in statuses if (g.sm_clock_max_mhz or 0) >= f_max]
+    below = [g for g in statuses if (g.sm_clock_max_mhz or 0) < f_max]
     assert at_f_max and below
     assert all(g.prompt_backlog_tokens is None for g in at_f_max)
     assert any(g.prompt_backlog_tokens is not None for g in below)
