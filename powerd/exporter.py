@@ -155,6 +155,9 @@ class _State:
     token_timestamp_s: dict[str, float] = field(default_factory=dict)
     own_tokens_last: dict[str, float] = field(default_factory=dict)
     """The server's own token count at its last answer that carried one."""
+    preemptions_total: dict[str, float] = field(default_factory=dict)
+    preemptions_timestamp_s: dict[str, float] = field(default_factory=dict)
+    """When the answer last added to preemptions_total was stamped (one answer adds once)."""
 
     def copy(self) -> _State:
         return _State(
@@ -165,6 +168,8 @@ class _State:
             tokens_total=dict(self.tokens_total),
             token_timestamp_s=dict(self.token_timestamp_s),
             own_tokens_last=dict(self.own_tokens_last),
+            preemptions_total=dict(self.preemptions_total),
+            preemptions_timestamp_s=dict(self.preemptions_timestamp_s),
         )
 
 
@@ -257,11 +262,18 @@ class Exporter:
                 state.loop_sum_s += duration_s
                 state.loop_count += 1
             servers = {sample.server for sample in snapshot.servers}
-            for totals in (state.tokens_total, state.token_timestamp_s, state.own_tokens_last):
+            for totals in (
+                state.tokens_total,
+                state.token_timestamp_s,
+                state.own_tokens_last,
+                state.preemptions_total,
+                state.preemptions_timestamp_s,
+            ):
                 for name in [name for name in totals if name not in servers]:
                     del totals[name]  # a server a reload removed: its series is gone too
             for sample in snapshot.servers:
                 _accumulate_tokens(state, sample)
+                _accumulate_preemptions(state, sample)
             self._state = state
 
     def render(self) -> bytes:
@@ -363,6 +375,20 @@ def _accumulate_tokens(state: _State, sample: ServerSample) -> None:
         state.token_timestamp_s[name] = sample.timestamp_s
 
 
+def _accumulate_preemptions(state: _State, sample: ServerSample) -> None:
+    """Add the preemptions of each answer once (a snapshot may carry an answer again), from 0
+    at the first answer that counts them."""
+    name = sample.server
+    if sample.preemptions is None or not math.isfinite(sample.preemptions):
+        return
+    stamped_s = state.preemptions_timestamp_s.get(name)
+    if stamped_s is not None and sample.timestamp_s <= stamped_s:
+        return
+    state.preemptions_timestamp_s[name] = sample.timestamp_s
+    total = state.preemptions_total.get(name, 0.0)
+    state.preemptions_total[name] = total + max(sample.preemptions, 0.0)
+
+
 def _tokens_since_last_answer(state: _State, sample: ServerSample) -> float:
     """The sample's token rate times the time since the server's previous answer; 0 when
     either is unknown."""
@@ -424,7 +450,12 @@ class _SnapshotCollector(Collector):
             for gpu in snapshot.gpus:
                 _collect_gpu(families, gpu, group_of.get(gpu.info.uuid))
             for sample in snapshot.servers:
-                _collect_server(families, sample, state.tokens_total.get(sample.server))
+                _collect_server(
+                    families,
+                    sample,
+                    state.tokens_total.get(sample.server),
+                    state.preemptions_total.get(sample.server),
+                )
             for group in snapshot.groups:
                 _collect_group(families, group, snapshot.grid_currency)
         return list(families.metrics())
@@ -615,7 +646,12 @@ def _collect_gpu(families: _Families, gpu: GpuStatus, group: GroupStatus | None)
         observe.add(labels, 0)
 
 
-def _collect_server(families: _Families, sample: ServerSample, tokens_total: float | None) -> None:
+def _collect_server(
+    families: _Families,
+    sample: ServerSample,
+    tokens_total: float | None,
+    preemptions_total: float | None,
+) -> None:
     labels = {"server": sample.server, "model_name": sample.model_name, "kind": sample.kind}
     families("powerd_source_up", "1 when the last scrape of the inference server worked.").add(
         labels, sample.up
@@ -691,13 +727,14 @@ def _collect_server(families: _Families, sample: ServerSample, tokens_total: flo
             "Share of the server's KV cache in use (its fullest engine's), 0-1.",
             sample.kv_cache_usage,
         ),
-        (
-            "powerd_server_preemptions",
-            "Requests the server preempted for KV space over the last scrape interval.",
-            sample.preemptions,
-        ),
     ):
         families(name, help_text).add(labels, value)
+    families(
+        "powerd_server_preemptions",
+        "Requests the server preempted for KV space (evicted to prefill again later), counted "
+        "by powerd from each answer since it started; absent where the server does not say.",
+        "counter",
+    ).add(labels, preemptions_total)
 
 
 def _collect_group(families: _Families, group: GroupStatus, currency: str) -> None:

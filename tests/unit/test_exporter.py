@@ -633,6 +633,20 @@ def test_generation_token_counter_never_goes_back() -> None:
     assert values == [0.0, 1738.0, 1738.0, 1838.0, 1868.0]
 
 
+def test_preemptions_are_a_counter_of_every_answer_not_the_last_tick() -> None:
+    """Prometheus scrapes every 15-60 s and the daemon reads a server every second: a gauge
+    of one answer's preemptions showed one tick in fifteen."""
+    exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
+    values = []
+    for timestamp_s, preemptions in ((1.0, None), (2.0, 0.0), (3.0, 4.0), (3.0, 4.0), (4.0, 1.0)):
+        sample = server_sample(timestamp_s, preemptions=preemptions)
+        exporter.publish(Snapshot(timestamp_s=timestamp_s, servers=(sample,)))
+        found = parse(exporter.render()).get("powerd_server_preemptions_total")
+        values.append(found[0].value if found else None)
+    # Absent until the server says; an answer published twice counts once.
+    assert values == [None, 0.0, 4.0, 4.0, 5.0]
+
+
 def test_loop_duration_histogram_accumulates_every_publish() -> None:
     exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
     durations_s = [0.0005, 0.004, 0.004, 0.3, 5.0]
