@@ -509,11 +509,13 @@ def _collect_node(families: _Families, state: _State, build_info: dict[str, str]
             {}, snapshot.dry_run
         )
         families(
-            "powerd_grid_price_per_kwh", "Electricity price per kilowatt-hour, where configured."
-        ).add({}, snapshot.grid_price_per_kwh)
+            "powerd_grid_price_per_kwh",
+            "Electricity price per kilowatt-hour in force now (grid.file, schedule or flat "
+            "value; powerd_grid_signal_source says which), in the currency labelled.",
+        ).add({"currency": snapshot.grid_currency}, snapshot.grid_price_per_kwh)
         families(
             "powerd_grid_carbon_grams_per_kwh",
-            "Carbon intensity of grid electricity in grams CO2e per kilowatt-hour, where known.",
+            "Carbon intensity of grid electricity in force now, in grams CO2e per kilowatt-hour.",
         ).add({}, snapshot.grid_carbon_g_per_kwh)
         if snapshot.grid_price_per_kwh is not None or snapshot.grid_carbon_g_per_kwh is not None:
             families(
@@ -621,7 +623,8 @@ def _collect_gpu(families: _Families, gpu: GpuStatus, group: GroupStatus | None)
     lock_mhz = gpu.sm_clock_lock_max_mhz
     families(
         "powerd_gpu_clock_limit_hertz",
-        "Upper end of the locked SM clock range; the device maximum when unlocked.",
+        "Upper end of the SM clock range powerd locked; the device maximum when powerd holds "
+        "no lock (NVML cannot read back a lock set by another tool).",
     ).add(labels, (lock_mhz if lock_mhz is not None else info.sm_clock_max_mhz) * _HZ_PER_MHZ)
     families("powerd_gpu_max_clock_hertz", "The GPU's maximum SM clock.").add(
         labels, info.sm_clock_max_mhz * _HZ_PER_MHZ

@@ -211,6 +211,9 @@ def test_cost_stats_price_each_tick_at_the_price_then_in_force(tmp_path: Path) -
     series = {
         f'powerd_gpu_energy_joules_total{{{node},gpu="0",UUID="GPU-a"}}': "0+60000x120",
         f'powerd_server_generation_tokens_total{{{node},server="s"}}': f"0+{tokens_per_min}x120",
+        # A server observed only (no GPUs known): its tokens cost nothing powerd counts, so
+        # they must not dilute the cost of those it does.
+        f'powerd_server_generation_tokens_total{{{node},server="o"}}': f"0+{tokens_per_min}x120",
         f'powerd_group_energy_cost_total{{{group},currency="EUR"}}': (
             f"0+{low!r}x90 {90 * low + high!r}+{high!r}x29"
         ),

@@ -417,6 +417,9 @@ def test_grid_signals_say_their_source_and_the_age_of_a_file_value() -> None:
     assert ages == {"price": 840.0}
     assert value(samples, "powerd_grid_file_errors_total") == 2.0
     assert value(samples, "powerd_grid_file_problems") == 1.0
+    # The price says its currency, as the cost counters do.
+    (price,) = samples["powerd_grid_price_per_kwh"]
+    assert (price.labels, price.value) == ({"currency": full_snapshot().grid_currency}, 0.12)
     # No value in force: the signal is still listed, with no source marked.
     exporter.publish(
         replace(
