@@ -734,7 +734,7 @@ def allocate_budget(
 ) -> bool:
     """Per-GPU power limits whose sum over all GPUs stays within budget_mw.
 
-    Groups with a finite fixed_mw keep that per-GPU limit (stale groups at their default) and
+    Groups with a finite fixed_mw keep that per-GPU limit (stale groups their last share) and
     count against the budget. The rest get at least their minimum; the remainder goes first to
     each group's need (per GPU), in proportion to weight when it does not cover every need, and
     what is left over after all needs is shared in proportion to the headroom up to the maximum.
@@ -867,7 +867,9 @@ def _group_step(
         state[ST_TARGET_MHZ, g] = f_max
         state[ST_HOLD, g] = 0.0
         state[ST_SETTLED, g] = 0.0
-        state[ST_LIMIT_MW, g] = math.nan
+        if mode != MODE_BUDGET:
+            # In budget mode the limit stays: controller_step keeps it within the budget.
+            state[ST_LIMIT_MW, g] = math.nan
         state[ST_PRESSURE, g] = 1.0
         out[OUT_CAP_MHZ, g] = f_max
         out[OUT_LIMIT_MW, g] = math.nan
@@ -1538,12 +1540,24 @@ def controller_step(
             tpj_sum += tpj
             tpj_n += 1
     tpj_mean = tpj_sum / tpj_n if tpj_n > 0 else math.nan
+    budget_mw = knobs[KNOB_BUDGET_W] * 1000.0
+    node_gpus = 0.0
     for g in range(n_groups):
         count = obs[OBS_GPU_COUNT, g]
         gpu_count[g] = count if count >= 1.0 else 1.0
+        node_gpus += gpu_count[g]
+    for g in range(n_groups):
         fixed[g] = math.nan
         if obs[OBS_STALE, g] > 0.5:
-            fixed[g] = params[PAR_PL_DEFAULT_MW, g]
+            # Default clocks, but not the default limit: the budget guards a circuit, and a
+            # server that stops answering has not stopped drawing. It keeps its last share, or
+            # an even one when it never had a share.
+            held = state[ST_LIMIT_MW, g]
+            if not _finite(held):
+                held = budget_mw / node_gpus
+            fixed[g] = math.floor(
+                min(max(held, params[PAR_PL_MIN_MW, g]), params[PAR_PL_MAX_MW, g])
+            )
         if state[ST_PRESSURE, g] > 0.5:
             need[g] = params[PAR_PL_MAX_MW, g]
         else:
@@ -1559,7 +1573,7 @@ def controller_step(
         else:
             weight[g] = 1.0
     ok = allocate_budget(
-        knobs[KNOB_BUDGET_W] * 1000.0,
+        budget_mw,
         gpu_count,
         params[PAR_PL_MIN_MW],
         params[PAR_PL_MAX_MW],
@@ -1569,11 +1583,8 @@ def controller_step(
         limit,
     )
     for g in range(n_groups):
-        if obs[OBS_STALE, g] > 0.5:
-            out[OUT_LIMIT_MW, g] = math.nan
-        else:
-            out[OUT_LIMIT_MW, g] = limit[g]
-        state[ST_LIMIT_MW, g] = out[OUT_LIMIT_MW, g]
+        out[OUT_LIMIT_MW, g] = limit[g]
+        state[ST_LIMIT_MW, g] = limit[g]
     return ok
 
 

@@ -571,6 +571,32 @@ def test_budget_mode_shares_the_budget_and_favours_the_group_under_pressure() ->
     assert 2 * (lim_a + lim_b) <= budget_w * 1000
 
 
+def test_in_budget_mode_a_stale_group_keeps_a_share_within_the_budget() -> None:
+    """A server that stops answering still draws: its group goes back to default clocks, but
+    its GPUs keep the share they had (an even one if they never had one), and the other
+    groups share only what is left. Before, it went to its 700 W default and the others to
+    their minimum: 900 W of limits on a 600 W budget."""
+    budget_w = 600.0
+    config = Config(mode="budget", node_power_budget_w=budget_w)
+    controller = Controller(config, [spec("a"), spec("b")])
+    for t in range(20):
+        before = controller.decide(float(t), [obs("a", energy_j=400.0), obs("b", energy_j=300.0)])
+    held = before[0].power_limit_mw
+    assert held is not None
+    for t in range(20, 40):
+        decisions = controller.decide(float(t), [obs("a", stale=True), obs("b", itl_p95_s=0.2)])
+        stale, other = decisions
+        assert "stale" in stale.reason and stale.sm_clock_max_mhz == 1980
+        assert stale.power_limit_mw == held
+        assert other.power_limit_mw is not None
+        assert stale.power_limit_mw + other.power_limit_mw <= budget_w * 1000
+    # Stale from the first tick: an even share.
+    fresh = Controller(config, [spec("a"), spec("b")])
+    first = fresh.decide(0.0, [obs("a", stale=True), obs("b", energy_j=300.0)])
+    assert first[0].power_limit_mw == 300_000
+    assert sum(d.power_limit_mw or 700_000 for d in first) <= budget_w * 1000
+
+
 def test_budget_below_the_minimum_limits_says_so() -> None:
     config = Config(mode="budget", node_power_budget_w=300.0)
     controller = Controller(config, [spec("a", gpus=2)])
