@@ -66,6 +66,8 @@ class GpuControlState:
     reason_before_loss: str = ""
     """The observe-only reason the GPU had when it was lost, given back when it rejoins."""
     clock_lock_supported: bool = True
+    power_limit_supported: bool = True
+    """False once a limit write was refused as not supported (the clocks still are)."""
     would_set: str = ""
     """In dry-run mode, the last setting that would have been written."""
     would_set_logged_s: float | None = None
@@ -117,6 +119,17 @@ class Actuator:
                     info.uuid,
                 )
         return state
+
+    def limits_out_of_reach(self) -> set[str]:
+        """GPUs whose power limit powerd cannot set while it controls (observed only for a
+        reason other than a dry run or a loss, or a limit write refused as not supported):
+        a node power budget cannot count on a share for them."""
+        return {
+            uuid
+            for uuid, state in self.states.items()
+            if (state.observe_only and state.observe_only_reason not in ("dry_run", "gpu_lost"))
+            or not state.power_limit_supported
+        }
 
     def lose(self, uuid: str) -> None:
         """The GPU is gone: nothing is written to it, and what powerd last set on it (which it
@@ -254,6 +267,8 @@ class Actuator:
                 log.warning("GPU %s cannot lock clocks; falling back to its power limit", info.uuid)
                 self._apply_one(state, decision, power_w, clock_mhz)
                 return
+        if not state.power_limit_supported:
+            return
         if want_limit != state.power_limit_mw and self._save_limit(state):
             self._follow_operator(state)
             # The saved original (or the operator's since), not an earlier read, is the ceiling.
@@ -263,10 +278,16 @@ class Actuator:
             try:
                 self._write_limit(state, want_limit)
             except NotSupported:
+                state.power_limit_supported = False
                 if not state.clock_lock_supported:
                     state.observe_only_reason = "not_supported"
                     log.error(
                         "GPU %s supports neither locked clocks nor power limits; observing only",
+                        info.uuid,
+                    )
+                else:
+                    log.warning(
+                        "GPU %s cannot set its power limit; controlling its clocks only",
                         info.uuid,
                     )
 

@@ -239,6 +239,8 @@ class Daemon:
         index, with why; opened again every DISCOVERY_RETRY_S."""
         self.restores_total = 0
         self.restore_failures_total = 0
+        self._limits_out_of_reach_mw: dict[str, int] = {}
+        """GPUs whose power limit powerd cannot set -> the limit reserved in budget mode."""
         for info in list(self.infos.values()):
             self._take_in(info)
         self._prev_energy_mj: dict[str, int] = {}
@@ -285,14 +287,40 @@ class Daemon:
         else:
             self.policy = self._make_policy(config)
 
+    def _reserve_limits_out_of_reach(self, readings: Mapping[str, GpuReading]) -> None:
+        """Keep the limit of each GPU whose limit powerd cannot set (refused, or observed only)
+        out of the node budget, from the tick it is found; the policy is given the smaller
+        budget at once."""
+        out_of_reach = self.actuator.limits_out_of_reach() & set(self.infos)
+        if out_of_reach == set(self._limits_out_of_reach_mw):
+            return
+        for uuid in out_of_reach - set(self._limits_out_of_reach_mw):
+            reading = readings.get(uuid)
+            limit_mw = reading.power_limit_mw if reading is not None else None
+            limit_mw = limit_mw or self.infos[uuid].power_limit_default_mw
+            self._limits_out_of_reach_mw[uuid] = limit_mw
+            log.warning(
+                "GPU %s: its power limit cannot be set; its %.0f W are kept out of the node "
+                "power budget",
+                uuid,
+                limit_mw / 1000.0,
+            )
+        for uuid in set(self._limits_out_of_reach_mw) - out_of_reach:
+            del self._limits_out_of_reach_mw[uuid]
+        self._reconfigure_policy(self.config)
+
     def _less_lost_gpus(self, config: Config) -> Config:
         """`config` with its node power budget less what the GPUs out of reach may still draw:
         a lost GPU may still run at the limit it had (powerd's last, else its own), one never
-        opened at the node's largest default limit."""
+        opened at the node's largest default limit, one whose limit cannot be set at the limit
+        it has."""
         budget_w = config.node_power_budget_w
-        if config.mode != "budget" or budget_w is None or not (self.lost or self.unopened):
+        out_of_reach = self._limits_out_of_reach_mw
+        if config.mode != "budget" or budget_w is None:
             return config
-        reserved_w = 0.0
+        if not (self.lost or self.unopened or out_of_reach):
+            return config
+        reserved_w = sum(out_of_reach.values()) / 1000.0
         for uuid, info in self.lost.items():
             state = self.actuator.states.get(uuid)
             limit_mw = state.power_limit_mw if state is not None else None
@@ -653,6 +681,8 @@ class Daemon:
                     applied = _raised(decision, cap_mhz)
                 self._note_raise(group, cap_mhz, now_s)
             self._act(group, applied, observation, readings)
+        if self.config.mode == "budget":
+            self._reserve_limits_out_of_reach(readings)
         self.ticks_total += 1
         stamp_s = now_s if unix_time_s is None else unix_time_s
         snapshot = self._snapshot(stamp_s, readings, samples, observations, grid)

@@ -1284,6 +1284,29 @@ def test_in_budget_mode_a_lost_gpu_keeps_its_limit_out_of_the_budget(tmp_path: P
     _check_budget_reserve(rig, rig.node.plant.power_limit_mw(1) / 1000.0)
 
 
+@pytest.mark.parametrize("refusal", ["NVMLError_NotSupported", "NVMLError_NoPermission"])
+def test_in_budget_mode_a_gpu_whose_limit_cannot_be_set_keeps_it_out_of_the_budget(
+    tmp_path: Path, refusal: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU that refuses limit writes runs at the limit it has: the others share the budget
+    less that limit, not all of it (before, the node ran 45-64 % over its budget)."""
+    import pynvml
+
+    sim = SimConfig(gpus=4, tp=2, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+    rig = make_rig(tmp_path, sim=sim, mode="budget", node_power_budget_w=1400.0)
+    rig.fake.inject_error(
+        1, "nvmlDeviceSetPowerManagementLimit", getattr(pynvml, refusal), persistent=True
+    )
+    with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
+        rig.run(60)
+    held_w = rig.node.plant.power_limit_mw(1) / 1000.0
+    for _ in range(30):
+        rig.run(1)
+        limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in (0, 2, 3)]
+        assert sum(limits_w) + held_w <= 1400.0 + 10.0, (limits_w, held_w)
+    assert any("kept out of the node power budget" in r.getMessage() for r in caplog.records)
+
+
 def _check_budget_reserve(rig: Rig, reserve_w: float, budget_w: float = 1400.0) -> None:
     """With GPU 1 out of reach, GPUs 0, 2 and 3 share the budget less reserve_w for a minute;
     once GPU 1 answers again the four share all of it."""
