@@ -124,15 +124,27 @@ def check_config_gpus(config: Config) -> str:
     finally:
         backend.close()
     by_index = {info.index: info.uuid for info in infos}
+    named: set[str] = set()
     for i, server in enumerate(config.servers):
         for j, gpu in enumerate(server.gpus or ()):
             try:
-                locate_gpu(gpu, by_index, unopened)
+                named.add(locate_gpu(gpu, by_index, unopened) or "")
             except LookupError:
                 raise ConfigError(
                     f"servers[{i}].gpus[{j}]: no GPU {gpu!r} on this node "
                     f"({len(infos) + len(unopened)} GPUs counted)"
                 ) from None
+    if config.mode == "budget" and config.node_power_budget_w is not None:
+        # The GPUs the servers name, or every GPU where a server finds its own.
+        every = not config.servers or any(server.gpus is None for server in config.servers)
+        shared = [info for info in infos if every or info.uuid in named]
+        floor_w = sum(info.power_limit_min_mw for info in shared) / 1000.0
+        if config.node_power_budget_w < floor_w:
+            raise ConfigError(
+                f"node_power_budget_w: {config.node_power_budget_w:g} W is below the minimum "
+                f"power limits of the {len(shared)} GPUs it is shared by ({floor_w:g} W); every "
+                "GPU would be held at its minimum and the node would still draw more"
+            )
     return f"{len(infos)} GPUs opened" + (f", {len(unopened)} not" if unopened else "")
 
 
