@@ -57,6 +57,13 @@ log = logging.getLogger(__name__)
 SLO_WINDOW_TICKS = 300
 """Ticks over which a group's SLO attainment is reported (5 minutes at the default 1 s)."""
 EFFICIENCY_WINDOW_TICKS = 10
+TARGET_WINDOW_S = 60.0
+"""Tokens per joule over this long tell whether a group reaches its target: one tick's or
+ten's swing with every batch."""
+TARGET_REACHED_AT = 0.98
+TARGET_LOST_BELOW = 0.95
+"""Reached from 0.98 x the target on, and no longer below 0.95 x: a figure near the target
+does not flip the report at every tick."""
 """Ticks over which tokens per joule is reported, to smooth counter quantisation."""
 BLIND_WARN_READS = 3
 """Reads of a generating server without either latency histogram before that is logged."""
@@ -166,6 +173,9 @@ class Group:
         default_factory=lambda: deque(maxlen=EFFICIENCY_WINDOW_TICKS)
     )
     """(tokens, joules) per tick."""
+    target_window: deque[tuple[float, float, float]] = field(default_factory=deque)
+    """(time, tokens, joules) per tick over TARGET_WINDOW_S, in target mode."""
+    target_reached: bool | None = None
     decision: GroupDecision | None = None
     backlog_probe: PromptBacklogProbe | None = None
     """Reads the server's prompt backlog (SGLang only; None until its kind is known to be
@@ -286,6 +296,61 @@ class Daemon:
             )
         else:
             self.policy = self._make_policy(config)
+
+    def _judge_target(
+        self,
+        group: Group,
+        now_s: float,
+        tokens_per_s: float | None,
+        interval_s: float,
+        energy_j: float | None,
+    ) -> None:
+        """In target mode, whether the group's tokens per joule over the last TARGET_WINDOW_S
+        reach the target (with hysteresis); None outside it or before a window is in."""
+        target = self.config.target_tokens_per_joule
+        if self.config.mode != "target" or target is None:
+            group.target_window.clear()
+            group.target_reached = None
+            return
+        window = group.target_window
+        if energy_j is not None and tokens_per_s is not None:
+            window.append((now_s, tokens_per_s * interval_s, energy_j))
+        while window and window[0][0] <= now_s - TARGET_WINDOW_S:
+            window.popleft()
+        joules = sum(j for _, _, j in window)
+        if not window or now_s - window[0][0] < TARGET_WINDOW_S / 2 or joules <= 0:
+            return  # the last verdict holds until half a window is in
+        tokens_per_joule = sum(t for _, t, _ in window) / joules
+        if tokens_per_joule >= TARGET_REACHED_AT * target:
+            group.target_reached = True
+        elif tokens_per_joule < TARGET_LOST_BELOW * target or group.target_reached is None:
+            group.target_reached = False
+
+    def budget_feasible(self) -> bool | None:
+        """In budget mode, whether the last decision could keep within the budget; else None."""
+        if self.config.mode != "budget":
+            return None
+        return bool(getattr(self.policy, "budget_feasible", True))
+
+    def _note_budget_feasibility(self) -> None:
+        """Log, once per episode, a node budget the GPUs' minimum limits alone exceed."""
+        if self.budget_feasible() is not False:
+            self._problems.cleared("budget", "node_power_budget_w: enough for the GPUs again")
+            return
+        budget_w = self.config.node_power_budget_w or 0.0
+        kept_w = budget_w - (self._less_lost_gpus(self.config).node_power_budget_w or 0.0)
+        controlled = {uuid for group in self.groups if group.controlled for uuid in group.uuids}
+        floor_w = sum(self.infos[uuid].power_limit_min_mw for uuid in controlled) / 1000.0
+        self._problems.problem(
+            "budget",
+            logging.ERROR,
+            "node_power_budget_w: %g W is below the %g W the controlled GPUs draw at their "
+            "minimum power limits%s; every GPU is held at its minimum and the node draws more "
+            "than the budget",
+            budget_w,
+            floor_w,
+            f" plus the {kept_w:g} W kept for GPUs out of reach" if kept_w > 0 else "",
+        )
 
     def _reserve_limits_out_of_reach(self, readings: Mapping[str, GpuReading]) -> None:
         """Keep the limit of each GPU whose limit powerd cannot set (refused, or observed only)
@@ -670,6 +735,7 @@ class Daemon:
         decisions = self.policy.decide(now_s, [observation for _, observation in controlled])
         for (group, _), decision in zip(controlled, decisions, strict=True):
             group.decision = decision
+        self._note_budget_feasibility()
         # A backlog the decision does not know about is still there: the guard's raise holds
         # from the tick on, not from its next read.
         raised = self._raised_caps(now_s)
@@ -806,6 +872,7 @@ class Daemon:
         tokens_per_s = sample.generation_tokens_per_s if sample.up else None
         if energy_j is not None and tokens_per_s is not None:
             group.efficiency_window.append((tokens_per_s * interval_s, energy_j))
+        self._judge_target(group, now_s, tokens_per_s, interval_s, energy_j)
         if sample.up and not stale:
             group.slo_history.append(self._slo_met(group, sample) is not False)
         return GroupObservation(
@@ -1091,7 +1158,7 @@ class Daemon:
                         else None
                     ),
                     target_tokens_per_joule=policy_state.get("target_tokens_per_joule"),
-                    target_reached=policy_state.get("target_reached"),
+                    target_reached=group.target_reached,
                     observe_only=not group.uuids
                     or all(self.actuator.states[u].observe_only for u in group.uuids),
                     dry_run=self.actuator.dry_run,
@@ -1133,6 +1200,10 @@ class Daemon:
             grid_signals=grid.signals,
             grid_file_errors_total=grid.file_errors_total,
             grid_file_problems=grid.file_problems,
+            node_power_budget_w=(
+                self.config.node_power_budget_w if self.config.mode == "budget" else None
+            ),
+            node_power_budget_feasible=self.budget_feasible(),
         )
 
     def _device_settings(self, uuid: str) -> tuple[int | None, int | None]:
@@ -1233,7 +1304,7 @@ class Daemon:
             del self._carbon_g_total[name]
         self._reconfigure_policy(config)
         self._pool = self._make_pool(after=self._pool)
-        log.info("reload: applied %s (%d servers)", config_path, len(groups))
+        log.info("reload: applied %s (mode %s, %d servers)", config_path, config.mode, len(groups))
         return True
 
     def _keep_unchanged_groups(self, config: Config, groups: list[Group]) -> list[Group]:

@@ -524,6 +524,15 @@ def _collect_node(families: _Families, state: _State, build_info: dict[str, str]
                 "that price and carbon apply to.",
             ).add({}, snapshot.grid_pue)
         _collect_grid_signals(families, snapshot)
+        families(
+            "powerd_node_power_budget_watts",
+            "The node power budget the groups share (mode budget).",
+        ).add({}, snapshot.node_power_budget_w)
+        families(
+            "powerd_node_power_budget_feasible",
+            "0 while the budget, less what GPUs out of reach keep, is below the controlled "
+            "GPUs' minimum power limits: every GPU is at its minimum (mode budget).",
+        ).add({}, snapshot.node_power_budget_feasible)
         powers_mw = [gpu.reading.power_mw for gpu in snapshot.gpus]
         if powers_mw and all(power_mw is not None for power_mw in powers_mw):
             families("powerd_node_power_watts", "Summed power draw of the node's GPUs.").add(
@@ -809,7 +818,9 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
         labels, group.target_tokens_per_joule
     )
     families(
-        "powerd_group_target_reached", "1 when the group reaches its tokens-per-joule target."
+        "powerd_group_target_reached",
+        "1 when the group's tokens per joule over the last minute reach its target (from 0.98 "
+        "of it on; 0 again below 0.95); absent for its first 30 s in mode target.",
     ).add(labels, group.target_reached)
     mode_family = families(
         "powerd_controller_mode", "Controller mode of the group; 1 for the active one."

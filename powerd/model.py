@@ -341,5 +341,10 @@ class Snapshot:
     """The grid signals that have any source configured."""
     grid_file_errors_total: int | None = None
     """Problems met reading grid.file since start; None without a file."""
+    node_power_budget_w: float | None = None
+    """The configured node power budget (budget mode only)."""
+    node_power_budget_feasible: bool | None = None
+    """False while the budget, less what GPUs out of reach keep, is below the controlled GPUs'
+    minimum power limits (budget mode only)."""
     grid_file_problems: int | None = None
     """Problems of grid.file as last read (or 1 while its file system hangs); None without."""

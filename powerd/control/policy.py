@@ -302,6 +302,12 @@ class Controller:
         arrays.step()
         arrays.prefill_guard(np.ones(arrays.obs.shape[1]))
 
+    @property
+    def budget_feasible(self) -> bool:
+        """False when the last tick's node budget was below the groups' minimum limits (each
+        GPU then sits at its minimum); True otherwise and outside budget mode."""
+        return self._budget_ok
+
     def decide(self, now_s: float, observations: Sequence[GroupObservation]) -> list[GroupDecision]:
         """One decision per group (same order as the groups) from this tick's observations."""
         arrays = self.arrays

@@ -1307,6 +1307,67 @@ def test_in_budget_mode_a_gpu_whose_limit_cannot_be_set_keeps_it_out_of_the_budg
     assert any("kept out of the node power budget" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("target", [3.5, 4.0, 20.0])
+def test_target_reached_says_what_the_last_minute_did(tmp_path: Path, target: float) -> None:
+    """powerd_group_target_reached follows the group's tokens per joule over the last
+    minute: 1 at or above the target, 0 below 0.95 of it (a tick's figure swings with every
+    batch, and the flag then flipped at one tick in five against what a minute showed)."""
+    rig = make_rig(
+        tmp_path, sim=SMALL_NODE, mode="target", target_tokens_per_joule=target, record=True
+    )
+    rig.run(240)
+    window = int(daemon_module.TARGET_WINDOW_S)
+    observations = [tick[0] for tick in rig.recorder.observations]
+    verdicts = []
+    for i, snapshot in enumerate(rig.snapshots):
+        reached = snapshot.groups[0].target_reached
+        if i < window // 2 - 1:
+            assert reached is None, "no verdict before half a minute is in"
+        if i < window // 2 + 2:  # the first tick has no energy delta yet
+            continue
+        last = observations[max(0, i - window + 1) : i + 1]
+        tokens = sum((o.generation_tokens_per_s or 0.0) * o.interval_s for o in last)
+        joules = sum(o.energy_j or 0.0 for o in last)
+        if tokens / joules >= target:
+            assert reached is True, (i, tokens / joules)
+        elif tokens / joules < 0.95 * target:
+            assert reached is False, (i, tokens / joules)
+        verdicts.append(reached)
+    assert (True in verdicts) is (target < 5.0), "a 20 tokens/J target is out of reach"
+    (line,) = metric_lines(rig.metrics(), "powerd_group_target_reached", group="vllm-0")
+    assert metric_value(line) == float(verdicts[-1])
+
+
+def test_a_budget_below_the_minimum_limits_is_logged_and_exported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every GPU at its minimum still draws more than such a budget: an error once, and a
+    metric to alert on, until a reload gives a budget the GPUs can keep."""
+    budget = {"mode": "budget", "node_power_budget_w": 300.0}
+    rig, path = _rig_from_file(tmp_path, lambda data: {**data, **budget})
+    with caplog.at_level(logging.INFO, logger="powerd.daemon"):
+        rig.run(5)
+        text = rig.metrics()
+        assert metric_value(metric_lines(text, "powerd_node_power_budget_watts")[0]) == 300.0
+        assert metric_value(metric_lines(text, "powerd_node_power_budget_feasible")[0]) == 0.0
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert errors == [
+            "node_power_budget_w: 300 W is below the 400 W the controlled GPUs draw at their "
+            "minimum power limits; every GPU is held at its minimum and the node draws more "
+            "than the budget"
+        ]
+        path.write_text(
+            yaml.safe_dump({**_config_data(rig.node), **budget, "node_power_budget_w": 900})
+        )
+        assert rig.daemon.reload(path) is True
+        rig.run(2)
+    text = rig.metrics()
+    assert metric_value(metric_lines(text, "powerd_node_power_budget_watts")[0]) == 900.0
+    assert metric_value(metric_lines(text, "powerd_node_power_budget_feasible")[0]) == 1.0
+    assert "node_power_budget_w: enough for the GPUs again" in caplog.text
+    assert "(mode budget, 2 servers)" in caplog.text
+
+
 def _check_budget_reserve(rig: Rig, reserve_w: float, budget_w: float = 1400.0) -> None:
     """With GPU 1 out of reach, GPUs 0, 2 and 3 share the budget less reserve_w for a minute;
     once GPU 1 answers again the four share all of it."""
