@@ -244,6 +244,8 @@ def full_snapshot() -> Snapshot:
         ),
         grid_file_errors_total=2,
         grid_file_problems=1,
+        node_power_budget_w=2400.0,
+        node_power_budget_feasible=True,
     )
 
 
