@@ -31,6 +31,7 @@ from powerd.grid.signals import GridSignal, GridState, at_facility, facility_kwh
 from powerd.journal import Journal, restore_all
 from powerd.logging_setup import ProblemLog
 from powerd.model import (
+    POWER_CAP_REASONS,
     GpuInfo,
     GpuReading,
     GpuStatus,
@@ -836,6 +837,7 @@ class Daemon:
         power_w: float | None = 0.0
         clocks = []
         reasons = 0
+        held_by_lowered_cap = False
         for uuid in group.uuids:
             reading = readings.get(uuid)
             delta_j = self._energy_delta_j(uuid, reading, interval_s)
@@ -853,6 +855,9 @@ class Daemon:
             if reading.sm_clock_mhz is not None:
                 clocks.append(reading.sm_clock_mhz)
             reasons |= reading.clock_event_reasons or 0
+            limit_mw = reading.enforced_power_limit_mw or reading.power_limit_mw
+            if (reading.clock_event_reasons or 0) & POWER_CAP_REASONS and limit_mw is not None:
+                held_by_lowered_cap |= limit_mw < self.infos[uuid].power_limit_default_mw
         if not group.uuids:
             energy_j = power_w = None
             group.efficiency_window.clear()  # no GPUs left: no efficiency to report
@@ -889,6 +894,7 @@ class Daemon:
             itl_p95_s=sample.itl_p95_s if sample.up else None,
             sm_clock_mhz=sm_clock_mhz,
             clock_event_reasons=reasons,
+            held_by_lowered_cap=held_by_lowered_cap,
             stale=stale,
             realtime=sample.realtime,
             prompt_per_chunk=sample.prompt_per_chunk,

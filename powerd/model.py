@@ -18,6 +18,8 @@ REASON_SW_THERMAL = 0x20
 REASON_HW_THERMAL = 0x40
 REASON_HW_POWER_BRAKE = 0x80
 REASON_DISPLAY_CLOCK = 0x100
+POWER_CAP_REASONS = REASON_SW_POWER_CAP | REASON_HW_POWER_BRAKE
+"""The reasons under which a power limit, not the clock lock, sets the clock."""
 
 CLOCK_EVENT_REASON_NAMES: dict[int, str] = {
     REASON_GPU_IDLE: "gpu_idle",
@@ -205,6 +207,9 @@ class GroupObservation:
     interval_clock_cap_mhz: float | None = None
     """The time-weighted clock cap over the interval where raises for the backlog moved it
     (None otherwise): the clock the interval's prompt work was done at."""
+    held_by_lowered_cap: bool = False
+    """A GPU of the group had its clock held by a power limit below its default (an
+    operator's or the budget's): its power was the cap's, not the clock's."""
 
 
 @dataclass(frozen=True, slots=True)

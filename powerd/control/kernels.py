@@ -98,7 +98,8 @@ OBS_KV_USAGE = 19
 OBS_PREEMPTIONS = 20
 OBS_FIRST_TOKEN_BLIND = 21
 OBS_PREFILL_BUSY_S = 22
-N_OBS = 23
+OBS_LOWERED_CAP = 23
+N_OBS = 24
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -1183,7 +1184,11 @@ def _group_step(
         record_miss(misses[g, lb], recent, now_s, interval_s)
     safe_mhz = learned_safe_mhz(misses[g], lb, clock_step, now_s)
     state[ST_SAFE_MHZ, g] = safe_mhz
-    if _finite(power_gpu_w) and _finite(gen_tps):
+    # While a lowered power cap holds the clock, power is the cap's, not the clock's: such
+    # ticks (whole load phases under a budget or an operator's cap) taught the fit that lower
+    # clocks draw more, and descents stopped for good.
+    held_by_cap = obs[OBS_LOWERED_CAP, g] > 0.5
+    if _finite(power_gpu_w) and _finite(gen_tps) and not held_by_cap:
         ef = efit[g]
         efit_keep = _decay_for(_EFIT_DECAY, interval_s)
         for k in range(N_EFIT):

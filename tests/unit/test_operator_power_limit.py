@@ -6,6 +6,8 @@ raises the GPU above it and never puts back the limit it replaced.
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import replace
 from pathlib import Path
 
 from powerd.actuator import Actuator
@@ -13,9 +15,10 @@ from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal, restore_all
-from powerd.model import GroupDecision
+from powerd.model import REASON_SW_POWER_CAP, GroupDecision
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
+from tests.unit.daemon_helpers import SMALL_NODE, make_rig
 from tests.unit.test_actuator import RecordingBackend, _actuator, _decision
 
 
@@ -187,3 +190,26 @@ def test_a_limit_set_after_the_ticks_read_is_seen_before_powerd_writes(tmp_path:
     assert backend.limits["GPU-0"] == 350_000, "back to the operator's latest, not 300 or 700 W"
     assert restore_all(backend, journal).ok
     assert backend.limits["GPU-0"] == 350_000
+
+
+def test_after_a_binding_power_cap_the_clock_comes_down_again(tmp_path: Path) -> None:
+    """While a cap holds the GPU, its power is the cap's and its clock falls as the load
+    rises: those ticks taught the power fit that lower clocks draw more, and the group then
+    held its top clock ("hold_energy") at low load for good, drawing 60 % more. Ticks with a
+    power-cap or thermal clock event reason are kept out of the fit."""
+    sim = replace(SMALL_NODE, trace="step", peak_load=0.7)
+    rig = make_rig(tmp_path, sim=sim, duration_s=600.0)
+    for i in range(2):  # an operator's cap, set before powerd starts
+        rig.fake.nvmlDeviceSetPowerManagementLimit(rig.fake.nvmlDeviceGetHandleByIndex(i), 300_000)
+    rig.run(400)  # low, then high load: the cap binds
+    assert any(
+        (gpu.reading.clock_event_reasons or 0) & REASON_SW_POWER_CAP
+        for snapshot in rig.snapshots[200:400]
+        for gpu in snapshot.gpus
+    ), "the cap binds at high load"
+    rig.run(200)  # low load again: the backlog drains within about 100 s
+    caps_mhz = [g.sm_clock_max_mhz for s in rig.snapshots[-50:] for g in s.groups]
+    reasons = [g.decision_reason for s in rig.snapshots[-50:] for g in s.groups]
+    f_max = rig.node.plant.profile.sm_clock_max_mhz
+    assert statistics.median(c or f_max for c in caps_mhz) < f_max - 500, caps_mhz
+    assert reasons.count("hold_energy") < len(reasons) / 4, reasons
