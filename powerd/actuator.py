@@ -154,8 +154,15 @@ class Actuator:
         if state is None or state.observe_only_reason != "gpu_lost":
             return
         state.observe_only_reason, state.reason_before_loss = state.reason_before_loss, ""
+        state.power_limit_supported = True  # a GPU back from a reset may take limits again
         if not state.observe_only:
             self._put_back(state)
+
+    def retry_power_limits(self) -> None:
+        """Try the power limit again on GPUs that refused it as not supported (a reload: the
+        operator may have changed the GPU's mode)."""
+        for state in self.states.values():
+            state.power_limit_supported = True
 
     def apply(
         self,

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 SLO_WINDOW_TICKS = 300
 """Ticks over which a group's SLO attainment is reported (5 minutes at the default 1 s)."""
 EFFICIENCY_WINDOW_TICKS = 10
+"""Ticks over which tokens per joule is reported, to smooth counter quantisation."""
 TARGET_WINDOW_S = 60.0
 """Tokens per joule over this long tell whether a group reaches its target: one tick's or
 ten's swing with every batch."""
@@ -65,7 +66,6 @@ TARGET_REACHED_AT = 0.98
 TARGET_LOST_BELOW = 0.95
 """Reached from 0.98 x the target on, and no longer below 0.95 x: a figure near the target
 does not flip the report at every tick."""
-"""Ticks over which tokens per joule is reported, to smooth counter quantisation."""
 BLIND_WARN_READS = 3
 """Reads of a generating server without either latency histogram before that is logged."""
 _MAX_POWER_SHARE = 2.0
@@ -318,8 +318,11 @@ class Daemon:
             window.append((now_s, tokens_per_s * interval_s, energy_j))
         while window and window[0][0] <= now_s - TARGET_WINDOW_S:
             window.popleft()
+        if not window:
+            group.target_reached = None  # nothing measured for a whole window: no verdict
+            return
         joules = sum(j for _, _, j in window)
-        if not window or now_s - window[0][0] < TARGET_WINDOW_S / 2 or joules <= 0:
+        if now_s - window[0][0] < TARGET_WINDOW_S / 2 or joules <= 0:
             return  # the last verdict holds until half a window is in
         tokens_per_joule = sum(t for _, t, _ in window) / joules
         if tokens_per_joule >= TARGET_REACHED_AT * target:
@@ -339,9 +342,15 @@ class Daemon:
             self._problems.cleared("budget", "node_power_budget_w: enough for the GPUs again")
             return
         budget_w = self.config.node_power_budget_w or 0.0
-        kept_w = budget_w - (self._less_lost_gpus(self.config).node_power_budget_w or 0.0)
-        controlled = {uuid for group in self.groups if group.controlled for uuid in group.uuids}
-        floor_w = sum(self.infos[uuid].power_limit_min_mw for uuid in controlled) / 1000.0
+        kept_w = self._budget_reserve_w()
+        limited = {
+            uuid
+            for group in self.groups
+            if group.controlled
+            for uuid in group.uuids
+            if uuid not in self._limits_out_of_reach_mw
+        }
+        floor_w = sum(self.infos[uuid].power_limit_min_mw for uuid in limited) / 1000.0
         self._problems.problem(
             "budget",
             logging.ERROR,
@@ -381,12 +390,16 @@ class Daemon:
         opened at the node's largest default limit, one whose limit cannot be set at the limit
         it has."""
         budget_w = config.node_power_budget_w
-        out_of_reach = self._limits_out_of_reach_mw
         if config.mode != "budget" or budget_w is None:
             return config
-        if not (self.lost or self.unopened or out_of_reach):
+        reserved_w = self._budget_reserve_w()
+        if reserved_w == 0.0:
             return config
-        reserved_w = sum(out_of_reach.values()) / 1000.0
+        return replace(config, node_power_budget_w=max(0.0, budget_w - reserved_w))
+
+    def _budget_reserve_w(self) -> float:
+        """What the GPUs out of powerd's reach may draw, kept out of a node power budget."""
+        reserved_w = sum(self._limits_out_of_reach_mw.values()) / 1000.0
         for uuid, info in self.lost.items():
             state = self.actuator.states.get(uuid)
             limit_mw = state.power_limit_mw if state is not None else None
@@ -399,7 +412,7 @@ class Daemon:
             known = [*self.infos.values(), *self.lost.values()]
             default_mw = max((info.power_limit_default_mw for info in known), default=0)
             reserved_w += len(self.unopened) * default_mw / 1000.0
-        return replace(config, node_power_budget_w=max(0.0, budget_w - reserved_w))
+        return reserved_w
 
     def _make_pool(
         self, after: ScrapePool | InlineScrapePool | None = None
@@ -895,6 +908,11 @@ class Daemon:
             sm_clock_mhz=sm_clock_mhz,
             clock_event_reasons=reasons,
             held_by_lowered_cap=held_by_lowered_cap,
+            limited_gpu_count=(
+                sum(uuid not in self._limits_out_of_reach_mw for uuid in group.uuids)
+                if self._limits_out_of_reach_mw
+                else None
+            ),
             stale=stale,
             realtime=sample.realtime,
             prompt_per_chunk=sample.prompt_per_chunk,
@@ -1086,24 +1104,26 @@ class Daemon:
     def _count_grid(self, observations: Sequence[GroupObservation], grid: GridState) -> None:
         """Add each group's GPU energy of the tick, times PUE, at the price and carbon
         intensity in force, to its totals. A total starts at the first tick with a value in
-        force; a tick without one adds nothing. Energy at a negative price is a credit, kept
-        apart so that both totals only grow (Prometheus counters)."""
+        force and the group's energy measured (a group with no GPUs has none: its tokens cost
+        nothing powerd counts); a tick without either adds nothing. Energy at a negative price
+        is a credit, kept apart so that both totals only grow (Prometheus counters)."""
         currency, pue = self.config.grid.currency, self.config.grid.pue
         price, carbon = grid.price_per_kwh, grid.carbon_g_per_kwh
         for observation in observations:
-            kwh = None if observation.energy_j is None else facility_kwh(observation.energy_j, pue)
+            if observation.energy_j is None:
+                continue
+            kwh = facility_kwh(observation.energy_j, pue)
             if price is not None:
                 key = (observation.group, currency)
                 cost = self._energy_cost_total.setdefault(key, 0.0)
                 credit = self._energy_credit_total.setdefault(key, 0.0)
-                if kwh is not None and price >= 0:
+                if price >= 0:
                     self._energy_cost_total[key] = cost + kwh * price
-                elif kwh is not None:
+                else:
                     self._energy_credit_total[key] = credit - kwh * price
             if carbon is not None:
                 grams = self._carbon_g_total.setdefault(observation.group, 0.0)
-                if kwh is not None:
-                    self._carbon_g_total[observation.group] = grams + kwh * carbon
+                self._carbon_g_total[observation.group] = grams + kwh * carbon
 
     def _snapshot(
         self,
@@ -1300,6 +1320,7 @@ class Daemon:
             self._release([u for g in self.groups for u in g.uuids if u not in claimed])
         self.config = config
         self.actuator.dry_run = config.dry_run
+        self.actuator.retry_power_limits()
         self.grid = GridSignal(config.grid, previous=self.grid)
         self.groups = groups
         names = {group.spec.name for group in groups}

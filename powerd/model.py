@@ -207,6 +207,9 @@ class GroupObservation:
     interval_clock_cap_mhz: float | None = None
     """The time-weighted clock cap over the interval where raises for the backlog moved it
     (None otherwise): the clock the interval's prompt work was done at."""
+    limited_gpu_count: int | None = None
+    """In budget mode, how many of the group's GPUs take a power limit from powerd (the
+    others' limits are kept out of the budget); None: all of them."""
     held_by_lowered_cap: bool = False
     """A GPU of the group had its clock held by a power limit below its default (an
     operator's or the budget's): its power was the cap's, not the clock's."""

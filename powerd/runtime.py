@@ -135,9 +135,8 @@ def check_config_gpus(config: Config) -> str:
                     f"({len(infos) + len(unopened)} GPUs counted)"
                 ) from None
     if config.mode == "budget" and config.node_power_budget_w is not None:
-        # The GPUs the servers name, or every GPU where a server finds its own.
-        every = not config.servers or any(server.gpus is None for server in config.servers)
-        shared = [info for info in infos if every or info.uuid in named]
+        # The GPUs the servers name: a server that finds its own may find any number.
+        shared = [info for info in infos if info.uuid in named]
         floor_w = sum(info.power_limit_min_mw for info in shared) / 1000.0
         if config.node_power_budget_w < floor_w:
             raise ConfigError(

@@ -99,7 +99,8 @@ OBS_PREEMPTIONS = 20
 OBS_FIRST_TOKEN_BLIND = 21
 OBS_PREFILL_BUSY_S = 22
 OBS_LOWERED_CAP = 23
-N_OBS = 24
+OBS_LIMITED_GPUS = 24
+N_OBS = 25
 
 # Parameter rows.
 PAR_CLOCK_MAX_MHZ = 0
@@ -1548,12 +1549,20 @@ def controller_step(
     budget_mw = knobs[KNOB_BUDGET_W] * 1000.0
     node_gpus = 0.0
     for g in range(n_groups):
-        count = obs[OBS_GPU_COUNT, g]
+        # The GPUs whose limit powerd can set share the budget; the daemon keeps the others'
+        # limits out of it (NaN: all of the group's).
+        count = obs[OBS_LIMITED_GPUS, g]
+        if not _finite(count):
+            count = obs[OBS_GPU_COUNT, g]
         gpu_count[g] = count if count >= 1.0 else 1.0
         node_gpus += gpu_count[g]
+    stale_mw = 0.0
+    others_min_mw = 0.0
     for g in range(n_groups):
         fixed[g] = math.nan
-        if obs[OBS_STALE, g] > 0.5:
+        if _finite(obs[OBS_LIMITED_GPUS, g]) and obs[OBS_LIMITED_GPUS, g] < 0.5:
+            fixed[g] = 0.0  # no limit of the group can be set: it holds no share
+        elif obs[OBS_STALE, g] > 0.5:
             # Default clocks, but not the default limit: the budget guards a circuit, and a
             # server that stops answering has not stopped drawing. It keeps its last share, or
             # an even one when it never had a share.
@@ -1563,6 +1572,9 @@ def controller_step(
             fixed[g] = math.floor(
                 min(max(held, params[PAR_PL_MIN_MW, g]), params[PAR_PL_MAX_MW, g])
             )
+            stale_mw += fixed[g] * gpu_count[g]
+        else:
+            others_min_mw += params[PAR_PL_MIN_MW, g] * gpu_count[g]
         if state[ST_PRESSURE, g] > 0.5:
             need[g] = params[PAR_PL_MAX_MW, g]
         else:
@@ -1577,6 +1589,14 @@ def controller_step(
             weight[g] = min(max(tpj / tpj_mean, 0.5), 2.0)
         else:
             weight[g] = 1.0
+    # A budget cut (a reload, GPUs out of reach) while a group is stale: its held share shrinks
+    # with the rest, down to its minimum.
+    room_mw = budget_mw - others_min_mw
+    if stale_mw > room_mw and stale_mw > 0.0:
+        scale = max(room_mw, 0.0) / stale_mw
+        for g in range(n_groups):
+            if obs[OBS_STALE, g] > 0.5 and fixed[g] > 0.0:
+                fixed[g] = math.floor(max(fixed[g] * scale, params[PAR_PL_MIN_MW, g]))
     ok = allocate_budget(
         budget_mw,
         gpu_count,
@@ -1588,8 +1608,8 @@ def controller_step(
         limit,
     )
     for g in range(n_groups):
-        out[OUT_LIMIT_MW, g] = limit[g]
-        state[ST_LIMIT_MW, g] = limit[g]
+        out[OUT_LIMIT_MW, g] = limit[g] if limit[g] > 0.0 else math.nan
+        state[ST_LIMIT_MW, g] = out[OUT_LIMIT_MW, g]
     return ok
 
 

@@ -252,6 +252,7 @@ def fill_observations(
         obs[k.OBS_FINISHED_RPS, g] = _num(o.finished_requests_per_s)
         obs[k.OBS_INTERVAL_CAP_MHZ, g] = _num(o.interval_clock_cap_mhz)
         obs[k.OBS_LOWERED_CAP, g] = 1.0 if o.held_by_lowered_cap else 0.0
+        obs[k.OBS_LIMITED_GPUS, g] = _num(o.limited_gpu_count)
 
 
 def _opt_float(x: float) -> float | None:

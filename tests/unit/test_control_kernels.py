@@ -590,6 +590,12 @@ def test_in_budget_mode_a_stale_group_keeps_a_share_within_the_budget() -> None:
         assert stale.power_limit_mw == held
         assert other.power_limit_mw is not None
         assert stale.power_limit_mw + other.power_limit_mw <= budget_w * 1000
+    # The budget cut (a reload) while the group is stale: its share shrinks with the rest.
+    controller.reconfigure(Config(mode="budget", node_power_budget_w=450.0), [spec("a"), spec("b")])
+    cut = controller.decide(40.0, [obs("a", stale=True), obs("b", itl_p95_s=0.2)])
+    assert all(d.power_limit_mw is not None for d in cut)
+    assert sum(d.power_limit_mw or 0 for d in cut) <= 450_000
+    assert "budget below" not in cut[0].reason
     # Stale from the first tick: an even share.
     fresh = Controller(config, [spec("a"), spec("b")])
     first = fresh.decide(0.0, [obs("a", stale=True), obs("b", energy_j=300.0)])

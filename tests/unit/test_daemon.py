@@ -26,6 +26,7 @@ from powerd.config import (
     Config,
     ConfigError,
     ControlConfig,
+    GridConfig,
     SimConfig,
     load_config,
 )
@@ -1305,6 +1306,37 @@ def test_in_budget_mode_a_gpu_whose_limit_cannot_be_set_keeps_it_out_of_the_budg
         limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in (0, 2, 3)]
         assert sum(limits_w) + held_w <= 1400.0 + 10.0, (limits_w, held_w)
     assert any("kept out of the node power budget" in r.getMessage() for r in caplog.records)
+    # It is not charged twice: the other three share all that is left of the budget.
+    assert sum(limits_w) > 1400.0 - held_w - 30.0, (limits_w, held_w)
+    assert rig.snapshots[-1].node_power_budget_feasible is True
+    assert not [r for r in caplog.records if "node_power_budget_w" in r.getMessage()]
+
+
+def test_target_reached_has_no_verdict_after_a_minute_without_figures(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, sim=SMALL_NODE, mode="target", target_tokens_per_joule=2.0)
+    rig.run(90)
+    assert rig.snapshots[-1].groups[0].target_reached is True
+    rig.fetch.down.add(rig.node.servers[0].name)
+    rig.run(int(daemon_module.TARGET_WINDOW_S) + 5)
+    assert rig.snapshots[-1].groups[0].target_reached is None
+    assert not metric_lines(rig.metrics(), "powerd_group_target_reached", group="vllm-0")
+
+
+def test_a_group_with_no_gpus_has_no_cost_series(tmp_path: Path) -> None:
+    """Its tokens cost nothing powerd counts: a cost series at 0 would count them in the
+    dashboard's cost per token."""
+    uuid0 = FakeNvml(build_node(SMALL_NODE).plant).uuids[0]
+
+    def configure(node: SimNode) -> Config:
+        config = _two_servers(node, (uuid0,))
+        return dataclasses.replace(config, grid=GridConfig(price_per_kwh=0.2, carbon_g_per_kwh=300))
+
+    rig = make_rig(tmp_path, configure=configure)
+    rig.run(5)
+    text = rig.metrics()
+    for name in ("powerd_group_energy_cost_total", "powerd_group_carbon_grams_total"):
+        assert metric_lines(text, name, group="vllm-0"), name
+        assert not metric_lines(text, name, group="vllm-1"), name
 
 
 @pytest.mark.parametrize("target", [3.5, 4.0, 20.0])

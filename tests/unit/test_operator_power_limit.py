@@ -195,8 +195,8 @@ def test_a_limit_set_after_the_ticks_read_is_seen_before_powerd_writes(tmp_path:
 def test_after_a_binding_power_cap_the_clock_comes_down_again(tmp_path: Path) -> None:
     """While a cap holds the GPU, its power is the cap's and its clock falls as the load
     rises: those ticks taught the power fit that lower clocks draw more, and the group then
-    held its top clock ("hold_energy") at low load for good, drawing 60 % more. Ticks with a
-    power-cap or thermal clock event reason are kept out of the fit."""
+    held its top clock ("hold_energy") at low load for good, drawing 60 % more. Ticks whose
+    clock a power limit below the default held are kept out of the fit."""
     sim = replace(SMALL_NODE, trace="step", peak_load=0.7)
     rig = make_rig(tmp_path, sim=sim, duration_s=600.0)
     for i in range(2):  # an operator's cap, set before powerd starts
