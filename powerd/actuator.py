@@ -66,8 +66,11 @@ class GpuControlState:
     reason_before_loss: str = ""
     """The observe-only reason the GPU had when it was lost, given back when it rejoins."""
     clock_lock_supported: bool = True
-    power_limit_supported: bool = True
-    """False once a limit write was refused as not supported (the clocks still are)."""
+    power_limit_refused: bool = False
+    """A limit write was refused as not supported (the clocks still are controlled); until
+    one succeeds the GPU's limit counts as out of powerd's reach."""
+    power_limit_retry: bool = False
+    """Try a refused limit once more at the next write (after a loss and return, a reload)."""
     would_set: str = ""
     """In dry-run mode, the last setting that would have been written."""
     would_set_logged_s: float | None = None
@@ -128,7 +131,8 @@ class Actuator:
             uuid
             for uuid, state in self.states.items()
             if (state.observe_only and state.observe_only_reason not in ("dry_run", "gpu_lost"))
-            or not state.power_limit_supported
+            or state.power_limit_refused
+            or state.info.power_limit_min_mw >= state.info.power_limit_max_mw
         }
 
     def lose(self, uuid: str) -> None:
@@ -154,7 +158,7 @@ class Actuator:
         if state is None or state.observe_only_reason != "gpu_lost":
             return
         state.observe_only_reason, state.reason_before_loss = state.reason_before_loss, ""
-        state.power_limit_supported = True  # a GPU back from a reset may take limits again
+        state.power_limit_retry = True  # a GPU back from a reset may take limits again
         if not state.observe_only:
             self._put_back(state)
 
@@ -162,7 +166,7 @@ class Actuator:
         """Try the power limit again on GPUs that refused it as not supported (a reload: the
         operator may have changed the GPU's mode)."""
         for state in self.states.values():
-            state.power_limit_supported = True
+            state.power_limit_retry = True
 
     def apply(
         self,
@@ -274,8 +278,9 @@ class Actuator:
                 log.warning("GPU %s cannot lock clocks; falling back to its power limit", info.uuid)
                 self._apply_one(state, decision, power_w, clock_mhz)
                 return
-        if not state.power_limit_supported:
+        if state.power_limit_refused and not state.power_limit_retry:
             return
+        state.power_limit_retry = False
         if want_limit != state.power_limit_mw and self._save_limit(state):
             self._follow_operator(state)
             # The saved original (or the operator's since), not an earlier read, is the ceiling.
@@ -284,8 +289,9 @@ class Actuator:
                 return
             try:
                 self._write_limit(state, want_limit)
+                state.power_limit_refused = False
             except NotSupported:
-                state.power_limit_supported = False
+                state.power_limit_refused = True
                 if not state.clock_lock_supported:
                     state.observe_only_reason = "not_supported"
                     log.error(
@@ -310,6 +316,11 @@ class Actuator:
         uuid = state.info.uuid
         left_mw = state.left_limit_mw
         if left_mw is None:
+            entry = self._journal.get(uuid) if self._journal is not None else None
+            if now_mw is not None and (entry is None or entry.power_limit_mw is None):
+                # Nothing of powerd's on it: the limit it has now is the one it had before
+                # powerd (an operator's raise of a GPU powerd never wrote lifts its ceiling).
+                state.baseline_limit_mw = state.info.clamp_power_limit_mw(now_mw)
             return
         if self._journal is not None:
             entry = self._journal.get(uuid)

@@ -363,25 +363,28 @@ class Daemon:
         )
 
     def _reserve_limits_out_of_reach(self, readings: Mapping[str, GpuReading]) -> None:
-        """Keep the limit of each GPU whose limit powerd cannot set (refused, or observed only)
-        out of the node budget, from the tick it is found; the policy is given the smaller
-        budget at once."""
-        out_of_reach = self.actuator.limits_out_of_reach() & set(self.infos)
-        if out_of_reach == set(self._limits_out_of_reach_mw):
-            return
-        for uuid in out_of_reach - set(self._limits_out_of_reach_mw):
+        """Keep the limit of each server's GPU whose limit powerd cannot set (refused, not
+        reported, or observed only) out of the node budget, at the limit each tick reads (an
+        operator may raise it); the policy is given the smaller budget at once."""
+        in_groups = {uuid for group in self.groups if group.controlled for uuid in group.uuids}
+        reserved: dict[str, int] = {}
+        for uuid in self.actuator.limits_out_of_reach() & in_groups:
             reading = readings.get(uuid)
-            limit_mw = reading.power_limit_mw if reading is not None else None
-            limit_mw = limit_mw or self.infos[uuid].power_limit_default_mw
-            self._limits_out_of_reach_mw[uuid] = limit_mw
-            log.warning(
-                "GPU %s: its power limit cannot be set; its %.0f W are kept out of the node "
-                "power budget",
-                uuid,
-                limit_mw / 1000.0,
+            limit_mw = (
+                reading.enforced_power_limit_mw or reading.power_limit_mw if reading else None
             )
-        for uuid in set(self._limits_out_of_reach_mw) - out_of_reach:
-            del self._limits_out_of_reach_mw[uuid]
+            limit_mw = limit_mw or self._limits_out_of_reach_mw.get(uuid)
+            reserved[uuid] = limit_mw or self.infos[uuid].power_limit_default_mw
+            if uuid not in self._limits_out_of_reach_mw:
+                log.warning(
+                    "GPU %s: its power limit cannot be set; its %.0f W are kept out of the node "
+                    "power budget",
+                    uuid,
+                    reserved[uuid] / 1000.0,
+                )
+        if reserved == self._limits_out_of_reach_mw:
+            return
+        self._limits_out_of_reach_mw = reserved
         self._reconfigure_policy(self.config)
 
     def _less_lost_gpus(self, config: Config) -> Config:

@@ -1564,11 +1564,12 @@ def controller_step(
             fixed[g] = 0.0  # no limit of the group can be set: it holds no share
         elif obs[OBS_STALE, g] > 0.5:
             # Default clocks, but not the default limit: the budget guards a circuit, and a
-            # server that stops answering has not stopped drawing. It keeps its last share, or
-            # an even one when it never had a share.
+            # server that stops answering has not stopped drawing. It keeps its last share, up
+            # to an even one (its need is unknown; a budget cut shrinks it with the rest).
             held = state[ST_LIMIT_MW, g]
-            if not _finite(held):
-                held = budget_mw / node_gpus
+            even = budget_mw / node_gpus
+            if not _finite(held) or held > even:
+                held = even
             fixed[g] = math.floor(
                 min(max(held, params[PAR_PL_MIN_MW, g]), params[PAR_PL_MAX_MW, g])
             )

@@ -185,8 +185,11 @@ def build_arrays(
         params[k.PAR_ITL_SLO_S, g] = spec.slo.itl_s
         params[k.PAR_TTFT_SLO_S, g] = spec.slo.ttft_s
         params[k.PAR_MAX_WAITING, g] = spec.slo.max_waiting
-        params[k.PAR_PL_MIN_MW, g] = max(gpu.power_limit_min_mw for gpu in spec.gpus)
-        params[k.PAR_PL_MAX_MW, g] = min(gpu.power_limit_max_mw for gpu in spec.gpus)
+        # A GPU whose limit range NVML does not report (min = max: its limit as found) takes
+        # no limit from powerd; it must not pin its partners' range.
+        settable = [gpu for gpu in spec.gpus if gpu.power_limit_min_mw < gpu.power_limit_max_mw]
+        params[k.PAR_PL_MIN_MW, g] = max(gpu.power_limit_min_mw for gpu in settable or spec.gpus)
+        params[k.PAR_PL_MAX_MW, g] = min(gpu.power_limit_max_mw for gpu in settable or spec.gpus)
         params[k.PAR_PL_DEFAULT_MW, g] = min(gpu.power_limit_default_mw for gpu in spec.gpus)
         params[k.PAR_BLIND_MIN_MHZ, g] = group_floor_mhz(
             supported or (f_max,), f_max, math.ceil(BLIND_PREFILL_SHARE * f_max)

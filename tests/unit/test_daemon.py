@@ -1400,6 +1400,50 @@ def test_a_budget_below_the_minimum_limits_is_logged_and_exported(
     assert "(mode budget, 2 servers)" in caplog.text
 
 
+def test_in_budget_mode_a_gpu_without_a_limit_range_is_kept_out_and_pins_no_partner(
+    tmp_path: Path,
+) -> None:
+    """NVML reports no limit range for GPU 0 (min = max = its limit): powerd never writes it,
+    so its limit is kept out of the budget, and its tensor-parallel partner's range is its own
+    (before, GPU 0's 700 W became the group's minimum: 1800 W of limits on 1400)."""
+
+    def factory(node: SimNode) -> FakeNvml:
+        fake = FakeNvml(node.plant, lock=node.lock)
+        fake.disable_feature(0, "power_limit")
+        return fake
+
+    sim = SimConfig(gpus=4, tp=2, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+    rig = make_rig(
+        tmp_path, sim=sim, nvml_factory=factory, mode="budget", node_power_budget_w=1400.0
+    )
+    rig.run(60)
+    limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(4)]
+    assert sum(limits_w) <= 1400.0 + 10.0, limits_w
+    assert rig.snapshots[-1].node_power_budget_feasible is True
+
+
+def test_in_budget_mode_an_operators_raise_of_a_gpu_powerd_never_wrote_is_seen(
+    tmp_path: Path,
+) -> None:
+    """GPU 1 was capped at 300 W before powerd, under its budget share, so powerd never wrote
+    it; the operator then lifts it to 700 W. Its ceiling follows, and its share is written."""
+
+    def factory(node: SimNode) -> FakeNvml:
+        fake = FakeNvml(node.plant, lock=node.lock)
+        node.plant.set_power_limit_mw(1, 300_000)
+        return fake
+
+    sim = SimConfig(gpus=2, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+    rig = make_rig(
+        tmp_path, sim=sim, nvml_factory=factory, mode="budget", node_power_budget_w=1000.0
+    )
+    rig.run(40)
+    rig.fake.nvmlDeviceSetPowerManagementLimit(rig.fake.nvmlDeviceGetHandleByIndex(1), 700_000)
+    rig.run(20)
+    limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(2)]
+    assert sum(limits_w) <= 1000.0 + 10.0, limits_w
+
+
 def _check_budget_reserve(rig: Rig, reserve_w: float, budget_w: float = 1400.0) -> None:
     """With GPU 1 out of reach, GPUs 0, 2 and 3 share the budget less reserve_w for a minute;
     once GPU 1 answers again the four share all of it."""
