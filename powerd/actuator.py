@@ -161,6 +161,12 @@ class Actuator:
         state.power_limit_retry = True  # a GPU back from a reset may take limits again
         if not state.observe_only:
             self._put_back(state)
+        if state.power_limit_mw is None and state.left_limit_mw is None:
+            # Nothing of powerd's on it: what it holds now is what a later change outside
+            # powerd is told from (an operator's raise after its return).
+            limit_mw, _ = read_power_limit_mw(self._backend, uuid)
+            if limit_mw is not None:
+                self._left(state, limit_mw)
 
     def retry_power_limits(self) -> None:
         """Try the power limit again on GPUs that refused it as not supported (a reload: the

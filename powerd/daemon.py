@@ -370,10 +370,13 @@ class Daemon:
         reserved: dict[str, int] = {}
         for uuid in self.actuator.limits_out_of_reach() & in_groups:
             reading = readings.get(uuid)
+            # The enforced limit; where it was not read this tick, the last one kept (a
+            # passing read error must not move the others' limits).
             limit_mw = (
-                reading.enforced_power_limit_mw or reading.power_limit_mw if reading else None
+                (reading.enforced_power_limit_mw if reading else None)
+                or self._limits_out_of_reach_mw.get(uuid)
+                or (reading.power_limit_mw if reading else None)
             )
-            limit_mw = limit_mw or self._limits_out_of_reach_mw.get(uuid)
             reserved[uuid] = limit_mw or self.infos[uuid].power_limit_default_mw
             if uuid not in self._limits_out_of_reach_mw:
                 log.warning(
@@ -402,7 +405,14 @@ class Daemon:
 
     def _budget_reserve_w(self) -> float:
         """What the GPUs out of powerd's reach may draw, kept out of a node power budget."""
-        reserved_w = sum(self._limits_out_of_reach_mw.values()) / 1000.0
+        reserved_w = (
+            sum(
+                limit_mw
+                for uuid, limit_mw in self._limits_out_of_reach_mw.items()
+                if uuid not in self.lost  # reserved below, once
+            )
+            / 1000.0
+        )
         for uuid, info in self.lost.items():
             state = self.actuator.states.get(uuid)
             limit_mw = state.power_limit_mw if state is not None else None
@@ -736,6 +746,9 @@ class Daemon:
         self._prev_tick_s = now_s
         self._rediscover(now_s)
         readings = self._read_gpus(now_s)
+        if self.config.mode == "budget":
+            # A GPU back from a loss rejoins its group with what it keeps out of the budget.
+            self._reserve_limits_out_of_reach(readings)
         samples = self._pool.poll_all(now_s, deadline_s=max(0.05, self.config.interval_s * 0.6))
         observations = [
             self._observe(group, sample, readings, now_s, interval_s)

@@ -1555,7 +1555,9 @@ def controller_step(
         if not _finite(count):
             count = obs[OBS_GPU_COUNT, g]
         gpu_count[g] = count if count >= 1.0 else 1.0
-        node_gpus += gpu_count[g]
+        if count >= 1.0:
+            node_gpus += gpu_count[g]
+    node_gpus = max(node_gpus, 1.0)
     stale_mw = 0.0
     others_min_mw = 0.0
     for g in range(n_groups):

@@ -1309,6 +1309,15 @@ def test_in_budget_mode_a_gpu_whose_limit_cannot_be_set_keeps_it_out_of_the_budg
     # It is not charged twice: the other three share all that is left of the budget.
     assert sum(limits_w) > 1400.0 - held_w - 30.0, (limits_w, held_w)
     assert rig.snapshots[-1].node_power_budget_feasible is True
+    # Lost and back: counted once while lost, and kept out again from the tick it returns.
+    rig.fake.lose_gpu(1)
+    rig.run(3)
+    rig.fake.restore_gpu(1)
+    for _ in range(int(daemon_module.DISCOVERY_RETRY_S) + 5):
+        rig.run(1)
+        limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(4)]
+        assert sum(limits_w) <= 1400.0 + 10.0, limits_w
+        assert rig.snapshots[-1].node_power_budget_feasible is True
     assert not [r for r in caplog.records if "node_power_budget_w" in r.getMessage()]
 
 
