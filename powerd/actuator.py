@@ -125,8 +125,9 @@ class Actuator:
 
     def limits_out_of_reach(self) -> set[str]:
         """GPUs whose power limit powerd cannot set while it controls (observed only for a
-        reason other than a dry run or a loss, or a limit write refused as not supported):
-        a node power budget cannot count on a share for them."""
+        reason other than a dry run or a loss, a limit write refused as not supported, or a
+        limit range NVML does not report): a node power budget cannot count on a share for
+        them."""
         return {
             uuid
             for uuid, state in self.states.items()
@@ -164,7 +165,10 @@ class Actuator:
         if state.power_limit_mw is None and state.left_limit_mw is None:
             # Nothing of powerd's on it: what it holds now is what a later change outside
             # powerd is told from (an operator's raise after its return).
-            limit_mw, _ = read_power_limit_mw(self._backend, uuid)
+            try:
+                limit_mw, _ = read_power_limit_mw(self._backend, uuid)
+            except GpuLost:
+                return  # gone again: the daemon finds out at its next read
             if limit_mw is not None:
                 self._left(state, limit_mw)
 
