@@ -164,11 +164,31 @@ class Actuator:
             self._put_back(state)
         if state.power_limit_mw is None and state.left_limit_mw is None:
             # Nothing of powerd's on it: what it holds now is what a later change outside
-            # powerd is told from (an operator's raise after its return).
+            # powerd is told from (an operator's raise after its return), unless a reset while
+            # it was lost lifted it above the limit it had before powerd: that is put back.
             try:
                 limit_mw, _ = read_power_limit_mw(self._backend, uuid)
-            except GpuLost:
-                return  # gone again: the daemon finds out at its next read
+                entry = self._journal.get(uuid) if self._journal is not None else None
+                original_mw = entry.power_limit_mw if entry is not None else None
+                if (
+                    limit_mw is not None
+                    and original_mw is not None
+                    and not state.observe_only
+                    and not self.dry_run
+                    and limit_mw > original_mw + POWER_LIMIT_TOLERANCE_MW
+                ):
+                    self._write_limit(state, None)
+                    log.info(
+                        "GPU %s came back at %.0f W, above the %.0f W it had before powerd; "
+                        "put back",
+                        uuid,
+                        limit_mw / 1000,
+                        original_mw / 1000,
+                    )
+                    return
+            except GpuError as exc:
+                log.warning("GPU %s: its power limit after its return: %s", uuid, exc)
+                return
             if limit_mw is not None:
                 self._left(state, limit_mw)
 

@@ -1453,6 +1453,34 @@ def test_in_budget_mode_an_operators_raise_of_a_gpu_powerd_never_wrote_is_seen(
     assert sum(limits_w) <= 1000.0 + 10.0, limits_w
 
 
+def test_a_gpu_reset_while_lost_gets_the_limit_it_had_before_powerd_back(tmp_path: Path) -> None:
+    """GPU 1 was capped at 300 W before powerd; powerd lowered it once and put it back. Lost,
+    it comes back from a reset at its 700 W default: what a reset did is not the operator's
+    (the journal keeps 300 W as its original), so the 300 W is put back on its return, and a
+    later raise by the operator is seen (the node stays within its budget throughout)."""
+    budget = {"mode": "budget", "node_power_budget_w": 500.0}
+    sim = SimConfig(gpus=2, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+    rig, path = _rig_from_file(tmp_path, lambda data: {**data, **budget}, sim=sim)
+    plant = rig.node.plant
+    plant.set_power_limit_mw(1, 300_000, dead_time_s=0)
+    rig.run(30)
+    path.write_text(
+        yaml.safe_dump({**_config_data(rig.node), **budget, "node_power_budget_w": 1000})
+    )
+    assert rig.daemon.reload(path) is True
+    rig.run(30)
+    rig.fake.lose_gpu(1)
+    rig.run(2)
+    plant.set_power_limit_mw(1, 700_000, dead_time_s=0)  # the reset
+    rig.fake.restore_gpu(1)
+    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 5)
+    assert plant.power_limit_mw(1) == 300_000
+    rig.fake.nvmlDeviceSetPowerManagementLimit(rig.fake.nvmlDeviceGetHandleByIndex(1), 700_000)
+    rig.run(30)
+    limits_w = [plant.power_limit_mw(i) / 1000.0 for i in range(2)]
+    assert sum(limits_w) <= 1000.0 + 10.0, limits_w
+
+
 def _check_budget_reserve(rig: Rig, reserve_w: float, budget_w: float = 1400.0) -> None:
     """With GPU 1 out of reach, GPUs 0, 2 and 3 share the budget less reserve_w for a minute;
     once GPU 1 answers again the four share all of it."""
