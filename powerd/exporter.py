@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -141,6 +141,18 @@ def observe_only_reason_label(reason: str) -> str:
     return "other"
 
 
+@dataclass(slots=True)
+class _ServerTotals:
+    """The counters the exporter keeps for one server from its answers."""
+
+    tokens: float | None = None
+    own_tokens_last: float | None = None
+    """The server's own token count at its last answer that carried one."""
+    preemptions: float | None = None
+    answered_s: float | None = None
+    """When its last answer was stamped: an answer a snapshot carries again adds nothing."""
+
+
 @dataclass
 class _State:
     """Everything a scrape renders, swapped as a whole under the exporter's lock."""
@@ -151,13 +163,7 @@ class _State:
     )
     loop_sum_s: float = 0.0
     loop_count: int = 0
-    tokens_total: dict[str, float] = field(default_factory=dict)
-    token_timestamp_s: dict[str, float] = field(default_factory=dict)
-    own_tokens_last: dict[str, float] = field(default_factory=dict)
-    """The server's own token count at its last answer that carried one."""
-    preemptions_total: dict[str, float] = field(default_factory=dict)
-    preemptions_timestamp_s: dict[str, float] = field(default_factory=dict)
-    """When the answer last added to preemptions_total was stamped (one answer adds once)."""
+    servers: dict[str, _ServerTotals] = field(default_factory=dict)
 
     def copy(self) -> _State:
         return _State(
@@ -165,11 +171,7 @@ class _State:
             loop_bucket_counts=list(self.loop_bucket_counts),
             loop_sum_s=self.loop_sum_s,
             loop_count=self.loop_count,
-            tokens_total=dict(self.tokens_total),
-            token_timestamp_s=dict(self.token_timestamp_s),
-            own_tokens_last=dict(self.own_tokens_last),
-            preemptions_total=dict(self.preemptions_total),
-            preemptions_timestamp_s=dict(self.preemptions_timestamp_s),
+            servers={name: replace(totals) for name, totals in self.servers.items()},
         )
 
 
@@ -261,19 +263,13 @@ class Exporter:
                 state.loop_bucket_counts[index] += 1
                 state.loop_sum_s += duration_s
                 state.loop_count += 1
-            servers = {sample.server for sample in snapshot.servers}
-            for totals in (
-                state.tokens_total,
-                state.token_timestamp_s,
-                state.own_tokens_last,
-                state.preemptions_total,
-                state.preemptions_timestamp_s,
-            ):
-                for name in [name for name in totals if name not in servers]:
-                    del totals[name]  # a server a reload removed: its series is gone too
+            # A server a reload removed: its series are gone too.
+            state.servers = {
+                sample.server: state.servers.get(sample.server) or _ServerTotals()
+                for sample in snapshot.servers
+            }
             for sample in snapshot.servers:
-                _accumulate_tokens(state, sample)
-                _accumulate_preemptions(state, sample)
+                _accumulate(state.servers[sample.server], sample)
             self._state = state
 
     def render(self) -> bytes:
@@ -344,59 +340,45 @@ class Exporter:
             thread.join(timeout=5.0)
 
 
-def _accumulate_tokens(state: _State, sample: ServerSample) -> None:
-    """Keep a generated-token counter per server that never goes back.
+def _accumulate(totals: _ServerTotals, sample: ServerSample) -> None:
+    """Keep a server's generated-token and preemption counters, which never go back.
 
-    It starts at the server's own cumulative count where the first answer carries one (so
-    the two read alike) and grows by that count's increase (all of it after a server
-    restart, which starts it from 0). Where an answer carries no count, the rate times the
-    time since the previous answer is added, so `rate()` over it gives back the server's token
-    rate; an own count that appears only later (TGI creates its token histogram at the first
-    finished request) is followed from there, never jumped to.
+    The token counter starts at the server's own cumulative count where the first answer
+    carries one (so the two read alike) and grows by that count's increase (all of it after a
+    server restart, which starts it from 0). Where an answer carries no count, the rate times
+    the time since the previous answer is added, so `rate()` over it gives back the server's
+    token rate; an own count that appears only later (TGI creates its token histogram at the
+    first finished request) is followed from there, never jumped to. Preemptions add each new
+    answer's, from 0 at the first answer that counts them.
     """
-    name = sample.server
-    total = state.tokens_total.get(name)
+    new_answer = sample.up and (totals.answered_s is None or sample.timestamp_s > totals.answered_s)
+    if new_answer and sample.preemptions is not None and math.isfinite(sample.preemptions):
+        totals.preemptions = (totals.preemptions or 0.0) + max(sample.preemptions, 0.0)
     own = sample.generation_tokens_total
     if own is not None:
         own = float(own)
-        last_own = state.own_tokens_last.get(name)
-        if total is None:
-            total = own
+        last_own = totals.own_tokens_last
+        if totals.tokens is None:
+            totals.tokens = own
         elif last_own is not None:
-            total += own - last_own if own >= last_own else own
+            totals.tokens += own - last_own if own >= last_own else own
         else:
-            total += _tokens_since_last_answer(state, sample)
-        state.tokens_total[name] = total
-        state.own_tokens_last[name] = own
+            totals.tokens += _tokens_since_last_answer(totals, sample)
+        totals.own_tokens_last = own
     elif sample.up:
-        state.own_tokens_last.pop(name, None)
-        state.tokens_total[name] = (total or 0.0) + _tokens_since_last_answer(state, sample)
+        totals.own_tokens_last = None
+        totals.tokens = (totals.tokens or 0.0) + _tokens_since_last_answer(totals, sample)
     if sample.up:
-        state.token_timestamp_s[name] = sample.timestamp_s
+        totals.answered_s = sample.timestamp_s
 
 
-def _accumulate_preemptions(state: _State, sample: ServerSample) -> None:
-    """Add the preemptions of each answer once (a snapshot may carry an answer again), from 0
-    at the first answer that counts them."""
-    name = sample.server
-    if sample.preemptions is None or not math.isfinite(sample.preemptions):
-        return
-    stamped_s = state.preemptions_timestamp_s.get(name)
-    if stamped_s is not None and sample.timestamp_s <= stamped_s:
-        return
-    state.preemptions_timestamp_s[name] = sample.timestamp_s
-    total = state.preemptions_total.get(name, 0.0)
-    state.preemptions_total[name] = total + max(sample.preemptions, 0.0)
-
-
-def _tokens_since_last_answer(state: _State, sample: ServerSample) -> float:
+def _tokens_since_last_answer(totals: _ServerTotals, sample: ServerSample) -> float:
     """The sample's token rate times the time since the server's previous answer; 0 when
     either is unknown."""
-    previous_s = state.token_timestamp_s.get(sample.server)
     rate = sample.generation_tokens_per_s
-    if previous_s is None or rate is None or not math.isfinite(rate) or rate < 0:
+    if totals.answered_s is None or rate is None or not math.isfinite(rate) or rate < 0:
         return 0.0
-    return rate * max(sample.timestamp_s - previous_s, 0.0)
+    return rate * max(sample.timestamp_s - totals.answered_s, 0.0)
 
 
 class _Family:
@@ -450,12 +432,7 @@ class _SnapshotCollector(Collector):
             for gpu in snapshot.gpus:
                 _collect_gpu(families, gpu, group_of.get(gpu.info.uuid))
             for sample in snapshot.servers:
-                _collect_server(
-                    families,
-                    sample,
-                    state.tokens_total.get(sample.server),
-                    state.preemptions_total.get(sample.server),
-                )
+                _collect_server(families, sample, state.servers.get(sample.server))
             for group in snapshot.groups:
                 _collect_group(families, group, snapshot.grid_currency)
         return list(families.metrics())
@@ -659,10 +636,7 @@ def _collect_gpu(families: _Families, gpu: GpuStatus, group: GroupStatus | None)
 
 
 def _collect_server(
-    families: _Families,
-    sample: ServerSample,
-    tokens_total: float | None,
-    preemptions_total: float | None,
+    families: _Families, sample: ServerSample, totals: _ServerTotals | None
 ) -> None:
     labels = {"server": sample.server, "model_name": sample.model_name, "kind": sample.kind}
     families("powerd_source_up", "1 when the last scrape of the inference server worked.").add(
@@ -692,7 +666,7 @@ def _collect_server(
         "powerd_server_generation_tokens",
         "Tokens the server generated (its own counter, or its rate integrated by powerd).",
         "counter",
-    ).add(labels, tokens_total)
+    ).add(labels, totals.tokens if totals else None)
     for name, help_text, value in (
         (
             "powerd_server_generation_tokens_per_second",
@@ -746,7 +720,7 @@ def _collect_server(
         "Requests the server preempted for KV space (evicted to prefill again later), counted "
         "by powerd from each answer since it started; absent where the server does not say.",
         "counter",
-    ).add(labels, preemptions_total)
+    ).add(labels, totals.preemptions if totals else None)
 
 
 def _collect_group(families: _Families, group: GroupStatus, currency: str) -> None:
