@@ -168,8 +168,7 @@ class Actuator:
             # it was lost lifted it above the limit it had before powerd: that is put back.
             try:
                 limit_mw, _ = read_power_limit_mw(self._backend, uuid)
-                entry = self._journal.get(uuid) if self._journal is not None else None
-                original_mw = entry.power_limit_mw if entry is not None else None
+                original_mw = self._saved_limit_mw(uuid)
                 if (
                     limit_mw is not None
                     and original_mw is not None
@@ -346,17 +345,14 @@ class Actuator:
         uuid = state.info.uuid
         left_mw = state.left_limit_mw
         if left_mw is None:
-            entry = self._journal.get(uuid) if self._journal is not None else None
-            if now_mw is not None and (entry is None or entry.power_limit_mw is None):
+            if now_mw is not None and self._saved_limit_mw(uuid) is None:
                 # Nothing of powerd's on it: the limit it has now is the one it had before
                 # powerd (an operator's raise of a GPU powerd never wrote lifts its ceiling).
                 state.baseline_limit_mw = state.info.clamp_power_limit_mw(now_mw)
             return
-        if self._journal is not None:
-            entry = self._journal.get(uuid)
-            if entry is None or entry.power_limit_mw is None:
-                self._left(state, None)  # restored since: the limit is as found again
-                return
+        if self._journal is not None and self._saved_limit_mw(uuid) is None:
+            self._left(state, None)  # restored since: the limit is as found again
+            return
         if now_mw is None:
             now_mw, _ = read_power_limit_mw(self._backend, uuid)
         if now_mw is None or abs(now_mw - left_mw) <= POWER_LIMIT_TOLERANCE_MW:
@@ -433,13 +429,18 @@ class Actuator:
             return None
         return limit_mw
 
+    def _saved_limit_mw(self, uuid: str) -> int | None:
+        """The power limit the journal saved as the GPU's original; None when none is saved."""
+        entry = self._journal.get(uuid) if self._journal is not None else None
+        return entry.power_limit_mw if entry is not None else None
+
     def _baseline_limit_mw(self, state: GpuControlState) -> int | None:
         """The limit the GPU had before powerd, clamped to its range: as saved in the journal,
         read from the GPU while the journal holds none; None while it cannot be read."""
         uuid = state.info.uuid
-        entry = self._journal.get(uuid) if self._journal is not None else None
-        if entry is not None and entry.power_limit_mw is not None:
-            return state.info.clamp_power_limit_mw(entry.power_limit_mw)
+        saved_mw = self._saved_limit_mw(uuid)
+        if saved_mw is not None:
+            return state.info.clamp_power_limit_mw(saved_mw)
         if state.baseline_limit_mw is None:
             limit_mw, _ = read_power_limit_mw(self._backend, uuid)
             if limit_mw is not None:
