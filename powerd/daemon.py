@@ -336,6 +336,10 @@ class Daemon:
             return None
         return bool(getattr(self.policy, "budget_feasible", True))
 
+    def _controlled_uuids(self) -> set[str]:
+        """The GPUs the servers' groups control now (lost ones are not among them)."""
+        return {uuid for group in self.groups for uuid in group.uuids}
+
     def _note_budget_feasibility(self) -> None:
         """Log, once per episode, a node budget the GPUs' minimum limits alone exceed."""
         if self.budget_feasible() is not False:
@@ -343,13 +347,7 @@ class Daemon:
             return
         budget_w = self.config.node_power_budget_w or 0.0
         kept_w = self._budget_reserve_w()
-        limited = {
-            uuid
-            for group in self.groups
-            if group.controlled
-            for uuid in group.uuids
-            if uuid not in self._limits_out_of_reach_mw
-        }
+        limited = self._controlled_uuids() - set(self._limits_out_of_reach_mw)
         floor_w = sum(self.infos[uuid].power_limit_min_mw for uuid in limited) / 1000.0
         self._problems.problem(
             "budget",
@@ -366,9 +364,8 @@ class Daemon:
         """Keep the limit of each server's GPU whose limit powerd cannot set (refused, not
         reported, or observed only) out of the node budget, at the limit each tick reads (an
         operator may raise it); the policy is given the smaller budget at once."""
-        in_groups = {uuid for group in self.groups if group.controlled for uuid in group.uuids}
         reserved: dict[str, int] = {}
-        for uuid in self.actuator.limits_out_of_reach() & in_groups:
+        for uuid in self.actuator.limits_out_of_reach() & self._controlled_uuids():
             reading = readings.get(uuid)
             # The enforced limit; where it was not read this tick, the last one kept (a
             # passing read error must not move the others' limits).
@@ -747,7 +744,8 @@ class Daemon:
         self._rediscover(now_s)
         readings = self._read_gpus(now_s)
         if self.config.mode == "budget":
-            # A GPU back from a loss rejoins its group with what it keeps out of the budget.
+            # Before the observations count each group's limited GPUs: a refusal met by the
+            # last tick's writes, a GPU back from a loss with what it keeps out of the budget.
             self._reserve_limits_out_of_reach(readings)
         samples = self._pool.poll_all(now_s, deadline_s=max(0.05, self.config.interval_s * 0.6))
         observations = [
@@ -777,8 +775,6 @@ class Daemon:
                     applied = _raised(decision, cap_mhz)
                 self._note_raise(group, cap_mhz, now_s)
             self._act(group, applied, observation, readings)
-        if self.config.mode == "budget":
-            self._reserve_limits_out_of_reach(readings)
         self.ticks_total += 1
         stamp_s = now_s if unix_time_s is None else unix_time_s
         snapshot = self._snapshot(stamp_s, readings, samples, observations, grid)

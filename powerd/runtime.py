@@ -128,12 +128,14 @@ def check_config_gpus(config: Config) -> str:
     for i, server in enumerate(config.servers):
         for j, gpu in enumerate(server.gpus or ()):
             try:
-                named.add(locate_gpu(gpu, by_index, unopened) or "")
+                uuid = locate_gpu(gpu, by_index, unopened)
             except LookupError:
                 raise ConfigError(
                     f"servers[{i}].gpus[{j}]: no GPU {gpu!r} on this node "
                     f"({len(infos) + len(unopened)} GPUs counted)"
                 ) from None
+            if uuid is not None:  # None: one that may open later
+                named.add(uuid)
     if config.mode == "budget" and config.node_power_budget_w is not None:
         # The GPUs the servers name: a server that finds its own may find any number.
         shared = [info for info in infos if info.uuid in named]

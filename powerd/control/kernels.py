@@ -1592,8 +1592,8 @@ def controller_step(
             weight[g] = min(max(tpj / tpj_mean, 0.5), 2.0)
         else:
             weight[g] = 1.0
-    # A budget cut (a reload, GPUs out of reach) while a group is stale: its held share shrinks
-    # with the rest, down to its minimum.
+    # Where the other groups' minimum limits (GPUs of a model with higher ones) leave less than
+    # the stale shares, those shrink, down to their own minimum.
     room_mw = budget_mw - others_min_mw
     if stale_mw > room_mw and stale_mw > 0.0:
         scale = max(room_mw, 0.0) / stale_mw
