@@ -123,6 +123,13 @@ class Actuator:
                 )
         return state
 
+    def redescribe(self, info: GpuInfo) -> None:
+        """A tracked GPU's description changed (its limit range read at last): its limits are
+        judged by the new one from now on."""
+        state = self.states.get(info.uuid)
+        if state is not None:
+            state.info = info
+
     def limits_out_of_reach(self) -> set[str]:
         """GPUs whose power limit powerd cannot set while it controls (observed only for a
         reason other than a dry run or a loss, a limit write refused as not supported, or a

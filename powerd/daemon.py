@@ -575,6 +575,7 @@ class Daemon:
             self._next_discovery_s = now_s + DISCOVERY_RETRY_S
             found = self._rejoin_lost(now_s)
             found = self._open_unopened() or found
+            found = self._describe_again() or found
         self._age_loss_episodes(now_s)
         waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
         claimed = {uuid for group in self.groups for uuid in [*group.uuids, *group.lost_uuids]}
@@ -596,6 +597,34 @@ class Daemon:
             found = True
         if found:
             self._reconfigure_policy(self.config)
+
+    def _describe_again(self) -> bool:
+        """Take in the new description of each GPU whose power-limit range a passing error
+        kept unread (pinned to the limit it held, its limit out of powerd's reach). True when
+        a group's GPUs changed."""
+        changed = False
+        for uuid, info in list(self.infos.items()):
+            if uuid in self.lost:
+                continue
+            try:
+                described = self.backend.describe(uuid)
+            except GpuError:
+                continue
+            if described == info:
+                continue
+            self.infos[uuid] = described
+            self.actuator.redescribe(described)
+            log.info(
+                "GPU %s: its power limit range reads %.0f-%.0f W now",
+                uuid,
+                described.power_limit_min_mw / 1000,
+                described.power_limit_max_mw / 1000,
+            )
+            for group in self.groups:
+                if uuid in group.uuids:
+                    group.set_gpus(group.uuids, self.infos)
+                    changed = True
+        return changed
 
     def _age_loss_episodes(self, now_s: float) -> None:
         """Say once that a GPU lost again after a flapping episode stays lost; end the episode

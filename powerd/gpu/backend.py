@@ -26,6 +26,12 @@ class GpuBackend(Protocol):
         no permission), by index, with why."""
         ...
 
+    def describe(self, uuid: str) -> GpuInfo:
+        """The GPU's description as known now: one whose power-limit range could not be read
+        when it was described (a passing error) has it read again first; no driver call for
+        the others. Raises GpuLost for a GPU never described."""
+        ...
+
     def read(self, uuid: str) -> GpuReading:
         """One telemetry reading. Raises GpuLost when the device is gone."""
         ...

@@ -489,6 +489,17 @@ class NvmlBackend:
         # enforced, which is what the callers took for its default).
         self.set_power_limit(uuid, self._info(uuid).power_limit_default_mw)
 
+    def describe(self, uuid: str) -> GpuInfo:
+        """The GPU's description as known now, its limit range read again first when a
+        passing error kept it unread (the range stays pinned while the read still fails)."""
+        info = self._info(uuid)
+        if uuid not in self._limits_unread:
+            return info
+        try:
+            return self._read_limit_range(uuid, info)
+        except GpuError:
+            return self._infos.get(uuid, info)
+
     def _read_limit_range(self, uuid: str, info: GpuInfo) -> GpuInfo:
         """`info` with the power-limit range read now, for a GPU whose range could not be read
         when it was described. Raises the read's GpuError (NotSupported: none, for good)."""

@@ -47,6 +47,9 @@ class RecordingBackend:
     def unopened_indices(self) -> dict[int, str]:
         return {}
 
+    def describe(self, uuid: str) -> GpuInfo:
+        return next(info for info in self.infos if info.uuid == uuid)
+
     def power_limit_mw(self, uuid: str) -> int | None:
         return None if uuid in self.unreadable else self.limits[uuid]
 

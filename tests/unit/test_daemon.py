@@ -1431,6 +1431,39 @@ def test_in_budget_mode_a_gpu_without_a_limit_range_is_kept_out_and_pins_no_part
     assert rig.snapshots[-1].node_power_budget_feasible is True
 
 
+def test_a_limit_range_a_passing_error_kept_unread_is_read_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One failed range read when GPU 0 was described pinned its range to the limit it held,
+    and in budget mode its limit was reserved, not controlled, for the life of the process:
+    the range is read again at the discovery retry and GPU 0 takes its share."""
+
+    def factory(node: SimNode) -> FakeNvml:
+        fake = FakeNvml(node.plant, lock=node.lock)
+        fake.inject_error(
+            0, "nvmlDeviceGetPowerManagementLimitConstraints", pynvml.NVMLError_Unknown
+        )
+        return fake
+
+    sim = SimConfig(gpus=2, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+    rig = make_rig(
+        tmp_path, sim=sim, nvml_factory=factory, mode="budget", node_power_budget_w=800.0
+    )
+    default_mw = rig.node.plant.power_limit_mw(0)
+    rig.run(5)
+    assert rig.daemon.infos[rig.uuid(0)].power_limit_min_mw == default_mw, "pinned at start"
+    assert rig.uuid(0) in rig.daemon.actuator.limits_out_of_reach()
+    with caplog.at_level(logging.INFO, logger="powerd.daemon"):
+        rig.run(40)
+    info = rig.daemon.infos[rig.uuid(0)]
+    assert info.power_limit_min_mw < info.power_limit_max_mw
+    assert rig.uuid(0) not in rig.daemon.actuator.limits_out_of_reach()
+    assert "its power limit range reads" in caplog.text
+    limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(2)]
+    assert limits_w[0] < default_mw / 1000.0, limits_w
+    assert sum(limits_w) <= 800.0 + 10.0, limits_w
+
+
 def test_in_budget_mode_an_operators_raise_of_a_gpu_powerd_never_wrote_is_seen(
     tmp_path: Path,
 ) -> None:

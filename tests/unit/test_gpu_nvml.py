@@ -115,6 +115,22 @@ def test_a_limit_range_unread_when_described_is_read_again_before_a_limit_is_set
     assert not isinstance(error.value, NotSupported)
 
 
+def test_describe_reads_a_range_left_unread_again(fake: FakeNvml) -> None:
+    uuid = fake.uuids[0]
+    fake.inject_error(
+        0, "nvmlDeviceGetPowerManagementLimitConstraints", pynvml.NVMLError_Unknown, persistent=True
+    )
+    backend = NvmlBackend(fake)
+    pinned = backend.devices()[0]
+    assert backend.describe(uuid) == pinned, "still failing: still pinned"
+    fake.clear_errors()
+    described = backend.describe(uuid)
+    assert described.power_limit_min_mw == round(PROFILE.power_limit_min_w * 1000)
+    assert described.power_limit_max_mw == round(PROFILE.power_limit_max_w * 1000)
+    assert backend.devices()[0] == described
+    assert backend.describe(fake.uuids[1]) == backend.devices()[1]
+
+
 def test_supported_clocks_fall_back_to_the_max_clock(fake: FakeNvml) -> None:
     fake.disable_feature(0, "supported_clocks")
     info = NvmlBackend(fake).devices()[0]
