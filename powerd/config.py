@@ -507,10 +507,10 @@ def read_yaml(path: str | Path, *, strict: bool = True) -> object:
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's error on one line: where and what ("line 2, column 2: expected ',' or ']' ...
     (while parsing a flow sequence from line 1, column 4)"); its own text spans five."""
     if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:

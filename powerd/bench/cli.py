@@ -169,10 +169,18 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(f"powerd bench: {exc}", file=sys.stderr)
         return 1
     print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-    if args.markdown:
-        write_markdown(result, args.markdown)
-    if args.plot:
-        write_plot(result, args.plot)
-    return 0
+    status = 0
+    for option, path, write in (
+        ("--json", args.json, write_json),
+        ("--markdown", args.markdown, write_markdown),
+        ("--plot", args.plot, write_plot),
+    ):
+        if not path:
+            continue
+        try:
+            write(result, path)
+        except OSError as exc:
+            # The table above is the run's result; the other files are still written.
+            print(f"powerd bench: {option} {path}: {exc.strerror or exc}", file=sys.stderr)
+            status = 1
+    return status

@@ -337,7 +337,8 @@ def drive(
 
 
 def gpu_activity(node: SimNode) -> np.ndarray:
-    """Each GPU's SM activity over the plant's last substep (what DCGM's SM_ACTIVE samples)."""
+    """Each GPU's activity factor a over the plant's last substep (the util-governor's
+    stand-in for DCGM's SM_ACTIVE)."""
     from powerd.sim.plant import S_ACTIVITY
 
     return node.plant.state[:, S_ACTIVITY].copy()

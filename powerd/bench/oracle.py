@@ -4,9 +4,9 @@ For each window of `window_s` the oracle clones the node and re-simulates the wi
 same state at every candidate clock cap (one cap for every GPU: the groups are statistically
 alike and the dispatcher balances them), over the window plus a `tail_s` look-ahead at the
 same clock, so a candidate that leaves a backlog pays for it in energy and in late requests.
-The candidates are a coarse grid from `low_fraction`·f_max to f_max, then a finer grid around
-the best. The chosen candidate's clone becomes the run, so the committed trajectory is exactly
-the one evaluated.
+The candidates are a coarse grid from `low_fraction`·f_max to f_max, then finer grids around
+the best until its evaluated neighbours are the clock table's next steps. The chosen
+candidate's clone becomes the run, so the committed trajectory is exactly the one evaluated.
 
 Misses are counted when they become certain, not only when a request finishes: a request
 misses as soon as its TTFT exceeds the TTFT SLO (its first token came late, or it has none at
@@ -140,9 +140,13 @@ class Oracle:
             late = measure.late_unfinished(node, self.slo)
             candidates = {c: self._evaluate(node, c, end, horizon, late) for c in grid}
             best = self.choose(candidates, reference, start, horizon)
-            for clock in refine_around(table, grid, best.clock_mhz, opts.refine_per_side):
-                candidates[clock] = self._evaluate(node, clock, end, horizon, late)
-            best = self.choose(candidates, reference, start, horizon)
+            # Down to the table's own step: the best and its evaluated neighbours adjacent.
+            while finer := refine_around(
+                table, sorted(candidates), best.clock_mhz, opts.refine_per_side
+            ):
+                for clock in finer:
+                    candidates[clock] = self._evaluate(node, clock, end, horizon, late)
+                best = self.choose(candidates, reference, start, horizon)
             self.misses += best.window_misses
             self.chosen.append((start, best.clock_mhz))
             recorder.extend(best.recorder)

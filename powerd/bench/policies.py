@@ -18,6 +18,7 @@ import numpy as np
 
 from powerd.bench import measure
 from powerd.config import Config, SimConfig, SloConfig
+from powerd.control.policy import group_floor_mhz
 from powerd.daemon import Daemon
 from powerd.gpu.nvml import NvmlBackend
 from powerd.sim.node import SimNode
@@ -177,9 +178,12 @@ class UtilGovernorPolicy:
     """GEOPM's gpu_activity agent: F = Fe + (Fmax − Fe) × activity, per GPU group.
 
     `efficient_clock_mhz` (Fe) comes from a frequency sweep of the workload (the benchmark
-    uses its static-clock sweep's least-energy clock). Activity is the group's mean SM activity
-    over the last interval, read from the simulated plant (what DCGM's SM_ACTIVE reports),
-    averaged over `samples_per_interval` samples and clipped to [0, 1].
+    uses its static-clock sweep's clock with the most tokens per joule). Activity is the
+    group's mean activity over the last interval, read from the simulated plant: its activity
+    factor a (dvfs_plant_model: about 0.1-0.3 in decode, 0.9-1.2 in prefill), averaged over
+    `samples_per_interval` samples and clipped to [0, 1]. It stands in for DCGM's SM_ACTIVE,
+    which the plant does not model; SM_ACTIVE likely reads higher in memory-bound decode, where
+    GEOPM's agent would then run higher clocks than this one.
     """
 
     efficient_clock_mhz: int
@@ -235,7 +239,9 @@ class SloLowestClockPolicy:
     prefill chunk) takes at most `margin`·ITL SLO. The TTFT constraint: the oldest waiting
     request's age plus the time to prefill every queued prompt token, at that iteration time,
     stays within `margin`·TTFT SLO. `margin` is powerd's default slo_margin, so both aim at
-    the same latency.
+    the same latency. The clocks searched start at powerd's default floor (half f_max): below
+    it the plant model over-predicts power (dvfs_plant_model §6), which would charge this
+    policy alone for the model's error.
     """
 
     slo: SloConfig
@@ -243,12 +249,16 @@ class SloLowestClockPolicy:
     name: str = "slo-lowest-clock"
     _clock_sum: float = 0.0
     _steps: int = 0
+    _table_mhz: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def start(self, node: SimNode) -> None:
-        pass
+        table = measure.clock_table_mhz(node)
+        f_max = int(node.plant.profile.sm_clock_max_mhz)
+        floor_mhz = group_floor_mhz([int(c) for c in table], f_max, None)
+        self._table_mhz = table[table >= floor_mhz]
 
     def step(self, node: SimNode, now_s: float) -> None:
-        table = measure.clock_table_mhz(node)
+        table = self._table_mhz
         for server in node.servers:
             clock = measure.lowest_clock_meeting_slo(
                 node, server, table, self.slo.itl_s * self.margin, self.slo.ttft_s * self.margin

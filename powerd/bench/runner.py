@@ -4,8 +4,9 @@ Every policy starts from a copy of one template node, so every policy sees the s
 (same seed, same arrivals) and the same GPUs. The jobs run in `workers` processes: the oracle
 (the longest: many re-simulations per window) in one, the rest (single runs and the static-
 clock sweep) in the others. The static-clock sweep runs the whole trace at a coarse grid of
-clock caps, then a finer grid around the best; its least-energy point is also the efficient
-frequency Fe of the util-governor, as GEOPM takes Fe from a frequency sweep of the workload.
+clock caps, then finer grids around the best down to the clock table's step; its clock with
+the most tokens per joule is the util-governor's efficient frequency Fe, as GEOPM takes Fe
+from a frequency sweep of the workload.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class BenchSetup:
             raise ValueError(
                 f"--interval must be in [{low_s:g}, {high_s:g}], got {self.interval_s:g}"
             )
+        if self.seed < 0:
+            raise ValueError(f"--seed must be at least 0, got {self.seed}")
         if self.workers < 1:
             raise ValueError(f"--workers must be at least 1, got {self.workers}")
 
@@ -339,12 +342,13 @@ def run_bench(
             if need_sweep and not sweeping and not state["refined"]:
                 if need_default and "default" not in results:
                     return
-                state["refined"] = True
+                # Finer grids around the best until its swept neighbours are the table's
+                # next steps: the hindsight clock is the table's, not the grid's.
                 best = _best_static(sweep, results.get("default"))
-                for clock in refine_around(table, grid, best, setup.sweep_refine_per_side):
-                    if clock not in sweep:
-                        submit(Job("sweep", clock))
-                        sweeping = True
+                for clock in refine_around(table, sorted(sweep), best, setup.sweep_refine_per_side):
+                    submit(Job("sweep", clock))
+                    sweeping = True
+                state["refined"] = not sweeping
             if not sweeping and state["refined"] and not state["util"]:
                 state["util"] = True
                 submit(Job("util-governor", _efficient_clock(sweep)))

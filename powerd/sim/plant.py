@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from powerd.config import yaml_problem
 from powerd.control.kernels import jit
 from powerd.model import (
     REASON_GPU_IDLE,
@@ -230,7 +231,7 @@ def load_gpu_profile(name_or_path: str | Path) -> GpuProfile:
     except OSError as exc:
         raise ValueError(f"cannot read GPU profile {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise ValueError(f"GPU profile {path} is not valid YAML: {exc}") from exc
+        raise ValueError(f"GPU profile {path} is not valid YAML: {yaml_problem(exc)}") from None
     return gpu_profile_from_dict(data, where=str(path))
 
 

@@ -81,6 +81,7 @@ def test_gpu_profile_file(tmp_path: Path) -> None:
         (["--peak-load", "-1"], "--peak-load must be positive"),
         (["--oracle-slack", "-0.1"], "--oracle-slack must be in [0, 1)"),
         (["--interval", "20"], "--interval must be in [0.1, 10]"),
+        (["--seed", "-1"], "--seed must be at least 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_sentence(
@@ -173,3 +174,35 @@ def test_an_output_path_that_cannot_be_written_fails_before_the_run(
     assert captured.out == "", "nothing was run"
     assert captured.err.startswith(f"powerd bench: --markdown {blocker / 'b.md'}: ")
     assert captured.err.count("\n") == 1
+
+
+def test_a_file_that_fails_to_be_written_after_the_run_keeps_the_table_and_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk or a read-only mount met only at the end: one line naming the option, the
+    table printed, the other files written, exit status 1."""
+
+    def full_disk(result: object, path: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("powerd.bench.cli.write_json", full_disk)
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    args = _parse("--trace", "constant", "--duration", "10", "--gpus", "1", "--policies",
+                  "default", "--workers", "1", "--quiet", "--json", str(out_json),
+                  "--markdown", str(out_md))  # fmt: skip
+    assert run_bench_command(args) == 1
+    captured = capsys.readouterr()
+    assert "| default" in captured.out or "default " in captured.out
+    assert captured.err == f"powerd bench: --json {out_json}: No space left on device\n"
+    assert out_md.read_text().startswith("# powerd bench")
+
+
+def test_a_gpu_profile_that_is_not_yaml_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [broken\nsm_clock_max_mhz: 1980\n")
+    assert run_bench_command(_parse("--gpu-profile", str(bad))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"powerd bench: GPU profile {bad} is not valid YAML: line ")
+    assert err.count("\n") == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from powerd.bench import measure
 from powerd.bench.oracle import OracleOptions
 from powerd.bench.policies import DefaultPolicy, PowerdPolicy
 from powerd.bench.report import format_table, to_json
@@ -121,6 +122,21 @@ def test_static_clock_is_the_least_energy_sweep_point_meeting_the_slo(bench: Ben
     assert len(bench.sweep) >= 8
     # The sweep found SLO-breaking clocks too, so the SLO constrained the choice.
     assert any(not meets_slo(r, default) for r in bench.sweep.values())
+    # The hindsight clock is the table's: its swept neighbours are the table's next steps.
+    best = next(c for c, r in bench.sweep.items() if r.energy_j == static.energy_j)
+    table = [int(c) for c in measure.clock_table_mhz(build_template_node(SETUP))]
+    swept = sorted(bench.sweep)
+    k = swept.index(best)
+    for neighbour in swept[max(k - 1, 0) : k] + swept[k + 1 : k + 2]:
+        assert abs(table.index(neighbour) - table.index(best)) == 1, (best, swept)
+
+
+def test_slo_lowest_clock_stays_at_or_above_powerds_floor(bench: BenchResult) -> None:
+    """Below half f_max the plant over-predicts power: the baseline is not charged for that."""
+    f_max = build_template_node(SETUP).plant.profile.sm_clock_max_mhz
+    clocks = bench.policies["slo-lowest-clock"].series.clock_mhz
+    assert clocks.min() >= 0.5 * f_max - 15
+    assert clocks.min() < 0.6 * f_max, "it still goes down to the floor when it can"
 
 
 def test_baselines_act(bench: BenchResult) -> None:
