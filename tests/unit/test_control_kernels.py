@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -23,6 +27,7 @@ from powerd.model import (
     GroupDecision,
     GroupObservation,
 )
+from tests.unit.plain_python import REPO
 
 H100_CLOCKS = tuple(range(345, 1981, 15))
 ODD_CLOCKS = (600, 810, 1005, 1200, 1410, 1500, 1650, 1755, 1980)
@@ -655,6 +660,46 @@ def test_warmup_leaves_state_untouched() -> None:
     controller.warmup()
     assert not controller.arrays.state.any()
     Controller(Config(), []).warmup()
+
+
+_WARMUP_PROBE = """
+import json
+from powerd.config import Config
+from powerd.control import kernels as k
+from powerd.control.policy import Controller
+from tests.unit.test_control_kernels import obs, spec
+
+def compiled():
+    return {f.__name__: len(f.signatures) for f in (k.controller_step, k.prefill_guard)}
+
+controller = Controller(Config(), [spec()])
+before = compiled()
+controller.warmup()
+warm = compiled()
+controller.decide(0.0, [obs()])
+controller.prefill_guard({"g0": 1e9})
+print(json.dumps({"before": before, "warm": warm, "used": compiled()}))
+"""
+
+
+def test_warmup_compiles_every_kernel_a_tick_uses() -> None:
+    """DESIGN: kernels are compiled before READY=1, so the first tick does not stall for the
+    compiler. In a fresh interpreter (here any earlier test may have compiled them): nothing
+    compiled before warmup, everything after, and a tick and a guard read compile nothing more."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WARMUP_PROBE],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads(proc.stdout)
+    assert counts["before"] == {"controller_step": 0, "prefill_guard": 0}
+    assert counts["warm"] == {"controller_step": 1, "prefill_guard": 1}
+    assert counts["used"] == counts["warm"]
 
 
 @given(st.floats(min_value=0.0, max_value=3000.0))

@@ -33,6 +33,7 @@ from powerd.config import (
 from powerd.control import kernels
 from powerd.control.policy import Controller
 from powerd.daemon import Daemon
+from powerd.gpu.errors import GpuError
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal, restore_all
 from powerd.model import BLIND_PREFILL_SHARE, GroupDecision
@@ -717,6 +718,49 @@ def test_reload_into_dry_run_restores_the_gpus_and_then_writes_nothing(tmp_path:
     assert all(_locked(rig, i) is None for i in (0, 1))
 
 
+# ------------------------------------------------------------------------ off mode
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang"])
+def test_off_mode_observes_and_exports_but_never_writes(tmp_path: Path, kind: str) -> None:
+    """README: `off` observes and exports only; nothing is written to any GPU, at a tick or
+    between ticks (SGLang's backlog guard)."""
+    rig = make_rig(tmp_path, sim=dataclasses.replace(SMALL_NODE, server_kind=kind), mode="off")
+    for _ in range(40):
+        rig.run(1)
+        assert rig.daemon.guard(rig.node.now_s + 0.5) == 0
+    assert rig.fake.writes == []
+    assert all(_locked(rig, i) is None for i in (0, 1))
+    assert not rig.journal_path.exists(), "nothing to save before no write"
+    snapshot = rig.snapshots[-1]
+    assert all(s.up and s.generation_tokens_per_s for s in snapshot.servers), "observed"
+    assert all(g.mode == "off" for g in snapshot.groups)
+    assert all(limit == maximum for limit, maximum in _limits(rig).values())
+    assert all(rig.node.plant.power_limit_mw(i) == _default_limit_mw(rig) for i in (0, 1))
+    (line,) = metric_lines(rig.metrics(), "powerd_node_mode", mode="off")
+    assert metric_value(line) == 1.0
+
+
+def test_reload_from_efficiency_to_off_puts_the_clocks_back_and_then_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    rig, path = _rig_from_file(tmp_path)
+    rig.run(15)
+    rig.run_until(lambda s: _locked(rig, 0) is not None and _locked(rig, 1) is not None, 90)
+    path.write_text(yaml.safe_dump({**_config_data(rig.node), "mode": "off"}))
+    assert rig.daemon.reload(path) is True
+    rig.run(1)
+    assert _locked(rig, 0) is None and _locked(rig, 1) is None, "unlocked at the next tick"
+    assert all(rig.node.plant.power_limit_mw(i) == _default_limit_mw(rig) for i in (0, 1)), (
+        "limits as found"
+    )
+    before = len(rig.fake.writes)
+    snapshot = rig.run(30)
+    assert len(rig.fake.writes) == before, "and then left alone"
+    assert all(g.mode == "off" for g in snapshot.groups)
+    assert all(_locked(rig, i) is None for i in (0, 1))
+
+
 # ------------------------------------------------------------------------ the last scrape
 
 
@@ -1152,12 +1196,70 @@ def test_reload_keeps_state_dir_and_gpu_backend_as_started(
     assert "gpu_backend changes only at restart" in caplog.text
 
 
+def test_reload_keeps_sim_and_the_metrics_server_as_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README: sim, and the metrics address and port, change only at restart; a reload keeps
+    the running values and says so. The simulated node and the metrics server stay as built."""
+    sim = {"gpus": 2, "tp": 1, "model": "llama-3.1-8b", "trace": "constant", "peak_load": 0.5}
+    started = {"gpu_backend": "sim", "sim": sim, "metrics": {"port": 19863}}
+    rig, path = _rig_from_file(tmp_path, lambda data: {**data, **started})
+    running = rig.daemon.config
+    assert running.sim.gpus == 2 and running.metrics.port == 19863
+    rig.run(3)
+    data = {
+        **_config_data(rig.node),
+        "gpu_backend": "sim",
+        "sim": {**sim, "gpus": 4, "peak_load": 0.9},
+        "metrics": {"port": 19864},
+    }
+    data["servers"][0]["slo"]["itl_s"] = 0.05
+    path.write_text(yaml.safe_dump(data))
+    with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
+        assert rig.daemon.reload(path) is True
+    config = rig.daemon.config
+    assert config.sim == running.sim, "the simulated node stays as built"
+    assert config.servers[0].slo.itl_s == 0.05, "the rest is applied"
+    assert "sim settings change only at restart" in caplog.text
+    assert "metrics settings change only at restart" in caplog.text
+    ticks = rig.run(2).ticks_total
+    (line,) = metric_lines(rig.metrics(), "powerd_ticks_total")
+    assert metric_value(line) == ticks, "still published to the running exporter"
+
+
 # ------------------------------------------------------------------------ watchdog
 
 
+class _VirtualTime:
+    """A clock that moves only while the daemon waits: it stands for the daemon's stop flag,
+    whose wait(timeout) advances the clock instead of sleeping. So the loop's schedule is
+    checked exactly, whatever else the machine is doing."""
+
+    def __init__(self) -> None:
+        self.now_s = 0.0
+        self._stopped = False
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def is_set(self) -> bool:
+        return self._stopped
+
+    def set(self) -> None:
+        self._stopped = True
+
+    def clear(self) -> None:
+        self._stopped = False
+
+    def wait(self, timeout_s: float) -> bool:
+        self.now_s += max(0.0, timeout_s)
+        return self._stopped
+
+
 class _Notifier:
-    def __init__(self, watchdog_s: float | None) -> None:
+    def __init__(self, watchdog_s: float | None, clock: Callable[[], float]) -> None:
         self._watchdog_s = watchdog_s
+        self._clock = clock
         self.pings: list[float] = []
 
     def ready(self) -> None: ...
@@ -1166,25 +1268,60 @@ class _Notifier:
     def status(self, text: str) -> None: ...
 
     def watchdog(self) -> None:
-        self.pings.append(time.monotonic())
+        self.pings.append(self._clock())
 
     def watchdog_interval_s(self) -> float | None:
         return self._watchdog_s
 
 
-def test_the_watchdog_is_pinged_between_ticks_at_half_its_timeout(tmp_path: Path) -> None:
-    """A tick interval longer than WatchdogSec must not get the daemon killed."""
-    notifier = _Notifier(watchdog_s=0.4)
-    rig = make_rig(tmp_path, notifier=notifier, interval_s=1.0)
-    rig.daemon.run_forever(duration_s=0.5)  # one tick, then a wait of 1 s
-    assert len(notifier.pings) >= 4, notifier.pings
-    gaps = [b - a for a, b in zip(notifier.pings, notifier.pings[1:], strict=False)]
-    assert max(gaps) < 0.4, gaps
+def _run_in_virtual_time(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, clock: _VirtualTime, duration_s: float
+) -> None:
+    monkeypatch.setattr(rig.daemon, "_stop", clock)
+    rig.daemon.run_forever(
+        duration_s=duration_s, clock=clock, unix_clock=lambda: 1_700_000_000.0 + clock()
+    )
 
-    quiet = _Notifier(watchdog_s=None)
+
+def test_the_watchdog_is_pinged_between_ticks_at_half_its_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick interval longer than WatchdogSec must not get the daemon killed. Times are
+    powers of two: exact in floating point."""
+    clock = _VirtualTime()
+    notifier = _Notifier(watchdog_s=0.5, clock=clock)
+    rig = make_rig(tmp_path, notifier=notifier, interval_s=1.0)
+    _run_in_virtual_time(rig, monkeypatch, clock, duration_s=1.5)  # ticks at 0 and 1
+    assert notifier.pings == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+
+    clock = _VirtualTime()
+    quiet = _Notifier(watchdog_s=None, clock=clock)
     rig = make_rig(tmp_path / "quiet", notifier=quiet, interval_s=1.0)
-    rig.daemon.run_forever(duration_s=0.5)
-    assert len(quiet.pings) == 1, "without a watchdog timeout, only after the tick"
+    _run_in_virtual_time(rig, monkeypatch, clock, duration_s=1.5)
+    assert quiet.pings == [0.0, 1.0], "without a watchdog timeout, only after each tick"
+
+
+def test_no_watchdog_ping_follows_a_failed_tick_until_a_good_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README and DESIGN: pinged after a good tick, never otherwise; a loop whose ticks fail
+    must let WatchdogSec expire rather than keep systemd fed."""
+    clock = _VirtualTime()
+    notifier = _Notifier(watchdog_s=0.5, clock=clock)
+    rig = make_rig(tmp_path, notifier=notifier, interval_s=1.0)
+    good_tick = rig.daemon.tick
+    ticks: list[float] = []
+
+    def tick(now_s: float, *, unix_time_s: float | None = None) -> Any:
+        ticks.append(now_s)
+        if now_s == 1.0:
+            raise GpuError("NVML is not answering", operation="nvmlDeviceGetCount")
+        return good_tick(now_s, unix_time_s=unix_time_s)
+
+    monkeypatch.setattr(rig.daemon, "tick", tick)
+    _run_in_virtual_time(rig, monkeypatch, clock, duration_s=2.5)
+    assert ticks == [0.0, 1.0, 2.0]
+    assert notifier.pings == [0.0, 0.25, 0.5, 0.75, 2.0, 2.25, 2.5, 2.75], "none in [1, 2)"
 
 
 def test_a_raise_for_a_backlog_drops_a_tracked_limit_but_keeps_a_budget_share() -> None:
@@ -1377,6 +1514,37 @@ def test_target_reached_says_what_the_last_minute_did(tmp_path: Path, target: fl
     assert (True in verdicts) is (target < 5.0), "a 20 tokens/J target is out of reach"
     (line,) = metric_lines(rig.metrics(), "powerd_group_target_reached", group="vllm-0")
     assert verdicts[-1] is not None and metric_value(line) == float(verdicts[-1])
+
+
+def test_target_reached_holds_inside_the_hysteresis_band_and_flips_outside_it(
+    tmp_path: Path,
+) -> None:
+    """README: 1 from 0.98 of the target on, 0 again only below 0.95 of it; in between the flag
+    keeps what it said, so a group hovering at the target does not flap."""
+    target = 2.0
+    rig = make_rig(tmp_path, mode="target", target_tokens_per_joule=target)
+    group = rig.daemon.groups[0]
+    window_s = int(daemon_module.TARGET_WINDOW_S)
+    now_s = 0.0
+
+    def minute_at(share: float) -> list[bool | None]:
+        """A window and a tick of ticks at `share` of the target; the verdict after each."""
+        nonlocal now_s
+        verdicts = []
+        for _ in range(window_s + 1):
+            now_s += 1.0
+            energy_j = 100.0
+            rig.daemon._judge_target(group, now_s, share * target * energy_j, 1.0, energy_j)
+            verdicts.append(group.target_reached)
+        return verdicts
+
+    assert minute_at(1.0)[-1] is True
+    assert set(minute_at(0.96)) == {True}, "inside the band after True: holds"
+    assert minute_at(0.94)[-1] is False
+    assert set(minute_at(0.97)) == {False}, "inside the band after False: holds"
+    assert minute_at(0.99)[-1] is True, "from 0.98 of the target on"
+    assert set(minute_at(0.955)) == {True}
+    assert minute_at(0.945)[-1] is False, "below 0.95 of it"
 
 
 def test_a_budget_below_the_minimum_limits_is_logged_and_exported(

@@ -213,6 +213,26 @@ def test_an_updated_at_after_the_file_was_written_is_not_believed(
     assert "updated_at is after the file was written" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("ahead_min", "age_s", "believed"), [(4, 6 * 60.0, True), (6, 10 * 60.0, False)]
+)
+def test_an_updated_at_up_to_five_minutes_after_the_file_was_written_is_believed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, ahead_min: int, age_s: float, believed: bool
+) -> None:
+    """README: only an updated_at more than 5 minutes after the mtime is not believed; a job's
+    clock a few minutes ahead of the node's must not lose its stated time."""
+    clock = Clock()
+    grid, path = file_grid(tmp_path, clock)
+    written_s = clock.now_s - 10 * 60
+    stated = datetime.fromtimestamp(written_s + ahead_min * 60, timezone.utc)
+    write_json(path, {"updated_at": iso(stated), "price_per_kwh": 0.3})
+    os.utime(path, (written_s, written_s))
+    with caplog.at_level(logging.WARNING, logger="powerd.grid"):
+        price = grid.poll().price
+    assert price == GridSignalStatus("price", 0.3, "file", age_s)
+    assert ("updated_at is after the file was written" in caplog.text) is not believed
+
+
 def test_file_intervals_pick_the_one_covering_now(tmp_path: Path) -> None:
     clock = Clock()
     grid, path = file_grid(tmp_path, clock, price_per_kwh=0.25)

@@ -207,8 +207,18 @@ def test_a_backlog_past_the_share_of_the_ttft_slo_raises_to_the_clock_that_prefi
     [Config(mode="off"), Config(mode="budget", node_power_budget_w=2000.0)],
 )
 def test_no_raise_between_ticks_in_off_and_budget_modes(config: Config) -> None:
-    controller, _, _ = _learned(config)
-    assert controller.prefill_guard({"g0": 1e9}) == {}
+    """Between ticks a node budget is not re-shared and an observing daemon writes nothing.
+    The mode alone must say so: an off tick leaves the cap at f_max, so a controller that only
+    ever ran in off mode has nothing to raise whatever the mode check says. Here it is given
+    what an efficiency run learned and last decided (a lowered cap), from which efficiency
+    mode raises."""
+    learned, cap, _ = _learned()
+    assert cap < 1980
+    for mode_config, want in ((Config(), {"g0": 1980}), (config, {})):
+        controller = Controller(mode_config, [spec()])
+        controller.arrays.state[:] = learned.arrays.state
+        controller.arrays.out[:] = learned.arrays.out
+        assert controller.prefill_guard({"g0": 1e9}) == want, mode_config.mode
 
 
 def test_a_fresh_controller_never_raises() -> None:

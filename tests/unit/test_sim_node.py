@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from powerd.bench.measure import batch_state
 from powerd.config import SimConfig
+from powerd.sim import node as node_module
 from powerd.sim.http_server import SimServerHttp
 from powerd.sim.models import get_model_profile
 from powerd.sim.node import RealTimeDriver, SimNode, serve_node
@@ -348,16 +351,54 @@ def test_render_errors_become_500_not_a_dead_server() -> None:
     assert not http.running
 
 
-def test_real_time_driver_advances_with_compression() -> None:
+class _WallClock:
+    """The time module as powerd.sim.node sees it, with a monotonic clock that moves only when
+    the test moves it; `read` is set once the driver has read it."""
+
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+        self.read = threading.Event()
+
+    def monotonic(self) -> float:
+        self.read.set()
+        return self.now_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_real_time_driver_advances_by_wall_time_times_the_compression(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Simulated time is the wall time between the driver's reads times time_compression.
+    Wall time here is a clock the test moves, so neither a starved driver thread nor a late
+    main thread on a busy machine changes what the driver must have done."""
+    clock = _WallClock()
+    monkeypatch.setattr(node_module, "time", clock)
     node = make_node()
+    steps: list[float] = []
+    three_more = threading.Event()
+    real_advance = node.advance
+
+    def advance(dt_s: float) -> None:
+        real_advance(dt_s)
+        steps.append(dt_s)
+        moved = [i for i, dt in enumerate(steps) if dt > 0]
+        if moved and len(steps) - moved[0] > 3:
+            three_more.set()
+
+    monkeypatch.setattr(node, "advance", advance)
     driver = RealTimeDriver(node, time_compression=20.0, period_s=0.02)
     driver.start()
     try:
-        time.sleep(0.5)
+        assert clock.read.wait(30), "the driver notes when it started"
+        assert node.now_s == 0.0, "no wall time has passed"
+        clock.now_s += 0.5
+        assert three_more.wait(60), ("the driver advances the node every period", steps)
     finally:
         driver.stop()
-    simulated = node.now_s
     assert driver.error is None and not driver.running
-    assert 5.0 < simulated < 20.0
-    time.sleep(0.1)
-    assert node.now_s == simulated
+    assert [dt for dt in steps if dt] == [0.5 * 20.0], "each stretch of wall time counted once"
+    assert node.now_s == pytest.approx(0.5 * 20.0, abs=1e-6)
+    clock.now_s += 1.0
+    assert node.now_s == pytest.approx(0.5 * 20.0, abs=1e-6), "a stopped driver moves nothing"
