@@ -1438,15 +1438,22 @@ class Daemon:
                 self._drop_gpu(uuid, exc)
             log.info("GPU %s: %s; back as found", uuid, why)
 
-    def install_signal_handlers(self) -> None:
-        def stop(signum: int, frame: FrameType | None) -> None:
+    def install_signal_handlers(self, *, stop: bool = False, reload: bool = False) -> None:
+        """SIGTERM and SIGINT stop the loop, SIGHUP reloads; `stop` and `reload` carry the
+        signals that came before (runtime.EarlySignals)."""
+        if stop:
+            self._stop.set()
+        if reload:
+            self._reload.set()
+
+        def stop_handler(signum: int, frame: FrameType | None) -> None:
             self._stop.set()
 
         def hup(signum: int, frame: FrameType | None) -> None:
             self._reload.set()
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop_handler)
+        signal.signal(signal.SIGINT, stop_handler)
         signal.signal(signal.SIGHUP, hup)
 
     def run_forever(

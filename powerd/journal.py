@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
@@ -79,6 +80,9 @@ class RestoreReport:
     """UUID -> one-sentence reason; their entries stay in the journal."""
     clocks_reset: list[str] = field(default_factory=list)
     """GPUs whose clocks were reset because the journal was corrupt."""
+    limits_below_default: dict[str, int] = field(default_factory=dict)
+    """UUID -> power limit (mW) found below the GPU's default after a corrupt journal: it
+    may be powerd's, whose original is lost, and a later run would take it for the original."""
     errors: list[str] = field(default_factory=list)
     """Problems not tied to one GPU: a corrupt journal (renamed to *.corrupt, its power limits
     lost), a journal that cannot be rewritten, a device list that cannot be read."""
@@ -101,6 +105,14 @@ class RestoreReport:
         parts.extend(self.errors)
         if self.clocks_reset:
             parts.append(f"clocks reset on {len(self.clocks_reset)} GPU(s)")
+        if self.limits_below_default:
+            held = ", ".join(
+                f"{uuid} at {mw / 1000:.0f} W" for uuid, mw in self.limits_below_default.items()
+            )
+            parts.append(
+                f"power limits below their defaults left as they are ({held}): powerd's or an "
+                "operator's; put back with nvidia-smi -pl what is not an operator's"
+            )
         return ", ".join(parts)
 
 
@@ -328,6 +340,19 @@ def _restore_one(
                 # Set outside powerd after powerd's last write: the operator's, kept.
                 limit_text = f"left at {now_mw} mW, set outside powerd since it last wrote one"
                 return
+        info = backend.describe(entry.uuid)
+        low_mw, high_mw = info.power_limit_min_mw, info.power_limit_max_mw
+        if low_mw < high_mw and not (
+            low_mw - POWER_LIMIT_TOLERANCE_MW
+            <= entry.power_limit_mw
+            <= high_mw + POWER_LIMIT_TOLERANCE_MW
+        ):
+            # No GPU had it: the journal was edited or damaged, and clamping it would set the
+            # GPU's minimum (or maximum) as its original.
+            raise GpuError(
+                f"the saved power limit {entry.power_limit_mw} mW is outside the GPU's range "
+                f"{low_mw}-{high_mw} mW; left as it is (set it with nvidia-smi -pl)"
+            )
         backend.set_power_limit(entry.uuid, entry.power_limit_mw)
 
     failures: list[str] = []
@@ -379,6 +404,21 @@ def _reset_all_clocks(backend: GpuBackend, report: RestoreReport) -> None:
             report.failed[info.uuid] = str(exc)
             continue
         report.clocks_reset.append(info.uuid)
+        try:
+            limit_mw, _ = read_power_limit_mw(backend, info.uuid)
+        except GpuLost:
+            continue
+        if limit_mw is not None and (
+            limit_mw < info.power_limit_default_mw - POWER_LIMIT_TOLERANCE_MW
+        ):
+            report.limits_below_default[info.uuid] = limit_mw
+            log.warning(
+                "GPU %s: power limit %.0f W, below its default %.0f W, left as it is: the "
+                "corrupt journal held its original",
+                info.uuid,
+                limit_mw / 1000,
+                info.power_limit_default_mw / 1000,
+            )
 
 
 def _parse(raw: bytes) -> list[JournalEntry]:
@@ -422,6 +462,12 @@ def _parse_entry(item: Any, n: int, version: int) -> JournalEntry:
         raise ValueError(f"entry {n}: empty 'uuid'")
     power_limit_mw = need("power_limit_mw", (int,), optional=True)
     power_limit_default_mw = need("power_limit_default_mw", (int,))
+    for key, value in (
+        ("power_limit_mw", power_limit_mw),
+        ("power_limit_default_mw", power_limit_default_mw),
+    ):
+        if value is not None and value <= 0:
+            raise ValueError(f"entry {n}: {key!r} is {value}")
     if power_limit_mw is None and version == 1:
         power_limit_mw = power_limit_default_mw
     return JournalEntry(
@@ -436,9 +482,10 @@ def _parse_entry(item: Any, n: int, version: int) -> JournalEntry:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # A name of its own, created exclusively (0600): nothing already there is written through.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
         view = memoryview(data)
         while view:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from powerd import __version__
@@ -49,9 +51,10 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        """Take the lock without waiting; False when another process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Take the lock without waiting; False when another process holds it. OSError when
+        the state directory cannot be used or may not be trusted (see check_state_dir)."""
+        check_state_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -73,6 +76,25 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Create the state directory (mode 0700) if absent, and refuse one another user could
+    write: powerd runs as root and restores GPUs from what it finds there, so a journal or a
+    link planted in it would set GPUs or overwrite files. PermissionError naming the fix."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.stat(state_dir)
+    uid = os.geteuid()
+    if info.st_uid not in (uid, 0):
+        raise PermissionError(
+            f"{state_dir} belongs to uid {info.st_uid}, not to this user (uid {uid}) or root; "
+            "powerd keeps the GPU settings it restores there"
+        )
+    if info.st_mode & 0o022:
+        raise PermissionError(
+            f"{state_dir} is writable by others (mode {info.st_mode & 0o777:04o}); powerd keeps "
+            f"the GPU settings it restores there: chmod go-w {state_dir}"
+        )
 
 
 def _holding_run_lock(config: Config, body: Callable[[], int], *, program: str, busy: str) -> int:
@@ -200,8 +222,31 @@ def open_backend(config: Config) -> GpuBackend:
     return NvmlBackend()
 
 
+class EarlySignals:
+    """SIGTERM, SIGINT and SIGHUP from the first moment of `powerd run`, remembered until the
+    daemon's own handlers take over: a SIGHUP (a log rotation's) while NVML opens or a killed
+    run is restored would otherwise end the process by its default action, which systemd
+    counts as a clean stop, and a SIGTERM then would cut the restore short."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.reload = False
+
+    def install(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.stop = True
+
+        def hup(signum: int, frame: FrameType | None) -> None:
+            self.reload = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+
 def restore_node(config: Config) -> int:
     """`powerd restore`: put back every GPU setting recorded in the journal. Exit status."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # no reload here, and no death mid-restore
     return _holding_run_lock(
         config,
         lambda: _restore_journal(config),
@@ -242,17 +287,28 @@ def run_daemon(config: Config, *, config_path: Path, force_dry_run: bool = False
     what check_config refuses; exit status 1 with one sentence when NVML or the metrics
     address cannot be had.
     """
-    check_config(config)
-    return _holding_run_lock(
-        config,
-        lambda: _run_locked(config, config_path=config_path, force_dry_run=force_dry_run),
-        program="powerd",
-        busy="another powerd is running (pid {pid}) with its state in "
-        f"{config.state_dir}; two would fight over the same GPUs",
-    )
+    early = EarlySignals()
+    early.install()
+    try:
+        check_config(config)
+        return _holding_run_lock(
+            config,
+            lambda: _run_locked(
+                config, config_path=config_path, force_dry_run=force_dry_run, early=early
+            ),
+            program="powerd",
+            busy="another powerd is running (pid {pid}) with its state in "
+            f"{config.state_dir}; two would fight over the same GPUs",
+        )
+    finally:
+        # Python gives its own handlers back to the default actions as it exits: a late
+        # SIGHUP would turn a clean, restored stop into a death by signal.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> int:
+def _run_locked(
+    config: Config, *, config_path: Path, force_dry_run: bool, early: EarlySignals
+) -> int:
     notifier = Notifier()
     simulation: RunningSimulation | None = None
     simulated_servers: tuple[ServerConfig, ...] = ()
@@ -290,6 +346,9 @@ def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> in
             log.warning("a previous run did not finish; restoring the GPU settings it left")
             report = restore_all(backend, journal)
             log.info("restore: %s", report.summary())
+        if early.stop:
+            log.info("stopped while starting; nothing of powerd's is on the GPUs")
+            return 0
         # Bound before the kernels compile: a taken port is told at once, not seconds later.
         exporter = Exporter(config.metrics)
         try:
@@ -298,7 +357,17 @@ def _run_locked(config: Config, *, config_path: Path, force_dry_run: bool) -> in
             print(f"powerd: {exc} (metrics.listen_address, metrics.port)", file=sys.stderr)
             return 1
         try:
-            _serve(config, config_path, backend, journal, exporter, notifier, transform, simulation)
+            _serve(
+                config,
+                config_path,
+                backend,
+                journal,
+                exporter,
+                notifier,
+                transform,
+                simulation,
+                early,
+            )
         finally:
             exporter.stop()
     finally:
@@ -317,6 +386,7 @@ def _serve(
     notifier: Notifier,
     transform: Callable[[Config], Config],
     simulation: RunningSimulation | None,
+    early: EarlySignals,
 ) -> None:
     """Build the daemon, signal READY and run it until it stops (GPUs restored)."""
     daemon = Daemon(
@@ -327,7 +397,7 @@ def _serve(
         notifier=notifier,
         config_transform=transform,
     )
-    daemon.install_signal_handlers()
+    daemon.install_signal_handlers(stop=early.stop, reload=early.reload)
     daemon.warmup()
     log.info(
         "powerd %s: %d GPUs, %d servers, mode %s%s, metrics on %s:%d",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,6 +106,72 @@ def test_restore_with_an_unreadable_config_and_a_state_dir_given(
     assert rc == 0, "nothing to restore there"
     assert "cannot read config" in caplog.text
     assert f"restoring with the defaults (state_dir {tmp_path}, gpu_backend nvml)" in caplog.text
+
+
+def test_a_state_dir_others_can_write_is_refused_and_nothing_is_written_through(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """powerd runs as root and restores GPUs from its state directory: a folder another user
+    can write (a planted journal, a lock file linked to /etc/...) is refused in one line."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert (
+        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(shared)]) == 1
+    )
+    last = capsys.readouterr().err.splitlines()[-1]  # after the missing config's warning
+    assert last.startswith("powerd restore: cannot use the state directory: ")
+    assert last.endswith(f"chmod go-w {shared}")
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    victim = tmp_path / "victim.conf"
+    victim.write_text("root-owned file that must not change")
+    (private / "powerd.lock").symlink_to(victim)
+    assert (
+        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(private)]) == 1
+    )
+    assert "cannot use the state directory" in capsys.readouterr().err
+    assert victim.read_text() == "root-owned file that must not change"
+
+
+_SIGNALS_WHILE_STARTING = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from powerd import journal, runtime
+    from powerd.cli import main
+
+    real_restore_all = runtime.restore_all
+
+    def restore_all(*args, **kwargs):
+        # A log rotation's SIGHUP, then systemd's SIGTERM, while a killed run is restored.
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_restore_all(*args, **kwargs)
+
+    runtime.restore_all = restore_all
+    sys.exit(main(["run", "--config", sys.argv[1]]))
+    """
+)
+
+
+def test_signals_while_starting_neither_kill_powerd_nor_cut_the_restore_short(
+    tmp_path: Path,
+) -> None:
+    data, state_file = _throttled_node(tmp_path)
+    config = tmp_path / "powerd.yaml"
+    config.write_text(yaml.safe_dump({**data, "metrics": {"port": 0}}))
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALS_WHILE_STARTING, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped while starting" in done.stderr
+    assert changed_gpus(state_file) == {}
+    assert not (tmp_path / "state" / "journal.json").exists()
 
 
 def test_a_corrupt_journal_waits_for_nvml_before_it_is_put_aside(

@@ -280,6 +280,9 @@ def test_gpu_without_a_knob_counts_as_restored(tmp_path: Path) -> None:
         b"[]",
         b'{"format": "powerd-journal", "version": 99, "entries": []}',
         b'{"format": "powerd-journal", "version": 1, "entries": [{"uuid": "GPU-1"}]}',
+        b'{"format": "powerd-journal", "version": 2, "entries": [{"uuid": "GPU-1", "index": 0, '
+        b'"name": "x", "power_limit_mw": 0, "power_limit_default_mw": 700000, '
+        b'"sm_clocks": "unlocked", "saved_at_s": 1.0}]}',
     ],
 )
 def test_corrupt_journal_is_kept_aside(tmp_path: Path, content: bytes) -> None:
@@ -303,11 +306,54 @@ def test_corrupt_journal_is_kept_aside(tmp_path: Path, content: bytes) -> None:
     assert not report.ok
     assert report.errors == [load_error]
     assert "corrupt" in report.summary()
-    # Clocks reset everywhere; power limits left alone (their originals were lost).
+    # Clocks reset everywhere; power limits left alone (their originals were lost), and the
+    # one below its default named: a later run would take it for the original.
     assert report.clocks_reset == [i.uuid for i in infos]
     assert fake.plant.locked_clocks(0) is None
     assert fake.plant.power_limit_mw(0) == 300_000
+    assert report.limits_below_default == {infos[0].uuid: 300_000}
+    assert f"{infos[0].uuid} at 300 W" in report.summary()
+    assert infos[1].uuid not in report.summary()
     assert not journal.pending()
+
+
+def test_a_saved_limit_no_gpu_has_is_not_applied(tmp_path: Path) -> None:
+    """A damaged or edited entry (1 mW) would be clamped to the GPU's minimum and reported as
+    restored; it is refused, named, and kept, and the clocks are still reset."""
+    fake, backend, infos = make_node(2)
+    path = tmp_path / "journal.json"
+    journal = Journal(path)
+    for info in infos:
+        change(backend, journal, info, 400_000)
+    document = json.loads(path.read_text())
+    document["entries"][0]["power_limit_mw"] = 1
+    path.write_text(json.dumps(document))
+
+    report = restore_all(backend, Journal(path))
+
+    assert not report.ok
+    assert report.restored == [infos[1].uuid]
+    assert "outside the GPU's range" in report.failed[infos[0].uuid]
+    assert fake.plant.power_limit_mw(0) == 400_000, "left as it is, not set to the minimum"
+    assert fake.plant.locked_clocks(0) is None
+    assert fake.plant.power_limit_mw(1) == DEFAULT_MW
+
+
+def test_the_state_folder_is_private_and_a_planted_temp_file_is_not_written_through(
+    tmp_path: Path,
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    # A temp name an earlier writer would have used, linked to another file.
+    (state / f".journal.json.{os.getpid()}.tmp").symlink_to(victim)
+    _, backend, infos = make_node(1)
+    Journal(state / "journal.json").remember(backend, infos[0].uuid, infos[0])
+    assert victim.read_text() == "keep"
+    fresh = tmp_path / "fresh" / "state"
+    Journal(fresh / "journal.json").remember(backend, infos[0].uuid, infos[0])
+    assert fresh.stat().st_mode & 0o077 == 0
 
 
 def test_a_second_corrupt_journal_keeps_the_first_aside(tmp_path: Path) -> None:
