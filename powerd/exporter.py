@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import io
 import itertools
 import logging
 import math
@@ -27,7 +28,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -102,6 +105,24 @@ NVML_ERROR_KINDS: tuple[str, ...] = (
     "unavailable",
 )
 """The GpuError kinds (gpu/errors.py), the `kind` values of powerd_nvml_errors_total."""
+
+MAX_CONNECTIONS = 16
+"""Connections the metrics endpoint serves at once; one more is closed at its accept, before a
+thread is started for it. Prometheus holds one per scraping server, so a node sees a few;
+without a cap every connection costs a thread and its buffers, from clients that need no
+credentials to connect."""
+
+REQUEST_HEAD_DEADLINE_S = 10.0
+"""Time a connection has to deliver a whole request line and headers, counted from its accept
+(the TLS handshake included) or from the previous response. A timeout per read alone lets a
+client that sends a byte now and then hold its connection for ever."""
+
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+"""The most bytes a request line and its headers may take together; more is answered 431 and
+the connection closed. A scrape sends well under 1 KiB; Python's own limits (100 lines of
+64 KiB) let one connection make the server hold about 6 MB."""
+
+_REFUSED_LOG_INTERVAL_S = 60.0
 
 _MW_PER_W = 1000.0
 _MJ_PER_J = 1000.0
@@ -289,6 +310,12 @@ class Exporter:
     @property
     def build_info(self) -> dict[str, str]:
         return dict(self._build_info)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections the metrics endpoint is serving now; 0 when not started."""
+        server = self._server
+        return server.open_connections if server is not None else 0
 
     def start(self) -> None:
         """Serve /metrics on config.listen_address:config.port in a background thread.
@@ -841,12 +868,30 @@ def _hertz(clock_mhz: float | None) -> float | None:
     return None if clock_mhz is None else clock_mhz * _HZ_PER_MHZ
 
 
+_Request = socket.socket | tuple[bytes, socket.socket]
+
+
 class _HttpServer(ThreadingHTTPServer):
+    """Serves each connection in its own thread, at most MAX_CONNECTIONS at once."""
+
     daemon_threads = True
     exporter: Exporter
     ssl_context: ssl.SSLContext | None
     auth: BasicAuth
     extra_headers: dict[str, str]
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self._max_connections = MAX_CONNECTIONS
+        self._open = 0
+        self._open_lock = threading.Lock()
+        self._refused = 0
+        self._refused_logged_s = -math.inf
+        super().__init__(address, handler)
+
+    @property
+    def open_connections(self) -> int:
+        with self._open_lock:
+            return self._open
 
     def get_request(self) -> tuple[socket.socket, object]:
         sock, address = self.socket.accept()
@@ -858,8 +903,97 @@ class _HttpServer(ThreadingHTTPServer):
             )
         return sock, address
 
+    def process_request(self, request: _Request, client_address: Any) -> None:
+        with self._open_lock:
+            accepted = self._open < self._max_connections
+            if accepted:
+                self._open += 1
+        if not accepted:
+            self._note_refused()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: _Request, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._open_lock:
+            self._open -= 1
+
+    def _note_refused(self) -> None:
+        """Count a refused connection; warn at most once per _REFUSED_LOG_INTERVAL_S."""
+        self._refused += 1
+        now_s = time.monotonic()
+        if now_s - self._refused_logged_s >= _REFUSED_LOG_INTERVAL_S:
+            log.warning(
+                "metrics endpoint: closed %d connection(s) unanswered since the last such "
+                "warning, %d being open (the most it serves at once)",
+                self._refused,
+                self._max_connections,
+            )
+            self._refused = 0
+            self._refused_logged_s = now_s
+
     def handle_error(self, request: object, client_address: object) -> None:
         log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+
+class _HeadTooLarge(Exception):
+    """A request line and headers longer than their byte limit."""
+
+
+class _HeadReader(io.BufferedIOBase):
+    """readline() of a request line and headers from a connection's buffered stream, within a
+    deadline (monotonic seconds; TimeoutError after it) and a byte limit over all lines
+    (_HeadTooLarge past it). Leaves bytes beyond the last line read in the stream."""
+
+    def __init__(
+        self,
+        stream: io.BufferedReader,
+        sock: socket.socket,
+        deadline_s: float,
+        limit_bytes: int,
+    ) -> None:
+        super().__init__()
+        self._stream = stream
+        self._sock = sock
+        self._deadline_s = deadline_s
+        self._left_bytes = limit_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: int | None = -1, /) -> bytes:
+        limit = -1 if size is None else size
+        line = bytearray()
+        while limit < 0 or len(line) < limit:
+            left_s = self._deadline_s - time.monotonic()
+            if left_s <= 0:
+                raise TimeoutError("request line and headers not received in time")
+            self._sock.settimeout(left_s)
+            # peek() receives at most once, so no read outlasts the deadline however slowly
+            # the bytes come.
+            buffered = self._stream.peek(1)
+            if not buffered:
+                break
+            want = len(buffered) if limit < 0 else min(len(buffered), limit - len(line))
+            newline = buffered.find(b"\n", 0, want)
+            take = newline + 1 if newline >= 0 else want
+            if take > self._left_bytes:
+                raise _HeadTooLarge
+            self._left_bytes -= take
+            line += self._stream.read(take)
+            if newline >= 0:
+                break
+        return bytes(line)
 
 
 class _HttpServer6(_HttpServer):
@@ -876,12 +1010,40 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HttpServer
     protocol_version = "HTTP/1.1"
     timeout = 30.0
+    """Bounds each send of a response; the request's head has REQUEST_HEAD_DEADLINE_S."""
     server_version = "powerd"
+    _head_deadline_s: float | None = None
 
     def setup(self) -> None:
+        self._head_deadline_s = time.monotonic() + REQUEST_HEAD_DEADLINE_S
         super().setup()
         if isinstance(self.request, ssl.SSLSocket):
+            # A handshake's timeout spans the whole handshake, not each read.
+            self.request.settimeout(max(self._head_deadline_s - time.monotonic(), 1e-3))
             self.request.do_handshake()
+
+    def handle_one_request(self) -> None:
+        deadline_s = self._head_deadline_s
+        if deadline_s is None:
+            deadline_s = time.monotonic() + REQUEST_HEAD_DEADLINE_S
+        self._head_deadline_s = None
+        stream = self.rfile
+        assert isinstance(stream, io.BufferedReader)
+        self.rfile = _HeadReader(stream, self.connection, deadline_s, MAX_REQUEST_HEAD_BYTES)
+        # What send_error() needs when the request line itself is cut short.
+        self.requestline, self.request_version, self.command = "", "", ""
+        try:
+            super().handle_one_request()
+        except _HeadTooLarge:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+            self.close_connection = True
+        finally:
+            self.rfile = stream
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.connection.settimeout(self.timeout)
+        return parsed
 
     def do_GET(self) -> None:
         self._reply(send_body=True)

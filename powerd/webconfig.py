@@ -29,7 +29,7 @@ import re
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,10 +72,6 @@ _TOP_KEYS = ("tls_server_config", "http_server_config", "basic_auth_users")
 _HTTP_KEYS = ("headers", "http2")
 
 _BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
-
-# Unknown users are checked against this hash too, so a reply's timing does not tell whether a
-# user name exists (exporter-toolkit does the same).
-_DUMMY_HASH = b"$2b$10$" + b"." * 53
 
 
 class WebConfigError(ConfigError):
@@ -239,15 +235,21 @@ class BasicAuth:
     """Checks `Authorization: Basic` headers against bcrypt hashes.
 
     bcrypt costs tens of milliseconds by design; a Prometheus server presents the same
-    credentials every scrape, so outcomes are cached (bounded, keyed by a SHA-256 of the
-    presented header, never the password itself).
+    credentials every scrape, so outcomes are cached (keyed by a SHA-256 of the presented header,
+    never the password itself), the right credentials and the wrong ones each in their own
+    cache of cache_size, so that wrong ones cannot push the right ones out. Credentials not in
+    either are checked one at a time: clients sending new wrong passwords take at most one core
+    between them, and a cached credential never waits for them.
     """
 
     def __init__(self, users: Mapping[str, str], *, cache_size: int = 64) -> None:
         self._users = {user: hashed.encode("ascii") for user, hashed in users.items()}
-        self._cache: OrderedDict[bytes, bool] = OrderedDict()
+        self._dummy_hash = _dummy_hash_at_highest_cost(self._users.values())
+        self._accepted: OrderedDict[bytes, None] = OrderedDict()
+        self._rejected: OrderedDict[bytes, None] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._bcrypt_lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -266,24 +268,47 @@ class BasicAuth:
             decoded = base64.b64decode(encoded.strip(), validate=True)
         except (binascii.Error, ValueError):
             return False
-        key = hashlib.sha256(decoded).digest()
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                return cached
         user_bytes, sep, password = decoded.partition(b":")
-        ok = False
-        if sep:
-            user = user_bytes.decode("utf-8", errors="replace")
-            hashed = self._users.get(user)
-            ok = _checkpw(password, hashed if hashed is not None else _DUMMY_HASH)
+        if not sep:
+            return False
+        key = hashlib.sha256(decoded).digest()
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        with self._bcrypt_lock:
+            # The same credentials may have been checked while this thread waited.
+            cached = self._cached(key)
+            if cached is not None:
+                return cached
+            hashed = self._users.get(user_bytes.decode("utf-8", errors="replace"))
+            # An unknown user costs a check as dear as a known one's: the time of a reply does
+            # not tell whether a user name exists (exporter-toolkit does the same).
+            ok = _checkpw(password, hashed if hashed is not None else self._dummy_hash)
             ok = ok and hashed is not None
-        with self._lock:
-            self._cache[key] = ok
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            self._remember(key, ok)
         return ok
+
+    def _cached(self, key: bytes) -> bool | None:
+        with self._lock:
+            for cache, outcome in ((self._accepted, True), (self._rejected, False)):
+                if key in cache:
+                    cache.move_to_end(key)
+                    return outcome
+        return None
+
+    def _remember(self, key: bytes, ok: bool) -> None:
+        with self._lock:
+            cache = self._accepted if ok else self._rejected
+            cache[key] = None
+            while len(cache) > self._cache_size:
+                cache.popitem(last=False)
+
+
+def _dummy_hash_at_highest_cost(hashes: Iterable[bytes]) -> bytes:
+    """A bcrypt hash that no password matches, at the highest cost among hashes (10 when there
+    are none), to check unknown users against."""
+    costs = [int(hashed[4:6]) for hashed in hashes if hashed[4:6].isdigit()]
+    return b"$2b$%02d$" % max(costs, default=10) + b"." * 53
 
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:

@@ -6,13 +6,17 @@ Regenerate the golden file after an intended change with
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +24,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from powerd import exporter as exporter_module
 from powerd.config import MODES, MetricsConfig
 from powerd.exporter import (
     LOOP_DURATION_BUCKETS_S,
+    MAX_CONNECTIONS,
     NVML_ERROR_KINDS,
     NVML_TICK_OPERATIONS,
     OBSERVE_ONLY_REASONS,
@@ -794,6 +800,127 @@ def test_port_in_use_is_a_clear_error() -> None:
             second.start()
     finally:
         first.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Poll condition until it holds (True) or timeout_s passes (False)."""
+    deadline_s = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline_s:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def read_reply(sock: socket.socket, timeout_s: float = 10.0) -> tuple[bytes, bool]:
+    """What the server sends on sock until it closes it (True) or timeout_s passes (False)."""
+    sock.settimeout(timeout_s)
+    reply = b""
+    try:
+        while chunk := sock.recv(65536):
+            reply += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return reply, False
+    return reply, True
+
+
+def drip_until_closed(sock: socket.socket, byte: bytes, tries: int = 100) -> bool:
+    """Send byte every 0.1 s (far within any timeout per read) until the server closes sock
+    without answering (True), or for tries times 0.1 s (False)."""
+    for _ in range(tries):
+        reply, closed = read_reply(sock, 0.1)
+        if closed:
+            return reply == b""
+        assert reply == b"", reply
+        try:
+            sock.sendall(byte)
+        except OSError:
+            return True
+    return False
+
+
+def test_connections_over_the_cap_are_closed_and_a_scrape_gets_in_once_one_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The held connections must outlast the test, however slowly it runs.
+    monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 300.0)
+    exporter = small_exporter()
+    exporter.start()
+    address = ("127.0.0.1", exporter.port or 0)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            held.append(socket.create_connection(address, timeout=10))
+            held[-1].sendall(b"GET /metrics HTTP/1.1\r\n")
+            # One at a time: a burst would overflow the listen backlog (SYN retried after 1 s).
+            assert wait_until(lambda: exporter.open_connections == len(held))
+        with socket.create_connection(address, timeout=10) as extra:
+            with contextlib.suppress(OSError):
+                extra.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert read_reply(extra) == (b"", True), "the connection over the cap was served"
+        assert exporter.open_connections == MAX_CONNECTIONS
+        held.pop().close()
+        assert wait_until(lambda: exporter.open_connections == MAX_CONNECTIONS - 1)
+        assert _get(f"http://127.0.0.1:{exporter.port}/metrics")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+        exporter.stop()
+
+
+def test_a_request_head_still_coming_at_the_deadline_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 0.5)
+    exporter = small_exporter()
+    exporter.start()
+    try:
+        with socket.create_connection(("127.0.0.1", exporter.port or 0), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Pad: ")
+            assert drip_until_closed(sock, b"a"), "a slow client held its connection"
+        assert wait_until(lambda: exporter.open_connections == 0)
+        # The deadline is the head's, per request: a prompt scrape is untouched.
+        assert _get(f"http://127.0.0.1:{exporter.port}/metrics")[0] == 200
+    finally:
+        exporter.stop()
+
+
+def test_a_request_head_over_the_byte_limit_is_answered_431(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(exporter_module, "MAX_REQUEST_HEAD_BYTES", 4096)
+    exporter = small_exporter()
+    exporter.start()
+    try:
+        # Six lines of 1 KB: each within Python's own limits (100 lines of 64 KiB).
+        pads = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(6))
+        with socket.create_connection(("127.0.0.1", exporter.port or 0), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n" + pads + b"\r\n")
+            reply, closed = read_reply(sock)
+        assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+        assert closed
+        assert _get(f"http://127.0.0.1:{exporter.port}/metrics", {"X-Pad": "a" * 2000})[0] == 200
+    finally:
+        exporter.stop()
+
+
+def test_pipelined_requests_on_one_connection_are_each_answered() -> None:
+    exporter = small_exporter()
+    exporter.start()
+    try:
+        with socket.create_connection(("127.0.0.1", exporter.port or 0), timeout=10) as sock:
+            sock.sendall(
+                b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+                b"GET /nope HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            reply, closed = read_reply(sock)
+        assert closed
+        assert reply.count(b"HTTP/1.1 200 OK\r\n") == 1
+        assert reply.count(b"HTTP/1.1 404 Not Found\r\n") == 1
+    finally:
+        exporter.stop()
 
 
 def test_promtool_check_metrics_accepts_the_exposition() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from powerd.config import FINAL_SCRAPE_WAIT_MAX_S, MetricsConfig
+from powerd.exporter import MAX_CONNECTIONS
 from tests.conftest import require_program
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "powerd.service"
@@ -135,3 +136,21 @@ def test_hardening_choices() -> None:
     # device nodes made) must be pulled in, not only waited for when something else starts it.
     wants = " ".join(_values("Wants", section="Unit")).split()
     assert "nvidia-persistenced.service" in wants
+
+
+def _size_bytes(value: str) -> int:
+    """A systemd size (a number with an optional K, M, G or T suffix, base 1024) in bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    if value[-1:].upper() in units:
+        return int(float(value[:-1]) * units[value[-1].upper()])
+    return int(value)
+
+
+def test_resource_limits_leave_headroom() -> None:
+    """MemoryMax= and TasksMax= stop a leak or a flood, well above what powerd uses: about
+    250 MB at its peak (compiling at a cold start), and about 10 threads, an OpenBLAS pool of
+    up to 64, 16 scrape workers during a reload and one thread per metrics connection."""
+    (memory_max,) = _values("MemoryMax")
+    assert _size_bytes(memory_max) >= 3 * 250 * 2**20
+    (tasks_max,) = _values("TasksMax")
+    assert int(tasks_max) >= 3 * (10 + 64 + 16 + MAX_CONNECTIONS)

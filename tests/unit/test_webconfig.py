@@ -6,6 +6,7 @@ import base64
 import socket
 import ssl
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,12 +15,18 @@ from pathlib import Path
 import bcrypt
 import pytest
 
+from powerd import exporter as exporter_module
 from powerd import webconfig
 from powerd.config import ConfigError, MetricsConfig
 from powerd.exporter import Exporter
 from powerd.webconfig import BasicAuth, WebConfigError, load_web_config, parse_web_config
 from tests.conftest import require_program
-from tests.unit.test_exporter import small_exporter, small_snapshots
+from tests.unit.test_exporter import (
+    drip_until_closed,
+    small_exporter,
+    small_snapshots,
+    wait_until,
+)
 
 PASSWORD = "correct horse"
 # Cost 4 keeps the tests fast; production hashes use 10-12.
@@ -161,10 +168,97 @@ def test_basic_auth_caches_bcrypt_by_credentials(monkeypatch: pytest.MonkeyPatch
         assert auth.check(basic("prometheus", PASSWORD))
         assert not auth.check(basic("prometheus", "wrong"))
     assert len(calls) == 2
-    # A third distinct credential evicts the oldest entry (the right password).
+    # A third wrong credential evicts the oldest wrong one, never the right password.
     assert not auth.check(basic("prometheus", "other"))
+    assert not auth.check(basic("prometheus", "third"))
     assert auth.check(basic("prometheus", PASSWORD))
     assert len(calls) == 4
+    assert not auth.check(basic("prometheus", "wrong"))
+    assert len(calls) == 5
+
+
+def test_a_flood_of_wrong_credentials_keeps_the_right_one_cached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checked: list[bytes] = []
+    real = webconfig._checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        checked.append(password)
+        return real(password, hashed)
+
+    monkeypatch.setattr(webconfig, "_checkpw", counting)
+    auth = BasicAuth({"prometheus": HASH}, cache_size=4)
+    assert auth.check(basic("prometheus", PASSWORD))
+    for guess in range(20):
+        assert not auth.check(basic("prometheus", f"guess-{guess}"))
+    assert auth.check(basic("prometheus", PASSWORD))
+    assert checked.count(PASSWORD.encode()) == 1
+
+
+def test_uncached_credentials_are_checked_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second new credential waits for the bcrypt check under way; a cached one does not."""
+    inside = threading.Semaphore(0)
+    release = threading.Event()
+    real = webconfig._checkpw
+
+    def held(password: bytes, hashed: bytes) -> bool:
+        inside.release()
+        release.wait(10.0)
+        return real(password, hashed)
+
+    auth = BasicAuth({"prometheus": HASH})
+    assert auth.check(basic("prometheus", PASSWORD))
+    monkeypatch.setattr(webconfig, "_checkpw", held)
+    outcomes: list[bool] = []
+    guessers = [
+        threading.Thread(target=lambda g=g: outcomes.append(auth.check(basic("prometheus", g))))
+        for g in ("guess-1", "guess-2")
+    ]
+    try:
+        guessers[0].start()
+        assert inside.acquire(timeout=10.0), "the first check never began"
+        guessers[1].start()
+        # Not a timing bound: a second check running alongside would be inside within this.
+        assert not inside.acquire(timeout=1.0), "two bcrypt checks ran at once"
+        cached: list[bool] = []
+        scrape = threading.Thread(
+            target=lambda: cached.append(auth.check(basic("prometheus", PASSWORD)))
+        )
+        scrape.start()
+        scrape.join(10.0)
+        assert cached == [True], "a cached credential waited for a bcrypt check"
+    finally:
+        release.set()
+        for guesser in guessers:
+            guesser.join(10.0)
+    assert inside.acquire(timeout=0), "the second check ran after the first"
+    assert outcomes == [False, False]
+
+
+def test_unknown_users_cost_as_much_as_the_dearest_configured_hash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hashes = {
+        "cheap": bcrypt.hashpw(b"a", bcrypt.gensalt(rounds=4)).decode(),
+        "dear": bcrypt.hashpw(b"b", bcrypt.gensalt(rounds=6)).decode(),
+    }
+    checked: list[bytes] = []
+    real = webconfig._checkpw
+
+    def recording(password: bytes, hashed: bytes) -> bool:
+        checked.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(webconfig, "_checkpw", recording)
+    auth = BasicAuth(hashes)
+    assert not auth.check(basic("nobody", "b"))
+    (dummy,) = checked
+    assert dummy.startswith(b"$2b$06$") and webconfig._BCRYPT_HASH.match(dummy.decode())
+    # A real check, at that cost, that fails: not a malformed hash rejected at once.
+    assert bcrypt.checkpw(b"b", dummy) is False
+    assert not BasicAuth({"cheap": hashes["cheap"]}).check(basic("nobody", "a"))
+    assert checked[-1].startswith(b"$2b$04$")
 
 
 def _get(
@@ -267,6 +361,26 @@ def test_tls_serves_metrics_and_a_stalled_client_blocks_nobody(tmp_path: Path, c
             _get(f"https://127.0.0.1:{exporter.port}/metrics", context=untrusting)
     finally:
         stalled.close()
+        exporter.stop()
+
+
+def test_a_tls_handshake_still_coming_at_the_deadline_is_dropped(
+    tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 0.5)
+    exporter = _serving(
+        tmp_path,
+        f"tls_server_config:\n  cert_file: {certs / 'server.crt'}\n"
+        f"  key_file: {certs / 'server.key'}\n",
+    )
+    exporter.start()
+    try:
+        with socket.create_connection(("127.0.0.1", exporter.port or 0), timeout=10) as sock:
+            # A TLS handshake record of 512 bytes, whose body then comes a byte at a time.
+            sock.sendall(b"\x16\x03\x01\x02\x00")
+            assert drip_until_closed(sock, b"\x00"), "a slow handshake held its connection"
+        assert wait_until(lambda: exporter.open_connections == 0)
+    finally:
         exporter.stop()
 
 
