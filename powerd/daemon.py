@@ -1438,22 +1438,25 @@ class Daemon:
                 self._drop_gpu(uuid, exc)
             log.info("GPU %s: %s; back as found", uuid, why)
 
-    def install_signal_handlers(self, *, stop: bool = False, reload: bool = False) -> None:
-        """SIGTERM and SIGINT stop the loop, SIGHUP reloads; `stop` and `reload` carry the
-        signals that came before (runtime.EarlySignals)."""
-        if stop:
-            self._stop.set()
-        if reload:
-            self._reload.set()
+    def request_stop(self) -> None:
+        """Stop the loop (GPUs restored) at its next wait; safe from a signal handler."""
+        self._stop.set()
 
-        def stop_handler(signum: int, frame: FrameType | None) -> None:
-            self._stop.set()
+    def request_reload(self) -> None:
+        """Read the config again at the next tick; safe from a signal handler."""
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the loop, SIGHUP reloads."""
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.request_stop()
 
         def hup(signum: int, frame: FrameType | None) -> None:
-            self._reload.set()
+            self.request_reload()
 
-        signal.signal(signal.SIGTERM, stop_handler)
-        signal.signal(signal.SIGINT, stop_handler)
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hup)
 
     def run_forever(

@@ -13,6 +13,7 @@ series because `promtool check metrics` rejects camelCase label names; the GPU's
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.metadata
 import io
@@ -107,10 +108,16 @@ NVML_ERROR_KINDS: tuple[str, ...] = (
 """The GpuError kinds (gpu/errors.py), the `kind` values of powerd_nvml_errors_total."""
 
 MAX_CONNECTIONS = 16
-"""Connections the metrics endpoint serves at once; one more is closed at its accept, before a
-thread is started for it. Prometheus holds one per scraping server, so a node sees a few;
-without a cap every connection costs a thread and its buffers, from clients that need no
-credentials to connect."""
+"""Connections the metrics endpoint holds at once. At the cap a new connection takes the place
+of the one that has waited longest for a request (closed), or is closed itself when every one
+is being answered. Prometheus holds one per scraping server, so a node sees a few; without a
+cap every connection costs a thread and its buffers, from clients that need no credentials
+to connect, and without the eviction a few silent ones would keep every scrape out."""
+
+KEEP_ALIVE_IDLE_S = 90.0
+"""How long a kept connection may wait for its next request's first byte (Go's HTTP client,
+Prometheus's, keeps idle connections for 90 s): a scrape every 15-60 s reuses its connection
+(and its TLS session) instead of connecting anew."""
 
 REQUEST_HEAD_DEADLINE_S = 10.0
 """Time a connection has to deliver a whole request line and headers, counted from its accept
@@ -884,6 +891,8 @@ class _HttpServer(ThreadingHTTPServer):
         self._max_connections = MAX_CONNECTIONS
         self._open = 0
         self._open_lock = threading.Lock()
+        self._waiting: dict[socket.socket, float] = {}
+        """Open connections waiting for a request (from their accept or last answer), since."""
         self._refused = 0
         self._refused_logged_s = -math.inf
         super().__init__(address, handler)
@@ -904,10 +913,22 @@ class _HttpServer(ThreadingHTTPServer):
         return sock, address
 
     def process_request(self, request: _Request, client_address: Any) -> None:
+        assert isinstance(request, socket.socket)
+        evicted: socket.socket | None = None
         with self._open_lock:
             accepted = self._open < self._max_connections
+            if not accepted and self._waiting:
+                evicted = min(self._waiting, key=self._waiting.__getitem__)
+                del self._waiting[evicted]
+                accepted = True
             if accepted:
                 self._open += 1
+                self._waiting[request] = time.monotonic()
+        if evicted is not None:
+            # Its thread, blocked reading, sees the end of the stream and exits.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(evicted, socket.SHUT_RDWR)
+            self._note_refused()
         if not accepted:
             self._note_refused()
             self.shutdown_request(request)
@@ -915,29 +936,39 @@ class _HttpServer(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._release()
+            self._release(request)
             raise
 
     def process_request_thread(self, request: _Request, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._release()
+            assert isinstance(request, socket.socket)
+            self._release(request)
 
-    def _release(self) -> None:
+    def mark_waiting(self, connection: socket.socket, waiting: bool) -> None:
+        """Whether the connection waits for a request (evictable) or is being answered."""
+        with self._open_lock:
+            if not waiting:
+                self._waiting.pop(connection, None)
+            elif connection not in self._waiting:
+                self._waiting[connection] = time.monotonic()
+
+    def _release(self, request: socket.socket) -> None:
         with self._open_lock:
             self._open -= 1
+            self._waiting.pop(request, None)
 
     def _note_refused(self) -> None:
-        """Count a refused connection; warn at most once per _REFUSED_LOG_INTERVAL_S."""
+        """Count a connection closed unanswered; warn at most once per _REFUSED_LOG_INTERVAL_S."""
         self._refused += 1
         now_s = time.monotonic()
         if now_s - self._refused_logged_s >= _REFUSED_LOG_INTERVAL_S:
             log.warning(
-                "metrics endpoint: closed %d connection(s) unanswered since the last such "
-                "warning, %d being open (the most it serves at once)",
-                self._refused,
+                "metrics endpoint: at its %d connections, closed %d waiting or new one(s) "
+                "unanswered since the last such warning",
                 self._max_connections,
+                self._refused,
             )
             self._refused = 0
             self._refused_logged_s = now_s
@@ -1023,12 +1054,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.request.do_handshake()
 
     def handle_one_request(self) -> None:
-        deadline_s = self._head_deadline_s
-        if deadline_s is None:
-            deadline_s = time.monotonic() + REQUEST_HEAD_DEADLINE_S
-        self._head_deadline_s = None
         stream = self.rfile
         assert isinstance(stream, io.BufferedReader)
+        deadline_s = self._head_deadline_s
+        self._head_deadline_s = None
+        if deadline_s is None:
+            # A kept connection: the head's deadline runs from the next request's first byte.
+            self.connection.settimeout(KEEP_ALIVE_IDLE_S)
+            try:
+                if not stream.peek(1):
+                    self.close_connection = True
+                    return
+            except OSError:
+                self.close_connection = True
+                return
+            deadline_s = time.monotonic() + REQUEST_HEAD_DEADLINE_S
         self.rfile = _HeadReader(stream, self.connection, deadline_s, MAX_REQUEST_HEAD_BYTES)
         # What send_error() needs when the request line itself is cut short.
         self.requestline, self.request_version, self.command = "", "", ""
@@ -1043,7 +1083,15 @@ class _Handler(BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         parsed = super().parse_request()
         self.connection.settimeout(self.timeout)
+        self.server.mark_waiting(self.connection, False)
         return parsed
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.server.mark_waiting(self.connection, True)
+            self.handle_one_request()
 
     def do_GET(self) -> None:
         self._reply(send_body=True)

@@ -462,12 +462,6 @@ def _parse_entry(item: Any, n: int, version: int) -> JournalEntry:
         raise ValueError(f"entry {n}: empty 'uuid'")
     power_limit_mw = need("power_limit_mw", (int,), optional=True)
     power_limit_default_mw = need("power_limit_default_mw", (int,))
-    for key, value in (
-        ("power_limit_mw", power_limit_mw),
-        ("power_limit_default_mw", power_limit_default_mw),
-    ):
-        if value is not None and value <= 0:
-            raise ValueError(f"entry {n}: {key!r} is {value}")
     if power_limit_mw is None and version == 1:
         power_limit_mw = power_limit_default_mw
     return JournalEntry(

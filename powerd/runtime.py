@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -80,19 +81,28 @@ class RunLock:
 
 def check_state_dir(state_dir: Path) -> None:
     """Create the state directory (mode 0700) if absent, and refuse one another user could
-    write: powerd runs as root and restores GPUs from what it finds there, so a journal or a
-    link planted in it would set GPUs or overwrite files. PermissionError naming the fix."""
+    write, or a link to it another user made: powerd runs as root and restores GPUs from what
+    it finds there, so a journal or a link planted in it would set GPUs or overwrite files.
+    PermissionError naming the fix."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = os.stat(state_dir)
     uid = os.geteuid()
-    if info.st_uid not in (uid, 0):
+    trusted = (uid, 0)
+    link = os.lstat(state_dir)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+        raise PermissionError(
+            f"{state_dir} is a link made by uid {link.st_uid}, not by this user (uid {uid}) or "
+            "root; powerd keeps the GPU settings it restores there"
+        )
+    info = os.stat(state_dir)
+    if info.st_uid not in trusted:
         raise PermissionError(
             f"{state_dir} belongs to uid {info.st_uid}, not to this user (uid {uid}) or root; "
             "powerd keeps the GPU settings it restores there"
         )
     if info.st_mode & 0o022:
+        mode = stat.S_IMODE(info.st_mode)
         raise PermissionError(
-            f"{state_dir} is writable by others (mode {info.st_mode & 0o777:04o}); powerd keeps "
+            f"{state_dir} is writable by its group or others (mode {mode:04o}); powerd keeps "
             f"the GPU settings it restores there: chmod go-w {state_dir}"
         )
 
@@ -347,8 +357,8 @@ def _run_locked(
             report = restore_all(backend, journal)
             log.info("restore: %s", report.summary())
         if early.stop:
-            log.info("stopped while starting; nothing of powerd's is on the GPUs")
-            return 0
+            log.info("stopped while starting, before controlling any GPU")
+            return 0 if not journal.pending() else 1
         # Bound before the kernels compile: a taken port is told at once, not seconds later.
         exporter = Exporter(config.metrics)
         try:
@@ -397,7 +407,12 @@ def _serve(
         notifier=notifier,
         config_transform=transform,
     )
-    daemon.install_signal_handlers(stop=early.stop, reload=early.reload)
+    daemon.install_signal_handlers()
+    # After the daemon's handlers are in: a signal between the two reaches one or the other.
+    if early.stop:
+        daemon.request_stop()
+    if early.reload:
+        daemon.request_reload()
     daemon.warmup()
     log.info(
         "powerd %s: %d GPUs, %d servers, mode %s%s, metrics on %s:%d",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -135,6 +136,24 @@ def test_a_state_dir_others_can_write_is_refused_and_nothing_is_written_through(
     assert victim.read_text() == "root-owned file that must not change"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a link to another user needs root")
+def test_a_state_dir_linked_by_another_user_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A link another user planted (say /tmp/powerd -> /etc) passes a check of its target."""
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "powerd"
+    link.symlink_to(target)
+    os.lchown(link, 65534, 65534)
+    assert main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(link)]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "is a link made by uid 65534" in last
+    assert not (target / "powerd.lock").exists()
+    os.lchown(link, 0, 0)
+    assert main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(link)]) == 0
+
+
 _SIGNALS_WHILE_STARTING = textwrap.dedent(
     """
     import os, signal, sys
@@ -172,6 +191,39 @@ def test_signals_while_starting_neither_kill_powerd_nor_cut_the_restore_short(
     assert "stopped while starting" in done.stderr
     assert changed_gpus(state_file) == {}
     assert not (tmp_path / "state" / "journal.json").exists()
+
+
+_SIGTERM_AS_HANDLERS_CHANGE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from powerd import daemon
+    from powerd.cli import main
+
+    real_install = daemon.Daemon.install_signal_handlers
+
+    def install(self):
+        # systemd's SIGTERM just as the daemon's handlers replace the early ones.
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_install(self)
+
+    daemon.Daemon.install_signal_handlers = install
+    sys.exit(main(["run", "--config", sys.argv[1]]))
+    """
+)
+
+
+def test_a_sigterm_as_the_daemons_handlers_are_installed_is_not_lost(tmp_path: Path) -> None:
+    data, state_file = _throttled_node(tmp_path)
+    config = tmp_path / "powerd.yaml"
+    config.write_text(yaml.safe_dump({**data, "metrics": {"port": 0, "final_scrape_wait_s": 0}}))
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AS_HANDLERS_CHANGE, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert changed_gpus(state_file) == {}
 
 
 def test_a_corrupt_journal_waits_for_nvml_before_it_is_put_aside(

@@ -841,9 +841,10 @@ def drip_until_closed(sock: socket.socket, byte: bytes, tries: int = 100) -> boo
     return False
 
 
-def test_connections_over_the_cap_are_closed_and_a_scrape_gets_in_once_one_ends(
+def test_at_the_cap_a_scrape_takes_the_place_of_the_connection_waiting_longest(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Silent connections, which need no credentials, must not keep Prometheus out."""
     # The held connections must outlast the test, however slowly it runs.
     monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 300.0)
     exporter = small_exporter()
@@ -856,17 +857,68 @@ def test_connections_over_the_cap_are_closed_and_a_scrape_gets_in_once_one_ends(
             held[-1].sendall(b"GET /metrics HTTP/1.1\r\n")
             # One at a time: a burst would overflow the listen backlog (SYN retried after 1 s).
             assert wait_until(lambda: exporter.open_connections == len(held))
+        assert _get(f"http://127.0.0.1:{exporter.port}/metrics")[0] == 200
+        assert read_reply(held[0]) == (b"", True), "the longest waiting was closed"
+        assert wait_until(lambda: exporter.open_connections == MAX_CONNECTIONS - 1)
+        for sock in held[1:]:
+            assert read_reply(sock, 0.05) == (b"", False), "the others are still open"
+    finally:
+        for sock in held:
+            sock.close()
+        exporter.stop()
+
+
+def test_a_connection_over_the_cap_is_closed_while_every_one_is_being_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exporter = small_exporter()
+    release = threading.Event()
+    real_render = exporter.render
+
+    def slow_render() -> bytes:
+        release.wait(30)
+        return real_render()
+
+    monkeypatch.setattr(exporter, "render", slow_render)
+    exporter.start()
+    address = ("127.0.0.1", exporter.port or 0)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            held.append(socket.create_connection(address, timeout=10))
+            held[-1].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert wait_until(lambda: exporter.open_connections == len(held))
         with socket.create_connection(address, timeout=10) as extra:
             with contextlib.suppress(OSError):
                 extra.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
             assert read_reply(extra) == (b"", True), "the connection over the cap was served"
-        assert exporter.open_connections == MAX_CONNECTIONS
-        held.pop().close()
-        assert wait_until(lambda: exporter.open_connections == MAX_CONNECTIONS - 1)
-        assert _get(f"http://127.0.0.1:{exporter.port}/metrics")[0] == 200
+        release.set()
+        for sock in held:
+            reply, _ = read_reply(sock, 2.0)
+            assert reply.startswith(b"HTTP/1.1 200 "), reply[:100]
     finally:
+        release.set()
         for sock in held:
             sock.close()
+        exporter.stop()
+
+
+def test_a_kept_connection_waits_for_the_next_scrape_past_the_heads_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prometheus reuses its connection (and TLS session) from one scrape to the next: the
+    10-s deadline is the head's, from its first byte, not the idle time between scrapes."""
+    monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 0.3)
+    exporter = small_exporter()
+    exporter.start()
+    try:
+        with socket.create_connection(("127.0.0.1", exporter.port or 0), timeout=10) as sock:
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            for _ in range(2):
+                sock.sendall(request)
+                reply, closed = read_reply(sock, 1.0)
+                assert reply.startswith(b"HTTP/1.1 200 ") and not closed, reply[:100]
+    finally:
         exporter.stop()
 
 

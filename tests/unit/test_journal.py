@@ -280,9 +280,6 @@ def test_gpu_without_a_knob_counts_as_restored(tmp_path: Path) -> None:
         b"[]",
         b'{"format": "powerd-journal", "version": 99, "entries": []}',
         b'{"format": "powerd-journal", "version": 1, "entries": [{"uuid": "GPU-1"}]}',
-        b'{"format": "powerd-journal", "version": 2, "entries": [{"uuid": "GPU-1", "index": 0, '
-        b'"name": "x", "power_limit_mw": 0, "power_limit_default_mw": 700000, '
-        b'"sm_clocks": "unlocked", "saved_at_s": 1.0}]}',
     ],
 )
 def test_corrupt_journal_is_kept_aside(tmp_path: Path, content: bytes) -> None:
@@ -335,6 +332,28 @@ def test_a_saved_limit_no_gpu_has_is_not_applied(tmp_path: Path) -> None:
     assert report.restored == [infos[1].uuid]
     assert "outside the GPU's range" in report.failed[infos[0].uuid]
     assert fake.plant.power_limit_mw(0) == 400_000, "left as it is, not set to the minimum"
+    assert fake.plant.locked_clocks(0) is None
+    assert fake.plant.power_limit_mw(1) == DEFAULT_MW
+
+
+def test_a_gpu_without_power_management_keeps_the_others_restorable(tmp_path: Path) -> None:
+    """NVML reports no limit for GPU 0 (described with a 0 W default, 'unknown'): its clock
+    lock is journaled, and that entry must not void the journal holding GPU 1's original."""
+    fake = FakeNvml(GpuPlant(PROFILE, 2, seed=11))
+    fake.disable_feature(0, "power_limit")
+    fake.disable_feature(0, "enforced_power_limit")
+    backend = NvmlBackend(fake)
+    infos = backend.devices()
+    assert infos[0].power_limit_default_mw == 0
+    path = tmp_path / "journal.json"
+    journal = Journal(path)
+    journal.remember(backend, infos[0].uuid, infos[0], power_limit=False)
+    backend.set_locked_clocks(infos[0].uuid, infos[0].sm_clock_min_mhz, 1500)
+    change(backend, journal, infos[1], 400_000)
+
+    report = restore_all(backend, Journal(path))
+
+    assert report.ok, report.summary()
     assert fake.plant.locked_clocks(0) is None
     assert fake.plant.power_limit_mw(1) == DEFAULT_MW
 
