@@ -154,6 +154,21 @@ def test_a_state_dir_linked_by_another_user_is_refused(
     assert main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(link)]) == 0
 
 
+def _run_throttled_node_in_a_child(
+    tmp_path: Path, script: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`script` (given the config's path) run in a Python of its own over _throttled_node, its
+    metrics on a free port and no final scrape wait; the finished process and the GPUs'
+    state file."""
+    data, state_file = _throttled_node(tmp_path)
+    config = tmp_path / "powerd.yaml"
+    config.write_text(yaml.safe_dump({**data, "metrics": {"port": 0, "final_scrape_wait_s": 0}}))
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(config)], capture_output=True, text=True, timeout=120
+    )
+    return done, state_file
+
+
 _SIGNALS_WHILE_STARTING = textwrap.dedent(
     """
     import os, signal, sys
@@ -178,15 +193,7 @@ _SIGNALS_WHILE_STARTING = textwrap.dedent(
 def test_signals_while_starting_neither_kill_powerd_nor_cut_the_restore_short(
     tmp_path: Path,
 ) -> None:
-    data, state_file = _throttled_node(tmp_path)
-    config = tmp_path / "powerd.yaml"
-    config.write_text(yaml.safe_dump({**data, "metrics": {"port": 0}}))
-    done = subprocess.run(
-        [sys.executable, "-c", _SIGNALS_WHILE_STARTING, str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done, state_file = _run_throttled_node_in_a_child(tmp_path, _SIGNALS_WHILE_STARTING)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "stopped while starting" in done.stderr
     assert changed_gpus(state_file) == {}
@@ -213,15 +220,7 @@ _SIGTERM_AS_HANDLERS_CHANGE = textwrap.dedent(
 
 
 def test_a_sigterm_as_the_daemons_handlers_are_installed_is_not_lost(tmp_path: Path) -> None:
-    data, state_file = _throttled_node(tmp_path)
-    config = tmp_path / "powerd.yaml"
-    config.write_text(yaml.safe_dump({**data, "metrics": {"port": 0, "final_scrape_wait_s": 0}}))
-    done = subprocess.run(
-        [sys.executable, "-c", _SIGTERM_AS_HANDLERS_CHANGE, str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done, state_file = _run_throttled_node_in_a_child(tmp_path, _SIGTERM_AS_HANDLERS_CHANGE)
     assert done.returncode == 0, done.stderr[-2000:]
     assert changed_gpus(state_file) == {}
 
