@@ -1467,11 +1467,13 @@ class Daemon:
         duration_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         unix_clock: Callable[[], float] = time.time,
-    ) -> None:
+    ) -> bool:
         """Tick every interval on `clock` until stopped (a signal, or duration_s elapsed), then
-        restore. Snapshots are stamped with `unix_clock` (what Prometheus compares to time())."""
+        restore; True when every GPU was restored. Snapshots are stamped with `unix_clock`
+        (what Prometheus compares to time())."""
         started = clock()
         next_tick = started
+        restored = False
         try:
             while not self._stop.is_set():
                 if self._reload.is_set():
@@ -1506,8 +1508,9 @@ class Daemon:
                 self._notifier.stopping()
             self._pool.close()
             _close_connections(self.groups)
-            self.restore()
+            restored = self.restore()
             self.publish_restored(clock(), unix_time_s=unix_clock())
+        return restored
 
     def _wait_until(self, deadline_s: float, clock: Callable[[], float]) -> None:
         """Sleep until deadline_s on `clock` or a stop, running guard() every guard interval

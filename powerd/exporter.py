@@ -115,9 +115,8 @@ cap every connection costs a thread and its buffers, from clients that need no c
 to connect, and without the eviction a few silent ones would keep every scrape out."""
 
 KEEP_ALIVE_IDLE_S = 90.0
-"""How long a kept connection may wait for its next request's first byte (Go's HTTP client,
-Prometheus's, keeps idle connections for 90 s): a scrape every 15-60 s reuses its connection
-(and its TLS session) instead of connecting anew."""
+"""How long a kept connection may wait for its next request's first byte: a scrape every 15-60 s
+reuses its connection (and its TLS session) instead of connecting anew."""
 
 REQUEST_HEAD_DEADLINE_S = 10.0
 """Time a connection has to deliver a whole request line and headers, counted from its accept
@@ -369,6 +368,7 @@ class Exporter:
         if server is None:
             return
         server.shutdown()
+        server.close_waiting()
         server.server_close()
         if thread is not None:
             thread.join(timeout=5.0)
@@ -893,6 +893,8 @@ class _HttpServer(ThreadingHTTPServer):
         self._open_lock = threading.Lock()
         self._waiting: dict[socket.socket, float] = {}
         """Open connections waiting for a request (from their accept or last answer), since."""
+        self.stopping = False
+        """Set by close_waiting(): kept connections are not waited on again."""
         self._refused = 0
         self._refused_logged_s = -math.inf
         super().__init__(address, handler)
@@ -924,10 +926,12 @@ class _HttpServer(ThreadingHTTPServer):
             if accepted:
                 self._open += 1
                 self._waiting[request] = time.monotonic()
+            if evicted is not None:
+                # Under the lock: the connection's own thread takes it out of _waiting under it
+                # before closing it, so its descriptor cannot be another's by now. Its thread,
+                # blocked reading, sees the end of the stream and exits.
+                _hang_up(evicted)
         if evicted is not None:
-            # Its thread, blocked reading, sees the end of the stream and exits.
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(evicted, socket.SHUT_RDWR)
             self._note_refused()
         if not accepted:
             self._note_refused()
@@ -945,6 +949,21 @@ class _HttpServer(ThreadingHTTPServer):
         finally:
             assert isinstance(request, socket.socket)
             self._release(request)
+
+    def shutdown_request(self, request: _Request) -> None:
+        if isinstance(request, socket.socket):
+            with self._open_lock:
+                self._waiting.pop(request, None)
+        super().shutdown_request(request)
+
+    def close_waiting(self) -> None:
+        """Hang up every connection waiting for a request (a stop): kept connections would
+        otherwise be served by a stopped exporter until their idle wait ends."""
+        with self._open_lock:
+            self.stopping = True
+            for connection in self._waiting:
+                _hang_up(connection)
+            self._waiting.clear()
 
     def mark_waiting(self, connection: socket.socket, waiting: bool) -> None:
         """Whether the connection waits for a request (evictable) or is being answered."""
@@ -977,6 +996,13 @@ class _HttpServer(ThreadingHTTPServer):
         log.debug("metrics request from %s failed", client_address, exc_info=True)
 
 
+def _hang_up(connection: socket.socket) -> None:
+    """End both directions of a connection another thread may be reading (a plain socket
+    shutdown, also under TLS: the SSL object is its reader's to touch)."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(connection, socket.SHUT_RDWR)
+
+
 class _HeadTooLarge(Exception):
     """A request line and headers longer than their byte limit."""
 
@@ -984,7 +1010,8 @@ class _HeadTooLarge(Exception):
 class _HeadReader(io.BufferedIOBase):
     """readline() of a request line and headers from a connection's buffered stream, within a
     deadline (monotonic seconds; TimeoutError after it) and a byte limit over all lines
-    (_HeadTooLarge past it). Leaves bytes beyond the last line read in the stream."""
+    (_HeadTooLarge past it); `on_head_end` is called when the blank line after the headers is
+    read. Leaves bytes beyond the last line read in the stream."""
 
     def __init__(
         self,
@@ -992,12 +1019,15 @@ class _HeadReader(io.BufferedIOBase):
         sock: socket.socket,
         deadline_s: float,
         limit_bytes: int,
+        on_head_end: Callable[[], None],
     ) -> None:
         super().__init__()
         self._stream = stream
         self._sock = sock
         self._deadline_s = deadline_s
         self._left_bytes = limit_bytes
+        self._on_head_end = on_head_end
+        self._lines = 0
 
     def readable(self) -> bool:
         return True
@@ -1024,6 +1054,9 @@ class _HeadReader(io.BufferedIOBase):
             line += self._stream.read(take)
             if newline >= 0:
                 break
+        self._lines += 1
+        if self._lines > 1 and line in (b"\r\n", b"\n"):
+            self._on_head_end()
         return bytes(line)
 
 
@@ -1069,7 +1102,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             deadline_s = time.monotonic() + REQUEST_HEAD_DEADLINE_S
-        self.rfile = _HeadReader(stream, self.connection, deadline_s, MAX_REQUEST_HEAD_BYTES)
+        self.rfile = _HeadReader(
+            stream,
+            self.connection,
+            deadline_s,
+            MAX_REQUEST_HEAD_BYTES,
+            lambda: self.server.mark_waiting(self.connection, False),
+        )
         # What send_error() needs when the request line itself is cut short.
         self.requestline, self.request_version, self.command = "", "", ""
         try:
@@ -1089,7 +1128,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         self.close_connection = True
         self.handle_one_request()
-        while not self.close_connection:
+        while not self.close_connection and not self.server.stopping:
             self.server.mark_waiting(self.connection, True)
             self.handle_one_request()
 

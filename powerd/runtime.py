@@ -80,31 +80,37 @@ class RunLock:
 
 
 def check_state_dir(state_dir: Path) -> None:
-    """Create the state directory (mode 0700) if absent, and refuse one another user could
-    write, or a link to it another user made: powerd runs as root and restores GPUs from what
-    it finds there, so a journal or a link planted in it would set GPUs or overwrite files.
-    PermissionError naming the fix."""
+    """Create the state directory (mode 0700) if absent, and refuse one that another user
+    could write or swap: powerd runs as root and restores GPUs from what it finds there, so a
+    journal or a link planted in it would set GPUs or overwrite files. Every folder on the way
+    must belong to this user or root and be writable by no one else unless sticky (as /tmp),
+    and no link on the way may be another user's. PermissionError naming the fix."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     uid = os.geteuid()
     trusted = (uid, 0)
-    link = os.lstat(state_dir)
-    if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
-        raise PermissionError(
-            f"{state_dir} is a link made by uid {link.st_uid}, not by this user (uid {uid}) or "
-            "root; powerd keeps the GPU settings it restores there"
-        )
-    info = os.stat(state_dir)
-    if info.st_uid not in trusted:
-        raise PermissionError(
-            f"{state_dir} belongs to uid {info.st_uid}, not to this user (uid {uid}) or root; "
-            "powerd keeps the GPU settings it restores there"
-        )
-    if info.st_mode & 0o022:
-        mode = stat.S_IMODE(info.st_mode)
-        raise PermissionError(
-            f"{state_dir} is writable by its group or others (mode {mode:04o}); powerd keeps "
-            f"the GPU settings it restores there: chmod go-w {state_dir}"
-        )
+    written = Path(os.path.abspath(state_dir))
+    for part in [written, *written.parents]:
+        link = os.lstat(part)
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+            raise PermissionError(
+                f"{part} is a link made by uid {link.st_uid}, not by this user (uid {uid}) or "
+                f"root; powerd keeps the GPU settings it restores in {state_dir}"
+            )
+    real = written.resolve()
+    for part in [real, *real.parents]:
+        info = os.stat(part)
+        if info.st_uid not in trusted:
+            raise PermissionError(
+                f"{part} belongs to uid {info.st_uid}, not to this user (uid {uid}) or root; "
+                f"powerd keeps the GPU settings it restores in {state_dir}"
+            )
+        sticky = part != real and info.st_mode & stat.S_ISVTX
+        if info.st_mode & 0o022 and not sticky:
+            mode = stat.S_IMODE(info.st_mode)
+            raise PermissionError(
+                f"{part} is writable by its group or others (mode {mode:04o}); powerd keeps "
+                f"the GPU settings it restores in {state_dir}: chmod go-w {part}"
+            )
 
 
 def _holding_run_lock(config: Config, body: Callable[[], int], *, program: str, busy: str) -> int:
@@ -367,7 +373,7 @@ def _run_locked(
             print(f"powerd: {exc} (metrics.listen_address, metrics.port)", file=sys.stderr)
             return 1
         try:
-            _serve(
+            return _serve(
                 config,
                 config_path,
                 backend,
@@ -384,7 +390,6 @@ def _run_locked(
         backend.close()
         if simulation is not None:
             simulation.stop()
-    return 0
 
 
 def _serve(
@@ -397,8 +402,9 @@ def _serve(
     transform: Callable[[Config], Config],
     simulation: RunningSimulation | None,
     early: EarlySignals,
-) -> None:
-    """Build the daemon, signal READY and run it until it stops (GPUs restored)."""
+) -> int:
+    """Build the daemon, signal READY and run it until it stops (GPUs restored); the exit
+    status, 1 when a GPU could not be restored."""
     daemon = Daemon(
         config,
         backend,
@@ -427,8 +433,9 @@ def _serve(
     if simulation is not None:
         simulation.driver.start()
     notifier.ready()
-    daemon.run_forever(config_path=config_path)
+    restored = daemon.run_forever(config_path=config_path)
     _await_final_scrape(exporter, daemon.config.metrics.final_scrape_wait_s)
+    return 0 if restored else 1
 
 
 def _await_final_scrape(exporter: Exporter, limit_s: float) -> None:

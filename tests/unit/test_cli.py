@@ -169,6 +169,22 @@ def _run_throttled_node_in_a_child(
     return done, state_file
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another user needs root")
+def test_a_state_dir_inside_another_users_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its owner could swap the state folder for another while powerd runs."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, 65534, 65534)
+    state = theirs / "state"
+    state.mkdir(mode=0o700)
+    assert (
+        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(state)]) == 1
+    )
+    assert f"{theirs} belongs to uid 65534" in capsys.readouterr().err.splitlines()[-1]
+
+
 _SIGNALS_WHILE_STARTING = textwrap.dedent(
     """
     import os, signal, sys

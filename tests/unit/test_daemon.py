@@ -1301,6 +1301,22 @@ def test_the_watchdog_is_pinged_between_ticks_at_half_its_timeout(
     assert quiet.pings == [0.0, 1.0], "without a watchdog timeout, only after each tick"
 
 
+def test_run_forever_says_whether_every_gpu_was_restored(tmp_path: Path) -> None:
+    """`powerd run` exits 1 when a GPU keeps what powerd set (ExecStopPost tries again)."""
+    rig = make_rig(tmp_path)
+    rig.run(30)
+    assert rig.fake.plant.locked_clocks(0) is not None, "the controller locked a clock"
+    rig.fake.inject_error(
+        0, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Unknown, persistent=True
+    )
+    rig.daemon.request_stop()
+    assert rig.daemon.run_forever() is False
+    rig.fake.clear_errors()
+    rig.daemon.request_stop()
+    assert rig.daemon.run_forever() is True
+    assert rig.fake.plant.locked_clocks(0) is None
+
+
 def test_no_watchdog_ping_follows_a_failed_tick_until_a_good_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -922,6 +922,19 @@ def test_a_kept_connection_waits_for_the_next_scrape_past_the_heads_deadline(
         exporter.stop()
 
 
+def test_a_stopped_exporter_hangs_up_its_kept_connections() -> None:
+    """A kept connection waits up to KEEP_ALIVE_IDLE_S for its next request: a stop must not
+    leave it served by the stopped exporter (a thread per scraper, the old settings)."""
+    exporter = small_exporter()
+    exporter.start()
+    with socket.create_connection(("127.0.0.1", exporter.port or 0), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply, closed = read_reply(sock, 1.0)
+        assert reply.startswith(b"HTTP/1.1 200 ") and not closed
+        exporter.stop()
+        assert read_reply(sock, 5.0) == (b"", True)
+
+
 def test_a_request_head_still_coming_at_the_deadline_is_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
