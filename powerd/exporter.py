@@ -965,13 +965,18 @@ class _HttpServer(ThreadingHTTPServer):
                 _hang_up(connection)
             self._waiting.clear()
 
-    def mark_waiting(self, connection: socket.socket, waiting: bool) -> None:
-        """Whether the connection waits for a request (evictable) or is being answered."""
+    def mark_waiting(self, connection: socket.socket, waiting: bool) -> bool:
+        """Whether the connection waits for a request (evictable) or is being answered. False
+        when the exporter stops: the connection is hung up and is to wait for nothing more."""
         with self._open_lock:
             if not waiting:
                 self._waiting.pop(connection, None)
+            elif self.stopping:
+                _hang_up(connection)
+                return False
             elif connection not in self._waiting:
                 self._waiting[connection] = time.monotonic()
+        return True
 
     def _release(self, request: socket.socket) -> None:
         with self._open_lock:
@@ -1010,8 +1015,7 @@ class _HeadTooLarge(Exception):
 class _HeadReader(io.BufferedIOBase):
     """readline() of a request line and headers from a connection's buffered stream, within a
     deadline (monotonic seconds; TimeoutError after it) and a byte limit over all lines
-    (_HeadTooLarge past it); `on_head_end` is called when the blank line after the headers is
-    read. Leaves bytes beyond the last line read in the stream."""
+    (_HeadTooLarge past it). Leaves bytes beyond the last line read in the stream."""
 
     def __init__(
         self,
@@ -1019,15 +1023,12 @@ class _HeadReader(io.BufferedIOBase):
         sock: socket.socket,
         deadline_s: float,
         limit_bytes: int,
-        on_head_end: Callable[[], None],
     ) -> None:
         super().__init__()
         self._stream = stream
         self._sock = sock
         self._deadline_s = deadline_s
         self._left_bytes = limit_bytes
-        self._on_head_end = on_head_end
-        self._lines = 0
 
     def readable(self) -> bool:
         return True
@@ -1054,9 +1055,6 @@ class _HeadReader(io.BufferedIOBase):
             line += self._stream.read(take)
             if newline >= 0:
                 break
-        self._lines += 1
-        if self._lines > 1 and line in (b"\r\n", b"\n"):
-            self._on_head_end()
         return bytes(line)
 
 
@@ -1102,13 +1100,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             deadline_s = time.monotonic() + REQUEST_HEAD_DEADLINE_S
-        self.rfile = _HeadReader(
-            stream,
-            self.connection,
-            deadline_s,
-            MAX_REQUEST_HEAD_BYTES,
-            lambda: self.server.mark_waiting(self.connection, False),
-        )
+        self.rfile = _HeadReader(stream, self.connection, deadline_s, MAX_REQUEST_HEAD_BYTES)
         # What send_error() needs when the request line itself is cut short.
         self.requestline, self.request_version, self.command = "", "", ""
         try:
@@ -1128,8 +1120,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         self.close_connection = True
         self.handle_one_request()
-        while not self.close_connection and not self.server.stopping:
-            self.server.mark_waiting(self.connection, True)
+        while not self.close_connection and self.server.mark_waiting(self.connection, True):
             self.handle_one_request()
 
     def do_GET(self) -> None:

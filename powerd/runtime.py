@@ -84,19 +84,33 @@ def check_state_dir(state_dir: Path) -> None:
     could write or swap: powerd runs as root and restores GPUs from what it finds there, so a
     journal or a link planted in it would set GPUs or overwrite files. Every folder on the way
     must belong to this user or root and be writable by no one else unless sticky (as /tmp),
-    and no link on the way may be another user's. PermissionError naming the fix."""
+    and no link on the way may be another user's; the path may not hold "..", which would be
+    read past a link. Checked before a missing folder is made and again after.
+    PermissionError naming the fix."""
+    if ".." in state_dir.parts:
+        raise PermissionError(f"{state_dir}: a state directory may not contain '..'")
+    written = Path(os.path.abspath(state_dir))
+    existing = next(part for part in [written, *written.parents] if os.path.lexists(part))
+    if existing != written:
+        _check_trusted_path(existing, state_dir, to_create_in=True)
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_trusted_path(written, state_dir, to_create_in=False)
+
+
+def _check_trusted_path(path: Path, state_dir: Path, *, to_create_in: bool) -> None:
+    """check_state_dir's rules for `path` (absolute, without ".."), which exists: the state
+    directory itself, or the folder it is to be made in (which, as any folder on the way,
+    may be sticky)."""
     uid = os.geteuid()
     trusted = (uid, 0)
-    written = Path(os.path.abspath(state_dir))
-    for part in [written, *written.parents]:
+    for part in [path, *path.parents]:
         link = os.lstat(part)
         if stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
             raise PermissionError(
                 f"{part} is a link made by uid {link.st_uid}, not by this user (uid {uid}) or "
                 f"root; powerd keeps the GPU settings it restores in {state_dir}"
             )
-    real = written.resolve()
+    real = path.resolve()
     for part in [real, *real.parents]:
         info = os.stat(part)
         if info.st_uid not in trusted:
@@ -104,7 +118,7 @@ def check_state_dir(state_dir: Path) -> None:
                 f"{part} belongs to uid {info.st_uid}, not to this user (uid {uid}) or root; "
                 f"powerd keeps the GPU settings it restores in {state_dir}"
             )
-        sticky = part != real and info.st_mode & stat.S_ISVTX
+        sticky = (to_create_in or part != real) and info.st_mode & stat.S_ISVTX
         if info.st_mode & 0o022 and not sticky:
             mode = stat.S_IMODE(info.st_mode)
             raise PermissionError(

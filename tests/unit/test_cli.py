@@ -185,6 +185,28 @@ def test_a_state_dir_inside_another_users_folder_is_refused(
     assert f"{theirs} belongs to uid 65534" in capsys.readouterr().err.splitlines()[-1]
 
 
+def test_a_state_dir_is_checked_before_it_is_made_and_may_not_climb(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing state folder in a folder others can write is not made there; '..' would be
+    read past a link, checking one folder and using another."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    missing = shared / "powerd"
+    assert (
+        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(missing)]) == 1
+    )
+    assert f"chmod go-w {shared}" in capsys.readouterr().err.splitlines()[-1]
+    assert not missing.exists()
+    climbing = tmp_path / "a" / ".." / "state"
+    assert (
+        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(climbing)])
+        == 1
+    )
+    assert "may not contain '..'" in capsys.readouterr().err.splitlines()[-1]
+
+
 _SIGNALS_WHILE_STARTING = textwrap.dedent(
     """
     import os, signal, sys

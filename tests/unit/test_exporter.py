@@ -935,6 +935,21 @@ def test_a_stopped_exporter_hangs_up_its_kept_connections() -> None:
         assert read_reply(sock, 5.0) == (b"", True)
 
 
+def test_a_connection_answered_as_the_exporter_stops_waits_for_nothing_more() -> None:
+    """A connection between two requests when stop() hangs up the waiting ones must not go
+    back to waiting (and be answered by the stopped exporter)."""
+    exporter = small_exporter()
+    exporter.start()
+    server = exporter._server
+    assert server is not None
+    exporter.stop()
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        assert server.mark_waiting(ours, True) is False
+        theirs.settimeout(5.0)
+        assert theirs.recv(1) == b"", "hung up"
+
+
 def test_a_request_head_still_coming_at_the_deadline_is_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
