@@ -109,6 +109,11 @@ def test_restore_with_an_unreadable_config_and_a_state_dir_given(
     assert f"restoring with the defaults (state_dir {tmp_path}, gpu_backend nvml)" in caplog.text
 
 
+def _restore_from(tmp_path: Path, state_dir: Path) -> int:
+    """`powerd restore --state-dir state_dir` (no config file: the defaults otherwise)."""
+    return main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(state_dir)])
+
+
 def test_a_state_dir_others_can_write_is_refused_and_nothing_is_written_through(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -117,9 +122,7 @@ def test_a_state_dir_others_can_write_is_refused_and_nothing_is_written_through(
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    assert (
-        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(shared)]) == 1
-    )
+    assert _restore_from(tmp_path, shared) == 1
     last = capsys.readouterr().err.splitlines()[-1]  # after the missing config's warning
     assert last.startswith("powerd restore: cannot use the state directory: ")
     assert last.endswith(f"chmod go-w {shared}")
@@ -129,9 +132,7 @@ def test_a_state_dir_others_can_write_is_refused_and_nothing_is_written_through(
     victim = tmp_path / "victim.conf"
     victim.write_text("root-owned file that must not change")
     (private / "powerd.lock").symlink_to(victim)
-    assert (
-        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(private)]) == 1
-    )
+    assert _restore_from(tmp_path, private) == 1
     assert "cannot use the state directory" in capsys.readouterr().err
     assert victim.read_text() == "root-owned file that must not change"
 
@@ -146,12 +147,12 @@ def test_a_state_dir_linked_by_another_user_is_refused(
     link = tmp_path / "powerd"
     link.symlink_to(target)
     os.lchown(link, 65534, 65534)
-    assert main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(link)]) == 1
+    assert _restore_from(tmp_path, link) == 1
     last = capsys.readouterr().err.splitlines()[-1]
     assert "is a link made by uid 65534" in last
     assert not (target / "powerd.lock").exists()
     os.lchown(link, 0, 0)
-    assert main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(link)]) == 0
+    assert _restore_from(tmp_path, link) == 0
 
 
 def _run_throttled_node_in_a_child(
@@ -179,9 +180,7 @@ def test_a_state_dir_inside_another_users_folder_is_refused(
     os.chown(theirs, 65534, 65534)
     state = theirs / "state"
     state.mkdir(mode=0o700)
-    assert (
-        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(state)]) == 1
-    )
+    assert _restore_from(tmp_path, state) == 1
     assert f"{theirs} belongs to uid 65534" in capsys.readouterr().err.splitlines()[-1]
 
 
@@ -194,16 +193,11 @@ def test_a_state_dir_is_checked_before_it_is_made_and_may_not_climb(
     shared.mkdir()
     shared.chmod(0o777)
     missing = shared / "powerd"
-    assert (
-        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(missing)]) == 1
-    )
+    assert _restore_from(tmp_path, missing) == 1
     assert f"chmod go-w {shared}" in capsys.readouterr().err.splitlines()[-1]
     assert not missing.exists()
     climbing = tmp_path / "a" / ".." / "state"
-    assert (
-        main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(climbing)])
-        == 1
-    )
+    assert _restore_from(tmp_path, climbing) == 1
     assert "may not contain '..'" in capsys.readouterr().err.splitlines()[-1]
 
 

@@ -826,6 +826,16 @@ def read_reply(sock: socket.socket, timeout_s: float = 10.0) -> tuple[bytes, boo
     return reply, True
 
 
+def hold_connections(exporter: Exporter, sent: bytes, held: list[socket.socket]) -> None:
+    """Open MAX_CONNECTIONS connections to the exporter into `held`, each sending `sent`."""
+    address = ("127.0.0.1", exporter.port or 0)
+    for _ in range(MAX_CONNECTIONS):
+        held.append(socket.create_connection(address, timeout=10))
+        held[-1].sendall(sent)
+        # One at a time: a burst would overflow the listen backlog (SYN retried after 1 s).
+        assert wait_until(lambda: exporter.open_connections == len(held))
+
+
 def drip_until_closed(sock: socket.socket, byte: bytes, tries: int = 100) -> bool:
     """Send byte every 0.1 s (far within any timeout per read) until the server closes sock
     without answering (True), or for tries times 0.1 s (False)."""
@@ -849,14 +859,9 @@ def test_at_the_cap_a_scrape_takes_the_place_of_the_connection_waiting_longest(
     monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 300.0)
     exporter = small_exporter()
     exporter.start()
-    address = ("127.0.0.1", exporter.port or 0)
     held: list[socket.socket] = []
     try:
-        for _ in range(MAX_CONNECTIONS):
-            held.append(socket.create_connection(address, timeout=10))
-            held[-1].sendall(b"GET /metrics HTTP/1.1\r\n")
-            # One at a time: a burst would overflow the listen backlog (SYN retried after 1 s).
-            assert wait_until(lambda: exporter.open_connections == len(held))
+        hold_connections(exporter, b"GET /metrics HTTP/1.1\r\n", held)
         assert _get(f"http://127.0.0.1:{exporter.port}/metrics")[0] == 200
         assert read_reply(held[0]) == (b"", True), "the longest waiting was closed"
         assert wait_until(lambda: exporter.open_connections == MAX_CONNECTIONS - 1)
@@ -881,14 +886,10 @@ def test_a_connection_over_the_cap_is_closed_while_every_one_is_being_answered(
 
     monkeypatch.setattr(exporter, "render", slow_render)
     exporter.start()
-    address = ("127.0.0.1", exporter.port or 0)
     held: list[socket.socket] = []
     try:
-        for _ in range(MAX_CONNECTIONS):
-            held.append(socket.create_connection(address, timeout=10))
-            held[-1].sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert wait_until(lambda: exporter.open_connections == len(held))
-        with socket.create_connection(address, timeout=10) as extra:
+        hold_connections(exporter, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", held)
+        with socket.create_connection(("127.0.0.1", exporter.port or 0), timeout=10) as extra:
             with contextlib.suppress(OSError):
                 extra.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
             assert read_reply(extra) == (b"", True), "the connection over the cap was served"
