@@ -140,7 +140,7 @@ class Actuator:
             for uuid, state in self.states.items()
             if (state.observe_only and state.observe_only_reason not in ("dry_run", "gpu_lost"))
             or state.power_limit_refused
-            or state.info.power_limit_min_mw >= state.info.power_limit_max_mw
+            or not state.info.power_limit_range_known
         }
 
     def lose(self, uuid: str) -> None:

@@ -342,7 +342,7 @@ def _restore_one(
                 return
         info = backend.describe(entry.uuid)
         low_mw, high_mw = info.power_limit_min_mw, info.power_limit_max_mw
-        if low_mw < high_mw and not (
+        if info.power_limit_range_known and not (
             low_mw - POWER_LIMIT_TOLERANCE_MW
             <= entry.power_limit_mw
             <= high_mw + POWER_LIMIT_TOLERANCE_MW

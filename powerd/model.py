@@ -76,6 +76,12 @@ class GpuInfo:
                 break
         return best
 
+    @property
+    def power_limit_range_known(self) -> bool:
+        """Whether NVML reported a range to set the power limit in; without one (min = max,
+        pinned to the limit the GPU held) powerd sets no limit on it."""
+        return self.power_limit_min_mw < self.power_limit_max_mw
+
     def clamp_power_limit_mw(self, power_limit_mw: float) -> int:
         return int(min(max(power_limit_mw, self.power_limit_min_mw), self.power_limit_max_mw))
 

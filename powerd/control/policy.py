@@ -187,7 +187,7 @@ def build_arrays(
         params[k.PAR_MAX_WAITING, g] = spec.slo.max_waiting
         # A GPU whose limit range NVML does not report (min = max: its limit as found) takes
         # no limit from powerd; it must not pin its partners' range.
-        settable = [gpu for gpu in spec.gpus if gpu.power_limit_min_mw < gpu.power_limit_max_mw]
+        settable = [gpu for gpu in spec.gpus if gpu.power_limit_range_known]
         params[k.PAR_PL_MIN_MW, g] = max(gpu.power_limit_min_mw for gpu in settable or spec.gpus)
         params[k.PAR_PL_MAX_MW, g] = min(gpu.power_limit_max_mw for gpu in settable or spec.gpus)
         params[k.PAR_PL_DEFAULT_MW, g] = min(gpu.power_limit_default_mw for gpu in spec.gpus)
