@@ -90,6 +90,21 @@ DISCOVERY_RETRY_MAX_S = 60.0
 process's sockets (psutil), which costs more the busier the node."""
 
 
+def handle_stop_and_reload_signals(stop: Callable[[], None], reload: Callable[[], None]) -> None:
+    """Call `stop` on SIGTERM and SIGINT and `reload` on SIGHUP (from the signal handler: each
+    must only set a flag)."""
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        stop()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        reload()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+
+
 class WakeFlag:
     """A flag that a signal handler may set, and a wait that it ends.
 
@@ -1448,16 +1463,7 @@ class Daemon:
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the loop, SIGHUP reloads."""
-
-        def stop(signum: int, frame: FrameType | None) -> None:
-            self.request_stop()
-
-        def hup(signum: int, frame: FrameType | None) -> None:
-            self.request_reload()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, hup)
+        handle_stop_and_reload_signals(self.request_stop, self.request_reload)
 
     def run_forever(
         self,

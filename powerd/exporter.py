@@ -120,8 +120,8 @@ reuses its connection (and its TLS session) instead of connecting anew."""
 
 REQUEST_HEAD_DEADLINE_S = 10.0
 """Time a connection has to deliver a whole request line and headers, counted from its accept
-(the TLS handshake included) or from the previous response. A timeout per read alone lets a
-client that sends a byte now and then hold its connection for ever."""
+(the TLS handshake included) or, on a kept connection, from the request's first byte. A timeout
+per read alone lets a client that sends a byte now and then hold its connection for ever."""
 
 MAX_REQUEST_HEAD_BYTES = 64 * 1024
 """The most bytes a request line and its headers may take together; more is answered 431 and

@@ -17,12 +17,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from powerd import __version__
 from powerd.config import Config, ConfigError, ServerConfig, SimConfig
-from powerd.daemon import Daemon, locate_gpu
+from powerd.daemon import Daemon, handle_stop_and_reload_signals, locate_gpu
 from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuUnavailable
@@ -263,15 +262,13 @@ class EarlySignals:
         self.reload = False
 
     def install(self) -> None:
-        def stop(signum: int, frame: FrameType | None) -> None:
-            self.stop = True
+        handle_stop_and_reload_signals(self._stop, self._reload)
 
-        def hup(signum: int, frame: FrameType | None) -> None:
-            self.reload = True
+    def _stop(self) -> None:
+        self.stop = True
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGHUP, hup)
+    def _reload(self) -> None:
+        self.reload = True
 
 
 def restore_node(config: Config) -> int:
