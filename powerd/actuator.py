@@ -143,6 +143,13 @@ class Actuator:
             or not state.info.power_limit_range_known
         }
 
+    def holds_settings(self, uuid: str) -> bool:
+        """Whether a clock lock or power limit of powerd's is on the GPU, as far as it knows."""
+        state = self.states.get(uuid)
+        return state is not None and (
+            state.lock_max_mhz is not None or state.power_limit_mw is not None
+        )
+
     def lose(self, uuid: str) -> None:
         """The GPU is gone: nothing is written to it, and what powerd last set on it (which it
         may still hold) is kept until it is back (rejoin) or restored."""
@@ -240,6 +247,9 @@ class Actuator:
                 if state.observe_only_reason != "journal_error":
                     state.observe_only_reason = "journal_error"
                     log.error("GPU %s: %s; observing only until it can be saved", uuid, exc)
+                # A lock it holds would stay while nothing controls it; its reset saves nothing
+                # (the journal keeps the clocks to restore).
+                self._unlock_observed(state)
             except NoPermission as exc:
                 state.observe_only_reason = "no_permission"
                 log.error(
@@ -486,9 +496,7 @@ class Actuator:
         if state.lock_max_mhz is None and state.power_limit_mw is None:
             return
         try:
-            if state.lock_max_mhz is not None:
-                self._backend.reset_locked_clocks(uuid)
-                state.lock_max_mhz = None
+            self._reset_lock(state)
             if state.power_limit_mw is not None:
                 self._follow_operator(state)  # the operator's limit since, if any, stays
             if state.power_limit_mw is not None:
@@ -501,6 +509,25 @@ class Actuator:
             )
             return
         log.info("GPU %s: its clocks and power limit are back as found", uuid)
+
+    def _reset_lock(self, state: GpuControlState) -> None:
+        """Unlock the GPU's clocks where powerd locked them. Raises GpuError."""
+        if state.lock_max_mhz is not None:
+            self._backend.reset_locked_clocks(state.info.uuid)
+            state.lock_max_mhz = None
+
+    def _unlock_observed(self, state: GpuControlState) -> None:
+        """Unlock a GPU powerd has stopped controlling; a failure is logged when it starts or
+        changes and tried again at the next decision."""
+        uuid = state.info.uuid
+        try:
+            self._reset_lock(state)
+        except GpuLost:
+            return  # the tick's reading drops it
+        except GpuError as exc:
+            self._write_problems.problem(
+                uuid, logging.WARNING, "GPU %s: cannot unlock its clocks: %s", uuid, exc
+            )
 
 
 def _power_limit_for_clock(

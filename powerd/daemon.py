@@ -267,6 +267,8 @@ class Daemon:
         self.restore_failures_total = 0
         self._limits_out_of_reach_mw: dict[str, int] = {}
         """GPUs whose power limit powerd cannot set -> the limit reserved in budget mode."""
+        self._unreleased: dict[str, str] = {}
+        """GPUs released whose settings could not be put back yet, and why they were released."""
         for info in list(self.infos.values()):
             self._take_in(info)
         self._prev_energy_mj: dict[str, int] = {}
@@ -391,10 +393,13 @@ class Daemon:
             )
             reserved[uuid] = limit_mw or self.infos[uuid].power_limit_default_mw
             if uuid not in self._limits_out_of_reach_mw:
+                unsaved = self.actuator.states[uuid].observe_only_reason == "journal_error"
                 log.warning(
-                    "GPU %s: its power limit cannot be set; its %.0f W are kept out of the node "
-                    "power budget",
+                    "GPU %s: %s; its %.0f W are kept out of the node power budget",
                     uuid,
+                    "its settings cannot be saved to the state folder"
+                    if unsaved
+                    else "its power limit cannot be set",
                     reserved[uuid] / 1000.0,
                 )
         if reserved == self._limits_out_of_reach_mw:
@@ -808,6 +813,7 @@ class Daemon:
         for (group, _), decision in zip(controlled, decisions, strict=True):
             group.decision = decision
         self._note_budget_feasibility()
+        self._retry_releases()
         # A backlog the decision does not know about is still there: the guard's raise holds
         # from the tick on, not from its next read.
         raised = self._raised_caps(now_s)
@@ -1439,7 +1445,8 @@ class Daemon:
         self, uuids: list[str], why: str = "no configured server uses it any more"
     ) -> None:
         """Return GPUs powerd no longer controls (`why`) to unlocked clocks and the limit they
-        had before powerd."""
+        had before powerd. A GPU whose write fails is tried again at every tick
+        (_retry_releases) until it is back as found, lost, or controlled again."""
         for uuid in uuids:
             info = self.infos.get(uuid)
             if info is None:
@@ -1451,7 +1458,26 @@ class Daemon:
                 self.actuator.apply(default, [uuid])
             except GpuLost as exc:
                 self._drop_gpu(uuid, exc)
-            log.info("GPU %s: %s; back as found", uuid, why)
+                self._unreleased.pop(uuid, None)
+                continue
+            if not self.actuator.holds_settings(uuid):
+                self._unreleased.pop(uuid, None)
+                log.info("GPU %s: %s; back as found", uuid, why)
+            elif uuid not in self._unreleased:
+                self._unreleased[uuid] = why
+                log.warning(
+                    "GPU %s: %s, but its settings could not be put back; trying again every tick",
+                    uuid,
+                    why,
+                )
+
+    def _retry_releases(self) -> None:
+        """Release again the GPUs whose release failed, unless a group controls them again."""
+        controlled = self._controlled_uuids()
+        for uuid in [uuid for uuid in self._unreleased if uuid in controlled]:
+            del self._unreleased[uuid]
+        for uuid, why in list(self._unreleased.items()):
+            self._release([uuid], why)
 
     def request_stop(self) -> None:
         """Stop the loop (GPUs restored) at its next wait; safe from a signal handler."""

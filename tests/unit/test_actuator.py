@@ -332,3 +332,25 @@ def test_a_gpu_whose_journal_failed_is_tried_again(tmp_path: Path, caplog) -> No
         ("lock", "GPU-1", (345, 1500)),
     ]
     assert [e.power_limit_mw for e in journal.entries()] == [700_000, 700_000]
+
+
+def test_a_gpu_whose_operator_limit_cannot_be_saved_does_not_keep_powerds_lock(
+    tmp_path: Path,
+) -> None:
+    backend, journal, actuator = _actuator(tmp_path)
+    actuator.apply(_decision(1500, 300_000), ["GPU-0", "GPU-1"])
+    journal.path = tmp_path / "not-a-directory" / "journal.json"
+    (tmp_path / "not-a-directory").write_text("")  # the state folder's disk is full, say
+    backend.limits["GPU-0"] = 250_000  # nvidia-smi -pl
+    before = len(backend.writes)
+    for _ in range(3):
+        actuator.apply(
+            _decision(1200, 300_000),
+            ["GPU-0", "GPU-1"],
+            limits_mw={"GPU-0": 250_000, "GPU-1": 300_000},
+        )
+    assert actuator.states["GPU-0"].observe_only_reason == "journal_error"
+    assert [w for w in backend.writes[before:] if w[1] == "GPU-0"] == [("unlock", "GPU-0", ())], (
+        "unlocked once: nothing controls its clocks while its new limit cannot be saved"
+    )
+    assert ("lock", "GPU-1", (345, 1200)) in backend.writes[before:]

@@ -700,6 +700,29 @@ def test_reload_without_a_server_puts_its_gpus_back_to_defaults(tmp_path: Path) 
     assert [g.group for g in rig.snapshots[-1].groups] == ["vllm-0"]
 
 
+def test_a_release_that_fails_is_tried_again_until_the_gpu_is_back_as_found(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig, path = _rig_from_file(tmp_path)
+    rig.run(15)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
+    data = _config_data(rig.node)
+    data["servers"] = data["servers"][:1]
+    path.write_text(yaml.safe_dump(data))
+    rig.fake.inject_error(1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout)
+    with caplog.at_level(logging.INFO, logger="powerd.daemon"):
+        assert rig.daemon.reload(path) is True
+        assert _locked(rig, 1) is not None, "the one reset write failed"
+        assert not any("back as found" in r.getMessage() for r in caplog.records)
+        assert any("could not be put back" in r.getMessage() for r in caplog.records)
+        rig.run(1)
+    assert _locked(rig, 1) is None, "the next tick releases it again"
+    assert any("back as found" in r.getMessage() for r in caplog.records)
+    before = len(rig.fake.writes)
+    rig.run(10)
+    assert rig.writes_to(1, before) == [], "and then leaves it alone"
+
+
 def test_reload_into_dry_run_restores_the_gpus_and_then_writes_nothing(tmp_path: Path) -> None:
     rig, path = _rig_from_file(tmp_path)
     rig.run(15)
