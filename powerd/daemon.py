@@ -210,6 +210,8 @@ class Group:
     every DISCOVERY_RETRY_S, they join it once they open."""
     discovery_wait_s: float = DISCOVERY_RETRY_S
     next_discovery_s: float | None = None
+    restarts_seen: int = 0
+    """The source's restart count when its discovered GPUs were last looked up."""
     """When its GPUs are looked for again while it has none (None: not scheduled yet)."""
 
     @property
@@ -615,8 +617,47 @@ class Daemon:
                 "server %s: found its GPUs %s; controlling them", group.spec.name, ", ".join(uuids)
             )
             found = True
+        found = self._follow_restarted_servers() or found
         if found:
             self._reconfigure_policy(self.config)
+
+    def _follow_restarted_servers(self) -> bool:
+        """Look up again the GPUs of each discovered server that restarted (a scheduler may
+        have started it on others): take its new GPUs and put back those it left. True when a
+        group's GPUs changed."""
+        changed = False
+        for group in self.groups:
+            restarts = group.source.restarts
+            if (
+                group.source.config.gpus is not None
+                or not group.controlled
+                or restarts == group.restarts_seen
+            ):
+                continue
+            group.restarts_seen = restarts
+            others = {
+                uuid
+                for other in self.groups
+                if other is not group
+                for uuid in [*other.uuids, *other.lost_uuids]
+            }
+            uuids, why, _ = self._claim_gpus(group.source.config, others)
+            if not uuids:
+                log.debug("server %s restarted; keeping its GPUs: %s", group.spec.name, why)
+                continue
+            if set(uuids) == {*group.uuids, *group.lost_uuids}:
+                continue
+            left = [uuid for uuid in group.uuids if uuid not in uuids]
+            log.warning(
+                "server %s restarted on GPUs %s (was %s); controlling those",
+                group.spec.name,
+                ", ".join(uuids),
+                ", ".join([*group.uuids, *group.lost_uuids]),
+            )
+            group.set_gpus(uuids, self.infos)
+            self._release(left, f"server {group.spec.name} restarted on other GPUs")
+            changed = True
+        return changed
 
     def _describe_again(self) -> bool:
         """Take in the new description of each GPU whose power-limit range a passing error

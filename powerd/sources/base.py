@@ -581,14 +581,17 @@ class Window:
     """Seconds of prefill forward passes over the window, where the server times them."""
 
 
+RESTARTED = (
+    "the server restarted between the two scrapes (its start marker changed or a counter went "
+    "down): probe again"
+)
+
+
 def _no_window_reason(prev: Reading, cur: Reading) -> str:
     """Why compare(prev, cur) gives no window, in words, for when it gives none."""
     if prev.gen_mode != cur.gen_mode or prev.prompt_mode != cur.prompt_mode:
         return "the server changed which token figures it exports between the two scrapes"
-    return (
-        "the server restarted between the two scrapes (its start marker changed or a counter "
-        "went down): probe again"
-    )
+    return RESTARTED
 
 
 def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window | None:
@@ -751,6 +754,8 @@ class Source:
         """When a counter or the engine report last changed."""
         self.no_rate_reason: str | None = None
         """Why the last good scrape gave no generation rate, in words; None when it gave one."""
+        self.restarts = 0
+        """Restarts of the server seen between two scrapes since this reader was made."""
 
     def fetch_response(self) -> FetchResponse:
         """One HTTP read of the metrics URL; raises on failure (the pool runs this in a thread)."""
@@ -858,6 +863,8 @@ class Source:
             if dt_s <= self.max_window_s:
                 window = compare(prev, reading, dt_s, self.config.slo.quantile)
                 why = _no_window_reason(prev, reading)
+                if window is None and why == RESTARTED:
+                    self.restarts += 1
             else:
                 why = f"the scrapes were more than {self.max_window_s:g} s apart"
             if window is not None and window.prompt_len is not None:

@@ -1161,6 +1161,37 @@ def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(
     assert not rig.snapshots[-1].groups[1].observe_only
 
 
+def test_a_discovered_server_that_restarts_on_other_gpus_is_followed_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduler restarts the server on another GPU: powerd controls that one and puts back
+    the one it left, which may run another job now."""
+    where = [0]
+    calls: list[str] = []
+
+    def discover(url: str, compute_pids: Any, uuids: list[str], **_: Any) -> list[str]:
+        calls.append(url)
+        return [uuids[where[0]]]
+
+    monkeypatch.setattr(daemon_module, "discover_server_gpus", discover)
+
+    def configure(node: SimNode) -> Config:
+        return Config(servers=(dataclasses.replace(server_configs(node)[0], gpus=None),))
+
+    rig = make_rig(tmp_path, configure=configure)
+    rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
+    rig.run(30)
+    assert len(calls) == 1, "found once, and not looked up again while the server runs"
+    where[0] = 1
+    rig.node.servers[0].restart()
+    rig.run(2)
+    assert len(calls) == 2
+    assert rig.daemon.groups[0].uuids == [rig.uuid(1)]
+    assert _locked(rig, 0) is None, "the GPU the server left is back as found"
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
+    assert _locked(rig, 0) is None
+
+
 def test_reload_adding_a_server_on_a_taken_gpu_keeps_the_daemon_running(tmp_path: Path) -> None:
     rig, path = _rig_from_file(tmp_path, lambda data: {**data, "servers": data["servers"][:1]})
     rig.run(5)
