@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the saved settings' folder (overrides the config's)",
     )
+    restore.add_argument(
+        "--forget",
+        action="append",
+        metavar="UUID",
+        help="instead of restoring, remove this GPU's saved settings without touching any GPU "
+        "(a card replaced or taken out); repeatable",
+    )
     restore.set_defaults(func=_cmd_restore)
 
     demo = sub.add_parser(
@@ -218,12 +225,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    from powerd.runtime import restore_node
+    from powerd.runtime import forget_gpus, restore_node
 
     _setup_logging(args)
     config, problems = load_restore_config(args.config, state_dir=args.state_dir)
     for problem in problems:
         log.warning("%s", problem)
+    if args.forget:
+        return forget_gpus(config, args.forget)
     return restore_node(config)
 
 

@@ -13,6 +13,10 @@ read and saved before the first write, and a limit that could not be read yet is
 unknown only while powerd has not changed it, so restore leaves it as found. A limit someone
 else sets while powerd runs (`nvidia-smi -pl`) replaces the saved one (adopt_power_limit), and
 restore leaves a limit it finds changed since powerd's last write where the operator put it.
+
+Each entry records the kernel's boot id. A reboot resets clocks and power limits, so the entry
+of a GPU that is gone at restore and was saved in an earlier boot protects nothing (the card
+was replaced or taken out): it is dropped. One gone in the same boot may come back and is kept.
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ log = logging.getLogger(__name__)
 FORMAT = "powerd-journal"
 VERSION = 2
 """Version 1 saved an unreadable power limit as null and restored the default limit for it;
-since version 2 a null limit is one powerd has not changed."""
+since version 2 a null limit is one powerd has not changed. The entries' boot_id came later
+within version 2 (readers ignore keys they do not know); an entry without one is never dropped
+for a reboot."""
 READABLE_VERSIONS = (1, VERSION)
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 CLOCK_STATES = ("unknown", "unlocked")
 
 
@@ -67,6 +74,9 @@ class JournalEntry:
     """'unknown' (NVML cannot read a lock; restore resets it) or 'unlocked'."""
     saved_at_s: float
     """Wall-clock time (Unix seconds) of the save."""
+    boot_id: str | None = None
+    """The kernel's boot id when powerd last saved the entry, which it does before it first
+    changes the GPU in each boot; None when unknown (unreadable, or an older powerd's entry)."""
 
 
 @dataclass(slots=True)
@@ -76,6 +86,9 @@ class RestoreReport:
     restored: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     """GPUs that were gone; their entries stay in the journal for the next attempt."""
+    dropped: list[str] = field(default_factory=list)
+    """GPUs that were gone and saved in an earlier boot, which reset them; their entries were
+    removed. Not a failure."""
     failed: dict[str, str] = field(default_factory=dict)
     """UUID -> one-sentence reason; their entries stay in the journal."""
     clocks_reset: list[str] = field(default_factory=list)
@@ -102,6 +115,11 @@ class RestoreReport:
                 + "; ".join(f"{uuid}: {why}" for uuid, why in self.failed.items())
                 + ")"
             )
+        if self.dropped:
+            parts.append(
+                f"{len(self.dropped)} gone since a reboot reset them, dropped "
+                f"({', '.join(self.dropped)})"
+            )
         parts.extend(self.errors)
         if self.clocks_reset:
             parts.append(f"clocks reset on {len(self.clocks_reset)} GPU(s)")
@@ -119,12 +137,16 @@ class RestoreReport:
 class Journal:
     """The saved original settings of every GPU powerd has changed, persisted at `path`.
 
-    A corrupt file is renamed to `<path>.corrupt` when first read and reported through
-    `load_error`; it never raises.
+    A corrupt file is renamed to `<path>.corrupt` when first read (left where it is with
+    `put_corrupt_aside` False, for a caller that only edits a sound journal) and reported
+    through `load_error`; it never raises. `boot_id` is the kernel's boot id now, None when
+    it cannot be read.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, put_corrupt_aside: bool = True) -> None:
         self.path = Path(path)
+        self.boot_id = read_boot_id()
+        self._put_corrupt_aside = put_corrupt_aside
         self.load_error: str | None = None
         self._entries: list[JournalEntry] = []
         self._left_mw: dict[str, int] = {}
@@ -159,10 +181,14 @@ class Journal:
         cannot be read (then do not write it; call again later) and JournalError when the file
         cannot be written (then do not write to the GPU)."""
         entry = self.get(uuid)
-        if entry is not None and (entry.power_limit_mw is not None or not power_limit):
+        if (
+            entry is not None
+            and entry.boot_id == self.boot_id
+            and (entry.power_limit_mw is not None or not power_limit)
+        ):
             return False
-        power_limit_mw = None
-        if power_limit:
+        power_limit_mw = entry.power_limit_mw if entry is not None else None
+        if power_limit and power_limit_mw is None:
             power_limit_mw, problem = read_power_limit_mw(backend, uuid)
             if power_limit_mw is None:
                 raise OriginalUnreadable(f"cannot read its power limit ({problem})")
@@ -175,10 +201,13 @@ class Journal:
                 power_limit_default_mw=info.power_limit_default_mw,
                 sm_clocks="unknown",
                 saved_at_s=time.time(),
+                boot_id=self.boot_id,
             )
             entries = [*self._entries, entry]
         else:
-            entry = replace(entry, power_limit_mw=power_limit_mw)
+            # An entry of an earlier boot (kept when its restore failed) now stands for this
+            # boot's changes, which no reboot has undone yet.
+            entry = replace(entry, power_limit_mw=power_limit_mw, boot_id=self.boot_id)
             entries = [entry if e.uuid == uuid else e for e in self._entries]
         self._write(entries)
         self._entries = entries
@@ -229,6 +258,9 @@ class Journal:
             problem = f"{self.path} cannot be read ({exc.strerror or exc})"
         except ValueError as exc:
             problem = f"{self.path} is corrupt ({exc})"
+        if not self._put_corrupt_aside:
+            self.load_error = problem
+            return
         # Keep the evidence, out of the way of the next run's journal.
         aside = self.path.with_name(self.path.name + ".corrupt")
         if aside.exists():
@@ -273,6 +305,25 @@ class Journal:
         kept = {entry.uuid for entry in remaining}
         self._left_mw = {uuid: mw for uuid, mw in self._left_mw.items() if uuid in kept}
 
+    def forget(self, uuids: Collection[str]) -> list[JournalEntry]:
+        """Remove these GPUs' entries without touching the GPUs, all or none; the removed
+        entries. KeyError naming the first UUID not in the journal (nothing removed then);
+        JournalError when the file cannot be rewritten."""
+        for uuid in uuids:
+            if self.get(uuid) is None:
+                raise KeyError(uuid)
+        forgotten = [entry for entry in self._entries if entry.uuid in uuids]
+        self.retain([entry for entry in self._entries if entry.uuid not in uuids])
+        return forgotten
+
+
+def read_boot_id() -> str | None:
+    """The kernel's boot id (changes at every boot), None when it cannot be read."""
+    try:
+        return BOOT_ID_FILE.read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
 
 def restore_all(
     backend: GpuBackend, journal: Journal, *, only: Collection[str] | None = None
@@ -283,8 +334,9 @@ def restore_all(
     Per GPU: reset the locked clocks, then set the saved power limit (one saved as unknown,
     which powerd never changed, is left as it is; so is one that differs from what this
     process last left on the GPU, see Journal.note_power_limit_left: someone else set it
-    since). A GPU that is gone or refuses is reported
-    and kept in the journal; the journal file is removed once every GPU was restored. If the
+    since). A GPU that is gone or refuses is reported and kept in the journal, except one gone
+    whose entry was saved in an earlier boot (the reboot reset it): that entry is dropped and
+    reported in `dropped`. The journal file is removed once every GPU was restored. If the
     journal was corrupt, every GPU's clocks are reset (locking is powerd's doing, a reset is
     always safe) and power limits are left as they are, since their originals are lost. Logs
     each GPU; the caller logs `report.summary()`.
@@ -305,6 +357,19 @@ def restore_all(
             report.restored.append(entry.uuid)
             continue
         kind, reason = outcome
+        booted_since = None not in (entry.boot_id, journal.boot_id) and (
+            entry.boot_id != journal.boot_id
+        )
+        if kind == "lost" and booted_since:
+            report.dropped.append(entry.uuid)
+            log.info(
+                "GPU %s: gone, and saved before the node rebooted (boot %s, now %s), which "
+                "reset its clocks and power limit: its saved settings are dropped",
+                entry.uuid,
+                entry.boot_id,
+                journal.boot_id,
+            )
+            continue
         if kind == "lost":
             report.lost.append(entry.uuid)
         else:
@@ -464,6 +529,7 @@ def _parse_entry(item: Any, n: int, version: int) -> JournalEntry:
     power_limit_default_mw = need("power_limit_default_mw", (int,))
     if power_limit_mw is None and version == 1:
         power_limit_mw = power_limit_default_mw
+    boot_id = need("boot_id", (str,), optional=True)
     return JournalEntry(
         uuid=uuid,
         index=need("index", (int,)),
@@ -472,6 +538,7 @@ def _parse_entry(item: Any, n: int, version: int) -> JournalEntry:
         power_limit_default_mw=power_limit_default_mw,
         sm_clocks=sm_clocks,
         saved_at_s=float(need("saved_at_s", (float, int))),
+        boot_id=boot_id or None,
     )
 
 

@@ -14,7 +14,7 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +25,7 @@ from powerd.daemon import Daemon, handle_stop_and_reload_signals, locate_gpu
 from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuUnavailable
-from powerd.journal import Journal, restore_all
+from powerd.journal import Journal, JournalError, restore_all
 from powerd.systemd import Notifier
 from powerd.webconfig import load_web_config
 
@@ -305,6 +305,47 @@ def _restore_journal(config: Config) -> int:
         backend.close()
     log.info("restore: %s", report.summary())
     return 0 if report.ok else 1
+
+
+def forget_gpus(config: Config, uuids: Collection[str]) -> int:
+    """`powerd restore --forget UUID`: remove these GPUs' entries from the journal, touching
+    no GPU, for a card that will not come back to be restored (replaced within the same boot,
+    or taken out). Prints each entry removed. Exit status; 1 with one sentence when a UUID is
+    not in the journal, which is then left as it is."""
+    return _holding_run_lock(
+        config,
+        lambda: _forget(config, uuids),
+        program="powerd restore",
+        busy="powerd is running (pid {pid}) and rewrites the journal; stop it first "
+        "(systemctl stop powerd)",
+    )
+
+
+def _forget(config: Config, uuids: Collection[str]) -> int:
+    # A corrupt journal stays where it is: `powerd restore` resets every clock for it.
+    journal = Journal(journal_path(config), put_corrupt_aside=False)
+    if journal.load_error is not None:
+        print(f"powerd restore: nothing forgotten: {journal.load_error}", file=sys.stderr)
+        return 1
+    try:
+        forgotten = journal.forget(uuids)
+    except KeyError as exc:
+        held = ", ".join(entry.uuid for entry in journal.entries()) or "nothing"
+        print(
+            f"powerd restore: {exc.args[0]} is not in {journal.path} (it holds {held}); "
+            "nothing forgotten",
+            file=sys.stderr,
+        )
+        return 1
+    except JournalError as exc:
+        print(f"powerd restore: nothing forgotten: {exc}", file=sys.stderr)
+        return 1
+    for entry in forgotten:
+        print(
+            f"forgot GPU {entry.uuid} (index {entry.index}, {entry.name}): its saved "
+            "settings will not be restored"
+        )
+    return 0
 
 
 def run_daemon(config: Config, *, config_path: Path, force_dry_run: bool = False) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from unittest import mock
 import pytest
 import yaml
 
+from powerd import journal as journal_module
 from powerd import runtime
 from powerd.actuator import Actuator
 from powerd.cli import EX_CONFIG, main
@@ -109,9 +111,105 @@ def test_restore_with_an_unreadable_config_and_a_state_dir_given(
     assert f"restoring with the defaults (state_dir {tmp_path}, gpu_backend nvml)" in caplog.text
 
 
-def _restore_from(tmp_path: Path, state_dir: Path) -> int:
-    """`powerd restore --state-dir state_dir` (no config file: the defaults otherwise)."""
-    return main(["restore", "--config", str(tmp_path / "none.yaml"), "--state-dir", str(state_dir)])
+def _restore_from(tmp_path: Path, state_dir: Path, *options: str) -> int:
+    """`powerd restore --state-dir state_dir [options]` (no config file: the defaults
+    otherwise)."""
+    config = str(tmp_path / "none.yaml")
+    return main(["restore", "--config", config, "--state-dir", str(state_dir), *options])
+
+
+@pytest.mark.parametrize(("boot_now", "status"), [("boot-b", 0), ("boot-a", 1)])
+def test_restore_drops_a_replaced_gpu_once_the_node_rebooted(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    boot_now: str,
+    status: int,
+) -> None:
+    """The card powerd controlled was replaced (its UUID never comes back): after a reboot,
+    which reset it, its entry goes and the restore succeeds; in the same boot it stays."""
+    boot_id = tmp_path / "boot_id"
+    monkeypatch.setattr(journal_module, "BOOT_ID_FILE", boot_id)
+    boot_id.write_text("boot-a\n")
+    data, _ = _throttled_node(tmp_path)
+    journal = tmp_path / "state" / "journal.json"
+    document = json.loads(journal.read_text())
+    document["entries"][0]["uuid"] = "GPU-00000000-old-card"
+    journal.write_text(json.dumps(document))
+    config = tmp_path / "powerd.yaml"
+    config.write_text(yaml.safe_dump(data))
+    boot_id.write_text(boot_now + "\n")
+
+    with caplog.at_level(logging.INFO, logger="powerd"):
+        assert main(["restore", "--config", str(config)]) == status
+    assert journal.exists() == (status == 1)
+    assert (
+        "GPU GPU-00000000-old-card: gone, and saved before the node rebooted" in caplog.text
+    ) == (status == 0)
+
+
+def _journal_of_two(tmp_path: Path) -> tuple[list[str], Path]:
+    """_throttled_node with GPU 1's settings saved too: the journal's UUIDs, and the GPUs'
+    state file."""
+    data, state_file = _throttled_node(tmp_path)
+    backend = NvmlBackend(detached_fake_nvml(SimConfig(**data["sim"])))
+    journal = Journal(tmp_path / "state" / "journal.json")
+    second = backend.devices()[1]
+    journal.remember(backend, second.uuid, second)
+    backend.close()
+    return [entry.uuid for entry in journal.entries()], state_file
+
+
+def test_forget_removes_only_the_named_entry_and_touches_no_gpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A card replaced within the same boot, or taken out, cannot be restored: the operator
+    lets it go without waiting for a reboot."""
+    (first, second), state_file = _journal_of_two(tmp_path)
+    left = changed_gpus(state_file)
+    state = tmp_path / "state"
+    capsys.readouterr()
+    assert _restore_from(tmp_path, state, "--forget", second) == 0
+    out = capsys.readouterr().out
+    assert f"forgot GPU {second} (index 1, " in out and first not in out
+    assert [entry.uuid for entry in Journal(state / "journal.json").entries()] == [first]
+    assert changed_gpus(state_file) == left != {}
+    assert _restore_from(tmp_path, state, "--forget", first) == 0
+    assert not (state / "journal.json").exists()
+    assert changed_gpus(state_file) == left
+
+
+@pytest.mark.parametrize("named", [["GPU-unknown"], ["first", "GPU-unknown"]])
+def test_forget_of_a_gpu_not_in_the_journal_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], named: list[str]
+) -> None:
+    (first, second), _ = _journal_of_two(tmp_path)
+    journal = tmp_path / "state" / "journal.json"
+    before = journal.read_bytes()
+    capsys.readouterr()
+    forget = [part for uuid in named for part in ("--forget", first if uuid == "first" else uuid)]
+    assert _restore_from(tmp_path, journal.parent, *forget) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after the missing config's warning
+    assert last == (
+        f"powerd restore: GPU-unknown is not in {journal} (it holds {first}, {second}); "
+        "nothing forgotten"
+    )
+    assert journal.read_bytes() == before
+
+
+def test_forget_keeps_a_corrupt_journal_and_the_state_dir_checks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A corrupt journal stays for `powerd restore`, which resets every clock for it."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "journal.json").write_bytes(b"{ cut short")
+    assert _restore_from(tmp_path, state, "--forget", "GPU-x") == 1
+    assert "nothing forgotten" in capsys.readouterr().err
+    assert (state / "journal.json").read_bytes() == b"{ cut short"
+    state.chmod(0o777)
+    assert _restore_from(tmp_path, state, "--forget", "GPU-x") == 1
+    assert "cannot use the state directory" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_a_state_dir_others_can_write_is_refused_and_nothing_is_written_through(

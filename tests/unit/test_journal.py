@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pynvml
 import pytest
 
+from powerd import journal as journal_module
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal, JournalError, OriginalUnreadable, restore_all
 from powerd.model import GpuInfo
@@ -37,6 +39,21 @@ def change(backend: NvmlBackend, journal: Journal, info: GpuInfo, limit_mw: int)
     journal.remember(backend, info.uuid, info)
     backend.set_locked_clocks(info.uuid, info.sm_clock_min_mhz, 1500)
     backend.set_power_limit(info.uuid, limit_mw)
+
+
+@pytest.fixture
+def boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str | None], None]:
+    """Sets the kernel boot id a Journal made next reads; None: it cannot be read."""
+    path = tmp_path / "boot_id"
+    monkeypatch.setattr(journal_module, "BOOT_ID_FILE", path)
+
+    def set_boot(boot_id: str | None) -> None:
+        if boot_id is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_text(boot_id + "\n")
+
+    return set_boot
 
 
 def test_save_then_restore(tmp_path: Path) -> None:
@@ -233,6 +250,120 @@ def test_lost_gpu_is_reported_and_kept(tmp_path: Path) -> None:
     assert report.ok
     assert report.restored == [infos[1].uuid]
     assert not path.exists()
+
+
+def test_each_entry_records_the_boot_it_was_saved_in(
+    tmp_path: Path, boot: Callable[[str | None], None]
+) -> None:
+    """In a key the previous powerd ignores: the version stays the one it reads."""
+    _, backend, infos = make_node(1)
+    path = tmp_path / "journal.json"
+    boot("boot-a")
+    change(backend, Journal(path), infos[0], 400_000)
+    document = json.loads(path.read_text())
+    assert document["version"] == 2
+    assert [entry["boot_id"] for entry in document["entries"]] == ["boot-a"]
+    boot(None)
+    change(backend, Journal(tmp_path / "other.json"), infos[0], 400_000)
+    assert Journal(tmp_path / "other.json").entries()[0].boot_id is None
+
+
+@pytest.mark.parametrize(
+    ("saved_in", "restored_in", "dropped"),
+    [
+        ("boot-a", "boot-b", True),
+        ("boot-a", "boot-a", False),
+        ("boot-a", None, False),
+        (None, "boot-b", False),
+    ],
+    ids=["rebooted", "same-boot", "boot-unreadable-now", "boot-unreadable-then"],
+)
+def test_a_gone_gpu_is_dropped_only_when_saved_before_a_reboot(
+    tmp_path: Path,
+    boot: Callable[[str | None], None],
+    caplog: pytest.LogCaptureFixture,
+    saved_in: str | None,
+    restored_in: str | None,
+    dropped: bool,
+) -> None:
+    """A reboot reset the GPU, and a card replaced or taken out never comes back: its entry
+    would fail every restore for good. Gone in the same boot (or not known), it may return."""
+    fake, backend, infos = make_node(3)
+    path = tmp_path / "journal.json"
+    boot(saved_in)
+    journal = Journal(path)
+    for info in infos:
+        change(backend, journal, info, 400_000)
+    fake.lose_gpu(1)
+    boot(restored_in)
+
+    with caplog.at_level("INFO", logger="powerd.journal"):
+        report = restore_all(backend, Journal(path))
+
+    assert report.restored == [infos[2].uuid, infos[0].uuid]
+    if dropped:
+        assert report.ok, report.summary()
+        assert report.dropped == [infos[1].uuid] and not report.lost
+        assert "1 gone since a reboot reset them, dropped" in report.summary()
+        assert not path.exists()
+        [line] = [
+            r
+            for r in caplog.records
+            if r.name == "powerd.journal" and infos[1].uuid in r.getMessage()
+        ]
+        assert line.levelname == "INFO"
+        assert "saved before the node rebooted (boot boot-a, now boot-b)" in line.getMessage()
+    else:
+        assert not report.ok
+        assert report.lost == [infos[1].uuid] and not report.dropped
+        assert [e.uuid for e in Journal(path).entries()] == [infos[1].uuid]
+        assert any(r.levelname == "ERROR" for r in caplog.records if r.name == "powerd.journal")
+
+
+def test_an_entry_without_a_boot_id_from_the_previous_powerd_is_kept_as_before(
+    tmp_path: Path, boot: Callable[[str | None], None]
+) -> None:
+    fake, backend, infos = make_node(2)
+    path = tmp_path / "journal.json"
+    boot("boot-a")
+    journal = Journal(path)
+    for info in infos:
+        change(backend, journal, info, 400_000)
+    document = json.loads(path.read_text())
+    for entry in document["entries"]:
+        del entry["boot_id"]
+    path.write_text(json.dumps(document))
+    fake.lose_gpu(1)
+    boot("boot-b")
+
+    report = restore_all(backend, Journal(path))
+
+    assert report.restored == [infos[0].uuid]
+    assert fake.plant.power_limit_mw(0) == DEFAULT_MW
+    assert report.lost == [infos[1].uuid] and not report.ok
+    assert [e.uuid for e in Journal(path).entries()] == [infos[1].uuid]
+
+
+def test_an_entry_kept_from_an_earlier_boot_counts_as_this_boots_once_changed_again(
+    tmp_path: Path, boot: Callable[[str | None], None]
+) -> None:
+    """An entry kept past a reboot (its restore failed) and powerd changing the GPU again:
+    lost now, the GPU may come back in this boot with powerd's settings on it."""
+    fake, backend, infos = make_node(1)
+    path = tmp_path / "journal.json"
+    boot("boot-a")
+    change(backend, Journal(path), infos[0], 400_000)
+    boot("boot-b")
+    journal = Journal(path)
+    change(backend, journal, infos[0], 350_000)
+    assert Journal(path).entries()[0].boot_id == "boot-b"
+    assert Journal(path).entries()[0].power_limit_mw == DEFAULT_MW, "the original, not re-read"
+    fake.lose_gpu(0)
+
+    report = restore_all(backend, journal)
+
+    assert report.lost == [infos[0].uuid] and not report.dropped
+    assert path.exists()
 
 
 def test_refused_restore_is_kept_for_later(tmp_path: Path) -> None:
