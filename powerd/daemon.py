@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 from powerd.actuator import Actuator
 from powerd.config import Config, ConfigError, ServerConfig, load_config
@@ -56,9 +56,11 @@ from powerd.sources.loads import PromptBacklogProbe
 log = logging.getLogger(__name__)
 
 SLO_WINDOW_TICKS = 300
-"""Ticks over which a group's SLO attainment is reported (5 minutes at the default 1 s)."""
+"""Ticks over which a group's SLO attainment is reported (5 minutes at the default 1 s); a
+tick older than this many intervals no longer counts."""
 EFFICIENCY_WINDOW_TICKS = 10
-"""Ticks over which tokens per joule is reported, to smooth counter quantisation."""
+"""Ticks over which tokens per joule is reported, to smooth counter quantisation; a tick
+older than this many intervals no longer counts."""
 TARGET_WINDOW_S = 60.0
 """Tokens per joule over this long tell whether a group reaches its target: one tick's or
 ten's swing with every batch."""
@@ -161,6 +163,13 @@ def locate_gpu(
     raise LookupError(gpu)
 
 
+def _drop_older(window: deque[Any], now_s: float, span_s: float) -> None:
+    """Remove from the left of `window` (entries (time, ...), oldest first) those span_s or
+    more before now_s."""
+    while window and window[0][0] <= now_s - span_s:
+        window.popleft()
+
+
 @dataclass(slots=True)
 class _LossEpisode:
     """A GPU lost and not steady since: the first loss and return are logged, later ones are
@@ -184,11 +193,14 @@ class Group:
     uuids: list[str]
     last_good_sample_s: float | None = None
     last_sample: ServerSample | None = None
-    slo_history: deque[bool] = field(default_factory=lambda: deque(maxlen=SLO_WINDOW_TICKS))
-    efficiency_window: deque[tuple[float, float]] = field(
+    slo_history: deque[tuple[float, bool]] = field(
+        default_factory=lambda: deque(maxlen=SLO_WINDOW_TICKS)
+    )
+    """(time, SLO met) per tick the server was read, within SLO_WINDOW_TICKS intervals."""
+    efficiency_window: deque[tuple[float, float, float]] = field(
         default_factory=lambda: deque(maxlen=EFFICIENCY_WINDOW_TICKS)
     )
-    """(tokens, joules) per tick."""
+    """(time, tokens, joules) per tick, within EFFICIENCY_WINDOW_TICKS intervals."""
     target_window: deque[tuple[float, float, float]] = field(default_factory=deque)
     """(time, tokens, joules) per tick over TARGET_WINDOW_S, in target mode."""
     target_reached: bool | None = None
@@ -335,8 +347,7 @@ class Daemon:
         window = group.target_window
         if energy_j is not None and tokens_per_s is not None:
             window.append((now_s, tokens_per_s * interval_s, energy_j))
-        while window and window[0][0] <= now_s - TARGET_WINDOW_S:
-            window.popleft()
+        _drop_older(window, now_s, TARGET_WINDOW_S)
         if not window:
             group.target_reached = None  # nothing measured for a whole window: no verdict
             return
@@ -992,10 +1003,14 @@ class Daemon:
         group.guard_raises.clear()
         tokens_per_s = sample.generation_tokens_per_s if sample.up else None
         if energy_j is not None and tokens_per_s is not None:
-            group.efficiency_window.append((tokens_per_s * interval_s, energy_j))
+            group.efficiency_window.append((now_s, tokens_per_s * interval_s, energy_j))
+        _drop_older(
+            group.efficiency_window, now_s, EFFICIENCY_WINDOW_TICKS * self.config.interval_s
+        )
         self._judge_target(group, now_s, tokens_per_s, interval_s, energy_j)
         if sample.up and not stale:
-            group.slo_history.append(self._slo_met(group, sample) is not False)
+            group.slo_history.append((now_s, self._slo_met(group, sample) is not False))
+        _drop_older(group.slo_history, now_s, SLO_WINDOW_TICKS * self.config.interval_s)
         return GroupObservation(
             group=group.spec.name,
             interval_s=interval_s,
@@ -1255,8 +1270,12 @@ class Daemon:
         states = {s["group"]: s for s in _group_states(self.policy)}
         groups = []
         for group, observation in zip(self.groups, observations, strict=True):
-            tokens = sum(t for t, _ in group.efficiency_window)
-            joules = sum(j for _, j in group.efficiency_window)
+            # A stale server's windows describe the time before it went quiet: its figures are
+            # absent, as its own series are, rather than frozen at their last values.
+            efficiency = () if observation.stale else group.efficiency_window
+            slo_history = () if observation.stale else group.slo_history
+            tokens = sum(t for _, t, _ in efficiency)
+            joules = sum(j for _, _, j in efficiency)
             energy_per_token_j = joules / tokens if tokens > 0 else None
             policy_state = states.get(group.spec.name, {})
             decision = group.decision
@@ -1282,8 +1301,8 @@ class Daemon:
                     slo_quantile=group.spec.slo.quantile,
                     slo_met=self._slo_met(group, sample) if sample and sample.up else None,
                     slo_attainment=(
-                        sum(group.slo_history) / len(group.slo_history)
-                        if group.slo_history
+                        sum(met for _, met in slo_history) / len(slo_history)
+                        if slo_history
                         else None
                     ),
                     target_tokens_per_joule=policy_state.get("target_tokens_per_joule"),
@@ -1441,7 +1460,8 @@ class Daemon:
         """`groups`, in which each server whose config and GPUs a reload left as they were keeps
         its running group (closing the new one's connection): its reader's rates, staleness and
         SLO history carry on. A new reader has no rate until its second read, so the group
-        would read as stale for a tick and start again from f_max."""
+        would read as stale for a tick and start again from f_max. A changed server's new group
+        carries on its running group's count of guard raises."""
         servers_before = {server.name: server for server in self.config.servers}
         servers_now = {server.name: server for server in config.servers}
         running = {group.spec.name: group for group in self.groups}
@@ -1458,6 +1478,10 @@ class Daemon:
                 _close_connections([group])
                 result.append(old)
             else:
+                if old is not None:
+                    # A counter must not go back within a process: Prometheus reads a drop as
+                    # a restart.
+                    group.guard_raises_total = old.guard_raises_total
                 result.append(group)
         return result
 

@@ -30,6 +30,9 @@ SMALL_NODE = SimConfig(gpus=2, tp=1, model="llama-3.1-8b", trace="constant", pea
 HTTP_PREFIX = "http://sim.invalid/"
 """Config files must name http(s) URLs; `http://sim.invalid/NAME/metrics` reads server NAME
 in-process (`.invalid` never resolves, so nothing can reach the network by mistake)."""
+HOST_SUFFIX = ".sim.invalid"
+"""`http://NAME.sim.invalid/PATH` reads PATH of server NAME in-process: each server has a host
+of its own, so an SGLang server's /v1/loads (on its metrics host) reaches that server."""
 
 SET_CLOCKS = "nvmlDeviceSetGpuLockedClocks"
 RESET_CLOCKS = "nvmlDeviceResetGpuLockedClocks"
@@ -53,6 +56,10 @@ class SwitchableFetch:
         self.urls.append(url)
         if url.startswith(HTTP_PREFIX):
             url = INPROCESS_SCHEME + url[len(HTTP_PREFIX) :]
+        elif url.startswith("http://"):
+            host, _, path = url[len("http://") :].partition("/")
+            if host.endswith(HOST_SUFFIX):
+                url = f"{INPROCESS_SCHEME}{host.removesuffix(HOST_SUFFIX)}/{path}"
         name = url[len(INPROCESS_SCHEME) :].split("/", 1)[0]
         if name in self.down:
             raise SourceError(f"cannot connect to {url}: Connection refused")

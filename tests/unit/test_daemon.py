@@ -120,6 +120,80 @@ def test_stale_server_puts_its_gpus_back_to_defaults_and_control_resumes(
     assert rig.snapshots[-1].servers[0].up
 
 
+GROUP_FIGURES = (
+    "powerd_group_tokens_per_joule",
+    "powerd_group_energy_per_token_joules",
+    "powerd_group_cost_per_million_tokens",
+    "powerd_group_carbon_grams_per_million_tokens",
+    "powerd_group_slo_attainment_ratio",
+)
+"""The group gauges computed over a window of ticks rather than from the last one."""
+
+
+def _figures(rig: Rig, group: str) -> dict[str, list[str]]:
+    text = rig.metrics()
+    return {name: metric_lines(text, name, group=group) for name in GROUP_FIGURES}
+
+
+def test_a_stale_servers_window_figures_go_absent_and_come_back_when_it_answers(
+    tmp_path: Path,
+) -> None:
+    """Frozen at their last values, they would describe the time before the outage for as
+    long as it lasts (PowerdSloAttainmentLow firing, or silent, on old ticks; today's price
+    times yesterday's energy per token)."""
+    stale_after_s = 5.0
+    rig = make_rig(
+        tmp_path,
+        stale_after_s=stale_after_s,
+        grid=GridConfig(price_per_kwh=0.1, carbon_g_per_kwh=300.0),
+    )
+    rig.run(30)
+    assert all(len(lines) == 1 for lines in _figures(rig, "vllm-0").values())
+    rig.fetch.down.add("vllm-0")
+    rig.run(int(stale_after_s))
+    assert all(_figures(rig, "vllm-0").values()), "held within stale_after_s"
+
+    rig.run(1)
+    assert not any(_figures(rig, "vllm-0").values())
+    generation = "powerd_group_generation_tokens_per_second"
+    assert not metric_lines(rig.metrics(), generation, group="vllm-0"), "as the server's own"
+    rig.run(60)
+    assert not any(_figures(rig, "vllm-0").values())
+    assert all(len(lines) == 1 for lines in _figures(rig, "vllm-1").values())
+
+    rig.fetch.down.clear()
+    rig.run_until(lambda s: all(_figures(rig, "vllm-0").values()), max_ticks=5)
+
+
+def test_window_figures_count_no_tick_older_than_their_window(tmp_path: Path) -> None:
+    """A server that is not stale yet (a long stale_after_s) but has not been read for longer
+    than a window: each figure drops once its window holds no tick of the last
+    EFFICIENCY_WINDOW_TICKS or SLO_WINDOW_TICKS intervals."""
+    efficiency_s = daemon_module.EFFICIENCY_WINDOW_TICKS
+    slo_s = daemon_module.SLO_WINDOW_TICKS
+    rig = make_rig(
+        tmp_path,
+        stale_after_s=slo_s + 100.0,
+        duration_s=slo_s + 200.0,
+        grid=GridConfig(price_per_kwh=0.1, carbon_g_per_kwh=300.0),
+    )
+    rig.run(20)
+    assert all(_figures(rig, "vllm-0").values())
+    rig.fetch.down.add("vllm-0")
+    rig.run(efficiency_s - 1)
+    assert rig.snapshots[-1].groups[0].tokens_per_joule is not None
+    rig.run(1)
+    figures = _figures(rig, "vllm-0")
+    assert figures.pop("powerd_group_slo_attainment_ratio")
+    assert not any(figures.values())
+    rig.run(slo_s - efficiency_s - 1)
+    assert rig.snapshots[-1].groups[0].slo_attainment is not None
+    rig.run(1)
+    assert rig.snapshots[-1].groups[0].slo_attainment is None
+    assert not any(_figures(rig, "vllm-0").values())
+    assert all(_figures(rig, "vllm-1").values())
+
+
 # ------------------------------------------------------------------------ GPU lost
 
 

@@ -9,12 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from powerd.config import Config, ConfigError, ControlConfig, SimConfig, parse_config
+from powerd.config import (
+    Config,
+    ConfigError,
+    ControlConfig,
+    SimConfig,
+    load_config,
+    parse_config,
+)
 from powerd.control import kernels as k
 from powerd.control.policy import Controller
 from powerd.daemon import _mean_cap_mhz
 from powerd.model import Snapshot
+from powerd.sim.node import SimNode
 from powerd.sources import FetchResponse, SourceError
 from powerd.sources.fetch import KeepAliveFetcher
 from powerd.sources.loads import (
@@ -23,7 +32,14 @@ from powerd.sources.loads import (
     loads_url,
     parse_prompt_backlog,
 )
-from tests.unit.daemon_helpers import SET_CLOCKS, Rig, make_rig, metric_lines, metric_value
+from tests.unit.daemon_helpers import (
+    HOST_SUFFIX,
+    SET_CLOCKS,
+    Rig,
+    make_rig,
+    metric_lines,
+    metric_value,
+)
 from tests.unit.test_control_kernels import H100_CLOCKS, obs, spec
 
 # ------------------------------------------------------------------------ /v1/loads
@@ -321,6 +337,48 @@ def test_guard_raises_an_sglang_groups_cap_at_and_between_ticks_above_the_decisi
     ]
     assert sum(counts) == sum(g.guard_raises_total for g in rig.daemon.groups) == len(raises)
     assert metric_lines(text, "powerd_group_prompt_backlog_tokens")
+
+
+def test_a_reload_that_changes_only_an_slo_keeps_the_groups_count_of_raises(
+    tmp_path: Path,
+) -> None:
+    """The changed server gets a new group; its counter carries on, as a counter must within
+    one process."""
+    path = tmp_path / "powerd.yaml"
+
+    def write(node: SimNode, itl_s: float) -> None:
+        servers = [
+            {
+                "name": server.name,
+                "url": f"http://{server.name}{HOST_SUFFIX}/metrics",
+                "kind": "sglang",
+                "gpus": list(server.gpu_indices),
+                "slo": {"itl_s": itl_s},
+            }
+            for server in node.servers
+        ]
+        path.write_text(yaml.safe_dump({"servers": servers}))
+
+    def configure(node: SimNode) -> Config:
+        write(node, 0.1)
+        return load_config(path)
+
+    def exported() -> dict[str, float]:
+        lines = metric_lines(rig.metrics(), "powerd_group_prefill_guard_raises_total")
+        return {line.split('group="')[1].split('"')[0]: metric_value(line) for line in lines}
+
+    rig = make_rig(tmp_path, sim=SGLANG_NODE, configure=configure)
+    _run_with_guard(rig, 120)
+    before = exported()
+    assert sorted(before) == ["sglang-0", "sglang-1"] and sum(before.values()) > 0
+    groups = list(rig.daemon.groups)
+    write(rig.node, 0.09)
+    assert rig.daemon.reload(path)
+    assert all(new is not old for new, old in zip(rig.daemon.groups, groups, strict=True))
+    _run_with_guard(rig, 5)
+    after = exported()
+    assert sorted(after) == sorted(before)
+    assert all(after[name] >= count for name, count in before.items()), (before, after)
 
 
 def test_guard_leaves_vllm_groups_alone_and_never_asks_for_v1_loads(tmp_path: Path) -> None:
