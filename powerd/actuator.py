@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, GpuBackend
@@ -86,12 +86,20 @@ class GpuControlState:
 class Actuator:
     """Writes decisions to GPUs through a GpuBackend, journaled, or only logs them (dry run)."""
 
-    def __init__(self, backend: GpuBackend, journal: Journal | None, *, dry_run: bool) -> None:
+    def __init__(
+        self,
+        backend: GpuBackend,
+        journal: Journal | None,
+        *,
+        dry_run: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`clock` (seconds) times the write problems' reminders and quiet periods."""
         self._backend = backend
         self._journal = journal
         self._dry_run = dry_run
         self.states: dict[str, GpuControlState] = {}
-        self._write_problems = ProblemLog(log)
+        self._write_problems = ProblemLog(log, clock=clock)
 
     @property
     def dry_run(self) -> bool:
@@ -260,7 +268,8 @@ class Actuator:
                 )
                 self._put_back(state)
             except GpuError as exc:
-                # Tried again at the next decision; logged when it starts, changes or clears.
+                # Tried again at the next decision. A write that fails now and then is one
+                # problem until a quiet period passes without a failure.
                 self._write_problems.problem(
                     uuid,
                     logging.WARNING,

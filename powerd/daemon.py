@@ -270,7 +270,8 @@ class Daemon:
         self._notifier = notifier
         self._inline_scrape = inline_scrape
         self._config_transform = config_transform
-        self.actuator = Actuator(backend, journal, dry_run=config.dry_run)
+        self._prev_tick_s: float | None = None
+        self.actuator = Actuator(backend, journal, dry_run=config.dry_run, clock=self._log_clock)
         self.infos: dict[str, GpuInfo] = {info.uuid: info for info in backend.devices()}
         self.lost: dict[str, GpuInfo] = {}
         """GPUs that went away while powerd ran; looked for again every DISCOVERY_RETRY_S."""
@@ -286,11 +287,10 @@ class Daemon:
         for info in list(self.infos.values()):
             self._take_in(info)
         self._prev_energy_mj: dict[str, int] = {}
-        self._problems = ProblemLog(log)
+        self._problems = ProblemLog(log, clock=self._log_clock)
         self._loss_episodes: dict[str, _LossEpisode] = {}
         """GPUs lost and not steady since (GPU_STEADY_S back): one problem to the log."""
         self._note_unopened()
-        self._prev_tick_s: float | None = None
         self.ticks_total = 0
         self.grid = GridSignal(config.grid)
         # Grid totals by group (and currency); kept across reloads, which rebuild the groups.
@@ -366,6 +366,11 @@ class Daemon:
             return None
         return bool(getattr(self.policy, "budget_feasible", True))
 
+    def _log_clock(self) -> float:
+        """The loop's clock for the problem logs' reminders and quiet periods: the last tick's
+        now_s (virtual time in a simulation), monotonic before the first tick."""
+        return time.monotonic() if self._prev_tick_s is None else self._prev_tick_s
+
     def _controlled_uuids(self) -> set[str]:
         """The GPUs the servers' groups control now (lost ones are not among them)."""
         return {uuid for group in self.groups for uuid in group.uuids}
@@ -373,7 +378,9 @@ class Daemon:
     def _note_budget_feasibility(self) -> None:
         """Log, once per episode, a node budget the GPUs' minimum limits alone exceed."""
         if self.budget_feasible() is not False:
-            self._problems.cleared("budget", "node_power_budget_w: enough for the GPUs again")
+            self._problems.cleared(
+                "budget", "node_power_budget_w: enough for the GPUs again", at_once=True
+            )
             return
         budget_w = self.config.node_power_budget_w or 0.0
         kept_w = self._budget_reserve_w()
@@ -593,9 +600,11 @@ class Daemon:
             )
         for index in sorted(before.keys() - self.unopened.keys()):
             if index in known:
-                self._problems.cleared(("unopened", index), "GPU %d opens now", index)
+                self._problems.cleared(("unopened", index), "GPU %d opens now", index, at_once=True)
             else:
-                self._problems.cleared(("unopened", index), "NVML counts no GPU %d now", index)
+                self._problems.cleared(
+                    ("unopened", index), "NVML counts no GPU %d now", index, at_once=True
+                )
 
     def _rediscover(self, now_s: float) -> None:
         """Every DISCOVERY_RETRY_S, look for the lost GPUs; look again for the GPUs of servers
@@ -722,7 +731,11 @@ class Daemon:
             if back_s is not None and now_s - back_s >= GPU_STEADY_S:
                 del self._loss_episodes[uuid]
                 self._problems.cleared(
-                    ("lost", uuid), "GPU %s has answered for %g min", uuid, GPU_STEADY_S / 60
+                    ("lost", uuid),
+                    "GPU %s has answered for %g min",
+                    uuid,
+                    GPU_STEADY_S / 60,
+                    at_once=True,
                 )
 
     def _open_unopened(self) -> bool:
@@ -1064,7 +1077,8 @@ class Daemon:
 
     def _log_server_problem(self, group: Group, sample: ServerSample) -> None:
         """A server unreadable for SERVER_DOWN_READS reads in a row is logged with why, and
-        again once it is read (a lone failed scrape is not: it is in powerd_source_up)."""
+        again once it has been read for the problem log's quiet period (a lone failed scrape
+        is not: it is in powerd_source_up, which also shows at once that it is back)."""
         key = ("server", group.spec.name)
         if sample.up:
             self._problems.cleared(key, "server %s: read again", group.spec.name)

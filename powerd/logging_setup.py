@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 LEVEL_NAMES = ("debug", "info", "warning", "error", "critical")
@@ -150,57 +150,128 @@ def setup_logging(
 
 
 class ProblemLog:
-    """Logs a recurring problem (a read that fails every tick) when it starts or changes, a
-    reminder with the count every `remind_s` while it lasts, and one line when it clears: a
-    fault that lasts a day writes a few lines, not one a tick. Keys name what has the problem
-    (a GPU's reads, a server); the formatted message is the problem, its numbers aside ("timed
-    out after 0.52 s" and "... 0.61 s" are one problem)."""
+    """Logs a recurring problem (a read that fails every tick) as episodes: a fault that lasts
+    a day, or comes and goes all day, writes a few lines, not one a tick.
+
+    Keys name what has the problem (a GPU's reads, a server); the formatted message is the
+    problem, its numbers aside ("timed out after 0.52 s" and "... 0.61 s" are one text). An
+    episode is logged when it starts; while it lasts, a text already logged in it is not
+    logged again, and the first MAX_TEXTS texts are logged when first met, later ones only
+    named in the reminder. The reminder comes every `remind_s` while the problem recurs, with
+    how many times and which texts since the last line. The episode ends, with one INFO line,
+    once the problem has stayed away `quiet_s` (or at once where `cleared` says so); a problem
+    back before that is the same episode, so a fault that fails one call in ten is one episode.
+    Times are `clock`'s, in seconds.
+    """
+
+    MAX_TEXTS = 3
+    """Distinct texts an episode logs when first met. Two or three are how real faults show
+    (a server that times out, then refuses while it restarts; a proxy's 502 between resets);
+    beyond that a text is churn, and the reminder names it: an episode writes at most this
+    many lines plus one per `remind_s` and its end (a handful an hour), whatever its texts."""
 
     def __init__(
         self,
         logger: logging.Logger,
         *,
         remind_s: float = 600.0,
+        quiet_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._log = logger
         self._remind_s = remind_s
+        self._quiet_s = quiet_s
         self._clock = clock
         self._open: dict[Hashable, _Problem] = {}
 
     def problem(
         self, key: Hashable, level: int, message: str, *args: object, after: int = 1
     ) -> None:
-        """`key` has this problem now. Logged at `level` once `key` has had a problem `after`
-        times in a row, and again when the problem's text changes."""
+        """`key` has this problem now. A new episode is logged at `level` once `key` has had a
+        problem `after` times in a row, at once from there; see the class for the rest."""
         text = message % args if args else message
+        same = _NUMBERS.sub("#", text)
         now_s = self._clock()
         known = self._open.get(key)
+        if known is not None and known.away_s is not None:
+            if now_s - known.away_s >= self._quiet_s:
+                # Away long enough, but no one said so since: end the old episode first.
+                self._end(key, known, now_s)
+                known = None
+            else:
+                known.away_s = None
         if known is None:
-            known = self._open[key] = _Problem(text, now_s)
-        else:
-            known.count += 1
+            known = self._open[key] = _Problem(now_s)
+        known.count += 1
+        known.since_line += 1
+        seen = known.unsaid.get(same)
+        known.unsaid[same] = (text, 1 if seen is None else seen[1] + 1)
         if known.logged_s is None:
             if known.count >= after:
-                known.text, known.logged_s = text, now_s
-                self._log.log(level, "%s", text)
-        elif _NUMBERS.sub("#", known.text) != _NUMBERS.sub("#", text):
-            known.text, known.since_s, known.logged_s, known.count = text, now_s, now_s, 1
-            self._log.log(level, "%s", text)
+                self._say(known, level, text, same, now_s)
+        elif same not in known.said and len(known.said) < self.MAX_TEXTS:
+            self._say(known, level, text, same, now_s)
         elif now_s - known.logged_s >= self._remind_s:
-            minutes = (now_s - known.since_s) / 60.0
-            self._log.log(level, "%s (still, %d times in %.0f min)", text, known.count, minutes)
+            self._log.log(level, "%s", self._reminder(known, text, same, now_s))
+            known.said.update(known.unsaid)
+            known.unsaid.clear()
+            known.since_line = 0
             known.logged_s = now_s
 
-    def cleared(self, key: Hashable, message: str, *args: object) -> None:
-        """`key` works again: logged at INFO if its problem was logged."""
-        known = self._open.pop(key, None)
-        if known is not None and known.logged_s is not None:
-            self._log.info(message, *args)
+    def cleared(self, key: Hashable, message: str, *args: object, at_once: bool = False) -> None:
+        """`key` works now. An episode that was logged ends with `message` at INFO once `key`
+        has had no problem for `quiet_s` (callers say so each time it works), or now with
+        `at_once` (an event that ends the problem for sure, or one with a wait of its own)."""
+        known = self._open.get(key)
+        if known is None:
+            return
+        if known.logged_s is None:
+            del self._open[key]  # never logged: a blip, and the count in a row starts again
+            return
+        now_s = self._clock()
+        known.clear_line = message % args if args else message
+        if known.away_s is None:
+            known.away_s = now_s
+        if at_once or now_s - known.away_s >= self._quiet_s:
+            self._end(key, known, now_s)
 
     def forget(self, key: Hashable) -> None:
         """Drop `key` (it is gone) without a line."""
         self._open.pop(key, None)
+
+    def _say(self, known: _Problem, level: int, text: str, same: str, now_s: float) -> None:
+        self._log.log(level, "%s", text)
+        known.said.add(same)
+        known.unsaid.clear()
+        known.since_line = 0
+        known.logged_s = now_s
+
+    def _reminder(self, known: _Problem, text: str, same: str, now_s: float) -> str:
+        last_min = (now_s - (now_s if known.logged_s is None else known.logged_s)) / 60.0
+        line = f"{text} (still, {known.since_line} times in the last {last_min:.0f} min"
+        if now_s - known.since_s >= 2 * self._remind_s:
+            line += f", for {(now_s - known.since_s) / 60.0:.0f} min now"
+        # Texts never logged first: they are what no line has named yet.
+        others = [
+            (t, n)
+            for key, (t, n) in sorted(known.unsaid.items(), key=lambda item: item[0] in known.said)
+            if key != same
+        ]
+        if others:
+            named = "; ".join(f"{n}x {t}" for t, n in others[: self.MAX_TEXTS])
+            more = len(others) - self.MAX_TEXTS
+            line += f"; also {named}" + (f"; and {more} other texts" if more > 0 else "")
+        return line + ")"
+
+    def _end(self, key: Hashable, known: _Problem, now_s: float) -> None:
+        del self._open[key]
+        notes = []
+        if known.away_s is not None and now_s - known.away_s >= 60.0:
+            notes.append(f"no problem for {(now_s - known.away_s) / 60.0:.0f} min")
+        if known.since_line:
+            notes.append(f"{known.since_line} more times since the last line")
+        line = known.clear_line or ""
+        self._log.info("%s", f"{line} ({'; '.join(notes)})" if notes else line)
 
 
 _NUMBERS = re.compile(r"\d+(?:\.\d+)?")
@@ -208,8 +279,21 @@ _NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 
 @dataclass(slots=True)
 class _Problem:
-    text: str
+    """One episode of a key's problem."""
+
     since_s: float
+    """When it started."""
     logged_s: float | None = None
     """When it was last logged; None while it has not been."""
-    count: int = 1
+    count: int = 0
+    """Times met in the episode."""
+    since_line: int = 0
+    """Times met since it was last logged."""
+    said: set[str] = field(default_factory=set)
+    """Texts (numbers aside) logged in the episode."""
+    unsaid: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Texts (numbers aside) met since the last line -> the latest in full, and how often."""
+    away_s: float | None = None
+    """Since when `key` has worked (its episode ends after the quiet period); None while not."""
+    clear_line: str | None = None
+    """The line that ends the episode, as `cleared` last gave it."""

@@ -196,7 +196,18 @@ class GridFile:
             if stated_s > mtime_s + _CLOCK_SKEW_S:
                 # Nothing is stated after it is written (a local time marked Z, a skewed clock):
                 # such a value would stay fresh for as long as it is ahead.
-                notes.append(f"updated_at is after the file was written; taking {_iso(mtime_s)}")
+                # The times stay out of the note: a note is warned of once while it lasts,
+                # and they change at every rewrite.
+                notes.append(
+                    f"updated_at is after the file was written (by more than {_CLOCK_SKEW_S:g} "
+                    "s); taking the file's mtime"
+                )
+                log.debug(
+                    "grid.file %s: updated_at %s, mtime %s taken",
+                    self.path,
+                    _iso(stated_s),
+                    _iso(mtime_s),
+                )
                 stated_s = mtime_s
         problems = []
         # Built aside and swapped in whole: value() reads from the tick's thread.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from powerd.actuator import Actuator
-from powerd.gpu.errors import GpuLost, NoPermission, NotSupported
+from powerd.gpu.errors import GpuError, GpuLost, NoPermission, NotSupported
 from powerd.journal import Journal, restore_all
 from powerd.model import GpuInfo, GpuReading, GroupDecision
 
@@ -354,3 +354,37 @@ def test_a_gpu_whose_operator_limit_cannot_be_saved_does_not_keep_powerds_lock(
         "unlocked once: nothing controls its clocks while its new limit cannot be saved"
     )
     assert ("lock", "GPU-1", (345, 1200)) in backend.writes[before:]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_a_write_that_fails_now_and_then_is_one_problem_not_two_lines_a_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One lock write in ten fails, for an hour of 1-s decisions that each write: a warning
+    and a reminder every 10 min, and 'written again' once no write failed for 10 min."""
+    backend = RecordingBackend(1)
+    clock = _Clock()
+    actuator = Actuator(backend, Journal(tmp_path / "journal.json"), dry_run=False, clock=clock)
+    actuator.track(backend.infos[0])
+    timeout = GpuError("Timeout", operation="nvmlDeviceSetGpuLockedClocks", uuid="GPU-0")
+    with caplog.at_level(logging.INFO, logger="powerd.actuator"):
+        for tick in range(3600):
+            if tick % 10 == 5:
+                backend.fail[("lock", "GPU-0")] = timeout
+            actuator.apply(_decision(1500 + 15 * (tick % 2)), ["GPU-0"])
+            backend.fail.clear()
+            clock.now_s += 1.0
+        assert [r.levelno for r in caplog.records] == [logging.WARNING] * 6
+        for tick in range(601):
+            actuator.apply(_decision(1500 + 15 * (tick % 2)), ["GPU-0"])
+            clock.now_s += 1.0
+    assert [r.levelno for r in caplog.records] == [logging.WARNING] * 6 + [logging.INFO]
+    cleared = caplog.records[-1].getMessage()
+    assert cleared.startswith("GPU GPU-0: settings are written again (no problem for 10 min")

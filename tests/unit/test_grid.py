@@ -213,6 +213,26 @@ def test_an_updated_at_after_the_file_was_written_is_not_believed(
     assert "updated_at is after the file was written" in caplog.text
 
 
+def test_an_updated_at_after_the_file_was_written_is_warned_of_once_over_rewrites(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job that writes local time marked Z every 5 minutes: one warning while it lasts, not
+    one a rewrite (the mtime taken, which changes each time, is only at debug)."""
+    clock = Clock()
+    grid, path = file_grid(tmp_path, clock)
+    with caplog.at_level(logging.WARNING, logger="powerd.grid"):
+        for rewrite in range(12):
+            clock.advance(300.0)
+            written_s = clock.now_s - 1
+            ahead = datetime.fromtimestamp(written_s + 3600, timezone.utc)
+            write_json(path, {"updated_at": iso(ahead), "price_per_kwh": 0.2 + rewrite / 100})
+            os.utime(path, (written_s, written_s))
+            assert grid.poll().price == GridSignalStatus("price", 0.2 + rewrite / 100, "file", 1.0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "updated_at is after the file was written" in warnings[0]
+
+
 @pytest.mark.parametrize(
     ("ahead_min", "age_s", "believed"), [(4, 6 * 60.0, True), (6, 10 * 60.0, False)]
 )

@@ -143,19 +143,25 @@ def test_a_lasting_problem_is_logged_when_it_starts_changes_is_recalled_and_clea
         problems.problem("gpu0", logging.WARNING, "GPU %s: read failed: %s", 0, "Timeout")
         problems.problem("gpu0", logging.WARNING, "GPU %s: read failed: %s", 0, "Unknown")
         problems.cleared("gpu0", "GPU %s: read again", 0)
+        clock.now_s = 1199.0
+        problems.cleared("gpu0", "GPU %s: read again", 0)
+        assert len(caplog.records) == 3, "not cleared before it has stayed away quiet_s"
+        clock.now_s = 1200.0
+        problems.cleared("gpu0", "GPU %s: read again", 0)
         problems.cleared("gpu0", "GPU %s: read again", 0)
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.WARNING, "GPU 0: read failed: Timeout"),
-        (logging.WARNING, "GPU 0: read failed: Timeout (still, 302 times in 10 min)"),
+        (logging.WARNING, "GPU 0: read failed: Timeout (still, 301 times in the last 10 min)"),
         (logging.WARNING, "GPU 0: read failed: Unknown"),
-        (logging.INFO, "GPU 0: read again"),
+        (logging.INFO, "GPU 0: read again (no problem for 10 min)"),
     ]
 
 
 def test_a_problem_is_logged_only_once_it_has_lasted_the_reads_asked_for(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    problems = ProblemLog(logging.getLogger("powerd.test"), clock=_Clock())
+    clock = _Clock()
+    problems = ProblemLog(logging.getLogger("powerd.test"), clock=clock)
     with caplog.at_level(logging.INFO, logger="powerd.test"):
         problems.problem("a", logging.WARNING, "server a: timed out", after=3)
         problems.problem("a", logging.WARNING, "server a: refused", after=3)
@@ -164,7 +170,12 @@ def test_a_problem_is_logged_only_once_it_has_lasted_the_reads_asked_for(
         for _ in range(3):
             problems.problem("a", logging.WARNING, "server a: refused", after=3)
         problems.cleared("a", "server a: read again")
-    assert [r.getMessage() for r in caplog.records] == ["server a: refused", "server a: read again"]
+        clock.now_s += 600.0
+        problems.cleared("a", "server a: read again")
+    assert [r.getMessage() for r in caplog.records] == [
+        "server a: refused",
+        "server a: read again (no problem for 10 min)",
+    ]
 
 
 def test_numbers_in_a_problem_do_not_make_it_another(caplog: pytest.LogCaptureFixture) -> None:
@@ -176,4 +187,110 @@ def test_numbers_in_a_problem_do_not_make_it_another(caplog: pytest.LogCaptureFi
     assert [r.getMessage() for r in caplog.records] == [
         "server a: timed out after 0.512 s",
         "server a: cannot read metrics: refused",
+    ]
+
+
+def test_a_problem_whose_text_alternates_logs_a_handful_of_lines_an_hour(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A proxy answering 502 one scrape and resetting the next, for an hour of 1-s ticks: each
+    text once, then a reminder every 10 min naming both."""
+    clock = _Clock()
+    problems = ProblemLog(logging.getLogger("powerd.test"), clock=clock)
+    texts = ("server a: HTTP 502 from %s", "server a: cannot read %s: Connection reset by peer")
+    with caplog.at_level(logging.INFO, logger="powerd.test"):
+        for tick in range(3600):
+            problems.problem("a", logging.WARNING, texts[tick % 2], "http://a/metrics", after=3)
+            clock.now_s += 1.0
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:2] == [
+        "server a: HTTP 502 from http://a/metrics",
+        "server a: cannot read http://a/metrics: Connection reset by peer",
+    ]
+    assert len(lines) == 2 + 5, lines
+    assert lines[2] == (
+        "server a: cannot read http://a/metrics: Connection reset by peer (still, 600 times in "
+        "the last 10 min; also 300x server a: HTTP 502 from http://a/metrics)"
+    )
+
+
+def test_new_texts_beyond_the_first_few_wait_for_the_reminder(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = _Clock()
+    problems = ProblemLog(logging.getLogger("powerd.test"), clock=clock)
+    with caplog.at_level(logging.INFO, logger="powerd.test"):
+        for tick in range(600):
+            problems.problem("a", logging.WARNING, "a: error %s", "abcdefghij"[tick % 10])
+            clock.now_s += 1.0
+        clock.now_s += 2.0
+        problems.problem("a", logging.WARNING, "a: error %s", "z")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:3] == ["a: error a", "a: error b", "a: error c"]
+    assert len(lines) == ProblemLog.MAX_TEXTS + 1
+    assert lines[3].startswith("a: error z (still, 598 times in the last 10 min; also ")
+    assert "also 60x a: error d; 60x a: error e; 60x a: error f; and 7 other texts)" in lines[3]
+
+
+def test_a_problem_back_within_the_quiet_period_is_the_same_episode(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A write failing one call in ten, for an hour of 1-s ticks: one warning, reminders, and
+    no 'cleared' while it keeps coming back."""
+    clock = _Clock()
+    problems = ProblemLog(logging.getLogger("powerd.test"), clock=clock)
+    with caplog.at_level(logging.INFO, logger="powerd.test"):
+        for tick in range(3600):
+            if tick % 10 == 3:
+                problems.problem("gpu0", logging.WARNING, "GPU 0: set failed: Timeout")
+            else:
+                problems.cleared("gpu0", "GPU 0: settings are written again")
+            clock.now_s += 1.0
+        assert [r.levelno for r in caplog.records] == [logging.WARNING] * 6
+        assert caplog.records[1].getMessage() == (
+            "GPU 0: set failed: Timeout (still, 60 times in the last 10 min)"
+        )
+        for _ in range(601):
+            problems.cleared("gpu0", "GPU 0: settings are written again")
+            clock.now_s += 1.0
+    assert caplog.records[-1].getMessage() == (
+        "GPU 0: settings are written again (no problem for 10 min; 59 more times since the "
+        "last line)"
+    )
+    assert len(caplog.records) == 7
+
+
+def test_a_new_episode_after_the_quiet_period_is_logged_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = _Clock()
+    problems = ProblemLog(logging.getLogger("powerd.test"), clock=clock)
+    with caplog.at_level(logging.INFO, logger="powerd.test"):
+        problems.problem("gpu0", logging.WARNING, "GPU 0: set failed: Timeout")
+        clock.now_s = 5.0
+        problems.cleared("gpu0", "GPU 0: settings are written again")
+        clock.now_s = 605.0
+        # Back after the quiet period, with no cleared() to end the old episode since.
+        problems.problem("gpu0", logging.WARNING, "GPU 0: set failed: Timeout")
+        problems.problem("gpu0", logging.WARNING, "GPU 0: set failed: Timeout")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "GPU 0: set failed: Timeout"),
+        (logging.INFO, "GPU 0: settings are written again (no problem for 10 min)"),
+        (logging.WARNING, "GPU 0: set failed: Timeout"),
+    ]
+
+
+def test_a_clear_at_once_is_logged_without_the_quiet_period(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = _Clock()
+    problems = ProblemLog(logging.getLogger("powerd.test"), clock=clock)
+    with caplog.at_level(logging.INFO, logger="powerd.test"):
+        problems.problem("gpu0", logging.ERROR, "GPU 0 is lost")
+        problems.cleared("gpu0", "GPU 0 has answered for 10 min", at_once=True)
+        problems.problem("gpu0", logging.ERROR, "GPU 0 is lost")
+    assert [r.getMessage() for r in caplog.records] == [
+        "GPU 0 is lost",
+        "GPU 0 has answered for 10 min",
+        "GPU 0 is lost",
     ]
