@@ -222,9 +222,10 @@ class Group:
     every DISCOVERY_RETRY_S, they join it once they open."""
     discovery_wait_s: float = DISCOVERY_RETRY_S
     next_discovery_s: float | None = None
+    """When its GPUs are looked for again while it has none, or after a restart whose lookup
+    found none (None: not scheduled)."""
     restarts_seen: int = 0
     """The source's restart count when its discovered GPUs were last looked up."""
-    """When its GPUs are looked for again while it has none (None: not scheduled yet)."""
 
     @property
     def controlled(self) -> bool:
@@ -633,18 +634,21 @@ class Daemon:
                 log.debug("server %s: still observed only: %s", group.spec.name, why)
                 continue
             group.set_gpus(uuids, self.infos)
+            # The server runs on these now: a GPU of it still lost is no longer its own.
+            group.lost_uuids = []
             log.info(
                 "server %s: found its GPUs %s; controlling them", group.spec.name, ", ".join(uuids)
             )
             found = True
-        found = self._follow_restarted_servers() or found
+        found = self._follow_restarted_servers(now_s) or found
         if found:
             self._reconfigure_policy(self.config)
 
-    def _follow_restarted_servers(self) -> bool:
+    def _follow_restarted_servers(self, now_s: float) -> bool:
         """Look up again the GPUs of each discovered server that restarted (a scheduler may
-        have started it on others): take its new GPUs and put back those it left. True when a
-        group's GPUs changed."""
+        have started it on others): take its new GPUs and put back those it left. A lookup
+        that finds none is tried again after DISCOVERY_RETRY_S. True when a group's GPUs
+        changed."""
         changed = False
         for group in self.groups:
             restarts = group.source.restarts
@@ -652,9 +656,9 @@ class Daemon:
                 group.source.config.gpus is not None
                 or not group.controlled
                 or restarts == group.restarts_seen
+                or (group.next_discovery_s is not None and now_s < group.next_discovery_s)
             ):
                 continue
-            group.restarts_seen = restarts
             others = {
                 uuid
                 for other in self.groups
@@ -663,8 +667,11 @@ class Daemon:
             }
             uuids, why, _ = self._claim_gpus(group.source.config, others)
             if not uuids:
+                group.next_discovery_s = now_s + DISCOVERY_RETRY_S
                 log.debug("server %s restarted; keeping its GPUs: %s", group.spec.name, why)
                 continue
+            group.restarts_seen = restarts
+            group.next_discovery_s = None
             if set(uuids) == {*group.uuids, *group.lost_uuids}:
                 continue
             left = [uuid for uuid in group.uuids if uuid not in uuids]
@@ -675,6 +682,8 @@ class Daemon:
                 ", ".join([*group.uuids, *group.lost_uuids]),
             )
             group.set_gpus(uuids, self.infos)
+            # A GPU it left while lost is no group's when it answers (actuator.rejoin unlocks it).
+            group.lost_uuids = []
             self._release(left, f"server {group.spec.name} restarted on other GPUs")
             changed = True
         return changed

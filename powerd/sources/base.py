@@ -860,12 +860,14 @@ class Source:
                 # Two polls at one instant: keep the older baseline and report no rates.
                 self.no_rate_reason = "the two scrapes came at one instant"
                 return self._sample(reading, None, now_s, time.perf_counter() - start)
-            if dt_s <= self.max_window_s:
-                window = compare(prev, reading, dt_s, self.config.slo.quantile)
-                why = _no_window_reason(prev, reading)
-                if window is None and why == RESTARTED:
-                    self.restarts += 1
-            else:
+            # Compared whatever the gap, to count a restart: a server a scheduler restarts
+            # (loading a model) is often away for longer than a window may last.
+            window = compare(prev, reading, dt_s, self.config.slo.quantile)
+            why = _no_window_reason(prev, reading)
+            if window is None and why == RESTARTED:
+                self.restarts += 1
+            if dt_s > self.max_window_s:
+                window = None
                 why = f"the scrapes were more than {self.max_window_s:g} s apart"
             if window is not None and window.prompt_len is not None:
                 self._prompt_mix.add(dt_s, *window.prompt_len)

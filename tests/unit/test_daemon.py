@@ -1242,9 +1242,13 @@ def test_a_discovered_server_that_restarts_on_other_gpus_is_followed_there(
     the one it left, which may run another job now."""
     where = [0]
     calls: list[str] = []
+    loading = [False]
 
     def discover(url: str, compute_pids: Any, uuids: list[str], **_: Any) -> list[str]:
         calls.append(url)
+        if loading[0]:
+            loading[0] = False
+            raise SourceError("no process of the server holds a GPU yet")
         return [uuids[where[0]]]
 
     monkeypatch.setattr(daemon_module, "discover_server_gpus", discover)
@@ -1256,13 +1260,49 @@ def test_a_discovered_server_that_restarts_on_other_gpus_is_followed_there(
     rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
     rig.run(30)
     assert len(calls) == 1, "found once, and not looked up again while the server runs"
+    # Away for longer than a rate window (a model loads), then back on GPU 1; the first
+    # lookup finds no GPU yet.
+    rig.fetch.down.add("vllm-0")
+    rig.run(90)
     where[0] = 1
+    loading[0] = True
     rig.node.servers[0].restart()
+    rig.fetch.down.clear()
     rig.run(2)
-    assert len(calls) == 2
+    assert len(calls) == 2 and rig.daemon.groups[0].uuids == [rig.uuid(0)]
+    rig.run(round(daemon_module.DISCOVERY_RETRY_S))
+    assert len(calls) == 3, "looked up again after the retry wait"
     assert rig.daemon.groups[0].uuids == [rig.uuid(1)]
     assert _locked(rig, 0) is None, "the GPU the server left is back as found"
     rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
+    assert _locked(rig, 0) is None
+
+
+def test_a_discovered_server_found_elsewhere_while_its_gpu_is_lost_keeps_it_when_it_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its GPU falls off the bus and the server comes up on another: the lost one, back, is no
+    longer the server's, and goes back as found."""
+    where = [0]
+    monkeypatch.setattr(
+        daemon_module, "discover_server_gpus", lambda url, pids, uuids, **_: [uuids[where[0]]]
+    )
+
+    def configure(node: SimNode) -> Config:
+        return Config(servers=(dataclasses.replace(server_configs(node)[0], gpus=None),))
+
+    rig = make_rig(tmp_path, configure=configure)
+    rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
+    first = rig.uuid(0)
+    rig.fake.lose_gpu(0)
+    rig.run(2)
+    where[0] = 0  # the GPU list discovery sees no longer has the lost GPU: index 0 is GPU 1
+    rig.run(3 * round(daemon_module.DISCOVERY_RETRY_S))
+    assert rig.daemon.groups[0].uuids == [rig.uuid(1)]
+    rig.fake.restore_gpu(0)
+    rig.run(round(daemon_module.DISCOVERY_RETRY_S) + 2)
+    assert first in rig.daemon.infos, "it answers again"
+    assert rig.daemon.groups[0].uuids == [rig.uuid(1)], "and stays out of the server's group"
     assert _locked(rig, 0) is None
 
 
