@@ -241,13 +241,13 @@ class Actuator:
             state = self.states[uuid]
             if state.observe_only and state.observe_only_reason != "journal_error":
                 continue
-            before = (state.lock_max_mhz, state.power_limit_mw)
             try:
                 if limits_mw is not None and limits_mw.get(uuid) is not None and not self.dry_run:
                     self._follow_operator(state, limits_mw[uuid])
                 self._apply_one(state, decision, power_w, clock_mhz)
-                if (state.lock_max_mhz, state.power_limit_mw) != before:
-                    self._write_problems.cleared(uuid, "GPU %s: settings are written again", uuid)
+                # Every decision the GPU holds counts toward the quiet period that ends a write
+                # problem, whether or not it needed a write.
+                self._write_problems.cleared(uuid, "GPU %s: settings are written again", uuid)
             except GpuLost as exc:
                 lost = lost or exc
             except JournalError as exc:
@@ -531,6 +531,7 @@ class Actuator:
         uuid = state.info.uuid
         try:
             self._reset_lock(state)
+            self._write_problems.cleared(uuid, "GPU %s: its clocks are unlocked", uuid)
         except GpuLost:
             return  # the tick's reading drops it
         except GpuError as exc:

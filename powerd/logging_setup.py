@@ -199,7 +199,11 @@ class ProblemLog:
                 self._end(key, known, now_s)
                 known = None
             else:
+                known.away_fails += 1
+                if known.away_fails < after:
+                    return
                 known.away_s = None
+                known.away_fails = 0
         if known is None:
             known = self._open[key] = _Problem(now_s)
         known.count += 1
@@ -230,6 +234,7 @@ class ProblemLog:
             return
         now_s = self._clock()
         known.clear_line = message % args if args else message
+        known.away_fails = 0
         if known.away_s is None:
             known.away_s = now_s
         if at_once or now_s - known.away_s >= self._quiet_s:
@@ -297,3 +302,6 @@ class _Problem:
     """Since when `key` has worked (its episode ends after the quiet period); None while not."""
     clear_line: str | None = None
     """The line that ends the episode, as `cleared` last gave it."""
+    away_fails: int = 0
+    """Problems in a row since `key` last worked, while away: fewer than `after` do not bring
+    the episode back (a lone failed read is not worth a line)."""

@@ -388,3 +388,25 @@ def test_a_write_that_fails_now_and_then_is_one_problem_not_two_lines_a_failure(
     assert [r.levelno for r in caplog.records] == [logging.WARNING] * 6 + [logging.INFO]
     cleared = caplog.records[-1].getMessage()
     assert cleared.startswith("GPU GPU-0: settings are written again (no problem for 10 min")
+
+
+def test_a_write_that_failed_once_under_a_steady_decision_is_cleared_after_the_quiet_period(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry holds and then nothing needs writing: the decisions the GPU holds still count
+    toward the quiet period, so the warning gets its closing line."""
+    backend = RecordingBackend(1)
+    clock = _Clock()
+    actuator = Actuator(backend, Journal(tmp_path / "journal.json"), dry_run=False, clock=clock)
+    actuator.track(backend.infos[0])
+    backend.fail[("lock", "GPU-0")] = GpuError(
+        "Timeout", operation="nvmlDeviceSetGpuLockedClocks", uuid="GPU-0"
+    )
+    with caplog.at_level(logging.INFO, logger="powerd.actuator"):
+        actuator.apply(_decision(1500), ["GPU-0"])
+        backend.fail.clear()
+        for _ in range(700):
+            clock.now_s += 1.0
+            actuator.apply(_decision(1500), ["GPU-0"])
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
+    assert "settings are written again" in caplog.records[-1].getMessage()

@@ -294,3 +294,26 @@ def test_a_clear_at_once_is_logged_without_the_quiet_period(
         "GPU 0 has answered for 10 min",
         "GPU 0 is lost",
     ]
+
+
+def test_a_lone_problem_while_away_does_not_bring_back_an_episode_that_needs_several(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server read that fails once in a while after an outage (three in a row make a
+    problem): no 'still' line, and the outage's end is logged after the quiet period."""
+    clock = _Clock()
+    problems = ProblemLog(logging.getLogger("powerd.test"), clock=clock)
+    with caplog.at_level(logging.INFO, logger="powerd.test"):
+        for _ in range(5):
+            problems.problem("srv", logging.WARNING, "server: refused", after=3)
+            clock.now_s += 1.0
+        for tick in range(3600):
+            if tick % 540 == 0:
+                problems.problem("srv", logging.WARNING, "server: refused", after=3)
+            else:
+                problems.cleared("srv", "server: read again")
+            clock.now_s += 1.0
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "server: refused",
+        "server: read again",
+    ]
