@@ -372,6 +372,15 @@ class Daemon:
         now_s (virtual time in a simulation), monotonic before the first tick."""
         return time.monotonic() if self._prev_tick_s is None else self._prev_tick_s
 
+    def _claimed_by_others(self, group: Group) -> set[str]:
+        """The GPUs, lost ones included, of every group but `group`."""
+        return {
+            uuid
+            for other in self.groups
+            if other is not group
+            for uuid in [*other.uuids, *other.lost_uuids]
+        }
+
     def _controlled_uuids(self) -> set[str]:
         """The GPUs the servers' groups control now (lost ones are not among them)."""
         return {uuid for group in self.groups for uuid in group.uuids}
@@ -659,13 +668,7 @@ class Daemon:
                 or (group.next_discovery_s is not None and now_s < group.next_discovery_s)
             ):
                 continue
-            others = {
-                uuid
-                for other in self.groups
-                if other is not group
-                for uuid in [*other.uuids, *other.lost_uuids]
-            }
-            uuids, why, _ = self._claim_gpus(group.source.config, others)
+            uuids, why, _ = self._claim_gpus(group.source.config, self._claimed_by_others(group))
             if not uuids:
                 group.next_discovery_s = now_s + DISCOVERY_RETRY_S
                 log.debug("server %s restarted; keeping its GPUs: %s", group.spec.name, why)
@@ -767,14 +770,10 @@ class Daemon:
         for group in self.groups:
             if not group.missing_gpus:
                 continue
-            others = {
-                uuid
-                for other in self.groups
-                if other is not group
-                for uuid in [*other.uuids, *other.lost_uuids]
-            }
             try:
-                uuids, why, missing = self._claim_gpus(group.source.config, others)
+                uuids, why, missing = self._claim_gpus(
+                    group.source.config, self._claimed_by_others(group)
+                )
             except ConfigError as exc:
                 self._problems.problem(("missing", group.spec.name), logging.ERROR, "%s", exc)
                 continue
