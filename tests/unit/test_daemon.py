@@ -757,13 +757,20 @@ def test_a_reload_that_leaves_a_server_as_it_was_keeps_its_group_reading(tmp_pat
         assert new.sm_clock_max_mhz <= old.sm_clock_max_mhz + 150, "no jump to f_max"
 
 
-def test_reload_without_a_server_puts_its_gpus_back_to_defaults(tmp_path: Path) -> None:
+def _rig_locked_and_its_second_server_dropped(tmp_path: Path) -> tuple[Rig, Path]:
+    """A rig from a config file once powerd has locked GPU 1, with that file written again
+    without the second server (which a reload then releases)."""
     rig, path = _rig_from_file(tmp_path)
     rig.run(15)
     rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
     data = _config_data(rig.node)
     data["servers"] = data["servers"][:1]
     path.write_text(yaml.safe_dump(data))
+    return rig, path
+
+
+def test_reload_without_a_server_puts_its_gpus_back_to_defaults(tmp_path: Path) -> None:
+    rig, path = _rig_locked_and_its_second_server_dropped(tmp_path)
     before = len(rig.fake.writes)
     assert rig.daemon.reload(path) is True
     assert _locked(rig, 1) is None, "GPUs no server claims any more are released"
@@ -777,12 +784,7 @@ def test_reload_without_a_server_puts_its_gpus_back_to_defaults(tmp_path: Path) 
 def test_a_release_that_fails_is_tried_again_until_the_gpu_is_back_as_found(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    rig, path = _rig_from_file(tmp_path)
-    rig.run(15)
-    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
-    data = _config_data(rig.node)
-    data["servers"] = data["servers"][:1]
-    path.write_text(yaml.safe_dump(data))
+    rig, path = _rig_locked_and_its_second_server_dropped(tmp_path)
     rig.fake.inject_error(1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout)
     with caplog.at_level(logging.INFO, logger="powerd.daemon"):
         assert rig.daemon.reload(path) is True
@@ -1172,6 +1174,11 @@ def test_a_server_showing_first_tokens_neither_way_is_named_once_and_kept_fast(
 # ------------------------------------------------------------------------ servers without GPUs
 
 
+def _first_server_discovered(node: SimNode) -> Config:
+    """The node's first server alone, its GPUs to be discovered."""
+    return Config(servers=(dataclasses.replace(server_configs(node)[0], gpus=None),))
+
+
 def _two_servers(node: SimNode, second_gpus: tuple[int | str, ...] | None) -> Config:
     first, second = server_configs(node)
     return Config(servers=(first, dataclasses.replace(second, gpus=second_gpus)))
@@ -1253,10 +1260,7 @@ def test_a_discovered_server_that_restarts_on_other_gpus_is_followed_there(
 
     monkeypatch.setattr(daemon_module, "discover_server_gpus", discover)
 
-    def configure(node: SimNode) -> Config:
-        return Config(servers=(dataclasses.replace(server_configs(node)[0], gpus=None),))
-
-    rig = make_rig(tmp_path, configure=configure)
+    rig = make_rig(tmp_path, configure=_first_server_discovered)
     rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
     rig.run(30)
     assert len(calls) == 1, "found once, and not looked up again while the server runs"
@@ -1288,10 +1292,7 @@ def test_a_discovered_server_found_elsewhere_while_its_gpu_is_lost_keeps_it_when
         daemon_module, "discover_server_gpus", lambda url, pids, uuids, **_: [uuids[where[0]]]
     )
 
-    def configure(node: SimNode) -> Config:
-        return Config(servers=(dataclasses.replace(server_configs(node)[0], gpus=None),))
-
-    rig = make_rig(tmp_path, configure=configure)
+    rig = make_rig(tmp_path, configure=_first_server_discovered)
     rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
     first = rig.uuid(0)
     rig.fake.lose_gpu(0)
