@@ -1560,6 +1560,8 @@ class Daemon:
 
     def _retry_releases(self) -> None:
         """Release again the GPUs whose release failed, unless a group controls them again."""
+        if not self._unreleased:
+            return
         controlled = self._controlled_uuids()
         for uuid in [uuid for uuid in self._unreleased if uuid in controlled]:
             del self._unreleased[uuid]
