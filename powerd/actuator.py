@@ -158,6 +158,18 @@ class Actuator:
             state.lock_max_mhz is not None or state.power_limit_mw is not None
         )
 
+    def note_held_settings(
+        self, uuid: str, lock_max_mhz: int | None, power_limit_mw: int | None
+    ) -> None:
+        """The GPU still holds these settings of powerd's (their restore failed): its next
+        decision, or a release, is written against them rather than against the defaults."""
+        state = self.states.get(uuid)
+        if state is None:
+            return
+        state.lock_max_mhz, state.power_limit_mw = lock_max_mhz, power_limit_mw
+        if power_limit_mw is not None:
+            self._left(state, power_limit_mw)
+
     def lose(self, uuid: str) -> None:
         """The GPU is gone: nothing is written to it, and what powerd last set on it (which it
         may still hold) is kept until it is back (rejoin) or restored."""

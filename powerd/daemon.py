@@ -285,6 +285,9 @@ class Daemon:
         """GPUs whose power limit powerd cannot set -> the limit reserved in budget mode."""
         self._unreleased: dict[str, str] = {}
         """GPUs released whose settings could not be put back yet, and why they were released."""
+        self._unrestored: dict[str, tuple[int | None, int | None]] = {}
+        """GPUs a switch into a dry run could not restore -> the (clock lock MHz, power limit
+        mW) of powerd's they hold; restored again every tick while the dry run lasts."""
         for info in list(self.infos.values()):
             self._take_in(info)
         self._prev_energy_mj: dict[str, int] = {}
@@ -887,6 +890,7 @@ class Daemon:
             group.decision = decision
         self._note_budget_feasibility()
         self._retry_releases()
+        self._retry_restores()
         # A backlog the decision does not know about is still there: the guard's raise holds
         # from the tick on, not from its next read.
         raised = self._raised_caps(now_s)
@@ -1379,8 +1383,10 @@ class Daemon:
     def _device_settings(self, uuid: str) -> tuple[int | None, int | None]:
         """(locked clock maximum MHz, power limit mW) powerd has set on the GPU, None for each
         left at its default. A dry run sets nothing: its decisions are the groups' figures."""
+        if self.actuator.dry_run:
+            return self._unrestored.get(uuid, (None, None))
         state = self.actuator.states.get(uuid)
-        if state is None or self.actuator.dry_run:
+        if state is None:
             return None, None
         return state.lock_max_mhz, state.power_limit_mw
 
@@ -1456,14 +1462,16 @@ class Daemon:
         groups = self._keep_unchanged_groups(config, groups)
         self._pool.close()
         _close_connections([old for old in self.groups if all(old is not g for g in groups)])
+        claimed = {uuid for group in groups for uuid in group.uuids}
+        leaving_dry_run = self.actuator.dry_run and not config.dry_run
         if config.dry_run and not self.actuator.dry_run:
-            # Dry run promises untouched GPUs: put back what the wet run changed.
-            self.restore()
+            self._restore_for_dry_run()
         else:
-            claimed = {uuid for group in groups for uuid in group.uuids}
             self._release([u for g in self.groups for u in g.uuids if u not in claimed])
         self.config = config
         self.actuator.dry_run = config.dry_run
+        if leaving_dry_run:
+            self._hand_unrestored_to_wet_run(claimed)
         self.actuator.retry_power_limits()
         self.grid = GridSignal(config.grid, previous=self.grid)
         self.groups = groups
@@ -1557,6 +1565,56 @@ class Daemon:
                     uuid,
                     why,
                 )
+
+    def _restore_for_dry_run(self) -> None:
+        """Put back what the wet run changed (a dry run promises untouched GPUs); a GPU whose
+        restore failed is tried again every tick (_retry_restores)."""
+        self.restore()
+        for uuid, state in self.actuator.states.items():
+            if state.observe_only_reason == "gpu_lost" or not self.actuator.holds_settings(uuid):
+                continue  # a lost GPU's settings are put back when it returns (rejoin)
+            self._unrestored[uuid] = (state.lock_max_mhz, state.power_limit_mw)
+            log.warning(
+                "GPU %s: its settings could not be put back for the dry run; trying again "
+                "every tick",
+                uuid,
+            )
+
+    def _retry_restores(self) -> None:
+        """Restore again the GPUs a switch into the dry run could not restore (a lost one when
+        it is back). A failure every tick is one problem in the log."""
+        if not self._unrestored or self.journal is None:
+            return
+        states = self.actuator.states
+        retried = [
+            uuid
+            for uuid in self._unrestored
+            if uuid not in states or states[uuid].observe_only_reason != "gpu_lost"
+        ]
+        if not retried:
+            return
+        report = restore_all(self.backend, self.journal, only=retried, log_each=False)
+        for uuid in report.restored + report.dropped:
+            del self._unrestored[uuid]
+            self._problems.forget(("unrestored", uuid))
+            log.info("GPU %s: restored for the dry run; back as found", uuid)
+        for uuid, why in report.failed.items():
+            self._problems.problem(
+                ("unrestored", uuid),
+                logging.ERROR,
+                "GPU %s: still not restored for the dry run: %s",
+                uuid,
+                why,
+            )
+
+    def _hand_unrestored_to_wet_run(self, claimed: set[str]) -> None:
+        """Leaving a dry run: the GPUs it could not restore hold the settings of the wet run
+        before it, which the actuator is told of; those no server uses are released."""
+        unrestored, self._unrestored = self._unrestored, {}
+        for uuid, (lock_max_mhz, power_limit_mw) in unrestored.items():
+            self._problems.forget(("unrestored", uuid))
+            self.actuator.note_held_settings(uuid, lock_max_mhz, power_limit_mw)
+        self._release([uuid for uuid in unrestored if uuid not in claimed])
 
     def _retry_releases(self) -> None:
         """Release again the GPUs whose release failed, unless a group controls them again."""

@@ -326,7 +326,11 @@ def read_boot_id() -> str | None:
 
 
 def restore_all(
-    backend: GpuBackend, journal: Journal, *, only: Collection[str] | None = None
+    backend: GpuBackend,
+    journal: Journal,
+    *,
+    only: Collection[str] | None = None,
+    log_each: bool = True,
 ) -> RestoreReport:
     """Put back every saved setting, newest first (with `only`, those of these GPUs, the
     others kept as they are); never raises.
@@ -339,7 +343,8 @@ def restore_all(
     reported in `dropped`. The journal file is removed once every GPU was restored. If the
     journal was corrupt, every GPU's clocks are reset (locking is powerd's doing, a reset is
     always safe) and power limits are left as they are, since their originals are lost. Logs
-    each GPU; the caller logs `report.summary()`.
+    each GPU unless not `log_each` (a caller retrying every tick logs the outcome itself); the
+    caller logs `report.summary()`.
     """
     report = RestoreReport()
     if journal.load_error is not None and only is None:
@@ -352,7 +357,9 @@ def restore_all(
         if only is not None and entry.uuid not in only:
             remaining.append(entry)
             continue
-        outcome = _restore_one(backend, entry, journal.power_limit_left_mw(entry.uuid))
+        outcome = _restore_one(
+            backend, entry, journal.power_limit_left_mw(entry.uuid), log_each=log_each
+        )
         if outcome is None:
             report.restored.append(entry.uuid)
             continue
@@ -375,7 +382,8 @@ def restore_all(
         else:
             report.failed[entry.uuid] = reason
         remaining.append(entry)
-        log.error("GPU %s: not restored: %s", entry.uuid, reason)
+        if log_each:
+            log.error("GPU %s: not restored: %s", entry.uuid, reason)
     remaining.reverse()
     try:
         journal.retain(remaining)
@@ -386,7 +394,7 @@ def restore_all(
 
 
 def _restore_one(
-    backend: GpuBackend, entry: JournalEntry, left_mw: int | None
+    backend: GpuBackend, entry: JournalEntry, left_mw: int | None, *, log_each: bool = True
 ) -> tuple[str, str] | None:
     """None when restored, else ('lost' | 'failed', reason). Each knob is tried whatever the
     other's outcome: a clock reset that fails must not keep the power limit from coming back.
@@ -435,7 +443,8 @@ def _restore_one(
             failures.append(f"{type(exc).__name__}: {exc}")
     if failures:
         return "failed", "; ".join(failures)
-    log.info("GPU %s: restored (clocks unlocked, power limit %s)", entry.uuid, limit_text)
+    if log_each:
+        log.info("GPU %s: restored (clocks unlocked, power limit %s)", entry.uuid, limit_text)
     return None
 
 

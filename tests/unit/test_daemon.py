@@ -817,6 +817,65 @@ def test_reload_into_dry_run_restores_the_gpus_and_then_writes_nothing(tmp_path:
     assert all(_locked(rig, i) is None for i in (0, 1))
 
 
+def test_a_gpu_a_switch_into_dry_run_could_not_put_back_is_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dry run promises untouched GPUs: one whose restore failed is not left at powerd's
+    lock for the dry run's life."""
+    rig, path = _rig_from_file(tmp_path)
+    rig.run(15)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
+    data = _config_data(rig.node)
+    data["dry_run"] = True
+    path.write_text(yaml.safe_dump(data))
+    rig.fake.inject_error(1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout)
+    with caplog.at_level(logging.INFO, logger="powerd.daemon"):
+        assert rig.daemon.reload(path) is True
+        assert _locked(rig, 1) is not None, "the one reset write failed"
+        assert rig.journal_path.exists(), "its saved settings are kept"
+        assert any("trying again every tick" in r.getMessage() for r in caplog.records)
+        snapshot = rig.run(1)
+    assert _locked(rig, 1) is None, "the next tick restores it"
+    assert not rig.journal_path.exists()
+    assert snapshot.dry_run
+    before = len(rig.fake.writes)
+    rig.run(10)
+    assert len(rig.fake.writes) == before, "and then the dry run writes nothing"
+
+
+def test_a_gpu_still_locked_when_a_dry_run_ends_is_written_by_the_wet_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leaving a dry run while a GPU still holds what the wet run before it set: the wet run
+    knows it is locked, so a release (or its group's next decision) unlocks it."""
+    rig, path = _rig_from_file(tmp_path)
+    rig.run(15)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
+    data = _config_data(rig.node)
+    data["dry_run"] = True
+    path.write_text(yaml.safe_dump(data))
+    rig.fake.inject_error(
+        1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout, persistent=True
+    )
+    with caplog.at_level(logging.INFO, logger="powerd.daemon"):
+        assert rig.daemon.reload(path) is True
+        snapshot = rig.run(5)
+    locked = _locked(rig, 1)
+    assert locked is not None, "every reset fails"
+    retried = [r for r in caplog.records if "still not restored" in r.getMessage()]
+    assert len(retried) == 1, "a failure every tick is one line"
+    held = {gpu.info.uuid: gpu.sm_clock_lock_max_mhz for gpu in snapshot.gpus}
+    assert held[rig.uuid(1)] == locked[1], "the export shows the lock it holds"
+    assert held[rig.uuid(0)] is None
+    rig.fake.clear_errors()
+    data["dry_run"] = False
+    data["servers"] = data["servers"][:1]
+    path.write_text(yaml.safe_dump(data))
+    assert rig.daemon.reload(path) is True
+    rig.run(1)
+    assert _locked(rig, 1) is None, "no server uses it any more: released, not left locked"
+
+
 # ------------------------------------------------------------------------ off mode
 
 
