@@ -22,17 +22,18 @@ was replaced or taken out): it is dropped. One gone in the same boot may come ba
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, GpuBackend
+from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, STALL_S, GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NotSupported
 from powerd.model import GpuInfo
 
@@ -331,20 +332,23 @@ def restore_all(
     *,
     only: Collection[str] | None = None,
     log_each: bool = True,
+    stall_s: float = STALL_S,
 ) -> RestoreReport:
-    """Put back every saved setting, newest first (with `only`, those of these GPUs, the
-    others kept as they are); never raises.
+    """Put back every saved setting (with `only`, those of these GPUs, the others kept as they
+    are); never raises.
 
-    Per GPU: reset the locked clocks, then set the saved power limit (one saved as unknown,
-    which powerd never changed, is left as it is; so is one that differs from what this
-    process last left on the GPU, see Journal.note_power_limit_left: someone else set it
-    since). A GPU that is gone or refuses is reported and kept in the journal, except one gone
-    whose entry was saved in an earlier boot (the reboot reset it): that entry is dropped and
-    reported in `dropped`. The journal file is removed once every GPU was restored. If the
-    journal was corrupt, every GPU's clocks are reset (locking is powerd's doing, a reset is
-    always safe) and power limits are left as they are, since their originals are lost. Logs
-    each GPU unless not `log_each` (a caller retrying every tick logs the outcome itself); the
-    caller logs `report.summary()`.
+    Every GPU's locked clocks are reset first, newest entry first, then every saved power
+    limit: the unlock matters most, and no GPU's limit waits for another's clocks. A saved
+    limit unknown (powerd never changed it) is left as it is; so is one that differs from
+    what this process last left on the GPU (see Journal.note_power_limit_left: someone else
+    set it since). A GPU that is gone, refuses, or takes longer than `stall_s` to answer a
+    call (tried no further) is reported and kept in the journal, except one gone whose entry
+    was saved in an earlier boot (the reboot reset it): that entry is dropped and reported in
+    `dropped`. The journal file is removed once every GPU was restored. If the journal was
+    corrupt, every GPU's clocks are reset (locking is powerd's doing, a reset is always safe)
+    and power limits are left as they are, since their originals are lost. Logs each GPU
+    unless not `log_each` (a caller retrying every tick logs the outcome itself); the caller
+    logs `report.summary()`.
     """
     report = RestoreReport()
     if journal.load_error is not None and only is None:
@@ -353,21 +357,33 @@ def restore_all(
         journal.load_error = None
 
     remaining: list[JournalEntry] = []
+    restoring: list[_Restoring] = []
     for entry in reversed(journal.entries()):
         if only is not None and entry.uuid not in only:
             remaining.append(entry)
-            continue
-        outcome = _restore_one(
-            backend, entry, journal.power_limit_left_mw(entry.uuid), log_each=log_each
-        )
-        if outcome is None:
+        else:
+            restoring.append(_Restoring(entry, journal.power_limit_left_mw(entry.uuid)))
+    for gpu in restoring:
+        gpu.attempt(functools.partial(backend.reset_locked_clocks, gpu.entry.uuid), stall_s)
+    for gpu in restoring:
+        if gpu.lost is None and not gpu.stalled:
+            gpu.attempt(functools.partial(gpu.put_limit_back, backend), stall_s)
+
+    for gpu in restoring:
+        entry = gpu.entry
+        if gpu.lost is None and not gpu.failures:
             report.restored.append(entry.uuid)
+            if log_each:
+                log.info(
+                    "GPU %s: restored (clocks unlocked, power limit %s)",
+                    entry.uuid,
+                    gpu.limit_text,
+                )
             continue
-        kind, reason = outcome
         booted_since = None not in (entry.boot_id, journal.boot_id) and (
             entry.boot_id != journal.boot_id
         )
-        if kind == "lost" and booted_since:
+        if gpu.lost is not None and booted_since:
             report.dropped.append(entry.uuid)
             log.info(
                 "GPU %s: gone, and saved before the node rebooted (boot %s, now %s), which "
@@ -377,9 +393,11 @@ def restore_all(
                 journal.boot_id,
             )
             continue
-        if kind == "lost":
+        if gpu.lost is not None:
+            reason = gpu.lost
             report.lost.append(entry.uuid)
         else:
+            reason = "; ".join(gpu.failures)
             report.failed[entry.uuid] = reason
         remaining.append(entry)
         if log_each:
@@ -393,25 +411,54 @@ def restore_all(
     return report
 
 
-def _restore_one(
-    backend: GpuBackend, entry: JournalEntry, left_mw: int | None, *, log_each: bool = True
-) -> tuple[str, str] | None:
-    """None when restored, else ('lost' | 'failed', reason). Each knob is tried whatever the
-    other's outcome: a clock reset that fails must not keep the power limit from coming back.
+@dataclass
+class _Restoring:
+    """One GPU's restore: each knob is tried whatever the other's outcome (a clock reset that
+    fails must not keep the power limit from coming back), unless the GPU is gone or stalled.
     `left_mw` is the limit this process last left on the GPU, None if not known."""
-    limit_text = (
-        f"{entry.power_limit_mw} mW" if entry.power_limit_mw is not None else "left as found"
-    )
 
-    def put_limit_back() -> None:
-        nonlocal limit_text
+    entry: JournalEntry
+    left_mw: int | None
+    failures: list[str] = field(default_factory=list)
+    lost: str | None = None
+    """Why the GPU is gone, once a call said so."""
+    stalled: bool = False
+    limit_text: str = ""
+
+    def __post_init__(self) -> None:
+        limit_mw = self.entry.power_limit_mw
+        self.limit_text = f"{limit_mw} mW" if limit_mw is not None else "left as found"
+
+    def attempt(self, knob: Callable[[], None], stall_s: float) -> None:
+        started_s = time.monotonic()
+        try:
+            knob()
+        except NotSupported:
+            pass  # the GPU lacks the knob, so powerd cannot have changed it
+        except GpuLost as exc:
+            self.lost = str(exc)
+        except GpuError as exc:
+            self.failures.append(str(exc))
+        except Exception as exc:  # a backend bug must not stop the other GPUs' restore
+            log.exception("GPU %s: unexpected error while restoring", self.entry.uuid)
+            self.failures.append(f"{type(exc).__name__}: {exc}")
+        took_s = time.monotonic() - started_s
+        if took_s > stall_s and self.lost is None:
+            self.stalled = True
+            self.failures.append(
+                f"the GPU took {took_s:.1f} s to answer and was tried no further (a GPU that "
+                "stalls, as in a firmware hang, holds every call as long)"
+            )
+
+    def put_limit_back(self, backend: GpuBackend) -> None:
+        entry = self.entry
         if entry.power_limit_mw is None:
             return
-        if left_mw is not None:
+        if self.left_mw is not None:
             now_mw, _ = read_power_limit_mw(backend, entry.uuid)
-            if now_mw is not None and abs(now_mw - left_mw) > POWER_LIMIT_TOLERANCE_MW:
+            if now_mw is not None and abs(now_mw - self.left_mw) > POWER_LIMIT_TOLERANCE_MW:
                 # Set outside powerd after powerd's last write: the operator's, kept.
-                limit_text = f"left at {now_mw} mW, set outside powerd since it last wrote one"
+                self.limit_text = f"left at {now_mw} mW, set outside powerd since it last wrote one"
                 return
         info = backend.describe(entry.uuid)
         low_mw, high_mw = info.power_limit_min_mw, info.power_limit_max_mw
@@ -427,25 +474,6 @@ def _restore_one(
                 f"{low_mw}-{high_mw} mW; left as it is (set it with nvidia-smi -pl)"
             )
         backend.set_power_limit(entry.uuid, entry.power_limit_mw)
-
-    failures: list[str] = []
-    for knob in (lambda: backend.reset_locked_clocks(entry.uuid), put_limit_back):
-        try:
-            knob()
-        except NotSupported:
-            continue  # the GPU lacks the knob, so powerd cannot have changed it
-        except GpuLost as exc:
-            return "lost", str(exc)
-        except GpuError as exc:
-            failures.append(str(exc))
-        except Exception as exc:  # a backend bug must not stop the other GPUs' restore
-            log.exception("GPU %s: unexpected error while restoring", entry.uuid)
-            failures.append(f"{type(exc).__name__}: {exc}")
-    if failures:
-        return "failed", "; ".join(failures)
-    if log_each:
-        log.info("GPU %s: restored (clocks unlocked, power limit %s)", entry.uuid, limit_text)
-    return None
 
 
 def read_power_limit_mw(backend: GpuBackend, uuid: str) -> tuple[int | None, str]:

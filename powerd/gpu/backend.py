@@ -15,6 +15,12 @@ POWER_LIMIT_TOLERANCE_MW = 1000
 applied (a driver that rounds the limit must not turn every write into an error and a
 re-write), and a limit read within it of the one powerd left is powerd's, not someone else's."""
 
+STALL_S = 5.0
+"""A GPU that takes longer than this (s) to answer is taken for stalled: a healthy GPU answers
+a call in milliseconds, one whose firmware hangs (Xid 119) in about 45 s, each call waiting out
+the driver's RPC timeout. A reading that long makes the GPU lost; a restore tries nothing more
+on it, so it delays the other GPUs by one call, not one per knob."""
+
 
 class GpuBackend(Protocol):
     def devices(self) -> list[GpuInfo]:

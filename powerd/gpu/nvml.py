@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW
+from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, STALL_S
 from powerd.gpu.errors import (
     GpuError,
     GpuLost,
@@ -90,9 +90,15 @@ _HINTS: dict[type[GpuError], str] = {
 class NvmlBackend:
     """GpuBackend over NVML. `nvml` is a pynvml-compatible module or object (default: the
     installed pynvml). Construction initialises NVML and raises GpuUnavailable with one
-    sentence naming the cause when it cannot."""
+    sentence naming the cause when it cannot. `clock` stamps readings (Unix seconds)."""
 
-    def __init__(self, nvml: Any = None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        nvml: Any = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        stall_s: float = STALL_S,
+    ) -> None:
         if nvml is None:
             try:
                 import pynvml
@@ -104,6 +110,7 @@ class NvmlBackend:
             nvml = pynvml
         self._nvml = nvml
         self._clock = clock
+        self._stall_s = stall_s
         self._lock = threading.Lock()
         self.error_counts: dict[tuple[str, str], int] = {}
         """Errors by (NVML function, GpuError kind) since start; read by the exporter."""
@@ -325,18 +332,27 @@ class NvmlBackend:
         return handle
 
     def _info(self, uuid: str) -> GpuInfo:
+        """The GPU's description, described now if it was not: that GPU alone, so a call for
+        one GPU (a restore in a fresh process) waits on no other, a stalled one included.
+        Raises GpuLost when it is not present."""
         info = self._infos.get(uuid)
         if info is None:
-            self.devices()
-            info = self._infos.get(uuid)
-            if info is None:
-                raise self._record(
-                    GpuLost(
-                        f"GPU {uuid} is not present",
-                        operation="nvmlDeviceGetHandleByUUID",
-                        uuid=uuid,
-                    )
-                )
+            handle = self._handle(uuid)
+            try:
+                index = int(self._call("nvmlDeviceGetIndex", uuid, handle))
+            except NotSupported:
+                self.devices()  # a binding without the call: enumerate to learn the index
+                info = self._infos.get(uuid)
+                if info is None:
+                    raise self._record(
+                        GpuLost(
+                            f"GPU {uuid} is not present",
+                            operation="nvmlDeviceGetHandleByUUID",
+                            uuid=uuid,
+                        )
+                    ) from None
+                return info
+            info = self._infos[uuid] = self._describe(index, uuid, handle)
         return info
 
     # --- reads ----------------------------------------------------------------------------
@@ -357,34 +373,46 @@ class NvmlBackend:
         return _int_or_none(self._optional("nvmlDeviceGetPowerManagementLimit", uuid, handle))
 
     def read(self, uuid: str) -> GpuReading:
-        """One telemetry reading; a value the device cannot give is None. Raises GpuLost."""
+        """One telemetry reading; a value the device cannot give is None. Raises GpuLost,
+        also for a GPU whose reading took longer than `stall_s` (it is not read further: a
+        GPU whose firmware hangs holds every call for tens of seconds)."""
         info = self._info(uuid)
         handle = self._handle(uuid)
         nvml = self._nvml
         timestamp_s = self._clock()
-        power_mw = self._optional("nvmlDeviceGetPowerUsage", uuid, handle)
-        energy_mj = self._optional("nvmlDeviceGetTotalEnergyConsumption", uuid, handle)
-        sm_clock_mhz = self._optional(
-            "nvmlDeviceGetClockInfo", uuid, handle, getattr(nvml, "NVML_CLOCK_SM", 1)
-        )
-        power_limit_mw = self._optional("nvmlDeviceGetPowerManagementLimit", uuid, handle)
-        enforced_mw = self._optional("nvmlDeviceGetEnforcedPowerLimit", uuid, handle)
-        reasons = self._optional_first(_CLOCK_EVENT_REASONS, uuid, handle)
-        temperature_c = self._optional(
-            "nvmlDeviceGetTemperature", uuid, handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
-        )
-        return GpuReading(
-            uuid=uuid,
-            index=info.index,
-            timestamp_s=timestamp_s,
-            power_mw=_int_or_none(power_mw),
-            energy_mj=_int_or_none(energy_mj),
-            sm_clock_mhz=_int_or_none(sm_clock_mhz),
-            power_limit_mw=_int_or_none(power_limit_mw),
-            enforced_power_limit_mw=_int_or_none(enforced_mw),
-            clock_event_reasons=_int_or_none(reasons),
-            temperature_c=_int_or_none(temperature_c),
-        )
+        started_s = time.monotonic()
+        reads: dict[str, Callable[[], Any]] = {
+            "power_mw": lambda: self._optional("nvmlDeviceGetPowerUsage", uuid, handle),
+            "energy_mj": lambda: self._optional(
+                "nvmlDeviceGetTotalEnergyConsumption", uuid, handle
+            ),
+            "sm_clock_mhz": lambda: self._optional(
+                "nvmlDeviceGetClockInfo", uuid, handle, getattr(nvml, "NVML_CLOCK_SM", 1)
+            ),
+            "power_limit_mw": lambda: self._optional(
+                "nvmlDeviceGetPowerManagementLimit", uuid, handle
+            ),
+            "enforced_power_limit_mw": lambda: self._optional(
+                "nvmlDeviceGetEnforcedPowerLimit", uuid, handle
+            ),
+            "clock_event_reasons": lambda: self._optional_first(_CLOCK_EVENT_REASONS, uuid, handle),
+            "temperature_c": lambda: self._optional(
+                "nvmlDeviceGetTemperature", uuid, handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
+            ),
+        }
+        values: dict[str, int | None] = {}
+        for name, read_one in reads.items():
+            values[name] = _int_or_none(read_one())
+            took_s = time.monotonic() - started_s
+            if took_s > self._stall_s:
+                raise self._record(
+                    GpuLost(
+                        f"GPU {uuid} stopped answering: its reading took {took_s:.1f} s",
+                        operation="read",
+                        uuid=uuid,
+                    )
+                )
+        return GpuReading(uuid=uuid, index=info.index, timestamp_s=timestamp_s, **values)
 
     def compute_pids(self, uuid: str) -> list[int]:
         """PIDs with a compute context on the GPU; empty when NVML cannot list them."""

@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import operator
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar, overload
 
@@ -301,6 +302,9 @@ class FakeNvml:
         self._lost: set[int] = set()
         self._disabled: dict[int, set[str]] = collections.defaultdict(set)
         self._injected: dict[tuple[int | None, str], tuple[type[pynvml.NVMLError], bool]] = {}
+        self._stalled_s: dict[int, float] = {}
+        self.sleep: Callable[[float], None] = time.sleep
+        """How a stalled GPU's calls wait (a test may count the time instead)."""
         self._pids: dict[int, list[tuple[int, int | None]]] = {}
         self._default_persistence = persistence_mode
         self._persistence = [persistence_mode] * n
@@ -331,6 +335,16 @@ class FakeNvml:
     def restore_gpu(self, i: int) -> None:
         with self.lock:
             self._lost.discard(self._check_index(i))
+
+    def stall_gpu(self, i: int, seconds: float) -> None:
+        """Make every call on GPU i wait `seconds`, then raise Timeout, as on a GPU whose
+        firmware hangs (Xid 119: each call waits out the driver's RPC timeout)."""
+        with self.lock:
+            self._stalled_s[self._check_index(i)] = seconds
+
+    def unstall_gpu(self, i: int) -> None:
+        with self.lock:
+            self._stalled_s.pop(self._check_index(i), None)
 
     def inject_error(
         self,
@@ -399,6 +413,10 @@ class FakeNvml:
         self._begin(function)
         i = self.handle_index(handle)
         self._raise_injected(i, function)
+        stalled_s = self._stalled_s.get(i)
+        if stalled_s is not None:
+            self.sleep(stalled_s)
+            raise pynvml.NVMLError_Timeout()
         if i in self._lost or self.plant.is_shut_down(i):
             raise pynvml.NVMLError_GpuIsLost()
         feature = _FEATURE_OF.get(function)

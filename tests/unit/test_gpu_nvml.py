@@ -4,6 +4,7 @@ pynvml on a machine without a driver."""
 from __future__ import annotations
 
 import ctypes
+import time
 from pathlib import Path
 from typing import Any
 
@@ -502,3 +503,32 @@ def test_compute_pids_are_below_the_machines_pid_max(
     assert NvmlBackend(fake).compute_pids(fake.uuids[0]) == [111, 32767]
     monkeypatch.setattr(nvml_module, "_PID_MAX_PATH", tmp_path / "absent")
     assert NvmlBackend(fake).compute_pids(fake.uuids[0]) == [111, 32767, 32768, 4_000_000]
+
+
+def test_a_gpu_that_stalls_is_read_no_further_and_taken_for_lost(fake: FakeNvml) -> None:
+    backend = NvmlBackend(fake, stall_s=0.05)
+    uuid = backend.devices()[1].uuid
+    waits: list[float] = []
+
+    def hang(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(0.1)  # the firmware hang's 45 s, shortened
+
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0)
+    with pytest.raises(GpuLost, match="stopped answering"):
+        backend.read(uuid)
+    assert waits == [45.0], "one call waited; the other six reads were not tried"
+    fake.unstall_gpu(1)
+    assert backend.read(uuid).power_mw is not None
+
+
+def test_a_gpu_described_late_is_described_alone(fake: FakeNvml) -> None:
+    """A fresh process restoring one GPU (powerd restore) touches no other GPU: one that
+    stalls would hold every call on it."""
+    uuid = NvmlBackend(fake).devices()[0].uuid
+    fresh = NvmlBackend(fake)
+    fake.stall_gpu(1, 45.0)
+    fake.sleep = lambda s: pytest.fail("GPU 1 was called")
+    assert fresh.describe(uuid).uuid == uuid
+    fresh.reset_locked_clocks(uuid)

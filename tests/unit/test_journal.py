@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def test_remember_is_idempotent(tmp_path: Path) -> None:
     assert again.entries()[0].power_limit_mw == DEFAULT_MW
 
 
-def test_restore_runs_newest_first(tmp_path: Path) -> None:
+def test_restore_unlocks_every_gpu_newest_first_then_puts_limits_back(tmp_path: Path) -> None:
     fake, backend, infos = make_node(3)
     journal = Journal(tmp_path / "journal.json")
     order = [infos[1], infos[0], infos[2]]
@@ -116,15 +117,13 @@ def test_restore_runs_newest_first(tmp_path: Path) -> None:
 
     assert restore_all(backend, journal).ok
 
-    touched: list[int] = []
-    for _, index, _ in fake.writes:
-        if not touched or touched[-1] != index:
-            touched.append(index)
-    assert touched == [2, 0, 1]
-    # Per GPU: clocks first, then the power limit.
-    assert [name for name, index, _ in fake.writes if index == 0] == [
-        "nvmlDeviceResetGpuLockedClocks",
-        "nvmlDeviceSetPowerManagementLimit",
+    assert [(name, index) for name, index, _ in fake.writes] == [
+        ("nvmlDeviceResetGpuLockedClocks", 2),
+        ("nvmlDeviceResetGpuLockedClocks", 0),
+        ("nvmlDeviceResetGpuLockedClocks", 1),
+        ("nvmlDeviceSetPowerManagementLimit", 2),
+        ("nvmlDeviceSetPowerManagementLimit", 0),
+        ("nvmlDeviceSetPowerManagementLimit", 1),
     ]
 
 
@@ -607,3 +606,30 @@ def test_restore_after_sigkill_of_the_writer(tmp_path: Path) -> None:
     fresh, _, _ = make_node(2, state_file=str(state_file))
     assert fresh.plant.power_limit_mw(1) == DEFAULT_MW
     assert fresh.plant.locked_clocks(1) is None
+
+
+def test_a_stalled_gpu_holds_back_no_other_gpus_restore(tmp_path: Path) -> None:
+    """A GPU whose firmware hangs holds each call for about 45 s: restore (a fresh process,
+    as ExecStopPost= runs it, within TimeoutStopSec=) calls it once and puts every other GPU
+    back."""
+    fake, backend, infos = make_node(4)
+    journal = Journal(tmp_path / "journal.json")
+    for info in infos:
+        change(backend, journal, info, 450_000)
+    waits: list[float] = []
+
+    def hang(seconds: float) -> None:
+        waits.append(seconds)
+        time.sleep(0.1)  # the 45 s, shortened
+
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0)
+    report = restore_all(NvmlBackend(fake), Journal(journal.path), stall_s=0.05)
+
+    assert waits == [45.0], "the stalled GPU is called once"
+    assert sorted(report.restored) == sorted(info.uuid for i, info in enumerate(infos) if i != 1)
+    assert "tried no further" in report.failed[infos[1].uuid]
+    assert [entry.uuid for entry in Journal(journal.path).entries()] == [infos[1].uuid]
+    for i in (0, 2, 3):
+        assert fake.plant.locked_clocks(i) is None
+        assert fake.plant.power_limit_mw(i) == DEFAULT_MW
