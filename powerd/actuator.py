@@ -35,6 +35,9 @@ from powerd.model import GpuInfo, GroupDecision
 
 log = logging.getLogger(__name__)
 
+LOCK_RESEND_S = 60.0
+"""A clock setting held unchanged is sent to the GPU again this often (s): one changed outside
+powerd (NVML cannot read a lock back) lasts at most this long, for one call a minute."""
 DRY_RUN_LOG_S = 60.0
 """In a dry run, each GPU's "would set" is logged at INFO at most this often (the latest;
 every change at DEBUG): the controller moves a settled clock every tick or two, and a day's
@@ -71,6 +74,9 @@ class GpuControlState:
     one succeeds the GPU's limit counts as out of powerd's reach."""
     power_limit_retry: bool = False
     """Try a refused limit once more at the next write (after a loss and return, a reload)."""
+    lock_sent_s: float | None = None
+    """When the clock setting (a lock, or none) was last sent to the GPU or, before the first
+    send, first decided (the actuator's clock); the setting is sent again LOCK_RESEND_S on."""
     would_set: str = ""
     """In dry-run mode, the last setting that would have been written."""
     would_set_logged_s: float | None = None
@@ -94,11 +100,13 @@ class Actuator:
         dry_run: bool,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`clock` (seconds) times the write problems' reminders and quiet periods."""
+        """`clock` (seconds) times the clock settings sent again, and the write problems'
+        reminders and quiet periods."""
         self._backend = backend
         self._journal = journal
         self._dry_run = dry_run
         self.states: dict[str, GpuControlState] = {}
+        self._clock = clock
         self._write_problems = ProblemLog(log, clock=clock)
 
     @property
@@ -332,14 +340,25 @@ class Actuator:
             state.lock_max_mhz, state.power_limit_mw = want_lock, want_limit
             return
 
-        if want_lock != state.lock_max_mhz and state.clock_lock_supported:
-            self._remember(state, power_limit=False)
+        now_s = self._clock()
+        if state.lock_sent_s is None:
+            state.lock_sent_s = now_s
+        # NVML cannot read a lock back, and anyone with root can change it (nvidia-smi -lgc,
+        # -rgc): a setting held unchanged is sent again, so one changed outside powerd lasts
+        # at most LOCK_RESEND_S. A release (mode off) sends only what changes.
+        resend = decision.mode != "off" and now_s - state.lock_sent_s >= LOCK_RESEND_S
+        if (want_lock != state.lock_max_mhz or resend) and state.clock_lock_supported:
+            if want_lock is not None or state.lock_max_mhz is not None:
+                self._remember(state, power_limit=False)  # a reset alone changes nothing saved
             try:
                 if want_lock is None:
-                    self._backend.reset_locked_clocks(info.uuid)
+                    self._backend.reset_locked_clocks(info.uuid, resend=resend)
                 else:
-                    self._backend.set_locked_clocks(info.uuid, info.sm_clock_min_mhz, want_lock)
+                    self._backend.set_locked_clocks(
+                        info.uuid, info.sm_clock_min_mhz, want_lock, resend=resend
+                    )
                 state.lock_max_mhz = want_lock
+                state.lock_sent_s = now_s
             except NotSupported:
                 state.clock_lock_supported = False
                 log.warning("GPU %s cannot lock clocks; falling back to its power limit", info.uuid)

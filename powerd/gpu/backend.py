@@ -46,12 +46,16 @@ class GpuBackend(Protocol):
         """The power limit now (one call; None when it cannot be read). Raises GpuLost."""
         ...
 
-    def set_locked_clocks(self, uuid: str, min_mhz: int, max_mhz: int) -> tuple[int, int]:
-        """Lock the SM clock into [min_mhz, max_mhz] after clamping; returns the applied range."""
+    def set_locked_clocks(
+        self, uuid: str, min_mhz: int, max_mhz: int, *, resend: bool = False
+    ) -> tuple[int, int]:
+        """Lock the SM clock into [min_mhz, max_mhz] after clamping; returns the applied range.
+        A backend may skip a request for the range it set last, unless `resend`."""
         ...
 
-    def reset_locked_clocks(self, uuid: str) -> None:
-        """Unlock the SM clocks (the driver default)."""
+    def reset_locked_clocks(self, uuid: str, *, resend: bool = False) -> None:
+        """Unlock the SM clocks (the driver default). A backend may skip the call when it
+        unlocked them last, unless `resend`."""
         ...
 
     def set_power_limit(self, uuid: str, power_limit_mw: int) -> int:

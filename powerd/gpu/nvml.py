@@ -451,14 +451,16 @@ class NvmlBackend:
 
     # --- writes ---------------------------------------------------------------------------
 
-    def set_locked_clocks(self, uuid: str, min_mhz: int, max_mhz: int) -> tuple[int, int]:
+    def set_locked_clocks(
+        self, uuid: str, min_mhz: int, max_mhz: int, *, resend: bool = False
+    ) -> tuple[int, int]:
         """Lock the SM clock into [min_mhz, max_mhz], each rounded down to a supported clock.
         Returns the range applied. NVML cannot read a lock back, so the range is remembered;
-        a request for the range already set is not sent again."""
+        a request for the range already set is not sent again, unless `resend`."""
         info = self._info(uuid)
         high = info.clamp_clock_mhz(max(min_mhz, max_mhz))
         low = min(info.clamp_clock_mhz(min(min_mhz, max_mhz)), high)
-        if self._locked_mhz.get(uuid, ()) == (low, high):
+        if not resend and self._locked_mhz.get(uuid, ()) == (low, high):
             return low, high
         handle = self._handle(uuid)
         # If the call fails the driver's state is no longer known: forget it, so the next
@@ -468,9 +470,10 @@ class NvmlBackend:
         self._locked_mhz[uuid] = (low, high)
         return low, high
 
-    def reset_locked_clocks(self, uuid: str) -> None:
-        """Unlock the SM clocks. Skipped only when powerd itself unlocked them last."""
-        if uuid in self._locked_mhz and self._locked_mhz[uuid] is None:
+    def reset_locked_clocks(self, uuid: str, *, resend: bool = False) -> None:
+        """Unlock the SM clocks. Skipped only when powerd itself unlocked them last, unless
+        `resend`."""
+        if not resend and uuid in self._locked_mhz and self._locked_mhz[uuid] is None:
             return
         handle = self._handle(uuid)
         self._locked_mhz.pop(uuid, None)

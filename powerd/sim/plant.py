@@ -737,6 +737,9 @@ class GpuPlant:
 
     def _schedule_lock(self, i: int, lo: float, hi: float, dead_time_s: float | None) -> None:
         st = self.state
+        held = (st[i, S_LOCK_MIN_MHZ], st[i, S_LOCK_MAX_MHZ])
+        if st[i, S_PEND_LOCK_AT_S] < 0.0 and held == (lo, hi):
+            return  # the range it holds, nothing pending: nothing changes, no dead time passes
         st[i, S_PEND_LOCK_MIN_MHZ] = lo
         st[i, S_PEND_LOCK_MAX_MHZ] = hi
         st[i, S_PEND_LOCK_AT_S] = st[i, S_TIME_S] + self._dead_time_s(i, dead_time_s)

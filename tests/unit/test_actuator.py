@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from powerd.actuator import Actuator
+from powerd.actuator import LOCK_RESEND_S, Actuator
 from powerd.gpu.errors import GpuError, GpuLost, NoPermission, NotSupported
 from powerd.journal import Journal, restore_all
 from powerd.model import GpuInfo, GpuReading, GroupDecision
@@ -63,11 +63,13 @@ class RecordingBackend:
             raise error
         self.writes.append((op, uuid, args))
 
-    def set_locked_clocks(self, uuid: str, min_mhz: int, max_mhz: int) -> tuple[int, int]:
+    def set_locked_clocks(
+        self, uuid: str, min_mhz: int, max_mhz: int, *, resend: bool = False
+    ) -> tuple[int, int]:
         self._write("lock", uuid, min_mhz, max_mhz)
         return min_mhz, max_mhz
 
-    def reset_locked_clocks(self, uuid: str) -> None:
+    def reset_locked_clocks(self, uuid: str, *, resend: bool = False) -> None:
         self._write("unlock", uuid)
 
     def set_power_limit(self, uuid: str, power_limit_mw: int) -> int:
@@ -410,3 +412,49 @@ def test_a_write_that_failed_once_under_a_steady_decision_is_cleared_after_the_q
             actuator.apply(_decision(1500), ["GPU-0"])
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
     assert "settings are written again" in caplog.records[-1].getMessage()
+
+
+def test_a_clock_setting_held_unchanged_is_sent_again_every_minute(tmp_path: Path) -> None:
+    """NVML cannot read a lock back: one reset or set outside powerd (nvidia-smi -rgc, -lgc)
+    lasts until the setting is sent again."""
+    backend = RecordingBackend(2)
+    now_s = [0.0]
+    journal = Journal(tmp_path / "journal.json")
+    actuator = Actuator(backend, journal, dry_run=False, clock=lambda: now_s[0])
+    for info in backend.infos:
+        actuator.track(info)
+    f_max = backend.infos[1].sm_clock_max_mhz
+
+    def apply_at(t_s: float) -> list[tuple[str, str, tuple[int, ...]]]:
+        now_s[0] = t_s
+        before = len(backend.writes)
+        actuator.apply(_decision(1500), ["GPU-0"])
+        actuator.apply(_decision(f_max), ["GPU-1"])
+        return [(op, uuid, args) for op, uuid, args in backend.writes[before:] if op != "limit"]
+
+    assert apply_at(0.0) == [("lock", "GPU-0", (345, 1500))]
+    assert apply_at(30.0) == []
+    assert apply_at(LOCK_RESEND_S) == [
+        ("lock", "GPU-0", (345, 1500)),
+        ("unlock", "GPU-1", ()),
+    ], "the lock held, and the unlocked GPU's reset, sent again"
+    assert apply_at(LOCK_RESEND_S + 30.0) == []
+    assert [e.uuid for e in journal.entries()] == ["GPU-0"], "a reset sent again saves nothing"
+
+
+def test_a_release_sends_only_what_changes(tmp_path: Path) -> None:
+    backend = RecordingBackend(1)
+    now_s = [0.0]
+    actuator = Actuator(
+        backend, Journal(tmp_path / "journal.json"), dry_run=False, clock=lambda: now_s[0]
+    )
+    actuator.track(backend.infos[0])
+    f_max = backend.infos[0].sm_clock_max_mhz
+    released = GroupDecision("", f_max, None, "off")
+    actuator.apply(_decision(1500), ["GPU-0"])
+    actuator.apply(released, ["GPU-0"])
+    before = len(backend.writes)
+    for t_s in (100.0, 200.0):
+        now_s[0] = t_s
+        actuator.apply(released, ["GPU-0"])
+    assert backend.writes[before:] == []

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from powerd import daemon as daemon_module
+from powerd.actuator import LOCK_RESEND_S
 from powerd.config import (
     NAMED_SERVER_KINDS,
     Config,
@@ -815,6 +816,33 @@ def test_reload_into_dry_run_restores_the_gpus_and_then_writes_nothing(tmp_path:
     assert len(rig.fake.writes) == before
     assert snapshot.dry_run and all(g.observe_only_reason == "dry_run" for g in snapshot.gpus)
     assert all(_locked(rig, i) is None for i in (0, 1))
+
+
+@pytest.mark.parametrize("outside", ["reset", "lock"])
+def test_a_lock_changed_outside_powerd_is_set_again_within_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outside: str
+) -> None:
+    """NVML cannot read a lock back: after `nvidia-smi -rgc` (or -lgc) a GPU whose decision
+    holds would run unlocked (or locked low) while powerd exported its own setting."""
+    rig = make_rig(tmp_path)
+    rig.run(15)
+    rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
+    held = {group.spec.name: group.decision for group in rig.daemon.groups}
+    monkeypatch.setattr(
+        rig.daemon.policy,
+        "decide",
+        lambda now_s, observations: [held[o.group] for o in observations],
+    )
+    rig.run(1)
+    ours = _locked(rig, 0)
+    handle = rig.fake.nvmlDeviceGetHandleByIndex(0)
+    if outside == "reset":
+        rig.fake.nvmlDeviceResetGpuLockedClocks(handle)
+    else:
+        rig.fake.nvmlDeviceSetGpuLockedClocks(handle, 345, 900)
+    rig.run(1)
+    assert _locked(rig, 0) != ours
+    rig.run_until(lambda s: _locked(rig, 0) == ours, round(LOCK_RESEND_S) + 2)
 
 
 def test_a_gpu_a_switch_into_dry_run_could_not_put_back_is_tried_again(
