@@ -294,6 +294,16 @@ def _restore_journal(config: Config) -> int:
         backend = open_backend(config)
     except GpuUnavailable as exc:
         print(f"powerd restore: {exc}", file=sys.stderr)
+        held = Journal(path, put_corrupt_aside=False).entries()
+        if held:
+            # After a driver upgrade under a running powerd (LIB_RM_VERSION_MISMATCH) this
+            # lasts until the module is reloaded, which resets them too.
+            print(
+                f"powerd restore: {len(held)} GPU(s) keep the settings powerd set until NVML "
+                "opens again (a driver reload or a reboot resets them): "
+                + ", ".join(f"{entry.uuid} (GPU {entry.index})" for entry in held),
+                file=sys.stderr,
+            )
         return 1
     try:
         journal = journal_for(config)

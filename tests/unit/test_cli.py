@@ -375,6 +375,30 @@ def test_a_corrupt_journal_waits_for_nvml_before_it_is_put_aside(
     assert changed_gpus(state_file) == {}, "and every clock was reset"
 
 
+def test_a_restore_without_nvml_names_the_gpus_left_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A driver upgraded under a running powerd that then crashed: no new process opens
+    NVML (LIB_RM_VERSION_MISMATCH) until the module is reloaded, and the GPUs keep powerd's
+    settings until then; the sysadmin is told which."""
+    data, state_file = _throttled_node(tmp_path)
+    config = tmp_path / "powerd.yaml"
+    config.write_text(yaml.safe_dump(data))
+
+    def mismatch(config: object) -> None:
+        raise GpuUnavailable("NVML is not available: the NVIDIA driver was upgraded")
+
+    monkeypatch.setattr(runtime, "open_backend", mismatch)
+    assert main(["restore", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "the NVIDIA driver was upgraded" in err
+    changed = changed_gpus(state_file)
+    assert changed and f"{len(changed)} GPU(s) keep the settings powerd set" in err
+    journal = tmp_path / "state" / "journal.json"
+    for entry in json.loads(journal.read_text())["entries"]:
+        assert entry["uuid"] in err
+
+
 @pytest.mark.parametrize("level", ["loud", ""])
 def test_a_bad_log_level_in_the_environment_never_stops_restore(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], level: str
