@@ -17,8 +17,8 @@ from unittest import mock
 import pytest
 import yaml
 
+from powerd import __version__, runtime
 from powerd import journal as journal_module
-from powerd import runtime
 from powerd.actuator import Actuator
 from powerd.cli import EX_CONFIG, main
 from powerd.config import SimConfig
@@ -593,3 +593,11 @@ def test_demo_options_that_cannot_run_are_refused_in_one_line(
     assert main(["demo", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"powerd demo: {message}") and err.count("\n") == 1
+
+
+def test_python_dash_m_powerd_is_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "powerd", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"powerd {__version__}"
