@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from powerd.bench.measure import Outcome, outcome
 from powerd.config import MODES, Config, ConfigError, MetricsConfig, SimConfig, SloConfig
+from powerd.control.kernels import CACHE_WARM
 from powerd.daemon import Daemon
 from powerd.exporter import Exporter, ExporterError
 from powerd.journal import Journal
@@ -133,6 +134,12 @@ def run_demo(options: DemoOptions) -> int:
         except ExporterError as exc:
             print(f"powerd demo: {exc} (--metrics-port)", file=sys.stderr)
             return 1
+        if not CACHE_WARM:
+            print(
+                "powerd demo: compiling the simulator's and the controller's kernels (once "
+                "for each version; up to a minute on a small machine)",
+                flush=True,
+            )
         simulation = start_simulation(sim, duration_s=options.duration_s)
         servers = server_configs(simulation.node, simulation.urls(), DEMO_SLO)
         config = demo_config(options, sim, servers=servers, state_dir=tmp)

@@ -6,6 +6,7 @@ values onto the kernel arrays and back, and keeps learned state across reconfigu
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import numpy as np
 from powerd.config import Config, SloConfig
 from powerd.control import kernels as k
 from powerd.model import BLIND_PREFILL_SHARE, GpuInfo, GroupDecision, GroupObservation
+
+log = logging.getLogger(__name__)
 
 _MODE_CODES = {
     "efficiency": k.MODE_EFFICIENCY,
@@ -292,6 +295,12 @@ class Controller:
 
     def warmup(self) -> None:
         """Compile every kernel (numba caches on disk), on copies so no state changes."""
+        if not k.CACHE_WARM:
+            log.info(
+                "compiling the control kernels into %s (once for each version; up to a "
+                "minute on a small machine)",
+                k.CACHE_DIR,
+            )
         if self._groups:
             arrays = self.arrays.copy()
         else:

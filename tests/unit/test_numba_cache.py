@@ -1,0 +1,57 @@
+"""The numba cache folder: fresh for every change of jitted code, never another user's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from powerd.control import numba_cache
+
+
+def _package(tmp_path: Path) -> Path:
+    package = tmp_path / "powerd"
+    (package / "sim").mkdir(parents=True)
+    (package / "sim" / "plant.py").write_text("@jit\ndef step(x):\n    return x\n")
+    (package / "cli.py").write_text("def main():\n    pass\n")
+    return package
+
+
+def test_the_folder_changes_with_any_jitted_module_and_only_with_one(tmp_path: Path) -> None:
+    package = _package(tmp_path)
+    before = numba_cache.cache_dir(tmp_path / "cache", package_dir=package)
+    (package / "cli.py").write_text("def main():\n    return 1\n")
+    assert numba_cache.cache_dir(tmp_path / "cache", package_dir=package) == before
+    (package / "sim" / "plant.py").write_text("@jit\ndef step(x):\n    return 2 * x\n")
+    after = numba_cache.cache_dir(tmp_path / "cache", package_dir=package)
+    assert after != before and after.parent == before.parent == tmp_path / "cache"
+    assert numba_cache.cache_dir(after, package_dir=package) == after, "not nested twice"
+
+
+def test_numba_cache_dir_is_the_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = _package(tmp_path)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "unit-cache"))
+    assert numba_cache.cache_dir(package_dir=package).parent == tmp_path / "unit-cache"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="planting a folder for another user needs root")
+def test_a_folder_planted_by_another_user_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no writable home, the cache goes to the temporary folder: one there that another
+    user made would let them hand root compiled code."""
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "unwritable" / "cache"))
+    (tmp_path / "unwritable").write_text("")  # not a folder: nothing can be made under it
+    monkeypatch.setattr(numba_cache.tempfile, "tempdir", str(tmp_path / "tmp"))
+    planted = tmp_path / "tmp" / f"powerd-numba-{os.getuid()}"
+    planted.mkdir(parents=True)
+    os.chown(planted, 65534, 65534)
+    package = _package(tmp_path)
+    chosen = numba_cache.cache_dir(package_dir=package)
+    assert planted not in chosen.parents and chosen.parent.parent == tmp_path / "tmp"
+    assert chosen.parent.stat().st_uid == 0
+    planted.rmdir()
+    chosen = numba_cache.cache_dir(package_dir=package)
+    assert chosen.parent == planted, "the user's own folder there is used again"
