@@ -313,6 +313,14 @@ def find_trace_file(file_name: str = AZURE_CONV_FILE) -> Path | None:
     return None
 
 
+def _where_looked() -> str:
+    """For a trace file not found: where $POWERD_TRACE_DIR pointed, or that it is unset."""
+    env = os.environ.get(TRACE_DIR_ENV)
+    if env:
+        return f"not in {TRACE_DIR_ENV}={env}"
+    return f"set {TRACE_DIR_ENV} to the folder that holds it"
+
+
 def trace_label(name_or_path: str) -> str:
     """What resolve_trace replays for this name, to label results with: the name, or for
     "azure-conv" without its file the pattern that stands in for it, saying so."""
@@ -341,9 +349,9 @@ def resolve_trace(
         path = find_trace_file()
         if path is None:
             log.warning(
-                "trace %s not found (set %s); using the diurnal pattern instead",
+                "trace %s not found (%s); using the diurnal pattern instead",
                 AZURE_CONV_FILE,
-                TRACE_DIR_ENV,
+                _where_looked(),
             )
             name = "diurnal"
         else:
