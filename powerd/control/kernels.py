@@ -153,73 +153,75 @@ ST_BASE_MHZ = 1
 ST_CAP_MHZ = 2
 """The cap last emitted."""
 ST_LIMIT_MW = 3
-ST_HOLD = 4
+ST_HOLD_S = 4
 """Seconds left during which the cap is not lowered (hysteresis after a raise)."""
-ST_TICK = 5
-ST_SETTLED = 6
+ST_SETTLED_S = 5
 """Seconds since the base last moved."""
-ST_DEMAND_TPS = 7
-ST_PROMPT_TPS = 8
-ST_ITL_S = 9
-ST_TTFT_S = 10
-ST_WAITING = 11
-ST_TOKENS_EW = 12
-ST_ENERGY_EW = 13
-ST_TPJ = 14
-ST_TARGET_MHZ = 15
-ST_POWER_W = 16
+ST_DEMAND_TPS = 6
+ST_PROMPT_TPS = 7
+ST_ITL_S = 8
+ST_TTFT_S = 9
+ST_WAITING = 10
+ST_TOKENS_EW = 11
+ST_ENERGY_EW = 12
+ST_TPJ = 13
+ST_TARGET_MHZ = 14
+ST_POWER_W = 15
 """Per-GPU power, smoothed."""
-ST_POWER_PEAK_W = 17
-ST_KAPPA = 18
+ST_POWER_PEAK_W = 16
+ST_KAPPA = 17
 """Learned knee of the latency roofline as a share of f_max."""
-ST_SLOPE_W_PER_MHZ = 19
+ST_SLOPE_W_PER_MHZ = 18
 """Learned d(power per GPU)/d(clock) at fixed demand."""
-ST_SLOPE_T = 20
+ST_SLOPE_T = 19
 """t-statistic of that slope."""
-ST_SLO_MIN_MHZ = 21
+ST_SLO_MIN_MHZ = 20
 """Predicted lowest clock meeting the latency SLO with margin."""
-ST_LOAD_BIN = 22
-ST_PRESSURE = 23
-"""1 when the group raised or holds for its SLO this tick."""
-ST_ENERGY_OPT_MHZ = 24
+ST_LOAD_BIN = 21
+ST_PRESSURE = 22
+"""1 when a guard raised the group's clock this tick (latency, a late first token, the queue,
+the KV cache, a preemption or a one-tick spike; at f_max a raise that has no room counts too),
+a hold after a raise lasts, or the observation is stale; else 0. A prefill burst's one-tick
+boost does not set it."""
+ST_ENERGY_OPT_MHZ = 23
 """Clock of least power at the current demand from the learned power model (NaN: none)."""
-ST_QUEUE_TREND = 25
+ST_QUEUE_TREND = 24
 """Smoothed change of the waiting count per second."""
-ST_SAFE_MHZ = 26
+ST_SAFE_MHZ = 25
 """Lowest clock above every recent SLO miss at the current demand (-inf: none)."""
-ST_RUNNING_EW = 27
-ST_GEN_EW = 28
-ST_ITL_EST_S = 29
+ST_RUNNING_EW = 26
+ST_GEN_EW = 27
+ST_ITL_EST_S = 28
 """Per-request mean inter-token latency estimated from running / tokens per second (NaN: none)."""
-ST_CLOCK_EW = 30
+ST_CLOCK_EW = 29
 """Actual clock averaged like the ITL estimate (the clock that estimate belongs to)."""
-ST_PROMPT_EW = 31
+ST_PROMPT_EW = 30
 """Prompt tokens/s, smoothed over tens of seconds."""
-ST_PREFILL_K = 32
+ST_PREFILL_K = 31
 """Learned prefill capacity per MHz (prompt tokens/s per MHz while requests wait)."""
-ST_PREFILL_MIN_MHZ = 33
+ST_PREFILL_MIN_MHZ = 32
 """Lowest clock keeping prefill headroom for bursts (NaN: not learned yet)."""
-ST_TTFT_WORK = 34
+ST_TTFT_WORK = 33
 """The slowest recent first token as TTFT x clock (MHz s), decaying: prefill time scales as 1/f,
 so this over the TTFT budget is the lowest clock that would have served it in time."""
-ST_RAISED_FROM_MHZ = 35
+ST_RAISED_FROM_MHZ = 34
 """The chosen clock before the current raise episode (NaN: none): the descent back to it is
 geometric, below it cautious."""
-ST_FINISHED_EW = 36
+ST_FINISHED_EW = 35
 """Finished requests per second, smoothed like the prompt rate (their ratio: prompt tokens
 per request)."""
-ST_CLOCK_HISTORY = 37
+ST_CLOCK_HISTORY = 36
 """The highest clock each of the last _CLOCK_HISTORY_BUCKETS whole seconds before the current
 one allowed (the higher of cap and actual clock, newest first), for blaming lagging signals."""
-ST_PREFILL_RUN = ST_CLOCK_HISTORY + _CLOCK_HISTORY_BUCKETS
+ST_PREFILL_RUN_S = ST_CLOCK_HISTORY + _CLOCK_HISTORY_BUCKETS
 """Seconds of consecutive ticks, up to the last, with requests waiting (0: none)."""
-ST_PREFILL_TOKENS = ST_PREFILL_RUN + 1
+ST_PREFILL_TOKENS = ST_PREFILL_RUN_S + 1
 """Prompt tokens of the run by second: the current second so far, then the two before it."""
 ST_PREFILL_MHZ_S = ST_PREFILL_TOKENS + _PREFILL_BUCKETS
 """Clock x seconds of the same seconds."""
-ST_PREFILL_SAMPLES = ST_PREFILL_MHZ_S + _PREFILL_BUCKETS
+ST_PREFILL_SAMPLES_S = ST_PREFILL_MHZ_S + _PREFILL_BUCKETS
 """Seconds of ticks that gave a capacity sample from a run so far (0: none)."""
-ST_TIMED_TOKENS = ST_PREFILL_SAMPLES + 1
+ST_TIMED_TOKENS = ST_PREFILL_SAMPLES_S + 1
 """Where the server times its prefill passes: prompt tokens, decaying (_TIMED_HALF_LIFE_S)."""
 ST_TIMED_S = ST_TIMED_TOKENS + 1
 """Seconds of prefill passes over the same decaying window."""
@@ -315,18 +317,27 @@ _MISS_MIN_GAP_S = 1.0
 """Misses at one demand bin count at most once a second: a tick shorter than that sees the same
 miss again."""
 _QUEUE_SLACK = 0.1
+"""No slack to lower while more than this share of max_waiting requests wait."""
 _QUEUE_MIN = 0.25
 """Share of max_waiting a queue must reach before its growth counts (admission queues of a
 request or two are normal in continuous batching)."""
 _QUEUE_TREND = 0.5
 """Requests per second of sustained queue growth that raise the clock."""
 _QUEUE_TREND_ALPHA = 0.5
+"""Smoothing factor per second of the queue's growth in requests per second (ST_QUEUE_TREND)."""
 _DEMAND_ALPHA = 0.5
+"""Smoothing factor per second of the generated and prompt tokens/s of a realtime server
+(ST_DEMAND_TPS, ST_PROMPT_TPS)."""
 _DEMAND_ALPHA_LUMPY = 0.2
 """For servers whose counters move at request end (not realtime)."""
 _POWER_ALPHA = 0.3
+"""Smoothing factor per second of the per-GPU power (ST_POWER_W)."""
 _ITL_ALPHA = 0.3
+"""Smoothing factor per second of the TTFT, and of the ITL quantile where there is no
+per-request ITL estimate (ST_TTFT_S, ST_ITL_S)."""
 _PROMPT_ALPHA = 0.05
+"""Smoothing factor per second (about 20 s) of the prompt tokens/s and finished requests/s
+the prefill headroom is sized from (ST_PROMPT_EW, ST_FINISHED_EW)."""
 _PREFILL_UTIL = 0.6
 """Prefill is compute-bound (capacity ~ f): keep the smoothed prompt load at most this share of
 the learned capacity, so a burst drains within the TTFT budget instead of queueing."""
@@ -385,48 +396,75 @@ _EFIT_MIN_W = 10.0
 _ENERGY_BLOCK_T = -1.0
 """Power rises significantly as the clock falls: do not lower further (left side of the U)."""
 _ENERGY_RAISE_T = -2.0
+"""t-statistic of the power model's slope at the base below which the base rises a clock step:
+power falls significantly as the clock rises (left side of the U)."""
 _CURVATURE_T = 3.0
+"""t-statistic the power model's curvature must reach before its vertex is taken as the
+energy-optimal clock."""
 _POWER_RESOLUTION = 0.005
+"""Floor of the power model's residual standard deviation, as a share of the mean power sample
+(see power_fit)."""
 _RIDGE = 1e-6
 """Per unit weight; far below what the dither gives x (about 1e-4), enough for a constant one."""
 _KAPPA_PRIOR = 0.7
 """Knee near 0.6-0.7 f_max for small-batch decode (dvfs_plant_model.md section 6c)."""
 _KAPPA_PRIOR_W = 3.0
+"""Weight of _KAPPA_PRIOR in fit_kappa, in seconds of (weighted) latency; the cells' evidence
+counts up to 30 s."""
 _KAPPA_MIN = 0.2
+"""Lowest fitted knee share of f_max (also the fit where latency does not rise as the clock
+falls)."""
 _KAPPA_MAX = 1.5
+"""Highest fitted knee share of f_max (also the fit whose memory-bound intercept is not
+positive)."""
 _W_MIN_ITL = 0.8
 """Seconds of (weighted) latency a cell needs to count."""
 _MISS_DECAY = 0.99
 """A clock blamed for an SLO miss stays suspect for ~70 s per miss (bursts cause misses too; a
 clock that keeps missing is avoided for longer)."""
 _MISS_ACTIVE = 0.5
+"""Decayed miss count from which a demand bin's blamed clock counts as unsafe; below it a new
+miss starts the record again at its own clock."""
 _TPJ_DECAY = 0.9
+"""Decay per second (about 10 s) of the token and energy sums whose ratio is the tokens per
+joule of target mode and of the budget's weights (ST_TPJ)."""
 _TARGET_BAND = 0.03
+"""In target mode, the target clock rises a clock step per second while tokens per joule are
+more than this share above the target."""
 _TARGET_TOL = 0.02
+"""In target mode, the target counts as reached from this share below it on
+(OUT_TARGET_REACHED)."""
 _LIMIT_HEADROOM = 1.25
+"""Outside budget mode, a tracked power limit is the per-GPU power peak times this plus
+_LIMIT_HEADROOM_W."""
 _LIMIT_HEADROOM_W = 30.0
+"""Watts per GPU added to the tracked power limit."""
 _PEAK_DECAY = 0.99
+"""Decay per second (about 100 s) of the per-GPU power peak (ST_POWER_PEAK_W)."""
 _BUDGET_NEED_HEADROOM = 1.15
+"""In budget mode a group under no pressure needs its smoothed per-GPU power times this plus
+_BUDGET_NEED_W (one under pressure, its maximum limit)."""
 _BUDGET_NEED_W = 20.0
+"""Watts per GPU added to a group's budget need."""
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _finite(x: float) -> bool:
     return not math.isnan(x) and not math.isinf(x)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _pow4(x: float) -> float:
     x2 = x * x
     return x2 * x2
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _root4(x: float) -> float:
     return math.sqrt(math.sqrt(x))
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def clamp_clock_down(clocks: np.ndarray, n: int, clock_mhz: float) -> float:
     """The highest of clocks[:n] at or below clock_mhz (the lowest if none); clock_mhz if n == 0."""
     if n <= 0:
@@ -445,7 +483,7 @@ def clamp_clock_down(clocks: np.ndarray, n: int, clock_mhz: float) -> float:
     return float(clocks[lo])
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def clamp_clock_up(clocks: np.ndarray, n: int, clock_mhz: float) -> float:
     """The lowest of clocks[:n] at or above clock_mhz (the highest if none); clock_mhz if n == 0."""
     if n <= 0:
@@ -464,7 +502,7 @@ def clamp_clock_up(clocks: np.ndarray, n: int, clock_mhz: float) -> float:
     return float(clocks[lo])
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def roofline_ratio(kappa: float, f_max: float, f_to: float, f_from: float) -> float:
     """t(f_to)/t(f_from) for t(f) = [1 + (kappa*f_max/f)^4]^(1/4) (plant model section 6c, p=4)."""
     a = _pow4(kappa * f_max / f_to)
@@ -472,7 +510,7 @@ def roofline_ratio(kappa: float, f_max: float, f_to: float, f_from: float) -> fl
     return _root4((1.0 + a) / (1.0 + b))
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def roofline_inverse(
     kappa: float, f_max: float, f_from: float, latency_from: float, aim: float
 ) -> float:
@@ -486,7 +524,7 @@ def roofline_inverse(
     return kappa * f_max / _root4(q - 1.0)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def load_bin(demand_tps: float, n_bins: int) -> int:
     """Demand bin: one octave of generated tokens/s per bin, from 16 tok/s (bin 0 below)."""
     if not demand_tps >= 32.0:
@@ -497,7 +535,7 @@ def load_bin(demand_tps: float, n_bins: int) -> int:
     return b
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def fit_kappa(cells_l: np.ndarray, floor_mhz: float, width_mhz: float, f_max: float) -> float:
     """Knee share kappa of the latency roofline from one demand bin's cells, shrunk to a prior.
 
@@ -552,7 +590,7 @@ def fit_kappa(cells_l: np.ndarray, floor_mhz: float, width_mhz: float, f_max: fl
     return (evidence * kappa + _KAPPA_PRIOR_W * _KAPPA_PRIOR) / (evidence + _KAPPA_PRIOR_W)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _alpha_for(alpha: float, interval_s: float) -> float:
     """The smoothing factor over interval_s of one that is alpha over a second (exactly alpha at
     1 s)."""
@@ -561,7 +599,7 @@ def _alpha_for(alpha: float, interval_s: float) -> float:
     return 1.0 - (1.0 - alpha) ** interval_s
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _decay_for(decay: float, interval_s: float) -> float:
     """What is left after interval_s of a decay that leaves `decay` after a second."""
     if interval_s == 1.0:
@@ -569,14 +607,14 @@ def _decay_for(decay: float, interval_s: float) -> float:
     return decay**interval_s
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _miss_weight(count: float, miss_s: float, now_s: float) -> float:
     if count <= 0.0:
         return 0.0
     return count * _MISS_DECAY ** (now_s - miss_s)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def record_miss(record: np.ndarray, clock_mhz: float, now_s: float, interval_s: float) -> None:
     """Blame an SLO miss at now_s (seconds) on clock_mhz in a demand bin's record (decaying count,
     highest clock). A miss within _MISS_MIN_GAP_S of the last one counted (to the nearest tick
@@ -594,7 +632,7 @@ def record_miss(record: np.ndarray, clock_mhz: float, now_s: float, interval_s: 
     record[MISS_MHZ] = max(record[MISS_MHZ], clock_mhz)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def learned_safe_mhz(misses_g: np.ndarray, load: int, clock_step_mhz: float, now_s: float) -> float:
     """One clock step above the highest recent miss at this demand bin or any lower one (a clock
     that missed at a lower demand misses at this one too); -inf when there is none."""
@@ -607,7 +645,7 @@ def learned_safe_mhz(misses_g: np.ndarray, load: int, clock_step_mhz: float, now
     return safe
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def power_fit(efit_g: np.ndarray, chol: np.ndarray, fit: np.ndarray, sample_s: float = 1.0) -> bool:
     """Fit the power model from its normal equations into fit[N_FIT]; False without enough data.
 
@@ -671,7 +709,7 @@ def power_fit(efit_g: np.ndarray, chol: np.ndarray, fit: np.ndarray, sample_s: f
     return True
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def power_slope_at(fit: np.ndarray, clock_mhz: float, f_max: float) -> tuple[float, float]:
     """d(power per GPU)/d(clock) in W/MHz at clock_mhz from the fitted model, and its t-statistic.
 
@@ -690,7 +728,7 @@ def power_slope_at(fit: np.ndarray, clock_mhz: float, f_max: float) -> tuple[flo
     return slope_w_per_mhz, slope / math.sqrt(var)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def power_vertex_mhz(fit: np.ndarray, f_max: float) -> float:
     """The clock of least power of the fitted quadratic; NaN unless its curvature is significant."""
     sigma2 = fit[FIT_SIGMA2]
@@ -703,7 +741,7 @@ def power_vertex_mhz(fit: np.ndarray, f_max: float) -> float:
     return f_max + 1000.0 * (-fit[FIT_THETA + EFIT_X] / (2.0 * curvature))
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def water_fill(room: np.ndarray, weight: np.ndarray, amount: float, alloc: np.ndarray) -> None:
     """Share amount in proportion to weight, no entry above its room; writes alloc (same length)."""
     n = room.shape[0]
@@ -732,7 +770,7 @@ def water_fill(room: np.ndarray, weight: np.ndarray, amount: float, alloc: np.nd
         total_w -= weight[i]
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def allocate_budget(
     budget_mw: float,
     gpu_count: np.ndarray,
@@ -797,7 +835,7 @@ def allocate_budget(
     return True
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _ewma(old: float, new: float, alpha: float) -> float:
     if not _finite(new):
         return old
@@ -806,7 +844,7 @@ def _ewma(old: float, new: float, alpha: float) -> float:
     return old + alpha * (new - old)
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _reset_group(g: int, f_max: float, state: np.ndarray) -> None:
     for r in range(N_ST):
         state[r, g] = math.nan
@@ -814,9 +852,8 @@ def _reset_group(g: int, f_max: float, state: np.ndarray) -> None:
     state[ST_BASE_MHZ, g] = f_max
     state[ST_CAP_MHZ, g] = f_max
     state[ST_TARGET_MHZ, g] = f_max
-    state[ST_HOLD, g] = 0.0
-    state[ST_TICK, g] = 0.0
-    state[ST_SETTLED, g] = 0.0
+    state[ST_HOLD_S, g] = 0.0
+    state[ST_SETTLED_S, g] = 0.0
     state[ST_TOKENS_EW, g] = 0.0
     state[ST_ENERGY_EW, g] = 0.0
     state[ST_KAPPA, g] = _KAPPA_PRIOR
@@ -832,7 +869,7 @@ def _reset_group(g: int, f_max: float, state: np.ndarray) -> None:
     state[ST_DESCENT_S, g] = 0.0
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def _group_step(
     g: int,
     obs: np.ndarray,
@@ -858,7 +895,6 @@ def _group_step(
     floor_mhz = min(params[PAR_FLOOR_MHZ, g], f_max)
     if state[ST_READY, g] < 0.5:
         _reset_group(g, f_max, state)
-    state[ST_TICK, g] += 1.0
     interval_s = obs[OBS_INTERVAL_S, g]
     if not (interval_s > 0.0 and _finite(interval_s)):
         interval_s = knobs[KNOB_INTERVAL_S]
@@ -876,8 +912,8 @@ def _group_step(
         state[ST_BASE_MHZ, g] = f_max
         state[ST_CAP_MHZ, g] = f_max
         state[ST_TARGET_MHZ, g] = f_max
-        state[ST_HOLD, g] = 0.0
-        state[ST_SETTLED, g] = 0.0
+        state[ST_HOLD_S, g] = 0.0
+        state[ST_SETTLED_S, g] = 0.0
         if mode != MODE_BUDGET:
             # In budget mode the limit stays: controller_step keeps it within the budget.
             state[ST_LIMIT_MW, g] = math.nan
@@ -986,7 +1022,7 @@ def _group_step(
     state[ST_PROMPT_EW, g] = prompt_ew
     prefill_k = state[ST_PREFILL_K, g]
     per_chunk = obs[OBS_PROMPT_PER_CHUNK, g] > 0.5
-    run = state[ST_PREFILL_RUN, g]
+    run = state[ST_PREFILL_RUN_S, g]
     # Raises for the backlog did part of the interval's prompt work above the cap chosen.
     f_work = obs[OBS_INTERVAL_CAP_MHZ, g]
     if not f_work > 0.0:
@@ -1038,8 +1074,8 @@ def _group_step(
                     span_s += state[ST_PREFILL_BUCKET_S + j, g]
                 if tokens > 0.0:
                     rate_per_mhz = tokens / mhz_s
-                    samples = state[ST_PREFILL_SAMPLES, g]
-                    state[ST_PREFILL_SAMPLES, g] = (
+                    samples = state[ST_PREFILL_SAMPLES_S, g]
+                    state[ST_PREFILL_SAMPLES_S, g] = (
                         samples + interval_s if samples > 0.0 else interval_s
                     )
             if state[ST_PREFILL_BUCKET_S, g] >= 1.0 - 0.5 * interval_s:
@@ -1054,7 +1090,7 @@ def _group_step(
             prefill_k = max(rate_per_mhz, prefill_k) if _finite(prefill_k) else rate_per_mhz
     else:
         run = 0.0
-    state[ST_PREFILL_RUN, g] = run
+    state[ST_PREFILL_RUN_S, g] = run
     state[ST_PREFILL_K, g] = prefill_k
     finished_ew = _ewma(state[ST_FINISHED_EW, g], obs[OBS_FINISHED_RPS, g], alpha_prompt)
     state[ST_FINISHED_EW, g] = finished_ew
@@ -1074,7 +1110,7 @@ def _group_step(
     wait_s = _PREFILL_WAIT_SHARE * params[PAR_TTFT_SLO_S, g]
     learned = (
         per_chunk
-        or state[ST_PREFILL_SAMPLES, g] >= _PREFILL_MIN_SAMPLES_S
+        or state[ST_PREFILL_SAMPLES_S, g] >= _PREFILL_MIN_SAMPLES_S
         or state[ST_TIMED_S, g] >= _TIMED_MIN_S
     )
     if _finite(prefill_k) and prefill_k > 0.0 and _finite(prompt_ew) and learned:
@@ -1244,7 +1280,7 @@ def _group_step(
     if not _finite(base):
         base = f_max
     base = min(max(base, floor_mhz), f_max)
-    hold = state[ST_HOLD, g]
+    hold = state[ST_HOLD_S, g]
     # Holds end at the tick nearest their end.
     if hold <= 0.5 * interval_s:
         hold = 0.0
@@ -1413,7 +1449,7 @@ def _group_step(
                 else:
                     new_base = f_next
                     reason = REASON_LOWER
-    state[ST_HOLD, g] = hold
+    state[ST_HOLD_S, g] = hold
     state[ST_PRESSURE, g] = 1.0 if (raise_to > -math.inf or hold > 0.5 * interval_s) else 0.0
     if new_base < base:
         descent_s = max(descent_s - (base - new_base) / descent_rate, 0.0)
@@ -1423,15 +1459,15 @@ def _group_step(
     elif new_base <= state[ST_RAISED_FROM_MHZ, g]:
         state[ST_RAISED_FROM_MHZ, g] = math.nan
     if new_base == base:
-        state[ST_SETTLED, g] += interval_s
+        state[ST_SETTLED_S, g] += interval_s
     else:
-        state[ST_SETTLED, g] = 0.0
+        state[ST_SETTLED_S, g] = 0.0
     state[ST_BASE_MHZ, g] = new_base
 
     if mode == MODE_OFF:
         state[ST_BASE_MHZ, g] = f_max
         state[ST_TARGET_MHZ, g] = f_max
-        state[ST_HOLD, g] = 0.0
+        state[ST_HOLD_S, g] = 0.0
         state[ST_CAP_MHZ, g] = f_max
         state[ST_LIMIT_MW, g] = math.nan
         out[OUT_CAP_MHZ, g] = f_max
@@ -1467,7 +1503,7 @@ def _group_step(
     if (
         dither > 0.0
         and reason in (REASON_STEADY, REASON_ENERGY_FLOOR)
-        and state[ST_SETTLED, g] >= _DITHER_SETTLED_S - 0.5 * interval_s
+        and state[ST_SETTLED_S, g] >= _DITHER_SETTLED_S - 0.5 * interval_s
         and state[ST_PRESSURE, g] < 0.5
     ):
         # Up and down every _DITHER_HALF_PERIOD_S, or every tick when ticks are longer.
@@ -1514,7 +1550,7 @@ def _group_step(
     out[OUT_LIMIT_MW, g] = limit
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def controller_step(
     obs: np.ndarray,
     params: np.ndarray,
@@ -1625,7 +1661,7 @@ def controller_step(
     return ok
 
 
-@numba.njit(cache=True, nogil=True)
+@jit
 def prefill_guard(
     backlog_tokens: np.ndarray,
     params: np.ndarray,

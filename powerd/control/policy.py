@@ -436,7 +436,7 @@ class Controller:
                     else None,
                     "load_bin": _opt_int(st[k.ST_LOAD_BIN]) if ready else None,
                     # The hold is kept in seconds; ticks of the configured interval left.
-                    "hold_ticks": _opt_int(st[k.ST_HOLD] / self._config.interval_s)
+                    "hold_ticks": _opt_int(st[k.ST_HOLD_S] / self._config.interval_s)
                     if ready
                     else None,
                     "budget_feasible": self._budget_ok if mode == "budget" else None,

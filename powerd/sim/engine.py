@@ -299,11 +299,11 @@ def _bucket(hist_b: np.ndarray, h: int, v: float) -> int:
 
 @jit
 def _observe(
-    hist_c: np.ndarray, hist_s: np.ndarray, hist_b: np.ndarray, s: int, h: int, v: float, n: float
+    hist_c: np.ndarray, hist_s: np.ndarray, hist_b: np.ndarray, s: int, h: int, v: float
 ) -> None:
-    """Add n observations of value v to histogram h of server s."""
-    hist_c[s, h, _bucket(hist_b, h, v)] += n
-    hist_s[s, h] += v * n
+    """Add one observation of value v to histogram h of server s."""
+    hist_c[s, h, _bucket(hist_b, h, v)] += 1.0
+    hist_s[s, h] += v
 
 
 @jit
@@ -459,7 +459,7 @@ def _start_iteration(
             req_f[r, RF_SCHED] = t0
             admitted += 1
     if admitted > 0:
-        _observe(hist_c, hist_s, hist_b, s, H_NEXT_BATCH, float(admitted), 1.0)
+        _observe(hist_c, hist_s, hist_b, s, H_NEXT_BATCH, float(admitted))
     srv_i[s, SI_RUN_N] = n_run
     if n_run == 0:
         srv_i[s, SI_BUSY] = 0
@@ -584,13 +584,13 @@ def _complete_iteration(
                     gen_this += 1
                     if req_i[r, R_GEN_DONE] == 1:
                         req_f[r, RF_FIRST] = t1
-                        _observe(hist_c, hist_s, hist_b, s, H_TTFT, t1 - req_f[r, RF_ARRIVAL], 1.0)
+                        _observe(hist_c, hist_s, hist_b, s, H_TTFT, t1 - req_f[r, RF_ARRIVAL])
                         pf_done_this += req_i[r, R_PROMPT]
                         metrics[s, M_PROMPT_DONE_S] += t1 - req_f[r, RF_SCHED]
                         metrics[s, M_LC_PROMPT_TOKENS] += req_i[r, R_PROMPT]
                         metrics[s, M_LC_PROMPT_S] += t1 - req_f[r, RF_SCHED]
                     else:
-                        _observe(hist_c, hist_s, hist_b, s, H_ITL, t1 - req_f[r, RF_LAST], 1.0)
+                        _observe(hist_c, hist_s, hist_b, s, H_ITL, t1 - req_f[r, RF_LAST])
                     req_f[r, RF_LAST] = t1
             else:
                 req_i[r, R_GEN_DONE] += 1
@@ -640,7 +640,7 @@ def _complete_iteration(
                 obs[H_TPOT] = (t1 - first) / (gen - 1)
             for h in range(N_H):
                 if obs[h] >= 0.0:
-                    _observe(hist_c, hist_s, hist_b, s, h, obs[h], 1.0)
+                    _observe(hist_c, hist_s, hist_b, s, h, obs[h])
             k = node_i[NI_FIN_N]
             fin[k, FF_SERVER] = s
             fin[k, FF_ARRIVAL] = arrival
@@ -671,14 +671,14 @@ def _complete_iteration(
     metrics[s, M_BUSY_S] += iteration_s
     # vLLM V1 observes the step's IterationStats: whole prompts at their first token, plus the
     # tokens the step generated.
-    _observe(hist_c, hist_s, hist_b, s, H_ITER_TOKENS, float(pf_done_this + gen_this), 1.0)
+    _observe(hist_c, hist_s, hist_b, s, H_ITER_TOKENS, float(pf_done_this + gen_this))
     if pf_this > 0:
         metrics[s, M_PREFILL_BATCHES] += 1.0
         metrics[s, M_RT_PREFILL_TOKENS] += pf_this
-        _observe(hist_c, hist_s, hist_b, s, H_FORWARD_PREFILL, iteration_s, 1.0)
+        _observe(hist_c, hist_s, hist_b, s, H_FORWARD_PREFILL, iteration_s)
     else:
         metrics[s, M_DECODE_BATCHES] += 1.0
-        _observe(hist_c, hist_s, hist_b, s, H_FORWARD_DECODE, iteration_s, 1.0)
+        _observe(hist_c, hist_s, hist_b, s, H_FORWARD_DECODE, iteration_s)
     # SGLang logs decode statistics every decode_log_interval decode batches.
     metrics[s, M_SG_PENDING_DECODE] += gen_this
     if srv_i[s, SI_ITER_GEN_REQS] > 0:

@@ -855,12 +855,9 @@ class GpuPlant:
         """True energy since the plant was created, J (a copy)."""
         return self.state[:, S_ENERGY_J].copy()
 
-    def temperature_true_c(self) -> np.ndarray:
-        return self.state[:, S_TEMP_C].copy()
-
 
 # ---------------------------------------------------------------------------------------------
-# Steady-state helper (calibration tests, gpu_check's simulated column)
+# Steady-state helper (the calibration tests in test_sim_plant)
 
 
 @dataclass(frozen=True, slots=True)
