@@ -31,7 +31,11 @@ from powerd.grid.signals import GridSignal, GridState, at_facility, facility_kwh
 from powerd.journal import Journal, restore_all
 from powerd.logging_setup import ProblemLog
 from powerd.model import (
+    DISCOVERY_RETRY_S,
     POWER_CAP_REASONS,
+    TARGET_LOST_BELOW,
+    TARGET_REACHED_AT,
+    TARGET_WINDOW_S,
     GpuInfo,
     GpuReading,
     GpuStatus,
@@ -61,13 +65,6 @@ tick older than this many intervals no longer counts."""
 EFFICIENCY_WINDOW_TICKS = 10
 """Ticks over which tokens per joule is reported, to smooth counter quantisation; a tick
 older than this many intervals no longer counts."""
-TARGET_WINDOW_S = 60.0
-"""Tokens per joule over this long tell whether a group reaches its target: one tick's or
-ten's swing with every batch."""
-TARGET_REACHED_AT = 0.98
-TARGET_LOST_BELOW = 0.95
-"""Reached from 0.98 x the target on, and no longer below 0.95 x: a figure near the target
-does not flip the report at every tick."""
 BLIND_WARN_READS = 3
 """Reads of a generating server without either latency histogram before that is logged."""
 _MAX_POWER_SHARE = 2.0
@@ -79,10 +76,6 @@ _UNLIMITED_GPU_MAX_W = 1500.0
 are limited to 1,000-1,200 W)."""
 SERVER_DOWN_READS = 3
 """Failed reads in a row after which a server is logged as unreadable."""
-DISCOVERY_RETRY_S = 10.0
-"""How soon the GPUs of a server that has none yet are looked for again (at boot a server
-that is still loading its model does not listen, and discovery finds nothing), and how often
-lost GPUs are."""
 GPU_STEADY_S = 600.0
 """A GPU back from a loss counts as steady again after answering this long: until then a new
 loss is the same problem (a GPU that flaps logs a reminder every 10 min, not each loss and
@@ -220,10 +213,13 @@ class Group:
     missing_gpus: list[int | str] = field(default_factory=list)
     """Its configured GPUs (index or UUID) that NVML counts but could not open: looked for
     every DISCOVERY_RETRY_S, they join it once they open."""
-    discovery_wait_s: float = DISCOVERY_RETRY_S
-    next_discovery_s: float | None = None
-    """When its GPUs are looked for again while it has none, or after a restart whose lookup
-    found none (None: not scheduled)."""
+    lookup_wait_s: float = DISCOVERY_RETRY_S
+    """The wait before its discovered GPUs are looked up again while it has none: doubles after
+    each lookup that finds none, up to DISCOVERY_RETRY_MAX_S."""
+    next_lookup_s: float | None = None
+    """When its discovered GPUs are looked up again: while it has none, or after a restart whose
+    lookup found none (None: not scheduled). The sweep of lost and unopened GPUs keeps its own
+    schedule (Daemon._next_sweep_s)."""
     restarts_seen: int = 0
     """The source's restart count when its discovered GPUs were last looked up."""
 
@@ -306,7 +302,7 @@ class Daemon:
         self._pool = self._make_pool()
         self._stop = WakeFlag()
         self._reload = WakeFlag()
-        self._next_discovery_s: float | None = None
+        self._next_sweep_s: float | None = None
         self._last_tick_ok = False
         self.last_snapshot: Snapshot | None = None
 
@@ -315,7 +311,7 @@ class Daemon:
     def _make_policy(self, config: Config) -> Policy:
         """A policy over the controlled groups of self.groups under `config` (its budget less
         what the GPUs out of reach may draw)."""
-        config = self._less_lost_gpus(config)
+        config = self._budget_less_reserve(config)
         specs = [group.spec for group in self.groups if group.controlled]
         if self._policy_factory is not None:
             return self._policy_factory(config, specs)
@@ -327,7 +323,7 @@ class Daemon:
         reconfigure = getattr(self.policy, "reconfigure", None)
         if reconfigure is not None and self._policy_factory is None:
             reconfigure(
-                self._less_lost_gpus(config),
+                self._budget_less_reserve(config),
                 [group.spec for group in self.groups if group.controlled],
             )
         else:
@@ -341,8 +337,10 @@ class Daemon:
         interval_s: float,
         energy_j: float | None,
     ) -> None:
-        """In target mode, whether the group's tokens per joule over the last TARGET_WINDOW_S
-        reach the target (with hysteresis); None outside it or before a window is in."""
+        """Set group.target_reached: in target mode, whether the group's tokens per joule over
+        the last TARGET_WINDOW_S reach the target (with hysteresis). None outside target mode
+        and after a window with nothing measured; a verdict (None at first) holds until half a
+        window is in."""
         target = self.config.target_tokens_per_joule
         if self.config.mode != "target" or target is None:
             group.target_window.clear()
@@ -440,7 +438,7 @@ class Daemon:
         self._limits_out_of_reach_mw = reserved
         self._reconfigure_policy(self.config)
 
-    def _less_lost_gpus(self, config: Config) -> Config:
+    def _budget_less_reserve(self, config: Config) -> Config:
         """`config` with its node power budget less what the GPUs out of reach may still draw:
         a lost GPU may still run at the limit it had (powerd's last, else its own), one never
         opened at the node's largest default limit, one whose limit cannot be set at the limit
@@ -620,29 +618,31 @@ class Daemon:
                 )
 
     def _rediscover(self, now_s: float) -> None:
-        """Every DISCOVERY_RETRY_S, look for the lost GPUs; look again for the GPUs of servers
-        that have none and are to be discovered, each after a wait that doubles up to
-        DISCOVERY_RETRY_MAX_S; hand those found to the policy."""
-        found = False
-        if self._next_discovery_s is None:
-            self._next_discovery_s = now_s + DISCOVERY_RETRY_S
-        if now_s >= self._next_discovery_s:
-            self._next_discovery_s = now_s + DISCOVERY_RETRY_S
-            found = self._rejoin_lost(now_s)
-            found = self._open_unopened() or found
-            found = self._describe_again() or found
+        """Every DISCOVERY_RETRY_S, look for the lost GPUs, open again those NVML could not open
+        and read again the power-limit ranges left unread; say how loss episodes go on or end;
+        look again for the GPUs of servers that have none and are to be discovered (each after
+        a wait that doubles up to DISCOVERY_RETRY_MAX_S) and for those of discovered servers
+        that restarted. The policy is reconfigured once when any of these asks for it."""
+        reconfigure = False
+        if self._next_sweep_s is None:
+            self._next_sweep_s = now_s + DISCOVERY_RETRY_S
+        if now_s >= self._next_sweep_s:
+            self._next_sweep_s = now_s + DISCOVERY_RETRY_S
+            reconfigure = self._rejoin_lost(now_s)
+            reconfigure = self._open_unopened() or reconfigure
+            reconfigure = self._describe_again() or reconfigure
         self._age_loss_episodes(now_s)
         waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
         claimed = {uuid for group in self.groups for uuid in [*group.uuids, *group.lost_uuids]}
         for group in waiting:
-            if group.next_discovery_s is None:
-                group.next_discovery_s = now_s + group.discovery_wait_s
-            if now_s < group.next_discovery_s:
+            if group.next_lookup_s is None:
+                group.next_lookup_s = now_s + group.lookup_wait_s
+            if now_s < group.next_lookup_s:
                 continue
             uuids, why, _ = self._claim_gpus(group.source.config, claimed)
             if not uuids:
-                group.discovery_wait_s = min(2 * group.discovery_wait_s, DISCOVERY_RETRY_MAX_S)
-                group.next_discovery_s = now_s + group.discovery_wait_s
+                group.lookup_wait_s = min(2 * group.lookup_wait_s, DISCOVERY_RETRY_MAX_S)
+                group.next_lookup_s = now_s + group.lookup_wait_s
                 log.debug("server %s: still observed only: %s", group.spec.name, why)
                 continue
             group.set_gpus(uuids, self.infos)
@@ -651,33 +651,33 @@ class Daemon:
             log.info(
                 "server %s: found its GPUs %s; controlling them", group.spec.name, ", ".join(uuids)
             )
-            found = True
-        found = self._follow_restarted_servers(now_s) or found
-        if found:
+            reconfigure = True
+        reconfigure = self._follow_restarted_servers(now_s) or reconfigure
+        if reconfigure:
             self._reconfigure_policy(self.config)
 
     def _follow_restarted_servers(self, now_s: float) -> bool:
         """Look up again the GPUs of each discovered server that restarted (a scheduler may
         have started it on others): take its new GPUs and put back those it left. A lookup
-        that finds none is tried again after DISCOVERY_RETRY_S. True when a group's GPUs
-        changed."""
-        changed = False
+        that finds none is tried again after DISCOVERY_RETRY_S. True when the policy must be
+        reconfigured (a group's GPUs changed)."""
+        reconfigure = False
         for group in self.groups:
             restarts = group.source.restarts
             if (
                 group.source.config.gpus is not None
                 or not group.controlled
                 or restarts == group.restarts_seen
-                or (group.next_discovery_s is not None and now_s < group.next_discovery_s)
+                or (group.next_lookup_s is not None and now_s < group.next_lookup_s)
             ):
                 continue
             uuids, why, _ = self._claim_gpus(group.source.config, self._claimed_by_others(group))
             if not uuids:
-                group.next_discovery_s = now_s + DISCOVERY_RETRY_S
+                group.next_lookup_s = now_s + DISCOVERY_RETRY_S
                 log.debug("server %s restarted; keeping its GPUs: %s", group.spec.name, why)
                 continue
             group.restarts_seen = restarts
-            group.next_discovery_s = None
+            group.next_lookup_s = None
             if set(uuids) == {*group.uuids, *group.lost_uuids}:
                 continue
             left = [uuid for uuid in group.uuids if uuid not in uuids]
@@ -691,14 +691,14 @@ class Daemon:
             # A GPU it left while lost is no group's when it answers (actuator.rejoin unlocks it).
             group.lost_uuids = []
             self._release(left, f"server {group.spec.name} restarted on other GPUs")
-            changed = True
-        return changed
+            reconfigure = True
+        return reconfigure
 
     def _describe_again(self) -> bool:
         """Take in the new description of each GPU whose power-limit range a passing error
         kept unread (pinned to the limit it held, its limit out of powerd's reach). True when
-        a group's GPUs changed."""
-        changed = False
+        the policy must be reconfigured (a group's GPU description changed)."""
+        reconfigure = False
         for uuid, info in list(self.infos.items()):
             if uuid in self.lost:
                 continue
@@ -719,8 +719,8 @@ class Daemon:
             for group in self.groups:
                 if uuid in group.uuids:
                     group.set_gpus(group.uuids, self.infos)
-                    changed = True
-        return changed
+                    reconfigure = True
+        return reconfigure
 
     def _age_loss_episodes(self, now_s: float) -> None:
         """Say once that a GPU lost again after a flapping episode stays lost; end the episode
@@ -755,7 +755,9 @@ class Daemon:
 
     def _open_unopened(self) -> bool:
         """Enumerate the GPUs again while some could not be opened; give each group its
-        configured GPUs that open now. True when a group's GPUs changed."""
+        configured GPUs that open now. True when the policy must be reconfigured: a group's
+        GPUs changed, or in budget mode the number of GPUs not opened did (each holds a
+        reserve of the budget)."""
         if not self.unopened:
             return False
         try:
@@ -768,8 +770,7 @@ class Daemon:
                 self._take_in(info)
         unopened_before = len(self.unopened)
         self._note_unopened()
-        # In budget mode each GPU not opened holds a reserve of the budget.
-        changed = self.config.mode == "budget" and len(self.unopened) != unopened_before
+        reconfigure = self.config.mode == "budget" and len(self.unopened) != unopened_before
         for group in self.groups:
             if not group.missing_gpus:
                 continue
@@ -803,8 +804,8 @@ class Daemon:
                     group.spec.name,
                     ", ".join(present),
                 )
-                changed = True
-        return changed
+                reconfigure = True
+        return reconfigure
 
     def _take_in(self, info: GpuInfo) -> None:
         """Track a GPU, first putting back what a previous run left on it where the restore
@@ -820,8 +821,9 @@ class Daemon:
 
     def _rejoin_lost(self, now_s: float) -> bool:
         """Give each lost GPU that answers again back to its group, with what powerd had set
-        on it put back first. True when a group's GPUs changed."""
-        changed = False
+        on it put back first. True when the policy must be reconfigured: a group's GPUs
+        changed, or in budget mode a GPU's reserve of the budget is let go."""
+        reconfigure = False
         for uuid, info in list(self.lost.items()):
             try:
                 self.backend.read(uuid)
@@ -836,7 +838,7 @@ class Daemon:
             del self.lost[uuid]
             self.infos[uuid] = info
             self.actuator.rejoin(uuid)
-            changed = changed or self.config.mode == "budget"  # its reserve is let go
+            reconfigure = reconfigure or self.config.mode == "budget"  # its reserve is let go
             owner = next((g for g in self.groups if uuid in g.lost_uuids), None)
             if owner is None:
                 log.log(level, "GPU %s is back; no configured server uses it", uuid)
@@ -845,8 +847,8 @@ class Daemon:
             back = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)
             owner.set_gpus(back, self.infos)
             log.log(level, "GPU %s is back; controlling it again for %s", uuid, owner.spec.name)
-            changed = True
-        return changed
+            reconfigure = True
+        return reconfigure
 
     # ----------------------------------------------------------------- one tick
 
@@ -934,7 +936,10 @@ class Daemon:
         else:
             episode.losses += 1
         episode.back_since_s = None
-        episode.lost_since_s = self._prev_tick_s  # this tick's time
+        # The loop's clock at the last tick: this tick's time for a loss met in a tick, the last
+        # tick's for one met between ticks (guard, reload, the read after the restore); None
+        # before the first tick.
+        episode.lost_since_s = self._prev_tick_s
         # The cause without the call that met it: a loss met by a write and one met by a read
         # are the same problem.
         cause = str(exc).split(" failed: ", 1)[-1]

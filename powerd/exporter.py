@@ -44,7 +44,11 @@ from powerd.config import MODES, MetricsConfig
 from powerd.model import (
     CLOCK_EVENT_REASON_NAMES,
     DECISION_REASONS,
+    DISCOVERY_RETRY_S,
     GRID_SOURCES,
+    TARGET_LOST_BELOW,
+    TARGET_REACHED_AT,
+    TARGET_WINDOW_S,
     GpuStatus,
     GroupStatus,
     ServerSample,
@@ -509,7 +513,8 @@ def _collect_node(families: _Families, state: _State, build_info: dict[str, str]
         families(
             "powerd_gpus_unopened",
             "GPUs NVML counts but powerd cannot open (off the bus since before it started, "
-            "no permission): neither read nor controlled; tried again every 10 s.",
+            "no permission): neither read nor controlled; tried again every "
+            f"{DISCOVERY_RETRY_S:g} s.",
         ).add({}, snapshot.gpus_unopened)
         node_mode = families(
             "powerd_node_mode", "Configured control mode of the node; 1 for the active one."
@@ -827,8 +832,9 @@ def _collect_group(families: _Families, group: GroupStatus, currency: str) -> No
     )
     families(
         "powerd_group_target_reached",
-        "1 when the group's tokens per joule over the last minute reach its target (from 0.98 "
-        "of it on; 0 again below 0.95); absent for its first 30 s in mode target.",
+        f"1 when the group's tokens per joule over the last {TARGET_WINDOW_S:g} s reach its "
+        f"target (from {TARGET_REACHED_AT:g} of it on; 0 again below {TARGET_LOST_BELOW:g}); "
+        f"absent for its first {TARGET_WINDOW_S / 2:g} s in mode target.",
     ).add(labels, group.target_reached)
     mode_family = families(
         "powerd_controller_mode", "Controller mode of the group; 1 for the active one."

@@ -50,6 +50,22 @@ DECISION_REASONS: tuple[str, ...] = (
 """Why powerd's controller set a group as it did, one word each: the label values of
 powerd_group_decision_reason (GroupDecision.reason_label)."""
 
+# The daemon's pace and thresholds behind figures of the snapshot: here, so that the exporter's
+# help texts state them without importing the daemon.
+DISCOVERY_RETRY_S = 10.0
+"""How often the daemon looks for its lost GPUs, opens again the GPUs NVML counts but could not
+open (Snapshot.gpus_unopened) and reads again power-limit ranges a passing error kept unread;
+how soon the GPUs of a server that has none yet are first looked for again (at boot a server
+that is still loading its model does not listen, and discovery finds nothing); and how soon a
+restarted server's lookup that found none is tried again."""
+TARGET_WINDOW_S = 60.0
+"""Tokens per joule over this long tell whether a group reaches its target
+(GroupStatus.target_reached): one tick's or ten's swing with every batch."""
+TARGET_REACHED_AT = 0.98
+TARGET_LOST_BELOW = 0.95
+"""Reached from 0.98 x the target on, and no longer below 0.95 x: a figure near the target
+does not flip the report at every tick."""
+
 
 @dataclass(frozen=True, slots=True)
 class GpuInfo:

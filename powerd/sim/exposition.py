@@ -128,7 +128,8 @@ def _linear_buckets(max_value: int, n: int = 100) -> list[float]:
 
 
 def histogram_bounds(kind: str, max_model_len: int = 131072) -> dict[str, list[float]]:
-    """Bucket bounds of every engine histogram slot as server `kind` reports them (seconds)."""
+    """Bucket bounds of every engine histogram slot as server `kind` reports them: in seconds
+    for the slots named *_s, in tokens for *_tokens, in requests for next_batch_size."""
     check_server_kind(kind)
     tokens = build_1_2_5_buckets(max_model_len)
     b: dict[str, list[float]] = {

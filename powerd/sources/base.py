@@ -595,7 +595,8 @@ def _no_window_reason(prev: Reading, cur: Reading) -> str:
 
 
 def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window | None:
-    """The window between two scrapes dt_s apart; None when the server restarted in between."""
+    """The window between two scrapes dt_s apart; None when the server restarted in between or
+    changed which token figures it exports (_no_window_reason says which, in words)."""
     if prev.gen_mode != cur.gen_mode or prev.prompt_mode != cur.prompt_mode:
         return None
     for name, marker in cur.markers.items():
