@@ -2,7 +2,8 @@
 
 `Daemon.tick(now_s)` is one pass and takes its time from the caller, so the same code runs in
 real time (`run_forever`) and in virtual time (the benchmark). Signal handlers only set flags;
-the loop acts on them between ticks.
+the loop acts on them between ticks. Which GPUs each group controls, and giving back those no
+group does, is the roster's (powerd.roster); the groups are powerd.groups'.
 """
 
 from __future__ import annotations
@@ -16,22 +17,28 @@ import signal
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
 from powerd.actuator import Actuator
-from powerd.config import Config, ConfigError, ServerConfig, load_config
+from powerd.config import Config, ConfigError, load_config
 from powerd.control.policy import Controller, GroupSpec, Policy
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost
 from powerd.grid.signals import GridSignal, GridState, at_facility, facility_kwh
-from powerd.journal import Journal, restore_all
+from powerd.groups import (
+    EFFICIENCY_WINDOW_TICKS,
+    SLO_WINDOW_TICKS,
+    Group,
+    close_connections,
+    controlled_uuids,
+)
+from powerd.journal import Journal
 from powerd.logging_setup import ProblemLog
 from powerd.model import (
-    DISCOVERY_RETRY_S,
     POWER_CAP_REASONS,
     TARGET_LOST_BELOW,
     TARGET_REACHED_AT,
@@ -45,26 +52,19 @@ from powerd.model import (
     ServerSample,
     Snapshot,
 )
+from powerd.roster import GpuRoster
 from powerd.sources import (
     Fetcher,
     InlineScrapePool,
     ScrapePool,
-    Source,
     first_token_blind_warning,
     make_source,
 )
 from powerd.sources.fetch import KeepAliveFetcher
-from powerd.sources.gpumap import discover_server_gpus
 from powerd.sources.loads import PromptBacklogProbe
 
 log = logging.getLogger(__name__)
 
-SLO_WINDOW_TICKS = 300
-"""Ticks over which a group's SLO attainment is reported (5 minutes at the default 1 s); a
-tick older than this many intervals no longer counts."""
-EFFICIENCY_WINDOW_TICKS = 10
-"""Ticks over which tokens per joule is reported, to smooth counter quantisation; a tick
-older than this many intervals no longer counts."""
 BLIND_WARN_READS = 3
 """Reads of a generating server without either latency histogram before that is logged."""
 _MAX_POWER_SHARE = 2.0
@@ -76,13 +76,6 @@ _UNLIMITED_GPU_MAX_W = 1500.0
 are limited to 1,000-1,200 W)."""
 SERVER_DOWN_READS = 3
 """Failed reads in a row after which a server is logged as unreadable."""
-GPU_STEADY_S = 600.0
-"""A GPU back from a loss counts as steady again after answering this long: until then a new
-loss is the same problem (a GPU that flaps logs a reminder every 10 min, not each loss and
-return)."""
-DISCOVERY_RETRY_MAX_S = 60.0
-"""The wait between two discoveries of one server doubles up to this: each scans every
-process's sockets (psutil), which costs more the busier the node."""
 
 
 def handle_stop_and_reload_signals(stop: Callable[[], None], reload: Callable[[], None]) -> None:
@@ -142,20 +135,6 @@ def _close_fds(*fds: int) -> None:
         os.close(fd)
 
 
-def locate_gpu(
-    gpu: int | str, by_index: Mapping[int, str], unopened: Collection[int]
-) -> str | None:
-    """The UUID of a configured GPU (an index or a UUID) among the GPUs `by_index` names; None
-    when it may be one NVML counts but cannot open (its index is in `unopened`, or a UUID
-    while any is). LookupError when the node has no such GPU."""
-    uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
-    if uuid is not None and uuid in by_index.values():
-        return uuid
-    if gpu in unopened if isinstance(gpu, int) else bool(unopened):
-        return None
-    raise LookupError(gpu)
-
-
 def _drop_older(window: deque[Any], now_s: float, span_s: float) -> None:
     """Remove from the left of `window` (entries (time, ...), oldest first) those span_s or
     more before now_s."""
@@ -163,80 +142,9 @@ def _drop_older(window: deque[Any], now_s: float, span_s: float) -> None:
         window.popleft()
 
 
-@dataclass(slots=True)
-class _LossEpisode:
-    """A GPU lost and not steady since: the first loss and return are logged, later ones are
-    the ProblemLog's reminder."""
-
-    returns: int = 0
-    losses: int = 1
-    back_since_s: float | None = None
-    """When it last came back (the loop's clock); None while it is lost."""
-    lost_since_s: float | None = None
-    """When it was last lost (the loop's clock); None while it is back."""
-    told_still_lost: bool = False
-
-
-@dataclass(slots=True)
-class Group:
-    """The GPUs one inference server spans, with what the daemon remembers of them."""
-
-    spec: GroupSpec
-    source: Source
-    uuids: list[str]
-    last_good_sample_s: float | None = None
-    last_sample: ServerSample | None = None
-    slo_history: deque[tuple[float, bool]] = field(
-        default_factory=lambda: deque(maxlen=SLO_WINDOW_TICKS)
-    )
-    """(time, SLO met) per tick the server was read, within SLO_WINDOW_TICKS intervals."""
-    efficiency_window: deque[tuple[float, float, float]] = field(
-        default_factory=lambda: deque(maxlen=EFFICIENCY_WINDOW_TICKS)
-    )
-    """(time, tokens, joules) per tick, within EFFICIENCY_WINDOW_TICKS intervals."""
-    target_window: deque[tuple[float, float, float]] = field(default_factory=deque)
-    """(time, tokens, joules) per tick over TARGET_WINDOW_S, in target mode."""
-    target_reached: bool | None = None
-    decision: GroupDecision | None = None
-    backlog_probe: PromptBacklogProbe | None = None
-    """Reads the server's prompt backlog (SGLang only; None until its kind is known to be
-    one)."""
-    prompt_backlog_tokens: float | None = None
-    """The backlog at the last read."""
-    guard_raises: list[tuple[float, int]] = field(default_factory=list)
-    """(time, cap) of each raise for the backlog applied since the last tick's observation."""
-    guard_raises_total: int = 0
-    blind_reads: int = 0
-    """Consecutive reads of a generating server that exported neither latency histogram."""
-    lost_uuids: list[str] = field(default_factory=list)
-    """Its GPUs that are lost for now: they rejoin it when they answer again."""
-    missing_gpus: list[int | str] = field(default_factory=list)
-    """Its configured GPUs (index or UUID) that NVML counts but could not open: looked for
-    every DISCOVERY_RETRY_S, they join it once they open."""
-    lookup_wait_s: float = DISCOVERY_RETRY_S
-    """The wait before its discovered GPUs are looked up again while it has none: doubles after
-    each lookup that finds none, up to DISCOVERY_RETRY_MAX_S."""
-    next_lookup_s: float | None = None
-    """When its discovered GPUs are looked up again: while it has none, or after a restart whose
-    lookup found none (None: not scheduled). The sweep of lost and unopened GPUs keeps its own
-    schedule (Daemon._next_sweep_s)."""
-    restarts_seen: int = 0
-    """The source's restart count when its discovered GPUs were last looked up."""
-
-    @property
-    def controlled(self) -> bool:
-        """Whether the group has GPUs to control: only those are the policy's groups (a group
-        whose last GPU is lost leaves them)."""
-        return bool(self.spec.gpus)
-
-    def set_gpus(self, uuids: list[str], infos: dict[str, GpuInfo]) -> None:
-        """Control `uuids` from now on: the group's GPUs and its spec's, which the policy sees."""
-        self.uuids = uuids
-        self.spec = replace(self.spec, gpus=tuple(infos[uuid] for uuid in uuids))
-
-
 class Daemon:
-    """Owns the GPUs, sources, controller and exporter of one node and runs the loop."""
+    """Owns the groups, their sources, the controller and the roster of GPUs of one node, and
+    runs the loop."""
 
     def __init__(
         self,
@@ -269,28 +177,21 @@ class Daemon:
         self._config_transform = config_transform
         self._prev_tick_s: float | None = None
         self.actuator = Actuator(backend, journal, dry_run=config.dry_run, clock=self._log_clock)
-        self.infos: dict[str, GpuInfo] = {info.uuid: info for info in backend.devices()}
-        self.lost: dict[str, GpuInfo] = {}
-        """GPUs that went away while powerd ran; looked for again every DISCOVERY_RETRY_S."""
-        self.unopened: dict[int, str] = {}
-        """GPUs NVML counts but cannot open (lost before powerd started, no permission), by
-        index, with why; opened again every DISCOVERY_RETRY_S."""
-        self.restores_total = 0
-        self.restore_failures_total = 0
         self._limits_out_of_reach_mw: dict[str, int] = {}
         """GPUs whose power limit powerd cannot set -> the limit reserved in budget mode."""
-        self._unreleased: dict[str, str] = {}
-        """GPUs released whose settings could not be put back yet, and why they were released."""
-        self._unrestored: dict[str, tuple[int | None, int | None]] = {}
-        """GPUs a switch into a dry run could not restore -> the (clock lock MHz, power limit
-        mW) of powerd's they hold; restored again every tick while the dry run lasts."""
-        for info in list(self.infos.values()):
-            self._take_in(info)
         self._prev_energy_mj: dict[str, int] = {}
         self._problems = ProblemLog(log, clock=self._log_clock)
-        self._loss_episodes: dict[str, _LossEpisode] = {}
-        """GPUs lost and not steady since (GPU_STEADY_S back): one problem to the log."""
-        self._note_unopened()
+        self.roster = GpuRoster(
+            backend,
+            self.actuator,
+            journal,
+            problems=self._problems,
+            last_tick_s=lambda: self._prev_tick_s,
+            # A GPU lost leaves the policy at once, with the config in force then.
+            on_groups_changed=lambda: self._reconfigure_policy(self.config),
+            # Its counter's next reading, after a return, must not count the loss's time.
+            on_lost=lambda uuid: self._prev_energy_mj.pop(uuid, None),
+        )
         self.ticks_total = 0
         self.grid = GridSignal(config.grid)
         # Grid totals by group (and currency); kept across reloads, which rebuild the groups.
@@ -302,9 +203,13 @@ class Daemon:
         self._pool = self._make_pool()
         self._stop = WakeFlag()
         self._reload = WakeFlag()
-        self._next_sweep_s: float | None = None
         self._last_tick_ok = False
         self.last_snapshot: Snapshot | None = None
+
+    @property
+    def infos(self) -> dict[str, GpuInfo]:
+        """The GPUs NVML opens, by UUID (the roster's)."""
+        return self.roster.infos
 
     # ----------------------------------------------------------------- construction
 
@@ -373,19 +278,6 @@ class Daemon:
         now_s (virtual time in a simulation), monotonic before the first tick."""
         return time.monotonic() if self._prev_tick_s is None else self._prev_tick_s
 
-    def _claimed_by_others(self, group: Group) -> set[str]:
-        """The GPUs, lost ones included, of every group but `group`."""
-        return {
-            uuid
-            for other in self.groups
-            if other is not group
-            for uuid in [*other.uuids, *other.lost_uuids]
-        }
-
-    def _controlled_uuids(self) -> set[str]:
-        """The GPUs the servers' groups control now (lost ones are not among them)."""
-        return {uuid for group in self.groups for uuid in group.uuids}
-
     def _note_budget_feasibility(self) -> None:
         """Log, once per episode, a node budget the GPUs' minimum limits alone exceed."""
         if self.budget_feasible() is not False:
@@ -395,7 +287,7 @@ class Daemon:
             return
         budget_w = self.config.node_power_budget_w or 0.0
         kept_w = self._budget_reserve_w()
-        limited = self._controlled_uuids() - set(self._limits_out_of_reach_mw)
+        limited = controlled_uuids(self.groups) - set(self._limits_out_of_reach_mw)
         floor_w = sum(self.infos[uuid].power_limit_min_mw for uuid in limited) / 1000.0
         self._problems.problem(
             "budget",
@@ -413,7 +305,7 @@ class Daemon:
         reported, or observed only) out of the node budget, at the limit each tick reads (an
         operator may raise it); the policy is given the smaller budget at once."""
         reserved: dict[str, int] = {}
-        for uuid in self.actuator.limits_out_of_reach() & self._controlled_uuids():
+        for uuid in self.actuator.limits_out_of_reach() & controlled_uuids(self.groups):
             reading = readings.get(uuid)
             # The enforced limit; where it was not read this tick, the last one kept (a
             # passing read error must not move the others' limits).
@@ -453,26 +345,27 @@ class Daemon:
 
     def _budget_reserve_w(self) -> float:
         """What the GPUs out of powerd's reach may draw, kept out of a node power budget."""
+        roster = self.roster
         reserved_w = (
             sum(
                 limit_mw
                 for uuid, limit_mw in self._limits_out_of_reach_mw.items()
-                if uuid not in self.lost  # reserved below, once
+                if uuid not in roster.lost  # reserved below, once
             )
             / 1000.0
         )
-        for uuid, info in self.lost.items():
+        for uuid, info in roster.lost.items():
             state = self.actuator.states.get(uuid)
             limit_mw = state.power_limit_mw if state is not None else None
             if limit_mw is None:
                 entry = self.journal.get(uuid) if self.journal is not None else None
                 limit_mw = entry.power_limit_mw if entry is not None else None
             reserved_w += (limit_mw or info.power_limit_default_mw) / 1000.0
-        if self.unopened:
+        if roster.unopened:
             # A GPU never opened is taken to run at the node's largest default limit.
-            known = [*self.infos.values(), *self.lost.values()]
+            known = [*roster.infos.values(), *roster.lost.values()]
             default_mw = max((info.power_limit_default_mw for info in known), default=0)
-            reserved_w += len(self.unopened) * default_mw / 1000.0
+            reserved_w += len(roster.unopened) * default_mw / 1000.0
         return reserved_w
 
     def _make_pool(
@@ -490,9 +383,9 @@ class Daemon:
         groups = []
         claimed: set[str] = set()
         for server in config.servers:
-            claimed_uuids, why, missing = self._claim_gpus(server, claimed)
-            uuids = [uuid for uuid in claimed_uuids if uuid in self.infos]
-            lost = [uuid for uuid in claimed_uuids if uuid in self.lost]
+            claimed_uuids, why, missing = self.roster.claim(server, claimed)
+            uuids = [uuid for uuid in claimed_uuids if uuid in self.roster.infos]
+            lost = [uuid for uuid in claimed_uuids if uuid in self.roster.lost]
             if lost and not uuids:
                 why = f"its GPUs {', '.join(lost)} are lost; they rejoin it when they answer"
             if missing:
@@ -500,7 +393,7 @@ class Daemon:
                     "server %s: its GPUs %s cannot be opened (%s); they join it once they do",
                     server.name,
                     ", ".join(str(gpu) for gpu in missing),
-                    self._unopened_text(),
+                    self.roster.unopened_text(),
                 )
             if not uuids:
                 log.warning(
@@ -509,346 +402,17 @@ class Daemon:
             spec = GroupSpec(
                 name=server.name,
                 server=server.name,
-                gpus=tuple(self.infos[uuid] for uuid in uuids),
+                gpus=tuple(self.roster.infos[uuid] for uuid in uuids),
                 slo=server.slo,
             )
             source = make_source(server, self._new_fetcher())
             groups.append(Group(spec, source, uuids, lost_uuids=lost, missing_gpus=missing))
         return groups
 
-    def _claim_gpus(
-        self, server: ServerConfig, claimed: set[str]
-    ) -> tuple[list[str], str, list[int | str]]:
-        """The server's GPUs, added to `claimed`, and those configured that cannot be opened
-        yet; or none and why, when they cannot be found or one of them is in `claimed`
-        already."""
-        uuids, why, missing = self._resolve_gpus(server)
-        overlap = claimed.intersection(uuids)
-        if overlap:
-            return [], f"GPUs {', '.join(sorted(overlap))} already belong to another server", []
-        claimed.update(uuids)
-        return uuids, why, missing
-
     def _new_fetcher(self) -> Fetcher:
         """For one reader of a server: the fetcher given, else a connection of its own kept
         open between reads (closed with the reader)."""
         return self._fetch if self._fetch is not None else KeepAliveFetcher()
-
-    def _resolve_gpus(self, server: ServerConfig) -> tuple[list[str], str, list[int | str]]:
-        """The UUIDs of the server's GPUs (lost ones included), why when there are none, and
-        its configured GPUs that NVML counts but cannot open. ConfigError for a configured GPU
-        this node does not have, nor had, when NVML opens every GPU it counts (else it may be
-        one of those: a GPU off the bus since before powerd started)."""
-        by_index = {info.index: info.uuid for info in [*self.infos.values(), *self.lost.values()]}
-        if server.gpus is None:
-            try:
-                found = discover_server_gpus(
-                    server.url, self.backend.compute_pids, list(self.infos), gpu_indices=by_index
-                )
-            except Exception as exc:  # discovery is best effort; the server is still observed
-                found, why = [], f"cannot discover them ({exc})"
-            else:
-                why = "discovery found none"
-            if not found:
-                return (
-                    [],
-                    f"{why}; looking again after {DISCOVERY_RETRY_S:g} s, then at most every "
-                    f"{DISCOVERY_RETRY_MAX_S:g} s (set `gpus:` for it in the config to skip "
-                    "discovery)",
-                    [],
-                )
-            return found, "", []
-        uuids: list[str] = []
-        missing: list[int | str] = []
-        for gpu in server.gpus:
-            try:
-                uuid = locate_gpu(gpu, by_index, self.unopened)
-            except LookupError:
-                raise ConfigError(
-                    f"servers: {server.name}: no GPU {gpu!r} on this node "
-                    f"(NVML opens {self._opened_text()})"
-                ) from None
-            if uuid is None:
-                missing.append(gpu)
-            else:
-                uuids.append(uuid)
-        why = ""
-        if not uuids and missing:
-            why = (
-                f"its GPUs cannot be opened ({self._unopened_text()}); looking for them every "
-                f"{DISCOVERY_RETRY_S:g} s"
-            )
-        return uuids, why, missing
-
-    def _opened_text(self) -> str:
-        """The GPUs NVML opens, for a message: "GPUs 0-3 (GPU-a, ...)"."""
-        known = sorted([*self.infos.values(), *self.lost.values()], key=lambda info: info.index)
-        if not known:
-            return "no GPU"
-        return "GPUs " + ", ".join(f"{info.index} ({info.uuid})" for info in known)
-
-    def _unopened_text(self) -> str:
-        return "; ".join(f"GPU {index}: {why}" for index, why in sorted(self.unopened.items()))
-
-    def _note_unopened(self) -> None:
-        """Take the backend's GPUs that could not be opened at its last devices(), and log
-        each while it lasts (as a lasting problem: a few lines a day)."""
-        known = {info.index for info in [*self.infos.values(), *self.lost.values()]}
-        before = self.unopened
-        self.unopened = {
-            index: why
-            for index, why in self.backend.unopened_indices().items()
-            if index not in known  # a GPU lost while powerd ran is told of as lost
-        }
-        for index, why in self.unopened.items():
-            self._problems.problem(
-                ("unopened", index),
-                logging.ERROR,
-                "GPU %d cannot be opened (%s); it is left as it is and tried again every %g s",
-                index,
-                why,
-                DISCOVERY_RETRY_S,
-            )
-        for index in sorted(before.keys() - self.unopened.keys()):
-            if index in known:
-                self._problems.cleared(("unopened", index), "GPU %d opens now", index, at_once=True)
-            else:
-                self._problems.cleared(
-                    ("unopened", index), "NVML counts no GPU %d now", index, at_once=True
-                )
-
-    def _rediscover(self, now_s: float) -> None:
-        """Every DISCOVERY_RETRY_S, look for the lost GPUs, open again those NVML could not open
-        and read again the power-limit ranges left unread; say how loss episodes go on or end;
-        look again for the GPUs of servers that have none and are to be discovered (each after
-        a wait that doubles up to DISCOVERY_RETRY_MAX_S) and for those of discovered servers
-        that restarted. The policy is reconfigured once when any of these asks for it."""
-        reconfigure = False
-        if self._next_sweep_s is None:
-            self._next_sweep_s = now_s + DISCOVERY_RETRY_S
-        if now_s >= self._next_sweep_s:
-            self._next_sweep_s = now_s + DISCOVERY_RETRY_S
-            reconfigure = self._rejoin_lost(now_s)
-            reconfigure = self._open_unopened() or reconfigure
-            reconfigure = self._describe_again() or reconfigure
-        self._age_loss_episodes(now_s)
-        waiting = [g for g in self.groups if not g.controlled and g.source.config.gpus is None]
-        claimed = {uuid for group in self.groups for uuid in [*group.uuids, *group.lost_uuids]}
-        for group in waiting:
-            if group.next_lookup_s is None:
-                group.next_lookup_s = now_s + group.lookup_wait_s
-            if now_s < group.next_lookup_s:
-                continue
-            uuids, why, _ = self._claim_gpus(group.source.config, claimed)
-            if not uuids:
-                group.lookup_wait_s = min(2 * group.lookup_wait_s, DISCOVERY_RETRY_MAX_S)
-                group.next_lookup_s = now_s + group.lookup_wait_s
-                log.debug("server %s: still observed only: %s", group.spec.name, why)
-                continue
-            group.set_gpus(uuids, self.infos)
-            # The server runs on these now: a GPU of it still lost is no longer its own.
-            group.lost_uuids = []
-            log.info(
-                "server %s: found its GPUs %s; controlling them", group.spec.name, ", ".join(uuids)
-            )
-            reconfigure = True
-        reconfigure = self._follow_restarted_servers(now_s) or reconfigure
-        if reconfigure:
-            self._reconfigure_policy(self.config)
-
-    def _follow_restarted_servers(self, now_s: float) -> bool:
-        """Look up again the GPUs of each discovered server that restarted (a scheduler may
-        have started it on others): take its new GPUs and put back those it left. A lookup
-        that finds none is tried again after DISCOVERY_RETRY_S. True when the policy must be
-        reconfigured (a group's GPUs changed)."""
-        reconfigure = False
-        for group in self.groups:
-            restarts = group.source.restarts
-            if (
-                group.source.config.gpus is not None
-                or not group.controlled
-                or restarts == group.restarts_seen
-                or (group.next_lookup_s is not None and now_s < group.next_lookup_s)
-            ):
-                continue
-            uuids, why, _ = self._claim_gpus(group.source.config, self._claimed_by_others(group))
-            if not uuids:
-                group.next_lookup_s = now_s + DISCOVERY_RETRY_S
-                log.debug("server %s restarted; keeping its GPUs: %s", group.spec.name, why)
-                continue
-            group.restarts_seen = restarts
-            group.next_lookup_s = None
-            if set(uuids) == {*group.uuids, *group.lost_uuids}:
-                continue
-            left = [uuid for uuid in group.uuids if uuid not in uuids]
-            log.warning(
-                "server %s restarted on GPUs %s (was %s); controlling those",
-                group.spec.name,
-                ", ".join(uuids),
-                ", ".join([*group.uuids, *group.lost_uuids]),
-            )
-            group.set_gpus(uuids, self.infos)
-            # A GPU it left while lost is no group's when it answers (actuator.rejoin unlocks it).
-            group.lost_uuids = []
-            self._release(left, f"server {group.spec.name} restarted on other GPUs")
-            reconfigure = True
-        return reconfigure
-
-    def _describe_again(self) -> bool:
-        """Take in the new description of each GPU whose power-limit range a passing error
-        kept unread (pinned to the limit it held, its limit out of powerd's reach). True when
-        the policy must be reconfigured (a group's GPU description changed)."""
-        reconfigure = False
-        for uuid, info in list(self.infos.items()):
-            if uuid in self.lost:
-                continue
-            try:
-                described = self.backend.describe(uuid)
-            except GpuError:
-                continue
-            if described == info:
-                continue
-            self.infos[uuid] = described
-            self.actuator.redescribe(described)
-            log.info(
-                "GPU %s: its power limit range reads %.0f-%.0f W now",
-                uuid,
-                described.power_limit_min_mw / 1000,
-                described.power_limit_max_mw / 1000,
-            )
-            for group in self.groups:
-                if uuid in group.uuids:
-                    group.set_gpus(group.uuids, self.infos)
-                    reconfigure = True
-        return reconfigure
-
-    def _age_loss_episodes(self, now_s: float) -> None:
-        """Say once that a GPU lost again after a flapping episode stays lost; end the episode
-        of a GPU that has answered for GPU_STEADY_S."""
-        for uuid, episode in list(self._loss_episodes.items()):
-            lost_s = episode.lost_since_s
-            if (
-                episode.returns
-                and lost_s is not None
-                and not episode.told_still_lost
-                and now_s - lost_s >= GPU_STEADY_S
-            ):
-                # After a flapping episode's quiet losses, say that this one lasts.
-                episode.told_still_lost = True
-                log.error(
-                    "GPU %s is still lost, %g min after its last loss (%d losses since it "
-                    "first went)",
-                    uuid,
-                    GPU_STEADY_S / 60,
-                    episode.losses,
-                )
-            back_s = episode.back_since_s
-            if back_s is not None and now_s - back_s >= GPU_STEADY_S:
-                del self._loss_episodes[uuid]
-                self._problems.cleared(
-                    ("lost", uuid),
-                    "GPU %s has answered for %g min",
-                    uuid,
-                    GPU_STEADY_S / 60,
-                    at_once=True,
-                )
-
-    def _open_unopened(self) -> bool:
-        """Enumerate the GPUs again while some could not be opened; give each group its
-        configured GPUs that open now. True when the policy must be reconfigured: a group's
-        GPUs changed, or in budget mode the number of GPUs not opened did (each holds a
-        reserve of the budget)."""
-        if not self.unopened:
-            return False
-        try:
-            infos = self.backend.devices()
-        except GpuError as exc:
-            log.debug("enumerating the GPUs again: %s", exc)
-            return False
-        for info in infos:
-            if info.uuid not in self.infos and info.uuid not in self.lost:
-                self._take_in(info)
-        unopened_before = len(self.unopened)
-        self._note_unopened()
-        reconfigure = self.config.mode == "budget" and len(self.unopened) != unopened_before
-        for group in self.groups:
-            if not group.missing_gpus:
-                continue
-            try:
-                uuids, why, missing = self._claim_gpus(
-                    group.source.config, self._claimed_by_others(group)
-                )
-            except ConfigError as exc:
-                self._problems.problem(("missing", group.spec.name), logging.ERROR, "%s", exc)
-                continue
-            if not uuids and not missing:
-                # Named by index here and by UUID there, say: as at start, the server whose
-                # GPUs another one holds is observed only, and waits for nothing more.
-                log.warning(
-                    "server %s: observed only, its GPUs are not controlled: %s",
-                    group.spec.name,
-                    why,
-                )
-                group.lost_uuids = []
-            group.missing_gpus = missing
-            present = [uuid for uuid in uuids if uuid in self.infos]
-            # A GPU the group gives up goes back as found, as a reload's release does.
-            self._release(
-                [uuid for uuid in group.uuids if uuid not in present],
-                f"server {group.spec.name} is observed only now",
-            )
-            if present != group.uuids:
-                group.set_gpus(present, self.infos)
-                log.info(
-                    "server %s: its GPUs %s open now; controlling them",
-                    group.spec.name,
-                    ", ".join(present),
-                )
-                reconfigure = True
-        return reconfigure
-
-    def _take_in(self, info: GpuInfo) -> None:
-        """Track a GPU, first putting back what a previous run left on it where the restore
-        at start could not (the GPU was off the bus then, or opened only after it)."""
-        if self.journal is not None and self.journal.get(info.uuid) is not None:
-            log.info("GPU %s: restoring what a previous run left on it", info.uuid)
-            report = restore_all(self.backend, self.journal, only=[info.uuid])
-            self.restores_total += 1
-            if not report.ok:
-                self.restore_failures_total += 1
-        self.infos[info.uuid] = info
-        self.actuator.track(info)
-
-    def _rejoin_lost(self, now_s: float) -> bool:
-        """Give each lost GPU that answers again back to its group, with what powerd had set
-        on it put back first. True when the policy must be reconfigured: a group's GPUs
-        changed, or in budget mode a GPU's reserve of the budget is let go."""
-        reconfigure = False
-        for uuid, info in list(self.lost.items()):
-            try:
-                self.backend.read(uuid)
-            except GpuError:
-                continue
-            # A GPU that flaps is told of when it first comes back, then by the loss's reminder.
-            episode = self._loss_episodes.setdefault(uuid, _LossEpisode())
-            level = logging.INFO if episode.returns == 0 else logging.DEBUG
-            episode.returns += 1
-            episode.back_since_s, episode.lost_since_s = now_s, None
-            episode.told_still_lost = False
-            del self.lost[uuid]
-            self.infos[uuid] = info
-            self.actuator.rejoin(uuid)
-            reconfigure = reconfigure or self.config.mode == "budget"  # its reserve is let go
-            owner = next((g for g in self.groups if uuid in g.lost_uuids), None)
-            if owner is None:
-                log.log(level, "GPU %s is back; no configured server uses it", uuid)
-                continue
-            owner.lost_uuids.remove(uuid)
-            back = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)
-            owner.set_gpus(back, self.infos)
-            log.log(level, "GPU %s is back; controlling it again for %s", uuid, owner.spec.name)
-            reconfigure = True
-        return reconfigure
 
     # ----------------------------------------------------------------- one tick
 
@@ -868,8 +432,11 @@ class Daemon:
             self.config.interval_s if self._prev_tick_s is None else now_s - self._prev_tick_s
         )
         self._prev_tick_s = now_s
-        self._rediscover(now_s)
-        readings = self._read_gpus(now_s)
+        found = self.roster.rediscover(now_s, self.groups)
+        if found.groups_changed or (found.out_of_reach_changed and self.config.mode == "budget"):
+            # In budget mode the GPUs out of reach hold a reserve of the budget.
+            self._reconfigure_policy(self.config)
+        readings = self.roster.read(self.groups)
         if self.config.mode == "budget":
             # Before the observations count each group's limited GPUs: a refusal met by the
             # last tick's writes, a GPU back from a loss with what it keeps out of the budget.
@@ -891,8 +458,7 @@ class Daemon:
         for (group, _), decision in zip(controlled, decisions, strict=True):
             group.decision = decision
         self._note_budget_feasibility()
-        self._retry_releases()
-        self._retry_restores()
+        self.roster.retry(self.groups)
         # A backlog the decision does not know about is still there: the guard's raise holds
         # from the tick on, not from its next read.
         raised = self._raised_caps(now_s)
@@ -912,65 +478,6 @@ class Daemon:
         if self._publish is not None:
             self._publish(snapshot)
         return snapshot
-
-    def _read_gpus(self, now_s: float) -> dict[str, GpuReading]:
-        readings = {}
-        for uuid in list(self.infos):
-            try:
-                readings[uuid] = self.backend.read(uuid)
-            except GpuLost as exc:
-                self._drop_gpu(uuid, exc)
-            except GpuError as exc:
-                self._problems.problem(
-                    ("read", uuid), logging.WARNING, "GPU %s: read failed: %s", uuid, exc
-                )
-            else:
-                self._problems.cleared(("read", uuid), "GPU %s: read again", uuid)
-        return readings
-
-    def _drop_gpu(self, uuid: str, exc: Exception) -> None:
-        episode = self._loss_episodes.get(uuid)
-        flapping = episode is not None
-        if episode is None:
-            episode = self._loss_episodes[uuid] = _LossEpisode()
-        else:
-            episode.losses += 1
-        episode.back_since_s = None
-        # The loop's clock at the last tick: this tick's time for a loss met in a tick, the last
-        # tick's for one met between ticks (guard, reload, the read after the restore); None
-        # before the first tick.
-        episode.lost_since_s = self._prev_tick_s
-        # The cause without the call that met it: a loss met by a write and one met by a read
-        # are the same problem.
-        cause = str(exc).split(" failed: ", 1)[-1]
-        self._problems.problem(
-            ("lost", uuid),
-            logging.ERROR,
-            "GPU %s is lost (%s); keeping the others, and looking for it every %g s",
-            uuid,
-            cause,
-            DISCOVERY_RETRY_S,
-        )
-        log.debug("GPU %s: %s", uuid, exc)
-        info = self.infos.pop(uuid, None)
-        if info is not None:
-            self.lost[uuid] = info
-        self.actuator.lose(uuid)
-        self._prev_energy_mj.pop(uuid, None)
-        for group in self.groups:
-            if uuid in group.uuids:
-                group.lost_uuids.append(uuid)
-                # A group without GPUs leaves the policy: it must not keep a share of a node
-                # budget, nor a decision that no GPU takes.
-                group.set_gpus([u for u in group.uuids if u != uuid], self.infos)
-                if not group.uuids:
-                    log.log(
-                        logging.DEBUG if flapping else logging.WARNING,
-                        "server %s: its last GPU is lost; observed only",
-                        group.spec.name,
-                    )
-        # Also in budget mode, whose budget now reserves what the GPU may still draw.
-        self._reconfigure_policy(self.config)
 
     def _observe(
         self,
@@ -1174,7 +681,7 @@ class Daemon:
                 limits_mw=limits_mw,
             )
         except GpuLost as exc:
-            self._drop_gpu(exc.uuid or "", exc)
+            self.roster.drop(exc.uuid or "", exc, self.groups)
 
     # ----------------------------------------------------------------- between ticks
 
@@ -1195,7 +702,7 @@ class Daemon:
                 try:
                     self.actuator.apply(_raised(decision, cap_mhz), list(group.uuids))
                 except GpuLost as exc:
-                    self._drop_gpu(exc.uuid or "", exc)
+                    self.roster.drop(exc.uuid or "", exc, self.groups)
                     continue
             self._note_raise(group, cap_mhz, now_s)
             count += 1
@@ -1286,7 +793,7 @@ class Daemon:
         for uuid, state in self.actuator.states.items():
             # A GPU that could not be read, or is lost, stays in view with what powerd set.
             reading = readings.get(uuid) or _unread(state.info, timestamp_s)
-            lock_mhz, limit_mw = self._device_settings(uuid)
+            lock_mhz, limit_mw = self.roster.device_settings(uuid)
             gpus.append(
                 GpuStatus(
                     reading=reading,
@@ -1366,9 +873,9 @@ class Daemon:
             servers=tuple(samples),
             groups=tuple(groups),
             nvml_errors=dict(errors),
-            gpus_unopened=len(self.unopened),
-            restores_total=self.restores_total,
-            restore_failures_total=self.restore_failures_total,
+            gpus_unopened=len(self.roster.unopened),
+            restores_total=self.roster.restores_total,
+            restore_failures_total=self.roster.restore_failures_total,
             ticks_total=self.ticks_total,
             mode=self.config.mode,
             dry_run=self.actuator.dry_run,
@@ -1385,33 +892,11 @@ class Daemon:
             node_power_budget_feasible=self.budget_feasible(),
         )
 
-    def _device_settings(self, uuid: str) -> tuple[int | None, int | None]:
-        """(locked clock maximum MHz, power limit mW) powerd has set on the GPU, None for each
-        left at its default. A dry run sets nothing: its decisions are the groups' figures."""
-        if self.actuator.dry_run:
-            return self._unrestored.get(uuid, (None, None))
-        state = self.actuator.states.get(uuid)
-        if state is None:
-            return None, None
-        return state.lock_max_mhz, state.power_limit_mw
-
     # ----------------------------------------------------------------- lifecycle
 
     def restore(self) -> bool:
         """Put back every GPU setting powerd changed. True when all were restored."""
-        if self.journal is None:
-            return True
-        report = restore_all(self.backend, self.journal)
-        self.restores_total += 1
-        if not report.ok:
-            self.restore_failures_total += 1
-        # A GPU that could not be restored keeps what powerd last set, and says so.
-        kept = set(report.failed) | set(report.lost)
-        for uuid, state in self.actuator.states.items():
-            if uuid not in kept:
-                state.lock_max_mhz = None
-                state.power_limit_mw = None
-        return report.ok
+        return self.roster.restore()
 
     def publish_restored(self, now_s: float, *, unix_time_s: float | None = None) -> None:
         """Publish the last snapshot again with the GPUs read anew after restore(): a final
@@ -1419,11 +904,11 @@ class Daemon:
         last = self.last_snapshot
         if last is None or self._publish is None:
             return
-        readings = self._read_gpus(now_s)
+        readings = self.roster.read(self.groups)
         gpus = []
         for gpu in last.gpus:
             uuid = gpu.info.uuid
-            lock_mhz, limit_mw = self._device_settings(uuid)
+            lock_mhz, limit_mw = self.roster.device_settings(uuid)
             gpus.append(
                 replace(
                     gpu,
@@ -1437,8 +922,8 @@ class Daemon:
                 last,
                 timestamp_s=now_s if unix_time_s is None else unix_time_s,
                 gpus=tuple(gpus),
-                restores_total=self.restores_total,
-                restore_failures_total=self.restore_failures_total,
+                restores_total=self.roster.restores_total,
+                restore_failures_total=self.roster.restore_failures_total,
                 loop_duration_s=None,
             )
         )
@@ -1456,27 +941,28 @@ class Daemon:
             groups = self._build_groups(config)
         except ConfigError as exc:
             log.error("reload: invalid config, keeping the running one: %s", exc)
-            _close_connections(groups)
+            close_connections(groups)
             return False
         except Exception:
             log.exception("reload: cannot apply %s, keeping the running config", config_path)
-            _close_connections(groups)
+            close_connections(groups)
             return False
         if config.metrics != self.config.metrics:
             log.warning("reload: metrics settings change only at restart")
         groups = self._keep_unchanged_groups(config, groups)
         self._pool.close()
-        _close_connections([old for old in self.groups if all(old is not g for g in groups)])
+        close_connections([old for old in self.groups if all(old is not g for g in groups)])
         claimed = {uuid for group in groups for uuid in group.uuids}
         leaving_dry_run = self.actuator.dry_run and not config.dry_run
         if config.dry_run and not self.actuator.dry_run:
-            self._restore_for_dry_run()
+            self.roster.restore_for_dry_run()
         else:
-            self._release([u for g in self.groups for u in g.uuids if u not in claimed])
+            released = [u for g in self.groups for u in g.uuids if u not in claimed]
+            self.roster.release(released, self.groups)
         self.config = config
         self.actuator.dry_run = config.dry_run
         if leaving_dry_run:
-            self._hand_unrestored_to_wet_run(claimed)
+            self.roster.hand_unrestored_to_wet_run(claimed, self.groups)
         self.actuator.retry_power_limits()
         self.grid = GridSignal(config.grid, previous=self.grid)
         self.groups = groups
@@ -1510,7 +996,7 @@ class Daemon:
                 and (old.spec, old.uuids, old.lost_uuids, old.missing_gpus)
                 == (group.spec, group.uuids, group.lost_uuids, group.missing_gpus)
             ):
-                _close_connections([group])
+                close_connections([group])
                 result.append(old)
             else:
                 if old is not None:
@@ -1540,96 +1026,6 @@ class Daemon:
         return replace(
             config, state_dir=running.state_dir, gpu_backend=running.gpu_backend, sim=running.sim
         )
-
-    def _release(
-        self, uuids: list[str], why: str = "no configured server uses it any more"
-    ) -> None:
-        """Return GPUs powerd no longer controls (`why`) to unlocked clocks and the limit they
-        had before powerd. A GPU whose write fails is tried again at every tick
-        (_retry_releases) until it is back as found, lost, or controlled again."""
-        for uuid in uuids:
-            info = self.infos.get(uuid)
-            if info is None:
-                continue
-            default = GroupDecision(
-                group="", sm_clock_max_mhz=info.sm_clock_max_mhz, power_limit_mw=None, mode="off"
-            )
-            try:
-                self.actuator.apply(default, [uuid])
-            except GpuLost as exc:
-                self._drop_gpu(uuid, exc)
-                self._unreleased.pop(uuid, None)
-                continue
-            if not self.actuator.holds_settings(uuid):
-                self._unreleased.pop(uuid, None)
-                log.info("GPU %s: %s; back as found", uuid, why)
-            elif uuid not in self._unreleased:
-                self._unreleased[uuid] = why
-                log.warning(
-                    "GPU %s: %s, but its settings could not be put back; trying again every tick",
-                    uuid,
-                    why,
-                )
-
-    def _restore_for_dry_run(self) -> None:
-        """Put back what the wet run changed (a dry run promises untouched GPUs); a GPU whose
-        restore failed is tried again every tick (_retry_restores)."""
-        self.restore()
-        for uuid, state in self.actuator.states.items():
-            if state.observe_only_reason == "gpu_lost" or not self.actuator.holds_settings(uuid):
-                continue  # a lost GPU's settings are put back when it returns (rejoin)
-            self._unrestored[uuid] = (state.lock_max_mhz, state.power_limit_mw)
-            log.warning(
-                "GPU %s: its settings could not be put back for the dry run; trying again "
-                "every tick",
-                uuid,
-            )
-
-    def _retry_restores(self) -> None:
-        """Restore again the GPUs a switch into the dry run could not restore (a lost one when
-        it is back). A failure every tick is one problem in the log."""
-        if not self._unrestored or self.journal is None:
-            return
-        states = self.actuator.states
-        retried = [
-            uuid
-            for uuid in self._unrestored
-            if uuid not in states or states[uuid].observe_only_reason != "gpu_lost"
-        ]
-        if not retried:
-            return
-        report = restore_all(self.backend, self.journal, only=retried, log_each=False)
-        for uuid in report.restored + report.dropped:
-            del self._unrestored[uuid]
-            self._problems.forget(("unrestored", uuid))
-            log.info("GPU %s: restored for the dry run; back as found", uuid)
-        for uuid, why in report.failed.items():
-            self._problems.problem(
-                ("unrestored", uuid),
-                logging.ERROR,
-                "GPU %s: still not restored for the dry run: %s",
-                uuid,
-                why,
-            )
-
-    def _hand_unrestored_to_wet_run(self, claimed: set[str]) -> None:
-        """Leaving a dry run: the GPUs it could not restore hold the settings of the wet run
-        before it, which the actuator is told of; those no server uses are released."""
-        unrestored, self._unrestored = self._unrestored, {}
-        for uuid, (lock_max_mhz, power_limit_mw) in unrestored.items():
-            self._problems.forget(("unrestored", uuid))
-            self.actuator.note_held_settings(uuid, lock_max_mhz, power_limit_mw)
-        self._release([uuid for uuid in unrestored if uuid not in claimed])
-
-    def _retry_releases(self) -> None:
-        """Release again the GPUs whose release failed, unless a group controls them again."""
-        if not self._unreleased:
-            return
-        controlled = self._controlled_uuids()
-        for uuid in [uuid for uuid in self._unreleased if uuid in controlled]:
-            del self._unreleased[uuid]
-        for uuid, why in list(self._unreleased.items()):
-            self._release([uuid], why)
 
     def request_stop(self) -> None:
         """Stop the loop (GPUs restored) at its next wait; safe from a signal handler."""
@@ -1691,7 +1087,7 @@ class Daemon:
             if self._notifier:
                 self._notifier.stopping()
             self._pool.close()
-            _close_connections(self.groups)
+            close_connections(self.groups)
             restored = self.restore()
             self.publish_restored(clock(), unix_time_s=unix_clock())
         return restored
@@ -1766,13 +1162,6 @@ def _unread(info: GpuInfo, timestamp_s: float) -> GpuReading:
         clock_event_reasons=None,
         temperature_c=None,
     )
-
-
-def _close_connections(groups: Sequence[Group]) -> None:
-    for group in groups:
-        group.source.close()
-        if group.backlog_probe is not None:
-            group.backlog_probe.close()
 
 
 def _mean_cap_mhz(

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 
 from powerd import __version__
 from powerd.config import Config, ConfigError, ServerConfig, SimConfig
-from powerd.daemon import Daemon, handle_stop_and_reload_signals, locate_gpu
+from powerd.daemon import Daemon, handle_stop_and_reload_signals
 from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuUnavailable
 from powerd.journal import Journal, JournalError, restore_all
+from powerd.roster import locate_gpu
 from powerd.systemd import Notifier
 from powerd.webconfig import load_web_config
 

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from powerd import daemon as daemon_module
+from powerd import roster as roster_module
 from powerd.actuator import LOCK_RESEND_S
 from powerd.config import (
     NAMED_SERVER_KINDS,
@@ -263,7 +264,7 @@ def test_a_lost_gpu_that_answers_again_rejoins_its_group_and_a_reload_still_work
     rig.fake.restore_gpu(1)  # back, still holding the lock powerd set before it went
     assert _locked(rig, 1) is not None
     before = len(rig.fake.writes)
-    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 1)
+    rig.run(int(roster_module.DISCOVERY_RETRY_S) + 1)
     assert rig.daemon.groups[1].controlled and rig.daemon.groups[1].lost_uuids == []
     assert rig.writes_to(1, before)[0] == (RESET_CLOCKS, ()), "what powerd set is put back first"
     snapshot = rig.run(1)
@@ -279,7 +280,7 @@ def test_a_gpu_that_flaps_is_logged_once_until_it_stays_back(
     it is back, then the reminder, until it has answered for GPU_STEADY_S."""
     rig = make_rig(tmp_path)
     rig.run(5)
-    wait = int(daemon_module.DISCOVERY_RETRY_S) + 1
+    wait = int(roster_module.DISCOVERY_RETRY_S) + 1
     with caplog.at_level(logging.INFO, logger="powerd.daemon"):
         for _ in range(4):
             rig.fake.lose_gpu(1)
@@ -296,14 +297,14 @@ def test_a_gpu_that_flaps_is_logged_once_until_it_stays_back(
         # and the log says it lasts.
         caplog.clear()
         rig.fake.lose_gpu(1)
-        rig.run(int(daemon_module.GPU_STEADY_S) + 5)
+        rig.run(int(roster_module.GPU_STEADY_S) + 5)
         assert not any("has answered" in r.getMessage() for r in caplog.records)
         gone = f"GPU {rig.uuid(1)} is still lost"
         still = [r for r in caplog.records if r.getMessage().startswith(gone)]
         assert len(still) == 1 and still[0].levelno == logging.ERROR
         assert "(5 losses since it first went)" in still[0].getMessage()
         rig.fake.restore_gpu(1)
-        rig.run(wait + int(daemon_module.GPU_STEADY_S))
+        rig.run(wait + int(roster_module.GPU_STEADY_S))
         assert any("has answered for 10 min" in r.getMessage() for r in caplog.records)
         caplog.clear()
         rig.fake.lose_gpu(1)
@@ -347,7 +348,7 @@ def test_a_gpu_off_the_bus_at_start_leaves_the_others_controlled_until_it_opens(
 
     rig.fake.restore_gpu(1)
     with caplog.at_level(logging.INFO, logger="powerd.daemon"):
-        rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 1)
+        rig.run(int(roster_module.DISCOVERY_RETRY_S) + 1)
     assert any("GPU 1 opens now" in r.getMessage() for r in caplog.records)
     group = rig.daemon.groups[1]
     assert group.controlled and group.missing_gpus == [] and group.uuids == [rig.uuid(1)]
@@ -380,12 +381,12 @@ def test_a_gpu_that_opens_late_first_gets_back_what_a_killed_run_left_on_it(
         again.tick(rig.node.now_s)
     assert plant.power_limit_mw(1) == left_mw
     fake.restore_gpu(1)
-    for _ in range(int(daemon_module.DISCOVERY_RETRY_S) + 3):
+    for _ in range(int(roster_module.DISCOVERY_RETRY_S) + 3):
         rig.node.advance(1.0)
         again.tick(rig.node.now_s)
     assert again.groups[1].uuids == [fake.uuids[1]]
     assert plant.power_limit_mw(1) == _default_limit_mw(rig), "the killed run's cap is undone"
-    assert again.restores_total == 1 and again.restore_failures_total == 0
+    assert again.roster.restores_total == 1 and again.roster.restore_failures_total == 0
     entry = journal.get(fake.uuids[1])
     assert entry is None or entry.power_limit_mw != left_mw, "the killed run's entry is spent"
 
@@ -404,7 +405,7 @@ def test_a_gpu_named_twice_that_opens_late_goes_to_one_server(tmp_path: Path) ->
     rig = make_rig(tmp_path, sim=sim, nvml_factory=factory, configure=configure)
     rig.run_until(lambda s: _locked(rig, 2) is not None, 60)
     rig.fake.restore_gpu(1)
-    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 1)
+    rig.run(int(roster_module.DISCOVERY_RETRY_S) + 1)
     assert [group.uuids for group in rig.daemon.groups] == [[rig.uuid(0)], [rig.uuid(1)], []]
     assert _locked(rig, 2) is None, "the GPU the third server gave up is back as found"
     assert not rig.daemon.groups[2].missing_gpus, "it waits for nothing more"
@@ -426,7 +427,7 @@ def test_a_gpu_whose_restore_at_start_failed_is_restored_when_the_daemon_starts(
     again = Daemon(config, backend, journal=journal, fetch=rig.fetch, inline_scrape=True)
     assert plant.power_limit_mw(1) == _default_limit_mw(rig)
     assert plant.locked_clocks(1) is None and not journal.pending()
-    assert again.restores_total == 2 and again.restore_failures_total == 0
+    assert again.roster.restores_total == 2 and again.roster.restore_failures_total == 0
 
 
 def test_a_gpu_the_node_does_not_count_is_still_a_config_error(tmp_path: Path) -> None:
@@ -455,7 +456,7 @@ def test_a_gpu_named_by_uuid_may_be_one_that_cannot_be_opened(tmp_path: Path) ->
     assert rig.daemon.groups[1].missing_gpus == [rig.uuid(1)]
     rig.run(5)
     rig.fake.restore_gpu(1)
-    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 1)
+    rig.run(int(roster_module.DISCOVERY_RETRY_S) + 1)
     assert rig.daemon.groups[1].uuids == [rig.uuid(1)] and rig.daemon.groups[1].controlled
 
 
@@ -1308,10 +1309,10 @@ def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(
             raise SourceError("nothing on this node listens on port 8001")
         return list(found)
 
-    monkeypatch.setattr(daemon_module, "discover_server_gpus", discover)
+    monkeypatch.setattr(roster_module, "discover_server_gpus", discover)
     with caplog.at_level(logging.DEBUG, logger="powerd.daemon"):
         rig = make_rig(tmp_path, configure=lambda node: _two_servers(node, None), record=True)
-        rig.run(3 * round(daemon_module.DISCOVERY_RETRY_S))
+        rig.run(3 * round(roster_module.DISCOVERY_RETRY_S))
     warnings = [r for r in caplog.records if "observed only" in r.getMessage()]
     assert len([r for r in warnings if r.levelno == logging.WARNING]) == 1, "logged once"
     assert "port 8001" in warnings[0].getMessage()
@@ -1321,7 +1322,7 @@ def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(
     # At start and 10 s later; the next wait is 20 s (it doubles): not at every tick.
     assert len(attempts) == 2, attempts
     found.append(rig.uuid(1))
-    rig.run(round(daemon_module.DISCOVERY_RETRY_MAX_S))
+    rig.run(round(roster_module.DISCOVERY_RETRY_MAX_S))
     assert [spec.name for spec in rig.recorder.controller.groups] == ["vllm-0", "vllm-1"]
     assert rig.daemon.groups[1].uuids == [rig.uuid(1)]
     before = len(rig.fake.writes)
@@ -1345,7 +1346,7 @@ def test_a_discovered_server_that_restarts_on_other_gpus_is_followed_there(
             raise SourceError("no process of the server holds a GPU yet")
         return [uuids[where[0]]]
 
-    monkeypatch.setattr(daemon_module, "discover_server_gpus", discover)
+    monkeypatch.setattr(roster_module, "discover_server_gpus", discover)
 
     rig = make_rig(tmp_path, configure=_first_server_discovered)
     rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
@@ -1361,7 +1362,7 @@ def test_a_discovered_server_that_restarts_on_other_gpus_is_followed_there(
     rig.fetch.down.clear()
     rig.run(2)
     assert len(calls) == 2 and rig.daemon.groups[0].uuids == [rig.uuid(0)]
-    rig.run(round(daemon_module.DISCOVERY_RETRY_S))
+    rig.run(round(roster_module.DISCOVERY_RETRY_S))
     assert len(calls) == 3, "looked up again after the retry wait"
     assert rig.daemon.groups[0].uuids == [rig.uuid(1)]
     assert _locked(rig, 0) is None, "the GPU the server left is back as found"
@@ -1376,7 +1377,7 @@ def test_a_discovered_server_found_elsewhere_while_its_gpu_is_lost_keeps_it_when
     longer the server's, and goes back as found."""
     where = [0]
     monkeypatch.setattr(
-        daemon_module, "discover_server_gpus", lambda url, pids, uuids, **_: [uuids[where[0]]]
+        roster_module, "discover_server_gpus", lambda url, pids, uuids, **_: [uuids[where[0]]]
     )
 
     rig = make_rig(tmp_path, configure=_first_server_discovered)
@@ -1385,10 +1386,10 @@ def test_a_discovered_server_found_elsewhere_while_its_gpu_is_lost_keeps_it_when
     rig.fake.lose_gpu(0)
     rig.run(2)
     where[0] = 0  # the GPU list discovery sees no longer has the lost GPU: index 0 is GPU 1
-    rig.run(3 * round(daemon_module.DISCOVERY_RETRY_S))
+    rig.run(3 * round(roster_module.DISCOVERY_RETRY_S))
     assert rig.daemon.groups[0].uuids == [rig.uuid(1)]
     rig.fake.restore_gpu(0)
-    rig.run(round(daemon_module.DISCOVERY_RETRY_S) + 2)
+    rig.run(round(roster_module.DISCOVERY_RETRY_S) + 2)
     assert first in rig.daemon.infos, "it answers again"
     assert rig.daemon.groups[0].uuids == [rig.uuid(1)], "and stays out of the server's group"
     assert _locked(rig, 0) is None
@@ -1681,7 +1682,7 @@ def test_a_gpu_lost_and_back_during_a_dry_run_is_not_written(tmp_path: Path) -> 
     rig.fake.lose_gpu(1)
     rig.run(2)
     rig.fake.restore_gpu(1)
-    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 2)
+    rig.run(int(roster_module.DISCOVERY_RETRY_S) + 2)
     assert rig.writes_to(1, before) == []
     assert _locked(rig, 1) is not None and rig.node.plant.power_limit_mw(1) == 450_000
 
@@ -1725,7 +1726,7 @@ def test_in_budget_mode_a_gpu_whose_limit_cannot_be_set_keeps_it_out_of_the_budg
     rig.fake.lose_gpu(1)
     rig.run(3)
     rig.fake.restore_gpu(1)
-    for _ in range(int(daemon_module.DISCOVERY_RETRY_S) + 5):
+    for _ in range(int(roster_module.DISCOVERY_RETRY_S) + 5):
         rig.run(1)
         limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(4)]
         assert sum(limits_w) <= 1400.0 + 10.0, limits_w
@@ -1949,7 +1950,7 @@ def test_a_gpu_reset_while_lost_gets_the_limit_it_had_before_powerd_back(tmp_pat
     rig.run(2)
     plant.set_power_limit_mw(1, 700_000, dead_time_s=0)  # the reset
     rig.fake.restore_gpu(1)
-    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 5)
+    rig.run(int(roster_module.DISCOVERY_RETRY_S) + 5)
     assert plant.power_limit_mw(1) == 300_000
     rig.fake.nvmlDeviceSetPowerManagementLimit(rig.fake.nvmlDeviceGetHandleByIndex(1), 700_000)
     rig.run(30)
@@ -1965,7 +1966,7 @@ def _check_budget_reserve(rig: Rig, reserve_w: float, budget_w: float = 1400.0) 
         limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in (0, 2, 3)]
         assert sum(limits_w) + reserve_w <= budget_w + 10.0, (limits_w, reserve_w)
     rig.fake.restore_gpu(1)
-    rig.run(int(daemon_module.DISCOVERY_RETRY_S) + 5)
+    rig.run(int(roster_module.DISCOVERY_RETRY_S) + 5)
     limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in range(4)]
     assert budget_w - 60.0 < sum(limits_w) <= budget_w + 10.0, limits_w
 

@@ -470,7 +470,7 @@ def test_a_running_server_between_counted_batches_is_not_stale(tmp_path: Path) -
     sample = group.last_sample
     assert sample is not None and sample.up
     silent = replace(sample, generation_tokens_per_s=None, running=12.0)
-    readings = rig.daemon._read_gpus(rig.node.now_s)
+    readings = rig.daemon.roster.read(rig.daemon.groups)
     for t in range(10):
         now_s = rig.node.now_s + 1.0 + t
         observation = rig.daemon._observe(group, silent, readings, now_s, 1.0)
