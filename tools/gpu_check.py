@@ -65,6 +65,11 @@ SETTLE_S = 2.0
 SIM_STEP_S = 0.005
 
 SERIES = ("usage_mw", "energy_mj", "instant_mw", "average_mw", "sm_mhz", "temp_c", "reasons")
+SLOW_CALL_S = 1.0
+"""An NVML call slower than this is flagged: powerd's tick makes seven a GPU, and takes a GPU
+whose reading passes 5 s (powerd.gpu.backend.STALL_S) for lost."""
+CALL_SECONDS: dict[str, list[float]] = {}
+"""Every timed NVML call's duration by function name, for the summary's latency table."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,12 +267,30 @@ class SimNode:
 
 
 def _call(nvml: Any, errors: dict[str, str], name: str, *args: Any) -> Any:
-    """nvml.<name>(*args), or None with the error class recorded (first one per name)."""
+    """nvml.<name>(*args), or None with the error class recorded (first one per name); its
+    duration goes to CALL_SECONDS."""
+    started_s = time.perf_counter()
     try:
         return getattr(nvml, name)(*args)
     except nvml.NVMLError as exc:
         errors.setdefault(name, type(exc).__name__)
         return None
+    finally:
+        CALL_SECONDS.setdefault(name, []).append(time.perf_counter() - started_s)
+
+
+def call_latency_ms() -> dict[str, dict[str, float]]:
+    """Per NVML function timed: calls, median, p99 and max duration in ms."""
+    out = {}
+    for name, seconds in sorted(CALL_SECONDS.items()):
+        ms = np.asarray(seconds) * 1000.0
+        out[name] = {
+            "calls": int(ms.size),
+            "median_ms": float(np.median(ms)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "max_ms": float(ms.max()),
+        }
+    return out
 
 
 def _power_fields(nvml: Any, handle: Any, errors: dict[str, str]) -> tuple[Any, Any]:
@@ -317,6 +340,7 @@ def inventory(nvml: Any, handle: Any, index: int) -> dict[str, Any]:
         "supported_clock_event_reasons": None if supported is None else hex(supported),
         "temperature_c": c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU),
         "persistence_mode": c("nvmlDeviceGetPersistenceMode"),
+        "mig_mode": c("nvmlDeviceGetMigMode"),
     }
     info["power_instant_mw"], info["power_average_mw"] = _power_fields(nvml, handle, errors)
     info["errors"] = errors
@@ -1566,7 +1590,7 @@ def checks(real: CheckResult, sim: CheckResult | None) -> list[dict[str, Any]]:
     """Pass/fail statements about the sensor semantics the daemon relies on."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, gpu: int, ok: bool | None, detail: str) -> None:
+    def add(name: str, gpu: int | None, ok: bool | None, detail: str) -> None:
         out.append({"check": name, "gpu": gpu, "ok": ok, "detail": detail})
 
     expect_window: float | None = None
@@ -1574,6 +1598,21 @@ def checks(real: CheckResult, sim: CheckResult | None) -> list[dict[str, Any]]:
         expect = _win(sim.phases.get("compute", [None])[0], 0) if "compute" in sim.phases else None
         expect_window = expect
     for k, g in enumerate(real.inventory):
+        table, f_max = g.get("supported_sm_clocks_mhz"), g.get("sm_clock_max_mhz")
+        add(
+            "clock_table_within_max_clock",
+            g["index"],
+            None if not table or f_max is None else max(table) <= f_max,
+            f"table top {max(table) if table else None} MHz, GetMaxClockInfo {f_max} MHz "
+            "(powerd cuts the table there)",
+        )
+        mig = g.get("mig_mode")
+        add(
+            "mig_mode_off",
+            g["index"],
+            None if mig is None else not mig[0],
+            f"MIG mode [current, pending] {mig}: powerd is unverified on a MIG-enabled GPU",
+        )
         for phase in ("compute", "memory"):
             st = real.phases.get(phase)
             if not st:
@@ -1609,6 +1648,14 @@ def checks(real: CheckResult, sim: CheckResult | None) -> list[dict[str, Any]]:
                 None if on_table is None else on_table >= 0.99,
                 f"{on_table} of samples",
             )
+    slowest = max(call_latency_ms().items(), key=lambda item: item[1]["max_ms"], default=None)
+    add(
+        "nvml_calls_answer_quickly",
+        None,
+        None if slowest is None else slowest[1]["max_ms"] <= SLOW_CALL_S * 1000.0,
+        "slowest call: "
+        + ("none timed" if slowest is None else f"{slowest[0]} {slowest[1]['max_ms']:.1f} ms"),
+    )
     return out + real.backend_checks
 
 
@@ -1645,6 +1692,7 @@ def write_outputs(
         "checks": checks(real, sim),
         "notes": real.notes,
         "nvml_errors": real.errors,
+        "nvml_call_latency_ms": call_latency_ms(),
         "sweep": real.sweep,
         "simulated_sweep": None if sim is None else sim.sweep,
         "powerd_backend": real.backend,

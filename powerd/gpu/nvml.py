@@ -71,6 +71,9 @@ _CLOCK_EVENT_REASONS = (
     "nvmlDeviceGetCurrentClocksThrottleReasons",
 )
 """The same bits under two names: drivers before R535 have only the older one."""
+_TEMPERATURE = ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature")
+"""The GPU's temperature: the versioned call first (the older one is to leave the binding with
+CUDA 14), the older one for drivers without the newer symbol."""
 _RUNNING_PROCESSES = (
     "nvmlDeviceGetComputeRunningProcesses",
     "nvmlDeviceGetComputeRunningProcesses_v2",
@@ -304,13 +307,18 @@ class NvmlBackend:
             )
             listed = self._call("nvmlDeviceGetSupportedGraphicsClocks", uuid, handle, memory_mhz)
             clocks = tuple(sorted({int(v) for v in listed}))
-            if clocks:
-                return clocks
         except (GpuLost, GpuUnavailable):
             raise
         except (GpuError, ValueError):
-            pass  # ValueError: an empty memory-clock list
+            clocks = ()  # ValueError: an empty memory-clock list
         sm = getattr(self._nvml, "NVML_CLOCK_SM", 1)
+        max_mhz = _int_or_none(self._optional("nvmlDeviceGetMaxClockInfo", uuid, handle, sm))
+        if max_mhz is not None:
+            # Some boards (GeForce, some Ada parts) list clocks above the most they can reach:
+            # locks there do nothing, and taken for f_max they would skew the models.
+            clocks = tuple(c for c in clocks if c <= max_mhz) or clocks
+        if clocks:
+            return clocks
         # Nothing below f_max is known: the actuator does not lock such a GPU (a lock at f_max
         # alone would keep it from clocking down when idle).
         return (int(self._call("nvmlDeviceGetMaxClockInfo", uuid, handle, sm)),)
@@ -396,8 +404,8 @@ class NvmlBackend:
                 "nvmlDeviceGetEnforcedPowerLimit", uuid, handle
             ),
             "clock_event_reasons": lambda: self._optional_first(_CLOCK_EVENT_REASONS, uuid, handle),
-            "temperature_c": lambda: self._optional(
-                "nvmlDeviceGetTemperature", uuid, handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
+            "temperature_c": lambda: self._optional_first(
+                _TEMPERATURE, uuid, handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
             ),
         }
         values: dict[str, int | None] = {}

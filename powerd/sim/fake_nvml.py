@@ -78,7 +78,9 @@ _FEATURE_OF: dict[str, str] = {
     "nvmlDeviceGetSupportedGraphicsClocks": "supported_clocks",
     "nvmlDeviceGetCurrentClocksEventReasons": "clock_event_reasons",
     "nvmlDeviceGetSupportedClocksEventReasons": "clock_event_reasons",
+    "nvmlDeviceGetCurrentClocksThrottleReasons": "clock_event_reasons",
     "nvmlDeviceGetTemperature": "temperature",
+    "nvmlDeviceGetTemperatureV": "temperature",
     "nvmlDeviceGetTemperatureThreshold": "temperature",
     "nvmlDeviceGetFieldValues": "field_values",
     "nvmlDeviceGetComputeRunningProcesses": "processes",
@@ -703,6 +705,23 @@ class FakeNvml:
             if sensor != pynvml.NVML_TEMPERATURE_GPU:
                 raise pynvml.NVMLError_InvalidArgument()
             return self.plant.temperature_c(i)
+
+    def nvmlDeviceGetTemperatureV(
+        self, handle: Any, sensor: int, version: int = pynvml.nvmlTemperature_v1
+    ) -> int:
+        with self.lock:
+            i = self._device("nvmlDeviceGetTemperatureV", handle)
+            if version != pynvml.nvmlTemperature_v1:
+                raise pynvml.NVMLError_ArgumentVersionMismatch()
+            if sensor != pynvml.NVML_TEMPERATURE_GPU:
+                raise pynvml.NVMLError_InvalidArgument()
+            return self.plant.temperature_c(i)
+
+    def nvmlDeviceGetMigMode(self, handle: Any) -> list[int]:
+        """[current, pending]: the simulated GPUs run without MIG."""
+        with self.lock:
+            self._device("nvmlDeviceGetMigMode", handle)
+            return [pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_DISABLE]
 
     def nvmlDeviceGetTemperatureThreshold(self, handle: Any, threshold: int) -> int:
         with self.lock:

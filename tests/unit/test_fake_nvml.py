@@ -326,7 +326,7 @@ def test_processes_and_unmodelled_functions(fake: FakeNvml) -> None:
     assert [p.pid for p in procs] == [4242, 4343]
     assert procs[0].usedGpuMemory == 1 << 30
     with pytest.raises(pynvml.NVMLError_FunctionNotFound):
-        fake.nvmlDeviceGetMigMode(h)
+        fake.nvmlDeviceGetEncoderUtilization(h)
     with pytest.raises(AttributeError):
         fake.nvmlDeviceGetNoSuchThing(h)  # type: ignore[attr-defined]
 

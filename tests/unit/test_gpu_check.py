@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -438,3 +439,31 @@ def test_driver_notes_name_the_32_byte_process_struct() -> None:
     assert gpu_check.driver_notes("535.104.05") == []
     assert gpu_check.driver_notes("590.48.01") == []
     assert gpu_check.driver_notes(None) == []
+
+
+def test_slow_calls_an_unreachable_clock_table_and_mig_are_flagged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the simulated node never shows and a real one may: an NVML call that stalls (the
+    tick makes seven a GPU), a clock table listing clocks past the board's maximum (some
+    GeForce and Ada parts), a GPU in MIG mode."""
+    fake, node = _node("h100-sxm")
+    monkeypatch.setattr(gpu_check, "CALL_SECONDS", {})
+    monkeypatch.setattr(gpu_check, "SLOW_CALL_S", 0.01)
+    named = fake.nvmlDeviceGetName
+
+    def slow_name(handle: Any) -> str:
+        time.sleep(0.02)
+        return named(handle)
+
+    monkeypatch.setattr(fake, "nvmlDeviceGetName", slow_name)
+    monkeypatch.setattr(fake, "nvmlDeviceGetMaxClockInfo", lambda handle, clock: 1755)
+    monkeypatch.setattr(fake, "nvmlDeviceGetMigMode", lambda handle: [1, 1])
+    summary = gpu_check.run_check(
+        fake, tmp_path, clock=node, load=node, duration_s=5.0, log=lambda _: None
+    )
+    failed = {(c["check"], c["gpu"]) for c in summary["checks"] if c["ok"] is False}
+    assert ("nvml_calls_answer_quickly", None) in failed
+    assert {("clock_table_within_max_clock", 0), ("mig_mode_off", 0)} <= failed
+    latency = summary["nvml_call_latency_ms"]["nvmlDeviceGetName"]
+    assert latency["max_ms"] >= 20.0 and latency["calls"] >= 1

@@ -167,7 +167,7 @@ def test_unsupported_reads_are_none_and_counted(fake: FakeNvml, backend: NvmlBac
     assert backend.read(fake.uuids[1]).energy_mj is not None
     counts = backend.error_counts
     assert counts[("nvmlDeviceGetTotalEnergyConsumption", "not_supported")] == 2
-    assert counts[("nvmlDeviceGetTemperature", "not_supported")] == 2
+    assert counts[("nvmlDeviceGetTemperatureV", "not_supported")] == 2
     assert counts[("nvmlDeviceGetPowerUsage", "not_supported")] == 1
 
 
@@ -474,7 +474,8 @@ def test_a_driver_before_r535_gives_its_clock_event_reasons_under_the_older_name
     failed = backend.error_counts[("nvmlDeviceGetCurrentClocksEventReasons", "not_supported")]
     assert failed == 1, "the newer name is tried once, then the one that answered is kept"
     assert backend.symbols_used() == {
-        "nvmlDeviceGetCurrentClocksEventReasons": "nvmlDeviceGetCurrentClocksThrottleReasons"
+        "nvmlDeviceGetCurrentClocksEventReasons": "nvmlDeviceGetCurrentClocksThrottleReasons",
+        "nvmlDeviceGetTemperatureV": "nvmlDeviceGetTemperatureV",
     }
 
 
@@ -532,3 +533,41 @@ def test_a_gpu_described_late_is_described_alone(fake: FakeNvml) -> None:
     fake.sleep = lambda s: pytest.fail("GPU 1 was called")
     assert fresh.describe(uuid).uuid == uuid
     fresh.reset_locked_clocks(uuid)
+
+
+def test_temperature_is_read_through_the_versioned_call_and_the_older_one(
+    fake: FakeNvml,
+) -> None:
+    """nvmlDeviceGetTemperature is to leave the binding with CUDA 14; drivers before the
+    versioned call lack its symbol."""
+    backend = NvmlBackend(fake)
+    uuid = backend.devices()[0].uuid
+    assert backend.read(uuid).temperature_c == fake.plant.temperature_c(0)
+    assert backend.symbols_used()["nvmlDeviceGetTemperatureV"] == "nvmlDeviceGetTemperatureV"
+    older = NvmlBackend(fake)
+    fake.inject_error(
+        1, "nvmlDeviceGetTemperatureV", pynvml.NVMLError_FunctionNotFound, persistent=True
+    )
+    assert older.read(fake.uuids[1]).temperature_c == fake.plant.temperature_c(1)
+    assert older.symbols_used()["nvmlDeviceGetTemperatureV"] == "nvmlDeviceGetTemperature"
+
+
+def test_a_clock_table_above_the_reachable_maximum_is_cut_there(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some boards list clocks they cannot reach: f_max is the most the GPU reaches."""
+    listed = NvmlBackend(fake).devices()[0].supported_sm_clocks_mhz
+    reachable = listed[-4]
+    monkeypatch.setattr(fake, "nvmlDeviceGetMaxClockInfo", lambda handle, clock: reachable)
+    info = NvmlBackend(fake).devices()[0]
+    assert info.sm_clock_max_mhz == reachable
+    assert info.supported_sm_clocks_mhz == listed[:-3]
+
+
+def test_a_gpu_without_clock_event_reasons_reports_none_under_either_name(
+    fake: FakeNvml,
+) -> None:
+    backend = NvmlBackend(fake)
+    uuid = backend.devices()[0].uuid
+    fake.disable_feature(0, "clock_event_reasons")
+    assert backend.read(uuid).clock_event_reasons is None
