@@ -13,14 +13,12 @@ import logging
 import math
 import os
 import select
-import signal
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 from powerd.actuator import Actuator
@@ -53,6 +51,7 @@ from powerd.model import (
     Snapshot,
 )
 from powerd.roster import GpuRoster
+from powerd.signals import handle_stop_and_reload_signals
 from powerd.sources import (
     Fetcher,
     InlineScrapePool,
@@ -76,21 +75,6 @@ _UNLIMITED_GPU_MAX_W = 1500.0
 are limited to 1,000-1,200 W)."""
 SERVER_DOWN_READS = 3
 """Failed reads in a row after which a server is logged as unreadable."""
-
-
-def handle_stop_and_reload_signals(stop: Callable[[], None], reload: Callable[[], None]) -> None:
-    """Call `stop` on SIGTERM and SIGINT and `reload` on SIGHUP (from the signal handler: each
-    must only set a flag)."""
-
-    def on_stop(signum: int, frame: FrameType | None) -> None:
-        stop()
-
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        reload()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
 
 
 class WakeFlag:

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING
 
 from powerd import __version__
 from powerd.config import Config, ConfigError, ServerConfig, SimConfig
-from powerd.daemon import Daemon, handle_stop_and_reload_signals
 from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend
 from powerd.gpu.errors import GpuError, GpuUnavailable
 from powerd.journal import Journal, JournalError, restore_all
-from powerd.roster import locate_gpu
+from powerd.signals import handle_stop_and_reload_signals
 from powerd.systemd import Notifier
 from powerd.webconfig import load_web_config
 
@@ -164,6 +163,8 @@ def check_config_gpus(config: Config) -> str:
     """ConfigError when a server names a GPU the node does not count, as `powerd run` would
     refuse it; the GPUs are those NVML opens (the simulated node's with `gpu_backend: sim`).
     Returns what was checked, or why the GPUs could not be (NVML not available here)."""
+    from powerd.roster import locate_gpu
+
     try:
         backend = open_backend(config)
     except GpuUnavailable as exc:
@@ -468,6 +469,10 @@ def _serve(
 ) -> int:
     """Build the daemon, signal READY and run it until it stops (GPUs restored); the exit
     status, 1 when a GPU could not be restored."""
+    # Here, not at the top: `powerd restore` and the other commands need no daemon, and so no
+    # numba (which a broken install of would otherwise stop the restore too).
+    from powerd.daemon import Daemon
+
     daemon = Daemon(
         config,
         backend,

@@ -1,25 +1,18 @@
-"""`powerd bench`: its arguments and the command; powerd/cli.py mounts them."""
+"""`powerd bench`: its arguments and the command; powerd/cli.py mounts them. What runs the
+benchmark is imported by the command alone: building the command line loads no simulator."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from powerd.bench.oracle import OracleOptions
-from powerd.bench.policies import POLICY_NAMES, parse_policies
-from powerd.bench.report import (
-    PLOT_MISSING,
-    format_table,
-    matplotlib_available,
-    prepare_output,
-    write_json,
-    write_markdown,
-    write_plot,
-)
-from powerd.bench.runner import BenchSetup, run_bench, workers_default
+from powerd.bench.options import POLICY_NAMES, OracleOptions, parse_policies, workers_default
 from powerd.config import NAMED_SERVER_KINDS, SloConfig
-from powerd.sim.traces import trace_label
+
+if TYPE_CHECKING:
+    from powerd.bench.runner import BenchSetup
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +85,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def setup_from_args(args: argparse.Namespace) -> BenchSetup:
     """A validated BenchSetup; ValueError with one sentence otherwise."""
+    from powerd.bench.runner import BenchSetup
+
     if args.ttft_slo <= 0 or args.itl_slo <= 0:
         raise ValueError("--ttft-slo and --itl-slo must be positive")
     if not args.oracle_window > 0:
@@ -128,6 +123,18 @@ def setup_from_args(args: argparse.Namespace) -> BenchSetup:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """`powerd bench`: run, print the table, write the requested files. Exit status."""
+    from powerd.bench.report import (
+        PLOT_MISSING,
+        format_table,
+        matplotlib_available,
+        prepare_output,
+        write_json,
+        write_markdown,
+        write_plot,
+    )
+    from powerd.bench.runner import run_bench
+    from powerd.sim.traces import trace_label
+
     try:
         policies = parse_policies(args.policies)
         setup = setup_from_args(args)

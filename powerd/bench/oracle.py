@@ -39,23 +39,10 @@ import numpy as np
 
 from powerd.bench import measure
 from powerd.bench.measure import Recorder
+from powerd.bench.options import OracleOptions
 from powerd.bench.policies import coarse_grid_mhz, refine_around
 from powerd.config import SloConfig
 from powerd.sim.node import SimNode
-
-
-@dataclass(frozen=True, slots=True)
-class OracleOptions:
-    window_s: float = 30.0
-    tail_s: float = 15.0
-    coarse: int = 10
-    refine_per_side: int = 2
-    low_fraction: float = 0.35
-    """Lowest candidate as a share of f_max."""
-    slack: float = 0.004
-    """Misses allowed beyond default's, as a share of default's finished requests."""
-    miss_price: float = 0.5
-    """Energy one extra miss must save, in units of default's energy per finished request."""
 
 
 @dataclass(frozen=True, slots=True)

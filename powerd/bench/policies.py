@@ -339,36 +339,6 @@ class PowerdPolicy:
         return {reason: n / total for reason, n in self._reasons.most_common()} if total else {}
 
 
-POLICY_NAMES: tuple[str, ...] = (
-    "default",
-    "static-power-cap",
-    "util-governor",
-    "static-clock",
-    "slo-lowest-clock",
-    "powerd",
-    "oracle",
-)
-
-
-def parse_policies(text: str) -> list[str]:
-    """Comma-separated policy names, validated and de-duplicated in the given order.
-
-    Raises ValueError naming the unknown policy.
-    """
-    names: list[str] = []
-    for raw in text.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        if name not in POLICY_NAMES:
-            raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise ValueError(f"no policy given; known: {', '.join(POLICY_NAMES)}")
-    return names
-
-
 def coarse_grid_mhz(table: Sequence[int], low_mhz: float, high_mhz: float, n: int) -> list[int]:
     """n clocks from the (ascending) table, evenly spread over [low_mhz, high_mhz], both ends
     included, de-duplicated, ascending."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -22,9 +21,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from powerd.bench import measure
-from powerd.bench.oracle import Oracle, OracleOptions
+from powerd.bench.options import POLICY_NAMES, OracleOptions
+from powerd.bench.oracle import Oracle
 from powerd.bench.policies import (
-    POLICY_NAMES,
     BenchPolicy,
     DefaultPolicy,
     FixedClockPolicy,
@@ -421,7 +420,3 @@ def _best_static(sweep: dict[int, PolicyResult], default: PolicyResult | None) -
 def _efficient_clock(sweep: dict[int, PolicyResult]) -> int:
     """GEOPM's Fe: the swept clock with the most tokens per joule."""
     return max(sweep, key=lambda c: (sweep[c].tokens_per_joule, c))
-
-
-def workers_default() -> int:
-    return max(1, min(2, os.cpu_count() or 1))

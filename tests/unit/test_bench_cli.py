@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from powerd.bench.cli import add_bench_arguments, run_bench_command, setup_from_args
-from powerd.bench.oracle import OracleOptions
-from powerd.bench.policies import POLICY_NAMES
+from powerd.bench.options import POLICY_NAMES, OracleOptions
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -120,7 +119,7 @@ def test_a_run_without_the_azure_trace_is_labelled_with_what_it_replayed(
 def test_plot_without_matplotlib_says_so(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("powerd.bench.cli.matplotlib_available", lambda: False)
+    monkeypatch.setattr("powerd.bench.report.matplotlib_available", lambda: False)
     assert run_bench_command(_parse("--plot", "/tmp/never.png")) == 2
     assert "needs matplotlib" in capsys.readouterr().err
     assert not Path("/tmp/never.png").exists()
@@ -185,7 +184,7 @@ def test_a_file_that_fails_to_be_written_after_the_run_keeps_the_table_and_the_o
     def full_disk(result: object, path: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("powerd.bench.cli.write_json", full_disk)
+    monkeypatch.setattr("powerd.bench.report.write_json", full_disk)
     out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
     args = _parse("--trace", "constant", "--duration", "10", "--gpus", "1", "--policies",
                   "default", "--workers", "1", "--quiet", "--json", str(out_json),

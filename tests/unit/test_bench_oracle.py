@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from powerd.bench import measure
-from powerd.bench.oracle import Oracle, OracleOptions, reference_run
+from powerd.bench.options import OracleOptions
+from powerd.bench.oracle import Oracle, reference_run
 from powerd.bench.policies import DefaultPolicy, FixedClockPolicy
 from powerd.bench.runner import (
     ATTAINMENT_TOLERANCE,

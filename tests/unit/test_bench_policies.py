@@ -8,13 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from powerd.bench.oracle import Oracle, OracleOptions, Reference, _Candidate
+from powerd.bench.options import POLICY_NAMES, OracleOptions, parse_policies
+from powerd.bench.oracle import Oracle, Reference, _Candidate
 from powerd.bench.policies import (
-    POLICY_NAMES,
     StaticPowerCapPolicy,
     _Measurement,
     coarse_grid_mhz,
-    parse_policies,
     refine_around,
 )
 from powerd.bench.report import format_markdown, format_table, to_json

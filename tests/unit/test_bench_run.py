@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from powerd.bench import measure
-from powerd.bench.oracle import OracleOptions
+from powerd.bench.options import OracleOptions
 from powerd.bench.policies import DefaultPolicy, PowerdPolicy
 from powerd.bench.report import format_table, to_json
 from powerd.bench.results import BenchResult
