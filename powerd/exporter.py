@@ -93,7 +93,7 @@ NVML_TICK_OPERATIONS: tuple[str, ...] = (
     "nvmlDeviceGetPowerManagementLimit",
     "nvmlDeviceGetEnforcedPowerLimit",
     "nvmlDeviceGetCurrentClocksEventReasons",
-    "nvmlDeviceGetTemperature",
+    "nvmlDeviceGetTemperatureV",
     "nvmlDeviceSetGpuLockedClocks",
     "nvmlDeviceResetGpuLockedClocks",
     "nvmlDeviceSetPowerManagementLimit",

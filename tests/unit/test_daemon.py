@@ -1623,7 +1623,7 @@ def test_lasting_faults_are_logged_when_they_start_and_end_not_every_tick(
     rig = make_rig(tmp_path)
     rig.run(20)
     rig.fake.inject_error(
-        0, "nvmlDeviceGetTemperature", pynvml.NVMLError_Uninitialized, persistent=True
+        0, "nvmlDeviceGetTemperatureV", pynvml.NVMLError_Uninitialized, persistent=True
     )
     rig.fake.inject_error(
         1, "nvmlDeviceSetGpuLockedClocks", pynvml.NVMLError_InvalidArgument, persistent=True
