@@ -345,8 +345,12 @@ class Actuator:
             state.lock_sent_s = now_s
         # NVML cannot read a lock back, and anyone with root can change it (nvidia-smi -lgc,
         # -rgc): a setting held unchanged is sent again, so one changed outside powerd lasts
-        # at most LOCK_RESEND_S. A release (mode off) sends only what changes.
-        resend = decision.mode != "off" and now_s - state.lock_sent_s >= LOCK_RESEND_S
+        # at most LOCK_RESEND_S. A release (mode off), or a GPU observed only, gets only changes.
+        resend = (
+            decision.mode != "off"
+            and not state.observe_only
+            and now_s - state.lock_sent_s >= LOCK_RESEND_S
+        )
         if (want_lock != state.lock_max_mhz or resend) and state.clock_lock_supported:
             if want_lock is not None or state.lock_max_mhz is not None:
                 self._remember(state, power_limit=False)  # a reset alone changes nothing saved

@@ -423,13 +423,18 @@ class _Restoring:
     lost: str | None = None
     """Why the GPU is gone, once a call said so."""
     stalled: bool = False
+    """A call on the GPU failed after longer than the stall limit: nothing more is tried."""
     limit_text: str = ""
+    """What the log says of the power limit once restored."""
 
     def __post_init__(self) -> None:
         limit_mw = self.entry.power_limit_mw
         self.limit_text = f"{limit_mw} mW" if limit_mw is not None else "left as found"
 
     def attempt(self, knob: Callable[[], None], stall_s: float) -> None:
+        """Run one knob's restore and note its outcome. A call that fails after more than
+        `stall_s` marks the GPU stalled (each call on it would wait as long); a slow call that
+        works is a success (a fresh process's first open of a GPU may take seconds)."""
         started_s = time.monotonic()
         try:
             knob()
@@ -439,18 +444,20 @@ class _Restoring:
             self.lost = str(exc)
         except GpuError as exc:
             self.failures.append(str(exc))
+            took_s = time.monotonic() - started_s
+            if took_s > stall_s:
+                self.stalled = True
+                self.failures.append(
+                    f"the GPU took {took_s:.1f} s to answer and was tried no further (a GPU that "
+                    "stalls, as in a firmware hang, holds every call as long)"
+                )
         except Exception as exc:  # a backend bug must not stop the other GPUs' restore
             log.exception("GPU %s: unexpected error while restoring", self.entry.uuid)
             self.failures.append(f"{type(exc).__name__}: {exc}")
-        took_s = time.monotonic() - started_s
-        if took_s > stall_s and self.lost is None:
-            self.stalled = True
-            self.failures.append(
-                f"the GPU took {took_s:.1f} s to answer and was tried no further (a GPU that "
-                "stalls, as in a firmware hang, holds every call as long)"
-            )
 
     def put_limit_back(self, backend: GpuBackend) -> None:
+        """Set the saved power limit again, unless none was saved or one set outside powerd
+        since its last write is on the GPU. Raises GpuError."""
         entry = self.entry
         if entry.power_limit_mw is None:
             return

@@ -591,6 +591,8 @@ class GpuRoster:
             self.restore_failures_total += 1
         # A GPU that could not be restored keeps what powerd last set, and says so.
         kept = set(report.failed) | set(report.lost)
+        for uuid in [uuid for uuid in self._unrestored if uuid not in kept]:
+            del self._unrestored[uuid]
         for uuid, state in self._actuator.states.items():
             if uuid not in kept:
                 state.lock_max_mhz = None

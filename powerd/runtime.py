@@ -296,16 +296,7 @@ def _restore_journal(config: Config) -> int:
         backend = open_backend(config)
     except GpuUnavailable as exc:
         print(f"powerd restore: {exc}", file=sys.stderr)
-        held = Journal(path, put_corrupt_aside=False).entries()
-        if held:
-            # After a driver upgrade under a running powerd (LIB_RM_VERSION_MISMATCH) this
-            # lasts until the module is reloaded, which resets them too.
-            print(
-                f"powerd restore: {len(held)} GPU(s) keep the settings powerd set until NVML "
-                "opens again (a driver reload or a reboot resets them): "
-                + ", ".join(f"{entry.uuid} (GPU {entry.index})" for entry in held),
-                file=sys.stderr,
-            )
+        _name_gpus_left_changed(path)
         return 1
     try:
         journal = journal_for(config)
@@ -317,6 +308,30 @@ def _restore_journal(config: Config) -> int:
         backend.close()
     log.info("restore: %s", report.summary())
     return 0 if report.ok else 1
+
+
+def _name_gpus_left_changed(path: Path) -> None:
+    """Say which GPUs keep powerd's settings while NVML cannot be opened: after a driver
+    upgrade under a running powerd (LIB_RM_VERSION_MISMATCH) that lasts until the module is
+    reloaded, which resets them too. Entries saved before the last reboot are not named (the
+    reboot reset those GPUs)."""
+    journal = Journal(path, put_corrupt_aside=False)
+    if journal.load_error is not None:
+        print(
+            f"powerd restore: {journal.load_error}; any GPU's clocks may still be locked until "
+            "NVML opens again (a driver reload or a reboot resets them)",
+            file=sys.stderr,
+        )
+        return
+    now = journal.boot_id
+    held = [e for e in journal.entries() if now is None or e.boot_id in (None, now)]
+    if held:
+        print(
+            f"powerd restore: {len(held)} GPU(s) keep the settings powerd set until NVML "
+            "opens again (a driver reload or a reboot resets them): "
+            + ", ".join(f"{entry.uuid} (GPU {entry.index})" for entry in held),
+            file=sys.stderr,
+        )
 
 
 def forget_gpus(config: Config, uuids: Collection[str]) -> int:

@@ -69,7 +69,7 @@ SLOW_CALL_S = 1.0
 """An NVML call slower than this is flagged: powerd's tick makes seven a GPU, and takes a GPU
 whose reading passes 5 s (powerd.gpu.backend.STALL_S) for lost."""
 CALL_SECONDS: dict[str, list[float]] = {}
-"""Every timed NVML call's duration by function name, for the summary's latency table."""
+"""The durations of the NVML calls made through _call since run_check began, by function."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +310,12 @@ def _power_fields(nvml: Any, handle: Any, errors: dict[str, str]) -> tuple[Any, 
     return instant, average
 
 
+def _temperature(c: Callable[..., Any], nvml: Any) -> Any:
+    """The GPU's temperature as powerd reads it: the versioned call, else the older one."""
+    value = c("nvmlDeviceGetTemperatureV", nvml.NVML_TEMPERATURE_GPU)
+    return value if value is not None else c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU)
+
+
 def inventory(nvml: Any, handle: Any, index: int) -> dict[str, Any]:
     """Every static and slow value the daemon reads, for one GPU."""
     errors: dict[str, str] = {}
@@ -338,7 +344,7 @@ def inventory(nvml: Any, handle: Any, index: int) -> dict[str, Any]:
         "supported_sm_clocks_mhz": graphics,
         "clock_event_reasons": None if reasons is None else hex(reasons),
         "supported_clock_event_reasons": None if supported is None else hex(supported),
-        "temperature_c": c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU),
+        "temperature_c": _temperature(c, nvml),
         "persistence_mode": c("nvmlDeviceGetPersistenceMode"),
         "mig_mode": c("nvmlDeviceGetMigMode"),
     }
@@ -372,7 +378,7 @@ def _read_sample(nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, fl
         "usage_mw": c("nvmlDeviceGetPowerUsage"),
         "energy_mj": c("nvmlDeviceGetTotalEnergyConsumption"),
         "sm_mhz": c("nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM),
-        "temp_c": c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU),
+        "temp_c": _temperature(c, nvml),
         "reasons": c("nvmlDeviceGetCurrentClocksEventReasons"),
     }
     instant, average = _power_fields(nvml, handle, errors)
@@ -616,6 +622,8 @@ class CheckResult:
     backend: dict[str, Any] | None = None
     """The powerd_backend section: powerd's own NVML path next to the raw calls."""
     backend_checks: list[dict[str, Any]] = field(default_factory=list)
+    call_latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    """The measured run's NVML calls, timed (call_latency_ms)."""
 
 
 def gpus_in_use(load: Load | None) -> list[int] | None:
@@ -985,7 +993,7 @@ def _raw_reading(nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, An
         "power_limit_mw": c("nvmlDeviceGetPowerManagementLimit"),
         "enforced_power_limit_mw": c("nvmlDeviceGetEnforcedPowerLimit"),
         "clock_event_reasons": _raw_first(nvml, errors, CLOCK_EVENT_REASON_SYMBOLS, handle)[1],
-        "temperature_c": c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU),
+        "temperature_c": _temperature(c, nvml),
     }
 
 
@@ -1648,7 +1656,7 @@ def checks(real: CheckResult, sim: CheckResult | None) -> list[dict[str, Any]]:
                 None if on_table is None else on_table >= 0.99,
                 f"{on_table} of samples",
             )
-    slowest = max(call_latency_ms().items(), key=lambda item: item[1]["max_ms"], default=None)
+    slowest = max(real.call_latency_ms.items(), key=lambda item: item[1]["max_ms"], default=None)
     add(
         "nvml_calls_answer_quickly",
         None,
@@ -1692,7 +1700,7 @@ def write_outputs(
         "checks": checks(real, sim),
         "notes": real.notes,
         "nvml_errors": real.errors,
-        "nvml_call_latency_ms": call_latency_ms(),
+        "nvml_call_latency_ms": real.call_latency_ms,
         "sweep": real.sweep,
         "simulated_sweep": None if sim is None else sim.sweep,
         "powerd_backend": real.backend,
@@ -1728,6 +1736,7 @@ def run_check(
     note when powerd is not importable); run the same procedure on the plant; write the
     outputs. Returns the summary."""
     started = time.time()
+    CALL_SECONDS.clear()
     section, skipped = BackendSection.create(nvml) if powerd_backend else (None, "")
     try:
         real = measure(
@@ -1744,6 +1753,7 @@ def run_check(
     finally:
         if section is not None:
             section.close()
+    real.call_latency_ms = call_latency_ms()  # before the simulated run's calls join them
     if section is not None:
         if load is None:
             section.notes.append("no load ran: no read under load, no own-PID check")

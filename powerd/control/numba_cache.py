@@ -13,6 +13,7 @@ numba: control/kernels.py applies it before its first kernel.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -22,19 +23,36 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _JITTED = re.compile(r"^@(jit|numba\.njit)\b", re.M)
+_PACKAGE_IMPORT = re.compile(r"^\s*(?:from|import)\s+(powerd(?:\.\w+)*)", re.M)
 _DIGEST_LEN = 16
 
 
 def jitted_digest(package_dir: Path = PACKAGE_DIR) -> str:
     """16 hex digits from the path and content of every module under `package_dir` (the
-    powerd package) that jits code."""
+    powerd package) that jits code, and of the package's modules those import: a kernel
+    compiles in the constants it reads from them."""
+    root = package_dir.parent
+    sources = set()
+    for path in package_dir.rglob("*.py"):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if _JITTED.search(text):
+            sources.add(path)
+            sources.update(_imported(text, root))
     digest = hashlib.sha256()
-    for path in sorted(package_dir.rglob("*.py")):
-        text = path.read_bytes()
-        if _JITTED.search(text.decode("utf-8", "replace")):
-            relative = path.relative_to(package_dir.parent).as_posix()
-            digest.update(relative.encode() + b"\0" + text)
+    for path in sorted(sources):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:_DIGEST_LEN]
+
+
+def _imported(text: str, root: Path) -> set[Path]:
+    """The files of the package modules `text` imports by name, under `root`."""
+    found = set()
+    for module in _PACKAGE_IMPORT.findall(text):
+        base = root.joinpath(*module.split("."))
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                found.add(path)
+    return found
 
 
 def cache_dir(base: str | Path | None = None, package_dir: Path = PACKAGE_DIR) -> Path:
@@ -48,10 +66,15 @@ def cache_dir(base: str | Path | None = None, package_dir: Path = PACKAGE_DIR) -
 
 
 def _writable_base() -> Path:
+    candidates = []
     xdg = os.environ.get("XDG_CACHE_HOME")
-    home = Path(xdg) if xdg else Path.home() / ".cache"
-    shared_tmp = Path(tempfile.gettempdir()) / f"powerd-numba-{os.getuid()}"
-    for candidate in (home / "powerd" / "numba", shared_tmp):
+    if xdg:
+        candidates.append(Path(xdg) / "powerd" / "numba")
+    else:
+        with contextlib.suppress(RuntimeError):  # no HOME and no passwd entry (a container)
+            candidates.append(Path.home() / ".cache" / "powerd" / "numba")
+    candidates.append(Path(tempfile.gettempdir()) / f"powerd-numba-{os.getuid()}")
+    for candidate in candidates:
         try:
             candidate.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError:
@@ -62,18 +85,26 @@ def _writable_base() -> Path:
 
 
 def _ours_alone(folder: Path) -> bool:
-    """Whether only this user can put files in `folder`: compiled code loaded from a folder
-    another user planted (in /tmp, say) would run as this user, root included."""
+    """Whether only this user (and root) can put files in `folder` or swap it: compiled code
+    loaded from a folder another user planted (in /tmp, say) would run as this user, root
+    included. The folder must be this user's and writable by no one else; every folder above
+    it this user's or root's, and writable by no one else unless sticky (as /tmp is)."""
+    uid = os.getuid()
     try:
         st = folder.lstat()
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not _others_write(st)):
+            return False
+        for parent in folder.resolve().parents:
+            up = parent.stat()
+            if up.st_uid not in (uid, 0) or (_others_write(up) and not up.st_mode & stat.S_ISVTX):
+                return False
     except OSError:
         return False
-    return (
-        stat.S_ISDIR(st.st_mode)
-        and st.st_uid == os.getuid()
-        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        and os.access(folder, os.W_OK | os.X_OK)
-    )
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _others_write(st: os.stat_result) -> bool:
+    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def holds_kernels(folder: Path) -> bool:

@@ -389,34 +389,32 @@ class NvmlBackend:
         nvml = self._nvml
         timestamp_s = self._clock()
         started_s = time.monotonic()
-        reads: dict[str, Callable[[], Any]] = {
-            "power_mw": lambda: self._optional("nvmlDeviceGetPowerUsage", uuid, handle),
-            "energy_mj": lambda: self._optional(
-                "nvmlDeviceGetTotalEnergyConsumption", uuid, handle
-            ),
-            "sm_clock_mhz": lambda: self._optional(
-                "nvmlDeviceGetClockInfo", uuid, handle, getattr(nvml, "NVML_CLOCK_SM", 1)
-            ),
-            "power_limit_mw": lambda: self._optional(
-                "nvmlDeviceGetPowerManagementLimit", uuid, handle
-            ),
-            "enforced_power_limit_mw": lambda: self._optional(
-                "nvmlDeviceGetEnforcedPowerLimit", uuid, handle
-            ),
-            "clock_event_reasons": lambda: self._optional_first(_CLOCK_EVENT_REASONS, uuid, handle),
-            "temperature_c": lambda: self._optional_first(
-                _TEMPERATURE, uuid, handle, getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
-            ),
-        }
+        sm, gpu_sensor = getattr(nvml, "NVML_CLOCK_SM", 1), getattr(nvml, "NVML_TEMPERATURE_GPU", 0)
+        # (field, the call it comes from, its arguments after the handle)
+        reads: tuple[tuple[str, str | tuple[str, ...], tuple[Any, ...]], ...] = (
+            ("power_mw", "nvmlDeviceGetPowerUsage", ()),
+            ("energy_mj", "nvmlDeviceGetTotalEnergyConsumption", ()),
+            ("sm_clock_mhz", "nvmlDeviceGetClockInfo", (sm,)),
+            ("power_limit_mw", "nvmlDeviceGetPowerManagementLimit", ()),
+            ("enforced_power_limit_mw", "nvmlDeviceGetEnforcedPowerLimit", ()),
+            ("clock_event_reasons", _CLOCK_EVENT_REASONS, ()),
+            ("temperature_c", _TEMPERATURE, (gpu_sensor,)),
+        )
         values: dict[str, int | None] = {}
-        for name, read_one in reads.items():
-            values[name] = _int_or_none(read_one())
+        for name, operation, args in reads:
+            if isinstance(operation, tuple):
+                value = self._optional_first(operation, uuid, handle, *args)
+                operation = self._chosen.get(operation, operation[0])
+            else:
+                value = self._optional(operation, uuid, handle, *args)
+            values[name] = _int_or_none(value)
             took_s = time.monotonic() - started_s
             if took_s > self._stall_s:
                 raise self._record(
                     GpuLost(
-                        f"GPU {uuid} stopped answering: its reading took {took_s:.1f} s",
-                        operation="read",
+                        f"GPU {uuid} stopped answering: its reading took {took_s:.1f} s, up to "
+                        f"{operation}",
+                        operation=operation,
                         uuid=uuid,
                     )
                 )

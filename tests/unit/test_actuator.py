@@ -458,3 +458,23 @@ def test_a_release_sends_only_what_changes(tmp_path: Path) -> None:
         now_s[0] = t_s
         actuator.apply(released, ["GPU-0"])
     assert backend.writes[before:] == []
+
+
+def test_a_gpu_observed_only_is_sent_nothing_again(tmp_path: Path) -> None:
+    """A GPU whose settings cannot be journaled is observed only: the minute's resend must
+    not reset its clocks (it would undo an operator's lock on it)."""
+    backend = RecordingBackend(1)
+    now_s = [0.0]
+    journal = Journal(tmp_path / "journal.json")
+    actuator = Actuator(backend, journal, dry_run=False, clock=lambda: now_s[0])
+    actuator.track(backend.infos[0])
+    (tmp_path / "not-a-directory").write_text("")  # the state disk is full, say
+    journal.path = tmp_path / "not-a-directory" / "journal.json"
+    actuator.apply(_decision(1500), ["GPU-0"])
+    assert actuator.states["GPU-0"].observe_only_reason == "journal_error"
+    f_max = backend.infos[0].sm_clock_max_mhz
+    for t_s in (30.0, LOCK_RESEND_S, 2 * LOCK_RESEND_S):
+        now_s[0] = t_s
+        actuator.apply(_decision(f_max), ["GPU-0"])
+    assert actuator.states["GPU-0"].observe_only_reason == "journal_error"
+    assert backend.writes == []

@@ -399,6 +399,29 @@ def test_a_restore_without_nvml_names_the_gpus_left_changed(
         assert entry["uuid"] in err
 
 
+def test_a_restore_without_nvml_names_no_gpu_a_reboot_reset_and_warns_of_a_corrupt_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    boot = tmp_path / "boot_id"
+    monkeypatch.setattr(journal_module, "BOOT_ID_FILE", boot)
+    boot.write_text("before-the-reboot\n")
+    data, _ = _throttled_node(tmp_path)
+    boot.write_text("now\n")  # the node rebooted: that GPU is back at its defaults
+    config = tmp_path / "powerd.yaml"
+    config.write_text(yaml.safe_dump(data))
+
+    def unavailable(config: object) -> None:
+        raise GpuUnavailable("NVML is not available: the NVIDIA kernel driver is not loaded")
+
+    monkeypatch.setattr(runtime, "open_backend", unavailable)
+    assert main(["restore", "--config", str(config)]) == 1
+    assert "keep the settings powerd set" not in capsys.readouterr().err
+    (tmp_path / "state" / "journal.json").write_bytes(b"{ cut short")
+    assert main(["restore", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "corrupt" in err and "any GPU's clocks may still be locked" in err
+
+
 @pytest.mark.parametrize("level", ["loud", ""])
 def test_a_bad_log_level_in_the_environment_never_stops_restore(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], level: str

@@ -846,6 +846,30 @@ def test_a_lock_changed_outside_powerd_is_set_again_within_a_minute(
     rig.run_until(lambda s: _locked(rig, 0) == ours, round(LOCK_RESEND_S) + 2)
 
 
+def test_a_lock_set_outside_powerd_on_a_gpu_it_keeps_unlocked_is_reset_within_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`nvidia-smi -lgc 900` on a GPU powerd holds at f_max: raising to f_max writes nothing,
+    so without the resend it would stay at 900 MHz under load."""
+    rig = make_rig(tmp_path)
+    rig.run(5)
+    f_max = rig.daemon.infos[rig.uuid(0)].sm_clock_max_mhz
+    decide = rig.daemon.policy.decide
+    monkeypatch.setattr(
+        rig.daemon.policy,
+        "decide",
+        lambda now_s, observations: [
+            dataclasses.replace(d, sm_clock_max_mhz=f_max) for d in decide(now_s, observations)
+        ],
+    )
+    rig.run(3)
+    assert _locked(rig, 0) is None
+    rig.fake.nvmlDeviceSetGpuLockedClocks(rig.fake.nvmlDeviceGetHandleByIndex(0), 345, 900)
+    rig.run(1)
+    assert _locked(rig, 0) is not None
+    rig.run_until(lambda s: _locked(rig, 0) is None, round(LOCK_RESEND_S) + 2)
+
+
 def test_a_gpu_a_switch_into_dry_run_could_not_put_back_is_tried_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -870,6 +894,29 @@ def test_a_gpu_a_switch_into_dry_run_could_not_put_back_is_tried_again(
     before = len(rig.fake.writes)
     rig.run(10)
     assert len(rig.fake.writes) == before, "and then the dry run writes nothing"
+
+
+def test_a_stop_in_a_dry_run_publishes_the_gpus_as_its_restore_left_them(
+    tmp_path: Path,
+) -> None:
+    rig, path = _rig_from_file(tmp_path)
+    rig.run(15)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
+    data = _config_data(rig.node)
+    data["dry_run"] = True
+    path.write_text(yaml.safe_dump(data))
+    rig.fake.inject_error(
+        1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout, persistent=True
+    )
+    assert rig.daemon.reload(path) is True
+    rig.run(2)
+    rig.fake.clear_errors()
+    assert rig.daemon.restore() is True  # the stop's restore, as run_forever makes it
+    rig.daemon.publish_restored(rig.node.now_s)
+    assert _locked(rig, 1) is None
+    f_max_hz = rig.daemon.infos[rig.uuid(1)].sm_clock_max_mhz * 1e6
+    (line,) = metric_lines(rig.metrics(), "powerd_gpu_clock_limit_hertz", UUID=rig.uuid(1))
+    assert float(line.rsplit(" ", 1)[1]) == f_max_hz, "the last scrape shows no lock"
 
 
 def test_a_gpu_still_locked_when_a_dry_run_ends_is_written_by_the_wet_run(

@@ -145,11 +145,11 @@ def test_sweep_restores_after_an_interrupt() -> None:
 def test_nvml_errors_are_recorded_not_fatal(tmp_path: Path) -> None:
     fake, node = _node("h100-sxm", n=1)
     fake.disable_feature(0, "field_values")
-    fake.inject_error(0, "nvmlDeviceGetTemperature", pynvml.NVMLError_Unknown, persistent=True)
+    fake.inject_error(0, "nvmlDeviceGetTemperatureV", pynvml.NVMLError_Unknown, persistent=True)
     summary = gpu_check.run_check(
         fake, tmp_path, clock=node, load=None, duration_s=5.0, simulate=False, log=lambda _: None
     )
-    assert summary["nvml_errors"]["nvmlDeviceGetTemperature"] == "NVMLError_Unknown"
+    assert summary["nvml_errors"]["nvmlDeviceGetTemperatureV"] == "NVMLError_Unknown"
     assert summary["gpus"][0]["power_instant_mw"] is None
     assert "no load ran" in summary["notes"][0]
 

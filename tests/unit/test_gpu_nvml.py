@@ -520,6 +520,9 @@ def test_a_gpu_that_stalls_is_read_no_further_and_taken_for_lost(fake: FakeNvml)
     with pytest.raises(GpuLost, match="stopped answering"):
         backend.read(uuid)
     assert waits == [45.0], "one call waited; the other six reads were not tried"
+    assert backend.error_counts[("nvmlDeviceGetPowerUsage", "gpu_lost")] == 1, (
+        "counted under the call that stalled, a series the exporter declares"
+    )
     fake.unstall_gpu(1)
     assert backend.read(uuid).power_mw is not None
 

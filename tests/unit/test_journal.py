@@ -633,3 +633,23 @@ def test_a_stalled_gpu_holds_back_no_other_gpus_restore(tmp_path: Path) -> None:
     for i in (0, 2, 3):
         assert fake.plant.locked_clocks(i) is None
         assert fake.plant.power_limit_mw(i) == DEFAULT_MW
+
+
+def test_a_gpu_that_answers_slowly_is_restored_all_the_same(tmp_path: Path) -> None:
+    """A fresh process's first open of a GPU may take seconds (no persistence mode, a busy
+    node): only a call that fails that late marks a stalled GPU."""
+    fake, backend, infos = make_node(2)
+    journal = Journal(tmp_path / "journal.json")
+    for info in infos:
+        change(backend, journal, info, 450_000)
+    reset = fake.nvmlDeviceResetGpuLockedClocks
+
+    def slow_reset(handle: Any) -> None:
+        time.sleep(0.1)
+        reset(handle)
+
+    fake.nvmlDeviceResetGpuLockedClocks = slow_reset  # type: ignore[method-assign]
+    report = restore_all(NvmlBackend(fake), Journal(journal.path), stall_s=0.05)
+    assert report.ok and sorted(report.restored) == sorted(info.uuid for info in infos)
+    assert fake.plant.locked_clocks(0) is None
+    assert fake.plant.power_limit_mw(0) == DEFAULT_MW

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,3 +57,49 @@ def test_a_folder_planted_by_another_user_is_not_used(
     planted.rmdir()
     chosen = numba_cache.cache_dir(package_dir=package)
     assert chosen.parent == planted, "the user's own folder there is used again"
+
+
+def test_a_constant_a_kernel_imports_changes_the_folder(tmp_path: Path) -> None:
+    """A kernel compiles in the constants it reads from another module."""
+    package = _package(tmp_path)
+    (package / "model.py").write_text("REASON = 4\n")
+    (package / "sim" / "plant.py").write_text(
+        "from powerd.model import REASON\n\n@jit\ndef step(x):\n    return x | REASON\n"
+    )
+    before = numba_cache.cache_dir(tmp_path / "cache", package_dir=package)
+    (package / "model.py").write_text("REASON = 8\n")
+    assert numba_cache.cache_dir(tmp_path / "cache", package_dir=package) != before
+
+
+def test_no_home_and_no_passwd_entry_still_gets_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's arbitrary UID: Path.home() raises, and every command (restore
+    included) imports the kernels."""
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+
+    def no_entry(uid: int) -> Any:
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.setattr(numba_cache.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    chosen = numba_cache.cache_dir(package_dir=_package(tmp_path))
+    assert chosen.parent == tmp_path / "tmp" / f"powerd-numba-{os.getuid()}"
+
+
+def test_a_folder_under_one_another_user_may_swap_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # no sticky bit: anyone may rename what is in it
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
+    monkeypatch.setattr(numba_cache.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    chosen = numba_cache.cache_dir(package_dir=_package(tmp_path))
+    assert shared not in chosen.parents
+    assert chosen.parent == tmp_path / "tmp" / f"powerd-numba-{os.getuid()}"
