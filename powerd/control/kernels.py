@@ -55,6 +55,7 @@ of each array; NaN marks a value the sensors or the server did not give.
   blamed for them (the learned safe clock).
 - out[N_OUT, G]: the decision (clock cap, power limit or NaN for the default, reason code, target
   reached as 0/1 or NaN).
+- tick[N_TK]: scratch for one group's tick, shared by the stages of the step.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 def jit(func: F) -> F:
     """Compile a pure numerical function with numba (nopython, cached on disk)."""
     return numba.njit(cache=True, nogil=True)(func)  # type: ignore[return-value]
+
+
+def _inline_jit(func: F) -> F:
+    """`jit` for a stage of a kernel: numba inlines it into each jitted caller. The stages of
+    _group_step are functions for the reader: called, some twenty a group with their arrays
+    passed part by part, they made controller_step a quarter slower."""
+    return numba.njit(cache=True, nogil=True, inline="always")(func)  # type: ignore[return-value]
 
 
 # Observation rows.
@@ -239,6 +247,54 @@ ST_DESCENT_S = ST_PREFILL_BUCKET_S + _PREFILL_BUCKETS
 """Seconds of descent the base may still take (at most a second, or one tick when longer):
 lets ticks shorter than a second lower by less than a clock step each."""
 N_ST = ST_DESCENT_S + 1
+
+# Tick rows: one group's tick as the stages of _group_step share it. Scratch, reused for each
+# group: the tick's constants and what it observed, written before the stages that read them.
+# What a stage smooths into state is read from state.
+TK_INTERVAL_S = 0
+TK_NOW_S = 1
+"""ST_TIME_S at the end of this tick."""
+TK_F_MAX_MHZ = 2
+TK_FLOOR_MHZ = 3
+"""The configured floor, at most f_max."""
+TK_CLOCK_STEP_MHZ = 4
+"""The step from f_max to the next supported clock below it (15 MHz when there is none)."""
+TK_PREV_CAP_MHZ = 5
+"""The cap the last tick emitted."""
+TK_ITL_LINE_S = 6
+"""The ITL SLO times the margin: latencies past it raise the clock."""
+TK_TTFT_LINE_S = 7
+"""The same for the TTFT."""
+TK_F_NOW_MHZ = 8
+"""The SM clock read (the last cap where none was read)."""
+TK_GPU_COUNT = 9
+TK_POWER_W = 10
+"""Power per GPU over the tick (NaN: none)."""
+TK_REALTIME = 11
+"""1 where the server's counters move as tokens are made, 0 where they move at request end."""
+TK_WEIGHT_S = 12
+"""What the tick's samples weigh in the learned models."""
+TK_GEN_TPS = 13
+TK_PROMPT_TPS = 14
+TK_ITL_P95_S = 15
+TK_TTFT_S = 16
+"""The tick's slowest first token where the server gives it, else its TTFT p95 (NaN: none)."""
+TK_WAITING = 17
+TK_RUNNING = 18
+TK_KV_USAGE = 19
+TK_PREEMPTED = 20
+"""1 when the server preempted a request during the tick, else 0."""
+TK_WAITING_PREV = 21
+"""The waiting count of the tick before (NaN: none)."""
+TK_ITL_S = 22
+"""The tick's ITL: the per-request estimate where there is one, else the ITL p95 (NaN: none)."""
+TK_ITL_MHZ = 23
+"""The clock that ITL belongs to."""
+TK_ITL_REF_S = 24
+"""The smoothed ITL (ST_ITL_S) when the tick gave one, else NaN: lowering goes by it."""
+TK_TTFT_REF_S = 25
+"""The smoothed TTFT (ST_TTFT_S) when the tick gave one, else NaN."""
+N_TK = 26
 
 # Power-model fit layout: normal matrix (EFIT_N x EFIT_N), right-hand side, sum of y^2, sum of
 # weights. Regressors: 1, gen ktok/s, prompt ktok/s, x = (clock - f_max) in GHz, x^2.
@@ -869,67 +925,46 @@ def _reset_group(g: int, f_max: float, state: np.ndarray) -> None:
     state[ST_DESCENT_S, g] = 0.0
 
 
-@jit
-def _group_step(
-    g: int,
-    obs: np.ndarray,
-    params: np.ndarray,
-    clocks: np.ndarray,
-    n_clocks: np.ndarray,
-    knobs: np.ndarray,
-    state: np.ndarray,
-    efit: np.ndarray,
-    cells: np.ndarray,
-    misses: np.ndarray,
-    out: np.ndarray,
-    chol: np.ndarray,
-    fit: np.ndarray,
-) -> None:
-    mode = int(knobs[KNOB_MODE])
-    margin = knobs[KNOB_SLO_MARGIN]
-    step_down = knobs[KNOB_STEP_DOWN_MHZ]
-    dither = knobs[KNOB_DITHER_MHZ]
-    row = clocks[g]
-    n = int(n_clocks[g])
-    f_max = params[PAR_CLOCK_MAX_MHZ, g]
-    floor_mhz = min(params[PAR_FLOOR_MHZ, g], f_max)
-    if state[ST_READY, g] < 0.5:
-        _reset_group(g, f_max, state)
-    interval_s = obs[OBS_INTERVAL_S, g]
+@_inline_jit
+def _tick_interval_s(observed_s: float, configured_s: float) -> float:
+    """The tick's length in seconds: as observed, else as configured, else 1 s."""
+    interval_s = observed_s
     if not (interval_s > 0.0 and _finite(interval_s)):
-        interval_s = knobs[KNOB_INTERVAL_S]
+        interval_s = configured_s
         if not (interval_s > 0.0 and _finite(interval_s)):
             interval_s = 1.0
-    now_s = state[ST_TIME_S, g] + interval_s
-    state[ST_TIME_S, g] = now_s
-    out[OUT_TARGET_REACHED, g] = math.nan
-    prev_cap = state[ST_CAP_MHZ, g]
-    clock_step = f_max - clamp_clock_down(row, n, f_max - 1.0)
-    if not clock_step > 0.0:
-        clock_step = 15.0
+    return interval_s
 
-    if obs[OBS_STALE, g] > 0.5:
-        state[ST_BASE_MHZ, g] = f_max
-        state[ST_CAP_MHZ, g] = f_max
-        state[ST_TARGET_MHZ, g] = f_max
-        state[ST_HOLD_S, g] = 0.0
-        state[ST_SETTLED_S, g] = 0.0
-        if mode != MODE_BUDGET:
-            # In budget mode the limit stays: controller_step keeps it within the budget.
-            state[ST_LIMIT_MW, g] = math.nan
-        state[ST_PRESSURE, g] = 1.0
-        out[OUT_CAP_MHZ, g] = f_max
-        out[OUT_LIMIT_MW, g] = math.nan
-        out[OUT_REASON, g] = REASON_STALE
-        return
 
-    # Sense.
+@_inline_jit
+def _hold_at_f_max(
+    g: int, f_max: float, mode: int, reason: int, state: np.ndarray, out: np.ndarray
+) -> None:
+    """Return group g to default clocks at once: base, cap and target at f_max, no hold, and
+    outside budget mode the default power limit; out says so with reason."""
+    state[ST_BASE_MHZ, g] = f_max
+    state[ST_CAP_MHZ, g] = f_max
+    state[ST_TARGET_MHZ, g] = f_max
+    state[ST_HOLD_S, g] = 0.0
+    if mode != MODE_BUDGET:
+        # In budget mode the limit stays: controller_step keeps it within the budget.
+        state[ST_LIMIT_MW, g] = math.nan
+    out[OUT_CAP_MHZ, g] = f_max
+    out[OUT_LIMIT_MW, g] = math.nan
+    out[OUT_REASON, g] = reason
+
+
+@_inline_jit
+def _sense(g: int, obs: np.ndarray, tick: np.ndarray) -> None:
+    """Read group g's observation into tick (TK_F_NOW_MHZ to TK_PREEMPTED): NaN or a fallback
+    where the sensors or the server gave nothing usable. Reads TK_INTERVAL_S, TK_PREV_CAP_MHZ."""
+    interval_s = tick[TK_INTERVAL_S]
     gpu_count = obs[OBS_GPU_COUNT, g]
     if not gpu_count >= 1.0:
         gpu_count = 1.0
     f_now = obs[OBS_SM_CLOCK_MHZ, g]
     if not (f_now > 0.0 and _finite(f_now)):
-        f_now = prev_cap
+        f_now = tick[TK_PREV_CAP_MHZ]
     realtime = obs[OBS_REALTIME, g] > 0.5
     weight = 1.0 if realtime else 0.3
     energy_j = obs[OBS_ENERGY_J, g]
@@ -955,17 +990,69 @@ def _group_step(
         ttft = obs[OBS_TTFT_P95_S, g]
     if not ttft > 0.0:
         ttft = math.nan
-    waiting = obs[OBS_WAITING, g]
-    running = obs[OBS_RUNNING, g]
-    kv_usage = obs[OBS_KV_USAGE, g]
-    kv_full = kv_usage >= _KV_FULL
-    preempted = obs[OBS_PREEMPTIONS, g] > 0.0
+    tick[TK_F_NOW_MHZ] = f_now
+    tick[TK_GPU_COUNT] = gpu_count
+    tick[TK_POWER_W] = power_gpu_w
+    tick[TK_REALTIME] = 1.0 if realtime else 0.0
+    # A tick weighs what its seconds do: the estimate is smoothed over seconds, not ticks.
+    tick[TK_WEIGHT_S] = weight * interval_s
+    tick[TK_GEN_TPS] = gen_tps
+    tick[TK_PROMPT_TPS] = prompt_tps
+    tick[TK_ITL_P95_S] = itl_p95
+    tick[TK_TTFT_S] = ttft
+    tick[TK_WAITING] = obs[OBS_WAITING, g]
+    tick[TK_RUNNING] = obs[OBS_RUNNING, g]
+    tick[TK_KV_USAGE] = obs[OBS_KV_USAGE, g]
+    tick[TK_PREEMPTED] = 1.0 if obs[OBS_PREEMPTIONS, g] > 0.0 else 0.0
 
+
+@_inline_jit
+def _smooth_load(g: int, obs: np.ndarray, state: np.ndarray, tick: np.ndarray) -> None:
+    """Smooth group g's token rates, queue and finished requests into state (ST_DEMAND_TPS,
+    ST_PROMPT_TPS, ST_WAITING, ST_QUEUE_TREND, ST_PROMPT_EW, ST_FINISHED_EW); the waiting count
+    it replaces goes to tick[TK_WAITING_PREV]."""
+    interval_s = tick[TK_INTERVAL_S]
+    realtime = tick[TK_REALTIME] > 0.5
+    gen_tps = tick[TK_GEN_TPS]
+    prompt_tps = tick[TK_PROMPT_TPS]
+    waiting = tick[TK_WAITING]
     # Counters that move at request end are lumpy: smooth them harder (inference_server_metrics).
     alpha_d = _alpha_for(_DEMAND_ALPHA if realtime else _DEMAND_ALPHA_LUMPY, interval_s)
     demand = _ewma(state[ST_DEMAND_TPS, g], gen_tps, alpha_d)
     state[ST_DEMAND_TPS, g] = demand
     state[ST_PROMPT_TPS, g] = _ewma(state[ST_PROMPT_TPS, g], prompt_tps, alpha_d)
+    waiting_prev = state[ST_WAITING, g]
+    state[ST_WAITING, g] = waiting
+    tick[TK_WAITING_PREV] = waiting_prev
+    queue_trend = state[ST_QUEUE_TREND, g]
+    if _finite(waiting) and _finite(waiting_prev):
+        queue_trend = _ewma(
+            queue_trend,
+            (waiting - waiting_prev) / interval_s,
+            _alpha_for(_QUEUE_TREND_ALPHA, interval_s),
+        )
+    elif not _finite(waiting):
+        queue_trend = math.nan
+    state[ST_QUEUE_TREND, g] = queue_trend
+    alpha_prompt = _alpha_for(_PROMPT_ALPHA, interval_s)
+    prompt_ew = _ewma(state[ST_PROMPT_EW, g], prompt_tps, alpha_prompt)
+    state[ST_PROMPT_EW, g] = prompt_ew
+    finished_ew = _ewma(state[ST_FINISHED_EW, g], obs[OBS_FINISHED_RPS, g], alpha_prompt)
+    state[ST_FINISHED_EW, g] = finished_ew
+
+
+@_inline_jit
+def _estimate_latency(g: int, state: np.ndarray, tick: np.ndarray) -> None:
+    """Estimate group g's per-request ITL and smooth its latencies into state (ST_RUNNING_EW,
+    ST_GEN_EW, ST_CLOCK_EW, ST_ITL_S, ST_ITL_EST_S, ST_TTFT_S, ST_TTFT_WORK); the tick's ITL,
+    its clock and the latencies lowering goes by into tick (TK_ITL_S to TK_TTFT_REF_S)."""
+    interval_s = tick[TK_INTERVAL_S]
+    f_now = tick[TK_F_NOW_MHZ]
+    realtime = tick[TK_REALTIME] > 0.5
+    gen_tps = tick[TK_GEN_TPS]
+    itl_p95 = tick[TK_ITL_P95_S]
+    ttft = tick[TK_TTFT_S]
+    running = tick[TK_RUNNING]
     # Per-request inter-token latency by Little's law: every running request gets one token per
     # iteration, so running / tokens-per-second is the mean iteration time all of them share,
     # and its average over a request's life (a few seconds) is that request's mean ITL. The
@@ -1005,21 +1092,22 @@ def _group_step(
         f_prefill = state[ST_CLOCK_EW, g] if _finite(state[ST_CLOCK_EW, g]) else f_now
         ttft_work = max(ttft_work, ttft * f_prefill) if _finite(ttft_work) else ttft * f_prefill
     state[ST_TTFT_WORK, g] = ttft_work
-    waiting_prev = state[ST_WAITING, g]
-    state[ST_WAITING, g] = waiting
-    queue_trend = state[ST_QUEUE_TREND, g]
-    if _finite(waiting) and _finite(waiting_prev):
-        queue_trend = _ewma(
-            queue_trend,
-            (waiting - waiting_prev) / interval_s,
-            _alpha_for(_QUEUE_TREND_ALPHA, interval_s),
-        )
-    elif not _finite(waiting):
-        queue_trend = math.nan
-    state[ST_QUEUE_TREND, g] = queue_trend
-    alpha_prompt = _alpha_for(_PROMPT_ALPHA, interval_s)
-    prompt_ew = _ewma(state[ST_PROMPT_EW, g], prompt_tps, alpha_prompt)
-    state[ST_PROMPT_EW, g] = prompt_ew
+    tick[TK_ITL_S] = itl
+    tick[TK_ITL_MHZ] = f_itl
+    # Smoothed latencies for lowering (a single p95 is noisy); NaN when none came this tick.
+    tick[TK_ITL_REF_S] = itl_s if _finite(itl) else math.nan
+    tick[TK_TTFT_REF_S] = ttft_s if _finite(ttft) else math.nan
+
+
+@_inline_jit
+def _learn_prefill_capacity(g: int, obs: np.ndarray, state: np.ndarray, tick: np.ndarray) -> float:
+    """Update group g's prefill capacity per MHz (ST_PREFILL_K, NaN until learned) from the
+    tick's prompt work, timed (ST_TIMED_*) or over runs of ticks with a queue (ST_PREFILL_*),
+    and return it."""
+    interval_s = tick[TK_INTERVAL_S]
+    f_now = tick[TK_F_NOW_MHZ]
+    prompt_tps = tick[TK_PROMPT_TPS]
+    waiting = tick[TK_WAITING]
     prefill_k = state[ST_PREFILL_K, g]
     per_chunk = obs[OBS_PROMPT_PER_CHUNK, g] > 0.5
     run = state[ST_PREFILL_RUN_S, g]
@@ -1051,49 +1139,87 @@ def _group_step(
             if prompt_tps > 0.0:
                 rate_per_mhz = prompt_tps / f_work
         else:
-            # A whole prompt is counted in the tick of its first token, after seconds of work:
-            # one second over-reads the capacity by up to that prompt, a run of seconds much
-            # less. The run is kept by second, the current one first (to the nearest tick).
-            if starting:
-                state[ST_PREFILL_TOKENS, g] = 0.0
-                state[ST_PREFILL_MHZ_S, g] = 0.0
-                state[ST_PREFILL_BUCKET_S, g] = 0.0
-            state[ST_PREFILL_TOKENS, g] += prompt_tps * interval_s
-            state[ST_PREFILL_MHZ_S, g] += f_work * interval_s
-            state[ST_PREFILL_BUCKET_S, g] += interval_s
-            enough_s = _PREFILL_RATE_S - 0.5 * min(interval_s, 1.0)
-            if run >= enough_s:
-                tokens = state[ST_PREFILL_TOKENS, g]
-                mhz_s = state[ST_PREFILL_MHZ_S, g]
-                span_s = state[ST_PREFILL_BUCKET_S, g]
-                for j in range(1, _PREFILL_BUCKETS):
-                    if span_s >= enough_s:
-                        break
-                    tokens += state[ST_PREFILL_TOKENS + j, g]
-                    mhz_s += state[ST_PREFILL_MHZ_S + j, g]
-                    span_s += state[ST_PREFILL_BUCKET_S + j, g]
-                if tokens > 0.0:
-                    rate_per_mhz = tokens / mhz_s
-                    samples = state[ST_PREFILL_SAMPLES_S, g]
-                    state[ST_PREFILL_SAMPLES_S, g] = (
-                        samples + interval_s if samples > 0.0 else interval_s
-                    )
-            if state[ST_PREFILL_BUCKET_S, g] >= 1.0 - 0.5 * interval_s:
-                for j in range(_PREFILL_BUCKETS - 1, 0, -1):
-                    state[ST_PREFILL_TOKENS + j, g] = state[ST_PREFILL_TOKENS + j - 1, g]
-                    state[ST_PREFILL_MHZ_S + j, g] = state[ST_PREFILL_MHZ_S + j - 1, g]
-                    state[ST_PREFILL_BUCKET_S + j, g] = state[ST_PREFILL_BUCKET_S + j - 1, g]
-                state[ST_PREFILL_TOKENS, g] = 0.0
-                state[ST_PREFILL_MHZ_S, g] = 0.0
-                state[ST_PREFILL_BUCKET_S, g] = 0.0
+            rate_per_mhz = _prefill_run_rate(
+                g, state, interval_s, prompt_tps, f_work, run, starting
+            )
         if _finite(rate_per_mhz):
             prefill_k = max(rate_per_mhz, prefill_k) if _finite(prefill_k) else rate_per_mhz
     else:
         run = 0.0
     state[ST_PREFILL_RUN_S, g] = run
     state[ST_PREFILL_K, g] = prefill_k
-    finished_ew = _ewma(state[ST_FINISHED_EW, g], obs[OBS_FINISHED_RPS, g], alpha_prompt)
-    state[ST_FINISHED_EW, g] = finished_ew
+    return prefill_k
+
+
+@_inline_jit
+def _prefill_run_rate(
+    g: int,
+    state: np.ndarray,
+    interval_s: float,
+    prompt_tps: float,
+    f_work: float,
+    run: float,
+    starting: bool,
+) -> float:
+    """Where the server counts a whole prompt at its first token: prompt tokens per MHz over the
+    last _PREFILL_RATE_S of a run of run seconds with requests waiting (NaN before then or
+    without tokens). Keeps the run by second in the ST_PREFILL_* rows."""
+    rate_per_mhz = math.nan
+    # A whole prompt is counted in the tick of its first token, after seconds of work:
+    # one second over-reads the capacity by up to that prompt, a run of seconds much
+    # less. The run is kept by second, the current one first (to the nearest tick).
+    if starting:
+        state[ST_PREFILL_TOKENS, g] = 0.0
+        state[ST_PREFILL_MHZ_S, g] = 0.0
+        state[ST_PREFILL_BUCKET_S, g] = 0.0
+    state[ST_PREFILL_TOKENS, g] += prompt_tps * interval_s
+    state[ST_PREFILL_MHZ_S, g] += f_work * interval_s
+    state[ST_PREFILL_BUCKET_S, g] += interval_s
+    enough_s = _PREFILL_RATE_S - 0.5 * min(interval_s, 1.0)
+    if run >= enough_s:
+        tokens = state[ST_PREFILL_TOKENS, g]
+        mhz_s = state[ST_PREFILL_MHZ_S, g]
+        span_s = state[ST_PREFILL_BUCKET_S, g]
+        for j in range(1, _PREFILL_BUCKETS):
+            if span_s >= enough_s:
+                break
+            tokens += state[ST_PREFILL_TOKENS + j, g]
+            mhz_s += state[ST_PREFILL_MHZ_S + j, g]
+            span_s += state[ST_PREFILL_BUCKET_S + j, g]
+        if tokens > 0.0:
+            rate_per_mhz = tokens / mhz_s
+            samples = state[ST_PREFILL_SAMPLES_S, g]
+            state[ST_PREFILL_SAMPLES_S, g] = samples + interval_s if samples > 0.0 else interval_s
+    if state[ST_PREFILL_BUCKET_S, g] >= 1.0 - 0.5 * interval_s:
+        for j in range(_PREFILL_BUCKETS - 1, 0, -1):
+            state[ST_PREFILL_TOKENS + j, g] = state[ST_PREFILL_TOKENS + j - 1, g]
+            state[ST_PREFILL_MHZ_S + j, g] = state[ST_PREFILL_MHZ_S + j - 1, g]
+            state[ST_PREFILL_BUCKET_S + j, g] = state[ST_PREFILL_BUCKET_S + j - 1, g]
+        state[ST_PREFILL_TOKENS, g] = 0.0
+        state[ST_PREFILL_MHZ_S, g] = 0.0
+        state[ST_PREFILL_BUCKET_S, g] = 0.0
+    return rate_per_mhz
+
+
+@_inline_jit
+def _prefill_bounds(
+    g: int,
+    obs: np.ndarray,
+    params: np.ndarray,
+    state: np.ndarray,
+    tick: np.ndarray,
+    prefill_k: float,
+) -> tuple[float, float, float]:
+    """From group g's prefill capacity per MHz: the seconds its queue takes to prefill at this
+    clock (NaN: unknown), the lowest clock keeping prefill headroom (ST_PREFILL_MIN_MHZ; NaN:
+    not learned yet) and the clock a prompt burst boosts this tick's cap to (-inf: none)."""
+    f_now = tick[TK_F_NOW_MHZ]
+    f_max = tick[TK_F_MAX_MHZ]
+    prompt_tps = tick[TK_PROMPT_TPS]
+    waiting = tick[TK_WAITING]
+    prompt_ew = state[ST_PROMPT_EW, g]
+    finished_ew = state[ST_FINISHED_EW, g]
+    per_chunk = obs[OBS_PROMPT_PER_CHUNK, g] > 0.5
     # The queue in time: waiting requests x prompt tokens per request over the prefill capacity
     # at this clock (NaN until both are learned).
     queue_wait_s = math.nan
@@ -1130,6 +1256,31 @@ def _group_step(
         if not prefill_min >= blind_min:
             prefill_min = blind_min
     state[ST_PREFILL_MIN_MHZ, g] = prefill_min
+    # A prompt burst: requests wait while prefill runs near its learned capacity, so their TTFT
+    # grows as 1/f. Boost this tick's cap only, to keep the burst at _PREFILL_BURST of the
+    # capacity; the chosen clock does not move. Without a queue the burst is absorbed. Where a
+    # whole prompt is counted at its first token, a tick's count is work already done.
+    boost = -math.inf
+    if (
+        per_chunk
+        and waiting >= 1.0
+        and _finite(prefill_k)
+        and prefill_k > 0.0
+        and prompt_tps > _PREFILL_BURST * prefill_k * f_now
+    ):
+        boost = min(prompt_tps / (prefill_k * _PREFILL_BURST), f_max)
+    return queue_wait_s, prefill_min, boost
+
+
+@_inline_jit
+def _track_power(g: int, state: np.ndarray, tick: np.ndarray) -> None:
+    """Smooth group g's per-GPU power and its peak, and the token and energy sums whose ratio is
+    its tokens per joule, into state (ST_POWER_W, ST_POWER_PEAK_W, ST_TOKENS_EW, ST_ENERGY_EW,
+    ST_TPJ); a tick without a power reading leaves them."""
+    interval_s = tick[TK_INTERVAL_S]
+    power_gpu_w = tick[TK_POWER_W]
+    gen_tps = tick[TK_GEN_TPS]
+    gpu_count = tick[TK_GPU_COUNT]
     if _finite(power_gpu_w):
         state[ST_POWER_W, g] = _ewma(
             state[ST_POWER_W, g], power_gpu_w, _alpha_for(_POWER_ALPHA, interval_s)
@@ -1147,35 +1298,20 @@ def _group_step(
             if state[ST_ENERGY_EW, g] > 0.0:
                 state[ST_TPJ, g] = state[ST_TOKENS_EW, g] / state[ST_ENERGY_EW, g]
 
-    itl_slo = params[PAR_ITL_SLO_S, g]
-    ttft_slo = params[PAR_TTFT_SLO_S, g]
-    max_waiting = params[PAR_MAX_WAITING, g]
-    itl_line = margin * itl_slo
-    ttft_line = margin * ttft_slo
-    # Smoothed latencies decide. One tick's p95 comes from few requests and coarse histogram
-    # buckets; past the SLO it nudges the clock up, no more.
-    itl_hard = _finite(itl) and itl_s > itl_slo
-    itl_high = _finite(itl) and itl_s > itl_line
-    ttft_hard = _finite(ttft) and ttft_s > ttft_slo
-    ttft_high = _finite(ttft) and ttft_s > ttft_line
-    spike_itl = itl_p95 > itl_slo or itl > itl_slo
-    spike_ttft = ttft > ttft_slo
-    queue_over = waiting > max_waiting
-    # A queue that keeps growing means the clock is below what the demand needs.
-    queue_growing = (
-        waiting >= max(2.0, _QUEUE_MIN * max_waiting)
-        and _finite(waiting_prev)
-        and waiting > waiting_prev
-        and queue_trend >= _QUEUE_TREND
-    )
-    # Only real SLO misses mark a clock unsafe; the margin line is crossed by noise near the
-    # optimum.
-    # A smoothed latency stays past the SLO for a few ticks after the raise that answered it:
-    # only a tick whose own signal misses blames the clock. A first token past the SLO is a
-    # miss on its own (the slowest bucket's mean is past it, so at least one request was).
-    violated = (itl_hard and itl > itl_slo) or ttft > ttft_slo or queue_over or preempted
 
-    # Learn: latency and violations per (demand bin, clock bin); the power model.
+@_inline_jit
+def _learn_latency_map(
+    g: int, state: np.ndarray, cells: np.ndarray, tick: np.ndarray
+) -> tuple[int, float]:
+    """Fit the latency roofline's knee at group g's demand bin (ST_KAPPA), then add the tick's
+    ITL to that bin's cells; returns the demand bin (ST_LOAD_BIN) and the knee."""
+    interval_s = tick[TK_INTERVAL_S]
+    f_max = tick[TK_F_MAX_MHZ]
+    floor_mhz = tick[TK_FLOOR_MHZ]
+    itl = tick[TK_ITL_S]
+    f_itl = tick[TK_ITL_MHZ]
+    weight_s = tick[TK_WEIGHT_S]
+    demand = state[ST_DEMAND_TPS, g]
     n_load = cells.shape[1]
     n_cbin = cells.shape[2]
     width = (f_max - floor_mhz) / n_cbin
@@ -1195,12 +1331,19 @@ def _group_step(
     for c in range(n_cbin):
         cl[c, CELL_W_ITL] *= cell_keep
         cl[c, CELL_ITL_SUM] *= cell_keep
-    # A tick weighs what its seconds do: the estimate is smoothed over seconds, not ticks.
-    weight_s = weight * interval_s
     if _finite(itl):
         cl[cb, CELL_W_ITL] += weight_s
         cl[cb, CELL_ITL_SUM] += weight_s * itl
-    # Latency and queue signals lag the clock by a few seconds: blame the highest recent clock.
+    return lb, kappa
+
+
+@_inline_jit
+def _shift_clock_history(g: int, state: np.ndarray, tick: np.ndarray) -> float:
+    """Add the tick's allowed clock to group g's clock history (ST_CLOCK_HISTORY, by whole
+    seconds) and return the highest clock allowed over it, this tick included."""
+    interval_s = tick[TK_INTERVAL_S]
+    f_now = tick[TK_F_NOW_MHZ]
+    prev_cap = tick[TK_PREV_CAP_MHZ]
     # The cap counts, not only the clock reached: a GPU below an unlocked cap was held by its
     # power limit, and a miss then says nothing about the clock.
     allowed = max(f_now, prev_cap) if _finite(prev_cap) else f_now
@@ -1225,11 +1368,49 @@ def _group_step(
             bucket_s = 0.0
     state[ST_CLOCK_BUCKET_MHZ, g] = bucket
     state[ST_CLOCK_BUCKET_S, g] = bucket_s
-    # A miss at f_max says nothing about the clock (the load alone did it).
-    if violated and recent < f_max - clock_step:
-        record_miss(misses[g, lb], recent, now_s, interval_s)
-    safe_mhz = learned_safe_mhz(misses[g], lb, clock_step, now_s)
-    state[ST_SAFE_MHZ, g] = safe_mhz
+    return recent
+
+
+@_inline_jit
+def _slo_missed(g: int, params: np.ndarray, state: np.ndarray, tick: np.ndarray) -> bool:
+    """Whether group g's tick missed an SLO: its own ITL past the SLO while the smoothed one is,
+    a first token past the TTFT SLO, a queue past max_waiting or a preemption."""
+    itl = tick[TK_ITL_S]
+    itl_s = state[ST_ITL_S, g]
+    ttft = tick[TK_TTFT_S]
+    itl_slo = params[PAR_ITL_SLO_S, g]
+    ttft_slo = params[PAR_TTFT_SLO_S, g]
+    itl_hard = _finite(itl) and itl_s > itl_slo
+    queue_over = tick[TK_WAITING] > params[PAR_MAX_WAITING, g]
+    preempted = tick[TK_PREEMPTED] > 0.5
+    # Only real SLO misses mark a clock unsafe; the margin line is crossed by noise near the
+    # optimum.
+    # A smoothed latency stays past the SLO for a few ticks after the raise that answered it:
+    # only a tick whose own signal misses blames the clock. A first token past the SLO is a
+    # miss on its own (the slowest bucket's mean is past it, so at least one request was).
+    return (itl_hard and itl > itl_slo) or ttft > ttft_slo or queue_over or preempted
+
+
+@_inline_jit
+def _learn_power_model(
+    g: int,
+    obs: np.ndarray,
+    state: np.ndarray,
+    efit: np.ndarray,
+    chol: np.ndarray,
+    fit: np.ndarray,
+    tick: np.ndarray,
+) -> float:
+    """Add the tick to group g's power model (efit[g]), fit it into fit and return its clock of
+    least power between the floor and f_max (ST_ENERGY_OPT_MHZ unclamped; NaN: none)."""
+    interval_s = tick[TK_INTERVAL_S]
+    f_max = tick[TK_F_MAX_MHZ]
+    floor_mhz = tick[TK_FLOOR_MHZ]
+    f_now = tick[TK_F_NOW_MHZ]
+    power_gpu_w = tick[TK_POWER_W]
+    gen_tps = tick[TK_GEN_TPS]
+    prompt_tps = tick[TK_PROMPT_TPS]
+    weight_s = tick[TK_WEIGHT_S]
     # While a lowered power cap holds the clock, power is the cap's, not the clock's: such
     # ticks (whole load phases under a budget or an operator's cap) taught the fit that lower
     # clocks draw more, and descents stopped for good.
@@ -1258,12 +1439,26 @@ def _group_step(
     state[ST_ENERGY_OPT_MHZ, g] = energy_opt
     if not (energy_opt >= floor_mhz and energy_opt <= f_max):
         energy_opt = math.nan
+    return energy_opt
 
-    # Lowest clock meeting the latency lines, from the learned roofline and 1/f prefill.
-    slo_min = floor_mhz
-    # Smoothed latencies for lowering (a single p95 is noisy); NaN when none came this tick.
-    itl_ref = itl_s if _finite(itl) else math.nan
-    ttft_ref = ttft_s if _finite(ttft) else math.nan
+
+@_inline_jit
+def _slo_min_mhz(
+    g: int, params: np.ndarray, state: np.ndarray, tick: np.ndarray, kappa: float
+) -> tuple[float, float]:
+    """The lowest clock meeting group g's latency lines with the lowering band (ST_SLO_MIN_MHZ
+    the same, at most f_max), from the learned roofline and 1/f prefill, and the part of it the
+    slowest recent first token needs (NaN: none)."""
+    f_max = tick[TK_F_MAX_MHZ]
+    f_now = tick[TK_F_NOW_MHZ]
+    f_itl = tick[TK_ITL_MHZ]
+    itl_line = tick[TK_ITL_LINE_S]
+    ttft_line = tick[TK_TTFT_LINE_S]
+    itl_ref = tick[TK_ITL_REF_S]
+    ttft_ref = tick[TK_TTFT_REF_S]
+    ttft_work = state[ST_TTFT_WORK, g]
+    ttft_slo = params[PAR_TTFT_SLO_S, g]
+    slo_min = tick[TK_FLOOR_MHZ]
     if _finite(itl_ref):
         slo_min = max(
             slo_min, roofline_inverse(kappa, f_max, f_itl, itl_ref, itl_line * (1 - _LOWER_BAND))
@@ -1275,17 +1470,17 @@ def _group_step(
         ttft_min = ttft_work / (_TTFT_WORK_AIM * ttft_slo)
         slo_min = max(slo_min, ttft_min)
     state[ST_SLO_MIN_MHZ, g] = min(slo_min, f_max) if _finite(slo_min) else f_max
+    return slo_min, ttft_min
 
-    base = state[ST_BASE_MHZ, g]
-    if not _finite(base):
-        base = f_max
-    base = min(max(base, floor_mhz), f_max)
-    hold = state[ST_HOLD_S, g]
-    # Holds end at the tick nearest their end.
-    if hold <= 0.5 * interval_s:
-        hold = 0.0
-    reason = REASON_STEADY
-    new_base = base
+
+@_inline_jit
+def _descent_allowance(
+    g: int, knobs: np.ndarray, state: np.ndarray, tick: np.ndarray
+) -> tuple[float, float, float]:
+    """Group g's seconds of descent this tick, the seconds that count as a full one, and the MHz
+    the base may descend by them (max_step_down at most)."""
+    interval_s = tick[TK_INTERVAL_S]
+    step_down = knobs[KNOB_STEP_DOWN_MHZ]
     # Seconds of descent: the tick's, and the rest of a second that a short tick's clock steps
     # did not take.
     descent_full_s = max(interval_s, 1.0)
@@ -1300,27 +1495,60 @@ def _group_step(
     if _DESCENT_JITTER * nominal_s <= descent_s < nominal_s:
         descent_s = nominal_s
         descent_full_s = max(descent_full_s, nominal_s)
-    descent_rate = _DESCENT_STEPS_PER_S * clock_step
+    descent_rate = _DESCENT_STEPS_PER_S * tick[TK_CLOCK_STEP_MHZ]
     descent = min(step_down, descent_rate * descent_s)
-    slope, slope_t = power_slope_at(fit, base, f_max)
-    state[ST_SLOPE_W_PER_MHZ, g] = slope
-    state[ST_SLOPE_T, g] = slope_t
+    return descent_s, descent_full_s, descent
 
-    # A prompt burst: requests wait while prefill runs near its learned capacity, so their TTFT
-    # grows as 1/f. Boost this tick's cap only, to keep the burst at _PREFILL_BURST of the
-    # capacity; the chosen clock does not move. Without a queue the burst is absorbed. Where a
-    # whole prompt is counted at its first token, a tick's count is work already done.
-    boost = -math.inf
-    if (
-        per_chunk
-        and waiting >= 1.0
-        and _finite(prefill_k)
-        and prefill_k > 0.0
-        and prompt_tps > _PREFILL_BURST * prefill_k * f_now
-    ):
-        boost = min(prompt_tps / (prefill_k * _PREFILL_BURST), f_max)
 
-    # Guards: raise within this tick, to a safe clock.
+@_inline_jit
+def _guard_raise(
+    g: int,
+    params: np.ndarray,
+    state: np.ndarray,
+    tick: np.ndarray,
+    base: float,
+    kappa: float,
+    ttft_min: float,
+    queue_wait_s: float,
+) -> tuple[float, int, float, bool]:
+    """Guards: the clock to raise group g's base to within this tick (-inf: none), the reason,
+    the seconds to hold it, and whether the raise is a one-step nudge for a one-tick spike."""
+    f_max = tick[TK_F_MAX_MHZ]
+    f_now = tick[TK_F_NOW_MHZ]
+    f_itl = tick[TK_ITL_MHZ]
+    clock_step = tick[TK_CLOCK_STEP_MHZ]
+    itl_line = tick[TK_ITL_LINE_S]
+    ttft_line = tick[TK_TTFT_LINE_S]
+    itl = tick[TK_ITL_S]
+    itl_p95 = tick[TK_ITL_P95_S]
+    ttft = tick[TK_TTFT_S]
+    waiting = tick[TK_WAITING]
+    waiting_prev = tick[TK_WAITING_PREV]
+    kv_usage = tick[TK_KV_USAGE]
+    preempted = tick[TK_PREEMPTED] > 0.5
+    itl_s = state[ST_ITL_S, g]
+    ttft_s = state[ST_TTFT_S, g]
+    queue_trend = state[ST_QUEUE_TREND, g]
+    itl_slo = params[PAR_ITL_SLO_S, g]
+    ttft_slo = params[PAR_TTFT_SLO_S, g]
+    max_waiting = params[PAR_MAX_WAITING, g]
+    kv_full = kv_usage >= _KV_FULL
+    # Smoothed latencies decide. One tick's p95 comes from few requests and coarse histogram
+    # buckets; past the SLO it nudges the clock up, no more.
+    itl_hard = _finite(itl) and itl_s > itl_slo
+    itl_high = _finite(itl) and itl_s > itl_line
+    ttft_hard = _finite(ttft) and ttft_s > ttft_slo
+    ttft_high = _finite(ttft) and ttft_s > ttft_line
+    spike_itl = itl_p95 > itl_slo or itl > itl_slo
+    spike_ttft = ttft > ttft_slo
+    queue_over = waiting > max_waiting
+    # A queue that keeps growing means the clock is below what the demand needs.
+    queue_growing = (
+        waiting >= max(2.0, _QUEUE_MIN * max_waiting)
+        and _finite(waiting_prev)
+        and waiting > waiting_prev
+        and queue_trend >= _QUEUE_TREND
+    )
     raise_to = -math.inf
     raise_reason = REASON_STEADY
     raise_hold = 0.0
@@ -1390,114 +1618,185 @@ def _group_step(
         raise_to = max(base, f_now) + clock_step
         raise_reason = REASON_RAISE_ITL if spike_itl else REASON_RAISE_TTFT
         nudge = True
+    return raise_to, raise_reason, raise_hold, nudge
 
-    if raise_to > -math.inf:
-        if not nudge:
-            # Never to a clock that recently missed the SLO at this load.
-            raise_to = max(raise_to, safe_mhz)
-        raise_to = max(raise_to, max(base, f_now) + clock_step)
-        raise_to = min(raise_to, f_max)
-        new_base = max(base, clamp_clock_up(row, n, raise_to))
-        hold = max(hold, raise_hold)
-        reason = raise_reason
-    elif hold > 0.0:
-        hold = max(hold - interval_s, 0.0)
-        reason = REASON_HOLD
-    else:
-        slack = True
-        if _finite(itl_ref):
-            slack = itl_ref <= itl_line * (1 - _LOWER_BAND) and itl <= itl_line
-        elif running > 0.5 or not _finite(running):
-            # Requests in flight and no latency seen, or no signal at all (a server that could
-            # not be read, until it turns stale): no evidence of slack.
-            slack = False
-        if _finite(ttft_ref) and (ttft_ref > ttft_line * (1 - _LOWER_BAND) or ttft > ttft_line):
-            slack = False
-        if waiting > _QUEUE_SLACK * max_waiting or (
-            waiting > 0.0 and _finite(waiting_prev) and waiting > waiting_prev
-        ):
-            slack = False
-        if base < f_max and (
-            slope_t < _ENERGY_RAISE_T or (_finite(energy_opt) and base < energy_opt - clock_step)
-        ):
-            new_base = min(f_max, clamp_clock_up(row, n, base + clock_step))
-            reason = REASON_ENERGY
-        elif slack:
-            bound = max(floor_mhz, slo_min)
-            if _finite(energy_opt):
-                bound = max(bound, min(energy_opt, base))
-            bound = max(bound, safe_mhz)
-            if _finite(prefill_min):
-                bound = max(bound, prefill_min)
-            # Back down from a raise for a burst that has passed, the descent is geometric:
-            # the clock held before it served this load.
-            raised_from = state[ST_RAISED_FROM_MHZ, g]
-            if _finite(raised_from) and base > raised_from:
-                gap = base - max(bound, raised_from)
-                share = _alpha_for(_DESCENT_SHARE, descent_s)
-                descent = min(step_down, max(descent, share * gap))
-            f_next = clamp_clock_up(row, n, max(base - descent, bound))
-            if f_next >= base and descent_s >= descent_full_s:
-                # A clock table coarser than the slew limit: one supported step at a time.
-                below = clamp_clock_down(row, n, base - 1.0)
-                if below < base and below >= bound:
-                    f_next = below
-            if f_next < base:
-                # Left side of the U: power would rise again below here.
-                if power_slope_at(fit, f_next, f_max)[1] < _ENERGY_BLOCK_T:
-                    reason = REASON_ENERGY_FLOOR
-                else:
-                    new_base = f_next
-                    reason = REASON_LOWER
-    state[ST_HOLD_S, g] = hold
-    state[ST_PRESSURE, g] = 1.0 if (raise_to > -math.inf or hold > 0.5 * interval_s) else 0.0
-    if new_base < base:
-        descent_s = max(descent_s - (base - new_base) / descent_rate, 0.0)
-    state[ST_DESCENT_S, g] = descent_s
-    if new_base > base and not _finite(state[ST_RAISED_FROM_MHZ, g]):
-        state[ST_RAISED_FROM_MHZ, g] = base
-    elif new_base <= state[ST_RAISED_FROM_MHZ, g]:
-        state[ST_RAISED_FROM_MHZ, g] = math.nan
-    if new_base == base:
-        state[ST_SETTLED_S, g] += interval_s
-    else:
-        state[ST_SETTLED_S, g] = 0.0
-    state[ST_BASE_MHZ, g] = new_base
 
-    if mode == MODE_OFF:
-        state[ST_BASE_MHZ, g] = f_max
-        state[ST_TARGET_MHZ, g] = f_max
-        state[ST_HOLD_S, g] = 0.0
-        state[ST_CAP_MHZ, g] = f_max
-        state[ST_LIMIT_MW, g] = math.nan
-        out[OUT_CAP_MHZ, g] = f_max
-        out[OUT_LIMIT_MW, g] = math.nan
-        out[OUT_REASON, g] = REASON_OFF
-        return
+@_inline_jit
+def _descent_bound_mhz(
+    tick: np.ndarray,
+    base: float,
+    slo_min: float,
+    energy_opt: float,
+    safe_mhz: float,
+    prefill_min: float,
+) -> float:
+    """The lowest clock a descent from base may reach: the floor, the latency bound, the energy
+    optimum (the base where that is higher), the learned safe clock and the prefill-headroom
+    bound, whichever is highest (NaN bounds do not count)."""
+    bound = max(tick[TK_FLOOR_MHZ], slo_min)
+    if _finite(energy_opt):
+        bound = max(bound, min(energy_opt, base))
+    bound = max(bound, safe_mhz)
+    if _finite(prefill_min):
+        bound = max(bound, prefill_min)
+    return bound
 
-    cap_base = new_base
-    if mode == MODE_TARGET:
-        target_tpj = knobs[KNOB_TARGET_TPJ]
-        tgt = state[ST_TARGET_MHZ, g]
-        if not _finite(tgt):
-            tgt = f_max
-        tpj = state[ST_TPJ, g]
-        if _finite(tpj) and _finite(target_tpj) and reason != REASON_HOLD:
-            if tpj < target_tpj:
-                gap = (target_tpj - tpj) / target_tpj
-                tgt -= min(descent, max(clock_step, gap * f_max) * interval_s)
-            elif tpj > target_tpj * (1.0 + _TARGET_BAND):
-                tgt += clock_step * interval_s
-            out[OUT_TARGET_REACHED, g] = 1.0 if tpj >= target_tpj * (1.0 - _TARGET_TOL) else 0.0
-        tgt = min(max(tgt, new_base), f_max)
-        state[ST_TARGET_MHZ, g] = tgt
-        cap_base = clamp_clock_down(row, n, tgt)
-        if cap_base > new_base and reason == REASON_STEADY:
-            reason = REASON_TARGET
-    else:
+
+@_inline_jit
+def _has_slack(g: int, params: np.ndarray, tick: np.ndarray) -> bool:
+    """Whether group g's latencies and queue leave room to lower its clock."""
+    itl = tick[TK_ITL_S]
+    itl_ref = tick[TK_ITL_REF_S]
+    itl_line = tick[TK_ITL_LINE_S]
+    ttft = tick[TK_TTFT_S]
+    ttft_ref = tick[TK_TTFT_REF_S]
+    ttft_line = tick[TK_TTFT_LINE_S]
+    running = tick[TK_RUNNING]
+    waiting = tick[TK_WAITING]
+    waiting_prev = tick[TK_WAITING_PREV]
+    max_waiting = params[PAR_MAX_WAITING, g]
+    slack = True
+    if _finite(itl_ref):
+        slack = itl_ref <= itl_line * (1 - _LOWER_BAND) and itl <= itl_line
+    elif running > 0.5 or not _finite(running):
+        # Requests in flight and no latency seen, or no signal at all (a server that could
+        # not be read, until it turns stale): no evidence of slack.
+        slack = False
+    if _finite(ttft_ref) and (ttft_ref > ttft_line * (1 - _LOWER_BAND) or ttft > ttft_line):
+        slack = False
+    if waiting > _QUEUE_SLACK * max_waiting or (
+        waiting > 0.0 and _finite(waiting_prev) and waiting > waiting_prev
+    ):
+        slack = False
+    return slack
+
+
+@_inline_jit
+def _descend(
+    g: int,
+    params: np.ndarray,
+    knobs: np.ndarray,
+    state: np.ndarray,
+    fit: np.ndarray,
+    tick: np.ndarray,
+    row: np.ndarray,
+    n: int,
+    base: float,
+    slope_t: float,
+    bound: float,
+    energy_opt: float,
+    descent_s: float,
+    descent_full_s: float,
+    descent: float,
+) -> tuple[float, int, float]:
+    """Without a raise or a hold: group g's new base (a clock step up on the left side of the U,
+    down with slack towards bound) and reason, and the descent allowed (faster back down from a
+    raise)."""
+    f_max = tick[TK_F_MAX_MHZ]
+    clock_step = tick[TK_CLOCK_STEP_MHZ]
+    step_down = knobs[KNOB_STEP_DOWN_MHZ]
+    reason = REASON_STEADY
+    new_base = base
+    if base < f_max and (
+        slope_t < _ENERGY_RAISE_T or (_finite(energy_opt) and base < energy_opt - clock_step)
+    ):
+        new_base = min(f_max, clamp_clock_up(row, n, base + clock_step))
+        reason = REASON_ENERGY
+    elif _has_slack(g, params, tick):
+        # Back down from a raise for a burst that has passed, the descent is geometric:
+        # the clock held before it served this load.
+        raised_from = state[ST_RAISED_FROM_MHZ, g]
+        if _finite(raised_from) and base > raised_from:
+            gap = base - max(bound, raised_from)
+            share = _alpha_for(_DESCENT_SHARE, descent_s)
+            descent = min(step_down, max(descent, share * gap))
+        f_next = clamp_clock_up(row, n, max(base - descent, bound))
+        if f_next >= base and descent_s >= descent_full_s:
+            # A clock table coarser than the slew limit: one supported step at a time.
+            below = clamp_clock_down(row, n, base - 1.0)
+            if below < base and below >= bound:
+                f_next = below
+        if f_next < base:
+            # Left side of the U: power would rise again below here.
+            if power_slope_at(fit, f_next, f_max)[1] < _ENERGY_BLOCK_T:
+                reason = REASON_ENERGY_FLOOR
+            else:
+                new_base = f_next
+                reason = REASON_LOWER
+    return new_base, reason, descent
+
+
+@_inline_jit
+def _target_cap(
+    g: int,
+    knobs: np.ndarray,
+    state: np.ndarray,
+    out: np.ndarray,
+    tick: np.ndarray,
+    row: np.ndarray,
+    n: int,
+    mode: int,
+    new_base: float,
+    reason: int,
+    descent: float,
+) -> tuple[float, int]:
+    """The cap group g's mode asks for before the dither (in target mode the clock the tokens per
+    joule target settles at, ST_TARGET_MHZ; else the base) and the reason; writes
+    out[OUT_TARGET_REACHED] in target mode."""
+    if mode != MODE_TARGET:
         # A switch to target mode (a reload) starts its search from the clock held now.
         state[ST_TARGET_MHZ, g] = new_base
+        return new_base, reason
+    f_max = tick[TK_F_MAX_MHZ]
+    clock_step = tick[TK_CLOCK_STEP_MHZ]
+    interval_s = tick[TK_INTERVAL_S]
+    target_tpj = knobs[KNOB_TARGET_TPJ]
+    tgt = state[ST_TARGET_MHZ, g]
+    if not _finite(tgt):
+        tgt = f_max
+    tpj = state[ST_TPJ, g]
+    if _finite(tpj) and _finite(target_tpj) and reason != REASON_HOLD:
+        if tpj < target_tpj:
+            gap = (target_tpj - tpj) / target_tpj
+            tgt -= min(descent, max(clock_step, gap * f_max) * interval_s)
+        elif tpj > target_tpj * (1.0 + _TARGET_BAND):
+            tgt += clock_step * interval_s
+        out[OUT_TARGET_REACHED, g] = 1.0 if tpj >= target_tpj * (1.0 - _TARGET_TOL) else 0.0
+    tgt = min(max(tgt, new_base), f_max)
+    state[ST_TARGET_MHZ, g] = tgt
+    cap_base = clamp_clock_down(row, n, tgt)
+    if cap_base > new_base and reason == REASON_STEADY:
+        reason = REASON_TARGET
+    return cap_base, reason
 
+
+@_inline_jit
+def _dither_and_slew(
+    g: int,
+    knobs: np.ndarray,
+    state: np.ndarray,
+    tick: np.ndarray,
+    row: np.ndarray,
+    n: int,
+    cap_base: float,
+    reason: int,
+    kappa: float,
+    safe_mhz: float,
+    prefill_min: float,
+    descent: float,
+) -> float:
+    """Group g's cap: cap_base dithered when settled, a supported clock, and lowered from the
+    last cap by the descent allowed at most."""
+    f_max = tick[TK_F_MAX_MHZ]
+    floor_mhz = tick[TK_FLOOR_MHZ]
+    interval_s = tick[TK_INTERVAL_S]
+    now_s = tick[TK_NOW_S]
+    prev_cap = tick[TK_PREV_CAP_MHZ]
+    f_itl = tick[TK_ITL_MHZ]
+    itl_ref = tick[TK_ITL_REF_S]
+    itl_line = tick[TK_ITL_LINE_S]
+    running = tick[TK_RUNNING]
+    dither = knobs[KNOB_DITHER_MHZ]
     # A small regular dither keeps the clock models identifiable; only when settled and slack.
     cap = cap_base
     if (
@@ -1527,7 +1826,173 @@ def _group_step(
         lowest = clamp_clock_down(row, n, prev_cap - 1.0)
     if cap < lowest:
         cap = lowest
-    cap = min(cap, f_max)
+    return min(cap, f_max)
+
+
+@_inline_jit
+def _tracked_limit_mw(
+    g: int, params: np.ndarray, knobs: np.ndarray, state: np.ndarray, mode: int, boosted: bool
+) -> float:
+    """Group g's power limit in mW tracking its power peak, where the knob asks for one outside
+    budget mode and nothing presses; NaN (the default limit) otherwise."""
+    limit = math.nan
+    if knobs[KNOB_TRACK_LIMIT] > 0.5 and mode != MODE_BUDGET:
+        peak = state[ST_POWER_PEAK_W, g]
+        # A prefill burst draws near the default limit: a boosted tick has no tracked limit.
+        if _finite(peak) and state[ST_PRESSURE, g] < 0.5 and not boosted:
+            limit = peak * _LIMIT_HEADROOM + _LIMIT_HEADROOM_W
+            limit = min(max(limit * 1000.0, params[PAR_PL_MIN_MW, g]), params[PAR_PL_MAX_MW, g])
+            limit = math.floor(limit)
+    return limit
+
+
+@jit
+def _group_step(
+    g: int,
+    obs: np.ndarray,
+    params: np.ndarray,
+    clocks: np.ndarray,
+    n_clocks: np.ndarray,
+    knobs: np.ndarray,
+    state: np.ndarray,
+    efit: np.ndarray,
+    cells: np.ndarray,
+    misses: np.ndarray,
+    out: np.ndarray,
+    chol: np.ndarray,
+    fit: np.ndarray,
+    tick: np.ndarray,
+) -> None:
+    """One tick of group g: sense, learn, guard or descend, then the mode, dither and slew."""
+    mode = int(knobs[KNOB_MODE])
+    margin = knobs[KNOB_SLO_MARGIN]
+    row = clocks[g]
+    n = int(n_clocks[g])
+    f_max = params[PAR_CLOCK_MAX_MHZ, g]
+    floor_mhz = min(params[PAR_FLOOR_MHZ, g], f_max)
+    if state[ST_READY, g] < 0.5:
+        _reset_group(g, f_max, state)
+    interval_s = _tick_interval_s(obs[OBS_INTERVAL_S, g], knobs[KNOB_INTERVAL_S])
+    now_s = state[ST_TIME_S, g] + interval_s
+    state[ST_TIME_S, g] = now_s
+    out[OUT_TARGET_REACHED, g] = math.nan
+    prev_cap = state[ST_CAP_MHZ, g]
+    clock_step = f_max - clamp_clock_down(row, n, f_max - 1.0)
+    if not clock_step > 0.0:
+        clock_step = 15.0
+
+    if obs[OBS_STALE, g] > 0.5:
+        _hold_at_f_max(g, f_max, mode, REASON_STALE, state, out)
+        # Unlike off mode, which decides as usual and overrides only the result, a stale tick
+        # decided nothing: the base starts settling again and the group counts as pressed.
+        state[ST_SETTLED_S, g] = 0.0
+        state[ST_PRESSURE, g] = 1.0
+        return
+
+    tick[TK_INTERVAL_S] = interval_s
+    tick[TK_NOW_S] = now_s
+    tick[TK_F_MAX_MHZ] = f_max
+    tick[TK_FLOOR_MHZ] = floor_mhz
+    tick[TK_CLOCK_STEP_MHZ] = clock_step
+    tick[TK_PREV_CAP_MHZ] = prev_cap
+    tick[TK_ITL_LINE_S] = margin * params[PAR_ITL_SLO_S, g]
+    tick[TK_TTFT_LINE_S] = margin * params[PAR_TTFT_SLO_S, g]
+
+    # Sense.
+    _sense(g, obs, tick)
+    _smooth_load(g, obs, state, tick)
+    _estimate_latency(g, state, tick)
+    prefill_k = _learn_prefill_capacity(g, obs, state, tick)
+    queue_wait_s, prefill_min, boost = _prefill_bounds(g, obs, params, state, tick, prefill_k)
+    _track_power(g, state, tick)
+
+    # Learn: latency per (demand bin, clock bin); the clocks blamed for misses; the power model.
+    lb, kappa = _learn_latency_map(g, state, cells, tick)
+    # Latency and queue signals lag the clock by a few seconds: blame the highest recent clock.
+    recent = _shift_clock_history(g, state, tick)
+    # A miss at f_max says nothing about the clock (the load alone did it).
+    if _slo_missed(g, params, state, tick) and recent < f_max - clock_step:
+        record_miss(misses[g, lb], recent, now_s, interval_s)
+    safe_mhz = learned_safe_mhz(misses[g], lb, clock_step, now_s)
+    state[ST_SAFE_MHZ, g] = safe_mhz
+    energy_opt = _learn_power_model(g, obs, state, efit, chol, fit, tick)
+    slo_min, ttft_min = _slo_min_mhz(g, params, state, tick, kappa)
+
+    # Decide: raise at once, hold, or lower with slack.
+    base = state[ST_BASE_MHZ, g]
+    if not _finite(base):
+        base = f_max
+    base = min(max(base, floor_mhz), f_max)
+    hold = state[ST_HOLD_S, g]
+    # Holds end at the tick nearest their end.
+    if hold <= 0.5 * interval_s:
+        hold = 0.0
+    reason = REASON_STEADY
+    new_base = base
+    descent_s, descent_full_s, descent = _descent_allowance(g, knobs, state, tick)
+    slope, slope_t = power_slope_at(fit, base, f_max)
+    state[ST_SLOPE_W_PER_MHZ, g] = slope
+    state[ST_SLOPE_T, g] = slope_t
+    raise_to, raise_reason, raise_hold, nudge = _guard_raise(
+        g, params, state, tick, base, kappa, ttft_min, queue_wait_s
+    )
+    if raise_to > -math.inf:
+        if not nudge:
+            # Never to a clock that recently missed the SLO at this load.
+            raise_to = max(raise_to, safe_mhz)
+        raise_to = max(raise_to, max(base, tick[TK_F_NOW_MHZ]) + clock_step)
+        raise_to = min(raise_to, f_max)
+        new_base = max(base, clamp_clock_up(row, n, raise_to))
+        hold = max(hold, raise_hold)
+        reason = raise_reason
+    elif hold > 0.0:
+        hold = max(hold - interval_s, 0.0)
+        reason = REASON_HOLD
+    else:
+        bound = _descent_bound_mhz(tick, base, slo_min, energy_opt, safe_mhz, prefill_min)
+        new_base, reason, descent = _descend(
+            g,
+            params,
+            knobs,
+            state,
+            fit,
+            tick,
+            row,
+            n,
+            base,
+            slope_t,
+            bound,
+            energy_opt,
+            descent_s,
+            descent_full_s,
+            descent,
+        )
+    state[ST_HOLD_S, g] = hold
+    state[ST_PRESSURE, g] = 1.0 if (raise_to > -math.inf or hold > 0.5 * interval_s) else 0.0
+    if new_base < base:
+        descent_rate = _DESCENT_STEPS_PER_S * clock_step
+        descent_s = max(descent_s - (base - new_base) / descent_rate, 0.0)
+    state[ST_DESCENT_S, g] = descent_s
+    if new_base > base and not _finite(state[ST_RAISED_FROM_MHZ, g]):
+        state[ST_RAISED_FROM_MHZ, g] = base
+    elif new_base <= state[ST_RAISED_FROM_MHZ, g]:
+        state[ST_RAISED_FROM_MHZ, g] = math.nan
+    if new_base == base:
+        state[ST_SETTLED_S, g] += interval_s
+    else:
+        state[ST_SETTLED_S, g] = 0.0
+    state[ST_BASE_MHZ, g] = new_base
+
+    # Act: the mode, the dither and the slew limit, a prompt burst's boost, the power limit.
+    if mode == MODE_OFF:
+        _hold_at_f_max(g, f_max, mode, REASON_OFF, state, out)
+        return
+    cap_base, reason = _target_cap(
+        g, knobs, state, out, tick, row, n, mode, new_base, reason, descent
+    )
+    cap = _dither_and_slew(
+        g, knobs, state, tick, row, n, cap_base, reason, kappa, safe_mhz, prefill_min, descent
+    )
     # The slew limit applies to the chosen cap, not to a burst's one-tick boost.
     state[ST_CAP_MHZ, g] = cap
     boosted = boost > cap
@@ -1537,15 +2002,7 @@ def _group_step(
             reason = REASON_RAISE_TTFT
     out[OUT_CAP_MHZ, g] = cap
     out[OUT_REASON, g] = reason
-
-    limit = math.nan
-    if knobs[KNOB_TRACK_LIMIT] > 0.5 and mode != MODE_BUDGET:
-        peak = state[ST_POWER_PEAK_W, g]
-        # A prefill burst draws near the default limit: a boosted tick has no tracked limit.
-        if _finite(peak) and state[ST_PRESSURE, g] < 0.5 and not boosted:
-            limit = peak * _LIMIT_HEADROOM + _LIMIT_HEADROOM_W
-            limit = min(max(limit * 1000.0, params[PAR_PL_MIN_MW, g]), params[PAR_PL_MAX_MW, g])
-            limit = math.floor(limit)
+    limit = _tracked_limit_mw(g, params, knobs, state, mode, boosted)
     state[ST_LIMIT_MW, g] = limit
     out[OUT_LIMIT_MW, g] = limit
 
@@ -1572,9 +2029,23 @@ def controller_step(
     n_groups = obs.shape[1]
     chol = np.zeros((EFIT_N, EFIT_N))
     fit = np.zeros(N_FIT)
+    tick = np.zeros(N_TK)
     for g in range(n_groups):
         _group_step(
-            g, obs, params, clocks, n_clocks, knobs, state, efit, cells, misses, out, chol, fit
+            g,
+            obs,
+            params,
+            clocks,
+            n_clocks,
+            knobs,
+            state,
+            efit,
+            cells,
+            misses,
+            out,
+            chol,
+            fit,
+            tick,
         )
     if int(knobs[KNOB_MODE]) != MODE_BUDGET:
         return True
