@@ -355,6 +355,15 @@ def test_a_sigterm_as_the_daemons_handlers_are_installed_is_not_lost(tmp_path: P
     assert changed_gpus(state_file) == {}
 
 
+def _nvml_unavailable(monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    """Opening NVML fails, as it does without a loaded driver or after an upgrade (`why`)."""
+
+    def unavailable(config: object) -> None:
+        raise GpuUnavailable(why)
+
+    monkeypatch.setattr(runtime, "open_backend", unavailable)
+
+
 def test_a_corrupt_journal_waits_for_nvml_before_it_is_put_aside(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -364,10 +373,7 @@ def test_a_corrupt_journal_waits_for_nvml_before_it_is_put_aside(
     config = tmp_path / "powerd.yaml"
     config.write_text(yaml.safe_dump(data))
 
-    def no_nvml(config: object) -> None:
-        raise GpuUnavailable("NVML is not loaded yet")
-
-    monkeypatch.setattr(runtime, "open_backend", no_nvml)
+    _nvml_unavailable(monkeypatch, "NVML is not loaded yet")
     assert main(["restore", "--config", str(config)]) == 1
     assert journal.exists(), "kept for the next attempt, which can reset the clocks"
     monkeypatch.undo()
@@ -385,10 +391,7 @@ def test_a_restore_without_nvml_names_the_gpus_left_changed(
     config = tmp_path / "powerd.yaml"
     config.write_text(yaml.safe_dump(data))
 
-    def mismatch(config: object) -> None:
-        raise GpuUnavailable("NVML is not available: the NVIDIA driver was upgraded")
-
-    monkeypatch.setattr(runtime, "open_backend", mismatch)
+    _nvml_unavailable(monkeypatch, "NVML is not available: the NVIDIA driver was upgraded")
     assert main(["restore", "--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert "the NVIDIA driver was upgraded" in err
@@ -410,10 +413,7 @@ def test_a_restore_without_nvml_names_no_gpu_a_reboot_reset_and_warns_of_a_corru
     config = tmp_path / "powerd.yaml"
     config.write_text(yaml.safe_dump(data))
 
-    def unavailable(config: object) -> None:
-        raise GpuUnavailable("NVML is not available: the NVIDIA kernel driver is not loaded")
-
-    monkeypatch.setattr(runtime, "open_backend", unavailable)
+    _nvml_unavailable(monkeypatch, "NVML is not available: the NVIDIA kernel driver is not loaded")
     assert main(["restore", "--config", str(config)]) == 1
     assert "keep the settings powerd set" not in capsys.readouterr().err
     (tmp_path / "state" / "journal.json").write_bytes(b"{ cut short")

@@ -870,18 +870,29 @@ def test_a_lock_set_outside_powerd_on_a_gpu_it_keeps_unlocked_is_reset_within_a_
     rig.run_until(lambda s: _locked(rig, 0) is None, round(LOCK_RESEND_S) + 2)
 
 
-def test_a_gpu_a_switch_into_dry_run_could_not_put_back_is_tried_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A dry run promises untouched GPUs: one whose restore failed is not left at powerd's
-    lock for the dry run's life."""
+def _dry_run_due_with_gpu_1_unresettable(
+    tmp_path: Path, *, persistent: bool
+) -> tuple[Rig, Path, dict[str, Any]]:
+    """A wet run that has locked GPU 1, its config file asking for a dry run (not reloaded
+    yet, `data` its content), and GPU 1's clock reset timing out once or for good."""
     rig, path = _rig_from_file(tmp_path)
     rig.run(15)
     rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
     data = _config_data(rig.node)
     data["dry_run"] = True
     path.write_text(yaml.safe_dump(data))
-    rig.fake.inject_error(1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout)
+    rig.fake.inject_error(
+        1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout, persistent=persistent
+    )
+    return rig, path, data
+
+
+def test_a_gpu_a_switch_into_dry_run_could_not_put_back_is_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dry run promises untouched GPUs: one whose restore failed is not left at powerd's
+    lock for the dry run's life."""
+    rig, path, _ = _dry_run_due_with_gpu_1_unresettable(tmp_path, persistent=False)
     with caplog.at_level(logging.INFO, logger="powerd.daemon"):
         assert rig.daemon.reload(path) is True
         assert _locked(rig, 1) is not None, "the one reset write failed"
@@ -899,15 +910,7 @@ def test_a_gpu_a_switch_into_dry_run_could_not_put_back_is_tried_again(
 def test_a_stop_in_a_dry_run_publishes_the_gpus_as_its_restore_left_them(
     tmp_path: Path,
 ) -> None:
-    rig, path = _rig_from_file(tmp_path)
-    rig.run(15)
-    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
-    data = _config_data(rig.node)
-    data["dry_run"] = True
-    path.write_text(yaml.safe_dump(data))
-    rig.fake.inject_error(
-        1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout, persistent=True
-    )
+    rig, path, _ = _dry_run_due_with_gpu_1_unresettable(tmp_path, persistent=True)
     assert rig.daemon.reload(path) is True
     rig.run(2)
     rig.fake.clear_errors()
@@ -924,15 +927,7 @@ def test_a_gpu_still_locked_when_a_dry_run_ends_is_written_by_the_wet_run(
 ) -> None:
     """Leaving a dry run while a GPU still holds what the wet run before it set: the wet run
     knows it is locked, so a release (or its group's next decision) unlocks it."""
-    rig, path = _rig_from_file(tmp_path)
-    rig.run(15)
-    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
-    data = _config_data(rig.node)
-    data["dry_run"] = True
-    path.write_text(yaml.safe_dump(data))
-    rig.fake.inject_error(
-        1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout, persistent=True
-    )
+    rig, path, data = _dry_run_due_with_gpu_1_unresettable(tmp_path, persistent=True)
     with caplog.at_level(logging.INFO, logger="powerd.daemon"):
         assert rig.daemon.reload(path) is True
         snapshot = rig.run(5)
