@@ -92,6 +92,9 @@ class RestoreReport:
     removed. Not a failure."""
     failed: dict[str, str] = field(default_factory=dict)
     """UUID -> one-sentence reason; their entries stay in the journal."""
+    held: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """For each failed GPU, what it still holds as powerd left it: "clocks", "power_limit"
+    or both (a knob put back, or one powerd never changed, is not named)."""
     clocks_reset: list[str] = field(default_factory=list)
     """GPUs whose clocks were reset because the journal was corrupt."""
     limits_below_default: dict[str, int] = field(default_factory=dict)
@@ -364,10 +367,13 @@ def restore_all(
         else:
             restoring.append(_Restoring(entry, journal.power_limit_left_mw(entry.uuid)))
     for gpu in restoring:
-        gpu.attempt(functools.partial(backend.reset_locked_clocks, gpu.entry.uuid), stall_s)
+        reset = functools.partial(backend.reset_locked_clocks, gpu.entry.uuid)
+        gpu.attempt("clocks", reset, stall_s)
     for gpu in restoring:
         if gpu.lost is None and not gpu.stalled:
-            gpu.attempt(functools.partial(gpu.put_limit_back, backend), stall_s)
+            gpu.attempt("power_limit", functools.partial(gpu.put_limit_back, backend), stall_s)
+        elif gpu.entry.power_limit_mw is not None:
+            gpu.held.append("power_limit")  # not tried: the GPU is gone or stalled
 
     for gpu in restoring:
         entry = gpu.entry
@@ -399,6 +405,7 @@ def restore_all(
         else:
             reason = "; ".join(gpu.failures)
             report.failed[entry.uuid] = reason
+            report.held[entry.uuid] = tuple(gpu.held)
         remaining.append(entry)
         if log_each:
             log.error("GPU %s: not restored: %s", entry.uuid, reason)
@@ -424,6 +431,8 @@ class _Restoring:
     """Why the GPU is gone, once a call said so."""
     stalled: bool = False
     """A call on the GPU failed after longer than the stall limit: nothing more is tried."""
+    held: list[str] = field(default_factory=list)
+    """The knobs not put back ("clocks", "power_limit")."""
     limit_text: str = ""
     """What the log says of the power limit once restored."""
 
@@ -431,10 +440,10 @@ class _Restoring:
         limit_mw = self.entry.power_limit_mw
         self.limit_text = f"{limit_mw} mW" if limit_mw is not None else "left as found"
 
-    def attempt(self, knob: Callable[[], None], stall_s: float) -> None:
-        """Run one knob's restore and note its outcome. A call that fails after more than
-        `stall_s` marks the GPU stalled (each call on it would wait as long); a slow call that
-        works is a success (a fresh process's first open of a GPU may take seconds)."""
+    def attempt(self, name: str, knob: Callable[[], None], stall_s: float) -> None:
+        """Run one knob's restore (`name`) and note its outcome. A call that fails after more
+        than `stall_s` marks the GPU stalled (each call on it would wait as long); a slow call
+        that works is a success (a fresh process's first open of a GPU may take seconds)."""
         started_s = time.monotonic()
         try:
             knob()
@@ -442,8 +451,10 @@ class _Restoring:
             pass  # the GPU lacks the knob, so powerd cannot have changed it
         except GpuLost as exc:
             self.lost = str(exc)
+            self.held.append(name)
         except GpuError as exc:
             self.failures.append(str(exc))
+            self.held.append(name)
             took_s = time.monotonic() - started_s
             if took_s > stall_s:
                 self.stalled = True
@@ -454,6 +465,7 @@ class _Restoring:
         except Exception as exc:  # a backend bug must not stop the other GPUs' restore
             log.exception("GPU %s: unexpected error while restoring", self.entry.uuid)
             self.failures.append(f"{type(exc).__name__}: {exc}")
+            self.held.append(name)
 
     def put_limit_back(self, backend: GpuBackend) -> None:
         """Set the saved power limit again, unless none was saved or one set outside powerd

@@ -589,13 +589,16 @@ class GpuRoster:
         self.restores_total += 1
         if not report.ok:
             self.restore_failures_total += 1
-        # A GPU that could not be restored keeps what powerd last set, and says so.
+        # A GPU that could not be restored keeps what powerd last set of the knobs that were
+        # not put back, and says so; a lost one keeps both.
         kept = set(report.failed) | set(report.lost)
         for uuid in [uuid for uuid in self._unrestored if uuid not in kept]:
             del self._unrestored[uuid]
         for uuid, state in self._actuator.states.items():
-            if uuid not in kept:
+            held = ("clocks", "power_limit") if uuid in report.lost else report.held.get(uuid, ())
+            if "clocks" not in held:
                 state.lock_max_mhz = None
+            if "power_limit" not in held:
                 state.power_limit_mw = None
         return report.ok
 

@@ -922,6 +922,43 @@ def test_a_stop_in_a_dry_run_publishes_the_gpus_as_its_restore_left_them(
     assert float(line.rsplit(" ", 1)[1]) == f_max_hz, "the last scrape shows no lock"
 
 
+def test_a_gpu_whose_limit_came_back_but_not_its_clocks_holds_only_its_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore for a dry run that put a GPU's limit back but not its clocks: the dry run
+    shows the lock alone, and leaving it takes the limit the GPU has for its own, not for an
+    operator's change."""
+
+    def budget(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "mode": "budget", "node_power_budget_w": 500.0}
+
+    rig, path = _rig_from_file(tmp_path, budget)
+    rig.run_until(
+        lambda s: (
+            _locked(rig, 1) is not None
+            and rig.node.plant.power_limit_mw(1) < _default_limit_mw(rig)
+        ),
+        120,
+    )
+    data = budget(_config_data(rig.node))
+    path.write_text(yaml.safe_dump({**data, "dry_run": True}))
+    rig.fake.inject_error(
+        1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout, persistent=True
+    )
+    assert rig.daemon.reload(path) is True
+    snapshot = rig.run(2)
+    assert rig.node.plant.power_limit_mw(1) == _default_limit_mw(rig), "its limit came back"
+    (gpu,) = [g for g in snapshot.gpus if g.info.uuid == rig.uuid(1)]
+    assert gpu.sm_clock_lock_max_mhz is not None and gpu.configured_power_limit_mw is None
+    rig.fake.clear_errors()
+    path.write_text(yaml.safe_dump({**data, "servers": data["servers"][:1]}))
+    with caplog.at_level(logging.WARNING, logger="powerd"):
+        assert rig.daemon.reload(path) is True
+        rig.run(3)
+    assert _locked(rig, 1) is None
+    assert not [r for r in caplog.records if "outside powerd" in r.getMessage()]
+
+
 def test_a_gpu_still_locked_when_a_dry_run_ends_is_written_by_the_wet_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -653,3 +653,16 @@ def test_a_gpu_that_answers_slowly_is_restored_all_the_same(tmp_path: Path) -> N
     assert report.ok and sorted(report.restored) == sorted(info.uuid for info in infos)
     assert fake.plant.locked_clocks(0) is None
     assert fake.plant.power_limit_mw(0) == DEFAULT_MW
+
+
+def test_a_restore_that_puts_back_one_knob_of_two_says_which_is_held(tmp_path: Path) -> None:
+    fake, backend, infos = make_node(2)
+    journal = Journal(tmp_path / "journal.json")
+    for info in infos:
+        change(backend, journal, info, 450_000)
+    fake.inject_error(0, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout)
+    fake.inject_error(1, "nvmlDeviceSetPowerManagementLimit", pynvml.NVMLError_Timeout)
+    report = restore_all(NvmlBackend(fake), Journal(journal.path))
+    assert report.held == {infos[0].uuid: ("clocks",), infos[1].uuid: ("power_limit",)}
+    assert fake.plant.locked_clocks(0) is not None and fake.plant.power_limit_mw(0) == DEFAULT_MW
+    assert fake.plant.locked_clocks(1) is None and fake.plant.power_limit_mw(1) == 450_000
