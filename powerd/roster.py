@@ -14,13 +14,13 @@ wherever it is met (a read, a write, a release), and through what rediscover() r
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from powerd.actuator import Actuator
 from powerd.config import ConfigError, ServerConfig
-from powerd.gpu.backend import GpuBackend
+from powerd.gpu.backend import GpuBackend, locate_gpu
 from powerd.gpu.errors import GpuError, GpuLost
 from powerd.groups import Group, controlled_uuids
 from powerd.journal import Journal, restore_all
@@ -39,20 +39,6 @@ return)."""
 DISCOVERY_RETRY_MAX_S = 60.0
 """The wait between two discoveries of one server doubles up to this: each scans every
 process's sockets (psutil), which costs more the busier the node."""
-
-
-def locate_gpu(
-    gpu: int | str, by_index: Mapping[int, str], unopened: Collection[int]
-) -> str | None:
-    """The UUID of a configured GPU (an index or a UUID) among the GPUs `by_index` names; None
-    when it may be one NVML counts but cannot open (its index is in `unopened`, or a UUID
-    while any is). LookupError when the node has no such GPU."""
-    uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
-    if uuid is not None and uuid in by_index.values():
-        return uuid
-    if gpu in unopened if isinstance(gpu, int) else bool(unopened):
-        return None
-    raise LookupError(gpu)
 
 
 class Claim(NamedTuple):

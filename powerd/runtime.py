@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from powerd import __version__
 from powerd.config import Config, ConfigError, ServerConfig, SimConfig
 from powerd.exporter import Exporter, ExporterError
-from powerd.gpu.backend import GpuBackend
+from powerd.gpu.backend import GpuBackend, locate_gpu
 from powerd.gpu.errors import GpuError, GpuUnavailable
 from powerd.journal import Journal, JournalError, restore_all
 from powerd.signals import handle_stop_and_reload_signals
@@ -163,8 +163,6 @@ def check_config_gpus(config: Config) -> str:
     """ConfigError when a server names a GPU the node does not count, as `powerd run` would
     refuse it; the GPUs are those NVML opens (the simulated node's with `gpu_backend: sim`).
     Returns what was checked, or why the GPUs could not be (NVML not available here)."""
-    from powerd.roster import locate_gpu
-
     try:
         backend = open_backend(config)
     except GpuUnavailable as exc:

@@ -76,12 +76,20 @@ def _writable_base() -> Path:
     candidates.append(Path(tempfile.gettempdir()) / f"powerd-numba-{os.getuid()}")
     for candidate in candidates:
         try:
-            candidate.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _make_private(candidate)
         except OSError:
             continue
         if _ours_alone(candidate):
             return candidate
     return Path(tempfile.mkdtemp(prefix="powerd-numba-"))
+
+
+def _make_private(folder: Path) -> None:
+    """Make `folder` and each missing folder above it with mode 0700 (mkdir's parents take
+    the umask's mode, which 002 leaves group-writable)."""
+    missing = [folder, *(p for p in folder.parents if not p.exists())]
+    for level in reversed(missing):
+        level.mkdir(mode=0o700, exist_ok=True)
 
 
 def _ours_alone(folder: Path) -> bool:
@@ -94,7 +102,8 @@ def _ours_alone(folder: Path) -> bool:
         st = folder.lstat()
         if not (stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not _others_write(st)):
             return False
-        for parent in folder.resolve().parents:
+        # Above the folder as named (a symlink's own folder) and as it resolves.
+        for parent in {*folder.absolute().parents, *folder.resolve().parents}:
             up = parent.stat()
             if up.st_uid not in (uid, 0) or (_others_write(up) and not up.st_mode & stat.S_ISVTX):
                 return False

@@ -1,4 +1,5 @@
-"""The GpuBackend protocol: everything the daemon asks of the GPUs.
+"""The GpuBackend protocol: everything the daemon asks of the GPUs; and locate_gpu, the GPU a
+configured index or UUID names.
 
 Reads may return None for a value the device does not report; writes raise a GpuError.
 Setters clamp to the device's constraints and verify by reading back.
@@ -6,6 +7,7 @@ Setters clamp to the device's constraints and verify by reading back.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Protocol
 
 from powerd.model import GpuInfo, GpuReading
@@ -73,3 +75,17 @@ class GpuBackend(Protocol):
     def close(self) -> None:
         """Release NVML. Does not change any setting."""
         ...
+
+
+def locate_gpu(
+    gpu: int | str, by_index: Mapping[int, str], unopened: Collection[int]
+) -> str | None:
+    """The UUID of a configured GPU (an index or a UUID) among the GPUs `by_index` names; None
+    when it may be one NVML counts but cannot open (its index is in `unopened`, or a UUID
+    while any is). LookupError when the node has no such GPU."""
+    uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
+    if uuid is not None and uuid in by_index.values():
+        return uuid
+    if gpu in unopened if isinstance(gpu, int) else bool(unopened):
+        return None
+    raise LookupError(gpu)

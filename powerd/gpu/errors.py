@@ -4,14 +4,23 @@ from __future__ import annotations
 
 
 class GpuError(Exception):
-    """A GPU operation failed. `operation` names the call, `uuid` the device (if any)."""
+    """A GPU operation failed. `operation` names the call, `uuid` the device (if any);
+    `took_s` is how long the failed call took, where the backend timed it."""
 
     kind = "error"
 
-    def __init__(self, message: str, *, operation: str = "", uuid: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str = "",
+        uuid: str | None = None,
+        took_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.operation = operation
         self.uuid = uuid
+        self.took_s = took_s
 
 
 class NotSupported(GpuError):

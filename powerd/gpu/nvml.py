@@ -172,12 +172,15 @@ class NvmlBackend:
                     uuid=uuid,
                 )
             )
+        started_s = time.monotonic()
         try:
             return fn(*args)
         except Exception as exc:
+            took_s = time.monotonic() - started_s  # the call alone, not _map's own lookups
             mapped = self._map(exc, operation, uuid)
             if mapped is None:
                 raise
+            mapped.took_s = took_s
             raise self._record(mapped) from exc
 
     def _map(self, exc: Exception, operation: str, uuid: str | None) -> GpuError | None:

@@ -666,3 +666,23 @@ def test_a_restore_that_puts_back_one_knob_of_two_says_which_is_held(tmp_path: P
     assert report.held == {infos[0].uuid: ("clocks",), infos[1].uuid: ("power_limit",)}
     assert fake.plant.locked_clocks(0) is not None and fake.plant.power_limit_mw(0) == DEFAULT_MW
     assert fake.plant.locked_clocks(1) is None and fake.plant.power_limit_mw(1) == 450_000
+
+
+def test_a_slow_open_before_a_failed_call_is_no_stall(tmp_path: Path) -> None:
+    """Only the failed call's own time marks a stall: a fresh process's slow first open of a
+    GPU, then a reset refused at once, must not keep the limit from coming back."""
+    fake, backend, infos = make_node(1)
+    journal = Journal(tmp_path / "journal.json")
+    change(backend, journal, infos[0], 450_000)
+    by_uuid = fake.nvmlDeviceGetHandleByUUID
+
+    def slow_open(uuid: Any) -> Any:
+        time.sleep(0.1)
+        return by_uuid(uuid)
+
+    fake.nvmlDeviceGetHandleByUUID = slow_open  # type: ignore[method-assign]
+    fake.inject_error(0, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Unknown)
+    report = restore_all(NvmlBackend(fake), Journal(journal.path), stall_s=0.05)
+    assert "tried no further" not in report.failed[infos[0].uuid]
+    assert report.held == {infos[0].uuid: ("clocks",)}
+    assert fake.plant.power_limit_mw(0) == DEFAULT_MW, "the limit came back"

@@ -103,3 +103,35 @@ def test_a_folder_under_one_another_user_may_swap_is_not_used(
     chosen = numba_cache.cache_dir(package_dir=_package(tmp_path))
     assert shared not in chosen.parents
     assert chosen.parent == tmp_path / "tmp" / f"powerd-numba-{os.getuid()}"
+
+
+def test_folders_made_under_umask_002_are_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ubuntu users' umask leaves new folders group-writable, which the check refuses: the
+    folders made for the cache must not be, or every run would fall back to /tmp."""
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
+    (tmp_path / "home").mkdir(mode=0o755)
+    old = os.umask(0o002)
+    try:
+        chosen = numba_cache.cache_dir(package_dir=_package(tmp_path))
+    finally:
+        os.umask(old)
+    assert chosen.parent == tmp_path / "home" / ".cache" / "powerd" / "numba"
+
+
+def test_a_folder_reached_through_a_link_another_user_may_swap_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # holds the link: anyone may replace it
+    (tmp_path / "real").mkdir(mode=0o700)
+    (shared / "cache").symlink_to(tmp_path / "real")
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared / "cache"))
+    monkeypatch.setattr(numba_cache.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    chosen = numba_cache.cache_dir(package_dir=_package(tmp_path))
+    assert chosen.parent == tmp_path / "tmp" / f"powerd-numba-{os.getuid()}"
