@@ -309,6 +309,11 @@ class Journal:
         kept = {entry.uuid for entry in remaining}
         self._left_mw = {uuid: mw for uuid, mw in self._left_mw.items() if uuid in kept}
 
+    def saved_in_earlier_boot(self, entry: JournalEntry) -> bool:
+        """Whether `entry` was saved before the node last rebooted, which reset the GPU's
+        clocks and power limit (False when either boot id is unknown)."""
+        return None not in (entry.boot_id, self.boot_id) and entry.boot_id != self.boot_id
+
     def forget(self, uuids: Collection[str]) -> list[JournalEntry]:
         """Remove these GPUs' entries without touching the GPUs, all or none; the removed
         entries. KeyError naming the first UUID not in the journal (nothing removed then);
@@ -344,8 +349,8 @@ def restore_all(
     limit: the unlock matters most, and no GPU's limit waits for another's clocks. A saved
     limit unknown (powerd never changed it) is left as it is; so is one that differs from
     what this process last left on the GPU (see Journal.note_power_limit_left: someone else
-    set it since). A GPU that is gone, refuses, or takes longer than `stall_s` to answer a
-    call (tried no further) is reported and kept in the journal, except one gone whose entry
+    set it since). A GPU that is gone, refuses, or fails a call after more than `stall_s`
+    (then tried no further) is reported and kept in the journal, except one gone whose entry
     was saved in an earlier boot (the reboot reset it): that entry is dropped and reported in
     `dropped`. The journal file is removed once every GPU was restored. If the journal was
     corrupt, every GPU's clocks are reset (locking is powerd's doing, a reset is always safe)
@@ -386,10 +391,7 @@ def restore_all(
                     gpu.limit_text,
                 )
             continue
-        booted_since = None not in (entry.boot_id, journal.boot_id) and (
-            entry.boot_id != journal.boot_id
-        )
-        if gpu.lost is not None and booted_since:
+        if gpu.lost is not None and journal.saved_in_earlier_boot(entry):
             report.dropped.append(entry.uuid)
             log.info(
                 "GPU %s: gone, and saved before the node rebooted (boot %s, now %s), which "

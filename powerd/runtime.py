@@ -321,8 +321,7 @@ def _name_gpus_left_changed(path: Path) -> None:
             file=sys.stderr,
         )
         return
-    now = journal.boot_id
-    held = [e for e in journal.entries() if now is None or e.boot_id in (None, now)]
+    held = [e for e in journal.entries() if not journal.saved_in_earlier_boot(e)]
     if held:
         print(
             f"powerd restore: {len(held)} GPU(s) keep the settings powerd set until NVML "

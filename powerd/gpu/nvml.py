@@ -315,16 +315,19 @@ class NvmlBackend:
         except (GpuError, ValueError):
             clocks = ()  # ValueError: an empty memory-clock list
         sm = getattr(self._nvml, "NVML_CLOCK_SM", 1)
-        max_mhz = _int_or_none(self._optional("nvmlDeviceGetMaxClockInfo", uuid, handle, sm))
-        if max_mhz is not None:
-            # Some boards (GeForce, some Ada parts) list clocks above the most they can reach:
-            # locks there do nothing, and taken for f_max they would skew the models.
-            clocks = tuple(c for c in clocks if c <= max_mhz) or clocks
-        if clocks:
+        try:
+            max_mhz = int(self._call("nvmlDeviceGetMaxClockInfo", uuid, handle, sm))
+        except (GpuLost, GpuUnavailable):
+            raise
+        except GpuError:
+            if not clocks:
+                raise
             return clocks
-        # Nothing below f_max is known: the actuator does not lock such a GPU (a lock at f_max
-        # alone would keep it from clocking down when idle).
-        return (int(self._call("nvmlDeviceGetMaxClockInfo", uuid, handle, sm)),)
+        # Some boards (GeForce, some Ada parts) list clocks above the most they can reach:
+        # locks there do nothing, and taken for f_max they would skew the models. With nothing
+        # below f_max known the actuator does not lock the GPU (a lock at f_max alone would
+        # keep it from clocking down when idle).
+        return tuple(c for c in clocks if c <= max_mhz) or clocks or (max_mhz,)
 
     def _handle(self, uuid: str) -> Any:
         handle = self._handles.get(uuid)
