@@ -582,10 +582,9 @@ class GpuRoster:
             del self._unrestored[uuid]
         for uuid, state in self._actuator.states.items():
             held = ("clocks", "power_limit") if uuid in report.lost else report.held.get(uuid, ())
-            if "clocks" not in held:
-                state.lock_max_mhz = None
-            if "power_limit" not in held:
-                state.power_limit_mw = None
+            state.lock_max_mhz, state.power_limit_mw = _still_held(
+                state.lock_max_mhz, state.power_limit_mw, held
+            )
         return report.ok
 
     def restore_for_dry_run(self) -> None:
@@ -647,6 +646,7 @@ class GpuRoster:
             self._problems.forget(("unrestored", uuid))
             log.info("GPU %s: restored for the dry run; back as found", uuid)
         for uuid, why in report.failed.items():
+            self._unrestored[uuid] = _still_held(*self._unrestored[uuid], report.held[uuid])
             self._problems.problem(
                 ("unrestored", uuid),
                 logging.ERROR,
@@ -665,3 +665,14 @@ class GpuRoster:
         if state is None:
             return None, None
         return state.lock_max_mhz, state.power_limit_mw
+
+
+def _still_held(
+    lock_max_mhz: int | None, power_limit_mw: int | None, held: Sequence[str]
+) -> tuple[int | None, int | None]:
+    """(lock, limit) of powerd's a GPU holds after a restore that put back all but the knobs
+    `held` names ("clocks", "power_limit"): None for each put back."""
+    return (
+        lock_max_mhz if "clocks" in held else None,
+        power_limit_mw if "power_limit" in held else None,
+    )

@@ -959,6 +959,34 @@ def test_a_gpu_whose_limit_came_back_but_not_its_clocks_holds_only_its_lock(
     assert not [r for r in caplog.records if "outside powerd" in r.getMessage()]
 
 
+def test_a_retried_restore_that_puts_back_one_knob_holds_only_the_other(tmp_path: Path) -> None:
+    """The retry during a dry run keeps what the GPU still holds as the switch's restore
+    does: a limit put back by a later tick is not shown, nor handed to the wet run, again."""
+
+    def budget(data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "mode": "budget", "node_power_budget_w": 500.0}
+
+    rig, path = _rig_from_file(tmp_path, budget)
+    rig.run_until(
+        lambda s: (
+            _locked(rig, 1) is not None
+            and rig.node.plant.power_limit_mw(1) < _default_limit_mw(rig)
+        ),
+        120,
+    )
+    path.write_text(yaml.safe_dump({**budget(_config_data(rig.node)), "dry_run": True}))
+    rig.fake.inject_error(
+        1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout, persistent=True
+    )
+    rig.fake.inject_error(1, "nvmlDeviceSetPowerManagementLimit", pynvml.NVMLError_Timeout)
+    assert rig.daemon.reload(path) is True
+    assert rig.node.plant.power_limit_mw(1) < _default_limit_mw(rig), "its limit is held too"
+    snapshot = rig.run(2)
+    assert rig.node.plant.power_limit_mw(1) == _default_limit_mw(rig), "the retry put it back"
+    (gpu,) = [g for g in snapshot.gpus if g.info.uuid == rig.uuid(1)]
+    assert gpu.sm_clock_lock_max_mhz is not None and gpu.configured_power_limit_mw is None
+
+
 def test_a_gpu_still_locked_when_a_dry_run_ends_is_written_by_the_wet_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
