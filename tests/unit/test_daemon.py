@@ -922,12 +922,11 @@ def test_a_stop_in_a_dry_run_publishes_the_gpus_as_its_restore_left_them(
     assert float(line.rsplit(" ", 1)[1]) == f_max_hz, "the last scrape shows no lock"
 
 
-def test_a_gpu_whose_limit_came_back_but_not_its_clocks_holds_only_its_lock(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A restore for a dry run that put a GPU's limit back but not its clocks: the dry run
-    shows the lock alone, and leaving it takes the limit the GPU has for its own, not for an
-    operator's change."""
+def _budget_rig_with_gpu_1_locked_and_limited(
+    tmp_path: Path,
+) -> tuple[Rig, Path, dict[str, Any]]:
+    """A budget-mode rig from a config file (`data` its content) once powerd has both locked
+    GPU 1 and lowered its power limit."""
 
     def budget(data: dict[str, Any]) -> dict[str, Any]:
         return {**data, "mode": "budget", "node_power_budget_w": 500.0}
@@ -940,7 +939,16 @@ def test_a_gpu_whose_limit_came_back_but_not_its_clocks_holds_only_its_lock(
         ),
         120,
     )
-    data = budget(_config_data(rig.node))
+    return rig, path, budget(_config_data(rig.node))
+
+
+def test_a_gpu_whose_limit_came_back_but_not_its_clocks_holds_only_its_lock(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore for a dry run that put a GPU's limit back but not its clocks: the dry run
+    shows the lock alone, and leaving it takes the limit the GPU has for its own, not for an
+    operator's change."""
+    rig, path, data = _budget_rig_with_gpu_1_locked_and_limited(tmp_path)
     path.write_text(yaml.safe_dump({**data, "dry_run": True}))
     rig.fake.inject_error(
         1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout, persistent=True
@@ -962,19 +970,8 @@ def test_a_gpu_whose_limit_came_back_but_not_its_clocks_holds_only_its_lock(
 def test_a_retried_restore_that_puts_back_one_knob_holds_only_the_other(tmp_path: Path) -> None:
     """The retry during a dry run keeps what the GPU still holds as the switch's restore
     does: a limit put back by a later tick is not shown, nor handed to the wet run, again."""
-
-    def budget(data: dict[str, Any]) -> dict[str, Any]:
-        return {**data, "mode": "budget", "node_power_budget_w": 500.0}
-
-    rig, path = _rig_from_file(tmp_path, budget)
-    rig.run_until(
-        lambda s: (
-            _locked(rig, 1) is not None
-            and rig.node.plant.power_limit_mw(1) < _default_limit_mw(rig)
-        ),
-        120,
-    )
-    path.write_text(yaml.safe_dump({**budget(_config_data(rig.node)), "dry_run": True}))
+    rig, path, data = _budget_rig_with_gpu_1_locked_and_limited(tmp_path)
+    path.write_text(yaml.safe_dump({**data, "dry_run": True}))
     rig.fake.inject_error(
         1, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Timeout, persistent=True
     )
