@@ -879,8 +879,12 @@ def test_a_connection_over_the_cap_is_closed_while_every_one_is_being_answered(
     exporter = small_exporter()
     release = threading.Event()
     real_render = exporter.render
+    renders_started = itertools.count(1)
+    answering = 0
 
     def slow_render() -> bytes:
+        nonlocal answering
+        answering = next(renders_started)
         release.wait(30)
         return real_render()
 
@@ -889,6 +893,9 @@ def test_a_connection_over_the_cap_is_closed_while_every_one_is_being_answered(
     held: list[socket.socket] = []
     try:
         hold_connections(exporter, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", held)
+        # Accepted is not yet answered: a connection whose request is still unread waits,
+        # and the extra one would rightly take its place.
+        assert wait_until(lambda: answering == MAX_CONNECTIONS)
         with socket.create_connection(("127.0.0.1", exporter.port or 0), timeout=10) as extra:
             with contextlib.suppress(OSError):
                 extra.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
