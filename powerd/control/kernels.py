@@ -67,13 +67,14 @@ from typing import Any, TypeVar
 import numba
 import numpy as np
 
-from powerd.control.numba_cache import cache_dir, holds_kernels
+from powerd.control.numba_cache import cache_dir, holds_kernels, prune_stale
 
 # Before the first kernel: numba takes the cache folder as each is decorated.
 CACHE_DIR = cache_dir()
 CACHE_WARM = holds_kernels(CACHE_DIR)
 """False when this version's kernels are still to be compiled (the first start: up to a
 minute on a small machine)."""
+prune_stale(CACHE_DIR)
 numba.config.CACHE_DIR = str(CACHE_DIR)  # type: ignore[attr-defined]
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -8,7 +8,8 @@ every module with jitted code starts a fresh cache whenever any of them changes.
 `base` is $NUMBA_CACHE_DIR (the unit sets /var/cache/powerd), else the user's cache folder,
 else the temporary folder: a service account without a writable home or site-packages must
 still start (numba refuses `cache=True` without a writable folder). This module imports no
-numba: control/kernels.py applies it before its first kernel.
+numba: control/kernels.py applies it before its first kernel, and prunes the folders that
+earlier versions left beside it.
 """
 
 from __future__ import annotations
@@ -17,14 +18,19 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _JITTED = re.compile(r"^@(jit|numba\.njit)\b", re.M)
 _PACKAGE_IMPORT = re.compile(r"^\s*(?:from|import)\s+(powerd(?:\.\w+)*)", re.M)
 _DIGEST_LEN = 16
+_DIGEST_NAME = re.compile(rf"^[0-9a-f]{{{_DIGEST_LEN}}}$")
+STALE_AFTER_S = 30 * 86400.0
+"""A sibling folder no powerd has used for this long belongs to a version gone by."""
 
 
 def jitted_digest(package_dir: Path = PACKAGE_DIR) -> str:
@@ -114,6 +120,33 @@ def _ours_alone(folder: Path) -> bool:
 
 def _others_write(st: os.stat_result) -> bool:
     return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def prune_stale(folder: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+    """Mark `folder` (this code's) as used now, and remove the folders beside it named by
+    another digest that no powerd has used for `stale_after_s`: each upgrade or edit of the
+    kernels leaves one behind (a few MB). Only this user's real folders are removed; one that
+    cannot be is left. Returns those removed."""
+    with contextlib.suppress(OSError):
+        os.utime(folder)  # numba writes only inside it: its own time would stay the first build's
+    removed: list[Path] = []
+    cutoff_s = time.time() - stale_after_s
+    try:
+        siblings = list(folder.parent.iterdir())
+    except OSError:
+        return removed
+    for sibling in siblings:
+        if sibling.name == folder.name or not _DIGEST_NAME.match(sibling.name):
+            continue
+        try:
+            st = sibling.lstat()
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mtime < cutoff_s:
+            shutil.rmtree(sibling, ignore_errors=True)
+            if not sibling.exists():
+                removed.append(sibling)
+    return removed
 
 
 def holds_kernels(folder: Path) -> bool:

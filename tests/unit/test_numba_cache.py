@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,40 @@ def test_a_folder_reached_through_a_link_another_user_may_swap_is_not_used(
     (tmp_path / "tmp").mkdir()
     chosen = numba_cache.cache_dir(package_dir=_package(tmp_path))
     assert chosen.parent == tmp_path / "tmp" / f"powerd-numba-{os.getuid()}"
+
+
+def _aged(folder: Path, age_s: float) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "kernel.nbi").write_bytes(b"")
+    then_s = time.time() - age_s
+    os.utime(folder, (then_s, then_s))
+    return folder
+
+
+def test_folders_of_earlier_versions_unused_for_a_month_are_removed(tmp_path: Path) -> None:
+    """Each upgrade leaves its compiled kernels behind: /var/cache/powerd would only grow."""
+    month_s = numba_cache.STALE_AFTER_S
+    ours = _aged(tmp_path / "0123456789abcdef", 2 * month_s)
+    gone = _aged(tmp_path / "fedcba9876543210", month_s + 3600)
+    recent = _aged(tmp_path / "00000000000000aa", month_s - 3600)
+    not_a_digest = _aged(tmp_path / "notes-kept-here", 2 * month_s)
+    linked = tmp_path / "00000000000000bb"
+    linked.symlink_to(gone)
+
+    assert numba_cache.prune_stale(ours) == [gone]
+    assert not gone.exists() and (ours / "kernel.nbi").exists()
+    assert recent.exists() and not_a_digest.exists() and linked.is_symlink()
+    assert time.time() - ours.stat().st_mtime < 3600, "the folder in use is marked as used"
+    assert numba_cache.prune_stale(recent) == [], "ours, just used, is no longer stale"
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="a folder of another user needs root to make")
+def test_another_users_stale_folder_is_left(tmp_path: Path) -> None:
+    theirs = _aged(tmp_path / "fedcba9876543210", 2 * numba_cache.STALE_AFTER_S)
+    os.chown(theirs, 65534, 65534)
+    assert numba_cache.prune_stale(tmp_path / "0123456789abcdef") == []
+    assert theirs.exists()
+
+
+def test_a_missing_base_prunes_nothing(tmp_path: Path) -> None:
+    assert numba_cache.prune_stale(tmp_path / "absent" / "0123456789abcdef") == []
