@@ -13,6 +13,7 @@ series because `promtool check metrics` rejects camelCase label names; the GPU's
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import gzip
 import importlib.metadata
@@ -286,11 +287,9 @@ class Exporter:
             state.snapshot = snapshot
             duration_s = snapshot.loop_duration_s
             if duration_s is not None and math.isfinite(duration_s) and duration_s >= 0:
-                index = len(LOOP_DURATION_BUCKETS_S)
-                for i, bound in enumerate(LOOP_DURATION_BUCKETS_S):
-                    if duration_s <= bound:
-                        index = i
-                        break
+                # A bucket counts the durations <= its bound (`le`), so a duration equal to a
+                # bound is in that bucket; len(LOOP_DURATION_BUCKETS_S) is the +Inf one.
+                index = bisect.bisect_left(LOOP_DURATION_BUCKETS_S, duration_s)
                 state.loop_bucket_counts[index] += 1
                 state.loop_sum_s += duration_s
                 state.loop_count += 1

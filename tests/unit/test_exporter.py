@@ -660,7 +660,8 @@ def test_preemptions_are_a_counter_of_every_answer_not_the_last_tick() -> None:
 
 def test_loop_duration_histogram_accumulates_every_publish() -> None:
     exporter = Exporter(MetricsConfig(), build_info=BUILD_INFO)
-    durations_s = [0.0005, 0.004, 0.004, 0.3, 5.0]
+    # 0.1 is a bucket's bound: `le` counts it in that bucket, not the next.
+    durations_s = [0.0, 0.0005, 0.004, 0.004, 0.1, 0.3, 5.0]
     for i, duration_s in enumerate(durations_s):
         exporter.publish(Snapshot(float(i), loop_duration_s=duration_s))
     exporter.publish(Snapshot(9.0, loop_duration_s=None))
