@@ -24,11 +24,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from powerd import exporter as exporter_module
+from powerd import metrics_http
 from powerd.config import MODES, MetricsConfig
 from powerd.exporter import (
     LOOP_DURATION_BUCKETS_S,
-    MAX_CONNECTIONS,
     NVML_ERROR_KINDS,
     NVML_TICK_OPERATIONS,
     OBSERVE_ONLY_REASONS,
@@ -40,6 +39,7 @@ from powerd.exporter import (
 )
 from powerd.gpu import errors as gpu_errors
 from powerd.gpu.nvml import NvmlBackend
+from powerd.metrics_http import MAX_CONNECTIONS
 from powerd.model import (
     CLOCK_EVENT_REASON_NAMES,
     DECISION_REASONS,
@@ -857,7 +857,7 @@ def test_at_the_cap_a_scrape_takes_the_place_of_the_connection_waiting_longest(
 ) -> None:
     """Silent connections, which need no credentials, must not keep Prometheus out."""
     # The held connections must outlast the test, however slowly it runs.
-    monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 300.0)
+    monkeypatch.setattr(metrics_http, "REQUEST_HEAD_DEADLINE_S", 300.0)
     exporter = small_exporter()
     exporter.start()
     held: list[socket.socket] = []
@@ -917,7 +917,7 @@ def test_a_kept_connection_waits_for_the_next_scrape_past_the_heads_deadline(
 ) -> None:
     """Prometheus reuses its connection (and TLS session) from one scrape to the next: the
     10-s deadline is the head's, from its first byte, not the idle time between scrapes."""
-    monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 0.3)
+    monkeypatch.setattr(metrics_http, "REQUEST_HEAD_DEADLINE_S", 0.3)
     exporter = small_exporter()
     exporter.start()
     try:
@@ -962,7 +962,7 @@ def test_a_connection_answered_as_the_exporter_stops_waits_for_nothing_more() ->
 def test_a_request_head_still_coming_at_the_deadline_is_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 0.5)
+    monkeypatch.setattr(metrics_http, "REQUEST_HEAD_DEADLINE_S", 0.5)
     exporter = small_exporter()
     exporter.start()
     try:
@@ -979,7 +979,7 @@ def test_a_request_head_still_coming_at_the_deadline_is_dropped(
 def test_a_request_head_over_the_byte_limit_is_answered_431(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(exporter_module, "MAX_REQUEST_HEAD_BYTES", 4096)
+    monkeypatch.setattr(metrics_http, "MAX_REQUEST_HEAD_BYTES", 4096)
     exporter = small_exporter()
     exporter.start()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from powerd.config import FINAL_SCRAPE_WAIT_MAX_S, MetricsConfig
-from powerd.exporter import MAX_CONNECTIONS
+from powerd.metrics_http import MAX_CONNECTIONS
 from tests.conftest import require_program
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "powerd.service"

@@ -15,8 +15,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from powerd import exporter as exporter_module
-from powerd import webconfig
+from powerd import metrics_http, webconfig
 from powerd.config import ConfigError, MetricsConfig
 from powerd.exporter import Exporter
 from powerd.webconfig import BasicAuth, WebConfigError, load_web_config, parse_web_config
@@ -367,7 +366,7 @@ def test_tls_serves_metrics_and_a_stalled_client_blocks_nobody(tmp_path: Path, c
 def test_a_tls_handshake_still_coming_at_the_deadline_is_dropped(
     tmp_path: Path, certs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(exporter_module, "REQUEST_HEAD_DEADLINE_S", 0.5)
+    monkeypatch.setattr(metrics_http, "REQUEST_HEAD_DEADLINE_S", 0.5)
     exporter = _serving(
         tmp_path,
         f"tls_server_config:\n  cert_file: {certs / 'server.crt'}\n"
