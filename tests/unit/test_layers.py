@@ -12,18 +12,28 @@ import yaml
 
 from powerd.journal import FORMAT, VERSION
 
-DAEMON_COLLABORATORS = ("powerd.groups", "powerd.roster")
+DAEMON_COLLABORATORS = ("powerd.exporter", "powerd.groups", "powerd.metrics_http", "powerd.roster")
 
 
 @pytest.mark.parametrize("module", DAEMON_COLLABORATORS)
 def test_a_daemon_collaborator_does_not_import_the_daemon(module: str) -> None:
     """In a fresh interpreter, so that what this session imported already does not hide an
     import made anywhere below the module."""
-    code = f"import sys, {module}; print('powerd.daemon' in sys.modules)"
+    assert not _imports(module, "powerd.daemon"), f"{module} imports powerd.daemon"
+
+
+def test_the_metrics_server_does_not_import_the_exporter() -> None:
+    """metrics_http serves any MetricsSource; the exporter imports it, never the reverse."""
+    assert not _imports("powerd.metrics_http", "powerd.exporter")
+
+
+def _imports(module: str, other: str) -> bool:
+    """Whether importing module in a fresh interpreter imports other."""
+    code = f"import sys, {module}; print({other!r} in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
-    assert result.stdout.strip() == "False", f"{module} imports powerd.daemon"
+    return result.stdout.strip() == "True"
 
 
 def _imported_by(*command: str) -> tuple[int, set[str]]:
