@@ -209,13 +209,16 @@ class Daemon:
     def _reconfigure_policy(self, config: Config) -> None:
         """Give the policy the controlled groups of self.groups under `config`; the controller
         keeps what it learned of groups that stay."""
-        reconfigure = getattr(self.policy, "reconfigure", None)
-        if reconfigure is not None and self._policy_factory is None:
-            reconfigure(
+        if self._policy_factory is None:
+            self.policy.reconfigure(
                 self._budget_less_reserve(config),
                 [group.spec for group in self.groups if group.controlled],
             )
         else:
+            # A factory is its caller's say over which policy runs under each config and set
+            # of groups (the tests' recorder keeps one per reload), and the daemon does not own
+            # what its policy keeps: the factory is asked again rather than its policy
+            # reconfigured, so that policy's learning is not carried over.
             self.policy = self._make_policy(config)
 
     def _judge_target(
@@ -255,7 +258,7 @@ class Daemon:
         """In budget mode, whether the last decision could keep within the budget; else None."""
         if self.config.mode != "budget":
             return None
-        return bool(getattr(self.policy, "budget_feasible", True))
+        return self.policy.budget_feasible
 
     def _log_clock(self) -> float:
         """The loop's clock for the problem logs' reminders and quiet periods: the last tick's
@@ -402,9 +405,7 @@ class Daemon:
 
     def warmup(self) -> None:
         """Compile the controller's kernels (before READY=1)."""
-        warmup = getattr(self.policy, "warmup", None)
-        if warmup is not None:
-            warmup()
+        self.policy.warmup()
 
     def tick(self, now_s: float, *, unix_time_s: float | None = None) -> Snapshot:
         """One pass: read GPUs and servers, decide, act, publish. Returns the snapshot.
@@ -702,8 +703,7 @@ class Daemon:
     def _raised_caps(self, now_s: float) -> dict[str, int]:
         """Read the prompt backlogs and return the cap each group whose backlog would not be
         prefilled in time at its decided cap needs, by group name."""
-        prefill_guard = getattr(self.policy, "prefill_guard", None)
-        if prefill_guard is None or not self.guards_backlog:
+        if not self.guards_backlog:
             return {}
         backlogs: dict[str, float] = {}
         for group in self.groups:
@@ -719,7 +719,7 @@ class Daemon:
             group.prompt_backlog_tokens = backlog
             if backlog is not None:
                 backlogs[group.spec.name] = backlog
-        return prefill_guard(backlogs) if backlogs else {}
+        return self.policy.prefill_guard(backlogs) if backlogs else {}
 
     def _backlog_probe(self, group: Group) -> PromptBacklogProbe | None:
         if group.backlog_probe is None and group.source.kind == "sglang":
@@ -789,7 +789,7 @@ class Daemon:
                     or ("dry_run" if self.actuator.dry_run else ""),
                 )
             )
-        states = {s["group"]: s for s in _group_states(self.policy)}
+        states = {s["group"]: s for s in self.policy.group_state()}
         groups = []
         for group, observation in zip(self.groups, observations, strict=True):
             # A stale server's windows describe the time before it went quiet: its figures are
@@ -850,13 +850,12 @@ class Daemon:
                     ),
                 )
             )
-        errors = getattr(self.backend, "error_counts", {})
         return Snapshot(
             timestamp_s=timestamp_s,
             gpus=tuple(gpus),
             servers=tuple(samples),
             groups=tuple(groups),
-            nvml_errors=dict(errors),
+            nvml_errors=dict(self.backend.error_counts),
             gpus_unopened=len(self.roster.unopened),
             restores_total=self.roster.restores_total,
             restore_failures_total=self.roster.restore_failures_total,
@@ -1163,11 +1162,6 @@ def _mean_cap_mhz(
         since_s, cap_mhz = when_s, float(raised_mhz)
     total += cap_mhz * (end_s - since_s)
     return total / (end_s - start_s)
-
-
-def _group_states(policy: Policy) -> list[dict]:
-    group_state = getattr(policy, "group_state", None)
-    return list(group_state()) if group_state is not None else []
 
 
 def _per_million(

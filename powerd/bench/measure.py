@@ -298,11 +298,10 @@ class Recorder:
 
 
 class Stepper(Protocol):
-    def step(self, node: SimNode, now_s: float) -> None: ...
-
-
-class Sampler(Protocol):
     samples_per_interval: int
+    """Parts of each interval; sample() is called at the end of each when above 1."""
+
+    def step(self, node: SimNode, now_s: float) -> None: ...
 
     def sample(self, node: SimNode) -> None: ...
 
@@ -317,7 +316,7 @@ def drive(
     """Advance node to until_s in control intervals, letting the policy act at the start of
     each and recording each. Interval ends are start + k·interval_s exactly (no drift)."""
     start_s = node.now_s
-    parts = max(int(getattr(policy, "samples_per_interval", 1)), 1)
+    parts = 1 if policy is None else max(policy.samples_per_interval, 1)
     k = 0
     while node.now_s < until_s - 1e-9:
         k += 1
@@ -325,11 +324,10 @@ def drive(
         t0 = node.now_s
         if policy is not None:
             policy.step(node, t0)
-        if parts > 1:
-            sampler: Sampler = policy  # type: ignore[assignment]
+        if policy is not None and parts > 1:
             for j in range(1, parts + 1):
                 node.advance(max(t0 + (end_s - t0) * j / parts - node.now_s, 0.0))
-                sampler.sample(node)
+                policy.sample(node)
         else:
             node.advance(max(end_s - t0, 0.0))
         if recorder is not None:

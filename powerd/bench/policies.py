@@ -27,21 +27,36 @@ from powerd.simulation import fake_nvml_for, inprocess_fetch, server_configs
 
 class BenchPolicy(Protocol):
     name: str
+    samples_per_interval: int
+    """Parts of each control interval, each ended by sample() when there are more than one."""
 
     def start(self, node: SimNode) -> None: ...
 
     def step(self, node: SimNode, now_s: float) -> None: ...
+
+    def sample(self, node: SimNode) -> None:
+        """Look at the node between steps, at the end of each part of an interval."""
+        ...
 
     def notes(self) -> str:
         """What the policy chose, in a few words, for the table."""
         ...
 
 
+class BenchPolicyBase:
+    """For a policy that acts only at the start of each interval."""
+
+    samples_per_interval: int = 1
+
+    def sample(self, node: SimNode) -> None:
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 # default and a fixed clock
 
 
-class DefaultPolicy:
+class DefaultPolicy(BenchPolicyBase):
     """No control: the clocks boost to f_max, the power limit stays at its default."""
 
     name = "default"
@@ -57,7 +72,7 @@ class DefaultPolicy:
 
 
 @dataclass
-class FixedClockPolicy:
+class FixedClockPolicy(BenchPolicyBase):
     """One clock cap on every GPU for the whole run (a point of the static-clock sweep)."""
 
     clock_mhz: int
@@ -86,7 +101,7 @@ class _Measurement:
 
 
 @dataclass
-class StaticPowerCapPolicy:
+class StaticPowerCapPolicy(BenchPolicyBase):
     """Zeus's GlobalPowerLimitOptimizer on the live run.
 
     From the maximum limit down to the minimum in `step_w` steps, each limit is held for
@@ -231,7 +246,7 @@ class UtilGovernorPolicy:
 
 
 @dataclass
-class SloLowestClockPolicy:
+class SloLowestClockPolicy(BenchPolicyBase):
     """throttLL'eM: each interval, per group, the lowest clock whose predicted iteration
     rate meets the SLO, predicted by the simulator's own roofline with the current batch.
 

@@ -25,6 +25,11 @@ on it, so it delays the other GPUs by one call, not one per knob."""
 
 
 class GpuBackend(Protocol):
+    @property
+    def error_counts(self) -> Mapping[tuple[str, str], int]:
+        """Errors since start by (operation, GpuError kind), for powerd_nvml_errors_total."""
+        ...
+
     def devices(self) -> list[GpuInfo]:
         """Every GPU the backend can see, in index order."""
         ...

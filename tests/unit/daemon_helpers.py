@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from powerd.config import Config, SimConfig
-from powerd.control.policy import Controller, GroupSpec
+from powerd.control.policy import Controller, GroupSpec, PolicyBase
 from powerd.daemon import Daemon
 from powerd.exporter import Exporter
 from powerd.gpu.nvml import NvmlBackend
@@ -68,7 +68,7 @@ class SwitchableFetch:
         return self._inner(url, timeout_s)
 
 
-class RecordingController:
+class RecordingController(PolicyBase):
     """The real Controller, keeping every tick's observations and decisions."""
 
     name = "powerd"

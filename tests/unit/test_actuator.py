@@ -40,6 +40,7 @@ class RecordingBackend:
         self.fail: dict[tuple[str, str], Exception] = {}
         self.unreadable: set[str] = set()
         """GPUs whose power limit reads as None, as NvmlBackend.read gives on a timeout."""
+        self.error_counts: dict[tuple[str, str], int] = {}
 
     def devices(self) -> list[GpuInfo]:
         return list(self.infos)
