@@ -1,9 +1,11 @@
-"""Shared test set-up: a private numba cache, untimed property tests and the repository's
-paths."""
+"""Shared test set-up: a private numba cache, untimed property tests, logging as each test
+found it, and the repository's paths."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,22 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir(REPO_ROOT)))
 # one example took on a busy machine (the first may also load or compile a numba kernel).
 settings.register_profile("untimed", deadline=None)
 settings.load_profile("untimed")
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A test that runs a command in-process (powerd.cli.main) configures the root logger as
+    the command does: undone after it, or every later test's caplog sees INFO records it
+    does not expect, depending on the order the tests ran in. No level from the environment."""
+    monkeypatch.delenv("POWERD_LOG_LEVEL", raising=False)
+    root, numba_logger = logging.getLogger(), logging.getLogger("numba")
+    handlers, level, numba_level = list(root.handlers), root.level, numba_logger.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    numba_logger.setLevel(numba_level)
 
 
 def require_program(name: str, package: str | None = None) -> str:

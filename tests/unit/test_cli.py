@@ -30,18 +30,6 @@ from powerd.simulation import detached_fake_nvml
 from tests.integration.helpers import changed_gpus
 
 
-@pytest.fixture(autouse=True)
-def _no_log_level_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("POWERD_LOG_LEVEL", raising=False)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 def _throttled_node(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     """A simulated node whose GPU 0 powerd locked and then left (kill -9): its config data
     and its device state file."""
