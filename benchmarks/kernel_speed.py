@@ -49,8 +49,8 @@ def fill(arrays: KernelArrays, rng: np.random.Generator, tick: int) -> None:
     obs[k.OBS_POWER_W] = power
     obs[k.OBS_RUNNING] = 100.0 * load
     obs[k.OBS_WAITING] = np.where(rng.uniform(size=g) < 0.05, 10.0, 0.0)
-    obs[k.OBS_TTFT_P95_S] = 0.2 * 1980.0 / clock * rng.uniform(0.9, 1.1, g)
-    obs[k.OBS_ITL_P95_S] = 0.02 * (1 + (1300.0 / clock) ** 4) ** 0.25 * rng.uniform(0.95, 1.05, g)
+    obs[k.OBS_TTFT_Q_S] = 0.2 * 1980.0 / clock * rng.uniform(0.9, 1.1, g)
+    obs[k.OBS_ITL_Q_S] = 0.02 * (1 + (1300.0 / clock) ** 4) ** 0.25 * rng.uniform(0.95, 1.05, g)
     obs[k.OBS_SM_CLOCK_MHZ] = clock
     obs[k.OBS_REASONS] = 0.0
     obs[k.OBS_STALE] = np.where(rng.uniform(size=g) < 0.01, 1.0, 0.0)

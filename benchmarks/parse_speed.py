@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = warm()
     print(
         f"last sample: {sample.generation_tokens_per_s} tokens/s, "
-        f"TTFT p95 {sample.ttft_p95_s} s, ITL p95 {sample.itl_p95_s} s"
+        f"TTFT p95 {sample.ttft_q_s} s, ITL p95 {sample.itl_q_s} s"
     )
     return 0
 

@@ -543,8 +543,8 @@ class Daemon:
             prompt_tokens_per_s=sample.prompt_tokens_per_s if sample.up else None,
             running=sample.running if sample.up else None,
             waiting=sample.waiting if sample.up else None,
-            ttft_p95_s=sample.ttft_p95_s if sample.up else None,
-            itl_p95_s=sample.itl_p95_s if sample.up else None,
+            ttft_q_s=sample.ttft_q_s if sample.up else None,
+            itl_q_s=sample.itl_q_s if sample.up else None,
             sm_clock_mhz=sm_clock_mhz,
             clock_event_reasons=reasons,
             held_by_lowered_cap=held_by_lowered_cap,
@@ -633,10 +633,10 @@ class Daemon:
     def _slo_met(group: Group, sample: ServerSample) -> bool | None:
         slo = group.spec.slo
         checks = []
-        if sample.ttft_p95_s is not None:
-            checks.append(sample.ttft_p95_s <= slo.ttft_s)
-        if sample.itl_p95_s is not None:
-            checks.append(sample.itl_p95_s <= slo.itl_s)
+        if sample.ttft_q_s is not None:
+            checks.append(sample.ttft_q_s <= slo.ttft_s)
+        if sample.itl_q_s is not None:
+            checks.append(sample.itl_q_s <= slo.itl_s)
         if sample.waiting is not None:
             checks.append(sample.waiting <= slo.max_waiting)
         return all(checks) if checks else None
@@ -816,8 +816,8 @@ class Daemon:
                     energy_per_token_j=energy_per_token_j,
                     generation_tokens_per_s=observation.generation_tokens_per_s,
                     power_w=observation.power_w,
-                    ttft_p95_s=observation.ttft_p95_s,
-                    itl_p95_s=observation.itl_p95_s,
+                    ttft_q_s=observation.ttft_q_s,
+                    itl_q_s=observation.itl_q_s,
                     ttft_slo_s=group.spec.slo.ttft_s,
                     itl_slo_s=group.spec.slo.itl_s,
                     slo_quantile=group.spec.slo.quantile,

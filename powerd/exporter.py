@@ -696,19 +696,19 @@ def _collect_server(
             "Requests waiting in the server's queue.",
             sample.waiting,
         ),
-        # The quantile is the configured slo.quantile. A quantile label is reserved for
-        # summaries (promtool rejects it on gauges), so its value is powerd_group_slo_quantile.
+        # A quantile label is reserved for summaries (promtool rejects it on gauges), so the
+        # quantile's value is powerd_group_slo_quantile.
         (
             "powerd_server_ttft_slo_quantile_seconds",
             "Time to first token at the SLO's quantile (powerd_group_slo_quantile) over the "
             "last scrape interval.",
-            sample.ttft_p95_s,
+            sample.ttft_q_s,
         ),
         (
             "powerd_server_itl_slo_quantile_seconds",
             "Inter-token latency at the SLO's quantile (powerd_group_slo_quantile) over the "
             "last scrape interval.",
-            sample.itl_p95_s,
+            sample.itl_q_s,
         ),
         (
             "powerd_server_ttft_mean_seconds",

@@ -144,8 +144,10 @@ class ServerSample:
     prompt_tokens_per_s: float | None = None
     running: float | None = None
     waiting: float | None = None
-    ttft_p95_s: float | None = None
-    itl_p95_s: float | None = None
+    ttft_q_s: float | None = None
+    """Time to first token at the SLO's quantile (`slo.quantile`, p95 by default)."""
+    itl_q_s: float | None = None
+    """Inter-token latency at the SLO's quantile."""
     ttft_mean_s: float | None = None
     itl_mean_s: float | None = None
     ttft_slowest_s: float | None = None
@@ -201,8 +203,8 @@ class GroupObservation:
     prompt_tokens_per_s: float | None
     running: float | None
     waiting: float | None
-    ttft_p95_s: float | None
-    itl_p95_s: float | None
+    ttft_q_s: float | None
+    itl_q_s: float | None
     sm_clock_mhz: float | None
     """Mean actual SM clock across the group's GPUs."""
     clock_event_reasons: int
@@ -270,8 +272,8 @@ class GroupStatus:
     energy_per_token_j: float | None
     generation_tokens_per_s: float | None
     power_w: float | None
-    ttft_p95_s: float | None
-    itl_p95_s: float | None
+    ttft_q_s: float | None
+    itl_q_s: float | None
     ttft_slo_s: float
     itl_slo_s: float
     slo_met: bool | None

@@ -101,8 +101,10 @@ OBS_GEN_TPS = 4
 OBS_PROMPT_TPS = 5
 OBS_RUNNING = 6
 OBS_WAITING = 7
-OBS_TTFT_P95_S = 8
-OBS_ITL_P95_S = 9
+OBS_TTFT_Q_S = 8
+"""TTFT at the SLO's quantile (`slo.quantile`, p95 by default) over the tick."""
+OBS_ITL_Q_S = 9
+"""Inter-token latency at the SLO's quantile over the tick."""
 OBS_SM_CLOCK_MHZ = 10
 OBS_REASONS = 11
 OBS_STALE = 12
@@ -277,9 +279,10 @@ TK_WEIGHT_S = 12
 """What the tick's samples weigh in the learned models."""
 TK_GEN_TPS = 13
 TK_PROMPT_TPS = 14
-TK_ITL_P95_S = 15
+TK_ITL_Q_S = 15
 TK_TTFT_S = 16
-"""The tick's slowest first token where the server gives it, else its TTFT p95 (NaN: none)."""
+"""The tick's slowest first token where the server gives it, else its TTFT at the SLO's
+quantile (NaN: none)."""
 TK_WAITING = 17
 TK_RUNNING = 18
 TK_KV_USAGE = 19
@@ -288,7 +291,8 @@ TK_PREEMPTED = 20
 TK_WAITING_PREV = 21
 """The waiting count of the tick before (NaN: none)."""
 TK_ITL_S = 22
-"""The tick's ITL: the per-request estimate where there is one, else the ITL p95 (NaN: none)."""
+"""The tick's ITL: the per-request estimate where there is one, else the ITL at the SLO's
+quantile (NaN: none)."""
 TK_ITL_MHZ = 23
 """The clock that ITL belongs to."""
 TK_ITL_REF_S = 24
@@ -981,14 +985,14 @@ def _sense(g: int, obs: np.ndarray, tick: np.ndarray) -> None:
     prompt_tps = obs[OBS_PROMPT_TPS, g]
     if not prompt_tps >= 0.0:
         prompt_tps = 0.0 if _finite(gen_tps) else math.nan
-    itl_p95 = obs[OBS_ITL_P95_S, g]
-    if not itl_p95 > 0.0:
-        itl_p95 = math.nan
+    itl_q = obs[OBS_ITL_Q_S, g]
+    if not itl_q > 0.0:
+        itl_q = math.nan
     # The slowest first tokens of the tick, where the server's histogram gives them: its p95
     # reads a lone slow request as near the top of a wide bucket (1-2.5 s in vLLM's).
     ttft = obs[OBS_TTFT_SLOWEST_S, g]
     if not ttft > 0.0:
-        ttft = obs[OBS_TTFT_P95_S, g]
+        ttft = obs[OBS_TTFT_Q_S, g]
     if not ttft > 0.0:
         ttft = math.nan
     tick[TK_F_NOW_MHZ] = f_now
@@ -999,7 +1003,7 @@ def _sense(g: int, obs: np.ndarray, tick: np.ndarray) -> None:
     tick[TK_WEIGHT_S] = weight * interval_s
     tick[TK_GEN_TPS] = gen_tps
     tick[TK_PROMPT_TPS] = prompt_tps
-    tick[TK_ITL_P95_S] = itl_p95
+    tick[TK_ITL_Q_S] = itl_q
     tick[TK_TTFT_S] = ttft
     tick[TK_WAITING] = obs[OBS_WAITING, g]
     tick[TK_RUNNING] = obs[OBS_RUNNING, g]
@@ -1051,7 +1055,7 @@ def _estimate_latency(g: int, state: np.ndarray, tick: np.ndarray) -> None:
     f_now = tick[TK_F_NOW_MHZ]
     realtime = tick[TK_REALTIME] > 0.5
     gen_tps = tick[TK_GEN_TPS]
-    itl_p95 = tick[TK_ITL_P95_S]
+    itl_q = tick[TK_ITL_Q_S]
     ttft = tick[TK_TTFT_S]
     running = tick[TK_RUNNING]
     # Per-request inter-token latency by Little's law: every running request gets one token per
@@ -1082,8 +1086,8 @@ def _estimate_latency(g: int, state: np.ndarray, tick: np.ndarray) -> None:
         itl_s = tpot
         f_itl = clock_ew
     else:
-        itl = itl_p95
-        itl_s = _ewma(state[ST_ITL_S, g], itl_p95, alpha_itl)
+        itl = itl_q
+        itl_s = _ewma(state[ST_ITL_S, g], itl_q, alpha_itl)
     state[ST_ITL_S, g] = itl_s
     state[ST_ITL_EST_S, g] = tpot
     ttft_s = _ewma(state[ST_TTFT_S, g], ttft, alpha_itl)
@@ -1095,7 +1099,7 @@ def _estimate_latency(g: int, state: np.ndarray, tick: np.ndarray) -> None:
     state[ST_TTFT_WORK, g] = ttft_work
     tick[TK_ITL_S] = itl
     tick[TK_ITL_MHZ] = f_itl
-    # Smoothed latencies for lowering (a single p95 is noisy); NaN when none came this tick.
+    # Smoothed latencies for lowering (one tick's quantile is noisy); NaN when none came.
     tick[TK_ITL_REF_S] = itl_s if _finite(itl) else math.nan
     tick[TK_TTFT_REF_S] = ttft_s if _finite(ttft) else math.nan
 
@@ -1521,7 +1525,7 @@ def _guard_raise(
     itl_line = tick[TK_ITL_LINE_S]
     ttft_line = tick[TK_TTFT_LINE_S]
     itl = tick[TK_ITL_S]
-    itl_p95 = tick[TK_ITL_P95_S]
+    itl_q = tick[TK_ITL_Q_S]
     ttft = tick[TK_TTFT_S]
     waiting = tick[TK_WAITING]
     waiting_prev = tick[TK_WAITING_PREV]
@@ -1534,13 +1538,13 @@ def _guard_raise(
     ttft_slo = params[PAR_TTFT_SLO_S, g]
     max_waiting = params[PAR_MAX_WAITING, g]
     kv_full = kv_usage >= _KV_FULL
-    # Smoothed latencies decide. One tick's p95 comes from few requests and coarse histogram
+    # Smoothed latencies decide. One tick's quantile comes from few requests and coarse histogram
     # buckets; past the SLO it nudges the clock up, no more.
     itl_hard = _finite(itl) and itl_s > itl_slo
     itl_high = _finite(itl) and itl_s > itl_line
     ttft_hard = _finite(ttft) and ttft_s > ttft_slo
     ttft_high = _finite(ttft) and ttft_s > ttft_line
-    spike_itl = itl_p95 > itl_slo or itl > itl_slo
+    spike_itl = itl_q > itl_slo or itl > itl_slo
     spike_ttft = ttft > ttft_slo
     queue_over = waiting > max_waiting
     # A queue that keeps growing means the clock is below what the demand needs.

@@ -291,8 +291,8 @@ def fill_observations(
         obs[k.OBS_PROMPT_TPS, g] = _num(o.prompt_tokens_per_s)
         obs[k.OBS_RUNNING, g] = _num(o.running)
         obs[k.OBS_WAITING, g] = _num(o.waiting)
-        obs[k.OBS_TTFT_P95_S, g] = _num(o.ttft_p95_s)
-        obs[k.OBS_ITL_P95_S, g] = _num(o.itl_p95_s)
+        obs[k.OBS_TTFT_Q_S, g] = _num(o.ttft_q_s)
+        obs[k.OBS_ITL_Q_S, g] = _num(o.itl_q_s)
         obs[k.OBS_SM_CLOCK_MHZ, g] = _num(o.sm_clock_mhz)
         reasons = _num(o.clock_event_reasons)
         obs[k.OBS_REASONS, g] = reasons if reasons == reasons else 0.0

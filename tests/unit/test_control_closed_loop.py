@@ -119,8 +119,8 @@ class Plant:
             prompt_tokens_per_s=0.0,
             running=batch,
             waiting=self.queue_tokens / self.tokens_per_request,
-            ttft_p95_s=ttft * math.exp(self.rng.normal(0.0, self.noise)),
-            itl_p95_s=itl,
+            ttft_q_s=ttft * math.exp(self.rng.normal(0.0, self.noise)),
+            itl_q_s=itl,
             sm_clock_mhz=clock_mhz,
             clock_event_reasons=0,
             stale=False,
@@ -188,7 +188,7 @@ def test_load_step_meets_the_slo_again_within_five_ticks() -> None:
     for tick in range(step_at + 5, len(demand)):
         obs = observations[tick]
         assert plant.request_itl_s(clocks[tick - 1], demand[tick]) <= slo.itl_s
-        assert obs.ttft_p95_s is not None and obs.ttft_p95_s <= slo.ttft_s
+        assert obs.ttft_q_s is not None and obs.ttft_q_s <= slo.ttft_s
         assert obs.waiting is not None and obs.waiting <= slo.max_waiting
     # Still efficient after the step: well below f_max on average.
     assert np.mean(clocks[-50:]) < F_MAX - 100

@@ -58,8 +58,8 @@ def obs(group: str = "g0", **kw: object) -> GroupObservation:
         "prompt_tokens_per_s": 6000.0,
         "running": 40.0,
         "waiting": 0.0,
-        "ttft_p95_s": 0.2,
-        "itl_p95_s": 0.02,
+        "ttft_q_s": 0.2,
+        "itl_q_s": 0.02,
         "sm_clock_mhz": None,
         "clock_event_reasons": 0,
         "stale": False,
@@ -118,7 +118,7 @@ def test_configured_floor_is_never_crossed() -> None:
 
 def test_itl_p95_over_the_slo_raises_within_one_tick() -> None:
     controller, low = lowered()
-    decision = controller.decide(100.0, [obs(itl_p95_s=0.12, sm_clock_mhz=low)])[0]
+    decision = controller.decide(100.0, [obs(itl_q_s=0.12, sm_clock_mhz=low)])[0]
     assert decision.sm_clock_max_mhz > low
     assert "inter-token" in decision.reason
 
@@ -129,7 +129,7 @@ def test_requests_itl_over_the_slo_jumps_to_a_safe_clock() -> None:
     caps = [low]
     for t in range(6):
         decision = controller.decide(
-            100.0 + t, [obs(running=450.0, itl_p95_s=0.15, sm_clock_mhz=caps[-1])]
+            100.0 + t, [obs(running=450.0, itl_q_s=0.15, sm_clock_mhz=caps[-1])]
         )[0]
         caps.append(decision.sm_clock_max_mhz)
         assert caps[-1] > caps[-2] or caps[-1] == 1980  # up at every tick
@@ -154,12 +154,12 @@ def test_requests_itl_between_margin_and_slo_raises_modestly() -> None:
 
 def test_ttft_over_the_slo_raises_at_once_and_to_f_max_when_it_persists() -> None:
     controller, low = lowered()
-    first = controller.decide(100.0, [obs(ttft_p95_s=2.5, sm_clock_mhz=low)])[0]
+    first = controller.decide(100.0, [obs(ttft_q_s=2.5, sm_clock_mhz=low)])[0]
     assert first.sm_clock_max_mhz > low
     assert "first token" in first.reason
     caps = [first.sm_clock_max_mhz]
     for t in range(8):
-        decision = controller.decide(101.0 + t, [obs(ttft_p95_s=2.5, sm_clock_mhz=caps[-1])])[0]
+        decision = controller.decide(101.0 + t, [obs(ttft_q_s=2.5, sm_clock_mhz=caps[-1])])[0]
         caps.append(decision.sm_clock_max_mhz)
     assert caps[-1] == 1980
 
@@ -226,14 +226,14 @@ def learn_and_exceed(itl_at: Callable[[float], float]) -> tuple[float, int]:
     for t in range(20):
         itl = itl_at(cap)
         decision = controller.decide(
-            float(t), [obs(running=3000.0 * itl, itl_p95_s=itl, sm_clock_mhz=cap)]
+            float(t), [obs(running=3000.0 * itl, itl_q_s=itl, sm_clock_mhz=cap)]
         )[0]
         cap = decision.sm_clock_max_mhz
     knee = controller.group_state()[0]["knee_mhz"]
     # Running jumps so that the smoothed estimate lands just past 85 ms (SLO 100 ms).
     smoothed = controller.arrays.state[k.ST_RUNNING_EW, 0]
     running = (0.0875 * 3000.0 - 0.8 * smoothed) / 0.2
-    decision = controller.decide(21.0, [obs(running=running, itl_p95_s=0.09, sm_clock_mhz=cap)])[0]
+    decision = controller.decide(21.0, [obs(running=running, itl_q_s=0.09, sm_clock_mhz=cap)])[0]
     assert "inter-token" in decision.reason
     return knee, decision.sm_clock_max_mhz
 
@@ -263,7 +263,7 @@ def run_cliff(bad_itl_s: float) -> tuple[list[bool], list[int], Controller]:
         request_itl = 0.8 * request_itl + 0.2 * itl
         misses.append(request_itl > SLO.itl_s)
         decision = controller.decide(
-            float(t), [obs(running=3000.0 * itl, itl_p95_s=itl, sm_clock_mhz=cap)]
+            float(t), [obs(running=3000.0 * itl, itl_q_s=itl, sm_clock_mhz=cap)]
         )[0]
         cap = decision.sm_clock_max_mhz
         caps.append(cap)
@@ -278,13 +278,13 @@ def test_a_miss_jumps_at_least_halfway_even_when_the_model_says_less() -> None:
     for t in range(30):
         itl = 0.03 * 1980 / cap
         decision = controller.decide(
-            float(t), [obs(running=3000.0 * itl, itl_p95_s=itl, sm_clock_mhz=cap)]
+            float(t), [obs(running=3000.0 * itl, itl_q_s=itl, sm_clock_mhz=cap)]
         )[0]
         cap = decision.sm_clock_max_mhz
     low = cap
     smoothed = controller.arrays.state[k.ST_RUNNING_EW, 0]
     running = (0.105 * 3000.0 - 0.8 * smoothed) / 0.2
-    decision = controller.decide(21.0, [obs(running=running, itl_p95_s=0.09, sm_clock_mhz=cap)])[0]
+    decision = controller.decide(21.0, [obs(running=running, itl_q_s=0.09, sm_clock_mhz=cap)])[0]
     assert decision.sm_clock_max_mhz >= low + (1980 - low) / 2
 
 
@@ -470,8 +470,8 @@ def test_caps_are_supported_clocks_and_limits_within_constraints() -> None:
     caps = drive(controller, 30)
     odd_floor = group_floor_mhz(ODD_CLOCKS, 1980, None)
     assert caps[-10:] == [odd_floor] * 10  # settled; no dither on a table coarser than it
-    caps.append(controller.decide(31.0, [obs(itl_p95_s=0.094)])[0].sm_clock_max_mhz)
-    caps.append(controller.decide(32.0, [obs(itl_p95_s=0.2)])[0].sm_clock_max_mhz)
+    caps.append(controller.decide(31.0, [obs(itl_q_s=0.094)])[0].sm_clock_max_mhz)
+    caps.append(controller.decide(32.0, [obs(itl_q_s=0.2)])[0].sm_clock_max_mhz)
     assert set(caps) <= set(ODD_CLOCKS)
     assert min(caps) == odd_floor  # the floor rounded up to a supported clock
     # A coarse table still comes down: within the slew limit, or one supported clock per tick
@@ -494,8 +494,8 @@ def test_missing_and_bad_fields_do_not_break_the_tick() -> None:
         energy_j=None,
         power_w=float("nan"),
         generation_tokens_per_s=-5.0,
-        itl_p95_s=None,
-        ttft_p95_s=float("inf"),
+        itl_q_s=None,
+        ttft_q_s=float("inf"),
         running=None,
         waiting=None,
         interval_s=0.0,
@@ -512,7 +512,7 @@ def test_off_mode_observes_only() -> None:
     config = Config(mode="off")
     controller = Controller(config, [spec(), spec("g1")])
     for t in range(30):
-        decisions = controller.decide(float(t), [obs(), obs("g1", itl_p95_s=0.5)])
+        decisions = controller.decide(float(t), [obs(), obs("g1", itl_q_s=0.5)])
         for d in decisions:
             assert d.sm_clock_max_mhz == 1980
             assert d.power_limit_mw is None
@@ -569,7 +569,7 @@ def test_budget_mode_shares_the_budget_and_favours_the_group_under_pressure() ->
     assert limits[0] is not None and limits[1] is not None and limits[0] > limits[1]
     squeezed = controller.decide(
         30.0,
-        [obs("a", energy_j=500.0, gpu_count=2), obs("b", itl_p95_s=0.2, gpu_count=2)],
+        [obs("a", energy_j=500.0, gpu_count=2), obs("b", itl_q_s=0.2, gpu_count=2)],
     )
     lim_a, lim_b = (d.power_limit_mw for d in squeezed)
     assert lim_a is not None and lim_b is not None and lim_b > lim_a
@@ -589,7 +589,7 @@ def test_in_budget_mode_a_stale_group_keeps_a_share_within_the_budget() -> None:
     assert before[0].power_limit_mw is not None
     held = min(before[0].power_limit_mw, 300_000)  # up to an even share of the budget
     for t in range(20, 40):
-        decisions = controller.decide(float(t), [obs("a", stale=True), obs("b", itl_p95_s=0.2)])
+        decisions = controller.decide(float(t), [obs("a", stale=True), obs("b", itl_q_s=0.2)])
         stale, other = decisions
         assert "stale" in stale.reason and stale.sm_clock_max_mhz == 1980
         assert stale.power_limit_mw == held
@@ -597,7 +597,7 @@ def test_in_budget_mode_a_stale_group_keeps_a_share_within_the_budget() -> None:
         assert stale.power_limit_mw + other.power_limit_mw <= budget_w * 1000
     # The budget cut (a reload) while the group is stale: its share shrinks with the rest.
     controller.reconfigure(Config(mode="budget", node_power_budget_w=450.0), [spec("a"), spec("b")])
-    cut = controller.decide(40.0, [obs("a", stale=True), obs("b", itl_p95_s=0.2)])
+    cut = controller.decide(40.0, [obs("a", stale=True), obs("b", itl_q_s=0.2)])
     assert all(d.power_limit_mw is not None for d in cut)
     assert sum(d.power_limit_mw or 0 for d in cut) <= 450_000
     assert "budget below" not in cut[0].reason
@@ -849,9 +849,9 @@ def test_a_late_first_token_raises_to_the_clock_that_serves_it_and_bounds_the_de
     memory of that prompt keeps it from lowering back to the floor for a while."""
     controller, low = lowered()
     assert low <= FLOOR_MHZ + 15
-    decision = controller.decide(
-        100.0, [obs(ttft_p95_s=2.45, ttft_slowest_s=2.4, sm_clock_mhz=low)]
-    )[0]
+    decision = controller.decide(100.0, [obs(ttft_q_s=2.45, ttft_slowest_s=2.4, sm_clock_mhz=low)])[
+        0
+    ]
     needed = 2.4 * low / (0.9 * SLO.ttft_s)
     assert "first token" in decision.reason
     assert needed <= decision.sm_clock_max_mhz <= needed + 15
@@ -866,9 +866,9 @@ def test_the_slowest_first_token_estimate_outranks_the_bucketed_p95() -> None:
     """A p95 read near the top of vLLM's 1-2.5 s bucket is not a miss when the histogram's sum
     places the slow request at 1.1 s: no raise for the time to first token."""
     controller, low = lowered()
-    decision = controller.decide(
-        100.0, [obs(ttft_p95_s=2.4, ttft_slowest_s=1.1, sm_clock_mhz=low)]
-    )[0]
+    decision = controller.decide(100.0, [obs(ttft_q_s=2.4, ttft_slowest_s=1.1, sm_clock_mhz=low)])[
+        0
+    ]
     assert "first token" not in decision.reason
     assert decision.sm_clock_max_mhz <= low + 15
 
@@ -985,7 +985,7 @@ def test_a_tick_without_a_token_count_keeps_the_requests_itl_estimate() -> None:
     smoothed = float(state[k.ST_ITL_S, 0])
     assert estimate == pytest.approx(40.0 / 3000.0, rel=0.05)
     decision = controller.decide(
-        100.0, [obs(generation_tokens_per_s=None, itl_p95_s=0.09, sm_clock_mhz=FLOOR_MHZ)]
+        100.0, [obs(generation_tokens_per_s=None, itl_q_s=0.09, sm_clock_mhz=FLOOR_MHZ)]
     )[0]
     assert float(state[k.ST_ITL_EST_S, 0]) == estimate
     assert float(state[k.ST_ITL_S, 0]) == pytest.approx(smoothed)
@@ -1093,7 +1093,7 @@ def test_every_kernel_reason_has_one_of_the_exported_labels() -> None:
 
 def test_a_server_that_cannot_be_read_is_no_evidence_of_slack() -> None:
     controller, low = lowered(ticks=10)
-    blank = obs(sm_clock_mhz=low, running=None, waiting=None, ttft_p95_s=None, itl_p95_s=None)
+    blank = obs(sm_clock_mhz=low, running=None, waiting=None, ttft_q_s=None, itl_q_s=None)
     silent = [controller.decide(100.0 + t, [blank])[0].sm_clock_max_mhz for t in range(8)]
     assert min(silent) >= low, "no signal must not lower the clock before it turns stale"
 

@@ -72,7 +72,7 @@ def test_vllm_v1_data_parallel_sums_engines() -> None:
     assert s.finished_requests == pytest.approx(4 + 1 + 3)
     assert s.generation_tokens_total == 10600 + 8400
     # TTFT: 20 first tokens; cumulative deltas 18 at le=0.5, 20 at le=0.75; rank 19.
-    assert s.ttft_p95_s == pytest.approx(interp(0.5, 0.75, 0.95 * 20, 18, 2))
+    assert s.ttft_q_s == pytest.approx(interp(0.5, 0.75, 0.95 * 20, 18, 2))
     assert s.ttft_mean_s == pytest.approx((2.4 + 1.6) / 20)
     # KV usage is the fullest engine's; preemptions add up over engines.
     assert first.kv_cache_usage == 0.41 and first.preemptions is None
@@ -80,7 +80,7 @@ def test_vllm_v1_data_parallel_sums_engines() -> None:
     assert s.prefill_busy_s is None  # vLLM does not time its steps
     # ITL comes from inter_token_latency_seconds, not the deprecated TPOT histogram:
     # 980 observations, 900 by le=0.05, 960 by le=0.075; rank 931.
-    assert s.itl_p95_s == pytest.approx(interp(0.05, 0.075, 0.95 * 980, 900, 60))
+    assert s.itl_q_s == pytest.approx(interp(0.05, 0.075, 0.95 * 980, 900, 60))
     assert s.itl_mean_s == pytest.approx((17.64 + 11.76) / 980)
 
 
@@ -113,8 +113,8 @@ def test_openmetrics_body_reads_like_the_text_format() -> None:
         "prompt_tokens_per_s",
         "running",
         "waiting",
-        "ttft_p95_s",
-        "itl_p95_s",
+        "ttft_q_s",
+        "itl_q_s",
         "finished_requests",
     ):
         assert getattr(om, field) == pytest.approx(getattr(text, field)), field
@@ -123,9 +123,9 @@ def test_openmetrics_body_reads_like_the_text_format() -> None:
 def test_configured_quantile_is_used() -> None:
     _, s = pair("vllm_v1", slo=SloConfig(quantile=0.5))
     # rank 10 of 20: cumulative 10 at le=0.1 exactly.
-    assert s.ttft_p95_s == pytest.approx(0.1)
+    assert s.ttft_q_s == pytest.approx(0.1)
     # rank 490 of 980: 400 by le=0.025, 900 by le=0.05.
-    assert s.itl_p95_s == pytest.approx(interp(0.025, 0.05, 490, 400, 500))
+    assert s.itl_q_s == pytest.approx(interp(0.025, 0.05, 490, 400, 500))
 
 
 def test_vllm_v0_names() -> None:
@@ -133,10 +133,10 @@ def test_vllm_v0_names() -> None:
     assert s.kind == "vllm"
     assert s.generation_tokens_per_s == pytest.approx(600 / 2)
     assert s.prompt_tokens_per_s == pytest.approx(1500 / 2)
-    assert s.ttft_p95_s == pytest.approx(interp(0.25, 0.5, 0.95 * 3, 1, 2))
+    assert s.ttft_q_s == pytest.approx(interp(0.25, 0.5, 0.95 * 3, 1, 2))
     assert s.ttft_mean_s == pytest.approx(1.05 / 3)
     # V0's vllm:time_per_output_token_seconds: 297 tokens all in (0.025, 0.05].
-    assert s.itl_p95_s == pytest.approx(interp(0.025, 0.05, 0.95 * 297, 0, 297))
+    assert s.itl_q_s == pytest.approx(interp(0.025, 0.05, 0.95 * 297, 0, 297))
     assert s.itl_mean_s == pytest.approx(11.88 / 297)
     assert s.finished_requests == 3
 
@@ -219,8 +219,8 @@ def test_nim_unprefixed_vllm_names() -> None:
     assert s.kv_cache_usage == 0.12  # gpu_cache_usage_perc, unprefixed
     assert s.generation_tokens_per_s == pytest.approx(600 / 2)
     assert s.prompt_tokens_per_s == pytest.approx(1000 / 2)
-    assert s.ttft_p95_s == pytest.approx(interp(0.1, 0.25, 0.95 * 4, 0, 4))
-    assert s.itl_p95_s == pytest.approx(interp(0.025, 0.05, 0.95 * 596, 100, 496))
+    assert s.ttft_q_s == pytest.approx(interp(0.1, 0.25, 0.95 * 4, 0, 4))
+    assert s.itl_q_s == pytest.approx(interp(0.025, 0.05, 0.95 * 596, 100, 496))
     assert s.finished_requests == 4
 
 
@@ -231,9 +231,9 @@ def test_lmdeploy_sums_engines_and_prefers_iter_token_latency() -> None:
     assert s.prompt_tokens_per_s == pytest.approx((800 + 400) / 2)
     assert s.running == 7 and s.waiting == 1
     assert s.kv_cache_usage == 0.2  # lmdeploy:gpu_cache_usage_perc, the fuller engine
-    assert s.ttft_p95_s == pytest.approx(interp(0.25, 0.5, 0.95 * 2, 0, 2))
+    assert s.ttft_q_s == pytest.approx(interp(0.25, 0.5, 0.95 * 2, 0, 2))
     # lmdeploy:iter_token_latency: 498 observations in (0.025, 0.05]; TPOT would say ~0.1.
-    assert s.itl_p95_s == pytest.approx(interp(0.025, 0.05, 0.95 * 498, 0, 498))
+    assert s.itl_q_s == pytest.approx(interp(0.025, 0.05, 0.95 * 498, 0, 498))
     assert s.itl_mean_s == pytest.approx((11.1 + 7.32) / 498)
     assert s.finished_requests == 2
 
@@ -250,9 +250,9 @@ def test_sglang_tp_mirrors_collapse_and_dp_ranks_sum() -> None:
     assert s.finished_requests == 12
     # generation_tokens_total moved by a request-sized step; it is reported, not rated.
     assert s.generation_tokens_total == 7557572 + 3200
-    assert s.ttft_p95_s == pytest.approx(interp(0.8, 1.0, 0.95 * 12, 11, 1))
+    assert s.ttft_q_s == pytest.approx(interp(0.8, 1.0, 0.95 * 12, 11, 1))
     assert s.ttft_mean_s == pytest.approx(4.2 / 12)
-    assert s.itl_p95_s == pytest.approx(interp(0.03, 0.035, 0.95 * 1600, 1500, 80))
+    assert s.itl_q_s == pytest.approx(interp(0.03, 0.035, 0.95 * 1600, 1500, 80))
     assert s.itl_mean_s == pytest.approx(40.0 / 1600)
     # token_usage: the fullest DP rank's (its TP mirrors alike).
     assert s.kv_cache_usage == 0.58
@@ -447,8 +447,8 @@ def test_sglang_v03_name_label_and_old_gauges() -> None:
     assert s.generation_tokens_per_s == pytest.approx(251.37)
     assert s.prompt_tokens_per_s == pytest.approx(900 / 2)
     assert s.running == 9 and s.waiting == 2
-    assert s.ttft_p95_s == pytest.approx(interp(0.1, 0.25, 0.95 * 2, 0, 2))
-    assert s.itl_p95_s == pytest.approx(interp(0.02, 0.025, 0.95 * 640, 100, 540))
+    assert s.ttft_q_s == pytest.approx(interp(0.1, 0.25, 0.95 * 2, 0, 2))
+    assert s.itl_q_s == pytest.approx(interp(0.02, 0.025, 0.95 * 640, 100, 540))
     assert s.finished_requests is None
 
 
@@ -472,9 +472,9 @@ def test_tgi_generations_and_no_ttft() -> None:
     assert s.finished_requests == 6
     assert s.running == 12 and s.waiting == 3
     assert s.kv_cache_usage == pytest.approx(9216 / 36864)  # the batch's reserved tokens
-    assert s.ttft_p95_s is None and s.ttft_mean_s is None
+    assert s.ttft_q_s is None and s.ttft_mean_s is None
     lo, hi = 1e-4 * 1.5**14, 1e-4 * 1.5**15
-    assert s.itl_p95_s == pytest.approx(interp(lo, hi, 0.95 * 6, 4, 2))
+    assert s.itl_q_s == pytest.approx(interp(lo, hi, 0.95 * 6, 4, 2))
     assert s.itl_mean_s == pytest.approx(0.18 / 6)
     # Its prefill passes are timed: 6.4 - 6.08 s of the 2-s window (decode's are not read).
     assert s.prefill_busy_s == pytest.approx(0.32)
@@ -514,7 +514,7 @@ def test_trtllm_serve_counts_at_request_end() -> None:
     assert s.running == 11 and s.waiting == 2
     assert s.kv_cache_usage == pytest.approx(0.38)  # trtllm_kv_cache_utilization
     # TTFT: 10 first tokens, 8 by le=1.0, 10 by le=2.5; rank 9.5.
-    assert s.ttft_p95_s == pytest.approx(interp(1.0, 2.5, 0.95 * 10, 8, 2))
+    assert s.ttft_q_s == pytest.approx(interp(1.0, 2.5, 0.95 * 10, 8, 2))
     assert s.ttft_mean_s == pytest.approx((36.3 - 31.5) / 10)
     # Inter-token: each request's mean time per output token.
     assert s.itl_mean_s == pytest.approx((5.68 - 5.1) / 10)
@@ -571,7 +571,7 @@ def test_llamacpp_busy_slot_decodes_and_restart_header() -> None:
     assert s.generation_tokens_per_s == pytest.approx((20400 * 2.51961 - 20000 * 2.5) / 2)
     assert s.prompt_tokens_per_s == pytest.approx(1000 / 2)
     assert s.running == 3 and s.waiting == 1
-    assert s.ttft_p95_s is None and s.itl_p95_s is None
+    assert s.ttft_q_s is None and s.itl_q_s is None
     assert s.generation_tokens_total == 46778
 
     body_a, headers = load("llamacpp_a.txt")
@@ -666,7 +666,7 @@ def test_triton_trtllm_iterations_times_generation_requests() -> None:
     assert s.kv_cache_usage == pytest.approx(812 / 6239)  # used of max KV-cache blocks
     # TTFT from the ensemble (the tensorrt_llm model reads 0), in ms: 10 first responses,
     # 8 by le=500 ms, 10 by le=2000 ms.
-    assert s.ttft_p95_s == pytest.approx(interp(0.5, 2.0, 0.95 * 10, 8, 2))
+    assert s.ttft_q_s == pytest.approx(interp(0.5, 2.0, 0.95 * 10, 8, 2))
     assert s.ttft_mean_s == pytest.approx(6.2 / 10)
     assert s.finished_requests == 10
     assert s.generation_tokens_total is None
@@ -720,7 +720,7 @@ def test_triton_reads_one_model_at_both_ends_of_a_window() -> None:
     assert flip.finished_requests == 12 and back.finished_requests == 15
     for s in (flip, back):
         assert s.ttft_mean_s == pytest.approx(0.05)
-        assert s.ttft_p95_s is not None and s.ttft_p95_s < 0.1
+        assert s.ttft_q_s is not None and s.ttft_q_s < 0.1
 
 
 def test_generic_kind_from_config() -> None:
@@ -739,7 +739,7 @@ def test_generic_kind_from_config() -> None:
     assert s.generation_tokens_per_s == pytest.approx((900 + 300) / 2)
     assert s.prompt_tokens_per_s == pytest.approx(2000 / 2)
     assert s.running == 6 + 1 and s.waiting == 0
-    assert s.ttft_p95_s == pytest.approx(interp(0.5, 1.0, 0.95 * 10, 6, 4))
+    assert s.ttft_q_s == pytest.approx(interp(0.5, 1.0, 0.95 * 10, 6, 4))
     assert s.ttft_mean_s == pytest.approx(2.5 / 10)
     assert s.model_name == "qwen2.5-7b"
 

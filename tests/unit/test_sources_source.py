@@ -41,7 +41,7 @@ def test_restart_gives_no_rates_then_counts_from_the_new_baseline() -> None:
     assert src.poll(10.0).generation_tokens_per_s is None
     after = src.poll(12.0)
     assert after.up and after.error is None
-    assert after.generation_tokens_per_s is None and after.ttft_p95_s is None
+    assert after.generation_tokens_per_s is None and after.ttft_q_s is None
     assert after.running == 2.0
     assert after.generation_tokens_total == 300.0
     steady = src.poll(14.0)
