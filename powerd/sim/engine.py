@@ -391,9 +391,9 @@ def _start_iteration(
     clocks_mhz: np.ndarray,
     cfg: np.ndarray,
     req_i: np.ndarray,
+    req_f: np.ndarray,
     srv_i: np.ndarray,
     srv_f: np.ndarray,
-    req_f: np.ndarray,
     run_idx: np.ndarray,
     run_tok: np.ndarray,
     gpu_map: np.ndarray,
@@ -546,6 +546,7 @@ def _complete_iteration(
     cfg: np.ndarray,
     req_i: np.ndarray,
     req_f: np.ndarray,
+    free_stack: np.ndarray,
     srv_i: np.ndarray,
     srv_f: np.ndarray,
     run_idx: np.ndarray,
@@ -556,7 +557,6 @@ def _complete_iteration(
     hist_c: np.ndarray,
     hist_s: np.ndarray,
     hist_b: np.ndarray,
-    free_stack: np.ndarray,
     node_i: np.ndarray,
     fin: np.ndarray,
 ) -> None:
@@ -701,10 +701,10 @@ def _dispatch(
     cfg: np.ndarray,
     req_i: np.ndarray,
     req_f: np.ndarray,
-    srv_i: np.ndarray,
     free_stack: np.ndarray,
-    node_i: np.ndarray,
+    srv_i: np.ndarray,
     metrics: np.ndarray,
+    node_i: np.ndarray,
 ) -> int:
     """Queue one arriving request on a server; returns the server, or -1 if it was rejected."""
     n_srv = srv_i.shape[0]
@@ -794,71 +794,25 @@ def engine_run_until(
             if tb > t_end:
                 break
             _complete_iteration(
-                sb,
-                tb,
-                cfg,
-                req_i,
-                req_f,
-                srv_i,
-                srv_f,
-                run_idx,
-                run_tok,
-                gpu_map,
-                gpu_f,
-                metrics,
-                hist_c,
-                hist_s,
-                hist_b,
-                free_stack,
-                node_i,
-                fin,
-            )
-            _start_iteration(
-                sb,
-                tb,
-                clocks_mhz,
-                cfg,
-                req_i,
-                srv_i,
-                srv_f,
-                req_f,
-                run_idx,
-                run_tok,
-                gpu_map,
-                gpu_f,
-                metrics,
-                hist_c,
-                hist_s,
-                hist_b,
-                rng,
-            )
+                sb, tb, cfg, req_i, req_f, free_stack, srv_i, srv_f, run_idx, run_tok, gpu_map,
+                gpu_f, metrics, hist_c, hist_s, hist_b, node_i, fin,
+            )  # fmt: skip
+            s = sb
+            t = tb
         else:
             if ta > t_end:
                 break
             node_i[NI_ARR_POS] = pos + 1
             s = _dispatch(
-                ta, arr_p[pos], arr_g[pos], cfg, req_i, req_f, srv_i, free_stack, node_i, metrics
+                ta, arr_p[pos], arr_g[pos], cfg, req_i, req_f, free_stack, srv_i, metrics, node_i
             )
-            if s >= 0 and srv_i[s, SI_BUSY] == 0:
-                _start_iteration(
-                    s,
-                    ta,
-                    clocks_mhz,
-                    cfg,
-                    req_i,
-                    srv_i,
-                    srv_f,
-                    req_f,
-                    run_idx,
-                    run_tok,
-                    gpu_map,
-                    gpu_f,
-                    metrics,
-                    hist_c,
-                    hist_s,
-                    hist_b,
-                    rng,
-                )
+            if s < 0 or srv_i[s, SI_BUSY] == 1:
+                continue
+            t = ta
+        _start_iteration(
+            s, t, clocks_mhz, cfg, req_i, req_f, srv_i, srv_f, run_idx, run_tok, gpu_map, gpu_f,
+            metrics, hist_c, hist_s, hist_b, rng,
+        )  # fmt: skip
     span = t_end - t_start
     for s in range(n_srv):
         if srv_i[s, SI_BUSY] == 1:
@@ -1121,7 +1075,11 @@ class EngineBank:
     def kernel_args(
         self, arr_t: np.ndarray, arr_p: np.ndarray, arr_g: np.ndarray
     ) -> tuple[np.ndarray, ...]:
-        """The arrays engine_run_until takes after (activity, mem_util), in order."""
+        """The arrays engine_run_until takes after (activity, mem_util), in order.
+
+        This order is the kernels' canonical one: every kernel of this module takes the subset
+        it needs in it, since a swap of two same-typed arrays would still compile.
+        """
         return (
             self.cfg, self.req_i, self.req_f, self.free_stack, self.srv_i, self.srv_f,
             self.run_idx, self.run_tok, self.gpu_map, self.gpu_f, self.metrics, self.hist_c,
