@@ -540,6 +540,72 @@ def _accumulate(
 
 
 @jit
+def _finish_request(
+    s: int,
+    r: int,
+    t1: float,
+    req_i: np.ndarray,
+    req_f: np.ndarray,
+    free_stack: np.ndarray,
+    srv_i: np.ndarray,
+    metrics: np.ndarray,
+    hist_c: np.ndarray,
+    hist_s: np.ndarray,
+    hist_b: np.ndarray,
+    node_i: np.ndarray,
+    fin: np.ndarray,
+) -> None:
+    """Request r of server s finished at t1: count it in s's metrics and request histograms,
+    append its record to fin, and return its KV cache and pool slot."""
+    arrival = req_f[r, RF_ARRIVAL]
+    sched = req_f[r, RF_SCHED]
+    first = req_f[r, RF_FIRST]
+    gen = req_i[r, R_GEN]
+    prompt = req_i[r, R_PROMPT]
+    e2e = t1 - arrival
+    metrics[s, M_REQ_SUCCESS] += 1.0
+    metrics[s, M_FIN_PROMPT_TOKENS] += prompt
+    metrics[s, M_FIN_GEN_TOKENS] += gen
+    metrics[s, M_FIN_E2E_S] += e2e
+    metrics[s, M_FIN_QUEUE_S] += sched - arrival
+    metrics[s, M_FIN_INFERENCE_S] += t1 - sched
+    metrics[s, M_LC_PRED_TOKENS] += gen
+    metrics[s, M_LC_PRED_S] += t1 - first
+    metrics[s, M_FIN_DECODE_S] += t1 - first
+    # One observation per request-level histogram; -1 marks "no value" (TPOT of a one-token
+    # answer). A loop keeps a single copy of the bucket search.
+    obs = np.empty(N_H)
+    obs[:] = -1.0
+    obs[H_E2E] = e2e
+    obs[H_QUEUE] = sched - arrival
+    obs[H_INFERENCE] = t1 - sched
+    obs[H_PREFILL] = first - sched
+    obs[H_DECODE] = t1 - first
+    obs[H_PROMPT_TOKENS] = prompt
+    obs[H_GEN_TOKENS] = gen
+    obs[H_MEAN_TPT] = (t1 - sched) / gen
+    obs[H_TTFT_AT_END] = first - arrival
+    if gen > 1:
+        obs[H_TPOT] = (t1 - first) / (gen - 1)
+    for h in range(N_H):
+        if obs[h] >= 0.0:
+            _observe(hist_c, hist_s, hist_b, s, h, obs[h])
+    k = node_i[NI_FIN_N]
+    fin[k, FF_SERVER] = s
+    fin[k, FF_ARRIVAL] = arrival
+    fin[k, FF_SCHED] = sched
+    fin[k, FF_FIRST] = first
+    fin[k, FF_FINISH] = t1
+    fin[k, FF_PROMPT] = prompt
+    fin[k, FF_GEN] = gen
+    node_i[NI_FIN_N] = k + 1
+    srv_i[s, SI_KV_USED] -= req_i[r, R_KV]
+    req_i[r, R_KV] = 0
+    free_stack[node_i[NI_FREE_TOP]] = r
+    node_i[NI_FREE_TOP] += 1
+
+
+@jit
 def _complete_iteration(
     s: int,
     t1: float,
@@ -608,52 +674,10 @@ def _complete_iteration(
                 metrics[s, M_N_TOKENS_MAX] = seq
             finished = req_i[r, R_GEN_DONE] >= req_i[r, R_GEN]
         if finished:
-            arrival = req_f[r, RF_ARRIVAL]
-            sched = req_f[r, RF_SCHED]
-            first = req_f[r, RF_FIRST]
-            gen = req_i[r, R_GEN]
-            prompt = req_i[r, R_PROMPT]
-            e2e = t1 - arrival
-            metrics[s, M_REQ_SUCCESS] += 1.0
-            metrics[s, M_FIN_PROMPT_TOKENS] += prompt
-            metrics[s, M_FIN_GEN_TOKENS] += gen
-            metrics[s, M_FIN_E2E_S] += e2e
-            metrics[s, M_FIN_QUEUE_S] += sched - arrival
-            metrics[s, M_FIN_INFERENCE_S] += t1 - sched
-            metrics[s, M_LC_PRED_TOKENS] += gen
-            metrics[s, M_LC_PRED_S] += t1 - first
-            metrics[s, M_FIN_DECODE_S] += t1 - first
-            # One observation per request-level histogram; -1 marks "no value" (TPOT of a
-            # one-token answer). A loop keeps a single copy of the bucket search.
-            obs = np.empty(N_H)
-            obs[:] = -1.0
-            obs[H_E2E] = e2e
-            obs[H_QUEUE] = sched - arrival
-            obs[H_INFERENCE] = t1 - sched
-            obs[H_PREFILL] = first - sched
-            obs[H_DECODE] = t1 - first
-            obs[H_PROMPT_TOKENS] = prompt
-            obs[H_GEN_TOKENS] = gen
-            obs[H_MEAN_TPT] = (t1 - sched) / gen
-            obs[H_TTFT_AT_END] = first - arrival
-            if gen > 1:
-                obs[H_TPOT] = (t1 - first) / (gen - 1)
-            for h in range(N_H):
-                if obs[h] >= 0.0:
-                    _observe(hist_c, hist_s, hist_b, s, h, obs[h])
-            k = node_i[NI_FIN_N]
-            fin[k, FF_SERVER] = s
-            fin[k, FF_ARRIVAL] = arrival
-            fin[k, FF_SCHED] = sched
-            fin[k, FF_FIRST] = first
-            fin[k, FF_FINISH] = t1
-            fin[k, FF_PROMPT] = prompt
-            fin[k, FF_GEN] = gen
-            node_i[NI_FIN_N] = k + 1
-            srv_i[s, SI_KV_USED] -= req_i[r, R_KV]
-            req_i[r, R_KV] = 0
-            free_stack[node_i[NI_FREE_TOP]] = r
-            node_i[NI_FREE_TOP] += 1
+            _finish_request(
+                s, r, t1, req_i, req_f, free_stack, srv_i, metrics, hist_c, hist_s, hist_b, node_i,
+                fin,
+            )  # fmt: skip
         else:
             run_idx[s, keep] = r
             keep += 1
