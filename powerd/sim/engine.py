@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from powerd.control.kernels import jit
+from powerd.sim.buckets import histogram_bounds
 from powerd.sim.models import ModelProfile
 from powerd.sim.plant import decode_activity
 from powerd.sim.roofline import iteration_time_s, roofline_terms_s
@@ -928,8 +929,6 @@ def build_config(
 
 def default_histogram_bounds() -> dict[str, list[float]]:
     """vLLM's bucket boundaries for every histogram slot (vllm/v1/metrics/loggers.py)."""
-    from powerd.sim.exposition import histogram_bounds
-
     return histogram_bounds("vllm")
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from powerd.control.kernels import jit
+from powerd.sim.buckets import check_server_kind, histogram_bounds
 from powerd.sim.engine import (
     FINISHED_DTYPE,
     M_GEN_TOKENS,
@@ -35,8 +36,6 @@ from powerd.sim.engine import (
 )
 from powerd.sim.exposition import (
     SGLANG_LOADS_PATH,
-    check_server_kind,
-    histogram_bounds,
     metrics_path,
     render_metrics,
     render_sglang_loads,

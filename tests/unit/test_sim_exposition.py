@@ -11,17 +11,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from powerd.config import NAMED_SERVER_KINDS
-from powerd.sim.engine import EngineBank, EngineMetrics, EngineView
-from powerd.sim.exposition import (
+from powerd.sim.buckets import (
     SGLANG_TTFT_BUCKETS,
     TRTLLM_TTFT_BUCKETS,
     VLLM_ITL_BUCKETS,
     VLLM_TTFT_BUCKETS,
     histogram_bounds,
-    metrics_path,
-    render_metrics,
-    render_sglang_loads,
 )
+from powerd.sim.engine import EngineBank, EngineMetrics, EngineView
+from powerd.sim.exposition import metrics_path, render_metrics, render_sglang_loads
 from powerd.sim.models import get_model_profile
 from powerd.sim.node import SimServer
 from powerd.sim.plant import load_gpu_profile

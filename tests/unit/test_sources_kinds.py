@@ -931,8 +931,9 @@ def test_prompt_mix_from_the_simulated_server(kind: str) -> None:
     the finished requests' E[P^2]/E[P] within the bucket approximation."""
     import numpy as np
 
+    from powerd.sim.buckets import histogram_bounds
     from powerd.sim.engine import EngineBank
-    from powerd.sim.exposition import histogram_bounds, render_metrics
+    from powerd.sim.exposition import render_metrics
     from powerd.sim.models import get_model_profile
     from powerd.sim.plant import load_gpu_profile
 
