@@ -130,6 +130,22 @@ def test_unknown_price_is_none_never_zero() -> None:
 
 # ------------------------------------------------------------------------ the live file
 
+HURRIED_REFRESH = GridFile.refresh_bounded
+"""The production poll's read of grid.file, waited for at most READ_WAIT_S (0.1 s)."""
+
+
+def unhurried_refresh(self: GridFile, wait_s: float = 30.0) -> None:
+    """A poll's read of grid.file, waited for up to 30 s (a ceiling: a small local file is read
+    at once). With the production 0.1 s, a read that merely starts late on a busy machine (a
+    thread not scheduled, a throttled CI container) leaves the poll with the last values and
+    counts as a hung file system; only the hang test wants that, while its file system hangs."""
+    HURRIED_REFRESH(self, wait_s)
+
+
+@pytest.fixture(autouse=True)
+def unhurried_file_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(GridFile, "refresh_bounded", unhurried_refresh)
+
 
 def file_grid(tmp_path: Path, clock: Clock, **config: Any) -> tuple[GridSignal, Path]:
     path = tmp_path / "grid.json"
@@ -431,6 +447,8 @@ def test_a_hung_file_system_does_not_hold_the_tick(
         return real_stat(name, *args, **kwargs)
 
     monkeypatch.setattr("powerd.grid.file.os.stat", hung_stat)
+    # A hung read must leave the poll after the production wait, not the fixture's.
+    monkeypatch.setattr(GridFile, "refresh_bounded", HURRIED_REFRESH)
     write_json(path, {"updated_at": iso(MONDAY_NOON), "price_per_kwh": 0.31})
     polls: list[float | None] = []
     with caplog.at_level(logging.INFO, logger="powerd.grid"):
@@ -444,6 +462,8 @@ def test_a_hung_file_system_does_not_hold_the_tick(
         assert grid.poll().file_errors_total == 1  # one hang, one problem
         assert grid.poll().file_problems == 1  # for as long as it lasts
         answer.set()
+        # The file system answers again: a read from now on is slow at most, not hung.
+        monkeypatch.setattr(GridFile, "refresh_bounded", unhurried_refresh)
         for _ in range(100):
             if grid.poll().price_per_kwh == 0.31:
                 break
