@@ -7,6 +7,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import wait
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -240,7 +241,10 @@ def test_late_answer_is_dropped_and_the_source_recovers() -> None:
     with ScrapePool([source]) as pool:
         assert not pool.poll_all(1.0, 0.05)[0].up
         gate.set()
-        time.sleep(0.05)
+        # Until the late fetch has ended in its worker (not merely been let go) the source is
+        # still in flight, and the next tick would report it down without fetching.
+        late = [future for future, _ in pool._inflight.values()]
+        assert late and not wait(late, timeout=10.0).not_done, "the late fetch never ended"
         # The late answer (10 tokens) was discarded; this tick fetches afresh (40 tokens).
         sample = pool.poll_all(2.0, 1.0)[0]
         assert sample.up and sample.generation_tokens_per_s is None
