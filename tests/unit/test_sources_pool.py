@@ -24,6 +24,7 @@ from powerd.sources import (
 )
 from powerd.sources.base import MAX_BODY_BYTES
 from powerd.sources.fetch import KeepAliveFetcher
+from tests.unit.test_exporter import wait_until
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
 RELEASE = threading.Event()
@@ -223,6 +224,9 @@ def test_hung_server_does_not_delay_the_tick(server: str) -> None:
         assert not again[0].up and again[0].error is not None
         assert again[0].error.startswith("timed out after")
         assert again[1].up and again[1].generation_tokens_per_s == 0.0
+        # The ticks ended at their deadlines, whether or not the worker had yet sent the hung
+        # request (a thread started late on a busy machine): wait for it to reach the server.
+        assert wait_until(lambda: HITS.get("/hang", 0) > hits_before), "never requested"
         assert HITS.get("/hang") == hits_before + 1
     finally:
         RELEASE.set()
