@@ -146,7 +146,7 @@ M_DECODE_BATCHES = 17
 M_RT_PREFILL_TOKENS = 18  # SGLang realtime_tokens_total, flushed per prefill batch
 M_RT_DECODE_TOKENS = 19  # flushed every decode_log_interval decode batches
 M_SG_PENDING_DECODE = 20  # gauge: tokens not yet flushed
-M_GEN_THROUGHPUT = 21  # gauge: SGLang gen_throughput
+M_GEN_THROUGHPUT_TPS = 21  # gauge: SGLang gen_throughput
 M_LC_PROMPT_TOKENS = 22  # llama.cpp bucket since the last scrape
 M_LC_PROMPT_S = 23
 M_LC_PRED_TOKENS = 24
@@ -711,7 +711,7 @@ def _complete_iteration(
         if srv_i[s, SI_SG_STEPS] >= int(cfg[C_SG_LOG_INTERVAL]):
             gap = t1 - srv_f[s, SF_SG_LAST_LOG]
             if gap > 0.0:
-                metrics[s, M_GEN_THROUGHPUT] = metrics[s, M_SG_PENDING_DECODE] / gap
+                metrics[s, M_GEN_THROUGHPUT_TPS] = metrics[s, M_SG_PENDING_DECODE] / gap
             metrics[s, M_RT_DECODE_TOKENS] += metrics[s, M_SG_PENDING_DECODE]
             metrics[s, M_SG_PENDING_DECODE] = 0.0
             srv_i[s, SI_SG_STEPS] = 0

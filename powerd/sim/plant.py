@@ -405,16 +405,25 @@ def _power_slope_w_per_mhz(params: np.ndarray, power_w: float, clock_mhz: float)
 
 @jit
 def _substep(
-    params: np.ndarray, st: np.ndarray, i: int, a: float, m: float, c: float, h: float
+    params: np.ndarray,
+    st: np.ndarray,
+    i: int,
+    activity: float,
+    mem_util: float,
+    ctx: float,
+    dt_s: float,
 ) -> None:
+    """Advance GPU i of the state `st` by dt_s seconds (one substep of plant_step, whose
+    docstring defines the inputs): actuations due, clock, power, sensors, the board's power
+    cap and thermal loops, utilisation."""
     t0 = st[i, S_TIME_S]
-    t1 = t0 + h
+    t1 = t0 + dt_s
     f_min = params[P_F_MIN]
     f_max = params[P_F_MAX]
     step = params[P_F_STEP]
-    st[i, S_ACTIVITY] = a
-    st[i, S_MEM_UTIL] = m
-    st[i, S_CTX] = c
+    st[i, S_ACTIVITY] = activity
+    st[i, S_MEM_UTIL] = mem_util
+    st[i, S_CTX] = ctx
     if st[i, S_SHUTDOWN] > 0.5:
         # A thermal shutdown is a failure: the board is off until the plant is rebuilt.
         st[i, S_CLOCK_MHZ] = 0.0
@@ -433,7 +442,7 @@ def _substep(
         st[i, S_PEND_PLIMIT_AT_S] = -1.0
 
     # (a) Clock selection: min(lock max, f_cap, f_th), clamped, quantised.
-    upper = f_max if c > 0.5 else f_min
+    upper = f_max if ctx > 0.5 else f_min
     lo = max(st[i, S_LOCK_MIN_MHZ], f_min)
     f_other = min(st[i, S_LOCK_MAX_MHZ], st[i, S_FTH_MHZ], upper)
     f_other_c = min(max(f_other, lo), f_max)
@@ -449,16 +458,16 @@ def _substep(
         tgt = f_min
     st[i, S_TARGET_MHZ] = tgt
     f = st[i, S_CLOCK_MHZ]
-    f += (tgt - f) * (1.0 - math.exp(-h / params[P_TAU_CLOCK]))
+    f += (tgt - f) * (1.0 - math.exp(-dt_s / params[P_TAU_CLOCK]))
     st[i, S_CLOCK_MHZ] = f
 
     # (b) Power with AR(1) multiplicative noise (ρ per 10 ms, 3 % stationary deviation).
-    rho = params[P_NOISE_RHO] ** (h / 0.01)
+    rho = params[P_NOISE_RHO] ** (dt_s / 0.01)
     noise = rho * st[i, S_NOISE] + params[P_NOISE_SIGMA] * math.sqrt(1.0 - rho * rho) * rng_normal(
         st, i
     )
     st[i, S_NOISE] = noise
-    p = max(model_power_w(params, f, temp, a, m, c) * (1.0 + noise), 0.0)
+    p = max(model_power_w(params, f, temp, activity, mem_util, ctx) * (1.0 + noise), 0.0)
     st[i, S_POWER_W] = p
 
     # (e) Sensors: exact integrals of the piecewise-constant true power.
@@ -480,23 +489,23 @@ def _substep(
         st[i, S_ECOUNT_MJ] = st[i, S_EOFFSET_MJ] + math.floor(e_pub * 1000.0)
         st[i, S_PUB_TIME_S] = t_pub
         st[i, S_NEXT_PUB_S] = t_pub + period
-    st[i, S_ENERGY_J] = e0 + p * h
+    st[i, S_ENERGY_J] = e0 + p * dt_s
 
     # Internal cap loop: integral action on the board's own (gained) filtered power reading, so
     # the reported power sits at the cap as on real boards (699.8 W at 700 W, §1 [S2e]).
     pf = st[i, S_PFILT_W]
-    pf += (st[i, S_GAIN] * p - pf) * (1.0 - math.exp(-h / params[P_CAP_TAU]))
+    pf += (st[i, S_GAIN] * p - pf) * (1.0 - math.exp(-dt_s / params[P_CAP_TAU]))
     st[i, S_PFILT_W] = pf
     cap_w = min(st[i, S_PLIMIT_W], st[i, S_OOB_LIMIT_W])
-    fcap -= (pf - cap_w) * h / (params[P_CAP_TAU_LOOP] * _power_slope_w_per_mhz(params, pf, f))
+    fcap -= (pf - cap_w) * dt_s / (params[P_CAP_TAU_LOOP] * _power_slope_w_per_mhz(params, pf, f))
     st[i, S_FCAP_MHZ] = min(max(fcap, f_min), f_max)
 
     # (d) Two-lag thermal model.
     target_k = params[P_R_TH] * p
     th_fast = st[i, S_TH_FAST_K]
     th_slow = st[i, S_TH_SLOW_K]
-    th_fast += (target_k - th_fast) * (1.0 - math.exp(-h / params[P_TAU_FAST]))
-    th_slow += (target_k - th_slow) * (1.0 - math.exp(-h / params[P_TAU_SLOW]))
+    th_fast += (target_k - th_fast) * (1.0 - math.exp(-dt_s / params[P_TAU_FAST]))
+    th_slow += (target_k - th_slow) * (1.0 - math.exp(-dt_s / params[P_TAU_SLOW]))
     st[i, S_TH_FAST_K] = th_fast
     st[i, S_TH_SLOW_K] = th_slow
     share = params[P_FAST_SHARE]
@@ -504,19 +513,19 @@ def _substep(
     st[i, S_TEMP_C] = temp
     fth = st[i, S_FTH_MHZ]
     if temp > params[P_T_SLOWDOWN]:
-        fth = min(fth, f + step) - params[P_TH_RATE] * h
+        fth = min(fth, f + step) - params[P_TH_RATE] * dt_s
     elif temp < params[P_T_SLOWDOWN] - params[P_TH_HYST]:
-        fth += params[P_TH_RATE] * h
+        fth += params[P_TH_RATE] * dt_s
     st[i, S_FTH_MHZ] = min(max(fth, f_min), f_max)
     if temp >= params[P_T_SHUTDOWN]:
         st[i, S_SHUTDOWN] = 1.0
 
     # Clock-event reason bits (§6(e), nvml_api.md §3).
     reasons = 0
-    if a <= 0.0 and m <= 0.0:
+    if activity <= 0.0 and mem_util <= 0.0:
         reasons |= REASON_GPU_IDLE
     f_nocap = min(max(min(st[i, S_LOCK_MAX_MHZ], st[i, S_FTH_MHZ], upper), lo), f_max)
-    if st[i, S_FCAP_MHZ] < f_nocap - 0.5 * step and c > 0.5:
+    if st[i, S_FCAP_MHZ] < f_nocap - 0.5 * step and ctx > 0.5:
         reasons |= REASON_SW_POWER_CAP
     if temp > params[P_T_SLOWDOWN] or st[i, S_FTH_MHZ] < min(st[i, S_LOCK_MAX_MHZ], upper):
         reasons |= REASON_SW_THERMAL
@@ -524,10 +533,10 @@ def _substep(
         reasons |= REASON_HW_THERMAL
     st[i, S_REASONS] = float(reasons)
 
-    k = 1.0 - math.exp(-h / _UTIL_TAU_S)
-    busy = 1.0 if a > 0.0 else 0.0
+    k = 1.0 - math.exp(-dt_s / _UTIL_TAU_S)
+    busy = 1.0 if activity > 0.0 else 0.0
     st[i, S_UTIL_GPU] += (busy - st[i, S_UTIL_GPU]) * k
-    st[i, S_UTIL_MEM] += (m - st[i, S_UTIL_MEM]) * k
+    st[i, S_UTIL_MEM] += (mem_util - st[i, S_UTIL_MEM]) * k
     st[i, S_TIME_S] = t1
 
 
