@@ -988,7 +988,7 @@ def _sense(g: int, obs: np.ndarray, tick: np.ndarray) -> None:
     itl_q = obs[OBS_ITL_Q_S, g]
     if not itl_q > 0.0:
         itl_q = math.nan
-    # The slowest first tokens of the tick, where the server's histogram gives them: its p95
+    # The slowest first tokens of the tick, where the server's histogram gives them: its quantile
     # reads a lone slow request as near the top of a wide bucket (1-2.5 s in vLLM's).
     ttft = obs[OBS_TTFT_SLOWEST_S, g]
     if not ttft > 0.0:

@@ -31,6 +31,9 @@ _DIGEST_LEN = 16
 _DIGEST_NAME = re.compile(rf"^[0-9a-f]{{{_DIGEST_LEN}}}$")
 STALE_AFTER_S = 30 * 86400.0
 """A sibling folder no powerd has used for this long belongs to a version gone by."""
+USED_MARK = ".powerd-used"
+"""The file that marks a kernel folder as powerd's; its time is the last start that used it
+(numba writes only when it compiles)."""
 
 
 def jitted_digest(package_dir: Path = PACKAGE_DIR) -> str:
@@ -123,12 +126,12 @@ def _others_write(st: os.stat_result) -> bool:
 
 
 def prune_stale(folder: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
-    """Mark `folder` (this code's) as used now, and remove the folders beside it named by
-    another digest that no powerd has used for `stale_after_s`: each upgrade or edit of the
-    kernels leaves one behind (a few MB). Only this user's real folders are removed; one that
-    cannot be is left. Returns those removed."""
-    with contextlib.suppress(OSError):
-        os.utime(folder)  # numba writes only inside it: its own time would stay the first build's
+    """Mark `folder` (this code's) as used now, and remove the folders beside it that powerd
+    marked as its own under another digest and no start has used for `stale_after_s`: each
+    upgrade or edit of the kernels leaves one behind (a few MB). A folder without the mark
+    (another program's, in a base it shares), a link, or another user's is left, as is one
+    that cannot be removed. Returns those removed."""
+    _mark_used(folder)
     removed: list[Path] = []
     cutoff_s = time.time() - stale_after_s
     try:
@@ -139,20 +142,29 @@ def prune_stale(folder: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path
         if sibling.name == folder.name or not _DIGEST_NAME.match(sibling.name):
             continue
         try:
-            st = sibling.lstat()
+            st, mark = sibling.lstat(), (sibling / USED_MARK).lstat()
         except OSError:
             continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and st.st_mtime < cutoff_s:
+        ours = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() == mark.st_uid
+        if ours and stat.S_ISREG(mark.st_mode) and mark.st_mtime < cutoff_s:
             shutil.rmtree(sibling, ignore_errors=True)
             if not sibling.exists():
                 removed.append(sibling)
     return removed
 
 
+def _mark_used(folder: Path) -> None:
+    """Make `folder` if need be and set its USED_MARK's time to now (best effort: a folder
+    powerd cannot write is numba's problem to report)."""
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / USED_MARK).touch()
+
+
 def holds_kernels(folder: Path) -> bool:
     """Whether `folder` holds compiled kernels already (a start after the first of this
     version's code loads them in a moment; the first compiles them, which takes a while)."""
     try:
-        return any(folder.iterdir())
+        return any(entry.name != USED_MARK for entry in folder.iterdir())
     except OSError:
         return False

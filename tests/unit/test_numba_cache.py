@@ -138,10 +138,14 @@ def test_a_folder_reached_through_a_link_another_user_may_swap_is_not_used(
     assert chosen.parent == tmp_path / "tmp" / f"powerd-numba-{os.getuid()}"
 
 
-def _aged(folder: Path, age_s: float) -> Path:
+def _aged(folder: Path, age_s: float, *, marked: bool = True) -> Path:
+    """A kernel folder last used age_s ago (by powerd, where `marked`)."""
     folder.mkdir(parents=True)
     (folder / "kernel.nbi").write_bytes(b"")
     then_s = time.time() - age_s
+    if marked:
+        (folder / numba_cache.USED_MARK).touch()
+        os.utime(folder / numba_cache.USED_MARK, (then_s, then_s))
     os.utime(folder, (then_s, then_s))
     return folder
 
@@ -153,14 +157,34 @@ def test_folders_of_earlier_versions_unused_for_a_month_are_removed(tmp_path: Pa
     gone = _aged(tmp_path / "fedcba9876543210", month_s + 3600)
     recent = _aged(tmp_path / "00000000000000aa", month_s - 3600)
     not_a_digest = _aged(tmp_path / "notes-kept-here", 2 * month_s)
+    elsewhere = _aged(tmp_path / "elsewhere" / "fedcba9876543211", 2 * month_s)
     linked = tmp_path / "00000000000000bb"
-    linked.symlink_to(gone)
+    linked.symlink_to(elsewhere)
 
     assert numba_cache.prune_stale(ours) == [gone]
     assert not gone.exists() and (ours / "kernel.nbi").exists()
-    assert recent.exists() and not_a_digest.exists() and linked.is_symlink()
-    assert time.time() - ours.stat().st_mtime < 3600, "the folder in use is marked as used"
+    assert recent.exists() and not_a_digest.exists()
+    assert linked.is_symlink() and (elsewhere / "kernel.nbi").exists(), "a link is not followed"
+    used_s = (ours / numba_cache.USED_MARK).stat().st_mtime
+    assert time.time() - used_s < 3600, "the folder in use is marked as used"
     assert numba_cache.prune_stale(recent) == [], "ours, just used, is no longer stale"
+
+
+def test_a_folder_powerd_did_not_mark_is_left(tmp_path: Path) -> None:
+    """NUMBA_CACHE_DIR may name a folder other programs use too, or a digest folder whose
+    parent is not powerd's: a folder named like a digest is not enough."""
+    theirs = _aged(tmp_path / "5f2b9c0d1e3a4b6c", 2 * numba_cache.STALE_AFTER_S, marked=False)
+    assert numba_cache.prune_stale(tmp_path / "0123456789abcdef") == []
+    assert (theirs / "kernel.nbi").exists()
+
+
+def test_the_mark_alone_is_no_compiled_kernel(tmp_path: Path) -> None:
+    folder = tmp_path / "0123456789abcdef"
+    numba_cache.prune_stale(folder)
+    assert (folder / numba_cache.USED_MARK).is_file()
+    assert not numba_cache.holds_kernels(folder), "the first start still says it compiles"
+    (folder / "kernel.nbi").write_bytes(b"")
+    assert numba_cache.holds_kernels(folder)
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="a folder of another user needs root to make")
@@ -171,5 +195,6 @@ def test_another_users_stale_folder_is_left(tmp_path: Path) -> None:
     assert theirs.exists()
 
 
-def test_a_missing_base_prunes_nothing(tmp_path: Path) -> None:
-    assert numba_cache.prune_stale(tmp_path / "absent" / "0123456789abcdef") == []
+def test_a_base_that_cannot_be_made_prunes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    assert numba_cache.prune_stale(tmp_path / "a-file" / "0123456789abcdef") == []
