@@ -732,9 +732,11 @@ class Daemon:
 
     @property
     def guards_backlog(self) -> bool:
-        """Whether guard() can act: it is on, fits twice between ticks, and a server is, or
-        may turn out to be, SGLang."""
+        """Whether guard() can act: it is on, fits twice between ticks, the policy has a
+        prefill guard, and a server is, or may turn out to be, SGLang."""
         guard_s = self.config.control.prefill_guard_interval_s
+        if not self.policy.guards_prefill:
+            return False
         return 0 < guard_s <= self.config.interval_s / 2 and any(
             group.source.kind in ("sglang", "auto") for group in self.groups
         )

@@ -83,6 +83,11 @@ class Policy(Protocol):
         """Compile or load whatever decide() needs, before READY=1; no state changes."""
         ...
 
+    @property
+    def guards_prefill(self) -> bool:
+        """Whether prefill_guard() acts: without it the daemon reads no prompt backlogs."""
+        ...
+
     def prefill_guard(self, backlog_tokens: Mapping[str, float]) -> dict[str, int]:
         """Caps to raise now, by group name, for the prompt backlogs given (tokens, by group
         name); between ticks."""
@@ -109,6 +114,10 @@ class PolicyBase:
 
     def warmup(self) -> None:
         pass
+
+    @property
+    def guards_prefill(self) -> bool:
+        return False
 
     def prefill_guard(self, backlog_tokens: Mapping[str, float]) -> dict[str, int]:
         return {}
@@ -399,6 +408,10 @@ class Controller:
                 )
             )
         return decisions
+
+    @property
+    def guards_prefill(self) -> bool:
+        return True
 
     def prefill_guard(self, backlog_tokens: Mapping[str, float]) -> dict[str, int]:
         """Caps to raise now, by group name: where a group's prompt backlog (tokens its server

@@ -87,8 +87,16 @@ class RecordingController(PolicyBase):
     def group_state(self) -> list[dict[str, Any]]:
         return self.controller.group_state()
 
+    @property
+    def guards_prefill(self) -> bool:
+        return self.controller.guards_prefill
+
     def prefill_guard(self, backlog_tokens: Mapping[str, float]) -> dict[str, int]:
         return self.controller.prefill_guard(backlog_tokens)
+
+    @property
+    def budget_feasible(self) -> bool:
+        return self.controller.budget_feasible
 
     def warmup(self) -> None:
         self.controller.warmup()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +21,9 @@ from powerd.config import (
     parse_config,
 )
 from powerd.control import kernels as k
-from powerd.control.policy import Controller
+from powerd.control.policy import Controller, GroupSpec, PolicyBase
 from powerd.daemon import _mean_cap_mhz
-from powerd.model import Snapshot
+from powerd.model import GroupDecision, GroupObservation, Snapshot
 from powerd.sim.node import SimNode
 from powerd.sources import FetchResponse, SourceError
 from powerd.sources.fetch import KeepAliveFetcher
@@ -525,3 +526,29 @@ def test_the_backlog_gauge_goes_away_while_the_group_is_at_f_max(tmp_path: Path)
     group.decision = replace(group.decision, sm_clock_max_mhz=f_max)
     rig.daemon.guard(rig.node.now_s)
     assert group.prompt_backlog_tokens is None
+
+
+class _NoGuardPolicy(PolicyBase):
+    """Decides as the Controller does and has no prefill guard (PolicyBase's)."""
+
+    name = "no-guard"
+
+    def __init__(self, config: Config, groups: Sequence[GroupSpec]) -> None:
+        self._inner = Controller(config, groups)
+
+    def decide(self, now_s: float, observations: Sequence[GroupObservation]) -> list[GroupDecision]:
+        return self._inner.decide(now_s, observations)
+
+
+def test_a_policy_without_a_prefill_guard_has_no_backlog_read(tmp_path: Path) -> None:
+    """A read of /v1/loads four times a second, for a policy that cannot use it, is an HTTP
+    request to the server and a wait on it for nothing."""
+    rig = make_rig(tmp_path, sim=SGLANG_NODE)
+    rig.daemon.policy = _NoGuardPolicy(rig.daemon.config, [g.spec for g in rig.daemon.groups])
+    for _ in range(20):
+        rig.node.advance(0.5)
+        rig.daemon.guard(rig.node.now_s)
+        rig.node.advance(0.5)
+        rig.daemon.tick(rig.node.now_s)
+    assert not any("/v1/loads" in url for url in rig.fetch.urls)
+    assert all(group.prompt_backlog_tokens is None for group in rig.daemon.groups)
