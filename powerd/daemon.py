@@ -932,8 +932,6 @@ class Daemon:
             log.exception("reload: cannot apply %s, keeping the running config", config_path)
             close_connections(groups)
             return False
-        if config.metrics != self.config.metrics:
-            log.warning("reload: metrics settings change only at restart")
         groups = self._keep_unchanged_groups(config, groups)
         self._pool.close()
         close_connections([old for old in self.groups if all(old is not g for g in groups)])
@@ -992,9 +990,16 @@ class Daemon:
         return result
 
     def _keep_start_up_settings(self, config: Config) -> Config:
-        """`config` with the running state_dir, gpu_backend and sim, and a warning for each
-        that differs: the journal, the backend and the simulated node stay as started."""
+        """`config` with the running state_dir, gpu_backend, sim and metrics endpoint (address,
+        port, web config), and a warning for each that differs: the journal, the backend, the
+        simulated node and the metrics server stay as started. The final scrape wait is the
+        new one (the next stop reads it)."""
         running = self.config
+        endpoint = replace(config.metrics, final_scrape_wait_s=running.metrics.final_scrape_wait_s)
+        if endpoint != running.metrics:
+            log.warning(
+                "reload: metrics.listen_address, port and web_config_file change only at restart"
+            )
         if config.state_dir != running.state_dir:
             log.warning(
                 "reload: state_dir changes only at restart; the saved GPU settings stay in %s "
@@ -1008,8 +1013,13 @@ class Daemon:
             )
         if running.gpu_backend == "sim" and config.sim != running.sim:
             log.warning("reload: sim settings change only at restart")
+        metrics = replace(running.metrics, final_scrape_wait_s=config.metrics.final_scrape_wait_s)
         return replace(
-            config, state_dir=running.state_dir, gpu_backend=running.gpu_backend, sim=running.sim
+            config,
+            state_dir=running.state_dir,
+            gpu_backend=running.gpu_backend,
+            sim=running.sim,
+            metrics=metrics,
         )
 
     def request_stop(self) -> None:

@@ -1582,10 +1582,25 @@ def test_reload_keeps_sim_and_the_metrics_server_as_started(
     assert config.sim == running.sim, "the simulated node stays as built"
     assert config.servers[0].slo.itl_s == 0.05, "the rest is applied"
     assert "sim settings change only at restart" in caplog.text
-    assert "metrics settings change only at restart" in caplog.text
+    assert "metrics.listen_address, port and web_config_file change only" in caplog.text
+    assert config.metrics.port == 19863, "the running config says where it serves"
     ticks = rig.run(2).ticks_total
     (line,) = metric_lines(rig.metrics(), "powerd_ticks_total")
     assert metric_value(line) == ticks, "still published to the running exporter"
+
+
+def test_a_reload_takes_the_final_scrape_wait_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The next stop reads final_scrape_wait_s from the running config: a reload applies it,
+    so the log must not say it waits for a restart."""
+    rig, path = _rig_from_file(tmp_path, lambda data: {**data, "metrics": {"port": 19865}})
+    data = {**_config_data(rig.node), "metrics": {"port": 19865, "final_scrape_wait_s": 5}}
+    path.write_text(yaml.safe_dump(data))
+    with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
+        assert rig.daemon.reload(path) is True
+    assert rig.daemon.config.metrics.final_scrape_wait_s == 5
+    assert "change only at restart" not in caplog.text
 
 
 # ------------------------------------------------------------------------ watchdog
