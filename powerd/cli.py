@@ -209,6 +209,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from powerd.runtime import check_config, check_config_gpus
 
+    _setup_logging(args)
     config = load_config(args.config)
     check_config(config)
     gpus = check_config_gpus(config)
@@ -270,6 +271,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from powerd.sources import SourceError
     from powerd.sources.probe import format_probe, probe
 
+    _setup_logging(args)
     try:
         result = probe(args.url, kind=args.kind, interval_s=args.interval)
     except SourceError as exc:
@@ -282,6 +284,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from powerd.status import StatusError, endpoint, fetch_status, format_status
 
+    _setup_logging(args)
     try:
         target = endpoint(
             args.url,

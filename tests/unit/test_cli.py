@@ -437,6 +437,7 @@ def test_log_level_is_checked_and_taken_after_the_subcommand_too(
     # Every subcommand takes it, status included (nothing listens there: exit 1, not usage's 2).
     url = "http://127.0.0.1:9/metrics"
     assert main(["status", "--log-level", "warning", "--url", url]) == 1
+    assert logging.getLogger().level == logging.WARNING, "and it takes effect there"
 
 
 # ------------------------------------------------------------------------ check-config
