@@ -22,6 +22,7 @@ from powerd.sources import (
     http_fetch,
     make_source,
 )
+from powerd.sources import pool as pool_module
 from powerd.sources.base import MAX_BODY_BYTES
 from powerd.sources.fetch import KeepAliveFetcher
 from tests.unit.test_exporter import wait_until
@@ -274,28 +275,47 @@ def test_many_sources_are_polled_concurrently() -> None:
         assert all(s.up for s in samples), [s.error for s in samples]
 
 
-def test_rates_run_between_the_times_the_server_answered() -> None:
+class VirtualTime:
+    """The pool module's `time`, its monotonic() a clock that only the test moves (the rest is
+    the real module): an answer comes exactly as long after its tick began as the test says,
+    however late a busy machine runs the tick or the worker."""
+
+    def __init__(self, now_s: float) -> None:
+        self.now_s = now_s
+
+    def monotonic(self) -> float:
+        return self.now_s
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def test_rates_run_between_the_times_the_server_answered(monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM and SGLang serve /metrics from the event loop that runs generation, so an answer
     can come 20 ms into one tick and 300 ms into the next: over the tick clock a steady
     1000 tokens/s would read 1280, 720, 1280."""
-    t0 = time.monotonic()
+    # On the real clock the server's counter and the pool's answer times part by however late
+    # a tick or a worker started: 50 ms of it, on a busy machine, is a 5 % rate.
+    clock = VirtualTime(5000.0)
+    monkeypatch.setattr(pool_module, "time", clock)
     latencies_s = iter([0.02, 0.3] * 4)
 
     def fetch(url: str, timeout_s: float) -> FetchResponse:
-        time.sleep(next(latencies_s))
-        tokens = 1000.0 * (time.monotonic() - t0)  # the counter as the server reads it
+        clock.now_s += next(latencies_s)
+        tokens = 1000.0 * clock.now_s  # the counter as the server reads it
         return FetchResponse(200, f"vllm:generation_tokens_total {tokens:.3f}\n".encode(), {})
 
     source = make_source(ServerConfig(name="v", url="http://x/metrics", kind="vllm"), fetch)
     samples = []
     with ScrapePool([source]) as pool:
-        start = time.monotonic()
         for tick in range(5):
-            time.sleep(max(0.0, start + tick - time.monotonic()))
-            samples.extend(pool.poll_all(100.0 + tick, deadline_s=0.6))
+            clock.now_s = 5000.0 + tick  # the tick begins, 1 s after the one before
+            # The fetch ends as soon as its worker runs: a long deadline costs no time.
+            samples.extend(pool.poll_all(100.0 + tick, deadline_s=30.0))
     assert [s.timestamp_s for s in samples] == [100.0, 101.0, 102.0, 103.0, 104.0]
+    assert all(s.up for s in samples), [s.error for s in samples]
     rates = [s.generation_tokens_per_s for s in samples[1:]]
-    assert rates == [pytest.approx(1000.0, rel=0.05)] * 4
+    assert rates == [pytest.approx(1000.0, rel=1e-6)] * 4
 
 
 def test_a_pool_that_replaces_another_waits_for_its_fetch_still_running() -> None:
