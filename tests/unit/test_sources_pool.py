@@ -33,6 +33,9 @@ HITS: dict[str, int] = {}
 PORTS: list[int] = []
 """The client port of each answer sent: one port for several answers is one kept connection."""
 HTTP11: set[str] = set()
+HANG_S = 60.0
+"""How long /hang holds its answer (until RELEASE): far longer than any tick may last, however
+slow the machine, so a tick that waited for it could not pass for one that did not."""
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -42,7 +45,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         HITS[self.path] = HITS.get(self.path, 0) + 1
         if self.path == "/hang":
-            RELEASE.wait(10.0)
+            RELEASE.wait(HANG_S)
             self._send(b"vllm:generation_tokens_total 1\n")
         elif self.path == "/drip":
             self.send_response(200)
@@ -196,7 +199,9 @@ def test_source_over_http_uses_the_restart_header(server: str) -> None:
 
 
 def test_hung_server_does_not_delay_the_tick(server: str) -> None:
-    hung = make_source(ServerConfig(name="hung", url=f"{server}/hang", kind="vllm", timeout_s=5.0))
+    hung = make_source(
+        ServerConfig(name="hung", url=f"{server}/hang", kind="vllm", timeout_s=HANG_S)
+    )
     body = (FIXTURES / "vllm_v1_a.txt").read_bytes()
     fast = make_source(
         ServerConfig(name="fast", url="http://in-process/metrics", kind="vllm"),
@@ -204,24 +209,37 @@ def test_hung_server_does_not_delay_the_tick(server: str) -> None:
     )
     pool = ScrapePool([hung, fast], max_workers=4)
     hits_before = HITS.get("/hang", 0)
+    # Long enough for the in-process answer on a busy machine (a worker thread to start and
+    # run), and a small part of the hang: a tick that waited for the hung server would last
+    # HANG_S, the fetch's own timeout too.
+    deadline_s = 2.0
+
+    def hanging() -> bool:
+        pending = pool._inflight.get(0)
+        return pending is not None and not pending[0].done()
+
     try:
         start = time.monotonic()
-        samples = pool.poll_all(now_s=100.0, deadline_s=0.3)
+        samples = pool.poll_all(now_s=100.0, deadline_s=deadline_s)
         elapsed = time.monotonic() - start
-        assert elapsed < 0.8
+        # The tick ended while the hung fetch still ran.
+        assert hanging(), "the tick waited for the hung server"
+        assert elapsed < HANG_S / 3
         assert [s.server for s in samples] == ["hung", "fast"]
         assert samples[1].up and samples[1].running == 18.0
         assert not samples[0].up
         # The time it has been hanging, at least the deadline (more on a busy machine).
         assert samples[0].error is not None and samples[0].error.startswith("timed out after ")
-        assert float(samples[0].error.split()[3]) >= 0.3
+        assert float(samples[0].error.split()[3]) >= deadline_s
         assert samples[0].timestamp_s == 100.0
 
-        # The hung fetch is still running: the next tick neither waits for it nor stacks a
-        # second request on the server.
+        # The hung fetch is still running: the next tick neither waits for it (it waits only
+        # for the fetch it started, far from a deadline of half the hang) nor stacks a second
+        # request on the server.
         start = time.monotonic()
-        again = pool.poll_all(now_s=101.0, deadline_s=0.3)
-        assert time.monotonic() - start < 0.8
+        again = pool.poll_all(now_s=101.0, deadline_s=HANG_S / 2)
+        assert time.monotonic() - start < HANG_S / 6
+        assert hanging(), "the hung fetch ended: the tick proves nothing"
         assert not again[0].up and again[0].error is not None
         assert again[0].error.startswith("timed out after")
         assert again[1].up and again[1].generation_tokens_per_s == 0.0
