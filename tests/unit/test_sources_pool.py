@@ -36,6 +36,9 @@ HTTP11: set[str] = set()
 HANG_S = 60.0
 """How long /hang holds its answer (until RELEASE): far longer than any tick may last, however
 slow the machine, so a tick that waited for it could not pass for one that did not."""
+DRIP_S = 30.0
+"""How long /drip sends its answer, a line every 50 ms (until RELEASE or the client leaves):
+a fetch that bounded each read, not the whole exchange, would read that long."""
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -49,13 +52,17 @@ class Handler(BaseHTTPRequestHandler):
             self._send(b"vllm:generation_tokens_total 1\n")
         elif self.path == "/drip":
             self.send_response(200)
-            self.send_header("Content-Length", "100000")
+            lines = round(DRIP_S / 0.05)
+            self.send_header("Content-Length", str(64 * lines + 1))  # never all sent
             self.end_headers()
-            for _ in range(100):
+            for _ in range(lines):
                 if RELEASE.wait(0.05):
                     return
-                self.wfile.write(b"# " + b"x" * 60 + b"\n")
-                self.wfile.flush()
+                try:
+                    self.wfile.write(b"# " + b"x" * 61 + b"\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    return
         elif self.path == "/big":
             self._send(b"#" * (3 * 1024 * 1024))
         elif self.path == "/missing":
@@ -156,7 +163,9 @@ def test_fetch_bounds_the_whole_exchange(server: str, make_fetch: FetchFactory) 
     start = time.monotonic()
     with pytest.raises(SourceError, match=r"timed out after 0\.3 s"):
         fetch(f"{server}/drip", 0.3)
-    assert time.monotonic() - start < 1.5
+    # Every read gets its line within 50 ms: only a bound on the whole exchange ends the fetch
+    # before the drip's 30 s. A third of that is a margin no busy machine takes from 0.3 s.
+    assert time.monotonic() - start < DRIP_S / 3
     # The half-read answer is not mistaken for the next one.
     assert fetch(f"{server}/llamacpp_a.txt", 2.0).body == (FIXTURES / "llamacpp_a.txt").read_bytes()
 
