@@ -4,7 +4,6 @@ pynvml on a machine without a driver."""
 from __future__ import annotations
 
 import ctypes
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from powerd.gpu.errors import (
 from powerd.gpu.nvml import NvmlBackend
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
+from tests.unit.test_exporter import ShiftedTime
 
 PROFILE = load_gpu_profile("h100-sxm")
 
@@ -506,18 +506,25 @@ def test_compute_pids_are_below_the_machines_pid_max(
     assert NvmlBackend(fake).compute_pids(fake.uuids[0]) == [111, 32767, 32768, 4_000_000]
 
 
-def test_a_gpu_that_stalls_is_read_no_further_and_taken_for_lost(fake: FakeNvml) -> None:
-    backend = NvmlBackend(fake, stall_s=0.05)
+def test_a_gpu_that_stalls_is_read_no_further_and_taken_for_lost(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The firmware hang's 45 s pass on the backend's clock at once, so the threshold is STALL_S
+    # itself: the read after the recovery has 5 s to answer, not a threshold scaled down to
+    # 50 ms that one slow read on a busy machine crosses.
+    clock = ShiftedTime()
+    monkeypatch.setattr(nvml_module, "time", clock)
+    backend = NvmlBackend(fake)
     uuid = backend.devices()[1].uuid
     waits: list[float] = []
 
     def hang(seconds: float) -> None:
         waits.append(seconds)
-        time.sleep(0.1)  # the firmware hang's 45 s, shortened
+        clock.ahead_s += seconds
 
     fake.sleep = hang
     fake.stall_gpu(1, 45.0)
-    with pytest.raises(GpuLost, match="stopped answering"):
+    with pytest.raises(GpuLost, match=r"stopped answering: its reading took 45\.0 s"):
         backend.read(uuid)
     assert waits == [45.0], "one call waited; the other six reads were not tried"
     assert backend.error_counts[("nvmlDeviceGetPowerUsage", "gpu_lost")] == 1, (
