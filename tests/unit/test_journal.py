@@ -18,11 +18,14 @@ import pynvml
 import pytest
 
 from powerd import journal as journal_module
+from powerd.gpu import nvml as nvml_module
+from powerd.gpu.backend import STALL_S
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal, JournalError, OriginalUnreadable, restore_all
 from powerd.model import GpuInfo
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
+from tests.unit.test_exporter import ShiftedTime
 
 PROFILE = load_gpu_profile("h100-sxm")
 DEFAULT_MW = round(PROFILE.power_limit_default_w * 1000)
@@ -668,21 +671,29 @@ def test_a_restore_that_puts_back_one_knob_of_two_says_which_is_held(tmp_path: P
     assert fake.plant.locked_clocks(1) is None and fake.plant.power_limit_mw(1) == 450_000
 
 
-def test_a_slow_open_before_a_failed_call_is_no_stall(tmp_path: Path) -> None:
+def test_a_slow_open_before_a_failed_call_is_no_stall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Only the failed call's own time marks a stall: a fresh process's slow first open of a
     GPU, then a reset refused at once, must not keep the limit from coming back."""
+    # The slow open passes at once on the clock of the backend and of the restore, and the
+    # threshold is STALL_S: the refusal has 5 s to come, not 50 ms that a busy machine's slow
+    # call may cross.
+    clock = ShiftedTime()
+    monkeypatch.setattr(nvml_module, "time", clock)
+    monkeypatch.setattr(journal_module, "time", clock)
     fake, backend, infos = make_node(1)
     journal = Journal(tmp_path / "journal.json")
     change(backend, journal, infos[0], 450_000)
     by_uuid = fake.nvmlDeviceGetHandleByUUID
 
     def slow_open(uuid: Any) -> Any:
-        time.sleep(0.1)
+        clock.ahead_s += 6 * STALL_S
         return by_uuid(uuid)
 
     fake.nvmlDeviceGetHandleByUUID = slow_open  # type: ignore[method-assign]
     fake.inject_error(0, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Unknown)
-    report = restore_all(NvmlBackend(fake), Journal(journal.path), stall_s=0.05)
+    report = restore_all(NvmlBackend(fake), Journal(journal.path))
     assert "tried no further" not in report.failed[infos[0].uuid]
     assert report.held == {infos[0].uuid: ("clocks",)}
     assert fake.plant.power_limit_mw(0) == DEFAULT_MW, "the limit came back"
