@@ -61,7 +61,8 @@ def test_wait_returns_at_once_when_set_and_after_the_timeout_when_not() -> None:
     assert time.monotonic() - start >= 0.04
     flag.set()
     start = time.monotonic()
-    assert flag.wait(5.0) is True
-    assert time.monotonic() - start < 1.0
+    # At once: within a third of the timeout, a margin no busy machine takes.
+    assert flag.wait(30.0) is True
+    assert time.monotonic() - start < 10.0
     flag.clear()
     assert not flag.is_set() and flag.wait(0.0) is False, "a cleared flag's wake-ups are drained"
