@@ -722,22 +722,22 @@ def test_check_config_refuses_a_grid_that_run_would_refuse(
 
 
 def test_the_example_configs_grid_section_and_file_format_are_valid(tmp_path: Path) -> None:
-    """What config/powerd.yaml shows commented out under `grid:` loads as it is written, and
+    """What config/powerd.yaml shows commented out under `# grid:` loads as it is written, and
     its grid.json example reads without a problem."""
     lines = (REPO_ROOT / "config" / "powerd.yaml").read_text().splitlines()
-    start = lines.index("grid:")
+    start = lines.index("# grid:")
     section = []
     for line in lines[start + 1 :]:
-        if not line.startswith("  "):
+        if not line.startswith("#"):
             break
         section.append(line)
-    keyed = re.compile(r"^  # ([a-z_]+): (.*)$")
+    keyed = re.compile(r"^#   ([a-z_]+): (.*)$")
     uncommented = ["grid:"]
     for line in section:
         match = keyed.match(line)
         if match and "[...]" not in match[2]:
             uncommented.append(f"  {match[1]}: {match[2]}")
-        elif line.startswith("  #   0."):  # the schedule's second line
+        elif line.startswith("#     0."):  # the schedule's second line
             uncommented.append("    " + line[6:])
     path = tmp_path / "powerd.yaml"
     path.write_text("\n".join(uncommented) + "\n")
@@ -747,7 +747,7 @@ def test_the_example_configs_grid_section_and_file_format_are_valid(tmp_path: Pa
     assert grid.price_schedule_per_kwh is not None and grid.price_schedule_per_kwh[18] == 0.30
 
     example = json.loads(
-        " ".join(line[6:] for line in section if line.startswith("  #   ") and '"' in line)
+        " ".join(line[6:] for line in section if line.startswith("#     ") and '"' in line)
     )
     grid_json = tmp_path / "grid.json"
     write_json(grid_json, example)
