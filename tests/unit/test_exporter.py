@@ -56,6 +56,7 @@ from powerd.model import (
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
 from tests.conftest import require_program
+from tests.unit.clocks import ManualTime
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "exporter_small.golden"
 BUILD_INFO = {"version": "0.0.0-test", "python": "3.x"}
@@ -852,20 +853,6 @@ def read_answer(sock: socket.socket, timeout_s: float = 10.0) -> bytes:
         if not chunk:
             return answer
         answer += chunk
-
-
-class ManualTime:
-    """The metrics server module's `time`, whose monotonic() moves only when the test moves it:
-    no deadline passes on a busy machine unless the test says so."""
-
-    def __init__(self) -> None:
-        self.now_s = time.monotonic()
-
-    def monotonic(self) -> float:
-        return self.now_s
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
 
 
 def hold_connections(exporter: Exporter, sent: bytes, held: list[socket.socket]) -> None:

@@ -23,7 +23,7 @@ from powerd.gpu.errors import (
 from powerd.gpu.nvml import NvmlBackend
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
-from tests.unit.test_exporter import ShiftedTime
+from tests.unit.clocks import ShiftedTime
 
 PROFILE = load_gpu_profile("h100-sxm")
 

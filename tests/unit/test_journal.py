@@ -25,7 +25,7 @@ from powerd.journal import Journal, JournalError, OriginalUnreadable, restore_al
 from powerd.model import GpuInfo
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
-from tests.unit.test_exporter import ShiftedTime
+from tests.unit.clocks import ShiftedTime
 
 PROFILE = load_gpu_profile("h100-sxm")
 DEFAULT_MW = round(PROFILE.power_limit_default_w * 1000)

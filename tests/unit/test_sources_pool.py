@@ -25,6 +25,7 @@ from powerd.sources import (
 from powerd.sources import pool as pool_module
 from powerd.sources.base import MAX_BODY_BYTES
 from powerd.sources.fetch import KeepAliveFetcher
+from tests.unit.clocks import ManualTime
 from tests.unit.test_exporter import wait_until
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
@@ -302,28 +303,13 @@ def test_many_sources_are_polled_concurrently() -> None:
         assert all(s.up for s in samples), [s.error for s in samples]
 
 
-class VirtualTime:
-    """The pool module's `time`, its monotonic() a clock that only the test moves (the rest is
-    the real module): an answer comes exactly as long after its tick began as the test says,
-    however late a busy machine runs the tick or the worker."""
-
-    def __init__(self, now_s: float) -> None:
-        self.now_s = now_s
-
-    def monotonic(self) -> float:
-        return self.now_s
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
-
-
 def test_rates_run_between_the_times_the_server_answered(monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM and SGLang serve /metrics from the event loop that runs generation, so an answer
     can come 20 ms into one tick and 300 ms into the next: over the tick clock a steady
     1000 tokens/s would read 1280, 720, 1280."""
     # On the real clock the server's counter and the pool's answer times part by however late
     # a tick or a worker started: 50 ms of it, on a busy machine, is a 5 % rate.
-    clock = VirtualTime(5000.0)
+    clock = ManualTime(5000.0)
     monkeypatch.setattr(pool_module, "time", clock)
     latencies_s = iter([0.02, 0.3] * 4)
 
