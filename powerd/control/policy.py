@@ -411,7 +411,7 @@ class Controller:
 
     @property
     def guards_prefill(self) -> bool:
-        return True
+        return self._config.mode in ("efficiency", "target")
 
     def prefill_guard(self, backlog_tokens: Mapping[str, float]) -> dict[str, int]:
         """Caps to raise now, by group name: where a group's prompt backlog (tokens its server

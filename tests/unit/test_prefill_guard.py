@@ -542,11 +542,17 @@ class _NoGuardPolicy(PolicyBase):
         return self._inner.decide(now_s, observations)
 
 
-def test_a_policy_without_a_prefill_guard_has_no_backlog_read(tmp_path: Path) -> None:
-    """A read of /v1/loads four times a second, for a policy that cannot use it, is an HTTP
-    request to the server and a wait on it for nothing."""
-    rig = make_rig(tmp_path, sim=SGLANG_NODE)
-    rig.daemon.policy = _NoGuardPolicy(rig.daemon.config, [g.spec for g in rig.daemon.groups])
+@pytest.mark.parametrize("mode", ["no guard", "budget", "off"])
+def test_a_policy_without_a_prefill_guard_has_no_backlog_read(tmp_path: Path, mode: str) -> None:
+    """A read of /v1/loads four times a second, for a policy that cannot use it (one with no
+    guard; the Controller between ticks in budget and off modes), is an HTTP request to the
+    server and a wait on it for nothing."""
+    if mode == "no guard":
+        rig = make_rig(tmp_path, sim=SGLANG_NODE)
+        groups = [g.spec for g in rig.daemon.groups]
+        rig.daemon.policy = _NoGuardPolicy(rig.daemon.config, groups)
+    else:
+        rig = make_rig(tmp_path, sim=SGLANG_NODE, mode=mode, node_power_budget_w=900.0)
     for _ in range(20):
         rig.node.advance(0.5)
         rig.daemon.guard(rig.node.now_s)
