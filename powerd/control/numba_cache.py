@@ -126,11 +126,12 @@ def _others_write(st: os.stat_result) -> bool:
 
 
 def prune_stale(folder: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
-    """Mark `folder` (this code's) as used now, and remove the folders beside it that powerd
-    marked as its own under another digest and no start has used for `stale_after_s`: each
-    upgrade or edit of the kernels leaves one behind (a few MB). A folder without the mark
-    (another program's, in a base it shares), a link, or another user's is left, as is one
-    that cannot be removed. Returns those removed."""
+    """Mark `folder` (this code's) as used now, and remove the folders beside it that are
+    powerd's under another digest and no start has used for `stale_after_s`: each upgrade or
+    edit of the kernels leaves one behind (a few MB). powerd's are those with its mark, and
+    those of releases before the mark that hold numba's cache files alone. A folder of another
+    program (in a base it shares), a link, or another user's is left, as is one that cannot be
+    removed. Returns those removed."""
     _mark_used(folder)
     removed: list[Path] = []
     cutoff_s = time.time() - stale_after_s
@@ -142,15 +143,45 @@ def prune_stale(folder: Path, stale_after_s: float = STALE_AFTER_S) -> list[Path
         if sibling.name == folder.name or not _DIGEST_NAME.match(sibling.name):
             continue
         try:
-            st, mark = sibling.lstat(), (sibling / USED_MARK).lstat()
+            st = sibling.lstat()
         except OSError:
             continue
-        ours = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() == mark.st_uid
-        if ours and stat.S_ISREG(mark.st_mode) and mark.st_mtime < cutoff_s:
+        if not (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()):
+            continue
+        used_s = _last_used_s(sibling)
+        if used_s is not None and used_s < cutoff_s:
             shutil.rmtree(sibling, ignore_errors=True)
             if not sibling.exists():
                 removed.append(sibling)
     return removed
+
+
+def _last_used_s(folder: Path) -> float | None:
+    """When powerd last used `folder`: its mark's time; for a folder from before the mark, the
+    newest time in it, where it holds numba's index and data files alone (as folders under
+    it). None when it is not powerd's, or cannot be read."""
+    uid = os.getuid()
+    try:
+        mark = (folder / USED_MARK).lstat()
+        if stat.S_ISREG(mark.st_mode) and mark.st_uid == uid:
+            return mark.st_mtime
+    except OSError:
+        pass
+    newest_s = 0.0
+    found = False
+    try:
+        for path in folder.rglob("*"):
+            st = path.lstat()
+            if st.st_uid != uid:
+                return None
+            if stat.S_ISREG(st.st_mode) and path.suffix in (".nbi", ".nbc"):
+                found = True
+            elif not stat.S_ISDIR(st.st_mode):
+                return None
+            newest_s = max(newest_s, st.st_mtime)
+    except OSError:
+        return None
+    return newest_s if found else None
 
 
 def _mark_used(folder: Path) -> None:

@@ -198,3 +198,26 @@ def test_another_users_stale_folder_is_left(tmp_path: Path) -> None:
 def test_a_base_that_cannot_be_made_prunes_nothing(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     assert numba_cache.prune_stale(tmp_path / "a-file" / "0123456789abcdef") == []
+
+
+def test_a_folder_from_before_the_mark_holding_numba_files_alone_is_removed(
+    tmp_path: Path,
+) -> None:
+    """The release before the mark left its folder unmarked: the first upgrade would keep it
+    for good. Its files tell it: numba's index and data files, in numba's folders."""
+    month_s = numba_cache.STALE_AFTER_S
+    older = _aged(tmp_path / "fedcba9876543210", 2 * month_s, marked=False)
+    (older / "work_main_powerd").mkdir()
+    for name in ("kernels.step-100.py311.nbi", "kernels.step-100.py311.1.nbc"):
+        (older / "work_main_powerd" / name).write_bytes(b"")
+    then_s = time.time() - 2 * month_s
+    for path in [*older.rglob("*"), older]:
+        os.utime(path, (then_s, then_s))
+    recent = _aged(tmp_path / "00000000000000aa", 2 * month_s, marked=False)
+    (recent / "kernels.step-100.py311.nbc").write_bytes(b"")  # compiled again a moment ago
+    theirs = _aged(tmp_path / "00000000000000bb", 2 * month_s, marked=False)
+    (theirs / "notes.txt").write_text("not numba's")
+    os.utime(theirs / "notes.txt", (then_s, then_s))
+
+    assert numba_cache.prune_stale(tmp_path / "0123456789abcdef") == [older]
+    assert recent.exists() and theirs.exists()
