@@ -33,7 +33,7 @@ def _logging_as_found(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     root, numba_logger = logging.getLogger(), logging.getLogger("numba")
     handlers, level, numba_level = list(root.handlers), root.level, numba_logger.level
     yield
-    for handler in root.handlers:
+    for handler in list(root.handlers):
         # pytest's own capture handler of this phase came after the snapshot: it removes it.
         if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
             root.removeHandler(handler)
