@@ -100,7 +100,8 @@ class Policy(Protocol):
 
 class PolicyBase:
     """Defaults for a Policy that has no kernels to compile, no budget to miss, no prefill
-    guard and nothing to report per group. Subclasses set `name` and define decide()."""
+    guard (unless it defines prefill_guard) and nothing to report per group. Subclasses set
+    `name` and define decide()."""
 
     def reconfigure(self, config: Config, groups: Sequence[GroupSpec]) -> None:
         # Only the daemon's own Controller is reconfigured in place; a policy from a factory
@@ -117,7 +118,9 @@ class PolicyBase:
 
     @property
     def guards_prefill(self) -> bool:
-        return False
+        # A subclass that defines its own guard is asked for it; one that keeps the no-op is
+        # read no backlogs for.
+        return type(self).prefill_guard is not PolicyBase.prefill_guard
 
     def prefill_guard(self, backlog_tokens: Mapping[str, float]) -> dict[str, int]:
         return {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -540,6 +540,19 @@ class _NoGuardPolicy(PolicyBase):
 
     def decide(self, now_s: float, observations: Sequence[GroupObservation]) -> list[GroupDecision]:
         return self._inner.decide(now_s, observations)
+
+
+def test_a_policy_that_defines_a_prefill_guard_is_asked_for_it() -> None:
+    """PolicyBase's guards_prefill follows whether a subclass has its own guard: one that
+    defines prefill_guard and forgets guards_prefill must not lose its guard without a word."""
+
+    class Guarding(_NoGuardPolicy):
+        def prefill_guard(self, backlog_tokens: Mapping[str, float]) -> dict[str, int]:
+            return {name: 1980 for name in backlog_tokens}
+
+    config = Config()
+    assert Guarding(config, []).guards_prefill
+    assert not _NoGuardPolicy(config, []).guards_prefill
 
 
 @pytest.mark.parametrize("mode", ["no guard", "budget", "off"])
