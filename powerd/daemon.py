@@ -209,7 +209,7 @@ class Daemon:
     def _reconfigure_policy(self, config: Config) -> None:
         """Give the policy the controlled groups of self.groups under `config`; the controller
         keeps what it learned of groups that stay."""
-        if self._policy_factory is None:
+        if isinstance(self.policy, Controller) and self._policy_factory is None:
             self.policy.reconfigure(
                 self._budget_less_reserve(config),
                 [group.spec for group in self.groups if group.controlled],
@@ -734,9 +734,9 @@ class Daemon:
     def guards_backlog(self) -> bool:
         """Whether guard() can act: it is on, fits twice between ticks, the policy has a
         prefill guard, and a server is, or may turn out to be, SGLang."""
-        guard_s = self.config.control.prefill_guard_interval_s
         if not self.policy.guards_prefill:
             return False
+        guard_s = self.config.control.prefill_guard_interval_s
         return 0 < guard_s <= self.config.interval_s / 2 and any(
             group.source.kind in ("sglang", "auto") for group in self.groups
         )
@@ -995,8 +995,8 @@ class Daemon:
         simulated node and the metrics server stay as started. The final scrape wait is the
         new one (the next stop reads it)."""
         running = self.config
-        endpoint = replace(config.metrics, final_scrape_wait_s=running.metrics.final_scrape_wait_s)
-        if endpoint != running.metrics:
+        metrics = replace(running.metrics, final_scrape_wait_s=config.metrics.final_scrape_wait_s)
+        if config.metrics != metrics:
             log.warning(
                 "reload: metrics.listen_address, port and web_config_file change only at restart"
             )
@@ -1013,7 +1013,6 @@ class Daemon:
             )
         if running.gpu_backend == "sim" and config.sim != running.sim:
             log.warning("reload: sim settings change only at restart")
-        metrics = replace(running.metrics, final_scrape_wait_s=config.metrics.final_scrape_wait_s)
         return replace(
             config,
             state_dir=running.state_dir,

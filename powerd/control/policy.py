@@ -60,19 +60,15 @@ class GroupSpec:
 class Policy(Protocol):
     """Anything that turns one tick's observations into one decision per group.
 
-    Controller is the daemon's own; a policy a caller hands the daemon through a factory may
-    take PolicyBase's defaults for what it does not do."""
+    Controller is the daemon's own, and the only one it reconfigures in place on a reload; a
+    policy a caller hands the daemon through a factory is made again through the factory, and
+    may take PolicyBase's defaults for what it does not do."""
 
     name: str
 
     def decide(
         self, now_s: float, observations: Sequence[GroupObservation]
     ) -> list[GroupDecision]: ...
-
-    def reconfigure(self, config: Config, groups: Sequence[GroupSpec]) -> None:
-        """Take a new config and set of groups in place. The daemon calls it only on the
-        policy it made itself; one from a factory is made again through the factory."""
-        ...
 
     @property
     def budget_feasible(self) -> bool:
@@ -102,12 +98,6 @@ class PolicyBase:
     """Defaults for a Policy that has no kernels to compile, no budget to miss, no prefill
     guard (unless it defines prefill_guard) and nothing to report per group. Subclasses set
     `name` and define decide()."""
-
-    def reconfigure(self, config: Config, groups: Sequence[GroupSpec]) -> None:
-        # Only the daemon's own Controller is reconfigured in place; a policy from a factory
-        # is rebuilt through it (Daemon._reconfigure_policy). Keeping the old groups silently
-        # would be wrong, so there is no quiet default.
-        raise NotImplementedError(f"{type(self).__name__} is rebuilt, not reconfigured")
 
     @property
     def budget_feasible(self) -> bool:
