@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="W",
         help="the budget of --mode budget",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_non_negative_int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no line per tick")
     demo.set_defaults(func=_cmd_demo)
 
@@ -195,6 +195,7 @@ def _number(
 
 
 _positive_int = _number(int, "an integer", lambda v: v >= 1, "at least 1")
+_non_negative_int = _number(int, "an integer", lambda v: v >= 0, "at least 0")
 _positive_float = _number(float, "a number", lambda v: 0 < v < math.inf, "a positive number")
 _port = _number(int, "a port number", lambda v: 0 <= v <= 65535, "in [0, 65535]")
 

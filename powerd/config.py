@@ -295,6 +295,8 @@ class SimConfig:
             raise ConfigError(f"{path}.tp: must divide gpus ({self.gpus}), got {self.tp}")
         _positive(f"{path}.time_compression", self.time_compression)
         _positive(f"{path}.peak_load", self.peak_load)
+        if self.seed < 0:
+            raise ConfigError(f"{path}.seed: must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True, slots=True)

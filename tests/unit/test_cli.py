@@ -576,6 +576,7 @@ def test_demo_with_its_metrics_port_taken_is_one_line(
         (["--metrics-port", "70000"], "argument --metrics-port: must be in [0, 65535]"),
         (["--duration", "0"], "argument --duration: must be a positive number, got 0"),
         (["--peak-load", "nan"], "argument --peak-load: must be a positive number"),
+        (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
     ],
 )
 def test_demo_argument_errors_are_argparse_errors(

@@ -187,6 +187,7 @@ def test_empty_document_gives_defaults() -> None:
         ({"grid": {"price_file": "/run/powerd/grid.json"}}, "grid.price_file: unknown key"),
         ({"sim": {"gpus": 4, "tp": 3}}, "sim.tp: must divide gpus"),
         ({"sim": {"server_kind": "nope"}}, "sim.server_kind: must be one of vllm"),
+        ({"sim": {"seed": -1}}, "sim.seed: must be >= 0, got -1"),
         ([1, 2], "the top level: expected a mapping"),
     ],
 )
