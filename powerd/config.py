@@ -297,6 +297,10 @@ class SimConfig:
         _positive(f"{path}.peak_load", self.peak_load)
         if self.seed < 0:
             raise ConfigError(f"{path}.seed: must be >= 0, got {self.seed}")
+        if self.state_file is not None and not self.state_file.strip():
+            raise ConfigError(
+                f"{path}.state_file: must not be empty; leave the key out for no state file"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,7 +488,7 @@ def _lenient_sim(data: object, problems: list[str]) -> SimConfig:
         sim.validate("sim")
     except ConfigError as exc:
         problems.append(f"{exc}; using the default sim settings but its state_file")
-        sim = SimConfig(state_file=sim.state_file)
+        sim = SimConfig(state_file=sim.state_file if sim.state_file else None)
     return sim
 
 

@@ -201,9 +201,10 @@ def check_config_gpus(config: Config) -> str:
 
 
 def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None:
-    """ConfigError when the simulator has no such GPU profile, model profile or trace, or the
-    model does not fit on its GPUs; the message names the key (sim.gpu_model, ...), or its
-    entry in `keys` (a command-line option) where given."""
+    """ConfigError when the simulator has no such GPU profile, model profile or trace, the
+    model does not fit on its GPUs, or the state file cannot be read as one; the message
+    names the key (sim.gpu_model, ...), or its entry in `keys` (a command-line option) where
+    given."""
     from powerd.sim.models import get_model_profile
     from powerd.sim.traces import AZURE_CONV_NAMES, TRACE_NAMES
     from powerd.simulation import gpu_profile_for, model_name_for
@@ -224,6 +225,13 @@ def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None
         model.kv_capacity_tokens(profile.memory_gb, sim.tp)
     except ValueError as exc:
         raise ConfigError(f"{name('model')}: {exc} (give it more GPUs with {name('tp')})") from None
+    if sim.state_file is not None:
+        from powerd.sim.device_state import DeviceStateError, DeviceStateFile
+
+        try:
+            DeviceStateFile(sim.state_file).check()
+        except DeviceStateError as exc:
+            raise ConfigError(f"{name('state_file')}: {exc}") from None
     trace = sim.trace
     known = (*TRACE_NAMES, *AZURE_CONV_NAMES)
     if trace is not None and trace.strip() not in known and not Path(trace).is_file():
@@ -245,9 +253,14 @@ def open_backend(config: Config) -> GpuBackend:
     from powerd.gpu.nvml import NvmlBackend
 
     if config.gpu_backend == "sim":
+        from powerd.sim.device_state import DeviceStateError
         from powerd.simulation import detached_fake_nvml
 
-        return NvmlBackend(detached_fake_nvml(config.sim))
+        try:
+            return NvmlBackend(detached_fake_nvml(config.sim))
+        except DeviceStateError as exc:
+            # The simulated node's driver state: unusable, as a broken driver would be.
+            raise GpuUnavailable(f"sim.state_file: {exc}") from None
     return NvmlBackend()
 
 

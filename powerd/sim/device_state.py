@@ -106,6 +106,8 @@ class DeviceStateFile:
             return {"format": FORMAT, "boot_id": "", "gpus": {}}
         except OSError as exc:
             raise DeviceStateError(f"cannot read device state {self.path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise DeviceStateError(f"device state {self.path} is not UTF-8") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -144,6 +146,14 @@ class DeviceStateFile:
         """Every GPU's settings; a missing file means every GPU is at its defaults."""
         with self._locked(exclusive=False):
             data = self._read_unlocked()
+        return self._settings(data)
+
+    def check(self) -> None:
+        """DeviceStateError when the file exists but cannot be read as one. Takes no lock and
+        creates nothing, for a config check."""
+        self._settings(self._read_unlocked())
+
+    def _settings(self, data: dict[str, Any]) -> dict[str, GpuSettings]:
         return {
             str(uuid): GpuSettings.from_json(entry, f"{self.path}: gpus[{uuid!r}]")
             for uuid, entry in data["gpus"].items()

@@ -496,6 +496,28 @@ def test_check_config_refuses_what_run_would(
     )
 
 
+def test_a_sim_state_file_that_cannot_be_read_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config and run name sim.state_file; restore, which must not refuse a config,
+    says the simulated GPUs cannot be opened and exits 1, as without a driver."""
+    data, state_file = _throttled_node(tmp_path)
+    state_file.write_bytes(b"\xff\xfe garbage")
+    err = _check(tmp_path, data, capsys)
+    assert err == f"powerd: sim.state_file: device state {state_file} is not UTF-8\n"
+    assert main(["run", "--config", str(tmp_path / "powerd.yaml")]) == EX_CONFIG
+    assert capsys.readouterr().err == err
+    assert main(["restore", "--config", str(tmp_path / "powerd.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"powerd restore: sim.state_file: device state {state_file} is not")
+    assert "Traceback" not in err
+    state_file.unlink()
+    state_file.mkdir()
+    assert _check(tmp_path, data, capsys) == (
+        f"powerd: sim.state_file: cannot read device state {state_file}: Is a directory\n"
+    )
+
+
 def test_check_config_checks_the_gpus_where_it_can_open_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -188,6 +188,7 @@ def test_empty_document_gives_defaults() -> None:
         ({"sim": {"gpus": 4, "tp": 3}}, "sim.tp: must divide gpus"),
         ({"sim": {"server_kind": "nope"}}, "sim.server_kind: must be one of vllm"),
         ({"sim": {"seed": -1}}, "sim.seed: must be >= 0, got -1"),
+        ({"sim": {"state_file": ""}}, "sim.state_file: must not be empty; leave the key out"),
         ([1, 2], "the top level: expected a mapping"),
     ],
 )
