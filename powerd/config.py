@@ -492,15 +492,15 @@ def _lenient_sim(data: object, problems: list[str]) -> SimConfig:
     return sim
 
 
-def read_yaml(path: str | Path, *, strict: bool = True) -> object:
-    """The parsed YAML document of a config file; ConfigError naming the file when it cannot
-    be read, is not UTF-8, is not YAML, or repeats a key within one mapping. Not `strict`,
-    bytes that are not UTF-8 become U+FFFD and the last of a repeated key wins (plain
-    PyYAML), so what is still legible can be read."""
+def read_yaml(path: str | Path, *, strict: bool = True, what: str = "config") -> object:
+    """The parsed YAML document of a config file (`what` names its kind in messages);
+    ConfigError naming the file when it cannot be read, is not UTF-8, is not YAML, or repeats
+    a key within one mapping. Not `strict`, bytes that are not UTF-8 become U+FFFD and the
+    last of a repeated key wins (plain PyYAML), so what is still legible can be read."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
         text = raw.decode("utf-8", errors="strict" if strict else "replace")
     except UnicodeDecodeError as exc:

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bcrypt
-import yaml
 
-from powerd.config import ConfigError
+from powerd.config import ConfigError, read_yaml
 
 _TLS_VERSIONS: dict[str, ssl.TLSVersion] = {
     "TLS10": ssl.TLSVersion.TLSv1,
@@ -125,13 +124,9 @@ def load_web_config(path: str | Path) -> WebConfig:
     """Read and validate a web-config file; relative file names resolve against its folder."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise WebConfigError(f"cannot read web config {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise WebConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path, what="web config")
+    except ConfigError as exc:
+        raise WebConfigError(str(exc)) from None
     return parse_web_config(data, base_dir=path.parent)
 
 

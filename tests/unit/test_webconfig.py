@@ -141,6 +141,34 @@ def test_unreadable_and_invalid_files_are_clear_errors(tmp_path: Path) -> None:
         load_web_config(bad)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"basic_auth_users:\n  prom: x # \x80\n", "not UTF-8 (byte 0x80 on line 2)"),
+        (
+            b"basic_auth_users: {}\nbasic_auth_users: {}\n",
+            "line 2: key 'basic_auth_users' is given twice (first on line 1)",
+        ),
+        (
+            f"basic_auth_users:\n  prom: {HASH}\n  prom: {HASH}\n".encode(),
+            "line 3: key 'prom' is given twice (first on line 2)",
+        ),
+        (b"a: [1\nb: 2\n", "not valid YAML: line 2, column 2: expected ',' or ']'"),
+    ],
+)
+def test_a_web_config_is_read_as_strictly_as_the_config(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    """One line naming the file and the line: a second user that would replace the first, or
+    a TLS section given twice, is not quietly dropped."""
+    path = tmp_path / "web.yml"
+    path.write_bytes(content)
+    with pytest.raises(WebConfigError) as info:
+        load_web_config(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(info.value)
+
+
 def test_basic_auth_accepts_only_the_right_password() -> None:
     auth = BasicAuth({"prometheus": HASH})
     assert auth.check(basic("prometheus", PASSWORD))
