@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from powerd.config import yaml_problem
+from powerd.config import read_yaml
 from powerd.control.kernels import jit
 from powerd.model import (
     REASON_GPU_IDLE,
@@ -188,7 +187,7 @@ def _check_profile_relations(p: GpuProfile, where: str) -> None:
         raise bad("substep_s", "must not exceed instant_window_s")
 
 
-def gpu_profile_from_dict(data: dict[str, Any], where: str = "profile") -> GpuProfile:
+def gpu_profile_from_dict(data: object, where: str = "profile") -> GpuProfile:
     """Build and validate a profile; unknown keys and bad values raise ValueError naming the key."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of profile keys, got {type(data).__name__}")
@@ -218,7 +217,8 @@ def list_gpu_profiles() -> list[str]:
 
 
 def load_gpu_profile(name_or_path: str | Path) -> GpuProfile:
-    """A built-in profile by name (see list_gpu_profiles) or a YAML file by path."""
+    """A built-in profile by name (see list_gpu_profiles) or a YAML file by path, read as a
+    config is (config.read_yaml); ValueError naming the file and the key otherwise."""
     text = str(name_or_path)
     path = Path(text)
     if not (text.endswith((".yaml", ".yml")) or path.is_file()):
@@ -226,12 +226,7 @@ def load_gpu_profile(name_or_path: str | Path) -> GpuProfile:
             known = ", ".join(list_gpu_profiles())
             raise ValueError(f"unknown GPU profile {text!r}; known profiles: {known}")
         path = PROFILE_DIR / f"{text}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read GPU profile {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ValueError(f"GPU profile {path} is not valid YAML: {yaml_problem(exc)}") from None
+    data = read_yaml(path, what="GPU profile")
     return gpu_profile_from_dict(data, where=str(path))
 
 

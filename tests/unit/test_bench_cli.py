@@ -203,5 +203,5 @@ def test_a_gpu_profile_that_is_not_yaml_is_one_line(
     bad.write_text("name: [broken\nsm_clock_max_mhz: 1980\n")
     assert run_bench_command(_parse("--gpu-profile", str(bad))) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"powerd bench: GPU profile {bad} is not valid YAML: line ")
+    assert err.startswith(f"powerd bench: {bad}: not valid YAML: line ")
     assert err.count("\n") == 1

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 from powerd.control.kernels import jit
 from powerd.model import REASON_GPU_IDLE, REASON_SW_POWER_CAP, REASON_SW_THERMAL
 from powerd.sim.plant import (
+    PROFILE_DIR,
     S_CLOCK_MHZ,
     S_GAIN,
     S_TEMP_C,
@@ -106,6 +108,26 @@ def test_missing_key_and_unknown_name_are_clear_errors(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_gpu_profile(bad)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: text + b"memory_gb: 40\n", "key 'memory_gb' is given twice (first on line"),
+        (lambda text: text + b"# 80 GB \xb7 HBM3\n", "not UTF-8 (byte 0xb7 on line"),
+    ],
+    ids=["duplicate-key", "not-utf8"],
+)
+def test_a_profile_file_is_read_as_strictly_as_the_config(
+    tmp_path: Path, edit: Callable[[bytes], bytes], message: str
+) -> None:
+    """A key given twice would silently keep the last value (the simulated GPU then has half
+    the memory the operator read at the top); a byte that is not UTF-8 names the file."""
+    path = tmp_path / "custom.yaml"
+    path.write_bytes(edit((PROFILE_DIR / "h100-sxm.yaml").read_bytes()))
+    with pytest.raises(ValueError) as info:
+        load_gpu_profile(path)
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
 
 
 # -- calibration against published figures -------------------------------------------------------
