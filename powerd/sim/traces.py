@@ -9,9 +9,11 @@ uses a given share of the node's capacity, estimated from the engine's roofline 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,19 +109,31 @@ def load_azure_trace(
     """Read an Azure LLM inference trace (TIMESTAMP,ContextTokens,GeneratedTokens).
 
     Timestamps are datetimes (any fractional digits, no zone); times are seconds from the
-    first. rate_scale thins (<1) or replicates (>1) requests deterministically;
-    time_compression divides every inter-arrival time. Raises ValueError naming the file and
-    line for anything it cannot read.
+    first. Blank lines and a byte-order mark are ignored; token counts of 0 count as 1.
+    rate_scale thins (<1) or replicates (>1) requests deterministically; time_compression
+    divides every inter-arrival time. Raises ValueError naming the file and line for
+    anything it cannot read, and for requests that all arrive at one instant.
     """
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
+        raw = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read trace {path}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"trace {path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line})"
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = [(reader.line_num, row) for row in reader if any(f.strip() for f in row)]
+    except csv.Error as exc:
+        raise ValueError(f"trace {path}, line {reader.line_num}: {exc}") from None
     if not rows:
         raise ValueError(f"trace {path} is empty")
-    header = [h.strip() for h in rows[0]]
+    header = [h.strip() for h in rows[0][1]]
     try:
         i_ts = header.index("TIMESTAMP")
         i_ctx = header.index("ContextTokens")
@@ -129,30 +143,60 @@ def load_azure_trace(
             f"trace {path}: header must name TIMESTAMP, ContextTokens and GeneratedTokens, "
             f"got {','.join(header)}"
         ) from None
+    lines = [line for line, _ in rows[1:]]
     stamps: list[str] = []
-    prompt = np.empty(len(rows) - 1, dtype=np.int64)
-    gen = np.empty(len(rows) - 1, dtype=np.int64)
-    for n, row in enumerate(rows[1:]):
+    prompt = np.empty(len(lines), dtype=np.int64)
+    gen = np.empty(len(lines), dtype=np.int64)
+    for n, (line, row) in enumerate(rows[1:]):
         try:
             stamps.append(row[i_ts].strip())
             prompt[n] = int(row[i_ctx])
             gen[n] = int(row[i_gen])
-        except (IndexError, ValueError):
-            raise ValueError(f"trace {path}, line {n + 2}: cannot read {row!r}") from None
+        except (IndexError, ValueError, OverflowError):
+            raise ValueError(f"trace {path}, line {line}: cannot read {row!r}") from None
+        if prompt[n] < 0 or gen[n] < 0:
+            raise ValueError(f"trace {path}, line {line}: a negative token count in {row!r}")
     if not stamps:
         raise ValueError(f"trace {path} has no requests")
-    try:
-        ts = np.array(stamps, dtype="datetime64[ns]")
-    except ValueError as exc:
-        raise ValueError(f"trace {path}: bad TIMESTAMP ({exc})") from None
+    ts = _timestamps(path, stamps, lines)
     order = np.argsort(ts, kind="stable")
     rel_s = (ts[order] - ts[order[0]]).astype(np.int64) / 1e9
+    if rel_s[-1] <= 0:
+        raise ValueError(
+            f"trace {path}: its {len(stamps)} request(s) all arrive at {stamps[0]}; a replay "
+            "needs arrivals spread over time"
+        )
     prompt = np.maximum(prompt[order], 1)
     gen = np.maximum(gen[order], 1)
     # The span runs one mean gap past the last request, so a replayed loop keeps its rate.
     span = float(rel_s[-1]) * len(rel_s) / max(len(rel_s) - 1, 1)
     arrivals = Arrivals(rel_s, prompt, gen, span, name=path.stem)
     return compress_time(scale_rate(arrivals, rate_scale), time_compression)
+
+
+def _timestamps(path: Path, stamps: list[str], lines: list[int]) -> np.ndarray:
+    """The TIMESTAMP column as datetime64[ns]; ValueError naming the first line whose time is
+    not a datetime without a zone (numpy reads an empty field or "NaT" as not-a-time, and a
+    zone only with a warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            ts = np.array(stamps, dtype="datetime64[ns]")
+            if not np.isnat(ts).any():
+                return ts
+        except (ValueError, UserWarning, DeprecationWarning):
+            pass
+        for stamp, line in zip(stamps, lines, strict=True):
+            try:
+                if not np.isnat(np.datetime64(stamp, "ns")):
+                    continue
+            except (ValueError, UserWarning, DeprecationWarning):
+                pass
+            raise ValueError(
+                f"trace {path}, line {line}: TIMESTAMP {stamp[:40]!r} is not a date and time "
+                "without a zone (such as 2023-11-16 18:15:46.68)"
+            )
+    raise ValueError(f"trace {path}: cannot read its TIMESTAMP column")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,59 @@ def test_bad_trace_files_get_a_clear_error(tmp_path: Path, text: str, match: str
         load_azure_trace(path)
 
 
+HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            (SAMPLE + "2023-11-16 18:17:00,1\xe9,3\n").encode("latin-1"),
+            ": not UTF-8 (byte 0xe9 on line 6)",
+        ),
+        (
+            (SAMPLE + "2023-11-16 18:17:00,-5,3\n").encode(),
+            ", line 6: a negative token count in ['2023-11-16 18:17:00', '-5', '3']",
+        ),
+        (
+            (SAMPLE + "2023-11-16 18:17:00,1" + "0" * 20 + ",3\n").encode(),
+            ", line 6: cannot read",
+        ),
+        (
+            (SAMPLE + ",5,3\n").encode(),
+            ", line 6: TIMESTAMP '' is not a date and time without a zone",
+        ),
+        (
+            (SAMPLE + "2023-11-16T18:17:00+01:00,5,3\n").encode(),
+            ", line 6: TIMESTAMP '2023-11-16T18:17:00+01:00' is not a date and time without",
+        ),
+        (
+            (HEADER + "2023-11-16 18:15:46.68,5,3\n").encode(),
+            ": its 1 request(s) all arrive at 2023-11-16 18:15:46.68; a replay needs",
+        ),
+    ],
+    ids=["not-utf8", "negative", "overflow", "no-time", "zone", "one-instant"],
+)
+def test_a_bad_row_names_the_file_and_line(tmp_path: Path, content: bytes, message: str) -> None:
+    """One sentence naming the file (and the line), never a numpy warning or an error that
+    names neither; a negative count is refused rather than counted as one token."""
+    path = tmp_path / "trace.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_azure_trace(path)
+    assert str(info.value).startswith(f"trace {path}{message}")
+
+
+def test_a_spreadsheet_export_reads_as_the_plain_file(tmp_path: Path, sample_csv: Path) -> None:
+    """A byte-order mark, Windows line ends and blank lines at the end are how spreadsheets
+    save a CSV; they change nothing."""
+    path = tmp_path / "exported.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + SAMPLE.replace("\n", "\r\n").encode() + b"\r\n,,\r\n")
+    exported, plain = load_azure_trace(path), load_azure_trace(sample_csv)
+    np.testing.assert_array_equal(exported.time_s, plain.time_s)
+    np.testing.assert_array_equal(exported.prompt_tokens, plain.prompt_tokens)
+
+
 def test_missing_file_is_a_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot read trace"):
         load_azure_trace(tmp_path / "nope.csv")
