@@ -201,12 +201,12 @@ def check_config_gpus(config: Config) -> str:
 
 
 def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None:
-    """ConfigError when the simulator has no such GPU profile, model profile or trace, the
-    model does not fit on its GPUs, or the state file cannot be read as one; the message
-    names the key (sim.gpu_model, ...), or its entry in `keys` (a command-line option) where
-    given."""
+    """ConfigError when the simulator has no such GPU profile, model profile or trace (or
+    its trace file cannot be read as one), the model does not fit on its GPUs, or the state
+    file cannot be read as one; the message names the key (sim.gpu_model, ...), or its entry
+    in `keys` (a command-line option) where given."""
     from powerd.sim.models import get_model_profile
-    from powerd.sim.traces import AZURE_CONV_NAMES, TRACE_NAMES
+    from powerd.sim.traces import AZURE_CONV_NAMES, TRACE_NAMES, load_azure_trace
     from powerd.simulation import gpu_profile_for, model_name_for
 
     def name(key: str) -> str:
@@ -234,10 +234,16 @@ def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None
             raise ConfigError(f"{name('state_file')}: {exc}") from None
     trace = sim.trace
     known = (*TRACE_NAMES, *AZURE_CONV_NAMES)
-    if trace is not None and trace.strip() not in known and not Path(trace).is_file():
+    if trace is None or trace.strip() in known:
+        return
+    if not Path(trace).is_file():
         raise ConfigError(
             f"{name('trace')}: {trace!r} is neither a file nor one of {', '.join(TRACE_NAMES)}"
         )
+    try:
+        load_azure_trace(trace)
+    except ValueError as exc:
+        raise ConfigError(f"{name('trace')}: {exc}") from None
 
 
 def journal_path(config: Config) -> Path:

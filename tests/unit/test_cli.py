@@ -478,6 +478,11 @@ def test_check_config_refuses_what_run_would(
     assert "sim.trace: '/missing.csv' is neither a file" in _check(
         tmp_path, {**sim, "sim": {"trace": "/missing.csv"}}, capsys
     )
+    trace = tmp_path / "trace.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,x,3\n")
+    assert f"sim.trace: trace {trace}, line 2: cannot read" in _check(
+        tmp_path, {**sim, "sim": {"trace": str(trace)}}, capsys
+    )
     assert "sim.server_kind" in _check(tmp_path, {"sim": {"server_kind": "nope"}}, capsys)
     assert "sim.model: llama-3.1-70b does not fit on 2 GPU(s) of 48 GiB" in _check(
         tmp_path, {**sim, "sim": {"gpu_model": "l40s"}}, capsys
