@@ -7,10 +7,10 @@ forecasts), of which the one covering now applies. Optional: `updated_at` (ISO-8
 offset) and `currency` (must equal grid.currency). Values are already normalised: price in
 grid.currency per kWh (a market's per-MWh price / 1000), carbon in gCO2e per kWh.
 
-Missing data is never taken for a value: null, NaN, a non-number and a carbon intensity <= 0
-are problems. Negative prices are real (day-ahead markets) and are kept. A signal the file
-states badly keeps its last good value (which still ages out); a key left out of the file means
-the file gives no value for it.
+Missing data is never taken for a value: null, NaN, a non-number, a carbon intensity <= 0 and
+an empty list of intervals are problems, as is a key given twice in one object. Negative prices
+are real (day-ahead markets) and are kept. A signal the file states badly keeps its last good
+value (which still ages out); a key left out of the file means the file gives no value for it.
 """
 
 from __future__ import annotations
@@ -178,7 +178,11 @@ class GridFile:
         if len(raw) > MAX_FILE_BYTES:
             return [f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB"], []
         try:
-            doc = json.loads(raw)
+            doc = json.loads(raw, object_pairs_hook=_unique_keys)
+        except _Bad as exc:
+            return [str(exc)], []
+        except RecursionError:
+            return ["not JSON: nested too deeply"], []
         except ValueError as exc:
             return [f"not JSON: {exc}"], []
         if not isinstance(doc, dict):
@@ -243,9 +247,22 @@ class GridFile:
             log.info("grid.file %s: read without problems again", self.path)
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object's members; _Bad for a key given twice, of which json keeps the last
+    silently (and other readers the first)."""
+    doc: dict[str, object] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _Bad(f"key {key[:40]!r} is given twice in one object")
+        doc[key] = value
+    return doc
+
+
 def _parse_signal(signal: str, key: str, stated: object, stated_s: float) -> _Point | _Intervals:
     if not isinstance(stated, list):
         return _Point(_value(signal, key, stated), stated_s)
+    if not stated:
+        raise _Bad(f"{key}: an empty list of intervals; leave the key out for no value")
     spans = []
     for i, item in enumerate(stated):
         where = f"{key}[{i}]"

@@ -501,6 +501,14 @@ def test_a_hung_file_system_does_not_hold_the_tick(
             "price_per_kwh[0] and price_per_kwh[1]: the intervals overlap",
         ),
         ({"currency": "EUR", "price_per_kwh": 0.2}, "the file's prices are in 'EUR'"),
+        ('{"price_per_kwh": 0.2, "price_per_kwh": 0.9}', "key 'price_per_kwh' is given twice"),
+        (
+            '{"price_per_kwh": [{"start": "2025-06-02T12:00Z", "end": "2025-06-02T13:00Z", '
+            '"value": 0.9, "value": 0.2}]}',
+            "key 'value' is given twice in one object",
+        ),
+        ({"price_per_kwh": []}, "price_per_kwh: an empty list of intervals; leave the key out"),
+        ("[" * 100_000 + "]" * 100_000, "not JSON: nested too deeply"),
     ],
 )
 def test_bad_file_contents_are_problems_that_say_where(
