@@ -177,6 +177,11 @@ class MetricsConfig:
 
     def validate(self, path: str) -> None:
         _check_listen_address(f"{path}.listen_address", self.listen_address)
+        if self.web_config_file is not None and not self.web_config_file.strip():
+            raise ConfigError(
+                f"{path}.web_config_file: must not be empty; leave the key out to serve "
+                "plain HTTP without auth"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{path}.port: must be in [0, 65535], got {self.port}")
         if not 0 <= self.final_scrape_wait_s <= FINAL_SCRAPE_WAIT_MAX_S:

@@ -151,6 +151,8 @@ def test_empty_document_gives_defaults() -> None:
         ({"metrics": {"port": 70000}}, "metrics.port"),
         ({"metrics": {"final_scrape_wait_s": 90}}, "metrics.final_scrape_wait_s"),
         ({"metrics": {"final_scrape_wait_s": -1}}, "metrics.final_scrape_wait_s"),
+        ({"metrics": {"web_config_file": ""}}, "metrics.web_config_file: must not be empty"),
+        ({"metrics": {"web_config_file": " "}}, "metrics.web_config_file: must not be empty"),
         ({"grid": {"price_schedule_per_kwh": [0.1] * 23}}, "grid.price_schedule_per_kwh"),
         ({"grid": {"price_per_kwh": -0.1}}, "grid.price_per_kwh: must be a finite number >= 0"),
         ({"grid": {"price_per_kwh": float("inf")}}, "grid.price_per_kwh: must be a finite"),
