@@ -91,8 +91,13 @@ class ServerConfig:
             raise ConfigError(f"{path}.name: must not be empty")
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"{path}.url: must start with http:// or https://, got {self.url!r}")
+        if any(c.isspace() or not c.isprintable() for c in self.url):
+            raise ConfigError(
+                f"{path}.url: must not contain spaces or control characters, got {self.url!r}"
+            )
         try:
-            host = urllib.parse.urlsplit(self.url).hostname
+            parts = urllib.parse.urlsplit(self.url)
+            host, _ = parts.hostname, parts.port  # .port raises for a port out of range
         except ValueError as exc:
             raise ConfigError(f"{path}.url: not a URL ({exc}), got {self.url!r}") from None
         if not host:

@@ -70,6 +70,22 @@ def test_empty_document_gives_defaults() -> None:
         ({"servers": [{"name": "a", "url": "http://"}]}, "servers[0].url: names no host"),
         ({"servers": [{"name": "a", "url": "http://[::1/m"}]}, "servers[0].url: not a URL"),
         (
+            {"servers": [{"name": "a", "url": "http://127.0.0.1:80000/metrics"}]},
+            "servers[0].url: not a URL (Port out of range 0-65535), got 'http://127.0.0.1:80000",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://127.0.0.1:8OOO/metrics"}]},
+            "servers[0].url: not a URL (Port could not be cast to integer value as '8OOO')",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://127.0.0.1:8000/metrics "}]},
+            "servers[0].url: must not contain spaces or control characters",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://host name/metrics"}]},
+            "servers[0].url: must not contain spaces or control characters",
+        ),
+        (
             {
                 "servers": [
                     {
