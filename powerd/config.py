@@ -54,8 +54,7 @@ class SloConfig:
         _positive(f"{path}.itl_s", self.itl_s)
         if not 0.5 <= self.quantile < 1.0:
             raise ConfigError(f"{path}.quantile: must be in [0.5, 1), got {self.quantile}")
-        if self.max_waiting < 0:
-            raise ConfigError(f"{path}.max_waiting: must be >= 0, got {self.max_waiting}")
+        _non_negative(f"{path}.max_waiting", self.max_waiting)
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,14 @@ def test_empty_document_gives_defaults() -> None:
             {"servers": [{"name": "a", "url": "http://x", "slo": {"quantile": 1.5}}]},
             "servers[0].slo.quantile",
         ),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "slo": {"max_waiting": float("inf")}}]},
+            "servers[0].slo.max_waiting: must be a finite number >= 0, got inf",
+        ),
+        (
+            {"servers": [{"name": "a", "url": "http://x", "slo": {"max_waiting": -1}}]},
+            "servers[0].slo.max_waiting: must be a finite number >= 0, got -1",
+        ),
         ({"servers": [{"name": "a", "url": "http://x", "kind": "x"}]}, "servers[0].kind"),
         (
             {"servers": [{"name": "a", "url": "http://x", "kind": "generic"}]},
