@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     restore.add_argument(
         "--state-dir",
+        type=_non_empty,
         default=None,
         metavar="DIR",
         help="the saved settings' folder (overrides the config's)",
@@ -198,6 +199,13 @@ _positive_int = _number(int, "an integer", lambda v: v >= 1, "at least 1")
 _non_negative_int = _number(int, "an integer", lambda v: v >= 0, "at least 0")
 _positive_float = _number(float, "a number", lambda v: 0 < v < math.inf, "a positive number")
 _port = _number(int, "a port number", lambda v: 0 <= v <= 65535, "in [0, 65535]")
+
+
+def _non_empty(text: str) -> str:
+    """An argparse type: the text, refused when empty or blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _setup_logging(args: argparse.Namespace) -> None:

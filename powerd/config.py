@@ -329,6 +329,7 @@ class Config:
     sim: SimConfig = field(default_factory=SimConfig)
 
     def validate(self) -> None:
+        _check_state_dir("state_dir", self.state_dir)
         low_s, high_s = INTERVAL_RANGE_S
         if not low_s <= self.interval_s <= high_s:
             raise ConfigError(
@@ -374,6 +375,12 @@ class Config:
         self.metrics.validate("metrics")
         self.grid.validate("grid")
         self.sim.validate("sim")
+
+
+def _check_state_dir(path: str, value: str) -> None:
+    """An empty state_dir would put the journal in whatever folder powerd starts in."""
+    if not value.strip():
+        raise ConfigError(f"{path}: must not be empty (the folder of the saved GPU settings)")
 
 
 def _positive(path: str, value: float) -> None:
@@ -469,7 +476,10 @@ def _restore_keys(path: str | Path, error: str, state_dir: str | None) -> tuple[
         if key not in data:
             continue
         try:
-            values[key] = _convert(hints[key], data[key], key)
+            value = _convert(hints[key], data[key], key)
+            if key == "state_dir":
+                _check_state_dir(key, value)
+            values[key] = value
         except ConfigError as exc:
             problems.append(f"{exc}; using the default {key} {getattr(default, key)}")
     if "sim" in data:

@@ -77,7 +77,8 @@ class DemoOptions:
         sim = sim_config_for(self)
         check_sim_config(sim, keys=_SIM_OPTIONS)
         try:
-            demo_config(self, sim, servers=(), state_dir="").validate()
+            # The run keeps its state in a temporary folder, made when it starts.
+            demo_config(self, sim, servers=(), state_dir=tempfile.gettempdir()).validate()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
 

@@ -99,6 +99,13 @@ def test_restore_with_an_unreadable_config_and_a_state_dir_given(
     assert f"restoring with the defaults (state_dir {tmp_path}, gpu_backend nvml)" in caplog.text
 
 
+def test_restore_refuses_an_empty_state_dir(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["restore", "--state-dir", ""])
+    assert exit_info.value.code == 2
+    assert "argument --state-dir: must not be empty" in capsys.readouterr().err
+
+
 def _restore_from(tmp_path: Path, state_dir: Path, *options: str) -> int:
     """`powerd restore --state-dir state_dir [options]` (no config file: the defaults
     otherwise)."""

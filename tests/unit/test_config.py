@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from powerd.config import Config, ConfigError, load_config, parse_config
+from powerd.config import Config, ConfigError, load_config, load_restore_config, parse_config
 from tests.conftest import REPO_ROOT
 
 
@@ -215,6 +215,7 @@ def test_empty_document_gives_defaults() -> None:
         ({"sim": {"server_kind": "nope"}}, "sim.server_kind: must be one of vllm"),
         ({"sim": {"seed": -1}}, "sim.seed: must be >= 0, got -1"),
         ({"sim": {"state_file": ""}}, "sim.state_file: must not be empty; leave the key out"),
+        ({"state_dir": ""}, "state_dir: must not be empty (the folder of the saved GPU"),
         ([1, 2], "the top level: expected a mapping"),
     ],
 )
@@ -222,6 +223,19 @@ def test_bad_values_name_the_key(data: object, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert message in str(info.value)
+
+
+def test_restore_takes_the_default_for_an_empty_state_dir(tmp_path: Path) -> None:
+    """An empty state_dir would be the folder restore runs in, where no journal is: the
+    restore would find nothing and succeed while the GPUs stay throttled."""
+    path = tmp_path / "powerd.yaml"
+    path.write_text("state_dir: ''\ngpu_backend: sim\n")
+    config, problems = load_restore_config(path)
+    assert config.state_dir == Config().state_dir and config.gpu_backend == "sim"
+    assert problems[-1] == (
+        "state_dir: must not be empty (the folder of the saved GPU settings); using the "
+        f"default state_dir {Config().state_dir}"
+    )
 
 
 def test_grid_with_a_live_file_timezone_and_weekend_schedules() -> None:
