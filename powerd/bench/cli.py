@@ -87,10 +87,6 @@ def setup_from_args(args: argparse.Namespace) -> BenchSetup:
     """A validated BenchSetup; ValueError with one sentence otherwise."""
     from powerd.bench.runner import BenchSetup
 
-    if args.ttft_slo <= 0 or args.itl_slo <= 0:
-        raise ValueError("--ttft-slo and --itl-slo must be positive")
-    if not args.oracle_window > 0:
-        raise ValueError(f"--oracle-window must be positive, got {args.oracle_window}")
     if not 0.0 <= args.oracle_slack < 1.0:
         raise ValueError(f"--oracle-slack must be in [0, 1), got {args.oracle_slack}")
     peak = args.peak_load

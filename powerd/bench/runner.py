@@ -12,6 +12,7 @@ from a frequency sweep of the workload.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +49,12 @@ ATTAINMENT_TOLERANCE = 0.005
 """A policy "meets the SLO" when its attainment is within 0.5 points of default's."""
 
 
+def positive_finite(option: str, value: float) -> None:
+    """ValueError naming the option unless value is a positive, finite number."""
+    if not 0 < value < math.inf:
+        raise ValueError(f"{option} must be positive, got {value}")
+
+
 @dataclass(frozen=True)
 class BenchSetup:
     """What to benchmark and how. `peak_load` (when set) overrides `rate_scale`."""
@@ -75,16 +82,17 @@ class BenchSetup:
 
     def validate(self) -> None:
         """Raise ValueError with one sentence for a setting that cannot work."""
-        if not self.duration_s > 0:
-            raise ValueError(f"--duration must be positive, got {self.duration_s}")
+        positive_finite("--duration", self.duration_s)
         if self.gpus < 1 or self.tp < 1:
             raise ValueError("--gpus and --tp must be at least 1")
         if self.gpus % self.tp:
             raise ValueError(f"--tp ({self.tp}) must divide --gpus ({self.gpus})")
-        if self.peak_load is not None and not self.peak_load > 0:
-            raise ValueError(f"--peak-load must be positive, got {self.peak_load}")
-        if not self.rate_scale > 0:
-            raise ValueError(f"--rate-scale must be positive, got {self.rate_scale}")
+        if self.peak_load is not None:
+            positive_finite("--peak-load", self.peak_load)
+        positive_finite("--rate-scale", self.rate_scale)
+        positive_finite("--ttft-slo", self.slo.ttft_s)
+        positive_finite("--itl-slo", self.slo.itl_s)
+        positive_finite("--oracle-window", self.oracle.window_s)
         low_s, high_s = INTERVAL_RANGE_S
         if not low_s <= self.interval_s <= high_s:
             raise ValueError(

@@ -92,6 +92,30 @@ def test_bad_arguments_exit_2_with_one_sentence(
     assert err.startswith("powerd bench: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--duration", "inf"),
+        ("--peak-load", "inf"),
+        ("--rate-scale", "inf"),
+        ("--ttft-slo", "nan"),
+        ("--ttft-slo", "inf"),
+        ("--itl-slo", "nan"),
+        ("--itl-slo", "0"),
+        ("--oracle-window", "inf"),
+    ],
+)
+def test_numbers_that_are_not_finite_and_positive_name_their_option(
+    option: str, value: str
+) -> None:
+    """Refused before any work, by name: a NaN SLO is met by no request and missed by none
+    (every comparison with it is false), and an infinite duration or load fails deep in
+    the run without saying which option."""
+    with pytest.raises(ValueError) as info:
+        setup_from_args(_parse(option, value))
+    assert str(info.value) == f"{option} must be positive, got {float(value)}"
+
+
 def test_missing_trace_file(capsys: pytest.CaptureFixture[str]) -> None:
     args = _parse("--trace", "/nonexistent/trace.csv", "--duration", "10", "--gpus", "1",
                   "--policies", "default", "--workers", "1", "--quiet")  # fmt: skip
