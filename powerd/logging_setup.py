@@ -40,13 +40,14 @@ def syslog_priority(levelno: int) -> int:
 
 
 def parse_level(level: str | int) -> int:
-    """A logging level from a name ('info', 'DEBUG') or a number; ValueError otherwise."""
+    """A logging level from one of LEVEL_NAMES in any case ('info', 'DEBUG') or a number;
+    ValueError otherwise (logging's other names too: NOTSET would log everything)."""
     if isinstance(level, int):
         return level
-    value = logging.getLevelName(level.strip().upper())
-    if not isinstance(value, int):
+    name = level.strip().lower()
+    if name not in LEVEL_NAMES:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LEVEL_NAMES)}")
-    return value
+    return int(logging.getLevelName(name.upper()))
 
 
 class OneLineFormatter(logging.Formatter):

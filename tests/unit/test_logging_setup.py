@@ -93,6 +93,10 @@ def test_levels() -> None:
     assert parse_level(15) == 15
     with pytest.raises(ValueError, match="log level 'loud'"):
         parse_level("loud")
+    with pytest.raises(ValueError, match="log level 'notset'"):
+        parse_level("notset")  # logging's name for level 0: every record, tracebacks in full
+    with pytest.raises(ValueError, match="log level 'WARN'"):
+        parse_level("WARN")  # --log-level takes only the five names; so does the environment
     assert syslog_priority(5) == 7
     assert syslog_priority(logging.WARNING + 5) == 4
 
@@ -104,6 +108,7 @@ def test_levels() -> None:
         ({"POWERD_LOG_LEVEL": "debug"}, logging.DEBUG, False),
         ({"POWERD_LOG_LEVEL": "loud"}, logging.INFO, True),
         ({"POWERD_LOG_LEVEL": " "}, logging.INFO, False),
+        ({"POWERD_LOG_LEVEL": "NotSet"}, logging.INFO, True),
     ],
 )
 def test_the_environment_level_falls_back_to_info_with_a_warning(
@@ -114,8 +119,8 @@ def test_the_environment_level_falls_back_to_info_with_a_warning(
     setup_logging(None, under_systemd=True, stream=stream, environ=environ)
     assert logging.getLogger().level == level
     expected = (
-        "<4>powerd: POWERD_LOG_LEVEL: log level 'loud' is not one of debug, info, warning, "
-        "error, critical; logging at info\n"
+        f"<4>powerd: POWERD_LOG_LEVEL: log level {environ.get('POWERD_LOG_LEVEL')!r} is not one "
+        "of debug, info, warning, error, critical; logging at info\n"
     )
     assert stream.getvalue() == (expected if warned else "")
 
