@@ -433,8 +433,14 @@ def _mode_from_yaml_bool(data: object) -> object:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read, parse and validate a YAML config file."""
-    return parse_config(read_yaml(path))
+    """Read, parse and validate a YAML config file. A file with no document (empty, or only
+    comments) is a ConfigError: a truncated file would otherwise run with every default."""
+    data = read_yaml(path)
+    if data is None:
+        raise ConfigError(
+            f"{path}: holds no settings (empty, or only comments); write `{{}}` for every default"
+        )
+    return parse_config(data)
 
 
 RESTORE_KEYS = ("state_dir", "gpu_backend", "sim")

@@ -50,6 +50,19 @@ def test_empty_document_gives_defaults() -> None:
     assert parse_config(None) == Config()
 
 
+@pytest.mark.parametrize("text", ["", "\n", "# interval_s: 1\n# mode: off\n", "---\n"])
+def test_a_file_without_settings_is_an_error(tmp_path: Path, text: str) -> None:
+    """A config emptied by a failed edit or a full disk would run (or be reloaded into) a
+    daemon that controls nothing, on the defaults; `{}` says every default on purpose."""
+    path = tmp_path / "powerd.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: holds no settings (empty, or only comments)")
+    path.write_text("{}\n")
+    assert load_config(path) == Config()
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
