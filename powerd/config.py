@@ -35,6 +35,11 @@ NAMED_SERVER_KINDS = ("vllm", "sglang", "tgi", "llamacpp", "triton", "nim", "lmd
 SERVER_KINDS = ("auto", *NAMED_SERVER_KINDS, "generic")
 
 
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+"""Prometheus's names, the only ones powerd's exposition parser reads."""
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the key."""
 
@@ -73,6 +78,25 @@ class GenericMetricsConfig:
     """Only series carrying all of these label values are read."""
     realtime: bool = True
 
+    def validate(self, path: str) -> None:
+        for key in (
+            "generation_tokens",
+            "prompt_tokens",
+            "running",
+            "waiting",
+            "ttft_histogram",
+            "itl_histogram",
+        ):
+            name = getattr(self, key)
+            if name is not None and not _METRIC_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"{path}.{key}: not a Prometheus metric name (letters, digits, _ and :; "
+                    f"select series with labels:), got {name!r}"
+                )
+        for label in self.labels:
+            if not _LABEL_NAME.fullmatch(label):
+                raise ConfigError(f"{path}.labels: not a Prometheus label name, got {label!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -107,6 +131,8 @@ class ServerConfig:
             raise ConfigError(f"{path}.generic: required when kind is generic")
         if self.kind != "generic" and self.generic is not None:
             raise ConfigError(f"{path}.generic: read only with kind: generic (kind is {self.kind})")
+        if self.generic is not None:
+            self.generic.validate(f"{path}.generic")
         _positive(f"{path}.timeout_s", self.timeout_s)
         self.slo.validate(f"{path}.slo")
         if self.gpus is None:

@@ -63,6 +63,11 @@ def test_a_file_without_settings_is_an_error(tmp_path: Path, text: str) -> None:
     assert load_config(path) == Config()
 
 
+def _generic(metrics: dict[str, object]) -> dict[str, object]:
+    """A config of one generic server reading `metrics`."""
+    return {"servers": [{"name": "a", "url": "http://x", "kind": "generic", "generic": metrics}]}
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -123,6 +128,23 @@ def test_a_file_without_settings_is_an_error(tmp_path: Path, text: str) -> None:
                 ]
             },
             "servers[0].generic.labels.model: expected a string, got None",
+        ),
+        (
+            _generic({"generation_tokens": 'my_tokens_total{model="a"}'}),
+            "servers[0].generic.generation_tokens: not a Prometheus metric name (letters, digits, "
+            "_ and :; select series with labels:), got 'my_tokens_total{model=\"a\"}'",
+        ),
+        (
+            _generic({"generation_tokens": ""}),
+            "servers[0].generic.generation_tokens: not a Prometheus metric name",
+        ),
+        (
+            _generic({"generation_tokens": "t", "waiting": "queue length"}),
+            "servers[0].generic.waiting: not a Prometheus metric name",
+        ),
+        (
+            _generic({"generation_tokens": "t", "labels": {"model-name": "a"}}),
+            "servers[0].generic.labels: not a Prometheus label name, got 'model-name'",
         ),
         (
             {"servers": [{"name": "a", "url": "http://x", "slo": {"ttft_s": -1}}]},
