@@ -70,6 +70,8 @@ _TLS_UNSUPPORTED_KEYS = (
 _TOP_KEYS = ("tls_server_config", "http_server_config", "basic_auth_users")
 _HTTP_KEYS = ("headers", "http2")
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP field name: one or more token characters (RFC 9110 5.1)."""
 _BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
 
 
@@ -148,6 +150,10 @@ def parse_web_config(data: object, base_dir: Path | None = None) -> WebConfig:
         if http.get("headers") is not None:
             raw = _mapping(http["headers"], "http_server_config.headers")
             for name, value in raw.items():
+                if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+                    raise WebConfigError(
+                        f"http_server_config.headers: not an HTTP header name, got {name!r}"
+                    )
                 if not isinstance(value, str) or any(c in value for c in "\r\n"):
                     raise WebConfigError(
                         f"http_server_config.headers.{name}: expected a one-line string"

@@ -97,6 +97,18 @@ def basic(user: str, password: str) -> str:
         ({"basic_auth_users": ["prom"]}, r"^basic_auth_users: expected a mapping"),
         ({"http_server_config": {"http3": True}}, r"^http_server_config\.http3: unknown key"),
         (
+            {"http_server_config": {"headers": {"X-Frame-Options:": "deny"}}},
+            r"^http_server_config\.headers: not an HTTP header name, got 'X-Frame-Options:'",
+        ),
+        (
+            {"http_server_config": {"headers": {"X Frame": "deny"}}},
+            r"^http_server_config\.headers: not an HTTP header name, got 'X Frame'",
+        ),
+        (
+            {"http_server_config": {"headers": {"": "deny"}}},
+            r"^http_server_config\.headers: not an HTTP header name, got ''",
+        ),
+        (
             {"http_server_config": {"headers": {"X-A": "a\r\nX-B: b"}}},
             r"^http_server_config\.headers\.X-A: expected a one-line string",
         ),
