@@ -21,6 +21,7 @@ from powerd.config import (
     load_restore_config,
 )
 from powerd.logging_setup import LEVEL_ENV, LEVEL_NAMES
+from powerd.wording import counted
 
 EX_CONFIG = 78
 """sysexits.h EX_CONFIG: systemd shows it as 'CONFIG' and Restart=on-failure still applies."""
@@ -222,7 +223,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_config(config)
     gpus = check_config_gpus(config)
-    print(f"{args.config}: OK ({len(config.servers)} servers, mode {config.mode}; {gpus})")
+    servers = counted(len(config.servers), "server")
+    print(f"{args.config}: OK ({servers}, mode {config.mode}; {gpus})")
     return 0
 
 

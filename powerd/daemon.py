@@ -61,6 +61,7 @@ from powerd.sources import (
 )
 from powerd.sources.fetch import KeepAliveFetcher
 from powerd.sources.loads import PromptBacklogProbe
+from powerd.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -957,7 +958,12 @@ class Daemon:
             del self._carbon_g_total[name]
         self._reconfigure_policy(config)
         self._pool = self._make_pool(after=self._pool)
-        log.info("reload: applied %s (mode %s, %d servers)", config_path, config.mode, len(groups))
+        log.info(
+            "reload: applied %s (mode %s, %s)",
+            config_path,
+            config.mode,
+            counted(len(groups), "server"),
+        )
         return True
 
     def _keep_unchanged_groups(self, config: Config, groups: list[Group]) -> list[Group]:

@@ -25,6 +25,7 @@ from powerd.journal import Journal
 from powerd.model import Snapshot
 from powerd.sim.node import SimNode
 from powerd.simulation import build_node, server_configs, start_simulation
+from powerd.wording import counted, plural
 
 if TYPE_CHECKING:
     from powerd.config import ServerConfig
@@ -149,9 +150,10 @@ def run_demo(options: DemoOptions) -> int:
         daemon.install_signal_handlers()
         daemon.warmup()
         simulation.driver.start()
+        gpus = counted(options.gpus, f"simulated {sim.gpu_model} GPU")
+        served = counted(len(daemon.groups), f"{options.server_kind} server")
         print(
-            f"powerd demo: {options.gpus} simulated {sim.gpu_model} GPUs, "
-            f"{len(daemon.groups)} {options.server_kind} servers, mode {options.mode}; "
+            f"powerd demo: {gpus}, {served}, mode {options.mode}; "
             f"metrics on http://127.0.0.1:{exporter.port}/metrics"
         )
         try:
@@ -202,9 +204,10 @@ def format_summary(controlled: Outcome, uncontrolled: Outcome, duration_s: float
         if uncontrolled.tokens_per_joule > 0
         else 0.0
     )
+    requests = plural("request", controlled.finished, uncontrolled.finished)
     lines = [
         f"\nSummary over {duration_s:.0f} s of the same load ({controlled.finished} "
-        f"vs {uncontrolled.finished} requests finished):",
+        f"vs {uncontrolled.finished} {requests} finished):",
         row("", "powerd", "controller off"),
         row(
             "tokens per joule",

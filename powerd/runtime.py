@@ -28,6 +28,7 @@ from powerd.journal import Journal, JournalError, restore_all
 from powerd.signals import handle_stop_and_reload_signals
 from powerd.systemd import Notifier
 from powerd.webconfig import load_web_config
+from powerd.wording import counted
 
 if TYPE_CHECKING:
     from powerd.simulation import RunningSimulation
@@ -192,12 +193,13 @@ def check_config_gpus(config: Config) -> str:
         shared = [info for info in infos if info.uuid in named]
         floor_w = sum(info.power_limit_min_mw for info in shared) / 1000.0
         if config.node_power_budget_w < floor_w:
+            sharing = counted(len(shared), "GPU")
             raise ConfigError(
                 f"node_power_budget_w: {config.node_power_budget_w:g} W is below the minimum "
-                f"power limits of the {len(shared)} GPUs it is shared by ({floor_w:g} W); every "
-                "GPU would be held at its minimum and the node would still draw more"
+                f"power limits of the {sharing} it is shared by ({floor_w:g} W); every GPU "
+                "would be held at its minimum and the node would still draw more"
             )
-    return f"{len(infos)} GPUs opened" + (f", {len(unopened)} not" if unopened else "")
+    return f"{counted(len(infos), 'GPU')} opened" + (f", {len(unopened)} not" if unopened else "")
 
 
 def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None:
@@ -520,10 +522,10 @@ def _serve(
         daemon.request_reload()
     daemon.warmup()
     log.info(
-        "powerd %s: %d GPUs, %d servers, mode %s%s, metrics on %s:%d",
+        "powerd %s: %s, %s, mode %s%s, metrics on %s:%d",
         __version__,
-        len(daemon.infos),
-        len(daemon.groups),
+        counted(len(daemon.infos), "GPU"),
+        counted(len(daemon.groups), "server"),
         config.mode,
         " (dry run)" if config.dry_run else "",
         config.metrics.listen_address,

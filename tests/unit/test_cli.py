@@ -350,6 +350,27 @@ def test_a_sigterm_as_the_daemons_handlers_are_installed_is_not_lost(tmp_path: P
     assert changed_gpus(state_file) == {}
 
 
+def test_run_on_one_simulated_gpu_counts_it_and_its_server_in_the_singular(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "powerd.yaml"
+    data = {
+        "gpu_backend": "sim",
+        "state_dir": str(tmp_path / "state"),
+        "metrics": {"port": 0, "final_scrape_wait_s": 0},
+        "sim": {"gpus": 1, "tp": 1, "trace": "constant", "state_file": str(tmp_path / "g")},
+    }
+    config.write_text(yaml.safe_dump(data))
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AS_HANDLERS_CHANGE, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"powerd {__version__}: 1 GPU, 1 server, mode efficiency" in done.stderr
+
+
 def _nvml_unavailable(monkeypatch: pytest.MonkeyPatch, why: str) -> None:
     """Opening NVML fails, as it does without a loaded driver or after an upgrade (`why`)."""
 
@@ -537,11 +558,19 @@ def test_check_config_checks_the_gpus_where_it_can_open_them(
     server = {"name": "a", "url": "http://127.0.0.1:8000/metrics", "gpus": [3]}
     path.write_text(yaml.safe_dump({"gpu_backend": "sim", "servers": [server]}))
     assert main(["check-config", str(path)]) == 0
-    assert "OK (1 servers, mode efficiency; 4 GPUs opened)" in capsys.readouterr().out
+    assert "OK (1 server, mode efficiency; 4 GPUs opened)" in capsys.readouterr().out
+    single = {
+        "gpu_backend": "sim",
+        "sim": {"gpus": 1, "tp": 1},
+        "servers": [{**server, "gpus": [0]}],
+    }
+    path.write_text(yaml.safe_dump(single))
+    assert main(["check-config", str(path)]) == 0
+    assert "OK (1 server, mode efficiency; 1 GPU opened)" in capsys.readouterr().out
     budget = {"mode": "budget", "node_power_budget_w": 200}  # GPU 3's minimum limit
     path.write_text(yaml.safe_dump({"gpu_backend": "sim", "servers": [server], **budget}))
     assert main(["check-config", str(path)]) == 0
-    assert "OK (1 servers, mode budget; 4 GPUs opened)" in capsys.readouterr().out
+    assert "OK (1 server, mode budget; 4 GPUs opened)" in capsys.readouterr().out
     # Beside a server that finds its own GPUs: it may find one, so only GPU 3 is counted.
     finder = {"name": "b", "url": "http://127.0.0.1:8001/metrics"}
     path.write_text(yaml.safe_dump({"gpu_backend": "sim", "servers": [server, finder], **budget}))

@@ -78,6 +78,18 @@ def test_the_controller_off_column_is_the_same_load_at_maximum_clocks_and_defaul
     assert "controller off" in capsys.readouterr().out
 
 
+def test_one_gpu_one_server_and_one_request_are_counted_in_the_singular(
+    capsys: pytest.CaptureFixture[str], own_signal_handlers: None
+) -> None:
+    options = demo.DemoOptions(gpus=1, tp=1, duration_s=1.0, metrics_port=0, quiet=True)
+    assert demo.run_demo(options) == 0
+    assert "powerd demo: 1 simulated h100-sxm GPU, 1 vllm server, mode" in capsys.readouterr().out
+    one = _outcome(energy_j=1_000.0, tokens=100.0, finished=1, met=1)
+    assert "(1 vs 1 request finished)" in demo.format_summary(one, one, 1.0)
+    two = _outcome(energy_j=1_000.0, tokens=100.0, finished=2, met=2)
+    assert "(1 vs 2 requests finished)" in demo.format_summary(one, two, 1.0)
+
+
 def _outcome(energy_j: float, tokens: float, finished: int, met: int) -> Outcome:
     return Outcome(
         energy_j=energy_j,
