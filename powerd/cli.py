@@ -16,6 +16,7 @@ from powerd.config import (
     MODES,
     NAMED_SERVER_KINDS,
     SERVER_KINDS,
+    SIM_TRACE_DEFAULT,
     ConfigError,
     load_config,
     load_restore_config,
@@ -63,7 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command")
 
-    run = sub.add_parser("run", parents=[common], help="run the daemon on this node's GPUs")
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the daemon on this node's GPUs",
+        description="Run the daemon on this node's GPUs; with `gpu_backend: sim` in the config, "
+        "on a simulated node whose servers replay the config's sim.trace (default: "
+        f"{SIM_TRACE_DEFAULT}).",
+    )
     run.add_argument("--config", default="/etc/powerd/powerd.yaml")
     run.add_argument("--dry-run", action="store_true", help="decide and export, write nothing")
     run.set_defaults(func=_cmd_run)
@@ -110,7 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--gpu-model", default="h100-sxm")
     demo.add_argument("--gpu-profile", default=None, help="a GPU profile YAML file")
     demo.add_argument("--model", default=None)
-    demo.add_argument("--trace", default="azure-conv")
+    demo.add_argument(
+        "--trace",
+        default="azure-conv",
+        help="a trace file or a name: azure-conv, diurnal, step, burst, constant "
+        "(default: %(default)s)",
+    )
     demo.add_argument("--time-compression", type=_positive_float, default=10.0)
     demo.add_argument("--peak-load", type=_positive_float, default=0.7)
     demo.add_argument("--mode", default="efficiency", choices=MODES)

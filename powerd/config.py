@@ -296,6 +296,11 @@ def check_timezone(path: str, name: str) -> zoneinfo.ZoneInfo:
         ) from None
 
 
+SIM_TRACE_DEFAULT = "diurnal"
+"""The load of a simulated node whose config names no sim.trace (`powerd run` with
+`gpu_backend: sim`); `powerd demo` and `powerd bench` give theirs on the command line."""
+
+
 @dataclass(frozen=True, slots=True)
 class SimConfig:
     """The simulated node used by `gpu_backend: sim` and `powerd demo`."""
@@ -309,7 +314,7 @@ class SimConfig:
     """GPUs per simulated server."""
     server_kind: str = "vllm"
     trace: str | None = None
-    """Path of an Azure-format trace; None uses the built-in diurnal pattern."""
+    """An Azure-format trace file or a built-in trace's name; None: SIM_TRACE_DEFAULT."""
     time_compression: float = 1.0
     peak_load: float = 0.7
     state_file: str | None = None

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from powerd.config import ServerConfig, SimConfig, SloConfig
+from powerd.config import SIM_TRACE_DEFAULT, ServerConfig, SimConfig, SloConfig
 from powerd.gpu.nvml import NvmlBackend
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.http_server import SimServerHttp
@@ -42,7 +42,7 @@ def build_arrivals(sim: SimConfig, duration_s: float | None) -> Arrivals:
     profile = gpu_profile_for(sim)
     model = get_model_profile(model_name_for(sim))
     arrivals = resolve_trace(
-        sim.trace or "diurnal",
+        sim.trace or SIM_TRACE_DEFAULT,
         time_compression=sim.time_compression,
         duration_s=duration_s,
         seed=sim.seed,

@@ -671,6 +671,25 @@ def test_demo_options_that_cannot_run_are_refused_in_one_line(
     assert err.startswith(f"powerd demo: {message}") and err.count("\n") == 1
 
 
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """`powerd COMMAND --help`, its lines joined as one (argparse wraps them to the terminal)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_the_help_of_demo_and_run_names_the_trace_each_replays_by_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    demo = _help("demo", capsys)
+    assert "--trace TRACE a trace file or a name: azure-conv, diurnal, step, burst, " in demo
+    assert "constant (default: azure-conv)" in demo
+    run = _help("run", capsys)
+    assert "with `gpu_backend: sim` in the config, on a simulated node whose servers" in run
+    assert "replay the config's sim.trace (default: diurnal)" in run
+
+
 def test_python_dash_m_powerd_is_the_command() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "powerd", "--version"], capture_output=True, text=True, timeout=120
