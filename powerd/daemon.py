@@ -370,8 +370,9 @@ class Daemon:
         by an earlier server is observed only: it has no GPUs and the policy never sees it."""
         groups = []
         claimed: set[str] = set()
-        for server in config.servers:
-            claimed_uuids, why, missing = self.roster.claim(server, claimed)
+        for i, server in enumerate(config.servers):
+            key = f"servers[{i}]"
+            claimed_uuids, why, missing = self.roster.claim(server, key, claimed)
             uuids = [uuid for uuid in claimed_uuids if uuid in self.roster.infos]
             lost = [uuid for uuid in claimed_uuids if uuid in self.roster.lost]
             if lost and not uuids:
@@ -394,7 +395,7 @@ class Daemon:
                 slo=server.slo,
             )
             source = make_source(server, self._new_fetcher())
-            groups.append(Group(spec, source, uuids, lost_uuids=lost, missing_gpus=missing))
+            groups.append(Group(spec, source, uuids, key, lost_uuids=lost, missing_gpus=missing))
         return groups
 
     def _new_fetcher(self) -> Fetcher:
@@ -986,6 +987,7 @@ class Daemon:
                 == (group.spec, group.uuids, group.lost_uuids, group.missing_gpus)
             ):
                 close_connections([group])
+                old.config_key = group.config_key  # the server may have moved in the list
                 result.append(old)
             else:
                 if old is not None:

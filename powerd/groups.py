@@ -30,6 +30,8 @@ class Group:
     spec: GroupSpec
     source: Source
     uuids: list[str]
+    config_key: str
+    """Where the config lists its server ("servers[2]"), for messages that name the key."""
     last_good_sample_s: float | None = None
     last_sample: ServerSample | None = None
     slo_history: deque[tuple[float, bool]] = field(

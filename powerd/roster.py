@@ -126,11 +126,12 @@ class GpuRoster:
 
     # ----------------------------------------------------------------- finding a server's GPUs
 
-    def claim(self, server: ServerConfig, claimed: set[str]) -> Claim:
+    def claim(self, server: ServerConfig, key: str, claimed: set[str]) -> Claim:
         """The server's GPUs, added to `claimed`, and those configured that cannot be opened
         yet; or none and why, when they cannot be found or one of them is in `claimed`
-        already."""
-        uuids, why, missing = self._resolve(server)
+        already. `key` is where the config lists the server ("servers[2]"), for a ConfigError
+        (see _resolve)."""
+        uuids, why, missing = self._resolve(server, key)
         overlap = claimed.intersection(uuids)
         if overlap:
             return Claim(
@@ -139,11 +140,12 @@ class GpuRoster:
         claimed.update(uuids)
         return Claim(uuids, why, missing)
 
-    def _resolve(self, server: ServerConfig) -> Claim:
+    def _resolve(self, server: ServerConfig, key: str) -> Claim:
         """The UUIDs of the server's GPUs (lost ones included), why when there are none, and
-        its configured GPUs that NVML counts but cannot open. ConfigError for a configured GPU
-        this node does not have, nor had, when NVML opens every GPU it counts (else it may be
-        one of those: a GPU off the bus since before powerd started)."""
+        its configured GPUs that NVML counts but cannot open. ConfigError (locate_gpu's, naming
+        `key`.gpus[j]) for a configured GPU this node does not have, nor had, when NVML opens
+        every GPU it counts (else it may be one of those: a GPU off the bus since before powerd
+        started)."""
         by_index = {info.index: info.uuid for info in [*self.infos.values(), *self.lost.values()]}
         if server.gpus is None:
             try:
@@ -165,14 +167,8 @@ class GpuRoster:
             return Claim(found, "", [])
         uuids: list[str] = []
         missing: list[int | str] = []
-        for gpu in server.gpus:
-            try:
-                uuid = locate_gpu(gpu, by_index, self.unopened)
-            except LookupError:
-                raise ConfigError(
-                    f"servers: {server.name}: no GPU {gpu!r} on this node "
-                    f"(NVML opens {self._opened_text()})"
-                ) from None
+        for j, gpu in enumerate(server.gpus):
+            uuid = locate_gpu(f"{key}.gpus[{j}]", gpu, by_index, self.unopened)
             if uuid is None:
                 missing.append(gpu)
             else:
@@ -193,13 +189,6 @@ class GpuRoster:
             if other is not group
             for uuid in [*other.uuids, *other.lost_uuids]
         }
-
-    def _opened_text(self) -> str:
-        """The GPUs NVML opens, for a message: "GPUs 0-3 (GPU-a, ...)"."""
-        known = sorted([*self.infos.values(), *self.lost.values()], key=lambda info: info.index)
-        if not known:
-            return "no GPU"
-        return "GPUs " + ", ".join(f"{info.index} ({info.uuid})" for info in known)
 
     def unopened_text(self) -> str:
         """The GPUs NVML cannot open, for a message: "GPU 1: why; GPU 3: why"."""
@@ -258,7 +247,7 @@ class GpuRoster:
                 group.next_lookup_s = now_s + group.lookup_wait_s
             if now_s < group.next_lookup_s:
                 continue
-            uuids, why, _ = self.claim(group.source.config, claimed)
+            uuids, why, _ = self.claim(group.source.config, group.config_key, claimed)
             if not uuids:
                 group.lookup_wait_s = min(2 * group.lookup_wait_s, DISCOVERY_RETRY_MAX_S)
                 group.next_lookup_s = now_s + group.lookup_wait_s
@@ -289,7 +278,9 @@ class GpuRoster:
                 or (group.next_lookup_s is not None and now_s < group.next_lookup_s)
             ):
                 continue
-            uuids, why, _ = self.claim(group.source.config, self._claimed_by_others(groups, group))
+            uuids, why, _ = self.claim(
+                group.source.config, group.config_key, self._claimed_by_others(groups, group)
+            )
             if not uuids:
                 group.next_lookup_s = now_s + DISCOVERY_RETRY_S
                 log.debug("server %s restarted; keeping its GPUs: %s", group.spec.name, why)
@@ -392,7 +383,7 @@ class GpuRoster:
                 continue
             try:
                 uuids, why, missing = self.claim(
-                    group.source.config, self._claimed_by_others(groups, group)
+                    group.source.config, group.config_key, self._claimed_by_others(groups, group)
                 )
             except ConfigError as exc:
                 self._problems.problem(("missing", group.spec.name), logging.ERROR, "%s", exc)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Protocol
 
+from powerd.config import ConfigError
 from powerd.model import GpuInfo, GpuReading
+from powerd.wording import counted
 
 POWER_LIMIT_TOLERANCE_MW = 1000
 """A power limit read back within 1 W of the one set is that one: a setter counts it as
@@ -83,14 +85,28 @@ class GpuBackend(Protocol):
 
 
 def locate_gpu(
-    gpu: int | str, by_index: Mapping[int, str], unopened: Collection[int]
+    key: str, gpu: int | str, by_index: Mapping[int, str], unopened: Collection[int]
 ) -> str | None:
-    """The UUID of a configured GPU (an index or a UUID) among the GPUs `by_index` names; None
-    when it may be one NVML counts but cannot open (its index is in `unopened`, or a UUID
-    while any is). LookupError when the node has no such GPU."""
+    """The UUID of the GPU (an index or a UUID) that the config names at `key`
+    ("servers[0].gpus[1]") among the GPUs `by_index` names; None when it may be one NVML
+    counts but cannot open (its index is in `unopened`, or a UUID while any is).
+
+    ConfigError when the node has no such GPU, naming the key and the node's GPUs: the one
+    wording of `powerd run` and `powerd check-config`."""
     uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
     if uuid is not None and uuid in by_index.values():
         return uuid
     if gpu in unopened if isinstance(gpu, int) else bool(unopened):
         return None
-    raise LookupError(gpu)
+    raise ConfigError(f"{key}: no GPU {gpu!r} on this node ({_node_gpus(by_index, unopened)})")
+
+
+def _node_gpus(by_index: Mapping[int, str], unopened: Collection[int]) -> str:
+    """The node's GPUs, for a message: "it has 2 GPUs: 0 (GPU-a), 1 (cannot be opened)"."""
+    described = {index: f"{index} ({uuid})" for index, uuid in by_index.items()}
+    for index in unopened:
+        described.setdefault(index, f"{index} (cannot be opened)")
+    if not described:
+        return "it has no GPU"
+    listed = ", ".join(text for _, text in sorted(described.items()))
+    return f"it has {counted(len(described), 'GPU')}: {listed}"

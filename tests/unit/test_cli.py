@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -516,7 +517,7 @@ def test_check_config_refuses_what_run_would(
         tmp_path, {**sim, "sim": {"gpu_model": "l40s"}}, capsys
     )
     server = {"name": "a", "url": "http://127.0.0.1:8000/metrics"}
-    assert "servers[0].gpus[1]: no GPU 9 on this node (4 GPUs counted)" in _check(
+    assert "servers[0].gpus[1]: no GPU 9 on this node (it has 4 GPUs: 0 (GPU-" in _check(
         tmp_path, {**sim, "servers": [{**server, "gpus": [0, 9]}]}, capsys
     )
     assert "metrics.listen_address" in _check(
@@ -588,6 +589,41 @@ def test_check_config_checks_the_gpus_where_it_can_open_them(
         assert main(["check-config", str(path)]) == 0
     assert "GPUs not checked: nvmlDeviceGetCount failed" in capsys.readouterr().out
     broken.close.assert_called_once()
+
+
+def test_run_and_check_config_name_a_gpu_the_node_lacks_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One message, from powerd.gpu.backend.locate_gpu: the config key and the node's GPUs."""
+    data = {
+        "gpu_backend": "sim",
+        "state_dir": str(tmp_path / "state"),
+        "metrics": {"port": 0, "final_scrape_wait_s": 0},
+        "sim": {"gpus": 2, "tp": 1, "trace": "constant", "state_file": str(tmp_path / "g")},
+        "servers": [
+            {"name": "a", "url": "http://127.0.0.1:8000/metrics", "gpus": [0]},
+            {"name": "b", "url": "http://127.0.0.1:8001/metrics", "gpus": [1, 7]},
+        ],
+    }
+    path = tmp_path / "powerd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check-config", str(path)]) == EX_CONFIG
+    checked = capsys.readouterr().err
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handlers = {signum: signal.getsignal(signum) for signum in signums}
+    try:
+        assert main(["run", "--config", str(path)]) == EX_CONFIG
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    ran = capsys.readouterr().err
+    uuids = [info.uuid for info in NvmlBackend(detached_fake_nvml(SimConfig(gpus=2))).devices()]
+    expected = (
+        f"powerd: servers[1].gpus[1]: no GPU 7 on this node (it has 2 GPUs: 0 ({uuids[0]}), "
+        f"1 ({uuids[1]}))\n"
+    )
+    assert checked == expected
+    assert ran.endswith(expected), ran
 
 
 # ------------------------------------------------------------------------ run and demo

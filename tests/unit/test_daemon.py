@@ -439,7 +439,10 @@ def test_a_gpu_the_node_does_not_count_is_still_a_config_error(tmp_path: Path) -
             servers = server_configs(node)
             return Config(servers=(dataclasses.replace(servers[0], gpus=(7,)), servers[1]))
 
-        with pytest.raises(ConfigError, match=r"no GPU 7 on this node \(NVML opens GPUs 0 \("):
+        with pytest.raises(
+            ConfigError,
+            match=r"^servers\[0\]\.gpus\[0\]: no GPU 7 on this node \(it has 2 GPUs: 0 \(",
+        ):
             make_rig(tmp_path, nvml_factory=factory, configure=configure)
 
 
@@ -716,7 +719,7 @@ def test_reload_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     cases = [
         (broken(lambda d: d["servers"][1]["slo"].update(itl_s=-0.05)), "servers[1].slo.itl_s"),
         (broken(lambda d: d.update(stale_after=5)), "stale_after"),
-        (broken(lambda d: d["servers"][0].update(gpus=[7])), "vllm-0"),
+        (broken(lambda d: d["servers"][0].update(gpus=[7])), "servers[0].gpus[0]"),
     ]
     for data, key in cases:
         path.write_text(yaml.safe_dump(data))
