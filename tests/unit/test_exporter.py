@@ -13,10 +13,8 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,6 +55,7 @@ from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
 from tests.conftest import require_program
 from tests.unit.clocks import ManualTime
+from tests.unit.waiting import wait_until
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "exporter_small.golden"
 BUILD_INFO = {"version": "0.0.0-test", "python": "3.x"}
@@ -802,16 +801,6 @@ def test_port_in_use_is_a_clear_error() -> None:
             second.start()
     finally:
         first.stop()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    """Poll condition until it holds (True) or timeout_s passes (False)."""
-    deadline_s = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline_s:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def read_reply(sock: socket.socket, timeout_s: float = 10.0) -> tuple[bytes, bool]:

@@ -29,7 +29,7 @@ from tests.unit.daemon_helpers import (
     metric_lines,
     metric_value,
 )
-from tests.unit.test_exporter import wait_until
+from tests.unit.waiting import wait_until
 
 MONDAY_NOON = datetime(2025, 6, 2, 12, 30, tzinfo=timezone.utc)
 """A Monday, 12:30 UTC: 14:30 in Berlin, 21:30 in Tokyo, 08:30 in New York."""

@@ -26,7 +26,7 @@ from powerd.sources import pool as pool_module
 from powerd.sources.base import MAX_BODY_BYTES
 from powerd.sources.fetch import KeepAliveFetcher
 from tests.unit.clocks import ManualTime
-from tests.unit.test_exporter import wait_until
+from tests.unit.waiting import wait_until
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sources"
 RELEASE = threading.Event()
