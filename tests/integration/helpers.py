@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -140,3 +141,40 @@ class NotifySocket:
         self._closed.set()
         self._reader.join(timeout=2.0)
         self.sock.close()
+
+
+class ProcessOutput:
+    """What a process started by start_powerd writes (stdout, stderr merged into it), read by
+    a thread as it comes: a test can wait for a line while the process runs, however late a
+    busy machine writes it."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None, "start_powerd pipes the output"
+        self._lines: list[str] = []
+        self._arrived = threading.Condition()
+        self._reader = threading.Thread(
+            target=self._read, args=(process.stdout,), name="powerd-output", daemon=True
+        )
+        self._reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._arrived:
+                self._lines.append(line)
+                self._arrived.notify_all()
+
+    def wait_for(self, text: str, timeout_s: float = 60.0) -> None:
+        """Return once a line containing `text` was written; AssertionError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while not any(text in line for line in self._lines):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no {text!r} within {timeout_s} s: {self._lines}")
+                self._arrived.wait(remaining)
+
+    def text(self, timeout_s: float = 60.0) -> str:
+        """All of it, once the process has closed its output (exited)."""
+        self._reader.join(timeout_s)
+        with self._arrived:
+            return "".join(self._lines)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.helpers import (
     NotifySocket,
+    ProcessOutput,
     changed_gpus,
     powerd,
     powerd_env,
@@ -70,15 +71,28 @@ def _run_with_notify(
         notify.close()
 
 
-def _stop(process: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
+def _stop(
+    process: subprocess.Popen[str],
+    sig: int = signal.SIGTERM,
+    output: ProcessOutput | None = None,
+) -> str:
+    """Send `sig`, wait for the exit (a kill after 60 s) and return all the process wrote
+    (through `output` when one reads it)."""
     if process.poll() is None:
         process.send_signal(sig)
+    if output is not None:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return output.text()
     try:
-        output, _ = process.communicate(timeout=60)
+        text, _ = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
-        output, _ = process.communicate()
-    return output
+        text, _ = process.communicate()
+    return text
 
 
 def test_notify_protocol_reload_and_restore_on_exit(tmp_path: Path) -> None:
@@ -248,14 +262,17 @@ def test_dry_run_writes_nothing_even_across_a_reload(tmp_path: Path) -> None:
     state_file = tmp_path / "g"
     config = write_sim_config(tmp_path, sim={**LOCKING_SIM, "state_file": str(state_file)})
     with _run_with_notify(tmp_path, "--dry-run", "--config", str(config)) as (process, notify):
+        written = ProcessOutput(process)
         notify.wait_for("READY=1")
-        time.sleep(3.0)
+        # The controller's first lower clock, as late as a busy machine makes it: held back.
+        written.wait_for("would set", timeout_s=60.0)
+        assert changed_gpus(state_file) == {}
         process.send_signal(signal.SIGHUP)
         notify.wait_for("RELOADING=1")
         notify.wait_for("READY=1")
         time.sleep(3.0)
         assert changed_gpus(state_file) == {}
-        output = _stop(process)
+        output = _stop(process, output=written)
     assert process.returncode == 0, output
     assert "would set" in output
     assert "started with --dry-run, which holds until it is restarted without it" in output
