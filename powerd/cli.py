@@ -15,6 +15,7 @@ from powerd.config import (
     DEFAULT_METRICS_PORT,
     MODES,
     NAMED_SERVER_KINDS,
+    REPLAY_TRACE_DEFAULT,
     SERVER_KINDS,
     SIM_TRACE_DEFAULT,
     ConfigError,
@@ -120,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None)
     demo.add_argument(
         "--trace",
-        default="azure-conv",
+        default=REPLAY_TRACE_DEFAULT,
         help="a trace file or a name: azure-conv, diurnal, step, burst, constant "
         "(default: %(default)s)",
     )

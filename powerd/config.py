@@ -300,6 +300,9 @@ SIM_TRACE_DEFAULT = "diurnal"
 """The load of a simulated node whose config names no sim.trace (`powerd run` with
 `gpu_backend: sim`); `powerd demo` and `powerd bench` give theirs on the command line."""
 
+REPLAY_TRACE_DEFAULT = "azure-conv"
+"""The trace `powerd demo` and `powerd bench` replay when no --trace is given."""
+
 
 @dataclass(frozen=True, slots=True)
 class SimConfig:

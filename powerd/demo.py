@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from powerd.bench.measure import Outcome, outcome
-from powerd.config import MODES, Config, ConfigError, MetricsConfig, SimConfig, SloConfig
+from powerd.config import (
+    MODES,
+    REPLAY_TRACE_DEFAULT,
+    Config,
+    ConfigError,
+    MetricsConfig,
+    SimConfig,
+    SloConfig,
+)
 from powerd.control.kernels import CACHE_WARM
 from powerd.daemon import Daemon
 from powerd.exporter import Exporter, ExporterError
@@ -45,7 +53,7 @@ class DemoOptions:
     gpu_model: str = "h100-sxm"
     gpu_profile_file: str | None = None
     model: str | None = None
-    trace: str = "azure-conv"
+    trace: str = REPLAY_TRACE_DEFAULT
     time_compression: float = 10.0
     peak_load: float = 0.7
     mode: str = "efficiency"

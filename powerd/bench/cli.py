@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from powerd.bench.options import POLICY_NAMES, OracleOptions, parse_policies, workers_default
-from powerd.config import NAMED_SERVER_KINDS, SloConfig
+from powerd.config import NAMED_SERVER_KINDS, REPLAY_TRACE_DEFAULT, SloConfig
 
 if TYPE_CHECKING:
     from powerd.bench.runner import BenchSetup
@@ -19,8 +19,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `powerd bench`."""
     oracle = OracleOptions()
     parser.add_argument(
-        "--trace", default="azure-conv", help="a trace file or a name: azure-conv, diurnal, step, "
-        "burst, constant (default: azure-conv)",
+        "--trace", default=REPLAY_TRACE_DEFAULT, help="a trace file or a name: azure-conv, "
+        "diurnal, step, burst, constant (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--rate-scale", type=float, default=None, metavar="X",

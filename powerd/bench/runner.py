@@ -36,7 +36,7 @@ from powerd.bench.policies import (
     refine_around,
 )
 from powerd.bench.results import BenchInfo, BenchResult, PolicyResult
-from powerd.config import INTERVAL_RANGE_S, SimConfig, SloConfig
+from powerd.config import INTERVAL_RANGE_S, REPLAY_TRACE_DEFAULT, SimConfig, SloConfig
 from powerd.sim.models import get_model_profile
 from powerd.sim.node import SimNode
 from powerd.sim.plant import GpuProfile, load_gpu_profile
@@ -59,7 +59,7 @@ def positive_finite(option: str, value: float) -> None:
 class BenchSetup:
     """What to benchmark and how. `peak_load` (when set) overrides `rate_scale`."""
 
-    trace: str = "azure-conv"
+    trace: str = REPLAY_TRACE_DEFAULT
     duration_s: float = 3600.0
     gpu_model: str = "h100-sxm"
     gpu_profile_file: str | None = None
