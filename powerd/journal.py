@@ -36,6 +36,7 @@ from typing import Any
 from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, STALL_S, GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NotSupported
 from powerd.model import GpuInfo
+from powerd.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class RestoreReport:
 
     def summary(self) -> str:
         """One line for the log and for `powerd restore`."""
-        parts = [f"restored {len(self.restored)} GPU(s)"]
+        parts = [f"restored {counted(len(self.restored), 'GPU')}"]
         if self.lost:
             parts.append(f"{len(self.lost)} gone ({', '.join(self.lost)})")
         if self.failed:
@@ -126,7 +127,7 @@ class RestoreReport:
             )
         parts.extend(self.errors)
         if self.clocks_reset:
-            parts.append(f"clocks reset on {len(self.clocks_reset)} GPU(s)")
+            parts.append(f"clocks reset on {counted(len(self.clocks_reset), 'GPU')}")
         if self.limits_below_default:
             held = ", ".join(
                 f"{uuid} at {mw / 1000:.0f} W" for uuid, mw in self.limits_below_default.items()

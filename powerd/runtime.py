@@ -339,8 +339,8 @@ def _name_gpus_left_changed(path: Path) -> None:
     held = [e for e in journal.entries() if not journal.saved_in_earlier_boot(e)]
     if held:
         print(
-            f"powerd restore: {len(held)} GPU(s) keep the settings powerd set until NVML "
-            "opens again (a driver reload or a reboot resets them): "
+            f"powerd restore: the settings powerd set stay on {counted(len(held), 'GPU')} until "
+            "NVML opens again (a driver reload or a reboot resets them): "
             + ", ".join(f"{entry.uuid} (GPU {entry.index})" for entry in held),
             file=sys.stderr,
         )

@@ -28,6 +28,7 @@ from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal
 from powerd.model import GroupDecision
 from powerd.simulation import detached_fake_nvml
+from powerd.wording import counted
 from tests.integration.helpers import changed_gpus
 
 
@@ -413,7 +414,8 @@ def test_a_restore_without_nvml_names_the_gpus_left_changed(
     err = capsys.readouterr().err
     assert "the NVIDIA driver was upgraded" in err
     changed = changed_gpus(state_file)
-    assert changed and f"{len(changed)} GPU(s) keep the settings powerd set" in err
+    assert changed
+    assert f"the settings powerd set stay on {counted(len(changed), 'GPU')} until" in err
     journal = tmp_path / "state" / "journal.json"
     for entry in json.loads(journal.read_text())["entries"]:
         assert entry["uuid"] in err
