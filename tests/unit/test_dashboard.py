@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from powerd.config import MetricsConfig
 from powerd.exporter import Exporter
-from tests.unit.test_exporter import BUILD_INFO, full_snapshot
+from tests.unit.snapshots import BUILD_INFO, full_snapshot
 from tests.unit.test_prometheus_rules import promtool
 
 ROOT = Path(__file__).resolve().parents[2]

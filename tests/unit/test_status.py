@@ -24,7 +24,7 @@ from powerd.status import (
     format_status,
     parse_status,
 )
-from tests.unit.test_exporter import BUILD_INFO, full_snapshot, group_status, small_snapshots
+from tests.unit.snapshots import BUILD_INFO, full_snapshot, group_status, small_snapshots
 from tests.unit.test_webconfig import make_certs
 
 

@@ -20,12 +20,8 @@ from powerd.config import ConfigError, MetricsConfig
 from powerd.exporter import Exporter
 from powerd.webconfig import BasicAuth, WebConfigError, load_web_config, parse_web_config
 from tests.conftest import require_program
-from tests.unit.test_exporter import (
-    drip_until_closed,
-    small_exporter,
-    small_snapshots,
-    wait_until,
-)
+from tests.unit.snapshots import small_exporter, small_snapshots
+from tests.unit.waiting import drip_until_closed, wait_until
 
 PASSWORD = "correct horse"
 # Cost 4 keeps the tests fast; production hashes use 10-12.
