@@ -415,6 +415,9 @@ class Daemon:
         now_s is the loop's clock (monotonic, or a simulation's virtual time): intervals and
         rates come from it. The snapshot is stamped with unix_time_s, else now_s."""
         started = time.perf_counter()
+        # Rates run between the times servers answered: a slow GPU read or lookup before the
+        # scrape (an NVML call can hang for seconds) is time the servers' counters ran on.
+        taken_s = time.monotonic()
         interval_s = (
             self.config.interval_s if self._prev_tick_s is None else now_s - self._prev_tick_s
         )
@@ -428,7 +431,9 @@ class Daemon:
             # Before the observations count each group's limited GPUs: a refusal met by the
             # last tick's writes, a GPU back from a loss with what it keeps out of the budget.
             self._reserve_limits_out_of_reach(readings)
-        samples = self._pool.poll_all(now_s, deadline_s=max(0.05, self.config.interval_s * 0.6))
+        samples = self._pool.poll_all(
+            now_s, deadline_s=max(0.05, self.config.interval_s * 0.6), taken_s=taken_s
+        )
         observations = [
             self._observe(group, sample, readings, now_s, interval_s)
             for group, sample in zip(self.groups, samples, strict=True)

@@ -30,8 +30,8 @@ class ScrapePool:
     by then is reported down ("timed out after X s") and is not fetched again until that fetch
     ends; an answer that arrives after its deadline is dropped, so rates only ever use scrapes
     stamped with the tick they belong to. Each sample is stamped now_s; its rates are taken
-    between the times the server answered (now_s plus the wall time from the start of
-    poll_all to the end of the fetch), as the server's counters were read then.
+    between the times the server answered (now_s plus the time from when now_s was taken to
+    the end of the fetch), as the server's counters were read then.
     """
 
     def __init__(
@@ -54,9 +54,15 @@ class ScrapePool:
                 if id(source) in running:
                     self._inflight[i] = running[id(source)]
 
-    def poll_all(self, now_s: float, deadline_s: float) -> list[ServerSample]:
-        """One sample per source, in order, within deadline_s seconds of wall time."""
+    def poll_all(
+        self, now_s: float, deadline_s: float, *, taken_s: float | None = None
+    ) -> list[ServerSample]:
+        """One sample per source, in order, within deadline_s seconds of wall time. taken_s:
+        time.monotonic() when now_s was taken (a tick's start; the work before the poll may
+        take seconds), else when poll_all begins."""
         start = time.monotonic()
+        if taken_s is None:
+            taken_s = start
         fresh: dict[int, Future[_FetchResult]] = {}
         for i, source in enumerate(self.sources):
             pending = self._inflight.get(i)
@@ -75,7 +81,7 @@ class ScrapePool:
             if future is not None and future.done():
                 del self._inflight[i]
                 result, duration, ended = future.result()
-                answered_s = now_s + (ended - start)
+                answered_s = now_s + (ended - taken_s)
                 samples.append(source.process(result, now_s, duration, answered_s))
                 continue
             elapsed = time.monotonic() - self._inflight[i][1]
@@ -108,7 +114,9 @@ class InlineScrapePool:
     def __init__(self, sources: Sequence[Source]) -> None:
         self.sources = list(sources)
 
-    def poll_all(self, now_s: float, deadline_s: float) -> list[ServerSample]:
+    def poll_all(
+        self, now_s: float, deadline_s: float, *, taken_s: float | None = None
+    ) -> list[ServerSample]:
         return [source.poll(now_s) for source in self.sources]
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from powerd.config import (
     ConfigError,
     ControlConfig,
     GridConfig,
+    ServerConfig,
     SimConfig,
     load_config,
 )
@@ -42,8 +43,10 @@ from powerd.model import BLIND_PREFILL_SHARE, GroupDecision
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.node import SimNode, serve_node
 from powerd.simulation import build_node, server_configs
-from powerd.sources import SourceError
+from powerd.sources import FetchResponse, SourceError
+from powerd.sources import pool as pool_module
 from powerd.sources.fetch import KeepAliveFetcher
+from tests.unit.clocks import ManualTime
 from tests.unit.daemon_helpers import (
     HTTP_PREFIX,
     RESET_CLOCKS,
@@ -1278,6 +1281,46 @@ def test_a_stuck_counter_that_moves_again_is_not_counted_twice(tmp_path: Path) -
         group0 = observations[0]
         assert group0.energy_j is not None and group0.power_w is not None
         assert group0.energy_j < 1.5 * group0.power_w * 1.0, "the stuck ticks, counted again"
+
+
+def test_a_slow_gpu_read_before_the_scrape_does_not_spike_the_servers_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An NVML call can take seconds (a GPU whose firmware answers late, a rediscovery): the
+    servers are read that much after the tick began, and their counters ran all the while. A
+    steady 1000 tokens/s read as 4000 and then 0 would swing the controller and the
+    efficiency figures."""
+    clock = ManualTime(5000.0)
+    monkeypatch.setattr(daemon_module, "time", clock)
+    monkeypatch.setattr(pool_module, "time", clock)
+    rig = make_rig(tmp_path)
+
+    def fetch(url: str, timeout_s: float) -> FetchResponse:
+        tokens = 1000.0 * clock.now_s  # the counter as the server reads it
+        return FetchResponse(200, f"vllm:generation_tokens_total {tokens:.3f}\n".encode(), {})
+
+    server = ServerConfig(name="v", url="http://v/metrics", kind="vllm", gpus=(0,))
+    # A deadline far longer than a worker thread can take to start on a busy machine.
+    daemon = Daemon(Config(servers=(server,), interval_s=10.0), rig.backend, fetch=fetch)
+    read = rig.backend.read
+    slow_reads_s = [0.0, 0.0, 0.0, 3.0, 0.0, 0.0]
+
+    def slow_read(uuid: str) -> Any:
+        if uuid == rig.uuid(0):
+            clock.now_s += slow_reads_s.pop(0)
+        return read(uuid)
+
+    monkeypatch.setattr(rig.backend, "read", slow_read)
+    rates = []
+    try:
+        # The tick at 5003 scrapes at 5006; the next begins when it is done.
+        for start_s in (5000.0, 5001.0, 5002.0, 5003.0, 5006.5, 5007.5):
+            clock.now_s = start_s
+            (sample,) = daemon.tick(start_s).servers
+            rates.append(sample.generation_tokens_per_s)
+    finally:
+        daemon._pool.close()
+    assert rates == [None] + [pytest.approx(1000.0, rel=1e-6)] * 5
 
 
 # ------------------------------------------------------------------------ journal unwritable
