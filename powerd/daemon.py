@@ -570,11 +570,9 @@ class Daemon:
             prompt_tokens_weighted_mean=sample.prompt_tokens_weighted_mean if sample.up else None,
             first_token_blind=self._first_token_blind(group, sample),
             interval_clock_cap_mhz=interval_cap_mhz,
-            finished_requests_per_s=(
-                sample.finished_requests / interval_s
-                if sample.up and sample.finished_requests is not None and interval_s > 0
-                else None
-            ),
+            finished_requests_per_s=_per_s(sample.finished_requests, sample.window_s)
+            if sample.up
+            else None,
         )
 
     @staticmethod
@@ -1195,6 +1193,13 @@ def _per_million(
     is unknown."""
     per_token = at_facility(per_kwh, energy_per_token_j, pue)
     return None if per_token is None else per_token * 1e6
+
+
+def _per_s(count: float | None, window_s: float | None) -> float | None:
+    """A count over a window of window_s seconds, per second; None when either is unknown."""
+    if count is None or window_s is None or not window_s > 0:
+        return None
+    return count / window_s
 
 
 def _with_duration(snapshot: Snapshot, duration_s: float) -> Snapshot:

@@ -158,6 +158,10 @@ class ServerSample:
     """Requests the server preempted over the window (evicted for KV space), where it counts."""
     finished_requests: float | None = None
     """Requests finished over the window, where the server counts them."""
+    window_s: float | None = None
+    """Seconds between the two answers the window's counts (finished_requests, preemptions,
+    prefill_busy_s) span; None without a window. Not the tick's interval: a scrape missed, or
+    answered later in one tick than in the next, makes them differ."""
     prefill_busy_s: float | None = None
     """Seconds the server spent in prefill forward passes over the window, where it times them
     (TGI): prompt tokens over these seconds are its prefill capacity."""
@@ -222,7 +226,8 @@ class GroupObservation:
     prefill_busy_s: float | None = None
     """See ServerSample.prefill_busy_s."""
     finished_requests_per_s: float | None = None
-    """Requests the server finished per second over the tick, where it counts them."""
+    """Requests the server finished per second over its last window (ServerSample.window_s),
+    where it counts them."""
     prompt_tokens_weighted_mean: float | None = None
     """See ServerSample.prompt_tokens_weighted_mean."""
     first_token_blind: bool = False

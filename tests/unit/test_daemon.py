@@ -53,6 +53,7 @@ from tests.unit.daemon_helpers import (
     SET_CLOCKS,
     SET_LIMIT,
     SMALL_NODE,
+    RecordingController,
     Rig,
     make_rig,
     metric_lines,
@@ -1321,6 +1322,48 @@ def test_a_slow_gpu_read_before_the_scrape_does_not_spike_the_servers_rate(
     finally:
         daemon._pool.close()
     assert rates == [None] + [pytest.approx(1000.0, rel=1e-6)] * 5
+
+
+def test_requests_finished_per_second_run_over_the_servers_window_not_the_tick(
+    tmp_path: Path,
+) -> None:
+    """A scrape missed leaves two ticks' finished requests to the next: over one tick's
+    interval a steady 10 per second would read 20, and the controller's queue estimate
+    (prompt tokens per request) would halve."""
+    rig = make_rig(tmp_path)
+    down = False
+
+    def fetch(url: str, timeout_s: float) -> FetchResponse:
+        if down:
+            raise SourceError("cannot connect: Connection refused")
+        t = rig.node.now_s
+        body = (
+            f"vllm:generation_tokens_total {1000.0 * t:.3f}\n"
+            f'vllm:request_success_total{{finished_reason="stop"}} {10.0 * t:.3f}\n'
+        )
+        return FetchResponse(200, body.encode(), {})
+
+    recorders: list[RecordingController] = []
+
+    def factory(config: Config, specs: Any) -> RecordingController:
+        recorders.append(RecordingController(config, specs))
+        return recorders[-1]
+
+    server = ServerConfig(name="v", url="http://v/metrics", kind="vllm", gpus=(0,))
+    daemon = Daemon(
+        Config(servers=(server,)),
+        rig.backend,
+        fetch=fetch,
+        policy_factory=factory,
+        inline_scrape=True,
+    )
+    for tick in range(6):
+        down = tick == 3
+        rig.node.advance(1.0)
+        daemon.tick(rig.node.now_s)
+    finished = [obs[0].finished_requests_per_s for obs in recorders[-1].observations]
+    assert finished[0] is None and finished[3] is None
+    assert finished[1:3] + finished[4:] == [pytest.approx(10.0, rel=1e-6)] * 4
 
 
 # ------------------------------------------------------------------------ journal unwritable

@@ -70,6 +70,7 @@ def test_vllm_v1_data_parallel_sums_engines() -> None:
     assert s.prompt_tokens_per_s == pytest.approx((1000 + 600) / 2)
     assert s.running == 12 + 9 and s.waiting == 3 + 1
     assert s.finished_requests == pytest.approx(4 + 1 + 3)
+    assert s.window_s == pytest.approx(2.0)
     assert s.generation_tokens_total == 10600 + 8400
     # TTFT: 20 first tokens; cumulative deltas 18 at le=0.5, 20 at le=0.75; rank 19.
     assert s.ttft_q_s == pytest.approx(interp(0.5, 0.75, 0.95 * 20, 18, 2))
