@@ -80,7 +80,7 @@ class GpuControlState:
     would_set: str = ""
     """In dry-run mode, the last setting that would have been written."""
     would_set_logged_s: float | None = None
-    """When a "would set" of this GPU was last logged at INFO (monotonic)."""
+    """When a "would set" of this GPU was last logged at INFO (the actuator's clock)."""
     would_set_unlogged: bool = False
     """A change since then was logged at DEBUG only: the setting held is due at INFO."""
 
@@ -100,8 +100,8 @@ class Actuator:
         dry_run: bool,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`clock` (seconds) times the clock settings sent again, and the write problems'
-        reminders and quiet periods."""
+        """`clock` (seconds) times the clock settings sent again, the dry run's "would set"
+        lines, and the write problems' reminders and quiet periods."""
         self._backend = backend
         self._journal = journal
         self._dry_run = dry_run
@@ -329,7 +329,7 @@ class Actuator:
             )
             changed = want_lock != state.lock_max_mhz or want_limit != state.power_limit_mw
             if changed or state.would_set_unlogged:
-                now_s = time.monotonic()
+                now_s = self._clock()
                 logged_s = state.would_set_logged_s
                 if logged_s is None or now_s - logged_s >= DRY_RUN_LOG_S:
                     state.would_set_logged_s, state.would_set_unlogged = now_s, False

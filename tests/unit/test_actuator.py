@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,10 +91,12 @@ class RecordingBackend:
         pass
 
 
-def _actuator(tmp_path: Path, n: int = 2, dry_run: bool = False):
+def _actuator(
+    tmp_path: Path, n: int = 2, dry_run: bool = False, clock: Callable[[], float] = time.monotonic
+):
     backend = RecordingBackend(n)
     journal = Journal(tmp_path / "journal.json")
-    actuator = Actuator(backend, journal, dry_run=dry_run)
+    actuator = Actuator(backend, journal, dry_run=dry_run, clock=clock)
     for info in backend.infos:
         actuator.track(info)
     return backend, journal, actuator
@@ -188,13 +192,10 @@ def test_dry_run_writes_nothing_and_keeps_the_journal_empty(tmp_path: Path, capl
 
 
 def test_dry_run_logs_the_setting_held_at_info_once_a_minute(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from powerd import actuator as actuator_module
-
     clock = [1000.0]
-    monkeypatch.setattr(actuator_module.time, "monotonic", lambda: clock[0])
-    _, _, actuator = _actuator(tmp_path, n=1, dry_run=True)
+    _, _, actuator = _actuator(tmp_path, n=1, dry_run=True, clock=lambda: clock[0])
     with caplog.at_level("DEBUG", logger="powerd.actuator"):
         for at_s, mhz in ((0.0, 1500), (10.0, 1410), (20.0, 1410), (70.0, 1410), (80.0, 1410)):
             clock[0] = 1000.0 + at_s

@@ -627,6 +627,22 @@ def test_dry_run_decides_logs_and_exports_but_never_writes(
     assert not rig.journal_path.exists()
 
 
+def test_a_dry_run_in_virtual_time_logs_what_it_would_set_once_a_minute_of_that_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The INFO line comes at most once a minute on the loop's clock, as every other timer
+    of the tick does: a simulated run is read in its own time, whatever the machine's."""
+    rig = make_rig(tmp_path, dry_run=True)
+    with caplog.at_level(logging.INFO, logger="powerd.actuator"):
+        rig.run(150)
+    for index in (0, 1):
+        uuid = rig.uuid(index)
+        lines = [
+            r for r in caplog.records if "would set" in r.getMessage() and uuid in r.getMessage()
+        ]
+        assert 2 <= len(lines) <= 3, [r.getMessage() for r in lines]
+
+
 # ------------------------------------------------------------------------ reload
 
 
