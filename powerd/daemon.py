@@ -566,7 +566,9 @@ class Daemon:
             ttft_slowest_s=sample.ttft_slowest_s if sample.up else None,
             kv_cache_usage=sample.kv_cache_usage if sample.up else None,
             preemptions=sample.preemptions if sample.up else None,
-            prefill_busy_s=sample.prefill_busy_s if sample.up else None,
+            prefill_busy_s=_over_tick(sample.prefill_busy_s, sample.window_s, interval_s)
+            if sample.up
+            else None,
             prompt_tokens_weighted_mean=sample.prompt_tokens_weighted_mean if sample.up else None,
             first_token_blind=self._first_token_blind(group, sample),
             interval_clock_cap_mhz=interval_cap_mhz,
@@ -1200,6 +1202,14 @@ def _per_s(count: float | None, window_s: float | None) -> float | None:
     if count is None or window_s is None or not window_s > 0:
         return None
     return count / window_s
+
+
+def _over_tick(amount: float | None, window_s: float | None, interval_s: float) -> float | None:
+    """An amount counted over a window of window_s seconds, as over the tick's interval_s (the
+    controller sets it beside the tick's rates x interval_s); None when either is unknown."""
+    if amount is None or window_s is None or not window_s > 0:
+        return None
+    return amount * (interval_s / window_s)
 
 
 def _with_duration(snapshot: Snapshot, duration_s: float) -> Snapshot:

@@ -224,7 +224,8 @@ class GroupObservation:
     preemptions: float | None = None
     """See ServerSample.preemptions."""
     prefill_busy_s: float | None = None
-    """See ServerSample.prefill_busy_s."""
+    """ServerSample.prefill_busy_s scaled from its window to the tick's interval (the share of
+    the window the server spent in prefill, times interval_s)."""
     finished_requests_per_s: float | None = None
     """Requests the server finished per second over its last window (ServerSample.window_s),
     where it counts them."""

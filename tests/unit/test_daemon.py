@@ -1382,6 +1382,49 @@ def test_requests_finished_per_second_run_over_the_servers_window_not_the_tick(
     assert finished[1:3] + finished[4:] == [pytest.approx(10.0, rel=1e-6)] * 4
 
 
+def test_prefill_seconds_are_scaled_from_the_servers_window_to_the_tick(
+    tmp_path: Path,
+) -> None:
+    """The controller divides the tick's prompt tokens (rate x interval) by the prefill
+    seconds: after a scrape missed, a window of two ticks' seconds would halve the capacity."""
+    rig = make_rig(tmp_path)
+    down = False
+
+    def fetch(url: str, timeout_s: float) -> FetchResponse:
+        if down:
+            raise SourceError("cannot connect: Connection refused")
+        t = rig.node.now_s
+        body = (
+            f"tgi_batch_current_size 4\n"
+            f"tgi_queue_size 0\n"
+            f'tgi_batch_forward_duration_sum{{method="prefill"}} {0.25 * t:.3f}\n'
+            f'tgi_batch_forward_duration_count{{method="prefill"}} {5.0 * t:.3f}\n'
+        )
+        return FetchResponse(200, body.encode(), {})
+
+    recorders: list[RecordingController] = []
+
+    def factory(config: Config, specs: Any) -> RecordingController:
+        recorders.append(RecordingController(config, specs))
+        return recorders[-1]
+
+    server = ServerConfig(name="t", url="http://t/metrics", kind="tgi", gpus=(0,))
+    daemon = Daemon(
+        Config(servers=(server,)),
+        rig.backend,
+        fetch=fetch,
+        policy_factory=factory,
+        inline_scrape=True,
+    )
+    for tick in range(6):
+        down = tick == 3
+        rig.node.advance(1.0)
+        daemon.tick(rig.node.now_s)
+    busy = [obs[0].prefill_busy_s for obs in recorders[-1].observations]
+    assert busy[0] is None and busy[3] is None
+    assert busy[1:3] + busy[4:] == [pytest.approx(0.25, rel=1e-6)] * 4
+
+
 # ------------------------------------------------------------------------ journal unwritable
 
 
