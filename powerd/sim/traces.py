@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from powerd.sim.engine import (
     gpu_time_s,
 )
 from powerd.sim.models import ModelProfile
+from powerd.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +110,12 @@ def load_azure_trace(
 ) -> Arrivals:
     """Read an Azure LLM inference trace (TIMESTAMP,ContextTokens,GeneratedTokens).
 
-    Timestamps are datetimes (any fractional digits, no zone); times are seconds from the
-    first. Blank lines and a byte-order mark are ignored; token counts of 0 count as 1.
-    rate_scale thins (<1) or replicates (>1) requests deterministically; time_compression
-    divides every inter-arrival time. Raises ValueError naming the file and line for
-    anything it cannot read, and for requests that all arrive at one instant.
+    Timestamps are datetimes (any fractional digits), each with or without a UTC offset (one
+    without is UTC); times are seconds from the first. Blank lines and a byte-order mark are
+    ignored; token counts of 0 count as 1. rate_scale thins (<1) or replicates (>1) requests
+    deterministically; time_compression divides every inter-arrival time. Raises ValueError
+    naming the file and line for anything it cannot read, and for requests that all arrive at
+    one instant.
     """
     path = Path(path)
     try:
@@ -163,8 +166,9 @@ def load_azure_trace(
     rel_s = (ts[order] - ts[order[0]]).astype(np.int64) / 1e9
     if rel_s[-1] <= 0:
         raise ValueError(
-            f"trace {path}: its {len(stamps)} request(s) all arrive at {stamps[0]}; a replay "
-            "needs arrivals spread over time"
+            f"trace {path}: no time passes between its first and last request "
+            f"({counted(len(stamps), 'request')} at {stamps[0]}); a replay needs arrivals "
+            "spread over time"
         )
     prompt = np.maximum(prompt[order], 1)
     gen = np.maximum(gen[order], 1)
@@ -174,27 +178,44 @@ def load_azure_trace(
     return compress_time(scale_rate(arrivals, rate_scale), time_compression)
 
 
+_ZONED = re.compile(
+    r"^(?P<local>.*\d{2}:\d{2}(?::\d{2}(?:\.\d*)?)?)\s*"
+    r"(?:Z|(?P<sign>[+-])(?P<hours>\d{2})(?::?(?P<minutes>\d{2}))?)$"
+)
+"""A date and time with a UTC offset after its time of day: Z, +HH, +HHMM or +HH:MM (the
+Azure traces of 2024 write +00:00)."""
+
+
 def _timestamps(path: Path, stamps: list[str], lines: list[int]) -> np.ndarray:
-    """The TIMESTAMP column as datetime64[ns]; ValueError naming the first line whose time is
-    not a datetime without a zone (numpy reads an empty field or "NaT" as not-a-time, and a
-    zone only with a warning)."""
+    """The TIMESTAMP column as UTC datetime64[ns]: dates and times, each with or without a UTC
+    offset (one without is taken as UTC). ValueError naming the first line whose time is not
+    one (numpy reads an empty field or "NaT" as not-a-time)."""
+    local = list(stamps)
+    offsets_s = np.zeros(len(stamps), dtype=np.int64)
+    for n, stamp in enumerate(stamps):
+        zoned = _ZONED.match(stamp)
+        if zoned:
+            local[n] = zoned["local"]
+            if zoned["sign"]:
+                offset_s = int(zoned["hours"]) * 3600 + int(zoned["minutes"] or 0) * 60
+                offsets_s[n] = offset_s if zoned["sign"] == "+" else -offset_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
-            ts = np.array(stamps, dtype="datetime64[ns]")
+            ts = np.array(local, dtype="datetime64[ns]")
             if not np.isnat(ts).any():
-                return ts
+                return ts - offsets_s.astype("timedelta64[s]")
         except (ValueError, UserWarning, DeprecationWarning):
             pass
-        for stamp, line in zip(stamps, lines, strict=True):
+        for stamp, time_of_day, line in zip(stamps, local, lines, strict=True):
             try:
-                if not np.isnat(np.datetime64(stamp, "ns")):
+                if not np.isnat(np.datetime64(time_of_day, "ns")):
                     continue
             except (ValueError, UserWarning, DeprecationWarning):
                 pass
             raise ValueError(
                 f"trace {path}, line {line}: TIMESTAMP {stamp[:40]!r} is not a date and time "
-                "without a zone (such as 2023-11-16 18:15:46.68)"
+                "(such as 2023-11-16 18:15:46.68, or 2024-05-10 00:00:00.009930+00:00)"
             )
     raise ValueError(f"trace {path}: cannot read its TIMESTAMP column")
 

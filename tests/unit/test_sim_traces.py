@@ -107,18 +107,19 @@ HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
         ),
         (
             (SAMPLE + ",5,3\n").encode(),
-            ", line 6: TIMESTAMP '' is not a date and time without a zone",
+            ", line 6: TIMESTAMP '' is not a date and time (such as",
         ),
         (
-            (SAMPLE + "2023-11-16T18:17:00+01:00,5,3\n").encode(),
-            ", line 6: TIMESTAMP '2023-11-16T18:17:00+01:00' is not a date and time without",
+            (SAMPLE + "2023-11-16T18:17:00+0x:00,5,3\n").encode(),
+            ", line 6: TIMESTAMP '2023-11-16T18:17:00+0x:00' is not a date and time",
         ),
         (
             (HEADER + "2023-11-16 18:15:46.68,5,3\n").encode(),
-            ": its 1 request(s) all arrive at 2023-11-16 18:15:46.68; a replay needs",
+            ": no time passes between its first and last request (1 request at 2023-11-16 "
+            "18:15:46.68); a replay needs",
         ),
     ],
-    ids=["not-utf8", "negative", "overflow", "no-time", "zone", "one-instant"],
+    ids=["not-utf8", "negative", "overflow", "no-time", "bad-zone", "one-instant"],
 )
 def test_a_bad_row_names_the_file_and_line(tmp_path: Path, content: bytes, message: str) -> None:
     """One sentence naming the file (and the line), never a numpy warning or an error that
@@ -128,6 +129,23 @@ def test_a_bad_row_names_the_file_and_line(tmp_path: Path, content: bytes, messa
     with pytest.raises(ValueError) as info:
         load_azure_trace(path)
     assert str(info.value).startswith(f"trace {path}{message}")
+
+
+def test_times_with_a_utc_offset_are_read_as_utc(tmp_path: Path) -> None:
+    """The Azure traces of 2024 write +00:00 after each time; other offsets, Z and times
+    without one (UTC) mix in one file, each placed on the UTC time line."""
+    path = tmp_path / "zoned.csv"
+    path.write_text(
+        HEADER
+        + "2024-05-10 00:00:00.009930+00:00,100,20\n"
+        + "2024-05-10T02:00:01+02:00,200,30\n"
+        + "2024-05-10 00:00:02.5Z,300,40\n"
+        + "2024-05-09 19:00:04-0500,400,50\n"
+        + "2024-05-10 00:00:05,500,60\n"
+    )
+    arrivals = load_azure_trace(path)
+    np.testing.assert_allclose(arrivals.time_s, [0.0, 0.99007, 2.49007, 3.99007, 4.99007])
+    np.testing.assert_array_equal(arrivals.prompt_tokens, [100, 200, 300, 400, 500])
 
 
 def test_a_spreadsheet_export_reads_as_the_plain_file(tmp_path: Path, sample_csv: Path) -> None:
