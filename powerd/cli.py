@@ -22,7 +22,7 @@ from powerd.config import (
     load_config,
     load_restore_config,
 )
-from powerd.logging_setup import LEVEL_ENV, LEVEL_NAMES
+from powerd.logging_setup import LEVEL_ENV, LEVEL_NAMES, level_name
 from powerd.wording import counted
 
 EX_CONFIG = 78
@@ -52,13 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"powerd {__version__}")
     level_help = f"default: ${LEVEL_ENV}, else info"
-    parser.add_argument("--log-level", type=str.lower, choices=LEVEL_NAMES, help=level_help)
+    parser.add_argument("--log-level", type=level_name, choices=LEVEL_NAMES, help=level_help)
     # Also after the subcommand (`powerd restore --log-level debug`); SUPPRESS keeps a value
     # given before it.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--log-level",
-        type=str.lower,
+        type=level_name,
         choices=LEVEL_NAMES,
         default=argparse.SUPPRESS,
         help=level_help,

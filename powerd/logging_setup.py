@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 LEVEL_NAMES = ("debug", "info", "warning", "error", "critical")
+LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
+"""Other names the logging module gives two of LEVEL_NAMES, taken for them."""
 LEVEL_ENV = "POWERD_LOG_LEVEL"
 """The log level when --log-level is not given."""
 
@@ -39,12 +41,19 @@ def syslog_priority(levelno: int) -> int:
     return _SD_DEBUG
 
 
+def level_name(level: str) -> str:
+    """The one of LEVEL_NAMES that `level` names, in any case and with LEVEL_ALIASES ('WARN'
+    is 'warning'); otherwise `level` lowered, which is none of them."""
+    name = level.strip().lower()
+    return LEVEL_ALIASES.get(name, name)
+
+
 def parse_level(level: str | int) -> int:
-    """A logging level from one of LEVEL_NAMES in any case ('info', 'DEBUG') or a number;
-    ValueError otherwise (logging's other names too: NOTSET would log everything)."""
+    """A logging level from one of LEVEL_NAMES or LEVEL_ALIASES in any case ('info', 'WARN') or
+    a number; ValueError otherwise (logging's NOTSET too: it would log everything)."""
     if isinstance(level, int):
         return level
-    name = level.strip().lower()
+    name = level_name(level)
     if name not in LEVEL_NAMES:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LEVEL_NAMES)}")
     return int(logging.getLevelName(name.upper()))

@@ -469,6 +469,9 @@ def test_log_level_is_checked_and_taken_after_the_subcommand_too(
     url = "http://127.0.0.1:9/metrics"
     assert main(["status", "--log-level", "warning", "--url", url]) == 1
     assert logging.getLogger().level == logging.WARNING, "and it takes effect there"
+    # logging's own aliases, as the environment takes them
+    assert main(["--log-level", "WARN", "restore", "--state-dir", str(tmp_path)]) == 0
+    assert logging.getLogger().level == logging.WARNING
 
 
 # ------------------------------------------------------------------------ check-config
