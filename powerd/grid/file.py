@@ -7,8 +7,9 @@ forecasts), of which the one covering now applies. Optional: `updated_at` (ISO-8
 offset) and `currency` (must equal grid.currency). Values are already normalised: price in
 grid.currency per kWh (a market's per-MWh price / 1000), carbon in gCO2e per kWh.
 
-Missing data is never taken for a value: null, NaN, a non-number, a carbon intensity <= 0 and
-an empty list of intervals are problems, as is a key given twice in one object. Negative prices
+Missing data is never taken for a value: null, NaN, a non-number and a carbon intensity <= 0
+are problems, as is a key given twice in one object. An empty list of intervals, like one with
+no interval covering now, gives no value now (a feed with no forecast yet). Negative prices
 are real (day-ahead markets) and are kept. A signal the file states badly keeps its last good
 value (which still ages out); a key left out of the file means the file gives no value for it.
 """
@@ -261,8 +262,6 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 def _parse_signal(signal: str, key: str, stated: object, stated_s: float) -> _Point | _Intervals:
     if not isinstance(stated, list):
         return _Point(_value(signal, key, stated), stated_s)
-    if not stated:
-        raise _Bad(f"{key}: an empty list of intervals; leave the key out for no value")
     spans = []
     for i, item in enumerate(stated):
         where = f"{key}[{i}]"

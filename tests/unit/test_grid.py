@@ -298,6 +298,23 @@ def test_file_intervals_pick_the_one_covering_now(tmp_path: Path) -> None:
     assert grid.poll().price == GridSignalStatus("price", 0.25, "flat")
 
 
+def test_an_empty_list_of_intervals_is_no_value_now_not_a_problem(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A feed writes [] when its source has published no forecast yet (day-ahead prices
+    before the auction): the next source applies, as past the last interval, unwarned."""
+    clock = Clock()
+    grid, path = file_grid(tmp_path, clock, price_per_kwh=0.25)
+    write_json(path, {"price_per_kwh": 0.4})
+    assert grid.poll().price == GridSignalStatus("price", 0.4, "file", 0.0)
+    write_json(path, {"price_per_kwh": []})
+    clock.advance(1)
+    with caplog.at_level(logging.WARNING, logger="powerd.grid"):
+        state = grid.poll()
+    assert state.price == GridSignalStatus("price", 0.25, "flat")
+    assert state.file_errors_total == 0 and caplog.records == []
+
+
 def test_intervals_with_offsets_and_a_gap(tmp_path: Path) -> None:
     clock = Clock()
     grid, path = file_grid(tmp_path, clock)
@@ -507,7 +524,6 @@ def test_a_hung_file_system_does_not_hold_the_tick(
             '"value": 0.9, "value": 0.2}]}',
             "key 'value' is given twice in one object",
         ),
-        ({"price_per_kwh": []}, "price_per_kwh: an empty list of intervals; leave the key out"),
         ("[" * 100_000 + "]" * 100_000, "not JSON: nested too deeply"),
     ],
 )
