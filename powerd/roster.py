@@ -168,7 +168,7 @@ class GpuRoster:
         uuids: list[str] = []
         missing: list[int | str] = []
         for j, gpu in enumerate(server.gpus):
-            uuid = locate_gpu(f"{key}.gpus[{j}]", gpu, by_index, self.unopened)
+            uuid = locate_gpu(f"{key}.gpus[{j}]", server.name, gpu, by_index, self.unopened)
             if uuid is None:
                 missing.append(gpu)
             else:

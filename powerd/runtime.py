@@ -179,7 +179,7 @@ def check_config_gpus(config: Config) -> str:
     named: set[str] = set()
     for i, server in enumerate(config.servers):
         for j, gpu in enumerate(server.gpus or ()):
-            uuid = locate_gpu(f"servers[{i}].gpus[{j}]", gpu, by_index, unopened)
+            uuid = locate_gpu(f"servers[{i}].gpus[{j}]", server.name, gpu, by_index, unopened)
             if uuid is not None:  # None: one that may open later
                 named.add(uuid)
     if config.mode == "budget" and config.node_power_budget_w is not None:

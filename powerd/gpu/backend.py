@@ -85,20 +85,27 @@ class GpuBackend(Protocol):
 
 
 def locate_gpu(
-    key: str, gpu: int | str, by_index: Mapping[int, str], unopened: Collection[int]
+    key: str,
+    server: str,
+    gpu: int | str,
+    by_index: Mapping[int, str],
+    unopened: Collection[int],
 ) -> str | None:
     """The UUID of the GPU (an index or a UUID) that the config names at `key`
-    ("servers[0].gpus[1]") among the GPUs `by_index` names; None when it may be one NVML
-    counts but cannot open (its index is in `unopened`, or a UUID while any is).
+    ("servers[0].gpus[1]", of the server named `server`) among the GPUs `by_index` names; None
+    when it may be one NVML counts but cannot open (its index is in `unopened`, or a UUID while
+    any is).
 
-    ConfigError when the node has no such GPU, naming the key and the node's GPUs: the one
-    wording of `powerd run` and `powerd check-config`."""
+    ConfigError when the node has no such GPU, naming the key, the server and the node's GPUs:
+    the one wording of `powerd run` and `powerd check-config`."""
     uuid = by_index.get(gpu) if isinstance(gpu, int) else gpu
     if uuid is not None and uuid in by_index.values():
         return uuid
     if gpu in unopened if isinstance(gpu, int) else bool(unopened):
         return None
-    raise ConfigError(f"{key}: no GPU {gpu!r} on this node ({_node_gpus(by_index, unopened)})")
+    raise ConfigError(
+        f"{key} (server {server!r}): no GPU {gpu!r} on this node ({_node_gpus(by_index, unopened)})"
+    )
 
 
 def _node_gpus(by_index: Mapping[int, str], unopened: Collection[int]) -> str:

@@ -522,8 +522,9 @@ def test_check_config_refuses_what_run_would(
         tmp_path, {**sim, "sim": {"gpu_model": "l40s"}}, capsys
     )
     server = {"name": "a", "url": "http://127.0.0.1:8000/metrics"}
-    assert "servers[0].gpus[1]: no GPU 9 on this node (it has 4 GPUs: 0 (GPU-" in _check(
-        tmp_path, {**sim, "servers": [{**server, "gpus": [0, 9]}]}, capsys
+    assert (
+        "servers[0].gpus[1] (server 'a'): no GPU 9 on this node (it has 4 GPUs: 0 (GPU-"
+        in _check(tmp_path, {**sim, "servers": [{**server, "gpus": [0, 9]}]}, capsys)
     )
     assert "metrics.listen_address" in _check(
         tmp_path, {"metrics": {"listen_address": "not an address"}}, capsys
@@ -599,7 +600,8 @@ def test_check_config_checks_the_gpus_where_it_can_open_them(
 def test_run_and_check_config_name_a_gpu_the_node_lacks_alike(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """One message, from powerd.gpu.backend.locate_gpu: the config key and the node's GPUs."""
+    """One message, from powerd.gpu.backend.locate_gpu: the config key, the server's name and
+    the node's GPUs."""
     data = {
         "gpu_backend": "sim",
         "state_dir": str(tmp_path / "state"),
@@ -624,7 +626,8 @@ def test_run_and_check_config_name_a_gpu_the_node_lacks_alike(
     ran = capsys.readouterr().err
     uuids = [info.uuid for info in NvmlBackend(detached_fake_nvml(SimConfig(gpus=2))).devices()]
     expected = (
-        f"powerd: servers[1].gpus[1]: no GPU 7 on this node (it has 2 GPUs: 0 ({uuids[0]}), "
+        f"powerd: servers[1].gpus[1] (server 'b'): no GPU 7 on this node (it has 2 GPUs: "
+        f"0 ({uuids[0]}), "
         f"1 ({uuids[1]}))\n"
     )
     assert checked == expected

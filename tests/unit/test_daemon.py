@@ -445,7 +445,7 @@ def test_a_gpu_the_node_does_not_count_is_still_a_config_error(tmp_path: Path) -
 
         with pytest.raises(
             ConfigError,
-            match=r"^servers\[0\]\.gpus\[0\]: no GPU 7 on this node \(it has 2 GPUs: 0 \(",
+            match=r"^servers\[0\]\.gpus\[0\] \(server 'vllm-0'\): no GPU 7 on this node \(it has",
         ):
             make_rig(tmp_path, nvml_factory=factory, configure=configure)
 
@@ -723,6 +723,30 @@ def test_each_server_is_read_over_one_kept_connection_renewed_when_its_config_ch
             http.stop()
 
 
+def test_a_reload_that_reorders_the_servers_keeps_their_groups_under_their_new_keys(
+    tmp_path: Path,
+) -> None:
+    """A kept group's config key follows its server in the list: a GPU of it found missing
+    later is named where the config now has it."""
+    rig, path = _rig_from_file(tmp_path)
+    rig.run(3)
+    before = {group.spec.name: group for group in rig.daemon.groups}
+    assert {name: g.config_key for name, g in before.items()} == {
+        "vllm-0": "servers[0]",
+        "vllm-1": "servers[1]",
+    }
+    data = _config_data(rig.node)
+    data["servers"].reverse()
+    path.write_text(yaml.safe_dump(data))
+    assert rig.daemon.reload(path) is True
+    after = {group.spec.name: group for group in rig.daemon.groups}
+    assert all(after[name] is group for name, group in before.items()), "groups kept"
+    assert {name: g.config_key for name, g in after.items()} == {
+        "vllm-0": "servers[1]",
+        "vllm-1": "servers[0]",
+    }
+
+
 def test_reload_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -739,7 +763,10 @@ def test_reload_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
     cases = [
         (broken(lambda d: d["servers"][1]["slo"].update(itl_s=-0.05)), "servers[1].slo.itl_s"),
         (broken(lambda d: d.update(stale_after=5)), "stale_after"),
-        (broken(lambda d: d["servers"][0].update(gpus=[7])), "servers[0].gpus[0]"),
+        (
+            broken(lambda d: d["servers"][0].update(gpus=[7])),
+            "servers[0].gpus[0] (server 'vllm-0')",
+        ),
     ]
     for data, key in cases:
         path.write_text(yaml.safe_dump(data))
