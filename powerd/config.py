@@ -547,7 +547,8 @@ def _lenient_sim(data: object, problems: list[str]) -> SimConfig:
         sim.validate("sim")
     except ConfigError as exc:
         problems.append(f"{exc}; using the default sim settings but its state_file")
-        sim = SimConfig(state_file=sim.state_file if sim.state_file else None)
+        state_file = sim.state_file if sim.state_file and sim.state_file.strip() else None
+        sim = SimConfig(state_file=state_file)
     return sim
 
 

@@ -273,6 +273,16 @@ def test_restore_takes_the_default_for_an_empty_state_dir(tmp_path: Path) -> Non
     )
 
 
+def test_restore_keeps_no_blank_sim_state_file(tmp_path: Path) -> None:
+    """A state_file of blanks is refused by run; restore, reading what it can, must not open a
+    file named by the blanks in the folder it runs in."""
+    path = tmp_path / "powerd.yaml"
+    path.write_text("gpu_backend: sim\nsim: {state_file: '  ', gpus: 2}\n")
+    config, problems = load_restore_config(path)
+    assert config.sim.state_file is None
+    assert "sim.state_file: must not be empty" in problems[-1]
+
+
 def test_grid_with_a_live_file_timezone_and_weekend_schedules() -> None:
     weekdays = [0.30 if 16 <= hour < 21 else 0.12 for hour in range(24)]
     config = parse_config(
