@@ -598,9 +598,19 @@ class _DuplicateKey(yaml.YAMLError):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping; PyYAML keeps the last one
-    silently, which drops what the first one set."""
+    silently, which drops what the first one set. Keys a merge (`<<:`) brings in may be given
+    again: that is how a merge is overridden."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def _check_unique(self, node: yaml.MappingNode) -> None:
+        """Check the keys `node` states itself, once: flatten_mapping rewrites a merged node
+        in place with the keys it merges, which must not read as given twice later."""
+        if id(node) in self._checked:
+            return
+        self._checked.add(id(node))
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
@@ -610,13 +620,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             try:
                 first = first_line.get(key)
             except TypeError:
-                continue  # an unhashable key: the constructor below says so
+                continue  # an unhashable key: the constructor says so
             if first is not None:
                 raise _DuplicateKey(
                     f"line {line}: key {key!r} is given twice (first on line {first}); "
                     "YAML would keep only the last one"
                 )
             first_line[key] = line
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        self._check_unique(node)
+        super().flatten_mapping(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            self._check_unique(node)
         return super().construct_mapping(node, deep=deep)
 
 

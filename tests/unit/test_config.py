@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from powerd.config import Config, ConfigError, load_config, load_restore_config, parse_config
+from powerd.config import (
+    Config,
+    ConfigError,
+    load_config,
+    load_restore_config,
+    parse_config,
+    read_yaml,
+)
 from tests.conftest import REPO_ROOT
 
 
@@ -361,6 +368,19 @@ def test_yaml_merge_keys_may_override_what_they_merge(tmp_path: Path) -> None:
     config = load_config(path)
     assert [s.name for s in config.servers] == ["a", "b"]
     assert config.servers[1].slo.ttft_s == 1.0
+
+
+def test_a_merged_mapping_that_overrides_a_merge_of_its_own_is_no_duplicate(
+    tmp_path: Path,
+) -> None:
+    """PyYAML flattens a merged mapping in place, its own merge included: its keys must be
+    checked as written, not as flattened, whichever of the two is read first."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("top:\n  inner: &m\n    <<: {x: 1}\n    x: 2\nuse:\n  <<: *m\n  z: 1\n")
+    assert read_yaml(path) == yaml.safe_load(path.read_text())
+    path.write_text("base: &b {x: 1}\nuse:\n  <<: *b\n  y: 1\n  y: 2\n")
+    with pytest.raises(ConfigError, match="line 5: key 'y' is given twice"):
+        read_yaml(path)
 
 
 def test_unquoted_mode_off_is_the_mode_off(tmp_path: Path) -> None:
