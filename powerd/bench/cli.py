@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from powerd.bench.options import POLICY_NAMES, OracleOptions, parse_policies, workers_default
 from powerd.config import NAMED_SERVER_KINDS, REPLAY_TRACE_DEFAULT, SloConfig
+from powerd.wording import counted
 
 if TYPE_CHECKING:
     from powerd.bench.runner import BenchSetup
@@ -163,7 +164,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             f"powerd bench: {', '.join(policies)} on {setup.gpus} x {setup.gpu_profile().name}, "
             f"{setup.model_name} TP={setup.tp}, {trace_label(setup.trace)}, "
             f"{setup.duration_s:.0f} s, "
-            f"{setup.workers} worker(s)",
+            f"{counted(setup.workers, 'worker')}",
             file=sys.stderr,
         )
     try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from powerd.wording import counted
+
 BYTES_PER_PARAM_BF16 = 2
 GIB = 1024**3
 
@@ -50,8 +52,8 @@ class ModelProfile:
         free_bytes = memory_gb * GIB * utilization - self.weight_bytes / tp
         if free_bytes <= 0:
             raise ValueError(
-                f"{self.name} does not fit on {tp} GPU(s) of {memory_gb:g} GiB: weights need "
-                f"{self.weight_bytes / tp / GIB:.1f} GiB per rank"
+                f"{self.name} does not fit on {counted(tp, 'GPU')} of {memory_gb:g} GiB: weights "
+                f"need {self.weight_bytes / tp / GIB:.1f} GiB per rank"
             )
         return int(free_bytes / (self.kv_bytes_per_token / tp))
 

@@ -518,7 +518,7 @@ def test_check_config_refuses_what_run_would(
         tmp_path, {**sim, "sim": {"trace": str(trace)}}, capsys
     )
     assert "sim.server_kind" in _check(tmp_path, {"sim": {"server_kind": "nope"}}, capsys)
-    assert "sim.model: llama-3.1-70b does not fit on 2 GPU(s) of 48 GiB" in _check(
+    assert "sim.model: llama-3.1-70b does not fit on 2 GPUs of 48 GiB" in _check(
         tmp_path, {**sim, "sim": {"gpu_model": "l40s"}}, capsys
     )
     server = {"name": "a", "url": "http://127.0.0.1:8000/metrics"}
