@@ -130,8 +130,13 @@ def load_azure_trace(
             f"trace {path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line})"
         ) from None
     reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, list[str]]] = []  # (the line a record starts on, its fields)
     try:
-        rows = [(reader.line_num, row) for row in reader if any(f.strip() for f in row)]
+        start = 1
+        for row in reader:
+            if any(f.strip() for f in row):
+                rows.append((start, row))
+            start = reader.line_num + 1  # a quoted field may span lines
     except csv.Error as exc:
         raise ValueError(f"trace {path}, line {reader.line_num}: {exc}") from None
     if not rows:

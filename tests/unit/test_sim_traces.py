@@ -131,6 +131,14 @@ def test_a_bad_row_names_the_file_and_line(tmp_path: Path, content: bytes, messa
     assert str(info.value).startswith(f"trace {path}{message}")
 
 
+def test_a_bad_record_is_named_by_the_line_it_starts_on(tmp_path: Path) -> None:
+    """A quoted field may run over lines: the error names where its record begins."""
+    path = tmp_path / "trace.csv"
+    path.write_text(SAMPLE + '"2023-11-16\n18:17:00",x,3\n')
+    with pytest.raises(ValueError, match=r", line 6: cannot read"):
+        load_azure_trace(path)
+
+
 def test_times_with_a_utc_offset_are_read_as_utc(tmp_path: Path) -> None:
     """The Azure traces of 2024 write +00:00 after each time; other offsets, Z and times
     without one (UTC) mix in one file, each placed on the UTC time line."""
