@@ -18,7 +18,7 @@ def test_demo_runs_through_a_server_kind_and_compares(kind: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert f"{kind} servers" in out
+    assert f"1 {kind} server," in out  # 2 GPUs at TP=2
     assert re.search(r"^\[\s*\d+\] ", out, re.MULTILINE), "a line per tick"
     columns = {name: _columns(out, name) for name in SUMMARY_ROWS}
     controlled, uncontrolled = columns["tokens per joule"]
