@@ -8,6 +8,7 @@ uses a given share of the node's capacity, estimated from the engine's roofline 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -185,7 +186,7 @@ def load_azure_trace(
 
 _ZONED = re.compile(
     r"^(?P<local>.*\d{2}:\d{2}(?::\d{2}(?:\.\d*)?)?)\s*"
-    r"(?:Z|(?P<sign>[+-])(?P<hours>\d{2})(?::?(?P<minutes>\d{2}))?)$"
+    r"(?:[Zz]|(?P<sign>[+-])(?P<hours>[01]\d|2[0-3])(?::?(?P<minutes>[0-5]\d))?)$"
 )
 """A date and time with a UTC offset after its time of day: Z, +HH, +HHMM or +HH:MM (the
 Azure traces of 2024 write +00:00)."""
@@ -195,6 +196,13 @@ def _timestamps(path: Path, stamps: list[str], lines: list[int]) -> np.ndarray:
     """The TIMESTAMP column as UTC datetime64[ns]: dates and times, each with or without a UTC
     offset (one without is taken as UTC). ValueError naming the first line whose time is not
     one (numpy reads an empty field or "NaT" as not-a-time)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with contextlib.suppress(ValueError, UserWarning, DeprecationWarning):
+            # Times without an offset, as the 2023 traces write them: numpy alone, at once.
+            ts = np.array(stamps, dtype="datetime64[ns]")
+            if not np.isnat(ts).any():
+                return ts
     local = list(stamps)
     offsets_s = np.zeros(len(stamps), dtype=np.int64)
     for n, stamp in enumerate(stamps):
@@ -206,18 +214,14 @@ def _timestamps(path: Path, stamps: list[str], lines: list[int]) -> np.ndarray:
                 offsets_s[n] = offset_s if zoned["sign"] == "+" else -offset_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        try:
+        with contextlib.suppress(ValueError, UserWarning, DeprecationWarning):
             ts = np.array(local, dtype="datetime64[ns]")
             if not np.isnat(ts).any():
                 return ts - offsets_s.astype("timedelta64[s]")
-        except (ValueError, UserWarning, DeprecationWarning):
-            pass
         for stamp, time_of_day, line in zip(stamps, local, lines, strict=True):
-            try:
+            with contextlib.suppress(ValueError, UserWarning, DeprecationWarning):
                 if not np.isnat(np.datetime64(time_of_day, "ns")):
                     continue
-            except (ValueError, UserWarning, DeprecationWarning):
-                pass
             raise ValueError(
                 f"trace {path}, line {line}: TIMESTAMP {stamp[:40]!r} is not a date and time "
                 "(such as 2023-11-16 18:15:46.68, or 2024-05-10 00:00:00.009930+00:00)"

@@ -154,6 +154,12 @@ def test_times_with_a_utc_offset_are_read_as_utc(tmp_path: Path) -> None:
     arrivals = load_azure_trace(path)
     np.testing.assert_allclose(arrivals.time_s, [0.0, 0.99007, 2.49007, 3.99007, 4.99007])
     np.testing.assert_array_equal(arrivals.prompt_tokens, [100, 200, 300, 400, 500])
+    for offset in ("+24:00", "+01:75"):
+        path.write_text(
+            HEADER + "2024-05-10 00:00:00+00:00,1,1\n" + f"2024-05-10 00:00:01{offset},1,1\n"
+        )
+        with pytest.raises(ValueError, match=f"line 3: TIMESTAMP '2024-05-10 00:00:01\\{offset}'"):
+            load_azure_trace(path)
 
 
 def test_a_spreadsheet_export_reads_as_the_plain_file(tmp_path: Path, sample_csv: Path) -> None:
