@@ -542,13 +542,16 @@ def _lenient_sim(data: object, problems: list[str]) -> SimConfig:
             values[key] = _convert(hints[key], value, f"sim.{key}")
         except ConfigError as exc:
             problems.append(f"{exc}; using its default")
+    state_file = values.get("state_file")
+    if state_file is not None and not state_file.strip():
+        problems.append("sim.state_file: must not be empty; using no state file")
+        del values["state_file"]
     sim = SimConfig(**values)
     try:
         sim.validate("sim")
     except ConfigError as exc:
         problems.append(f"{exc}; using the default sim settings but its state_file")
-        state_file = sim.state_file if sim.state_file and sim.state_file.strip() else None
-        sim = SimConfig(state_file=state_file)
+        sim = SimConfig(state_file=sim.state_file)
     return sim
 
 

@@ -286,8 +286,8 @@ def test_restore_keeps_no_blank_sim_state_file(tmp_path: Path) -> None:
     path = tmp_path / "powerd.yaml"
     path.write_text("gpu_backend: sim\nsim: {state_file: '  ', gpus: 2}\n")
     config, problems = load_restore_config(path)
-    assert config.sim.state_file is None
-    assert "sim.state_file: must not be empty" in problems[-1]
+    assert config.sim.state_file is None and config.sim.gpus == 2, "the rest of sim kept"
+    assert problems[-1] == "sim.state_file: must not be empty; using no state file"
 
 
 def test_grid_with_a_live_file_timezone_and_weekend_schedules() -> None:
