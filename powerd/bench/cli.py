@@ -163,8 +163,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print(
             f"powerd bench: {', '.join(policies)} on {setup.gpus} x {setup.gpu_profile().name}, "
             f"{setup.model_name} TP={setup.tp}, {trace_label(setup.trace)}, "
-            f"{setup.duration_s:.0f} s, "
-            f"{counted(setup.workers, 'worker')}",
+            f"{setup.duration_s:.0f} s, {counted(setup.workers, 'worker')}",
             file=sys.stderr,
         )
     try:

@@ -39,7 +39,7 @@ from powerd.daemon import Daemon
 from powerd.gpu.errors import GpuError
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal, restore_all
-from powerd.model import BLIND_PREFILL_SHARE, GroupDecision
+from powerd.model import BLIND_PREFILL_SHARE, GroupDecision, GroupObservation
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.node import SimNode, serve_node
 from powerd.simulation import build_node, server_configs
@@ -1367,24 +1367,18 @@ def test_a_slow_gpu_read_before_the_scrape_does_not_spike_the_servers_rate(
     assert rates == [None] + [pytest.approx(1000.0, rel=1e-6)] * 5
 
 
-def test_requests_finished_per_second_run_over_the_servers_window_not_the_tick(
-    tmp_path: Path,
-) -> None:
-    """A scrape missed leaves two ticks' finished requests to the next: over one tick's
-    interval a steady 10 per second would read 20, and the controller's queue estimate
-    (prompt tokens per request) would halve."""
+def _observed_with_a_scrape_missed(
+    tmp_path: Path, kind: str, series: Callable[[float], str]
+) -> list[GroupObservation]:
+    """Six ticks of 1 s of one server of `kind` whose /metrics is `series(now_s)`, unreadable
+    at the fourth: the observations the policy was given."""
     rig = make_rig(tmp_path)
     down = False
 
     def fetch(url: str, timeout_s: float) -> FetchResponse:
         if down:
             raise SourceError("cannot connect: Connection refused")
-        t = rig.node.now_s
-        body = (
-            f"vllm:generation_tokens_total {1000.0 * t:.3f}\n"
-            f'vllm:request_success_total{{finished_reason="stop"}} {10.0 * t:.3f}\n'
-        )
-        return FetchResponse(200, body.encode(), {})
+        return FetchResponse(200, series(rig.node.now_s).encode(), {})
 
     recorders: list[RecordingController] = []
 
@@ -1392,7 +1386,7 @@ def test_requests_finished_per_second_run_over_the_servers_window_not_the_tick(
         recorders.append(RecordingController(config, specs))
         return recorders[-1]
 
-    server = ServerConfig(name="v", url="http://v/metrics", kind="vllm", gpus=(0,))
+    server = ServerConfig(name="s", url="http://s/metrics", kind=kind, gpus=(0,))
     daemon = Daemon(
         Config(servers=(server,)),
         rig.backend,
@@ -1404,7 +1398,24 @@ def test_requests_finished_per_second_run_over_the_servers_window_not_the_tick(
         down = tick == 3
         rig.node.advance(1.0)
         daemon.tick(rig.node.now_s)
-    finished = [obs[0].finished_requests_per_s for obs in recorders[-1].observations]
+    return [observations[0] for observations in recorders[-1].observations]
+
+
+def test_requests_finished_per_second_run_over_the_servers_window_not_the_tick(
+    tmp_path: Path,
+) -> None:
+    """A scrape missed leaves two ticks' finished requests to the next: over one tick's
+    interval a steady 10 per second would read 20, and the controller's queue estimate
+    (prompt tokens per request) would halve."""
+    observed = _observed_with_a_scrape_missed(
+        tmp_path,
+        "vllm",
+        lambda t: (
+            f"vllm:generation_tokens_total {1000.0 * t:.3f}\n"
+            f'vllm:request_success_total{{finished_reason="stop"}} {10.0 * t:.3f}\n'
+        ),
+    )
+    finished = [obs.finished_requests_per_s for obs in observed]
     assert finished[0] is None and finished[3] is None
     assert finished[1:3] + finished[4:] == [pytest.approx(10.0, rel=1e-6)] * 4
 
@@ -1414,40 +1425,17 @@ def test_prefill_seconds_are_scaled_from_the_servers_window_to_the_tick(
 ) -> None:
     """The controller divides the tick's prompt tokens (rate x interval) by the prefill
     seconds: after a scrape missed, a window of two ticks' seconds would halve the capacity."""
-    rig = make_rig(tmp_path)
-    down = False
-
-    def fetch(url: str, timeout_s: float) -> FetchResponse:
-        if down:
-            raise SourceError("cannot connect: Connection refused")
-        t = rig.node.now_s
-        body = (
-            f"tgi_batch_current_size 4\n"
-            f"tgi_queue_size 0\n"
+    observed = _observed_with_a_scrape_missed(
+        tmp_path,
+        "tgi",
+        lambda t: (
+            "tgi_batch_current_size 4\n"
+            "tgi_queue_size 0\n"
             f'tgi_batch_forward_duration_sum{{method="prefill"}} {0.25 * t:.3f}\n'
             f'tgi_batch_forward_duration_count{{method="prefill"}} {5.0 * t:.3f}\n'
-        )
-        return FetchResponse(200, body.encode(), {})
-
-    recorders: list[RecordingController] = []
-
-    def factory(config: Config, specs: Any) -> RecordingController:
-        recorders.append(RecordingController(config, specs))
-        return recorders[-1]
-
-    server = ServerConfig(name="t", url="http://t/metrics", kind="tgi", gpus=(0,))
-    daemon = Daemon(
-        Config(servers=(server,)),
-        rig.backend,
-        fetch=fetch,
-        policy_factory=factory,
-        inline_scrape=True,
+        ),
     )
-    for tick in range(6):
-        down = tick == 3
-        rig.node.advance(1.0)
-        daemon.tick(rig.node.now_s)
-    busy = [obs[0].prefill_busy_s for obs in recorders[-1].observations]
+    busy = [obs.prefill_busy_s for obs in observed]
     assert busy[0] is None and busy[3] is None
     assert busy[1:3] + busy[4:] == [pytest.approx(0.25, rel=1e-6)] * 4
 
