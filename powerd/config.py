@@ -110,7 +110,7 @@ class ServerConfig:
     generic: GenericMetricsConfig | None = None
 
     def validate(self, path: str) -> None:
-        if not self.name:
+        if not self.name.strip():
             raise ConfigError(f"{path}.name: must not be empty")
         if not self.url.startswith(("http://", "https://")):
             raise ConfigError(f"{path}.url: must start with http:// or https://, got {self.url!r}")
@@ -667,6 +667,14 @@ def _build(cls: type, data: object, path: str) -> Any:
     return cls(**kwargs)
 
 
+def _is_float_text(text: str) -> bool:
+    """Whether Python reads `text` as a finite number (what YAML left as text: 1e3)."""
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _label_text(value: object, path: str) -> str:
     """A label name or value as Prometheus writes it: text, or an unquoted YAML number."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -714,6 +722,11 @@ def _convert(hint: Any, value: object, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _is_float_text(value):
+            raise ConfigError(
+                f"{path}: expected a number, got the text {value!r} (YAML reads 1e3 and 1.0e3 "
+                "as text: write 1000 or 1.0e+3, unquoted)"
+            )
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         if math.isnan(value):

@@ -258,6 +258,12 @@ def _generic(metrics: dict[str, object]) -> dict[str, object]:
         ({"sim": {"seed": -1}}, "sim.seed: must be >= 0, got -1"),
         ({"sim": {"state_file": ""}}, "sim.state_file: must not be empty; leave the key out"),
         ({"state_dir": ""}, "state_dir: must not be empty (the folder of the saved GPU"),
+        ({"interval_s": "1e0"}, "interval_s: expected a number, got the text '1e0' (YAML reads"),
+        ({"interval_s": "fast"}, "interval_s: expected a number, got 'fast'"),
+        (
+            {"servers": [{"name": "  ", "url": "http://127.0.0.1:8000/metrics"}]},
+            "servers[0].name: must not be empty",
+        ),
         ([1, 2], "the top level: expected a mapping"),
     ],
 )
