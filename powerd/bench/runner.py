@@ -98,6 +98,11 @@ class BenchSetup:
             raise ValueError(
                 f"--interval must be in [{low_s:g}, {high_s:g}], got {self.interval_s:g}"
             )
+        if self.duration_s < self.interval_s:
+            raise ValueError(
+                f"--duration ({self.duration_s:g} s) must be at least one --interval "
+                f"({self.interval_s:g} s): a shorter run has no tick to compare"
+            )
         if self.seed < 0:
             raise ValueError(f"--seed must be at least 0, got {self.seed}")
         if self.workers < 1:

@@ -77,6 +77,7 @@ def test_gpu_profile_file(tmp_path: Path) -> None:
         (["--gpu-model", "b300"], "unknown GPU profile 'b300'"),
         (["--model", "gpt-9"], "unknown model profile 'gpt-9'"),
         (["--duration", "0"], "--duration must be positive"),
+        (["--duration", "0.5"], "--duration (0.5 s) must be at least one --interval (1 s)"),
         (["--peak-load", "-1"], "--peak-load must be positive"),
         (["--oracle-slack", "-0.1"], "--oracle-slack must be in [0, 1)"),
         (["--interval", "20"], "--interval must be in [0.1, 10]"),
