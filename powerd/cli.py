@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument(
         "--forget",
         action="append",
+        type=_non_empty,
         metavar="UUID",
         help="instead of restoring, remove this GPU's saved settings without touching any GPU "
         "(a card replaced or taken out); repeatable",

@@ -194,6 +194,15 @@ def test_forget_of_a_gpu_not_in_the_journal_changes_nothing(
     assert journal.read_bytes() == before
 
 
+def test_forget_of_an_empty_uuid_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["restore", "--state-dir", str(tmp_path), "--forget", " "])
+    assert exit_info.value.code == 2
+    assert "--forget: must not be empty" in capsys.readouterr().err
+
+
 def test_forget_keeps_a_corrupt_journal_and_the_state_dir_checks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
