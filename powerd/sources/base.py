@@ -178,6 +178,20 @@ def _drop(key: SeriesKey, names: frozenset[str]) -> SeriesKey:
     return tuple(item for item in key if item[0] not in names)
 
 
+def _dropper(names: frozenset[str]) -> Callable[[SeriesKey], SeriesKey]:
+    """_drop(key, names), worked out once per distinct key: a histogram's bucket rows share
+    their series' key, and one read looks at a few keys over many rows."""
+    done: dict[SeriesKey, SeriesKey] = {}
+
+    def drop(key: SeriesKey) -> SeriesKey:
+        short = done.get(key)
+        if short is None:
+            short = done[key] = _drop(key, names)
+        return short
+
+    return drop
+
+
 def _matches(labels: Mapping[str, str], select: Mapping[str, str] | None) -> bool:
     if not select:
         return True
@@ -202,12 +216,13 @@ def series_values(
     if rows is None:
         return None
     removed = mirrors | drop
+    shorten = _dropper(removed) if removed else None
     out: dict[SeriesKey, float] = {}
     for (labels, key, _le), value in rows:
         if value != value or (select and not _matches(labels, select)):
             continue
-        if removed:
-            key = _drop(key, removed)
+        if shorten is not None:
+            key = shorten(key)
         old = out.get(key)
         out[key] = value if old is None or value > old else old
     return out
@@ -242,12 +257,13 @@ def histogram(
     rows = samples.get(base + "_bucket")
     if rows is None:
         return None
+    shorten = _dropper(mirrors) if mirrors else None
     out: dict[SeriesKey, Hist] = {}
     for (labels, key, le), value in rows:
         if le != le or value != value or (select and not _matches(labels, select)):
             continue
-        if mirrors:
-            key = _drop(key, mirrors)
+        if shorten is not None:
+            key = shorten(key)
         hist = out.get(key)
         if hist is None:
             hist = out[key] = Hist()
