@@ -167,23 +167,23 @@ def _parse_lines(
                 if line.isspace():
                     continue
                 raise _bad(text, line, "not a sample, comment or blank line")
-        name = m.group(1)
+        name, raw, value_text = m.groups()
         if wanted is not None and name not in wanted:
             continue
-        raw = m.group(2)
         if raw is None or not raw.strip():
             info = _NO_LABELS
         else:
-            found = _label_info(raw, cache)
+            found = cache.get(raw) or _label_info(raw, cache)
             if found is None:
                 m = _SAMPLE_SLOW.match(line)
                 raw = m.group(2) if m is not None else None
                 found = _label_info(raw, cache) if raw is not None else None
                 if m is None or found is None:
                     raise _bad(text, line, "malformed labels")
+                value_text = m.group(3)
             info = found
         try:
-            value = float(m.group(3))
+            value = float(value_text)
         except ValueError:
             raise _bad(text, line, "value is not a number") from None
         samples = out.get(name)
