@@ -148,7 +148,12 @@ def _holding_run_lock(config: Config, body: Callable[[], int], *, program: str, 
 def check_config(config: Config) -> None:
     """What `powerd run` would refuse beyond Config.validate, as a ConfigError naming the key:
     a web-config file that cannot be read, is invalid, or names a certificate that does not
-    load; and with `gpu_backend: sim`, what check_sim_config refuses."""
+    load; a grid.file that is a folder (a feed's rename cannot replace one; a file not there yet
+    is fine); and with `gpu_backend: sim`, what check_sim_config refuses."""
+    if config.grid.file is not None and Path(config.grid.file).is_dir():
+        raise ConfigError(
+            f"grid.file: {config.grid.file} is a folder; name the JSON file the feed writes"
+        )
     if config.metrics.web_config_file:
         try:
             web = load_web_config(config.metrics.web_config_file)

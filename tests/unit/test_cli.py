@@ -511,6 +511,9 @@ def test_check_config_refuses_what_run_would(
     assert "tls_server_config.cert_file" in _check(
         tmp_path, {"metrics": {"web_config_file": str(missing)}}, capsys
     )
+    assert f"grid.file: {tmp_path} is a folder; name the JSON file" in _check(
+        tmp_path, {"grid": {"file": str(tmp_path)}}, capsys
+    )
     sim = {"gpu_backend": "sim"}
     assert "sim.gpu_model: unknown GPU profile 'nope'" in _check(
         tmp_path, {**sim, "sim": {"gpu_model": "nope"}}, capsys
