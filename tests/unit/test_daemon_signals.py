@@ -7,8 +7,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from powerd.daemon import WakeFlag
+from tests.unit.daemon_helpers import make_rig
 
 _SIGNALS = textwrap.dedent(
     """
@@ -116,3 +118,13 @@ def test_wait_returns_at_once_when_set_and_after_the_timeout_when_not() -> None:
     assert time.monotonic() - start < 10.0
     flag.clear()
     assert not flag.is_set() and flag.wait(0.0) is False, "a cleared flag's wake-ups are drained"
+
+
+def test_the_daemon_stops_and_reloads_through_wake_flags(tmp_path: Path) -> None:
+    """The tests above prove WakeFlag; the daemon's signal handlers must set those, not a
+    threading.Event, or a signal landing inside the loop's wait can deadlock it."""
+    daemon = make_rig(tmp_path).daemon
+    assert type(daemon._stop) is WakeFlag and type(daemon._reload) is WakeFlag
+    daemon.request_reload()
+    daemon.request_stop()
+    assert daemon._reload.is_set() and daemon._stop.is_set()
