@@ -580,6 +580,9 @@ def _share(value: float | None) -> float | None:
 class Window:
     """Rates and latency figures between two Readings."""
 
+    span_s: float
+    """Seconds between the two answers: what the window's counts (finished_requests,
+    preemptions, prefill_busy_s) are over."""
     generation_tokens_per_s: float | None
     prompt_tokens_per_s: float | None
     finished_requests: float | None
@@ -665,6 +668,7 @@ def compare(prev: Reading, cur: Reading, dt_s: float, quantile: float) -> Window
     except _Reset:
         return None
     return Window(
+        span_s=dt_s,
         generation_tokens_per_s=rates["generation"],
         prompt_tokens_per_s=rates["prompt"],
         finished_requests=deltas.get("finished"),
@@ -869,11 +873,10 @@ class Source:
         if reading.model_names:
             self._model_name = ",".join(reading.model_names)
         window: Window | None = None
-        window_s: float | None = None
         why = "there is no earlier scrape to compare with"
         prev, prev_s = self._prev, self._prev_s
         if prev is not None and prev_s is not None:
-            dt_s = window_s = answered_s - prev_s
+            dt_s = answered_s - prev_s
             if dt_s <= 0:
                 # Two polls at one instant: keep the older baseline and report no rates.
                 self.no_rate_reason = "the two scrapes came at one instant"
@@ -906,9 +909,7 @@ class Source:
                     "to it in batches)"
                 ) + ": probe again with a longer --interval"
         self._prev, self._prev_s = reading, answered_s
-        sample = self._sample(
-            reading, window, now_s, time.perf_counter() - start, stale, window_s=window_s
-        )
+        sample = self._sample(reading, window, now_s, time.perf_counter() - start, stale)
         self.no_rate_reason = None if sample.generation_tokens_per_s is not None else why
         return sample
 
@@ -988,11 +989,9 @@ class Source:
         now_s: float,
         scrape_duration_s: float,
         stale: bool = False,
-        *,
-        window_s: float | None = None,
     ) -> ServerSample:
-        """The sample of a reading and its window of window_s seconds; with a stale engine
-        report (Reading.report), the gauges it carries read 0."""
+        """The sample of a reading and its window; with a stale engine report (Reading.report),
+        the gauges it carries read 0."""
         gauges = reading.gauges
         if stale:
             gauges = gauges | dict.fromkeys(reading.report_gauges & gauges.keys(), 0.0)
@@ -1029,7 +1028,7 @@ class Source:
             prefill_busy_s=window.prefill_busy_s if window else None,
             itl_mean_s=window.itl_mean_s if window else None,
             finished_requests=window.finished_requests if window else None,
-            window_s=window_s if window else None,
+            window_s=window.span_s if window else None,
             prompt_tokens_weighted_mean=prompt_weighted,
             generation_tokens_total=_finite(reading.generation_tokens_total),
             exports_ttft="ttft" in reading.hists,
