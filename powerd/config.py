@@ -207,11 +207,9 @@ class MetricsConfig:
 
     def validate(self, path: str) -> None:
         _check_listen_address(f"{path}.listen_address", self.listen_address)
-        if self.web_config_file is not None and not self.web_config_file.strip():
-            raise ConfigError(
-                f"{path}.web_config_file: must not be empty; leave the key out to serve "
-                "plain HTTP without auth"
-            )
+        _not_blank(
+            f"{path}.web_config_file", self.web_config_file, "to serve plain HTTP without auth"
+        )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{path}.port: must be in [0, 65535], got {self.port}")
         if not 0 <= self.final_scrape_wait_s <= FINAL_SCRAPE_WAIT_MAX_S:
@@ -280,8 +278,7 @@ class GridConfig:
             raise ConfigError(f"{path}.currency: must not be empty")
         if self.timezone is not None:
             check_timezone(f"{path}.timezone", self.timezone)
-        if self.file is not None and not self.file.strip():
-            raise ConfigError(f"{path}.file: must not be empty; leave the key out for no file")
+        _not_blank(f"{path}.file", self.file, "for no file")
         _positive(f"{path}.max_age_s", self.max_age_s)
 
 
@@ -340,10 +337,7 @@ class SimConfig:
         _positive(f"{path}.peak_load", self.peak_load)
         if self.seed < 0:
             raise ConfigError(f"{path}.seed: must be >= 0, got {self.seed}")
-        if self.state_file is not None and not self.state_file.strip():
-            raise ConfigError(
-                f"{path}.state_file: must not be empty; leave the key out for no state file"
-            )
+        _not_blank(f"{path}.state_file", self.state_file, "for no state file")
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +403,13 @@ class Config:
         self.metrics.validate("metrics")
         self.grid.validate("grid")
         self.sim.validate("sim")
+
+
+def _not_blank(path: str, value: str | None, without: str) -> None:
+    """ConfigError for an optional file setting given as empty or blank: it names no file, and
+    leaving the key out is how to say none (`without` says what that does: "for no file")."""
+    if value is not None and not value.strip():
+        raise ConfigError(f"{path}: must not be empty; leave the key out {without}")
 
 
 def _check_state_dir(path: str, value: str) -> None:
