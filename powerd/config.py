@@ -568,16 +568,19 @@ def read_yaml(path: str | Path, *, strict: bool = True, what: str = "config") ->
     try:
         text = raw.decode("utf-8", errors="strict" if strict else "replace")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); save it as UTF-8"
-        ) from None
+        raise ConfigError(f"{path}: {utf8_problem(raw, exc)}; save it as UTF-8") from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader if strict else yaml.SafeLoader)
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+
+
+def utf8_problem(raw: bytes, exc: UnicodeDecodeError) -> str:
+    """Where `raw` stops being UTF-8, for a message: "not UTF-8 (byte 0xe9 on line 6)"."""
+    line = raw[: exc.start].count(b"\n") + 1
+    return f"not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line})"
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

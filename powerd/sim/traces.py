@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from powerd.config import utf8_problem
 from powerd.sim.engine import (
     C_F_MAX_MHZ,
     C_KV_CAP_TOKENS,
@@ -126,10 +127,7 @@ def load_azure_trace(
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ValueError(
-            f"trace {path}: not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line})"
-        ) from None
+        raise ValueError(f"trace {path}: {utf8_problem(raw, exc)}") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[tuple[int, list[str]]] = []  # (the line a record starts on, its fields)
     try:
