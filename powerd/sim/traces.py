@@ -8,7 +8,6 @@ uses a given share of the node's capacity, estimated from the engine's roofline 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -193,14 +192,10 @@ Azure traces of 2024 write +00:00)."""
 def _timestamps(path: Path, stamps: list[str], lines: list[int]) -> np.ndarray:
     """The TIMESTAMP column as UTC datetime64[ns]: dates and times, each with or without a UTC
     offset (one without is taken as UTC). ValueError naming the first line whose time is not
-    one (numpy reads an empty field or "NaT" as not-a-time)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with contextlib.suppress(ValueError, UserWarning, DeprecationWarning):
-            # Times without an offset, as the 2023 traces write them: numpy alone, at once.
-            ts = np.array(stamps, dtype="datetime64[ns]")
-            if not np.isnat(ts).any():
-                return ts
+    one."""
+    ts = _datetimes(stamps)  # times without an offset, as the 2023 traces write them: at once
+    if ts is not None:
+        return ts
     local = list(stamps)
     offsets_s = np.zeros(len(stamps), dtype=np.int64)
     for n, stamp in enumerate(stamps):
@@ -210,21 +205,28 @@ def _timestamps(path: Path, stamps: list[str], lines: list[int]) -> np.ndarray:
             if zoned["sign"]:
                 offset_s = int(zoned["hours"]) * 3600 + int(zoned["minutes"] or 0) * 60
                 offsets_s[n] = offset_s if zoned["sign"] == "+" else -offset_s
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with contextlib.suppress(ValueError, UserWarning, DeprecationWarning):
-            ts = np.array(local, dtype="datetime64[ns]")
-            if not np.isnat(ts).any():
-                return ts - offsets_s.astype("timedelta64[s]")
-        for stamp, time_of_day, line in zip(stamps, local, lines, strict=True):
-            with contextlib.suppress(ValueError, UserWarning, DeprecationWarning):
-                if not np.isnat(np.datetime64(time_of_day, "ns")):
-                    continue
+    ts = _datetimes(local)
+    if ts is not None:
+        return ts - offsets_s.astype("timedelta64[s]")
+    for stamp, time_of_day, line in zip(stamps, local, lines, strict=True):
+        if _datetimes([time_of_day]) is None:
             raise ValueError(
                 f"trace {path}, line {line}: TIMESTAMP {stamp[:40]!r} is not a date and time "
                 "(such as 2023-11-16 18:15:46.68, or 2024-05-10 00:00:00.009930+00:00)"
             )
     raise ValueError(f"trace {path}: cannot read its TIMESTAMP column")
+
+
+def _datetimes(texts: list[str]) -> np.ndarray | None:
+    """`texts` as datetime64[ns], or None when any is not a date and time without an offset
+    (numpy reads an empty field or "NaT" as not-a-time, and an offset only with a warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            ts = np.array(texts, dtype="datetime64[ns]")
+        except (ValueError, UserWarning, DeprecationWarning):
+            return None
+    return None if np.isnat(ts).any() else ts
 
 
 # ---------------------------------------------------------------------------------------------
