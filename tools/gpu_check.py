@@ -19,8 +19,14 @@ load, and its GpuInfo, with the raw calls above; it lists each GPU's compute pro
 the backend (the list gpumap uses) and through the raw call, flagging PIDs of 0 or at least
 pid_max (a driver whose process struct differs from the binding's), and looks for its own PID
 under load; it records the driver, NVML, CUDA and nvidia-ml-py versions and which symbol of
-each fallback list the backend used. It uses no write method, and is skipped with a note when
-powerd is not importable.
+each fallback list the backend used; it times ten reads of each GPU, wall and CPU (a driver
+may busy-wait inside a call). It uses no write method, and is skipped with a note when powerd
+is not importable.
+
+Then it runs the daemon itself ("powerd_dry_run"): `powerd run` with `dry_run: true` on the
+GPUs for --daemon-seconds, fed by a simulated vLLM server per GPU, the compute load on for the
+first half, and checks that it reports ready, exports the power NVML reads, counts no NVML
+error, logs no warning, exits 0 on SIGTERM and leaves every setting as it found it.
 
 --sweep (explicit only) locks a series of SM clocks and steps the power limit (§6 "calibrate
 first"), fits v_min, f_v and the dynamic power of the compute load, κ from the memory load,
@@ -43,7 +49,9 @@ import json
 import math
 import os
 import platform
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -68,8 +76,9 @@ SERIES = ("usage_mw", "energy_mj", "instant_mw", "average_mw", "sm_mhz", "temp_c
 SLOW_CALL_S = 1.0
 """An NVML call slower than this is flagged: powerd's tick makes seven a GPU, and takes a GPU
 whose reading passes 5 s (powerd.gpu.backend.STALL_S) for lost."""
-CALL_SECONDS: dict[str, list[float]] = {}
-"""The durations of the NVML calls made through _call since run_check began, by function."""
+CALL_SECONDS: dict[str, list[tuple[float, float]]] = {}
+"""(wall, this thread's CPU) seconds of each NVML call made through _call since run_check
+began, by function: a driver may busy-wait inside a call, which costs the daemon CPU."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,27 +277,33 @@ class SimNode:
 
 def _call(nvml: Any, errors: dict[str, str], name: str, *args: Any) -> Any:
     """nvml.<name>(*args), or None with the error class recorded (first one per name); its
-    duration goes to CALL_SECONDS."""
-    started_s = time.perf_counter()
+    wall and CPU time go to CALL_SECONDS."""
+    started_s, started_cpu_s = time.perf_counter(), time.thread_time()
     try:
         return getattr(nvml, name)(*args)
     except nvml.NVMLError as exc:
         errors.setdefault(name, type(exc).__name__)
         return None
     finally:
-        CALL_SECONDS.setdefault(name, []).append(time.perf_counter() - started_s)
+        CALL_SECONDS.setdefault(name, []).append(
+            (time.perf_counter() - started_s, time.thread_time() - started_cpu_s)
+        )
 
 
 def call_latency_ms() -> dict[str, dict[str, float]]:
-    """Per NVML function timed: calls, median, p99 and max duration in ms."""
+    """Per NVML function timed: calls, median, p99 and max duration, and the median and mean
+    CPU time of this thread during the call, in ms."""
     out = {}
-    for name, seconds in sorted(CALL_SECONDS.items()):
-        ms = np.asarray(seconds) * 1000.0
+    for name, timings in sorted(CALL_SECONDS.items()):
+        ms = np.asarray(timings) * 1000.0
+        wall, cpu = ms[:, 0], ms[:, 1]
         out[name] = {
-            "calls": int(ms.size),
-            "median_ms": float(np.median(ms)),
-            "p99_ms": float(np.percentile(ms, 99)),
-            "max_ms": float(ms.max()),
+            "calls": int(wall.size),
+            "median_ms": float(np.median(wall)),
+            "p99_ms": float(np.percentile(wall, 99)),
+            "max_ms": float(wall.max()),
+            "cpu_median_ms": float(np.median(cpu)),
+            "cpu_mean_ms": float(cpu.mean()),
         }
     return out
 
@@ -624,6 +639,9 @@ class CheckResult:
     backend_checks: list[dict[str, Any]] = field(default_factory=list)
     call_latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
     """The measured run's NVML calls, timed (call_latency_ms)."""
+    daemon: dict[str, Any] | None = None
+    """The powerd_dry_run section: the daemon run with dry_run on these GPUs."""
+    daemon_checks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def gpus_in_use(load: Load | None) -> list[int] | None:
@@ -890,6 +908,11 @@ PROC_PID_INIT_INO = 0xEFFFFFFC
 READ_ATTEMPTS = 3
 """Bracketed reads per GPU and phase before a disagreement counts: a value published between
 two reads disagrees once, a defect every time."""
+READ_COST_READS = 10
+"""Reads of one GPU timed per phase for powerd_read_cost."""
+READ_BUDGET_S = 0.1
+"""The longest one GPU's read may take: a tenth of the default 1-s tick, so that eight GPUs
+read one after another leave most of the tick to the servers' scrapes and the kernel."""
 POWER_TOLERANCE = 0.01
 """Relative slack for GetPowerUsage, which a driver may compute afresh on every call."""
 STRUCT_32_BYTE_DRIVERS = ((535, 43), (535, 86))
@@ -1216,9 +1239,35 @@ class BackendSection:
                 self._backend, nvml, info.uuid, handle, errors, self.pid_max
             )
             self._add(f"powerd_processes_{phase}", index, processes["ok"], processes["detail"])
-            gpu["phases"][phase] = {"reads": reads, "processes": processes}
+            cost = self._read_cost(info.uuid)
+            self._add(
+                f"powerd_read_cost_{phase}",
+                index,
+                cost["wall_max_ms"] <= READ_BUDGET_S * 1000.0,
+                f"{cost['reads']} reads: wall median {cost['wall_median_ms']:.2f} ms, max "
+                f"{cost['wall_max_ms']:.2f} ms; CPU mean {cost['cpu_mean_ms']:.2f} ms, "
+                f"{cost['cpu_mean_ms'] / 10.0:.2f} % of one core at a 1-s tick",
+            )
+            gpu["phases"][phase] = {"reads": reads, "processes": processes, "read_cost": cost}
         if in_use is not None:
             self._find_own_pid(phase, [i for i in indices if i in in_use])
+
+    def _read_cost(self, uuid: str) -> dict[str, Any]:
+        """Wall and CPU time of READ_COST_READS back-to-back reads of one GPU, as a tick makes
+        them: what powerd's NVML path costs the node per GPU and tick."""
+        wall_ms, cpu_ms = [], []
+        for _ in range(READ_COST_READS):
+            started_s, started_cpu_s = time.perf_counter(), time.thread_time()
+            self._backend.read(uuid)
+            wall_ms.append(1000.0 * (time.perf_counter() - started_s))
+            cpu_ms.append(1000.0 * (time.thread_time() - started_cpu_s))
+        return {
+            "reads": READ_COST_READS,
+            "wall_median_ms": float(np.median(wall_ms)),
+            "wall_max_ms": float(max(wall_ms)),
+            "cpu_median_ms": float(np.median(cpu_ms)),
+            "cpu_mean_ms": float(np.mean(cpu_ms)),
+        }
 
     def _add_fields(
         self, name: str, index: int, fields: dict[str, dict[str, Any]], attempts: int = 1
@@ -1335,6 +1384,347 @@ class BackendSection:
         bad = sum(1 for c in self.checks if c["ok"] is False)
         out.append(f"  {len(self.checks)} checks, {bad} failed")
         out += [f"  note: {n}" for n in self.notes]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# powerd itself: a dry run of the daemon on these GPUs
+
+DAEMON_READY_S = 240.0
+"""The longest the daemon may take to report ready: on a cold numba cache it compiles its
+kernels first (about 20 s)."""
+DAEMON_STOP_S = 60.0
+"""The longest the daemon may take to exit after SIGTERM (final_scrape_wait_s is 0 here)."""
+DAEMON_SCRAPE_S = 2.0
+"""How often the daemon's /metrics is read while it runs."""
+DAEMON_POWER_TOLERANCE = 0.10
+"""Largest median relative gap between the power powerd exports and GetPowerUsage read beside
+it: the export is the last tick's reading, up to one tick old."""
+_READY_LINE = re.compile(r"powerd \S+: .*\bmetrics on (\S+):(\d+)")
+_PROBLEM_LINE = re.compile(r" (WARNING|ERROR|CRITICAL) |^Traceback")
+_SAMPLE_LINE = re.compile(r"^(powerd_[a-z_]+)(?:\{([^}]*)\})? (\S+)$", re.M)
+
+
+def _settings(nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, Any]:
+    """The settings powerd may change and an operator would notice changed, as NVML reads them
+    (a clock lock cannot be read back; the clock it holds under no load can)."""
+
+    def c(name: str, *args: Any) -> Any:
+        return _raw(nvml, errors, name, handle, *args)
+
+    return {
+        "power_limit_mw": c("nvmlDeviceGetPowerManagementLimit"),
+        "enforced_power_limit_mw": c("nvmlDeviceGetEnforcedPowerLimit"),
+        "applications_clock_mhz": c("nvmlDeviceGetApplicationsClock", nvml.NVML_CLOCK_GRAPHICS),
+        "persistence_mode": c("nvmlDeviceGetPersistenceMode"),
+        "compute_mode": c("nvmlDeviceGetComputeMode"),
+    }
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """{labels: value} of one metric in an exposition."""
+    return {labels: float(value) for n, labels, value in _SAMPLE_LINE.findall(text) if n == name}
+
+
+def _gpu_label(labels: str) -> int | None:
+    match = re.search(r'\bgpu="(\d+)"', labels)
+    return int(match.group(1)) if match else None
+
+
+class DaemonDryRun:
+    """`powerd run` with `dry_run: true` on these GPUs, as an operator would start it first.
+
+    A simulated vLLM server per GPU serves /metrics from this process; the daemon reads the
+    GPUs through NVML as in production, decides, exports, and writes nothing. While it runs,
+    the load (if any) runs for the first half. Compared: the power it exports with
+    GetPowerUsage read beside it; every setting `_settings` reads, before and after. Measured:
+    the time to ready, its CPU share and peak RSS, the mean tick. `backend="sim"` runs it on
+    simulated GPUs instead (for the tests: nothing real to compare the power with)."""
+
+    def __init__(self, out_dir: Path, *, seconds: float, backend: str = "nvml") -> None:
+        self.out_dir = out_dir
+        self.seconds = seconds
+        self.backend = backend
+        self.checks: list[dict[str, Any]] = []
+        self.report: dict[str, Any] = {"backend": backend, "seconds": seconds}
+        self.errors: dict[str, str] = {}
+
+    def _add(self, name: str, gpu: int | None, ok: bool | None, detail: str) -> None:
+        self.checks.append({"check": name, "gpu": gpu, "ok": ok, "detail": detail})
+
+    def run(
+        self, nvml: Any, inv: list[dict[str, Any]], load: Load | None, log: Callable[[str], None]
+    ) -> None:
+        """Run it; a failure of any step is a failed check, never an exception."""
+        try:
+            from powerd.config import SimConfig
+            from powerd.sim.node import RealTimeDriver, serve_node
+            from powerd.sim.plant import find_gpu_profile
+            from powerd.simulation import build_node
+        except ImportError as exc:
+            self.report["skipped"] = f"powerd is not importable ({exc})"
+            return
+        profile = find_gpu_profile(str(inv[0]["name"]))
+        sim = SimConfig(
+            gpu_model=profile.name if profile is not None else "h100-sxm",
+            gpus=len(inv),
+            tp=1,
+            trace="diurnal",
+            peak_load=0.5,
+        )
+        node = build_node(sim)
+        node.advance(0.1)  # compile the node's kernels before its servers answer
+        endpoints = serve_node(node)
+        driver = RealTimeDriver(node)
+        driver.start()
+        try:
+            self._run(nvml, inv, load, [e.url for e in endpoints], log)
+        except Exception as exc:  # the finding, not the end of the check
+            self._add("daemon_dry_run", None, False, f"{type(exc).__name__}: {exc}")
+        finally:
+            driver.stop()
+            for endpoint in endpoints:
+                endpoint.stop()
+
+    def _config(self, inv: list[dict[str, Any]], urls: list[str], state_dir: Path) -> str:
+        servers = "".join(
+            f"  - name: sim-gpu{g['index']}\n    url: {url}\n    kind: vllm\n"
+            f"    gpus: [{g['index'] if self.backend == 'nvml' else k}]\n"
+            for k, (g, url) in enumerate(zip(inv, urls, strict=True))
+        )
+        backend = "gpu_backend: nvml\n"
+        if self.backend == "sim":
+            backend = f"gpu_backend: sim\nsim:\n  gpus: {len(inv)}\n  tp: 1\n"
+        return (
+            "interval_s: 1.0\nmode: efficiency\ndry_run: true\n"
+            f"state_dir: {state_dir}\n{backend}"
+            "metrics:\n  listen_address: 127.0.0.1\n  port: 0\n  final_scrape_wait_s: 0\n"
+            f"servers:\n{servers}"
+        )
+
+    def _run(
+        self,
+        nvml: Any,
+        inv: list[dict[str, Any]],
+        load: Load | None,
+        urls: list[str],
+        log: Callable[[str], None],
+    ) -> None:
+        import tempfile
+        import urllib.request
+
+        import psutil
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state_dir = Path(tempfile.mkdtemp(prefix="powerd-gpu-check-"))
+        config_path = self.out_dir / "daemon.yaml"
+        config_path.write_text(self._config(inv, urls, state_dir / "state"), encoding="utf-8")
+        nvml.nvmlInit()
+        try:
+            handles = {g["index"]: nvml.nvmlDeviceGetHandleByIndex(g["index"]) for g in inv}
+            before = {i: _settings(nvml, h, self.errors) for i, h in handles.items()}
+            log_path = self.out_dir / "daemon.log"
+            env = dict(os.environ)
+            root = str(Path(__file__).resolve().parents[1])
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+            log(f"powerd dry run on {len(inv)} GPU(s) ({self.seconds:.0f} s)")
+            started_s = time.monotonic()
+            with open(log_path, "w", encoding="utf-8") as log_file:
+                daemon = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "powerd",
+                        "--log-level",
+                        "info",
+                        "run",
+                        "--config",
+                        str(config_path),
+                    ],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            try:
+                url = self._wait_ready(daemon, log_path, started_s)
+                if url is not None:
+                    self._watch(nvml, handles, load, daemon, url, psutil, urllib.request)
+            finally:
+                self._stop(daemon)
+            after = {i: _settings(nvml, h, self.errors) for i, h in handles.items()}
+        finally:
+            nvml.nvmlShutdown()
+        for index in handles:
+            changed = {
+                k: [before[index][k], after[index][k]]
+                for k in before[index]
+                if before[index][k] != after[index][k]
+            }
+            self._add(
+                "daemon_changed_nothing",
+                index,
+                not changed,
+                f"changed: {changed}" if changed else f"{len(before[index])} settings as before",
+            )
+        self.report["settings"] = {"before": before, "after": after}
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+        problems = [line for line in text.splitlines() if _PROBLEM_LINE.search(line)]
+        self.report["problem_lines"] = problems[:20]
+        self.report["would_set_lines"] = text.count(" would set ")
+        self._add(
+            "daemon_logged_no_problem",
+            None,
+            not problems,
+            f"{len(problems)} warning or error lines"
+            + (f", first: {problems[0]}" if problems else ""),
+        )
+
+    def _wait_ready(
+        self, daemon: subprocess.Popen[bytes], log_path: Path, started_s: float
+    ) -> str | None:
+        """The daemon's metrics URL once its ready line is logged; None (a failed check) when it
+        exits or takes longer than DAEMON_READY_S."""
+        while time.monotonic() - started_s < DAEMON_READY_S:
+            text = log_path.read_text(encoding="utf-8", errors="replace")
+            match = _READY_LINE.search(text)
+            if match:
+                ready_s = time.monotonic() - started_s
+                self.report["ready_after_s"] = ready_s
+                self._add(
+                    "daemon_ready", None, True, f"ready after {ready_s:.1f} s: {match.group(0)}"
+                )
+                return f"http://{match.group(1)}:{match.group(2)}/metrics"
+            if daemon.poll() is not None:
+                tail = " | ".join(text.strip().splitlines()[-3:])
+                self._add("daemon_ready", None, False, f"exited with {daemon.returncode}: {tail}")
+                return None
+            time.sleep(0.25)
+        self._add("daemon_ready", None, False, f"no ready line in {DAEMON_READY_S:.0f} s")
+        return None
+
+    def _watch(
+        self,
+        nvml: Any,
+        handles: dict[int, Any],
+        load: Load | None,
+        daemon: subprocess.Popen[bytes],
+        url: str,
+        psutil: Any,
+        request: Any,
+    ) -> None:
+        """Scrape the daemon every DAEMON_SCRAPE_S for `seconds`, the load on for the first
+        half; pair its power with NVML's; measure its CPU and RSS."""
+
+        def scrape() -> str:
+            with request.urlopen(url, timeout=5) as answer:
+                return str(answer.read().decode("utf-8"))
+
+        process = psutil.Process(daemon.pid)
+        first = scrape()
+        cpu_start_s, wall_start_s = sum(process.cpu_times()[:2]), time.monotonic()
+        pairs: dict[int, list[tuple[float, float]]] = {i: [] for i in handles}
+        rss_mib: list[float] = []
+        loaded = load is not None
+        if load is not None:
+            load.start("compute")
+        try:
+            while time.monotonic() - wall_start_s < self.seconds:
+                time.sleep(DAEMON_SCRAPE_S)
+                if loaded and time.monotonic() - wall_start_s >= self.seconds / 2:
+                    assert load is not None
+                    load.stop()
+                    loaded = False
+                text = scrape()
+                rss_mib.append(process.memory_info().rss / 2**20)
+                for labels, watts in _samples(text, "powerd_gpu_power_watts").items():
+                    index = _gpu_label(labels)
+                    if index in handles:
+                        mw = _raw(nvml, self.errors, "nvmlDeviceGetPowerUsage", handles[index])
+                        if mw is not None:
+                            pairs[index].append((watts, mw / 1000.0))
+        finally:
+            if loaded and load is not None:
+                load.stop()
+        wall_s = time.monotonic() - wall_start_s
+        cpu_s = sum(process.cpu_times()[:2]) - cpu_start_s
+        last = scrape()
+
+        def total(text: str, name: str) -> float:
+            return sum(_samples(text, name).values())
+
+        ticks = total(last, "powerd_loop_duration_seconds_count") - total(
+            first, "powerd_loop_duration_seconds_count"
+        )
+        loop_s = total(last, "powerd_loop_duration_seconds_sum") - total(
+            first, "powerd_loop_duration_seconds_sum"
+        )
+        nvml_errors = total(last, "powerd_nvml_errors_total")
+        self.report.update(
+            {
+                "window_s": wall_s,
+                "cpu_percent_of_core": 100.0 * cpu_s / wall_s,
+                "rss_mib_max": max(rss_mib, default=None),
+                "ticks": ticks,
+                "loop_duration_mean_ms": 1000.0 * loop_s / ticks if ticks else None,
+                "nvml_errors_total": nvml_errors,
+                "power_pairs_w": {str(i): p for i, p in pairs.items()},
+            }
+        )
+        (self.out_dir / "daemon_metrics.txt").write_text(last, encoding="utf-8")
+        self._add(
+            "daemon_nvml_errors",
+            None,
+            nvml_errors == 0,
+            f"powerd_nvml_errors_total {nvml_errors:g} after {ticks:g} ticks; "
+            f"{self.report['cpu_percent_of_core']:.2f} % of one core, "
+            f"RSS {self.report['rss_mib_max'] or 0:.0f} MiB",
+        )
+        for index, pair in pairs.items():
+            if self.backend != "nvml":
+                self._add("daemon_power_agrees", index, None, "simulated GPUs: nothing to compare")
+                continue
+            gaps = [abs(w - n) / n for w, n in pair if n > 0]
+            gap = float(np.median(gaps)) if gaps else None
+            self._add(
+                "daemon_power_agrees",
+                index,
+                None if gap is None else gap <= DAEMON_POWER_TOLERANCE,
+                f"median gap {gap if gap is None else round(100 * gap, 1)} % over {len(gaps)} "
+                "scrapes (exported power against GetPowerUsage beside it)",
+            )
+
+    def _stop(self, daemon: subprocess.Popen[bytes]) -> None:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+        try:
+            rc = daemon.wait(timeout=DAEMON_STOP_S)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+            self._add(
+                "daemon_stops_cleanly",
+                None,
+                False,
+                f"still running {DAEMON_STOP_S:.0f} s after SIGTERM",
+            )
+            return
+        self.report["exit_code"] = rc
+        self._add("daemon_stops_cleanly", None, rc == 0, f"exit code {rc} after SIGTERM")
+
+    def lines(self) -> list[str]:
+        r = self.report
+        if "skipped" in r:
+            return [f"powerd dry run skipped: {r['skipped']}"]
+        out = [f"powerd dry run on {r['backend']} GPUs"]
+        if "ready_after_s" in r:
+            out[0] += f": ready after {r['ready_after_s']:.1f} s"
+        if "cpu_percent_of_core" in r:
+            loop = r["loop_duration_mean_ms"]
+            out.append(
+                f"  {r['cpu_percent_of_core']:.2f} % of one core over {r['window_s']:.0f} s, "
+                f"RSS {r['rss_mib_max'] or 0:.0f} MiB, {r['ticks']:g} ticks of "
+                f"{'?' if loop is None else f'{loop:.1f}'} ms on average"
+            )
         return out
 
 
@@ -1657,14 +2047,22 @@ def checks(real: CheckResult, sim: CheckResult | None) -> list[dict[str, Any]]:
                 f"{on_table} of samples",
             )
     slowest = max(real.call_latency_ms.items(), key=lambda item: item[1]["max_ms"], default=None)
+    costliest = max(
+        real.call_latency_ms.items(), key=lambda item: item[1]["cpu_mean_ms"], default=None
+    )
     add(
         "nvml_calls_answer_quickly",
         None,
         None if slowest is None else slowest[1]["max_ms"] <= SLOW_CALL_S * 1000.0,
         "slowest call: "
-        + ("none timed" if slowest is None else f"{slowest[0]} {slowest[1]['max_ms']:.1f} ms"),
+        + ("none timed" if slowest is None else f"{slowest[0]} {slowest[1]['max_ms']:.1f} ms")
+        + (
+            ""
+            if costliest is None
+            else f"; most CPU: {costliest[0]} {costliest[1]['cpu_mean_ms']:.2f} ms a call"
+        ),
     )
-    return out + real.backend_checks
+    return out + real.backend_checks + real.daemon_checks
 
 
 def _jsonable(value: Any) -> Any:
@@ -1704,6 +2102,7 @@ def write_outputs(
         "sweep": real.sweep,
         "simulated_sweep": None if sim is None else sim.sweep,
         "powerd_backend": real.backend,
+        "powerd_dry_run": real.daemon,
     }
     summary = _jsonable(summary)
     with open(out_dir / "summary.json", "w", encoding="utf-8") as f:
@@ -1730,11 +2129,14 @@ def run_check(
     gpus: list[int] | None = None,
     simulate: bool = True,
     powerd_backend: bool = True,
+    daemon_seconds: float = 0.0,
+    daemon_backend: str = "nvml",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure `nvml`, and powerd's own NVML path next to it (`powerd_backend`, skipped with a
-    note when powerd is not importable); run the same procedure on the plant; write the
-    outputs. Returns the summary."""
+    note when powerd is not importable); with `daemon_seconds`, run the daemon itself in dry
+    run on the GPUs for that long (DaemonDryRun); run the same procedure on the plant; write
+    the outputs. Returns the summary."""
     started = time.time()
     CALL_SECONDS.clear()
     section, skipped = BackendSection.create(nvml) if powerd_backend else (None, "")
@@ -1763,6 +2165,12 @@ def run_check(
     elif skipped:
         real.backend = {"skipped": skipped}
         real.notes.append(skipped)
+    if daemon_seconds > 0:
+        dry_run = DaemonDryRun(out_dir, seconds=daemon_seconds, backend=daemon_backend)
+        dry_run.run(nvml, real.inventory, load if daemon_backend == "nvml" else None, log)
+        real.daemon, real.daemon_checks = dry_run.report, dry_run.checks
+        for line in dry_run.lines():
+            log(line)
     sim = None
     if simulate:
         log("running the same procedure on the simulated plant")
@@ -1798,6 +2206,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default="", help="comma-separated NVML indices (default all)")
     parser.add_argument("--no-load", action="store_true", help="idle readings only")
     parser.add_argument(
+        "--daemon-seconds",
+        type=float,
+        default=40.0,
+        help="run powerd itself in dry run on the GPUs for this long (0: skip)",
+    )
+    parser.add_argument(
         "--simulate",
         metavar="PROFILE",
         help="check the simulated node (fake NVML) instead of a GPU",
@@ -1807,6 +2221,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--interval must lie within [0.005, 0.1] s")
     if args.duration < 5.0:
         parser.error("--duration must be at least 5 s")
+    if not (args.daemon_seconds == 0 or 10.0 <= args.daemon_seconds <= 3600.0):
+        parser.error("--daemon-seconds must be 0 or within [10, 3600] s")
     gpus = [int(x) for x in args.gpus.split(",") if x.strip()] or None
     out_dir = Path(args.out)
 
@@ -1853,6 +2269,8 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration,
         interval_s=args.interval,
         gpus=gpus,
+        daemon_seconds=args.daemon_seconds,
+        daemon_backend="sim" if args.simulate else "nvml",
     )
     failed = [c for c in summary["checks"] if c["ok"] is False]
     for c in summary["checks"]:

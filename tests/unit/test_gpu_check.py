@@ -467,3 +467,60 @@ def test_slow_calls_an_unreachable_clock_table_and_mig_are_flagged(
     assert {("clock_table_within_max_clock", 0), ("mig_mode_off", 0)} <= failed
     latency = summary["nvml_call_latency_ms"]["nvmlDeviceGetName"]
     assert latency["max_ms"] >= 20.0 and latency["calls"] >= 1
+
+
+def test_a_call_that_spins_in_the_driver_shows_its_cpu_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver may busy-wait inside a call (a real H200's energy counter takes about 3 ms of
+    CPU a read): the call's CPU time is what the daemon pays every tick, and a sleeping call
+    of the same length costs none."""
+    fake, node = _node("h100-sxm", n=1)
+    monkeypatch.setattr(gpu_check, "CALL_SECONDS", {})
+    energy, name = fake.nvmlDeviceGetTotalEnergyConsumption, fake.nvmlDeviceGetName
+
+    def spinning_energy(handle: Any) -> int:
+        until = time.thread_time() + 0.004
+        while time.thread_time() < until:
+            pass
+        return int(energy(handle))
+
+    def sleeping_name(handle: Any) -> str:
+        time.sleep(0.004)
+        return str(name(handle))
+
+    monkeypatch.setattr(fake, "nvmlDeviceGetTotalEnergyConsumption", spinning_energy)
+    monkeypatch.setattr(fake, "nvmlDeviceGetName", sleeping_name)
+    summary = gpu_check.run_check(
+        fake, tmp_path, clock=node, load=node, duration_s=5.0, log=lambda _: None
+    )
+    latency = summary["nvml_call_latency_ms"]
+    assert latency["nvmlDeviceGetTotalEnergyConsumption"]["cpu_median_ms"] >= 3.5
+    assert latency["nvmlDeviceGetName"]["median_ms"] >= 3.5
+    assert latency["nvmlDeviceGetName"]["cpu_median_ms"] < 2.0
+    quick = next(c for c in summary["checks"] if c["check"] == "nvml_calls_answer_quickly")
+    assert "most CPU: nvmlDeviceGetTotalEnergyConsumption" in quick["detail"]
+    costs = [c for c in summary["checks"] if c["check"].startswith("powerd_read_cost_")]
+    assert {c["check"] for c in costs} == {"powerd_read_cost_idle", "powerd_read_cost_compute"}
+    assert all(c["ok"] for c in costs)
+    read_cost = summary["powerd_backend"]["gpus"][0]["phases"]["idle"]["read_cost"]
+    assert read_cost["cpu_mean_ms"] >= 3.5  # powerd's read makes the energy call once
+
+
+def test_a_read_slower_than_its_share_of_the_tick_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake, node = _node("h100-sxm", n=1)
+    monkeypatch.setattr(gpu_check, "READ_BUDGET_S", 0.002)
+    clocks = fake.nvmlDeviceGetClockInfo
+
+    def slow_clock(handle: Any, clock: int) -> int:
+        time.sleep(0.005)
+        return int(clocks(handle, clock))
+
+    monkeypatch.setattr(fake, "nvmlDeviceGetClockInfo", slow_clock)
+    summary = gpu_check.run_check(
+        fake, tmp_path, clock=node, load=node, duration_s=5.0, log=lambda _: None
+    )
+    failed = {c["check"] for c in summary["checks"] if c["ok"] is False}
+    assert {"powerd_read_cost_idle", "powerd_read_cost_compute"} <= failed
