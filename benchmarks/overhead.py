@@ -17,7 +17,7 @@ It also reports, for reference, the RSS of a bare interpreter, of `import numba`
 `import numba` with powerd's controller kernels loaded (`--role numba-baseline`).
 
 Usage: python benchmarks/overhead.py [--duration 90] [--gpus 8] [--tp 2] [--interval 1.0]
-       [--server-kind vllm|sglang|...] [--cold-cache] [--json]
+       [--server-kind vllm|sglang|...] [--cold-cache] [--energy-read-cpu-ms 4.5] [--json]
 """
 
 from __future__ import annotations
@@ -93,6 +93,20 @@ def role_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spin_in_energy_reads(fake: Any, cpu_s: float) -> None:
+    """Make each energy-counter read busy the calling thread for `cpu_s`, as a real driver
+    does (a real H200's read costs 3.3 ms of CPU at the median, 4.5 ms on average)."""
+    read = fake.nvmlDeviceGetTotalEnergyConsumption
+
+    def spinning_read(handle: Any) -> int:
+        until_s = time.thread_time() + cpu_s
+        while time.thread_time() < until_s:
+            pass
+        return int(read(handle))
+
+    fake.nvmlDeviceGetTotalEnergyConsumption = spinning_read
+
+
 def role_daemon(args: argparse.Namespace) -> int:
     """The measured daemon: print `READY <metrics port>`, run until SIGTERM, write stats."""
     import numpy as np
@@ -110,6 +124,8 @@ def role_daemon(args: argparse.Namespace) -> int:
     servers_info = json.loads(args.servers_json)
     plant = GpuPlant(load_gpu_profile(args.gpu_model), args.gpus, seed=args.seed)
     fake = FakeNvml(plant)
+    if args.energy_read_cpu_ms > 0:
+        _spin_in_energy_reads(fake, args.energy_read_cpu_ms / 1000.0)
     backend = NvmlBackend(fake)
     servers = tuple(
         ServerConfig(
@@ -215,6 +231,7 @@ def _child(role: str, args: argparse.Namespace, *extra: str) -> list[str]:
         f"--peak-load={args.peak_load}",
         f"--seed={args.seed}",
         f"--server-kind={args.server_kind}",
+        f"--energy-read-cpu-ms={args.energy_read_cpu_ms}",
         *extra,
     ]
 
@@ -356,7 +373,13 @@ def format_result(result: dict[str, Any], args: argparse.Namespace, argv: list[s
     return "\n".join(
         [
             f"$ {command}",
-            f"daemon: {args.gpus} GPUs (fake NVML), {args.gpus // args.tp} {daemon['kind']} "
+            f"daemon: {args.gpus} GPUs (fake NVML"
+            + (
+                f", {args.energy_read_cpu_ms:g} ms of CPU an energy read"
+                if args.energy_read_cpu_ms > 0
+                else ""
+            )
+            + f"), {args.gpus // args.tp} {daemon['kind']} "
             f"servers over HTTP, tick {args.interval:g} s, numba cache {cache}; measured over "
             f"{result['window_s']:.0f} s after {SETTLE_S:.0f} s settling ({daemon['ticks']} ticks "
             f"in all, {result['scrapes_of_daemon']} scrapes of its /metrics)",
@@ -395,6 +418,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cold-cache", action="store_true", help="the daemon compiles its kernels from scratch"
     )
+    parser.add_argument(
+        "--energy-read-cpu-ms",
+        type=float,
+        default=0.0,
+        help="CPU each energy-counter read costs in the driver, which the fake NVML does not "
+        "(4.5 on average on a real H200; see benchmarks/RESULTS.md)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--role", choices=("parent", "serve", "daemon", "numba-baseline"))
     parser.add_argument("--servers-json", help=argparse.SUPPRESS)
@@ -412,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         return role_numba_baseline(args)
     if args.gpus % args.tp:
         raise SystemExit(f"overhead: --tp ({args.tp}) must divide --gpus ({args.gpus})")
+    if not 0 <= args.energy_read_cpu_ms <= 1000:
+        raise SystemExit("overhead: --energy-read-cpu-ms must be within [0, 1000]")
     result = measure(args)
     if args.json:
         print(json.dumps(result, indent=2))
