@@ -11,7 +11,9 @@ semantics of dvfs_plant_model.md §2: the energy counter against the integral of
 readings, the averaging window and lag of nvmlDeviceGetPowerUsage (fitted against the
 POWER_INSTANT series), the publication periods, and the clock read-back. It writes
 `calibration.csv` (each figure measured here next to the same procedure run on the simulated
-plant with the matching profile) and `summary.json` to --out. It never changes a setting.
+plant with the matching profile) and `summary.json` to --out. It never changes a setting:
+for the run, every NVML function that could is replaced by one that refuses (check
+read_only_held names any call refused).
 
 The default run also reads through powerd's own code ("powerd_backend" in summary.json): it
 opens NvmlBackend as the daemon does, compares one read() per GPU at idle and under the compute
@@ -273,6 +275,41 @@ class SimNode:
 
 # ---------------------------------------------------------------------------------------------
 # Reading NVML
+
+_WRITE_CALL = re.compile(
+    r"^nvml(Device|Unit|System|GpuInstance|ComputeInstance|Vgpu\w*)?"
+    r"(Set|Reset|Clear|Modify|Remove|Discover|Create|Destroy|Register)"
+    r"|^nvmlDevice(PowerSmoothing|WorkloadPowerProfile)(Set|Clear)|^nvml(Gpm|Nvlink)Set"
+)
+"""NVML functions that can change a device's or the system's state."""
+
+
+@contextlib.contextmanager
+def read_only(nvml: Any, refused: list[str]) -> Iterator[None]:
+    """Every function of `nvml` that could change a setting raises NVMLError (no permission)
+    instead, and its name is appended to `refused`: the read-only run holds to that by
+    construction, and this makes a path that did not (powerd's included) a finding."""
+    names = [n for n in dir(nvml) if _WRITE_CALL.match(n) and callable(getattr(nvml, n, None))]
+    own = vars(nvml)  # a module's functions; an object's are its class's, shadowed here
+    saved = {n: own[n] for n in names if n in own}
+
+    def refuse(name: str) -> Callable[..., Any]:
+        def refused_call(*args: Any, **kwargs: Any) -> Any:
+            refused.append(name)
+            raise nvml.NVMLError(getattr(nvml, "NVML_ERROR_NO_PERMISSION", 4))
+
+        return refused_call
+
+    for name in names:
+        setattr(nvml, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name in names:
+            if name in saved:
+                setattr(nvml, name, saved[name])
+            else:
+                delattr(nvml, name)
 
 
 def _call(nvml: Any, errors: dict[str, str], name: str, *args: Any) -> Any:
@@ -2139,22 +2176,25 @@ def run_check(
     the outputs. Returns the summary."""
     started = time.time()
     CALL_SECONDS.clear()
-    section, skipped = BackendSection.create(nvml) if powerd_backend else (None, "")
-    try:
-        real = measure(
-            nvml,
-            clock=clock,
-            load=load,
-            duration_s=duration_s,
-            interval_s=interval_s,
-            gpus=gpus,
-            sweep=sweep,
-            log=log,
-            backend=section,
-        )
-    finally:
-        if section is not None:
-            section.close()
+    refused: list[str] = []
+    guard = contextlib.nullcontext() if sweep else read_only(nvml, refused)
+    with guard:
+        section, skipped = BackendSection.create(nvml) if powerd_backend else (None, "")
+        try:
+            real = measure(
+                nvml,
+                clock=clock,
+                load=load,
+                duration_s=duration_s,
+                interval_s=interval_s,
+                gpus=gpus,
+                sweep=sweep,
+                log=log,
+                backend=section,
+            )
+        finally:
+            if section is not None:
+                section.close()
     real.call_latency_ms = call_latency_ms()  # before the simulated run's calls join them
     if section is not None:
         if load is None:
@@ -2165,6 +2205,17 @@ def run_check(
     elif skipped:
         real.backend = {"skipped": skipped}
         real.notes.append(skipped)
+    if not sweep:
+        real.backend_checks.append(
+            {
+                "check": "read_only_held",
+                "gpu": None,
+                "ok": not refused,
+                "detail": f"write calls refused: {sorted(set(refused))}"
+                if refused
+                else "no write call was made",
+            }
+        )
     if daemon_seconds > 0:
         dry_run = DaemonDryRun(out_dir, seconds=daemon_seconds, backend=daemon_backend)
         dry_run.run(nvml, real.inventory, load if daemon_backend == "nvml" else None, log)

@@ -524,3 +524,40 @@ def test_a_read_slower_than_its_share_of_the_tick_fails(
     )
     failed = {c["check"] for c in summary["checks"] if c["ok"] is False}
     assert {"powerd_read_cost_idle", "powerd_read_cost_compute"} <= failed
+
+
+def test_a_write_in_the_read_only_run_is_refused_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-only run holds to it by construction; a path that did not (here a read that
+    sets persistence mode first) reaches no GPU and fails the check by name."""
+    fake, node = _node("h100-sxm", n=1)
+    name = fake.nvmlDeviceGetName
+
+    def name_after_a_write(handle: Any) -> str:
+        try:
+            fake.nvmlDeviceSetPersistenceMode(handle, 1)
+        except pynvml.NVMLError_NoPermission:
+            pass
+        return str(name(handle))
+
+    monkeypatch.setattr(fake, "nvmlDeviceGetName", name_after_a_write)
+    summary = gpu_check.run_check(
+        fake, tmp_path, clock=node, load=node, duration_s=5.0, log=lambda _: None
+    )
+    held = next(c for c in summary["checks"] if c["check"] == "read_only_held")
+    assert held["ok"] is False and "nvmlDeviceSetPersistenceMode" in held["detail"]
+    assert fake.writes == [] and fake.failed_writes == []
+    assert "nvmlDeviceSetPersistenceMode" not in vars(fake)  # the class's method again
+
+
+def test_read_only_puts_a_module_s_functions_back() -> None:
+    set_limit = pynvml.nvmlDeviceSetPowerManagementLimit
+    refused: list[str] = []
+    with gpu_check.read_only(pynvml, refused):
+        assert pynvml.nvmlDeviceSetPowerManagementLimit is not set_limit
+        with pytest.raises(pynvml.NVMLError_NoPermission):
+            pynvml.nvmlDeviceSetGpuLockedClocks(None, 210, 1980)
+        assert pynvml.nvmlDeviceGetPowerUsage is not None
+    assert pynvml.nvmlDeviceSetPowerManagementLimit is set_limit
+    assert refused == ["nvmlDeviceSetGpuLockedClocks"]
