@@ -148,8 +148,9 @@ def _holding_run_lock(config: Config, body: Callable[[], int], *, program: str, 
 def check_config(config: Config) -> None:
     """What `powerd run` would refuse beyond Config.validate, as a ConfigError naming the key:
     a web-config file that cannot be read, is invalid, or names a certificate that does not
-    load; a grid.file that is a folder (a feed's rename cannot replace one; a file not there yet
-    is fine); and with `gpu_backend: sim`, what check_sim_config refuses."""
+    load (one that sets neither TLS nor auth is logged as a warning); a grid.file that is a
+    folder (a feed's rename cannot replace one; a file not there yet is fine); and with
+    `gpu_backend: sim`, what check_sim_config refuses."""
     if config.grid.file is not None and Path(config.grid.file).is_dir():
         raise ConfigError(
             f"grid.file: {config.grid.file} is a folder; name the JSON file the feed writes"
@@ -161,6 +162,12 @@ def check_config(config: Config) -> None:
                 web.tls.ssl_context()
         except ConfigError as exc:
             raise ConfigError(f"metrics.web_config_file: {exc}") from None
+        if web.secures_nothing:
+            log.warning(
+                "metrics.web_config_file: %s sets neither tls_server_config nor "
+                "basic_auth_users: /metrics is served over plain HTTP without auth",
+                config.metrics.web_config_file,
+            )
     if config.gpu_backend == "sim":
         check_sim_config(config.sim)
 

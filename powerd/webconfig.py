@@ -121,6 +121,12 @@ class WebConfig:
     headers: dict[str, str] = field(default_factory=dict)
     """Extra HTTP response headers."""
 
+    @property
+    def secures_nothing(self) -> bool:
+        """Neither TLS nor basic auth: /metrics is plain HTTP, open to whoever reaches it
+        (as exporter-toolkit reads an empty file; one cut short reads the same)."""
+        return self.tls is None and not self.basic_auth_users
+
 
 def load_web_config(path: str | Path) -> WebConfig:
     """Read and validate a web-config file; relative file names resolve against its folder."""

@@ -495,6 +495,44 @@ def _check(tmp_path: Path, data: dict[str, object], capsys: pytest.CaptureFixtur
     return err
 
 
+@pytest.mark.parametrize(
+    "text", ["# nothing yet\n", "tls_server_config:\n", "http_server_config: {}\n"]
+)
+def test_a_web_config_that_secures_nothing_is_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """Plain HTTP without auth is what exporter-toolkit makes of such a file, and powerd too;
+    a file cut short after its first key reads the same, so the operator is told."""
+    web = tmp_path / "web.yml"
+    web.write_text(text)
+    path = tmp_path / "powerd.yaml"
+    path.write_text(
+        yaml.safe_dump({"state_dir": str(tmp_path), "metrics": {"web_config_file": str(web)}})
+    )
+    assert main(["check-config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"metrics.web_config_file: {web} sets neither tls_server_config nor basic_auth_users" in err
+    )
+    assert "plain HTTP without auth" in err
+
+
+def test_a_web_config_with_auth_is_not_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import bcrypt
+
+    web = tmp_path / "web.yml"
+    hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
+    web.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    path = tmp_path / "powerd.yaml"
+    path.write_text(
+        yaml.safe_dump({"state_dir": str(tmp_path), "metrics": {"web_config_file": str(web)}})
+    )
+    assert main(["check-config", str(path)]) == 0
+    assert "sets neither" not in capsys.readouterr().err
+
+
 def test_check_config_refuses_what_run_would(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
