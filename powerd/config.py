@@ -98,6 +98,23 @@ class GenericMetricsConfig:
                 raise ConfigError(f"{path}.labels: not a Prometheus label name, got {label!r}")
 
 
+def url_problem(url: str) -> str | None:
+    """What makes `url` unusable as a server's metrics URL, or None: the scheme, blanks or
+    control characters, a port out of range, no host."""
+    if not url.startswith(("http://", "https://")):
+        return f"must start with http:// or https://, got {url!r}"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return f"must not contain spaces or control characters, got {url!r}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port raises for a port out of range
+    except ValueError as exc:
+        return f"not a URL ({exc}), got {url!r}"
+    if not host:
+        return f"names no host, got {url!r}"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     name: str
@@ -112,19 +129,9 @@ class ServerConfig:
     def validate(self, path: str) -> None:
         if not self.name.strip():
             raise ConfigError(f"{path}.name: must not be empty")
-        if not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"{path}.url: must start with http:// or https://, got {self.url!r}")
-        if any(c.isspace() or not c.isprintable() for c in self.url):
-            raise ConfigError(
-                f"{path}.url: must not contain spaces or control characters, got {self.url!r}"
-            )
-        try:
-            parts = urllib.parse.urlsplit(self.url)
-            host, _ = parts.hostname, parts.port  # .port raises for a port out of range
-        except ValueError as exc:
-            raise ConfigError(f"{path}.url: not a URL ({exc}), got {self.url!r}") from None
-        if not host:
-            raise ConfigError(f"{path}.url: names no host, got {self.url!r}")
+        problem = url_problem(self.url)
+        if problem is not None:
+            raise ConfigError(f"{path}.url: {problem}")
         if self.kind not in SERVER_KINDS:
             raise ConfigError(f"{path}.kind: must be one of {', '.join(SERVER_KINDS)}")
         if self.kind == "generic" and self.generic is None:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from powerd.config import ServerConfig
+from powerd.config import ServerConfig, url_problem
 from powerd.sources.base import Fetcher, SourceError, first_token_blind_warning
 from powerd.sources.fetch import http_fetch
 from powerd.sources.registry import make_source
@@ -31,6 +31,9 @@ def probe(
         raise SourceError("probe cannot read kind generic; it needs metric names from a config")
     if not interval_s > 0:
         raise SourceError(f"probe interval must be a positive number of seconds, got {interval_s}")
+    problem = url_problem(url)
+    if problem is not None:
+        raise SourceError(f"url: {problem}")
     config = ServerConfig(name="probe", url=url, kind=kind, timeout_s=PROBE_TIMEOUT_S)
     source = make_source(config, fetch)
     first = source.poll(clock())

@@ -219,3 +219,28 @@ def test_source_says_why_a_sample_has_no_generation_rate() -> None:
 def test_probe_of_a_refused_port_is_one_sentence() -> None:
     with pytest.raises(SourceError, match=r"^cannot connect to http://127\.0\.0\.1:9/metrics"):
         probe("http://127.0.0.1:9/metrics", interval_s=0.01)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:99999/metrics", "not a URL (Port out of range 0-65535)"),
+        ("http://exa mple/metrics", "must not contain spaces or control characters"),
+        ("ftp://h/metrics", "must start with http:// or https://"),
+        ("http:///metrics", "names no host"),
+    ],
+)
+def test_probe_of_a_url_a_config_would_refuse_says_why_and_reads_nothing(
+    url: str, problem: str
+) -> None:
+    """As the config words it, where a port past 65535 read as 'Connection refused'."""
+    fetched: list[str] = []
+
+    def fetch(*args: object, **kwargs: object) -> object:
+        fetched.append(str(args[0]))
+        raise AssertionError("nothing should be read")
+
+    with pytest.raises(SourceError) as caught:
+        probe(url, fetch=fetch, interval_s=0.01)  # type: ignore[arg-type]
+    assert str(caught.value).startswith(f"url: {problem}") and repr(url) in str(caught.value)
+    assert fetched == []
