@@ -223,6 +223,8 @@ def load_gpu_profile(name_or_path: str | Path) -> GpuProfile:
     path = Path(text)
     if not (text.endswith((".yaml", ".yml")) or path.is_file()):
         if text not in list_gpu_profiles():
+            if path.is_dir():
+                raise ValueError(f"GPU profile {text} is a folder; name a profile's YAML file")
             known = ", ".join(list_gpu_profiles())
             raise ValueError(f"unknown GPU profile {text!r}; known profiles: {known}")
         path = PROFILE_DIR / f"{text}.yaml"

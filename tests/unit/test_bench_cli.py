@@ -10,6 +10,7 @@ import pytest
 
 from powerd.bench.cli import add_bench_arguments, run_bench_command, setup_from_args
 from powerd.bench.options import POLICY_NAMES, OracleOptions
+from powerd.sim.plant import PROFILE_DIR
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -61,8 +62,6 @@ def test_peak_load_overrides_rate_scale() -> None:
 
 
 def test_gpu_profile_file(tmp_path: Path) -> None:
-    from powerd.sim.plant import PROFILE_DIR
-
     path = tmp_path / "mine.yaml"
     path.write_text((PROFILE_DIR / "a100-sxm4-80gb.yaml").read_text())
     setup = setup_from_args(_parse("--gpu-profile", str(path)))
@@ -75,6 +74,7 @@ def test_gpu_profile_file(tmp_path: Path) -> None:
         (["--policies", "default,turbo"], "unknown policy 'turbo'"),
         (["--gpus", "4", "--tp", "3"], "--tp (3) must divide --gpus (4)"),
         (["--gpu-model", "b300"], "unknown GPU profile 'b300'"),
+        (["--gpu-profile", str(PROFILE_DIR)], f"GPU profile {PROFILE_DIR} is a folder; name a"),
         (["--model", "gpt-9"], "unknown model profile 'gpt-9'"),
         (["--duration", "0"], "--duration must be positive"),
         (["--duration", "0.5"], "--duration (0.5 s) must be at least one --interval (1 s)"),
