@@ -3,6 +3,7 @@ and compares powerd's own NVML path with the raw calls."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -535,10 +536,8 @@ def test_a_write_in_the_read_only_run_is_refused_and_named(
     name = fake.nvmlDeviceGetName
 
     def name_after_a_write(handle: Any) -> str:
-        try:
+        with contextlib.suppress(pynvml.NVMLError_NoPermission):
             fake.nvmlDeviceSetPersistenceMode(handle, 1)
-        except pynvml.NVMLError_NoPermission:
-            pass
         return str(name(handle))
 
     monkeypatch.setattr(fake, "nvmlDeviceGetName", name_after_a_write)
