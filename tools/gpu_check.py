@@ -35,8 +35,9 @@ first"), fits v_min, f_v and the dynamic power of the compute load, κ from the 
 the lock dead time and the cap loop's settling time, and restores every setting it touched in
 a `finally` block, also on error, SIGINT or SIGTERM.
 
-Runs on Python 3.12 with only nvidia-ml-py and numpy (torch optional); the simulated column
-needs powerd importable and is skipped otherwise. `--simulate PROFILE` runs the whole check
+Runs on Python 3.12 with only nvidia-ml-py and numpy (torch optional); the simulated column,
+powerd's backend and the dry run need powerd importable and are skipped otherwise (the dry run
+fails if powerd imports but its own dependencies do not). `--simulate PROFILE` runs the whole check
 against the fake NVML instead of a GPU.
 """
 
@@ -276,12 +277,39 @@ class SimNode:
 # ---------------------------------------------------------------------------------------------
 # Reading NVML
 
-_WRITE_CALL = re.compile(
-    r"^nvml(Device|Unit|System|GpuInstance|ComputeInstance|Vgpu\w*)?"
-    r"(Set|Reset|Clear|Modify|Remove|Discover|Create|Destroy|Register)"
-    r"|^nvmlDevice(PowerSmoothing|WorkloadPowerProfile)(Set|Clear)|^nvml(Gpm|Nvlink)Set"
+_READ_CALL = re.compile(
+    r"^nvml(Device|Unit|System|GpuInstance|ComputeInstance|VgpuInstance|VgpuType|Vgpu|Gpm|Event)?"
+    r"(Get|Query|Is|Validate)"
 )
-"""NVML functions that can change a device's or the system's state."""
+"""NVML functions that only read: an object's getters, queries and tests."""
+_READ_OTHER = frozenset(
+    {
+        "nvmlInit",
+        "nvmlInit_v2",
+        "nvmlInitWithFlags",
+        "nvmlShutdown",
+        "nvmlErrorString",
+        "nvmlExceptionClass",
+        "nvmlStructToFriendlyObject",
+        "nvmlFriendlyObjectToStruct",
+        "nvmlDeviceOnSameBoard",
+        "nvmlDevicePerfMetricsGetSamples_v1",
+        "nvmlDeviceReadPRMCounters_v1",
+        "nvmlDeviceWorkloadPowerProfileGetCurrentProfiles",
+        "nvmlDeviceWorkloadPowerProfileGetProfilesInfo",
+        "nvmlGpmMetricsGet",
+        "nvmlGpmSampleGet",
+        "nvmlGpmMigSampleGet",
+    }
+)
+"""The other NVML functions that only read or only manage the caller's own session."""
+_NVML_FUNCTION = re.compile(r"^nvml[A-Z]")
+
+
+def nvml_may_write(name: str) -> bool:
+    """Whether the NVML function `name` may change a device's or the system's state: any not
+    known to only read (a function a later binding adds is refused until it is known)."""
+    return not (_READ_CALL.match(name) or name in _READ_OTHER)
 
 
 @contextlib.contextmanager
@@ -289,7 +317,14 @@ def read_only(nvml: Any, refused: list[str]) -> Iterator[None]:
     """Every function of `nvml` that could change a setting raises NVMLError (no permission)
     instead, and its name is appended to `refused`: the read-only run holds to that by
     construction, and this makes a path that did not (powerd's included) a finding."""
-    names = [n for n in dir(nvml) if _WRITE_CALL.match(n) and callable(getattr(nvml, n, None))]
+    names = [
+        n
+        for n in dir(nvml)
+        if _NVML_FUNCTION.match(n)
+        and nvml_may_write(n)
+        and callable(getattr(nvml, n, None))
+        and not isinstance(getattr(nvml, n), type)
+    ]
     own = vars(nvml)  # a module's functions; an object's are its class's, shadowed here
     saved = {n: own[n] for n in names if n in own}
 
@@ -771,8 +806,9 @@ def measure(
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt like SIGINT, so `finally` restores on either."""
+def _signals_raise(*signums: int) -> Iterator[None]:
+    """`signums` (SIGTERM when none is named) raise KeyboardInterrupt like SIGINT, so
+    `finally` restores or stops what it must on any of them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -780,11 +816,12 @@ def _signals_raise() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {s: signal.signal(s, handler) for s in signums or (signal.SIGTERM,)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager
@@ -947,9 +984,10 @@ READ_ATTEMPTS = 3
 two reads disagrees once, a defect every time."""
 READ_COST_READS = 10
 """Reads of one GPU timed per phase for powerd_read_cost."""
-READ_BUDGET_S = 0.1
-"""The longest one GPU's read may take: a tenth of the default 1-s tick, so that eight GPUs
-read one after another leave most of the tick to the servers' scrapes and the kernel."""
+READ_BUDGET_S = 0.05
+"""The longest one GPU's read may take: eight GPUs read one after another then leave more
+than half of the default 1-s tick to the servers' scrapes and the kernel (a real H200's read
+takes 3-7 ms, its energy counter nearly all of it)."""
 POWER_TOLERANCE = 0.01
 """Relative slack for GetPowerUsage, which a driver may compute afresh on every call."""
 STRUCT_32_BYTE_DRIVERS = ((535, 43), (535, 86))
@@ -1432,19 +1470,73 @@ DAEMON_READY_S = 240.0
 kernels first (about 20 s)."""
 DAEMON_STOP_S = 60.0
 """The longest the daemon may take to exit after SIGTERM (final_scrape_wait_s is 0 here)."""
+DAEMON_INTERVAL_S = 1.0
+"""The daemon's tick here, as the default config's."""
+DAEMON_TICK_SHARE = 0.8
+"""The least share of the window's ticks the daemon must have made."""
 DAEMON_SCRAPE_S = 2.0
 """How often the daemon's /metrics is read while it runs."""
 DAEMON_POWER_TOLERANCE = 0.10
 """Largest median relative gap between the power powerd exports and GetPowerUsage read beside
 it: the export is the last tick's reading, up to one tick old."""
 _READY_LINE = re.compile(r"powerd \S+: .*\bmetrics on (\S+):(\d+)")
-_PROBLEM_LINE = re.compile(r" (WARNING|ERROR|CRITICAL) |^Traceback")
-_SAMPLE_LINE = re.compile(r"^(powerd_[a-z_]+)(?:\{([^}]*)\})? (\S+)$", re.M)
+_PROBLEM_LINE = re.compile(r" (WARNING|ERROR|CRITICAL) |^Traceback|^powerd: ")
+_SERVICE_VARIABLES = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "INVOCATION_ID",
+    "JOURNAL_STREAM",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
+"""What systemd gives a unit's processes: the daemon would log in journald's form, notify and
+feed a watchdog that are the tool's; it runs as the tool's plain child instead."""
+_CHILD = """\
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(70)  # the tool is gone already
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+import pynvml
+from gpu_check import read_only
+refused = []
+try:
+    with read_only(pynvml, refused):
+        from powerd.cli import main
+        code = main(sys.argv[5:])
+finally:
+    with open(sys.argv[4], "w", encoding="utf-8") as out:
+        out.write("".join(name + "\\n" for name in refused))
+sys.exit(code)
+"""
+"""The daemon's process: stopped with the tool whatever ends it (the kernel sends SIGTERM when
+the tool dies), running the powerd the tool imported, under the tool's read-only guard."""
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of each sample of the metric `name` in an exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def _total(text: str, name: str) -> float:
+    return sum(value for _, value in _samples(text, name))
 
 
 def _settings(nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, Any]:
-    """The settings powerd may change and an operator would notice changed, as NVML reads them
-    (a clock lock cannot be read back; the clock it holds under no load can)."""
+    """The settings an operator would notice changed that NVML reads back (a clock lock it
+    cannot: the daemon's journal and the guard stand for it)."""
 
     def c(name: str, *args: Any) -> Any:
         return _raw(nvml, errors, name, handle, *args)
@@ -1458,25 +1550,17 @@ def _settings(nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _samples(text: str, name: str) -> dict[str, float]:
-    """{labels: value} of one metric in an exposition."""
-    return {labels: float(value) for n, labels, value in _SAMPLE_LINE.findall(text) if n == name}
-
-
-def _gpu_label(labels: str) -> int | None:
-    match = re.search(r'\bgpu="(\d+)"', labels)
-    return int(match.group(1)) if match else None
-
-
 class DaemonDryRun:
     """`powerd run` with `dry_run: true` on these GPUs, as an operator would start it first.
 
     A simulated vLLM server per GPU serves /metrics from this process; the daemon reads the
-    GPUs through NVML as in production, decides, exports, and writes nothing. While it runs,
-    the load (if any) runs for the first half. Compared: the power it exports with
-    GetPowerUsage read beside it; every setting `_settings` reads, before and after. Measured:
-    the time to ready, its CPU share and peak RSS, the mean tick. `backend="sim"` runs it on
-    simulated GPUs instead (for the tests: nothing real to compare the power with)."""
+    GPUs through NVML as in production, decides, exports, and writes nothing: it runs under
+    the tool's read-only guard, and is stopped with the tool however the tool ends. The load
+    (if any) runs for the first half. Compared: the power it exports with GetPowerUsage read
+    beside it; the settings `_settings` reads, before and after; its journal, which holds
+    every setting powerd makes before it makes it. Measured: the time to ready, its ticks, CPU
+    share and peak RSS. `backend="sim"` runs it on simulated GPUs instead (for the tests:
+    nothing real to compare with)."""
 
     def __init__(self, out_dir: Path, *, seconds: float, backend: str = "nvml") -> None:
         self.out_dir = out_dir
@@ -1485,6 +1569,9 @@ class DaemonDryRun:
         self.checks: list[dict[str, Any]] = []
         self.report: dict[str, Any] = {"backend": backend, "seconds": seconds}
         self.errors: dict[str, str] = {}
+        self.state_dir = out_dir / "daemon-state"
+        self.log_path = out_dir / "daemon.log"
+        self.refused_path = out_dir / "daemon-refused-writes.txt"
 
     def _add(self, name: str, gpu: int | None, ok: bool | None, detail: str) -> None:
         self.checks.append({"check": name, "gpu": gpu, "ok": ok, "detail": detail})
@@ -1492,15 +1579,25 @@ class DaemonDryRun:
     def run(
         self, nvml: Any, inv: list[dict[str, Any]], load: Load | None, log: Callable[[str], None]
     ) -> None:
-        """Run it; a failure of any step is a failed check, never an exception."""
+        """Run it; a failure of any step is a failed check, never an exception (SIGTERM and
+        SIGHUP stop the daemon and end the tool as Ctrl-C does)."""
         try:
+            import powerd
+        except ImportError as exc:
+            self.report["skipped"] = f"powerd is not importable ({exc})"
+            return
+        try:
+            import psutil  # noqa: F401  (the phase measures the daemon with it)
+
+            from powerd import runtime  # noqa: F401  (the daemon's own imports)
             from powerd.config import SimConfig
             from powerd.sim.node import RealTimeDriver, serve_node
             from powerd.sim.plant import find_gpu_profile
             from powerd.simulation import build_node
         except ImportError as exc:
-            self.report["skipped"] = f"powerd is not importable ({exc})"
+            self._add("daemon_dry_run", None, False, f"powerd cannot run here: {exc}")
             return
+        self.report["powerd"] = str(Path(powerd.__file__).resolve().parent)
         profile = find_gpu_profile(str(inv[0]["name"]))
         sim = SimConfig(
             gpu_model=profile.name if profile is not None else "h100-sxm",
@@ -1509,35 +1606,70 @@ class DaemonDryRun:
             trace="diurnal",
             peak_load=0.5,
         )
-        node = build_node(sim)
-        node.advance(0.1)  # compile the node's kernels before its servers answer
-        endpoints = serve_node(node)
-        driver = RealTimeDriver(node)
-        driver.start()
-        try:
-            self._run(nvml, inv, load, [e.url for e in endpoints], log)
-        except Exception as exc:  # the finding, not the end of the check
-            self._add("daemon_dry_run", None, False, f"{type(exc).__name__}: {exc}")
-        finally:
-            driver.stop()
-            for endpoint in endpoints:
-                endpoint.stop()
+        with _signals_raise(signal.SIGTERM, signal.SIGHUP):
+            node = build_node(sim)
+            node.advance(0.1)  # compile the node's kernels before its servers answer
+            endpoints = serve_node(node)
+            driver = RealTimeDriver(node)
+            driver.start()
+            try:
+                self._run(nvml, inv, load, [e.url for e in endpoints], log)
+            finally:
+                driver.stop()
+                for endpoint in endpoints:
+                    endpoint.stop()
 
-    def _config(self, inv: list[dict[str, Any]], urls: list[str], state_dir: Path) -> str:
-        servers = "".join(
-            f"  - name: sim-gpu{g['index']}\n    url: {url}\n    kind: vllm\n"
-            f"    gpus: [{g['index'] if self.backend == 'nvml' else k}]\n"
+    def _config(self, inv: list[dict[str, Any]], urls: list[str]) -> dict[str, Any]:
+        servers = [
+            {
+                "name": f"sim-gpu{g['index']}",
+                "url": url,
+                "kind": "vllm",
+                "gpus": [g["index"] if self.backend == "nvml" else k],
+            }
             for k, (g, url) in enumerate(zip(inv, urls, strict=True))
-        )
-        backend = "gpu_backend: nvml\n"
+        ]
+        config: dict[str, Any] = {
+            "interval_s": DAEMON_INTERVAL_S,
+            "mode": "efficiency",
+            "dry_run": True,
+            "state_dir": str(self.state_dir),
+            "gpu_backend": self.backend,
+            "metrics": {"listen_address": "127.0.0.1", "port": 0, "final_scrape_wait_s": 0},
+            "servers": servers,
+        }
         if self.backend == "sim":
-            backend = f"gpu_backend: sim\nsim:\n  gpus: {len(inv)}\n  tp: 1\n"
-        return (
-            "interval_s: 1.0\nmode: efficiency\ndry_run: true\n"
-            f"state_dir: {state_dir}\n{backend}"
-            "metrics:\n  listen_address: 127.0.0.1\n  port: 0\n  final_scrape_wait_s: 0\n"
-            f"servers:\n{servers}"
-        )
+            config["sim"] = {"gpus": len(inv), "tp": 1}
+        return config
+
+    def _start(self, config_path: Path) -> subprocess.Popen[bytes]:
+        import yaml  # noqa: F401  (written by _run; powerd's dependency)
+
+        env = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
+        tools = str(Path(__file__).resolve().parent)
+        powerd_root = str(Path(self.report["powerd"]).parent)
+        with open(self.log_path, "w", encoding="utf-8") as log_file:
+            return subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _CHILD,
+                    str(os.getpid()),
+                    powerd_root,
+                    tools,
+                    str(self.refused_path),
+                    "--log-level",
+                    "info",
+                    "run",
+                    "--config",
+                    str(config_path),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # the terminal's Ctrl-C is the tool's to pass on
+            )
 
     def _run(
         self,
@@ -1547,83 +1679,46 @@ class DaemonDryRun:
         urls: list[str],
         log: Callable[[str], None],
     ) -> None:
-        import tempfile
-        import urllib.request
+        import shutil
 
-        import psutil
+        import yaml
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        state_dir = Path(tempfile.mkdtemp(prefix="powerd-gpu-check-"))
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        self.refused_path.unlink(missing_ok=True)
         config_path = self.out_dir / "daemon.yaml"
-        config_path.write_text(self._config(inv, urls, state_dir / "state"), encoding="utf-8")
+        config_path.write_text(yaml.safe_dump(self._config(inv, urls)), encoding="utf-8")
         nvml.nvmlInit()
         try:
             handles = {g["index"]: nvml.nvmlDeviceGetHandleByIndex(g["index"]) for g in inv}
             before = {i: _settings(nvml, h, self.errors) for i, h in handles.items()}
-            log_path = self.out_dir / "daemon.log"
-            env = dict(os.environ)
-            root = str(Path(__file__).resolve().parents[1])
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
             log(f"powerd dry run on {len(inv)} GPU(s) ({self.seconds:.0f} s)")
-            started_s = time.monotonic()
-            with open(log_path, "w", encoding="utf-8") as log_file:
-                daemon = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "powerd",
-                        "--log-level",
-                        "info",
-                        "run",
-                        "--config",
-                        str(config_path),
-                    ],
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
+            daemon = self._start(config_path)
             try:
-                url = self._wait_ready(daemon, log_path, started_s)
+                url = self._wait_ready(daemon, time.monotonic())
                 if url is not None:
-                    self._watch(nvml, handles, load, daemon, url, psutil, urllib.request)
+                    self._watch(nvml, handles, load, daemon, url)
+            except Exception as exc:  # the finding; the settings are still compared below
+                self._add("daemon_dry_run", None, False, f"{type(exc).__name__}: {exc}")
             finally:
                 self._stop(daemon)
             after = {i: _settings(nvml, h, self.errors) for i, h in handles.items()}
         finally:
             nvml.nvmlShutdown()
-        for index in handles:
-            changed = {
-                k: [before[index][k], after[index][k]]
-                for k in before[index]
-                if before[index][k] != after[index][k]
-            }
-            self._add(
-                "daemon_changed_nothing",
-                index,
-                not changed,
-                f"changed: {changed}" if changed else f"{len(before[index])} settings as before",
-            )
-        self.report["settings"] = {"before": before, "after": after}
-        text = log_path.read_text(encoding="utf-8", errors="replace")
-        problems = [line for line in text.splitlines() if _PROBLEM_LINE.search(line)]
-        self.report["problem_lines"] = problems[:20]
-        self.report["would_set_lines"] = text.count(" would set ")
-        self._add(
-            "daemon_logged_no_problem",
-            None,
-            not problems,
-            f"{len(problems)} warning or error lines"
-            + (f", first: {problems[0]}" if problems else ""),
-        )
+        self._compare(before, after)
+        self._after_exit()
 
-    def _wait_ready(
-        self, daemon: subprocess.Popen[bytes], log_path: Path, started_s: float
-    ) -> str | None:
+    def _log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def _tail(self) -> str:
+        return " | ".join(self._log_text().strip().splitlines()[-3:])
+
+    def _wait_ready(self, daemon: subprocess.Popen[bytes], started_s: float) -> str | None:
         """The daemon's metrics URL once its ready line is logged; None (a failed check) when it
         exits or takes longer than DAEMON_READY_S."""
         while time.monotonic() - started_s < DAEMON_READY_S:
-            text = log_path.read_text(encoding="utf-8", errors="replace")
-            match = _READY_LINE.search(text)
+            match = _READY_LINE.search(self._log_text())
             if match:
                 ready_s = time.monotonic() - started_s
                 self.report["ready_after_s"] = ready_s
@@ -1632,12 +1727,25 @@ class DaemonDryRun:
                 )
                 return f"http://{match.group(1)}:{match.group(2)}/metrics"
             if daemon.poll() is not None:
-                tail = " | ".join(text.strip().splitlines()[-3:])
-                self._add("daemon_ready", None, False, f"exited with {daemon.returncode}: {tail}")
+                self._add(
+                    "daemon_ready", None, False, f"exited with {daemon.returncode}: {self._tail()}"
+                )
                 return None
             time.sleep(0.25)
         self._add("daemon_ready", None, False, f"no ready line in {DAEMON_READY_S:.0f} s")
         return None
+
+    def _scrape(self, url: str) -> str | None:
+        """The daemon's exposition, or None when it does not answer whole (no proxy: the
+        daemon is on this host, whatever http_proxy the environment names)."""
+        from powerd.sources import SourceError
+        from powerd.sources.fetch import http_fetch
+
+        try:
+            answer = http_fetch(url, timeout_s=5.0)
+        except SourceError:
+            return None
+        return answer.body.decode("utf-8", errors="replace") if answer.status == 200 else None
 
     def _watch(
         self,
@@ -1646,21 +1754,19 @@ class DaemonDryRun:
         load: Load | None,
         daemon: subprocess.Popen[bytes],
         url: str,
-        psutil: Any,
-        request: Any,
     ) -> None:
         """Scrape the daemon every DAEMON_SCRAPE_S for `seconds`, the load on for the first
-        half; pair its power with NVML's; measure its CPU and RSS."""
-
-        def scrape() -> str:
-            with request.urlopen(url, timeout=5) as answer:
-                return str(answer.read().decode("utf-8"))
+        half; pair its power with NVML's; measure its ticks, CPU and RSS."""
+        import psutil
 
         process = psutil.Process(daemon.pid)
-        first = scrape()
+        first = self._scrape(url) or ""
         cpu_start_s, wall_start_s = sum(process.cpu_times()[:2]), time.monotonic()
+        cpu_end_s = cpu_start_s
         pairs: dict[int, list[tuple[float, float]]] = {i: [] for i in handles}
         rss_mib: list[float] = []
+        scrapes = failed = 0
+        exited = None
         loaded = load is not None
         if load is not None:
             load.start("compute")
@@ -1671,10 +1777,18 @@ class DaemonDryRun:
                     assert load is not None
                     load.stop()
                     loaded = False
-                text = scrape()
+                if daemon.poll() is not None:
+                    exited = time.monotonic() - wall_start_s
+                    break
+                cpu_end_s = sum(process.cpu_times()[:2])
                 rss_mib.append(process.memory_info().rss / 2**20)
-                for labels, watts in _samples(text, "powerd_gpu_power_watts").items():
-                    index = _gpu_label(labels)
+                scrapes += 1
+                text = self._scrape(url)
+                if text is None:
+                    failed += 1
+                    continue
+                for labels, watts in _samples(text, "powerd_gpu_power_watts"):
+                    index = int(labels.get("gpu", "-1"))
                     if index in handles:
                         mw = _raw(nvml, self.errors, "nvmlDeviceGetPowerUsage", handles[index])
                         if mw is not None:
@@ -1683,38 +1797,57 @@ class DaemonDryRun:
             if loaded and load is not None:
                 load.stop()
         wall_s = time.monotonic() - wall_start_s
-        cpu_s = sum(process.cpu_times()[:2]) - cpu_start_s
-        last = scrape()
-
-        def total(text: str, name: str) -> float:
-            return sum(_samples(text, name).values())
-
-        ticks = total(last, "powerd_loop_duration_seconds_count") - total(
+        if exited is not None:
+            self._add(
+                "daemon_ran_through",
+                None,
+                False,
+                f"exited with {daemon.returncode} {exited:.0f} s into the run: {self._tail()}",
+            )
+        last = (self._scrape(url) if exited is None else None) or ""
+        (self.out_dir / "daemon_metrics.txt").write_text(last, encoding="utf-8")
+        ticks = _total(last, "powerd_loop_duration_seconds_count") - _total(
             first, "powerd_loop_duration_seconds_count"
         )
-        loop_s = total(last, "powerd_loop_duration_seconds_sum") - total(
+        loop_s = _total(last, "powerd_loop_duration_seconds_sum") - _total(
             first, "powerd_loop_duration_seconds_sum"
         )
-        nvml_errors = total(last, "powerd_nvml_errors_total")
+        nvml_errors = _total(last, "powerd_nvml_errors_total")
+        cpu_percent = 100.0 * (cpu_end_s - cpu_start_s) / wall_s
         self.report.update(
             {
                 "window_s": wall_s,
-                "cpu_percent_of_core": 100.0 * cpu_s / wall_s,
+                "cpu_percent_of_core": cpu_percent,
                 "rss_mib_max": max(rss_mib, default=None),
                 "ticks": ticks,
-                "loop_duration_mean_ms": 1000.0 * loop_s / ticks if ticks else None,
+                "loop_duration_mean_ms": 1000.0 * loop_s / ticks if ticks > 0 else None,
                 "nvml_errors_total": nvml_errors,
+                "scrapes": scrapes,
+                "failed_scrapes": failed,
                 "power_pairs_w": {str(i): p for i, p in pairs.items()},
             }
         )
-        (self.out_dir / "daemon_metrics.txt").write_text(last, encoding="utf-8")
+        if exited is not None:
+            return
+        expected = DAEMON_TICK_SHARE * wall_s / DAEMON_INTERVAL_S
+        self._add(
+            "daemon_ticks",
+            None,
+            ticks >= expected,
+            f"{ticks:g} ticks in {wall_s:.0f} s (at least {expected:.0f} expected); "
+            f"{cpu_percent:.2f} % of one core, RSS {max(rss_mib, default=0.0):.0f} MiB",
+        )
+        self._add(
+            "daemon_answers_scrapes",
+            None,
+            failed == 0 and bool(last),
+            f"{scrapes - failed} of {scrapes} scrapes answered",
+        )
         self._add(
             "daemon_nvml_errors",
             None,
-            nvml_errors == 0,
-            f"powerd_nvml_errors_total {nvml_errors:g} after {ticks:g} ticks; "
-            f"{self.report['cpu_percent_of_core']:.2f} % of one core, "
-            f"RSS {self.report['rss_mib_max'] or 0:.0f} MiB",
+            nvml_errors == 0 and bool(last),
+            f"powerd_nvml_errors_total {nvml_errors:g}",
         )
         for index, pair in pairs.items():
             if self.backend != "nvml":
@@ -1725,13 +1858,16 @@ class DaemonDryRun:
             self._add(
                 "daemon_power_agrees",
                 index,
-                None if gap is None else gap <= DAEMON_POWER_TOLERANCE,
-                f"median gap {gap if gap is None else round(100 * gap, 1)} % over {len(gaps)} "
-                "scrapes (exported power against GetPowerUsage beside it)",
+                gap is not None and gap <= DAEMON_POWER_TOLERANCE,
+                "exported no power for this GPU"
+                if gap is None
+                else f"median gap {100 * gap:.1f} % over {len(gaps)} scrapes (exported power "
+                "against GetPowerUsage beside it)",
             )
 
     def _stop(self, daemon: subprocess.Popen[bytes]) -> None:
-        if daemon.poll() is None:
+        signalled = daemon.poll() is None
+        if signalled:
             daemon.send_signal(signal.SIGTERM)
         try:
             rc = daemon.wait(timeout=DAEMON_STOP_S)
@@ -1742,11 +1878,74 @@ class DaemonDryRun:
                 "daemon_stops_cleanly",
                 None,
                 False,
-                f"still running {DAEMON_STOP_S:.0f} s after SIGTERM",
+                f"still running {DAEMON_STOP_S:.0f} s after SIGTERM (killed)",
             )
             return
         self.report["exit_code"] = rc
-        self._add("daemon_stops_cleanly", None, rc == 0, f"exit code {rc} after SIGTERM")
+        if signalled:
+            self._add("daemon_stops_cleanly", None, rc == 0, f"exit code {rc} after SIGTERM")
+
+    def _compare(self, before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]]) -> None:
+        self.report["settings"] = {"before": before, "after": after}
+        self.report["nvml_errors"] = dict(self.errors)
+        for index in before:
+            if self.backend != "nvml":
+                self._add(
+                    "daemon_changed_nothing",
+                    index,
+                    None,
+                    "simulated GPUs: the daemon drives none of the GPUs read here",
+                )
+                continue
+            changed = {
+                k: [before[index][k], after[index][k]]
+                for k in before[index]
+                if before[index][k] != after[index][k]
+            }
+            unread = [k for k in before[index] if before[index][k] is None and k not in changed]
+            read = len(before[index]) - len(unread)
+            detail = f"changed: {changed}" if changed else f"{read} settings as before"
+            if unread:
+                detail += f"; not readable here: {', '.join(unread)}"
+            self._add("daemon_changed_nothing", index, not changed if read else None, detail)
+
+    def _after_exit(self) -> None:
+        """What the daemon left: its journal, the writes the guard refused, its log."""
+        from powerd.journal import Journal
+        from powerd.runtime import JOURNAL_FILE
+
+        journal = Journal(self.state_dir / JOURNAL_FILE, put_corrupt_aside=False)
+        entries = journal.entries()
+        self._add(
+            "daemon_journaled_nothing",
+            None,
+            not entries and journal.load_error is None,
+            f"journal holds {len(entries)} GPU(s)"
+            + (f" ({journal.load_error})" if journal.load_error else "")
+            + "; powerd journals every setting before it makes it",
+        )
+        if self.refused_path.exists():
+            refused = sorted(set(self.refused_path.read_text(encoding="utf-8").split()))
+            self.report["refused_writes"] = refused
+            self._add(
+                "daemon_read_only_held",
+                None,
+                not refused,
+                f"write calls refused: {refused}" if refused else "no write call was made",
+            )
+        else:
+            self._add("daemon_read_only_held", None, None, "the daemon's process left no account")
+        text = self._log_text()
+        problems = [line for line in text.splitlines() if _PROBLEM_LINE.search(line)]
+        self.report["problem_lines"] = problems[:20]
+        self.report["would_set_lines"] = text.count(" would set ")
+        self._add(
+            "daemon_logged_no_problem",
+            None,
+            not problems,
+            f"{len(problems)} warning or error lines"
+            + (f", first: {problems[0]}" if problems else ""),
+        )
 
     def lines(self) -> list[str]:
         r = self.report
@@ -2274,7 +2473,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--duration must be at least 5 s")
     if not (args.daemon_seconds == 0 or 10.0 <= args.daemon_seconds <= 3600.0):
         parser.error("--daemon-seconds must be 0 or within [10, 3600] s")
-    gpus = [int(x) for x in args.gpus.split(",") if x.strip()] or None
+    try:
+        gpus = sorted({int(x) for x in args.gpus.split(",") if x.strip()}) or None
+    except ValueError:
+        parser.error(f"--gpus takes NVML indices separated by commas, got {args.gpus!r}")
     out_dir = Path(args.out)
 
     if args.simulate:
@@ -2283,6 +2485,7 @@ def main(argv: list[str] | None = None) -> int:
         from powerd.sim.plant import GpuPlant, load_gpu_profile
 
         fake = FakeNvml(GpuPlant(load_gpu_profile(args.simulate), 2, seed=1))
+        count = 2
         node = SimNode(fake)
         nvml: Any = fake
         clock: Clock = node
@@ -2305,12 +2508,20 @@ def main(argv: list[str] | None = None) -> int:
             ]
         finally:
             pynvml.nvmlShutdown()
+        count = len(uuids)
         note = "loads disabled by --no-load"
         if not args.no_load:
             load, note = TorchLoad.create(uuids)
         if load is None:
             print(f"gpu_check: {note}", file=sys.stderr)
         _import_powerd()
+    missing = [i for i in gpus or [] if not 0 <= i < count]
+    if missing:
+        print(
+            f"gpu_check: --gpus names {missing}, which this node lacks (NVML counts {count})",
+            file=sys.stderr,
+        )
+        return 2
     summary = run_check(
         nvml,
         out_dir,

@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -560,3 +561,76 @@ def test_read_only_puts_a_module_s_functions_back() -> None:
         assert pynvml.nvmlDeviceGetPowerUsage is not None
     assert pynvml.nvmlDeviceSetPowerManagementLimit is set_limit
     assert refused == ["nvmlDeviceSetGpuLockedClocks"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nvmlDeviceSetGpuLockedClocks",
+        "nvmlDeviceResetGpuLockedClocks",
+        "nvmlDeviceSetPowerManagementLimit_v2",
+        "nvmlDevicePowerSmoothingActivatePresetProfile",
+        "nvmlDevicePowerSmoothingUpdatePresetProfileParam",
+        "nvmlDeviceWorkloadPowerProfileUpdateProfiles_v1",
+        "nvmlDeviceReadWritePRM_v1",
+        "nvmlDeviceFreezeNvLinkUtilizationCounter",
+        "nvmlDeviceVgpuForceGspUnload",
+        "nvmlDeviceFrobnicateClocks",  # one a later binding might add
+    ],
+)
+def test_a_function_not_known_to_only_read_is_refused(name: str) -> None:
+    assert gpu_check.nvml_may_write(name)
+
+
+def test_every_read_powerd_and_the_check_make_is_allowed() -> None:
+    source = (ROOT / "powerd" / "gpu" / "nvml.py").read_text() + (
+        ROOT / "tools" / "gpu_check.py"
+    ).read_text()
+    called = set(re.findall(r'"(nvml[A-Z]\w*)"', source)) | {"nvmlInit", "nvmlShutdown"}
+    writes = {n for n in called if gpu_check.nvml_may_write(n)}
+    assert writes == {
+        "nvmlDeviceSetGpuLockedClocks",
+        "nvmlDeviceResetGpuLockedClocks",
+        "nvmlDeviceSetPowerManagementLimit",
+    }
+    for name in dir(pynvml):
+        if name.startswith("nvmlDeviceGet") or name.startswith("nvmlSystemGet"):
+            assert not gpu_check.nvml_may_write(name), name
+
+
+def test_the_settings_comparison_names_a_change_and_what_it_could_not_read(
+    tmp_path: Path,
+) -> None:
+    dry_run = gpu_check.DaemonDryRun(tmp_path, seconds=10.0, backend="nvml")
+    before: dict[int, dict[str, int | None]] = {
+        0: {"power_limit_mw": 700_000, "compute_mode": None, "persistence_mode": 1},
+        1: {"power_limit_mw": 700_000, "compute_mode": None, "persistence_mode": 1},
+        2: {"power_limit_mw": None, "compute_mode": None, "persistence_mode": None},
+    }
+    after = {
+        0: {"power_limit_mw": 650_000, "compute_mode": None, "persistence_mode": 1},
+        1: dict(before[1]),
+        2: dict(before[2]),
+    }
+    dry_run._compare(before, after)
+    checks = {c["gpu"]: c for c in dry_run.checks if c["check"] == "daemon_changed_nothing"}
+    assert checks[0]["ok"] is False and "'power_limit_mw': [700000, 650000]" in checks[0]["detail"]
+    assert checks[1]["ok"] is True
+    assert checks[1]["detail"] == "2 settings as before; not readable here: compute_mode"
+    assert checks[2]["ok"] is None  # nothing could be read: nothing is shown unchanged
+
+
+@pytest.mark.parametrize(("gpus", "code"), [("5", 2), ("0,7", 2), ("x", 2)])
+def test_gpus_the_node_lacks_are_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], gpus: str, code: int
+) -> None:
+    argv = ["--simulate", "h100-sxm", "--gpus", gpus, "--out", str(tmp_path)]
+    if gpus == "x":
+        with pytest.raises(SystemExit) as exit_info:
+            gpu_check.main(argv)
+        assert exit_info.value.code == code
+        assert "--gpus takes NVML indices" in capsys.readouterr().err
+        return
+    assert gpu_check.main(argv) == code
+    assert "which this node lacks (NVML counts 2)" in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists()
