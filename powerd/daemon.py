@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from powerd.actuator import Actuator
 from powerd.config import Config, ConfigError, load_config
 from powerd.control.policy import Controller, GroupSpec, Policy
-from powerd.gpu.backend import GpuBackend
+from powerd.gpu.backend import GpuBackend, check_clock_settings
 from powerd.gpu.errors import GpuError, GpuLost
 from powerd.grid.signals import GridSignal, GridState, at_facility, facility_kwh
 from powerd.groups import (
@@ -367,7 +367,9 @@ class Daemon:
 
     def _build_groups(self, config: Config) -> list[Group]:
         """One group per server. A server whose GPUs are unknown (discovery failed) or taken
-        by an earlier server is observed only: it has no GPUs and the policy never sees it."""
+        by an earlier server is observed only: it has no GPUs and the policy never sees it.
+        ConfigError for a server's GPU the node lacks and control clocks the GPUs cannot take."""
+        check_clock_settings(config.control, self.roster.infos.values())
         groups = []
         claimed: set[str] = set()
         for i, server in enumerate(config.servers):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from powerd import __version__
 from powerd.config import Config, ConfigError, ServerConfig, SimConfig
 from powerd.exporter import Exporter, ExporterError
-from powerd.gpu.backend import GpuBackend, locate_gpu
+from powerd.gpu.backend import GpuBackend, check_clock_settings, locate_gpu
 from powerd.gpu.errors import GpuError, GpuUnavailable
 from powerd.journal import Journal, JournalError, restore_all
 from powerd.signals import handle_stop_and_reload_signals
@@ -173,8 +173,9 @@ def check_config(config: Config) -> None:
 
 
 def check_config_gpus(config: Config) -> str:
-    """ConfigError when a server names a GPU the node does not count, as `powerd run` would
-    refuse it; the GPUs are those NVML opens (the simulated node's with `gpu_backend: sim`).
+    """ConfigError when a server names a GPU the node does not count, or the control clocks
+    are more than the GPUs can take, as `powerd run` would refuse them; the GPUs are those NVML
+    opens (the simulated node's with `gpu_backend: sim`).
     Returns what was checked, or why the GPUs could not be (NVML not available here)."""
     try:
         backend = open_backend(config)
@@ -187,6 +188,7 @@ def check_config_gpus(config: Config) -> str:
         return f"GPUs not checked: {exc}"
     finally:
         backend.close()
+    check_clock_settings(config.control, infos)
     by_index = {info.index: info.uuid for info in infos}
     named: set[str] = set()
     for i, server in enumerate(config.servers):

@@ -1,5 +1,5 @@
-"""The GpuBackend protocol: everything the daemon asks of the GPUs; and locate_gpu, the GPU a
-configured index or UUID names.
+"""The GpuBackend protocol: everything the daemon asks of the GPUs; locate_gpu, the GPU a
+configured index or UUID names; and check_clock_settings, the control clocks the GPUs can take.
 
 Reads may return None for a value the device does not report; writes raise a GpuError.
 Setters clamp to the device's constraints and verify by reading back.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Protocol
 
-from powerd.config import ConfigError
+from powerd.config import ConfigError, ControlConfig
 from powerd.model import GpuInfo, GpuReading
 from powerd.wording import counted
 
@@ -106,6 +106,42 @@ def locate_gpu(
     raise ConfigError(
         f"{key} (server {server!r}): no GPU {gpu!r} on this node ({_node_gpus(by_index, unopened)})"
     )
+
+
+def check_clock_settings(control: ControlConfig, infos: Collection[GpuInfo]) -> None:
+    """ConfigError when control.min_clock_mhz is above the maximum SM clock of every GPU in
+    `infos` (the controller would hold each at its maximum), or when the dither's swing, from
+    control.dither_mhz below its base to as far above, is wider than a GPU's supported SM
+    clocks span (the controller clamps both ends into them, so the dither would swing between
+    the ends of the range; a GPU that lists a single clock has no range to dither in). The
+    message names the key, the value and a GPU's supported SM clocks: the one wording of
+    `powerd run` and `powerd check-config`."""
+    if not infos:
+        return
+    floor_mhz = control.min_clock_mhz
+    highest = max(infos, key=lambda info: info.sm_clock_max_mhz)
+    if floor_mhz is not None and floor_mhz > highest.sm_clock_max_mhz:
+        raise ConfigError(
+            f"control.min_clock_mhz: {floor_mhz} MHz is above the SM clocks every GPU on this "
+            f"node supports (the highest: GPU {highest.index}, {_clock_range(highest)}); every "
+            "GPU would be held at its maximum"
+        )
+    ranged = [info for info in infos if info.sm_clock_max_mhz > info.sm_clock_min_mhz]
+    if not ranged:
+        return
+    narrowest = min(ranged, key=lambda info: info.sm_clock_max_mhz - info.sm_clock_min_mhz)
+    span_mhz = narrowest.sm_clock_max_mhz - narrowest.sm_clock_min_mhz
+    if 2 * control.dither_mhz > span_mhz:
+        raise ConfigError(
+            f"control.dither_mhz: {control.dither_mhz} MHz does not fit within the SM clocks "
+            f"GPU {narrowest.index} supports ({_clock_range(narrowest)}): the dither moves the "
+            f"clock that far up and down, so it must be at most {span_mhz // 2} MHz"
+        )
+
+
+def _clock_range(info: GpuInfo) -> str:
+    """The GPU's supported SM clocks, for a message: "345-1980 MHz"."""
+    return f"{info.sm_clock_min_mhz}-{info.sm_clock_max_mhz} MHz"
 
 
 def _node_gpus(by_index: Mapping[int, str], unopened: Collection[int]) -> str:

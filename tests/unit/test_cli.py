@@ -23,6 +23,7 @@ from powerd import journal as journal_module
 from powerd.actuator import Actuator
 from powerd.cli import EX_CONFIG, main
 from powerd.config import SimConfig
+from powerd.daemon import Daemon
 from powerd.gpu.errors import GpuError, GpuUnavailable
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal
@@ -579,6 +580,17 @@ def test_check_config_refuses_what_run_would(
     assert "metrics.listen_address" in _check(
         tmp_path, {"metrics": {"listen_address": "not an address"}}, capsys
     )
+    # The simulated H100 supports 345-1980 MHz.
+    assert _check(tmp_path, {**sim, "control": {"min_clock_mhz": 100000}}, capsys) == (
+        "powerd: control.min_clock_mhz: 100000 MHz is above the SM clocks every GPU on this "
+        "node supports (the highest: GPU 0, 345-1980 MHz); every GPU would be held at its "
+        "maximum\n"
+    )
+    assert _check(tmp_path, {**sim, "control": {"dither_mhz": 818}}, capsys) == (
+        "powerd: control.dither_mhz: 818 MHz does not fit within the SM clocks GPU 0 supports "
+        "(345-1980 MHz): the dither moves the clock that far up and down, so it must be at "
+        "most 817 MHz\n"
+    )
     # A budget the minimum limits of the GPUs the servers name alone exceed (H100: 200 W each).
     budget = {**sim, "mode": "budget", "node_power_budget_w": 300}
     assert "node_power_budget_w: 300 W is below the minimum power limits of the 2 GPUs" in _check(
@@ -624,6 +636,10 @@ def test_check_config_checks_the_gpus_where_it_can_open_them(
     path.write_text(yaml.safe_dump(single))
     assert main(["check-config", str(path)]) == 0
     assert "OK (1 server, mode efficiency; 1 GPU opened)" in capsys.readouterr().out
+    # A floor at the highest clock, a dither that spans the whole range: pinned, but kept.
+    control = {"min_clock_mhz": 1980, "dither_mhz": 817}
+    path.write_text(yaml.safe_dump({"gpu_backend": "sim", "servers": [server], "control": control}))
+    assert main(["check-config", str(path)]) == 0
     budget = {"mode": "budget", "node_power_budget_w": 200}  # GPU 3's minimum limit
     path.write_text(yaml.safe_dump({"gpu_backend": "sim", "servers": [server], **budget}))
     assert main(["check-config", str(path)]) == 0
@@ -682,6 +698,43 @@ def test_run_and_check_config_name_a_gpu_the_node_lacks_alike(
     )
     assert checked == expected
     assert ran.endswith(expected), ran
+
+
+@pytest.mark.parametrize(
+    ("control", "message"),
+    [
+        ({"min_clock_mhz": 2000}, "control.min_clock_mhz: 2000 MHz is above the SM clocks"),
+        ({"dither_mhz": 5000}, "control.dither_mhz: 5000 MHz does not fit within the SM clocks"),
+    ],
+)
+def test_run_and_check_config_refuse_clock_settings_the_gpus_cannot_take_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], control: dict[str, int], message: str
+) -> None:
+    """Without the check the controller would hold every GPU at its maximum, or swing it
+    between the ends of its range, and say nothing."""
+    data = {
+        "gpu_backend": "sim",
+        "state_dir": str(tmp_path / "state"),
+        "metrics": {"port": 0, "final_scrape_wait_s": 0},
+        "sim": {"gpus": 1, "tp": 1, "trace": "constant", "state_file": str(tmp_path / "g")},
+        "control": control,
+    }
+    path = tmp_path / "powerd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["check-config", str(path)]) == EX_CONFIG
+    checked = capsys.readouterr().err
+    assert checked.startswith(f"powerd: {message}") and checked.count("\n") == 1
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handlers = {signum: signal.getsignal(signum) for signum in signums}
+    # A run that took the config would serve until stopped: there it fails instead.
+    refused = mock.patch.object(Daemon, "warmup", side_effect=AssertionError("run started"))
+    try:
+        with refused:
+            assert main(["run", "--config", str(path)]) == EX_CONFIG
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert capsys.readouterr().err.endswith(checked)
 
 
 # ------------------------------------------------------------------------ run and demo

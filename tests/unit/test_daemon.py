@@ -767,6 +767,8 @@ def test_reload_keeps_the_old_config_when_invalid_and_applies_a_valid_one(
             broken(lambda d: d["servers"][0].update(gpus=[7])),
             "servers[0].gpus[0] (server 'vllm-0')",
         ),
+        (broken(lambda d: d.update(control={"min_clock_mhz": 100000})), "control.min_clock_mhz"),
+        (broken(lambda d: d.update(control={"dither_mhz": 100000})), "control.dither_mhz"),
     ]
     for data, key in cases:
         path.write_text(yaml.safe_dump(data))
