@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from powerd.config import (
     load_restore_config,
 )
 from powerd.logging_setup import LEVEL_ENV, LEVEL_NAMES, level_name
+from powerd.validation import is_positive_finite
 from powerd.wording import counted
 
 EX_CONFIG = 78
@@ -213,7 +213,7 @@ def _number(
 
 _positive_int = _number(int, "an integer", lambda v: v >= 1, "at least 1")
 _non_negative_int = _number(int, "an integer", lambda v: v >= 0, "at least 0")
-_positive_float = _number(float, "a number", lambda v: 0 < v < math.inf, "a positive number")
+_positive_float = _number(float, "a number", is_positive_finite, "a positive number")
 _port = _number(int, "a port number", lambda v: 0 <= v <= 65535, "in [0, 65535]")
 
 

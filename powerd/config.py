@@ -22,6 +22,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from powerd.validation import is_positive_finite
+
 DEFAULT_METRICS_PORT = 9863
 """Next to dcgm-exporter's 9400 family but not on it; unassigned in Prometheus's port list."""
 
@@ -426,7 +428,7 @@ def _check_state_dir(path: str, value: str) -> None:
 
 
 def _positive(path: str, value: float) -> None:
-    if not value > 0 or math.isinf(value):
+    if not is_positive_finite(value):
         raise ConfigError(f"{path}: must be a positive number, got {value}")
 
 

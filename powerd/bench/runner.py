@@ -12,7 +12,6 @@ from a frequency sweep of the workload.
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +41,7 @@ from powerd.sim.node import SimNode
 from powerd.sim.plant import GpuProfile, load_gpu_profile
 from powerd.sim.traces import Arrivals, resolve_trace, scale_for_peak_load, trace_label
 from powerd.simulation import DEFAULT_MODEL_FOR_TP
+from powerd.validation import is_positive_finite
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ ATTAINMENT_TOLERANCE = 0.005
 
 def positive_finite(option: str, value: float) -> None:
     """ValueError naming the option unless value is a positive, finite number."""
-    if not 0 < value < math.inf:
+    if not is_positive_finite(value):
         raise ValueError(f"{option} must be positive, got {value}")
 
 
