@@ -16,11 +16,12 @@ import pytest
 
 from powerd.config import Config, ControlConfig, SloConfig
 from powerd.control.policy import Controller, GroupSpec, group_floor_mhz
-from powerd.model import GpuInfo, GroupObservation
+from powerd.model import GroupObservation
+from tests.unit.snapshots import gpu_info
 
+GPU = gpu_info(0)  # an H100: 345-1980 MHz in 15 MHz steps
 F_MAX = 1980.0
-CLOCKS = tuple(range(345, 1981, 15))
-GPU = GpuInfo(0, "GPU-plant", "H100-SXM", 200_000, 700_000, 700_000, 345, 1980, CLOCKS)
+CLOCKS = GPU.supported_sm_clocks_mhz
 FLOOR_MHZ = group_floor_mhz(CLOCKS, int(F_MAX), None)  # the controller's default floor
 
 

@@ -19,12 +19,12 @@ import pytest
 from powerd.config import Config, SloConfig
 from powerd.control import kernels as k
 from powerd.control.policy import Controller, GroupSpec
-from powerd.model import GpuInfo, GroupObservation
+from powerd.model import GroupObservation
 from tests.unit.plain_python import run_without_jit
+from tests.unit.snapshots import gpu_info
 from tests.unit.test_control_kernels import obs
 
-CLOCKS = tuple(range(345, 1981, 15))
-GPU = GpuInfo(0, "GPU-0", "H100", 200_000, 700_000, 700_000, 345, 1980, CLOCKS)
+GPU = gpu_info(0)
 SLO = SloConfig(itl_s=0.1, ttft_s=2.0, max_waiting=32)
 INTERVALS_S = (0.5, 1.0, 2.0)
 
