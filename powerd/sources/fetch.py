@@ -49,6 +49,11 @@ def _read(response: object, url: str, deadline: float, timeout_s: float, max_byt
     parts: list[bytes] = []
     size = 0
     while True:
+        if getattr(response, "isclosed", lambda: False)():
+            # Python 3.12.2+ and 3.11.8+ close the answer as soon as read1 has its last
+            # Content-Length byte (gh-113199), and with it the socket urllib let go of: it is
+            # whole, and one more read would meet a closed file.
+            return b"".join(parts)
         left = deadline - time.monotonic()
         if left <= 0:
             raise SourceError(f"timed out after {timeout_s:g} s reading {url}")

@@ -8,6 +8,7 @@ a body with neither a length nor chunks that the close cuts inside a line.
 from __future__ import annotations
 
 import functools
+import http.client
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -225,3 +226,42 @@ def test_a_json_answer_without_a_length_is_left_to_its_reader(server: Server) ->
     server.answers = [(unframed(b'{"loads":[{"num_waiting_uncached_tokens":42}]}'), True)]
     probe = PromptBacklogProbe("s", server.url, KeepAliveFetcher(), 2.0)
     assert probe.read(0.0) == 42.0
+
+
+def _read1_closing_at_its_length(self: http.client.HTTPResponse, n: int = -1) -> bytes:
+    """HTTPResponse.read1 as Python 3.12.2+ and 3.11.8+ have it (gh-113199): the answer closes
+    as its last Content-Length byte is read."""
+    if self.fp is None or self._method == "HEAD":  # type: ignore[attr-defined]
+        return b""
+    if self.chunked:
+        return self._read1_chunked(n)  # type: ignore[attr-defined,no-any-return]
+    if self.length is not None and (n < 0 or n > self.length):
+        n = self.length
+    result: bytes = self.fp.read1(n)
+    if not result and n:
+        self._close_conn()  # type: ignore[attr-defined]
+    elif self.length is not None:
+        self.length -= len(result)
+        if not self.length:
+            self._close_conn()  # type: ignore[attr-defined]
+    return result
+
+
+@pytest.mark.parametrize("read1", ["installed", "closing at its length"])
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_a_whole_body_with_a_content_length_is_read_on_every_python(
+    server: Server, fetch: Fetcher, monkeypatch: pytest.MonkeyPatch, read1: str, pieces: int
+) -> None:
+    """A server that keeps the connection open after an answer with a Content-Length (every
+    inference server, powerd's own exporter): on a Python whose read1 closes the answer at its
+    last byte, the next read met a closed file and every scrape through http_fetch (probe,
+    https, a redirect) failed with "Bad file descriptor"."""
+    if read1 != "installed":
+        monkeypatch.setattr(http.client.HTTPResponse, "read1", _read1_closing_at_its_length)
+    body = FULL * 40_000 if pieces > 1 else FULL  # several recv's: past _CHUNK_BYTES
+    server.answers += [(fixed(body), False), (fixed(LATER), False)]
+    assert fetch(server.url, 5.0).body == body
+    assert fetch(server.url, 5.0).body == LATER  # a kept connection takes the next request
+    server.answers.append((fixed(body, sent=CUT), True))
+    with pytest.raises(SourceError, match="closed the connection after"):
+        fetch(server.url, 5.0)
