@@ -1572,6 +1572,8 @@ class DaemonDryRun:
         self.state_dir = out_dir / "daemon-state"
         self.log_path = out_dir / "daemon.log"
         self.refused_path = out_dir / "daemon-refused-writes.txt"
+        self.scrape_problem: str | None = None
+        """Why the last scrape that failed did."""
 
     def _add(self, name: str, gpu: int | None, ok: bool | None, detail: str) -> None:
         self.checks.append({"check": name, "gpu": gpu, "ok": ok, "detail": detail})
@@ -1743,9 +1745,13 @@ class DaemonDryRun:
 
         try:
             answer = http_fetch(url, timeout_s=5.0)
-        except SourceError:
+        except SourceError as exc:
+            self.scrape_problem = str(exc)
             return None
-        return answer.body.decode("utf-8", errors="replace") if answer.status == 200 else None
+        if answer.status != 200:
+            self.scrape_problem = f"HTTP {answer.status} from {url}"
+            return None
+        return answer.body.decode("utf-8", errors="replace")
 
     def _watch(
         self,
@@ -1841,7 +1847,8 @@ class DaemonDryRun:
             "daemon_answers_scrapes",
             None,
             failed == 0 and bool(last),
-            f"{scrapes - failed} of {scrapes} scrapes answered",
+            f"{scrapes - failed} of {scrapes} scrapes answered"
+            + (f"; the last failure: {self.scrape_problem}" if self.scrape_problem else ""),
         )
         self._add(
             "daemon_nvml_errors",
