@@ -3,12 +3,10 @@ GPU node, here on simulated GPUs (the NVML the check reads is the fake's)."""
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import psutil
@@ -18,24 +16,13 @@ import pytest
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
 from tests.conftest import REPO_ROOT
+from tests.unit.gpu_check_tool import load_gpu_check
 from tests.unit.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def _load_tool() -> ModuleType:
-    module = sys.modules.get("gpu_check")
-    if module is not None:
-        return module
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO_ROOT / "tools" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_tool()
+gpu_check = load_gpu_check()
 
 
 def _fake(n: int = 2) -> tuple[FakeNvml, list[dict[str, Any]]]:

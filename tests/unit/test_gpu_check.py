@@ -15,7 +15,6 @@ import re
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,20 +24,12 @@ import pytest
 from powerd.model import GpuReading
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
+from tests.unit.gpu_check_tool import load_gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_tool()
+gpu_check = load_gpu_check()
 
 
 def _node(profile: str, n: int = 2) -> tuple[FakeNvml, Any]:
