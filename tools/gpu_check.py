@@ -2422,22 +2422,6 @@ def run_check(
                 else "no write call was made",
             }
         )
-    if daemon_seconds > 0:
-        dry_run = DaemonDryRun(out_dir, seconds=daemon_seconds, backend=daemon_backend)
-        dry_run.run(nvml, real.inventory, load if daemon_backend == "nvml" else None, log)
-        real.daemon, real.daemon_checks = dry_run.report, dry_run.checks
-        for line in dry_run.lines():
-            log(line)
-    sim = None
-    if simulate:
-        log("running the same procedure on the simulated plant")
-        sim = simulate_like(
-            real.inventory,
-            duration_s=duration_s,
-            interval_s=interval_s,
-            sweep=sweep,
-            notes=real.notes,
-        )
     meta = {
         "tool": "powerd tools/gpu_check.py",
         "host": platform.node(),
@@ -2447,6 +2431,32 @@ def run_check(
         "duration_s": duration_s,
         "sample_interval_s": interval_s,
     }
+    sim = None
+    dry_run = None
+    try:
+        if daemon_seconds > 0:
+            dry_run = DaemonDryRun(out_dir, seconds=daemon_seconds, backend=daemon_backend)
+            dry_run.run(nvml, real.inventory, load if daemon_backend == "nvml" else None, log)
+            for line in dry_run.lines():
+                log(line)
+        if simulate:
+            log("running the same procedure on the simulated plant")
+            sim = simulate_like(
+                real.inventory,
+                duration_s=duration_s,
+                interval_s=interval_s,
+                sweep=sweep,
+                notes=real.notes,
+            )
+    except KeyboardInterrupt:
+        # What was measured stays: the summary says where the run was cut short.
+        real.notes.append("interrupted: this summary holds what ran before")
+        if dry_run is not None:
+            real.daemon, real.daemon_checks = dry_run.report, dry_run.checks
+        write_outputs(out_dir, real, sim, meta)
+        raise
+    if dry_run is not None:
+        real.daemon, real.daemon_checks = dry_run.report, dry_run.checks
     return write_outputs(out_dir, real, sim, meta)
 
 

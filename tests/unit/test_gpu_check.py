@@ -625,3 +625,34 @@ def test_gpus_the_node_lacks_are_refused_before_any_work(
     assert gpu_check.main(argv) == code
     assert "which this node lacks (NVML counts 2)" in capsys.readouterr().err
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_an_interrupted_run_keeps_what_it_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM) during the dry run: the measurements before it are written, with a
+    note, and the interrupt goes on to end the tool."""
+    fake, node = _node("h100-sxm", n=1)
+
+    def interrupted(self: Any, *args: Any) -> None:
+        self._add("daemon_ready", None, True, "ready after 1.0 s")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check.DaemonDryRun, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.run_check(
+            fake,
+            tmp_path,
+            clock=node,
+            load=node,
+            duration_s=5.0,
+            daemon_seconds=30.0,
+            daemon_backend="sim",
+            log=lambda _: None,
+        )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "interrupted: this summary holds what ran before" in summary["notes"]
+    assert summary["gpus"][0]["name"] == "NVIDIA H100 80GB HBM3"
+    checks = {c["check"] for c in summary["checks"]}
+    assert {"energy_counter_vs_power_compute", "daemon_ready"} <= checks
+    assert (tmp_path / "calibration.csv").exists()
