@@ -72,6 +72,7 @@ _HTTP_KEYS = ("headers", "http2")
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 """An HTTP field name: one or more token characters (RFC 9110 5.1)."""
+_BCRYPT_MAX_BYTES = 72
 _BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
 
 
@@ -320,7 +321,9 @@ def _dummy_hash_at_highest_cost(hashes: Iterable[bytes]) -> bytes:
 
 def _checkpw(password: bytes, hashed: bytes) -> bool:
     try:
-        return bool(bcrypt.checkpw(password, hashed))
+        # bcrypt reads the first 72 bytes. bcrypt < 5, htpasswd and Go's exporter-toolkit
+        # ignore the rest; bcrypt 5 raises on them, which would refuse a password that worked.
+        return bool(bcrypt.checkpw(password[:_BCRYPT_MAX_BYTES], hashed))
     except ValueError:
         return False
 

@@ -189,6 +189,33 @@ def test_basic_auth_accepts_only_the_right_password() -> None:
     assert BasicAuth({}).check(None)
 
 
+_REAL_CHECKPW = bcrypt.checkpw
+
+
+def _checkpw_raising_past_72_bytes(password: bytes, hashed: bytes) -> bool:
+    """bcrypt.checkpw as bcrypt 5.0+ has it: a password longer than 72 bytes raises ValueError
+    (before 5.0 the bytes past the 72nd were ignored)."""
+    if len(password) > 72:
+        raise ValueError("password cannot be longer than 72 bytes")
+    return bool(_REAL_CHECKPW(password, hashed))
+
+
+@pytest.mark.parametrize("checkpw", ["installed", "raising past 72 bytes"])
+def test_a_password_longer_than_bcrypt_reads_is_accepted_on_every_bcrypt(
+    monkeypatch: pytest.MonkeyPatch, checkpw: str
+) -> None:
+    """bcrypt hashes the first 72 bytes of a password. bcrypt < 5, htpasswd and Go's
+    exporter-toolkit ignore the rest; bcrypt 5 raises instead, so a long password (a generated
+    token) that worked was refused after an upgrade and every scrape got 401."""
+    if checkpw != "installed":
+        monkeypatch.setattr(bcrypt, "checkpw", _checkpw_raising_past_72_bytes)
+    token = "t" * 72 + "-and-more"
+    hashed = bcrypt.hashpw(token.encode()[:72], bcrypt.gensalt(rounds=4)).decode()
+    auth = BasicAuth({"prometheus": hashed})
+    assert auth.check(basic("prometheus", token))
+    assert not auth.check(basic("prometheus", "u" + token[1:]))
+
+
 def test_basic_auth_caches_bcrypt_by_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
     real = webconfig._checkpw
