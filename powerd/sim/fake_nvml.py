@@ -706,16 +706,20 @@ class FakeNvml:
                 raise pynvml.NVMLError_InvalidArgument()
             return self.plant.temperature_c(i)
 
-    def nvmlDeviceGetTemperatureV(
-        self, handle: Any, sensor: int, version: int = pynvml.nvmlTemperature_v1
-    ) -> int:
-        with self.lock:
-            i = self._device("nvmlDeviceGetTemperatureV", handle)
-            if version != pynvml.nvmlTemperature_v1:
-                raise pynvml.NVMLError_ArgumentVersionMismatch()
-            if sensor != pynvml.NVML_TEMPERATURE_GPU:
-                raise pynvml.NVMLError_InvalidArgument()
-            return self.plant.temperature_c(i)
+    # The call and its version constant came with nvidia-ml-py 12.570; pyproject allows 12.535,
+    # whose binding the fake mirrors by lacking the call too.
+    if hasattr(pynvml, "nvmlTemperature_v1"):
+
+        def nvmlDeviceGetTemperatureV(
+            self, handle: Any, sensor: int, version: int = pynvml.nvmlTemperature_v1
+        ) -> int:
+            with self.lock:
+                i = self._device("nvmlDeviceGetTemperatureV", handle)
+                if version != pynvml.nvmlTemperature_v1:
+                    raise pynvml.NVMLError_ArgumentVersionMismatch()
+                if sensor != pynvml.NVML_TEMPERATURE_GPU:
+                    raise pynvml.NVMLError_InvalidArgument()
+                return self.plant.temperature_c(i)
 
     def nvmlDeviceGetMigMode(self, handle: Any) -> list[int]:
         """[current, pending]: the simulated GPUs run without MIG."""

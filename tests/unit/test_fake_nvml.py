@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 
 import numpy as np
 import pynvml
 import pytest
 
+from powerd.gpu.nvml import NvmlBackend
 from powerd.model import REASON_SW_POWER_CAP
+from powerd.sim import fake_nvml
 from powerd.sim.fake_nvml import (
     FEATURES,
     WRITE_LOG_MAX_ENTRIES,
@@ -367,3 +371,24 @@ def test_concurrent_stepping_and_reading_is_safe(fake: FakeNvml) -> None:
     finally:
         stop.set()
         thread.join()
+
+
+def test_the_fake_loads_and_reads_on_a_binding_before_12_570(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """nvidia-ml-py before 12.570 (pyproject allows 12.535.108) has neither
+    nvmlDeviceGetTemperatureV nor nvmlTemperature_v1: the simulated node, and with it the demo,
+    the benchmark and a simulated `powerd run`, failed at import."""
+    monkeypatch.delattr(pynvml, "nvmlDeviceGetTemperatureV", raising=False)
+    monkeypatch.delattr(pynvml, "nvmlTemperature_v1", raising=False)
+    spec = importlib.util.spec_from_file_location("fake_nvml_before_12_570", fake_nvml.__file__)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    nvml = module.FakeNvml(GpuPlant(H100, 1))
+    assert not hasattr(nvml, "nvmlDeviceGetTemperatureV")
+    backend = NvmlBackend(nvml)
+    (info,) = backend.devices()
+    assert backend.read(info.uuid).temperature_c is not None
+    assert backend.symbols_used()["nvmlDeviceGetTemperatureV"] == "nvmlDeviceGetTemperature"
