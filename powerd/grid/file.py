@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import threading
 import time
@@ -304,15 +305,33 @@ def _value(signal: str, where: str, value: object) -> float:
     return number
 
 
+_ISO_TIME = re.compile(
+    r"(?P<date>\d{4}-\d{2}-\d{2})[Tt ](?P<minute>\d{2}:\d{2})(?P<second>:\d{2})?"
+    r"(?:[.,](?P<fraction>\d+))?(?:(?P<utc>[Zz])|(?P<hours>[+-]\d{2}):?(?P<minutes>\d{2})?)?"
+)
+"""An ISO-8601 date and time: seconds, their fraction (any digits, '.' or ',') and the offset
+(Z, +HH, +HHMM, +HH:MM) optional."""
+
+
 def _timestamp(where: str, value: object) -> float:
-    """Unix time of an ISO-8601 time with a UTC offset."""
+    """Unix time of an ISO-8601 time with a UTC offset (_ISO_TIME's forms)."""
     if not isinstance(value, str):
         raise _Bad(f"{where}: expected an ISO-8601 time, got {_kind(value)}")
-    text = value.strip()
-    if text[-1:] in ("Z", "z"):
-        text = text[:-1] + "+00:00"  # Python 3.10's fromisoformat does not read Z
+    # Written out as isoformat() writes it: Python 3.10's fromisoformat reads nothing else,
+    # 3.11's most of ISO 8601, and a feed must read the same on both.
+    parts = _ISO_TIME.fullmatch(value.strip())
     try:
-        moment = datetime.fromisoformat(text)
+        if parts is None:
+            raise ValueError(value)
+        offset = ""
+        if parts["utc"]:
+            offset = "+00:00"
+        elif parts["hours"]:
+            offset = f"{parts['hours']}:{parts['minutes'] or '00'}"
+        fraction = (parts["fraction"] or "")[:6].ljust(6, "0")
+        moment = datetime.fromisoformat(
+            f"{parts['date']}T{parts['minute']}{parts['second'] or ':00'}.{fraction}{offset}"
+        )
     except ValueError:
         raise _Bad(f"{where}: not an ISO-8601 time, got {value[:40]!r}") from None
     if moment.tzinfo is None:

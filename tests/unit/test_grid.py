@@ -164,6 +164,24 @@ def test_file_number_with_updated_at(tmp_path: Path) -> None:
     assert state.file_errors_total == 0
 
 
+_ISOFORMAT_3_10 = re.compile(
+    r"\d{4}-\d{2}-\d{2}(.\d{2}(:\d{2}(:\d{2}(\.(\d{3}|\d{6}))?)?)?"
+    r"([+-]\d{2}:\d{2}(:\d{2}(\.\d{6})?)?)?)?"
+)
+
+
+class _Datetime310(datetime):
+    """datetime as Python 3.10 has it: fromisoformat reads only what isoformat() writes
+    (fractions of 3 or 6 digits, offsets as +HH:MM); 3.11 reads most of ISO 8601 (gh-80010)."""
+
+    @classmethod
+    def fromisoformat(cls, date_string: str) -> _Datetime310:
+        if not _ISOFORMAT_3_10.fullmatch(date_string):
+            raise ValueError(f"Invalid isoformat string: {date_string!r}")
+        return super().fromisoformat(date_string)
+
+
+@pytest.mark.parametrize("fromisoformat", ["installed", "3.10's"])
 @pytest.mark.parametrize(
     "stated",
     [
@@ -171,9 +189,19 @@ def test_file_number_with_updated_at(tmp_path: Path) -> None:
         "2025-06-02T12:20:00.000Z",
         "2025-06-02T14:20:00+02:00",
         "2025-06-02T12:20z",
+        "2025-06-02T12:20:00.0Z",  # one digit: Go's RFC3339Nano drops trailing zeros
+        "2025-06-02T14:20:00,000000000+02:00",  # date --iso-8601=ns
+        "2025-06-02 14:20:00+0200",
+        "2025-06-02T14:20+02",
     ],
 )
-def test_times_with_a_utc_offset_in_the_forms_feeds_write(tmp_path: Path, stated: str) -> None:
+def test_times_with_a_utc_offset_in_the_forms_feeds_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stated: str, fromisoformat: str
+) -> None:
+    """Each form is read on every Python: 3.10's fromisoformat refused four of them, which
+    3.11's reads, so a feed that worked on the development Python failed on 3.10."""
+    if fromisoformat != "installed":
+        monkeypatch.setattr("powerd.grid.file.datetime", _Datetime310)
     grid, path = file_grid(tmp_path, Clock())
     write_json(path, {"updated_at": stated, "price_per_kwh": 0.3})
     assert grid.poll().price == GridSignalStatus("price", 0.3, "file", 600.0)
@@ -497,6 +525,8 @@ def test_a_hung_file_system_does_not_hold_the_tick(
         ([1, 2], "expected a JSON object at the top, got a list"),
         ({"updated_at": "yesterday", "price_per_kwh": 1}, "updated_at: not an ISO-8601 time"),
         ({"updated_at": "2025-06-02T12:00:00", "price_per_kwh": 1}, "updated_at: needs a UTC"),
+        ({"updated_at": "20250602T120000Z", "price_per_kwh": 1}, "updated_at: not an ISO"),
+        ({"updated_at": "2025-06-31T12:00Z", "price_per_kwh": 1}, "updated_at: not an ISO"),
         ({"price_per_kwh": 1e400}, "price_per_kwh: expected a finite number, got inf"),
         ({"price_per_kwh": [{"start": "2025-06-02T12:00Z"}]}, "price_per_kwh[0]: needs end, value"),
         ({"price_per_kwh": [5]}, 'price_per_kwh[0]: expected {"start", "end", "value"}, got 5'),
