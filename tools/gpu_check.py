@@ -348,11 +348,15 @@ def read_only(nvml: Any, refused: list[str]) -> Iterator[None]:
 
 
 def _call(nvml: Any, errors: dict[str, str], name: str, *args: Any) -> Any:
-    """nvml.<name>(*args), or None with the error class recorded (first one per name); its
-    wall and CPU time go to CALL_SECONDS."""
+    """nvml.<name>(*args), or None with the error class, or its absence from the binding,
+    recorded (first one per name); its wall and CPU time go to CALL_SECONDS."""
+    fn = getattr(nvml, name, None)
+    if fn is None:
+        errors.setdefault(name, "absent from the binding")
+        return None
     started_s, started_cpu_s = time.perf_counter(), time.thread_time()
     try:
-        return getattr(nvml, name)(*args)
+        return fn(*args)
     except nvml.NVMLError as exc:
         errors.setdefault(name, type(exc).__name__)
         return None
@@ -398,9 +402,12 @@ def _power_fields(nvml: Any, handle: Any, errors: dict[str, str]) -> tuple[Any, 
 
 
 def _temperature(c: Callable[..., Any], nvml: Any) -> Any:
-    """The GPU's temperature as powerd reads it: the versioned call, else the older one."""
+    """The GPU's temperature as powerd reads it: the versioned call, else the older one (a
+    failed call is None or, from a sampler's `c`, NaN)."""
     value = c("nvmlDeviceGetTemperatureV", nvml.NVML_TEMPERATURE_GPU)
-    return value if value is not None else c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU)
+    if value is None or value != value:
+        return c("nvmlDeviceGetTemperature", nvml.NVML_TEMPERATURE_GPU)
+    return value
 
 
 def inventory(nvml: Any, handle: Any, index: int) -> dict[str, Any]:

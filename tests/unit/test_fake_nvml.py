@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
+from types import ModuleType
 
 import numpy as np
 import pynvml
@@ -373,12 +374,9 @@ def test_concurrent_stepping_and_reading_is_safe(fake: FakeNvml) -> None:
         thread.join()
 
 
-def test_the_fake_loads_and_reads_on_a_binding_before_12_570(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """nvidia-ml-py before 12.570 (pyproject allows 12.535.108) has neither
-    nvmlDeviceGetTemperatureV nor nvmlTemperature_v1: the simulated node, and with it the demo,
-    the benchmark and a simulated `powerd run`, failed at import."""
+def fake_nvml_before_12_570(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """powerd.sim.fake_nvml loaded anew over a pynvml as nvidia-ml-py before 12.570 has it
+    (pyproject allows 12.535.108): without nvmlDeviceGetTemperatureV and nvmlTemperature_v1."""
     monkeypatch.delattr(pynvml, "nvmlDeviceGetTemperatureV", raising=False)
     monkeypatch.delattr(pynvml, "nvmlTemperature_v1", raising=False)
     spec = importlib.util.spec_from_file_location("fake_nvml_before_12_570", fake_nvml.__file__)
@@ -386,7 +384,15 @@ def test_the_fake_loads_and_reads_on_a_binding_before_12_570(
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
-    nvml = module.FakeNvml(GpuPlant(H100, 1))
+    return module
+
+
+def test_the_fake_loads_and_reads_on_a_binding_before_12_570(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The simulated node, and with it the demo, the benchmark and a simulated `powerd run`,
+    failed at import on such a binding."""
+    nvml = fake_nvml_before_12_570(monkeypatch).FakeNvml(GpuPlant(H100, 1))
     assert not hasattr(nvml, "nvmlDeviceGetTemperatureV")
     backend = NvmlBackend(nvml)
     (info,) = backend.devices()

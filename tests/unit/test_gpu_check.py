@@ -10,6 +10,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -25,6 +26,7 @@ from powerd.model import GpuReading
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
 from tests.unit.gpu_check_tool import load_gpu_check
+from tests.unit.test_fake_nvml import fake_nvml_before_12_570
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -343,6 +345,34 @@ def test_old_driver_symbols_are_recorded_and_still_agree(tmp_path: Path, host_pi
         assert compute["processes"]["raw_symbol"] == "nvmlDeviceGetComputeRunningProcesses_v2"
         assert compute["processes"]["powerd_pids"] == [os.getpid()]
     assert all(c["ok"] is True for c in _backend_checks(summary).values())
+
+
+def test_a_binding_before_12_570_reads_the_temperature_through_the_older_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host_pids: None
+) -> None:
+    """nvidia-ml-py before 12.570 (pyproject allows 12.535) has no nvmlDeviceGetTemperatureV:
+    the check stopped with an AttributeError at its first inventory, before reading anything.
+    A driver without the symbol answers FunctionNotFound instead, and then the samples kept
+    no temperature: the older call was never tried."""
+    fake = fake_nvml_before_12_570(monkeypatch).FakeNvml(
+        GpuPlant(load_gpu_profile("h100-sxm"), 2, seed=1)
+    )
+    fake.nvmlInit()
+    handle = fake.nvmlDeviceGetHandleByIndex(0)
+    info = gpu_check.inventory(fake, handle, 0)
+    assert info["temperature_c"] is not None
+    assert info["errors"]["nvmlDeviceGetTemperatureV"] == "absent from the binding"
+    assert math.isfinite(gpu_check._read_sample(fake, handle, {})["temp_c"])
+    summary = _backend_run(fake, gpu_check.SimNode(fake), tmp_path)
+    assert [c for c in summary["checks"] if c["ok"] is not True] == []
+
+    driver, _ = _node("h100-sxm", n=1)
+    driver.nvmlInit()
+    driver.inject_error(
+        0, "nvmlDeviceGetTemperatureV", pynvml.NVMLError_FunctionNotFound, persistent=True
+    )
+    handle = driver.nvmlDeviceGetHandleByIndex(0)
+    assert math.isfinite(gpu_check._read_sample(driver, handle, {})["temp_c"])
 
 
 def test_a_backend_read_that_disagrees_fails(
