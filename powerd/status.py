@@ -83,12 +83,11 @@ def endpoint(
     if ca_file is not None:
         context = _client_context(Path(ca_file), "--ca-file")
     elif trusted_cert is not None:
-        context = _client_context(trusted_cert, "tls_server_config.cert_file")
         # The daemon's own certificate is the trust anchor even when a CA issued it.
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        context = _client_context(trusted_cert, "tls_server_config.cert_file")
     if cert_file is not None:
         if context is None:
-            context = ssl.create_default_context()
+            context = _client_context(None, "the system's CA certificates")
         _load_client_cert(context, Path(cert_file), None if key_file is None else Path(key_file))
     return Endpoint(url=url or DEFAULT_URL, auth=auth, ssl_context=context)
 
@@ -379,11 +378,20 @@ def _read_password(path: Path) -> str:
     return text.rstrip("\r\n")
 
 
-def _client_context(ca_file: Path, what: str) -> ssl.SSLContext:
+def _client_context(ca_file: Path | None, what: str) -> ssl.SSLContext:
+    """A context that trusts ca_file (else the system's CAs) and ends a chain at any
+    certificate it trusts (VERIFY_X509_PARTIAL_CHAIN), the same on every Python."""
     try:
-        return ssl.create_default_context(cafile=str(ca_file))
+        context = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
     except (OSError, ssl.SSLError) as exc:
-        raise StatusError(f"cannot load {what} {ca_file}: {_reason(exc)}.") from None
+        where = what if ca_file is None else f"{what} {ca_file}"
+        raise StatusError(f"cannot load {where}: {_reason(exc)}.") from None
+    # Python 3.13 added RFC 5280's profile checks to the default context (gh-107361), which
+    # refuse a CA without keyUsage, as `openssl req -x509` makes one with OpenSSL 3.0's own
+    # configuration: the CA the operator names is trusted as it is on 3.10-3.12.
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
 
 def _load_client_cert(context: ssl.SSLContext, cert_file: Path, key_file: Path | None) -> None:

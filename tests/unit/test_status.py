@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import ssl
+import subprocess
 import threading
 import urllib.request
 from dataclasses import replace
@@ -24,6 +26,7 @@ from powerd.status import (
     format_status,
     parse_status,
 )
+from tests.conftest import require_program
 from tests.unit.snapshots import BUILD_INFO, full_snapshot, group_status, small_snapshots
 from tests.unit.test_webconfig import make_certs
 
@@ -289,6 +292,78 @@ def test_tls_from_the_config_or_a_ca_file(
         assert code == 1 and err.startswith("powerd status: cannot load --ca-file ")
         code, out, err = _status(capsys, "--url", url.replace("https", "http"))
         assert code == 1 and len(err.splitlines()) == 1, err
+    finally:
+        exporter.stop()
+
+
+_CA_CONFIG = """[req]
+distinguished_name = dn
+x509_extensions = ca
+prompt = no
+[dn]
+CN = powerd-test-ca
+[ca]
+basicConstraints = critical,CA:TRUE
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+"""
+"""What `openssl req -x509` gives a CA with OpenSSL 3.0's own configuration (Debian 12, Ubuntu
+22.04 and 24.04): no keyUsage, which RFC 5280 wants of a CA."""
+
+_SERVER_EXTENSIONS = """subjectAltName = DNS:localhost,IP:127.0.0.1
+basicConstraints = CA:FALSE
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+def _ca_and_server(folder: Path) -> Path:
+    """ca.crt, and server.crt/.key for localhost that ca.crt issued, in folder."""
+    openssl = require_program("openssl")
+    (folder / "ca.cnf").write_text(_CA_CONFIG)
+    (folder / "server.ext").write_text(_SERVER_EXTENSIONS)
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2")
+    for command in (
+        f"req -x509 -config ca.cnf {' '.join(ec)} -keyout ca.key -out ca.crt",
+        f"req -new {' '.join(ec[:5])} -subj /CN=localhost -keyout server.key -out server.csr",
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 "
+        "-extfile server.ext -out server.crt",
+    ):
+        subprocess.run(
+            [openssl, *command.split()], cwd=folder, check=True, capture_output=True, timeout=30
+        )
+    return folder
+
+
+_REAL_CREATE_DEFAULT_CONTEXT = ssl.create_default_context
+
+
+def _create_default_context_3_13(*args: object, **kwargs: object) -> ssl.SSLContext:
+    """ssl.create_default_context as Python 3.13 has it (gh-107361): VERIFY_X509_STRICT and
+    VERIFY_X509_PARTIAL_CHAIN among its verify flags."""
+    context = _REAL_CREATE_DEFAULT_CONTEXT(*args, **kwargs)  # type: ignore[arg-type]
+    context.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
+
+
+@pytest.mark.parametrize("default_context", ["installed", "3.13's"])
+def test_a_daemon_certificate_from_an_operators_ca_is_trusted_on_every_python(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    default_context: str,
+) -> None:
+    """Python 3.13 verifies against RFC 5280's profile too, which refuses a CA without keyUsage
+    ("CA cert does not include key usage extension"): `powerd status --ca-file` with a CA
+    made by `openssl req -x509` failed on 3.13 and worked on 3.12."""
+    if default_context != "installed":
+        monkeypatch.setattr(ssl, "create_default_context", _create_default_context_3_13)
+    certs = _ca_and_server(tmp_path)
+    _, exporter = _tls_exporter(tmp_path, certs)
+    try:
+        url = f"https://127.0.0.1:{exporter.port}/metrics"
+        code, out, err = _status(capsys, "--url", url, "--ca-file", str(certs / "ca.crt"))
+        assert (code, err) == (0, "") and "llama" in out
     finally:
         exporter.stop()
 
