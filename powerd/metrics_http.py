@@ -92,6 +92,9 @@ class MetricsServer(ThreadingHTTPServer):
     """Serves each connection in its own thread, at most MAX_CONNECTIONS at once."""
 
     daemon_threads = True
+    # Python 3.14.0a1-b2's HTTPServer set SO_REUSEPORT (gh-120485, undone by gh-127319), with
+    # which a second server bound the port too and took a share of the scrapes.
+    allow_reuse_port = False
 
     def __init__(
         self,
