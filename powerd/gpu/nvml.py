@@ -441,13 +441,17 @@ class NvmlBackend:
         return {operations[0]: chosen for operations, chosen in self._chosen.items()}
 
     def _optional_first(self, operations: tuple[str, ...], uuid: str, *args: Any) -> Any:
-        """The result of the first of `operations` this driver provides, remembered once one
-        answered (a driver older than the binding lacks the newer symbols); None as in
+        """The result of the first of `operations` this driver and binding provide, remembered
+        once one answered (a driver or binding older than a name lacks it); None as in
         _optional."""
         chosen = self._chosen.get(operations)
         if chosen is not None:
             return self._optional(chosen, uuid, *args)
         for operation in operations:
+            if getattr(self._nvml, operation, None) is None:
+                # A binding older than the name (nvidia-ml-py before 12.570 has no
+                # nvmlDeviceGetTemperatureV): no NVML call failed, so none is counted.
+                continue
             try:
                 result = self._call(operation, uuid, *args)
             except (GpuLost, GpuUnavailable):

@@ -4,6 +4,7 @@ pynvml on a machine without a driver."""
 from __future__ import annotations
 
 import ctypes
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from powerd.gpu.nvml import NvmlBackend
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
 from tests.unit.clocks import ShiftedTime
+from tests.unit.test_fake_nvml import fake_nvml_before_12_570
 
 PROFILE = load_gpu_profile("h100-sxm")
 
@@ -477,6 +479,23 @@ def test_a_driver_before_r535_gives_its_clock_event_reasons_under_the_older_name
         "nvmlDeviceGetCurrentClocksEventReasons": "nvmlDeviceGetCurrentClocksThrottleReasons",
         "nvmlDeviceGetTemperatureV": "nvmlDeviceGetTemperatureV",
     }
+
+
+def test_a_binding_without_the_newer_name_counts_no_nvml_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nvidia-ml-py before 12.570 (pyproject allows 12.535) has no nvmlDeviceGetTemperatureV.
+    No NVML call failed, yet each start logged a warning and exported one NVML error, which
+    also failed gpu-check's dry run (daemon_nvml_errors, daemon_logged_no_problem)."""
+    fake = fake_nvml_before_12_570(monkeypatch).FakeNvml(GpuPlant(PROFILE, 1, seed=3))
+    backend = NvmlBackend(fake)
+    (info,) = backend.devices()
+    with caplog.at_level(logging.DEBUG, logger="powerd.gpu"):
+        assert backend.read(info.uuid).temperature_c is not None
+        assert backend.read(info.uuid).temperature_c is not None
+    assert backend.error_counts == {}
+    assert caplog.records == []
+    assert backend.symbols_used()["nvmlDeviceGetTemperatureV"] == "nvmlDeviceGetTemperature"
 
 
 def test_compute_pids_without_the_v3_symbol_and_with_garbage_entries(
