@@ -1525,20 +1525,19 @@ sys.exit(code)
 the tool dies), running the powerd the tool imported, under the tool's read-only guard."""
 
 
-def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """(labels, value) of each sample of the metric `name` in an exposition."""
+def _exposition(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Each metric's samples in an exposition, parsed once: name -> [(labels, value)]."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return [
-        (dict(sample.labels), float(sample.value))
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    ]
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return samples
 
 
-def _total(text: str, name: str) -> float:
-    return sum(value for _, value in _samples(text, name))
+def _total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str) -> float:
+    return sum(value for _, value in samples.get(name, []))
 
 
 def _settings(nvml: Any, handle: Any, errors: dict[str, str]) -> dict[str, Any]:
@@ -1652,8 +1651,6 @@ class DaemonDryRun:
         return config
 
     def _start(self, config_path: Path) -> subprocess.Popen[bytes]:
-        import yaml  # noqa: F401  (written by _run; powerd's dependency)
-
         env = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
         tools = str(Path(__file__).resolve().parent)
         powerd_root = str(Path(self.report["powerd"]).parent)
@@ -1773,7 +1770,7 @@ class DaemonDryRun:
         import psutil
 
         process = psutil.Process(daemon.pid)
-        first = self._scrape(url) or ""
+        first = _exposition(self._scrape(url) or "")
         cpu_start_s, wall_start_s = sum(process.cpu_times()[:2]), time.monotonic()
         cpu_end_s = cpu_start_s
         pairs: dict[int, list[tuple[float, float]]] = {i: [] for i in handles}
@@ -1800,7 +1797,7 @@ class DaemonDryRun:
                 if text is None:
                     failed += 1
                     continue
-                for labels, watts in _samples(text, "powerd_gpu_power_watts"):
+                for labels, watts in _exposition(text).get("powerd_gpu_power_watts", []):
                     index = int(labels.get("gpu", "-1"))
                     if index in handles:
                         mw = _raw(nvml, self.errors, "nvmlDeviceGetPowerUsage", handles[index])
@@ -1817,8 +1814,9 @@ class DaemonDryRun:
                 False,
                 f"exited with {daemon.returncode} {exited:.0f} s into the run: {self._tail()}",
             )
-        last = (self._scrape(url) if exited is None else None) or ""
-        (self.out_dir / "daemon_metrics.txt").write_text(last, encoding="utf-8")
+        last_text = (self._scrape(url) if exited is None else None) or ""
+        (self.out_dir / "daemon_metrics.txt").write_text(last_text, encoding="utf-8")
+        last = _exposition(last_text)
         ticks = _total(last, "powerd_loop_duration_seconds_count") - _total(
             first, "powerd_loop_duration_seconds_count"
         )
@@ -1853,14 +1851,14 @@ class DaemonDryRun:
         self._add(
             "daemon_answers_scrapes",
             None,
-            failed == 0 and bool(last),
+            failed == 0 and bool(last_text),
             f"{scrapes - failed} of {scrapes} scrapes answered"
             + (f"; the last failure: {self.scrape_problem}" if self.scrape_problem else ""),
         )
         self._add(
             "daemon_nvml_errors",
             None,
-            nvml_errors == 0 and bool(last),
+            nvml_errors == 0 and bool(last_text),
             f"powerd_nvml_errors_total {nvml_errors:g}",
         )
         for index, pair in pairs.items():
@@ -2439,10 +2437,11 @@ def run_check(
         "sample_interval_s": interval_s,
     }
     sim = None
-    dry_run = None
     try:
         if daemon_seconds > 0:
             dry_run = DaemonDryRun(out_dir, seconds=daemon_seconds, backend=daemon_backend)
+            # The run fills its report and checks in place: an interrupt leaves what it had.
+            real.daemon, real.daemon_checks = dry_run.report, dry_run.checks
             dry_run.run(nvml, real.inventory, load if daemon_backend == "nvml" else None, log)
             for line in dry_run.lines():
                 log(line)
@@ -2458,12 +2457,8 @@ def run_check(
     except KeyboardInterrupt:
         # What was measured stays: the summary says where the run was cut short.
         real.notes.append("interrupted: this summary holds what ran before")
-        if dry_run is not None:
-            real.daemon, real.daemon_checks = dry_run.report, dry_run.checks
         write_outputs(out_dir, real, sim, meta)
         raise
-    if dry_run is not None:
-        real.daemon, real.daemon_checks = dry_run.report, dry_run.checks
     return write_outputs(out_dir, real, sim, meta)
 
 
