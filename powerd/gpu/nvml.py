@@ -161,8 +161,9 @@ class NvmlBackend:
 
     # --- the choke point ------------------------------------------------------------------
 
-    def _call(self, operation: str, uuid: str | None, *args: Any) -> Any:
-        """Call the NVML function named `operation`; NVML errors become GpuErrors (counted)."""
+    def _call(self, operation: str, uuid: str | None, *args: Any, record: bool = True) -> Any:
+        """Call the NVML function named `operation`; NVML errors become GpuErrors, counted
+        unless `record` is false (the caller then records what it does not recover from)."""
         fn = getattr(self._nvml, operation, None)
         if fn is None:
             raise self._record(
@@ -181,7 +182,7 @@ class NvmlBackend:
             if mapped is None:
                 raise
             mapped.took_s = took_s
-            raise self._record(mapped) from exc
+            raise (self._record(mapped) if record else mapped) from exc
 
     def _map(self, exc: Exception, operation: str, uuid: str | None) -> GpuError | None:
         nvml = self._nvml
@@ -447,21 +448,28 @@ class NvmlBackend:
         chosen = self._chosen.get(operations)
         if chosen is not None:
             return self._optional(chosen, uuid, *args)
+        unsupported: NotSupported | None = None
         for operation in operations:
             if getattr(self._nvml, operation, None) is None:
                 # A binding older than the name (nvidia-ml-py before 12.570 has no
                 # nvmlDeviceGetTemperatureV): no NVML call failed, so none is counted.
                 continue
             try:
-                result = self._call(operation, uuid, *args)
-            except (GpuLost, GpuUnavailable):
-                raise
-            except NotSupported:
+                result = self._call(operation, uuid, *args, record=False)
+            except NotSupported as error:
+                # A driver older than the name (FunctionNotFound): an error only if no
+                # other name answers either, counted under the first name as later reads are.
+                unsupported = unsupported or error
                 continue
-            except GpuError:
+            except GpuError as error:
+                self._record(error)
+                if isinstance(error, (GpuLost, GpuUnavailable)):
+                    raise
                 return None
             self._chosen[operations] = operation
             return result
+        if unsupported is not None:
+            self._record(unsupported)
         self._chosen[operations] = operations[0]  # none is supported: one error a read, not n
         return None
 
