@@ -212,21 +212,28 @@ def _timestamps(path: Path, stamps: list[str], lines: list[int]) -> np.ndarray:
         if _datetimes([time_of_day]) is None:
             raise ValueError(
                 f"trace {path}, line {line}: TIMESTAMP {stamp[:40]!r} is not a date and time "
-                "(such as 2023-11-16 18:15:46.68, or 2024-05-10 00:00:00.009930+00:00)"
+                "in the years 1678-2261 (such as 2023-11-16 18:15:46.68, or 2024-05-10 "
+                "00:00:00.009930+00:00)"
             )
     raise ValueError(f"trace {path}: cannot read its TIMESTAMP column")
 
 
 def _datetimes(texts: list[str]) -> np.ndarray | None:
     """`texts` as datetime64[ns], or None when any is not a date and time without an offset
-    (numpy reads an empty field or "NaT" as not-a-time, and an offset only with a warning)."""
+    (numpy reads an empty field or "NaT" as not-a-time, and an offset only with a warning) or
+    lies outside the years datetime64[ns] holds (1678-2261)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
             ts = np.array(texts, dtype="datetime64[ns]")
+            # numpy wraps a time past the range of nanoseconds silently; microseconds reach
+            # far enough to tell.
+            wide = np.array(texts, dtype="datetime64[us]")
         except (ValueError, UserWarning, DeprecationWarning):
             return None
-    return None if np.isnat(ts).any() else ts
+    if np.isnat(ts).any() or (ts.astype("datetime64[us]") != wide).any():
+        return None
+    return ts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,7 +107,15 @@ HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
         ),
         (
             (SAMPLE + ",5,3\n").encode(),
-            ", line 6: TIMESTAMP '' is not a date and time (such as",
+            ", line 6: TIMESTAMP '' is not a date and time in the years 1678-2261 (such as",
+        ),
+        (
+            (SAMPLE + "2300-01-01 00:00:00,5,3\n").encode(),
+            ", line 6: TIMESTAMP '2300-01-01 00:00:00' is not a date and time in the years",
+        ),
+        (
+            (SAMPLE + "1500-01-01 00:00:00+02:00,5,3\n").encode(),
+            ", line 6: TIMESTAMP '1500-01-01 00:00:00+02:00' is not a date and time in the",
         ),
         (
             (SAMPLE + "2023-11-16T18:17:00+0x:00,5,3\n").encode(),
@@ -119,11 +127,21 @@ HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
             "18:15:46.68); a replay needs",
         ),
     ],
-    ids=["not-utf8", "negative", "overflow", "no-time", "bad-zone", "one-instant"],
+    ids=[
+        "not-utf8",
+        "negative",
+        "overflow",
+        "no-time",
+        "past-ns-range",
+        "past-ns-range-zoned",
+        "bad-zone",
+        "one-instant",
+    ],
 )
 def test_a_bad_row_names_the_file_and_line(tmp_path: Path, content: bytes, message: str) -> None:
     """One sentence naming the file (and the line), never a numpy warning or an error that
-    names neither; a negative count is refused rather than counted as one token."""
+    names neither; a negative count is refused rather than counted as one token, and a time
+    numpy would wrap into another century rather than replayed there."""
     path = tmp_path / "trace.csv"
     path.write_bytes(content)
     with pytest.raises(ValueError) as info:
