@@ -40,6 +40,7 @@ FILE_KEYS: dict[str, str] = {"price": "price_per_kwh", "carbon": "carbon_g_per_k
 """The file's key of each grid signal."""
 
 _OTHER_KEYS = ("updated_at", "currency")
+_INTERVAL_KEYS = ("start", "end", "value")
 _CLOCK_SKEW_S = 300.0
 """How far `updated_at` may be after the file's mtime (clocks of two hosts) before it is not
 believed."""
@@ -228,7 +229,7 @@ class GridFile:
                         f"currency: the file's prices are in {doc['currency']!r}, grid.currency "
                         f"is {self.currency!r}; ignoring {key}"
                     )
-                signals[signal] = _parse_signal(signal, key, doc[key], stated_s)
+                signals[signal] = _parse_signal(signal, key, doc[key], stated_s, notes)
             except _Bad as exc:
                 problems.append(str(exc))
         self._signals = signals
@@ -260,22 +261,32 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return doc
 
 
-def _parse_signal(signal: str, key: str, stated: object, stated_s: float) -> _Point | _Intervals:
+def _parse_signal(
+    signal: str, key: str, stated: object, stated_s: float, notes: list[str]
+) -> _Point | _Intervals:
+    """One signal's value or intervals; _Bad for what cannot be taken. Keys an interval has
+    beyond start, end and value are added to `notes`, once per signal."""
     if not isinstance(stated, list):
         return _Point(_value(signal, key, stated), stated_s)
     spans = []
+    unknown: set[str] = set()
     for i, item in enumerate(stated):
         where = f"{key}[{i}]"
         if not isinstance(item, dict):
             raise _Bad(f'{where}: expected {{"start", "end", "value"}}, got {_kind(item)}')
-        missing = [name for name in ("start", "end", "value") if name not in item]
+        missing = [name for name in _INTERVAL_KEYS if name not in item]
         if missing:
             raise _Bad(f"{where}: needs {', '.join(missing)}")
+        unknown.update(str(name) for name in item if name not in _INTERVAL_KEYS)
         start_s = _timestamp(f"{where}.start", item["start"])
         end_s = _timestamp(f"{where}.end", item["end"])
         if end_s <= start_s:
             raise _Bad(f"{where}: end {item['end']} is not after start {item['start']}")
         spans.append((start_s, end_s, _value(signal, f"{where}.value", item["value"]), i))
+    if unknown:
+        # Like the file's own unknown keys: noted, not an error. A per-interval "currency"
+        # or "unit" would otherwise go unseen while each value is read in grid.currency.
+        notes.append(f"{key}: ignoring unknown keys in its intervals: {', '.join(sorted(unknown))}")
     spans.sort()
     for before, after in itertools.pairwise(spans):
         if after[0] < before[1]:

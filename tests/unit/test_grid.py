@@ -594,6 +594,32 @@ def test_a_bad_signal_does_not_spoil_the_other_and_unknown_keys_only_warn(
     assert state.price_per_kwh is None and state.carbon_g_per_kwh == 300
 
 
+def test_an_intervals_unknown_keys_are_noted_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A per-interval currency is not read (every value is in grid.currency): say so, once
+    for the signal, rather than price each hour silently in another currency."""
+    clock = Clock()
+    grid, path = file_grid(tmp_path, clock, currency="EUR")
+    hour = timedelta(hours=1)
+    start = MONDAY_NOON - timedelta(minutes=30)
+    spans = [
+        {"start": iso(start + i * hour), "end": iso(start + (i + 1) * hour), "value": v, **extra}
+        for i, (v, extra) in enumerate(
+            [(0.3, {"currency": "USD"}), (0.2, {"currency": "USD", "unit": "kWh"}), (0.1, {})]
+        )
+    ]
+    write_json(path, {"updated_at": iso(MONDAY_NOON), "price_per_kwh": spans})
+    with caplog.at_level(logging.WARNING, logger="powerd.grid"):
+        state = grid.poll()
+    assert state.price_per_kwh == 0.3
+    assert state.file_errors_total == 0
+    warnings = [r.getMessage() for r in caplog.records]
+    assert [w for w in warnings if "unknown keys" in w] == [
+        f"grid.file {path}: price_per_kwh: ignoring unknown keys in its intervals: currency, unit"
+    ]
+
+
 def test_a_reload_keeps_what_the_file_gave_when_the_file_is_the_same(tmp_path: Path) -> None:
     clock = Clock()
     grid, path = file_grid(tmp_path, clock)
