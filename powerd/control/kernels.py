@@ -76,6 +76,8 @@ CACHE_WARM = holds_kernels(CACHE_DIR)
 minute on a small machine)."""
 prune_stale(CACHE_DIR)
 numba.config.CACHE_DIR = str(CACHE_DIR)  # type: ignore[attr-defined]
+JIT_ENABLED = not numba.config.DISABLE_JIT  # type: ignore[attr-defined]
+"""False under NUMBA_DISABLE_JIT=1: the kernels run as Python and nothing is compiled."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 

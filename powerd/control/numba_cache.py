@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _JITTED = re.compile(r"^@(jit|numba\.njit)\b", re.M)
@@ -199,3 +204,42 @@ def holds_kernels(folder: Path) -> bool:
         return any(entry.name != USED_MARK for entry in folder.iterdir())
     except OSError:
         return False
+
+
+COMPILE_APART_TIMEOUT_S = 600.0
+"""How long a child may take to compile the kernels (under a minute on a small machine)."""
+
+
+def compile_apart(folder: Path, code: str, timeout_s: float = COMPILE_APART_TIMEOUT_S) -> bool:
+    """Run `code`, which compiles kernels into `folder`, in a child interpreter of this
+    powerd; True when it exited cleanly. The compiler's memory stays with the process that
+    compiled (about 110 MiB that a long-running daemon would keep to its end); the caller then
+    loads the kernels from `folder`. On False (logged) the caller compiles them itself."""
+    env = {
+        **os.environ,
+        "NUMBA_CACHE_DIR": str(folder),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        why = f"it took longer than {timeout_s:g} s"
+    except (OSError, subprocess.SubprocessError) as exc:
+        why = str(exc)
+    else:
+        if proc.returncode == 0:
+            return True
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300]
+    log.warning("compiling the kernels in a child process failed (%s); compiling here", why)
+    return False

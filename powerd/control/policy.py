@@ -16,6 +16,7 @@ import numpy as np
 
 from powerd.config import Config, SloConfig
 from powerd.control import kernels as k
+from powerd.control.numba_cache import compile_apart
 from powerd.model import BLIND_PREFILL_SHARE, GpuInfo, GroupDecision, GroupObservation
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,10 @@ def _opt_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+_compiled_apart = False
+"""Whether this process has had the kernels compiled apart (once, whatever came of it)."""
+
+
 class Controller:
     """powerd's own policy: learned clock-vs-latency and power models, SLO guards, modes.
 
@@ -346,13 +351,25 @@ class Controller:
         return self._groups
 
     def warmup(self) -> None:
-        """Compile every kernel (numba caches on disk), on copies so no state changes."""
-        if not k.CACHE_WARM:
+        """Compile every kernel (numba caches on disk), on copies so no state changes. Where
+        the cache does not hold them yet, a child process compiles them once, and this one
+        loads them from the cache, without the compiler's memory."""
+        global _compiled_apart
+        if k.JIT_ENABLED and not k.CACHE_WARM and not _compiled_apart:
             log.info(
                 "compiling the control kernels into %s (once for each version; up to a "
                 "minute on a small machine)",
                 k.CACHE_DIR,
             )
+            _compiled_apart = True
+            compile_apart(
+                k.CACHE_DIR, "import powerd.control.policy as p; p.Controller.compile_kernels()"
+            )
+        self._exercise_kernels()
+
+    def _exercise_kernels(self) -> None:
+        """Run every kernel a tick uses once, on copies of the arrays (compiling each that
+        this process has not loaded yet)."""
         if self._groups:
             arrays = self.arrays.copy()
         else:
@@ -367,6 +384,13 @@ class Controller:
         arrays.knobs[k.KNOB_BUDGET_W] = 1e9
         arrays.step()
         arrays.prefill_guard(np.ones(arrays.obs.shape[1]))
+
+    @classmethod
+    def compile_kernels(cls) -> None:
+        """Compile every kernel a tick uses into the cache, in this process: what warmup's
+        child runs. A controller without groups uses the kernels of any other (the same array
+        types)."""
+        cls(Config(), ())._exercise_kernels()
 
     @property
     def budget_feasible(self) -> bool:
