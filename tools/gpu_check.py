@@ -1336,13 +1336,16 @@ class BackendSection:
 
     def _read_cost(self, uuid: str) -> dict[str, Any]:
         """Wall and CPU time of READ_COST_READS back-to-back reads of one GPU, as a tick makes
-        them: what powerd's NVML path costs the node per GPU and tick."""
+        them: what powerd's NVML path costs the node per GPU and tick (the CPU of this thread
+        and of the GPU's reader thread, where powerd makes the calls)."""
         wall_ms, cpu_ms = [], []
+        reader_cpu_s: dict[str, float] = getattr(self._backend, "read_cpu_s", {})
         for _ in range(READ_COST_READS):
             started_s, started_cpu_s = time.perf_counter(), time.thread_time()
             self._backend.read(uuid)
             wall_ms.append(1000.0 * (time.perf_counter() - started_s))
-            cpu_ms.append(1000.0 * (time.thread_time() - started_cpu_s))
+            spent_s = time.thread_time() - started_cpu_s + reader_cpu_s.get(uuid, 0.0)
+            cpu_ms.append(1000.0 * spent_s)
         return {
             "reads": READ_COST_READS,
             "wall_median_ms": float(np.median(wall_ms)),

@@ -14,8 +14,10 @@ verify by reading back. The power limit uses the v1 setter: nvidia-ml-py 13's
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +92,64 @@ _HINTS: dict[type[GpuError], str] = {
 }
 
 
+class _Reading:
+    """A reading handed to a GPU's reader thread; `done` is set when it returned or raised."""
+
+    def __init__(self, read: Callable[[], GpuReading]) -> None:
+        self.read = read
+        self.done = threading.Event()
+        self.started_s = time.monotonic()
+        self.reading: GpuReading | None = None
+        self.error: BaseException | None = None
+        self.cpu_s = 0.0
+        """CPU time the reading took in its thread (a driver may busy-wait in a call)."""
+
+    def run(self) -> None:
+        started_cpu_s = time.thread_time()
+        try:
+            self.reading = self.read()
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            self.error = exc
+        finally:
+            self.cpu_s = time.thread_time() - started_cpu_s
+            self.done.set()
+
+    def outcome(self) -> GpuReading:
+        if self.error is not None:
+            raise self.error
+        assert self.reading is not None
+        return self.reading
+
+
+class _Reader:
+    """A daemon thread that makes one GPU's readings, so that a GPU whose firmware hangs holds
+    it, not the loop (nor the interpreter's exit)."""
+
+    def __init__(self, uuid: str) -> None:
+        self._jobs: queue.SimpleQueue[_Reading | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name=f"nvml-read-{uuid}", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job.run()
+
+    def stop(self) -> None:
+        """End the thread once the reading in hand (if any) has returned."""
+        self._jobs.put(None)
+
+    def submit(self, read: Callable[[], GpuReading]) -> _Reading:
+        job = _Reading(read)
+        self._jobs.put(job)
+        return job
+
+
+def _stop_readers(readers: dict[str, _Reader]) -> None:
+    for reader in readers.values():
+        reader.stop()
+    readers.clear()
+
+
 class NvmlBackend:
     """GpuBackend over NVML. `nvml` is a pynvml-compatible module or object (default: the
     installed pynvml). Construction initialises NVML and raises GpuUnavailable with one
@@ -132,6 +192,16 @@ class NvmlBackend:
         """GPUs whose power-limit range could not be read when described (an error other
         than NOT_SUPPORTED): read again before their limit is set."""
         self._unopened: dict[int, str] = {}
+        self._readers: dict[str, _Reader] = {}
+        # A backend dropped without close() (a test's, a tool's) must not leave its threads.
+        weakref.finalize(self, _stop_readers, self._readers)
+        self._hung: dict[str, _Reading] = {}
+        """A reading that did not return within `stall_s`, by GPU, until it returns: no other
+        call is made on that GPU meanwhile (it would wait as long)."""
+        self._calling: dict[int, str] = {}
+        """The NVML function each thread is in or was last in, by thread ident."""
+        self.read_cpu_s: dict[str, float] = {}
+        """CPU seconds of each GPU's last reading that returned, spent in its reader thread."""
         self._closed = False
         self._init()
 
@@ -154,6 +224,11 @@ class NvmlBackend:
         if self._closed:
             return
         self._closed = True
+        _stop_readers(self._readers)
+        if self._still_hung():
+            # A thread is still inside a call on a hung GPU: the process exit frees NVML.
+            log.debug("nvmlShutdown skipped: GPU %s is still in a call", ", ".join(self._hung))
+            return
         try:
             self._call("nvmlShutdown", None)
         except GpuError as exc:
@@ -173,6 +248,9 @@ class NvmlBackend:
                     uuid=uuid,
                 )
             )
+        if uuid is not None and uuid in self._hung:
+            self._refuse_if_hung(uuid, operation)
+        self._calling[threading.get_ident()] = operation
         started_s = time.monotonic()
         try:
             return fn(*args)
@@ -389,8 +467,53 @@ class NvmlBackend:
 
     def read(self, uuid: str) -> GpuReading:
         """One telemetry reading; a value the device cannot give is None. Raises GpuLost,
-        also for a GPU whose reading took longer than `stall_s` (it is not read further: a
-        GPU whose firmware hangs holds every call for tens of seconds)."""
+        also for a GPU whose reading took longer than `stall_s`: a GPU whose firmware hangs
+        holds every call for tens of seconds. The reading is made on the GPU's own thread and
+        waited for `stall_s` at most; until one that did not return in time returns, the GPU is
+        called no further (each call would wait as long) and its reads raise GpuLost at once."""
+        if uuid in self._hung:
+            self._refuse_if_hung(uuid, "read")
+        reader = self._readers.get(uuid)
+        if reader is None:
+            reader = self._readers[uuid] = _Reader(uuid)
+        job = reader.submit(lambda: self._read_now(uuid))
+        if job.done.wait(self._stall_s):
+            self.read_cpu_s[uuid] = job.cpu_s
+            return job.outcome()
+        self._hung[uuid] = job
+        operation = self._calling.get(reader.thread.ident or 0, "nvmlDeviceGetHandleByUUID")
+        raise self._record(
+            GpuLost(
+                f"GPU {uuid} stopped answering: no reading within {self._stall_s:g} s, in "
+                f"{operation}",
+                operation=operation,
+                uuid=uuid,
+            )
+        )
+
+    def _refuse_if_hung(self, uuid: str, operation: str) -> None:
+        """GpuLost (counted) while a reading of the GPU has not returned; forget that reading
+        once it has."""
+        job = self._hung[uuid]
+        if job.done.is_set():
+            del self._hung[uuid]
+            return
+        waited_s = time.monotonic() - job.started_s
+        raise self._record(
+            GpuLost(
+                f"GPU {uuid} has not answered a reading started {waited_s:.0f} s ago",
+                operation=operation,
+                uuid=uuid,
+            )
+        )
+
+    def _still_hung(self) -> bool:
+        for uuid, job in list(self._hung.items()):
+            if job.done.is_set():
+                del self._hung[uuid]
+        return bool(self._hung)
+
+    def _read_now(self, uuid: str) -> GpuReading:
         info = self._info(uuid)
         handle = self._handle(uuid)
         nvml = self._nvml

@@ -411,13 +411,27 @@ class FakeNvml:
             raise pynvml.NVMLError_Uninitialized()
         self._raise_injected(None, function)
 
+    def _wait_unlocked(self, seconds: float) -> None:
+        """Wait as a hung GPU's call does, the fake's lock let go meanwhile: the hang holds
+        that GPU's calls, not every GPU's nor the simulated node's (whether a real driver
+        holds other GPUs' calls too is not known here)."""
+        try:
+            saved = self.lock._release_save()  # type: ignore[attr-defined]
+        except RuntimeError:  # not held by this thread
+            self.sleep(seconds)
+            return
+        try:
+            self.sleep(seconds)
+        finally:
+            self.lock._acquire_restore(saved)  # type: ignore[attr-defined]
+
     def _device(self, function: str, handle: Any) -> int:
         self._begin(function)
         i = self.handle_index(handle)
         self._raise_injected(i, function)
         stalled_s = self._stalled_s.get(i)
         if stalled_s is not None:
-            self.sleep(stalled_s)
+            self._wait_unlocked(stalled_s)
             raise pynvml.NVMLError_Timeout()
         if i in self._lost or self.plant.is_shut_down(i):
             raise pynvml.NVMLError_GpuIsLost()

@@ -16,6 +16,7 @@ from powerd.config import Config, SimConfig
 from powerd.control.policy import Controller, GroupSpec, PolicyBase
 from powerd.daemon import Daemon
 from powerd.exporter import Exporter
+from powerd.gpu.backend import STALL_S
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal
 from powerd.model import GroupDecision, GroupObservation, Snapshot
@@ -159,6 +160,7 @@ def make_rig(
     nvml_factory: Callable[[SimNode], FakeNvml] | None = None,
     configure: Callable[[SimNode], Config] | None = None,
     notifier: Any = None,
+    stall_s: float = STALL_S,
     **config_fields: Any,
 ) -> Rig:
     """A node built from `sim`, a FakeNvml over its plant, and a Daemon with a journal in
@@ -167,11 +169,11 @@ def make_rig(
 
     The config has one server per simulated server (in-process URLs, default SLO) plus
     `config_fields`, unless `configure` builds it. `nvml_factory` replaces the plain FakeNvml;
-    `notifier` stands for systemd's.
+    `notifier` stands for systemd's; `stall_s` is the backend's.
     """
     node = build_node(sim, duration_s)
     fake = nvml_factory(node) if nvml_factory is not None else FakeNvml(node.plant, lock=node.lock)
-    backend = NvmlBackend(fake)
+    backend = NvmlBackend(fake, stall_s=stall_s)
     fetch = SwitchableFetch(node)
     if configure is not None:
         config = configure(node)

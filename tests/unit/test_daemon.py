@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -245,6 +246,34 @@ def test_lost_gpu_is_dropped_and_the_others_stay_controlled(
     assert _locked(rig, 0) is None
     assert rig.daemon.journal is not None
     assert [e.uuid for e in rig.daemon.journal.entries()] == [lost]
+
+
+def test_a_gpu_that_hangs_is_dropped_within_the_stall_limit_and_rejoins_when_it_answers(
+    tmp_path: Path,
+) -> None:
+    """A hung GPU's reading is given up after the backend's stall limit: the tick goes on (a
+    tick held for the hang's tens of seconds would have systemd's watchdog restart powerd
+    again and again), the other GPU stays controlled, and the hung one rejoins once its call
+    returns."""
+    rig = make_rig(tmp_path, stall_s=0.3)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 90)
+    release = threading.Event()
+
+    def hang(seconds: float) -> None:
+        release.wait(60)
+
+    rig.fake.sleep = hang
+    rig.fake.stall_gpu(1, 45.0)
+    before = len(rig.fake.writes)
+    started_s = time.monotonic()
+    snapshot = rig.run(25)  # past two sweeps for lost GPUs, each refused at once
+    assert time.monotonic() - started_s < 30, "no tick waited for the hang"
+    assert [g.observe_only_reason for g in snapshot.gpus] == ["", "gpu_lost"]
+    assert rig.writes_to(1, before) == []
+    assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0, before)) or _locked(rig, 0)
+    rig.fake.unstall_gpu(1)
+    release.set()
+    rig.run_until(lambda s: s.gpus[1].observe_only_reason == "", 30)
 
 
 def test_a_lost_gpu_that_answers_again_rejoins_its_group_and_a_reload_still_works(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -556,6 +558,54 @@ def test_a_gpu_that_stalls_is_read_no_further_and_taken_for_lost(
     )
     fake.unstall_gpu(1)
     assert backend.read(uuid).power_mw is not None
+
+
+def test_a_gpu_that_hangs_holds_its_reader_and_not_the_caller(fake: FakeNvml) -> None:
+    """A GPU whose firmware hangs holds each call for tens of seconds, past the unit's
+    WatchdogSec=30: the reading is given up after `stall_s`, the GPU is called no further
+    until the call in flight returns, and the other GPUs are read meanwhile."""
+    backend = NvmlBackend(fake, stall_s=0.2)
+    hung, healthy = backend.devices()[1].uuid, backend.devices()[0].uuid
+    release = threading.Event()
+
+    def hang(seconds: float) -> None:
+        release.wait(60)
+
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0)
+    started_s = time.monotonic()
+    with pytest.raises(
+        GpuLost, match=r"stopped answering: no reading within 0\.2 s, in nvmlDeviceGetPowerUsage"
+    ):
+        backend.read(hung)
+    assert time.monotonic() - started_s < 30, "given up long before the hang's 60 s"
+    assert backend.error_counts[("nvmlDeviceGetPowerUsage", "gpu_lost")] == 1
+    calls = dict(fake.call_counts)
+    with pytest.raises(GpuLost, match="has not answered a reading started"):
+        backend.read(hung)
+    with pytest.raises(GpuLost):
+        backend.set_locked_clocks(hung, 1005, 1005)
+    assert dict(fake.call_counts) == calls, "no call joins the one in flight"
+    assert backend.read(healthy).power_mw is not None
+
+    fake.unstall_gpu(1)
+    release.set()
+    deadline_s = time.monotonic() + 30
+    while True:
+        try:
+            assert backend.read(hung).power_mw is not None
+            break
+        except GpuLost:
+            assert time.monotonic() < deadline_s, "read again once the hung call returned"
+            time.sleep(0.05)
+
+    release.clear()
+    fake.stall_gpu(1, 45.0)
+    with pytest.raises(GpuLost):
+        backend.read(hung)
+    backend.close()
+    assert fake.call_counts["nvmlShutdown"] == 0, "not while a thread is inside a call"
+    release.set()
 
 
 def test_a_gpu_described_late_is_described_alone(fake: FakeNvml) -> None:
