@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, STALL_S
 from powerd.gpu.errors import (
@@ -35,6 +35,8 @@ from powerd.gpu.errors import (
 from powerd.model import GpuInfo, GpuReading
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _INIT_FAILURES: dict[str, str] = {
     "NVMLError_LibraryNotFound": (
@@ -92,42 +94,42 @@ _HINTS: dict[type[GpuError], str] = {
 }
 
 
-class _Reading:
-    """A reading handed to a GPU's reader thread; `done` is set when it returned or raised."""
+class _Job(Generic[T]):
+    """A call handed to a GPU's thread; `done` is set when it returned or raised."""
 
-    def __init__(self, read: Callable[[], GpuReading]) -> None:
-        self.read = read
+    def __init__(self, work: Callable[[], T]) -> None:
+        self.work = work
         self.done = threading.Event()
         self.started_s = time.monotonic()
-        self.reading: GpuReading | None = None
+        self.result: T | None = None
         self.error: BaseException | None = None
         self.cpu_s = 0.0
-        """CPU time the reading took in its thread (a driver may busy-wait in a call)."""
+        """CPU time the call took in its thread (a driver may busy-wait in a call)."""
 
     def run(self) -> None:
         started_cpu_s = time.thread_time()
         try:
-            self.reading = self.read()
+            self.result = self.work()
         except BaseException as exc:  # handed to the waiting thread, which raises it
             self.error = exc
         finally:
             self.cpu_s = time.thread_time() - started_cpu_s
             self.done.set()
 
-    def outcome(self) -> GpuReading:
+    def outcome(self) -> T:
         if self.error is not None:
             raise self.error
-        assert self.reading is not None
-        return self.reading
+        assert self.result is not None
+        return self.result
 
 
 class _Reader:
-    """A daemon thread that makes one GPU's readings, so that a GPU whose firmware hangs holds
+    """A daemon thread that makes one GPU's calls, so that a GPU whose firmware hangs holds
     it, not the loop (nor the interpreter's exit)."""
 
-    def __init__(self, uuid: str) -> None:
-        self._jobs: queue.SimpleQueue[_Reading | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._serve, name=f"nvml-read-{uuid}", daemon=True)
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name=f"nvml-{name}", daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
@@ -135,11 +137,11 @@ class _Reader:
             job.run()
 
     def stop(self) -> None:
-        """End the thread once the reading in hand (if any) has returned."""
+        """End the thread once the call in hand (if any) has returned."""
         self._jobs.put(None)
 
-    def submit(self, read: Callable[[], GpuReading]) -> _Reading:
-        job = _Reading(read)
+    def submit(self, work: Callable[[], T]) -> _Job[T]:
+        job = _Job(work)
         self._jobs.put(job)
         return job
 
@@ -195,7 +197,9 @@ class NvmlBackend:
         self._readers: dict[str, _Reader] = {}
         # A backend dropped without close() (a test's, a tool's) must not leave its threads.
         weakref.finalize(self, _stop_readers, self._readers)
-        self._hung: dict[str, _Reading] = {}
+        self._opening: dict[int, _Job[tuple[str, Any, GpuInfo]]] = {}
+        """An open of a GPU (by index) that did not return within `stall_s`, until it does."""
+        self._hung: dict[str, _Job[GpuReading]] = {}
         """A reading that did not return within `stall_s`, by GPU, until it returns: no other
         call is made on that GPU meanwhile (it would wait as long)."""
         self._calling: dict[int, str] = {}
@@ -227,7 +231,7 @@ class NvmlBackend:
         _stop_readers(self._readers)
         if self._still_hung():
             # A thread is still inside a call on a hung GPU: the process exit frees NVML.
-            log.debug("nvmlShutdown skipped: GPU %s is still in a call", ", ".join(self._hung))
+            log.debug("nvmlShutdown skipped: a call on a hung GPU has not returned")
             return
         try:
             self._call("nvmlShutdown", None)
@@ -320,13 +324,16 @@ class NvmlBackend:
         count = int(self._call("nvmlDeviceGetCount", None))
         infos: list[GpuInfo] = []
         unopened: dict[int, str] = {}
+        hung_indices = {
+            info.index
+            for uuid, job in self._hung.items()
+            if not job.done.is_set() and (info := self._infos.get(uuid)) is not None
+        }
         for index in range(count):
+            if index in hung_indices:
+                continue  # a GPU whose reading hangs: the roster holds it as lost
             try:
-                handle = self._call("nvmlDeviceGetHandleByIndex", None, index)
-                uuid = _text(self._call("nvmlDeviceGetUUID", None, handle))
-                # A GPU described before keeps its description: enumerating again (for a GPU
-                # that could not be opened) must not let a transient error change it.
-                info = self._infos.get(uuid) or self._describe(index, uuid, handle)
+                uuid, handle, info = self._open_within_stall(index)
             except GpuUnavailable:
                 raise
             except GpuError as exc:
@@ -337,6 +344,44 @@ class NvmlBackend:
             infos.append(info)
         self._unopened = unopened
         return infos
+
+    def _open_within_stall(self, index: int) -> tuple[str, Any, GpuInfo]:
+        """Open the GPU at `index` on a thread of its own, waiting `stall_s` at most: a GPU
+        whose firmware hangs would hold the start, and each later look for it, for as long.
+        GpuLost when it does not answer in time, or still has not since an earlier try."""
+        key = f"#{index}"
+        job = self._opening.get(index)
+        if job is not None and not job.done.is_set():
+            raise self._record(
+                GpuLost(
+                    f"GPU {index} has not answered an open started "
+                    f"{time.monotonic() - job.started_s:.0f} s ago",
+                    operation="nvmlDeviceGetHandleByIndex",
+                )
+            )
+        reader = self._readers.get(key)
+        if reader is None:
+            reader = self._readers[key] = _Reader(f"open-{index}")
+        job = reader.submit(lambda: self._open(index))
+        if job.done.wait(self._stall_s):
+            self._opening.pop(index, None)
+            return job.outcome()
+        self._opening[index] = job
+        operation = self._calling.get(reader.thread.ident or 0, "nvmlDeviceGetHandleByIndex")
+        raise self._record(
+            GpuLost(
+                f"GPU {index} stopped answering: not opened within {self._stall_s:g} s, in "
+                f"{operation}",
+                operation=operation,
+            )
+        )
+
+    def _open(self, index: int) -> tuple[str, Any, GpuInfo]:
+        handle = self._call("nvmlDeviceGetHandleByIndex", None, index)
+        uuid = _text(self._call("nvmlDeviceGetUUID", None, handle))
+        # A GPU described before keeps its description: enumerating again (for a GPU that
+        # could not be opened) must not let a transient error change it.
+        return uuid, handle, self._infos.get(uuid) or self._describe(index, uuid, handle)
 
     def unopened_indices(self) -> dict[int, str]:
         """The indices NVML counted at the last devices() but could not open, with why."""
@@ -475,7 +520,7 @@ class NvmlBackend:
             self._refuse_if_hung(uuid, "read")
         reader = self._readers.get(uuid)
         if reader is None:
-            reader = self._readers[uuid] = _Reader(uuid)
+            reader = self._readers[uuid] = _Reader(f"read-{uuid}")
         job = reader.submit(lambda: self._read_now(uuid))
         if job.done.wait(self._stall_s):
             self.read_cpu_s[uuid] = job.cpu_s
@@ -508,10 +553,10 @@ class NvmlBackend:
         )
 
     def _still_hung(self) -> bool:
-        for uuid, job in list(self._hung.items()):
-            if job.done.is_set():
-                del self._hung[uuid]
-        return bool(self._hung)
+        """Whether a thread is still inside a call on a hung GPU."""
+        self._hung = {uuid: job for uuid, job in self._hung.items() if not job.done.is_set()}
+        self._opening = {i: job for i, job in self._opening.items() if not job.done.is_set()}
+        return bool(self._hung or self._opening)
 
     def _read_now(self, uuid: str) -> GpuReading:
         info = self._info(uuid)

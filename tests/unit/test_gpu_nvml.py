@@ -608,6 +608,40 @@ def test_a_gpu_that_hangs_holds_its_reader_and_not_the_caller(fake: FakeNvml) ->
     release.set()
 
 
+def test_a_gpu_that_hangs_at_start_holds_neither_the_start_nor_later_looks(
+    fake: FakeNvml,
+) -> None:
+    """A GPU still hung when powerd starts (a restart before it is reset) is opened on a
+    thread of its own: the start waits `stall_s` for it, each later look while that call is
+    in flight calls it not at all, and it opens once it answers."""
+    release = threading.Event()
+    hangs: list[float] = []
+
+    def hang(seconds: float) -> None:
+        hangs.append(seconds)
+        release.wait(60)
+
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0)
+    backend = NvmlBackend(fake, stall_s=0.2)
+    started_s = time.monotonic()
+    assert [info.index for info in backend.devices()] == [0]
+    assert time.monotonic() - started_s < 30, "the start did not wait out the hang"
+    why = backend.unopened_indices()[1]
+    assert why.startswith("GPU 1 stopped answering: not opened within 0.2 s, in nvmlDevice")
+    assert [info.index for info in backend.devices()] == [0]
+    assert "has not answered an open started" in backend.unopened_indices()[1]
+    assert hangs == [45.0], "the later look did not call it"
+
+    fake.unstall_gpu(1)
+    release.set()
+    deadline_s = time.monotonic() + 30
+    while len(backend.devices()) < 2:
+        assert time.monotonic() < deadline_s, "opened once the hung call returned"
+        time.sleep(0.05)
+    assert backend.unopened_indices() == {}
+
+
 def test_a_gpu_described_late_is_described_alone(fake: FakeNvml) -> None:
     """A fresh process restoring one GPU (powerd restore) touches no other GPU: one that
     stalls would hold every call on it."""
