@@ -203,7 +203,7 @@ class NvmlBackend:
         """A reading that did not return within `stall_s`, by GPU, until it returns: no other
         call is made on that GPU meanwhile (it would wait as long)."""
         self._calling: dict[int, str] = {}
-        """The NVML function each thread is in or was last in, by thread ident."""
+        """The NVML function each thread is in now, by thread ident."""
         self.read_cpu_s: dict[str, float] = {}
         """CPU seconds of each GPU's last reading that returned, spent in its reader thread."""
         self._closed = False
@@ -254,7 +254,8 @@ class NvmlBackend:
             )
         if uuid is not None and uuid in self._hung:
             self._refuse_if_hung(uuid, operation)
-        self._calling[threading.get_ident()] = operation
+        thread = threading.get_ident()
+        self._calling[thread] = operation
         started_s = time.monotonic()
         try:
             return fn(*args)
@@ -265,6 +266,8 @@ class NvmlBackend:
                 raise
             mapped.took_s = took_s
             raise (self._record(mapped) if record else mapped) from exc
+        finally:
+            self._calling.pop(thread, None)
 
     def _map(self, exc: Exception, operation: str, uuid: str | None) -> GpuError | None:
         nvml = self._nvml
@@ -349,7 +352,6 @@ class NvmlBackend:
         """Open the GPU at `index` on a thread of its own, waiting `stall_s` at most: a GPU
         whose firmware hangs would hold the start, and each later look for it, for as long.
         GpuLost when it does not answer in time, or still has not since an earlier try."""
-        key = f"#{index}"
         job = self._opening.get(index)
         if job is not None and not job.done.is_set():
             raise self._record(
@@ -359,15 +361,14 @@ class NvmlBackend:
                     operation="nvmlDeviceGetHandleByIndex",
                 )
             )
-        reader = self._readers.get(key)
-        if reader is None:
-            reader = self._readers[key] = _Reader(f"open-{index}")
-        job = reader.submit(lambda: self._open(index))
+        opener = _Reader(f"open-{index}")  # one call: the thread ends once it returns
+        job = opener.submit(lambda: self._open(index))
+        opener.stop()
         if job.done.wait(self._stall_s):
             self._opening.pop(index, None)
             return job.outcome()
         self._opening[index] = job
-        operation = self._calling.get(reader.thread.ident or 0, "nvmlDeviceGetHandleByIndex")
+        operation = self._calling.get(opener.thread.ident or 0, "open")
         raise self._record(
             GpuLost(
                 f"GPU {index} stopped answering: not opened within {self._stall_s:g} s, in "
@@ -526,7 +527,7 @@ class NvmlBackend:
             self.read_cpu_s[uuid] = job.cpu_s
             return job.outcome()
         self._hung[uuid] = job
-        operation = self._calling.get(reader.thread.ident or 0, "nvmlDeviceGetHandleByUUID")
+        operation = self._calling.get(reader.thread.ident or 0, "read")
         raise self._record(
             GpuLost(
                 f"GPU {uuid} stopped answering: no reading within {self._stall_s:g} s, in "
@@ -539,9 +540,9 @@ class NvmlBackend:
     def _refuse_if_hung(self, uuid: str, operation: str) -> None:
         """GpuLost (counted) while a reading of the GPU has not returned; forget that reading
         once it has."""
-        job = self._hung[uuid]
-        if job.done.is_set():
-            del self._hung[uuid]
+        job = self._hung.get(uuid)  # the loop's thread may have let it go meanwhile
+        if job is None or job.done.is_set():
+            self._hung.pop(uuid, None)
             return
         waited_s = time.monotonic() - job.started_s
         raise self._record(
