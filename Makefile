@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # One cache per content of the modules with kernels (tools/numba_cache_dir.py says why).
 export NUMBA_CACHE_DIR ?= $(shell $(PYTHON) tools/numba_cache_dir.py)
 
-.PHONY: demo test lint typecheck unit golden bench gpu-check clean
+.PHONY: demo test test-oldest lint typecheck unit golden bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,27 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# The suite again with every runtime dependency at the lowest version pyproject allows (CI runs
+# only the newest). Wheels only: a floor that would build from source here is no floor we test.
+OLDEST_VENV := .venv-oldest
+OLDEST_BIN := $(OLDEST_VENV)/bin
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+
+$(OLDEST_STAMP): pyproject.toml tools/oldest_constraints.py
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_BIN)/pip install --quiet --upgrade pip 'tomli; python_version < "3.11"'
+	$(OLDEST_BIN)/python tools/oldest_constraints.py > $(OLDEST_VENV)/constraints.txt
+	$(OLDEST_BIN)/pip install --quiet --only-binary :all: \
+		--constraint $(OLDEST_VENV)/constraints.txt -e '.[dev]'
+	touch $(OLDEST_STAMP)
+
+# Kernels compiled by another numba version would overwrite the main run's cache, and back.
+test-oldest: export NUMBA_CACHE_DIR := $(CURDIR)/$(OLDEST_VENV)/numba_cache
+test-oldest: $(OLDEST_STAMP)
+	@echo "runtime dependencies at: $$(paste -sd ' ' $(OLDEST_VENV)/constraints.txt)"
+	$(OLDEST_BIN)/pytest
+
 golden: $(STAMP)
 	$(BIN)/python -m tests.regen_golden
 
@@ -40,4 +61,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python tools/gpu_check.py --out out/gpu-check
 
 clean:
-	rm -rf $(VENV) .numba_cache .pytest_cache .mypy_cache .ruff_cache out
+	rm -rf $(VENV) $(OLDEST_VENV) .numba_cache .pytest_cache .mypy_cache .ruff_cache out
