@@ -1935,9 +1935,9 @@ def test_lasting_faults_are_logged_when_they_start_and_end_not_every_tick(
 ) -> None:
     rig = make_rig(tmp_path)
     rig.run(20)
-    rig.fake.inject_error(
-        0, "nvmlDeviceGetTemperatureV", pynvml.NVMLError_Uninitialized, persistent=True
-    )
+    # The call this binding reads the temperature with (before 12.570, the older one).
+    temperature = rig.backend.symbols_used()["nvmlDeviceGetTemperatureV"]
+    rig.fake.inject_error(0, temperature, pynvml.NVMLError_Uninitialized, persistent=True)
     rig.fake.inject_error(
         1, "nvmlDeviceSetGpuLockedClocks", pynvml.NVMLError_InvalidArgument, persistent=True
     )

@@ -140,11 +140,17 @@ def test_sweep_restores_after_an_interrupt() -> None:
 def test_nvml_errors_are_recorded_not_fatal(tmp_path: Path) -> None:
     fake, node = _node("h100-sxm", n=1)
     fake.disable_feature(0, "field_values")
-    fake.inject_error(0, "nvmlDeviceGetTemperatureV", pynvml.NVMLError_Unknown, persistent=True)
+    # The first temperature call this binding has (nvidia-ml-py before 12.570: the older one).
+    temperature = next(
+        name
+        for name in ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature")
+        if hasattr(pynvml, name)
+    )
+    fake.inject_error(0, temperature, pynvml.NVMLError_Unknown, persistent=True)
     summary = gpu_check.run_check(
         fake, tmp_path, clock=node, load=None, duration_s=5.0, simulate=False, log=lambda _: None
     )
-    assert summary["nvml_errors"]["nvmlDeviceGetTemperatureV"] == "NVMLError_Unknown"
+    assert summary["nvml_errors"][temperature] == "NVMLError_Unknown"
     assert summary["gpus"][0]["power_instant_mw"] is None
     assert "no load ran" in summary["notes"][0]
 
@@ -198,12 +204,14 @@ class _ProcessInfo32(ctypes.Structure):
 
 def _as_binding_reads_them(pids: list[int]) -> list[Any]:
     """Those drivers' process array as nvidia-ml-py reads it, with 24-byte entries."""
+    # The binding's struct for _v3 entries; before 12.550 it has no _v3 name and uses the plain one.
+    entry = getattr(pynvml, "c_nvmlProcessInfo_v3_t", pynvml.c_nvmlProcessInfo_t)
     assert ctypes.sizeof(_ProcessInfo32) == 32
-    assert ctypes.sizeof(pynvml.c_nvmlProcessInfo_v3_t) == 24
+    assert ctypes.sizeof(entry) == 24
     written = (_ProcessInfo32 * len(pids))(
         *(_ProcessInfo32(pid, 1 << 30, 0xFFFFFFFF, 0xFFFFFFFF, 0) for pid in pids)
     )
-    read = (pynvml.c_nvmlProcessInfo_v3_t * len(pids)).from_buffer(written)
+    read = (entry * len(pids)).from_buffer(written)
     return [pynvml.nvmlStructToFriendlyObject(entry) for entry in read]
 
 
