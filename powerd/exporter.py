@@ -86,13 +86,17 @@ NVML_TICK_OPERATIONS: tuple[str, ...] = (
     "nvmlDeviceGetPowerManagementLimit",
     "nvmlDeviceGetEnforcedPowerLimit",
     "nvmlDeviceGetCurrentClocksEventReasons",
+    "nvmlDeviceGetCurrentClocksThrottleReasons",
     "nvmlDeviceGetTemperatureV",
+    "nvmlDeviceGetTemperature",
     "nvmlDeviceSetGpuLockedClocks",
     "nvmlDeviceResetGpuLockedClocks",
     "nvmlDeviceSetPowerManagementLimit",
 )
 """The NVML calls of a tick's reads and writes (gpu/nvml.py), the `operation` values of
-powerd_nvml_errors_total known before any error."""
+powerd_nvml_errors_total known before any error. A read with an older name is counted under
+the name that answered: the clock event reasons under ...ThrottleReasons on drivers before
+R535, the temperature under nvmlDeviceGetTemperature on nvidia-ml-py before 12.570."""
 
 NVML_ERROR_KINDS: tuple[str, ...] = (
     "error",

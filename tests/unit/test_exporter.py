@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+import pynvml
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -60,6 +61,7 @@ from tests.unit.snapshots import (
     small_exporter,
     small_snapshots,
 )
+from tests.unit.test_fake_nvml import fake_nvml_before_12_570
 from tests.unit.waiting import drip_until_closed, read_reply, wait_until
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "exporter_small.golden"
@@ -313,8 +315,9 @@ class _RecordingNvml:
         return getattr(self._nvml, name)
 
 
-def test_the_zeroed_nvml_operations_and_kinds_are_the_backends() -> None:
-    nvml = _RecordingNvml(FakeNvml(GpuPlant(load_gpu_profile("h100-sxm"), 1, seed=7)))
+def _tick_functions(fake: FakeNvml) -> set[str]:
+    """The NVML functions the backend looks up for one GPU's reads and writes of a tick."""
+    nvml = _RecordingNvml(fake)
     backend = NvmlBackend(nvml)
     (info,) = backend.devices()
     nvml.functions.clear()
@@ -322,8 +325,29 @@ def test_the_zeroed_nvml_operations_and_kinds_are_the_backends() -> None:
     backend.set_locked_clocks(info.uuid, info.sm_clock_min_mhz, 1500)
     backend.reset_locked_clocks(info.uuid)
     backend.set_power_limit(info.uuid, info.power_limit_default_mw - 100_000)
+    return nvml.functions
+
+
+def test_the_zeroed_nvml_operations_and_kinds_are_the_backends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whatever binding and driver answer: with the newest names, with a driver before R535
+    (the older clock event reasons) and with nvidia-ml-py before 12.570 (the older temperature
+    call), every call a tick makes is zeroed, and nothing else is."""
+    profile = load_gpu_profile("h100-sxm")
+    functions = _tick_functions(FakeNvml(GpuPlant(profile, 1, seed=7)))
+    before_r535 = FakeNvml(GpuPlant(profile, 1, seed=7))
+    before_r535.inject_error(
+        0,
+        "nvmlDeviceGetCurrentClocksEventReasons",
+        pynvml.NVMLError_FunctionNotFound,
+        persistent=True,
+    )
+    functions |= _tick_functions(before_r535)
+    old_binding = fake_nvml_before_12_570(monkeypatch)
+    functions |= _tick_functions(old_binding.FakeNvml(GpuPlant(profile, 1, seed=7)))
     # Handles are cached; a GPU back from a reset is looked up again by UUID.
-    assert nvml.functions | {"nvmlDeviceGetHandleByUUID"} == set(NVML_TICK_OPERATIONS)
+    assert functions | {"nvmlDeviceGetHandleByUUID"} == set(NVML_TICK_OPERATIONS)
     kinds = {
         cls.kind
         for cls in vars(gpu_errors).values()
