@@ -482,9 +482,15 @@ def test_a_driver_before_r535_gives_its_clock_event_reasons_under_the_older_name
     assert fake.call_counts["nvmlDeviceGetCurrentClocksThrottleReasons"] == 2
     assert backend.error_counts == {}
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # nvidia-ml-py before 12.570 has only the older temperature call.
+    temperature = next(
+        name
+        for name in ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature")
+        if hasattr(pynvml, name)
+    )
     assert backend.symbols_used() == {
         "nvmlDeviceGetCurrentClocksEventReasons": "nvmlDeviceGetCurrentClocksThrottleReasons",
-        "nvmlDeviceGetTemperatureV": "nvmlDeviceGetTemperatureV",
+        "nvmlDeviceGetTemperatureV": temperature,
     }
 
 
@@ -653,6 +659,11 @@ def test_a_gpu_described_late_is_described_alone(fake: FakeNvml) -> None:
     fresh.reset_locked_clocks(uuid)
 
 
+@pytest.mark.skipif(
+    not hasattr(pynvml, "nvmlDeviceGetTemperatureV"),
+    reason="nvidia-ml-py before 12.570 has no nvmlDeviceGetTemperatureV "
+    "(test_a_binding_without_the_newer_name_counts_no_nvml_error covers that binding)",
+)
 def test_temperature_is_read_through_the_versioned_call_and_the_older_one(
     fake: FakeNvml,
 ) -> None:
