@@ -368,12 +368,17 @@ class NvmlBackend:
             self._opening.pop(index, None)
             return job.outcome()
         self._opening[index] = job
-        operation = self._calling.get(opener.thread.ident or 0, "open")
-        raise self._record(
+        raise self._hang(opener, f"GPU {index} stopped answering: not opened", None, "open")
+
+    def _hang(self, thread: _Reader, what: str, uuid: str | None, outside: str) -> GpuError:
+        """GpuLost (counted) for a call on `thread` that did not return within `stall_s`,
+        named by the NVML function the thread is in (`outside` when it is in none)."""
+        operation = self._calling.get(thread.thread.ident or 0, outside)
+        return self._record(
             GpuLost(
-                f"GPU {index} stopped answering: not opened within {self._stall_s:g} s, in "
-                f"{operation}",
+                f"{what} within {self._stall_s:g} s, in {operation}",
                 operation=operation,
+                uuid=uuid,
             )
         )
 
@@ -527,15 +532,7 @@ class NvmlBackend:
             self.read_cpu_s[uuid] = job.cpu_s
             return job.outcome()
         self._hung[uuid] = job
-        operation = self._calling.get(reader.thread.ident or 0, "read")
-        raise self._record(
-            GpuLost(
-                f"GPU {uuid} stopped answering: no reading within {self._stall_s:g} s, in "
-                f"{operation}",
-                operation=operation,
-                uuid=uuid,
-            )
-        )
+        raise self._hang(reader, f"GPU {uuid} stopped answering: no reading", uuid, "read")
 
     def _refuse_if_hung(self, uuid: str, operation: str) -> None:
         """GpuLost (counted) while a reading of the GPU has not returned; forget that reading
