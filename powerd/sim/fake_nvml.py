@@ -362,6 +362,10 @@ class FakeNvml:
             raise TypeError(f"error must be a pynvml NVMLError class, got {error!r}")
         if not function.startswith("nvml"):
             raise ValueError(f"not an NVML function name: {function!r}")
+        if not callable(getattr(self, function, None)):
+            # An error injected into a call nothing makes would never fire, and the test that
+            # injected it would pass without testing anything.
+            raise ValueError(f"the fake NVML has no {function}")
         with self.lock:
             self._injected[(None if i is None else self._check_index(i), function)] = (
                 error,

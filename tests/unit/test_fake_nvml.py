@@ -321,6 +321,9 @@ def test_injected_errors_are_one_shot_or_persistent(fake: FakeNvml) -> None:
         fake.nvmlInit()
     with pytest.raises(TypeError):
         fake.inject_error(0, "nvmlDeviceGetPowerUsage", RuntimeError)  # type: ignore[arg-type]
+    # An error in a call nothing makes would never fire: the test that injected it would pass.
+    with pytest.raises(ValueError, match="the fake NVML has no nvmlDeviceGetPowerUsageX"):
+        fake.inject_error(0, "nvmlDeviceGetPowerUsageX", pynvml.NVMLError_Unknown)
 
 
 def test_processes_and_unmodelled_functions(fake: FakeNvml) -> None:

@@ -374,6 +374,12 @@ def test_a_binding_before_12_570_reads_the_temperature_through_the_older_call(
     summary = _backend_run(fake, gpu_check.SimNode(fake), tmp_path)
     assert [c for c in summary["checks"] if c["ok"] is not True] == []
 
+
+@pytest.mark.skipif(
+    not hasattr(pynvml, "nvmlDeviceGetTemperatureV"),
+    reason="nvidia-ml-py before 12.570 has no nvmlDeviceGetTemperatureV for a driver to lack",
+)
+def test_a_driver_without_the_versioned_temperature_call_is_read_through_the_older_one() -> None:
     driver, _ = _node("h100-sxm", n=1)
     driver.nvmlInit()
     driver.inject_error(
