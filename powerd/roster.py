@@ -431,10 +431,9 @@ class GpuRoster:
         """Give each lost GPU that answers again back to its group, with what powerd had set
         on it put back first."""
         groups_changed = back_any = False
+        answers = self._backend.read_all(list(self.lost))
         for uuid, info in list(self.lost.items()):
-            try:
-                self._backend.read(uuid)
-            except GpuError:
+            if isinstance(answers[uuid], GpuError):
                 continue
             # A GPU that flaps is told of when it first comes back, then by the loss's reminder.
             episode = self._loss_episodes.setdefault(uuid, _LossEpisode())
@@ -463,16 +462,15 @@ class GpuRoster:
         """One reading of each GPU, by UUID; a GPU that cannot be read has none this time, and
         one that is lost leaves its group (drop)."""
         readings = {}
-        for uuid in list(self.infos):
-            try:
-                readings[uuid] = self._backend.read(uuid)
-            except GpuLost as exc:
-                self.drop(uuid, exc, groups)
-            except GpuError as exc:
+        for uuid, outcome in self._backend.read_all(list(self.infos)).items():
+            if isinstance(outcome, GpuLost):
+                self.drop(uuid, outcome, groups)
+            elif isinstance(outcome, GpuError):
                 self._problems.problem(
-                    ("read", uuid), logging.WARNING, "GPU %s: read failed: %s", uuid, exc
+                    ("read", uuid), logging.WARNING, "GPU %s: read failed: %s", uuid, outcome
                 )
             else:
+                readings[uuid] = outcome
                 self._problems.cleared(("read", uuid), "GPU %s: read again", uuid)
         return readings
 

@@ -311,7 +311,8 @@ class PowerdPolicy:
 
     def start(self, node: SimNode) -> None:
         sim = replace(self.sim, state_file=None)
-        backend = NvmlBackend(fake_nvml_for(node, sim), clock=lambda: node.now_s)
+        # Virtual time: a pause of this process (a busy machine, a debugger) is no hung GPU.
+        backend = NvmlBackend(fake_nvml_for(node, sim), clock=lambda: node.now_s, stall_s=math.inf)
         config = Config(
             servers=server_configs(node, slo=self.slo),
             interval_s=self.interval_s,

@@ -206,8 +206,9 @@ def holds_kernels(folder: Path) -> bool:
         return False
 
 
-COMPILE_APART_TIMEOUT_S = 600.0
-"""How long a child may take to compile the kernels (under a minute on a small machine)."""
+COMPILE_APART_TIMEOUT_S = 90.0
+"""How long a child may take to compile the kernels (under a minute on a small machine): well
+inside the unit's TimeoutStartSec=180, so that compiling here after it still fits."""
 
 
 def compile_apart(folder: Path, code: str, timeout_s: float = COMPILE_APART_TIMEOUT_S) -> bool:
@@ -215,17 +216,15 @@ def compile_apart(folder: Path, code: str, timeout_s: float = COMPILE_APART_TIME
     powerd; True when it exited cleanly. The compiler's memory stays with the process that
     compiled (about 110 MiB that a long-running daemon would keep to its end); the caller then
     loads the kernels from `folder`. On False (logged) the caller compiles them itself."""
-    env = {
-        **os.environ,
-        "NUMBA_CACHE_DIR": str(folder),
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")])
-        ),
-    }
     try:
         proc = subprocess.run(
             [sys.executable, "-c", code],
-            env=env,
+            # `-c` puts the working folder first on sys.path: the folder this powerd is in,
+            # never another checkout or version the daemon happened to start in.
+            cwd=PACKAGE_DIR.parent,
+            env={**os.environ, "NUMBA_CACHE_DIR": str(folder)},
+            # Its own session: a Ctrl-C meant for the daemon does not end the compile.
+            start_new_session=True,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,

@@ -7,10 +7,11 @@ Setters clamp to the device's constraints and verify by reading back.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 from powerd.config import ConfigError, ControlConfig
+from powerd.gpu.errors import GpuError
 from powerd.model import GpuInfo, GpuReading
 from powerd.wording import counted
 
@@ -49,6 +50,12 @@ class GpuBackend(Protocol):
 
     def read(self, uuid: str) -> GpuReading:
         """One telemetry reading. Raises GpuLost when the device is gone."""
+        ...
+
+    def read_all(self, uuids: Sequence[str]) -> dict[str, GpuReading | GpuError]:
+        """One reading of each GPU, or the GpuError that stood in its way (GpuLost for a GPU
+        gone or that did not answer within the stall limit); the GPUs are waited for at once,
+        so several that hang cost one stall limit, not one each."""
         ...
 
     def power_limit_mw(self, uuid: str) -> int | None:

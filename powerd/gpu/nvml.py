@@ -13,12 +13,14 @@ verify by reading back. The power limit uses the v1 setter: nvidia-ml-py 13's
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -114,6 +116,7 @@ class _Job(Generic[T]):
             self.error = exc
         finally:
             self.cpu_s = time.thread_time() - started_cpu_s
+            del self.work  # it holds the backend, which a finished job must not keep alive
             self.done.set()
 
     def outcome(self) -> T:
@@ -135,6 +138,7 @@ class _Reader:
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             job.run()
+            del job  # nor the one this thread waits after
 
     def stop(self) -> None:
         """End the thread once the call in hand (if any) has returned."""
@@ -144,6 +148,11 @@ class _Reader:
         job = _Job(work)
         self._jobs.put(job)
         return job
+
+
+def _wait_s(deadline_s: float) -> float | None:
+    """The wait left until `deadline_s` (monotonic), for Event.wait; None for no deadline."""
+    return None if math.isinf(deadline_s) else max(0.0, deadline_s - time.monotonic())
 
 
 def _stop_readers(readers: dict[str, _Reader]) -> None:
@@ -253,7 +262,9 @@ class NvmlBackend:
                 )
             )
         if uuid is not None and uuid in self._hung:
-            self._refuse_if_hung(uuid, operation)
+            hung = self._hung_error(uuid)
+            if hung is not None:
+                raise hung
         thread = threading.get_ident()
         self._calling[thread] = operation
         started_s = time.monotonic()
@@ -354,26 +365,25 @@ class NvmlBackend:
         GpuLost when it does not answer in time, or still has not since an earlier try."""
         job = self._opening.get(index)
         if job is not None and not job.done.is_set():
-            raise self._record(
-                GpuLost(
-                    f"GPU {index} has not answered an open started "
-                    f"{time.monotonic() - job.started_s:.0f} s ago",
-                    operation="nvmlDeviceGetHandleByIndex",
-                )
+            # Not counted: no call is made.
+            raise GpuLost(
+                f"GPU {index} has not answered an open started "
+                f"{time.monotonic() - job.started_s:.0f} s ago",
+                operation="open",
             )
         opener = _Reader(f"open-{index}")  # one call: the thread ends once it returns
-        job = opener.submit(lambda: self._open(index))
+        job = opener.submit(functools.partial(self._open, index))
         opener.stop()
-        if job.done.wait(self._stall_s):
+        if job.done.wait(_wait_s(time.monotonic() + self._stall_s)):
             self._opening.pop(index, None)
             return job.outcome()
         self._opening[index] = job
-        raise self._hang(opener, f"GPU {index} stopped answering: not opened", None, "open")
+        raise self._hang(opener, f"GPU {index} stopped answering: not opened")
 
-    def _hang(self, thread: _Reader, what: str, uuid: str | None, outside: str) -> GpuError:
+    def _hang(self, thread: _Reader, what: str, uuid: str | None = None) -> GpuError:
         """GpuLost (counted) for a call on `thread` that did not return within `stall_s`,
-        named by the NVML function the thread is in (`outside` when it is in none)."""
-        operation = self._calling.get(thread.thread.ident or 0, outside)
+        named by the NVML function the thread is in."""
+        operation = self._calling.get(thread.thread.ident or 0, "read" if uuid else "open")
         return self._record(
             GpuLost(
                 f"{what} within {self._stall_s:g} s, in {operation}",
@@ -517,37 +527,57 @@ class NvmlBackend:
         return _int_or_none(self._optional("nvmlDeviceGetPowerManagementLimit", uuid, handle))
 
     def read(self, uuid: str) -> GpuReading:
-        """One telemetry reading; a value the device cannot give is None. Raises GpuLost,
-        also for a GPU whose reading took longer than `stall_s`: a GPU whose firmware hangs
-        holds every call for tens of seconds. The reading is made on the GPU's own thread and
-        waited for `stall_s` at most; until one that did not return in time returns, the GPU is
-        called no further (each call would wait as long) and its reads raise GpuLost at once."""
-        if uuid in self._hung:
-            self._refuse_if_hung(uuid, "read")
-        reader = self._readers.get(uuid)
-        if reader is None:
-            reader = self._readers[uuid] = _Reader(f"read-{uuid}")
-        job = reader.submit(lambda: self._read_now(uuid))
-        if job.done.wait(self._stall_s):
-            self.read_cpu_s[uuid] = job.cpu_s
-            return job.outcome()
-        self._hung[uuid] = job
-        raise self._hang(reader, f"GPU {uuid} stopped answering: no reading", uuid, "read")
+        """One telemetry reading (read_all of one GPU); raises its GpuError."""
+        outcome = self.read_all([uuid])[uuid]
+        if isinstance(outcome, GpuError):
+            raise outcome
+        return outcome
 
-    def _refuse_if_hung(self, uuid: str, operation: str) -> None:
-        """GpuLost (counted) while a reading of the GPU has not returned; forget that reading
-        once it has."""
+    def read_all(self, uuids: Sequence[str]) -> dict[str, GpuReading | GpuError]:
+        """One telemetry reading of each GPU, or the GpuError that stood in its way (GpuLost
+        for a GPU gone); a value a device cannot give is None. A GPU whose firmware hangs
+        holds every call on it for tens of seconds, so each GPU is read on a thread of its
+        own, all at once, and waited for `stall_s` in all: one that has not answered by then
+        is taken for lost (its late reading is dropped), and until that call returns nothing
+        else is called on it. A reading that took longer than `stall_s` is GpuLost too."""
+        outcomes: dict[str, GpuReading | GpuError] = {}
+        jobs: dict[str, tuple[_Reader, _Job[GpuReading]]] = {}
+        for uuid in uuids:
+            hung = self._hung_error(uuid)
+            if hung is not None:
+                outcomes[uuid] = hung
+                continue
+            reader = self._readers.get(uuid)
+            if reader is None:
+                reader = self._readers[uuid] = _Reader(f"read-{uuid}")
+            jobs[uuid] = reader, reader.submit(functools.partial(self._read_now, uuid))
+        deadline_s = time.monotonic() + self._stall_s
+        for uuid, (reader, job) in jobs.items():
+            if not job.done.wait(_wait_s(deadline_s)):
+                self._hung[uuid] = job
+                outcomes[uuid] = self._hang(
+                    reader, f"GPU {uuid} stopped answering: no reading", uuid
+                )
+                continue
+            self.read_cpu_s[uuid] = job.cpu_s
+            try:
+                outcomes[uuid] = job.outcome()
+            except GpuError as exc:
+                outcomes[uuid] = exc
+        return {uuid: outcomes[uuid] for uuid in uuids}
+
+    def _hung_error(self, uuid: str) -> GpuLost | None:
+        """GpuLost while a reading of the GPU has not returned (not counted: no call is
+        made), else None; a reading that has returned is forgotten."""
         job = self._hung.get(uuid)  # the loop's thread may have let it go meanwhile
         if job is None or job.done.is_set():
             self._hung.pop(uuid, None)
-            return
+            return None
         waited_s = time.monotonic() - job.started_s
-        raise self._record(
-            GpuLost(
-                f"GPU {uuid} has not answered a reading started {waited_s:.0f} s ago",
-                operation=operation,
-                uuid=uuid,
-            )
+        return GpuLost(
+            f"GPU {uuid} has not answered a reading started {waited_s:.0f} s ago",
+            operation="read",
+            uuid=uuid,
         )
 
     def _still_hung(self) -> bool:
@@ -583,14 +613,14 @@ class NvmlBackend:
             values[name] = _int_or_none(value)
             took_s = time.monotonic() - started_s
             if took_s > self._stall_s:
-                raise self._record(
-                    GpuLost(
-                        f"GPU {uuid} stopped answering: its reading took {took_s:.1f} s, up to "
-                        f"{operation}",
-                        operation=operation,
-                        uuid=uuid,
-                    )
+                slow = GpuLost(
+                    f"GPU {uuid} stopped answering: its reading took {took_s:.1f} s, up to "
+                    f"{operation}",
+                    operation=operation,
+                    uuid=uuid,
                 )
+                # One the loop gave up on was counted then.
+                raise slow if uuid in self._hung else self._record(slow)
         return GpuReading(uuid=uuid, index=info.index, timestamp_s=timestamp_s, **values)
 
     def compute_pids(self, uuid: str) -> list[int]:

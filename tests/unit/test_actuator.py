@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -59,6 +59,9 @@ class RecordingBackend:
     def read(self, uuid: str) -> GpuReading:
         limit_mw = None if uuid in self.unreadable else self.limits[uuid]
         return GpuReading(uuid, 0, 0.0, 300_000, 0, 1980, limit_mw, None, 0, 50)
+
+    def read_all(self, uuids: Sequence[str]) -> dict[str, GpuReading | GpuError]:
+        return {uuid: self.read(uuid) for uuid in uuids}
 
     def _write(self, op: str, uuid: str, *args: int) -> None:
         error = self.fail.get((op, uuid))

@@ -761,9 +761,15 @@ def test_a_child_that_cannot_compile_leaves_the_compiling_here(
 
 
 def test_compile_apart_runs_this_powerd_with_the_folder_and_says_how_it_ended(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The child imports the powerd the daemon runs, wherever the daemon was started: the
+    README has operators run powerd from a source tree, which may be another version."""
     package = Path(policy.__file__).resolve().parent.parent
+    decoy = tmp_path / "elsewhere" / "powerd"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('another checkout')\n")
+    monkeypatch.chdir(decoy.parent)
     code = (
         "import os, powerd; from pathlib import Path; "
         f"assert Path(powerd.__file__).resolve().parent == Path({str(package)!r}); "

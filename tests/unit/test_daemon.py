@@ -265,14 +265,16 @@ def test_a_gpu_that_hangs_is_dropped_within_the_stall_limit_and_rejoins_when_it_
     rig.fake.sleep = hang
     rig.fake.stall_gpu(1, 45.0)
     before = len(rig.fake.writes)
-    started_s = time.monotonic()
-    snapshot = rig.run(25)  # past two sweeps for lost GPUs, each refused at once
-    assert time.monotonic() - started_s < 30, "no tick waited for the hang"
-    assert [g.observe_only_reason for g in snapshot.gpus] == ["", "gpu_lost"]
-    assert rig.writes_to(1, before) == []
-    assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0, before)) or _locked(rig, 0)
-    rig.fake.unstall_gpu(1)
-    release.set()
+    try:
+        started_s = time.monotonic()
+        snapshot = rig.run(25)  # past two sweeps for lost GPUs, each refused at once
+        assert time.monotonic() - started_s < 30, "no tick waited for the hang"
+        assert [g.observe_only_reason for g in snapshot.gpus] == ["", "gpu_lost"]
+        assert rig.writes_to(1, before) == []
+        assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0, before)) or _locked(rig, 0)
+        rig.fake.unstall_gpu(1)
+    finally:
+        release.set()
     rig.run_until(lambda s: s.gpus[1].observe_only_reason == "", 30)
 
 

@@ -4,9 +4,11 @@ pynvml on a machine without a driver."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -579,39 +581,91 @@ def test_a_gpu_that_hangs_holds_its_reader_and_not_the_caller(fake: FakeNvml) ->
 
     fake.sleep = hang
     fake.stall_gpu(1, 45.0)
-    started_s = time.monotonic()
-    with pytest.raises(
-        GpuLost, match=r"stopped answering: no reading within 0\.2 s, in nvmlDeviceGetPowerUsage"
-    ):
-        backend.read(hung)
-    assert time.monotonic() - started_s < 30, "given up long before the hang's 60 s"
-    assert backend.error_counts[("nvmlDeviceGetPowerUsage", "gpu_lost")] == 1
-    calls = dict(fake.call_counts)
-    with pytest.raises(GpuLost, match="has not answered a reading started"):
-        backend.read(hung)
-    with pytest.raises(GpuLost):
-        backend.set_locked_clocks(hung, 1005, 1005)
-    assert dict(fake.call_counts) == calls, "no call joins the one in flight"
-    assert backend.read(healthy).power_mw is not None
+    try:
+        started_s = time.monotonic()
+        with pytest.raises(
+            GpuLost,
+            match=r"stopped answering: no reading within 0\.2 s, in nvmlDeviceGetPowerUsage",
+        ):
+            backend.read(hung)
+        assert time.monotonic() - started_s < 30, "given up long before the hang's 60 s"
+        calls = dict(fake.call_counts)
+        with pytest.raises(GpuLost, match="has not answered a reading started"):
+            backend.read(hung)
+        with pytest.raises(GpuLost):
+            backend.set_locked_clocks(hung, 1005, 1005)
+        assert dict(fake.call_counts) == calls, "no call joins the one in flight"
+        assert backend.read(healthy).power_mw is not None
 
-    fake.unstall_gpu(1)
-    release.set()
-    deadline_s = time.monotonic() + 30
-    while True:
-        try:
-            assert backend.read(hung).power_mw is not None
-            break
-        except GpuLost:
-            assert time.monotonic() < deadline_s, "read again once the hung call returned"
-            time.sleep(0.05)
+        fake.unstall_gpu(1)
+        release.set()
+        deadline_s = time.monotonic() + 30
+        while True:
+            try:
+                assert backend.read(hung).power_mw is not None
+                break
+            except GpuLost:
+                assert time.monotonic() < deadline_s, "read again once the hung call returned"
+                time.sleep(0.05)
+        # The hang counted once where the loop gave up, and the call's own failure (the
+        # driver's timeout) once; refusals make no call and count nothing.
+        assert backend.error_counts == {
+            ("nvmlDeviceGetPowerUsage", "gpu_lost"): 1,
+            ("nvmlDeviceGetPowerUsage", "error"): 1,
+        }
 
-    release.clear()
-    fake.stall_gpu(1, 45.0)
-    with pytest.raises(GpuLost):
-        backend.read(hung)
-    backend.close()
-    assert fake.call_counts["nvmlShutdown"] == 0, "not while a thread is inside a call"
-    release.set()
+        release.clear()
+        fake.stall_gpu(1, 45.0)
+        with pytest.raises(GpuLost):
+            backend.read(hung)
+        backend.close()
+        assert fake.call_counts["nvmlShutdown"] == 0, "not while a thread is inside a call"
+    finally:
+        release.set()
+
+
+def test_gpus_that_hang_together_cost_one_stall_limit() -> None:
+    """Every GPU's reading is waited for at once: four that hang (as they would if a driver
+    held every GPU's calls behind one) cost one stall limit, not four, and the watchdog's 30 s
+    is never reached by 8 GPUs at 5 s each."""
+    fake4 = FakeNvml(GpuPlant(PROFILE, 4, seed=5))
+    backend = NvmlBackend(fake4, stall_s=1.0)
+    uuids = [info.uuid for info in backend.devices()]
+    release = threading.Event()
+
+    def hang(seconds: float) -> None:
+        release.wait(60)
+
+    fake4.sleep = hang
+    for i in range(4):
+        fake4.stall_gpu(i, 45.0)
+    try:
+        started_s = time.monotonic()
+        outcomes = backend.read_all(uuids)
+        assert time.monotonic() - started_s < 3.0, "one stall limit, not four"
+        assert all(isinstance(outcome, GpuLost) for outcome in outcomes.values())
+        assert list(outcomes) == uuids
+    finally:
+        release.set()
+
+
+def test_a_backend_dropped_without_close_leaves_no_thread() -> None:
+    """A finished reading must not keep its backend alive: the backend's finalizer ends its
+    reader threads (a test's or a tool's backend is often never closed)."""
+    fake = FakeNvml(GpuPlant(PROFILE, 4, seed=5))
+    before = threading.active_count()
+    backend = NvmlBackend(fake)
+    for info in backend.devices():
+        assert backend.read(info.uuid).power_mw is not None
+    assert threading.active_count() == before + 4
+    dropped = weakref.ref(backend)
+    del backend
+    gc.collect()
+    assert dropped() is None
+    deadline_s = time.monotonic() + 10
+    while threading.active_count() > before:
+        assert time.monotonic() < deadline_s, "the reader threads ended"
+        time.sleep(0.02)
 
 
 def test_a_gpu_that_hangs_at_start_holds_neither_the_start_nor_later_looks(
@@ -629,18 +683,19 @@ def test_a_gpu_that_hangs_at_start_holds_neither_the_start_nor_later_looks(
 
     fake.sleep = hang
     fake.stall_gpu(1, 45.0)
-    backend = NvmlBackend(fake, stall_s=0.2)
-    started_s = time.monotonic()
-    assert [info.index for info in backend.devices()] == [0]
-    assert time.monotonic() - started_s < 30, "the start did not wait out the hang"
-    why = backend.unopened_indices()[1]
-    assert why.startswith("GPU 1 stopped answering: not opened within 0.2 s, in nvmlDevice")
-    assert [info.index for info in backend.devices()] == [0]
-    assert "has not answered an open started" in backend.unopened_indices()[1]
-    assert hangs == [45.0], "the later look did not call it"
-
-    fake.unstall_gpu(1)
-    release.set()
+    try:
+        backend = NvmlBackend(fake, stall_s=0.2)
+        started_s = time.monotonic()
+        assert [info.index for info in backend.devices()] == [0]
+        assert time.monotonic() - started_s < 30, "the start did not wait out the hang"
+        why = backend.unopened_indices()[1]
+        assert why.startswith("GPU 1 stopped answering: not opened within 0.2 s, in nvmlDevice")
+        assert [info.index for info in backend.devices()] == [0]
+        assert "has not answered an open started" in backend.unopened_indices()[1]
+        assert hangs == [45.0], "the later look did not call it"
+        fake.unstall_gpu(1)
+    finally:
+        release.set()
     deadline_s = time.monotonic() + 30
     while len(backend.devices()) < 2:
         assert time.monotonic() < deadline_s, "opened once the hung call returned"
