@@ -61,9 +61,11 @@ of each array; NaN marks a value the sensors or the server did not give.
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import llvmlite.binding
 import numba
 import numpy as np
 
@@ -71,7 +73,12 @@ from powerd.control.numba_cache import cache_dir, holds_kernels, prune_stale
 
 # Before the first kernel: numba takes the cache folder as each is decorated.
 CACHE_DIR = cache_dir()
-CACHE_WARM = holds_kernels(CACHE_DIR)
+CACHE_STAMP = (
+    f"numba {numba.__version__}; Python {platform.python_version()}; "
+    f"CPU {llvmlite.binding.get_host_cpu_name()}"
+)
+"""What compiles the kernels: a cache another of these filled is compiled into again."""
+CACHE_WARM = holds_kernels(CACHE_DIR, CACHE_STAMP)
 """False when this version's kernels are still to be compiled (the first start: up to a
 minute on a small machine)."""
 prune_stale(CACHE_DIR)

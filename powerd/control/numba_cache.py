@@ -36,6 +36,8 @@ _DIGEST_LEN = 16
 _DIGEST_NAME = re.compile(rf"^[0-9a-f]{{{_DIGEST_LEN}}}$")
 STALE_AFTER_S = 30 * 86400.0
 """A sibling folder no powerd has used for this long belongs to a version gone by."""
+COMPILED_MARK = ".powerd-compiled"
+"""The file that says the folder holds every kernel, and what compiled them (holds_kernels)."""
 USED_MARK = ".powerd-used"
 """The file that marks a kernel folder as powerd's; its time is the last start that used it
 (numba writes only when it compiles)."""
@@ -197,13 +199,24 @@ def _mark_used(folder: Path) -> None:
         (folder / USED_MARK).touch()
 
 
-def holds_kernels(folder: Path) -> bool:
-    """Whether `folder` holds compiled kernels already (a start after the first of this
-    version's code loads them in a moment; the first compiles them, which takes a while)."""
+def holds_kernels(folder: Path, stamp: str) -> bool:
+    """Whether `folder` holds every kernel, compiled by what `stamp` names (a start after the
+    first of this version's code loads them in a moment; the first compiles them, which takes
+    a while). A folder a compile left partial (a child killed part-way), or that another numba
+    or CPU filled, does not: it is compiled into again, numba keeping what is still valid."""
     try:
-        return any(entry.name != USED_MARK for entry in folder.iterdir())
-    except OSError:
+        return (folder / COMPILED_MARK).read_text(encoding="utf-8") == stamp
+    except (OSError, UnicodeDecodeError):
         return False
+
+
+def mark_compiled(folder: Path, stamp: str) -> None:
+    """Record that `folder` holds every kernel, compiled by what `stamp` names (best effort,
+    as _mark_used; written whole or not at all)."""
+    partial = folder / f"{COMPILED_MARK}.{os.getpid()}"
+    with contextlib.suppress(OSError):
+        partial.write_text(stamp, encoding="utf-8")
+        partial.replace(folder / COMPILED_MARK)
 
 
 COMPILE_APART_TIMEOUT_S = 90.0

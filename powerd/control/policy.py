@@ -16,7 +16,7 @@ import numpy as np
 
 from powerd.config import Config, SloConfig
 from powerd.control import kernels as k
-from powerd.control.numba_cache import compile_apart
+from powerd.control.numba_cache import compile_apart, mark_compiled
 from powerd.model import BLIND_PREFILL_SHARE, GpuInfo, GroupDecision, GroupObservation
 
 log = logging.getLogger(__name__)
@@ -366,6 +366,8 @@ class Controller:
                 k.CACHE_DIR, "import powerd.control.policy as p; p.Controller.compile_kernels()"
             )
         self._exercise_kernels()
+        if k.JIT_ENABLED and not k.CACHE_WARM:
+            mark_compiled(k.CACHE_DIR, k.CACHE_STAMP)  # every kernel is in the cache now
 
     def _exercise_kernels(self) -> None:
         """Run every kernel a tick uses once, on copies of the arrays (compiling each that

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from powerd.config import Config, ControlConfig, SloConfig
 from powerd.control import kernels as k
 from powerd.control import policy
-from powerd.control.numba_cache import compile_apart
+from powerd.control.numba_cache import cache_dir, compile_apart
 from powerd.control.policy import Controller, GroupSpec, Policy, group_floor_mhz
 from powerd.model import (
     BLIND_PREFILL_SHARE,
@@ -711,15 +711,18 @@ import json, logging
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 from powerd.config import Config
 from powerd.control import kernels as k
+from powerd.control.numba_cache import holds_kernels
 from powerd.control.policy import Controller
 from tests.unit.test_control_kernels import spec
 
 assert not k.CACHE_WARM
 Controller(Config(), [spec()]).warmup()
-print(json.dumps({
+counts = {
     f.__name__: [sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values())]
     for f in (k.controller_step, k.prefill_guard)
-}))
+}
+counts["marked"] = holds_kernels(k.CACHE_DIR, k.CACHE_STAMP)
+print(json.dumps(counts))
 """
 
 
@@ -728,6 +731,10 @@ def test_a_cold_start_compiles_the_kernels_in_a_child_and_loads_them() -> None:
     cold warmup against 144 MiB warm), which a daemon would carry to its end: the first start
     compiles in a child, and the daemon loads every kernel from the cache, compiling none."""
     with tempfile.TemporaryDirectory() as cache:
+        # What a child killed part-way leaves: kernel files, no mark that they are all there.
+        partial = cache_dir(cache)
+        partial.mkdir(parents=True)
+        (partial / "policy.controller_step-1.py311.nbi").write_bytes(b"")
         proc = subprocess.run(
             [sys.executable, "-c", _COLD_PROBE],
             cwd=REPO,
@@ -741,7 +748,7 @@ def test_a_cold_start_compiles_the_kernels_in_a_child_and_loads_them() -> None:
     assert "compiling the control kernels into" in proc.stderr
     assert "failed" not in proc.stderr
     hits_misses = json.loads(proc.stdout)
-    assert hits_misses == {"controller_step": [1, 0], "prefill_guard": [1, 0]}
+    assert hits_misses == {"controller_step": [1, 0], "prefill_guard": [1, 0], "marked": True}
 
 
 def test_a_child_that_cannot_compile_leaves_the_compiling_here(

@@ -178,13 +178,24 @@ def test_a_folder_powerd_did_not_mark_is_left(tmp_path: Path) -> None:
     assert (theirs / "kernel.nbi").exists()
 
 
-def test_the_mark_alone_is_no_compiled_kernel(tmp_path: Path) -> None:
+def test_only_a_folder_marked_compiled_by_the_same_numba_holds_the_kernels(
+    tmp_path: Path,
+) -> None:
+    """Kernel files alone may be a compile cut short (a child killed part-way) or another
+    numba's or CPU's: such a start compiles again, in a child, rather than in the daemon."""
     folder = tmp_path / "0123456789abcdef"
+    stamp = "numba 0.68.1; Python 3.11.7; CPU sapphirerapids"
     numba_cache.prune_stale(folder)
     assert (folder / numba_cache.USED_MARK).is_file()
-    assert not numba_cache.holds_kernels(folder), "the first start still says it compiles"
+    assert not numba_cache.holds_kernels(folder, stamp), "the first start still says it compiles"
     (folder / "kernel.nbi").write_bytes(b"")
-    assert numba_cache.holds_kernels(folder)
+    assert not numba_cache.holds_kernels(folder, stamp), "a compile cut short"
+    numba_cache.mark_compiled(folder, stamp)
+    assert numba_cache.holds_kernels(folder, stamp)
+    assert not numba_cache.holds_kernels(folder, stamp.replace("0.68.1", "0.69.0"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [numba_cache.USED_MARK, numba_cache.COMPILED_MARK, "kernel.nbi"]
+    ), "written whole, nothing left beside it"
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="a folder of another user needs root to make")
