@@ -318,8 +318,9 @@ def _opt_float(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-_compiled_apart = False
-"""Whether this process has had the kernels compiled apart (once, whatever came of it)."""
+_cache_filled = False
+"""Whether this process has filled a cold cache (compiled apart, whatever came of that, then
+loaded and marked): once a process, not at every warmup."""
 
 
 class Controller:
@@ -354,19 +355,20 @@ class Controller:
         """Compile every kernel (numba caches on disk), on copies so no state changes. Where
         the cache does not hold them yet, a child process compiles them once, and this one
         loads them from the cache, without the compiler's memory."""
-        global _compiled_apart
-        if k.JIT_ENABLED and not k.CACHE_WARM and not _compiled_apart:
+        global _cache_filled
+        cold = k.JIT_ENABLED and not k.CACHE_WARM and not _cache_filled
+        _cache_filled = True
+        if cold:
             log.info(
                 "compiling the control kernels into %s (once for each version; up to a "
                 "minute on a small machine)",
                 k.CACHE_DIR,
             )
-            _compiled_apart = True
             compile_apart(
                 k.CACHE_DIR, "import powerd.control.policy as p; p.Controller.compile_kernels()"
             )
         self._exercise_kernels()
-        if k.JIT_ENABLED and not k.CACHE_WARM:
+        if cold:
             mark_compiled(k.CACHE_DIR, k.CACHE_STAMP)  # every kernel is in the cache now
 
     def _exercise_kernels(self) -> None:

@@ -755,7 +755,7 @@ def test_a_child_that_cannot_compile_leaves_the_compiling_here(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(k, "CACHE_WARM", False)
-    monkeypatch.setattr(policy, "_compiled_apart", False)
+    monkeypatch.setattr(policy, "_cache_filled", False)
     monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
     controller = Controller(Config(), [spec()])
     with caplog.at_level(logging.INFO, logger="powerd.control"):
