@@ -23,8 +23,9 @@ re-write), and a limit read within it of the one powerd left is powerd's, not so
 STALL_S = 5.0
 """A GPU that takes longer than this (s) to answer is taken for stalled: a healthy GPU answers
 a call in milliseconds, one whose firmware hangs (Xid 119) in about 45 s, each call waiting out
-the driver's RPC timeout. A reading that long makes the GPU lost; a restore tries nothing more
-on it, so it delays the other GPUs by one call, not one per knob."""
+the driver's RPC timeout. A reading, a write or a lookup that long makes the GPU lost, and
+nothing more is called on it until that call returns; a restore so delays the other GPUs by
+this long, not by one driver timeout per knob."""
 
 
 class GpuBackend(Protocol):
@@ -59,7 +60,10 @@ class GpuBackend(Protocol):
         ...
 
     def power_limit_mw(self, uuid: str) -> int | None:
-        """The power limit now (one call; None when it cannot be read). Raises GpuLost."""
+        """The power limit now (one call; None when it cannot be read). Raises GpuLost.
+
+        This, the setters, describe and compute_pids raise GpuLost, as a reading does, for a
+        GPU that does not answer within the stall limit or has not since."""
         ...
 
     def set_locked_clocks(

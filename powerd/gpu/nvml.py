@@ -5,7 +5,9 @@ It works over any object with pynvml's functions, constants and NVMLError classe
 (`_call`) that maps NVML's errors into the GpuError hierarchy once and counts them by
 (operation, kind) in `error_counts`, which the exporter publishes.
 
-Reads return None for a value the device does not report; writes raise. Setters read before
+Each GPU's calls run on a thread of that GPU's own, the caller waiting the stall limit at most
+(a GPU whose firmware hangs holds a call for tens of seconds). Reads return None for a value
+the device does not report; writes raise. Setters read before
 they write (a write that changes nothing is skipped), clamp to the device's constraints, and
 verify by reading back. The power limit uses the v1 setter: nvidia-ml-py 13's
 `nvmlDeviceSetPowerManagementLimit_v2` ignores the C return code (nvml_api.md §0.3).
@@ -23,7 +25,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, STALL_S
 from powerd.gpu.errors import (
@@ -39,6 +41,7 @@ from powerd.model import GpuInfo, GpuReading
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Method = TypeVar("Method", bound=Callable[..., Any])
 
 _INIT_FAILURES: dict[str, str] = {
     "NVMLError_LibraryNotFound": (
@@ -97,10 +100,14 @@ _HINTS: dict[type[GpuError], str] = {
 
 
 class _Job(Generic[T]):
-    """A call handed to a GPU's thread; `done` is set when it returned or raised."""
+    """A call handed to a GPU's thread; `done` is set when it returned or raised. `what` names
+    it in messages ("reading"), `operation` in the error counts when it hangs outside any NVML
+    call."""
 
-    def __init__(self, work: Callable[[], T]) -> None:
+    def __init__(self, work: Callable[[], T], what: str, operation: str) -> None:
         self.work = work
+        self.what = what
+        self.operation = operation
         self.done = threading.Event()
         self.started_s = time.monotonic()
         self.result: T | None = None
@@ -122,8 +129,11 @@ class _Job(Generic[T]):
     def outcome(self) -> T:
         if self.error is not None:
             raise self.error
-        assert self.result is not None
-        return self.result
+        return cast(T, self.result)  # None where T allows it (a write returns nothing)
+
+    def run_here(self) -> T:
+        self.run()
+        return self.outcome()
 
 
 class _Reader:
@@ -144,10 +154,12 @@ class _Reader:
         """End the thread once the call in hand (if any) has returned."""
         self._jobs.put(None)
 
-    def submit(self, work: Callable[[], T]) -> _Job[T]:
-        job = _Job(work)
+    def submit(self, job: _Job[T]) -> _Job[T]:
         self._jobs.put(job)
         return job
+
+    def is_current(self) -> bool:
+        return threading.current_thread() is self.thread
 
 
 def _wait_s(deadline_s: float) -> float | None:
@@ -159,6 +171,21 @@ def _stop_readers(readers: dict[str, _Reader]) -> None:
     for reader in readers.values():
         reader.stop()
     readers.clear()
+
+
+def _on_gpu_thread(what: str) -> Callable[[Method], Method]:
+    """Make a backend method whose first argument is a GPU's UUID run on that GPU's thread,
+    bounded by the stall limit as a reading is (NvmlBackend._within_stall)."""
+
+    def decorate(method: Method) -> Method:
+        @functools.wraps(method)
+        def bounded(self: NvmlBackend, uuid: str, *args: Any, **kwargs: Any) -> Any:
+            work = functools.partial(method, self, uuid, *args, **kwargs)
+            return self._within_stall(uuid, _Job(work, what, method.__name__))
+
+        return cast(Method, bounded)
+
+    return decorate
 
 
 class NvmlBackend:
@@ -208,8 +235,8 @@ class NvmlBackend:
         weakref.finalize(self, _stop_readers, self._readers)
         self._opening: dict[int, _Job[tuple[str, Any, GpuInfo]]] = {}
         """An open of a GPU (by index) that did not return within `stall_s`, until it does."""
-        self._hung: dict[str, _Job[GpuReading]] = {}
-        """A reading that did not return within `stall_s`, by GPU, until it returns: no other
+        self._hung: dict[str, _Job[Any]] = {}
+        """A call that did not return within `stall_s`, by GPU, until it returns: no other
         call is made on that GPU meanwhile (it would wait as long)."""
         self._calling: dict[int, str] = {}
         """The NVML function each thread is in now, by thread ident."""
@@ -372,18 +399,20 @@ class NvmlBackend:
                 operation="open",
             )
         opener = _Reader(f"open-{index}")  # one call: the thread ends once it returns
-        job = opener.submit(functools.partial(self._open, index))
+        job = opener.submit(_Job(functools.partial(self._open, index), "open", "open"))
         opener.stop()
         if job.done.wait(_wait_s(time.monotonic() + self._stall_s)):
             self._opening.pop(index, None)
             return job.outcome()
         self._opening[index] = job
-        raise self._hang(opener, f"GPU {index} stopped answering: not opened")
+        raise self._hang(opener, job, f"GPU {index} stopped answering: not opened")
 
-    def _hang(self, thread: _Reader, what: str, uuid: str | None = None) -> GpuError:
-        """GpuLost (counted) for a call on `thread` that did not return within `stall_s`,
+    def _hang(
+        self, thread: _Reader, job: _Job[Any], what: str, uuid: str | None = None
+    ) -> GpuError:
+        """GpuLost (counted) for `job`, on `thread`, that did not return within `stall_s`,
         named by the NVML function the thread is in."""
-        operation = self._calling.get(thread.thread.ident or 0, "read" if uuid else "open")
+        operation = self._calling.get(thread.thread.ident or 0, job.operation)
         return self._record(
             GpuLost(
                 f"{what} within {self._stall_s:g} s, in {operation}",
@@ -391,6 +420,38 @@ class NvmlBackend:
                 uuid=uuid,
             )
         )
+
+    # --- each GPU's thread ----------------------------------------------------------------
+
+    def _submit(self, uuid: str, job: _Job[T]) -> tuple[_Reader, _Job[T]]:
+        """Hand `job` to the GPU's thread. GpuLost (not counted: no call is made) while an
+        earlier call on the GPU has not returned."""
+        hung = self._hung_error(uuid)
+        if hung is not None:
+            raise hung
+        reader = self._readers.get(uuid)
+        if reader is None:
+            reader = self._readers[uuid] = _Reader(f"gpu-{uuid}")
+        return reader, reader.submit(job)
+
+    def _await(self, uuid: str, reader: _Reader, job: _Job[T], deadline_s: float) -> T:
+        """The job's outcome, waited for until `deadline_s` (monotonic): one still in its
+        call then is GpuLost (counted), and its GPU called no further until it returns."""
+        if not job.done.wait(_wait_s(deadline_s)):
+            self._hung[uuid] = job
+            raise self._hang(reader, job, f"GPU {uuid} stopped answering: no {job.what}", uuid)
+        return job.outcome()
+
+    def _within_stall(self, uuid: str, job: _Job[T]) -> T:
+        """Run `job` on the GPU's thread and wait `stall_s` for it. A GPU whose firmware hangs
+        holds each call for tens of seconds, past the unit's WatchdogSec: a write, a
+        description or a process list is bounded as a reading is. Run in place when called
+        from that thread (a reset that sets a limit)."""
+        reader = self._readers.get(uuid)
+        if reader is not None and reader.is_current():
+            return job.run_here()
+        reader, job = self._submit(uuid, job)
+        return self._await(uuid, reader, job, time.monotonic() + self._stall_s)
 
     def _open(self, index: int) -> tuple[str, Any, GpuInfo]:
         handle = self._call("nvmlDeviceGetHandleByIndex", None, index)
@@ -521,6 +582,7 @@ class NvmlBackend:
         except GpuError:
             return None
 
+    @_on_gpu_thread("power limit read")
     def power_limit_mw(self, uuid: str) -> int | None:
         """The power limit now; None when it cannot be read. Raises GpuLost."""
         handle = self._handle(uuid)
@@ -543,40 +605,33 @@ class NvmlBackend:
         outcomes: dict[str, GpuReading | GpuError] = {}
         jobs: dict[str, tuple[_Reader, _Job[GpuReading]]] = {}
         for uuid in uuids:
-            hung = self._hung_error(uuid)
-            if hung is not None:
-                outcomes[uuid] = hung
-                continue
-            reader = self._readers.get(uuid)
-            if reader is None:
-                reader = self._readers[uuid] = _Reader(f"read-{uuid}")
-            jobs[uuid] = reader, reader.submit(functools.partial(self._read_now, uuid))
+            try:
+                jobs[uuid] = self._submit(
+                    uuid, _Job(functools.partial(self._read_now, uuid), "reading", "read")
+                )
+            except GpuLost as exc:
+                outcomes[uuid] = exc
         deadline_s = time.monotonic() + self._stall_s
         for uuid, (reader, job) in jobs.items():
-            if not job.done.wait(_wait_s(deadline_s)):
-                self._hung[uuid] = job
-                outcomes[uuid] = self._hang(
-                    reader, f"GPU {uuid} stopped answering: no reading", uuid
-                )
-                continue
-            self.read_cpu_s[uuid] = job.cpu_s
             try:
-                outcomes[uuid] = job.outcome()
+                outcomes[uuid] = self._await(uuid, reader, job, deadline_s)
             except GpuError as exc:
                 outcomes[uuid] = exc
+            if job.done.is_set():
+                self.read_cpu_s[uuid] = job.cpu_s
         return {uuid: outcomes[uuid] for uuid in uuids}
 
     def _hung_error(self, uuid: str) -> GpuLost | None:
-        """GpuLost while a reading of the GPU has not returned (not counted: no call is
-        made), else None; a reading that has returned is forgotten."""
+        """GpuLost while a call on the GPU given up on has not returned (not counted: no call
+        is made), else None; one that has returned is forgotten."""
         job = self._hung.get(uuid)  # the loop's thread may have let it go meanwhile
         if job is None or job.done.is_set():
             self._hung.pop(uuid, None)
             return None
         waited_s = time.monotonic() - job.started_s
         return GpuLost(
-            f"GPU {uuid} has not answered a reading started {waited_s:.0f} s ago",
-            operation="read",
+            f"GPU {uuid} has not answered a {job.what} started {waited_s:.0f} s ago",
+            operation=job.operation,
             uuid=uuid,
         )
 
@@ -623,6 +678,7 @@ class NvmlBackend:
                 raise slow if uuid in self._hung else self._record(slow)
         return GpuReading(uuid=uuid, index=info.index, timestamp_s=timestamp_s, **values)
 
+    @_on_gpu_thread("process list")
     def compute_pids(self, uuid: str) -> list[int]:
         """PIDs with a compute context on the GPU; empty when NVML cannot list them."""
         handle = self._handle(uuid)
@@ -671,6 +727,7 @@ class NvmlBackend:
 
     # --- writes ---------------------------------------------------------------------------
 
+    @_on_gpu_thread("clock lock")
     def set_locked_clocks(
         self, uuid: str, min_mhz: int, max_mhz: int, *, resend: bool = False
     ) -> tuple[int, int]:
@@ -690,6 +747,7 @@ class NvmlBackend:
         self._locked_mhz[uuid] = (low, high)
         return low, high
 
+    @_on_gpu_thread("clock unlock")
     def reset_locked_clocks(self, uuid: str, *, resend: bool = False) -> None:
         """Unlock the SM clocks. Skipped only when powerd itself unlocked them last, unless
         `resend`."""
@@ -700,6 +758,7 @@ class NvmlBackend:
         self._call("nvmlDeviceResetGpuLockedClocks", uuid, handle)
         self._locked_mhz[uuid] = None
 
+    @_on_gpu_thread("power limit write")
     def set_power_limit(self, uuid: str, power_limit_mw: int) -> int:
         """Set the power limit, clamped to the device's constraints; returns the limit read
         back. Raises GpuError when the read-back differs from what was set by more than
@@ -732,6 +791,7 @@ class NvmlBackend:
             )
         return readback_mw
 
+    @_on_gpu_thread("power limit reset")
     def reset_power_limit(self, uuid: str) -> None:
         """Set the power limit back to the device's default (NVML has no reset call)."""
         if uuid in self._power_fixed:
@@ -740,6 +800,7 @@ class NvmlBackend:
         # enforced, which is what the callers took for its default).
         self.set_power_limit(uuid, self._info(uuid).power_limit_default_mw)
 
+    @_on_gpu_thread("description")
     def describe(self, uuid: str) -> GpuInfo:
         """The GPU's description as known now, its limit range read again first when a
         passing error kept it unread (the range stays pinned while the read still fails)."""

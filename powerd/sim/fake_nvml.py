@@ -304,7 +304,8 @@ class FakeNvml:
         self._lost: set[int] = set()
         self._disabled: dict[int, set[str]] = collections.defaultdict(set)
         self._injected: dict[tuple[int | None, str], tuple[type[pynvml.NVMLError], bool]] = {}
-        self._stalled_s: dict[int, float] = {}
+        self._stalled: dict[int, tuple[float, frozenset[str] | None]] = {}
+        """GPU index -> (how long its calls wait, the functions that do; None: all)."""
         self.sleep: Callable[[float], None] = time.sleep
         """How a stalled GPU's calls wait (a test may count the time instead)."""
         self._pids: dict[int, list[tuple[int, int | None]]] = {}
@@ -338,15 +339,22 @@ class FakeNvml:
         with self.lock:
             self._lost.discard(self._check_index(i))
 
-    def stall_gpu(self, i: int, seconds: float) -> None:
-        """Make every call on GPU i wait `seconds`, then raise Timeout, as on a GPU whose
-        firmware hangs (Xid 119: each call waits out the driver's RPC timeout)."""
+    def stall_gpu(self, i: int, seconds: float, functions: Sequence[str] | None = None) -> None:
+        """Make every call on GPU i (or only those of `functions`) wait `seconds`, then raise
+        Timeout, as on a GPU whose firmware hangs (Xid 119: each call waits out the driver's
+        RPC timeout)."""
+        for function in functions or ():
+            if not callable(getattr(self, function, None)):
+                raise ValueError(f"the fake NVML has no {function}")
         with self.lock:
-            self._stalled_s[self._check_index(i)] = seconds
+            self._stalled[self._check_index(i)] = (
+                seconds,
+                None if functions is None else frozenset(functions),
+            )
 
     def unstall_gpu(self, i: int) -> None:
         with self.lock:
-            self._stalled_s.pop(self._check_index(i), None)
+            self._stalled.pop(self._check_index(i), None)
 
     def inject_error(
         self,
@@ -433,9 +441,9 @@ class FakeNvml:
         self._begin(function)
         i = self.handle_index(handle)
         self._raise_injected(i, function)
-        stalled_s = self._stalled_s.get(i)
-        if stalled_s is not None:
-            self._wait_unlocked(stalled_s)
+        stalled = self._stalled.get(i)
+        if stalled is not None and (stalled[1] is None or function in stalled[1]):
+            self._wait_unlocked(stalled[0])
             raise pynvml.NVMLError_Timeout()
         if i in self._lost or self.plant.is_shut_down(i):
             raise pynvml.NVMLError_GpuIsLost()

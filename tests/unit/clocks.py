@@ -1,8 +1,10 @@
 """Stand-ins for a module's `time` that tests patch in (monkeypatch.setattr(module, "time",
-clock)): deadlines and stalls pass when the test says, however slowly a busy machine runs."""
+clock)), and for the fake NVML's sleep: deadlines and stalls pass when the test says, however
+slowly a busy machine runs."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 
@@ -32,3 +34,24 @@ class ManualTime:
 
     def __getattr__(self, name: str) -> object:
         return getattr(time, name)
+
+
+class Hang:
+    """A stand-in for FakeNvml.sleep: a stalled call waits until release() (60 s at most),
+    as a call on a GPU whose firmware hangs waits out the driver's timeout. `waits` lists the
+    stalls asked for."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self._released = threading.Event()
+
+    def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self._released.wait(60)
+
+    def release(self) -> None:
+        self._released.set()
+
+    def hold(self) -> None:
+        """Hold the stalls again after a release."""
+        self._released.clear()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +46,7 @@ from powerd.simulation import build_node, server_configs
 from powerd.sources import FetchResponse, SourceError
 from powerd.sources import pool as pool_module
 from powerd.sources.fetch import KeepAliveFetcher
-from tests.unit.clocks import ManualTime
+from tests.unit.clocks import Hang, ManualTime
 from tests.unit.daemon_helpers import (
     HTTP_PREFIX,
     RESET_CLOCKS,
@@ -257,11 +256,7 @@ def test_a_gpu_that_hangs_is_dropped_within_the_stall_limit_and_rejoins_when_it_
     returns."""
     rig = make_rig(tmp_path, stall_s=0.3)
     rig.run_until(lambda s: _locked(rig, 1) is not None, 90)
-    release = threading.Event()
-
-    def hang(seconds: float) -> None:
-        release.wait(60)
-
+    hang = Hang()
     rig.fake.sleep = hang
     rig.fake.stall_gpu(1, 45.0)
     before = len(rig.fake.writes)
@@ -274,7 +269,30 @@ def test_a_gpu_that_hangs_is_dropped_within_the_stall_limit_and_rejoins_when_it_
         assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0, before)) or _locked(rig, 0)
         rig.fake.unstall_gpu(1)
     finally:
-        release.set()
+        hang.release()
+    rig.run_until(lambda s: s.gpus[1].observe_only_reason == "", 30)
+
+
+def test_a_gpu_that_hangs_in_a_write_is_dropped_within_the_stall_limit(tmp_path: Path) -> None:
+    """A GPU whose firmware starts to hang between a tick's reading and its setting holds the
+    clock write, not the tick: the write is given up after the stall limit, the GPU is taken
+    for lost, the other GPU stays controlled, and the hung one rejoins once its call returns."""
+    rig = make_rig(tmp_path, stall_s=0.3)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 90)
+    hang = Hang()
+    rig.fake.sleep = hang
+    rig.fake.stall_gpu(1, 45.0, [SET_CLOCKS, RESET_CLOCKS, SET_LIMIT])
+    try:
+        started_s = time.monotonic()
+        # A clock write comes due and hangs.
+        rig.run_until(lambda s: s.gpus[1].observe_only_reason == "gpu_lost", 30)
+        rig.run(12)  # past a sweep for lost GPUs, refused at once while the write hangs
+        assert time.monotonic() - started_s < 30, "no tick waited for the hang"
+        assert rig.backend.error_counts.get((SET_CLOCKS, "gpu_lost")) == 1
+        assert rig.daemon.groups[0].controlled
+        rig.fake.unstall_gpu(1)
+    finally:
+        hang.release()
     rig.run_until(lambda s: s.gpus[1].observe_only_reason == "", 30)
 
 

@@ -401,3 +401,18 @@ def test_the_fake_loads_and_reads_on_a_binding_before_12_570(
     (info,) = backend.devices()
     assert backend.read(info.uuid).temperature_c is not None
     assert backend.symbols_used()["nvmlDeviceGetTemperatureV"] == "nvmlDeviceGetTemperature"
+
+
+def test_a_stall_of_some_functions_holds_those_alone() -> None:
+    fake = FakeNvml(GpuPlant(load_gpu_profile("h100-sxm"), 1, seed=1))
+    fake.nvmlInit()
+    handle = fake.nvmlDeviceGetHandleByIndex(0)
+    waits: list[float] = []
+    fake.sleep = waits.append
+    fake.stall_gpu(0, 45.0, ["nvmlDeviceSetGpuLockedClocks"])
+    assert fake.nvmlDeviceGetPowerUsage(handle) > 0
+    with pytest.raises(pynvml.NVMLError_Timeout):
+        fake.nvmlDeviceSetGpuLockedClocks(handle, 1005, 1005)
+    assert waits == [45.0]
+    with pytest.raises(ValueError, match="no nvmlDeviceSetClocks"):
+        fake.stall_gpu(0, 45.0, ["nvmlDeviceSetClocks"])

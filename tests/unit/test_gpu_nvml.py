@@ -28,7 +28,7 @@ from powerd.gpu.errors import (
 from powerd.gpu.nvml import NvmlBackend
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
-from tests.unit.clocks import ShiftedTime
+from tests.unit.clocks import Hang, ShiftedTime
 from tests.unit.test_fake_nvml import fake_nvml_before_12_570
 
 PROFILE = load_gpu_profile("h100-sxm")
@@ -574,11 +574,7 @@ def test_a_gpu_that_hangs_holds_its_reader_and_not_the_caller(fake: FakeNvml) ->
     until the call in flight returns, and the other GPUs are read meanwhile."""
     backend = NvmlBackend(fake, stall_s=0.2)
     hung, healthy = backend.devices()[1].uuid, backend.devices()[0].uuid
-    release = threading.Event()
-
-    def hang(seconds: float) -> None:
-        release.wait(60)
-
+    hang = Hang()
     fake.sleep = hang
     fake.stall_gpu(1, 45.0)
     try:
@@ -598,7 +594,7 @@ def test_a_gpu_that_hangs_holds_its_reader_and_not_the_caller(fake: FakeNvml) ->
         assert backend.read(healthy).power_mw is not None
 
         fake.unstall_gpu(1)
-        release.set()
+        hang.release()
         deadline_s = time.monotonic() + 30
         while True:
             try:
@@ -614,14 +610,99 @@ def test_a_gpu_that_hangs_holds_its_reader_and_not_the_caller(fake: FakeNvml) ->
             ("nvmlDeviceGetPowerUsage", "error"): 1,
         }
 
-        release.clear()
+        hang.hold()
         fake.stall_gpu(1, 45.0)
         with pytest.raises(GpuLost):
             backend.read(hung)
         backend.close()
         assert fake.call_counts["nvmlShutdown"] == 0, "not while a thread is inside a call"
     finally:
-        release.set()
+        hang.release()
+
+
+def _wait_until_read(backend: NvmlBackend, uuid: str) -> None:
+    deadline_s = time.monotonic() + 30
+    while True:
+        try:
+            assert backend.read(uuid).power_mw is not None
+            return
+        except GpuLost:
+            assert time.monotonic() < deadline_s, "read again once the hung call returned"
+            time.sleep(0.05)
+
+
+def _set_limit(backend: NvmlBackend, uuid: str) -> None:
+    backend.set_power_limit(uuid, 500_000)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "call", "function"),
+    [
+        (None, lambda b, u: b.set_locked_clocks(u, 1005, 1005), "nvmlDeviceSetGpuLockedClocks"),
+        (None, lambda b, u: b.reset_locked_clocks(u), "nvmlDeviceResetGpuLockedClocks"),
+        (None, _set_limit, "nvmlDeviceSetPowerManagementLimit"),
+        # The reset sets the default limit from the same thread: it must not wait on itself.
+        (_set_limit, lambda b, u: b.reset_power_limit(u), "nvmlDeviceSetPowerManagementLimit"),
+        (None, lambda b, u: b.power_limit_mw(u), "nvmlDeviceGetPowerManagementLimit"),
+        (None, lambda b, u: b.compute_pids(u), "nvmlDeviceGetComputeRunningProcesses"),
+    ],
+    ids=["lock", "unlock", "limit", "limit_reset", "limit_read", "processes"],
+)
+def test_a_gpu_that_hangs_past_its_reading_holds_its_thread_not_the_caller(
+    fake: FakeNvml,
+    prepare: Any,
+    call: Any,
+    function: str,
+) -> None:
+    """A GPU whose firmware starts to hang after the tick read it (in a clock lock, a limit
+    write, the read before it, discovery's process list) holds that call for tens of seconds,
+    past the unit's WatchdogSec: the call is given up after `stall_s` as a reading is, counted
+    once under the NVML function it hangs in, and the GPU is called no further until it
+    returns; then it is read again."""
+    backend = NvmlBackend(fake, stall_s=0.2)
+    healthy, hung = (info.uuid for info in backend.devices())
+    assert backend.read(hung).power_mw is not None
+    if prepare is not None:
+        prepare(backend, hung)
+    hang = Hang()
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0, [function])
+    try:
+        started_s = time.monotonic()
+        with pytest.raises(
+            GpuLost, match=rf"GPU {hung} stopped answering: no .+ within 0\.2 s, in {function}"
+        ):
+            call(backend, hung)
+        assert time.monotonic() - started_s < 30, "given up long before the hang's 60 s"
+        calls = dict(fake.call_counts)
+        outcome = backend.read_all([hung])[hung]
+        assert isinstance(outcome, GpuLost) and "has not answered a" in str(outcome)
+        with pytest.raises(GpuLost, match="has not answered a"):
+            call(backend, hung)
+        assert dict(fake.call_counts) == calls, "no call joins the one in flight"
+        assert backend.error_counts == {(function, "gpu_lost"): 1}
+        assert backend.read(healthy).power_mw is not None
+        fake.unstall_gpu(1)
+    finally:
+        hang.release()
+    _wait_until_read(backend, hung)
+
+
+def test_a_description_that_hangs_is_given_up_and_holds_no_other_gpu(fake: FakeNvml) -> None:
+    """A fresh process (a restore) describes a GPU on first use: a GPU that hangs then is
+    given up after `stall_s`, and another GPU is described meanwhile."""
+    backend = NvmlBackend(fake, stall_s=0.2)
+    hang = Hang()
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0, ["nvmlDeviceGetName"])
+    try:
+        started_s = time.monotonic()
+        with pytest.raises(GpuLost, match=r"no description within 0\.2 s, in nvmlDeviceGetName"):
+            backend.describe(fake.uuids[1])
+        assert time.monotonic() - started_s < 30
+        assert backend.describe(fake.uuids[0]).index == 0
+    finally:
+        hang.release()
 
 
 def test_gpus_that_hang_together_cost_one_stall_limit() -> None:
@@ -631,11 +712,7 @@ def test_gpus_that_hang_together_cost_one_stall_limit() -> None:
     fake4 = FakeNvml(GpuPlant(PROFILE, 4, seed=5))
     backend = NvmlBackend(fake4, stall_s=1.0)
     uuids = [info.uuid for info in backend.devices()]
-    release = threading.Event()
-
-    def hang(seconds: float) -> None:
-        release.wait(60)
-
+    hang = Hang()
     fake4.sleep = hang
     for i in range(4):
         fake4.stall_gpu(i, 45.0)
@@ -646,7 +723,7 @@ def test_gpus_that_hang_together_cost_one_stall_limit() -> None:
         assert all(isinstance(outcome, GpuLost) for outcome in outcomes.values())
         assert list(outcomes) == uuids
     finally:
-        release.set()
+        hang.release()
 
 
 def test_a_backend_dropped_without_close_leaves_no_thread() -> None:
@@ -674,13 +751,7 @@ def test_a_gpu_that_hangs_at_start_holds_neither_the_start_nor_later_looks(
     """A GPU still hung when powerd starts (a restart before it is reset) is opened on a
     thread of its own: the start waits `stall_s` for it, each later look while that call is
     in flight calls it not at all, and it opens once it answers."""
-    release = threading.Event()
-    hangs: list[float] = []
-
-    def hang(seconds: float) -> None:
-        hangs.append(seconds)
-        release.wait(60)
-
+    hang = Hang()
     fake.sleep = hang
     fake.stall_gpu(1, 45.0)
     try:
@@ -692,10 +763,10 @@ def test_a_gpu_that_hangs_at_start_holds_neither_the_start_nor_later_looks(
         assert why.startswith("GPU 1 stopped answering: not opened within 0.2 s, in nvmlDevice")
         assert [info.index for info in backend.devices()] == [0]
         assert "has not answered an open started" in backend.unopened_indices()[1]
-        assert hangs == [45.0], "the later look did not call it"
+        assert hang.waits == [45.0], "the later look did not call it"
         fake.unstall_gpu(1)
     finally:
-        release.set()
+        hang.release()
     deadline_s = time.monotonic() + 30
     while len(backend.devices()) < 2:
         assert time.monotonic() < deadline_s, "opened once the hung call returned"

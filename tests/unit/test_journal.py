@@ -25,7 +25,7 @@ from powerd.journal import Journal, JournalError, OriginalUnreadable, restore_al
 from powerd.model import GpuInfo
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
-from tests.unit.clocks import ShiftedTime
+from tests.unit.clocks import Hang, ShiftedTime
 
 PROFILE = load_gpu_profile("h100-sxm")
 DEFAULT_MW = round(PROFILE.power_limit_default_w * 1000)
@@ -632,6 +632,34 @@ def test_a_stalled_gpu_holds_back_no_other_gpus_restore(tmp_path: Path) -> None:
     assert waits == [45.0], "the stalled GPU is called once"
     assert sorted(report.restored) == sorted(info.uuid for i, info in enumerate(infos) if i != 1)
     assert "tried no further" in report.failed[infos[1].uuid]
+    assert [entry.uuid for entry in Journal(journal.path).entries()] == [infos[1].uuid]
+    for i in (0, 2, 3):
+        assert fake.plant.locked_clocks(i) is None
+        assert fake.plant.power_limit_mw(i) == DEFAULT_MW
+
+
+def test_a_gpu_that_hangs_until_after_the_restore_costs_it_one_stall_limit(
+    tmp_path: Path,
+) -> None:
+    """A GPU whose firmware still hangs when the settings are put back (ExecStopPost=, or a
+    start after a crash) holds a call for about 45 s: the restore gives it up after the
+    backend's stall limit, keeps its entry for the next restore, and puts every other GPU
+    back."""
+    fake, backend, infos = make_node(4)
+    journal = Journal(tmp_path / "journal.json")
+    for info in infos:
+        change(backend, journal, info, 450_000)
+    hang = Hang()
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0)
+    try:
+        started_s = time.monotonic()
+        report = restore_all(NvmlBackend(fake, stall_s=0.2), Journal(journal.path))
+        assert time.monotonic() - started_s < 30, "not waited out"
+    finally:
+        hang.release()
+    assert report.lost == [infos[1].uuid]
+    assert sorted(report.restored) == sorted(info.uuid for i, info in enumerate(infos) if i != 1)
     assert [entry.uuid for entry in Journal(journal.path).entries()] == [infos[1].uuid]
     for i in (0, 2, 3):
         assert fake.plant.locked_clocks(i) is None
