@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, STALL_S, GpuBackend
+from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, GpuBackend
 from powerd.gpu.errors import GpuError, GpuLost, NotSupported
 from powerd.model import GpuInfo
 from powerd.wording import counted
@@ -341,7 +341,6 @@ def restore_all(
     *,
     only: Collection[str] | None = None,
     log_each: bool = True,
-    stall_s: float = STALL_S,
 ) -> RestoreReport:
     """Put back every saved setting (with `only`, those of these GPUs, the others kept as they
     are); never raises.
@@ -350,14 +349,14 @@ def restore_all(
     limit: the unlock matters most, and no GPU's limit waits for another's clocks. A saved
     limit unknown (powerd never changed it) is left as it is; so is one that differs from
     what this process last left on the GPU (see Journal.note_power_limit_left: someone else
-    set it since). A GPU that is gone, refuses, or fails a call after more than `stall_s`
-    (then tried no further) is reported and kept in the journal, except one gone whose entry
-    was saved in an earlier boot (the reboot reset it): that entry is dropped and reported in
-    `dropped`. The journal file is removed once every GPU was restored. If the journal was
-    corrupt, every GPU's clocks are reset (locking is powerd's doing, a reset is always safe)
-    and power limits are left as they are, since their originals are lost. Logs each GPU
-    unless not `log_each` (a caller retrying every tick logs the outcome itself); the caller
-    logs `report.summary()`.
+    set it since). A GPU that is gone (one that does not answer within the backend's stall
+    limit too: then tried no further) or refuses is reported and kept in the journal, except
+    one gone whose entry was saved in an earlier boot (the reboot reset it): that entry is
+    dropped and reported in `dropped`. The journal file is removed once every GPU was
+    restored. If the journal was corrupt, every GPU's clocks are reset (locking is powerd's
+    doing, a reset is always safe) and power limits are left as they are, since their
+    originals are lost. Logs each GPU unless not `log_each` (a caller retrying every tick logs
+    the outcome itself); the caller logs `report.summary()`.
     """
     report = RestoreReport()
     if journal.load_error is not None and only is None:
@@ -374,12 +373,12 @@ def restore_all(
             restoring.append(_Restoring(entry, journal.power_limit_left_mw(entry.uuid)))
     for gpu in restoring:
         reset = functools.partial(backend.reset_locked_clocks, gpu.entry.uuid)
-        gpu.attempt("clocks", reset, stall_s)
+        gpu.attempt("clocks", reset)
     for gpu in restoring:
-        if gpu.lost is None and not gpu.stalled:
-            gpu.attempt("power_limit", functools.partial(gpu.put_limit_back, backend), stall_s)
+        if gpu.lost is None:
+            gpu.attempt("power_limit", functools.partial(gpu.put_limit_back, backend))
         elif gpu.entry.power_limit_mw is not None:
-            gpu.held.append("power_limit")  # not tried: the GPU is gone or stalled
+            gpu.held.append("power_limit")  # not tried: the GPU is gone or hung
 
     for gpu in restoring:
         entry = gpu.entry
@@ -424,16 +423,14 @@ def restore_all(
 @dataclass
 class _Restoring:
     """One GPU's restore: each knob is tried whatever the other's outcome (a clock reset that
-    fails must not keep the power limit from coming back), unless the GPU is gone or stalled.
+    fails must not keep the power limit from coming back), unless the GPU is gone or hung.
     `left_mw` is the limit this process last left on the GPU, None if not known."""
 
     entry: JournalEntry
     left_mw: int | None
     failures: list[str] = field(default_factory=list)
     lost: str | None = None
-    """Why the GPU is gone, once a call said so."""
-    stalled: bool = False
-    """A call on the GPU failed after longer than the stall limit: nothing more is tried."""
+    """Why the GPU is gone (or hung), once a call said so: nothing more is tried."""
     held: list[str] = field(default_factory=list)
     """The knobs not put back ("clocks", "power_limit")."""
     limit_text: str = ""
@@ -443,11 +440,8 @@ class _Restoring:
         limit_mw = self.entry.power_limit_mw
         self.limit_text = f"{limit_mw} mW" if limit_mw is not None else "left as found"
 
-    def attempt(self, name: str, knob: Callable[[], None], stall_s: float) -> None:
-        """Run one knob's restore (`name`) and note its outcome. A call that fails after more
-        than `stall_s` (as the backend timed it) marks the GPU stalled: each call on it would
-        wait as long. A slow call that works is a success (a fresh process's first open of a
-        GPU may take seconds)."""
+    def attempt(self, name: str, knob: Callable[[], None]) -> None:
+        """Run one knob's restore (`name`) and note its outcome."""
         try:
             knob()
         except NotSupported:
@@ -458,13 +452,6 @@ class _Restoring:
         except GpuError as exc:
             self.failures.append(str(exc))
             self.held.append(name)
-            # The failed call's own time: an open of the GPU before it may be slow and fine.
-            if exc.took_s is not None and exc.took_s > stall_s:
-                self.stalled = True
-                self.failures.append(
-                    f"the GPU took {exc.took_s:.1f} s to fail a call and was tried no further "
-                    "(a GPU that stalls, as in a firmware hang, holds every call as long)"
-                )
         except Exception as exc:  # a backend bug must not stop the other GPUs' restore
             log.exception("GPU %s: unexpected error while restoring", self.entry.uuid)
             self.failures.append(f"{type(exc).__name__}: {exc}")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 
 class GpuError(Exception):
-    """A GPU operation failed. `operation` names the call, `uuid` the device (if any);
-    `took_s` is how long the failed call took, where the backend timed it."""
+    """A GPU operation failed. `operation` names the call, `uuid` the device (if any)."""
 
     kind = "error"
 
@@ -15,12 +14,10 @@ class GpuError(Exception):
         *,
         operation: str = "",
         uuid: str | None = None,
-        took_s: float | None = None,
     ) -> None:
         super().__init__(message)
         self.operation = operation
         self.uuid = uuid
-        self.took_s = took_s
 
 
 class NotSupported(GpuError):

@@ -294,15 +294,12 @@ class NvmlBackend:
                 raise hung
         thread = threading.get_ident()
         self._calling[thread] = operation
-        started_s = time.monotonic()
         try:
             return fn(*args)
         except Exception as exc:
-            took_s = time.monotonic() - started_s  # the call alone, not _map's own lookups
             mapped = self._map(exc, operation, uuid)
             if mapped is None:
                 raise
-            mapped.took_s = took_s
             raise (self._record(mapped) if record else mapped) from exc
         finally:
             self._calling.pop(thread, None)

@@ -18,14 +18,12 @@ import pynvml
 import pytest
 
 from powerd import journal as journal_module
-from powerd.gpu import nvml as nvml_module
-from powerd.gpu.backend import STALL_S
 from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal, JournalError, OriginalUnreadable, restore_all
 from powerd.model import GpuInfo
 from powerd.sim.fake_nvml import FakeNvml
 from powerd.sim.plant import GpuPlant, load_gpu_profile
-from tests.unit.clocks import Hang, ShiftedTime
+from tests.unit.clocks import Hang
 
 PROFILE = load_gpu_profile("h100-sxm")
 DEFAULT_MW = round(PROFILE.power_limit_default_w * 1000)
@@ -611,33 +609,6 @@ def test_restore_after_sigkill_of_the_writer(tmp_path: Path) -> None:
     assert fresh.plant.locked_clocks(1) is None
 
 
-def test_a_stalled_gpu_holds_back_no_other_gpus_restore(tmp_path: Path) -> None:
-    """A GPU whose firmware hangs holds each call for about 45 s: restore (a fresh process,
-    as ExecStopPost= runs it, within TimeoutStopSec=) calls it once and puts every other GPU
-    back."""
-    fake, backend, infos = make_node(4)
-    journal = Journal(tmp_path / "journal.json")
-    for info in infos:
-        change(backend, journal, info, 450_000)
-    waits: list[float] = []
-
-    def hang(seconds: float) -> None:
-        waits.append(seconds)
-        time.sleep(0.1)  # the 45 s, shortened
-
-    fake.sleep = hang
-    fake.stall_gpu(1, 45.0)
-    report = restore_all(NvmlBackend(fake), Journal(journal.path), stall_s=0.05)
-
-    assert waits == [45.0], "the stalled GPU is called once"
-    assert sorted(report.restored) == sorted(info.uuid for i, info in enumerate(infos) if i != 1)
-    assert "tried no further" in report.failed[infos[1].uuid]
-    assert [entry.uuid for entry in Journal(journal.path).entries()] == [infos[1].uuid]
-    for i in (0, 2, 3):
-        assert fake.plant.locked_clocks(i) is None
-        assert fake.plant.power_limit_mw(i) == DEFAULT_MW
-
-
 def test_a_gpu_that_hangs_until_after_the_restore_costs_it_one_stall_limit(
     tmp_path: Path,
 ) -> None:
@@ -666,26 +637,6 @@ def test_a_gpu_that_hangs_until_after_the_restore_costs_it_one_stall_limit(
         assert fake.plant.power_limit_mw(i) == DEFAULT_MW
 
 
-def test_a_gpu_that_answers_slowly_is_restored_all_the_same(tmp_path: Path) -> None:
-    """A fresh process's first open of a GPU may take seconds (no persistence mode, a busy
-    node): only a call that fails that late marks a stalled GPU."""
-    fake, backend, infos = make_node(2)
-    journal = Journal(tmp_path / "journal.json")
-    for info in infos:
-        change(backend, journal, info, 450_000)
-    reset = fake.nvmlDeviceResetGpuLockedClocks
-
-    def slow_reset(handle: Any) -> None:
-        time.sleep(0.1)
-        reset(handle)
-
-    fake.nvmlDeviceResetGpuLockedClocks = slow_reset  # type: ignore[method-assign]
-    report = restore_all(NvmlBackend(fake), Journal(journal.path), stall_s=0.05)
-    assert report.ok and sorted(report.restored) == sorted(info.uuid for info in infos)
-    assert fake.plant.locked_clocks(0) is None
-    assert fake.plant.power_limit_mw(0) == DEFAULT_MW
-
-
 def test_a_restore_that_puts_back_one_knob_of_two_says_which_is_held(tmp_path: Path) -> None:
     fake, backend, infos = make_node(2)
     journal = Journal(tmp_path / "journal.json")
@@ -697,31 +648,3 @@ def test_a_restore_that_puts_back_one_knob_of_two_says_which_is_held(tmp_path: P
     assert report.held == {infos[0].uuid: ("clocks",), infos[1].uuid: ("power_limit",)}
     assert fake.plant.locked_clocks(0) is not None and fake.plant.power_limit_mw(0) == DEFAULT_MW
     assert fake.plant.locked_clocks(1) is None and fake.plant.power_limit_mw(1) == 450_000
-
-
-def test_a_slow_open_before_a_failed_call_is_no_stall(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Only the failed call's own time marks a stall: a fresh process's slow first open of a
-    GPU, then a reset refused at once, must not keep the limit from coming back."""
-    # The slow open passes at once on the clock of the backend and of the restore, and the
-    # threshold is STALL_S: the refusal has 5 s to come, not 50 ms that a busy machine's slow
-    # call may cross.
-    clock = ShiftedTime()
-    monkeypatch.setattr(nvml_module, "time", clock)
-    monkeypatch.setattr(journal_module, "time", clock)
-    fake, backend, infos = make_node(1)
-    journal = Journal(tmp_path / "journal.json")
-    change(backend, journal, infos[0], 450_000)
-    by_uuid = fake.nvmlDeviceGetHandleByUUID
-
-    def slow_open(uuid: Any) -> Any:
-        clock.ahead_s += 6 * STALL_S
-        return by_uuid(uuid)
-
-    fake.nvmlDeviceGetHandleByUUID = slow_open  # type: ignore[method-assign]
-    fake.inject_error(0, "nvmlDeviceResetGpuLockedClocks", pynvml.NVMLError_Unknown)
-    report = restore_all(NvmlBackend(fake), Journal(journal.path))
-    assert "tried no further" not in report.failed[infos[0].uuid]
-    assert report.held == {infos[0].uuid: ("clocks",)}
-    assert fake.plant.power_limit_mw(0) == DEFAULT_MW, "the limit came back"
