@@ -53,10 +53,12 @@ class GpuBackend(Protocol):
         """One telemetry reading. Raises GpuLost when the device is gone."""
         ...
 
-    def read_all(self, uuids: Sequence[str]) -> dict[str, GpuReading | GpuError]:
+    def read_all(
+        self, uuids: Sequence[str], *, wait_s: float | None = None
+    ) -> dict[str, GpuReading | GpuError]:
         """One reading of each GPU, or the GpuError that stood in its way (GpuLost for a GPU
-        gone or that did not answer within the stall limit); the GPUs are waited for at once,
-        so several that hang cost one stall limit, not one each."""
+        gone or that did not answer within the stall limit, or within `wait_s` when shorter);
+        the GPUs are waited for at once, so several that hang cost one wait, not one each."""
         ...
 
     def power_limit_mw(self, uuid: str) -> int | None:

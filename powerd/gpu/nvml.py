@@ -592,13 +592,16 @@ class NvmlBackend:
             raise outcome
         return outcome
 
-    def read_all(self, uuids: Sequence[str]) -> dict[str, GpuReading | GpuError]:
+    def read_all(
+        self, uuids: Sequence[str], *, wait_s: float | None = None
+    ) -> dict[str, GpuReading | GpuError]:
         """One telemetry reading of each GPU, or the GpuError that stood in its way (GpuLost
         for a GPU gone); a value a device cannot give is None. A GPU whose firmware hangs
         holds every call on it for tens of seconds, so each GPU is read on a thread of its
-        own, all at once, and waited for `stall_s` in all: one that has not answered by then
-        is taken for lost (its late reading is dropped), and until that call returns nothing
-        else is called on it. A reading that took longer than `stall_s` is GpuLost too."""
+        own, all at once, and waited for `stall_s` in all (`wait_s` when shorter): one that
+        has not answered by then is taken for lost (its late reading is dropped), and until
+        that call returns nothing else is called on it. A reading that took longer than
+        `stall_s` is GpuLost too."""
         outcomes: dict[str, GpuReading | GpuError] = {}
         jobs: dict[str, tuple[_Reader, _Job[GpuReading]]] = {}
         for uuid in uuids:
@@ -608,7 +611,8 @@ class NvmlBackend:
                 )
             except GpuLost as exc:
                 outcomes[uuid] = exc
-        deadline_s = time.monotonic() + self._stall_s
+        patience_s = self._stall_s if wait_s is None else min(wait_s, self._stall_s)
+        deadline_s = time.monotonic() + patience_s
         for uuid, (reader, job) in jobs.items():
             try:
                 outcomes[uuid] = self._await(uuid, reader, job, deadline_s)

@@ -60,7 +60,9 @@ class RecordingBackend:
         limit_mw = None if uuid in self.unreadable else self.limits[uuid]
         return GpuReading(uuid, 0, 0.0, 300_000, 0, 1980, limit_mw, None, 0, 50)
 
-    def read_all(self, uuids: Sequence[str]) -> dict[str, GpuReading | GpuError]:
+    def read_all(
+        self, uuids: Sequence[str], *, wait_s: float | None = None
+    ) -> dict[str, GpuReading | GpuError]:
         return {uuid: self.read(uuid) for uuid in uuids}
 
     def _write(self, op: str, uuid: str, *args: int) -> None:

@@ -273,6 +273,37 @@ def test_a_gpu_that_hangs_is_dropped_within_the_stall_limit_and_rejoins_when_it_
     rig.run_until(lambda s: s.gpus[1].observe_only_reason == "", 30)
 
 
+def test_a_gpu_that_hangs_again_at_each_look_holds_the_look_briefly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU whose firmware still hangs starts a new hang each time its last call returns:
+    the look for lost GPUs every 10 s waits LOST_GPU_ANSWER_S for it, not the stall limit, so
+    the other GPUs' ticks are not held that long about once a minute."""
+    monkeypatch.setattr(roster_module, "LOST_GPU_ANSWER_S", 0.2)
+    rig = make_rig(tmp_path, stall_s=3.0)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 90)
+    hang = Hang()
+    rig.fake.sleep = hang
+    rig.fake.stall_gpu(1, 45.0)
+    try:
+        assert rig.run(1).gpus[1].observe_only_reason == "gpu_lost"
+        hang.release()  # the hung call fails with the driver's timeout...
+        time.sleep(0.3)
+        hang.hold()  # ...and the next call on the GPU hangs again
+        tick_s = []
+        for _ in range(int(roster_module.DISCOVERY_RETRY_S) + 1):
+            started_s = time.monotonic()
+            rig.run(1)
+            tick_s.append(time.monotonic() - started_s)
+        assert len(hang.waits) == 2, "the look tried the GPU once more"
+        assert max(tick_s) < 2.0, f"the look waited the stall limit: {max(tick_s):.1f} s"
+        assert rig.snapshots[-1].gpus[1].observe_only_reason == "gpu_lost"
+        rig.fake.unstall_gpu(1)
+    finally:
+        hang.release()
+    rig.run_until(lambda s: s.gpus[1].observe_only_reason == "", 30)
+
+
 def test_a_gpu_that_hangs_in_a_write_is_dropped_within_the_stall_limit(tmp_path: Path) -> None:
     """A GPU whose firmware starts to hang between a tick's reading and its setting holds the
     clock write, not the tick: the write is given up after the stall limit, the GPU is taken

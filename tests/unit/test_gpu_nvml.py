@@ -726,6 +726,22 @@ def test_gpus_that_hang_together_cost_one_stall_limit() -> None:
         hang.release()
 
 
+def test_a_look_at_lost_gpus_may_wait_less_than_the_stall_limit(fake: FakeNvml) -> None:
+    backend = NvmlBackend(fake, stall_s=30.0)
+    healthy, hung = (info.uuid for info in backend.devices())
+    hang = Hang()
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0)
+    try:
+        started_s = time.monotonic()
+        outcomes = backend.read_all([healthy, hung], wait_s=0.2)
+        assert time.monotonic() - started_s < 10, "given up at wait_s, not at stall_s"
+        assert isinstance(outcomes[hung], GpuLost)
+        assert not isinstance(outcomes[healthy], GpuError)
+    finally:
+        hang.release()
+
+
 def test_a_backend_dropped_without_close_leaves_no_thread() -> None:
     """A finished reading must not keep its backend alive: the backend's finalizer ends its
     reader threads (a test's or a tool's backend is often never closed)."""
