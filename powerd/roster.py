@@ -39,10 +39,11 @@ return)."""
 DISCOVERY_RETRY_MAX_S = 60.0
 """The wait between two discoveries of one server doubles up to this: each scans every
 process's sockets (psutil), which costs more the busier the node."""
-LOST_GPU_ANSWER_S = 1.0
-"""How long the look for lost GPUs waits for them to answer (s). A GPU back from a reset
-answers in milliseconds; one whose firmware still hangs starts a new hang each time its last
-call returns, which would hold that tick for the whole stall limit."""
+LOOK_WAIT_S = 1.0
+"""How long the look for lost and unopened GPUs every DISCOVERY_RETRY_S waits for each to
+answer (s). A GPU back from a reset answers in milliseconds; one whose firmware still hangs
+starts a new hang each time its last call returns, which would hold that tick for the whole
+stall limit."""
 
 
 class Claim(NamedTuple):
@@ -372,7 +373,7 @@ class GpuRoster:
         if not self.unopened:
             return Rediscovery(False, False)
         try:
-            infos = self._backend.devices()
+            infos = self._backend.devices(wait_s=LOOK_WAIT_S)
         except GpuError as exc:
             log.debug("enumerating the GPUs again: %s", exc)
             return Rediscovery(False, False)
@@ -435,7 +436,7 @@ class GpuRoster:
         """Give each lost GPU that answers again back to its group, with what powerd had set
         on it put back first."""
         groups_changed = back_any = False
-        answers = self._backend.read_all(list(self.lost), wait_s=LOST_GPU_ANSWER_S)
+        answers = self._backend.read_all(list(self.lost), wait_s=LOOK_WAIT_S)
         for uuid, info in list(self.lost.items()):
             if isinstance(answers[uuid], GpuError):
                 continue

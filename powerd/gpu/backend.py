@@ -34,8 +34,9 @@ class GpuBackend(Protocol):
         """Errors since start by (operation, GpuError kind), for powerd_nvml_errors_total."""
         ...
 
-    def devices(self) -> list[GpuInfo]:
-        """Every GPU the backend can see, in index order."""
+    def devices(self, *, wait_s: float | None = None) -> list[GpuInfo]:
+        """Every GPU the backend can see, in index order; each open waits the stall limit at
+        most (`wait_s` when shorter)."""
         ...
 
     def unopened_indices(self) -> dict[int, str]:

@@ -356,9 +356,10 @@ class NvmlBackend:
 
     # --- devices --------------------------------------------------------------------------
 
-    def devices(self) -> list[GpuInfo]:
+    def devices(self, *, wait_s: float | None = None) -> list[GpuInfo]:
         """Every GPU NVML can open, in index order. A GPU that cannot be opened (no
-        permission, lost) is left out, its error counted and kept for unopened_indices()."""
+        permission, lost, no answer within `stall_s` or `wait_s` when shorter) is left out,
+        its error counted and kept for unopened_indices()."""
         count = int(self._call("nvmlDeviceGetCount", None))
         infos: list[GpuInfo] = []
         unopened: dict[int, str] = {}
@@ -371,7 +372,7 @@ class NvmlBackend:
             if index in hung_indices:
                 continue  # a GPU whose reading hangs: the roster holds it as lost
             try:
-                uuid, handle, info = self._open_within_stall(index)
+                uuid, handle, info = self._open_within_stall(index, self._patience_s(wait_s))
             except GpuUnavailable:
                 raise
             except GpuError as exc:
@@ -383,8 +384,8 @@ class NvmlBackend:
         self._unopened = unopened
         return infos
 
-    def _open_within_stall(self, index: int) -> tuple[str, Any, GpuInfo]:
-        """Open the GPU at `index` on a thread of its own, waiting `stall_s` at most: a GPU
+    def _open_within_stall(self, index: int, patience_s: float) -> tuple[str, Any, GpuInfo]:
+        """Open the GPU at `index` on a thread of its own, waiting `patience_s` at most: a GPU
         whose firmware hangs would hold the start, and each later look for it, for as long.
         GpuLost when it does not answer in time, or still has not since an earlier try."""
         job = self._opening.get(index)
@@ -398,21 +399,30 @@ class NvmlBackend:
         opener = _Reader(f"open-{index}")  # one call: the thread ends once it returns
         job = opener.submit(_Job(functools.partial(self._open, index), "open", "open"))
         opener.stop()
-        if job.done.wait(_wait_s(time.monotonic() + self._stall_s)):
+        if job.done.wait(_wait_s(time.monotonic() + patience_s)):
             self._opening.pop(index, None)
             return job.outcome()
         self._opening[index] = job
-        raise self._hang(opener, job, f"GPU {index} stopped answering: not opened")
+        raise self._hang(opener, job, f"GPU {index} stopped answering: not opened", patience_s)
+
+    def _patience_s(self, wait_s: float | None) -> float:
+        """How long to wait for a GPU's answer: `stall_s`, or `wait_s` when shorter."""
+        return self._stall_s if wait_s is None else min(wait_s, self._stall_s)
 
     def _hang(
-        self, thread: _Reader, job: _Job[Any], what: str, uuid: str | None = None
+        self,
+        thread: _Reader,
+        job: _Job[Any],
+        what: str,
+        patience_s: float,
+        uuid: str | None = None,
     ) -> GpuError:
-        """GpuLost (counted) for `job`, on `thread`, that did not return within `stall_s`,
+        """GpuLost (counted) for `job`, on `thread`, that did not return within `patience_s`,
         named by the NVML function the thread is in."""
         operation = self._calling.get(thread.thread.ident or 0, job.operation)
         return self._record(
             GpuLost(
-                f"{what} within {self._stall_s:g} s, in {operation}",
+                f"{what} within {patience_s:g} s, in {operation}",
                 operation=operation,
                 uuid=uuid,
             )
@@ -431,12 +441,16 @@ class NvmlBackend:
             reader = self._readers[uuid] = _Reader(f"gpu-{uuid}")
         return reader, reader.submit(job)
 
-    def _await(self, uuid: str, reader: _Reader, job: _Job[T], deadline_s: float) -> T:
-        """The job's outcome, waited for until `deadline_s` (monotonic): one still in its
-        call then is GpuLost (counted), and its GPU called no further until it returns."""
-        if not job.done.wait(_wait_s(deadline_s)):
+    def _await(
+        self, uuid: str, reader: _Reader, job: _Job[T], since_s: float, patience_s: float
+    ) -> T:
+        """The job's outcome, waited for `patience_s` from `since_s` (monotonic): one still
+        in its call then is GpuLost (counted), and its GPU called no further until it
+        returns."""
+        if not job.done.wait(_wait_s(since_s + patience_s)):
             self._hung[uuid] = job
-            raise self._hang(reader, job, f"GPU {uuid} stopped answering: no {job.what}", uuid)
+            what = f"GPU {uuid} stopped answering: no {job.what}"
+            raise self._hang(reader, job, what, patience_s, uuid)
         return job.outcome()
 
     def _within_stall(self, uuid: str, job: _Job[T]) -> T:
@@ -448,7 +462,7 @@ class NvmlBackend:
         if reader is not None and reader.is_current():
             return job.run_here()
         reader, job = self._submit(uuid, job)
-        return self._await(uuid, reader, job, time.monotonic() + self._stall_s)
+        return self._await(uuid, reader, job, time.monotonic(), self._stall_s)
 
     def _open(self, index: int) -> tuple[str, Any, GpuInfo]:
         handle = self._call("nvmlDeviceGetHandleByIndex", None, index)
@@ -611,11 +625,10 @@ class NvmlBackend:
                 )
             except GpuLost as exc:
                 outcomes[uuid] = exc
-        patience_s = self._stall_s if wait_s is None else min(wait_s, self._stall_s)
-        deadline_s = time.monotonic() + patience_s
+        since_s, patience_s = time.monotonic(), self._patience_s(wait_s)
         for uuid, (reader, job) in jobs.items():
             try:
-                outcomes[uuid] = self._await(uuid, reader, job, deadline_s)
+                outcomes[uuid] = self._await(uuid, reader, job, since_s, patience_s)
             except GpuError as exc:
                 outcomes[uuid] = exc
             if job.done.is_set():

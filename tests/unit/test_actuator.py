@@ -44,7 +44,7 @@ class RecordingBackend:
         """GPUs whose power limit reads as None, as NvmlBackend.read gives on a timeout."""
         self.error_counts: dict[tuple[str, str], int] = {}
 
-    def devices(self) -> list[GpuInfo]:
+    def devices(self, *, wait_s: float | None = None) -> list[GpuInfo]:
         return list(self.infos)
 
     def unopened_indices(self) -> dict[int, str]:

@@ -277,9 +277,9 @@ def test_a_gpu_that_hangs_again_at_each_look_holds_the_look_briefly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A GPU whose firmware still hangs starts a new hang each time its last call returns:
-    the look for lost GPUs every 10 s waits LOST_GPU_ANSWER_S for it, not the stall limit, so
+    the look for lost GPUs every 10 s waits LOOK_WAIT_S for it, not the stall limit, so
     the other GPUs' ticks are not held that long about once a minute."""
-    monkeypatch.setattr(roster_module, "LOST_GPU_ANSWER_S", 0.2)
+    monkeypatch.setattr(roster_module, "LOOK_WAIT_S", 0.2)
     rig = make_rig(tmp_path, stall_s=3.0)
     rig.run_until(lambda s: _locked(rig, 1) is not None, 90)
     hang = Hang()

@@ -726,7 +726,11 @@ def test_gpus_that_hang_together_cost_one_stall_limit() -> None:
         hang.release()
 
 
-def test_a_look_at_lost_gpus_may_wait_less_than_the_stall_limit(fake: FakeNvml) -> None:
+def test_a_look_at_lost_or_unopened_gpus_may_wait_less_than_the_stall_limit(
+    fake: FakeNvml,
+) -> None:
+    """The look for lost and unopened GPUs every 10 s gives each a shorter wait: a GPU whose
+    firmware still hangs hangs again at each look."""
     backend = NvmlBackend(fake, stall_s=30.0)
     healthy, hung = (info.uuid for info in backend.devices())
     hang = Hang()
@@ -737,7 +741,17 @@ def test_a_look_at_lost_gpus_may_wait_less_than_the_stall_limit(fake: FakeNvml) 
         outcomes = backend.read_all([healthy, hung], wait_s=0.2)
         assert time.monotonic() - started_s < 10, "given up at wait_s, not at stall_s"
         assert isinstance(outcomes[hung], GpuLost)
+        assert "no reading within 0.2 s" in str(outcomes[hung])
         assert not isinstance(outcomes[healthy], GpuError)
+    finally:
+        hang.release()
+    hang.hold()
+    try:
+        fresh = NvmlBackend(fake, stall_s=30.0)
+        started_s = time.monotonic()
+        assert [info.index for info in fresh.devices(wait_s=0.2)] == [0]
+        assert time.monotonic() - started_s < 10, "given up at wait_s, not at stall_s"
+        assert "not opened within 0.2 s" in fresh.unopened_indices()[1]
     finally:
         hang.release()
 
@@ -746,19 +760,22 @@ def test_a_backend_dropped_without_close_leaves_no_thread() -> None:
     """A finished reading must not keep its backend alive: the backend's finalizer ends its
     reader threads (a test's or a tool's backend is often never closed)."""
     fake = FakeNvml(GpuPlant(PROFILE, 4, seed=5))
-    before = threading.active_count()
+    # Threads another test left ending meanwhile must not count: this backend's own are
+    # the ones started here.
+    before = set(threading.enumerate())
     backend = NvmlBackend(fake)
     for info in backend.devices():
         assert backend.read(info.uuid).power_mw is not None
-    assert threading.active_count() == before + 4
+    started = [t for t in threading.enumerate() if t not in before]
+    readers = [t for t in started if t.name.startswith("nvml-gpu-")]
+    assert len(readers) == 4, "one thread a GPU"
     dropped = weakref.ref(backend)
     del backend
     gc.collect()
     assert dropped() is None
-    deadline_s = time.monotonic() + 10
-    while threading.active_count() > before:
-        assert time.monotonic() < deadline_s, "the reader threads ended"
-        time.sleep(0.02)
+    for reader in readers:
+        reader.join(10)
+        assert not reader.is_alive(), "the reader threads ended"
 
 
 def test_a_gpu_that_hangs_at_start_holds_neither_the_start_nor_later_looks(
