@@ -363,6 +363,13 @@ class Actuator:
                     )
                 state.lock_max_mhz = want_lock
                 state.lock_sent_s = now_s
+            except GpuLost:
+                # A write given up on as hung may still land when its call returns: the lock
+                # counts as set, so the GPU's return puts it back (an unlock given up on
+                # leaves the lock counted as it was).
+                if want_lock is not None:
+                    state.lock_max_mhz = want_lock
+                raise
             except NotSupported:
                 state.clock_lock_supported = False
                 log.warning("GPU %s cannot lock clocks; falling back to its power limit", info.uuid)
@@ -525,8 +532,14 @@ class Actuator:
                 left_mw = target_mw
             else:
                 left_mw = self._backend.set_power_limit(uuid, target_mw)
-        except (GpuLost, NotSupported, NoPermission):
-            raise  # nothing written (or nothing left to read)
+        except GpuLost:
+            # Nothing written, or (a write given up on as hung) written when its call returns:
+            # the new limit counts as set, so the GPU's return puts the limit back.
+            if limit_mw is not None:
+                state.power_limit_mw = limit_mw
+            raise
+        except (NotSupported, NoPermission):
+            raise  # nothing written
         except GpuError:
             # It may hold the new limit, the old one or another: what is there now is powerd's.
             self._left(state, read_power_limit_mw(self._backend, uuid)[0])

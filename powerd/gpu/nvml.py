@@ -240,6 +240,8 @@ class NvmlBackend:
         call is made on that GPU meanwhile (it would wait as long)."""
         self._calling: dict[int, str] = {}
         """The NVML function each thread is in now, by thread ident."""
+        self._call_started_s: dict[int, float] = {}
+        """When each thread's latest NVML call started (monotonic), by thread ident."""
         self.read_cpu_s: dict[str, float] = {}
         """CPU seconds of each GPU's last reading that returned, spent in its reader thread."""
         self._closed = False
@@ -293,6 +295,7 @@ class NvmlBackend:
             if hung is not None:
                 raise hung
         thread = threading.get_ident()
+        self._call_started_s[thread] = time.monotonic()  # before _calling: see _answers
         self._calling[thread] = operation
         try:
             return fn(*args)
@@ -399,7 +402,7 @@ class NvmlBackend:
         opener = _Reader(f"open-{index}")  # one call: the thread ends once it returns
         job = opener.submit(_Job(functools.partial(self._open, index), "open", "open"))
         opener.stop()
-        if job.done.wait(_wait_s(time.monotonic() + patience_s)):
+        if self._answers(opener, job, time.monotonic(), patience_s):
             self._opening.pop(index, None)
             return job.outcome()
         self._opening[index] = job
@@ -444,14 +447,39 @@ class NvmlBackend:
     def _await(
         self, uuid: str, reader: _Reader, job: _Job[T], since_s: float, patience_s: float
     ) -> T:
-        """The job's outcome, waited for `patience_s` from `since_s` (monotonic): one still
-        in its call then is GpuLost (counted), and its GPU called no further until it
-        returns."""
-        if not job.done.wait(_wait_s(since_s + patience_s)):
+        """The job's outcome, or GpuLost (counted) once the GPU has left one of its calls
+        unanswered for `patience_s` (see _answers); then nothing more is called on the GPU
+        until that call returns."""
+        try:
+            answered = self._answers(reader, job, since_s, patience_s)
+        except BaseException:
+            # An interrupted wait (Ctrl-C in `powerd restore`) leaves the call running: close()
+            # must not shut NVML down under it.
+            self._hung[uuid] = job
+            raise
+        if not answered:
             self._hung[uuid] = job
             what = f"GPU {uuid} stopped answering: no {job.what}"
             raise self._hang(reader, job, what, patience_s, uuid)
         return job.outcome()
+
+    def _answers(self, reader: _Reader, job: _Job[Any], since_s: float, patience_s: float) -> bool:
+        """Wait for `job`: True once it is done, False once one of its NVML calls has gone
+        `patience_s` unanswered (the first counted from `since_s`, monotonic). The limit is on
+        a call, not on the job: a GPU that answers each call, however slowly, is not hung
+        (a fresh process's first calls on a GPU may take seconds)."""
+        thread = reader.thread.ident or 0
+        while True:
+            call_started_s = max(since_s, self._call_started_s.get(thread, since_s))
+            if job.done.wait(_wait_s(call_started_s + patience_s)):
+                return True
+            in_call = thread in self._calling  # read first: _call stamps the start first
+            if self._call_started_s.get(thread, since_s) > call_started_s:
+                continue  # another call started since: the GPU answered the one before
+            if not in_call:
+                since_s = time.monotonic()  # between two calls, in powerd's own code
+                continue
+            return False
 
     def _within_stall(self, uuid: str, job: _Job[T]) -> T:
         """Run `job` on the GPU's thread and wait `stall_s` for it. A GPU whose firmware hangs
@@ -566,18 +594,12 @@ class NvmlBackend:
             handle = self._handle(uuid)
             try:
                 index = int(self._call("nvmlDeviceGetIndex", uuid, handle))
-            except NotSupported:
-                self.devices()  # a binding without the call: enumerate to learn the index
-                info = self._infos.get(uuid)
-                if info is None:
-                    raise self._record(
-                        GpuLost(
-                            f"GPU {uuid} is not present",
-                            operation="nvmlDeviceGetHandleByUUID",
-                            uuid=uuid,
-                        )
-                    ) from None
-                return info
+            except NotSupported as exc:
+                # Every NVML since 2012 has the call. Not NotSupported, which a restore takes
+                # for a GPU without the knob, so nothing to put back.
+                raise GpuError(
+                    f"GPU {uuid} cannot be described: {exc}", operation=exc.operation, uuid=uuid
+                ) from exc
             info = self._infos[uuid] = self._describe(index, uuid, handle)
         return info
 

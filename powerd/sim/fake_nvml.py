@@ -304,8 +304,9 @@ class FakeNvml:
         self._lost: set[int] = set()
         self._disabled: dict[int, set[str]] = collections.defaultdict(set)
         self._injected: dict[tuple[int | None, str], tuple[type[pynvml.NVMLError], bool]] = {}
-        self._stalled: dict[int, tuple[float, frozenset[str] | None]] = {}
-        """GPU index -> (how long its calls wait, the functions that do; None: all)."""
+        self._stalled: dict[int, tuple[float, frozenset[str] | None, bool]] = {}
+        """GPU index -> (how long its calls wait, the functions that do (None: all), whether
+        they answer after the wait rather than time out)."""
         self.sleep: Callable[[float], None] = time.sleep
         """How a stalled GPU's calls wait (a test may count the time instead)."""
         self._pids: dict[int, list[tuple[int, int | None]]] = {}
@@ -339,10 +340,18 @@ class FakeNvml:
         with self.lock:
             self._lost.discard(self._check_index(i))
 
-    def stall_gpu(self, i: int, seconds: float, functions: Sequence[str] | None = None) -> None:
+    def stall_gpu(
+        self,
+        i: int,
+        seconds: float,
+        functions: Sequence[str] | None = None,
+        *,
+        answer: bool = False,
+    ) -> None:
         """Make every call on GPU i (or only those of `functions`) wait `seconds`, then raise
         Timeout, as on a GPU whose firmware hangs (Xid 119: each call waits out the driver's
-        RPC timeout)."""
+        RPC timeout); with `answer`, then answer as usual (a slow GPU, or a write that lands
+        late)."""
         for function in functions or ():
             if not callable(getattr(self, function, None)):
                 raise ValueError(f"the fake NVML has no {function}")
@@ -350,6 +359,7 @@ class FakeNvml:
             self._stalled[self._check_index(i)] = (
                 seconds,
                 None if functions is None else frozenset(functions),
+                answer,
             )
 
     def unstall_gpu(self, i: int) -> None:
@@ -443,8 +453,10 @@ class FakeNvml:
         self._raise_injected(i, function)
         stalled = self._stalled.get(i)
         if stalled is not None and (stalled[1] is None or function in stalled[1]):
-            self._wait_unlocked(stalled[0])
-            raise pynvml.NVMLError_Timeout()
+            seconds, _, answer = stalled
+            self._wait_unlocked(seconds)
+            if not answer:
+                raise pynvml.NVMLError_Timeout()
         if i in self._lost or self.plant.is_shut_down(i):
             raise pynvml.NVMLError_GpuIsLost()
         feature = _FEATURE_OF.get(function)

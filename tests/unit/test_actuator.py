@@ -12,8 +12,11 @@ import pytest
 
 from powerd.actuator import LOCK_RESEND_S, Actuator
 from powerd.gpu.errors import GpuError, GpuLost, NoPermission, NotSupported
+from powerd.gpu.nvml import NvmlBackend
 from powerd.journal import Journal, restore_all
 from powerd.model import GpuInfo, GpuReading, GroupDecision
+from powerd.sim.fake_nvml import FakeNvml
+from powerd.sim.plant import GpuPlant, load_gpu_profile
 
 CLOCKS = tuple(range(345, 1981, 15))
 
@@ -485,3 +488,49 @@ def test_a_gpu_observed_only_is_sent_nothing_again(tmp_path: Path) -> None:
         actuator.apply(_decision(f_max), ["GPU-0"])
     assert actuator.states["GPU-0"].observe_only_reason == "journal_error"
     assert backend.writes == []
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline_s = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline_s, what
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("setter", "decision"),
+    [
+        ("nvmlDeviceSetGpuLockedClocks", GroupDecision("g", 1200, None, "efficiency")),
+        ("nvmlDeviceSetPowerManagementLimit", GroupDecision("g", 1980, 400_000, "efficiency")),
+    ],
+    ids=["clocks", "power_limit"],
+)
+def test_a_write_given_up_on_that_lands_late_is_put_back_when_the_gpu_returns(
+    tmp_path: Path, setter: str, decision: GroupDecision
+) -> None:
+    """A write the backend gave up on as hung may still land when its call returns: the
+    actuator counts it as set, so the GPU's return puts it back rather than leaving a lock or
+    limit that powerd does not know of."""
+    fake = FakeNvml(GpuPlant(load_gpu_profile("h100-sxm"), 1, seed=11))
+    backend = NvmlBackend(fake, stall_s=0.2)
+    info = backend.devices()[0]
+    actuator = Actuator(backend, Journal(tmp_path / "journal.json"), dry_run=False)
+    actuator.track(info)
+    fake.sleep = time.sleep
+    fake.stall_gpu(0, 0.5, [setter], answer=True)  # lands 0.5 s on, past the 0.2-s limit
+    with pytest.raises(GpuLost):
+        actuator.apply(decision, [info.uuid])
+    actuator.lose(info.uuid)
+    _wait_for(
+        lambda: fake.plant.locked_clocks(0) is not None or fake.plant.power_limit_mw(0) == 400_000,
+        "the write landed after it was given up on",
+    )
+    _wait_for(
+        lambda: not isinstance(backend.read_all([info.uuid])[info.uuid], GpuLost),
+        "the GPU answers once the late call returned",
+    )
+    fake.unstall_gpu(0)
+    actuator.rejoin(info.uuid)
+    assert fake.plant.locked_clocks(0) is None
+    assert fake.plant.power_limit_mw(0) == info.power_limit_default_mw
+    assert not actuator.holds_settings(info.uuid)

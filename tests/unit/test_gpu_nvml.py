@@ -3,6 +3,7 @@ pynvml on a machine without a driver."""
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import gc
 import logging
@@ -702,6 +703,26 @@ def test_a_description_that_hangs_is_given_up_and_holds_no_other_gpu(fake: FakeN
         assert time.monotonic() - started_s < 30
         assert backend.describe(fake.uuids[0]).index == 0
     finally:
+        hang.release()
+
+
+def test_a_wait_interrupted_leaves_nvml_open_under_the_call(fake: FakeNvml) -> None:
+    """Ctrl-C while `powerd restore` waits for a GPU leaves the call running on the GPU's
+    thread: close() must not shut NVML down under it."""
+    backend = NvmlBackend(fake, stall_s=30.0)
+    uuid = backend.devices()[1].uuid
+    hang = Hang()
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0)
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backend.reset_locked_clocks(uuid, resend=True)
+        backend.close()
+        assert fake.call_counts["nvmlShutdown"] == 0, "not while a thread is inside a call"
+    finally:
+        timer.cancel()
         hang.release()
 
 

@@ -637,6 +637,38 @@ def test_a_gpu_that_hangs_until_after_the_restore_costs_it_one_stall_limit(
         assert fake.plant.power_limit_mw(i) == DEFAULT_MW
 
 
+def test_a_gpu_that_answers_slowly_is_restored_all_the_same(tmp_path: Path) -> None:
+    """A fresh process's first calls on a GPU may take seconds (a busy node): the stall limit
+    is on one call, not on a restore's dozen, so a GPU that answers each is put back."""
+    fake, backend, infos = make_node(2)
+    journal = Journal(tmp_path / "journal.json")
+    for info in infos:
+        change(backend, journal, info, 450_000)
+    fake.sleep = time.sleep
+    fake.stall_gpu(0, 0.1, answer=True)  # every call on GPU 0: 0.1 s, then the answer
+    report = restore_all(NvmlBackend(fake, stall_s=0.5), Journal(journal.path))
+    assert report.ok and sorted(report.restored) == sorted(info.uuid for info in infos)
+    assert fake.call_counts["nvmlDeviceGetName"] >= 3, "GPU 0 described again, slowly"
+    assert fake.plant.locked_clocks(0) is None
+    assert fake.plant.power_limit_mw(0) == DEFAULT_MW
+
+
+def test_a_gpu_that_cannot_be_described_is_not_taken_for_restored(tmp_path: Path) -> None:
+    """Without nvmlDeviceGetIndex a fresh process cannot describe the GPU: its restore fails
+    and keeps the entry (a NotSupported would read as a GPU without the knob), and no other
+    GPU is called to learn the index (one that hangs would hold this GPU's restore)."""
+    fake, backend, infos = make_node(2)
+    journal = Journal(tmp_path / "journal.json")
+    change(backend, journal, infos[0], 450_000)
+    fake.inject_error(0, "nvmlDeviceGetIndex", pynvml.NVMLError_FunctionNotFound, persistent=True)
+    fake.stall_gpu(1, 45.0)
+    fake.sleep = lambda seconds: pytest.fail("GPU 1 was called")
+    report = restore_all(NvmlBackend(fake), Journal(journal.path))
+    assert not report.ok and infos[0].uuid in report.failed
+    assert "cannot be described" in report.failed[infos[0].uuid]
+    assert [entry.uuid for entry in Journal(journal.path).entries()] == [infos[0].uuid]
+
+
 def test_a_restore_that_puts_back_one_knob_of_two_says_which_is_held(tmp_path: Path) -> None:
     fake, backend, infos = make_node(2)
     journal = Journal(tmp_path / "journal.json")
