@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
-from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, STALL_S
+from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, STALL_S, WAIT_BESIDE_HANG_S
 from powerd.gpu.errors import (
     GpuError,
     GpuLost,
@@ -368,7 +368,7 @@ class NvmlBackend:
         unopened: dict[int, str] = {}
         hung_indices = {
             info.index
-            for uuid, job in self._hung.items()
+            for uuid, job in list(self._hung.items())
             if not job.done.is_set() and (info := self._infos.get(uuid)) is not None
         }
         for index in range(count):
@@ -484,13 +484,18 @@ class NvmlBackend:
     def _within_stall(self, uuid: str, job: _Job[T]) -> T:
         """Run `job` on the GPU's thread and wait `stall_s` for it. A GPU whose firmware hangs
         holds each call for tens of seconds, past the unit's WatchdogSec: a write, a
-        description or a process list is bounded as a reading is. Run in place when called
-        from that thread (a reset that sets a limit)."""
+        description or a process list is bounded as a reading is. While another GPU hangs
+        the wait is WAIT_BESIDE_HANG_S: calls are made one GPU at a time, and a driver that
+        held every GPU's calls behind one hang would otherwise cost `stall_s` a GPU. Run in
+        place when called from that thread (a reset that sets a limit)."""
         reader = self._readers.get(uuid)
         if reader is not None and reader.is_current():
             return job.run_here()
         reader, job = self._submit(uuid, job)
-        return self._await(uuid, reader, job, time.monotonic(), self._stall_s)
+        patience_s = self._stall_s
+        if any(not hung.done.is_set() for other, hung in list(self._hung.items()) if other != uuid):
+            patience_s = min(patience_s, WAIT_BESIDE_HANG_S)
+        return self._await(uuid, reader, job, time.monotonic(), patience_s)
 
     def _open(self, index: int) -> tuple[str, Any, GpuInfo]:
         handle = self._call("nvmlDeviceGetHandleByIndex", None, index)
@@ -673,8 +678,8 @@ class NvmlBackend:
 
     def _still_hung(self) -> bool:
         """Whether a thread is still inside a call on a hung GPU."""
-        self._hung = {uuid: job for uuid, job in self._hung.items() if not job.done.is_set()}
-        self._opening = {i: job for i, job in self._opening.items() if not job.done.is_set()}
+        self._hung = {uuid: job for uuid, job in list(self._hung.items()) if not job.done.is_set()}
+        self._opening = {i: job for i, job in list(self._opening.items()) if not job.done.is_set()}
         return bool(self._hung or self._opening)
 
     def _read_now(self, uuid: str) -> GpuReading:

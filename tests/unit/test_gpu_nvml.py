@@ -777,6 +777,31 @@ def test_a_look_at_lost_or_unopened_gpus_may_wait_less_than_the_stall_limit(
         hang.release()
 
 
+def test_writes_that_hang_on_every_gpu_cost_one_stall_limit_and_a_short_wait_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writes go one GPU at a time: while one GPU hangs the next GPU's call is waited for
+    WAIT_BESIDE_HANG_S, so a driver that held every GPU's writes behind one hang does not
+    cost a tick the stall limit per GPU (8 x 5 s would pass WatchdogSec=30)."""
+    monkeypatch.setattr(nvml_module, "WAIT_BESIDE_HANG_S", 0.2)
+    fake4 = FakeNvml(GpuPlant(PROFILE, 4, seed=5))
+    backend = NvmlBackend(fake4, stall_s=2.0)
+    uuids = [info.uuid for info in backend.devices()]
+    hang = Hang()
+    fake4.sleep = hang
+    for i in range(4):
+        fake4.stall_gpu(i, 45.0, ["nvmlDeviceSetGpuLockedClocks"])
+    try:
+        started_s = time.monotonic()
+        for uuid in uuids:
+            with pytest.raises(GpuLost, match="stopped answering: no clock lock"):
+                backend.set_locked_clocks(uuid, 1005, 1005)
+        assert time.monotonic() - started_s < 5.0, "one stall limit, then short waits"
+        assert len(hang.waits) == 4
+    finally:
+        hang.release()
+
+
 def test_a_backend_dropped_without_close_leaves_no_thread() -> None:
     """A finished reading must not keep its backend alive: the backend's finalizer ends its
     reader threads (a test's or a tool's backend is often never closed)."""
