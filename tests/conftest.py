@@ -1,10 +1,11 @@
-"""Shared test set-up: a private numba cache, untimed property tests, logging as each test
-found it, and the repository's paths."""
+"""Shared test set-up: a private numba cache, untimed property tests, logging and signal
+handlers as each test found them, and the repository's paths."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,17 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir(REPO_ROOT)))
 # one example took on a busy machine (the first may also load or compile a numba kernel).
 settings.register_profile("untimed", deadline=None)
 settings.load_profile("untimed")
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_found() -> Iterator[None]:
+    """A test that runs the daemon in-process installs its stop and reload handlers: undone
+    after it, or Ctrl-C (and a later test's KeyboardInterrupt) only sets a stop flag."""
+    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    handlers = {signum: signal.getsignal(signum) for signum in signums}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(autouse=True)

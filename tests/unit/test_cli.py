@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -682,13 +681,7 @@ def test_run_and_check_config_name_a_gpu_the_node_lacks_alike(
     path.write_text(yaml.safe_dump(data))
     assert main(["check-config", str(path)]) == EX_CONFIG
     checked = capsys.readouterr().err
-    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    handlers = {signum: signal.getsignal(signum) for signum in signums}
-    try:
-        assert main(["run", "--config", str(path)]) == EX_CONFIG
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    assert main(["run", "--config", str(path)]) == EX_CONFIG
     ran = capsys.readouterr().err
     uuids = [info.uuid for info in NvmlBackend(detached_fake_nvml(SimConfig(gpus=2))).devices()]
     expected = (
@@ -724,16 +717,10 @@ def test_run_and_check_config_refuse_clock_settings_the_gpus_cannot_take_alike(
     assert main(["check-config", str(path)]) == EX_CONFIG
     checked = capsys.readouterr().err
     assert checked.startswith(f"powerd: {message}") and checked.count("\n") == 1
-    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    handlers = {signum: signal.getsignal(signum) for signum in signums}
     # A run that took the config would serve until stopped: there it fails instead.
     refused = mock.patch.object(Daemon, "warmup", side_effect=AssertionError("run started"))
-    try:
-        with refused:
-            assert main(["run", "--config", str(path)]) == EX_CONFIG
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    with refused:
+        assert main(["run", "--config", str(path)]) == EX_CONFIG
     assert capsys.readouterr().err.endswith(checked)
 
 

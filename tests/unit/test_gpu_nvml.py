@@ -7,6 +7,7 @@ import _thread
 import ctypes
 import gc
 import logging
+import signal
 import threading
 import time
 import weakref
@@ -714,6 +715,7 @@ def test_a_wait_interrupted_leaves_nvml_open_under_the_call(fake: FakeNvml) -> N
     hang = Hang()
     fake.sleep = hang
     fake.stall_gpu(1, 45.0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C's own (conftest undoes)
     timer = threading.Timer(0.2, _thread.interrupt_main)
     timer.start()
     try:
