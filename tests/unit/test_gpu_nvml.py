@@ -570,6 +570,17 @@ def test_a_gpu_that_stalls_is_read_no_further_and_taken_for_lost(
     assert backend.read(uuid).power_mw is not None
 
 
+def _wait_until_read(backend: NvmlBackend, uuid: str) -> None:
+    deadline_s = time.monotonic() + 30
+    while True:
+        try:
+            assert backend.read(uuid).power_mw is not None
+            return
+        except GpuLost:
+            assert time.monotonic() < deadline_s, "read again once the hung call returned"
+            time.sleep(0.05)
+
+
 def test_a_gpu_that_hangs_holds_its_reader_and_not_the_caller(fake: FakeNvml) -> None:
     """A GPU whose firmware hangs holds each call for tens of seconds, past the unit's
     WatchdogSec=30: the reading is given up after `stall_s`, the GPU is called no further
@@ -597,14 +608,7 @@ def test_a_gpu_that_hangs_holds_its_reader_and_not_the_caller(fake: FakeNvml) ->
 
         fake.unstall_gpu(1)
         hang.release()
-        deadline_s = time.monotonic() + 30
-        while True:
-            try:
-                assert backend.read(hung).power_mw is not None
-                break
-            except GpuLost:
-                assert time.monotonic() < deadline_s, "read again once the hung call returned"
-                time.sleep(0.05)
+        _wait_until_read(backend, hung)
         # The hang counted once where the loop gave up, and the call's own failure (the
         # driver's timeout) once; refusals make no call and count nothing.
         assert backend.error_counts == {
@@ -620,17 +624,6 @@ def test_a_gpu_that_hangs_holds_its_reader_and_not_the_caller(fake: FakeNvml) ->
         assert fake.call_counts["nvmlShutdown"] == 0, "not while a thread is inside a call"
     finally:
         hang.release()
-
-
-def _wait_until_read(backend: NvmlBackend, uuid: str) -> None:
-    deadline_s = time.monotonic() + 30
-    while True:
-        try:
-            assert backend.read(uuid).power_mw is not None
-            return
-        except GpuLost:
-            assert time.monotonic() < deadline_s, "read again once the hung call returned"
-            time.sleep(0.05)
 
 
 def _set_limit(backend: NvmlBackend, uuid: str) -> None:
@@ -728,17 +721,25 @@ def test_a_wait_interrupted_leaves_nvml_open_under_the_call(fake: FakeNvml) -> N
         hang.release()
 
 
-def test_gpus_that_hang_together_cost_one_stall_limit() -> None:
-    """Every GPU's reading is waited for at once: four that hang (as they would if a driver
-    held every GPU's calls behind one) cost one stall limit, not four, and the watchdog's 30 s
-    is never reached by 8 GPUs at 5 s each."""
+def _four_gpus_hanging(
+    stall_s: float, functions: list[str] | None = None
+) -> tuple[NvmlBackend, list[str], Hang]:
+    """A backend over four GPUs whose calls (those of `functions`) all hang until released."""
     fake4 = FakeNvml(GpuPlant(PROFILE, 4, seed=5))
-    backend = NvmlBackend(fake4, stall_s=1.0)
+    backend = NvmlBackend(fake4, stall_s=stall_s)
     uuids = [info.uuid for info in backend.devices()]
     hang = Hang()
     fake4.sleep = hang
     for i in range(4):
-        fake4.stall_gpu(i, 45.0)
+        fake4.stall_gpu(i, 45.0, functions)
+    return backend, uuids, hang
+
+
+def test_gpus_that_hang_together_cost_one_stall_limit() -> None:
+    """Every GPU's reading is waited for at once: four that hang (as they would if a driver
+    held every GPU's calls behind one) cost one stall limit, not four, and the watchdog's 30 s
+    is never reached by 8 GPUs at 5 s each."""
+    backend, uuids, hang = _four_gpus_hanging(1.0)
     try:
         started_s = time.monotonic()
         outcomes = backend.read_all(uuids)
@@ -786,13 +787,7 @@ def test_writes_that_hang_on_every_gpu_cost_one_stall_limit_and_a_short_wait_eac
     WAIT_BESIDE_HANG_S, so a driver that held every GPU's writes behind one hang does not
     cost a tick the stall limit per GPU (8 x 5 s would pass WatchdogSec=30)."""
     monkeypatch.setattr(nvml_module, "WAIT_BESIDE_HANG_S", 0.2)
-    fake4 = FakeNvml(GpuPlant(PROFILE, 4, seed=5))
-    backend = NvmlBackend(fake4, stall_s=2.0)
-    uuids = [info.uuid for info in backend.devices()]
-    hang = Hang()
-    fake4.sleep = hang
-    for i in range(4):
-        fake4.stall_gpu(i, 45.0, ["nvmlDeviceSetGpuLockedClocks"])
+    backend, uuids, hang = _four_gpus_hanging(2.0, ["nvmlDeviceSetGpuLockedClocks"])
     try:
         started_s = time.monotonic()
         for uuid in uuids:
