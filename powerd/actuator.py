@@ -534,9 +534,11 @@ class Actuator:
                 left_mw = self._backend.set_power_limit(uuid, target_mw)
         except GpuLost:
             # Nothing written, or (a write given up on as hung) written when its call returns:
-            # the new limit counts as set, so the GPU's return puts the limit back.
+            # the new limit counts as set, so the GPU's return puts the limit back, and what
+            # powerd left there is unknown, so a late one is not taken for an operator's.
             if limit_mw is not None:
                 state.power_limit_mw = limit_mw
+            self._left(state, None)
             raise
         except (NotSupported, NoPermission):
             raise  # nothing written

@@ -15,6 +15,7 @@ verify by reading back. The power limit uses the v1 setter: nvidia-ml-py 13's
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -88,6 +89,9 @@ _RUNNING_PROCESSES = (
     "nvmlDeviceGetComputeRunningProcesses_v2",
 )
 """The binding's call uses the _v3 symbol, which some drivers lack (R470, 535.98)."""
+JOB_CALLS_CAP = 3
+"""A job on a GPU's thread (a write, a description) is given up after this many stall limits
+in all, however its calls answer: two GPUs' writes in a tick then stay within WatchdogSec=30."""
 _PID_MAX_PATH = Path("/proc/sys/kernel/pid_max")
 _PID_MAX_LARGEST = 1 << 22
 """Linux's largest pid_max, for a machine whose own cannot be read."""
@@ -390,20 +394,30 @@ class NvmlBackend:
     def _open_within_stall(self, index: int, patience_s: float) -> tuple[str, Any, GpuInfo]:
         """Open the GPU at `index` on a thread of its own, waiting `patience_s` at most: a GPU
         whose firmware hangs would hold the start, and each later look for it, for as long.
-        GpuLost when it does not answer in time, or still has not since an earlier try."""
-        job = self._opening.get(index)
-        if job is not None and not job.done.is_set():
-            # Not counted: no call is made.
-            raise GpuLost(
-                f"GPU {index} has not answered an open started "
-                f"{time.monotonic() - job.started_s:.0f} s ago",
-                operation="open",
-            )
+        GpuLost when it does not answer in time, or still has not since an earlier try. An
+        earlier open that answered after it was given up on is used (a slow first open after a
+        reset need not wait for the next look)."""
+        job = self._opening.pop(index, None)
+        if job is not None:
+            if not job.done.is_set():
+                self._opening[index] = job
+                # Not counted: no call is made.
+                raise GpuLost(
+                    f"GPU {index} has not answered an open started "
+                    f"{time.monotonic() - job.started_s:.0f} s ago",
+                    operation="open",
+                )
+            with contextlib.suppress(GpuError):
+                return job.outcome()
         opener = _Reader(f"open-{index}")  # one call: the thread ends once it returns
         job = opener.submit(_Job(functools.partial(self._open, index), "open", "open"))
         opener.stop()
-        if self._answers(opener, job, time.monotonic(), patience_s):
-            self._opening.pop(index, None)
+        try:
+            answered = self._answers(opener, job, time.monotonic(), patience_s)
+        except BaseException:
+            self._opening[index] = job  # interrupted (see _await)
+            raise
+        if answered:
             return job.outcome()
         self._opening[index] = job
         raise self._hang(opener, job, f"GPU {index} stopped answering: not opened", patience_s)
@@ -465,14 +479,18 @@ class NvmlBackend:
 
     def _answers(self, reader: _Reader, job: _Job[Any], since_s: float, patience_s: float) -> bool:
         """Wait for `job`: True once it is done, False once one of its NVML calls has gone
-        `patience_s` unanswered (the first counted from `since_s`, monotonic). The limit is on
-        a call, not on the job: a GPU that answers each call, however slowly, is not hung
-        (a fresh process's first calls on a GPU may take seconds)."""
+        `patience_s` unanswered (the first counted from `since_s`, monotonic), or the job has
+        run JOB_CALLS_CAP times `patience_s` in all. The limit is on a call first: a GPU that
+        answers each call slowly is not hung (a fresh process's first calls on a GPU may take
+        seconds), but a job of a dozen slow calls must not hold the loop past its watchdog."""
         thread = reader.thread.ident or 0
+        job_deadline_s = since_s + JOB_CALLS_CAP * patience_s
         while True:
             call_started_s = max(since_s, self._call_started_s.get(thread, since_s))
-            if job.done.wait(_wait_s(call_started_s + patience_s)):
+            if job.done.wait(_wait_s(min(call_started_s + patience_s, job_deadline_s))):
                 return True
+            if time.monotonic() >= job_deadline_s:
+                return False
             in_call = thread in self._calling  # read first: _call stamps the start first
             if self._call_started_s.get(thread, since_s) > call_started_s:
                 continue  # another call started since: the GPU answered the one before
@@ -493,7 +511,8 @@ class NvmlBackend:
             return job.run_here()
         reader, job = self._submit(uuid, job)
         patience_s = self._stall_s
-        if any(not hung.done.is_set() for other, hung in list(self._hung.items()) if other != uuid):
+        others = [hung for other, hung in list(self._hung.items()) if other != uuid]
+        if any(not hung.done.is_set() for hung in [*others, *list(self._opening.values())]):
             patience_s = min(patience_s, WAIT_BESIDE_HANG_S)
         return self._await(uuid, reader, job, time.monotonic(), patience_s)
 
@@ -653,13 +672,18 @@ class NvmlBackend:
             except GpuLost as exc:
                 outcomes[uuid] = exc
         since_s, patience_s = time.monotonic(), self._patience_s(wait_s)
-        for uuid, (reader, job) in jobs.items():
-            try:
-                outcomes[uuid] = self._await(uuid, reader, job, since_s, patience_s)
-            except GpuError as exc:
-                outcomes[uuid] = exc
-            if job.done.is_set():
-                self.read_cpu_s[uuid] = job.cpu_s
+        try:
+            for uuid, (reader, job) in jobs.items():
+                try:
+                    outcomes[uuid] = self._await(uuid, reader, job, since_s, patience_s)
+                except GpuError as exc:
+                    outcomes[uuid] = exc
+                if job.done.is_set():
+                    self.read_cpu_s[uuid] = job.cpu_s
+        except BaseException:
+            # Interrupted (see _await): every reading still in its call is in flight.
+            self._hung.update({u: j for u, (_, j) in jobs.items() if not j.done.is_set()})
+            raise
         return {uuid: outcomes[uuid] for uuid in uuids}
 
     def _hung_error(self, uuid: str) -> GpuLost | None:

@@ -534,3 +534,32 @@ def test_a_write_given_up_on_that_lands_late_is_put_back_when_the_gpu_returns(
     assert fake.plant.locked_clocks(0) is None
     assert fake.plant.power_limit_mw(0) == info.power_limit_default_mw
     assert not actuator.holds_settings(info.uuid)
+
+
+def test_a_late_limit_write_is_not_taken_for_an_operators(tmp_path: Path) -> None:
+    """A limit write given up on that lands before the GPU's next reading must not read as a
+    limit set outside powerd: the journal's original stays, and restore puts it back."""
+    fake = FakeNvml(GpuPlant(load_gpu_profile("h100-sxm"), 1, seed=11))
+    backend = NvmlBackend(fake, stall_s=0.2)
+    info = backend.devices()[0]
+    journal = Journal(tmp_path / "journal.json")
+    actuator = Actuator(backend, journal, dry_run=False)
+    actuator.track(info)
+    actuator.apply(GroupDecision("g", info.sm_clock_max_mhz, 500_000, "efficiency"), [info.uuid])
+    decision = GroupDecision("g", info.sm_clock_max_mhz, 400_000, "efficiency")
+    fake.sleep = time.sleep
+    fake.stall_gpu(0, 0.5, ["nvmlDeviceSetPowerManagementLimit"], answer=True)
+    with pytest.raises(GpuLost):
+        actuator.apply(decision, [info.uuid])
+    _wait_for(lambda: fake.plant.power_limit_mw(0) == 400_000, "the write landed late")
+    _wait_for(
+        lambda: not isinstance(backend.read_all([info.uuid])[info.uuid], GpuLost),
+        "the GPU answers once the late call returned",
+    )
+    fake.unstall_gpu(0)
+    # The next tick reads the GPU still in its group, at the limit that landed.
+    actuator.apply(decision, [info.uuid], limits_mw={info.uuid: 400_000})
+    entry = journal.get(info.uuid)
+    assert entry is not None and entry.power_limit_mw == info.power_limit_default_mw
+    assert restore_all(backend, journal).ok
+    assert fake.plant.power_limit_mw(0) == info.power_limit_default_mw

@@ -3,8 +3,6 @@ off, the README's headline comparison."""
 
 from __future__ import annotations
 
-import signal
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,20 +13,8 @@ from powerd.config import SloConfig
 from powerd.sim.node import SimNode
 
 
-@pytest.fixture()
-def own_signal_handlers() -> Iterator[None]:
-    """run_demo installs the daemon's handlers in this process; put pytest's back."""
-    signums = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    saved = {signum: signal.getsignal(signum) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-
-
 def test_the_controller_off_column_is_the_same_load_at_maximum_clocks_and_default_limits(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], own_signal_handlers: None
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The second column must come from a node of its own that replayed the same load for as
     long with nothing set on its GPUs; judging powerd's node twice would compare powerd with
@@ -79,7 +65,7 @@ def test_the_controller_off_column_is_the_same_load_at_maximum_clocks_and_defaul
 
 
 def test_one_gpu_one_server_and_one_request_are_counted_in_the_singular(
-    capsys: pytest.CaptureFixture[str], own_signal_handlers: None
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     options = demo.DemoOptions(gpus=1, tp=1, duration_s=1.0, metrics_port=0, quiet=True)
     assert demo.run_demo(options) == 0

@@ -735,6 +735,70 @@ def _four_gpus_hanging(
     return backend, uuids, hang
 
 
+def test_a_job_of_slow_calls_is_given_up_after_a_few_stall_limits(fake: FakeNvml) -> None:
+    """A GPU that answers every call a little under the limit is not hung call by call, but a
+    job of a dozen such calls (a fresh description) would hold the loop for a minute: it is
+    given up after JOB_CALLS_CAP limits in all."""
+    fake.sleep = time.sleep
+    fake.stall_gpu(1, 0.15, answer=True)
+    backend = NvmlBackend(fake, stall_s=0.2)
+    started_s = time.monotonic()
+    with pytest.raises(GpuLost, match=r"no description within 0\.2 s"):
+        backend.describe(fake.uuids[1])
+    assert time.monotonic() - started_s < 0.2 * nvml_module.JOB_CALLS_CAP + 0.5
+
+
+def test_an_open_interrupted_leaves_nvml_open_under_the_call(fake: FakeNvml) -> None:
+    """Ctrl-C while a look waits for a GPU's open leaves the open running: close() must not
+    shut NVML down under it."""
+    hang = Hang()
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C's own (conftest undoes)
+    backend = NvmlBackend(fake, stall_s=30.0)
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backend.devices()
+        backend.close()
+        assert fake.call_counts["nvmlShutdown"] == 0, "not while a thread is inside a call"
+    finally:
+        timer.cancel()
+        hang.release()
+
+
+def test_an_open_that_answers_after_its_look_gave_up_is_taken_at_the_next(fake: FakeNvml) -> None:
+    """A GPU whose first open after a reset takes longer than the look's wait is opened from
+    that answer at the next look, not tried afresh (which would be as slow again)."""
+    fake.sleep = time.sleep
+    fake.stall_gpu(1, 0.5, ["nvmlDeviceGetUUID"], answer=True)  # each open: 0.5 s
+    backend = NvmlBackend(fake, stall_s=30.0)
+    assert [info.index for info in backend.devices(wait_s=0.2)] == [0]
+    time.sleep(1.0)  # the open answers meanwhile
+    assert [info.index for info in backend.devices(wait_s=0.2)] == [0, 1]
+    assert backend.unopened_indices() == {}
+
+
+def test_a_hung_open_shortens_the_wait_for_other_gpus_calls(
+    fake: FakeNvml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nvml_module, "WAIT_BESIDE_HANG_S", 0.2)
+    hang = Hang()
+    fake.sleep = hang
+    fake.stall_gpu(1, 45.0)
+    backend = NvmlBackend(fake, stall_s=2.0)
+    try:
+        healthy = backend.devices(wait_s=0.2)[0].uuid  # GPU 1's open is left hanging
+        fake.stall_gpu(0, 45.0, ["nvmlDeviceSetGpuLockedClocks"])
+        started_s = time.monotonic()
+        with pytest.raises(GpuLost, match=r"no clock lock within 0\.2 s"):
+            backend.set_locked_clocks(healthy, 1005, 1005)
+        assert time.monotonic() - started_s < 1.5
+    finally:
+        hang.release()
+
+
 def test_gpus_that_hang_together_cost_one_stall_limit() -> None:
     """Every GPU's reading is waited for at once: four that hang (as they would if a driver
     held every GPU's calls behind one) cost one stall limit, not four, and the watchdog's 30 s
