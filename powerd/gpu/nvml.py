@@ -42,6 +42,7 @@ from powerd.model import GpuInfo, GpuReading
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 _INIT_FAILURES: dict[str, str] = {
@@ -237,7 +238,7 @@ class NvmlBackend:
         self._readers: dict[str, _Reader] = {}
         # A backend dropped without close() (a test's, a tool's) must not leave its threads.
         weakref.finalize(self, _stop_readers, self._readers)
-        self._opening: dict[int, _Job[tuple[str, Any, GpuInfo]]] = {}
+        self._opening: dict[int, _Job[Any]] = {}
         """An open of a GPU (by index) that did not return within `stall_s`, until it does."""
         self._hung: dict[str, _Job[Any]] = {}
         """A call that did not return within `stall_s`, by GPU, until it returns: no other
@@ -412,15 +413,10 @@ class NvmlBackend:
         opener = _Reader(f"open-{index}")  # one call: the thread ends once it returns
         job = opener.submit(_Job(functools.partial(self._open, index), "open", "open"))
         opener.stop()
-        try:
-            answered = self._answers(opener, job, time.monotonic(), patience_s)
-        except BaseException:
-            self._opening[index] = job  # interrupted (see _await)
-            raise
-        if answered:
-            return job.outcome()
-        self._opening[index] = job
-        raise self._hang(opener, job, f"GPU {index} stopped answering: not opened", patience_s)
+        what = f"GPU {index} stopped answering: not opened"
+        return self._held_unless_answered(
+            self._opening, index, opener, job, time.monotonic(), patience_s, what
+        )
 
     def _patience_s(self, wait_s: float | None) -> float:
         """How long to wait for a GPU's answer: `stall_s`, or `wait_s` when shorter."""
@@ -461,19 +457,35 @@ class NvmlBackend:
     def _await(
         self, uuid: str, reader: _Reader, job: _Job[T], since_s: float, patience_s: float
     ) -> T:
-        """The job's outcome, or GpuLost (counted) once the GPU has left one of its calls
-        unanswered for `patience_s` (see _answers); then nothing more is called on the GPU
-        until that call returns."""
+        """The outcome of a job on the GPU's thread; see _held_unless_answered."""
+        what = f"GPU {uuid} stopped answering: no {job.what}"
+        return self._held_unless_answered(
+            self._hung, uuid, reader, job, since_s, patience_s, what, uuid
+        )
+
+    def _held_unless_answered(
+        self,
+        held: dict[K, _Job[Any]],
+        key: K,
+        reader: _Reader,
+        job: _Job[T],
+        since_s: float,
+        patience_s: float,
+        what: str,
+        uuid: str | None = None,
+    ) -> T:
+        """The job's outcome, or GpuLost (counted, `what` "within ..." and the call) once the
+        GPU has left one of its calls unanswered for `patience_s` (see _answers). The job is
+        then kept in `held` under `key` until it returns: nothing more is called on that GPU
+        meanwhile, and close() does not shut NVML down under it. So is a job whose wait was
+        interrupted (Ctrl-C in `powerd restore`), which leaves its call running."""
         try:
             answered = self._answers(reader, job, since_s, patience_s)
         except BaseException:
-            # An interrupted wait (Ctrl-C in `powerd restore`) leaves the call running: close()
-            # must not shut NVML down under it.
-            self._hung[uuid] = job
+            held[key] = job
             raise
         if not answered:
-            self._hung[uuid] = job
-            what = f"GPU {uuid} stopped answering: no {job.what}"
+            held[key] = job
             raise self._hang(reader, job, what, patience_s, uuid)
         return job.outcome()
 
