@@ -353,8 +353,7 @@ class FakeNvml:
         RPC timeout); with `answer`, then answer as usual (a slow GPU, or a write that lands
         late)."""
         for function in functions or ():
-            if not callable(getattr(self, function, None)):
-                raise ValueError(f"the fake NVML has no {function}")
+            self._check_function(function)
         with self.lock:
             self._stalled[self._check_index(i)] = (
                 seconds,
@@ -380,10 +379,7 @@ class FakeNvml:
             raise TypeError(f"error must be a pynvml NVMLError class, got {error!r}")
         if not function.startswith("nvml"):
             raise ValueError(f"not an NVML function name: {function!r}")
-        if not callable(getattr(self, function, None)):
-            # An error injected into a call nothing makes would never fire, and the test that
-            # injected it would pass without testing anything.
-            raise ValueError(f"the fake NVML has no {function}")
+        self._check_function(function)
         with self.lock:
             self._injected[(None if i is None else self._check_index(i), function)] = (
                 error,
@@ -412,6 +408,12 @@ class FakeNvml:
         return handle._index
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _check_function(self, function: str) -> None:
+        """ValueError for a function the fake does not have: a fault set on a call nothing
+        makes would never fire, and the test that set it would pass without testing anything."""
+        if not callable(getattr(self, function, None)):
+            raise ValueError(f"the fake NVML has no {function}")
 
     def _check_index(self, i: int) -> int:
         if not 0 <= i < self.plant.n_gpus:
