@@ -15,7 +15,6 @@ verify by reading back. The power limit uses the v1 setter: nvidia-ml-py 13's
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -44,6 +43,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 K = TypeVar("K")
 Method = TypeVar("Method", bound=Callable[..., Any])
+_Opened = tuple[str, Any, GpuInfo]
+"""An open GPU: its UUID, NVML handle and description."""
 
 _INIT_FAILURES: dict[str, str] = {
     "NVMLError_LibraryNotFound": (
@@ -367,20 +368,29 @@ class NvmlBackend:
     def devices(self, *, wait_s: float | None = None) -> list[GpuInfo]:
         """Every GPU NVML can open, in index order. A GPU that cannot be opened (no
         permission, lost, no answer within `stall_s` or `wait_s` when shorter) is left out,
-        its error counted and kept for unopened_indices()."""
+        its error counted and kept for unopened_indices(). The GPUs are opened at once, each
+        on a thread of its own, so GPUs that hang cost one wait, not one each."""
         count = int(self._call("nvmlDeviceGetCount", None))
-        infos: list[GpuInfo] = []
+        patience_s = self._patience_s(wait_s)
         unopened: dict[int, str] = {}
         hung_indices = {
             info.index
             for uuid, job in list(self._hung.items())
             if not job.done.is_set() and (info := self._infos.get(uuid)) is not None
         }
+        begun: dict[int, tuple[_Reader | None, _Job[_Opened]]] = {}
         for index in range(count):
             if index in hung_indices:
                 continue  # a GPU whose reading hangs: the roster holds it as lost
             try:
-                uuid, handle, info = self._open_within_stall(index, self._patience_s(wait_s))
+                begun[index] = self._begin_open(index)
+            except GpuError as exc:
+                unopened[index] = str(exc)
+        since_s = time.monotonic()
+        infos: list[GpuInfo] = []
+        for index, (opener, job) in begun.items():
+            try:
+                uuid, handle, info = self._opened(index, opener, job, since_s, patience_s)
             except GpuUnavailable:
                 raise
             except GpuError as exc:
@@ -389,33 +399,46 @@ class NvmlBackend:
             self._handles[uuid] = handle
             self._infos[uuid] = info
             infos.append(info)
-        self._unopened = unopened
+        self._unopened = dict(sorted(unopened.items()))
         return infos
 
-    def _open_within_stall(self, index: int, patience_s: float) -> tuple[str, Any, GpuInfo]:
-        """Open the GPU at `index` on a thread of its own, waiting `patience_s` at most: a GPU
-        whose firmware hangs would hold the start, and each later look for it, for as long.
-        GpuLost when it does not answer in time, or still has not since an earlier try. An
-        earlier open that answered after it was given up on is used (a slow first open after a
-        reset need not wait for the next look)."""
+    def _begin_open(self, index: int) -> tuple[_Reader | None, _Job[_Opened]]:
+        """Start opening the GPU at `index` on a thread of its own (a GPU whose firmware
+        hangs would hold the start, and each later look for it, for as long), or take an
+        earlier open that answered after it was given up on (a slow first open after a reset
+        need not wait for the next look): (None, that job). GpuLost (not counted: no call is
+        made) while that earlier open has not answered."""
         job = self._opening.pop(index, None)
         if job is not None:
             if not job.done.is_set():
                 self._opening[index] = job
-                # Not counted: no call is made.
                 raise GpuLost(
                     f"GPU {index} has not answered an open started "
                     f"{time.monotonic() - job.started_s:.0f} s ago",
                     operation="open",
                 )
-            with contextlib.suppress(GpuError):
-                return job.outcome()
+            if not isinstance(job.error, GpuError):
+                return None, job
         opener = _Reader(f"open-{index}")  # one call: the thread ends once it returns
         job = opener.submit(_Job(functools.partial(self._open, index), "open", "open"))
         opener.stop()
+        return opener, job
+
+    def _opened(
+        self,
+        index: int,
+        opener: _Reader | None,
+        job: _Job[_Opened],
+        since_s: float,
+        patience_s: float,
+    ) -> _Opened:
+        """The outcome of an open begun at `since_s`; GpuLost when the GPU does not answer
+        within `patience_s` (see _held_unless_answered)."""
+        if opener is None:
+            return job.outcome()
         what = f"GPU {index} stopped answering: not opened"
         return self._held_unless_answered(
-            self._opening, index, opener, job, time.monotonic(), patience_s, what
+            self._opening, index, opener, job, since_s, patience_s, what
         )
 
     def _patience_s(self, wait_s: float | None) -> float:
@@ -445,7 +468,13 @@ class NvmlBackend:
 
     def _submit(self, uuid: str, job: _Job[T]) -> tuple[_Reader, _Job[T]]:
         """Hand `job` to the GPU's thread. GpuLost (not counted: no call is made) while an
-        earlier call on the GPU has not returned."""
+        earlier call on the GPU has not returned; GpuUnavailable once closed."""
+        if self._closed:  # close() ended the GPUs' threads: start none again
+            raise GpuUnavailable(
+                f"{job.operation} on GPU {uuid}: NVML is not initialised (powerd closed it)",
+                operation=job.operation,
+                uuid=uuid,
+            )
         hung = self._hung_error(uuid)
         if hung is not None:
             raise hung
@@ -528,7 +557,7 @@ class NvmlBackend:
             patience_s = min(patience_s, WAIT_BESIDE_HANG_S)
         return self._await(uuid, reader, job, time.monotonic(), patience_s)
 
-    def _open(self, index: int) -> tuple[str, Any, GpuInfo]:
+    def _open(self, index: int) -> _Opened:
         handle = self._call("nvmlDeviceGetHandleByIndex", None, index)
         uuid = _text(self._call("nvmlDeviceGetUUID", None, handle))
         # A GPU described before keeps its description: enumerating again (for a GPU that

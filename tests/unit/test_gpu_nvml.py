@@ -398,8 +398,12 @@ def test_calls_after_close_are_unavailable(fake: FakeNvml, backend: NvmlBackend)
     assert fake.writes == writes_before
     assert fake.plant.power_limit_mw(0) == 450_000
     assert fake.call_counts["nvmlShutdown"] == 1
+    threads_before = threading.enumerate()
     with pytest.raises(GpuUnavailable, match="not initialised"):
         backend.read(uuid)
+    with pytest.raises(GpuUnavailable, match="not initialised"):
+        backend.set_locked_clocks(uuid, 1005, 1005)
+    assert threading.enumerate() == threads_before, "no GPU thread started again"
 
 
 # --- initialisation -------------------------------------------------------------------------
@@ -912,6 +916,25 @@ def test_a_gpu_that_hangs_at_start_holds_neither_the_start_nor_later_looks(
         assert time.monotonic() < deadline_s, "opened once the hung call returned"
         time.sleep(0.05)
     assert backend.unopened_indices() == {}
+
+
+def test_gpus_that_hang_at_start_cost_one_stall_limit_together() -> None:
+    """The opens of a start run at once: eight GPUs still hung when powerd starts cost the
+    start one stall limit, not one each (40 s of the unit's TimeoutStartSec)."""
+    fake4 = FakeNvml(GpuPlant(PROFILE, 4, seed=5))
+    hang = Hang()
+    fake4.sleep = hang
+    for i in range(4):
+        fake4.stall_gpu(i, 45.0)
+    try:
+        backend = NvmlBackend(fake4, stall_s=1.0)
+        started_s = time.monotonic()
+        assert backend.devices() == []
+        assert time.monotonic() - started_s < 3.0, "one stall limit, not four"
+        assert sorted(backend.unopened_indices()) == [0, 1, 2, 3]
+        assert len(hang.waits) == 4, "each GPU was tried"
+    finally:
+        hang.release()
 
 
 def test_a_gpu_described_late_is_described_alone(fake: FakeNvml) -> None:
