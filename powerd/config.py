@@ -389,7 +389,6 @@ class Config:
         if self.node_power_budget_w is not None:
             _positive("node_power_budget_w", self.node_power_budget_w)
         seen: set[str] = set()
-        owners: dict[int | str, str] = {}
         for i, server in enumerate(self.servers):
             server.validate(f"servers[{i}]")
             if server.name in seen:
@@ -401,13 +400,6 @@ class Config:
                     f"servers[{i}].timeout_s: must be at most interval_s ({self.interval_s:g}), "
                     f"got {server.timeout_s:g}"
                 )
-            for j, gpu in enumerate(server.gpus or ()):
-                owner = owners.setdefault(gpu, server.name)
-                if owner != server.name:
-                    raise ConfigError(
-                        f"servers[{i}].gpus[{j}]: GPU {gpu!r} already belongs to server "
-                        f"{owner!r}; a GPU can serve one group only"
-                    )
         self.control.validate("control")
         self.metrics.validate("metrics")
         self.grid.validate("grid")

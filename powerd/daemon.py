@@ -38,6 +38,7 @@ from powerd.journal import Journal
 from powerd.logging_setup import ProblemLog
 from powerd.model import (
     POWER_CAP_REASONS,
+    SHARED_WHY,
     TARGET_LOST_BELOW,
     TARGET_REACHED_AT,
     TARGET_WINDOW_S,
@@ -322,7 +323,7 @@ class Daemon:
         """`config` with its node power budget less what the GPUs out of reach may still draw:
         a lost GPU may still run at the limit it had (powerd's last, else its own), one never
         opened at the node's largest default limit, one whose limit cannot be set at the limit
-        it has."""
+        it has, one two servers share (controlled for neither) at its default limit."""
         budget_w = config.node_power_budget_w
         if config.mode != "budget" or budget_w is None:
             return config
@@ -349,6 +350,10 @@ class Daemon:
                 entry = self.journal.get(uuid) if self.journal is not None else None
                 limit_mw = entry.power_limit_mw if entry is not None else None
             reserved_w += (limit_mw or info.power_limit_default_mw) / 1000.0
+        for uuid in roster.shared:
+            shared_info = roster.infos.get(uuid)
+            if shared_info is not None and uuid not in self._limits_out_of_reach_mw:
+                reserved_w += shared_info.power_limit_default_mw / 1000.0
         if roster.unopened:
             # A GPU never opened is taken to run at the node's largest default limit.
             known = [*roster.infos.values(), *roster.lost.values()]
@@ -366,24 +371,40 @@ class Daemon:
         return ScrapePool(sources, after=after if isinstance(after, ScrapePool) else None)
 
     def _build_groups(self, config: Config) -> list[Group]:
-        """One group per server. A server whose GPUs are unknown (discovery failed) or taken
-        by an earlier server is observed only: it has no GPUs and the policy never sees it.
+        """One group per server. A server whose GPUs are unknown (discovery failed) is
+        observed only: it has no GPUs and the policy never sees it. A GPU two servers are
+        found on is controlled for neither (GpuRoster.shared), from now until the next build.
         ConfigError for a server's GPU the node lacks and control clocks the GPUs cannot take."""
         check_clock_settings(config.control, self.roster.infos.values())
-        groups = []
         claimed: set[str] = set()
-        for i, server in enumerate(config.servers):
-            key = f"servers[{i}]"
-            claimed_uuids, why, missing = self.roster.claim(server, key, claimed)
+        claims = [
+            self.roster.claim(server, f"servers[{i}]", claimed, anew=True)
+            for i, server in enumerate(config.servers)
+        ]
+        shared = {uuid for claim in claims for uuid in claim.shared}
+        groups = []
+        for i, (server, claim) in enumerate(zip(config.servers, claims, strict=True)):
+            claimed_uuids = [uuid for uuid in claim.uuids if uuid not in shared]
             uuids = [uuid for uuid in claimed_uuids if uuid in self.roster.infos]
             lost = [uuid for uuid in claimed_uuids if uuid in self.roster.lost]
+            why = claim.why
             if lost and not uuids:
                 why = f"its GPUs {', '.join(lost)} are lost; they rejoin it when they answer"
-            if missing:
+            mine = [uuid for uuid in [*claim.uuids, *claim.shared] if uuid in shared]
+            if mine and not claimed_uuids:
+                why = f"its GPUs {', '.join(mine)} run another server too: {SHARED_WHY}"
+            elif mine:
+                log.warning(
+                    "server %s: its GPUs %s run another server too: %s; controlling the others",
+                    server.name,
+                    ", ".join(mine),
+                    SHARED_WHY,
+                )
+            if claim.missing:
                 log.warning(
                     "server %s: its GPUs %s cannot be opened (%s); they join it once they do",
                     server.name,
-                    ", ".join(str(gpu) for gpu in missing),
+                    ", ".join(str(gpu) for gpu in claim.missing),
                     self.roster.unopened_text(),
                 )
             if not uuids:
@@ -397,7 +418,11 @@ class Daemon:
                 slo=server.slo,
             )
             source = make_source(server, self._new_fetcher())
-            groups.append(Group(spec, source, uuids, key, lost_uuids=lost, missing_gpus=missing))
+            key = f"servers[{i}]"
+            groups.append(
+                Group(spec, source, uuids, key, lost_uuids=lost, missing_gpus=claim.missing)
+            )
+        self.roster.shared = shared
         return groups
 
     def _new_fetcher(self) -> Fetcher:

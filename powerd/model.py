@@ -65,6 +65,12 @@ TARGET_REACHED_AT = 0.98
 TARGET_LOST_BELOW = 0.95
 """Reached from 0.98 x the target on, and no longer below 0.95 x: a figure near the target
 does not flip the report at every tick."""
+SHARED_WHY = (
+    "one clock limit cannot keep two servers' latency, so powerd controls such a GPU for "
+    "neither until a reload"
+)
+"""Why a GPU two servers run on is controlled for neither (their tokens cannot price its
+energy either); the roster takes such GPUs from every group."""
 
 
 @dataclass(frozen=True, slots=True)

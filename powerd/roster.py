@@ -25,7 +25,7 @@ from powerd.gpu.errors import GpuError, GpuLost
 from powerd.groups import Group, controlled_uuids
 from powerd.journal import Journal, restore_all
 from powerd.logging_setup import ProblemLog
-from powerd.model import DISCOVERY_RETRY_S, GpuInfo, GpuReading, GroupDecision
+from powerd.model import DISCOVERY_RETRY_S, SHARED_WHY, GpuInfo, GpuReading, GroupDecision
 from powerd.sources.gpumap import discover_server_gpus
 
 # Every line carries its logger's name: GPU membership logs as the daemon it was part of, so
@@ -56,6 +56,8 @@ class Claim(NamedTuple):
     """Why it has none, for the log ("" when it has some)."""
     missing: list[int | str]
     """Its configured GPUs (index or UUID) that NVML counts but cannot open yet."""
+    shared: tuple[str, ...] = ()
+    """Its GPUs that another server has too (see GpuRoster.shared): left out of `uuids`."""
 
 
 class Rediscovery(NamedTuple):
@@ -127,23 +129,49 @@ class GpuRoster:
         self._next_sweep_s: float | None = None
         """When lost and unopened GPUs are looked for and unread power-limit ranges read again
         next (None: at the first rediscover(), DISCOVERY_RETRY_S from it)."""
+        self.shared: set[str] = set()
+        """GPUs two servers were found on (configured or discovered): one clock limit cannot
+        keep both servers' latency, and one server's tokens cannot price the GPU's energy, so
+        no group controls them until the groups are built again (a reload)."""
         self._note_unopened()
 
     # ----------------------------------------------------------------- finding a server's GPUs
 
-    def claim(self, server: ServerConfig, key: str, claimed: set[str]) -> Claim:
+    def claim(
+        self, server: ServerConfig, key: str, claimed: set[str], *, anew: bool = False
+    ) -> Claim:
         """The server's GPUs, added to `claimed`, and those configured that cannot be opened
-        yet; or none and why, when they cannot be found or one of them is in `claimed`
-        already. `key` is where the config lists the server ("servers[2]"), for a ConfigError
-        (see _resolve)."""
-        uuids, why, missing = self._resolve(server, key)
-        overlap = claimed.intersection(uuids)
-        if overlap:
-            return Claim(
-                [], f"GPUs {', '.join(sorted(overlap))} already belong to another server", []
-            )
+        yet; or none and why, when they cannot be found. Its GPUs in `claimed` already or
+        known to be shared (unless `anew`: a build of every group finds them again) are left
+        out and listed as `shared` (the caller takes them from their groups: see share()).
+        `key` is where the config lists the server ("servers[2]"), for a ConfigError (see
+        _resolve)."""
+        uuids, why, missing, _ = self._resolve(server, key)
+        known = set() if anew else self.shared
+        shared = [uuid for uuid in uuids if uuid in claimed or uuid in known]
         claimed.update(uuids)
-        return Claim(uuids, why, missing)
+        if shared:
+            uuids = [uuid for uuid in uuids if uuid not in shared]
+            if not uuids:
+                why = f"its GPUs {', '.join(shared)} run another server too: {SHARED_WHY}"
+        return Claim(uuids, why, missing, tuple(shared))
+
+    def share(self, uuids: Sequence[str], groups: Sequence[Group], server: str) -> bool:
+        """Take GPUs that `server` was found on from the groups that control them (see
+        `shared`): they go back as found. True when a group's GPUs changed."""
+        changed = False
+        for uuid in uuids:
+            if uuid not in self.shared:
+                self.shared.add(uuid)
+                log.warning("GPU %s: server %s runs on it too: %s", uuid, server, SHARED_WHY)
+        for group in groups:
+            taken = [uuid for uuid in group.uuids if uuid in uuids]
+            group.lost_uuids = [uuid for uuid in group.lost_uuids if uuid not in uuids]
+            if taken:
+                group.set_gpus([uuid for uuid in group.uuids if uuid not in taken], self.infos)
+                self.release(taken, groups, f"server {group.spec.name} shares it with {server}")
+                changed = True
+        return changed
 
     def _resolve(self, server: ServerConfig, key: str) -> Claim:
         """The UUIDs of the server's GPUs (lost ones included), why when there are none, and
@@ -252,7 +280,9 @@ class GpuRoster:
                 group.next_lookup_s = now_s + group.lookup_wait_s
             if now_s < group.next_lookup_s:
                 continue
-            uuids, why, _ = self.claim(group.source.config, group.config_key, claimed)
+            uuids, why, _, shared = self.claim(group.source.config, group.config_key, claimed)
+            if shared:
+                groups_changed = self.share(shared, groups, group.spec.name) or groups_changed
             if not uuids:
                 group.lookup_wait_s = min(2 * group.lookup_wait_s, DISCOVERY_RETRY_MAX_S)
                 group.next_lookup_s = now_s + group.lookup_wait_s
@@ -283,24 +313,27 @@ class GpuRoster:
                 or (group.next_lookup_s is not None and now_s < group.next_lookup_s)
             ):
                 continue
-            uuids, why, _ = self.claim(
+            uuids, why, _, shared = self.claim(
                 group.source.config, group.config_key, self._claimed_by_others(groups, group)
             )
-            if not uuids:
+            if not uuids and not shared:
                 group.next_lookup_s = now_s + DISCOVERY_RETRY_S
                 log.debug("server %s restarted; keeping its GPUs: %s", group.spec.name, why)
                 continue
             group.restarts_seen = restarts
             group.next_lookup_s = None
+            if shared:
+                changed = self.share(shared, groups, group.spec.name) or changed
             if set(uuids) == {*group.uuids, *group.lost_uuids}:
                 continue
             left = [uuid for uuid in group.uuids if uuid not in uuids]
-            log.warning(
-                "server %s restarted on GPUs %s (was %s); controlling those",
-                group.spec.name,
-                ", ".join(uuids),
-                ", ".join([*group.uuids, *group.lost_uuids]),
-            )
+            if uuids:  # else share() said why it has none
+                log.warning(
+                    "server %s restarted on GPUs %s (was %s); controlling those",
+                    group.spec.name,
+                    ", ".join(uuids),
+                    ", ".join([*group.uuids, *group.lost_uuids]),
+                )
             group.set_gpus(uuids, self.infos)
             # A GPU it left while lost is no group's when it answers (actuator.rejoin unlocks it).
             group.lost_uuids = []
@@ -387,12 +420,14 @@ class GpuRoster:
             if not group.missing_gpus:
                 continue
             try:
-                uuids, why, missing = self.claim(
+                uuids, why, missing, shared = self.claim(
                     group.source.config, group.config_key, self._claimed_by_others(groups, group)
                 )
             except ConfigError as exc:
                 self._problems.problem(("missing", group.spec.name), logging.ERROR, "%s", exc)
                 continue
+            if shared:
+                groups_changed = self.share(shared, groups, group.spec.name) or groups_changed
             if not uuids and not missing:
                 # Named by index here and by UUID there, say: as at start, the server whose
                 # GPUs another one holds is observed only, and waits for nothing more.

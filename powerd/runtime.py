@@ -25,6 +25,7 @@ from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend, check_clock_settings, locate_gpu
 from powerd.gpu.errors import GpuError, GpuUnavailable
 from powerd.journal import Journal, JournalError, restore_all
+from powerd.model import SHARED_WHY
 from powerd.signals import handle_stop_and_reload_signals
 from powerd.systemd import Notifier
 from powerd.webconfig import load_web_config
@@ -190,12 +191,16 @@ def check_config_gpus(config: Config) -> str:
         backend.close()
     check_clock_settings(config.control, infos)
     by_index = {info.index: info.uuid for info in infos}
-    named: set[str] = set()
+    servers_of: dict[str, list[str]] = {}
     for i, server in enumerate(config.servers):
         for j, gpu in enumerate(server.gpus or ()):
             uuid = locate_gpu(f"servers[{i}].gpus[{j}]", server.name, gpu, by_index, unopened)
             if uuid is not None:  # None: one that may open later
-                named.add(uuid)
+                servers_of.setdefault(uuid, []).append(server.name)
+    for uuid, names in servers_of.items():
+        if len(names) > 1:
+            log.warning("GPU %s is named by servers %s: %s", uuid, ", ".join(names), SHARED_WHY)
+    named = set(servers_of)
     if config.mode == "budget" and config.node_power_budget_w is not None:
         # The GPUs the servers name: a server that finds its own may find any number.
         shared = [info for info in infos if info.uuid in named]

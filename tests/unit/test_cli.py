@@ -662,6 +662,24 @@ def test_check_config_checks_the_gpus_where_it_can_open_them(
     broken.close.assert_called_once()
 
 
+def test_check_config_warns_of_a_gpu_two_servers_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two models on one GPU (or MIG instances of one) are read, and the GPU is left alone."""
+    path = tmp_path / "powerd.yaml"
+    servers = [
+        {"name": "a", "url": "http://127.0.0.1:8000/metrics", "gpus": [0, 1]},
+        {"name": "b", "url": "http://127.0.0.1:8001/metrics", "gpus": [2, 1]},
+    ]
+    path.write_text(yaml.safe_dump({"gpu_backend": "sim", "servers": servers}))
+    assert main(["check-config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "OK (2 servers, mode efficiency; 4 GPUs opened)" in captured.out
+    warnings = [line for line in captured.err.splitlines() if "is named by servers" in line]
+    assert len(warnings) == 1, captured.err
+    assert "is named by servers a, b: one clock limit cannot keep two" in warnings[0]
+
+
 def test_run_and_check_config_name_a_gpu_the_node_lacks_alike(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

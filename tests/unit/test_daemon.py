@@ -475,8 +475,9 @@ def test_a_gpu_that_opens_late_first_gets_back_what_a_killed_run_left_on_it(
     assert entry is None or entry.power_limit_mw != left_mw, "the killed run's entry is spent"
 
 
-def test_a_gpu_named_twice_that_opens_late_goes_to_one_server(tmp_path: Path) -> None:
-    """One server names GPU 1 by index, another by UUID: as at start, the first keeps it."""
+def test_a_gpu_named_twice_that_opens_late_is_controlled_for_neither(tmp_path: Path) -> None:
+    """One server names GPU 1 by index, another by UUID: as at start, neither controls it, and
+    the second keeps its other GPU."""
     sim = SimConfig(gpus=3, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.5)
     fakes: list[FakeNvml] = []
     factory = _lost_before_start(1, made=fakes)
@@ -490,9 +491,11 @@ def test_a_gpu_named_twice_that_opens_late_goes_to_one_server(tmp_path: Path) ->
     rig.run_until(lambda s: _locked(rig, 2) is not None, 60)
     rig.fake.restore_gpu(1)
     rig.run(int(roster_module.DISCOVERY_RETRY_S) + 1)
-    assert [group.uuids for group in rig.daemon.groups] == [[rig.uuid(0)], [rig.uuid(1)], []]
-    assert _locked(rig, 2) is None, "the GPU the third server gave up is back as found"
+    assert [group.uuids for group in rig.daemon.groups] == [[rig.uuid(0)], [], [rig.uuid(2)]]
+    assert _locked(rig, 1) is None, "the GPU both name is left as found"
+    assert rig.writes_to(1) == []
     assert not rig.daemon.groups[2].missing_gpus, "it waits for nothing more"
+    assert not rig.daemon.groups[1].missing_gpus
 
 
 def test_a_gpu_whose_restore_at_start_failed_is_restored_when_the_daemon_starts(
@@ -560,6 +563,30 @@ def test_in_budget_mode_a_gpu_that_cannot_be_opened_keeps_a_share_out_of_the_bud
         nvml_factory=_lost_before_start(1),
     )
     _check_budget_reserve(rig, _default_limit_mw(rig) / 1000.0)
+
+
+def test_in_budget_mode_a_gpu_two_servers_share_keeps_its_default_limit_out_of_the_budget(
+    tmp_path: Path,
+) -> None:
+    """GPU 0, controlled for neither server, may draw up to its default limit: the GPUs
+    controlled share the rest."""
+    sim = SimConfig(gpus=3, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+    uuid0 = FakeNvml(build_node(sim).plant).uuids[0]
+
+    def configure(node: SimNode) -> Config:
+        s = server_configs(node)
+        servers = (s[0], s[1], dataclasses.replace(s[2], gpus=(2, uuid0)))
+        return Config(servers=servers, mode="budget", node_power_budget_w=1600.0)
+
+    rig = make_rig(tmp_path, sim=sim, configure=configure)
+    default_w = _default_limit_mw(rig) / 1000.0
+    limits_w: list[float] = []
+    for _ in range(60):
+        rig.run(1)
+        limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in (1, 2)]
+        assert sum(limits_w) + default_w <= 1600.0 + 10.0, limits_w
+    assert sum(limits_w) > 1600.0 - default_w - 60.0, "they share what is left"
+    assert rig.node.plant.power_limit_mw(0) == _default_limit_mw(rig)
 
 
 def test_a_group_that_lost_its_last_gpu_leaves_the_budget(tmp_path: Path) -> None:
@@ -1621,28 +1648,66 @@ def _two_servers(node: SimNode, second_gpus: tuple[int | str, ...] | None) -> Co
     return Config(servers=(first, dataclasses.replace(second, gpus=second_gpus)))
 
 
-def test_a_server_whose_gpu_another_server_has_is_observed_only(
+def test_a_gpu_two_servers_name_is_controlled_for_neither(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """GPU 0 by index for one server and by UUID for the other (validation cannot tell)."""
+    """GPU 0 by index for one server and by UUID beside GPU 1 for the other (validation cannot
+    tell): one clock limit cannot keep both servers' latency, so GPU 0 is left as found, the
+    first server is observed only and the second controls GPU 1."""
     uuid0 = FakeNvml(build_node(SMALL_NODE).plant).uuids[0]
     with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
-        rig = make_rig(tmp_path, configure=lambda node: _two_servers(node, (uuid0,)), record=True)
+        rig = make_rig(tmp_path, configure=lambda node: _two_servers(node, (uuid0, 1)), record=True)
         rig.run(40)
-    warnings = [r.getMessage() for r in caplog.records if "observed only" in r.getMessage()]
-    assert len(warnings) == 1 and warnings[0].startswith("server vllm-1: observed only")
-    assert uuid0 in warnings[0]
-    assert [spec.name for spec in rig.recorder.controller.groups] == ["vllm-0"]
+    messages = [r.getMessage() for r in caplog.records]
+    observed = [m for m in messages if "observed only" in m]
+    assert len(observed) == 1 and observed[0].startswith("server vllm-0: observed only")
+    assert f"its GPUs {uuid0} run another server too" in observed[0]
+    assert any(
+        m.startswith(f"server vllm-1: its GPUs {uuid0} run another server too")
+        and m.endswith("controlling the others")
+        for m in messages
+    )
+    assert [spec.name for spec in rig.recorder.controller.groups] == ["vllm-1"]
     snapshot = rig.snapshots[-1]
-    assert snapshot.groups[1].observe_only and snapshot.groups[1].gpu_uuids == ()
-    assert snapshot.servers[1].up, "its server is still read"
-    assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(0))
-    assert rig.writes_to(1) == [], "GPU 1 belongs to no server"
+    assert snapshot.groups[0].observe_only and snapshot.groups[0].gpu_uuids == ()
+    assert snapshot.groups[1].gpu_uuids == (rig.uuid(1),)
+    assert snapshot.servers[0].up, "its server is still read"
+    assert rig.writes_to(0) == [], "GPU 0 is left as found"
+    assert any(fn == SET_CLOCKS for fn, _ in rig.writes_to(1))
     # Nothing was decided for it: no clock limit is exported, rather than a made-up 0 Hz.
-    assert snapshot.groups[1].sm_clock_max_mhz is None
+    assert snapshot.groups[0].sm_clock_max_mhz is None
     text = rig.metrics()
-    assert metric_lines(text, "powerd_group_clock_limit_hertz", group="vllm-0")
-    assert not metric_lines(text, "powerd_group_clock_limit_hertz", group="vllm-1")
+    assert metric_lines(text, "powerd_group_clock_limit_hertz", group="vllm-1")
+    assert not metric_lines(text, "powerd_group_clock_limit_hertz", group="vllm-0")
+
+
+def test_a_discovered_server_on_a_controlled_gpu_takes_it_from_control(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second server comes up on a GPU powerd controls for the first: the GPU goes back as
+    found, and neither server's lookups take it again."""
+    found: list[str] = []
+
+    def discover(url: str, compute_pids: Any, uuids: list[str], **_: Any) -> list[str]:
+        if not found:
+            raise SourceError("nothing on this node listens on port 8001")
+        return list(found)
+
+    monkeypatch.setattr(roster_module, "discover_server_gpus", discover)
+    rig = make_rig(tmp_path, configure=lambda node: _two_servers(node, None))
+    rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
+    found.append(rig.uuid(0))
+    with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
+        rig.run(round(roster_module.DISCOVERY_RETRY_MAX_S) + 2)
+    assert [group.uuids for group in rig.daemon.groups] == [[], []]
+    assert _locked(rig, 0) is None, "back as found"
+    shared = [r.getMessage() for r in caplog.records if "runs on it too" in r.getMessage()]
+    assert shared == [
+        f"GPU {rig.uuid(0)}: server vllm-1 runs on it too: {roster_module.SHARED_WHY}"
+    ], "said once"
+    writes = len(rig.fake.writes)
+    rig.run(round(roster_module.DISCOVERY_RETRY_MAX_S) + 2)
+    assert rig.writes_to(0, writes) == [] and _locked(rig, 0) is None
 
 
 def test_a_server_whose_gpus_are_not_found_yet_is_controlled_once_they_are(
@@ -1745,15 +1810,23 @@ def test_a_discovered_server_found_elsewhere_while_its_gpu_is_lost_keeps_it_when
 
 
 def test_reload_adding_a_server_on_a_taken_gpu_keeps_the_daemon_running(tmp_path: Path) -> None:
+    """The GPU both servers name is taken from control and back as found; a reload without
+    the second server gives it back to the first."""
     rig, path = _rig_from_file(tmp_path, lambda data: {**data, "servers": data["servers"][:1]})
-    rig.run(5)
+    rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
+    first = path.read_text()
     data = _config_data(rig.node)
     data["servers"][1]["gpus"] = [rig.uuid(0)]
     path.write_text(yaml.safe_dump(data))
     assert rig.daemon.reload(path) is True
     snapshot = rig.run(5)
     assert [g.group for g in snapshot.groups] == ["vllm-0", "vllm-1"]
-    assert snapshot.groups[1].observe_only and not snapshot.groups[0].observe_only
+    assert snapshot.groups[0].observe_only and snapshot.groups[1].observe_only
+    assert _locked(rig, 0) is None, "back as found"
+    path.write_text(first)
+    assert rig.daemon.reload(path) is True
+    rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
+    assert not rig.run(1).groups[0].observe_only
 
 
 # ------------------------------------------------------------------------ reload's limits
@@ -2108,15 +2181,20 @@ def test_target_reached_has_no_verdict_after_a_minute_without_figures(tmp_path: 
     assert not metric_lines(rig.metrics(), "powerd_group_target_reached", group="vllm-0")
 
 
-def test_a_group_with_no_gpus_has_no_cost_series(tmp_path: Path) -> None:
+def test_a_group_with_no_gpus_has_no_cost_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Its tokens cost nothing powerd counts: a cost series at 0 would count them in the
     dashboard's cost per token."""
-    uuid0 = FakeNvml(build_node(SMALL_NODE).plant).uuids[0]
 
     def configure(node: SimNode) -> Config:
-        config = _two_servers(node, (uuid0,))
+        config = _two_servers(node, None)  # nothing found: observed only
         return dataclasses.replace(config, grid=GridConfig(price_per_kwh=0.2, carbon_g_per_kwh=300))
 
+    def discover(url: str, compute_pids: Any, uuids: list[str], **_: Any) -> list[str]:
+        raise SourceError("nothing on this node listens on port 8001")
+
+    monkeypatch.setattr(roster_module, "discover_server_gpus", discover)
     rig = make_rig(tmp_path, configure=configure)
     rig.run(5)
     text = rig.metrics()
