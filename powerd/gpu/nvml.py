@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from powerd.gpu.backend import POWER_LIMIT_TOLERANCE_MW, STALL_S, WAIT_BESIDE_HANG_S
 from powerd.gpu.errors import (
@@ -248,6 +248,8 @@ class NvmlBackend:
         """The NVML function each thread is in now, by thread ident."""
         self._call_started_s: dict[int, float] = {}
         """When each thread's latest NVML call started (monotonic), by thread ident."""
+        self._last_called: dict[int, str] = {}
+        """The NVML function each thread called last, by thread ident."""
         self.read_cpu_s: dict[str, float] = {}
         """CPU seconds of each GPU's last reading that returned, spent in its reader thread."""
         self._closed = False
@@ -303,6 +305,7 @@ class NvmlBackend:
         thread = threading.get_ident()
         self._call_started_s[thread] = time.monotonic()  # before _calling: see _answers
         self._calling[thread] = operation
+        self._last_called[thread] = operation
         try:
             return fn(*args)
         except Exception as exc:
@@ -452,16 +455,20 @@ class NvmlBackend:
         what: str,
         patience_s: float,
         uuid: str | None = None,
+        *,
+        in_all: bool = False,
     ) -> GpuError:
-        """GpuLost (counted) for `job`, on `thread`, that did not return within `patience_s`,
-        named by the NVML function the thread is in."""
-        operation = self._calling.get(thread.thread.ident or 0, job.operation)
+        """GpuLost (counted) for `job`, on `thread`, that did not return within `patience_s`
+        for one call, or (`in_all`) within JOB_CALLS_CAP times that in all. Named and counted
+        by the NVML function the thread is in, else the one it made last (between two slow
+        calls, in powerd's own code)."""
+        ident = thread.thread.ident or 0
+        calling = self._calling.get(ident)
+        operation = calling or self._last_called.get(ident, job.operation)
+        where = f"in {operation}" if calling else f"after {operation}"
+        within = f"{JOB_CALLS_CAP * patience_s:g} s in all" if in_all else f"{patience_s:g} s"
         return self._record(
-            GpuLost(
-                f"{what} within {patience_s:g} s, in {operation}",
-                operation=operation,
-                uuid=uuid,
-            )
+            GpuLost(f"{what} within {within}, {where}", operation=operation, uuid=uuid)
         )
 
     # --- each GPU's thread ----------------------------------------------------------------
@@ -509,36 +516,39 @@ class NvmlBackend:
         meanwhile, and close() does not shut NVML down under it. So is a job whose wait was
         interrupted (Ctrl-C in `powerd restore`), which leaves its call running."""
         try:
-            answered = self._answers(reader, job, since_s, patience_s)
+            wait = self._answers(reader, job, since_s, patience_s)
         except BaseException:
             held[key] = job
             raise
-        if not answered:
+        if wait != "answered":
             held[key] = job
-            raise self._hang(reader, job, what, patience_s, uuid)
+            raise self._hang(reader, job, what, patience_s, uuid, in_all=wait == "job")
         return job.outcome()
 
-    def _answers(self, reader: _Reader, job: _Job[Any], since_s: float, patience_s: float) -> bool:
-        """Wait for `job`: True once it is done, False once one of its NVML calls has gone
-        `patience_s` unanswered (the first counted from `since_s`, monotonic), or the job has
-        run JOB_CALLS_CAP times `patience_s` in all. The limit is on a call first: a GPU that
-        answers each call slowly is not hung (a fresh process's first calls on a GPU may take
-        seconds), but a job of a dozen slow calls must not hold the loop past its watchdog."""
+    def _answers(
+        self, reader: _Reader, job: _Job[Any], since_s: float, patience_s: float
+    ) -> Literal["answered", "call", "job"]:
+        """Wait for `job`: "answered" once it is done, "call" once one of its NVML calls has
+        gone `patience_s` unanswered (the first counted from `since_s`, monotonic), "job" once
+        it has run JOB_CALLS_CAP times `patience_s` in all. The limit is on a call first: a GPU
+        that answers each call slowly is not hung (a fresh process's first calls on a GPU may
+        take seconds), but a job of a dozen slow calls must not hold the loop past its
+        watchdog."""
         thread = reader.thread.ident or 0
         job_deadline_s = since_s + JOB_CALLS_CAP * patience_s
         while True:
             call_started_s = max(since_s, self._call_started_s.get(thread, since_s))
             if job.done.wait(_wait_s(min(call_started_s + patience_s, job_deadline_s))):
-                return True
+                return "answered"
             if time.monotonic() >= job_deadline_s:
-                return False
+                return "job"
             in_call = thread in self._calling  # read first: _call stamps the start first
             if self._call_started_s.get(thread, since_s) > call_started_s:
                 continue  # another call started since: the GPU answered the one before
             if not in_call:
                 since_s = time.monotonic()  # between two calls, in powerd's own code
                 continue
-            return False
+            return "call"
 
     def _within_stall(self, uuid: str, job: _Job[T]) -> T:
         """Run `job` on the GPU's thread and wait `stall_s` for it. A GPU whose firmware hangs

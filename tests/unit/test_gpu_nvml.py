@@ -747,9 +747,31 @@ def test_a_job_of_slow_calls_is_given_up_after_a_few_stall_limits(fake: FakeNvml
     fake.stall_gpu(1, 0.15, answer=True)
     backend = NvmlBackend(fake, stall_s=0.2)
     started_s = time.monotonic()
-    with pytest.raises(GpuLost, match=r"no description within 0\.2 s"):
+    with pytest.raises(GpuLost, match=r"no description within 0\.6 s in all, (in|after) nvml"):
         backend.describe(fake.uuids[1])
     assert time.monotonic() - started_s < 0.2 * nvml_module.JOB_CALLS_CAP + 0.5
+    # Counted under an NVML function, as every other error (not powerd's method name).
+    operations = [operation for operation, _ in backend.error_counts]
+    assert operations and all(operation.startswith("nvml") for operation in operations)
+
+
+def test_a_job_given_up_between_two_calls_is_counted_under_its_last_call(
+    fake: FakeNvml,
+) -> None:
+    """A job past its limit in all while in powerd's own code is named and counted by the
+    NVML call it made last, a series the exporter knows, not by powerd's method name."""
+    backend = NvmlBackend(fake, stall_s=0.2)
+    uuid = backend.devices()[0].uuid
+    handle = fake.nvmlDeviceGetHandleByUUID(uuid)
+
+    def slow_between_calls() -> None:
+        backend._call("nvmlDeviceGetName", uuid, handle)
+        time.sleep(1.0)
+
+    job = nvml_module._Job(slow_between_calls, "look", "slow_between_calls")
+    with pytest.raises(GpuLost, match=r"no look within 0\.6 s in all, after nvmlDeviceGetName$"):
+        backend._within_stall(uuid, job)
+    assert dict(backend.error_counts) == {("nvmlDeviceGetName", "gpu_lost"): 1}
 
 
 def test_an_open_interrupted_leaves_nvml_open_under_the_call(fake: FakeNvml) -> None:
