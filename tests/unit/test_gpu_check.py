@@ -179,9 +179,9 @@ def test_fits_recover_known_parameters() -> None:
 def test_main_simulate_writes_the_outputs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = gpu_check.main(
-        ["--simulate", "l40s", "--no-load", "--duration", "5", "--out", str(tmp_path)]
-    )
+    # The daemon's dry-run phase (40 s by default) has its own test: test_gpu_check_daemon.
+    args = ["--simulate", "l40s", "--no-load", "--duration", "5", "--daemon-seconds", "0"]
+    code = gpu_check.main([*args, "--out", str(tmp_path)])
     assert code == 0
     assert (tmp_path / "calibration.csv").exists() and (tmp_path / "summary.json").exists()
     assert "wrote" in capsys.readouterr().out
@@ -422,7 +422,8 @@ def test_main_fails_on_garbled_process_entries(
         return _as_binding_reads_them([1, *(p.pid for p in listed(self, handle))])
 
     monkeypatch.setattr(FakeNvml, "nvmlDeviceGetComputeRunningProcesses", driver_535_54)
-    code = gpu_check.main(["--simulate", "l40s", "--duration", "5", "--out", str(tmp_path)])
+    args = ["--simulate", "l40s", "--duration", "5", "--daemon-seconds", "0"]
+    code = gpu_check.main([*args, "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 1
     assert "FAIL GPU 0 powerd_processes_compute" in out
