@@ -893,6 +893,7 @@ class Daemon:
             groups=tuple(groups),
             nvml_errors=dict(self.backend.error_counts),
             gpus_unopened=len(self.roster.unopened),
+            gpus_shared=len(self.roster.shared),
             restores_total=self.roster.restores_total,
             restore_failures_total=self.roster.restore_failures_total,
             ticks_total=self.ticks_total,

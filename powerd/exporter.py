@@ -493,6 +493,11 @@ def _collect_node(families: _Families, state: _State, build_info: dict[str, str]
             "no permission): neither read nor controlled; tried again every "
             f"{DISCOVERY_RETRY_S:g} s.",
         ).add({}, snapshot.gpus_unopened)
+        families(
+            "powerd_gpus_shared",
+            "GPUs two servers run on (configured or discovered): read, and controlled for "
+            "neither until a reload, as one clock limit cannot keep two servers' latency.",
+        ).add({}, snapshot.gpus_shared)
         node_mode = families(
             "powerd_node_mode", "Configured control mode of the node; 1 for the active one."
         )

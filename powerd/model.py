@@ -369,6 +369,8 @@ class Snapshot:
     """Cumulative NVML errors keyed by (operation, kind)."""
     gpus_unopened: int = 0
     """GPUs NVML counts but powerd cannot open (lost before it started, no permission)."""
+    gpus_shared: int = 0
+    """GPUs two servers run on, controlled for neither (see SHARED_WHY)."""
     restores_total: int = 0
     restore_failures_total: int = 0
     ticks_total: int = 0

@@ -1679,6 +1679,7 @@ def test_a_gpu_two_servers_name_is_controlled_for_neither(
     text = rig.metrics()
     assert metric_lines(text, "powerd_group_clock_limit_hertz", group="vllm-1")
     assert not metric_lines(text, "powerd_group_clock_limit_hertz", group="vllm-0")
+    assert [metric_value(line) for line in metric_lines(text, "powerd_gpus_shared")] == [1.0]
 
 
 def test_a_discovered_server_on_a_controlled_gpu_takes_it_from_control(
