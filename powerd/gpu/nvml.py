@@ -371,29 +371,20 @@ class NvmlBackend:
     def devices(self, *, wait_s: float | None = None) -> list[GpuInfo]:
         """Every GPU NVML can open, in index order. A GPU that cannot be opened (no
         permission, lost, no answer within `stall_s` or `wait_s` when shorter) is left out,
-        its error counted and kept for unopened_indices(). The GPUs are opened at once, each
-        on a thread of its own, so GPUs that hang cost one wait, not one each."""
+        its error counted and kept for unopened_indices()."""
         count = int(self._call("nvmlDeviceGetCount", None))
-        patience_s = self._patience_s(wait_s)
+        infos: list[GpuInfo] = []
         unopened: dict[int, str] = {}
         hung_indices = {
             info.index
             for uuid, job in list(self._hung.items())
             if not job.done.is_set() and (info := self._infos.get(uuid)) is not None
         }
-        begun: dict[int, tuple[_Reader | None, _Job[_Opened]]] = {}
         for index in range(count):
             if index in hung_indices:
                 continue  # a GPU whose reading hangs: the roster holds it as lost
             try:
-                begun[index] = self._begin_open(index)
-            except GpuError as exc:
-                unopened[index] = str(exc)
-        since_s = time.monotonic()
-        infos: list[GpuInfo] = []
-        for index, (opener, job) in begun.items():
-            try:
-                uuid, handle, info = self._opened(index, opener, job, since_s, patience_s)
+                uuid, handle, info = self._open_within_stall(index, self._patience_s(wait_s))
             except GpuUnavailable:
                 raise
             except GpuError as exc:
@@ -402,47 +393,45 @@ class NvmlBackend:
             self._handles[uuid] = handle
             self._infos[uuid] = info
             infos.append(info)
-        self._unopened = dict(sorted(unopened.items()))
+        self._unopened = unopened
         return infos
 
-    def _begin_open(self, index: int) -> tuple[_Reader | None, _Job[_Opened]]:
-        """Start opening the GPU at `index` on a thread of its own (a GPU whose firmware
-        hangs would hold the start, and each later look for it, for as long), or take an
-        earlier open that answered after it was given up on (a slow first open after a reset
-        need not wait for the next look): (None, that job). GpuLost (not counted: no call is
-        made) while that earlier open has not answered."""
+    def _open_within_stall(self, index: int, patience_s: float) -> _Opened:
+        """Open the GPU at `index` on a thread of its own, waiting `patience_s` at most
+        (WAIT_BESIDE_HANG_S while another GPU or open hangs, as for calls: eight GPUs hung
+        after a restart then cost the start 5 + 7 s, not 40): a GPU whose firmware hangs would
+        hold the start, and each later look for it, for as long. GpuLost when it does not
+        answer in time, or still has not since an earlier try. An earlier open that answered
+        after it was given up on is used (a slow first open after a reset need not wait for
+        the next look). Opens go one at a time: a driver that serializes first opens would
+        make parallel ones wait behind each other and look hung."""
         job = self._opening.pop(index, None)
         if job is not None:
             if not job.done.is_set():
                 self._opening[index] = job
+                # Not counted: no call is made.
                 raise GpuLost(
                     f"GPU {index} has not answered an open started "
                     f"{time.monotonic() - job.started_s:.0f} s ago",
                     operation="open",
                 )
             if not isinstance(job.error, GpuError):
-                return None, job
+                return job.outcome()
+        if self._hang_in_flight():
+            patience_s = min(patience_s, WAIT_BESIDE_HANG_S)
         opener = _Reader(f"open-{index}")  # one call: the thread ends once it returns
         job = opener.submit(_Job(functools.partial(self._open, index), "open", "open"))
         opener.stop()
-        return opener, job
-
-    def _opened(
-        self,
-        index: int,
-        opener: _Reader | None,
-        job: _Job[_Opened],
-        since_s: float,
-        patience_s: float,
-    ) -> _Opened:
-        """The outcome of an open begun at `since_s`; GpuLost when the GPU does not answer
-        within `patience_s` (see _held_unless_answered)."""
-        if opener is None:
-            return job.outcome()
         what = f"GPU {index} stopped answering: not opened"
         return self._held_unless_answered(
-            self._opening, index, opener, job, since_s, patience_s, what
+            self._opening, index, opener, job, time.monotonic(), patience_s, what
         )
+
+    def _hang_in_flight(self, but: str | None = None) -> bool:
+        """Whether a call on a GPU (other than `but`) or an open has gone unanswered past its
+        wait and has not returned yet."""
+        hung = [job for uuid, job in list(self._hung.items()) if uuid != but]
+        return any(not job.done.is_set() for job in [*hung, *list(self._opening.values())])
 
     def _patience_s(self, wait_s: float | None) -> float:
         """How long to wait for a GPU's answer: `stall_s`, or `wait_s` when shorter."""
@@ -562,8 +551,7 @@ class NvmlBackend:
             return job.run_here()
         reader, job = self._submit(uuid, job)
         patience_s = self._stall_s
-        others = [hung for other, hung in list(self._hung.items()) if other != uuid]
-        if any(not hung.done.is_set() for hung in [*others, *list(self._opening.values())]):
+        if self._hang_in_flight(but=uuid):
             patience_s = min(patience_s, WAIT_BESIDE_HANG_S)
         return self._await(uuid, reader, job, time.monotonic(), patience_s)
 
@@ -720,7 +708,7 @@ class NvmlBackend:
                 jobs[uuid] = self._submit(
                     uuid, _Job(functools.partial(self._read_now, uuid), "reading", "read")
                 )
-            except GpuLost as exc:
+            except GpuError as exc:  # lost, or closed
                 outcomes[uuid] = exc
         since_s, patience_s = time.monotonic(), self._patience_s(wait_s)
         try:

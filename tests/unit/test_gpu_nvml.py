@@ -403,6 +403,7 @@ def test_calls_after_close_are_unavailable(fake: FakeNvml, backend: NvmlBackend)
         backend.read(uuid)
     with pytest.raises(GpuUnavailable, match="not initialised"):
         backend.set_locked_clocks(uuid, 1005, 1005)
+    assert isinstance(backend.read_all([uuid])[uuid], GpuUnavailable)
     assert threading.enumerate() == threads_before, "no GPU thread started again"
 
 
@@ -940,9 +941,12 @@ def test_a_gpu_that_hangs_at_start_holds_neither_the_start_nor_later_looks(
     assert backend.unopened_indices() == {}
 
 
-def test_gpus_that_hang_at_start_cost_one_stall_limit_together() -> None:
-    """The opens of a start run at once: eight GPUs still hung when powerd starts cost the
-    start one stall limit, not one each (40 s of the unit's TimeoutStartSec)."""
+def test_gpus_that_hang_at_start_cost_one_stall_limit_and_a_short_wait_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once one GPU's open has hung, the next ones get WAIT_BESIDE_HANG_S: eight GPUs still
+    hung when powerd starts cost the start 5 + 7 s, not 40 s of the unit's TimeoutStartSec."""
+    monkeypatch.setattr(nvml_module, "WAIT_BESIDE_HANG_S", 0.2)
     fake4 = FakeNvml(GpuPlant(PROFILE, 4, seed=5))
     hang = Hang()
     fake4.sleep = hang
@@ -952,8 +956,10 @@ def test_gpus_that_hang_at_start_cost_one_stall_limit_together() -> None:
         backend = NvmlBackend(fake4, stall_s=1.0)
         started_s = time.monotonic()
         assert backend.devices() == []
-        assert time.monotonic() - started_s < 3.0, "one stall limit, not four"
-        assert sorted(backend.unopened_indices()) == [0, 1, 2, 3]
+        assert time.monotonic() - started_s < 3.0, "one stall limit and three short waits"
+        unopened = backend.unopened_indices()
+        assert sorted(unopened) == [0, 1, 2, 3]
+        assert "within 1 s" in unopened[0] and "within 0.2 s" in unopened[3]
         assert len(hang.waits) == 4, "each GPU was tried"
     finally:
         hang.release()
