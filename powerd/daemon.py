@@ -291,10 +291,13 @@ class Daemon:
 
     def _reserve_limits_out_of_reach(self, readings: Mapping[str, GpuReading]) -> None:
         """Keep the limit of each server's GPU whose limit powerd cannot set (refused, not
-        reported, or observed only) out of the node budget, at the limit each tick reads (an
-        operator may raise it); the policy is given the smaller budget at once."""
+        reported, or observed only) or that two servers share (controlled for neither) out of
+        the node budget, at the limit each tick reads (an operator may raise it); the policy
+        is given the smaller budget at once."""
         reserved: dict[str, int] = {}
-        for uuid in self.actuator.limits_out_of_reach() & controlled_uuids(self.groups):
+        out_of_reach = self.actuator.limits_out_of_reach() & controlled_uuids(self.groups)
+        shared = {uuid for uuid in self.roster.shared if uuid in self.infos}
+        for uuid in out_of_reach | shared:
             reading = readings.get(uuid)
             # The enforced limit; where it was not read this tick, the last one kept (a
             # passing read error must not move the others' limits).
@@ -304,7 +307,7 @@ class Daemon:
                 or (reading.power_limit_mw if reading else None)
             )
             reserved[uuid] = limit_mw or self.infos[uuid].power_limit_default_mw
-            if uuid not in self._limits_out_of_reach_mw:
+            if uuid not in self._limits_out_of_reach_mw and uuid not in shared:
                 unsaved = self.actuator.states[uuid].observe_only_reason == "journal_error"
                 log.warning(
                     "GPU %s: %s; its %.0f W are kept out of the node power budget",
@@ -323,7 +326,7 @@ class Daemon:
         """`config` with its node power budget less what the GPUs out of reach may still draw:
         a lost GPU may still run at the limit it had (powerd's last, else its own), one never
         opened at the node's largest default limit, one whose limit cannot be set at the limit
-        it has, one two servers share (controlled for neither) at its default limit."""
+        it has (one two servers share among them)."""
         budget_w = config.node_power_budget_w
         if config.mode != "budget" or budget_w is None:
             return config
@@ -350,10 +353,6 @@ class Daemon:
                 entry = self.journal.get(uuid) if self.journal is not None else None
                 limit_mw = entry.power_limit_mw if entry is not None else None
             reserved_w += (limit_mw or info.power_limit_default_mw) / 1000.0
-        for uuid in roster.shared:
-            shared_info = roster.infos.get(uuid)
-            if shared_info is not None and uuid not in self._limits_out_of_reach_mw:
-                reserved_w += shared_info.power_limit_default_mw / 1000.0
         if roster.unopened:
             # A GPU never opened is taken to run at the node's largest default limit.
             known = [*roster.infos.values(), *roster.lost.values()]
@@ -381,7 +380,11 @@ class Daemon:
             self.roster.claim(server, f"servers[{i}]", claimed, anew=True)
             for i, server in enumerate(config.servers)
         ]
-        shared = {uuid for claim in claims for uuid in claim.shared}
+        servers_on: dict[str, set[str]] = {}
+        for server, claim in zip(config.servers, claims, strict=True):
+            for uuid in [*claim.uuids, *claim.shared]:
+                servers_on.setdefault(uuid, set()).add(server.name)
+        shared = {uuid: servers_on[uuid] for claim in claims for uuid in claim.shared}
         groups = []
         for i, (server, claim) in enumerate(zip(config.servers, claims, strict=True)):
             claimed_uuids = [uuid for uuid in claim.uuids if uuid not in shared]
@@ -391,15 +394,12 @@ class Daemon:
             if lost and not uuids:
                 why = f"its GPUs {', '.join(lost)} are lost; they rejoin it when they answer"
             mine = [uuid for uuid in [*claim.uuids, *claim.shared] if uuid in shared]
-            if mine and not claimed_uuids:
-                why = f"its GPUs {', '.join(mine)} run another server too: {SHARED_WHY}"
-            elif mine:
-                log.warning(
-                    "server %s: its GPUs %s run another server too: %s; controlling the others",
-                    server.name,
-                    ", ".join(mine),
-                    SHARED_WHY,
-                )
+            if mine:
+                shared_why = f"its GPUs {', '.join(mine)} run another server too: {SHARED_WHY}"
+                if uuids:
+                    log.warning("server %s: %s; controlling the others", server.name, shared_why)
+                else:
+                    why = f"{why}; {shared_why}" if claimed_uuids else shared_why
             if claim.missing:
                 log.warning(
                     "server %s: its GPUs %s cannot be opened (%s); they join it once they do",

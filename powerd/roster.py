@@ -129,10 +129,11 @@ class GpuRoster:
         self._next_sweep_s: float | None = None
         """When lost and unopened GPUs are looked for and unread power-limit ranges read again
         next (None: at the first rediscover(), DISCOVERY_RETRY_S from it)."""
-        self.shared: set[str] = set()
-        """GPUs two servers were found on (configured or discovered): one clock limit cannot
-        keep both servers' latency, and one server's tokens cannot price the GPU's energy, so
-        no group controls them until the groups are built again (a reload)."""
+        self.shared: dict[str, set[str]] = {}
+        """GPUs two servers were found on (configured or discovered), with those servers'
+        names: one clock limit cannot keep both servers' latency, and one server's tokens
+        cannot price the GPU's energy, so no group controls them until the groups are built
+        again (a reload) or a lookup finds all but one of the servers elsewhere."""
         self._note_unopened()
 
     # ----------------------------------------------------------------- finding a server's GPUs
@@ -161,8 +162,10 @@ class GpuRoster:
         `shared`): they go back as found. True when a group's GPUs changed."""
         changed = False
         for uuid in uuids:
-            if uuid not in self.shared:
-                self.shared.add(uuid)
+            names = self.shared.setdefault(uuid, set())
+            if server not in names:
+                names.add(server)
+                names.update(g.spec.name for g in groups if uuid in [*g.uuids, *g.lost_uuids])
                 log.warning("GPU %s: server %s runs on it too: %s", uuid, server, SHARED_WHY)
         for group in groups:
             taken = [uuid for uuid in group.uuids if uuid in uuids]
@@ -213,6 +216,36 @@ class GpuRoster:
                 f"{DISCOVERY_RETRY_S:g} s"
             )
         return Claim(uuids, why, missing)
+
+    def found_elsewhere(self, server: str, found: Sequence[str], groups: Sequence[Group]) -> bool:
+        """After a lookup found `server` on `found` (a lookup that found nothing tells
+        nothing): a shared GPU it is not on is shared no more once one server is left on it,
+        and goes to that server's group. True when a group's GPUs changed."""
+        changed = False
+        for uuid, names in list(self.shared.items()):
+            if not found or server not in names or uuid in found:
+                continue
+            names.discard(server)
+            if len(names) > 1:
+                continue
+            del self.shared[uuid]
+            owner = next((group for group in groups if group.spec.name in names), None)
+            if owner is None:
+                log.info("GPU %s: server %s no longer runs on it", uuid, server)
+                continue
+            if uuid in self.lost:
+                owner.lost_uuids.append(uuid)
+            elif uuid in self.infos:
+                back = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)
+                owner.set_gpus(back, self.infos)
+                changed = True
+            log.info(
+                "GPU %s: server %s no longer runs on it; controlling it for %s",
+                uuid,
+                server,
+                owner.spec.name,
+            )
+        return changed
 
     def _claimed_by_others(self, groups: Sequence[Group], group: Group) -> set[str]:
         """The GPUs, lost ones included, of every group but `group`."""
@@ -274,15 +307,19 @@ class GpuRoster:
             groups_changed = self._describe_again(groups) or groups_changed
         self._age_loss_episodes(now_s)
         waiting = [g for g in groups if not g.controlled and g.source.config.gpus is None]
-        claimed = {uuid for group in groups for uuid in [*group.uuids, *group.lost_uuids]}
         for group in waiting:
+            if group.controlled:
+                continue  # a GPU it shared is its own again (found_elsewhere, this loop)
             if group.next_lookup_s is None:
                 group.next_lookup_s = now_s + group.lookup_wait_s
             if now_s < group.next_lookup_s:
                 continue
+            claimed = self._claimed_by_others(groups, group)
             uuids, why, _, shared = self.claim(group.source.config, group.config_key, claimed)
+            name = group.spec.name
+            groups_changed = self.found_elsewhere(name, [*uuids, *shared], groups) or groups_changed
             if shared:
-                groups_changed = self.share(shared, groups, group.spec.name) or groups_changed
+                groups_changed = self.share(shared, groups, name) or groups_changed
             if not uuids:
                 group.lookup_wait_s = min(2 * group.lookup_wait_s, DISCOVERY_RETRY_MAX_S)
                 group.next_lookup_s = now_s + group.lookup_wait_s
@@ -322,6 +359,7 @@ class GpuRoster:
                 continue
             group.restarts_seen = restarts
             group.next_lookup_s = None
+            changed = self.found_elsewhere(group.spec.name, [*uuids, *shared], groups) or changed
             if shared:
                 changed = self.share(shared, groups, group.spec.name) or changed
             if set(uuids) == {*group.uuids, *group.lost_uuids}:
@@ -487,7 +525,10 @@ class GpuRoster:
             back_any = True
             owner = next((g for g in groups if uuid in g.lost_uuids), None)
             if owner is None:
-                log.log(level, "GPU %s is back; no configured server uses it", uuid)
+                if uuid in self.shared:
+                    log.log(level, "GPU %s is back; two servers run on it: %s", uuid, SHARED_WHY)
+                else:
+                    log.log(level, "GPU %s is back; no configured server uses it", uuid)
                 continue
             owner.lost_uuids.remove(uuid)
             back = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)

@@ -25,7 +25,7 @@ from powerd.exporter import Exporter, ExporterError
 from powerd.gpu.backend import GpuBackend, check_clock_settings, locate_gpu
 from powerd.gpu.errors import GpuError, GpuUnavailable
 from powerd.journal import Journal, JournalError, restore_all
-from powerd.model import SHARED_WHY
+from powerd.model import SHARED_WHY, GpuInfo
 from powerd.signals import handle_stop_and_reload_signals
 from powerd.systemd import Notifier
 from powerd.webconfig import load_web_config
@@ -176,7 +176,7 @@ def check_config(config: Config) -> None:
 def check_config_gpus(config: Config) -> str:
     """ConfigError when a server names a GPU the node does not count, or the control clocks
     are more than the GPUs can take, as `powerd run` would refuse them; the GPUs are those NVML
-    opens (the simulated node's with `gpu_backend: sim`).
+    opens (the simulated node's with `gpu_backend: sim`). A GPU two servers name is warned of.
     Returns what was checked, or why the GPUs could not be (NVML not available here)."""
     try:
         backend = open_backend(config)
@@ -185,34 +185,47 @@ def check_config_gpus(config: Config) -> str:
     try:
         infos = backend.devices()
         unopened = backend.unopened_indices()
+        check_clock_settings(config.control, infos)
+        by_index = {info.index: info.uuid for info in infos}
+        servers_of: dict[str, list[str]] = {}
+        for i, server in enumerate(config.servers):
+            for j, gpu in enumerate(server.gpus or ()):
+                uuid = locate_gpu(f"servers[{i}].gpus[{j}]", server.name, gpu, by_index, unopened)
+                if uuid is not None:  # None: one that may open later
+                    servers_of.setdefault(uuid, []).append(server.name)
+        shared = {uuid for uuid, names in servers_of.items() if len(names) > 1}
+        for uuid in sorted(shared):
+            names = ", ".join(servers_of[uuid])
+            log.warning("GPU %s is named by servers %s: %s", uuid, names, SHARED_WHY)
+        if config.mode == "budget" and config.node_power_budget_w is not None:
+            # A GPU two servers share keeps the limit it has, as the daemon leaves it.
+            default_mw = {info.uuid: info.power_limit_default_mw for info in infos}
+            kept_mw = [backend.power_limit_mw(uuid) or default_mw[uuid] for uuid in shared]
+            kept_w = sum(kept_mw) / 1000.0
+            _check_budget_floor(config.node_power_budget_w, infos, set(servers_of) - shared, kept_w)
     except GpuError as exc:
         return f"GPUs not checked: {exc}"
     finally:
         backend.close()
-    check_clock_settings(config.control, infos)
-    by_index = {info.index: info.uuid for info in infos}
-    servers_of: dict[str, list[str]] = {}
-    for i, server in enumerate(config.servers):
-        for j, gpu in enumerate(server.gpus or ()):
-            uuid = locate_gpu(f"servers[{i}].gpus[{j}]", server.name, gpu, by_index, unopened)
-            if uuid is not None:  # None: one that may open later
-                servers_of.setdefault(uuid, []).append(server.name)
-    for uuid, names in servers_of.items():
-        if len(names) > 1:
-            log.warning("GPU %s is named by servers %s: %s", uuid, ", ".join(names), SHARED_WHY)
-    named = set(servers_of)
-    if config.mode == "budget" and config.node_power_budget_w is not None:
-        # The GPUs the servers name: a server that finds its own may find any number.
-        shared = [info for info in infos if info.uuid in named]
-        floor_w = sum(info.power_limit_min_mw for info in shared) / 1000.0
-        if config.node_power_budget_w < floor_w:
-            sharing = counted(len(shared), "GPU")
-            raise ConfigError(
-                f"node_power_budget_w: {config.node_power_budget_w:g} W is below the minimum "
-                f"power limits of the {sharing} it is shared by ({floor_w:g} W); every GPU "
-                "would be held at its minimum and the node would still draw more"
-            )
     return f"{counted(len(infos), 'GPU')} opened" + (f", {len(unopened)} not" if unopened else "")
+
+
+def _check_budget_floor(
+    budget_w: float, infos: list[GpuInfo], controlled: set[str], kept_w: float
+) -> None:
+    """ConfigError when the GPUs the servers name (`controlled`: a server that finds its own
+    may find any number) cannot keep within `budget_w` at their minimum limits, beside the
+    `kept_w` that GPUs two servers share keep."""
+    named = [info for info in infos if info.uuid in controlled]
+    floor_w = sum(info.power_limit_min_mw for info in named) / 1000.0
+    if budget_w < floor_w + kept_w:
+        sharing = counted(len(named), "GPU")
+        beside = f" beside the {kept_w:g} W of the GPUs two servers share" if kept_w else ""
+        raise ConfigError(
+            f"node_power_budget_w: {budget_w:g} W is below the minimum power limits of the "
+            f"{sharing} it is shared by ({floor_w:g} W){beside}; every GPU would be held at "
+            "its minimum and the node would still draw more"
+        )
 
 
 def check_sim_config(sim: SimConfig, keys: dict[str, str] | None = None) -> None:

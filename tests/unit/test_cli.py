@@ -680,6 +680,28 @@ def test_check_config_warns_of_a_gpu_two_servers_name(
     assert "is named by servers a, b: one clock limit cannot keep two" in warnings[0]
 
 
+def test_check_config_keeps_a_shared_gpu_out_of_the_budget_at_the_limit_it_has(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GPU 1, named by both servers, is controlled for neither and keeps its limit (700 W on
+    the simulated H100s): 800 W cannot hold GPUs 0 and 2 at their 200-W minimums beside it,
+    as the daemon would find; 1100 W can."""
+    path = tmp_path / "powerd.yaml"
+    servers = [
+        {"name": "a", "url": "http://127.0.0.1:8000/metrics", "gpus": [0, 1]},
+        {"name": "b", "url": "http://127.0.0.1:8001/metrics", "gpus": [2, 1]},
+    ]
+    data = {"gpu_backend": "sim", "servers": servers, "mode": "budget"}
+    path.write_text(yaml.safe_dump({**data, "node_power_budget_w": 800}))
+    assert main(["check-config", str(path)]) == EX_CONFIG
+    assert (
+        "node_power_budget_w: 800 W is below the minimum power limits of the 2 GPUs it is "
+        "shared by (400 W) beside the 700 W of the GPUs two servers share"
+    ) in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({**data, "node_power_budget_w": 1100}))
+    assert main(["check-config", str(path)]) == 0
+
+
 def test_run_and_check_config_name_a_gpu_the_node_lacks_alike(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -565,28 +565,31 @@ def test_in_budget_mode_a_gpu_that_cannot_be_opened_keeps_a_share_out_of_the_bud
     _check_budget_reserve(rig, _default_limit_mw(rig) / 1000.0)
 
 
-def test_in_budget_mode_a_gpu_two_servers_share_keeps_its_default_limit_out_of_the_budget(
+def test_in_budget_mode_a_gpu_two_servers_share_keeps_the_limit_it_has_out_of_the_budget(
     tmp_path: Path,
 ) -> None:
-    """GPU 0, controlled for neither server, may draw up to its default limit: the GPUs
-    controlled share the rest."""
+    """GPU 0, capped at 300 W by an operator and controlled for neither server, keeps that
+    cap and may draw up to it: the GPUs controlled share the rest, no less."""
     sim = SimConfig(gpus=3, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.9)
     uuid0 = FakeNvml(build_node(sim).plant).uuids[0]
+
+    def capped(node: SimNode) -> FakeNvml:
+        node.plant.set_power_limit_mw(0, 300_000)
+        return FakeNvml(node.plant, lock=node.lock)
 
     def configure(node: SimNode) -> Config:
         s = server_configs(node)
         servers = (s[0], s[1], dataclasses.replace(s[2], gpus=(2, uuid0)))
         return Config(servers=servers, mode="budget", node_power_budget_w=1600.0)
 
-    rig = make_rig(tmp_path, sim=sim, configure=configure)
-    default_w = _default_limit_mw(rig) / 1000.0
+    rig = make_rig(tmp_path, sim=sim, configure=configure, nvml_factory=capped)
     limits_w: list[float] = []
     for _ in range(60):
         rig.run(1)
         limits_w = [rig.node.plant.power_limit_mw(i) / 1000.0 for i in (1, 2)]
-        assert sum(limits_w) + default_w <= 1600.0 + 10.0, limits_w
-    assert sum(limits_w) > 1600.0 - default_w - 60.0, "they share what is left"
-    assert rig.node.plant.power_limit_mw(0) == _default_limit_mw(rig)
+        assert sum(limits_w) + 300.0 <= 1600.0 + 10.0, limits_w
+    assert sum(limits_w) > 1600.0 - 300.0 - 60.0, "they share what is left"
+    assert rig.node.plant.power_limit_mw(0) == 300_000, "left as found"
 
 
 def test_a_group_that_lost_its_last_gpu_leaves_the_budget(tmp_path: Path) -> None:
@@ -1808,6 +1811,96 @@ def test_a_discovered_server_found_elsewhere_while_its_gpu_is_lost_keeps_it_when
     assert first in rig.daemon.infos, "it answers again"
     assert rig.daemon.groups[0].uuids == [rig.uuid(1)], "and stays out of the server's group"
     assert _locked(rig, 0) is None
+
+
+def _discovered_where(monkeypatch: pytest.MonkeyPatch, where: dict[str, list[int]]) -> None:
+    """Discovery finds each server (by name in its URL) on the GPUs `where` lists now."""
+
+    def discover(url: str, compute_pids: Any, uuids: list[str], **_: Any) -> list[str]:
+        name = next(n for n in where if n in url)
+        return [uuids[i] for i in where[name]]
+
+    monkeypatch.setattr(roster_module, "discover_server_gpus", discover)
+
+
+def test_a_gpu_shared_by_a_mistaken_lookup_goes_back_once_the_server_is_found_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vllm-1 is first found on vllm-0's GPU 0 (a CUDA_VISIBLE_DEVICES hint is only a hint),
+    then on GPU 1, where it runs: GPU 0 is vllm-0's alone again, and controlled."""
+    where = {"vllm-0": [0], "vllm-1": [0]}
+    _discovered_where(monkeypatch, where)
+    rig = make_rig(tmp_path, configure=lambda node: _two_servers(node, None))
+    rig.run(5)
+    assert [group.uuids for group in rig.daemon.groups] == [[], []]
+    where["vllm-1"] = [1]
+    rig.run(round(roster_module.DISCOVERY_RETRY_MAX_S) + 2)
+    assert [group.uuids for group in rig.daemon.groups] == [[rig.uuid(0)], [rig.uuid(1)]]
+    assert rig.daemon.roster.shared == {}
+    rig.run_until(lambda s: _locked(rig, 0) is not None, 60)
+
+
+def test_a_scheduler_swap_through_a_shared_gpu_ends_with_each_server_on_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The scheduler moves vllm-0 from GPU 0 to GPU 2 and vllm-1 from GPU 1 to GPU 0, and
+    vllm-1 is looked up first: GPU 0 is shared for a while (said in a warning), then vllm-1's
+    alone once vllm-0 is found on GPU 2."""
+    sim = SimConfig(gpus=3, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.5)
+    where = {"vllm-0": [0], "vllm-1": [1]}
+    _discovered_where(monkeypatch, where)
+
+    def configure(node: SimNode) -> Config:
+        return Config(
+            servers=tuple(dataclasses.replace(s, gpus=None) for s in server_configs(node)[:2])
+        )
+
+    rig = make_rig(tmp_path, sim=sim, configure=configure)
+    rig.run(20)
+    assert [group.uuids for group in rig.daemon.groups] == [[rig.uuid(0)], [rig.uuid(1)]]
+    rig.fetch.down.update({"vllm-0", "vllm-1"})
+    rig.run(90)
+    where.update({"vllm-0": [2], "vllm-1": [0]})
+    rig.node.servers[1].restart()
+    rig.fetch.down.discard("vllm-1")  # vllm-1 is back first
+    with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
+        rig.run(20)
+    assert any("server vllm-1 runs on it too" in r.getMessage() for r in caplog.records)
+    rig.node.servers[0].restart()
+    rig.fetch.down.clear()
+    rig.run(3 * round(roster_module.DISCOVERY_RETRY_MAX_S))
+    assert [group.uuids for group in rig.daemon.groups] == [[rig.uuid(2)], [rig.uuid(0)]]
+    assert rig.daemon.roster.shared == {}
+
+
+def test_a_server_restarted_onto_a_gpu_already_shared_is_warned_of(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """vllm-0 and vllm-2 share GPU 0; vllm-1 restarts onto it too: its GPU 1 goes back as
+    found and a warning names vllm-1, which is observed only now."""
+    sim = SimConfig(gpus=3, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.5)
+    where = {"vllm-1": [1], "vllm-2": [0]}
+    _discovered_where(monkeypatch, where)
+
+    def configure(node: SimNode) -> Config:
+        s = server_configs(node)
+        found = (dataclasses.replace(s[1], gpus=None), dataclasses.replace(s[2], gpus=None))
+        return Config(servers=(s[0], *found))
+
+    rig = make_rig(tmp_path, sim=sim, configure=configure)
+    rig.run_until(lambda s: _locked(rig, 1) is not None, 60)
+    assert set(rig.daemon.roster.shared) == {rig.uuid(0)}
+    where["vllm-1"] = [0]
+    rig.fetch.down.add("vllm-1")
+    rig.run(90)
+    rig.node.servers[1].restart()
+    rig.fetch.down.clear()
+    with caplog.at_level(logging.WARNING, logger="powerd.daemon"):
+        rig.run(40)
+    assert rig.daemon.groups[1].uuids == []
+    assert _locked(rig, 1) is None, "the GPU it left is back as found"
+    assert rig.daemon.roster.shared == {rig.uuid(0): {"vllm-0", "vllm-1", "vllm-2"}}
+    assert any("server vllm-1 runs on it too" in r.getMessage() for r in caplog.records)
 
 
 def test_reload_adding_a_server_on_a_taken_gpu_keeps_the_daemon_running(tmp_path: Path) -> None:
