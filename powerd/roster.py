@@ -207,7 +207,7 @@ class GpuRoster:
             uuid = locate_gpu(f"{key}.gpus[{j}]", server.name, gpu, by_index, self.unopened)
             if uuid is None:
                 missing.append(gpu)
-            else:
+            elif uuid not in uuids:  # named by index and by UUID: one GPU
                 uuids.append(uuid)
         why = ""
         if not uuids and missing:
@@ -220,10 +220,12 @@ class GpuRoster:
     def found_elsewhere(self, server: str, found: Sequence[str], groups: Sequence[Group]) -> bool:
         """After a lookup found `server` on `found` (a lookup that found nothing tells
         nothing): a shared GPU it is not on is shared no more once one server is left on it,
-        and goes to that server's group. True when a group's GPUs changed."""
+        and goes to that server's group. Only the GPUs open now count: a lost one is never
+        found (discovery looks at the open ones), which does not say the server left it. True
+        when a group's GPUs changed."""
         changed = False
         for uuid, names in list(self.shared.items()):
-            if not found or server not in names or uuid in found:
+            if not found or server not in names or uuid in found or uuid not in self.infos:
                 continue
             names.discard(server)
             if len(names) > 1:
@@ -233,12 +235,9 @@ class GpuRoster:
             if owner is None:
                 log.info("GPU %s: server %s no longer runs on it", uuid, server)
                 continue
-            if uuid in self.lost:
-                owner.lost_uuids.append(uuid)
-            elif uuid in self.infos:
-                back = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)
-                owner.set_gpus(back, self.infos)
-                changed = True
+            back = sorted([*owner.uuids, uuid], key=lambda u: self.infos[u].index)
+            owner.set_gpus(back, self.infos)
+            changed = True
             log.info(
                 "GPU %s: server %s no longer runs on it; controlling it for %s",
                 uuid,

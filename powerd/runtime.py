@@ -191,17 +191,26 @@ def check_config_gpus(config: Config) -> str:
         for i, server in enumerate(config.servers):
             for j, gpu in enumerate(server.gpus or ()):
                 uuid = locate_gpu(f"servers[{i}].gpus[{j}]", server.name, gpu, by_index, unopened)
-                if uuid is not None:  # None: one that may open later
-                    servers_of.setdefault(uuid, []).append(server.name)
+                if uuid is None:  # one that may open later
+                    continue
+                names = servers_of.setdefault(uuid, [])
+                if server.name not in names:  # a server may name a GPU by index and by UUID
+                    names.append(server.name)
         shared = {uuid for uuid, names in servers_of.items() if len(names) > 1}
         for uuid in sorted(shared):
-            names = ", ".join(servers_of[uuid])
-            log.warning("GPU %s is named by servers %s: %s", uuid, names, SHARED_WHY)
+            named_by = ", ".join(servers_of[uuid])
+            log.warning("GPU %s is named by servers %s: %s", uuid, named_by, SHARED_WHY)
         if config.mode == "budget" and config.node_power_budget_w is not None:
-            # A GPU two servers share keeps the limit it has, as the daemon leaves it.
-            default_mw = {info.uuid: info.power_limit_default_mw for info in infos}
-            kept_mw = [backend.power_limit_mw(uuid) or default_mw[uuid] for uuid in shared]
-            kept_w = sum(kept_mw) / 1000.0
+            # A GPU two servers share keeps the limit the daemon leaves it: the one from
+            # before powerd (a running daemon may hold it lower now), else the one it has.
+            journal = Journal(journal_path(config), put_corrupt_aside=False)
+            kept_w = 0.0
+            for info in infos:
+                if info.uuid in shared:
+                    entry = journal.get(info.uuid)
+                    kept_mw = entry.power_limit_mw if entry is not None else None
+                    kept_mw = kept_mw or backend.power_limit_mw(info.uuid)
+                    kept_w += (kept_mw or info.power_limit_default_mw) / 1000.0
             _check_budget_floor(config.node_power_budget_w, infos, set(servers_of) - shared, kept_w)
     except GpuError as exc:
         return f"GPUs not checked: {exc}"

@@ -22,6 +22,7 @@ import yaml
 
 from powerd import daemon as daemon_module
 from powerd import roster as roster_module
+from powerd import runtime as runtime_module
 from powerd.actuator import LOCK_RESEND_S
 from powerd.config import (
     NAMED_SERVER_KINDS,
@@ -1871,6 +1872,96 @@ def test_a_scheduler_swap_through_a_shared_gpu_ends_with_each_server_on_its_own(
     rig.run(3 * round(roster_module.DISCOVERY_RETRY_MAX_S))
     assert [group.uuids for group in rig.daemon.groups] == [[rig.uuid(2)], [rig.uuid(0)]]
     assert rig.daemon.roster.shared == {}
+
+
+def test_a_gpu_one_server_names_by_index_and_by_uuid_is_one_of_its_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a GPU shared: the server controls it once, and check-config's budget floor counts
+    it once, at its minimum limit."""
+    uuid0 = FakeNvml(build_node(SMALL_NODE).plant).uuids[0]
+
+    def configure(node: SimNode) -> Config:
+        first = dataclasses.replace(server_configs(node)[0], gpus=(0, uuid0))
+        return Config(servers=(first,), mode="budget", node_power_budget_w=300.0)
+
+    rig = make_rig(tmp_path, configure=configure)
+    assert rig.daemon.groups[0].uuids == [uuid0] and rig.daemon.roster.shared == {}
+    monkeypatch.setattr(
+        runtime_module,
+        "open_backend",
+        lambda config: NvmlBackend(FakeNvml(rig.node.plant, lock=rig.node.lock)),
+    )
+    assert runtime_module.check_config_gpus(rig.daemon.config) == "2 GPUs opened"
+
+
+def test_a_lookup_while_a_shared_gpu_is_lost_does_not_unshare_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Discovery looks at the GPUs open now: vllm-0, restarted while GPU 0 (which it shares
+    with vllm-1) is lost, is not found there, yet still runs on it. GPU 0 stays shared when it
+    answers again, not controlled for vllm-1."""
+    sim = SimConfig(gpus=3, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.5)
+    uuids = FakeNvml(build_node(sim).plant).uuids
+    where = {"vllm-0": [uuids[0], uuids[2]], "vllm-1": [uuids[0], uuids[1]]}
+
+    def discover(url: str, compute_pids: Any, visible: list[str], **_: Any) -> list[str]:
+        name = next(n for n in where if n in url)
+        return [uuid for uuid in visible if uuid in where[name]]
+
+    monkeypatch.setattr(roster_module, "discover_server_gpus", discover)
+
+    def configure(node: SimNode) -> Config:
+        return Config(
+            servers=tuple(dataclasses.replace(s, gpus=None) for s in server_configs(node)[:2])
+        )
+
+    rig = make_rig(tmp_path, sim=sim, configure=configure)
+    rig.run(20)
+    assert rig.daemon.roster.shared == {uuids[0]: {"vllm-0", "vllm-1"}}
+    rig.fake.lose_gpu(0)
+    rig.run(3)
+    rig.fetch.down.add("vllm-0")
+    rig.run(90)
+    rig.node.servers[0].restart()
+    rig.fetch.down.clear()
+    rig.run(30)
+    rig.fake.restore_gpu(0)
+    rig.run(3 * round(roster_module.DISCOVERY_RETRY_MAX_S))
+    assert rig.daemon.roster.shared == {uuids[0]: {"vllm-0", "vllm-1"}}
+    assert [group.uuids for group in rig.daemon.groups] == [[uuids[2]], [uuids[1]]]
+    assert _locked(rig, 0) is None
+
+
+def test_check_config_counts_a_shared_gpu_at_the_limit_the_daemon_will_leave_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While powerd holds GPU 1 at a budget share, a config that adds a second server on it
+    is checked with GPU 1 at the limit it had before powerd (the journal's), which the reload
+    gives back: 700 W beside two 200-W minimums is past 800 W."""
+    sim = SimConfig(gpus=3, tp=1, model="llama-3.1-8b", trace="constant", peak_load=0.9)
+
+    def servers(node: SimNode, second: tuple[int, ...]) -> tuple[ServerConfig, ...]:
+        s = server_configs(node)
+        return (dataclasses.replace(s[0], gpus=(0, 1)), dataclasses.replace(s[1], gpus=second))
+
+    def configure(node: SimNode) -> Config:
+        return Config(servers=servers(node, (2,)), mode="budget", node_power_budget_w=800.0)
+
+    rig = make_rig(tmp_path, sim=sim, configure=configure)
+    rig.run(60)
+    assert rig.node.plant.power_limit_mw(1) < 400_000, "powerd holds GPU 1 low"
+    monkeypatch.setattr(
+        runtime_module,
+        "open_backend",
+        lambda config: NvmlBackend(FakeNvml(rig.node.plant, lock=rig.node.lock)),
+    )
+    assert rig.journal_path == tmp_path / runtime_module.JOURNAL_FILE
+    adding = dataclasses.replace(
+        rig.daemon.config, servers=servers(rig.node, (2, 1)), state_dir=str(tmp_path)
+    )
+    with pytest.raises(ConfigError, match="beside the 700 W of the GPUs two servers share"):
+        runtime_module.check_config_gpus(adding)
 
 
 def test_a_server_restarted_onto_a_gpu_already_shared_is_warned_of(
