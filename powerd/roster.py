@@ -466,8 +466,8 @@ class GpuRoster:
             if shared:
                 groups_changed = self.share(shared, groups, group.spec.name) or groups_changed
             if not uuids and not missing:
-                # Named by index here and by UUID there, say: as at start, the server whose
-                # GPUs another one holds is observed only, and waits for nothing more.
+                # Named by index here and by UUID there, say: as at start, a GPU another
+                # server names is controlled for neither (share), and this one waits no more.
                 log.warning(
                     "server %s: observed only, its GPUs are not controlled: %s",
                     group.spec.name,
