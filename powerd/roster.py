@@ -144,7 +144,7 @@ class GpuRoster:
         """The server's GPUs, added to `claimed`, and those configured that cannot be opened
         yet; or none and why, when they cannot be found. Its GPUs in `claimed` already or
         known to be shared (unless `anew`: a build of every group finds them again) are left
-        out and listed as `shared` (the caller takes them from their groups: see share()).
+        out and listed as `shared` (the caller takes them from their groups: see _share()).
         `key` is where the config lists the server ("servers[2]"), for a ConfigError (see
         _resolve)."""
         uuids, why, missing, _ = self._resolve(server, key)
@@ -157,7 +157,7 @@ class GpuRoster:
                 why = f"its GPUs {', '.join(shared)} run another server too: {SHARED_WHY}"
         return Claim(uuids, why, missing, tuple(shared))
 
-    def share(self, uuids: Sequence[str], groups: Sequence[Group], server: str) -> bool:
+    def _share(self, uuids: Sequence[str], groups: Sequence[Group], server: str) -> bool:
         """Take GPUs that `server` was found on from the groups that control them (see
         `shared`): they go back as found. True when a group's GPUs changed."""
         changed = False
@@ -217,7 +217,7 @@ class GpuRoster:
             )
         return Claim(uuids, why, missing)
 
-    def found_elsewhere(self, server: str, found: Sequence[str], groups: Sequence[Group]) -> bool:
+    def _found_elsewhere(self, server: str, found: Sequence[str], groups: Sequence[Group]) -> bool:
         """After a lookup found `server` on `found` (a lookup that found nothing tells
         nothing): a shared GPU it is not on is shared no more once one server is left on it,
         and goes to that server's group. Only the GPUs open now count: a lost one is never
@@ -308,7 +308,7 @@ class GpuRoster:
         waiting = [g for g in groups if not g.controlled and g.source.config.gpus is None]
         for group in waiting:
             if group.controlled:
-                continue  # a GPU it shared is its own again (found_elsewhere, this loop)
+                continue  # a GPU it shared is its own again (_found_elsewhere, this loop)
             if group.next_lookup_s is None:
                 group.next_lookup_s = now_s + group.lookup_wait_s
             if now_s < group.next_lookup_s:
@@ -316,9 +316,11 @@ class GpuRoster:
             claimed = self._claimed_by_others(groups, group)
             uuids, why, _, shared = self.claim(group.source.config, group.config_key, claimed)
             name = group.spec.name
-            groups_changed = self.found_elsewhere(name, [*uuids, *shared], groups) or groups_changed
+            groups_changed = (
+                self._found_elsewhere(name, [*uuids, *shared], groups) or groups_changed
+            )
             if shared:
-                groups_changed = self.share(shared, groups, name) or groups_changed
+                groups_changed = self._share(shared, groups, name) or groups_changed
             if not uuids:
                 group.lookup_wait_s = min(2 * group.lookup_wait_s, DISCOVERY_RETRY_MAX_S)
                 group.next_lookup_s = now_s + group.lookup_wait_s
@@ -358,13 +360,13 @@ class GpuRoster:
                 continue
             group.restarts_seen = restarts
             group.next_lookup_s = None
-            changed = self.found_elsewhere(group.spec.name, [*uuids, *shared], groups) or changed
+            changed = self._found_elsewhere(group.spec.name, [*uuids, *shared], groups) or changed
             if shared:
-                changed = self.share(shared, groups, group.spec.name) or changed
+                changed = self._share(shared, groups, group.spec.name) or changed
             if set(uuids) == {*group.uuids, *group.lost_uuids}:
                 continue
             left = [uuid for uuid in group.uuids if uuid not in uuids]
-            if uuids:  # else share() said why it has none
+            if uuids:  # else _share() said why it has none
                 log.warning(
                     "server %s restarted on GPUs %s (was %s); controlling those",
                     group.spec.name,
@@ -464,10 +466,10 @@ class GpuRoster:
                 self._problems.problem(("missing", group.spec.name), logging.ERROR, "%s", exc)
                 continue
             if shared:
-                groups_changed = self.share(shared, groups, group.spec.name) or groups_changed
+                groups_changed = self._share(shared, groups, group.spec.name) or groups_changed
             if not uuids and not missing:
                 # Named by index here and by UUID there, say: as at start, a GPU another
-                # server names is controlled for neither (share), and this one waits no more.
+                # server names is controlled for neither (_share), and this one waits no more.
                 log.warning(
                     "server %s: observed only, its GPUs are not controlled: %s",
                     group.spec.name,

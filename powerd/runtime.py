@@ -201,22 +201,33 @@ def check_config_gpus(config: Config) -> str:
             named_by = ", ".join(servers_of[uuid])
             log.warning("GPU %s is named by servers %s: %s", uuid, named_by, SHARED_WHY)
         if config.mode == "budget" and config.node_power_budget_w is not None:
-            # A GPU two servers share keeps the limit the daemon leaves it: the one from
-            # before powerd (a running daemon may hold it lower now), else the one it has.
-            journal = Journal(journal_path(config), put_corrupt_aside=False)
-            kept_w = 0.0
-            for info in infos:
-                if info.uuid in shared:
-                    entry = journal.get(info.uuid)
-                    kept_mw = entry.power_limit_mw if entry is not None else None
-                    kept_mw = kept_mw or backend.power_limit_mw(info.uuid)
-                    kept_w += (kept_mw or info.power_limit_default_mw) / 1000.0
+            kept_w = _shared_limits_w(config, backend, infos, shared)
             _check_budget_floor(config.node_power_budget_w, infos, set(servers_of) - shared, kept_w)
     except GpuError as exc:
         return f"GPUs not checked: {exc}"
     finally:
         backend.close()
     return f"{counted(len(infos), 'GPU')} opened" + (f", {len(unopened)} not" if unopened else "")
+
+
+def _shared_limits_w(
+    config: Config, backend: GpuBackend, infos: list[GpuInfo], shared: set[str]
+) -> float:
+    """What the GPUs two servers share keep of a node budget: the limit the daemon leaves
+    each, the one from before powerd (a running daemon may hold it lower now), else the one it
+    has, else its default."""
+    if not shared:
+        return 0.0
+    journal = Journal(journal_path(config), put_corrupt_aside=False)
+    kept_w = 0.0
+    for info in infos:
+        if info.uuid in shared:
+            entry = journal.get(info.uuid)
+            kept_mw = (entry.power_limit_mw if entry is not None else None) or (
+                backend.power_limit_mw(info.uuid)
+            )
+            kept_w += (kept_mw or info.power_limit_default_mw) / 1000.0
+    return kept_w
 
 
 def _check_budget_floor(

@@ -28,8 +28,8 @@ nothing more is called on it until that call returns; a restore so delays the ot
 this long, not by one driver timeout per knob."""
 
 WAIT_BESIDE_HANG_S = 1.0
-"""How long (s) a GPU's call (other than a reading, which all GPUs share one wait for) is
-waited for while another GPU hangs: a healthy GPU answers in milliseconds, and six GPUs
+"""How long (s) a GPU's call or open (other than a reading, which all GPUs share one wait for)
+is waited for while another GPU or open hangs: a healthy GPU answers in milliseconds, and six GPUs
 written one after another at STALL_S each would pass the unit's WatchdogSec=30."""
 
 
